@@ -1,0 +1,178 @@
+"""Tensor names and layout changes between checkpoint files and the params pytree.
+
+Every layout change lives here: Hugging Face linear weights are [out, in] and get transposed, head
+dimensions are split out, llama.cpp's q/k row interleave is undone, Gemma's GGUF norms (stored as
+1 + w) are shifted back. `TensorMapper` checks that each file tensor maps to exactly one parameter
+of the right shape, and that nothing is missing, unmapped or duplicated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.family import Family
+from jaxllm.models.params import flatten_paths, param_specs
+
+Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+def _identity(w, cfg):
+    return w
+
+
+def _linear(w, cfg):  # [out, in] -> [in, out]
+    return w.T
+
+
+def _q_in(w, cfg):  # [H*hd, D] -> [D, H, hd]
+    return w.T.reshape(w.shape[1], cfg.num_heads, cfg.head_dim)
+
+
+def _kv_in(w, cfg):  # [K*hd, D] -> [D, K, hd]
+    return w.T.reshape(w.shape[1], cfg.num_kv_heads, cfg.head_dim)
+
+
+def _o_out(w, cfg):  # [D, H*hd] -> [H, hd, D]
+    return w.T.reshape(cfg.num_heads, cfg.head_dim, w.shape[0])
+
+
+def _q_bias(b, cfg):
+    return b.reshape(cfg.num_heads, cfg.head_dim)
+
+
+def _kv_bias(b, cfg):
+    return b.reshape(cfg.num_kv_heads, cfg.head_dim)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "identity": _identity,
+    "linear": _linear,
+    "q_in": _q_in,
+    "kv_in": _kv_in,
+    "o_out": _o_out,
+    "q_bias": _q_bias,
+    "kv_bias": _kv_bias,
+}
+
+# Our per-layer param -> (HF module path inside a layer, GGUF tensor stem, transform).
+_LAYER_TENSORS = (
+    ("wq", "self_attn.q_proj.weight", "attn_q.weight", "q_in"),
+    ("wk", "self_attn.k_proj.weight", "attn_k.weight", "kv_in"),
+    ("wv", "self_attn.v_proj.weight", "attn_v.weight", "kv_in"),
+    ("wo", "self_attn.o_proj.weight", "attn_output.weight", "o_out"),
+    ("bq", "self_attn.q_proj.bias", "attn_q.bias", "q_bias"),
+    ("bk", "self_attn.k_proj.bias", "attn_k.bias", "kv_bias"),
+    ("bv", "self_attn.v_proj.bias", "attn_v.bias", "kv_bias"),
+    ("bo", "self_attn.o_proj.bias", "attn_output.bias", "identity"),
+    ("q_norm", "self_attn.q_norm.weight", "attn_q_norm.weight", "identity"),
+    ("k_norm", "self_attn.k_norm.weight", "attn_k_norm.weight", "identity"),
+    ("w_gate", "mlp.gate_proj.weight", "ffn_gate.weight", "linear"),
+    ("w_up", "mlp.up_proj.weight", "ffn_up.weight", "linear"),
+    ("w_down", "mlp.down_proj.weight", "ffn_down.weight", "linear"),
+)
+
+# File tensors that carry nothing the model needs (buffers some exporters saved).
+HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
+    """{HF tensor name: (param path, transform)} for every parameter of `cfg`."""
+    wanted = flatten_paths(param_specs(cfg))
+    names = {
+        "model.embed_tokens.weight": ("embed", "identity"),
+        "model.norm.weight": ("final_norm", "identity"),
+        "lm_head.weight": ("lm_head", "linear"),
+    }
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for param, hf_name, _, transform in _LAYER_TENSORS:
+            names[prefix + hf_name] = (f"layers.{i}.{param}", transform)
+        for param, hf_module in family.hf_layer_norms:
+            names[prefix + hf_module + ".weight"] = (f"layers.{i}.{param}", "identity")
+    return {k: v for k, v in names.items() if v[0] in wanted}
+
+
+def gguf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
+    """{GGUF tensor name: (param path, transform)}; GGUF tensors are first read in HF layout."""
+    wanted = flatten_paths(param_specs(cfg))
+    names = {
+        "token_embd.weight": ("embed", "identity"),
+        "output_norm.weight": ("final_norm", "identity"),
+        "output.weight": ("lm_head", "linear"),
+    }
+    for i in range(cfg.num_layers):
+        prefix = f"blk.{i}."
+        for param, _, gguf_name, transform in _LAYER_TENSORS:
+            names[prefix + gguf_name] = (f"layers.{i}.{param}", transform)
+        for param, gguf_norm in family.gguf_layer_norms:
+            names[prefix + gguf_norm + ".weight"] = (f"layers.{i}.{param}", "identity")
+    return {k: v for k, v in names.items() if v[0] in wanted}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: missing, unmapped, duplicate or misshapen tensors."""
+
+
+class TensorMapper:
+    """Maps file tensors onto param paths once each, checking names and shapes.
+
+    Args:
+      cfg: the model config; expected shapes come from `param_specs(cfg)`.
+      names: {file tensor name: (param path, transform)}.
+      source: what is being read, for error messages.
+      ignore: file tensor names that may be present and are skipped (for instance a tied lm_head).
+    """
+
+    def __init__(self, cfg: ModelConfig, names: dict[str, tuple[str, str]], source: str, ignore=()):
+        self.cfg = cfg
+        self.names = names
+        self.source = source
+        self.ignore = set(ignore)
+        self.shapes = {p: s.shape for p, s in flatten_paths(param_specs(cfg)).items()}
+        self.done: dict[str, str] = {}
+
+    def wants(self, file_name: str) -> bool:
+        """True if the tensor maps to a parameter; False if it may be skipped; raises if unmapped."""
+        if file_name in self.names:
+            return True
+        if file_name in self.ignore or HF_IGNORED.match(file_name):
+            return False
+        raise CheckpointError(f"{self.source}: tensor {file_name!r} does not map to any parameter of this model")
+
+    def convert(self, file_name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+        """(param path, array in params layout) for a file tensor; checks duplicates and shape."""
+        path, transform = self.names[file_name]
+        if path in self.done:
+            raise CheckpointError(
+                f"{self.source}: parameter {path} is given twice ({self.done[path]!r} and {file_name!r})"
+            )
+        expected_in = self._expected_file_shape(path, transform)
+        if tuple(array.shape) != expected_in:
+            raise CheckpointError(
+                f"{self.source}: tensor {file_name!r} has shape {tuple(array.shape)}, "
+                f"but the config needs {expected_in}"
+            )
+        self.done[path] = file_name
+        return path, TRANSFORMS[transform](array, self.cfg)
+
+    def finish(self) -> None:
+        missing = sorted(set(self.shapes) - set(self.done))
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise CheckpointError(f"{self.source}: missing tensors for {shown}")
+
+    def _expected_file_shape(self, path: str, transform: str) -> tuple[int, ...]:
+        shape = self.shapes[path]
+        if transform == "linear":
+            return (shape[1], shape[0])
+        if transform in ("q_in", "kv_in"):
+            return (shape[1] * shape[2], shape[0])
+        if transform == "o_out":
+            return (shape[2], shape[0] * shape[1])
+        if transform in ("q_bias", "kv_bias"):
+            return (shape[0] * shape[1],)
+        return shape

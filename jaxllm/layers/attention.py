@@ -1,0 +1,127 @@
+"""Paged attention: the KV cache layout, writes into it, and the plain-XLA attention over it.
+
+Layout (shared by every backend, so `'xla'` is always the reference for `'pallas'`):
+  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim] per layer.
+One (KV head, page) is a contiguous `page_size x head_dim` tile, so a kernel reads each page once
+per KV head for all the query heads that share it (GQA). Page 0 is the null page (see batch.py).
+
+`paged_attention_xla` handles ragged batches of prefill chunks and decodes alike: every query token
+attends to the pages of its own sequence, causally by position, within an optional sliding window.
+It walks the block table in chunks of pages with an online softmax, so memory stays bounded by
+T x chunk instead of T x context.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models.batch import BatchMetadata
+
+MASK_VALUE = -1e30
+# Keys per chunk of the XLA path's online softmax: large enough that short contexts take one
+# chunk (no loop at all), small enough that a long prefill's [T, H, chunk] scores stay modest.
+XLA_CHUNK_KEYS = 1024
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's keys/values into their slots.
+
+    k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] (page * S + offset).
+    """
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    flat_shape = (num_kv_heads, num_pages * page_size, head_dim)
+    k_flat = k_pages.reshape(flat_shape).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_flat = v_pages.reshape(flat_shape).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+
+def paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    batch: BatchMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+) -> jax.Array:
+    """Ragged paged attention in plain jnp.
+
+    Args:
+      q: [T, H, d] queries, H a multiple of the KV heads K.
+      k_pages, v_pages: [K, P, S, d], already holding this step's keys and values.
+      batch: token -> sequence map, positions and block tables.
+      scale: softmax scale.
+      window: sliding window (keys with position > query position - window), or None.
+    Returns:
+      [T, H, d] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    pages_per_seq = batch.block_tables.shape[1]
+    chunk_pages = max(1, min(pages_per_seq, XLA_CHUNK_KEYS // page_size))
+    num_chunks = -(-pages_per_seq // chunk_pages)
+    padded_pages = num_chunks * chunk_pages
+    tables = jnp.pad(batch.block_tables, ((0, 0), (0, padded_pages - pages_per_seq)))
+    token_tables = tables[batch.token_seq]  # [T, padded_pages]
+    qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    q_pos = batch.positions[:, None]  # [T, 1]
+
+    def chunk_scores(c):
+        pages = jax.lax.dynamic_slice_in_dim(token_tables, c * chunk_pages, chunk_pages, axis=1)  # [T, C]
+        k = k_pages[:, pages].astype(jnp.float32)  # [K, T, C, S, d]
+        v = v_pages[:, pages].astype(jnp.float32)
+        k = k.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
+        v = v.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
+        k_pos = c * chunk_pages * page_size + jnp.arange(chunk_pages * page_size)[None, :]  # [1, C*S]
+        valid = k_pos <= q_pos
+        if window is not None:
+            valid = valid & (k_pos > q_pos - window)
+        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k)
+        s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
+        return s, v
+
+    if num_chunks == 1:
+        s, v = chunk_scores(0)
+        p = jax.nn.softmax(s, axis=-1)
+        out = jnp.einsum("tkgc,ktcd->tkgd", p, v)
+    else:
+
+        def body(c, carry):
+            m, l, acc = carry
+            s, v = chunk_scores(c)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[..., None])
+            l = alpha * l + p.sum(axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v)
+            return m_new, l, acc
+
+        init = (
+            jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+        )
+        _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+        out = acc / l[..., None]
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+AttentionFn = Callable[..., jax.Array]
+
+BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    BACKENDS[name] = fn
+
+
+def get_backend(name: str) -> AttentionFn:
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not available; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]

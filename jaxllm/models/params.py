@@ -1,0 +1,124 @@
+"""The one description of a model's parameters, and what is derived from it.
+
+Every parameter is described once (shape, logical axes, initializer) by `param_specs`; the abstract
+pytree (`abstract_params`), random weights (`init_params`, for `load_format="dummy"` and tests) and
+the shardings (jaxllm/sharding.py) all come from that description, and the checkpoint loaders check
+every tensor they produce against it.
+
+Pytree layout (all families):
+  embed       [vocab, embed]
+  final_norm  [embed]
+  lm_head     [embed, vocab]                      (absent when embeddings are tied)
+  layers      list, one dict per layer:
+    attn_norm [embed]
+    wq [embed, q_heads, head_dim]   wk, wv [embed, kv_heads, head_dim]   wo [q_heads, head_dim, embed]
+    bq [q_heads, head_dim]  bk, bv [kv_heads, head_dim]                  (attention_bias)
+    bo [embed]                                                           (attention_out_bias)
+    q_norm, k_norm [head_dim]                                            (qk_norm)
+    post_attn_norm, post_mlp_norm [embed]                                (sandwich_norm)
+    mlp_norm [embed]
+    w_gate, w_up [embed, ffw]   w_down [ffw, embed]
+Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
+layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, mapped onto the mesh by jaxllm/sharding.py
+    init: str = "normal"  # normal | ones | zeros
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    norm_init = "zeros" if cfg.norm_offset else "ones"
+
+    def norm(size=D, axis="norm"):
+        return ParamSpec((size,), (axis,), norm_init)
+
+    specs: dict = {
+        "embed": ParamSpec((V, D), ("vocab", "embed")),
+        "final_norm": norm(),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+    layers = []
+    for _ in range(cfg.num_layers):
+        layer = {
+            "attn_norm": norm(),
+            "wq": ParamSpec((D, H, hd), ("embed", "q_heads", "head_dim")),
+            "wk": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
+            "wv": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
+            "wo": ParamSpec((H, hd, D), ("q_heads", "head_dim", "embed")),
+            "mlp_norm": norm(),
+            "w_gate": ParamSpec((D, F), ("embed", "ffw")),
+            "w_up": ParamSpec((D, F), ("embed", "ffw")),
+            "w_down": ParamSpec((F, D), ("ffw", "embed")),
+        }
+        if cfg.attention_bias:
+            layer["bq"] = ParamSpec((H, hd), ("q_heads", "head_dim"), "zeros")
+            layer["bk"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
+            layer["bv"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
+        if cfg.attention_out_bias:
+            layer["bo"] = ParamSpec((D,), ("norm",), "zeros")
+        if cfg.qk_norm:
+            layer["q_norm"] = norm(hd, "head_dim")
+            layer["k_norm"] = norm(hd, "head_dim")
+        if cfg.sandwich_norm:
+            layer["post_attn_norm"] = norm()
+            layer["post_mlp_norm"] = norm()
+        layers.append(layer)
+    specs["layers"] = layers
+    return specs
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def abstract_params(cfg: ModelConfig, dtype) -> dict:
+    """The params pytree as jax.ShapeDtypeStruct leaves."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=is_spec)
+
+
+def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> dict:
+    """Random weights with the right shapes (dummy loading for benchmarks; tests)."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+
+    def make(spec: ParamSpec, k):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def flatten_paths(tree) -> dict[str, object]:
+    """{"layers.3.wq": leaf, "embed": leaf, ...} for a params or specs pytree."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]:
+        flat[".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)] = leaf
+    return flat
+
+
+def unflatten_paths(flat: dict[str, object], cfg: ModelConfig) -> dict:
+    """Inverse of flatten_paths, shaped by `param_specs(cfg)`."""
+    specs = param_specs(cfg)
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    paths = [".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path) for path, _ in leaves_with_path[0]]
+    return jax.tree.unflatten(leaves_with_path[1], [flat[p] for p in paths])

@@ -1,0 +1,163 @@
+"""The decoder forward pass shared by all supported families (pure functions over the params pytree).
+
+Llama, Mistral, Qwen2, Qwen3 and Gemma 3 differ only in switches of `ModelConfig` (biases, q/k
+norms, sandwich norms, norm offset, activation, embedding scale, per-layer windows and RoPE), so
+one decoder body serves them all; a family module only reads its config and names its tensors.
+
+`forward` runs a ragged step over the paged KV cache (what the engine jits); `forward_dense` runs
+ordinary [batch, length] causal attention with no cache (training, gradients, notebooks). Both
+call the same `decoder_layer` with a different attention closure.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.layers.attention import MASK_VALUE, get_backend, write_kv
+from jaxllm.layers.mlp import gated_mlp
+from jaxllm.layers.norms import rms_norm
+from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
+from jaxllm.models.batch import BatchMetadata
+
+KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
+
+
+def embed(params: dict, token_ids: jax.Array, cfg: ModelConfig, dtype) -> jax.Array:
+    x = params["embed"][token_ids].astype(dtype)
+    if cfg.embed_scale is not None:
+        x = x * jnp.asarray(cfg.embed_scale, dtype)
+    return x
+
+
+def decoder_layer(
+    lp: dict,
+    x: jax.Array,
+    positions: jax.Array,
+    layer: int,
+    cfg: ModelConfig,
+    attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
+) -> jax.Array:
+    """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d]."""
+    eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+    h = rms_norm(x, lp["attn_norm"], eps, offset)
+    q = jnp.einsum("...d,dhk->...hk", h, lp["wq"])
+    k = jnp.einsum("...d,dhk->...hk", h, lp["wk"])
+    v = jnp.einsum("...d,dhk->...hk", h, lp["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], eps, offset)
+        k = rms_norm(k, lp["k_norm"], eps, offset)
+    cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    attn = attend(q, k, v, layer)
+    out = jnp.einsum("...hk,hkd->...d", attn, lp["wo"])
+    if cfg.attention_out_bias:
+        out = out + lp["bo"]
+    if cfg.sandwich_norm:
+        out = rms_norm(out, lp["post_attn_norm"], eps, offset)
+    x = x + out
+    h = rms_norm(x, lp["mlp_norm"], eps, offset)
+    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act)
+    if cfg.sandwich_norm:
+        out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
+    return x + out
+
+
+def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """h: [..., D] (final norm not yet applied) -> float32 logits [..., V]."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("...d,vd->...v", h, params["embed"].astype(h.dtype))
+    else:
+        logits = jnp.dot(h, params["lm_head"])
+    logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcapping:
+        cap = cfg.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+def forward(
+    params: dict,
+    batch: BatchMetadata,
+    kv_cache: KVCache,
+    cfg: ModelConfig,
+    *,
+    backend: str = "xla",
+    all_logits: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """One ragged step over the paged cache.
+
+    Args:
+      params: the params pytree (models/params.py).
+      batch: the step's tokens, positions, slots and block tables.
+      kv_cache: per layer (k_pages, v_pages); donate it when jitting.
+      cfg: static model config.
+      backend: attention backend name ('xla', or 'pallas' once registered).
+      all_logits: logits for every token ([T, V]) instead of each sequence's last ([B, V]).
+    Returns:
+      (float32 logits, the updated kv_cache).
+    """
+    attention = get_backend(backend)
+    dtype = params["embed"].dtype
+    x = embed(params, batch.token_ids, cfg, dtype)  # [T, D]
+    new_cache = []
+
+    def attend(q, k, v, layer):
+        k_pages, v_pages = write_kv(*kv_cache[layer], k, v, batch.slot_mapping)
+        new_cache.append((k_pages, v_pages))
+        return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=cfg.layer_window(layer))
+
+    for layer, lp in enumerate(params["layers"]):
+        x = decoder_layer(lp, x, batch.positions, layer, cfg, attend)
+    if not all_logits:
+        x = x[batch.logits_indices]
+    return final_hidden_to_logits(params, x, cfg), new_cache
+
+
+def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):
+    """q: [B, L, H, d]; k, v: [B, L, K, d]; valid: [B, L] key mask (False = padding)."""
+    B, L, H, d = q.shape
+    K = k.shape[2]
+    qg = (q.astype(jnp.float32) * scale).reshape(B, L, K, H // K, d)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))
+    qi = jnp.arange(L)[:, None]
+    ki = jnp.arange(L)[None, :]
+    mask = ki <= qi
+    if window is not None:
+        mask = mask & (ki > qi - window)
+    mask = mask[None, None, None]
+    if valid is not None:
+        mask = mask & valid[:, None, None, None, :]
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(jnp.float32))
+    return out.reshape(B, L, H, d).astype(q.dtype)
+
+
+def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.Array | None = None) -> jax.Array:
+    """Full-sequence causal forward without a KV cache, for training and analysis.
+
+    tokens: [B, L] int; valid: optional [B, L] bool (right padding). Returns float32 logits [B, L, V].
+    Differentiable with respect to `params`.
+    """
+    dtype = params["embed"].dtype
+    x = embed(params, tokens, cfg, dtype)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+    def attend(q, k, v, layer):
+        return dense_causal_attention(q, k, v, scale=cfg.attn_scale, window=cfg.layer_window(layer), valid=valid)
+
+    for layer, lp in enumerate(params["layers"]):
+        x = decoder_layer(lp, x, positions, layer, cfg, attend)
+    return final_hidden_to_logits(params, x, cfg)
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
