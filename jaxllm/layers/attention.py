@@ -33,11 +33,11 @@ def write_kv(
 
     k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] (page * S + offset).
     """
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    flat_shape = (num_kv_heads, num_pages * page_size, head_dim)
-    k_flat = k_pages.reshape(flat_shape).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    v_flat = v_pages.reshape(flat_shape).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+    page_size = k_pages.shape[2]
+    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+    k_pages = k_pages.at[:, pages, offsets].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.at[:, pages, offsets].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_pages, v_pages
 
 
 def paged_attention_xla(

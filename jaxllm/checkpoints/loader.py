@@ -1,0 +1,141 @@
+"""One entry for every checkpoint form: resolve what `model=` names, read its config, load its weights.
+
+`LLM(model=...)` accepts a built-in name, a local Hugging Face directory (single or sharded
+safetensors), a `.gguf` file, a directory jaxllm saved, or a Hugging Face Hub id. Weights are read
+one tensor at a time and placed on the device(s) by a caller-given function, so that a sharded
+engine puts each tensor straight into its shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.checkpoints import builtin, gguf, hf, hub, saved
+from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
+from jaxllm.checkpoints.names import CheckpointError
+from jaxllm.config import ModelConfig
+from jaxllm.models.params import abstract_params, flatten_paths, unflatten_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    kind: str  # hf | gguf | saved
+    path: Path  # the directory, or the .gguf file
+    source: str  # what the user passed
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent if self.kind == "gguf" else self.path
+
+
+def resolve(model: str | Path, revision: str | None = None) -> ResolvedModel:
+    """Find the checkpoint that `model` names.
+
+    Raises:
+      FileNotFoundError: nothing by that name (local path, built-in, hub or cache).
+      CheckpointError: a pickled checkpoint, which is refused.
+      TypeError: `model` is not a string or path.
+    """
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be a str or path, got {type(model).__name__}")
+    text = str(model)
+    if not text:
+        raise ValueError("model must not be empty")
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return ResolvedModel("gguf", path, text)
+            if path.suffix in PICKLE_SUFFIXES:
+                raise CheckpointError(PICKLE_ERROR.format(path=path, src=path.parent))
+            raise ValueError(f"{path}: not a checkpoint jaxllm reads (a .gguf file or a directory)")
+        if saved.is_saved_directory(path):
+            return ResolvedModel("saved", path, text)
+        if hf.is_hf_directory(path):
+            return ResolvedModel("hf", path, text)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel("gguf", ggufs[0], text)
+        raise FileNotFoundError(
+            f"{path}: neither a Hugging Face directory (config.json), a jaxllm directory "
+            f"({saved.CONFIG_FILE}), nor a directory holding one .gguf file"
+        )
+    name = builtin.builtin_name(text)
+    if name is not None:
+        return ResolvedModel("gguf", builtin.fetch(name), text)
+    if hub.looks_like_hub_id(text):
+        return ResolvedModel("hf", hub.resolve_hub_id(text, revision), text)
+    raise FileNotFoundError(
+        f"model {text!r} is not a local path, not a built-in model ({', '.join(builtin.BUILTIN_MODELS)}), "
+        "and not a Hugging Face Hub id (org/name)"
+    )
+
+
+def read_config(resolved: ResolvedModel) -> ModelConfig:
+    if resolved.kind == "gguf":
+        return gguf.read_config(resolved.path)
+    if resolved.kind == "saved":
+        return saved.read_config(resolved.path)[0]
+    return hf.read_config(resolved.path)
+
+
+def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint."""
+    if resolved.kind == "gguf":
+        return gguf.load_gguf_tensors(resolved.path, cfg)
+    if resolved.kind == "hf":
+        return hf.load_hf_tensors(resolved.path, cfg)
+    raise ValueError(f"iter_tensors reads hf and gguf checkpoints, not {resolved.kind!r}")
+
+
+Placer = Callable[[str, np.ndarray], jax.Array]
+
+
+def default_placer(dtype) -> Placer:
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def place(path: str, array: np.ndarray) -> jax.Array:
+        return jax.device_put(np.asarray(array).astype(np_dtype, copy=False))
+
+    return place
+
+
+def load_params(
+    resolved: ResolvedModel,
+    cfg: ModelConfig,
+    dtype,
+    place: Placer | None = None,
+    shardings=None,
+    progress: bool = True,
+) -> dict:
+    """Read every weight of the checkpoint into a params pytree on the device(s).
+
+    Args:
+      place: puts one converted numpy tensor on the device(s) (default: the default device).
+      shardings: for saved (orbax) directories, a pytree of shardings like the params (or None).
+    """
+    if resolved.kind == "saved":
+        abstract = abstract_params(cfg, dtype)
+        if shardings is not None:
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        params = saved.restore_params(resolved.path, abstract)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    place = place or default_placer(dtype)
+    total = len(flatten_paths(abstract_params(cfg, dtype)))
+    flat = {}
+    bar = tqdm(total=total, desc=f"loading {resolved.path.name}", unit="tensor", disable=not progress, leave=False)
+    with bar:
+        for path, array in iter_tensors(resolved, cfg):
+            flat[path] = place(path, array)
+            bar.update()
+    return unflatten_paths(flat, cfg)
+
+
+__all__ = ["CheckpointError", "ResolvedModel", "resolve", "read_config", "iter_tensors", "load_params"]

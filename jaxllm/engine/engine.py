@@ -1,0 +1,436 @@
+"""The engine: one background thread that owns the device, the KV cache and every request's state.
+
+Callers (any thread, or asyncio code through the futures) hand requests in through a queue; the
+thread admits them between steps, runs `Scheduler.schedule` -> `ModelRunner.run` -> postprocess,
+and posts each request's news to its RequestOutput. An error inside a step fails the requests of
+that step, not the loop: their futures raise, the KV cache is rebuilt, and the other running
+requests are recomputed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import traceback
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
+from jaxllm.engine.runner import ModelRunner, StepRequest
+from jaxllm.engine.scheduler import ScheduledStep, Scheduler
+from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
+from jaxllm.layers import sampling as sampling_lib
+from jaxllm.outputs import Delta, Logprob, Update
+
+logger = logging.getLogger(__name__)
+
+STATS_HISTORY = 1000  # iteration stats kept for get_stats
+
+
+class EngineShutdown(RuntimeError):
+    """The engine was shut down before the request finished."""
+
+
+def derive_seed(base: int, index: int) -> int:
+    """Seed of sample `index` of a request seeded with `base` (sample 0 uses `base` itself)."""
+    if index == 0:
+        return base
+    x = (base + 0x9E3779B97F4A7C15 * index) & 0xFFFFFFFFFFFFFFFF  # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.block_manager: BlockManager = scheduler.block_manager
+        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.requests: dict[int, Request] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._stats: collections.deque[dict] = collections.deque(maxlen=STATS_HISTORY)
+        self._stats_lock = threading.Lock()
+        self._iteration = 0
+        self._next_seq_id = 0
+        self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self._resample = jax.jit(sampling_lib.sample)
+        self.max_active = 0
+        self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (thread-safe) -----------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if self._stop.is_set():
+            raise EngineShutdown("the LLM has been shut down")
+        self._inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: int) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._drain_inbox()
+        for request in list(self.requests.values()):
+            self._fail(request, EngineShutdown("the LLM was shut down before this request finished"))
+        self.requests.clear()
+
+    def stats(self) -> list[dict]:
+        """Iteration stats collected since the last call (TensorRT-LLM's get_stats keys)."""
+        with self._stats_lock:
+            items = list(self._stats)
+            self._stats.clear()
+        return items
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # a bug in postprocessing: fail what is running, keep serving
+                logger.error("engine step failed:\n%s", traceback.format_exc())
+                for request in {s.request for s in self.scheduler.running}:
+                    self._fail(request, e)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(item)
+            elif kind == "abort":
+                self._abort(item)
+
+    def _add(self, request: Request) -> None:
+        params = request.params
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        for index in range(params.best_of):
+            seq = Sequence(
+                seq_id=self._next_seq_id,
+                request=request,
+                index=index,
+                token_ids=list(request.prompt_token_ids),
+                num_prompt_tokens=len(request.prompt_token_ids),
+                seed=derive_seed(base_seed, index),
+            )
+            self._next_seq_id += 1
+            if self.detokenizer is not None:
+                self.detokenizer.start(seq)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = request
+
+    def _abort(self, request_id: int) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        request.aborted = True
+        deltas = []
+        for seq in request.sequences:
+            if not seq.finished:
+                self._finish(seq, "cancelled", None)
+            deltas.append(self._delta(seq, final=True))
+        self._close(request, Update(tuple(deltas), finished=True))
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        for seq in request.sequences:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+        self._close(request, Update(finished=True, error=error))
+
+    def _close(self, request: Request, update: Update) -> None:
+        self.requests.pop(request.request_id, None)
+        request.output._post(update)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: Any) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> None:
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        if not scheduled.items:
+            self._wake.wait(0.01)
+            return
+        step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
+        try:
+            out = self.runner.run(step_requests)
+            self._apply_logits_processors(scheduled, step_requests, out)
+        except Exception as e:
+            logger.error("model step failed:\n%s", traceback.format_exc())
+            failed = {seq.request for seq, _ in scheduled.items}
+            for request in failed:
+                self._fail(request, e)
+            self.runner.reset_cache()
+            for seq in list(self.scheduler.running):  # their pages were in the lost cache
+                self.scheduler._preempt(seq)
+            return
+        touched = self._postprocess(scheduled, step_requests, out)
+        self._publish(touched)
+        self._record_stats(scheduled, started)
+
+    def _step_request(self, seq: Sequence, n: int) -> StepRequest:
+        request, params = seq.request, seq.request.params
+        start = seq.num_computed
+        samples = start + n == seq.num_tokens
+        r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=list(seq.block_table))
+        if not samples:
+            r.temperature = 0.0
+        else:
+            r.temperature = params.effective_temperature
+            r.top_k = params.top_k or 0
+            r.top_p = 1.0 if params.top_p is None else float(params.top_p)
+            r.min_p = params.min_p or 0.0
+            r.seed = seq.seed
+            r.counter = seq.num_output_tokens
+            r.num_logprobs = params.logprobs or 0
+            r.logit_bias = request.embedding_bias
+            r.banned_tokens = self._banned_tokens(seq) or None
+            if params.repetition_penalty not in (None, 1.0) or params.presence_penalty or params.frequency_penalty:
+                r.penalty_tokens = list(seq.token_ids)
+                r.penalty_counts = [0] * seq.num_prompt_tokens + [1] * seq.num_output_tokens
+                r.repetition_penalty = params.repetition_penalty or 1.0
+                r.presence_penalty = params.presence_penalty or 0.0
+                r.frequency_penalty = params.frequency_penalty or 0.0
+            r.want_last_logits = params.return_generation_logits or bool(params.logits_processors)
+        if (params.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens - 1
+                and len(request.prompt_logprobs) == start):  # fmt: skip
+            end = min(start + n, seq.num_prompt_tokens - 1)
+            r.prompt_logprobs_next = seq.token_ids[start + 1 : end + 1]
+            r.num_logprobs = max(r.num_logprobs, params.prompt_logprobs)
+        if params.return_context_logits and seq.index == 0 and start < seq.num_prompt_tokens:
+            # Only chunks that extend the rows gathered so far (a recompute after preemption doesn't).
+            r.want_all_logits = sum(len(rows) for rows in request.context_logits_rows) == start
+        return r
+
+    def _banned_tokens(self, seq: Sequence) -> list[int]:
+        request, params = seq.request, seq.request.params
+        banned: list[int] = []
+        if params.min_tokens and seq.num_output_tokens < params.min_tokens:
+            banned.extend(request.stop_token_ids)
+        tokens = seq.token_ids
+        for word in request.bad_word_ids:
+            prefix = list(word[:-1])
+            if not prefix or tokens[len(tokens) - len(prefix) :] == prefix:
+                banned.append(word[-1])
+        return sorted(set(banned))
+
+    def _apply_logits_processors(self, scheduled: ScheduledStep, step_requests, out) -> None:
+        """The slow path: a Python callable edits a row's logits, which is then sampled again."""
+        rows = [i for i, (seq, _) in enumerate(scheduled.items)
+                if seq.request.params.logits_processors and step_requests[i].temperature is not None
+                and step_requests[i].start + len(step_requests[i].token_ids) == seq.num_tokens]  # fmt: skip
+        if not rows:
+            return
+        logits = np.array(out["last_logits"][rows], dtype=np.float32)
+        for j, i in enumerate(rows):
+            seq = scheduled.items[i][0]
+            row = logits[j : j + 1]
+            for processor in seq.request.params.logits_processors:
+                result = processor(seq.request.request_id, row, [list(seq.token_ids)], None, None)
+                if result is not None:
+                    row[...] = np.asarray(result, np.float32).reshape(row.shape)
+        subset = [step_requests[i] for i in rows]
+        batch = self.runner._sampling_batch(subset, len(subset))
+        resampled = jax.device_get(self._resample(logits, batch))
+        for key, values in resampled.items():
+            if key in out:
+                out[key] = np.array(out[key])
+                out[key][rows] = values
+
+    def _postprocess(self, scheduled: ScheduledStep, step_requests: list[StepRequest], out) -> set:
+        touched = set()
+        offset = 0
+        for i, (seq, n) in enumerate(scheduled.items):
+            request, params = seq.request, seq.request.params
+            r = step_requests[i]
+            start = seq.num_computed
+            seq.num_computed += n
+            touched.add(request)
+            if r.prompt_logprobs_next is not None:
+                self._collect_prompt_logprobs(request, out, offset, start, len(r.prompt_logprobs_next))
+            if r.want_all_logits:
+                request.context_logits_rows.append(
+                    np.asarray(out["all_logits"][offset : offset + min(n, seq.num_prompt_tokens - start)])
+                )
+            offset += n
+            if seq.num_computed < seq.num_tokens or seq.finished:
+                continue  # a prefill chunk that does not reach the end samples nothing
+            token = int(out["tokens"][i])
+            logprob = float(out["logprob"][i])
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            if params.logprobs is not None:
+                entry = {token: Logprob(logprob, int(out["rank"][i]))}
+                top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
+                for rank, (tid, lp) in enumerate(top):
+                    entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
+                if seq.logprobs is None:
+                    seq.logprobs = []
+                seq.logprobs.append(entry)
+            if params.return_generation_logits:
+                seq.generation_logits.append(np.asarray(out["last_logits"][i]))
+            self._check_stop(seq, token)
+        return touched
+
+    def _collect_prompt_logprobs(self, request: Request, out, offset: int, start: int, count: int) -> None:
+        k = request.params.prompt_logprobs
+        entries = request.prompt_logprobs
+        for j in range(count):
+            t = offset + j
+            token = request.prompt_token_ids[start + j + 1]
+            entry = {token: Logprob(float(out["prompt_logprob"][t]), int(out["prompt_rank"][t]))}
+            for rank, (tid, lp) in enumerate(zip(out["prompt_top_ids"][t][:k], out["prompt_top_logprobs"][t][:k])):
+                entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
+            entries.append(entry)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        request, params = seq.request, seq.request.params
+        n_out = seq.num_output_tokens
+        if self.detokenizer is not None and params.detokenize:
+            stop_token = token in request.stop_token_ids and n_out >= (params.min_tokens or 0)
+            if not stop_token or params.include_stop_str_in_output:
+                new = self.detokenizer.step(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+                stops = params.stop_strings
+                if stops and new and n_out >= (params.min_tokens or 0):
+                    hit = find_stop_string(seq.text, len(new), stops)
+                    if hit is not None:
+                        index, stop = hit
+                        seq.text = seq.text[: index + len(stop)] if params.include_stop_str_in_output else seq.text[:index]
+                        self._finish(seq, "stop", stop)
+                        return
+        if token in request.stop_token_ids and n_out >= (params.min_tokens or 0):
+            self._finish(seq, "stop", token)
+        elif n_out >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            if self.detokenizer is not None and params.detokenize:
+                self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+            self._finish(seq, "length", None)
+
+    # ---- publishing ----------------------------------------------------------------------------
+    def _delta(self, seq: Sequence, final: bool) -> Delta:
+        params = seq.request.params
+        new_tokens = seq.output_token_ids[seq.num_published_tokens :]
+        logprobs, gen_logits = seq.logprobs, seq.generation_logits
+        first = seq.num_published_tokens == 0
+        prefix_ids = list(seq.request.prompt_token_ids) if (first and not params.exclude_input_from_output) else []
+        text = None
+        if params.detokenize and self.detokenizer is not None:
+            text = seq.text
+            if not params.exclude_input_from_output:
+                text = self._prompt_text(seq.request) + text
+        delta = Delta(
+            index=seq.index,
+            token_ids=tuple(prefix_ids + new_tokens),
+            text=text,
+            logprobs=tuple(logprobs[seq.num_published_tokens :]) if logprobs is not None else (),
+            cumulative_logprob=seq.cumulative_logprob if new_tokens else None,
+            finish_reason=seq.finish_reason if final else None,
+            stop_reason=seq.stop_reason if final else None,
+            generation_logits=np.stack(gen_logits[seq.num_published_tokens :]) if gen_logits and new_tokens else None,
+            prompt_logprobs=self._prompt_logprobs_out(seq.request) if first else None,
+        )
+        seq.num_published_tokens = seq.num_output_tokens
+        return delta
+
+    def _prompt_text(self, request: Request) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        return self.detokenizer.decode(request.prompt_token_ids, True, True)
+
+    def _prompt_logprobs_out(self, request: Request):
+        if request.params.prompt_logprobs is None:
+            return None
+        return [None] + list(request.prompt_logprobs)
+
+    def _publish(self, touched: set) -> None:
+        for request in touched:
+            if request.request_id not in self.requests:
+                continue
+            done = request.finished
+            if not done and not request.output.streaming:
+                continue
+            deltas = tuple(self._delta(seq, final=done) for seq in request.sequences)
+            context_logits = None
+            if done and request.context_logits_rows:
+                context_logits = np.concatenate(request.context_logits_rows)[: len(request.prompt_token_ids)]
+            drop = None
+            if done and request.params.best_of > request.params.n:
+                order = sorted(range(len(request.sequences)), key=lambda k: -request.sequences[k].cumulative_logprob)
+                drop = tuple(sorted(order[: request.params.n]))
+            update = Update(deltas, finished=done, context_logits=context_logits, drop_indices=drop)
+            if done:
+                self._close(request, update)
+            else:
+                request.output._post(update)
+
+    def _record_stats(self, scheduled: ScheduledStep, started: float) -> None:
+        self._iteration += 1
+        ctx = [(s, n) for s, n in scheduled.items if s.num_computed - n < s.num_prompt_tokens]
+        active = len(self.scheduler.running)
+        self.max_active = max(self.max_active, active)
+        bm = self.block_manager
+        try:
+            mem = jax.local_devices()[0].memory_stats() or {}
+        except Exception:
+            mem = {}
+        import resource
+
+        stats = {
+            "iter": self._iteration,
+            "iterLatencyMS": (time.perf_counter() - started) * 1e3,
+            "gpuMemUsage": int(mem.get("bytes_in_use", 0)),
+            "cpuMemUsage": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "numActiveRequests": len({s.request.request_id for s in self.scheduler.running}),
+            "numQueuedRequests": len({s.request.request_id for s in self.scheduler.waiting}),
+            "maxNumActiveRequests": self.scheduler.config.max_batch_size,
+            "numCompletedRequests": 0,
+            "kvCacheStats": {
+                "maxNumBlocks": bm.num_usable_blocks,
+                "freeNumBlocks": bm.num_free_blocks,
+                "usedNumBlocks": bm.num_used_blocks,
+                "tokensPerBlock": bm.block_size,
+                "allocTotalBlocks": bm.total_allocated,
+                "allocNewBlocks": bm.total_allocated,
+                "reusedBlocks": bm.total_shared,
+            },
+            "inflightBatchingStats": {
+                "numScheduledRequests": len(scheduled.items),
+                "numContextRequests": len(ctx),
+                "numGenRequests": len(scheduled.items) - len(ctx),
+                "numCtxTokens": sum(n for _, n in ctx),
+                "numPausedRequests": len(scheduled.preempted),
+                "microBatchId": 0,
+            },
+        }
+        with self._stats_lock:
+            self._stats.append(stats)

@@ -1,0 +1,89 @@
+"""Host-side state of requests and their sequences (plain Python, no JAX).
+
+A `Request` is what the user submitted: a prompt and its SamplingParams, and the RequestOutput the
+user holds. It owns `best_of` `Sequence`s (one per parallel sample), each with its own tokens,
+KV pages and random stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any, Optional
+
+from jaxllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted: no pages, recomputed from its tokens when admitted
+    RUNNING = "running"  # holds pages, scheduled every step until finished
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int  # which output of its request
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    seed: int  # 64-bit seed of this sequence's random stream
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    num_preemptions: int = 0
+    logprobs: Optional[list] = None  # per generated token: dict[token_id, Logprob], when requested
+    generation_logits: list = dataclasses.field(default_factory=list)  # per generated token: [V] rows
+    # Incremental detokenization and streaming bookkeeping (engine/detokenizer.py).
+    text: str = ""
+    detok_prefix_offset: int = 0
+    detok_read_offset: int = 0
+    num_published_tokens: int = 0  # generated tokens already posted to the caller
+    published_text_len: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: int
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output: Any  # the RequestOutput the caller holds
+    stop_token_ids: frozenset[int] = frozenset()  # end_id / eos and stop_token_ids (unless ignore_eos)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # bad and bad_token_ids as token sequences
+    embedding_bias: Any = None  # numpy [vocab] float32 or None
+    priority: float = 0.5
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    aborted: bool = False
+    first_token_time: Optional[float] = None
+    prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end
+    context_logits_rows: list = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)

@@ -1,0 +1,135 @@
+"""Token sampling on the device, inside the jitted step, with per-sequence parameters.
+
+Each sequence has its own random stream: the key of its t-th sampled token is
+fold_in(key(seed), t), so a seeded request samples the same tokens whatever it is batched with.
+Logits are adjusted in this order: embedding bias, bad-token ban, min_tokens (end tokens banned),
+repetition / presence / frequency penalties; then temperature, then top-k, top-p and min-p
+truncation, then sampling (Gumbel-max over the kept tokens). Greedy rows (temperature 0) take the
+argmax of the adjusted logits. Log-probabilities reported to the user are those of the raw model
+distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "counters", "logit_bias",
+                 "penalty_tokens", "penalty_counts", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "banned_tokens"],
+    meta_fields=["num_logprobs", "truncate", "penalize"],
+)  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    temperature: jax.Array  # [B] float32; 0 = greedy
+    top_k: jax.Array  # [B] int32; 0 = off
+    top_p: jax.Array  # [B] float32; 1 = off
+    min_p: jax.Array  # [B] float32; 0 = off
+    seeds: jax.Array  # [B, 2] uint32: raw threefry key data of each sequence's stream
+    counters: jax.Array  # [B] int32: tokens this sequence sampled before
+    logit_bias: jax.Array | None  # [B, V] float32 added to the logits (embedding_bias), or None
+    penalty_tokens: jax.Array | None  # [B, L] int32 token ids seen (prompt + output), -1 padded
+    penalty_counts: jax.Array | None  # [B, L] int32: 1 for output tokens, 0 for prompt-only ids
+    repetition_penalty: jax.Array | None  # [B] float32; 1 = off
+    presence_penalty: jax.Array | None  # [B] float32
+    frequency_penalty: jax.Array | None  # [B] float32
+    banned_tokens: jax.Array | None  # [B, N] int32 tokens to forbid this step, -1 padded
+    num_logprobs: int = 0  # static: top-k log-probabilities to return (0 = none)
+    truncate: bool = False  # static: some row uses top_k / top_p / min_p
+    penalize: bool = False  # static: some row uses a penalty
+
+
+def apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
+    """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties."""
+    B, V = logits.shape
+    tokens = s.penalty_tokens
+    valid = tokens >= 0
+    safe = jnp.where(valid, tokens, 0)
+    rows = jnp.arange(B)[:, None]
+    seen = jnp.zeros((B, V), jnp.bool_).at[rows, safe].max(valid)
+    out_counts = jnp.zeros((B, V), jnp.float32).at[rows, safe].add(jnp.where(valid, s.penalty_counts, 0))
+    rep = s.repetition_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalized, logits)
+    logits = logits - s.frequency_penalty[:, None] * out_counts
+    return logits - s.presence_penalty[:, None] * (out_counts > 0)
+
+
+def adjust_logits(logits: jax.Array, s: SamplingBatch) -> jax.Array:
+    if s.logit_bias is not None:
+        logits = logits + s.logit_bias
+    if s.banned_tokens is not None:
+        B = logits.shape[0]
+        banned = s.banned_tokens
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], banned.shape)
+        mask = jnp.zeros(logits.shape, jnp.bool_).at[rows, jnp.where(banned >= 0, banned, 0)].max(banned >= 0)
+        logits = jnp.where(mask, -jnp.inf, logits)
+    if s.penalize:
+        logits = apply_penalties(logits, s)
+    return logits
+
+
+def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
+    """True where a token survives top-k, top-p and min-p (the most likely token always does)."""
+    V = scaled.shape[-1]
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    keep = jnp.ones_like(sorted_logits, jnp.bool_)
+    keep &= (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
+    exclusive_cumsum = jnp.cumsum(probs, axis=-1) - probs
+    keep &= exclusive_cumsum < s.top_p[:, None]
+    keep &= probs >= s.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    # The smallest kept logit per row is the threshold; ties at the threshold are kept.
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return scaled >= threshold
+
+
+def sample(logits: jax.Array, s: SamplingBatch) -> dict:
+    """Pick one token per row. logits: [B, V] float32 raw model logits.
+
+    Returns a dict of device arrays: tokens [B]; logprob [B] and rank [B] of the chosen token under
+    the raw distribution; and when s.num_logprobs > 0, top_ids / top_logprobs [B, num_logprobs].
+    """
+    adjusted = adjust_logits(logits, s)
+    greedy = jnp.argmax(adjusted, axis=-1)
+    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = adjusted / temperature
+    if s.truncate:
+        scaled = jnp.where(truncation_mask(scaled, s), scaled, -jnp.inf)
+    keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
+    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    out = {
+        "tokens": tokens,
+        "logprob": chosen,
+        "rank": (jnp.sum(logp > chosen[:, None], axis=-1) + 1).astype(jnp.int32),
+    }
+    if s.num_logprobs:
+        top_logprobs, top_ids = jax.lax.top_k(logp, s.num_logprobs)
+        out["top_ids"], out["top_logprobs"] = top_ids.astype(jnp.int32), top_logprobs
+    return out
+
+
+def prompt_logprobs(logits: jax.Array, next_tokens: jax.Array, k: int) -> dict:
+    """Log-probabilities of each prompt token given what precedes it.
+
+    logits: [T, V] for every packed position; next_tokens: [T] the token that follows each position.
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, next_tokens[:, None], axis=-1)[:, 0]
+    out = {"logprob": chosen, "rank": (jnp.sum(logp > chosen[:, None], axis=-1) + 1).astype(jnp.int32)}
+    if k:
+        top_logprobs, top_ids = jax.lax.top_k(logp, k)
+        out["top_ids"], out["top_logprobs"] = top_ids.astype(jnp.int32), top_logprobs
+    return out

@@ -1,0 +1,371 @@
+"""The LLM class: TensorRT-LLM's `LLM` API over the jaxllm engine.
+
+    llm = LLM(model="smollm2")
+    out = llm.generate("What is machine learning?", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=200))
+    print(out.outputs[0].text)
+
+`LLM.__init__` validates its arguments, resolves and loads the checkpoint, sizes the KV cache and
+starts the engine thread. `generate` / `generate_async` validate and tokenize every prompt before
+anything reaches the engine, so a bad prompt raises in the caller and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm import inputs as inputs_lib
+from jaxllm.checkpoints import loader, saved
+from jaxllm.config import ModelConfig, resolve_dtype
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.engine import Engine, EngineShutdown
+from jaxllm.engine.kv_planner import plan_num_pages
+from jaxllm.engine.runner import ModelRunner, RunnerConfig
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.engine.sequence import Request
+from jaxllm.inputs import PreprocessedInputs
+from jaxllm.llm_args import EngineArgs
+from jaxllm.models.params import init_params
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger("jaxllm")
+
+ATTENTION_BACKENDS = ("xla", "pallas")
+# TensorRT-LLM backend names: the first two select jaxllm's default attention backend; 'tensorrt'
+# additionally compiles every shape bucket at construction.
+SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
+_logged_backend_alias = False
+
+# Request-level extras of the seed that later work adds; until then a non-None value is refused.
+_UNSUPPORTED_REQUEST_ARGS = {
+    "lora_request": "LoRA adapters (lora_request)",
+    "prompt_adapter_request": "prompt adapters (prompt_adapter_request)",
+    "kv_cache_retention_config": "KV-cache retention (kv_cache_retention_config)",
+    "disaggregated_params": "disaggregated serving (disaggregated_params)",
+    "scheduling_params": "scheduling parameters (scheduling_params)",
+    "cache_salt": "KV-cache salt (cache_salt)",
+}
+
+
+def default_backend() -> str:
+    return "pallas" if jax.default_backend() == "gpu" and "pallas" in _available_backends() else "xla"
+
+
+def _available_backends() -> list[str]:
+    from jaxllm.layers.attention import BACKENDS
+
+    try:
+        import pallas_kernels  # noqa: F401  (registers 'pallas')
+    except ImportError:
+        pass
+    return list(BACKENDS)
+
+
+def resolve_backend(backend: Optional[str]) -> str:
+    global _logged_backend_alias
+    if backend is None:
+        return default_backend()
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend in SEED_BACKENDS:
+        chosen = default_backend()
+        if not _logged_backend_alias:
+            logger.warning("backend=%r selects jaxllm's %r attention backend", backend, chosen)
+            _logged_backend_alias = True
+        return chosen
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not valid; valid: None, {', '.join(map(repr, ATTENTION_BACKENDS + SEED_BACKENDS))}"
+        )
+    if backend not in _available_backends():
+        raise ValueError(f"backend={backend!r} is not available in this installation")
+    return backend
+
+
+class LLM:
+    """Generate text with a language model (TensorRT-LLM's `LLM`)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        tokenizer: Any = None,
+        tokenizer_mode: str = "auto",
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        revision: Optional[str] = None,
+        tokenizer_revision: Optional[str] = None,
+        backend: Optional[str] = None,
+        **kwargs: Any,
+    ):
+        self._shutdown_lock = threading.Lock()
+        self._engine: Engine | None = None
+        self.llm_id = uuid.uuid4().hex
+        self.disaggregated_params = None
+        self.workspace = None
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid; allowed: an int >= 1")
+        if tensor_parallel_size > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        if not isinstance(skip_tokenizer_init, bool):
+            raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
+        resolve_dtype(dtype)  # validate the name before loading anything
+        self.backend_name = backend
+        self.backend = resolve_backend(backend)
+        self.args = EngineArgs.from_kwargs(kwargs)
+
+        started = time.perf_counter()
+        self.resolved = loader.resolve(model, revision)
+        self.model_name = str(model)
+        saved_args: dict = {}
+        if self.resolved.kind == "saved":
+            cfg, saved_dtype, saved_args = saved.read_config(self.resolved.path)
+            self.dtype = resolve_dtype(dtype, saved_dtype)
+        else:
+            cfg = loader.read_config(self.resolved)
+            self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
+        self.config: ModelConfig = cfg
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            source = tokenizer if tokenizer is not None else self.resolved
+            self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code, tokenizer_mode)
+        if self.args.load_format == "dummy":
+            self.params = init_params(cfg, self.dtype, jax.random.key(self.args.seed or 0))
+        else:
+            self.params = loader.load_params(self.resolved, cfg, self.dtype)
+        self._build_engine(saved_args)
+        self.load_seconds = time.perf_counter() - started
+
+    # ---- construction ------------------------------------------------------------------------
+    def _build_engine(self, saved_args: dict) -> None:
+        cfg, args = self.config, self.args
+        kv_cfg = args.kv_cache_config
+        kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
+        page_size = kv_cfg.tokens_per_block
+        max_num_tokens = args.max_num_tokens
+        num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size)
+        capacity = (num_pages - 1) * page_size
+        if num_pages < 2:
+            raise ValueError(
+                "the KV cache has no room for a single page after the weights; lower max_num_tokens / "
+                "max_batch_size or raise kv_cache_config.free_gpu_memory_fraction"
+            )
+        max_seq_len = args.max_seq_len or cfg.max_position_embeddings
+        if max_seq_len > capacity:
+            if args.max_seq_len is not None:
+                raise ValueError(
+                    f"max_seq_len={args.max_seq_len} exceeds what the KV cache holds ({capacity} tokens); "
+                    f"allowed: <= {capacity}, or a larger kv_cache_config"
+                )
+            max_seq_len = capacity
+        self.max_seq_len = max_seq_len
+        runner_config = RunnerConfig(
+            max_num_tokens=max_num_tokens,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=max_seq_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            backend=self.backend,
+            kv_dtype=kv_dtype,
+        )
+        runner = ModelRunner(cfg, self.params, runner_config)
+        scheduler = Scheduler(
+            SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
+            BlockManager(num_pages, page_size),
+        )
+        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size)
+        self._request_ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _check_open(self) -> Engine:
+        if self._engine is None:
+            raise EngineShutdown("this LLM has been shut down")
+        return self._engine
+
+    def _check_request_args(self, **extras) -> None:
+        for name, value in extras.items():
+            if value is not None:
+                raise NotImplementedError(f"{_UNSUPPORTED_REQUEST_ARGS[name]} is not supported yet")
+
+    def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
+        if isinstance(prompt, PreprocessedInputs):
+            return prompt
+        vocab = self.config.vocab_size
+        inputs_lib.check_params_against_model(params, vocab, self.tokenizer, where)
+        text, ids = inputs_lib.tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
+        inputs_lib.check_lengths(ids, params, self.max_seq_len, self.args.max_input_len, where)
+        return PreprocessedInputs(text, tuple(ids), params)
+
+    def preprocess(self, inputs, sampling_params=None):
+        """Tokenize and validate prompts; returns PreprocessedInputs (a list for a batch), which
+        `generate` and `generate_async` accept as they are."""
+        prompts, single = inputs_lib.as_prompt_list(inputs)
+        params = inputs_lib.params_list(sampling_params, len(prompts))
+        out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        return out[0] if single else out
+
+    def _make_request(self, pre: PreprocessedInputs, streaming: bool) -> Request:
+        engine = self._check_open()
+        params = pre.sampling_params
+        tok = self.tokenizer
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            if params.end_id is not None:
+                stop_ids.add(params.end_id)
+            else:
+                stop_ids.update(self.config.eos_token_ids)
+                if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+                    stop_ids.add(tok.eos_token_id)
+        bad_words = [(t,) for t in params.bad_token_ids or []]
+        for word in params.bad_strings:
+            ids = tok.encode(word, add_special_tokens=False)
+            if ids:
+                bad_words.append(tuple(ids))
+        bias = None
+        if params.embedding_bias is not None:
+            bias = np.asarray(params.embedding_bias, np.float32).reshape(-1)
+        request_id = next(self._request_ids)
+        output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
+                               abort_fn=engine.abort)  # fmt: skip
+        request = Request(
+            request_id=request_id,
+            prompt=pre.prompt,
+            prompt_token_ids=list(pre.prompt_token_ids),
+            params=params,
+            output=output,
+            stop_token_ids=frozenset(stop_ids),
+            bad_word_ids=tuple(bad_words),
+            embedding_bias=bias,
+        )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = []
+        return request
+
+    def generate_async(
+        self,
+        inputs,
+        sampling_params: Optional[SamplingParams] = None,
+        lora_request=None,
+        prompt_adapter_request=None,
+        streaming: bool = False,
+        kv_cache_retention_config=None,
+        disaggregated_params=None,
+        scheduling_params=None,
+        cache_salt=None,
+    ) -> RequestOutput:
+        """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration)."""
+        self._check_request_args(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
+                                 kv_cache_retention_config=kv_cache_retention_config,
+                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
+                                 cache_salt=cache_salt)  # fmt: skip
+        if not isinstance(streaming, bool):
+            raise TypeError(f"streaming must be a bool, got {streaming!r}")
+        if not inputs_lib.is_single_prompt(inputs):
+            raise TypeError("generate_async takes one prompt; call it once per prompt (or use generate for a batch)")
+        params = inputs_lib.params_list(sampling_params, 1)[0]
+        pre = self._preprocess_one(inputs, params, "prompt")
+        request = self._make_request(pre, streaming)
+        self._check_open().submit(request)
+        return request.output
+
+    def generate(
+        self,
+        inputs,
+        sampling_params=None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        prompt_adapter_request=None,
+        kv_cache_retention_config=None,
+        disaggregated_params=None,
+        scheduling_params=None,
+        cache_salt=None,
+    ):
+        """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order)."""
+        self._check_request_args(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
+                                 kv_cache_retention_config=kv_cache_retention_config,
+                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
+                                 cache_salt=cache_salt)  # fmt: skip
+        prompts, single = inputs_lib.as_prompt_list(inputs)
+        params = inputs_lib.params_list(sampling_params, len(prompts))
+        # Validate everything first: one bad prompt rejects the call before anything is queued.
+        pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        requests = [self._make_request(p, streaming=False) for p in pre]
+        engine = self._check_open()
+        for request in requests:
+            engine.submit(request)
+        outputs = [r.output for r in requests]
+        bar = tqdm(total=len(outputs), desc="Processed prompts", unit="prompt", disable=not use_tqdm or len(outputs) < 2)
+        started = time.perf_counter()
+        generated = 0
+        with bar:
+            for out in outputs:
+                out.result()
+                generated += sum(len(o.token_ids) for o in out.outputs)
+                bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} tok/s")
+                bar.update()
+        return outputs[0] if single else outputs
+
+    # ---- stats, saving, lifetime -------------------------------------------------------------
+    def get_stats(self, timeout: float = 2.0) -> list[dict]:
+        """Per-iteration statistics collected since the last call (TensorRT-LLM's keys)."""
+        engine = self._check_open()
+        deadline = time.monotonic() + (timeout or 0)
+        stats = engine.stats()
+        while not stats and time.monotonic() < deadline and engine.scheduler.has_work():
+            time.sleep(0.01)
+            stats = engine.stats()
+        return stats
+
+    async def get_stats_async(self, timeout: float = 2.0):
+        """Async iterator over the per-iteration statistics (TensorRT-LLM's get_stats_async)."""
+        import asyncio
+
+        for item in await asyncio.to_thread(self.get_stats, timeout):
+            yield item
+
+    def save(self, engine_dir: str | Path) -> None:
+        """Save weights (orbax), config, tokenizer and engine arguments; `LLM(model=engine_dir)` reloads it."""
+        path = Path(engine_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        engine = self._check_open()
+        saved.save_params(path, engine.runner.params)
+        saved.write_config(path, self.config, self.dtype, self.args.to_dict() | {"backend": self.backend_name})
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(path))
+
+    def shutdown(self) -> None:
+        """Stop the engine; pending requests fail with EngineShutdown; device memory is released."""
+        with self._shutdown_lock:
+            engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.shutdown()
+        for array in jax.tree.leaves((engine.runner.params, engine.runner.kv_cache)):
+            if isinstance(array, jax.Array) and not array.is_deleted():
+                array.delete()
+        engine.runner.params = engine.runner.kv_cache = None
+        self.params = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,255 @@
+"""Request results: RequestOutput (also the future `generate_async` returns), CompletionOutput, Logprob.
+
+The engine thread never touches what a caller sees. It posts immutable `Delta`s (new tokens, text,
+log-probabilities, a finish reason) into the request's queue; the caller's thread applies them
+when it reads (`result`, iteration, `aresult`). Each streamed item therefore carries exactly the
+deltas of one engine step, and `text_diff`s add up to the final text whatever the caller's pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+from typing import Any, Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability and its rank (1 = most likely) in the model's distribution."""
+
+    logprob: float
+    rank: Optional[int] = None
+
+
+TokenLogprobs = list  # per token: dict[token_id, Logprob]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One generated sequence of a request (TensorRT-LLM's CompletionOutput)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    cumulative_logprob: Optional[float] = None
+    logprobs: Optional[TokenLogprobs] = None
+    prompt_logprobs: Optional[TokenLogprobs] = None
+    finish_reason: Optional[str] = None  # stop | length | cancelled
+    stop_reason: Optional[int | str] = None  # the stop token id or stop string that ended it
+    generation_logits: Any = None  # [num_tokens, vocab] float32 numpy, when requested
+    disaggregated_params: Any = None
+    # Streaming: what the last applied step added.
+    _last_text_len: int = dataclasses.field(default=0, repr=False)
+    _last_token_len: int = dataclasses.field(default=0, repr=False)
+    _last_logprobs_len: int = dataclasses.field(default=0, repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text_diff(self) -> str:
+        return self.text[self._last_text_len :]
+
+    @property
+    def token_ids_diff(self) -> list[int]:
+        return self.token_ids[self._last_token_len :]
+
+    @property
+    def logprobs_diff(self) -> TokenLogprobs:
+        return [] if self.logprobs is None else self.logprobs[self._last_logprobs_len :]
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What one engine step adds to one CompletionOutput."""
+
+    index: int
+    token_ids: tuple[int, ...] = ()
+    text: str | None = None  # the full text so far (replacing), or None when detokenize=False
+    logprobs: tuple = ()  # per new token: dict[token_id, Logprob]
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None
+    generation_logits: Any = None  # rows for the new tokens
+    prompt_logprobs: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One engine step's news for a request: deltas, and whether the request is finished."""
+
+    deltas: tuple[Delta, ...] = ()
+    finished: bool = False
+    error: BaseException | None = None
+    context_logits: Any = None
+    drop_indices: tuple[int, ...] | None = None  # best_of > n: keep only these outputs at the end
+
+
+class RequestError(RuntimeError):
+    """A request failed inside the engine (the engine itself keeps serving)."""
+
+
+class RequestOutput:
+    """The output of one request; as returned by `generate_async`, also its future.
+
+    Attributes (TensorRT-LLM's): request_id, prompt, prompt_token_ids, outputs, context_logits,
+    finished. Methods: result(timeout), aresult(timeout), `await`, iteration (streaming), abort(),
+    aborted().
+    """
+
+    def __init__(self, request_id: int, prompt: Optional[str], prompt_token_ids: list[int], num_outputs: int,
+                 streaming: bool = False, abort_fn: Callable[[int], None] | None = None):  # fmt: skip
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.outputs = [CompletionOutput(index=i) for i in range(num_outputs)]
+        self.context_logits = None
+        self.finished = False
+        self.streaming = streaming
+        self.disaggregated_params = None
+        self._abort_fn = abort_fn
+        self._aborted = False
+        self._error: BaseException | None = None
+        self._pending: collections.deque[Update] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._done_posting = False
+
+    # ---- engine side (any thread) ----------------------------------------------------------
+    def _post(self, update: Update) -> None:
+        with self._cond:
+            if self._done_posting:
+                return
+            self._pending.append(update)
+            if update.finished:
+                self._done_posting = True
+            waiters, self._waiters = self._waiters, []
+            self._cond.notify_all()
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_set_done, fut)
+
+    # ---- caller side -----------------------------------------------------------------------
+    def _apply(self, update: Update) -> None:
+        for out in self.outputs:
+            out._last_text_len, out._last_token_len = len(out.text), len(out.token_ids)
+            out._last_logprobs_len = len(out.logprobs or [])
+        for d in update.deltas:
+            out = self.outputs[d.index]
+            out.token_ids.extend(d.token_ids)
+            if d.text is not None:
+                out.text = d.text
+            if d.logprobs:
+                out.logprobs = (out.logprobs or []) + list(d.logprobs)
+            if d.cumulative_logprob is not None:
+                out.cumulative_logprob = d.cumulative_logprob
+            if d.finish_reason is not None:
+                out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
+            if d.generation_logits is not None:
+                import numpy as np
+
+                rows = np.asarray(d.generation_logits)
+                old = out.generation_logits
+                out.generation_logits = rows if old is None else np.concatenate([old, rows])
+            if d.prompt_logprobs is not None:
+                out.prompt_logprobs = d.prompt_logprobs
+        if update.context_logits is not None:
+            self.context_logits = update.context_logits
+        if update.drop_indices is not None:
+            self.outputs = [self.outputs[i] for i in update.drop_indices]
+            for new_index, out in enumerate(self.outputs):
+                out.index = new_index
+        if update.error is not None:
+            self._error = update.error
+        if update.finished:
+            self.finished = True
+
+    def _next_update(self, timeout: float | None) -> Update | None:
+        with self._cond:
+            if not self._pending and not self._cond.wait_for(lambda: bool(self._pending), timeout):
+                raise TimeoutError(f"request {self.request_id} did not produce output within {timeout} s")
+            return self._pending.popleft()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RequestError(f"request {self.request_id} failed: {self._error}") from self._error
+
+    def result(self, timeout: float | None = None) -> "RequestOutput":
+        """Block until the request finishes; return self with the complete outputs."""
+        while not self.finished:
+            self._apply(self._next_update(timeout))
+        self._raise_if_failed()
+        return self
+
+    async def _await_update(self, timeout: float | None) -> Update:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._pending:
+                    return self._pending.popleft()
+                fut = loop.create_future()
+                self._waiters.append((loop, fut))
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"request {self.request_id} did not produce output within {timeout} s") from None
+
+    async def aresult(self, timeout: float | None = None) -> "RequestOutput":
+        while not self.finished:
+            self._apply(await self._await_update(timeout))
+        self._raise_if_failed()
+        return self
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> "RequestOutput":
+        if self.finished:
+            self._raise_if_failed()
+            raise StopIteration
+        self._apply(self._next_update(None))
+        self._raise_if_failed()
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> "RequestOutput":
+        if self.finished:
+            self._raise_if_failed()
+            raise StopAsyncIteration
+        self._apply(await self._await_update(None))
+        self._raise_if_failed()
+        return self
+
+    def abort(self) -> None:
+        """Cancel the request; its outputs finish with finish_reason 'cancelled'."""
+        self._aborted = True
+        if self._abort_fn is not None and not self._done_posting:
+            self._abort_fn(self.request_id)
+
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def done(self) -> bool:
+        return self.finished or self._done_posting
+
+    @property
+    def outputs_text(self) -> list[str]:
+        return [o.text for o in self.outputs]
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
+            f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, finished={self.finished})"
+        )
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,224 @@
+"""SamplingParams: TensorRT-LLM's field names and defaults, validated at construction.
+
+Where TensorRT-LLM and vLLM differ, jaxllm does what the user evidently means:
+  * `SamplingParams()` is greedy, and so is `temperature=0` (or `top_k=1`).
+  * A positive temperature with no top_k/top_p/min_p samples the full distribution.
+  * Setting only top_k/top_p/min_p samples at temperature 1.
+  * `logprobs=k` returns, per generated token, the sampled token's log-probability and the k most
+    likely tokens (vLLM's convention); log-probabilities are those of the model's distribution
+    before temperature, penalties and truncation.
+Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead, guided decoding,
+top-p decay, ...) are accepted by name so scripts construct unchanged, and raise
+NotImplementedError naming the feature when set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, List, Optional, Union
+
+MAX_LOGPROBS = 20  # the largest `logprobs` / `prompt_logprobs`; fixed so the step has one shape
+
+
+def _check_int(name: str, value, low: int | None = None, high: int | None = None, allow_none=True):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value} is out of range; allowed: >= {low}" + (f" and <= {high}" if high else ""))
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value} is out of range; allowed: <= {high}")
+
+
+def _check_float(name: str, value, low=None, high=None, low_open=False, allow_none=True):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and value > high
+    if bad_low or bad_high:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name}={value} is out of range; allowed: {' and '.join(x for x in (lo, hi) if x)}")
+
+
+def _check_int_list(name: str, value):
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be a list of ints, got {value!r}")
+    if any(v < 0 for v in value):
+        raise ValueError(f"{name} holds negative token ids: {[v for v in value if v < 0]}")
+
+
+def _check_strs(name: str, value):
+    if value is None:
+        return
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or any(not isinstance(s, str) for s in items):
+        raise TypeError(f"{name} must be a str or a list of str, got {value!r}")
+    if any(s == "" for s in items):
+        raise ValueError(f"{name} must not contain empty strings")
+
+
+# TensorRT-LLM fields jaxllm does not implement: name -> the default that means "off".
+_UNSUPPORTED = {
+    "use_beam_search": False,
+    "top_p_min": None,
+    "top_p_reset_ids": None,
+    "top_p_decay": None,
+    "beam_search_diversity_rate": None,
+    "length_penalty": None,
+    "early_stopping": None,
+    "no_repeat_ngram_size": None,
+    "beam_width_array": None,
+    "return_encoder_output": False,
+    "additional_model_outputs": None,
+    "lookahead_config": None,
+    "guided_decoding": None,
+    "apply_batched_logits_processor": False,
+}
+
+
+@dataclasses.dataclass(kw_only=True)
+class SamplingParams:
+    """Sampling parameters for text generation (TensorRT-LLM's `SamplingParams`)."""
+
+    end_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    max_tokens: int = 32
+    bad: Optional[Union[str, List[str]]] = None
+    bad_token_ids: Optional[List[int]] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    include_stop_str_in_output: bool = False
+    embedding_bias: Any = None  # [vocab_size] float array-like, added to the logits
+    logits_processor: Optional[Union[Callable, List[Callable]]] = None
+    apply_batched_logits_processor: bool = False
+
+    n: int = 1
+    best_of: Optional[int] = None
+    use_beam_search: bool = False
+
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    top_p_min: Optional[float] = None
+    top_p_reset_ids: Optional[int] = None
+    top_p_decay: Optional[float] = None
+    seed: Optional[int] = None
+    temperature: Optional[float] = None
+    min_tokens: Optional[int] = None
+    beam_search_diversity_rate: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    length_penalty: Optional[float] = None
+    early_stopping: Optional[int] = None
+    no_repeat_ngram_size: Optional[int] = None
+    min_p: Optional[float] = None
+    beam_width_array: Optional[List[int]] = None
+
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
+    exclude_input_from_output: bool = True
+    return_encoder_output: bool = False
+    return_perf_metrics: bool = False
+    additional_model_outputs: Any = None
+
+    lookahead_config: Any = None
+    guided_decoding: Any = None
+
+    ignore_eos: bool = False
+    detokenize: bool = True
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self):
+        if self.pad_id is None:
+            self.pad_id = self.end_id
+        if self.best_of is None:
+            self.best_of = self.n
+        # logprobs=True means the sampled token's log-probability alone (TensorRT-LLM's top-1).
+        if isinstance(self.logprobs, bool):
+            self.logprobs = int(self.logprobs) if self.logprobs else None
+        if isinstance(self.prompt_logprobs, bool):
+            self.prompt_logprobs = int(self.prompt_logprobs) if self.prompt_logprobs else None
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, off in _UNSUPPORTED.items():
+            if getattr(self, name) != off:
+                raise NotImplementedError(f"SamplingParams.{name} is not supported by jaxllm (got {getattr(self, name)!r})")
+        _check_int("end_id", self.end_id, 0)
+        _check_int("pad_id", self.pad_id, 0)
+        _check_int("max_tokens", self.max_tokens, 1, allow_none=False)
+        _check_int("n", self.n, 1, allow_none=False)
+        _check_int("best_of", self.best_of, 1)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
+        if self.best_of > 1 and self.is_greedy:
+            raise ValueError(
+                f"greedy decoding returns one sequence; got best_of={self.best_of} (n={self.n}). "
+                "Set temperature > 0 (or top_k/top_p) to sample several, or n=1."
+            )
+        _check_int("top_k", self.top_k, 0)
+        _check_float("top_p", self.top_p, 0.0, 1.0)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("temperature", self.temperature, 0.0)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) cannot exceed max_tokens ({self.max_tokens})")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        _check_int_list("stop_token_ids", self.stop_token_ids)
+        _check_int_list("bad_token_ids", self.bad_token_ids)
+        _check_strs("stop", self.stop)
+        _check_strs("bad", self.bad)
+        processors = self.logits_processor
+        if processors is not None:
+            for p in processors if isinstance(processors, (list, tuple)) else [processors]:
+                if not callable(p):
+                    raise TypeError(f"logits_processor must be callable (or a list of callables), got {p!r}")
+        for name in ("include_stop_str_in_output", "return_context_logits", "return_generation_logits",
+                     "exclude_input_from_output", "return_perf_metrics", "ignore_eos", "detokenize",
+                     "add_special_tokens", "skip_special_tokens", "spaces_between_special_tokens"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    # ---- derived views used by the engine ---------------------------------------------------
+    @property
+    def is_greedy(self) -> bool:
+        if self.temperature == 0 or self.top_k == 1:
+            return True
+        return self.temperature is None and self.top_k is None and self.top_p is None and self.min_p is None
+
+    @property
+    def effective_temperature(self) -> float:
+        return 0.0 if self.is_greedy else (1.0 if self.temperature is None else float(self.temperature))
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [] if self.stop is None else ([self.stop] if isinstance(self.stop, str) else list(self.stop))
+
+    @property
+    def bad_strings(self) -> list[str]:
+        return [] if self.bad is None else ([self.bad] if isinstance(self.bad, str) else list(self.bad))
+
+    @property
+    def logits_processors(self) -> list[Callable]:
+        p = self.logits_processor
+        return [] if p is None else (list(p) if isinstance(p, (list, tuple)) else [p])
