@@ -92,6 +92,12 @@ def hf_config_dict(path: Path, reader=None) -> dict:
     head_dim = _field(reader, f"{arch}.{_HEAD_DIM_KEY[arch]}")
     if head_dim is not None:
         config["head_dim"] = int(head_dim)
+    if arch == "gemma3":
+        # GGUF has no query_pre_attn_scalar; llama.cpp scales by head_dim, except for the 27B
+        # model (62 layers), which uses hidden_size / num_heads, as its config.json does.
+        heads = config["num_attention_heads"]
+        scalar = config["hidden_size"] // heads if config.get("num_hidden_layers") == 62 else config["head_dim"]
+        config["query_pre_attn_scalar"] = scalar
     if "vocab_size" not in config:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         config["vocab_size"] = len(tokens.data) if tokens is not None else None

@@ -1,0 +1,104 @@
+"""SmolLM2-135M-Instruct greedy decode throughput on the CPU: jaxllm vs HF transformers, same run.
+
+    python benchmarks/cpu_decode.py [--new-tokens 128] [--out benchmarks/results/cpu_decode.json]
+
+Both run float32 from the same GGUF file. Decode tokens/s counts generated tokens over the time
+after the first token (the prefill is timed separately and subtracted), at batch 1 and batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def jaxllm_decode(path: Path, batch: int, new_tokens: int) -> dict:
+    from jaxllm import LLM, SamplingParams
+
+    with LLM(model=str(path), dtype="float32", max_batch_size=max(batch, 1), max_num_tokens=512) as llm:
+        prompts = [PROMPT] * batch
+        warm = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        llm.generate(prompts, warm, use_tqdm=False)  # compiles every shape this run needs
+        llm.get_stats()
+        first = SamplingParams(max_tokens=1, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(prompts, first, use_tqdm=False)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, warm, use_tqdm=False)
+        total = time.perf_counter() - t0
+        stats = [s for s in llm.get_stats() if s["inflightBatchingStats"]["numContextRequests"] == 0]
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        step_ms = sorted(s["iterLatencyMS"] for s in stats)[len(stats) // 2] if stats else float("nan")
+        return {
+            "decode_tok_s": (generated - batch) / (total - prefill),
+            "median_step_ms": step_ms,
+            "prefill_s": prefill,
+            "total_s": total,
+            "compilations": llm._engine.runner.num_compilations,
+        }
+
+
+def hf_decode(path: Path, batch: int, new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok([PROMPT] * batch, return_tensors="pt", padding=True)
+
+    def run(n):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+            return time.perf_counter() - t0, out
+
+    run(4)
+    prefill, _ = run(1)
+    total, out = run(new_tokens)
+    generated = (out.shape[1] - enc["input_ids"].shape[1]) * batch
+    return {"decode_tok_s": (generated - batch) / (total - prefill), "prefill_s": prefill, "total_s": total,
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "cpu_decode.json"))
+    args = parser.parse_args()
+    from jaxllm.checkpoints.builtin import fetch
+
+    path = fetch("smollm2")
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        rows.append({"batch": batch, "jaxllm": jaxllm_decode(path, batch, args.new_tokens),
+                     "transformers": hf_decode(path, batch, args.new_tokens)})  # fmt: skip
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF, float32",
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nSmolLM2-135M float32 greedy decode on {result['machine']} ({args.new_tokens} new tokens)")
+    print(f"{'batch':>5} | {'jaxllm tok/s':>12} | {'step ms':>8} | {'transformers tok/s':>18} | {'ratio':>6}")
+    for r in rows:
+        j, h = r["jaxllm"], r["transformers"]
+        print(f"{r['batch']:>5} | {j['decode_tok_s']:>12.1f} | {j['median_step_ms']:>8.1f} | "
+              f"{h['decode_tok_s']:>18.1f} | {j['decode_tok_s'] / h['decode_tok_s']:>5.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

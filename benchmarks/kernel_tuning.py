@@ -1,0 +1,138 @@
+"""Sweep the Pallas kernels' tiling on one GPU, to choose and re-check their defaults.
+
+Decode: keys per step (pages_per_block * page_size) x programs aimed for (which sets num_splits),
+then num_warps x num_stages for the best of those. Prefill: query-tile rows x keys per step x
+num_warps x num_stages. Each line: the setting, median time per call, and TB/s or TFLOP/s; the
+best per configuration is marked, and the defaults' time is printed beside it.
+
+  PYTHONUNBUFFERED=1 python -m benchmarks.kernel_tuning [--decode-only | --prefill-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from benchmarks.kernel_bandwidth import (  # noqa: E402
+    FULL,
+    SCALE,
+    decode_case,
+    free_device,
+    make_pages,
+    prefill_batch_metadata,
+    time_calls,
+)
+from pallas_kernels import paged_decode_attention, ragged_paged_attention  # noqa: E402
+
+DECODE_CONFIGS = [  # (batch, context, page_size)
+    (1, 32768, 16), (1, 8192, 64), (8, 8192, 16), (64, 2048, 16), (64, 32768, 64), (256, 2048, 64),
+]
+PREFILL_CONFIGS = [(2048, 64), (8192, 64), (2048, 16)]  # (tokens, page_size)
+CALLS, REPEATS = 4, 5
+
+
+def tune_decode(log):
+    setup = FULL
+    rng = np.random.default_rng(0)
+    for batch, context, page_size in DECODE_CONFIGS:
+        k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
+        qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
+        arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
+        kv_bytes = 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
+        pages_per_seq = context // page_size
+
+        def measure(**kw):
+            fn = lambda q, kp, vp, t, lens: paged_decode_attention(q, kp, vp, t, lens, scale=SCALE, **kw)  # noqa: E731
+            try:
+                return time_calls(fn, arg_sets, REPEATS)[0]
+            except Exception as e:
+                log(f"    {kw} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                return float("inf")
+
+        log(f"decode batch {batch} context {context} page {page_size}")
+        default = measure()
+        log(f"    default {default * 1e6:9.1f} us {kv_bytes / default / 1e12:5.2f} TB/s")
+        results = {}
+        for keys, programs in itertools.product((64, 128, 256), (264, 528, 1056, 2112)):
+            ppb = max(1, keys // page_size)
+            splits = max(1, min(pl.cdiv(programs, batch * setup.num_kv_heads), pl.cdiv(pages_per_seq, ppb)))
+            key = (ppb, splits)
+            if key not in results:
+                results[key] = measure(pages_per_block=ppb, num_splits=splits)
+                log(f"    pages/block {ppb:3} splits {splits:4}  {results[key] * 1e6:9.1f} us "
+                    f"{kv_bytes / results[key] / 1e12:5.2f} TB/s")
+        (ppb, splits), best = min(results.items(), key=lambda kv: kv[1])
+        for warps, stages in itertools.product((2, 4, 8), (1, 2, 3)):
+            t = measure(pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
+            log(f"    pages/block {ppb:3} splits {splits:4} warps {warps} stages {stages}  {t * 1e6:9.1f} us "
+                f"{kv_bytes / t / 1e12:5.2f} TB/s{'  <- best' if t < best else ''}")
+            best = min(best, t)
+        del arg_sets, k_pages, v_pages, tables, qs
+        free_device()
+
+
+def tune_prefill(log):
+    setup = FULL
+    rng = np.random.default_rng(1)
+    group = setup.num_heads // setup.num_kv_heads
+    for num_tokens, page_size in PREFILL_CONFIGS:
+        pages_per_seq = num_tokens // page_size
+        k_pages, v_pages = make_pages(rng, 1 + pages_per_seq, page_size, setup, jnp.bfloat16)
+        tables = jnp.asarray(rng.permutation(np.arange(1, 1 + pages_per_seq)).astype(np.int32))[None, :]
+        batch = prefill_batch_metadata(num_tokens, tables)
+        q = jax.random.normal(jax.random.key(1), (num_tokens, setup.num_heads, setup.head_dim), jnp.bfloat16)
+        arg_sets = [(q * (1 + 0.01 * i),) for i in range(CALLS)]
+        flops = 2 * num_tokens**2 * setup.num_heads * setup.head_dim
+
+        def measure(**kw):
+            def fn(q):
+                return ragged_paged_attention(q, k_pages, v_pages, batch.query_start, batch.seq_lens,
+                                              batch.block_tables, max_query_len=num_tokens, scale=SCALE, **kw)
+            try:
+                return time_calls(fn, arg_sets, REPEATS)[0]
+            except Exception as e:
+                log(f"    {kw} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                return float("inf")
+
+        log(f"prefill tokens {num_tokens} page {page_size}")
+        default = measure()
+        log(f"    default {default * 1e6:9.1f} us {flops / default / 1e12:6.1f} TFLOP/s")
+        best = float("inf")
+        for rows, keys, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+            ppb = max(1, keys // page_size)
+            t = measure(block_q=rows // group, pages_per_block=ppb, num_warps=warps, num_stages=stages)
+            log(f"    rows {rows:3} keys {ppb * page_size:3} warps {warps} stages {stages}  {t * 1e6:9.1f} us "
+                f"{flops / t / 1e12:6.1f} TFLOP/s{'  <- best' if t < best else ''}")
+            best = min(best, t)
+        del arg_sets, k_pages, v_pages, q
+        free_device()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--prefill-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    def log(line):
+        print(line, flush=True)
+
+    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if not args.prefill_only:
+        tune_decode(log)
+    if not args.decode_only:
+        tune_prefill(log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The `jaxllm` command.
+
+  jaxllm generate "PROMPT" [--model M] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
+  jaxllm generate --input-file prompts.txt      one prompt per line, generated as one batch
+  jaxllm chat [--model M]                       a conversation with the model's chat template
+  jaxllm models                                 the built-in models
+
+A single prompt streams to the terminal as tokens arrive. Prompts are wrapped in the model's chat
+template when it has one (--raw turns that off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jaxllm.checkpoints.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, local directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--backend", default=None, help="attention backend: xla | pallas (default: pallas on GPU)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--system", default=None, help="a system message for the chat template")  # fmt: skip
+
+
+def _sampling_params(args):
+    from jaxllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def _messages(system: str | None, text: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def _format(llm, args, text: str) -> str:
+    tok = llm.tokenizer
+    if args.raw or not getattr(tok, "chat_template", None):
+        return text
+    return tok.apply_chat_template(_messages(args.system, text), add_generation_prompt=True, tokenize=False)
+
+
+def _load(args):
+    from jaxllm import LLM
+
+    return LLM(model=args.model, dtype=args.dtype, backend=args.backend)
+
+
+def _stream(llm, prompt: str, params) -> str:
+    text = ""
+    for partial in llm.generate_async(prompt, params, streaming=True):
+        diff = partial.outputs[0].text_diff
+        text += diff
+        sys.stdout.write(diff)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_generate(args) -> int:
+    if args.input_file:
+        with open(args.input_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            print(f"{args.input_file}: no prompts", file=sys.stderr)
+            return 2
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        print("give a PROMPT or --input-file", file=sys.stderr)
+        return 2
+    params = _sampling_params(args)
+    with _load(args) as llm:
+        if len(prompts) == 1:
+            _stream(llm, _format(llm, args, prompts[0]), params)
+        else:
+            outputs = llm.generate([_format(llm, args, p) for p in prompts], params, use_tqdm=True)
+            for prompt, out in zip(prompts, outputs):
+                print(f"### {prompt}\n{out.outputs[0].text}\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling_params(args)
+    with _load(args) as llm:
+        tok = llm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            print(f"{args.model} has no chat template; use `jaxllm generate`", file=sys.stderr)
+            return 2
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        print("chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line})
+            prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+            reply = _stream(llm, prompt, params)
+            history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_models(args) -> int:
+    for name, spec in BUILTIN_MODELS.items():
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {spec.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm", description="TensorRT-LLM's LLM API on JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from a prompt (streams) or a file of prompts (a batch)")
+    gen.add_argument("prompt", nargs="?", help="the prompt")
+    gen.add_argument("--input-file", help="a file with one prompt per line")
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="hold a conversation using the model's chat template")
+    _add_model_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    models = sub.add_parser("models", help="list the built-in models")
+    models.set_defaults(func=cmd_models)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JAXLLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

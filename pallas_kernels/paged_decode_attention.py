@@ -1,0 +1,379 @@
+"""Decode attention over the paged KV cache: one query token per sequence, split over pages.
+
+Layout as in `jaxllm.layers.attention`: k_pages, v_pages [K, P, S, d]; sequence b's keys live in
+pages block_tables[b, :], its query token sits at position seq_lens[b] - 1.
+
+One program handles one (KV head, sequence, split): all H // K query heads that share the KV head
+(GQA), so every K/V page is read from memory once per KV head. A split is a contiguous run of the
+block table (flash-decoding); each split writes a partial (max, sum, unnormalised output) and a
+small jnp step combines them, so a single long sequence still spreads over all the GPU's SMs. With
+one split the kernel normalises and writes the final output itself.
+
+The kernel lowers with Pallas's Triton backend: every loaded tile has power-of-two dimensions
+(query heads padded to at least 16 rows for tl.dot, head_dim padded with masks), pages are
+gathered through int32 row indices into the flattened page pool, and softmax runs in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Initial running max: finite, so exp2(m_old - m_new) stays 0 (never NaN) while masked scores,
+# which are -inf, contribute exactly 0 even to a row that has seen no visible key yet.
+MASK_VALUE = -1e30
+LOG2_E = math.log2(math.e)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# tl.dot needs every tile dimension to be at least 16.
+MIN_DOT_DIM = 16
+# About two waves of programs on an H100 (132 SMs): the automatic split count aims for this many.
+TARGET_PROGRAMS = 264
+# Keys per inner-loop step when pages_per_block is not given, before the shared-memory fit.
+DEFAULT_BLOCK_KEYS = 128
+# Shared memory the default tiling may plan for: the H100 allows 227 KiB per program; the rest is
+# headroom for Triton's own buffers.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def dot_precision(dtype) -> lax.Precision | None:
+    """float32 tiles take the exact (IEEE) MMA path; Triton would otherwise use TF32."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _decode_kernel(
+    q_ref,  # [G, d]: the query heads of this KV head, for this sequence
+    k_ref,  # [P * S, d]: this KV head's page pool, one row per slot
+    v_ref,  # [P * S, d]
+    block_table_ref,  # [max_pages]: this sequence's page ids
+    seq_len_ref,  # [1]
+    *out_refs,  # final: o [G, d]; partial: acc [G, d] f32, max [G] f32 (log2 units), sum [G] f32
+    page_size: int,
+    pages_per_block: int,
+    pages_per_split: int,
+    group_block: int,
+    head_block: int,
+    scale: float,
+    window: int | None,
+    final: bool,
+):
+    group, head_dim = q_ref.shape
+    block_keys = pages_per_block * page_size
+    precision = dot_precision(k_ref.dtype)
+    split = pl.program_id(2)
+
+    head_ok = jnp.arange(group_block) < group
+    dim_ok = jnp.arange(head_block) < head_dim
+    q_mask = head_ok[:, None] & dim_ok[None, :]
+    q = plgpu.load(q_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], mask=q_mask, other=0.0)
+
+    # The visible keys are [first_key, seq_len); this split owns pages [split_lo, split_hi).
+    seq_len = seq_len_ref[0]
+    first_key = 0 if window is None else jnp.maximum(seq_len - window, 0)
+    split_lo = split * pages_per_split
+    lo_page = jnp.maximum(split_lo, lax.div(first_key, page_size))
+    hi_page = jnp.minimum(split_lo + pages_per_split, lax.div(seq_len + page_size - 1, page_size))
+    num_blocks = lax.div(jnp.maximum(hi_page - lo_page, 0) + pages_per_block - 1, pages_per_block)
+
+    slot_in_page = jnp.arange(page_size)
+    dims = jnp.arange(head_block)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        start_page = lo_page + i * pages_per_block
+        table_pos = start_page + jnp.arange(pages_per_block)  # [ppb]
+        page_ok = table_pos < hi_page
+        page_ids = plgpu.load(block_table_ref.at[pl.ds(start_page, pages_per_block)], mask=page_ok, other=0)
+        rows = (page_ids[:, None] * page_size + slot_in_page[None, :]).reshape(block_keys)
+        key_pos = (table_pos[:, None] * page_size + slot_in_page[None, :]).reshape(block_keys)
+        row_ok = jnp.broadcast_to(page_ok[:, None], (pages_per_block, page_size)).reshape(block_keys)
+        key_ok = row_ok & (key_pos < seq_len) & (key_pos >= first_key)
+        kv_mask = row_ok[:, None] & dim_ok[None, :]
+
+        k = plgpu.load(k_ref.at[rows[:, None], dims[None, :]], mask=kv_mask, other=0.0)  # [Bk, d]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2_E)  # [G, Bk]
+        s = jnp.where(key_ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m_prev, s.max(axis=-1))
+        alpha = jnp.exp2(m_prev - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l_new = alpha * l_prev + p.sum(axis=-1)
+        v = plgpu.load(v_ref.at[rows[:, None], dims[None, :]], mask=kv_mask, other=0.0)
+        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l_new
+
+    init = (
+        jnp.zeros((group_block, head_block), jnp.float32),
+        jnp.full((group_block,), MASK_VALUE, jnp.float32),
+        jnp.zeros((group_block,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, num_blocks, body, init)
+
+    if final:
+        [o_ref] = out_refs
+        # A padding sequence (seq_len 0) has l == 0: write zeros rather than 0/0.
+        out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
+        plgpu.store(o_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], out.astype(o_ref.dtype), mask=q_mask)
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        plgpu.store(acc_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], acc, mask=q_mask)
+        plgpu.store(m_ref.at[pl.ds(0, group_block)], m, mask=head_ok)
+        plgpu.store(l_ref.at[pl.ds(0, group_block)], l, mask=head_ok)
+
+
+def _decode_call(
+    q, k_pages, v_pages, block_tables, seq_lens, *, scale, window, pages_per_block, num_splits,
+    num_warps, num_stages, interpret,
+):
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    pages_per_seq = block_tables.shape[1]
+    pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, num_splits), pages_per_block) * pages_per_block
+    num_splits = pl.cdiv(pages_per_seq, pages_per_split)  # drop splits that would own no pages
+    final = num_splits == 1
+
+    q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # head h = kv_head * G + g
+    k_rows = k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+    v_rows = v_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+
+    kernel = functools.partial(
+        _decode_kernel,
+        page_size=page_size,
+        pages_per_block=pages_per_block,
+        pages_per_split=pages_per_split,
+        group_block=max(MIN_DOT_DIM, pl.next_power_of_2(group)),
+        head_block=max(MIN_DOT_DIM, pl.next_power_of_2(head_dim)),
+        scale=scale,
+        window=window,
+        final=final,
+    )
+    grid = (num_kv_heads, num_seqs, num_splits)
+    in_specs = [
+        # q: the G query heads of KV head h for sequence b.
+        pl.BlockSpec((None, None, group, head_dim), lambda h, b, s: (b, h, 0, 0)),
+        # k, v: KV head h's whole page pool; the kernel gathers the pages it needs.
+        pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, b, s: (h, 0, 0)),
+        pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, b, s: (h, 0, 0)),
+        # block_tables: sequence b's row; the split picks its own range of it.
+        pl.BlockSpec((None, pages_per_seq), lambda h, b, s: (b, 0)),
+        # seq_lens: sequence b's length.
+        pl.BlockSpec((1,), lambda h, b, s: (b,)),
+    ]
+    if final:
+        # o: the finished output of (b, h), in q's dtype.
+        out_specs = pl.BlockSpec((None, None, group, head_dim), lambda h, b, s: (b, h, 0, 0))
+        out_shape = jax.ShapeDtypeStruct(q4.shape, q.dtype)
+    else:
+        out_specs = [
+            # acc: unnormalised float32 output of split s.
+            pl.BlockSpec((None, None, None, group, head_dim), lambda h, b, s: (b, h, s, 0, 0)),
+            # max, sum: the split's running softmax max (log2 units) and denominator.
+            pl.BlockSpec((None, None, None, group), lambda h, b, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, group), lambda h, b, s: (b, h, s, 0)),
+        ]
+        partial_shape = (num_seqs, num_kv_heads, num_splits, group)
+        out_shape = [
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"paged_decode_attention_s{page_size}_p{pages_per_block}_x{num_splits}",
+    )(q4, k_rows, v_rows, block_tables, seq_lens)
+
+    if final:
+        return outs.reshape(q.shape)
+    acc, m, l = outs
+    return combine_splits(acc, m, l).reshape(q.shape).astype(q.dtype)
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merge per-split partial softmaxes (flash-decoding's second step).
+
+    acc: [B, K, splits, G, d] unnormalised outputs; m, l: [B, K, splits, G] running max (log2
+    units) and denominator. Returns [B, K, G, d] float32; rows that saw no key come out zero.
+    """
+    m_all = m.max(axis=2, keepdims=True)
+    w = jnp.exp2(m - m_all)  # [B, K, splits, G]; empty splits have l == 0 and add nothing
+    l_all = (w * l).sum(axis=2)
+    acc_all = (w[..., None] * acc).sum(axis=2)
+    return acc_all / jnp.where(l_all > 0.0, l_all, 1.0)[..., None]
+
+
+def fit_block_keys(block_keys: int, *, num_stages: int, query_rows: int, head_dim: int, itemsize: int) -> int:
+    """Halve block_keys until the pipelined K and V tiles (num_stages deep) and the query tile fit
+    SHARED_MEMORY_BUDGET: a float32 or d = 256 cache gets shorter steps than a bfloat16 d = 128 one."""
+    head_block = max(MIN_DOT_DIM, pl.next_power_of_2(head_dim))
+    while block_keys > MIN_DOT_DIM and (2 * num_stages * block_keys + query_rows) * head_block * itemsize > SHARED_MEMORY_BUDGET:
+        block_keys //= 2
+    return block_keys
+
+
+def default_pages_per_block(page_size: int, *, num_stages: int, head_dim: int, itemsize: int) -> int:
+    block_keys = fit_block_keys(
+        DEFAULT_BLOCK_KEYS, num_stages=num_stages, query_rows=MIN_DOT_DIM, head_dim=head_dim, itemsize=itemsize
+    )
+    return max(1, block_keys // page_size, pl.cdiv(MIN_DOT_DIM, page_size))
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, pages_per_block: int) -> int:
+    """Enough splits that the grid fills the GPU, never more than there are page blocks."""
+    wanted = pl.cdiv(TARGET_PROGRAMS, num_seqs * num_kv_heads)
+    return max(1, min(wanted, pl.cdiv(pages_per_seq, pages_per_block)))
+
+
+def is_power_of_2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, *, window) -> None:
+    """Shape/dtype checks shared by the decode and ragged entries (q may be [B, H, d] or [T, H, d])."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [tokens, num_heads, head_dim]; got shape {q.shape}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must be [num_kv_heads, num_pages, page_size, head_dim]; got {k_pages.shape}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {v_pages.shape} must equal k_pages shape {k_pages.shape}")
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q head_dim {q.shape[2]} must equal the pages' head_dim {head_dim}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not supported; allowed: float32, bfloat16, float16")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if not is_power_of_2(page_size):
+        raise ValueError(f"page_size {page_size} must be a power of two (Triton tiles are powers of two)")
+    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables must be int32 [num_seqs, pages_per_seq]; got {block_tables.dtype}{block_tables.shape}")
+    if seq_lens.shape != (block_tables.shape[0],) or seq_lens.dtype != jnp.int32:
+        raise ValueError(
+            f"seq_lens must be int32 [{block_tables.shape[0]}] (one per block_tables row); "
+            f"got {seq_lens.dtype}{seq_lens.shape}"
+        )
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int; got {window!r}")
+
+
+def validate_tiling(page_size: int, pages_per_block: int, num_warps: int, num_stages: int) -> None:
+    if not is_power_of_2(pages_per_block):
+        raise ValueError(f"pages_per_block {pages_per_block} must be a power of two")
+    if pages_per_block * page_size < MIN_DOT_DIM:
+        raise ValueError(
+            f"pages_per_block * page_size = {pages_per_block * page_size} must be at least {MIN_DOT_DIM} "
+            f"(tl.dot tile); use pages_per_block >= {pl.cdiv(MIN_DOT_DIM, page_size)} for page_size {page_size}"
+        )
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps {num_warps} must be one of 1, 2, 4, 8, 16")
+    if num_stages < 1:
+        raise ValueError(f"num_stages {num_stages} must be >= 1")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["scale", "window", "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"],
+)
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float,
+    window: int | None = None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+    """Decode attention: one query token per sequence over its KV pages (GQA-aware, split-K).
+
+    Args:
+      q: [B, H, d] the query token of each sequence (float32, bfloat16 or float16).
+      k_pages, v_pages: [K, P, S, d] in q's dtype; H a multiple of K, S a power of two.
+      block_tables: [B, max_pages] int32 page ids, each in [0, P) (pad with the null page 0).
+      seq_lens: [B] int32 context lengths including this token, at most max_pages * S; 0 marks a
+        padding slot, whose output is zeros.
+      scale: softmax scale (static).
+      window: sliding window or None: keys at positions > seq_len - 1 - window are visible.
+      pages_per_block: pages per inner-loop step (power of two, times S at least 16); default
+        128 keys' worth, fewer where float32 or a wide head would overflow shared memory.
+      num_splits: splits of the block table (flash-decoding); default fills about two waves of an
+        H100 from B * K programs.
+      num_warps, num_stages: Triton launch parameters (default num_warps: 4).
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+    Returns:
+      [B, H, d] in q's dtype.
+    """
+    validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, window=window)
+    if q.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} sequences but block_tables has {block_tables.shape[0]} rows")
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(
+            page_size, num_stages=num_stages, head_dim=head_dim, itemsize=k_pages.dtype.itemsize
+        )
+    num_warps = 4 if num_warps is None else num_warps
+    validate_tiling(page_size, pages_per_block, num_warps, num_stages)
+    if num_splits is None:
+        num_splits = default_num_splits(q.shape[0], num_kv_heads, block_tables.shape[1], pages_per_block)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int; got {num_splits!r}")
+    return _decode_call(
+        q, k_pages, v_pages, block_tables, seq_lens, scale=float(scale), window=window,
+        pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=["scale", "window"])
+def paged_decode_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float,
+    window: int | None = None,
+) -> jax.Array:
+    """Plain-jnp decode attention: gather each sequence's pages densely, mask, softmax in float32.
+
+    Same arguments and result as `paged_decode_attention`; padding slots (seq_len 0) give zeros.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    pages_per_seq = block_tables.shape[1]
+    k = k_pages[:, block_tables].astype(jnp.float32)  # [K, B, max_pages, S, d]
+    v = v_pages[:, block_tables].astype(jnp.float32)
+    k = k.reshape(num_kv_heads, num_seqs, pages_per_seq * page_size, head_dim)
+    v = v.reshape(num_kv_heads, num_seqs, pages_per_seq * page_size, head_dim)
+    qg = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
+    s = jnp.einsum("bkgd,kbnd->bkgn", qg, k, precision=lax.Precision.HIGHEST) * scale
+    key_pos = jnp.arange(pages_per_seq * page_size)[None, :]
+    visible = key_pos < seq_lens[:, None]  # [B, n]
+    if window is not None:
+        visible &= key_pos > seq_lens[:, None] - 1 - window
+    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = p.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bkgn,kbnd->bkgd", p, v, precision=lax.Precision.HIGHEST) / jnp.where(l > 0.0, l, 1.0)
+    return out.reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny checkpoints of every family, the real GGUF models, their references.
+
+Everything expensive (checkpoints, engines with their compiled shapes, transformers references)
+is built once per session and shared.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Eight virtual CPU devices for the tensor-parallel tests; harmless for the rest.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(name) -> path of a saved tiny checkpoint (see tests/tiny.py for the variants)."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tiny.save_tiny(name, root / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_dir):
+    """tiny_llm(name) -> a float32 LLM over that tiny checkpoint (shared, tokenizer-free)."""
+    from jaxllm import LLM
+
+    engines: dict = {}
+
+    def get(name: str, **kwargs):
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in engines:
+            engines[key] = LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True,
+                               max_batch_size=16, max_num_tokens=256, **kwargs)  # fmt: skip
+        return engines[key]
+
+    yield get
+    for llm in engines.values():
+        llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from jaxllm.checkpoints.builtin import fetch
+
+    return fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    from jaxllm.checkpoints.builtin import fetch
+
+    return fetch("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    from jaxllm import LLM
+
+    llm = LLM(model=str(smollm2_path), dtype="float32", max_batch_size=16, max_num_tokens=512)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """transformers' float32 model of the same GGUF file (the reference)."""
+    return tiny.hf_from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_path):
+    return tiny.hf_from_gguf(gemma3_path)

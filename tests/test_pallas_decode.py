@@ -1,0 +1,145 @@
+"""paged_decode_attention against its reference and against paged_attention_xla.
+
+Interpret mode on the CPU; on a GPU the same tests run the compiled Triton kernel.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import paged_attention, paged_decode_attention, paged_decode_attention_reference
+from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
+
+LONG_CONTEXT = 333
+
+# (page_size, num_heads, num_kv_heads, head_dim, dtype, window, pages_per_block, num_splits):
+# every page size, GQA group 1/4/7/8, head_dim 64/128 and a non-power-of-two 80, both dtypes,
+# window on and off, automatic and explicit tiling, one split (kernel normalises) and several.
+CASES = [
+    (16, 8, 2, 64, jnp.float32, None, None, None),
+    (16, 8, 2, 128, jnp.bfloat16, 48, None, None),
+    (32, 2, 2, 64, jnp.float32, 48, 1, 1),
+    (32, 16, 2, 128, jnp.float32, None, 2, 3),
+    (8, 16, 2, 64, jnp.bfloat16, None, 2, None),
+    (8, 2, 2, 128, jnp.float32, 20, 4, 5),
+    (16, 14, 2, 80, jnp.bfloat16, 100, None, 2),
+]
+
+
+def decode_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype, seed=0):
+    """Context lengths 1, a page, a page plus one, long, and a padding slot (0), shuffled."""
+    rng = np.random.default_rng(seed)
+    lens = [1, page_size, page_size + 1, LONG_CONTEXT]
+    order = rng.permutation(len(lens))
+    lens = [lens[i] for i in order]
+    pages_per_seq = -(-LONG_CONTEXT // page_size) + 2
+    k_pages, v_pages, tables = make_cache(
+        rng, lens + [0], num_kv_heads=num_kv_heads, page_size=page_size, head_dim=head_dim,
+        pages_per_seq=pages_per_seq, dtype=dtype,
+    )
+    q = jnp.asarray(rng.normal(size=(len(lens) + 1, num_heads, head_dim)), dtype)
+    batch = make_batch(
+        [n - 1 for n in lens], [1] * len(lens), tables, page_size=page_size, num_tokens=len(lens) + 1,
+        max_query_len=1,
+    )
+    return q, k_pages, v_pages, batch, len(lens)
+
+
+@pytest.mark.parametrize("page_size,num_heads,num_kv_heads,head_dim,dtype,window,pages_per_block,num_splits", CASES)
+def test_matches_reference_and_xla(page_size, num_heads, num_kv_heads, head_dim, dtype, window, pages_per_block, num_splits):
+    q, k_pages, v_pages, batch, num_real = decode_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(
+        q, k_pages, v_pages, batch.block_tables, batch.seq_lens, scale=scale, window=window,
+        pages_per_block=pages_per_block, num_splits=num_splits, interpret=INTERPRET,
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out[num_real:], np.float32), 0.0)  # the padding slot
+
+    reference = paged_decode_attention_reference(
+        q, k_pages, v_pages, batch.block_tables, batch.seq_lens, scale=scale, window=window
+    )
+    assert_close(out, reference, dtype)
+    xla = xla_reference(q, k_pages, v_pages, batch, scale=scale, window=window)
+    assert_close(out, xla, dtype, rows=slice(0, num_real))
+
+
+def test_backend_entry_dispatches_decode_steps():
+    q, k_pages, v_pages, batch, num_real = decode_inputs(16, 8, 2, 64, jnp.float32, seed=1)
+    out = paged_attention(q, k_pages, v_pages, batch, scale=0.125, window=None, interpret=INTERPRET)
+    xla = xla_reference(q, k_pages, v_pages, batch, scale=0.125, window=None)
+    assert_close(out, xla, jnp.float32, rows=slice(0, num_real))
+
+
+def test_single_long_sequence_spread_over_splits():
+    """B = 1: the automatic split count must break the block table into several splits."""
+    rng = np.random.default_rng(2)
+    k_pages, v_pages, tables = make_cache(
+        rng, [LONG_CONTEXT], num_kv_heads=1, page_size=16, head_dim=64, pages_per_seq=24, dtype=jnp.float32
+    )
+    q = jnp.asarray(rng.normal(size=(1, 4, 64)), jnp.float32)
+    lens = jnp.array([LONG_CONTEXT], jnp.int32)
+    out = paged_decode_attention(q, k_pages, v_pages, jnp.asarray(tables), lens, scale=0.125, pages_per_block=1, interpret=INTERPRET)
+    reference = paged_decode_attention_reference(q, k_pages, v_pages, jnp.asarray(tables), lens, scale=0.125)
+    assert_close(out, reference, jnp.float32)
+
+
+def _args(dtype=jnp.float32, page_size=16, num_heads=8, num_kv_heads=2, head_dim=64):
+    q = jnp.zeros((2, num_heads, head_dim), dtype)
+    pages = jnp.zeros((num_kv_heads, 4, page_size, head_dim), dtype)
+    return q, pages, pages, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(page_size=12), "page_size 12 must be a power of two"),
+        (dict(num_heads=6, num_kv_heads=4), "multiple of num_kv_heads 4"),
+        (dict(dtype=jnp.int32), "dtype int32 is not supported"),
+    ],
+)
+def test_rejects_bad_layouts(change, message):
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(*_args(**change), scale=1.0, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(window=0), "window must be None or a positive int"),
+        (dict(pages_per_block=3), "pages_per_block 3 must be a power of two"),
+        (dict(pages_per_block=1, page_size=8), "must be at least 16"),
+        (dict(num_splits=0), "num_splits must be a positive int"),
+    ],
+)
+def test_rejects_bad_options(kwargs, message):
+    page_size = kwargs.pop("page_size", 16)
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(*_args(page_size=page_size), scale=1.0, interpret=INTERPRET, **kwargs)
+
+
+def test_rejects_bad_metadata():
+    q, k_pages, v_pages, tables, lens = _args()
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        paged_decode_attention(q, k_pages, v_pages, tables, lens.astype(jnp.float32), scale=1.0)
+    with pytest.raises(ValueError, match="q has 1 sequences but block_tables has 2 rows"):
+        paged_decode_attention(q[:1], k_pages, v_pages, tables, lens, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,num_splits", [(32, 8, 128, 1), (8, 8, 64, 4), (28, 4, 80, 2), (8, 4, 256, 3)]
+)
+def test_lowers_to_triton_for_h100(dtype, num_heads, num_kv_heads, head_dim, num_splits):
+    """The compiled path (Triton lowering, not the interpreter) accepts every tile the defaults pick."""
+    q = jax.ShapeDtypeStruct((4, num_heads, head_dim), dtype)
+    pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
+    tables = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    fn = functools.partial(paged_decode_attention, scale=0.1, window=40, num_splits=num_splits)
+    text = lower_for_h100(fn, q, pages, pages, tables, lens)
+    assert "__gpu$xla.gpu.triton" in text

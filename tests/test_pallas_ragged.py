@@ -1,0 +1,116 @@
+"""ragged_paged_attention against its reference and against paged_attention_xla.
+
+Interpret mode on the CPU; on a GPU the same tests run the compiled Triton kernel.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import paged_attention, ragged_paged_attention, ragged_paged_attention_reference
+from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
+
+LONG_CONTEXT = 333
+PADDING_TOKENS = 5
+
+# (page_size, num_heads, num_kv_heads, head_dim, dtype, window, block_q, pages_per_block)
+CASES = [
+    (16, 8, 2, 64, jnp.float32, None, None, None),
+    (16, 8, 2, 128, jnp.bfloat16, 48, None, None),
+    (32, 2, 2, 64, jnp.float32, 48, 16, 1),
+    (32, 16, 2, 128, jnp.float32, None, 4, 2),
+    (8, 16, 2, 64, jnp.bfloat16, None, 2, 2),
+    (8, 2, 2, 128, jnp.float32, 20, 32, 4),
+    (16, 14, 2, 80, jnp.bfloat16, 100, None, None),
+]
+
+
+def ragged_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype, seed=0):
+    """A mixed step: a prefill from 0 longer than a query block, a chunk continuing a long context,
+    a decode row one past a page, exactly one page from 0, a one-token context, a padding slot and
+    padding tokens at the end. Returns (q, k_pages, v_pages, batch, rows owned by sequences)."""
+    rng = np.random.default_rng(seed)
+    starts = [0, LONG_CONTEXT - 33, page_size, 0, 0]
+    query_lens = [37, 33, 1, page_size, 1]
+    order = rng.permutation(len(starts))
+    starts = [starts[i] for i in order]
+    query_lens = [query_lens[i] for i in order]
+    lens = [s + n for s, n in zip(starts, query_lens)]
+    pages_per_seq = -(-LONG_CONTEXT // page_size) + 2
+    k_pages, v_pages, tables = make_cache(
+        rng, lens + [0], num_kv_heads=num_kv_heads, page_size=page_size, head_dim=head_dim,
+        pages_per_seq=pages_per_seq, dtype=dtype,
+    )
+    num_real = sum(query_lens)
+    q = jnp.asarray(rng.normal(size=(num_real + PADDING_TOKENS, num_heads, head_dim)), dtype)
+    batch = make_batch(
+        starts, query_lens, tables, page_size=page_size, num_tokens=num_real + PADDING_TOKENS, max_query_len=40
+    )
+    return q, k_pages, v_pages, batch, num_real
+
+
+@pytest.mark.parametrize("page_size,num_heads,num_kv_heads,head_dim,dtype,window,block_q,pages_per_block", CASES)
+def test_matches_reference_and_xla(page_size, num_heads, num_kv_heads, head_dim, dtype, window, block_q, pages_per_block):
+    q, k_pages, v_pages, batch, num_real = ragged_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    metadata = (batch.query_start, batch.seq_lens, batch.block_tables)
+    out = ragged_paged_attention(
+        q, k_pages, v_pages, *metadata, max_query_len=batch.max_query_len, scale=scale, window=window,
+        block_q=block_q, pages_per_block=pages_per_block, interpret=INTERPRET,
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out[num_real:], np.float32), 0.0)  # padding tokens
+
+    reference = ragged_paged_attention_reference(
+        q, k_pages, v_pages, *metadata, max_query_len=batch.max_query_len, scale=scale, window=window
+    )
+    assert_close(out, reference, dtype)
+    xla = xla_reference(q, k_pages, v_pages, batch, scale=scale, window=window)
+    assert_close(out, xla, dtype, rows=slice(0, num_real))
+
+
+def test_backend_entry_dispatches_mixed_steps():
+    q, k_pages, v_pages, batch, num_real = ragged_inputs(16, 8, 2, 64, jnp.float32, seed=1)
+    out = paged_attention(q, k_pages, v_pages, batch, scale=0.125, window=64, interpret=INTERPRET)
+    xla = xla_reference(q, k_pages, v_pages, batch, scale=0.125, window=64)
+    assert_close(out, xla, jnp.float32, rows=slice(0, num_real))
+
+
+def _args(num_seqs=2, dtype=jnp.float32):
+    q = jnp.zeros((6, 8, 64), dtype)
+    pages = jnp.zeros((2, 4, 16, 64), dtype)
+    return (q, pages, pages, jnp.zeros((num_seqs + 1,), jnp.int32), jnp.zeros((2,), jnp.int32),
+            jnp.zeros((2, 3), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        (_args(num_seqs=3), dict(max_query_len=4), r"query_start must be int32 \[3\]"),
+        (_args(), dict(max_query_len=0), "max_query_len must be a positive int"),
+        (_args(), dict(max_query_len=4, block_q=3), "block_q 3 must be a power of two"),
+        (_args(), dict(max_query_len=4, block_q=2), "block_q 2 must be a power of two"),
+        (_args(), dict(max_query_len=4, window=-1), "window must be None or a positive int"),
+    ],
+)
+def test_rejects_bad_inputs(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ragged_paged_attention(*args, scale=1.0, interpret=INTERPRET, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (8, 8, 64), (28, 4, 80), (8, 4, 256)])
+def test_lowers_to_triton_for_h100(dtype, num_heads, num_kv_heads, head_dim):
+    """The compiled path (Triton lowering, not the interpreter) accepts every tile the defaults pick."""
+    q = jax.ShapeDtypeStruct((96, num_heads, head_dim), dtype)
+    pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
+    query_start = jax.ShapeDtypeStruct((5,), jnp.int32)
+    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    tables = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    fn = functools.partial(ragged_paged_attention, max_query_len=64, scale=0.1, window=40)
+    text = lower_for_h100(fn, q, pages, pages, query_start, lens, tables)
+    assert "__gpu$xla.gpu.triton" in text

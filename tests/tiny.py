@@ -1,0 +1,212 @@
+"""Tiny random checkpoints of every supported family, built with transformers (fixed seed).
+
+Each variant exercises a family's switches: RoPE scalings, tied and untied embeddings, explicit
+head_dim, sliding windows, q/k/v biases, q/k norms, Gemma 3's layer pattern and norms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 320
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+
+def _configs():
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}  # fmt: skip
+    return {
+        "llama": (LlamaConfig, dict(COMMON, rope_scaling=llama3, rope_theta=500000.0, tie_word_embeddings=False)),
+        "llama-linear": (LlamaConfig, dict(COMMON, num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                           tie_word_embeddings=True)),
+        "mistral": (MistralConfig, dict(COMMON, head_dim=24, sliding_window=7)),
+        "qwen2": (Qwen2Config, dict(COMMON, tie_word_embeddings=True)),
+        "qwen3": (Qwen3Config, dict(COMMON, head_dim=32, tie_word_embeddings=False)),
+        "gemma3": (Gemma3TextConfig, dict(COMMON, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                                          layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                          rope_local_base_freq=100.0, rope_theta=10000.0)),
+    }  # fmt: skip
+
+
+FAMILIES = ["llama", "llama-linear", "mistral", "qwen2", "qwen3", "gemma3"]
+
+
+def build_tiny(name: str, seed: int = 0):
+    """A transformers model of the variant, float32, random weights with a wide spread."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config_class, fields = _configs()[name]
+    config = config_class(**fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def save_tiny(name: str, path: Path, seed: int = 0) -> Path:
+    model = build_tiny(name, seed)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+def hf_from_gguf(path: Path):
+    """(transformers float32 model, tokenizer) loaded from a GGUF file, as the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return model, tok
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """transformers' greedy continuation of one prompt (stops after an id in stop_ids)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(stop_ids) or None, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def hf_logprobs(model, ids: list[int]):
+    """[len(ids), vocab] float32 log-probabilities from transformers."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+
+
+# ---- GGUF files written the way llama.cpp writes them ---------------------------------------
+GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3"}
+K_QUANT_BLOCK = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes per 256 values
+
+
+def gguf_config(name: str):
+    """A tiny config with 256-wide rows, so every GGUF block size (32 and 256) divides them."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    if name == "llama":
+        return LlamaConfig(**base, head_dim=64, rope_theta=10000.0, tie_word_embeddings=False)
+    if name == "qwen3":
+        return Qwen3Config(**base, head_dim=64, tie_word_embeddings=False)
+    # GGUF carries no layer pattern or query_pre_attn_scalar: llama.cpp's defaults (every 6th layer
+    # global; head_dim) apply, so the model is built with those.
+    return Gemma3TextConfig(**base, head_dim=64, sliding_window=4, query_pre_attn_scalar=64)
+
+
+def random_k_quant_blocks(kind: str, rows: int, cols: int, rng) -> "np.ndarray":
+    """Random K-quant blocks with small finite scales (the gguf package cannot quantize K types)."""
+    import numpy as np
+
+    size = K_QUANT_BLOCK[kind]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    scale = np.array([0.01], np.float16).view(np.uint8)
+    if kind in ("Q4_K", "Q5_K"):  # d and dmin lead the block
+        blocks[..., 0:2] = scale
+        blocks[..., 2:4] = scale
+    else:  # Q6_K: d closes the block
+        blocks[..., size - 2 : size] = scale
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(name: str, model, path: Path, tensor_type: str = "F32", seed: int = 0) -> dict:
+    """Write `model` (a transformers model of gguf_config(name)) as a GGUF file.
+
+    2-D weights use `tensor_type` (quantized with the gguf package, or random blocks for K types,
+    in which case the file's weights differ from the model's); q/k rows are permuted for "llama"
+    and norms stored as 1 + w for Gemma, as llama.cpp does. Returns {gguf name: the float32 array
+    the file holds, in Hugging Face layout before those two changes}.
+    """
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    cfg = model.config
+    arch = GGUF_ARCH[name]
+    rng = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "llama":
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_vocab_size(cfg.vocab_size)
+    else:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_parameters.get("rope_theta", 1e6)) if arch == "qwen3"
+                                  else float(cfg.rope_parameters["full_attention"]["rope_theta"]))  # fmt: skip
+        writer.add_vocab_size(cfg.vocab_size)
+        if arch == "gemma3":
+            writer.add_sliding_window(cfg.sliding_window)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    layer_names = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm" if arch == "gemma3" else "ffn_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    }  # fmt: skip
+    held = {}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if hf_name.startswith("model.layers."):
+            _, _, layer, rest = hf_name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{layer_names[module]}.{kind}"
+        else:
+            gguf_name = names[hf_name]
+        array = tensor.float().numpy().copy()
+        permuted = arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight"))
+        heads = cfg.num_attention_heads if "attn_q" in gguf_name else cfg.num_key_value_heads
+        stored = _permute(array, heads) if permuted else array
+        raw = None
+        if array.ndim == 2 and tensor_type != "F32":
+            if tensor_type in K_QUANT_BLOCK:
+                raw = random_k_quant_blocks(tensor_type, *array.shape, rng)
+            else:
+                raw = quantize(stored, qtype)
+            stored = dequantize(raw, qtype).reshape(array.shape)
+        held[gguf_name] = _unpermute(stored, heads) if permuted else stored.copy()
+        if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+            stored = stored + 1.0
+        if raw is not None:
+            writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(stored, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held
+
+
+def _permute(w, heads):  # llama.cpp's q/k row interleave
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w, heads):
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
