@@ -93,6 +93,17 @@ def resolve_backend(backend: Optional[str]) -> str:
     return backend
 
 
+EXECUTABLES_DIR = "executables"
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Turn on JAX's persistent compilation cache in `directory`, for every compilation."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 class LLM:
     """Generate text with a language model (TensorRT-LLM's `LLM`)."""
 
@@ -122,20 +133,26 @@ class LLM:
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         resolve_dtype(dtype)  # validate the name before loading anything
-        self.backend_name = backend
-        self.backend = resolve_backend(backend)
-        self.args = EngineArgs.from_kwargs(kwargs)
-
         started = time.perf_counter()
+        resolve_backend(backend)  # validate names before loading anything
+        EngineArgs.from_kwargs(kwargs)
         self.resolved = loader.resolve(model, revision)
         self.model_name = str(model)
-        saved_args: dict = {}
         if self.resolved.kind == "saved":
             cfg, saved_dtype, saved_args = saved.read_config(self.resolved.path)
+            # A saved engine keeps its arguments (its compiled buckets depend on them) unless overridden.
+            backend = backend if backend is not None else saved_args.pop("backend", None)
+            saved_args.pop("backend", None)
+            kwargs = {**saved_args, **kwargs}
             self.dtype = resolve_dtype(dtype, saved_dtype)
         else:
             cfg = loader.read_config(self.resolved)
             self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
+        self.backend_name = backend
+        self.backend = resolve_backend(backend)
+        self.args = EngineArgs.from_kwargs(kwargs)
+        if self.args.compilation_cache_dir:
+            enable_compilation_cache(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
         self.tokenizer = None
         if not skip_tokenizer_init:
@@ -145,11 +162,11 @@ class LLM:
             self.params = init_params(cfg, self.dtype, jax.random.key(self.args.seed or 0))
         else:
             self.params = loader.load_params(self.resolved, cfg, self.dtype)
-        self._build_engine(saved_args)
+        self._build_engine()
         self.load_seconds = time.perf_counter() - started
 
     # ---- construction ------------------------------------------------------------------------
-    def _build_engine(self, saved_args: dict) -> None:
+    def _build_engine(self) -> None:
         cfg, args = self.config, self.args
         kv_cfg = args.kv_cache_config
         kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
@@ -181,6 +198,11 @@ class LLM:
             kv_dtype=kv_dtype,
         )
         runner = ModelRunner(cfg, self.params, runner_config)
+        if self.resolved.kind == "saved":
+            loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
+            logger.info("loaded %d compiled step executables from %s", loaded, self.resolved.path)
+        if self.backend_name == "tensorrt":
+            runner.precompile()
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
             BlockManager(num_pages, page_size),
@@ -341,6 +363,7 @@ class LLM:
         path.mkdir(parents=True, exist_ok=True)
         engine = self._check_open()
         saved.save_params(path, engine.runner.params)
+        engine.runner.save_executables(path / EXECUTABLES_DIR)
         saved.write_config(path, self.config, self.dtype, self.args.to_dict() | {"backend": self.backend_name})
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path))

@@ -40,6 +40,7 @@ class CompletionOutput:
     stop_reason: Optional[int | str] = None  # the stop token id or stop string that ended it
     generation_logits: Any = None  # [num_tokens, vocab] float32 numpy, when requested
     disaggregated_params: Any = None
+    request_perf_metrics: Optional[dict] = None  # timing (monotonic seconds), when return_perf_metrics
     # Streaming: what the last applied step added.
     _last_text_len: int = dataclasses.field(default=0, repr=False)
     _last_token_len: int = dataclasses.field(default=0, repr=False)
@@ -75,6 +76,7 @@ class Delta:
     stop_reason: Optional[int | str] = None
     generation_logits: Any = None  # rows for the new tokens
     prompt_logprobs: Any = None
+    perf_metrics: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +157,8 @@ class RequestOutput:
                 out.generation_logits = rows if old is None else np.concatenate([old, rows])
             if d.prompt_logprobs is not None:
                 out.prompt_logprobs = d.prompt_logprobs
+            if d.perf_metrics is not None:
+                out.request_perf_metrics = d.perf_metrics
         if update.context_logits is not None:
             self.context_logits = update.context_logits
         if update.drop_indices is not None:

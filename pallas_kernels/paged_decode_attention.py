@@ -46,6 +46,13 @@ def dot_precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def load_rows(ref, rows, dims, mask):
+    """ref[rows, dims] as a [len(rows), len(dims)] tile; masked-off elements read as 0 (and are
+    not fetched). Integer indices on both axes: the Pallas interpreter can gather only those."""
+    at = ref.at[rows[:, None], dims[None, :]]
+    return plgpu.load(at) if mask is None else plgpu.load(at, mask=mask, other=0.0)
+
+
 def _decode_kernel(
     q_ref,  # [G, d]: the query heads of this KV head, for this sequence
     k_ref,  # [P * S, d]: this KV head's page pool, one row per slot
@@ -68,8 +75,9 @@ def _decode_kernel(
     split = pl.program_id(2)
 
     head_ok = jnp.arange(group_block) < group
-    dim_ok = jnp.arange(head_block) < head_dim
-    q_mask = head_ok[:, None] & dim_ok[None, :]
+    # Masks on head_dim only where it is padded to a power of two (a static choice).
+    dim_ok = (jnp.arange(head_block) < head_dim)[None, :] if head_block != head_dim else None
+    q_mask = head_ok[:, None] if dim_ok is None else head_ok[:, None] & dim_ok
     q = plgpu.load(q_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], mask=q_mask, other=0.0)
 
     # The visible keys are [first_key, seq_len); this split owns pages [split_lo, split_hi).
@@ -93,16 +101,16 @@ def _decode_kernel(
         key_pos = (table_pos[:, None] * page_size + slot_in_page[None, :]).reshape(block_keys)
         row_ok = jnp.broadcast_to(page_ok[:, None], (pages_per_block, page_size)).reshape(block_keys)
         key_ok = row_ok & (key_pos < seq_len) & (key_pos >= first_key)
-        kv_mask = row_ok[:, None] & dim_ok[None, :]
+        kv_mask = row_ok[:, None] if dim_ok is None else row_ok[:, None] & dim_ok
 
-        k = plgpu.load(k_ref.at[rows[:, None], dims[None, :]], mask=kv_mask, other=0.0)  # [Bk, d]
+        k = load_rows(k_ref, rows, dims, kv_mask)  # [Bk, d]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2_E)  # [G, Bk]
         s = jnp.where(key_ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=-1))
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_new = alpha * l_prev + p.sum(axis=-1)
-        v = plgpu.load(v_ref.at[rows[:, None], dims[None, :]], mask=kv_mask, other=0.0)
+        v = load_rows(v_ref, rows, dims, kv_mask)
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l_new
 

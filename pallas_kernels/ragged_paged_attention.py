@@ -33,6 +33,7 @@ from pallas_kernels.paged_decode_attention import (
     dot_precision,
     fit_block_keys,
     is_power_of_2,
+    load_rows,
     validate_paged_inputs,
     validate_tiling,
 )
@@ -156,12 +157,6 @@ def _ragged_kernel(
     out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
     out = out.reshape(block_q, group_block, head_block).astype(o_ref.dtype)
     plgpu.store(o_ref.at[tile_at], out, mask=tile_mask)
-
-
-def load_rows(ref, rows, dims, mask):
-    """ref[rows, dims] as a [len(rows), len(dims)] tile; masked-off elements read as 0."""
-    at = ref.at[rows[:, None], dims[None, :]]
-    return plgpu.load(at) if mask is None else plgpu.load(at, mask=mask, other=0.0)
 
 
 def default_block_q(group: int, max_query_len: int, head_dim: int) -> int:

@@ -142,7 +142,8 @@ class Engine:
             if self.detokenizer is not None:
                 self.detokenizer.start(seq)
             request.sequences.append(seq)
-            self.scheduler.add(seq)
+        # Parallel samples wait until sample 0 has computed the prompt, then share its full pages.
+        self.scheduler.add(request.sequences[0])
         self.requests[request.request_id] = request
 
     def _abort(self, request_id: int) -> None:
@@ -181,6 +182,9 @@ class Engine:
             self._wake.wait(0.01)
             return
         step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
+        for seq, _ in scheduled.items:
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = time.monotonic()
         try:
             out = self.runner.run(step_requests)
             self._apply_logits_processors(scheduled, step_requests, out)
@@ -191,7 +195,7 @@ class Engine:
                 self._fail(request, e)
             self.runner.reset_cache()
             for seq in list(self.scheduler.running):  # their pages were in the lost cache
-                self.scheduler._preempt(seq)
+                self.scheduler.preempt(seq)
             return
         touched = self._postprocess(scheduled, step_requests, out)
         self._publish(touched)
@@ -284,17 +288,21 @@ class Engine:
             offset += n
             if seq.num_computed < seq.num_tokens or seq.finished:
                 continue  # a prefill chunk that does not reach the end samples nothing
+            if seq.index == 0 and seq.num_output_tokens == 0:
+                self._start_siblings(seq)
             token = int(out["tokens"][i])
             logprob = float(out["logprob"][i])
             seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
+            request.last_token_time = time.monotonic()
             if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
+                request.first_token_time = request.last_token_time
             if params.logprobs is not None:
                 entry = {token: Logprob(logprob, int(out["rank"][i]))}
-                top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
-                for rank, (tid, lp) in enumerate(top):
-                    entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
+                if params.logprobs:
+                    top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
+                    for rank, (tid, lp) in enumerate(top):
+                        entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
                 if seq.logprobs is None:
                     seq.logprobs = []
                 seq.logprobs.append(entry)
@@ -302,6 +310,15 @@ class Engine:
                 seq.generation_logits.append(np.asarray(out["last_logits"][i]))
             self._check_stop(seq, token)
         return touched
+
+    def _start_siblings(self, first: Sequence) -> None:
+        """Queue samples 1..best_of-1 of a request whose prompt sample 0 has just computed; each
+        shares the prompt's full pages and recomputes only the partial last page (at least one
+        token, for its own first logits)."""
+        for sibling in first.request.sequences[1:]:
+            if sibling.status is SequenceStatus.WAITING and sibling.num_computed == 0 and not sibling.block_table:
+                sibling.num_computed = self.block_manager.share_prefix(first, sibling, first.num_prompt_tokens - 1)
+                self.scheduler.add(sibling, front=True)
 
     def _collect_prompt_logprobs(self, request: Request, out, offset: int, start: int, count: int) -> None:
         k = request.params.prompt_logprobs
@@ -358,9 +375,17 @@ class Engine:
             stop_reason=seq.stop_reason if final else None,
             generation_logits=np.stack(gen_logits[seq.num_published_tokens :]) if gen_logits and new_tokens else None,
             prompt_logprobs=self._prompt_logprobs_out(seq.request) if first else None,
+            perf_metrics=self._perf_metrics(seq.request) if final and params.return_perf_metrics else None,
         )
         seq.num_published_tokens = seq.num_output_tokens
         return delta
+
+    @staticmethod
+    def _perf_metrics(request: Request) -> dict:
+        return {"timing_metrics": {"arrival_time": request.arrival_time,
+                                   "first_scheduled_time": request.first_scheduled_time,
+                                   "first_token_time": request.first_token_time,
+                                   "last_token_time": request.last_token_time}}  # fmt: skip
 
     def _prompt_text(self, request: Request) -> str:
         if request.prompt is not None:

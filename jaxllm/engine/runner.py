@@ -8,7 +8,10 @@ Shape buckets (each distinct bucket compiles once):
   decode-only steps: B = T in SEQ_BUCKETS (powers of two up to max_batch_size), max_query_len 1;
   mixed steps:       T in TOKEN_BUCKETS (powers of two from 16 up to max_num_tokens),
                      B in SEQ_BUCKETS, max_query_len a power of two <= T;
-  pages per sequence P in powers of two up to ceil(max_seq_len / page_size).
+  pages per sequence P in powers of two from 2048 tokens' worth up to ceil(max_seq_len / page_size)
+  (attention loops stop at the batch's real length, so P only sizes the block tables).
+The 'xla' backend ignores max_query_len, so its mixed steps use Q = T (one bucket fewer); the
+Pallas kernels size their grids by it.
 Static sampling switches (logprobs count, truncation, penalties, bias, bans) and the logits mode
 (last token, or every token for prompt_logprobs / context logits) also key compilations; requests
 that use none of them share the plain variant.
@@ -89,6 +92,26 @@ class StepRequest:
     want_last_logits: bool = False  # return the last token's logits (generation logits, processors)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """Everything that selects a compiled executable: the bucket and the static switches."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    pages_per_seq: int  # P
+    max_query_len: int  # Q
+    logits_mode: str = "last"  # last | last+ | prompt | all
+    num_logprobs: int = 0
+    truncate: bool = False
+    penalize: bool = False
+    bias: bool = False
+    banned_width: int = 0
+    penalty_width: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict, config: RunnerConfig, kv_sharding=None, mesh=None):
         self.cfg = cfg
@@ -102,8 +125,8 @@ class ModelRunner:
         self.seq_buckets = powers_of_two(1, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
         max_pages = -(-config.max_seq_len // config.page_size)
-        self.page_buckets = powers_of_two(1, max_pages)
-        self.compiled_shapes: set[tuple] = set()
+        self.page_buckets = powers_of_two(min(max_pages, max(1, 2048 // config.page_size)), max_pages)
+        self.executables: dict[StepShape, Any] = {}
         self._lock = threading.Lock()
         self._step = jax.jit(
             functools.partial(_step, cfg=cfg, backend=config.backend),
@@ -123,7 +146,116 @@ class ModelRunner:
 
     @property
     def num_compilations(self) -> int:
-        return len(self.compiled_shapes)
+        return len(self.executables)
+
+    # ---- compilation -------------------------------------------------------------------------
+    def abstract_inputs(self, shape: StepShape):
+        """ShapeDtypeStructs of (batch, sampling, next_tokens) for a step shape."""
+        T, B, P = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
+        i32, f32 = jnp.int32, jnp.float32
+
+        def sds(dims, dtype):
+            return jax.ShapeDtypeStruct(dims, dtype)
+
+        batch = BatchMetadata(sds((T,), i32), sds((T,), i32), sds((T,), i32), sds((T,), i32), sds((B + 1,), i32),
+                              sds((B,), i32), sds((B, P), i32), sds((B,), i32), shape.max_query_len)  # fmt: skip
+        V = self.cfg.vocab_size
+        pw, bw = shape.penalty_width, shape.banned_width
+        sampling = sampling_lib.SamplingBatch(
+            temperature=sds((B,), f32), top_k=sds((B,), i32), top_p=sds((B,), f32), min_p=sds((B,), f32),
+            seeds=sds((B, 2), jnp.uint32), counters=sds((B,), i32),
+            logit_bias=sds((B, V), f32) if shape.bias else None,
+            penalty_tokens=sds((B, pw), i32) if shape.penalize else None,
+            penalty_counts=sds((B, pw), i32) if shape.penalize else None,
+            repetition_penalty=sds((B,), f32) if shape.penalize else None,
+            presence_penalty=sds((B,), f32) if shape.penalize else None,
+            frequency_penalty=sds((B,), f32) if shape.penalize else None,
+            banned_tokens=sds((B, bw), i32) if bw else None,
+            num_logprobs=shape.num_logprobs, truncate=shape.truncate, penalize=shape.penalize,
+        )  # fmt: skip
+        return batch, sampling, sds((T,), i32)
+
+    def executable(self, shape: StepShape):
+        """The compiled step for `shape`, compiling it on first use."""
+        exe = self.executables.get(shape)
+        if exe is None:
+            batch, sampling, next_tokens = self.abstract_inputs(shape)
+            lowered = self._step.lower(self.params, self.kv_cache, batch, sampling, next_tokens,
+                                       logits_mode=shape.logits_mode)  # fmt: skip
+            exe = self.executables[shape] = lowered.compile()
+        return exe
+
+    def bucket_shapes(self) -> list[StepShape]:
+        """Every plain step shape this engine can take: decode buckets and mixed buckets."""
+        shapes = []
+        for P in self.page_buckets:
+            for B in self.seq_buckets:
+                shapes.append(StepShape(B, B, P, 1))
+            for T in self.token_buckets:
+                for B in self.seq_buckets:
+                    if B <= T:
+                        shapes.append(StepShape(T, B, P, T))
+        return shapes
+
+    def precompile(self, shapes: list[StepShape] | None = None, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        todo = [s for s in (shapes or self.bucket_shapes()) if s not in self.executables]
+        for shape in tqdm(todo, desc="compiling step buckets", unit="shape", disable=not progress):
+            self.executable(shape)
+
+    def _devices(self) -> list:
+        """The devices the step runs on, in the order the weights' sharding lists them."""
+        return list(self.params["embed"].sharding._device_assignment)
+
+    def _executable_target(self) -> dict:
+        devices = self._devices()
+        return {"jax": jax.__version__, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                "devices": [d.id for d in devices]}  # fmt: skip
+
+    def save_executables(self, directory) -> int:
+        """Serialize every compiled step into `directory` (with what they were compiled for)."""
+        import json
+        from pathlib import Path
+
+        from jax.experimental.serialize_executable import serialize
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        index = {**self._executable_target(), "shapes": []}
+        for i, (shape, exe) in enumerate(self.executables.items()):
+            payload, _, out_tree = serialize(exe)
+            (directory / f"step_{i}.bin").write_bytes(payload)
+            index["shapes"].append({"file": f"step_{i}.bin", "shape": shape.to_json(), "out_keys": _out_keys(out_tree)})
+        (directory / "index.json").write_text(json.dumps(index, indent=2))
+        return len(self.executables)
+
+    def load_executables(self, directory) -> int:
+        """Load executables saved by save_executables, if they were built for this JAX and device."""
+        import json
+        from pathlib import Path
+
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        index_file = Path(directory) / "index.json"
+        if not index_file.is_file():
+            return 0
+        index = json.loads(index_file.read_text())
+        here = self._executable_target()
+        saved = {k: index.get(k) for k in here}
+        if saved != here:
+            logger.warning("saved executables were built for %s, this is %s: compiling instead", saved, here)
+            return 0
+        for entry in index["shapes"]:
+            shape = StepShape(**entry["shape"])
+            batch, sampling, next_tokens = self.abstract_inputs(shape)
+            in_tree = jax.tree.structure(((self.params, self.kv_cache, batch, sampling, next_tokens), {}))
+            out_example = ({k: 0 for k in entry["out_keys"]}, self.kv_cache)
+            out_tree = jax.tree.structure(out_example)
+            payload = (Path(directory) / entry["file"]).read_bytes()
+            self.executables[shape] = deserialize_and_load(payload, in_tree, out_tree,
+                                                           execution_devices=self._devices())  # fmt: skip
+        return len(index["shapes"])
 
     # ---- packing ---------------------------------------------------------------------------
     def bucket_shape(self, requests: list[StepRequest]) -> tuple[int, int, int, int]:
@@ -135,7 +267,7 @@ class ModelRunner:
         if max(lens) == 1:
             return B, B, P, 1
         T = bucket_for(sum(lens), self.token_buckets)
-        Q = min(T, 1 << (max(lens) - 1).bit_length())
+        Q = T if self.config.backend == "xla" else min(T, 1 << (max(lens) - 1).bit_length())
         return T, B, P, Q
 
     def _sampling_batch(self, requests: list[StepRequest], B: int) -> sampling_lib.SamplingBatch:
@@ -228,13 +360,15 @@ class ModelRunner:
                 if r.prompt_logprobs_next is not None:
                     next_tokens[offset : offset + len(r.prompt_logprobs_next)] = r.prompt_logprobs_next
                 offset += len(r.token_ids)
-        shape_key = (T, B, P, Q, logits_mode, sampling.num_logprobs, sampling.truncate, sampling.penalize,
-                     None if sampling.logit_bias is None else "bias",
-                     None if sampling.banned_tokens is None else sampling.banned_tokens.shape,
-                     None if sampling.penalty_tokens is None else sampling.penalty_tokens.shape)  # fmt: skip
+        shape = StepShape(
+            T, B, P, Q, logits_mode, sampling.num_logprobs, sampling.truncate, sampling.penalize,
+            bias=sampling.logit_bias is not None,
+            banned_width=0 if sampling.banned_tokens is None else sampling.banned_tokens.shape[1],
+            penalty_width=0 if sampling.penalty_tokens is None else sampling.penalty_tokens.shape[1],
+        )
         with self._lock:
-            self.compiled_shapes.add(shape_key)
-            out, self.kv_cache = self._step(self.params, self.kv_cache, batch, sampling, next_tokens, logits_mode=logits_mode)
+            exe = self.executable(shape)
+            out, self.kv_cache = exe(self.params, self.kv_cache, batch, sampling, next_tokens)
         host = jax.device_get(out)
         n = len(requests)
         result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
@@ -258,3 +392,9 @@ def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, *, cfg,
     if logits_mode != "last":
         out["last_logits"] = last
     return out, kv_cache
+
+
+def _out_keys(out_tree) -> list[str]:
+    """The dict keys of a step's first output (its treedef is ((dict, kv_cache)))."""
+    example = jax.tree.unflatten(out_tree, list(range(out_tree.num_leaves)))
+    return sorted(example[0])

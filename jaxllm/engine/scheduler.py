@@ -64,7 +64,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's pages and requeue it at the front, to be recomputed."""
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_preemptions += 1
@@ -87,7 +88,7 @@ class Scheduler:
             n = min(want, budget)
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
-                self._preempt(victim)
+                self.preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break

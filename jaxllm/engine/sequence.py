@@ -80,7 +80,9 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     aborted: bool = False
+    first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
     prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end
     context_logits_rows: list = dataclasses.field(default_factory=list)
 

@@ -8,7 +8,8 @@ per KV head for all the query heads that share it (GQA). Page 0 is the null page
 `paged_attention_xla` handles ragged batches of prefill chunks and decodes alike: every query token
 attends to the pages of its own sequence, causally by position, within an optional sliding window.
 It walks the block table in chunks of pages with an online softmax, so memory stays bounded by
-T x chunk instead of T x context.
+T x chunk instead of T x context, and it stops after the chunk holding the batch's last position
+(a dynamic trip count), so a short batch costs little however large its block-table bucket.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 from jaxllm.models.batch import BatchMetadata
 
 MASK_VALUE = -1e30
-# Keys per chunk of the XLA path's online softmax: large enough that short contexts take one
-# chunk (no loop at all), small enough that a long prefill's [T, H, chunk] scores stay modest.
-XLA_CHUNK_KEYS = 1024
+# Keys per chunk of the XLA path's online softmax: small enough that a short context gathers
+# little beyond what it needs, large enough that long contexts take few loop iterations.
+XLA_CHUNK_KEYS = 256
 
 
 def write_kv(
@@ -107,7 +108,9 @@ def paged_attention_xla(
             jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
             jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
         )
-        _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+        chunk_keys = chunk_pages * page_size
+        last_chunk = jnp.max(batch.positions) // chunk_keys  # chunks past every query are all masked
+        _, l, acc = jax.lax.fori_loop(0, jnp.minimum(last_chunk + 1, num_chunks), body, init)
         out = acc / l[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 

@@ -1,0 +1,171 @@
+"""The engine under load: batch invariance, preemption, aborts, concurrency, seeds, compilations."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jaxllm import KvCacheConfig, LLM, SamplingParams
+
+MIXED = [[5, 17, 42, 99, 3, 250, 7], [11], [300, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
+         [8, 9, 10, 60, 61, 62], [77] * 40, [1, 2, 3], list(range(100, 133)), [45, 46],
+         [200, 201, 202, 203, 204, 205, 206, 207, 208, 209], [9] * 3, [150, 151, 152, 153, 154], [31, 32, 33, 34]]  # fmt: skip
+
+
+def _params(i):
+    """A mix of greedy, seeded sampling, logprobs, penalties and truncation."""
+    kinds = [
+        SamplingParams(max_tokens=12, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.8, seed=1000 + i, ignore_eos=True),
+        SamplingParams(max_tokens=10, top_k=5, top_p=0.9, seed=i, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=7, repetition_penalty=1.3, presence_penalty=0.5, ignore_eos=True),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def _tokens(outs):
+    return [[o.token_ids for o in out.outputs] for out in outs]
+
+
+def test_batch_invariance_and_seeded_reproducibility(tiny_llm):
+    llm = tiny_llm("llama")
+    params = [_params(i) for i in range(len(MIXED))]
+    together = _tokens(llm.generate(MIXED, params, use_tqdm=False))
+    for i in (0, 1, 2, 3, 5, 11):
+        alone = _tokens([llm.generate(MIXED[i], params[i], use_tqdm=False)])[0]
+        assert alone == together[i], f"request {i} differs alone vs in a batch"
+    # Another composition: reversed order, seeded ones give the same tokens again.
+    reversed_outs = _tokens(llm.generate(MIXED[::-1], params[::-1], use_tqdm=False))[::-1]
+    assert reversed_outs == together
+
+
+def test_preemption_under_a_tiny_kv_budget_gives_the_same_outputs(tiny_dir, tiny_llm):
+    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    reference = _tokens(tiny_llm("qwen2").generate(prompts, params, use_tqdm=False))
+    small = KvCacheConfig(max_tokens=96, tokens_per_block=8)  # 12 pages for 6 sequences of 54 tokens
+    with LLM(model=str(tiny_dir("qwen2")), dtype="float32", skip_tokenizer_init=True, max_batch_size=8,
+             max_num_tokens=64, max_seq_len=64, kv_cache_config=small) as llm:  # fmt: skip
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.get_stats()
+        assert _tokens(outs) == reference
+        assert sum(s["inflightBatchingStats"]["numPausedRequests"] for s in stats) > 0, "nothing was preempted"
+        bm = llm._engine.block_manager
+        assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_chunked_prefill_off_gives_the_same_outputs(tiny_dir, tiny_llm):
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    reference = _tokens(tiny_llm("mistral").generate(MIXED[:6], params, use_tqdm=False))
+    with LLM(model=str(tiny_dir("mistral")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+             max_num_tokens=48, enable_chunked_prefill=False) as llm:  # fmt: skip
+        assert _tokens(llm.generate(MIXED[:6], params, use_tqdm=False)) == reference
+    with LLM(model=str(tiny_dir("mistral")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+             max_num_tokens=16) as llm:  # every long prompt is chunked
+        assert _tokens(llm.generate(MIXED[:6], params, use_tqdm=False)) == reference
+
+
+def test_abort_frees_pages(tiny_llm):
+    llm = tiny_llm("llama")
+    bm = llm._engine.block_manager
+    free_before = bm.num_free_blocks
+    future = llm.generate_async(MIXED[2], SamplingParams(max_tokens=400, ignore_eos=True), streaming=True)
+    seen = 0
+    for partial in future:
+        seen += len(partial.outputs[0].token_ids_diff)
+        if seen >= 3:
+            future.abort()
+            break
+    result = future.result(timeout=30)
+    assert result.outputs[0].finish_reason == "cancelled" and future.aborted()
+    deadline = time.time() + 10
+    while bm.num_free_blocks != free_before and time.time() < deadline:
+        time.sleep(0.01)
+    assert bm.num_free_blocks == free_before
+
+
+def test_200_concurrent_async_requests_from_threads_and_asyncio(tiny_llm):
+    llm = tiny_llm("gemma3")
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, 300, size=int(rng.integers(1, 30)))] for _ in range(200)]
+    params = [_params(i) for i in range(200)]
+    results: dict[int, object] = {}
+
+    def submit(indices):
+        futures = {i: llm.generate_async(prompts[i], params[i]) for i in indices}
+        for i, f in futures.items():
+            results[i] = f.result(timeout=300)
+
+    threads = [threading.Thread(target=submit, args=(range(k, 100, 4),)) for k in range(4)]
+    for t in threads:
+        t.start()
+
+    async def main():
+        futures = [llm.generate_async(prompts[i], params[i], streaming=(i % 2 == 0)) for i in range(100, 200)]
+        outs = []
+        for i, f in zip(range(100, 200), futures):
+            if i % 2 == 0:
+                async for _ in f:
+                    pass
+                outs.append(f)
+            else:
+                outs.append(await f)
+        return outs
+
+    for i, out in zip(range(100, 200), asyncio.run(main())):
+        results[i] = out
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(200))
+    for i, out in results.items():
+        assert out.finished and len(out.outputs[0].token_ids) == params[i].max_tokens, i
+
+
+def test_compilations_are_bounded_by_buckets(tiny_dir):
+    with LLM(model=str(tiny_dir("qwen3")), dtype="float32", skip_tokenizer_init=True, max_batch_size=8,
+             max_num_tokens=64) as llm:  # fmt: skip
+        runner = llm._engine.runner
+        llm.generate(MIXED, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+        first = runner.num_compilations
+        llm.generate(MIXED[::-1] + MIXED[:3], SamplingParams(max_tokens=9, ignore_eos=True), use_tqdm=False)
+        plain = {s for s in runner.executables if s.logits_mode == "last" and not s.truncate}
+        assert plain <= set(runner.bucket_shapes())
+        assert runner.num_compilations <= len(runner.bucket_shapes())
+        assert first >= 1
+
+
+def test_tensorrt_backend_compiles_ahead_and_saved_engines_start_without_compiling(tiny_dir, tmp_path):
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=16, max_seq_len=48)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    with LLM(model=str(tiny_dir("llama")), backend="tensorrt", **args) as llm:
+        runner = llm._engine.runner
+        assert set(runner.bucket_shapes()) <= set(runner.executables)
+        count = runner.num_compilations
+        expected = _tokens(llm.generate(MIXED[:2], params, use_tqdm=False))
+        assert runner.num_compilations == count  # nothing compiled at request time
+        llm.save(tmp_path / "engine")
+    with LLM(model=str(tmp_path / "engine"), skip_tokenizer_init=True) as again:
+        runner = again._engine.runner
+        assert runner.num_compilations == count  # loaded, not compiled
+        assert _tokens(again.generate(MIXED[:2], params, use_tqdm=False)) == expected
+        assert runner.num_compilations == count
+
+
+def test_n_and_best_of_share_prompt_pages(tiny_llm):
+    llm = tiny_llm("llama")
+    llm.get_stats()
+    prompt = list(range(20, 60))  # 40 tokens: full pages to share
+    out = llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)  # fmt: skip
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert max(s["kvCacheStats"]["reusedBlocks"] for s in llm.get_stats()) > 0
+    best = llm.generate(prompt, SamplingParams(n=2, best_of=5, temperature=1.0, seed=7, max_tokens=6,
+                                               ignore_eos=True, logprobs=0), use_tqdm=False)  # fmt: skip
+    assert len(best.outputs) == 2
+    all5 = llm.generate(prompt, SamplingParams(n=5, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)  # fmt: skip
+    top2 = sorted(all5.outputs, key=lambda o: -o.cumulative_logprob)[:2]
+    assert sorted(tuple(o.token_ids) for o in best.outputs) == sorted(tuple(o.token_ids) for o in top2)
