@@ -21,6 +21,8 @@ merge them) and over several copies of the KV pages when they are small (so L2 c
 waits for the device, and takes the median over repeats of wall time / N.
 
   PYTHONUNBUFFERED=1 python -m benchmarks.kernel_bandwidth            # on the GPU; JSON to $OUT
+      (about 8 minutes on an H100, most of it compiling; --batches/--contexts/--page-sizes/
+      --prefill-lens/--skip-decode/--skip-prefill cut it down)
   python -m benchmarks.kernel_bandwidth --smoke                       # tiny, CPU, interpret mode
 """
 
@@ -248,7 +250,8 @@ def checked(results, fn, reference, **labels):
     try:
         results.append(dict(**labels, rel_error=rel_error(fn(), reference)))
     except Exception as e:
-        results.append(dict(**labels, rel_error=float("inf"), error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        results.append(dict(**labels, rel_error=float("inf"), error=error))
 
 
 def check_kernels(setup, rng, log) -> list[dict]:
@@ -264,10 +267,11 @@ def check_kernels(setup, rng, log) -> list[dict]:
                 tables = tables[0]
                 # Ragged lengths, one sliding-window run, and a padding slot.
                 seq_lens = jnp.asarray([context, context // 2 + 1, 1, 0], jnp.int32)
-                q = jax.random.normal(jax.random.key(1), (batch, setup.num_heads, setup.head_dim), jnp.float32).astype(dtype)
+                q = jax.random.normal(jax.random.key(1), (batch, setup.num_heads, setup.head_dim), dtype)
                 labels = dict(dtype=name, page_size=page_size)
                 for window in (None, 100):
-                    ref = paged_decode_attention_reference(q, k_pages, v_pages, tables, seq_lens, scale=SCALE, window=window)
+                    ref = paged_decode_attention_reference(
+                        q, k_pages, v_pages, tables, seq_lens, scale=SCALE, window=window)
                     checked(results, lambda: paged_decode_attention(
                         q, k_pages, v_pages, tables, seq_lens, scale=SCALE, window=window, interpret=setup.interpret),
                         ref, kernel="paged_decode_attention", window=window, **labels)
@@ -371,7 +375,7 @@ def bench_prefill(setup, rng, log) -> list[dict]:
         k_pages, v_pages = make_pages(rng, 1 + pages_per_seq, page_size, setup, dtype)
         tables = jnp.asarray(rng.permutation(np.arange(1, 1 + pages_per_seq)).astype(np.int32))[None, :]
         batch = prefill_batch_metadata(num_tokens, tables)
-        q = jax.random.normal(jax.random.key(4), (num_tokens, setup.num_heads, setup.head_dim), jnp.float32).astype(dtype)
+        q = jax.random.normal(jax.random.key(4), (num_tokens, setup.num_heads, setup.head_dim), dtype)
         # The same keys/values in the dense [1, T, K, d] layout that dot_product_attention takes.
         k_dense, v_dense = densify(k_pages, v_pages, tables)
         flops = 2 * num_tokens**2 * setup.num_heads * setup.head_dim  # causal: half of 4 T^2 H d

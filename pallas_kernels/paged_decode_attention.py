@@ -224,7 +224,10 @@ def fit_block_keys(block_keys: int, *, num_stages: int, query_rows: int, head_di
     """Halve block_keys until the pipelined K and V tiles (num_stages deep) and the query tile fit
     SHARED_MEMORY_BUDGET: a float32 or d = 256 cache gets shorter steps than a bfloat16 d = 128 one."""
     head_block = max(MIN_DOT_DIM, pl.next_power_of_2(head_dim))
-    while block_keys > MIN_DOT_DIM and (2 * num_stages * block_keys + query_rows) * head_block * itemsize > SHARED_MEMORY_BUDGET:
+    def planned_bytes(keys):
+        return (2 * num_stages * keys + query_rows) * head_block * itemsize
+
+    while block_keys > MIN_DOT_DIM and planned_bytes(block_keys) > SHARED_MEMORY_BUDGET:
         block_keys //= 2
     return block_keys
 
@@ -267,7 +270,9 @@ def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, *, window
     if not is_power_of_2(page_size):
         raise ValueError(f"page_size {page_size} must be a power of two (Triton tiles are powers of two)")
     if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
-        raise ValueError(f"block_tables must be int32 [num_seqs, pages_per_seq]; got {block_tables.dtype}{block_tables.shape}")
+        raise ValueError(
+            f"block_tables must be int32 [num_seqs, pages_per_seq]; got {block_tables.dtype}{block_tables.shape}"
+        )
     if seq_lens.shape != (block_tables.shape[0],) or seq_lens.dtype != jnp.int32:
         raise ValueError(
             f"seq_lens must be int32 [{block_tables.shape[0]}] (one per block_tables row); "

@@ -13,6 +13,8 @@ import pytest
 from pallas_kernels import paged_attention, paged_decode_attention, paged_decode_attention_reference
 from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
 
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
 LONG_CONTEXT = 333
 
 # (page_size, num_heads, num_kv_heads, head_dim, dtype, window, pages_per_block, num_splits):
@@ -49,7 +51,9 @@ def decode_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype, seed=0):
 
 
 @pytest.mark.parametrize("page_size,num_heads,num_kv_heads,head_dim,dtype,window,pages_per_block,num_splits", CASES)
-def test_matches_reference_and_xla(page_size, num_heads, num_kv_heads, head_dim, dtype, window, pages_per_block, num_splits):
+def test_matches_reference_and_xla(
+    page_size, num_heads, num_kv_heads, head_dim, dtype, window, pages_per_block, num_splits
+):
     q, k_pages, v_pages, batch, num_real = decode_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     out = paged_decode_attention(
@@ -83,7 +87,9 @@ def test_single_long_sequence_spread_over_splits():
     )
     q = jnp.asarray(rng.normal(size=(1, 4, 64)), jnp.float32)
     lens = jnp.array([LONG_CONTEXT], jnp.int32)
-    out = paged_decode_attention(q, k_pages, v_pages, jnp.asarray(tables), lens, scale=0.125, pages_per_block=1, interpret=INTERPRET)
+    out = paged_decode_attention(
+        q, k_pages, v_pages, jnp.asarray(tables), lens, scale=0.125, pages_per_block=1, interpret=INTERPRET
+    )
     reference = paged_decode_attention_reference(q, k_pages, v_pages, jnp.asarray(tables), lens, scale=0.125)
     assert_close(out, reference, jnp.float32)
 

@@ -13,6 +13,8 @@ import pytest
 from pallas_kernels import paged_attention, ragged_paged_attention, ragged_paged_attention_reference
 from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
 
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
 LONG_CONTEXT = 333
 PADDING_TOKENS = 5
 
@@ -53,7 +55,9 @@ def ragged_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype, seed=0):
 
 
 @pytest.mark.parametrize("page_size,num_heads,num_kv_heads,head_dim,dtype,window,block_q,pages_per_block", CASES)
-def test_matches_reference_and_xla(page_size, num_heads, num_kv_heads, head_dim, dtype, window, block_q, pages_per_block):
+def test_matches_reference_and_xla(
+    page_size, num_heads, num_kv_heads, head_dim, dtype, window, block_q, pages_per_block
+):
     q, k_pages, v_pages, batch, num_real = ragged_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     metadata = (batch.query_start, batch.seq_lens, batch.block_tables)

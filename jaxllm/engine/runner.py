@@ -7,9 +7,12 @@ donated) and returns host numpy results.
 Shape buckets (each distinct bucket compiles once):
   decode-only steps: B = T in SEQ_BUCKETS (powers of two up to max_batch_size), max_query_len 1;
   mixed steps:       T in TOKEN_BUCKETS (powers of two from 16 up to max_num_tokens),
-                     B in SEQ_BUCKETS, max_query_len a power of two <= T;
-  pages per sequence P in powers of two from 2048 tokens' worth up to ceil(max_seq_len / page_size)
-  (attention loops stop at the batch's real length, so P only sizes the block tables).
+                     B = min(T, max_batch_size) (a mixed step's cost is its tokens, not its
+                     sequence slots), max_query_len in QUERY_BUCKETS (capped at T);
+  pages per sequence P: one bucket up to MIN_PAGE_BUCKET pages, powers of two above (attention
+  loops stop at the batch's real length, so P only sizes the block tables).
+So a plain engine compiles at most (len(SEQ_BUCKETS) + len(TOKEN_BUCKETS)) x len(page buckets)
+step executables on the 'xla' backend (the Pallas backend adds query-length variants).
 The 'xla' backend ignores max_query_len, so its mixed steps use Q = T (one bucket fewer); the
 Pallas kernels size their grids by it.
 Static sampling switches (logprobs count, truncation, penalties, bias, bans) and the logits mode
@@ -22,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 import jax
@@ -36,6 +41,16 @@ from jaxllm.models.transformer import forward, init_kv_cache
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
+
+
+# Block tables are padded to at least this many pages: attention loops stop at the real lengths, so
+# a wider table costs only its host-to-device copy, and fewer widths mean fewer compilations.
+MIN_PAGE_BUCKET = 1024
+
+
+# max_query_len buckets of mixed steps for the Pallas kernels (their grids scale with it): powers
+# of four, so a few variants cover every chunk size.
+QUERY_BUCKETS = [16, 64, 256, 1024, 4096, 16384]
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -125,8 +140,9 @@ class ModelRunner:
         self.seq_buckets = powers_of_two(1, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
         max_pages = -(-config.max_seq_len // config.page_size)
-        self.page_buckets = powers_of_two(min(max_pages, max(1, 2048 // config.page_size)), max_pages)
+        self.page_buckets = powers_of_two(min(max_pages, MIN_PAGE_BUCKET), max_pages)
         self.executables: dict[StepShape, Any] = {}
+        self.compile_seconds = 0.0  # wall time spent compiling steps
         self._lock = threading.Lock()
         self._step = jax.jit(
             functools.partial(_step, cfg=cfg, backend=config.backend),
@@ -179,11 +195,16 @@ class ModelRunner:
         """The compiled step for `shape`, compiling it on first use."""
         exe = self.executables.get(shape)
         if exe is None:
-            batch, sampling, next_tokens = self.abstract_inputs(shape)
-            lowered = self._step.lower(self.params, self.kv_cache, batch, sampling, next_tokens,
-                                       logits_mode=shape.logits_mode)  # fmt: skip
-            exe = self.executables[shape] = lowered.compile()
+            started = time.perf_counter()
+            exe = self.executables[shape] = self._compile(shape)
+            self.compile_seconds += time.perf_counter() - started
         return exe
+
+    def _compile(self, shape: StepShape):
+        batch, sampling, next_tokens = self.abstract_inputs(shape)
+        lowered = self._step.lower(self.params, self.kv_cache, batch, sampling, next_tokens,
+                                   logits_mode=shape.logits_mode)  # fmt: skip
+        return lowered.compile()
 
     def bucket_shapes(self) -> list[StepShape]:
         """Every plain step shape this engine can take: decode buckets and mixed buckets."""
@@ -192,17 +213,29 @@ class ModelRunner:
             for B in self.seq_buckets:
                 shapes.append(StepShape(B, B, P, 1))
             for T in self.token_buckets:
-                for B in self.seq_buckets:
-                    if B <= T:
-                        shapes.append(StepShape(T, B, P, T))
+                shapes.append(StepShape(T, min(T, self.config.max_batch_size), P, T))
         return shapes
 
-    def precompile(self, shapes: list[StepShape] | None = None, progress: bool = True) -> None:
+    def precompile(self, shapes: list[StepShape] | None = None, progress: bool = True, threads: int | None = None) -> None:
+        """Compile `shapes` (default: every plain bucket) ahead of time, several at once: XLA
+        compiles outside the GIL, so threads divide the wall time by about the core count."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
-        todo = [s for s in (shapes or self.bucket_shapes()) if s not in self.executables]
-        for shape in tqdm(todo, desc="compiling step buckets", unit="shape", disable=not progress):
-            self.executable(shape)
+        todo = [s for s in dict.fromkeys(shapes or self.bucket_shapes()) if s not in self.executables]
+        threads = threads or max(1, min(len(todo), (os.cpu_count() or 2) // 2))
+
+        def compile_one(shape: StepShape):
+            return shape, self._compile(shape)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool, tqdm(total=len(todo), desc="compiling step buckets", unit="shape",
+                                                       disable=not progress) as bar:  # fmt: skip
+            for shape, exe in pool.map(compile_one, todo):
+                self.executables[shape] = exe
+                bar.update()
+        self.compile_seconds += time.perf_counter() - started
 
     def _devices(self) -> list:
         """The devices the step runs on, in the order the weights' sharding lists them."""
@@ -267,7 +300,8 @@ class ModelRunner:
         if max(lens) == 1:
             return B, B, P, 1
         T = bucket_for(sum(lens), self.token_buckets)
-        Q = T if self.config.backend == "xla" else min(T, 1 << (max(lens) - 1).bit_length())
+        B = min(T, self.config.max_batch_size)  # mixed steps: one sequence bucket per token bucket
+        Q = T if self.config.backend == "xla" else min(T, bucket_for(max(lens), QUERY_BUCKETS + [T]))
         return T, B, P, Q
 
     def _sampling_batch(self, requests: list[StepRequest], B: int) -> sampling_lib.SamplingBatch:

@@ -124,6 +124,17 @@ def register_backend(name: str, fn: AttentionFn) -> None:
     BACKENDS[name] = fn
 
 
+def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None):
+    """The Pallas kernels (pallas_kernels/); in the Pallas interpreter when running on the CPU."""
+    from pallas_kernels import paged_attention
+
+    return paged_attention(q, k_pages, v_pages, batch, scale=scale, window=window,
+                           interpret=jax.default_backend() == "cpu")  # fmt: skip
+
+
+BACKENDS["pallas"] = _pallas_backend
+
+
 def get_backend(name: str) -> AttentionFn:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available; available: {', '.join(sorted(BACKENDS))}")

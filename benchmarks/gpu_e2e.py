@@ -1,0 +1,287 @@
+"""The engine on the GPU, end to end, in one call: correctness of 'pallas' vs 'xla', the Llama-3.1-8B
+shape in bf16 (decode latency against the weight-streaming floor, time to first token, offline
+throughput, KV capacity), HF transformers on the same card as the peer, and cold start.
+
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_e2e.py [--parts perf,correctness,hf,coldstart] [--out DIR]
+    python benchmarks/gpu_e2e.py --smoke        # tiny sizes on the CPU, to check the script runs
+
+Weights are random (load_format="dummy") from the config.json files in benchmarks/configs/: real
+checkpoints cannot travel to the GPU machine (over the 64 MiB a call may carry). Each part writes
+its JSON as soon as it finishes, so a partial run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+HBM_TBS = 3.35  # H100 SXM datasheet
+
+
+def out_path(args, name: str) -> Path:
+    path = Path(args.out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def synthetic(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(10, vocab - 10, size=length)] for _ in range(n)]
+
+
+def device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({d.platform})"
+
+
+# ---- correctness: 'pallas' against 'xla' in the whole model ---------------------------------------
+def part_correctness(args) -> dict:
+    from jaxllm import LLM, SamplingParams
+
+    models = ["smollm2-135m", "gemma3-270m"]
+    prompts = synthetic(4, 1, 1000, 0)
+    prompts = [p * n for p, n in zip(prompts, (7, 40, 130, 600))]  # lengths 7..600 (Gemma's window is 512)
+    rows = []
+    for name in models:
+        got = {}
+        for backend in ("xla", "pallas"):
+            with LLM(model=str(CONFIGS / name), load_format="dummy",
+                     dtype="float32", skip_tokenizer_init=True, backend=backend, max_batch_size=8,
+                     max_num_tokens=1024, max_seq_len=1024) as llm:  # fmt: skip
+                outs = llm.generate(prompts, SamplingParams(max_tokens=args.tokens, ignore_eos=True, logprobs=1),
+                                    use_tqdm=False)  # fmt: skip
+                got[backend] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+        agree, total, max_diff = 0, 0, 0.0
+        for (ta, la), (tb, lb) in zip(got["xla"], got["pallas"]):
+            for i, (a, b) in enumerate(zip(ta, tb)):
+                total += 1
+                agree += a == b
+                if a != b:
+                    break
+                max_diff = max(max_diff, abs(la[i][a].logprob - lb[i][b].logprob))
+        rows.append({"model": name, "dtype": "float32", "tokens_compared": total, "tokens_identical": agree,
+                     "greedy_identical": all(a[0] == b[0] for a, b in zip(got["xla"], got["pallas"])),
+                     "max_logprob_diff": max_diff})  # fmt: skip
+    return {"correctness": rows}
+
+
+# ---- the 8B shape -------------------------------------------------------------------------------------
+def _decode_ms(stats: list[dict]) -> float:
+    decode = [s["iterLatencyMS"] for s in stats if s["inflightBatchingStats"]["numContextRequests"] == 0]
+    return statistics.median(decode) if decode else float("nan")
+
+
+def part_perf(args) -> dict:
+    import jax
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
+
+    cfg_dir = CONFIGS / args.model
+    max_batch, max_tokens = args.max_batch, args.max_num_tokens
+    t0 = time.perf_counter()
+    llm = LLM(model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len)  # fmt: skip
+    engine = llm._engine
+    runner = engine.runner
+    build_s = time.perf_counter() - t0
+    # Compile the shapes these workloads visit, in parallel (the rest compile on first use and
+    # their compile time is subtracted from the timed runs below).
+    P = runner.page_buckets[0]
+    shapes = [StepShape(b, b, P, 1) for b in (1, max_batch // 2, max_batch)]
+    for T, q in ((args.short, args.short), (args.long, args.long), (max_tokens, args.short), (max_tokens, args.long)):
+        T = bucket_for(T, runner.token_buckets)
+        Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
+        shapes.append(StepShape(T, min(T, max_batch), P, Q))
+    t0 = time.perf_counter()
+    runner.precompile(shapes, progress=False, threads=args.compile_threads)
+    precompile_s = time.perf_counter() - t0
+    vocab = llm.config.vocab_size
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm.params))
+    floor_ms = weight_bytes / (HBM_TBS * 1e12) * 1e3
+    result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
+              "weight_bytes": weight_bytes, "floor_ms": floor_ms, "build_s": build_s,
+              "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
+              "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size}  # fmt: skip
+    result["kv_capacity_tokens"] = (runner.config.num_pages - 1) * runner.config.page_size
+    result["kv_capacity_2k_sequences"] = result["kv_capacity_tokens"] // 2048
+
+    def timed(prompts, params):
+        llm.get_stats()
+        compile0 = runner.compile_seconds
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        compiled = runner.compile_seconds - compile0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return wall, compiled, tokens, llm.get_stats()
+
+    # Batch-1 decode latency.
+    prompt = synthetic(1, 128, vocab, 1)
+    timed(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    wall, compiled, tokens, stats = timed(prompt, SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True))
+    step = _decode_ms(stats)
+    result["batch1"] = {"decode_ms_per_token": step, "tokens_per_s": 1e3 / step, "fraction_of_floor": floor_ms / step,
+                        "wall_s": wall, "compile_s_during": compiled}  # fmt: skip
+    # Time to first token.
+    for length in (args.short, args.long):
+        p = synthetic(1, length, vocab, 2)
+        timed(p, SamplingParams(max_tokens=1, ignore_eos=True))
+        samples = [timed(synthetic(1, length, vocab, 3 + i), SamplingParams(max_tokens=1, ignore_eos=True))[0]
+                   for i in range(3)]  # fmt: skip
+        result[f"ttft_{length}_ms"] = statistics.median(samples) * 1e3
+    result["ttft_lengths"] = [args.short, args.long]
+    # Offline throughput, all requests queued at once.
+    offline = []
+    for isl, osl, n in args.offline:
+        prompts = synthetic(n, isl, vocab, 10 + isl + osl)
+        wall, compiled, tokens, stats = timed(prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
+        offline.append({"isl": isl, "osl": osl, "requests": n, "output_tokens": tokens, "wall_s": wall,
+                        "compile_s_during": compiled, "output_tok_s": tokens / (wall - compiled),
+                        "median_decode_step_ms": _decode_ms(stats),
+                        "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
+        print(f"offline {isl}/{osl} x{n}: {tokens / (wall - compiled):.0f} tok/s", flush=True)
+    result["offline"] = offline
+    result["compilations_total"] = runner.num_compilations
+    llm.shutdown()
+    return {"perf": result}
+
+
+# ---- HF transformers on the same card ---------------------------------------------------------------
+HF_CHILD = r"""
+import json, sys, time, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = AutoConfig.from_pretrained(sys.argv[1])
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+rows = []
+for batch, new in [(1, 128), (64, 128)]:
+    ids = torch.randint(10, cfg.vocab_size - 10, (batch, 128), device="cuda")
+    def run(n):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize(); return time.perf_counter() - t
+    run(4); pre = run(1); total = run(new)
+    rows.append({"batch": batch, "isl": 128, "osl": new, "ms_per_step": (total - pre) / (new - 1) * 1e3,
+                 "output_tok_s": batch * new / total})
+print("HFRESULT" + json.dumps(rows))
+"""
+
+
+def part_hf(args) -> dict:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", HF_CHILD, str(CONFIGS / args.model)], capture_output=True,
+                          text=True, env=env, timeout=args.hf_timeout)  # fmt: skip
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("HFRESULT")), None)
+    if line is None:
+        return {"hf": {"error": proc.stderr[-2000:]}}
+    return {"hf": {"transformers_eager": json.loads(line[len("HFRESULT") :])}}
+
+
+# ---- cold start ---------------------------------------------------------------------------------------
+COLD_CHILD = r"""
+import sys, time
+t0 = time.perf_counter()
+from jaxllm import LLM, SamplingParams
+kwargs = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_batch_size=8,
+              max_num_tokens=512, max_seq_len=1024)
+if sys.argv[2] != "-":
+    kwargs["compilation_cache_dir"] = sys.argv[2]
+llm = LLM(model=sys.argv[1], **kwargs)
+llm.generate([list(range(10, 42))], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+print("COLDRESULT", time.perf_counter() - t0)
+llm.shutdown()
+"""
+
+
+def part_coldstart(args) -> dict:
+    cache = Path(args.out) / "jax_cache"
+    rows = {}
+    # An empty cache compiles everything (as no cache does) and fills it; the second start reads it.
+    for label, cache_arg in (("empty_cache", str(cache)), ("warm_cache", str(cache))):
+        proc = subprocess.run([sys.executable, "-c", COLD_CHILD, str(CONFIGS / args.model), cache_arg],
+                              capture_output=True, text=True, timeout=args.hf_timeout)  # fmt: skip
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("COLDRESULT")), None)
+        rows[label] = float(line.split()[1]) if line else proc.stderr[-1500:]
+    return {"coldstart_s_to_first_token": rows}
+
+
+def report(results: dict) -> None:
+    p = results.get("perf")
+    if p:
+        print(f"\n== {p['model']} bf16 random weights, {p['device']}, backend {p['backend']} ==")
+        print(f"weights {p['weight_bytes'] / 1e9:.2f} GB -> floor {p['floor_ms']:.2f} ms/token at {HBM_TBS} TB/s")
+        b = p["batch1"]
+        print(f"batch-1 decode: {b['decode_ms_per_token']:.2f} ms/token ({b['tokens_per_s']:.0f} tok/s), "
+              f"{b['fraction_of_floor'] * 100:.0f}% of floor, {b['decode_ms_per_token'] / p['floor_ms']:.2f}x floor")
+        print("   ".join(f"TTFT {n}: {p[f'ttft_{n}_ms']:.1f} ms" for n in p["ttft_lengths"]))
+        print(f"KV capacity: {p['kv_capacity_tokens']} tokens = {p['kv_capacity_2k_sequences']} sequences of 2k")
+        print(f"precompiled {p['precompiled_shapes']} shapes in {p['precompile_s']:.0f} s; total compilations "
+              f"{p.get('compilations_total')}")
+        for o in p.get("offline", []):
+            print(f"offline {o['isl']}/{o['osl']} x{o['requests']}: {o['output_tok_s']:.0f} output tok/s "
+                  f"(decode step {o['median_decode_step_ms']:.1f} ms, compile during {o['compile_s_during']:.1f} s)")
+    if "hf" in results:
+        for r in results["hf"].get("transformers_eager", []):
+            print(f"HF transformers eager batch {r['batch']} {r['isl']}/{r['osl']}: {r['ms_per_step']:.1f} ms/step, "
+                  f"{r['output_tok_s']:.0f} tok/s")
+        if "error" in results["hf"]:
+            print("HF error:", results["hf"]["error"][-500:])
+    for r in results.get("correctness", []):
+        print(f"pallas vs xla {r['model']} {r['dtype']}: {r['tokens_identical']}/{r['tokens_compared']} tokens identical "
+              f"before divergence; greedy identical: {r['greedy_identical']}; max logprob diff {r['max_logprob_diff']:.2e}")
+    if "coldstart_s_to_first_token" in results:
+        print("cold start LLM() -> first token (s):", results["coldstart_s_to_first_token"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Children (hf, coldstart) first: this process holds the GPU's memory once it starts JAX.
+    parser.add_argument("--parts", default="hf,coldstart,perf,correctness")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    args = parser.parse_args()
+    args.tokens, args.decode_tokens = 16, 128
+    args.max_batch, args.max_num_tokens, args.max_seq_len = 256, 8192, 4224
+    args.short, args.long = 128, 2048
+    args.offline = [(128, 128, 1024), (128, 2048, 128), (2048, 128, 128)]
+    args.compile_threads, args.hf_timeout = 8, 170
+    if args.smoke:
+        args.model, args.tokens, args.decode_tokens = "smollm2-135m", 4, 8
+        args.max_batch, args.max_num_tokens, args.max_seq_len = 8, 256, 512
+        args.short, args.long = 16, 128
+        args.offline = [(16, 8, 8), (128, 8, 4)]
+        args.compile_threads = 2
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    file = out_path(args, "gpu_e2e.json")
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        try:
+            results.update(globals()[f"part_{part}"](args))
+        except Exception as e:  # keep what the other parts measure
+            import traceback
+
+            traceback.print_exc()
+            results[f"{part}_error"] = f"{type(e).__name__}: {e}"
+        results[f"{part}_wall_s"] = time.perf_counter() - started
+        file.write_text(json.dumps(results, indent=2))
+        print(f"[{part} done in {results[f'{part}_wall_s']:.0f} s]", flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The 'pallas' attention backend inside the whole model: same tokens as 'xla' (interpret mode here)."""
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [11, 12], [300, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_pallas_backend_matches_xla(name, tiny_dir, tiny_llm):
+    params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
+    expected = tiny_llm(name).generate(PROMPTS, params, use_tqdm=False)
+    with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas",
+             max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8}) as llm:  # fmt: skip
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+    for e, g in zip(expected, got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
+            t = next(iter(a))
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4
