@@ -5,11 +5,17 @@
     print(llm.generate("What is machine learning?", SamplingParams(max_tokens=64)).outputs[0].text)
 """
 
-from jaxllm.llm import LLM
-from jaxllm.llm_args import KvCacheConfig
-from jaxllm.inputs import PreprocessedInputs
-from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm import distributed as _distributed
+
+# Under `python -m jaxllm.launch` (or SLURM with JAXLLM_SLURM=1) join the distributed runtime now,
+# before anything starts a JAX backend.
+_distributed.initialize_from_env()
+
+from jaxllm.llm import LLM  # noqa: E402
+from jaxllm.llm_args import KvCacheConfig  # noqa: E402
+from jaxllm.inputs import PreprocessedInputs  # noqa: E402
+from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput  # noqa: E402
+from jaxllm.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -118,6 +118,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     checkpoint_dtype: str | None = None
+    # Tensor parallelism pads the vocabulary to a multiple of the device count (jaxllm/sharding.py);
+    # 0 means no padding. Logits are cut back to vocab_size before sampling.
+    padded_vocab_size: int = 0
 
     def __post_init__(self):
         if not self.layer_types:
@@ -133,6 +136,10 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
+
+    @property
+    def param_vocab_size(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def q_per_kv(self) -> int:

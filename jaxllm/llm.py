@@ -12,6 +12,7 @@ anything reaches the engine, so a bad prompt raises in the caller and the engine
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxllm import distributed
 from jaxllm import inputs as inputs_lib
 from jaxllm.checkpoints import loader, saved
 from jaxllm.config import ModelConfig, resolve_dtype
@@ -34,7 +36,8 @@ from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.sequence import Request
 from jaxllm.inputs import PreprocessedInputs
 from jaxllm.llm_args import EngineArgs
-from jaxllm.models.params import init_params
+from jaxllm import sharding as sharding_lib
+from jaxllm.models.params import flatten_paths, unflatten_paths
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
@@ -85,6 +88,17 @@ def resolve_backend(backend: Optional[str]) -> str:
 EXECUTABLES_DIR = "executables"
 
 
+def _jsonable(kwargs: dict) -> dict:
+    """Engine arguments as plain JSON values (for the followers of a multi-process run)."""
+    import dataclasses
+
+    out = {}
+    for key, value in kwargs.items():
+        out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    json.dumps(out)  # raises TypeError for anything that cannot travel
+    return out
+
+
 def enable_compilation_cache(directory: str | Path) -> None:
     """Turn on JAX's persistent compilation cache in `directory`, for every compilation."""
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -108,6 +122,7 @@ class LLM:
         revision: Optional[str] = None,
         tokenizer_revision: Optional[str] = None,
         backend: Optional[str] = None,
+        _follower_channel: Any = None,
         **kwargs: Any,
     ):
         self._shutdown_lock = threading.Lock()
@@ -115,10 +130,21 @@ class LLM:
         self.llm_id = uuid.uuid4().hex
         self.disaggregated_params = None
         self.workspace = None
-        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} is invalid; allowed: an int >= 1")
-        if tensor_parallel_size > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        # Multi-process runs (jaxllm/launch.py): the leader tells the followers what to build.
+        self._channel = _follower_channel
+        if _follower_channel is None and distributed.initialize_from_env():
+            if tensor_parallel_size != jax.device_count():
+                raise ValueError(
+                    f"tensor_parallel_size={tensor_parallel_size} must equal the {jax.device_count()} devices of "
+                    f"the {jax.process_count()} processes in a multi-process run"
+                )
+            self._channel = distributed.StepChannel()
+            self._channel.send({"kind": "construct", "kwargs": {
+                "model": str(model), "dtype": dtype if isinstance(dtype, str) else jax.numpy.dtype(dtype).name,
+                "tensor_parallel_size": tensor_parallel_size, "revision": revision, "backend": backend,
+                "skip_tokenizer_init": True, **_jsonable(kwargs)}})  # fmt: skip
+        self.mesh = sharding_lib.make_mesh(tensor_parallel_size) if tensor_parallel_size != 1 else None
+        self.tensor_parallel_size = tensor_parallel_size
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         resolve_dtype(dtype)  # validate the name before loading anything
@@ -147,27 +173,32 @@ class LLM:
         if not skip_tokenizer_init:
             source = tokenizer if tokenizer is not None else self.resolved
             self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code, tokenizer_mode)
-        if self.args.load_format == "dummy":
-            self.params = init_params(cfg, self.dtype, jax.random.key(self.args.seed or 0))
-        else:
-            self.params = loader.load_params(self.resolved, cfg, self.dtype)
+        self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
+        self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
+        self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
+                                                self.args.load_format, self.args.seed or 0)  # fmt: skip
         self._build_engine()
         self.load_seconds = time.perf_counter() - started
 
     # ---- construction ------------------------------------------------------------------------
     def _build_engine(self) -> None:
-        cfg, args = self.config, self.args
+        cfg, args = self.engine_config, self.args
         kv_cfg = args.kv_cache_config
         kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
         page_size = kv_cfg.tokens_per_block
         max_num_tokens = args.max_num_tokens
-        num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size)
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else None
+        num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size, devices,
+                                   tp_kv_shards=self.tensor_parallel_size)  # fmt: skip
         capacity = (num_pages - 1) * page_size
         if num_pages < 2:
             raise ValueError(
                 "the KV cache has no room for a single page after the weights; lower max_num_tokens / "
                 "max_batch_size or raise kv_cache_config.free_gpu_memory_fraction"
             )
+        if self._channel is not None:  # every process must size the cache alike: the leader decides
+            num_pages = self._agree_on("num_pages", num_pages)
+            capacity = (num_pages - 1) * page_size
         max_seq_len = args.max_seq_len or cfg.max_position_embeddings
         if max_seq_len > capacity:
             if args.max_seq_len is not None:
@@ -186,7 +217,10 @@ class LLM:
             backend=self.backend,
             kv_dtype=kv_dtype,
         )
-        runner = ModelRunner(cfg, self.params, runner_config)
+        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel)
+        if self._channel is not None and not distributed.is_leader():
+            runner.follow()  # until the leader shuts down
+            return
         if self.resolved.kind == "saved":
             loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
             logger.info("loaded %d compiled step executables from %s", loaded, self.resolved.path)
@@ -198,6 +232,13 @@ class LLM:
         )
         self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size)
         self._request_ids = itertools.count()
+
+    def _agree_on(self, name: str, value: int) -> int:
+        if distributed.is_leader():
+            self._channel.send({"kind": "agree", name: int(value)})
+            return int(value)
+        header, _ = self._channel.recv()
+        return int(header[name])
 
     # ---- requests ----------------------------------------------------------------------------
     def _check_open(self) -> Engine:
@@ -351,7 +392,11 @@ class LLM:
         path = Path(engine_dir)
         path.mkdir(parents=True, exist_ok=True)
         engine = self._check_open()
-        saved.save_params(path, engine.runner.params)
+        params = engine.runner.params
+        if self.tp_plan is not None and not self.tp_plan.is_identity:  # back to the checkpoint's layout
+            flat = {p: self.tp_plan.restore(p, x) for p, x in flatten_paths(params).items()}
+            params = unflatten_paths(flat, self.config)
+        saved.save_params(path, params)
         engine.runner.save_executables(path / EXECUTABLES_DIR)
         saved.write_config(path, self.config, self.dtype, self.args.to_dict() | {"backend": self.backend_name})
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):

@@ -6,11 +6,16 @@ keys and values are already in the pages, so every row reads its whole visible c
 chunks and its causal part of this chunk) from the KV cache, layout as in
 `jaxllm.layers.attention`.
 
-One program handles one (KV head, sequence, block of `block_q` query rows) for all H // K query
-heads of the KV head at once: the query tile is [block_q * G, d], so each K/V page is read once
-per KV head and query block, and tl.dot sees a tall tile even for decode rows. The key loop runs
-from the first key any row of the block can see (sliding window) to the last row's position
-(causal), `pages_per_block` pages at a time, with an online softmax in float32.
+One program handles one (KV head, work item) for all H // K query heads of the KV head at once. A
+work item is one block of `block_q` query rows of one sequence; a small jnp step before the kernel
+lists the step's work items, heaviest (most keys) first, so the grid is (K, W) with W a static
+bound on the item count (`num_work_items`) rather than (K, B, Q / block_q): a mixed step with 256
+sequence slots, most of them padding or one-token decodes, and Q = 4096 launches ~500 programs per
+KV head instead of ~32,000 that nearly all exit at once. Programs past the real item count exit
+at once. The query tile is [block_q * G, d], so each K/V page is read once per KV head and query
+block, and tl.dot sees a tall tile even for decode rows. The key loop runs from the first key any
+row of the block can see (sliding window) to the last row's position (causal), `pages_per_block`
+pages at a time, with an online softmax in float32.
 
 Rows that no sequence owns (padding at the end of T) come out zero: the output starts as a zero
 buffer aliased into the kernel, which writes only owned rows.
@@ -51,32 +56,40 @@ def _ragged_kernel(
     q_ref,  # [T, G, d]: every token's query heads of this KV head
     k_ref,  # [P * S, d]: this KV head's page pool, one row per slot
     v_ref,  # [P * S, d]
+    work_seq_ref,  # [W]: each work item's sequence, -1 past the real items
+    work_block_ref,  # [W]: each work item's query block within its sequence
     query_start_ref,  # [B + 1]
-    seq_len_ref,  # [1]: this sequence's context length including this step
-    block_table_ref,  # [max_pages]: this sequence's page ids
+    seq_lens_ref,  # [B]: context lengths including this step
+    block_tables_ref,  # [B, max_pages]: page ids
     zeros_ref,  # [T, G, d]: the zero buffer aliased to o_ref; never read
     o_ref,  # [T, G, d]
-    *,
-    page_size: int,
-    pages_per_block: int,
-    block_q: int,
-    group_block: int,
-    head_block: int,
-    scale: float,
-    window: int | None,
+    **static,  # page_size, pages_per_block, block_q, group_block, head_block, scale, window
 ):
     del zeros_ref
+    item = pl.program_id(1)
+    seq = work_seq_ref[item]
+
+    @pl.when(seq >= 0)
+    def _():
+        _ragged_block(
+            q_ref, k_ref, v_ref, query_start_ref, seq_lens_ref, block_tables_ref, o_ref, seq=seq,
+            q_block=work_block_ref[item], **static,
+        )
+
+
+def _ragged_block(
+    q_ref, k_ref, v_ref, query_start_ref, seq_lens_ref, block_tables_ref, o_ref, *, seq, q_block,
+    page_size, pages_per_block, block_q, group_block, head_block, scale, window,
+):
+    """Query block `q_block` of sequence `seq` for one KV head: refs as in `_ragged_kernel`."""
     _, group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
     tile_rows = block_q * group_block
     precision = dot_precision(k_ref.dtype)
-    seq = pl.program_id(1)
-    # The last query blocks of a causal sequence have the most keys: launch them first.
-    q_block = pl.num_programs(2) - 1 - pl.program_id(2)
 
     q_start = query_start_ref[seq]
     q_len = query_start_ref[seq + 1] - q_start
-    seq_len = seq_len_ref[0]
+    seq_len = seq_lens_ref[seq]
     first_row = q_block * block_q  # within this sequence's rows
     first_row_pos = seq_len - q_len + first_row
 
@@ -117,7 +130,7 @@ def _ragged_kernel(
         acc, m_prev, l_prev = carry
         start_page = lo_page + i * pages_per_block
         table_pos = start_page + jnp.arange(pages_per_block)
-        table_at = block_table_ref.at[pl.ds(start_page, pages_per_block)]
+        table_at = block_tables_ref.at[seq, pl.ds(start_page, pages_per_block)]
         if masked:
             page_ok = table_pos < hi_page
             page_ids = plgpu.load(table_at, mask=page_ok, other=0)
@@ -169,6 +182,50 @@ def default_block_q(group: int, max_query_len: int, head_dim: int) -> int:
     return max(block_q, pl.cdiv(MIN_DOT_DIM, group_block))
 
 
+def num_work_items(num_tokens: int, num_seqs: int, max_query_len: int, block_q: int) -> int:
+    """Static bound W on a step's (sequence, query block) pairs: the kernel's grid is (K, W).
+
+    A sequence with n >= 1 rows has cdiv(n, block_q) = (n - 1) // block_q + 1 blocks, so k non-empty
+    sequences of T rows in all have at most (T - k) // block_q + k, largest at k = min(B, T); and
+    each has at most cdiv(max_query_len, block_q).
+    """
+    nonempty = min(num_seqs, num_tokens)
+    by_tokens = (num_tokens - nonempty) // block_q + nonempty
+    by_seqs = num_seqs * pl.cdiv(max_query_len, block_q)
+    return max(1, min(by_tokens, by_seqs))
+
+
+def ragged_work_list(
+    query_start: jax.Array, seq_lens: jax.Array, *, num_items: int, block_q: int, window: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """The step's work items, one per (sequence, block of block_q query rows), most keys first.
+
+    Returns (work_seq, work_block), both [num_items] int32: item w is query block work_block[w] of
+    sequence work_seq[w]; items past the real count have work_seq -1 and come last. Longest-first
+    order keeps a long chunk's last blocks (the whole causal context) from starting in the final
+    wave. Pairs beyond num_items (only if a sequence exceeds max_query_len) are dropped.
+    """
+    num_seqs = seq_lens.shape[0]
+    q_lens = query_start[1:] - query_start[:-1]  # [B]
+    blocks = (q_lens + block_q - 1) // block_q  # [B]
+    ends = jnp.cumsum(blocks)  # [B]: items of sequences 0..b
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, item, side="right", method="compare_all")  # [W]; B past the end
+    valid = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    q_block = item - (ends[seq] - blocks[seq])
+    # Keys the block reads, as in the kernel: [lo, hi) in positions.
+    q_len = q_lens[seq]
+    first_row = q_block * block_q
+    first_pos = seq_lens[seq] - q_len + first_row
+    hi = first_pos + jnp.minimum(block_q, q_len - first_row)
+    lo = 0 if window is None else jnp.maximum(first_pos - window + 1, 0)
+    keys = jnp.where(valid, hi - lo, -1)
+    order = jnp.argsort(-keys, stable=True)
+    work_seq = jnp.where(valid, seq, -1)[order].astype(jnp.int32)
+    return work_seq, q_block[order].astype(jnp.int32)
+
+
 def _ragged_call(
     q, k_pages, v_pages, query_start, seq_lens, block_tables, *, max_query_len, scale, window,
     block_q, pages_per_block, num_warps, num_stages, interpret,
@@ -191,34 +248,44 @@ def _ragged_call(
         scale=scale,
         window=window,
     )
-    grid = (num_kv_heads, num_seqs, pl.cdiv(max_query_len, block_q))
-    token_heads_spec = pl.BlockSpec((num_tokens, None, group, head_dim), lambda h, b, i: (0, h, 0, 0))
+    num_items = num_work_items(num_tokens, num_seqs, max_query_len, block_q)
+    work_seq, work_block = ragged_work_list(
+        query_start, seq_lens, num_items=num_items, block_q=block_q, window=window
+    )
+    grid = (num_kv_heads, num_items)
+    token_heads_spec = pl.BlockSpec((num_tokens, None, group, head_dim), lambda h, w: (0, h, 0, 0))
+
+    def whole(shape):
+        return pl.BlockSpec(shape, lambda h, w: (0,) * len(shape))
+
     out = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
-            # q: all tokens' query heads of KV head h; the kernel slices its sequence's rows.
+            # q: all tokens' query heads of KV head h; the kernel slices its work item's rows.
             token_heads_spec,
             # k, v: KV head h's whole page pool; the kernel gathers the pages it needs.
-            pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, b, i: (h, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, b, i: (h, 0, 0)),
-            # query_start: whole array (the kernel reads entries b and b + 1).
-            pl.BlockSpec((num_seqs + 1,), lambda h, b, i: (0,)),
-            # seq_lens: sequence b's length.
-            pl.BlockSpec((1,), lambda h, b, i: (b,)),
-            # block_tables: sequence b's row.
-            pl.BlockSpec((None, pages_per_seq), lambda h, b, i: (b, 0)),
+            pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, w: (h, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, head_dim), lambda h, w: (h, 0, 0)),
+            # work_seq, work_block: whole lists (the kernel reads entry w).
+            whole((num_items,)),
+            whole((num_items,)),
+            # query_start, seq_lens, block_tables: whole arrays, indexed by the item's sequence
+            # (which a BlockSpec index map cannot see on the Triton backend).
+            whole((num_seqs + 1,)),
+            whole((num_seqs,)),
+            whole((num_seqs, pages_per_seq)),
             # zeros: the initial output (aliased to o), so unowned rows stay zero.
             token_heads_spec,
         ],
-        # o: all tokens of KV head h; the kernel writes only its own rows.
+        # o: all tokens of KV head h; the kernel writes only its work item's rows.
         out_specs=token_heads_spec,
         out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype),
-        input_output_aliases={6: 0},
+        input_output_aliases={8: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_s{page_size}_p{pages_per_block}_q{block_q}",
-    )(q4, k_rows, v_rows, query_start, seq_lens, block_tables, jnp.zeros_like(q4))
+    )(q4, k_rows, v_rows, work_seq, work_block, query_start, seq_lens, block_tables, jnp.zeros_like(q4))
     return out.reshape(q.shape)
 
 
@@ -255,7 +322,8 @@ def ragged_paged_attention(
         query_start[b + 1] (padding slots own none).
       seq_lens: [B] int32 context lengths including this step's rows (>= the row count).
       block_tables: [B, max_pages] int32 page ids in [0, P) (pad with the null page 0).
-      max_query_len: static upper bound on any sequence's row count; sizes the grid.
+      max_query_len: static upper bound on any sequence's row count; caps block_q and, with T and
+        B, the grid (`num_work_items`).
       scale: softmax scale (static).
       window: sliding window or None: a row at position p sees keys at positions in (p - window, p].
       block_q: query rows per program (power of two); default makes a ~128-row tile with the G

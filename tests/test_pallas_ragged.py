@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_attention, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import num_work_items, ragged_work_list
 from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -82,6 +83,99 @@ def test_backend_entry_dispatches_mixed_steps():
     out = paged_attention(q, k_pages, v_pages, batch, scale=0.125, window=64, interpret=INTERPRET)
     xla = xla_reference(q, k_pages, v_pages, batch, scale=0.125, window=64)
     assert_close(out, xla, jnp.float32, rows=slice(0, num_real))
+
+
+def pallas_grids(fn, *args) -> list[tuple[int, ...]]:
+    """The grid of every pallas_call in fn's jaxpr, nested jaxprs included."""
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for value in eqn.params.values():
+                if isinstance(value, jax.extend.core.ClosedJaxpr):
+                    walk(value.jaxpr)
+                elif isinstance(value, jax.extend.core.Jaxpr):
+                    walk(value)
+
+    walk(jax.jit(fn).trace(*args).jaxpr.jaxpr)
+    return grids
+
+
+# A mixed step in the engine's shape, scaled down from Llama-3.1-8B's T = 8192, B = 256, Q = 4096:
+# T = 128 tokens and B = 32 slots, Q = T; one 70-token chunk continuing a 40-token context, a dozen
+# one-token decodes, and 19 padding slots (poisoned block tables, seq_lens 0).
+MIXED_TOKENS, MIXED_SLOTS = 128, 32
+MIXED_STARTS = [40] + [3 + 5 * i for i in range(12)]
+MIXED_QUERY_LENS = [70] + [1] * 12
+
+
+@pytest.mark.parametrize("block_q,window", [(None, None), (4, 24)])
+def test_mixed_step_grid_follows_work_not_slots(block_q, window):
+    page_size, num_heads, num_kv_heads, head_dim, dtype = 16, 8, 2, 64, jnp.float32
+    rng = np.random.default_rng(2)
+    order = rng.permutation(len(MIXED_STARTS))
+    starts = [MIXED_STARTS[i] for i in order]
+    query_lens = [MIXED_QUERY_LENS[i] for i in order]
+    lens = [s + n for s, n in zip(starts, query_lens)]
+    k_pages, v_pages, tables = make_cache(
+        rng, lens + [0] * (MIXED_SLOTS - len(lens)), num_kv_heads=num_kv_heads, page_size=page_size,
+        head_dim=head_dim, pages_per_seq=8, dtype=dtype,
+    )
+    batch = make_batch(
+        starts, query_lens, tables, page_size=page_size, num_tokens=MIXED_TOKENS, max_query_len=MIXED_TOKENS
+    )
+    num_real = sum(query_lens)
+    q = jnp.asarray(rng.normal(size=(MIXED_TOKENS, num_heads, head_dim)), dtype)
+    metadata = (batch.query_start, batch.seq_lens, batch.block_tables)
+    fn = functools.partial(
+        ragged_paged_attention, max_query_len=batch.max_query_len, scale=0.125, window=window,
+        block_q=block_q, interpret=INTERPRET,
+    )
+
+    rows = block_q or 32  # the default for 4 query heads per KV head: a 128-row tile
+    num_items = num_work_items(MIXED_TOKENS, MIXED_SLOTS, MIXED_TOKENS, rows)
+    assert num_items == (MIXED_TOKENS - MIXED_SLOTS) // rows + MIXED_SLOTS
+    assert pallas_grids(fn, q, k_pages, v_pages, *metadata) == [(num_kv_heads, num_items)]
+    assert num_items < MIXED_SLOTS * (MIXED_TOKENS // rows) / 3  # the old (K, B, Q / block_q) grid
+
+    out = fn(q, k_pages, v_pages, *metadata)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_array_equal(np.asarray(out[num_real:]), 0.0)  # padding tokens
+    reference = ragged_paged_attention_reference(
+        q, k_pages, v_pages, *metadata, max_query_len=batch.max_query_len, scale=0.125, window=window
+    )
+    assert_close(out, reference, dtype)
+    xla = xla_reference(q, k_pages, v_pages, batch, scale=0.125, window=window)
+    assert_close(out, xla, dtype, rows=slice(0, num_real))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_work_list_covers_every_block_once_longest_first(seed):
+    rng = np.random.default_rng(seed)
+    num_tokens, num_seqs, block_q, window = 200, 24, 8, 30
+    query_lens = np.zeros(num_seqs, np.int32)
+    used = rng.choice(num_seqs, size=10, replace=False)
+    query_lens[used] = rng.multinomial(num_tokens - 10, np.ones(10) / 10) + 1
+    seq_lens = query_lens + rng.integers(0, 50, num_seqs) * (query_lens > 0)
+    query_start = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    num_items = num_work_items(num_tokens, num_seqs, num_tokens, block_q)
+    work_seq, work_block = ragged_work_list(
+        jnp.asarray(query_start), jnp.asarray(seq_lens, jnp.int32), num_items=num_items, block_q=block_q,
+        window=window,
+    )
+    work_seq, work_block = np.asarray(work_seq), np.asarray(work_block)
+
+    expected = {(b, i) for b in range(num_seqs) for i in range(-(-query_lens[b] // block_q))}
+    valid = work_seq >= 0
+    assert len(expected) <= num_items
+    assert sorted(zip(work_seq[valid], work_block[valid])) == sorted(expected)
+    assert valid[: len(expected)].all() and not valid[len(expected) :].any()  # padding items last
+    first_pos = seq_lens[work_seq[valid]] - query_lens[work_seq[valid]] + work_block[valid] * block_q
+    last_pos = np.minimum(first_pos + block_q, seq_lens[work_seq[valid]]) - 1
+    keys = last_pos + 1 - np.maximum(first_pos - window + 1, 0)
+    assert (np.diff(keys) <= 0).all()  # most keys first
 
 
 def _args(num_seqs=2, dtype=jnp.float32):

@@ -24,6 +24,9 @@ def _configs():
         "llama-linear": (LlamaConfig, dict(COMMON, num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0},
                                            tie_word_embeddings=True)),
         "mistral": (MistralConfig, dict(COMMON, head_dim=24, sliding_window=7)),
+        # Sizes no tensor-parallel degree divides: 6 query / 3 KV heads, MLP 100, vocabulary 330.
+        "llama-odd": (LlamaConfig, dict(COMMON, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                                        intermediate_size=100, vocab_size=330, tie_word_embeddings=True)),
         "qwen2": (Qwen2Config, dict(COMMON, tie_word_embeddings=True)),
         "qwen3": (Qwen3Config, dict(COMMON, head_dim=32, tie_word_embeddings=False)),
         "gemma3": (Gemma3TextConfig, dict(COMMON, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,

@@ -138,4 +138,48 @@ def load_params(
     return unflatten_paths(flat, cfg)
 
 
-__all__ = ["CheckpointError", "ResolvedModel", "resolve", "read_config", "iter_tensors", "load_params"]
+def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=None, mesh=None,
+                       load_format: str = "auto", seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+    """Weights in the engine's layout: placed straight into their shards when a mesh is given.
+
+    Args:
+      cfg: the checkpoint's config.
+      plan: a jaxllm.sharding.TPPlan (None: one device); tensors are padded/replicated by it.
+      mesh: the tensor-parallel mesh (None: the default device).
+      load_format: 'auto' reads the checkpoint; 'dummy' makes random weights on the device(s).
+    """
+    from jaxllm import sharding as sharding_lib
+    from jaxllm.models.params import init_params
+
+    engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
+    shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
+    if load_format == "dummy":
+        make = lambda: init_params(engine_cfg, dtype, jax.random.key(seed))  # noqa: E731
+        return jax.jit(make, out_shardings=shardings)() if shardings is not None else make()
+    if mesh is None:
+        return load_params(resolved, cfg, dtype, progress=progress)
+    if resolved.kind == "saved" and plan.is_identity:
+        return load_params(resolved, cfg, dtype, shardings=shardings, progress=progress)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    flat_shardings = flatten_paths(shardings)
+
+    def place(path: str, array: np.ndarray) -> jax.Array:
+        array = plan.transform(path, np.asarray(array).astype(np_dtype, copy=False))
+        return sharding_lib.place_global(array, flat_shardings[path])
+
+    if resolved.kind == "saved":  # restore on the host, then lay out for the mesh
+        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        params = load_params(resolved, cfg, dtype, shardings=jax.tree.map(lambda _: host, abstract_params(cfg, dtype)))
+        flat = {path: place(path, np.asarray(x)) for path, x in flatten_paths(params).items()}
+        return unflatten_paths(flat, engine_cfg)
+    flat = {}
+    total = len(flatten_paths(abstract_params(cfg, dtype)))
+    with tqdm(total=total, desc=f"loading {resolved.path.name}", unit="tensor", disable=not progress, leave=False) as bar:
+        for path, array in iter_tensors(resolved, cfg):
+            flat[path] = place(path, array)
+            bar.update()
+    return unflatten_paths(flat, engine_cfg)
+
+
+__all__ = ["CheckpointError", "ResolvedModel", "resolve", "read_config", "iter_tensors", "load_params",
+           "load_engine_params"]

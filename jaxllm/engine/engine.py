@@ -92,6 +92,7 @@ class Engine:
         for request in list(self.requests.values()):
             self._fail(request, EngineShutdown("the LLM was shut down before this request finished"))
         self.requests.clear()
+        self.runner.close()
 
     def stats(self) -> list[dict]:
         """Iteration stats collected since the last call (TensorRT-LLM's get_stats keys)."""

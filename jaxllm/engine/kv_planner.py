@@ -42,7 +42,7 @@ def device_free_bytes(device) -> int | None:
 def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_num_tokens: int,
                    max_batch_size: int, devices=None, tp_kv_shards: int = 1) -> int:  # fmt: skip
     """How many pages (page 0 included) the KV cache gets."""
-    devices = devices or jax.local_devices()
+    devices = [d for d in (devices or jax.local_devices()) if d.process_index == jax.process_index()]
     per_token = bytes_per_token(cfg, kv_dtype, tp_kv_shards)
     free = [device_free_bytes(d) for d in devices]
     if devices[0].platform != "cpu" and all(f is not None for f in free):

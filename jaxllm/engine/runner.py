@@ -37,6 +37,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.models.batch import BatchMetadata, build_batch
+from jaxllm import sharding as sharding_lib
 from jaxllm.models.transformer import forward, init_kv_cache
 from jaxllm.sampling_params import MAX_LOGPROBS
 
@@ -128,14 +129,14 @@ class StepShape:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: dict, config: RunnerConfig, kv_sharding=None, mesh=None):
+    def __init__(self, cfg: ModelConfig, params: dict, config: RunnerConfig, mesh=None, channel=None):
         self.cfg = cfg
         self.params = params
         self.config = config
         self.dtype = params["embed"].dtype
         self.kv_dtype = config.kv_dtype or self.dtype
-        self.kv_sharding = kv_sharding
-        self.mesh = mesh
+        self.mesh = mesh  # a tensor-parallel mesh (jaxllm/sharding.py), or None for one device
+        self.channel = channel  # multi-process runs: the leader broadcasts each step (jaxllm/distributed.py)
         self.kv_cache = self._new_cache()
         self.seq_buckets = powers_of_two(1, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
@@ -145,20 +146,54 @@ class ModelRunner:
         self.compile_seconds = 0.0  # wall time spent compiling steps
         self._lock = threading.Lock()
         self._step = jax.jit(
-            functools.partial(_step, cfg=cfg, backend=config.backend),
+            functools.partial(_step, cfg=cfg, backend=config.backend, mesh=mesh),
             static_argnames=("logits_mode",),
             donate_argnums=(1,),
         )
 
     def _new_cache(self):
-        cache = init_kv_cache(self.cfg, self.config.num_pages, self.config.page_size, self.kv_dtype)
-        if self.kv_sharding is not None:
-            cache = jax.device_put(cache, self.kv_sharding)
-        return cache
+        make = functools.partial(init_kv_cache, self.cfg, self.config.num_pages, self.config.page_size, self.kv_dtype)
+        if self.mesh is None:
+            return make()
+        # Created in place, each device holding only its KV heads.
+        pages = sharding_lib.kv_cache_sharding(self.mesh)
+        return jax.jit(make, out_shardings=[(pages, pages)] * self.cfg.num_layers)()
+
+    def _on_device(self, tree):
+        """Host inputs of a step, replicated over the mesh (every process passes the same values)."""
+        if self.mesh is None:
+            return tree
+        replicated = sharding_lib.replicated(self.mesh)
+        return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), replicated), tree)
 
     def reset_cache(self) -> None:
         """Drop and rebuild the KV cache (after a failed step left the donated buffers invalid)."""
+        if self.channel is not None:
+            self.channel.send({"kind": "reset"})
         self.kv_cache = self._new_cache()
+
+    def close(self) -> None:
+        """Leader of a multi-process run: release the followers."""
+        if self.channel is not None:
+            self.channel.send({"kind": "stop"})
+            self.channel = None
+
+    def follow(self) -> None:
+        """Follower of a multi-process run: execute the leader's steps until it stops."""
+        while True:
+            header, arrays = self.channel.recv()
+            kind = header["kind"]
+            if kind == "stop":
+                return
+            if kind == "reset":
+                self.kv_cache = self._new_cache()
+                continue
+            if kind != "step":
+                raise RuntimeError(f"unexpected message from the leader: {kind!r}")
+            shape = StepShape(**header["shape"])
+            inputs = jax.tree.unflatten(jax.tree.structure(self.abstract_inputs(shape)), arrays)
+            exe = self.executable(shape)
+            _, self.kv_cache = exe(self.params, self.kv_cache, *self._on_device(inputs))
 
     @property
     def num_compilations(self) -> int:
@@ -170,8 +205,10 @@ class ModelRunner:
         T, B, P = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
         i32, f32 = jnp.int32, jnp.float32
 
+        sharding = None if self.mesh is None else sharding_lib.replicated(self.mesh)
+
         def sds(dims, dtype):
-            return jax.ShapeDtypeStruct(dims, dtype)
+            return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
 
         batch = BatchMetadata(sds((T,), i32), sds((T,), i32), sds((T,), i32), sds((T,), i32), sds((B + 1,), i32),
                               sds((B,), i32), sds((B, P), i32), sds((B,), i32), shape.max_query_len)  # fmt: skip
@@ -402,7 +439,11 @@ class ModelRunner:
         )
         with self._lock:
             exe = self.executable(shape)
-            out, self.kv_cache = exe(self.params, self.kv_cache, batch, sampling, next_tokens)
+            if self.channel is not None:
+                self.channel.send({"kind": "step", "shape": shape.to_json()},
+                                  jax.tree.leaves((batch, sampling, next_tokens)))  # fmt: skip
+            inputs = self._on_device((batch, sampling, next_tokens))
+            out, self.kv_cache = exe(self.params, self.kv_cache, *inputs)
         host = jax.device_get(out)
         n = len(requests)
         result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
@@ -412,10 +453,10 @@ class ModelRunner:
         return result
 
 
-def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, *, cfg, backend, logits_mode):
+def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, *, cfg, backend, mesh, logits_mode):
     """forward + sample: the one function the runner jits. kv_cache is donated."""
     every_token = logits_mode in ("all", "prompt")
-    logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token)
+    logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token, mesh=mesh)
     last = logits[batch.logits_indices] if every_token else logits
     out = sampling_lib.sample(last, sampling)
     if every_token:

@@ -40,7 +40,7 @@ class ParamSpec:
 
 
 def param_specs(cfg: ModelConfig) -> dict:
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.param_vocab_size
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm_init = "zeros" if cfg.norm_offset else "ones"
 

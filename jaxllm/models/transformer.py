@@ -11,10 +11,13 @@ call the same `decoder_layer` with a different attention closure.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers.attention import MASK_VALUE, get_backend, write_kv
@@ -22,6 +25,7 @@ from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
 from jaxllm.models.batch import BatchMetadata
+from jaxllm.sharding import TP_AXIS
 
 KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -76,6 +80,8 @@ def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.
     else:
         logits = jnp.dot(h, params["lm_head"])
     logits = logits.astype(jnp.float32)
+    if cfg.padded_vocab_size:
+        logits = logits[..., : cfg.vocab_size]
     if cfg.final_logit_softcapping:
         cap = cfg.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
@@ -90,6 +96,7 @@ def forward(
     *,
     backend: str = "xla",
     all_logits: bool = False,
+    mesh=None,
 ) -> tuple[jax.Array, KVCache]:
     """One ragged step over the paged cache.
 
@@ -100,6 +107,9 @@ def forward(
       cfg: static model config.
       backend: attention backend name ('xla', or 'pallas' once registered).
       all_logits: logits for every token ([T, V]) instead of each sequence's last ([B, V]).
+      mesh: a tensor-parallel mesh (jaxllm/sharding.py): attention and the KV writes then run per
+        shard of KV heads (shard_map), the hidden state stays replicated between layers, and
+        the logits are gathered whole for sampling.
     Returns:
       (float32 logits, the updated kv_cache).
     """
@@ -108,16 +118,26 @@ def forward(
     x = embed(params, batch.token_ids, cfg, dtype)  # [T, D]
     new_cache = []
 
-    def attend(q, k, v, layer):
-        k_pages, v_pages = write_kv(*kv_cache[layer], k, v, batch.slot_mapping)
-        new_cache.append((k_pages, v_pages))
-        return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=cfg.layer_window(layer))
+    def attend_local(q, k, v, k_pages, v_pages, batch, *, window):
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+        return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
 
+    def attend(q, k, v, layer):
+        fn = functools.partial(attend_local, window=cfg.layer_window(layer))
+        if mesh is not None:
+            heads, pages = P(None, TP_AXIS, None), P(TP_AXIS)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, pages, pages, P()),
+                               out_specs=(heads, pages, pages), check_vma=False)  # fmt: skip
+        out, k_pages, v_pages = fn(q, k, v, *kv_cache[layer], batch)
+        new_cache.append((k_pages, v_pages))
+        return out
+
+    replicated = (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P()))) if mesh else (lambda a: a)
     for layer, lp in enumerate(params["layers"]):
-        x = decoder_layer(lp, x, batch.positions, layer, cfg, attend)
+        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend))
     if not all_logits:
         x = x[batch.logits_indices]
-    return final_hidden_to_logits(params, x, cfg), new_cache
+    return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
 
 
 def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):

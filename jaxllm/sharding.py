@@ -1,0 +1,207 @@
+"""Tensor parallelism as data: a device mesh, a logical-axis rules table, and the TP layout plan.
+
+Model code names logical axes only (jaxllm/models/params.py); `RULES` maps them onto the mesh's
+"tp" axis: attention heads and the MLP's up/gate are column-parallel, the output and down
+projections row-parallel (their inputs are split, XLA all-reduces their outputs), the embedding and
+LM head are split over the vocabulary, norms are replicated. The KV cache is split by KV head.
+
+`plan_tensor_parallel` decides how a model that does not divide evenly is laid out:
+  * KV heads: with N devices and K KV heads, K is padded with empty heads to K' (the smallest
+    K' >= K that N divides, or that divides N); when N > K', each KV head is replicated r = N / K'
+    times, and each replica serves a slice of its query-head group (groups are padded with empty
+    query heads so that r divides them). Empty heads have zero weights and contribute nothing.
+  * The MLP width and the vocabulary are padded with zeros to multiples of N; padded logits are cut
+    off before sampling.
+With N = 1, or a model that divides evenly, the plan changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.params import ParamSpec, is_spec, param_specs
+
+TP_AXIS = "tp"
+
+# Logical axis -> mesh axis (None: replicated).
+RULES: dict[str, str | None] = {
+    "vocab": TP_AXIS,
+    "embed": None,
+    "q_heads": TP_AXIS,
+    "kv_heads": TP_AXIS,
+    "head_dim": None,
+    "ffw": TP_AXIS,
+    "norm": None,
+}
+
+
+def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
+    """A 1-D mesh with axis "tp" over `devices` (default: the first N of jax.devices())."""
+    available = list(devices) if devices is not None else jax.devices()
+    n = tensor_parallel_size
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel_size={n!r} is invalid; allowed: an int >= 1")
+    if n > len(available):
+        raise ValueError(
+            f"tensor_parallel_size={n} exceeds the {len(available)} available devices "
+            f"({available[0].platform}); allowed: 1..{len(available)}"
+        )
+    return Mesh(np.array(available[:n]), (TP_AXIS,))
+
+
+def spec_for(spec: ParamSpec, rules: dict[str, str | None] = RULES) -> P:
+    """The PartitionSpec of a parameter from its logical axes; refuses a mesh axis used twice."""
+    mesh_axes = [rules.get(axis) for axis in spec.axes]
+    used = [a for a in mesh_axes if a is not None]
+    if len(used) != len(set(used)):
+        raise ValueError(f"sharding rules map two axes of {spec.axes} onto the same mesh axis")
+    return P(*mesh_axes)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES):
+    """A pytree of NamedShardings shaped like the params of `cfg`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s, rules)), param_specs(cfg), is_leaf=is_spec)
+
+
+def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    """K/V pages [num_kv_heads, num_pages, page_size, head_dim] are split by KV head."""
+    return NamedSharding(mesh, P(TP_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class TPPlan:
+    """How a model's heads, MLP width and vocabulary are laid out over N devices."""
+
+    size: int  # N
+    num_kv_heads: int  # K of the checkpoint
+    group: int  # G = query heads per KV head, in the checkpoint
+    padded_kv_heads: int  # K' >= K (empty heads appended)
+    kv_replicas: int  # r: copies of each KV head (N > K')
+    padded_group: int  # G' >= G, a multiple of r
+    intermediate_size: int
+    padded_intermediate_size: int
+    vocab_size: int
+    padded_vocab_size: int
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.padded_kv_heads, self.kv_replicas, self.padded_group) == (self.num_kv_heads, 1, self.group) and (
+            self.padded_intermediate_size == self.intermediate_size and self.padded_vocab_size == self.vocab_size
+        )
+
+    def engine_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config the sharded engine runs with (padded and replicated head counts)."""
+        if self.is_identity:
+            return cfg
+        return dataclasses.replace(
+            cfg,
+            num_heads=self.padded_kv_heads * self.padded_group,
+            num_kv_heads=self.padded_kv_heads * self.kv_replicas,
+            intermediate_size=self.padded_intermediate_size,
+            padded_vocab_size=self.padded_vocab_size if self.padded_vocab_size != self.vocab_size else 0,
+        )
+
+    # ---- numpy layout changes, applied to each tensor as it is loaded --------------------------
+    def _q_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
+        """[..., H, ...] along `axis` -> [..., K' * G', ...]: groups padded, empty groups appended."""
+        K, G, Kp, Gp = self.num_kv_heads, self.group, self.padded_kv_heads, self.padded_group
+        shape = w.shape
+        w = w.reshape(shape[:axis] + (K, G) + shape[axis + 1 :])
+        pad = [(0, 0)] * w.ndim
+        pad[axis], pad[axis + 1] = (0, Kp - K), (0, Gp - G)
+        w = np.pad(w, pad)
+        return w.reshape(shape[:axis] + (Kp * Gp,) + shape[axis + 1 :])
+
+    def _kv_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
+        """[..., K, ...] -> [..., K' * r, ...]: empty heads appended, each head repeated r times."""
+        pad = [(0, 0)] * w.ndim
+        pad[axis] = (0, self.padded_kv_heads - self.num_kv_heads)
+        return np.repeat(np.pad(w, pad), self.kv_replicas, axis=axis)
+
+    def transform(self, path: str, w: np.ndarray) -> np.ndarray:
+        if self.is_identity:
+            return w
+        name = path.rsplit(".", 1)[-1]
+        if name in ("wq", "bq"):
+            return self._q_heads(w, 1 if name == "wq" else 0)
+        if name == "wo":
+            return self._q_heads(w, 0)
+        if name in ("wk", "wv", "bk", "bv"):
+            return self._kv_heads(w, 1 if name in ("wk", "wv") else 0)
+        if name in ("w_gate", "w_up", "w_down"):
+            axis = 0 if name == "w_down" else 1
+            pad = [(0, 0)] * w.ndim
+            pad[axis] = (0, self.padded_intermediate_size - self.intermediate_size)
+            return np.pad(w, pad)
+        if name in ("embed", "lm_head"):
+            axis = 0 if name == "embed" else 1
+            pad = [(0, 0)] * w.ndim
+            pad[axis] = (0, self.padded_vocab_size - self.vocab_size)
+            return np.pad(w, pad)
+        return w
+
+    def restore(self, path: str, w):
+        """Inverse of `transform` (for saving a sharded engine in the checkpoint's layout)."""
+        if self.is_identity:
+            return w
+        name = path.rsplit(".", 1)[-1]
+        K, G, Kp, Gp, r = self.num_kv_heads, self.group, self.padded_kv_heads, self.padded_group, self.kv_replicas
+        if name in ("wq", "bq", "wo"):
+            axis = 0 if name in ("bq", "wo") else 1
+            shape = w.shape
+            w = w.reshape(shape[:axis] + (Kp, Gp) + shape[axis + 1 :])
+            index = [slice(None)] * w.ndim
+            index[axis], index[axis + 1] = slice(0, K), slice(0, G)
+            return w[tuple(index)].reshape(shape[:axis] + (K * G,) + shape[axis + 1 :])
+        if name in ("wk", "wv", "bk", "bv"):
+            axis = 1 if name in ("wk", "wv") else 0
+            index = [slice(None)] * w.ndim
+            index[axis] = slice(0, K * r, r)
+            return w[tuple(index)]
+        sizes = {"w_gate": (1, self.intermediate_size), "w_up": (1, self.intermediate_size),
+                 "w_down": (0, self.intermediate_size), "embed": (0, self.vocab_size), "lm_head": (1, self.vocab_size)}  # fmt: skip
+        if name in sizes:
+            axis, size = sizes[name]
+            index = [slice(None)] * w.ndim
+            index[axis] = slice(0, size)
+            return w[tuple(index)]
+        return w
+
+
+def _round_up(x: int, n: int) -> int:
+    return -(-x // n) * n
+
+
+def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TPPlan:
+    K, H = cfg.num_kv_heads, cfg.num_heads
+    G = H // K
+    Kp = next(k for k in range(K, K + size + 1) if k % size == 0 or size % k == 0)
+    r = size // Kp if size > Kp else 1
+    Gp = _round_up(G, r)
+    return TPPlan(
+        size=size,
+        num_kv_heads=K,
+        group=G,
+        padded_kv_heads=Kp,
+        kv_replicas=r,
+        padded_group=Gp,
+        intermediate_size=cfg.intermediate_size,
+        padded_intermediate_size=_round_up(cfg.intermediate_size, size),
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=_round_up(cfg.vocab_size, size),
+    )
+
+
+def place_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array present on every process; each device gets only its shard."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

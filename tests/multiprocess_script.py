@@ -1,0 +1,33 @@
+"""Run by tests/test_multiprocess.py under `python -m jaxllm.launch` (process 0 only)."""
+
+import asyncio
+import json
+import sys
+
+import jax
+
+from jaxllm import LLM, SamplingParams
+
+out_file, model = sys.argv[1], sys.argv[2]
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+with LLM(model=model, dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=jax.device_count(),
+         max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    streamed = []
+    for partial in llm.generate_async(PROMPTS[0], params, streaming=True):
+        streamed += partial.outputs[0].token_ids_diff
+
+    async def run_async():
+        return (await llm.generate_async(PROMPTS[2], params)).outputs[0].token_ids
+
+    result = {
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "tokens": tokens,
+        "streamed": streamed,
+        "async": asyncio.run(run_async()),
+        "stats": len(llm.get_stats(timeout=2)),
+    }
+with open(out_file, "w") as f:
+    json.dump(result, f)

@@ -1,0 +1,33 @@
+"""Two processes x 4 CPU devices over localhost (jax.distributed, gloo), started by the launcher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxllm import SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+
+
+def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_path):
+    model = str(tiny_dir("llama-odd"))
+    expected = [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
+        PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)]  # fmt: skip
+    out = tmp_path / "result.json"
+    script = Path(__file__).with_name("multiprocess_script.py")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", "--cpu-devices-per-process",
+                           "4", str(script), str(out), model], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2 and result["devices"] == 8
+    assert result["tokens"] == expected
+    assert result["streamed"] == expected[0] and result["async"] == expected[2]
+    assert result["stats"] > 0
+
+
+def test_launcher_arguments_are_checked():
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nnodes", "2", "x.py"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--coordinator" in proc.stderr

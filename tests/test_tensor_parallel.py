@@ -1,0 +1,72 @@
+"""Tensor parallelism on 8 virtual CPU devices: the same tokens as one device, and the planned shardings."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.sharding import plan_tensor_parallel
+from jaxllm.models.params import flatten_paths
+from tests import tiny
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+FAMILIES = tiny.FAMILIES + ["llama-odd"]
+
+
+def _tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llm):
+    return {name: _tokens(tiny_llm(name)) for name in FAMILIES}
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tp_gives_the_single_device_tokens(name, tiny_dir, single):
+    for n in (2, 4, 8):
+        with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=n,
+                 max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
+            assert _tokens(llm) == single[name], f"{name} TP={n}"
+            plan, cfg = llm.tp_plan, llm.engine_config
+            assert cfg.num_kv_heads % n == 0 and cfg.num_heads % n == 0
+            runner = llm._engine.runner
+            flat = flatten_paths(runner.params)
+            expect = {"embed": P("tp", None), "final_norm": P(None), "layers.0.wq": P(None, "tp", None),
+                      "layers.0.wk": P(None, "tp", None), "layers.0.wo": P("tp", None, None),
+                      "layers.0.w_up": P(None, "tp"), "layers.0.w_down": P("tp", None), "layers.1.attn_norm": P(None)}  # fmt: skip
+            for path, spec in expect.items():
+                assert flat[path].sharding.spec == spec, path
+                assert len(flat[path].sharding.device_set) == n
+            k_pages = runner.kv_cache[0][0]
+            assert k_pages.sharding.spec == P("tp") and k_pages.shape[0] == cfg.num_kv_heads
+            shard = k_pages.addressable_shards[0].data
+            assert shard.shape[0] == cfg.num_kv_heads // n  # each device holds only its KV heads
+
+
+def test_plan_pads_and_replicates_heads():
+    cfg = tiny.build_tiny  # noqa: F841 (the plan needs only the config numbers)
+    from jaxllm.config import ModelConfig, RopeConfig
+
+    base = ModelConfig("LlamaForCausalLM", "llama", vocab_size=330, hidden_size=48, intermediate_size=100, num_layers=1,
+                       num_heads=6, num_kv_heads=3, head_dim=8, rms_norm_eps=1e-5, rope=RopeConfig(theta=1e4))  # fmt: skip
+    two = plan_tensor_parallel(base, 2)
+    assert (two.padded_kv_heads, two.kv_replicas, two.padded_group) == (4, 1, 2)
+    eight = plan_tensor_parallel(base, 8)
+    assert (eight.padded_kv_heads, eight.kv_replicas, eight.padded_group) == (4, 2, 2)
+    assert (eight.padded_intermediate_size, eight.padded_vocab_size) == (104, 336)
+    w = np.random.default_rng(0).normal(size=(48, 3, 8)).astype(np.float32)
+    assert np.array_equal(eight.restore("layers.0.wk", eight.transform("layers.0.wk", w)), w)
+    wq = np.random.default_rng(1).normal(size=(48, 6, 8)).astype(np.float32)
+    assert np.array_equal(eight.restore("layers.0.wq", eight.transform("layers.0.wq", wq)), wq)
+    assert plan_tensor_parallel(base, 3).is_identity is False and plan_tensor_parallel(base, 1).is_identity
+
+
+def test_bad_tensor_parallel_sizes():
+    for n, error, message in [(0, ValueError, "tensor_parallel_size=0"), (-2, ValueError, "tensor_parallel_size=-2"),
+                              (64, ValueError, "exceeds the 8 available devices"), ("2", ValueError, "tensor_parallel_size='2'")]:  # fmt: skip
+        with pytest.raises(error, match=message):
+            LLM(model="/nonexistent", tensor_parallel_size=n)
