@@ -28,12 +28,27 @@ sys.path.insert(0, str(HERE))
 from gpu_e2e import _decode_ms, synthetic  # noqa: E402
 
 
-def engine(model: str, tp: int, backend: str | None, args, **extra):
+def engine(model: str, tp: int, backend: str | None, args, precompile=()):
+    """An engine with random weights; `precompile` lists (num_tokens, max_query_len) of mixed steps
+    and (B, 1) of decode steps to compile in parallel before anything is timed."""
     from jaxllm import LLM
+    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
 
-    return LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
-               max_seq_len=args.max_seq_len, **extra)  # fmt: skip
+    llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
+              max_seq_len=args.max_seq_len)  # fmt: skip
+    runner = llm._engine.runner
+    P, shapes = runner.page_buckets[0], []
+    for tokens, q in precompile:
+        if q == 1:
+            B = bucket_for(min(tokens, args.max_batch), runner.seq_buckets)
+            shapes.append(StepShape(B, B, P, 1))
+            continue
+        T = bucket_for(min(tokens, args.max_tokens), runner.token_buckets)
+        Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
+        shapes.append(StepShape(T, min(T, args.max_batch), P, Q))
+    runner.precompile(shapes, progress=False, threads=8)
+    return llm
 
 
 def greedy(llm, prompts, n):
@@ -106,10 +121,10 @@ def main() -> None:
     args = parser.parse_args()
     small, big = "smollm2-135m", "llama-3.1-8b"
     args.max_batch, args.max_tokens, args.max_seq_len = 256, 8192, 2304
-    tokens, decode_n, off_128, off_2048 = 16, 64, 256, 32
+    tokens, decode_n, off_128, off_2048, long = 16, 64, 256, 16, 2048
     if args.smoke:
         big, args.max_batch, args.max_tokens, args.max_seq_len = small, 8, 256, 512
-        tokens, decode_n, off_128, off_2048 = 4, 8, 8, 2
+        tokens, decode_n, off_128, off_2048, long = 4, 8, 8, 2, 256
     import jax
 
     result: dict = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
@@ -123,9 +138,10 @@ def main() -> None:
         print(key, json.dumps(value), flush=True)
 
     prompts = [p * k for p, k in zip(synthetic(4, 1, 1000, 0), (7, 40, 130, 300))]
+    agree_shapes = [(512, 256), (4, 1)]
     smol = {}
     for label, tp, backend in (("xla_tp1", 1, "xla"), ("pallas_tp1", 1, None), ("pallas_tp2", 2, None)):
-        with engine(small, tp, backend, args) as llm:
+        with engine(small, tp, backend, args, agree_shapes) as llm:
             smol[label] = greedy(llm, prompts, tokens)
     save("smollm2_pallas_tp1_vs_xla_tp1", agreement(smol["xla_tp1"], smol["pallas_tp1"]))
     save("smollm2_tp2_vs_tp1", agreement(smol["pallas_tp1"], smol["pallas_tp2"]))
@@ -133,13 +149,15 @@ def main() -> None:
     ref = {}
     for tp in (1, 2):
         t0 = time.perf_counter()
-        with engine(big, tp, None, args) as llm:
+        shapes = agree_shapes + [(128, 128), (1, 1)]
+        shapes += [(args.max_tokens, long), (off_2048, 1)] if tp == 1 else [(args.max_tokens, 128), (args.max_batch, 1)]
+        with engine(big, tp, None, args, shapes) as llm:
             vocab = llm.config.vocab_size
             save(f"llama8b_tp{tp}_build_s", time.perf_counter() - t0)
             ref[tp] = greedy(llm, prompts, tokens)
             save(f"llama8b_tp{tp}_batch1_decode_ms", batch1_ms(llm, vocab, decode_n))
             if tp == 1:
-                save("llama8b_tp1_offline_2048_128", offline(llm, 2048, 128, off_2048, vocab))
+                save("llama8b_tp1_offline_2048_128", offline(llm, long, 128, off_2048, vocab))
             else:
                 save("llama8b_tp2_offline_128_128", offline(llm, 128, 128, off_128, vocab))
                 cfg = llm.engine_config

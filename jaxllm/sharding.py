@@ -112,42 +112,43 @@ class TPPlan:
         )
 
     # ---- numpy layout changes, applied to each tensor as it is loaded --------------------------
-    def _q_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
+    def _q_heads(self, w, axis: int, xp=np):
         """[..., H, ...] along `axis` -> [..., K' * G', ...]: groups padded, empty groups appended."""
         K, G, Kp, Gp = self.num_kv_heads, self.group, self.padded_kv_heads, self.padded_group
         shape = w.shape
         w = w.reshape(shape[:axis] + (K, G) + shape[axis + 1 :])
         pad = [(0, 0)] * w.ndim
         pad[axis], pad[axis + 1] = (0, Kp - K), (0, Gp - G)
-        w = np.pad(w, pad)
+        w = xp.pad(w, pad)
         return w.reshape(shape[:axis] + (Kp * Gp,) + shape[axis + 1 :])
 
-    def _kv_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
+    def _kv_heads(self, w, axis: int, xp=np):
         """[..., K, ...] -> [..., K' * r, ...]: empty heads appended, each head repeated r times."""
         pad = [(0, 0)] * w.ndim
         pad[axis] = (0, self.padded_kv_heads - self.num_kv_heads)
-        return np.repeat(np.pad(w, pad), self.kv_replicas, axis=axis)
+        return xp.repeat(xp.pad(w, pad), self.kv_replicas, axis=axis)
 
-    def transform(self, path: str, w: np.ndarray) -> np.ndarray:
+    def transform(self, path: str, w, xp=np):
+        """A checkpoint-layout tensor (numpy, or jnp with xp=jnp) in the engine's layout."""
         if self.is_identity:
             return w
         name = path.rsplit(".", 1)[-1]
         if name in ("wq", "bq"):
-            return self._q_heads(w, 1 if name == "wq" else 0)
+            return self._q_heads(w, 1 if name == "wq" else 0, xp)
         if name == "wo":
-            return self._q_heads(w, 0)
+            return self._q_heads(w, 0, xp)
         if name in ("wk", "wv", "bk", "bv"):
-            return self._kv_heads(w, 1 if name in ("wk", "wv") else 0)
+            return self._kv_heads(w, 1 if name in ("wk", "wv") else 0, xp)
         if name in ("w_gate", "w_up", "w_down"):
             axis = 0 if name == "w_down" else 1
             pad = [(0, 0)] * w.ndim
             pad[axis] = (0, self.padded_intermediate_size - self.intermediate_size)
-            return np.pad(w, pad)
+            return xp.pad(w, pad)
         if name in ("embed", "lm_head"):
             axis = 0 if name == "embed" else 1
             pad = [(0, 0)] * w.ndim
             pad[axis] = (0, self.padded_vocab_size - self.vocab_size)
-            return np.pad(w, pad)
+            return xp.pad(w, pad)
         return w
 
     def restore(self, path: str, w):

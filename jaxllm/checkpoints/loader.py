@@ -149,13 +149,22 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
       load_format: 'auto' reads the checkpoint; 'dummy' makes random weights on the device(s).
     """
     from jaxllm import sharding as sharding_lib
-    from jaxllm.models.params import init_params
+    from jaxllm.models.params import init_param, init_params, param_keys, param_specs
 
     engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
     shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
     if load_format == "dummy":
-        make = lambda: init_params(engine_cfg, dtype, jax.random.key(seed))  # noqa: E731
-        return jax.jit(make, out_shardings=shardings)() if shardings is not None else make()
+        # The checkpoint's random weights, whatever the layout: the same model at every TP size.
+        if plan is None or plan.is_identity:
+            make = lambda: init_params(cfg, dtype, jax.random.key(seed))  # noqa: E731
+            return jax.jit(make, out_shardings=shardings)() if shardings is not None else make()
+        specs = flatten_paths(param_specs(cfg))
+
+        def make_all():
+            keys = param_keys(cfg, jax.random.key(seed))
+            return {path: plan.transform(path, init_param(spec, keys[path], dtype), xp=jnp) for path, spec in specs.items()}
+
+        return unflatten_paths(jax.jit(make_all, out_shardings=flatten_paths(shardings))(), engine_cfg)
     if mesh is None:
         return load_params(resolved, cfg, dtype, progress=progress)
     if resolved.kind == "saved" and plan.is_identity:

@@ -92,20 +92,25 @@ def abstract_params(cfg: ModelConfig, dtype) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=is_spec)
 
 
+def init_param(spec: ParamSpec, key: jax.Array, dtype, std: float = 0.02) -> jax.Array:
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def param_keys(cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """One random key per parameter path (what init_params draws each parameter from)."""
+    paths = list(flatten_paths(param_specs(cfg)))
+    return dict(zip(paths, jax.random.split(key, len(paths))))
+
+
 def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> dict:
     """Random weights with the right shapes (dummy loading for benchmarks; tests)."""
-    specs = param_specs(cfg)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    keys = jax.random.split(key, len(leaves))
-
-    def make(spec: ParamSpec, k):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
-        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
-
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    keys = param_keys(cfg, key)
+    flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(cfg)).items()}
+    return unflatten_paths(flat, cfg)
 
 
 def flatten_paths(tree) -> dict[str, object]:
