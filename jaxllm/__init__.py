@@ -12,7 +12,10 @@ from jaxllm import distributed as _distributed
 _distributed.initialize_from_env()
 
 from jaxllm.llm import LLM  # noqa: E402
-from jaxllm.llm_args import KvCacheConfig  # noqa: E402
+from jaxllm.llm_args import KvCacheConfig, KvCacheRetentionConfig  # noqa: E402
+from jaxllm.adapters import LoraConfig, LoRARequest, PromptAdapterRequest  # noqa: E402
+from jaxllm.disaggregated_params import DisaggregatedParams  # noqa: E402
+from jaxllm.scheduling_params import SchedulingParams  # noqa: E402
 from jaxllm.inputs import PreprocessedInputs  # noqa: E402
 from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput  # noqa: E402
 from jaxllm.sampling_params import SamplingParams  # noqa: E402
@@ -23,6 +26,12 @@ __all__ = [
     "LLM",
     "SamplingParams",
     "KvCacheConfig",
+    "KvCacheRetentionConfig",
+    "LoRARequest",
+    "LoraConfig",
+    "PromptAdapterRequest",
+    "DisaggregatedParams",
+    "SchedulingParams",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

@@ -34,8 +34,11 @@ from jaxllm.engine.kv_planner import plan_num_pages
 from jaxllm.engine.runner import ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.sequence import Request
+from jaxllm.adapters import LoRARequest, PromptAdapterRequest
+from jaxllm.disaggregated_params import DisaggregatedParams
 from jaxllm.inputs import PreprocessedInputs
-from jaxllm.llm_args import EngineArgs
+from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
+from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.params import flatten_paths, unflatten_paths
 from jaxllm.outputs import RequestOutput
@@ -50,15 +53,37 @@ ATTENTION_BACKENDS = ("xla", "pallas")
 SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
 _logged_backend_alias = False
 
-# Request-level extras of the seed that later work adds; until then a non-None value is refused.
-_UNSUPPORTED_REQUEST_ARGS = {
-    "lora_request": "LoRA adapters (lora_request)",
-    "prompt_adapter_request": "prompt adapters (prompt_adapter_request)",
-    "kv_cache_retention_config": "KV-cache retention (kv_cache_retention_config)",
-    "disaggregated_params": "disaggregated serving (disaggregated_params)",
-    "scheduling_params": "scheduling parameters (scheduling_params)",
-    "cache_salt": "KV-cache salt (cache_salt)",
+# The seed's request-level arguments of generate / generate_async: name -> (accepted type, label).
+REQUEST_EXTRAS = {
+    "lora_request": (LoRARequest, "LoRA adapters (lora_request)"),
+    "prompt_adapter_request": (PromptAdapterRequest, "prompt adapters (prompt_adapter_request)"),
+    "kv_cache_retention_config": (KvCacheRetentionConfig, "KV-cache retention (kv_cache_retention_config)"),
+    "disaggregated_params": (DisaggregatedParams, "disaggregated serving (disaggregated_params)"),
+    "scheduling_params": (SchedulingParams, "scheduling parameters (scheduling_params)"),
+    "cache_salt": (str, "KV-cache salt (cache_salt)"),
 }
+# Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
+_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params",
+                      "scheduling_params", "cache_salt"}
+
+
+def request_extras(n: int, **extras) -> list[dict]:
+    """Validate the request-level arguments and spread them over n prompts (one value shared, or
+    a list of one per prompt): a list of n {name: value} dicts."""
+    per = {}
+    for name, value in extras.items():
+        kind, label = REQUEST_EXTRAS[name]
+        values = inputs_lib.per_prompt(value, n, name)
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if not isinstance(v, kind):
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
+            if name in _NOT_YET_SUPPORTED:
+                raise NotImplementedError(f"{label} is not supported yet")
+        per[name] = values
+    return [{name: values[i] for name, values in per.items()} for i in range(n)]
 
 
 def default_backend() -> str:
@@ -246,11 +271,6 @@ class LLM:
             raise EngineShutdown("this LLM has been shut down")
         return self._engine
 
-    def _check_request_args(self, **extras) -> None:
-        for name, value in extras.items():
-            if value is not None:
-                raise NotImplementedError(f"{_UNSUPPORTED_REQUEST_ARGS[name]} is not supported yet")
-
     def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
         if isinstance(prompt, PreprocessedInputs):
             return prompt
@@ -268,7 +288,7 @@ class LLM:
         out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         return out[0] if single else out
 
-    def _make_request(self, pre: PreprocessedInputs, streaming: bool) -> Request:
+    def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
         engine = self._check_open()
         params = pre.sampling_params
         tok = self.tokenizer
@@ -301,6 +321,15 @@ class LLM:
             bad_word_ids=tuple(bad_words),
             embedding_bias=bias,
         )
+        extras = extras or {}
+        request.lora_request = extras.get("lora_request")
+        request.prompt_adapter_request = extras.get("prompt_adapter_request")
+        request.retention = extras.get("kv_cache_retention_config")
+        request.cache_salt = extras.get("cache_salt")
+        request.disaggregated_params = extras.get("disaggregated_params")
+        scheduling = extras.get("scheduling_params")
+        if scheduling is not None:
+            request.priority = float(scheduling.priority)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
         return request
@@ -318,17 +347,17 @@ class LLM:
         cache_salt=None,
     ) -> RequestOutput:
         """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration)."""
-        self._check_request_args(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
-                                 kv_cache_retention_config=kv_cache_retention_config,
-                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
-                                 cache_salt=cache_salt)  # fmt: skip
+        extras = request_extras(1, lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
+                                kv_cache_retention_config=kv_cache_retention_config,
+                                disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
+                                cache_salt=cache_salt)[0]  # fmt: skip
         if not isinstance(streaming, bool):
             raise TypeError(f"streaming must be a bool, got {streaming!r}")
         if not inputs_lib.is_single_prompt(inputs):
             raise TypeError("generate_async takes one prompt; call it once per prompt (or use generate for a batch)")
         params = inputs_lib.params_list(sampling_params, 1)[0]
         pre = self._preprocess_one(inputs, params, "prompt")
-        request = self._make_request(pre, streaming)
+        request = self._make_request(pre, streaming, extras)
         self._check_open().submit(request)
         return request.output
 
@@ -344,16 +373,20 @@ class LLM:
         scheduling_params=None,
         cache_salt=None,
     ):
-        """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order)."""
-        self._check_request_args(lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
-                                 kv_cache_retention_config=kv_cache_retention_config,
-                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
-                                 cache_salt=cache_salt)  # fmt: skip
+        """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order).
+
+        The request-level arguments (lora_request, ..., cache_salt) take one value for every
+        prompt or a list of one per prompt.
+        """
         prompts, single = inputs_lib.as_prompt_list(inputs)
+        extras = request_extras(len(prompts), lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
+                                kv_cache_retention_config=kv_cache_retention_config,
+                                disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
+                                cache_salt=cache_salt)  # fmt: skip
         params = inputs_lib.params_list(sampling_params, len(prompts))
         # Validate everything first: one bad prompt rejects the call before anything is queued.
         pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
-        requests = [self._make_request(p, streaming=False) for p in pre]
+        requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
         engine = self._check_open()
         for request in requests:
             engine.submit(request)

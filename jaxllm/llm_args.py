@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import datetime
+from typing import Any, List, Optional
 
 
 def _positive_int(name: str, value, allow_none: bool = True) -> None:
@@ -42,6 +43,93 @@ class KvCacheConfig:
             raise ValueError(f"tokens_per_block={tpb} is invalid; allowed: a power of two up to 1024")
         if not isinstance(self.enable_block_reuse, bool):
             raise TypeError(f"enable_block_reuse must be a bool, got {self.enable_block_reuse!r}")
+
+
+RETENTION_PRIORITY_MIN, RETENTION_PRIORITY_MAX, RETENTION_PRIORITY_DEFAULT = 0, 100, 35
+
+
+def _check_priority(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not RETENTION_PRIORITY_MIN <= value <= RETENTION_PRIORITY_MAX:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: an int in [{RETENTION_PRIORITY_MIN}, {RETENTION_PRIORITY_MAX}]")
+
+
+def _duration_ms(name: str, value) -> Optional[float]:
+    """A retention duration (timedelta, or milliseconds) in milliseconds; None means forever."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        ms = value.total_seconds() * 1e3
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ms = float(value)
+    else:
+        raise TypeError(f"{name} must be a datetime.timedelta, milliseconds or None, got {value!r}")
+    if ms <= 0:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: a positive duration or None")
+    return ms
+
+
+@dataclasses.dataclass
+class TokenRangeRetentionConfig:
+    """Retention priority of the KV pages holding prompt tokens [token_start, token_end).
+
+    token_end None means to the end of the prompt; after `duration_ms` (a timedelta or
+    milliseconds) the pages fall back to the default priority (35).
+    """
+
+    token_start: int
+    token_end: Optional[int] = None
+    priority: int = RETENTION_PRIORITY_DEFAULT
+    duration_ms: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.token_start, bool) or not isinstance(self.token_start, int) or self.token_start < 0:
+            raise ValueError(f"token_start={self.token_start!r} is invalid; allowed: an int >= 0")
+        if self.token_end is not None and (
+            isinstance(self.token_end, bool) or not isinstance(self.token_end, int) or self.token_end <= self.token_start
+        ):
+            raise ValueError(f"token_end={self.token_end!r} is invalid; allowed: None or an int > token_start={self.token_start}")
+        _check_priority("priority", self.priority)
+        _duration_ms("duration_ms", self.duration_ms)
+
+
+@dataclasses.dataclass
+class KvCacheRetentionConfig:
+    """How long a request's KV pages should stay reusable after it finishes (TensorRT-LLM's names).
+
+    When the cache is full, the engine evicts reusable pages of the lowest priority first (least
+    recently used first among equals). Priorities are ints in [0, 100]; the default is 35.
+
+    Args:
+      token_range_retention_configs: prompt token ranges and their priorities (ranges must not
+        overlap; only the last may have token_end=None).
+      decode_retention_priority: priority of the pages of generated tokens.
+      decode_duration_ms: how long that priority lasts (None: until evicted).
+    """
+
+    TokenRangeRetentionConfig = TokenRangeRetentionConfig
+
+    token_range_retention_configs: List[TokenRangeRetentionConfig] = dataclasses.field(default_factory=list)
+    decode_retention_priority: int = RETENTION_PRIORITY_DEFAULT
+    decode_duration_ms: Any = None
+    transfer_mode: Any = None
+    directory: Optional[str] = None
+
+    def __post_init__(self):
+        ranges = self.token_range_retention_configs
+        if not isinstance(ranges, (list, tuple)) or any(not isinstance(r, TokenRangeRetentionConfig) for r in ranges):
+            raise TypeError("token_range_retention_configs must be a list of TokenRangeRetentionConfig")
+        ordered = sorted(ranges, key=lambda r: r.token_start)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.token_end is None or a.token_end > b.token_start:
+                raise ValueError(
+                    f"token ranges [{a.token_start}, {a.token_end}) and [{b.token_start}, {b.token_end}) overlap; "
+                    "allowed: disjoint ranges, only the last open-ended"
+                )
+        self.token_range_retention_configs = ordered
+        _check_priority("decode_retention_priority", self.decode_retention_priority)
+        _duration_ms("decode_duration_ms", self.decode_duration_ms)
+        if self.directory is not None:
+            raise ValueError("KvCacheRetentionConfig.directory (offloading pages to files) is not supported; allowed: None")
 
 
 @dataclasses.dataclass

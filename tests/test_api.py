@@ -232,11 +232,13 @@ def test_preprocess_stats_and_seed_api_names(llama):
     assert llama.llm_id and llama.disaggregated_params is None
 
 
-def test_request_extras_are_refused_until_implemented(llama):
+def test_request_extras_are_validated_at_the_boundary(llama):
     for name in ("lora_request", "prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params",
                  "scheduling_params", "cache_salt"):  # fmt: skip
-        with pytest.raises(NotImplementedError, match=name):
+        with pytest.raises(TypeError, match=name):
             llama.generate(PROMPT, SamplingParams(max_tokens=1), use_tqdm=False, **{name: object()})
+    with pytest.raises(ValueError, match="3 cache_salt for 2 prompts"):
+        llama.generate([PROMPT, PROMPT], use_tqdm=False, cache_salt=["a", "b", "c"])
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "_autodeploy", "xla"])

@@ -76,7 +76,13 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()  # end_id / eos and stop_token_ids (unless ignore_eos)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # bad and bad_token_ids as token sequences
     embedding_bias: Any = None  # numpy [vocab] float32 or None
-    priority: float = 0.5
+    priority: float = 0.5  # SchedulingParams.priority: higher runs first under contention
+    # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.
+    lora_request: Any = None  # adapters.LoRARequest
+    prompt_adapter_request: Any = None  # adapters.PromptAdapterRequest
+    retention: Any = None  # llm_args.KvCacheRetentionConfig
+    cache_salt: Optional[str] = None
+    disaggregated_params: Any = None  # disaggregated_params.DisaggregatedParams
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     aborted: bool = False
