@@ -214,7 +214,7 @@ class LLM:
         max_num_tokens = args.max_num_tokens
         devices = list(self.mesh.devices.flat) if self.mesh is not None else None
         num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size, devices,
-                                   tp_kv_shards=self.tensor_parallel_size)  # fmt: skip
+                                   tp_kv_shards=self.tensor_parallel_size, max_seq_len=args.max_seq_len)  # fmt: skip
         capacity = (num_pages - 1) * page_size
         if num_pages < 2:
             raise ValueError(

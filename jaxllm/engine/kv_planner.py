@@ -2,7 +2,9 @@
 
 On a GPU: pages = free_gpu_memory_fraction x (memory left after the weights, less the step's
 activation estimate) / bytes per page. On the CPU, which shares memory with everything else, the
-cache takes at most min(1 GiB, 10% of RAM). `max_tokens` caps both.
+caches of all the process's devices together take at most min(1 GiB, 10% of RAM), and never more
+than the engine can fill at once (max_batch_size sequences of max_seq_len tokens). `max_tokens`
+caps both.
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ def device_free_bytes(device) -> int | None:
 
 
 def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_num_tokens: int,
-                   max_batch_size: int, devices=None, tp_kv_shards: int = 1) -> int:  # fmt: skip
-    """How many pages (page 0 included) the KV cache gets."""
-    devices = [d for d in (devices or jax.local_devices()) if d.process_index == jax.process_index()]
+                   max_batch_size: int, devices=None, tp_kv_shards: int = 1, max_seq_len: int | None = None) -> int:  # fmt: skip
+    """How many pages (page 0 included) the KV cache gets.
+
+    Args:
+      devices: the devices holding the cache (default: the first local device).
+      max_seq_len: the longest sequence the engine serves (default: the model's maximum); on the
+        CPU the cache holds at most max_batch_size of them.
+    """
+    devices = [d for d in (devices or jax.local_devices()[:1]) if d.process_index == jax.process_index()]
     per_token = bytes_per_token(cfg, kv_dtype, tp_kv_shards)
     free = [device_free_bytes(d) for d in devices]
     if devices[0].platform != "cpu" and all(f is not None for f in free):
@@ -52,8 +60,11 @@ def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_nu
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             ram = 8 << 30
-        budget = min(CPU_BUDGET_BYTES, CPU_RAM_SHARE * ram)
+        # Virtual CPU devices share the host's RAM: the budget is for all of them together.
+        budget = min(CPU_BUDGET_BYTES, CPU_RAM_SHARE * ram) / len(devices)
     tokens = int(max(0, budget) // per_token)
+    if devices[0].platform == "cpu":
+        tokens = min(tokens, max_batch_size * (max_seq_len or cfg.max_position_embeddings))
     if kv_config.max_tokens is not None:
         tokens = min(tokens, kv_config.max_tokens)
     return tokens // page_size + 1
