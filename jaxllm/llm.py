@@ -11,6 +11,7 @@ anything reaches the engine, so a bad prompt raises in the caller and the engine
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -29,6 +30,7 @@ from jaxllm import inputs as inputs_lib
 from jaxllm.checkpoints import loader, saved
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine import kv_transfer
 from jaxllm.engine.engine import Engine, EngineShutdown
 from jaxllm.engine.kv_planner import plan_num_pages
 from jaxllm.engine.runner import ModelRunner, RunnerConfig
@@ -41,7 +43,7 @@ from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
 from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.params import flatten_paths, unflatten_paths
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import RequestOutput, Update
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
@@ -63,8 +65,8 @@ REQUEST_EXTRAS = {
     "cache_salt": (str, "KV-cache salt (cache_salt)"),
 }
 # Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
-_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params",
-                      "scheduling_params", "cache_salt"}
+_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "kv_cache_retention_config", "scheduling_params",
+                      "cache_salt"}
 
 
 def request_extras(n: int, **extras) -> list[dict]:
@@ -147,17 +149,27 @@ class LLM:
         revision: Optional[str] = None,
         tokenizer_revision: Optional[str] = None,
         backend: Optional[str] = None,
+        devices: Optional[list] = None,
         _follower_channel: Any = None,
         **kwargs: Any,
     ):
+        """Load a model and start its engine.
+
+        Beyond TensorRT-LLM's arguments: `devices`, the JAX devices to run on (default: the first
+        `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
+        Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py.
+        """
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
+        self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
         self.llm_id = uuid.uuid4().hex
         self.disaggregated_params = None
         self.workspace = None
         # Multi-process runs (jaxllm/launch.py): the leader tells the followers what to build.
         self._channel = _follower_channel
         if _follower_channel is None and distributed.initialize_from_env():
+            if devices is not None:
+                raise ValueError("devices= cannot be given in a multi-process run: the mesh spans every process")
             if tensor_parallel_size != jax.device_count():
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} must equal the {jax.device_count()} devices of "
@@ -168,7 +180,12 @@ class LLM:
                 "model": str(model), "dtype": dtype if isinstance(dtype, str) else jax.numpy.dtype(dtype).name,
                 "tensor_parallel_size": tensor_parallel_size, "revision": revision, "backend": backend,
                 "skip_tokenizer_init": True, **_jsonable(kwargs)}})  # fmt: skip
-        self.mesh = sharding_lib.make_mesh(tensor_parallel_size) if tensor_parallel_size != 1 else None
+        if devices is not None and (not isinstance(devices, (list, tuple)) or len(devices) != tensor_parallel_size
+                                    or not all(isinstance(d, jax.Device) for d in devices)):  # fmt: skip
+            raise ValueError(f"devices={devices!r} is invalid; allowed: None or a list of "
+                             f"tensor_parallel_size={tensor_parallel_size} jax devices")  # fmt: skip
+        use_mesh = tensor_parallel_size != 1 or devices is not None
+        self.mesh = sharding_lib.make_mesh(tensor_parallel_size, devices) if use_mesh else None
         self.tensor_parallel_size = tensor_parallel_size
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
@@ -255,7 +272,13 @@ class LLM:
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
             BlockManager(num_pages, page_size),
         )
-        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size)
+        transceiver = args.cache_transceiver_config
+        transfer = kv_transfer.TransferSettings(
+            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, kv_dtype), plan=self.tp_plan,
+            host=transceiver.host, port=transceiver.port, timeout_s=transceiver.kv_transfer_timeout_ms / 1e3,
+        )  # fmt: skip
+        self._kv_fingerprint = transfer.fingerprint
+        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer)
         self._request_ids = itertools.count()
 
     def _agree_on(self, name: str, value: int) -> int:
@@ -288,8 +311,68 @@ class LLM:
         out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         return out[0] if single else out
 
+    def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs) -> dict | None:
+        """Validate a request's DisaggregatedParams against its prompt and this model; returns the
+        context state a generation_only request fetches its pages with (None otherwise)."""
+        if dp is None or dp.request_type in (None, "context_and_generation"):
+            return None
+        params = pre.sampling_params
+        if params.best_of != 1:
+            raise ValueError(f"a {dp.request_type} request takes n=1 and best_of=1; got n={params.n}, "
+                             f"best_of={params.best_of}")  # fmt: skip
+        if self._channel is not None:
+            raise ValueError("disaggregated serving is not supported by a multi-process LLM; run one LLM per process")
+        if dp.request_type == "context_only":
+            return None
+        if dp.opaque_state is None or not dp.first_gen_tokens:
+            raise ValueError(
+                "a generation_only request needs its context state: pass the disaggregated_params of the "
+                "context_only request's output (first_gen_tokens, ctx_request_id, opaque_state)"
+            )
+        if len(dp.first_gen_tokens) != 1 or not 0 <= dp.first_gen_tokens[0] < self.config.vocab_size:
+            raise ValueError(f"first_gen_tokens={dp.first_gen_tokens!r} is invalid; allowed: one token id in "
+                             f"[0, {self.config.vocab_size})")  # fmt: skip
+        state = kv_transfer.decode_state(dp.opaque_state)
+        if state["fingerprint"] != self._kv_fingerprint:
+            raise ValueError("the context state comes from an LLM with another model, KV dtype or head layout; "
+                             "both LLMs must load the same model with the same KV cache dtype")  # fmt: skip
+        if dp.ctx_request_id is not None and dp.ctx_request_id != state["ctx_request_id"]:
+            raise ValueError(f"ctx_request_id={dp.ctx_request_id} does not match the context state's "
+                             f"{state['ctx_request_id']}")  # fmt: skip
+        if state["num_tokens"] != len(pre.prompt_token_ids):
+            raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
+                             f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
+        return state
+
+    def _submit(self, request: Request) -> None:
+        """Queue a request; a generation_only one first fetches its context's pages (in the background)."""
+        engine = self._check_open()
+        if request.context_state is None:
+            engine.submit(request)
+            return
+        with self._shutdown_lock:
+            if self._fetch_pool is None:
+                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
+        self._fetch_pool.submit(self._fetch_and_submit, engine, request)
+
+    @staticmethod
+    def _fetch_and_submit(engine: Engine, request: Request) -> None:
+        try:
+            meta, arrays = kv_transfer.fetch(request.context_state)
+            if meta["prompt_token_ids"] != request.prompt_token_ids:
+                raise kv_transfer.KVTransferError("the prompt differs from the context request's prompt")
+            first = request.disaggregated_params.first_gen_tokens[0]
+            if meta["first_token"] != first:
+                raise kv_transfer.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
+                                                  f"token {meta['first_token']}")  # fmt: skip
+            engine.submit_with_kv(request, meta, arrays)
+        except Exception as e:
+            request.output._post(Update(finished=True, error=e))
+
     def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
         engine = self._check_open()
+        extras = extras or {}
+        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre)
         params = pre.sampling_params
         tok = self.tokenizer
         stop_ids = set(params.stop_token_ids or [])
@@ -321,7 +404,7 @@ class LLM:
             bad_word_ids=tuple(bad_words),
             embedding_bias=bias,
         )
-        extras = extras or {}
+        request.context_state = context_state
         request.lora_request = extras.get("lora_request")
         request.prompt_adapter_request = extras.get("prompt_adapter_request")
         request.retention = extras.get("kv_cache_retention_config")
@@ -358,7 +441,7 @@ class LLM:
         params = inputs_lib.params_list(sampling_params, 1)[0]
         pre = self._preprocess_one(inputs, params, "prompt")
         request = self._make_request(pre, streaming, extras)
-        self._check_open().submit(request)
+        self._submit(request)
         return request.output
 
     def generate(
@@ -387,9 +470,8 @@ class LLM:
         # Validate everything first: one bad prompt rejects the call before anything is queued.
         pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
-        engine = self._check_open()
         for request in requests:
-            engine.submit(request)
+            self._submit(request)
         outputs = [r.output for r in requests]
         bar = tqdm(total=len(outputs), desc="Processed prompts", unit="prompt", disable=not use_tqdm or len(outputs) < 2)
         started = time.perf_counter()
@@ -439,6 +521,9 @@ class LLM:
         """Stop the engine; pending requests fail with EngineShutdown; device memory is released."""
         with self._shutdown_lock:
             engine, self._engine = self._engine, None
+            pool, self._fetch_pool = self._fetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         if engine is None:
             return
         engine.shutdown()

@@ -133,6 +133,34 @@ class KvCacheRetentionConfig:
 
 
 @dataclasses.dataclass
+class CacheTransceiverConfig:
+    """How this LLM hands KV pages to others in disaggregated serving (TensorRT-LLM's name).
+
+    backend: 'DEFAULT' (jaxllm's transfer: device to device within a process, TCP between processes).
+    kv_transfer_timeout_ms: how long a context_only request's pages wait to be fetched before they
+        are released.
+    host, port: where this LLM serves its contexts to other processes (port 0: any free port;
+        host '0.0.0.0' for other hosts, which then reach it by this host's name).
+    """
+
+    backend: str = "DEFAULT"
+    max_tokens_in_buffer: Optional[int] = None
+    kv_transfer_timeout_ms: int = 60_000
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self):
+        if self.backend not in ("DEFAULT",):
+            raise ValueError(f"cache_transceiver_config.backend={self.backend!r} is invalid; allowed: 'DEFAULT'")
+        _positive_int("max_tokens_in_buffer", self.max_tokens_in_buffer)
+        _positive_int("kv_transfer_timeout_ms", self.kv_transfer_timeout_ms, allow_none=False)
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"cache_transceiver_config.host={self.host!r} is invalid; allowed: a host name or address")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"cache_transceiver_config.port={self.port!r} is invalid; allowed: an int in [0, 65535]")
+
+
+@dataclasses.dataclass
 class EngineArgs:
     """The engine arguments `LLM(**kwargs)` accepts (TensorRT-LLM names; defaults as there)."""
 
@@ -154,6 +182,7 @@ class EngineArgs:
     enable_lora: bool = False
     lora_config: Any = None
     max_beam_width: int = 1
+    cache_transceiver_config: Any = None  # disaggregated serving: CacheTransceiverConfig
     # Compilation: persistent compilation cache directory (None: JAX's default behaviour).
     compilation_cache_dir: Optional[str] = None
 
@@ -168,6 +197,13 @@ class EngineArgs:
             self.kv_cache_config = KvCacheConfig(**self.kv_cache_config)
         elif not isinstance(self.kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig or dict, got {type(self.kv_cache_config).__name__}")
+        if self.cache_transceiver_config is None:
+            self.cache_transceiver_config = CacheTransceiverConfig()
+        elif isinstance(self.cache_transceiver_config, dict):
+            self.cache_transceiver_config = CacheTransceiverConfig(**self.cache_transceiver_config)
+        elif not isinstance(self.cache_transceiver_config, CacheTransceiverConfig):
+            raise TypeError(f"cache_transceiver_config must be a CacheTransceiverConfig or dict, "
+                            f"got {type(self.cache_transceiver_config).__name__}")  # fmt: skip
         if not isinstance(self.enable_chunked_prefill, bool):
             raise TypeError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         if self.load_format not in ("auto", "dummy"):

@@ -77,6 +77,7 @@ class Delta:
     generation_logits: Any = None  # rows for the new tokens
     prompt_logprobs: Any = None
     perf_metrics: Optional[dict] = None
+    disaggregated_params: Any = None  # context_only: where the context's KV pages wait
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,8 @@ class RequestOutput:
                 out.prompt_logprobs = d.prompt_logprobs
             if d.perf_metrics is not None:
                 out.request_perf_metrics = d.perf_metrics
+            if d.disaggregated_params is not None:
+                out.disaggregated_params = self.disaggregated_params = d.disaggregated_params
         if update.context_logits is not None:
             self.context_logits = update.context_logits
         if update.drop_indices is not None:

@@ -10,6 +10,7 @@ requests are recomputed.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import queue
@@ -22,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxllm.disaggregated_params import DisaggregatedParams
+from jaxllm.engine import kv_transfer
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
 from jaxllm.engine.runner import ModelRunner, StepRequest
@@ -49,8 +52,14 @@ def derive_seed(base: int, index: int) -> int:
     return x ^ (x >> 31)
 
 
+def is_context_only(request: Request) -> bool:
+    params = request.disaggregated_params
+    return params is not None and params.request_type == "context_only"
+
+
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
+                 transfer: kv_transfer.TransferSettings | None = None):  # fmt: skip
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
@@ -69,6 +78,13 @@ class Engine:
         self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._resample = jax.jit(sampling_lib.sample)
         self.max_active = 0
+        # Disaggregated serving: contexts parked for other LLMs, and the server that hands them out.
+        self.transfer = transfer
+        self.parked: dict[int, kv_transfer.ParkedContext] = {}
+        self._transfer_server: kv_transfer.KVTransferServer | None = None
+        self._pending_imports: collections.deque = collections.deque()  # (request, meta, arrays) awaiting pages
+        if transfer is not None:
+            kv_transfer.register_local(transfer.llm_id, self)
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
@@ -78,6 +94,22 @@ class Engine:
             raise EngineShutdown("the LLM has been shut down")
         self._inbox.put(("add", request))
         self._wake.set()
+
+    def submit_with_kv(self, request: Request, meta: dict, arrays: list) -> None:
+        """A generation_only request with its context's pages (portable layout, kv_transfer.py)."""
+        if self._stop.is_set():
+            raise EngineShutdown("the LLM has been shut down")
+        self._inbox.put(("import", (request, meta, arrays)))
+        self._wake.set()
+
+    def export_kv(self, ctx_request_id: int, secret: str, timeout: float = 60.0) -> tuple[dict, list]:
+        """Hand a parked context's pages to another LLM (any thread but this engine's): (meta, arrays)."""
+        if self._stop.is_set():
+            raise kv_transfer.KVTransferError("the context LLM has been shut down")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("export", (ctx_request_id, secret, done)))
+        self._wake.set()
+        return done.result(timeout)
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
@@ -92,6 +124,9 @@ class Engine:
         for request in list(self.requests.values()):
             self._fail(request, EngineShutdown("the LLM was shut down before this request finished"))
         self.requests.clear()
+        self.parked.clear()
+        if self._transfer_server is not None:
+            self._transfer_server.close()
         self.runner.close()
 
     def stats(self) -> list[dict]:
@@ -105,6 +140,8 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            self._expire_parked()
+            self._retry_imports()
             if not self.scheduler.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -126,6 +163,14 @@ class Engine:
                 self._add(item)
             elif kind == "abort":
                 self._abort(item)
+            elif kind == "import":
+                self._pending_imports.append(item)
+            elif kind == "export":
+                ctx_request_id, secret, done = item
+                try:
+                    done.set_result(self._export(ctx_request_id, secret))
+                except Exception as e:
+                    done.set_exception(e)
 
     def _add(self, request: Request) -> None:
         params = request.params
@@ -173,7 +218,10 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: Any) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
-        self.scheduler.remove(seq)
+        if is_context_only(seq.request) and reason != "cancelled" and seq.num_output_tokens == 1:
+            self._park(seq)
+        else:
+            self.scheduler.remove(seq)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -197,6 +245,9 @@ class Engine:
             self.runner.reset_cache()
             for seq in list(self.scheduler.running):  # their pages were in the lost cache
                 self.scheduler.preempt(seq)
+            for parked in self.parked.values():
+                self.block_manager.free(parked.seq)
+            self.parked.clear()
             return
         touched = self._postprocess(scheduled, step_requests, out)
         self._publish(touched)
@@ -291,26 +342,35 @@ class Engine:
                 continue  # a prefill chunk that does not reach the end samples nothing
             if seq.index == 0 and seq.num_output_tokens == 0:
                 self._start_siblings(seq)
-            token = int(out["tokens"][i])
-            logprob = float(out["logprob"][i])
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            request.last_token_time = time.monotonic()
-            if request.first_token_time is None:
-                request.first_token_time = request.last_token_time
-            if params.logprobs is not None:
-                entry = {token: Logprob(logprob, int(out["rank"][i]))}
-                if params.logprobs:
-                    top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
-                    for rank, (tid, lp) in enumerate(top):
-                        entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
-                if seq.logprobs is None:
-                    seq.logprobs = []
-                seq.logprobs.append(entry)
-            if params.return_generation_logits:
-                seq.generation_logits.append(np.asarray(out["last_logits"][i]))
-            self._check_stop(seq, token)
+            top = None
+            if params.logprobs:
+                top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
+            logits_row = np.asarray(out["last_logits"][i]) if params.return_generation_logits else None
+            self._append_token(seq, int(out["tokens"][i]), float(out["logprob"][i]), int(out["rank"][i]), top,
+                               logits_row)  # fmt: skip
         return touched
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, rank: int, top=None, logits_row=None) -> None:
+        """Add a sampled token to `seq`: log-probabilities, logits, timing, then the stop checks."""
+        request, params = seq.request, seq.request.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        request.last_token_time = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = request.last_token_time
+            request.first_token_rank = rank
+        if params.logprobs is not None:
+            entry = {token: Logprob(logprob, rank)}
+            for r, (tid, lp) in enumerate(top or ()):
+                entry.setdefault(int(tid), Logprob(float(lp), r + 1))
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(entry)
+        if logits_row is not None:
+            seq.generation_logits.append(logits_row)
+        self._check_stop(seq, token)
+        if not seq.finished and is_context_only(request):
+            self._finish(seq, "length", None)  # a context_only request ends at its first token
 
     def _start_siblings(self, first: Sequence) -> None:
         """Queue samples 1..best_of-1 of a request whose prompt sample 0 has just computed; each
@@ -354,6 +414,106 @@ class Engine:
                 self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
             self._finish(seq, "length", None)
 
+    # ---- disaggregated serving (kv_transfer.py) --------------------------------------------------
+    def _park(self, seq: Sequence) -> None:
+        """Keep a finished context_only sequence's pages for the LLM that continues it."""
+        request, settings = seq.request, self.transfer
+        self.scheduler.detach(seq)  # out of the running set, pages still held
+        if self._transfer_server is None:
+            self._transfer_server = kv_transfer.KVTransferServer(self._export_from_server, settings.host, settings.port)
+        secret = kv_transfer.new_secret()
+        self.parked[request.request_id] = kv_transfer.ParkedContext(
+            seq, secret, time.monotonic() + settings.timeout_s, seq.cumulative_logprob, request.first_token_rank
+        )
+        state = kv_transfer.encode_state(
+            llm_id=settings.llm_id, pid=os.getpid(), endpoint=self._transfer_server.endpoint,
+            ctx_request_id=request.request_id, secret=secret, fingerprint=settings.fingerprint,
+            num_tokens=seq.num_prompt_tokens, seed=seq.seed,
+        )  # fmt: skip
+        request.disaggregated_result = DisaggregatedParams(
+            request_type="context_only", first_gen_tokens=[seq.token_ids[-1]], ctx_request_id=request.request_id,
+            opaque_state=state, disagg_request_id=request.disaggregated_params.disagg_request_id,
+        )  # fmt: skip
+
+    def _export_from_server(self, ctx_request_id: int, secret: str) -> tuple[dict, list]:
+        return self.export_kv(ctx_request_id, secret)
+
+    def _export(self, ctx_request_id: int, secret: str) -> tuple[dict, list]:
+        """(engine thread) Gather a parked context's pages in the portable layout, then release them."""
+        parked = self.parked.get(ctx_request_id)
+        if parked is None or parked.secret != secret:
+            raise kv_transfer.KVTransferError(
+                f"no parked context {ctx_request_id} (never made, already fetched, or released after "
+                f"{self.transfer.timeout_s:.0f} s)"
+            )
+        del self.parked[ctx_request_id]
+        seq = parked.seq
+        n = seq.num_prompt_tokens
+        try:
+            pages = self.runner.gather_pages(seq.block_table[: -(-n // self.block_manager.block_size)])
+            arrays = [kv_transfer.to_portable(a, n, self.transfer.plan) for a in pages]
+            jax.block_until_ready(arrays)  # read before the pages are reused
+        finally:
+            self.block_manager.free(seq)
+        meta = {"num_tokens": n, "prompt_token_ids": seq.token_ids[:n], "first_token": seq.token_ids[n],
+                "first_logprob": parked.first_logprob, "first_rank": parked.first_rank, "seed": seq.seed,
+                "fingerprint": self.transfer.fingerprint}  # fmt: skip
+        return meta, arrays
+
+    def _expire_parked(self) -> None:
+        if not self.parked:
+            return
+        now = time.monotonic()
+        for ctx_request_id, parked in list(self.parked.items()):
+            if parked.deadline < now:
+                logger.warning("releasing the pages of context request %d: not fetched within %.0f s",
+                               ctx_request_id, self.transfer.timeout_s)  # fmt: skip
+                del self.parked[ctx_request_id]
+                self.block_manager.free(parked.seq)
+
+    def _retry_imports(self) -> None:
+        """Start the generation_only requests whose pages fit now (oldest first)."""
+        while self._pending_imports:
+            request, meta, arrays = self._pending_imports[0]
+            if request.output.aborted():
+                self._pending_imports.popleft()
+                request.output._post(Update(finished=True, error=EngineShutdown("aborted before it started")))
+                continue
+            try:
+                if not self._import(request, meta, arrays):
+                    return  # no room yet: it waits, and so do the ones behind it
+            except Exception as e:
+                logger.error("importing context pages failed:\n%s", traceback.format_exc())
+                self._fail(request, e)
+            self._pending_imports.popleft()
+
+    def _import(self, request: Request, meta: dict, arrays: list) -> bool:
+        """(engine thread) Write a context's pages into fresh pages and continue from its first token."""
+        n = meta["num_tokens"]
+        bm = self.block_manager
+        seed = request.params.seed if request.params.seed is not None else int(meta["seed"])
+        seq = Sequence(seq_id=self._next_seq_id, request=request, index=0, token_ids=list(request.prompt_token_ids),
+                       num_prompt_tokens=n, seed=seed)  # fmt: skip
+        if not bm.can_allocate(bm.blocks_needed(seq, n + 1)):
+            return False
+        self._next_seq_id += 1
+        bm.allocate(seq, n)
+        page_size = bm.block_size
+        num_pages = len(seq.block_table)
+        values = [kv_transfer.from_portable(a, self.transfer.plan, page_size, num_pages, xp=jax.numpy) for a in arrays]
+        self.runner.scatter_pages(seq.block_table, values)
+        seq.num_computed = n
+        if self.detokenizer is not None:
+            self.detokenizer.start(seq)
+        request.sequences.append(seq)
+        self.requests[request.request_id] = request
+        request.first_scheduled_time = time.monotonic()
+        self._append_token(seq, int(meta["first_token"]), float(meta["first_logprob"]), meta["first_rank"])
+        if not seq.finished:
+            self.scheduler.add_running(seq)
+        self._publish({request})
+        return True
+
     # ---- publishing ----------------------------------------------------------------------------
     def _delta(self, seq: Sequence, final: bool) -> Delta:
         params = seq.request.params
@@ -377,6 +537,7 @@ class Engine:
             generation_logits=np.stack(gen_logits[seq.num_published_tokens :]) if gen_logits and new_tokens else None,
             prompt_logprobs=self._prompt_logprobs_out(seq.request) if first else None,
             perf_metrics=self._perf_metrics(seq.request) if final and params.return_perf_metrics else None,
+            disaggregated_params=seq.request.disaggregated_result if final else None,
         )
         seq.num_published_tokens = seq.num_output_tokens
         return delta

@@ -150,6 +150,8 @@ class ModelRunner:
             static_argnames=("logits_mode",),
             donate_argnums=(1,),
         )
+        self._gather = jax.jit(_gather_pages)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
 
     def _new_cache(self):
         make = functools.partial(init_kv_cache, self.cfg, self.config.num_pages, self.config.page_size, self.kv_dtype)
@@ -327,6 +329,38 @@ class ModelRunner:
                                                            execution_devices=self._devices())  # fmt: skip
         return len(index["shapes"])
 
+    # ---- KV pages in and out (disaggregated serving, jaxllm/engine/kv_transfer.py) -----------------
+    def _page_ids(self, pages: list[int]) -> np.ndarray:
+        """Page ids padded with the null page to a power of two (few compiled shapes)."""
+        ids = np.zeros(1 << max(0, len(pages) - 1).bit_length(), np.int32)
+        ids[: len(pages)] = pages
+        return ids
+
+    def gather_pages(self, pages: list[int]) -> list[jax.Array]:
+        """Copies of the pages `pages` of every layer: [k0, v0, k1, v1, ...], each
+        [num_kv_heads, len(pages), page_size, head_dim] on this engine's devices."""
+        if self.channel is not None:
+            raise RuntimeError("moving KV pages is not supported in a multi-process LLM")
+        with self._lock:
+            out = self._gather(self.kv_cache, self._on_device(self._page_ids(pages)))
+        return [a[:, : len(pages)] for a in out]
+
+    def scatter_pages(self, pages: list[int], values: list) -> None:
+        """Write `values` ([k0, v0, ...], each [num_kv_heads, len(pages), page_size, head_dim], numpy
+        or arrays on any device) into the pages `pages` of every layer."""
+        if self.channel is not None:
+            raise RuntimeError("moving KV pages is not supported in a multi-process LLM")
+        ids = self._page_ids(pages)
+        pad = len(ids) - len(pages)
+        sharding = (sharding_lib.kv_cache_sharding(self.mesh) if self.mesh is not None
+                    else jax.sharding.SingleDeviceSharding(self._devices()[0]))  # fmt: skip
+        placed = []
+        for v in values:
+            v = jax.device_put(v, sharding).astype(self.kv_dtype)
+            placed.append(jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else v)
+        with self._lock:
+            self.kv_cache = self._scatter(self.kv_cache, self._on_device(ids), placed)
+
     # ---- packing ---------------------------------------------------------------------------
     def bucket_shape(self, requests: list[StepRequest]) -> tuple[int, int, int, int]:
         """(num_tokens T, num_seqs B, pages_per_seq P, max_query_len Q) for a step."""
@@ -467,6 +501,17 @@ def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, *, cfg,
     if logits_mode != "last":
         out["last_logits"] = last
     return out, kv_cache
+
+
+def _gather_pages(kv_cache, pages):
+    """pages: [n] -> [k0, v0, k1, v1, ...], each [K, n, S, d]."""
+    return [x[:, pages] for layer in kv_cache for x in layer]
+
+
+def _scatter_pages(kv_cache, pages, values):
+    """Write values ([k0, v0, ...], each [K, n, S, d]) into pages [n] of every layer."""
+    return [(k.at[:, pages].set(values[2 * i]), v.at[:, pages].set(values[2 * i + 1]))
+            for i, (k, v) in enumerate(kv_cache)]  # fmt: skip
 
 
 def _out_keys(out_tree) -> list[str]:

@@ -64,6 +64,15 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
+    def detach(self, seq: Sequence) -> None:
+        """Drop a finished sequence from the running set but leave it its pages (a parked context)."""
+        self.running.remove(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence that already holds pages for all its computed tokens (an imported context)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and requeue it at the front, to be recomputed."""
         self.running.remove(seq)

@@ -83,6 +83,9 @@ class Request:
     retention: Any = None  # llm_args.KvCacheRetentionConfig
     cache_salt: Optional[str] = None
     disaggregated_params: Any = None  # disaggregated_params.DisaggregatedParams
+    disaggregated_result: Any = None  # context_only: the DisaggregatedParams its output carries
+    context_state: Any = None  # generation_only: the decoded opaque_state its pages are fetched with
+    first_token_rank: Optional[int] = None
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     aborted: bool = False
