@@ -27,6 +27,10 @@ def _configs():
         # Sizes no tensor-parallel degree divides: 6 query / 3 KV heads, MLP 100, vocabulary 330.
         "llama-odd": (LlamaConfig, dict(COMMON, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
                                         intermediate_size=100, vocab_size=330, tie_word_embeddings=True)),
+        # Llama-3.1-70B's head layout at a tiny scale: 8 query heads per KV head, 8 KV heads, so TP=4
+        # holds 2 KV heads and 16 query heads per device as the 70B model does.
+        "llama-70b-shape": (LlamaConfig, dict(COMMON, num_attention_heads=32, num_key_value_heads=8, head_dim=8,
+                                              rope_scaling=llama3, rope_theta=500000.0, tie_word_embeddings=False)),
         "qwen2": (Qwen2Config, dict(COMMON, tie_word_embeddings=True)),
         "qwen3": (Qwen3Config, dict(COMMON, head_dim=32, tie_word_embeddings=False)),
         "gemma3": (Gemma3TextConfig, dict(COMMON, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
