@@ -281,9 +281,11 @@ class ModelRunner:
         return list(self.params["embed"].sharding._device_assignment)
 
     def _executable_target(self) -> dict:
+        """What a compiled step depends on beyond its StepShape: JAX, the devices, the KV cache's shape."""
         devices = self._devices()
+        k_pages = self.kv_cache[0][0]
         return {"jax": jax.__version__, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-                "devices": [d.id for d in devices]}  # fmt: skip
+                "devices": [d.id for d in devices], "kv_cache": [list(k_pages.shape), jnp.dtype(k_pages.dtype).name]}  # fmt: skip
 
     def save_executables(self, directory) -> int:
         """Serialize every compiled step into `directory` (with what they were compiled for)."""
