@@ -12,7 +12,7 @@ from jaxllm import distributed as _distributed
 _distributed.initialize_from_env()
 
 from jaxllm.llm import LLM  # noqa: E402
-from jaxllm.llm_args import KvCacheConfig, KvCacheRetentionConfig  # noqa: E402
+from jaxllm.llm_args import CacheTransceiverConfig, KvCacheConfig, KvCacheRetentionConfig  # noqa: E402
 from jaxllm.adapters import LoraConfig, LoRARequest, PromptAdapterRequest  # noqa: E402
 from jaxllm.disaggregated_params import DisaggregatedParams  # noqa: E402
 from jaxllm.scheduling_params import SchedulingParams  # noqa: E402
@@ -31,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "PromptAdapterRequest",
     "DisaggregatedParams",
+    "CacheTransceiverConfig",
     "SchedulingParams",
     "RequestOutput",
     "CompletionOutput",
