@@ -114,6 +114,22 @@ def allreduce_ms(mesh, rows: int, hidden: int, layers: int, vocab: int) -> float
     return statistics.median(times) * 1e3
 
 
+def recorder(file: Path, **header):
+    """(result dict, save(key, value)): each figure is written to `file` and printed the moment it
+    exists, so a run stopped at its time limit keeps what it measured."""
+    result: dict = {"date": time.strftime("%Y-%m-%d"), **header}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def save(key, value):
+        result[key] = value
+        result["elapsed_s"] = time.perf_counter() - started
+        file.write_text(json.dumps(result, indent=2))
+        print(f"[{result['elapsed_s']:6.1f}s] {key} {json.dumps(value)}", flush=True)
+
+    return result, save
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -128,17 +144,8 @@ def main() -> None:
         tokens, decode_n, off_128 = 4, 8, 8
     import jax
 
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
-                    "devices": jax.device_count()}  # fmt: skip
-    file = Path(args.out) / "gpu_tp.json"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    def save(key, value):
-        result[key] = value
-        result["elapsed_s"] = time.perf_counter() - started
-        file.write_text(json.dumps(result, indent=2))
-        print(f"[{result['elapsed_s']:6.1f}s] {key} {json.dumps(value)}", flush=True)
+    result, save = recorder(Path(args.out) / "gpu_tp.json", device=jax.devices()[0].device_kind,
+                            devices=jax.device_count())  # fmt: skip
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.
     # (A small engine takes about 30 s to compile on the GPU: SmolLM2's agreement check comes last.)

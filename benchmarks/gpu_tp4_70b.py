@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ if "--smoke" in sys.argv:
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gpu_e2e import synthetic  # noqa: E402
-from gpu_tp import batch1_ms, engine, greedy, offline  # noqa: E402
+from gpu_tp import batch1_ms, engine, greedy, offline, recorder  # noqa: E402
 
 HBM_TBS = 3.35  # H100 SXM datasheet
 
@@ -91,17 +90,8 @@ def main() -> None:
         args.max_batch, args.max_tokens, args.max_seq_len = 8, 256, 512
     import jax
 
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
-                    "devices": jax.device_count(), "model": model, "tensor_parallel_size": tp}  # fmt: skip
-    file = Path(args.out) / "gpu_tp4_70b.json"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    def save(key, value):
-        result[key] = value
-        result["elapsed_s"] = time.perf_counter() - started
-        file.write_text(json.dumps(result, indent=2))
-        print(f"[{result['elapsed_s']:6.1f}s] {key} {json.dumps(value)}", flush=True)
+    result, save = recorder(Path(args.out) / "gpu_tp4_70b.json", device=jax.devices()[0].device_kind,
+                            devices=jax.device_count(), model=model, tensor_parallel_size=tp)  # fmt: skip
 
     prompts = [p * k for p, k in zip(synthetic(4, 1, 1000, 0), (7, 40, 130, 300))]
     t0 = time.perf_counter()
