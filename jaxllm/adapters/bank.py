@@ -99,6 +99,12 @@ class AdapterBank:
             self.lora = self._zeros(specs, self._lora_shardings)
             self._write_lora = self._jit(_write_rows, self._lora_shardings)
             self._planned = {name: planned_tensor(name, cfg) for name in self.lora_targets}
+            base = param_specs(cfg)["layers"][0]
+            self._host_shapes = {  # one slot of each projection in the checkpoint's layout
+                name: ((*base[name].shape[: NUM_INPUT_AXES[name]], lora_rank),
+                       (lora_rank, *base[name].shape[NUM_INPUT_AXES[name] :]))
+                for name in self.lora_targets
+            }  # fmt: skip
         if prompt_slots:
             spec = ParamSpec((prompt_slots * prompt_tokens, cfg.hidden_size), (PROMPT_ROWS, "embed"), "zeros")
             self._table_sharding = self._shardings(spec)
@@ -141,7 +147,7 @@ class AdapterBank:
         for i in range(self.cfg.num_layers):
             layer = {}
             for name in self.lora_targets:
-                a_shape, b_shape = self._host_shapes(name)
+                a_shape, b_shape = self._host_shapes[name]
                 a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
                 if name in adapter.layers[i]:
                     ha, hb = adapter.layers[i][name]
@@ -151,10 +157,6 @@ class AdapterBank:
                 layer[name] = {"a": a, "b": b}
             values.append(layer)
         return values
-
-    def _host_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        shape, n_in = param_specs(self.cfg)["layers"][0][name].shape, NUM_INPUT_AXES[name]
-        return (*shape[:n_in], self.lora_rank), (self.lora_rank, *shape[n_in:])
 
     def write_lora(self, slot: int, values: list[dict]) -> None:
         """Put lora_values(adapter) into device slot `slot` (1..max_loras)."""
