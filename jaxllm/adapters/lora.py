@@ -254,7 +254,7 @@ def _check_config(config: dict, path: Path) -> None:
         value = config.get(field)
         if value not in (None, False, [], {}, ""):
             raise AdapterError(f"{where}: {field}={value!r}: {why}; jaxllm serves plain LoRA on "
-                            f"{', '.join(HF_MODULES)}")  # fmt: skip
+                               f"{', '.join(HF_MODULES)}")  # fmt: skip
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{where}: bias={config['bias']!r}: trained biases are not supported; allowed: 'none'")
     rank = config.get("r")
@@ -280,7 +280,7 @@ def _check_config(config: dict, path: Path) -> None:
         for target in targets:
             if not isinstance(target, str) or target.rsplit(".", 1)[-1] not in HF_MODULES:
                 raise AdapterError(f"{where}: target_modules names {target!r}, which jaxllm cannot adapt; "
-                                f"allowed: {', '.join(HF_MODULES)} (or full paths to them)")  # fmt: skip
+                                   f"allowed: {', '.join(HF_MODULES)} (or full paths to them)")  # fmt: skip
     else:
         raise AdapterError(f"{where}: target_modules={targets!r} is invalid; allowed: a list of module names or a "
                            "regex")
@@ -334,7 +334,7 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
             what = ("LoRA on the embedding" if "embed" in key else "LoRA on the LM head" if "lm_head" in key
                     else "DoRA" if "magnitude" in key else "a module jaxllm cannot adapt")  # fmt: skip
             raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is {what}; allowed: lora_A / lora_B of "
-                            f"{', '.join(HF_MODULES)} in the decoder layers")  # fmt: skip
+                               f"{', '.join(HF_MODULES)} in the decoder layers")  # fmt: skip
         full, layer, parent, hf_name, ab = match.groups()
         layer = int(layer)
         if hf_name not in HF_MODULES or HF_MODULES[hf_name][1] != parent:
@@ -342,7 +342,7 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
                                f"cannot adapt; allowed: {', '.join(HF_MODULES)}")  # fmt: skip
         if layer >= cfg.num_layers:
             raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is for layer {layer}; the model has "
-                            f"{cfg.num_layers} layers")  # fmt: skip
+                               f"{cfg.num_layers} layers")  # fmt: skip
         found.setdefault((layer, hf_name), {})[ab] = array
         full_names[(layer, hf_name)] = full
     prefix = "model." if any(name.startswith("model.") for name in full_names.values()) else ""
@@ -350,7 +350,7 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} adapts {full_names[unexpected[0]]}, which target_modules "
-                        f"({config.get('target_modules')!r}) does not name")  # fmt: skip
+                           f"({config.get('target_modules')!r}) does not name")  # fmt: skip
     missing = [expected[k] + f".lora_{ab}" for k in sorted(expected) for ab in "AB" if ab not in found.get(k, {})]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
@@ -373,12 +373,12 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, full, config["lora_alpha"]))
         if rank > max_rank:
             raise AdapterError(f"{path}: rank {rank} of {full} exceeds max_lora_rank={max_rank}; allowed: ranks <= "
-                            f"{max_rank} (raise LoraConfig.max_lora_rank)")  # fmt: skip
+                               f"{max_rank} (raise LoraConfig.max_lora_rank)")  # fmt: skip
         want_a, want_b = _expected_shapes(cfg, hf_name, rank)
         for ab, want in (("A", want_a), ("B", want_b)):
             if tuple(pair[ab].shape) != want:
                 raise AdapterError(f"{path}: {full}.lora_{ab} has shape {tuple(pair[ab].shape)}; this model "
-                                f"(rank {rank}) needs {want}")  # fmt: skip
+                                   f"(rank {rank}) needs {want}")  # fmt: skip
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         a = pair["A"].astype(np.float32)
         b = pair["B"].astype(np.float32) * np.float32(scaling)

@@ -96,14 +96,14 @@ def load_prompt_adapter(path: str | Path, cfg: ModelConfig, max_tokens: int, ada
         raise AdapterError(f"{where}: num_virtual_tokens={count!r} is invalid; allowed: an int >= 1")
     if config.get("num_transformer_submodules") not in (None, 1):
         raise AdapterError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']!r}; allowed: 1 "
-                        "(decoder-only models)")  # fmt: skip
+                           "(decoder-only models)")  # fmt: skip
     if count > max_tokens:
         raise AdapterError(f"{path}: {count} virtual tokens exceed max_prompt_adapter_token={max_tokens}; allowed: "
-                        f"<= {max_tokens} (raise LLM(max_prompt_adapter_token=...))")  # fmt: skip
+                           f"<= {max_tokens} (raise LLM(max_prompt_adapter_token=...))")  # fmt: skip
     tensors = read_adapter_tensors(path)
     if set(tensors) != {"prompt_embeddings"}:
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: holds {sorted(tensors)}; a prompt-tuning adapter holds exactly "
-                        "'prompt_embeddings'")  # fmt: skip
+                           "'prompt_embeddings'")  # fmt: skip
     embeddings = tensors["prompt_embeddings"]
     if embeddings.shape != (count, cfg.hidden_size):
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: prompt_embeddings has shape {tuple(embeddings.shape)}; this "
