@@ -40,8 +40,9 @@ def read_adapter_tensors(path: Path) -> dict[str, np.ndarray]:
 
     weights = Path(path) / ADAPTER_WEIGHTS
     if not weights.is_file():
-        pickled = " (adapter_model.bin is pickled and refused; re-save with safe_serialization=True)" if (
-            Path(path) / "adapter_model.bin").is_file() else ""  # fmt: skip
+        pickled = ""
+        if (Path(path) / "adapter_model.bin").is_file():
+            pickled = " (adapter_model.bin is pickled, which jaxllm refuses; re-save with safe_serialization=True)"
         raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{pickled}")
     try:
         with safe_open(str(weights), framework="numpy") as f:
