@@ -115,13 +115,17 @@ def tokenize_prompt(prompt: Any, params: SamplingParams, tokenizer, vocab_size: 
 
 
 def check_lengths(ids: Sequence[int], params: SamplingParams, max_seq_len: int, max_input_len: int | None,
-                  where: str = "prompt") -> None:  # fmt: skip
+                  where: str = "prompt", num_virtual_tokens: int = 0) -> None:  # fmt: skip
+    """The prompt (and a prompt adapter's virtual tokens, which take KV positions too) plus max_tokens
+    must fit max_seq_len."""
     if max_input_len is not None and len(ids) > max_input_len:
         raise ValueError(f"{where}: {len(ids)} tokens exceed max_input_len={max_input_len}")
-    if len(ids) + params.max_tokens > max_seq_len:
+    used = len(ids) + num_virtual_tokens
+    if used + params.max_tokens > max_seq_len:
+        virtual = f" + {num_virtual_tokens} virtual tokens" if num_virtual_tokens else ""
         raise ValueError(
-            f"{where}: prompt length {len(ids)} + max_tokens {params.max_tokens} exceeds max_seq_len={max_seq_len}; "
-            f"allowed: at most {max(0, max_seq_len - len(ids))} new tokens for this prompt"
+            f"{where}: prompt length {len(ids)}{virtual} + max_tokens {params.max_tokens} exceeds "
+            f"max_seq_len={max_seq_len}; allowed: at most {max(0, max_seq_len - used)} new tokens for this prompt"
         )
 
 

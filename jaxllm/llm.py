@@ -37,6 +37,11 @@ from jaxllm.engine.runner import ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.sequence import Request
 from jaxllm.adapters import LoRARequest, PromptAdapterRequest
+from jaxllm.adapters.bank import AdapterBank
+from jaxllm.adapters.cache import AdapterCache
+from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
+from jaxllm.adapters.prompt import load_prompt_adapter
+from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.disaggregated_params import DisaggregatedParams
 from jaxllm.inputs import PreprocessedInputs
 from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
@@ -65,8 +70,7 @@ REQUEST_EXTRAS = {
     "cache_salt": (str, "KV-cache salt (cache_salt)"),
 }
 # Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
-_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "kv_cache_retention_config", "scheduling_params",
-                      "cache_salt"}
+_NOT_YET_SUPPORTED = {"kv_cache_retention_config", "scheduling_params", "cache_salt"}
 
 
 def request_extras(n: int, **extras) -> list[dict]:
@@ -223,8 +227,40 @@ class LLM:
         self.load_seconds = time.perf_counter() - started
 
     # ---- construction ------------------------------------------------------------------------
+    def _build_adapters(self) -> AdapterBank | None:
+        """The adapter bank on the device and the host caches, when LoRA or prompt adapters are enabled."""
+        args = self.args
+        self._lora_cache = self._prompt_cache = None
+        if not (args.enable_lora or args.enable_prompt_adapter):
+            return None
+        lora_slots = lora_rank = 0
+        targets: tuple[str, ...] = ()
+        if args.enable_lora:
+            lora = args.lora_config
+            lora_slots, lora_rank = lora.max_loras, lora.max_lora_rank
+            targets = lora.target_params()
+            if not targets and lora.lora_dir:  # serve the modules the configured adapters adapt
+                found = {p for d in lora.lora_dir for p in load_lora_adapter(d, self.config, lora_rank).target_params}
+                targets = tuple(p for p in LORA_PARAMS if p in found)
+            else:
+                for d in lora.lora_dir:
+                    load_lora_adapter(d, self.config, lora_rank, targets or LORA_PARAMS)
+            targets = targets or LORA_PARAMS
+            self._lora_cache = AdapterCache("LoRA", lora.max_cpu_loras, lambda path, adapter_id: load_lora_adapter(
+                path, self.config, lora_rank, targets, adapter_id))  # fmt: skip
+        prompt_slots = prompt_tokens = 0
+        if args.enable_prompt_adapter:
+            prompt_slots, prompt_tokens = args.max_prompt_adapters, args.max_prompt_adapter_token
+            self._prompt_cache = AdapterCache(
+                "prompt adapter", args.max_cpu_prompt_adapters,
+                lambda path, adapter_id: load_prompt_adapter(path, self.config, prompt_tokens, adapter_id))  # fmt: skip
+        return AdapterBank(self.config, self.engine_config, self.dtype, lora_slots=lora_slots, lora_rank=lora_rank,
+                           lora_targets=targets, prompt_slots=prompt_slots, prompt_tokens=prompt_tokens,
+                           plan=self.tp_plan, mesh=self.mesh)  # fmt: skip
+
     def _build_engine(self) -> None:
         cfg, args = self.engine_config, self.args
+        adapters = self._build_adapters()  # before sizing the KV cache, which takes what memory is left
         kv_cfg = args.kv_cache_config
         kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
         page_size = kv_cfg.tokens_per_block
@@ -259,7 +295,7 @@ class LLM:
             backend=self.backend,
             kv_dtype=kv_dtype,
         )
-        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel)
+        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters)
         if self._channel is not None and not distributed.is_leader():
             runner.follow()  # until the leader shuts down
             return
@@ -268,9 +304,16 @@ class LLM:
             logger.info("loaded %d compiled step executables from %s", loaded, self.resolved.path)
         if self.backend_name == "tensorrt":
             runner.precompile()
+        admission = None
+        if adapters is not None:
+            admission = AdapterAdmission(
+                lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters.lora_slots else None,
+                prompt=SlotTable(adapters.prompt_slots, runner.write_prompt_adapter) if adapters.prompt_slots else None,
+            )
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
             BlockManager(num_pages, page_size),
+            admission=admission,
         )
         transceiver = args.cache_transceiver_config
         transfer = kv_transfer.TransferSettings(
@@ -311,7 +354,7 @@ class LLM:
         out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         return out[0] if single else out
 
-    def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs) -> dict | None:
+    def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs, extras: dict) -> dict | None:
         """Validate a request's DisaggregatedParams against its prompt and this model; returns the
         context state a generation_only request fetches its pages with (None otherwise)."""
         if dp is None or dp.request_type in (None, "context_and_generation"):
@@ -342,6 +385,11 @@ class LLM:
         if state["num_tokens"] != len(pre.prompt_token_ids):
             raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
                              f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
+        ours = [getattr(extras.get("lora_request"), "lora_int_id", None),
+                getattr(extras.get("prompt_adapter_request"), "prompt_adapter_id", None)]  # fmt: skip
+        if ours != state["adapters"]:
+            raise ValueError(f"the context was computed with (LoRA id, prompt adapter id) = {tuple(state['adapters'])}, "
+                             f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip
         return state
 
     def _submit(self, request: Request) -> None:
@@ -372,7 +420,7 @@ class LLM:
     def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
         engine = self._check_open()
         extras = extras or {}
-        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre)
+        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre, extras)
         params = pre.sampling_params
         tok = self.tokenizer
         stop_ids = set(params.stop_token_ids or [])
@@ -407,6 +455,8 @@ class LLM:
         request.context_state = context_state
         request.lora_request = extras.get("lora_request")
         request.prompt_adapter_request = extras.get("prompt_adapter_request")
+        request.lora_adapter = extras.get("lora_adapter")
+        request.prompt_adapter = extras.get("prompt_adapter")
         request.retention = extras.get("kv_cache_retention_config")
         request.cache_salt = extras.get("cache_salt")
         request.disaggregated_params = extras.get("disaggregated_params")
@@ -416,6 +466,28 @@ class LLM:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
         return request
+
+    def _load_adapters(self, pre: PreprocessedInputs, extras: dict, where: str) -> None:
+        """Resolve a prompt's lora_request / prompt_adapter_request to loaded adapters (into `extras`),
+        reading them from disk unless cached; raises ValueError for anything the engine cannot serve."""
+        lora_request = extras.get("lora_request")
+        if lora_request is not None:
+            if self._lora_cache is None:
+                raise ValueError(f"{where}: lora_request={lora_request.lora_name!r} needs an LLM with LoRA enabled: "
+                                 "LLM(..., enable_lora=True) or LLM(..., lora_config=LoraConfig(...))")  # fmt: skip
+            extras["lora_adapter"] = self._lora_cache.get(lora_request.lora_int_id, lora_request.lora_path,
+                                                          lora_request.lora_name)  # fmt: skip
+        prompt_request = extras.get("prompt_adapter_request")
+        if prompt_request is not None:
+            if self._prompt_cache is None:
+                raise ValueError(f"{where}: prompt_adapter_request={prompt_request.prompt_adapter_name!r} needs an LLM "
+                                 "with prompt adapters enabled: LLM(..., enable_prompt_adapter=True, "
+                                 "max_prompt_adapter_token=N)")  # fmt: skip
+            adapter = self._prompt_cache.get(prompt_request.prompt_adapter_id, prompt_request.prompt_adapter_local_path,
+                                             prompt_request.prompt_adapter_name)  # fmt: skip
+            inputs_lib.check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len,
+                                     self.args.max_input_len, where, num_virtual_tokens=adapter.num_virtual_tokens)
+            extras["prompt_adapter"] = adapter
 
     def generate_async(
         self,
@@ -440,6 +512,7 @@ class LLM:
             raise TypeError("generate_async takes one prompt; call it once per prompt (or use generate for a batch)")
         params = inputs_lib.params_list(sampling_params, 1)[0]
         pre = self._preprocess_one(inputs, params, "prompt")
+        self._load_adapters(pre, extras, "prompt")
         request = self._make_request(pre, streaming, extras)
         self._submit(request)
         return request.output
@@ -469,6 +542,8 @@ class LLM:
         params = inputs_lib.params_list(sampling_params, len(prompts))
         # Validate everything first: one bad prompt rejects the call before anything is queued.
         pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        for i, (p, e) in enumerate(zip(pre, extras)):
+            self._load_adapters(p, e, f"prompt {i}")
         requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
         for request in requests:
             self._submit(request)
@@ -530,6 +605,8 @@ class LLM:
         for array in jax.tree.leaves((engine.runner.params, engine.runner.kv_cache)):
             if isinstance(array, jax.Array) and not array.is_deleted():
                 array.delete()
+        if engine.runner.adapters is not None:
+            engine.runner.adapters.delete()
         engine.runner.params = engine.runner.kv_cache = None
         self.params = None
 

@@ -6,6 +6,8 @@ import dataclasses
 import datetime
 from typing import Any, List, Optional
 
+from jaxllm.adapters import LoraConfig
+
 
 def _positive_int(name: str, value, allow_none: bool = True) -> None:
     if value is None and allow_none:
@@ -179,10 +181,17 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     moe_expert_parallel_size: Optional[int] = None
     gpus_per_node: Optional[int] = None
-    enable_lora: bool = False
-    lora_config: Any = None
     max_beam_width: int = 1
     cache_transceiver_config: Any = None  # disaggregated serving: CacheTransceiverConfig
+    # LoRA: enable_lora=True alone uses LoraConfig()'s defaults; a lora_config implies enable_lora.
+    enable_lora: bool = False
+    lora_config: Any = None  # adapters.LoraConfig (or its fields as a dict)
+    # Prompt adapters (TensorRT-LLM's names): max_prompt_adapter_token > 0 implies
+    # enable_prompt_adapter. The device slots and host cache sizes are jaxllm's (vLLM's names).
+    enable_prompt_adapter: bool = False
+    max_prompt_adapter_token: int = 0  # the most virtual tokens one adapter may have
+    max_prompt_adapters: int = 4  # prompt adapters resident on the device at once
+    max_cpu_prompt_adapters: Optional[int] = None  # kept loaded in host memory (default max_prompt_adapters)
     # Compilation: persistent compilation cache directory (None: JAX's default behaviour).
     compilation_cache_dir: Optional[str] = None
 
@@ -214,8 +223,36 @@ class EngineArgs:
             raise NotImplementedError("moe_expert_parallel_size is not supported (no MoE models in jaxllm)")
         if self.max_beam_width != 1:
             raise NotImplementedError("beam search (max_beam_width > 1) is not supported by jaxllm")
-        if self.enable_lora or self.lora_config is not None:
-            raise NotImplementedError("LoRA (enable_lora / lora_config) is not supported yet")
+        self._check_adapters()
+
+    def _check_adapters(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise TypeError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        if isinstance(self.lora_config, dict):
+            self.lora_config = LoraConfig(**self.lora_config)
+        elif self.lora_config is not None and not isinstance(self.lora_config, LoraConfig):
+            raise TypeError(f"lora_config must be a LoraConfig, a dict or None, got {type(self.lora_config).__name__}")
+        if self.lora_config is not None:
+            self.enable_lora = True
+        elif self.enable_lora:
+            self.lora_config = LoraConfig()
+        if not isinstance(self.enable_prompt_adapter, bool):
+            raise TypeError(f"enable_prompt_adapter must be a bool, got {self.enable_prompt_adapter!r}")
+        tokens = self.max_prompt_adapter_token
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"max_prompt_adapter_token={tokens!r} is invalid; allowed: an int >= 0")
+        if tokens:
+            self.enable_prompt_adapter = True
+        elif self.enable_prompt_adapter:
+            raise ValueError("enable_prompt_adapter=True needs max_prompt_adapter_token >= 1 (the most virtual "
+                             "tokens an adapter may have)")  # fmt: skip
+        _positive_int("max_prompt_adapters", self.max_prompt_adapters, allow_none=False)
+        if self.max_cpu_prompt_adapters is None:
+            self.max_cpu_prompt_adapters = self.max_prompt_adapters
+        _positive_int("max_cpu_prompt_adapters", self.max_cpu_prompt_adapters, allow_none=False)
+        if self.max_cpu_prompt_adapters < self.max_prompt_adapters:
+            raise ValueError(f"max_cpu_prompt_adapters={self.max_cpu_prompt_adapters} is invalid; allowed: >= "
+                             f"max_prompt_adapters={self.max_prompt_adapters}")  # fmt: skip
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "EngineArgs":

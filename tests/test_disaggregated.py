@@ -151,3 +151,30 @@ def test_bad_disaggregated_requests(pair, tiny_llm):
     # The context is still parked after those refusals, and both engines keep serving.
     ref = tiny_llm("llama-odd").generate(prompt, GREEDY, use_tqdm=False)
     assert generation_only(gen, prompt, GREEDY, dp).outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_adapters_travel_with_the_context(tiny_dir, tmp_path):
+    """A request with a LoRA adapter and a prompt adapter: the pages (virtual tokens included) depend on
+    both, so the generation side must name the same ones, and then gives the aggregated tokens."""
+    from jaxllm import LoraConfig, LoRARequest, PromptAdapterRequest
+    from tests import tiny
+
+    lora_dir, _, _ = tiny.save_lora("llama", tmp_path / "lora", rank=4, alpha=8, seed=5, merge=False)
+    prompt_dir, _ = tiny.save_prompt_adapter("llama", tmp_path / "prompt", num_virtual_tokens=3, seed=6)
+    lora, virtual = LoRARequest("l", 1, str(lora_dir)), PromptAdapterRequest("p", 1, str(prompt_dir))
+    engine = dict(lora_config=LoraConfig(max_lora_rank=4, max_loras=1), max_prompt_adapter_token=4)
+    d = jax.devices()
+    prompt = PROMPTS[1]
+    with _llm(tiny_dir("llama"), [d[1]], **engine) as ctx, _llm(tiny_dir("llama"), [d[2]], **engine) as gen:
+        whole = ctx.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora, prompt_adapter_request=virtual)
+        out = ctx.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora, prompt_adapter_request=virtual,
+                           disaggregated_params=DisaggregatedParams(request_type="context_only"))  # fmt: skip
+        dp = out.outputs[0].disaggregated_params
+        follow = DisaggregatedParams(request_type="generation_only", first_gen_tokens=dp.first_gen_tokens,
+                                     ctx_request_id=dp.ctx_request_id, opaque_state=dp.opaque_state)  # fmt: skip
+        with pytest.raises(ValueError, match="takes the same adapters"):
+            gen.generate(prompt, GREEDY, disaggregated_params=follow, lora_request=lora)
+        split = gen.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora, prompt_adapter_request=virtual,
+                             disaggregated_params=follow)  # fmt: skip
+        assert split.prompt_token_ids == prompt
+        assert split.outputs[0].token_ids == whole.outputs[0].token_ids

@@ -217,3 +217,49 @@ def _permute(w, heads):  # llama.cpp's q/k row interleave
 
 def _unpermute(w, heads):
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- PEFT adapters of the tiny models -------------------------------------------------------
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_lora(name: str, rank: int, alpha: float, targets=LORA_MODULES, seed: int = 0, std: float = 0.1, **config):
+    """A PEFT LoRA model over the tiny `name`, A and B random (PEFT starts B at zero: no effect)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny(name), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_" in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()
+
+
+def save_lora(name: str, path: Path, rank: int, alpha: float, targets=LORA_MODULES, seed: int = 0, merge: bool = True,
+              **config):  # fmt: skip
+    """Save a random LoRA adapter of the tiny `name` at path/adapter and (merge=True) the model it
+    merges into at path/merged; returns (adapter dir, merged dir or None, the PEFT model)."""
+    import copy
+
+    model = peft_lora(name, rank, alpha, targets, seed, **config)
+    model.save_pretrained(str(path / "adapter"))
+    if not merge:
+        return path / "adapter", None, model
+    copy.deepcopy(model).merge_and_unload().save_pretrained(str(path / "merged"), safe_serialization=True)
+    return path / "adapter", path / "merged", model
+
+
+def save_prompt_adapter(name: str, path: Path, num_virtual_tokens: int, seed: int = 0, std: float = 0.5):
+    """A PEFT prompt-tuning adapter of the tiny `name` with random embeddings; returns (dir, embeddings [n, D])."""
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    model = get_peft_model(build_tiny(name), PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                num_virtual_tokens=num_virtual_tokens))  # fmt: skip
+    table = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)) * std)
+    model.save_pretrained(str(path))
+    return Path(path), table.detach().float().numpy().copy()

@@ -39,7 +39,8 @@ class Detokenizer:
 
     def start(self, seq: Sequence) -> None:
         seq.detok_read_offset = seq.num_prompt_tokens
-        seq.detok_prefix_offset = max(0, seq.num_prompt_tokens - CONTEXT_TOKENS)
+        # The context window never reaches back into a prompt adapter's virtual tokens.
+        seq.detok_prefix_offset = max(seq.num_virtual_tokens, seq.num_prompt_tokens - CONTEXT_TOKENS)
         seq.text = ""
 
     def step(self, seq: Sequence, skip_special_tokens: bool, spaces_between_special_tokens: bool) -> str:

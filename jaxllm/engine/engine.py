@@ -175,14 +175,19 @@ class Engine:
     def _add(self, request: Request) -> None:
         params = request.params
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        # A prompt adapter's virtual tokens lead the sequence as ids vocab_size + i (runner.py maps
+        # them to the adapter's rows of the device table).
+        num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
+        virtual = [self.vocab_size + i for i in range(num_virtual)]
         for index in range(params.best_of):
             seq = Sequence(
                 seq_id=self._next_seq_id,
                 request=request,
                 index=index,
-                token_ids=list(request.prompt_token_ids),
-                num_prompt_tokens=len(request.prompt_token_ids),
+                token_ids=virtual + list(request.prompt_token_ids),
+                num_prompt_tokens=num_virtual + len(request.prompt_token_ids),
                 seed=derive_seed(base_seed, index),
+                num_virtual_tokens=num_virtual,
             )
             self._next_seq_id += 1
             if self.detokenizer is not None:
@@ -257,7 +262,9 @@ class Engine:
         request, params = seq.request, seq.request.params
         start = seq.num_computed
         samples = start + n == seq.num_tokens
-        r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=list(seq.block_table))
+        r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=list(seq.block_table),
+                        lora_slot=seq.lora_slot, prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
+        num_virtual, num_prompt = seq.num_virtual_tokens, seq.num_prompt_tokens
         if not samples:
             r.temperature = 0.0
         else:
@@ -271,20 +278,23 @@ class Engine:
             r.logit_bias = request.embedding_bias
             r.banned_tokens = self._banned_tokens(seq) or None
             if params.repetition_penalty not in (None, 1.0) or params.presence_penalty or params.frequency_penalty:
-                r.penalty_tokens = list(seq.token_ids)
-                r.penalty_counts = [0] * seq.num_prompt_tokens + [1] * seq.num_output_tokens
+                r.penalty_tokens = seq.token_ids[num_virtual:]
+                r.penalty_counts = [0] * (num_prompt - num_virtual) + [1] * seq.num_output_tokens
                 r.repetition_penalty = params.repetition_penalty or 1.0
                 r.presence_penalty = params.presence_penalty or 0.0
                 r.frequency_penalty = params.frequency_penalty or 0.0
             r.want_last_logits = params.return_generation_logits or bool(params.logits_processors)
-        if (params.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens - 1
-                and len(request.prompt_logprobs) == start):  # fmt: skip
-            end = min(start + n, seq.num_prompt_tokens - 1)
-            r.prompt_logprobs_next = seq.token_ids[start + 1 : end + 1]
+        # Prompt log-probabilities and context logits cover the user's prompt: positions from
+        # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
+        first = max(start, num_virtual)
+        end = min(start + n, num_prompt - 1)
+        if (params.prompt_logprobs is not None and seq.index == 0 and first < end
+                and len(request.prompt_logprobs) == first - num_virtual):  # fmt: skip
+            r.prompt_logprobs_next = [0] * (first - start) + seq.token_ids[first + 1 : end + 1]
             r.num_logprobs = max(r.num_logprobs, params.prompt_logprobs)
-        if params.return_context_logits and seq.index == 0 and start < seq.num_prompt_tokens:
+        if params.return_context_logits and seq.index == 0 and first < min(start + n, num_prompt):
             # Only chunks that extend the rows gathered so far (a recompute after preemption doesn't).
-            r.want_all_logits = sum(len(rows) for rows in request.context_logits_rows) == start
+            r.want_all_logits = sum(len(rows) for rows in request.context_logits_rows) == first - num_virtual
         return r
 
     def _banned_tokens(self, seq: Sequence) -> list[int]:
@@ -292,7 +302,7 @@ class Engine:
         banned: list[int] = []
         if params.min_tokens and seq.num_output_tokens < params.min_tokens:
             banned.extend(request.stop_token_ids)
-        tokens = seq.token_ids
+        tokens = seq.token_ids[seq.num_virtual_tokens :]
         for word in request.bad_word_ids:
             prefix = list(word[:-1])
             if not prefix or tokens[len(tokens) - len(prefix) :] == prefix:
@@ -311,7 +321,7 @@ class Engine:
             seq = scheduled.items[i][0]
             row = logits[j : j + 1]
             for processor in seq.request.params.logits_processors:
-                result = processor(seq.request.request_id, row, [list(seq.token_ids)], None, None)
+                result = processor(seq.request.request_id, row, [seq.token_ids[seq.num_virtual_tokens :]], None, None)
                 if result is not None:
                     row[...] = np.asarray(result, np.float32).reshape(row.shape)
         subset = [step_requests[i] for i in rows]
@@ -331,11 +341,13 @@ class Engine:
             start = seq.num_computed
             seq.num_computed += n
             touched.add(request)
+            skip = max(0, seq.num_virtual_tokens - start)  # virtual positions at the chunk's start
             if r.prompt_logprobs_next is not None:
-                self._collect_prompt_logprobs(request, out, offset, start, len(r.prompt_logprobs_next))
+                self._collect_prompt_logprobs(request, out, offset + skip, start + skip - seq.num_virtual_tokens,
+                                              len(r.prompt_logprobs_next) - skip)  # fmt: skip
             if r.want_all_logits:
                 request.context_logits_rows.append(
-                    np.asarray(out["all_logits"][offset : offset + min(n, seq.num_prompt_tokens - start)])
+                    np.asarray(out["all_logits"][offset + skip : offset + min(n, seq.num_prompt_tokens - start)])
                 )
             offset += n
             if seq.num_computed < seq.num_tokens or seq.finished:
@@ -382,6 +394,7 @@ class Engine:
                 self.scheduler.add(sibling, front=True)
 
     def _collect_prompt_logprobs(self, request: Request, out, offset: int, start: int, count: int) -> None:
+        """Entries for the user's prompt tokens start + 1 .. start + count, from the packed rows at `offset` on."""
         k = request.params.prompt_logprobs
         entries = request.prompt_logprobs
         for j in range(count):
@@ -428,7 +441,8 @@ class Engine:
         state = kv_transfer.encode_state(
             llm_id=settings.llm_id, pid=os.getpid(), endpoint=self._transfer_server.endpoint,
             ctx_request_id=request.request_id, secret=secret, fingerprint=settings.fingerprint,
-            num_tokens=seq.num_prompt_tokens, seed=seq.seed,
+            num_tokens=seq.num_prompt_tokens - seq.num_virtual_tokens, seed=seq.seed,
+            adapters=kv_transfer.adapter_ids(request),
         )  # fmt: skip
         request.disaggregated_result = DisaggregatedParams(
             request_type="context_only", first_gen_tokens=[seq.token_ids[-1]], ctx_request_id=request.request_id,
@@ -455,7 +469,7 @@ class Engine:
             jax.block_until_ready(arrays)  # read before the pages are reused
         finally:
             self.block_manager.free(seq)
-        meta = {"num_tokens": n, "prompt_token_ids": seq.token_ids[:n], "first_token": seq.token_ids[n],
+        meta = {"num_tokens": n, "prompt_token_ids": seq.token_ids[seq.num_virtual_tokens : n], "first_token": seq.token_ids[n],
                 "first_logprob": parked.first_logprob, "first_rank": parked.first_rank, "seed": seq.seed,
                 "fingerprint": self.transfer.fingerprint}  # fmt: skip
         return meta, arrays
@@ -489,12 +503,16 @@ class Engine:
 
     def _import(self, request: Request, meta: dict, arrays: list) -> bool:
         """(engine thread) Write a context's pages into fresh pages and continue from its first token."""
-        n = meta["num_tokens"]
-        bm = self.block_manager
+        n = meta["num_tokens"]  # KV positions: a prompt adapter's virtual tokens, then the prompt
+        bm, admission = self.block_manager, self.scheduler.admission
         seed = request.params.seed if request.params.seed is not None else int(meta["seed"])
-        seq = Sequence(seq_id=self._next_seq_id, request=request, index=0, token_ids=list(request.prompt_token_ids),
-                       num_prompt_tokens=n, seed=seed)  # fmt: skip
+        num_virtual = n - len(request.prompt_token_ids)
+        seq = Sequence(seq_id=self._next_seq_id, request=request, index=0,
+                       token_ids=[self.vocab_size + i for i in range(num_virtual)] + list(request.prompt_token_ids),
+                       num_prompt_tokens=n, seed=seed, num_virtual_tokens=num_virtual)  # fmt: skip
         if not bm.can_allocate(bm.blocks_needed(seq, n + 1)):
+            return False
+        if admission is not None and not admission.admit(seq):  # its adapters need device slots
             return False
         self._next_seq_id += 1
         bm.allocate(seq, n)

@@ -72,6 +72,12 @@ def fingerprint(cfg, kv_dtype) -> str:
     return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
+def adapter_ids(request) -> list:
+    """[LoRA id, prompt adapter id] of a request (None where it has none): its pages depend on them."""
+    lora, prompt = request.lora_request, request.prompt_adapter_request
+    return [lora.lora_int_id if lora is not None else None, prompt.prompt_adapter_id if prompt is not None else None]
+
+
 def encode_state(**fields) -> bytes:
     return json.dumps({"v": STATE_VERSION, **fields}, sort_keys=True).encode()
 
@@ -82,7 +88,8 @@ def decode_state(opaque_state: bytes) -> dict:
         state = json.loads(bytes(opaque_state).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"disaggregated_params.opaque_state is not a jaxllm context state ({e})") from None
-    needed = {"v", "llm_id", "pid", "endpoint", "ctx_request_id", "secret", "fingerprint", "num_tokens", "seed"}
+    needed = {"v", "llm_id", "pid", "endpoint", "ctx_request_id", "secret", "fingerprint", "num_tokens", "seed",
+              "adapters"}
     if not isinstance(state, dict) or not needed <= set(state) or state["v"] != STATE_VERSION:
         raise ValueError("disaggregated_params.opaque_state is not a jaxllm context state (missing fields or version)")
     return state
@@ -90,7 +97,8 @@ def decode_state(opaque_state: bytes) -> dict:
 
 # ---- layout: the engine's KV heads <-> the checkpoint's ------------------------------------------
 def to_portable(k: np.ndarray, num_tokens: int, plan) -> np.ndarray:
-    """[K_engine, pages, page_size, d] gathered pages -> [K, num_tokens, d] in the checkpoint's heads."""
+    """[K_engine, pages, page_size, d] gathered pages -> [K, num_tokens, d] in the checkpoint's heads.
+    num_tokens counts KV positions (a prompt adapter's virtual tokens included)."""
     heads, pages, page_size, head_dim = k.shape
     k = k.reshape(heads, pages * page_size, head_dim)[:, :num_tokens]
     if plan is not None and not plan.is_identity:

@@ -18,6 +18,12 @@ Pallas kernels size their grids by it.
 Static sampling switches (logprobs count, truncation, penalties, bias, bans) and the logits mode
 (last token, or every token for prompt_logprobs / context logits) also key compilations; requests
 that use none of them share the plain variant.
+
+Adapters (an engine made with LoRA or prompt adapters enabled): a step in which some token has a
+LoRA adapter or is a prompt adapter's virtual token runs the `adapters` variant of its bucket,
+which also reads the adapter bank and a per-token LoRA slot (jaxllm/adapters/bank.py,
+jaxllm/layers/adapters.py); every other step runs the plain variant, at the plain cost. Engines
+without adapters have no bank and compile exactly the plain variants.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.models.batch import BatchMetadata, build_batch
@@ -106,6 +113,8 @@ class StepRequest:
     prompt_logprobs_next: list[int] | None = None  # next tokens of this chunk, for prompt_logprobs
     want_all_logits: bool = False  # return logits of every token of this chunk (context logits)
     want_last_logits: bool = False  # return the last token's logits (generation logits, processors)
+    lora_slot: int = 0  # device slot of the sequence's LoRA adapter (0: none)
+    prompt_adapter_slot: int = 0  # device slot of its prompt adapter (0: none); maps its virtual tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +132,15 @@ class StepShape:
     bias: bool = False
     banned_width: int = 0
     penalty_width: int = 0
+    adapters: bool = False  # reads the adapter bank (some token has a LoRA adapter or is virtual)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: dict, config: RunnerConfig, mesh=None, channel=None):
+    def __init__(self, cfg: ModelConfig, params: dict, config: RunnerConfig, mesh=None, channel=None,
+                 adapters: AdapterBank | None = None):  # fmt: skip
         self.cfg = cfg
         self.params = params
         self.config = config
@@ -137,6 +148,7 @@ class ModelRunner:
         self.kv_dtype = config.kv_dtype or self.dtype
         self.mesh = mesh  # a tensor-parallel mesh (jaxllm/sharding.py), or None for one device
         self.channel = channel  # multi-process runs: the leader broadcasts each step (jaxllm/distributed.py)
+        self.adapters = adapters  # the LoRA bank / prompt table, or None (no adapter variants)
         self.kv_cache = self._new_cache()
         self.seq_buckets = powers_of_two(1, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
@@ -190,20 +202,62 @@ class ModelRunner:
             if kind == "reset":
                 self.kv_cache = self._new_cache()
                 continue
+            if kind == "adapter":
+                self._write_adapter(header["adapter"], header["slot"], arrays)
+                continue
             if kind != "step":
                 raise RuntimeError(f"unexpected message from the leader: {kind!r}")
             shape = StepShape(**header["shape"])
-            inputs = jax.tree.unflatten(jax.tree.structure(self.abstract_inputs(shape)), arrays)
+            inputs = jax.tree.unflatten(jax.tree.structure(self.host_inputs(shape)), arrays)
             exe = self.executable(shape)
-            _, self.kv_cache = exe(self.params, self.kv_cache, *self._on_device(inputs))
+            _, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(self._on_device(inputs), shape))
+
+    # ---- adapter slots ---------------------------------------------------------------------------
+    def write_lora(self, slot: int, adapter) -> None:
+        """Put a LoRA adapter (adapters.lora.LoraAdapter) into device slot `slot` (every process)."""
+        values = self.adapters.lora_values(adapter)
+        if self.channel is not None:
+            self.channel.send({"kind": "adapter", "adapter": "lora", "slot": slot}, jax.tree.leaves(values))
+        self.adapters.write_lora(slot, values)
+
+    def write_prompt_adapter(self, slot: int, adapter) -> None:
+        """Put a prompt adapter (adapters.prompt.PromptAdapter) into device slot `slot` (every process)."""
+        rows = self.adapters.prompt_values(adapter)
+        if self.channel is not None:
+            self.channel.send({"kind": "adapter", "adapter": "prompt", "slot": slot}, [rows])
+        self.adapters.write_prompt_adapter(slot, rows)
+
+    def _write_adapter(self, kind: str, slot: int, arrays: list) -> None:
+        """Follower side of write_lora / write_prompt_adapter."""
+        if kind == "lora":
+            self.adapters.write_lora(slot, jax.tree.unflatten(jax.tree.structure(self.adapters.lora), arrays))
+        else:
+            self.adapters.write_prompt_adapter(slot, arrays[0])
 
     @property
     def num_compilations(self) -> int:
         return len(self.executables)
 
     # ---- compilation -------------------------------------------------------------------------
-    def abstract_inputs(self, shape: StepShape):
-        """ShapeDtypeStructs of (batch, sampling, next_tokens) for a step shape."""
+    @property
+    def _uses_lora(self) -> bool:
+        return self.adapters is not None and self.adapters.lora is not None
+
+    def abstract_inputs(self, shape: StepShape) -> tuple:
+        """The step's arguments after (params, kv_cache), abstract where they come from the host."""
+        return self._step_args(self.host_inputs(shape), shape)
+
+    def _step_args(self, host: tuple, shape: StepShape) -> tuple:
+        """(batch, sampling, next_tokens[, lora_slots]) -> the step's arguments: the adapters variant
+        adds the bank (device arrays as they are) with the per-token LoRA slots."""
+        if not shape.adapters:
+            return host
+        lora_slots = host[3] if self._uses_lora else None
+        return (*host[:3], self.adapters.step_inputs(lora_slots))
+
+    def host_inputs(self, shape: StepShape):
+        """ShapeDtypeStructs of what the host sends each step: (batch, sampling, next_tokens), and the
+        per-token LoRA slots [T] for the adapters variant of a LoRA engine."""
         T, B, P = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
         i32, f32 = jnp.int32, jnp.float32
 
@@ -228,6 +282,8 @@ class ModelRunner:
             banned_tokens=sds((B, bw), i32) if bw else None,
             num_logprobs=shape.num_logprobs, truncate=shape.truncate, penalize=shape.penalize,
         )  # fmt: skip
+        if shape.adapters and self._uses_lora:
+            return batch, sampling, sds((T,), i32), sds((T,), i32)
         return batch, sampling, sds((T,), i32)
 
     def executable(self, shape: StepShape):
@@ -240,19 +296,20 @@ class ModelRunner:
         return exe
 
     def _compile(self, shape: StepShape):
-        batch, sampling, next_tokens = self.abstract_inputs(shape)
-        lowered = self._step.lower(self.params, self.kv_cache, batch, sampling, next_tokens,
+        lowered = self._step.lower(self.params, self.kv_cache, *self.abstract_inputs(shape),
                                    logits_mode=shape.logits_mode)  # fmt: skip
         return lowered.compile()
 
     def bucket_shapes(self) -> list[StepShape]:
-        """Every plain step shape this engine can take: decode buckets and mixed buckets."""
+        """Every plain step shape this engine can take: decode buckets and mixed buckets (and their
+        adapters variants when the engine serves adapters)."""
         shapes = []
-        for P in self.page_buckets:
-            for B in self.seq_buckets:
-                shapes.append(StepShape(B, B, P, 1))
-            for T in self.token_buckets:
-                shapes.append(StepShape(T, min(T, self.config.max_batch_size), P, T))
+        for adapters in (False, True) if self.adapters is not None else (False,):
+            for P in self.page_buckets:
+                for B in self.seq_buckets:
+                    shapes.append(StepShape(B, B, P, 1, adapters=adapters))
+                for T in self.token_buckets:
+                    shapes.append(StepShape(T, min(T, self.config.max_batch_size), P, T, adapters=adapters))
         return shapes
 
     def precompile(self, shapes: list[StepShape] | None = None, progress: bool = True, threads: int | None = None) -> None:
@@ -288,7 +345,9 @@ class ModelRunner:
                 "devices": [d.id for d in devices], "kv_cache": [list(k_pages.shape), jnp.dtype(k_pages.dtype).name]}  # fmt: skip
 
     def save_executables(self, directory) -> int:
-        """Serialize every compiled step into `directory` (with what they were compiled for)."""
+        """Serialize the compiled steps into `directory` (with what they were compiled for); returns how
+        many. A step the backend cannot serialize (XLA's CPU client refuses some sort comparators) is
+        left out with a warning: a reloaded engine compiles it when it first needs it."""
         import json
         from pathlib import Path
 
@@ -298,11 +357,15 @@ class ModelRunner:
         directory.mkdir(parents=True, exist_ok=True)
         index = {**self._executable_target(), "shapes": []}
         for i, (shape, exe) in enumerate(self.executables.items()):
-            payload, _, out_tree = serialize(exe)
+            try:
+                payload, _, out_tree = serialize(exe)
+            except Exception as e:  # jax raises its runtime error type for unsupported executables
+                logger.warning("step %s is not serializable here (%s); a reload compiles it", shape, e)
+                continue
             (directory / f"step_{i}.bin").write_bytes(payload)
             index["shapes"].append({"file": f"step_{i}.bin", "shape": shape.to_json(), "out_keys": _out_keys(out_tree)})
         (directory / "index.json").write_text(json.dumps(index, indent=2))
-        return len(self.executables)
+        return len(index["shapes"])
 
     def load_executables(self, directory) -> int:
         """Load executables saved by save_executables, if they were built for this JAX and device."""
@@ -322,8 +385,7 @@ class ModelRunner:
             return 0
         for entry in index["shapes"]:
             shape = StepShape(**entry["shape"])
-            batch, sampling, next_tokens = self.abstract_inputs(shape)
-            in_tree = jax.tree.structure(((self.params, self.kv_cache, batch, sampling, next_tokens), {}))
+            in_tree = jax.tree.structure(((self.params, self.kv_cache, *self.abstract_inputs(shape)), {}))
             out_example = ({k: 0 for k in entry["out_keys"]}, self.kv_cache)
             out_tree = jax.tree.structure(out_example)
             payload = (Path(directory) / entry["file"]).read_bytes()
@@ -445,8 +507,9 @@ class ModelRunner:
         all_logits [tokens, V], last_logits [requests, V].
         """
         T, B, P, Q = self.bucket_shape(requests)
+        token_ids = [self._device_token_ids(r) for r in requests] if self.adapters is not None else None
         batch = build_batch(
-            [r.token_ids for r in requests],
+            token_ids or [r.token_ids for r in requests],
             [r.start for r in requests],
             [r.block_table for r in requests],
             self.config.page_size,
@@ -467,19 +530,29 @@ class ModelRunner:
                 if r.prompt_logprobs_next is not None:
                     next_tokens[offset : offset + len(r.prompt_logprobs_next)] = r.prompt_logprobs_next
                 offset += len(r.token_ids)
+        uses_adapters = self.adapters is not None and any(
+            r.lora_slot or (r.prompt_adapter_slot and r.token_ids[0] >= self.cfg.vocab_size) for r in requests
+        )
         shape = StepShape(
             T, B, P, Q, logits_mode, sampling.num_logprobs, sampling.truncate, sampling.penalize,
             bias=sampling.logit_bias is not None,
             banned_width=0 if sampling.banned_tokens is None else sampling.banned_tokens.shape[1],
             penalty_width=0 if sampling.penalty_tokens is None else sampling.penalty_tokens.shape[1],
+            adapters=uses_adapters,
         )
+        host = (batch, sampling, next_tokens)
+        if uses_adapters and self._uses_lora:
+            lora_slots = np.zeros(T, np.int32)  # [T]: each token's LoRA slot, 0 for padding
+            offset = 0
+            for r in requests:
+                lora_slots[offset : offset + len(r.token_ids)] = r.lora_slot
+                offset += len(r.token_ids)
+            host = (*host, lora_slots)
         with self._lock:
             exe = self.executable(shape)
             if self.channel is not None:
-                self.channel.send({"kind": "step", "shape": shape.to_json()},
-                                  jax.tree.leaves((batch, sampling, next_tokens)))  # fmt: skip
-            inputs = self._on_device((batch, sampling, next_tokens))
-            out, self.kv_cache = exe(self.params, self.kv_cache, *inputs)
+                self.channel.send({"kind": "step", "shape": shape.to_json()}, jax.tree.leaves(host))
+            out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(self._on_device(host), shape))
         host = jax.device_get(out)
         n = len(requests)
         result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
@@ -488,11 +561,25 @@ class ModelRunner:
                 result[k] = v  # per packed token; the caller slices by its offsets
         return result
 
+    def _device_token_ids(self, r: StepRequest) -> list[int]:
+        """A request's tokens as the device reads them: virtual token i of a prompt adapter (host id
+        vocab_size + i) becomes the id of its row in the slot's part of the prompt table."""
+        vocab = self.cfg.vocab_size
+        if r.token_ids[0] < vocab:  # virtual tokens lead a sequence: a chunk without them starts with a real one
+            return r.token_ids
+        if not r.prompt_adapter_slot:
+            raise RuntimeError(f"virtual token {r.token_ids[0]} in a step of a sequence without a prompt adapter slot")
+        return [self.adapters.virtual_token_id(r.prompt_adapter_slot, t - vocab) if t >= vocab else t
+                for t in r.token_ids]  # fmt: skip
 
-def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, *, cfg, backend, mesh, logits_mode):
-    """forward + sample: the one function the runner jits. kv_cache is donated."""
+
+def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapters=None, *, cfg, backend, mesh,
+          logits_mode):  # fmt: skip
+    """forward + sample: the one function the runner jits. kv_cache is donated; `adapters`
+    (layers.adapters.AdapterInputs) only in the adapters variant of a step."""
     every_token = logits_mode in ("all", "prompt")
-    logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token, mesh=mesh)
+    logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token, mesh=mesh,
+                               adapters=adapters)  # fmt: skip
     last = logits[batch.logits_indices] if every_token else logits
     out = sampling_lib.sample(last, sampling)
     if every_token:

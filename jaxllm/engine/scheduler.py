@@ -40,9 +40,12 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, admission=None):
         self.config = config
         self.block_manager = block_manager
+        # Optional gate (engine/adapter_slots.py): admit(seq) -> False keeps a sequence waiting
+        # (its adapters have no device slot yet); release(seq) when it stops running.
+        self.admission = admission
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
 
@@ -63,6 +66,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        if self.admission is not None:
+            self.admission.release(seq)
 
     def detach(self, seq: Sequence) -> None:
         """Drop a finished sequence from the running set but leave it its pages (a parked context)."""
@@ -77,6 +82,8 @@ class Scheduler:
         """Free a running sequence's pages and requeue it at the front, to be recomputed."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        if self.admission is not None:
+            self.admission.release(seq)
         seq.num_preemptions += 1
         self.add(seq, front=True)
 
@@ -116,6 +123,8 @@ class Scheduler:
                 break
             n = min(want, budget)
             if not bm.can_allocate(bm.blocks_needed(seq, n)):
+                break
+            if self.admission is not None and not self.admission.admit(seq):
                 break
             self.waiting.popleft()
             bm.allocate(seq, n)

@@ -27,8 +27,11 @@ class Sequence:
     request: "Request"
     index: int  # which output of its request
     token_ids: list[int]  # prompt, then generated tokens
-    num_prompt_tokens: int
+    num_prompt_tokens: int  # the prompt's KV positions: virtual tokens of a prompt adapter, then the user's
     seed: int  # 64-bit seed of this sequence's random stream
+    # Prompt adapters: token_ids starts with this many virtual tokens (ids vocab_size + i), which
+    # are never sampled, penalized, detokenized or returned.
+    num_virtual_tokens: int = 0
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = dataclasses.field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -36,6 +39,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     num_preemptions: int = 0
+    lora_slot: int = 0  # device slot of its LoRA adapter while running (0: none; engine/adapter_slots.py)
+    prompt_adapter_slot: int = 0  # device slot of its prompt adapter while running (0: none)
     logprobs: Optional[list] = None  # per generated token: dict[token_id, Logprob], when requested
     generation_logits: list = dataclasses.field(default_factory=list)  # per generated token: [V] rows
     # Incremental detokenization and streaming bookkeeping (engine/detokenizer.py).
@@ -80,6 +85,8 @@ class Request:
     # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.
     lora_request: Any = None  # adapters.LoRARequest
     prompt_adapter_request: Any = None  # adapters.PromptAdapterRequest
+    lora_adapter: Any = None  # adapters.lora.LoraAdapter: the loaded weights of lora_request
+    prompt_adapter: Any = None  # adapters.prompt.PromptAdapter: the loaded embeddings of prompt_adapter_request
     retention: Any = None  # llm_args.KvCacheRetentionConfig
     cache_salt: Optional[str] = None
     disaggregated_params: Any = None  # disaggregated_params.DisaggregatedParams

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
+from jaxllm.layers.adapters import AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_onehot
 from jaxllm.layers.attention import MASK_VALUE, get_backend, write_kv
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
@@ -30,11 +31,10 @@ from jaxllm.sharding import TP_AXIS
 KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
 
 
-def embed(params: dict, token_ids: jax.Array, cfg: ModelConfig, dtype) -> jax.Array:
-    x = params["embed"][token_ids].astype(dtype)
-    if cfg.embed_scale is not None:
-        x = x * jnp.asarray(cfg.embed_scale, dtype)
-    return x
+def embed(params: dict, token_ids: jax.Array, cfg: ModelConfig, dtype,
+          prompt_table: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """token_ids -> embeddings; ids >= vocab_size are virtual tokens read from prompt_table (adapters)."""
+    return embed_with_virtual_tokens(params["embed"], token_ids, cfg.vocab_size, dtype, cfg.embed_scale, prompt_table)
 
 
 def decoder_layer(
@@ -44,13 +44,18 @@ def decoder_layer(
     layer: int,
     cfg: ModelConfig,
     attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
+    lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d]."""
+    """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
+
+    lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward).
+    """
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+    adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    q = jnp.einsum("...d,dhk->...hk", h, lp["wq"])
-    k = jnp.einsum("...d,dhk->...hk", h, lp["wk"])
-    v = jnp.einsum("...d,dhk->...hk", h, lp["wv"])
+    q = adapt("wq", h, jnp.einsum("...d,dhk->...hk", h, lp["wq"]))
+    k = adapt("wk", h, jnp.einsum("...d,dhk->...hk", h, lp["wk"]))
+    v = adapt("wv", h, jnp.einsum("...d,dhk->...hk", h, lp["wv"]))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -59,14 +64,14 @@ def decoder_layer(
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     attn = attend(q, k, v, layer)
-    out = jnp.einsum("...hk,hkd->...d", attn, lp["wo"])
+    out = adapt("wo", attn, jnp.einsum("...hk,hkd->...d", attn, lp["wo"]))
     if cfg.attention_out_bias:
         out = out + lp["bo"]
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_attn_norm"], eps, offset)
     x = x + out
     h = rms_norm(x, lp["mlp_norm"], eps, offset)
-    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act)
+    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act, adapt if lora else None)
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
     return x + out
@@ -97,6 +102,7 @@ def forward(
     backend: str = "xla",
     all_logits: bool = False,
     mesh=None,
+    adapters: AdapterInputs | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """One ragged step over the paged cache.
 
@@ -110,13 +116,19 @@ def forward(
       mesh: a tensor-parallel mesh (jaxllm/sharding.py): attention and the KV writes then run per
         shard of KV heads (shard_map), the hidden state stays replicated between layers, and
         the logits are gathered whole for sampling.
+      adapters: per-token LoRA slots and the LoRA bank, and the virtual-token table of prompt
+        adapters (jaxllm/layers/adapters.py); None for a step without adapters.
     Returns:
       (float32 logits, the updated kv_cache).
     """
     attention = get_backend(backend)
     dtype = params["embed"].dtype
-    x = embed(params, batch.token_ids, cfg, dtype)  # [T, D]
+    x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None)  # [T, D]
     new_cache = []
+    lora_bank = adapters.lora if adapters is not None else None
+    if lora_bank is not None:
+        num_slots = next(iter(lora_bank[0].values()))["a"].shape[0]
+        onehot = lora_onehot(adapters.lora_slots, num_slots, dtype)  # [T, S]
 
     def attend_local(q, k, v, k_pages, v_pages, batch, *, window):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
@@ -133,8 +145,17 @@ def forward(
         return out
 
     replicated = (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P()))) if mesh else (lambda a: a)
+    def layer_lora(layer):
+        bank = lora_bank[layer]
+
+        def add_delta(name, h, y):
+            return y + lora_delta(h, bank[name]["a"], bank[name]["b"], onehot) if name in bank else y
+
+        return add_delta
+
     for layer, lp in enumerate(params["layers"]):
-        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend))
+        lora = layer_lora(layer) if lora_bank is not None else None
+        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora))
     if not all_logits:
         x = x[batch.logits_indices]
     return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
