@@ -31,6 +31,11 @@ class Sequence:
     seed: int  # 64-bit seed of this sequence's random stream
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = dataclasses.field(default_factory=list)
+    # Prefix caching (engine/block_manager.py): hashes of the leading full pages of token_ids (content
+    # only, so they outlive preemption), and how many leading pages of block_table the prefix cache
+    # has seen (reused from it, registered in it, or duplicates of a cached page).
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    num_registered_pages: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
@@ -95,3 +100,9 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """prompt_logprobs and context logits read every prompt token's logits, so such a prompt is
+        computed in full, never taken from the prefix cache."""
+        return self.params.prompt_logprobs is not None or bool(self.params.return_context_logits)
