@@ -63,8 +63,7 @@ REQUEST_EXTRAS = {
     "cache_salt": (str, "KV-cache salt (cache_salt)"),
 }
 # Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
-_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params",
-                      "scheduling_params", "cache_salt"}
+_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "disaggregated_params", "scheduling_params"}
 
 
 def request_extras(n: int, **extras) -> list[dict]:
@@ -77,9 +76,11 @@ def request_extras(n: int, **extras) -> list[dict]:
         for i, v in enumerate(values):
             if v is None:
                 continue
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
             if not isinstance(v, kind):
-                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
                 raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
+            if name == "cache_salt" and not v:
+                raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
             if name in _NOT_YET_SUPPORTED:
                 raise NotImplementedError(f"{label} is not supported yet")
         per[name] = values
@@ -253,7 +254,7 @@ class LLM:
             runner.precompile()
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
-            BlockManager(num_pages, page_size),
+            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
         )
         self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size)
         self._request_ids = itertools.count()
@@ -346,7 +347,10 @@ class LLM:
         scheduling_params=None,
         cache_salt=None,
     ) -> RequestOutput:
-        """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration)."""
+        """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration).
+
+        The request-level arguments are those of `generate`, one value each.
+        """
         extras = request_extras(1, lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
                                 kv_cache_retention_config=kv_cache_retention_config,
                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
@@ -376,7 +380,12 @@ class LLM:
         """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order).
 
         The request-level arguments (lora_request, ..., cache_salt) take one value for every
-        prompt or a list of one per prompt.
+        prompt or a list of one per prompt:
+          kv_cache_retention_config: a KvCacheRetentionConfig, how long the request's KV pages stay
+            reusable (priorities of prompt token ranges and of generated tokens; ranges are clipped
+            to the prompt, see engine/prefix_cache.page_retention).
+          cache_salt: a non-empty str; only requests with the same salt share cached KV pages.
+        Retention and salts matter only with kv_cache_config.enable_block_reuse (the default).
         """
         prompts, single = inputs_lib.as_prompt_list(inputs)
         extras = request_extras(len(prompts), lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,

@@ -195,8 +195,7 @@ class Engine:
             for request in failed:
                 self._fail(request, e)
             self.runner.reset_cache()
-            for seq in list(self.scheduler.running):  # their pages were in the lost cache
-                self.scheduler.preempt(seq)
+            self.scheduler.drop_all_pages()  # their K/V, and every cached page's, was in the lost cache
             return
         touched = self._postprocess(scheduled, step_requests, out)
         self._publish(touched)
@@ -279,6 +278,7 @@ class Engine:
             r = step_requests[i]
             start = seq.num_computed
             seq.num_computed += n
+            self.block_manager.register_computed(seq)  # before a finish frees its pages
             touched.add(request)
             if r.prompt_logprobs_next is not None:
                 self._collect_prompt_logprobs(request, out, offset, start, len(r.prompt_logprobs_next))

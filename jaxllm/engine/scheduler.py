@@ -4,9 +4,11 @@ Each step has a token budget (`max_num_tokens`) and a sequence budget (`max_batc
 Running sequences go first, oldest first: a decode costs one token, an unfinished prefill takes
 what the budget leaves (chunked prefill). Then waiting sequences are admitted in order while the
 budget and free pages allow; without chunked prefill a prompt is admitted only when all of it fits
-in one step. When a running sequence needs a page and none is free, the most recently admitted
-running sequence is preempted: its pages are freed and it goes back to the front of the queue, to
-be recomputed from its tokens later (its generated tokens are kept, so its output is unchanged).
+in one step. A sequence admitted without pages first takes the cached pages of its prefix (block
+reuse), and computes only the rest. When a running sequence needs a page and none is free, the most
+recently admitted running sequence is preempted: its pages are freed (its full pages stay cached,
+so its return may reuse them) and it goes back to the front of the queue, to be recomputed from its
+tokens later (its generated tokens are kept, so its output is unchanged).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ class Scheduler:
         seq.num_preemptions += 1
         self.add(seq, front=True)
 
+    def drop_all_pages(self) -> None:
+        """The KV cache was lost (rebuilt after a failed step): every sequence gives back its pages
+        (running ones are preempted; waiting samples drop the prompt pages they share) and every
+        cached page is forgotten."""
+        for seq in list(self.running):
+            self.preempt(seq)
+        for seq in self.waiting:
+            if seq.block_table:
+                self.block_manager.free(seq)
+        self.block_manager.clear_cache()
+
     def schedule(self) -> ScheduledStep:
         cfg, bm = self.config, self.block_manager
         budget = cfg.max_num_tokens
@@ -102,14 +115,15 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
             seq = self.waiting[0]
-            want = seq.num_uncomputed
+            cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
+            want = seq.num_uncomputed - len(cached) * bm.block_size
             if want > budget and not cfg.enable_chunked_prefill:
                 break
             n = min(want, budget)
-            if not bm.can_allocate(bm.blocks_needed(seq, n)):
+            if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, n)
+            bm.allocate(seq, n, cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             items.append((seq, n))
