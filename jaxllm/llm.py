@@ -63,7 +63,7 @@ REQUEST_EXTRAS = {
     "cache_salt": (str, "KV-cache salt (cache_salt)"),
 }
 # Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
-_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "disaggregated_params", "scheduling_params"}
+_NOT_YET_SUPPORTED = {"lora_request", "prompt_adapter_request", "disaggregated_params"}
 
 
 def request_extras(n: int, **extras) -> list[dict]:
@@ -384,6 +384,8 @@ class LLM:
           kv_cache_retention_config: a KvCacheRetentionConfig, how long the request's KV pages stay
             reusable (priorities of prompt token ranges and of generated tokens; ranges are clipped
             to the prompt, see engine/prefix_cache.page_retention).
+          scheduling_params: a SchedulingParams; under contention higher priorities are admitted and
+            scheduled first and preempted last.
           cache_salt: a non-empty str; only requests with the same salt share cached KV pages.
         Retention and salts matter only with kv_cache_config.enable_block_reuse (the default).
         """

@@ -319,7 +319,7 @@ class Engine:
         for sibling in first.request.sequences[1:]:
             if sibling.status is SequenceStatus.WAITING and sibling.num_computed == 0 and not sibling.block_table:
                 sibling.num_computed = self.block_manager.share_prefix(first, sibling, first.num_prompt_tokens - 1)
-                self.scheduler.add(sibling, front=True)
+                self.scheduler.add(sibling)
 
     def _collect_prompt_logprobs(self, request: Request, out, offset: int, start: int, count: int) -> None:
         k = request.params.prompt_logprobs

@@ -82,6 +82,7 @@ class Request:
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # bad and bad_token_ids as token sequences
     embedding_bias: Any = None  # numpy [vocab] float32 or None
     priority: float = 0.5  # SchedulingParams.priority: higher runs first under contention
+    arrival_order: Optional[int] = None  # stamped by the scheduler when first queued: the FCFS tie-break
     # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.
     lora_request: Any = None  # adapters.LoRARequest
     prompt_adapter_request: Any = None  # adapters.PromptAdapterRequest
