@@ -175,8 +175,8 @@ class BlockManager:
             if self.ref_counts[block] > 0:
                 continue
             if self.cache is not None and self.cache.is_cached(block):
-                start = index * self.block_size
-                priority, seconds = page_retention(request.retention, seq.num_prompt_tokens, start, start + self.block_size)
+                start, end = index * self.block_size, (index + 1) * self.block_size
+                priority, seconds = page_retention(request.retention, seq.num_prompt_tokens, start, end)
                 self.cache.release(block, priority, seconds)
             else:
                 self.free_blocks.append(block)
