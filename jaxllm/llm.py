@@ -60,17 +60,15 @@ ATTENTION_BACKENDS = ("xla", "pallas")
 SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
 _logged_backend_alias = False
 
-# The seed's request-level arguments of generate / generate_async: name -> (accepted type, label).
+# The seed's request-level arguments of generate / generate_async and the type each takes.
 REQUEST_EXTRAS = {
-    "lora_request": (LoRARequest, "LoRA adapters (lora_request)"),
-    "prompt_adapter_request": (PromptAdapterRequest, "prompt adapters (prompt_adapter_request)"),
-    "kv_cache_retention_config": (KvCacheRetentionConfig, "KV-cache retention (kv_cache_retention_config)"),
-    "disaggregated_params": (DisaggregatedParams, "disaggregated serving (disaggregated_params)"),
-    "scheduling_params": (SchedulingParams, "scheduling parameters (scheduling_params)"),
-    "cache_salt": (str, "KV-cache salt (cache_salt)"),
+    "lora_request": LoRARequest,
+    "prompt_adapter_request": PromptAdapterRequest,
+    "kv_cache_retention_config": KvCacheRetentionConfig,
+    "disaggregated_params": DisaggregatedParams,
+    "scheduling_params": SchedulingParams,
+    "cache_salt": str,
 }
-# Extras whose engine support has not landed yet: a non-None value raises NotImplementedError.
-_NOT_YET_SUPPORTED = {"kv_cache_retention_config", "scheduling_params", "cache_salt"}
 
 
 def request_extras(n: int, **extras) -> list[dict]:
@@ -78,16 +76,16 @@ def request_extras(n: int, **extras) -> list[dict]:
     a list of one per prompt): a list of n {name: value} dicts."""
     per = {}
     for name, value in extras.items():
-        kind, label = REQUEST_EXTRAS[name]
+        kind = REQUEST_EXTRAS[name]
         values = inputs_lib.per_prompt(value, n, name)
         for i, v in enumerate(values):
             if v is None:
                 continue
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
             if not isinstance(v, kind):
-                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
                 raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
-            if name in _NOT_YET_SUPPORTED:
-                raise NotImplementedError(f"{label} is not supported yet")
+            if name == "cache_salt" and not v:
+                raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
         per[name] = values
     return [{name: values[i] for name, values in per.items()} for i in range(n)]
 
@@ -312,7 +310,7 @@ class LLM:
             )
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
-            BlockManager(num_pages, page_size),
+            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
             admission=admission,
         )
         transceiver = args.cache_transceiver_config
@@ -501,7 +499,10 @@ class LLM:
         scheduling_params=None,
         cache_salt=None,
     ) -> RequestOutput:
-        """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration)."""
+        """Submit one prompt; returns its RequestOutput, a future (result(), await, iteration).
+
+        The request-level arguments are those of `generate`, one value each.
+        """
         extras = request_extras(1, lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
                                 kv_cache_retention_config=kv_cache_retention_config,
                                 disaggregated_params=disaggregated_params, scheduling_params=scheduling_params,
@@ -532,7 +533,14 @@ class LLM:
         """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order).
 
         The request-level arguments (lora_request, ..., cache_salt) take one value for every
-        prompt or a list of one per prompt.
+        prompt or a list of one per prompt:
+          kv_cache_retention_config: a KvCacheRetentionConfig, how long the request's KV pages stay
+            reusable (priorities of prompt token ranges and of generated tokens; ranges are clipped
+            to the prompt, see engine/prefix_cache.page_retention).
+          scheduling_params: a SchedulingParams; under contention higher priorities are admitted and
+            scheduled first and preempted last.
+          cache_salt: a non-empty str; only requests with the same salt share cached KV pages.
+        Retention and salts matter only with kv_cache_config.enable_block_reuse (the default).
         """
         prompts, single = inputs_lib.as_prompt_list(inputs)
         extras = request_extras(len(prompts), lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,

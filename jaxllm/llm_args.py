@@ -24,7 +24,8 @@ class KvCacheConfig:
     max_tokens: an upper bound on the tokens the cache holds (on the CPU, the default bound is
         what fits in min(1 GiB, 10% of RAM)).
     tokens_per_block: the page size.
-    enable_block_reuse: share full pages between requests with the same prefix.
+    enable_block_reuse: keep full pages cached after their requests finish, and share them between
+        requests with the same prefix (and the same cache_salt and adapters); see engine/prefix_cache.py.
     dtype: KV cache dtype: 'auto' (the model's), 'float32', 'bfloat16', 'float16'.
     """
 
@@ -101,9 +102,14 @@ class KvCacheRetentionConfig:
     When the cache is full, the engine evicts reusable pages of the lowest priority first (least
     recently used first among equals). Priorities are ints in [0, 100]; the default is 35.
 
+    A page takes the highest priority of its tokens (prompt tokens outside every range: 35), and
+    falls back to 35 a duration after its last holder released it. Takes effect with
+    KvCacheConfig.enable_block_reuse (the default).
+
     Args:
       token_range_retention_configs: prompt token ranges and their priorities (ranges must not
-        overlap; only the last may have token_end=None).
+        overlap; only the last may have token_end=None). Ranges are clipped to each prompt: the
+        part past a prompt's end has no effect, so one config serves prompts of any length.
       decode_retention_priority: priority of the pages of generated tokens.
       decode_duration_ms: how long that priority lasts (None: until evicted).
     """

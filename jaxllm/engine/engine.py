@@ -248,8 +248,7 @@ class Engine:
             for request in failed:
                 self._fail(request, e)
             self.runner.reset_cache()
-            for seq in list(self.scheduler.running):  # their pages were in the lost cache
-                self.scheduler.preempt(seq)
+            self.scheduler.drop_all_pages()  # their K/V, and every cached page's, was in the lost cache
             for parked in self.parked.values():
                 self.block_manager.free(parked.seq)
             self.parked.clear()
@@ -340,6 +339,7 @@ class Engine:
             r = step_requests[i]
             start = seq.num_computed
             seq.num_computed += n
+            self.block_manager.register_computed(seq)  # before a finish frees its pages
             touched.add(request)
             skip = max(0, seq.num_virtual_tokens - start)  # virtual positions at the chunk's start
             if r.prompt_logprobs_next is not None:
@@ -391,7 +391,7 @@ class Engine:
         for sibling in first.request.sequences[1:]:
             if sibling.status is SequenceStatus.WAITING and sibling.num_computed == 0 and not sibling.block_table:
                 sibling.num_computed = self.block_manager.share_prefix(first, sibling, first.num_prompt_tokens - 1)
-                self.scheduler.add(sibling, front=True)
+                self.scheduler.add(sibling)
 
     def _collect_prompt_logprobs(self, request: Request, out, offset: int, start: int, count: int) -> None:
         """Entries for the user's prompt tokens start + 1 .. start + count, from the packed rows at `offset` on."""
@@ -521,6 +521,7 @@ class Engine:
         values = [kv_transfer.from_portable(a, self.transfer.plan, page_size, num_pages, xp=jax.numpy) for a in arrays]
         self.runner.scatter_pages(seq.block_table, values)
         seq.num_computed = n
+        bm.register_computed(seq)  # the imported prompt pages are reusable like computed ones
         if self.detokenizer is not None:
             self.detokenizer.start(seq)
         request.sequences.append(seq)
@@ -624,9 +625,11 @@ class Engine:
                 "freeNumBlocks": bm.num_free_blocks,
                 "usedNumBlocks": bm.num_used_blocks,
                 "tokensPerBlock": bm.block_size,
-                "allocTotalBlocks": bm.total_allocated,
-                "allocNewBlocks": bm.total_allocated,
-                "reusedBlocks": bm.total_shared,
+                "allocTotalBlocks": bm.num_new + bm.num_reused,
+                "allocNewBlocks": bm.num_new,
+                "reusedBlocks": bm.num_reused,
+                "missedBlocks": bm.num_missed,
+                "cacheHitRate": bm.hit_rate,
             },
             "inflightBatchingStats": {
                 "numScheduledRequests": len(scheduled.items),

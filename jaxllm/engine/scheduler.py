@@ -1,18 +1,27 @@
 """Continuous batching: which prefill chunks and decodes run in the next step (plain Python).
 
 Each step has a token budget (`max_num_tokens`) and a sequence budget (`max_batch_size`).
-Running sequences go first, oldest first: a decode costs one token, an unfinished prefill takes
-what the budget leaves (chunked prefill). Then waiting sequences are admitted in order while the
-budget and free pages allow; without chunked prefill a prompt is admitted only when all of it fits
-in one step. When a running sequence needs a page and none is free, the most recently admitted
-running sequence is preempted: its pages are freed and it goes back to the front of the queue, to
-be recomputed from its tokens later (its generated tokens are kept, so its output is unchanged).
+Running sequences go first, in priority order (`SchedulingParams.priority`, highest first; earlier
+admitted first among equals): a decode costs one token, an unfinished prefill takes what the budget
+leaves (chunked prefill). Then waiting sequences are admitted while the budget and free pages
+allow: parallel samples that already share their prompt's pages first, then highest priority
+first, first-come-first-served among equals. The queue is strict: a waiting sequence that does not
+fit holds back those behind it. Without chunked prefill a
+prompt is admitted only when all of it fits in one step. A sequence admitted without pages first
+takes the cached pages of its prefix (block reuse), and computes only the rest.
+
+When a running sequence needs a page and none is free, the lowest-priority running sequence is
+preempted (the most recently admitted among equals): its pages are freed (its full pages stay
+cached, so its return may reuse them) and it goes back to the queue, where it keeps its original
+place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
+so its output is unchanged). A step that preempts admits nothing.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import dataclasses
+import itertools
 
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.sequence import Sequence, SequenceStatus
@@ -46,15 +55,24 @@ class Scheduler:
         # Optional gate (engine/adapter_slots.py): admit(seq) -> False keeps a sequence waiting
         # (its adapters have no device slot yet); release(seq) when it stops running.
         self.admission = admission
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # admission order: by queue_key
+        self.running: list[Sequence] = []  # scheduling order: priority, then admission; victims from the end
+        self._arrivals = itertools.count()
 
-    def add(self, seq: Sequence, front: bool = False) -> None:
+    @staticmethod
+    def queue_key(seq: Sequence) -> tuple:
+        """Waiting order: sequences that hold pages (parallel samples sharing their prompt's pages)
+        first, as the rest of a request already running; then higher priority first, then the
+        request's arrival, then the sample index. A page holder behind a sequence that cannot get
+        pages could otherwise hold them for ever."""
+        return not seq.block_table, -seq.request.priority, seq.request.arrival_order, seq.index
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (new, a parallel sample, or preempted) at its place in the waiting order."""
+        if seq.request.arrival_order is None:
+            seq.request.arrival_order = next(self._arrivals)
         seq.status = SequenceStatus.WAITING
-        if front:
-            self.waiting.appendleft(seq)
-        else:
-            self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=self.queue_key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,17 +93,36 @@ class Scheduler:
 
     def add_running(self, seq: Sequence) -> None:
         """Run a sequence that already holds pages for all its computed tokens (an imported context)."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        if seq.request.arrival_order is None:
+            seq.request.arrival_order = next(self._arrivals)
+        self._start_running(seq)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's pages and requeue it at the front, to be recomputed."""
+        """Free a running sequence's pages and requeue it, to be recomputed."""
         self.running.remove(seq)
         self.block_manager.free(seq)
         if self.admission is not None:
             self.admission.release(seq)
         seq.num_preemptions += 1
-        self.add(seq, front=True)
+        self.add(seq)
+
+    def drop_all_pages(self) -> None:
+        """The KV cache was lost (rebuilt after a failed step): every sequence gives back its pages
+        (running ones are preempted; waiting samples drop the prompt pages they share) and every
+        cached page is forgotten."""
+        for seq in list(self.running):
+            self.preempt(seq)
+        for seq in self.waiting:
+            if seq.block_table:
+                self.block_manager.free(seq)
+        self.waiting.sort(key=self.queue_key)  # their keys changed with their pages
+        self.block_manager.clear_cache()
+
+    def _start_running(self, seq: Sequence) -> None:
+        """Insert a newly admitted sequence after every running one of its priority or higher."""
+        seq.status = SequenceStatus.RUNNING
+        at = bisect.bisect_right(self.running, -seq.request.priority, key=lambda s: -s.request.priority)
+        self.running.insert(at, seq)
 
     def schedule(self) -> ScheduledStep:
         cfg, bm = self.config, self.block_manager
@@ -118,18 +155,18 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
             seq = self.waiting[0]
-            want = seq.num_uncomputed
+            cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
+            want = seq.num_uncomputed - len(cached) * bm.block_size
             if want > budget and not cfg.enable_chunked_prefill:
                 break
             n = min(want, budget)
-            if not bm.can_allocate(bm.blocks_needed(seq, n)):
+            if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
                 break
             if self.admission is not None and not self.admission.admit(seq):
                 break
-            self.waiting.popleft()
-            bm.allocate(seq, n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self.waiting.pop(0)
+            bm.allocate(seq, n, cached)
+            self._start_running(seq)
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n

@@ -34,6 +34,11 @@ class Sequence:
     num_virtual_tokens: int = 0
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = dataclasses.field(default_factory=list)
+    # Prefix caching (engine/block_manager.py): hashes of the leading full pages of token_ids (content
+    # only, so they outlive preemption), and how many leading pages of block_table the prefix cache
+    # has seen (reused from it, registered in it, or duplicates of a cached page).
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    num_registered_pages: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
@@ -82,6 +87,7 @@ class Request:
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # bad and bad_token_ids as token sequences
     embedding_bias: Any = None  # numpy [vocab] float32 or None
     priority: float = 0.5  # SchedulingParams.priority: higher runs first under contention
+    arrival_order: Optional[int] = None  # stamped by the scheduler when first queued: the FCFS tie-break
     # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.
     lora_request: Any = None  # adapters.LoRARequest
     prompt_adapter_request: Any = None  # adapters.PromptAdapterRequest
@@ -105,3 +111,9 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """prompt_logprobs and context logits read every prompt token's logits, so such a prompt is
+        computed in full, never taken from the prefix cache."""
+        return self.params.prompt_logprobs is not None or bool(self.params.return_context_logits)

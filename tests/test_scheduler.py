@@ -1,0 +1,164 @@
+"""The scheduler as plain Python: priority order of admission and scheduling, preemption victims, prefix reuse."""
+
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
+from jaxllm.sampling_params import SamplingParams
+
+PAGE = 4
+
+
+class Sim:
+    """A scheduler and block manager driven like the engine drives them, with a fake model step."""
+
+    def __init__(self, num_pages=64, max_num_tokens=64, max_batch_size=8, max_tokens=3, enable_reuse=True):
+        self.bm = BlockManager(num_pages, PAGE, enable_reuse=enable_reuse)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_tokens, max_batch_size), self.bm)
+        self.max_tokens = max_tokens
+        self.finished: list[int] = []
+        self.first_scheduled: list[int] = []
+        self.steps = []
+
+    def submit(self, tokens, priority=0.5, seq_id=None) -> Sequence:
+        seq_id = len(self.steps) * 1000 + len(self.scheduler.waiting) if seq_id is None else seq_id
+        request = Request(request_id=seq_id, prompt=None, prompt_token_ids=list(tokens), params=SamplingParams(),
+                          output=None, priority=priority)  # fmt: skip
+        seq = Sequence(seq_id=seq_id, request=request, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens),
+                       seed=0)  # fmt: skip
+        request.sequences.append(seq)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self):
+        out = self.scheduler.schedule()
+        self.steps.append([(s.seq_id, n) for s, n in out.items])
+        for seq, n in out.items:
+            if seq.seq_id not in self.first_scheduled:
+                self.first_scheduled.append(seq.seq_id)
+            seq.num_computed += n
+            self.bm.register_computed(seq)
+            if seq.num_computed == seq.num_tokens:
+                seq.token_ids.append(7)
+                if seq.num_output_tokens >= self.max_tokens:
+                    seq.status = SequenceStatus.FINISHED
+                    self.scheduler.remove(seq)
+                    self.finished.append(seq.seq_id)
+        return out
+
+    def run(self, limit=500):
+        for _ in range(limit):
+            if not self.scheduler.has_work():
+                return
+            self.step()
+        raise AssertionError("did not finish")
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival():
+    sim = Sim(max_batch_size=1)
+    for i, priority in enumerate([0.5, 0.2, 0.5, 0.9, 0.2, 0.9]):
+        sim.submit([10 + i] * 5, priority, seq_id=i)
+    sim.run()
+    assert sim.finished == [3, 5, 0, 2, 1, 4]
+
+
+def test_running_sequences_are_scheduled_by_priority_within_the_budget():
+    sim = Sim(max_num_tokens=2, max_tokens=4)
+    low = sim.submit([1], 0.1, seq_id=0)
+    mid = sim.submit([2], 0.5, seq_id=1)
+    sim.step()  # both admitted (one token each)
+    high = sim.submit([3], 0.9, seq_id=2)
+    sim.step()  # the budget holds two decodes; newcomers wait
+    assert sim.steps[-1] == [(1, 1), (0, 1)]
+    assert sim.scheduler.running == [mid, low]
+    sim.scheduler.remove(low)  # make room: `high` joins ahead of `mid`
+    sim.step()
+    assert sim.steps[-1] == [(1, 1), (2, 1)] and sim.scheduler.running == [high, mid]
+    sim.step()
+    assert sim.steps[-1] == [(2, 1), (1, 1)]
+
+
+def test_the_victim_is_the_lowest_priority_and_keeps_its_place_in_the_queue():
+    # 6 usable pages; three sequences of 7 tokens (2 pages each) that grow past 8 tokens (3 pages).
+    sim = Sim(num_pages=7, max_tokens=6, enable_reuse=False)
+    a = sim.submit(range(0, 7), 0.5, seq_id=0)
+    b = sim.submit(range(10, 17), 0.2, seq_id=1)
+    c = sim.submit(range(20, 27), 0.5, seq_id=2)
+    sim.step()
+    assert [s.seq_id for s in sim.scheduler.running] == [0, 2, 1]
+    for _ in range(3):
+        out = sim.step()
+        if out.preempted:
+            break
+    assert out.preempted == [b] and b.num_preemptions == 1  # lowest priority, though admitted before c
+    late = sim.submit(range(30, 33), 0.2, seq_id=3)  # same priority as b, arrived later
+    assert sim.scheduler.waiting == [b, late]
+    sim.run()
+    assert sim.finished.index(1) < sim.finished.index(3)
+    assert a.finished and c.finished and sim.bm.num_free_blocks == sim.bm.num_usable_blocks
+
+
+def test_equal_priorities_preempt_the_most_recently_admitted():
+    sim = Sim(num_pages=7, max_tokens=6, enable_reuse=False)
+    first = sim.submit(range(0, 7), seq_id=0)
+    sim.step()
+    second = sim.submit(range(10, 17), seq_id=1)
+    third = sim.submit(range(20, 27), seq_id=2)
+    preempted = []
+    for _ in range(20):
+        preempted += sim.step().preempted
+    assert preempted and preempted[0] is third and first.num_preemptions == 0
+    sim.run()
+    assert sim.finished[0] == 0 and second.finished
+
+
+def test_admission_reuses_the_cached_prefix():
+    sim = Sim(max_tokens=2)
+    prefix = list(range(100, 112))  # three pages
+    sim.submit(prefix + [1, 2], seq_id=0)
+    sim.run()
+    second = sim.submit(prefix + [3, 4, 5], seq_id=1)
+    exact = sim.submit(prefix, seq_id=2)
+    sim.step()
+    # The second computes only its suffix; the exact three-page prompt recomputes its last page.
+    assert sim.steps[-1] == [(1, 3), (2, 4)]
+    assert second.block_table[:2] == exact.block_table[:2] and second.num_computed == 15 and exact.num_computed == 12
+    assert sim.bm.num_reused == 5
+    sim.run()
+
+
+def test_admission_accounts_for_the_evictable_pages_it_takes_back():
+    sim = Sim(num_pages=5, max_tokens=1)  # 4 usable pages
+    sim.submit(range(9), seq_id=0)
+    sim.run()  # 2 cached pages (evictable) + 2 plain free
+    seq = sim.submit(list(range(9)) + [50, 51, 52, 53, 54, 55, 56], seq_id=1)
+    cached = sim.bm.match_prefix(seq)
+    assert len(cached) == 2 and sim.bm.blocks_needed(seq, 8, cached) == 4
+    sim.run()
+    assert sim.finished == [0, 1] and sim.bm.num_reused == 2
+
+
+def test_drop_all_pages_requeues_everything_and_forgets_the_cache():
+    sim = Sim(max_tokens=5)
+    sim.submit(range(9), seq_id=0)
+    sim.run()
+    running = sim.submit(range(20, 29), seq_id=1)
+    sim.step()
+    sim.scheduler.drop_all_pages()
+    assert not sim.scheduler.running and sim.scheduler.waiting == [running] and running.num_computed == 0
+    assert sim.bm.cache.num_cached == 0 and sim.bm.num_free_blocks == sim.bm.num_usable_blocks
+    sim.run()
+    assert running.finished
+
+
+def test_parallel_samples_holding_prompt_pages_are_admitted_before_higher_priorities():
+    sim = Sim(max_batch_size=1, max_tokens=2)
+    first = sim.submit(range(9), priority=0.1, seq_id=0)
+    sibling = Sequence(seq_id=1, request=first.request, index=1, token_ids=list(range(9)), num_prompt_tokens=9, seed=1)
+    first.request.sequences.append(sibling)
+    sim.step()
+    sibling.num_computed = sim.bm.share_prefix(first, sibling, 8)
+    sim.scheduler.add(sibling)
+    urgent = sim.submit(range(50, 55), priority=0.9, seq_id=2)
+    assert sim.scheduler.waiting == [sibling, urgent]
+    sim.run()
+    assert sim.finished == [0, 1, 2]
