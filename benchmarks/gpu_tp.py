@@ -1,6 +1,7 @@
 """Tensor parallelism on two GPUs, in one call: TP=2 against TP=1 (greedy agreement in bf16 on the
 SmolLM2 and Llama-3.1-8B shapes, batch-1 decode latency), the all-reduce share of a TP=2 decode
-step, and offline 128/128 throughput at TP=2.
+step, offline 128/128 throughput at TP=2, and disaggregated serving across the two GPUs (prefill
+on one, decode on the other) against the aggregated tokens.
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_tp.py [--out DIR]
     python benchmarks/gpu_tp.py --smoke      # CPU, 8 virtual devices, tiny sizes
@@ -28,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from gpu_e2e import _decode_ms, synthetic  # noqa: E402
 
 
-def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16"):
+def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16", devices=None):
     """An engine with random weights; `precompile` lists (num_tokens, max_query_len) of mixed steps
     and (B, 1) of decode steps to compile in parallel before anything is timed."""
     from jaxllm import LLM
@@ -36,7 +37,7 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
 
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
-              max_seq_len=args.max_seq_len)  # fmt: skip
+              max_seq_len=args.max_seq_len, devices=devices)  # fmt: skip
     runner = llm._engine.runner
     P, shapes = runner.page_buckets[0], []
     for tokens, q in precompile:
@@ -55,6 +56,18 @@ def greedy(llm, prompts, n):
     from jaxllm import SamplingParams
 
     return [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)]
+
+
+def disaggregated(ctx, gen, prompts, n):
+    """Greedy tokens of prompts prefilled on `ctx` (context_only) and decoded on `gen` (generation_only)."""
+    from jaxllm import DisaggregatedParams, SamplingParams
+
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    first = ctx.generate(prompts, params, use_tqdm=False, disaggregated_params=DisaggregatedParams(request_type="context_only"))
+    follow = [DisaggregatedParams(request_type="generation_only", first_gen_tokens=o.outputs[0].disaggregated_params.first_gen_tokens,
+                                  ctx_request_id=o.request_id, opaque_state=o.outputs[0].disaggregated_params.opaque_state)
+              for o in first]  # fmt: skip
+    return [o.outputs[0].token_ids for o in gen.generate(prompts, params, use_tqdm=False, disaggregated_params=follow)]
 
 
 def agreement(a, b) -> dict:
@@ -162,6 +175,10 @@ def main() -> None:
             save(f"llama8b_tp{tp}_build_s", time.perf_counter() - t0)
             ref[tp] = greedy(llm, prompts, tokens)
             save(f"llama8b_tp{tp}_batch1_decode_ms", batch1_ms(llm, vocab, decode_n))
+            if tp == 1:  # disaggregated: prefill on GPU 0, decode on GPU 1, against the aggregated tokens
+                with engine(big, 1, None, args, shapes, devices=[jax.devices()[1]]) as gen:
+                    save("llama8b_disaggregated_gpu0_to_gpu1_vs_aggregated",
+                         agreement(ref[1], disaggregated(llm, gen, prompts, tokens)))
             if tp == 2:
                 save("llama8b_bf16_tp2_vs_tp1", agreement(ref[1], ref[2]))
                 save("tp2_over_tp1_batch1", result["llama8b_tp2_batch1_decode_ms"] / result["llama8b_tp1_batch1_decode_ms"])
