@@ -33,6 +33,19 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hf():
+    """tiny_hf(name) -> the transformers float32 model of that tiny variant (the reference; shared)."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tiny.build_tiny(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(tiny_dir):
     """tiny_llm(name) -> a float32 LLM over that tiny checkpoint (shared, tokenizer-free)."""
     from jaxllm import LLM

@@ -23,15 +23,8 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = tiny.build_tiny(name)
-        return cache[name]
-
-    return get
+def reference(tiny_hf):
+    return tiny_hf
 
 
 @pytest.mark.parametrize("name", tiny.FAMILIES)

@@ -48,15 +48,8 @@ def llama(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = tiny.build_tiny(name)
-        return cache[name]
-
-    return get
+def models(tiny_hf):
+    return tiny_hf
 
 
 def reference(model, table: np.ndarray | None, prompt: list[int], max_tokens: int):
