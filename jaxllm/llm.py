@@ -383,8 +383,7 @@ class LLM:
         if state["num_tokens"] != len(pre.prompt_token_ids):
             raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
                              f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
-        ours = [getattr(extras.get("lora_request"), "lora_int_id", None),
-                getattr(extras.get("prompt_adapter_request"), "prompt_adapter_id", None)]  # fmt: skip
+        ours = kv_transfer.adapter_ids(extras.get("lora_request"), extras.get("prompt_adapter_request"))
         if ours != state["adapters"]:
             raise ValueError(f"the context was computed with (LoRA id, prompt adapter id) = {tuple(state['adapters'])}, "
                              f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip

@@ -175,27 +175,30 @@ class Engine:
     def _add(self, request: Request) -> None:
         params = request.params
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        # A prompt adapter's virtual tokens lead the sequence as ids vocab_size + i (runner.py maps
-        # them to the adapter's rows of the device table).
-        num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
-        virtual = [self.vocab_size + i for i in range(num_virtual)]
         for index in range(params.best_of):
-            seq = Sequence(
-                seq_id=self._next_seq_id,
-                request=request,
-                index=index,
-                token_ids=virtual + list(request.prompt_token_ids),
-                num_prompt_tokens=num_virtual + len(request.prompt_token_ids),
-                seed=derive_seed(base_seed, index),
-                num_virtual_tokens=num_virtual,
-            )
-            self._next_seq_id += 1
+            seq = self._new_sequence(request, index, derive_seed(base_seed, index))
             if self.detokenizer is not None:
                 self.detokenizer.start(seq)
             request.sequences.append(seq)
         # Parallel samples wait until sample 0 has computed the prompt, then share its full pages.
         self.scheduler.add(request.sequences[0])
         self.requests[request.request_id] = request
+
+    def _new_sequence(self, request: Request, index: int, seed: int) -> Sequence:
+        """Sample `index` of `request`. A prompt adapter's virtual tokens lead it as ids vocab_size + i
+        (runner.py maps them to the adapter's rows of the device table)."""
+        num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
+        seq = Sequence(
+            seq_id=self._next_seq_id,
+            request=request,
+            index=index,
+            token_ids=[self.vocab_size + i for i in range(num_virtual)] + list(request.prompt_token_ids),
+            num_prompt_tokens=num_virtual + len(request.prompt_token_ids),
+            seed=seed,
+            num_virtual_tokens=num_virtual,
+        )
+        self._next_seq_id += 1
+        return seq
 
     def _abort(self, request_id: int) -> None:
         request = self.requests.get(request_id)
@@ -433,24 +436,19 @@ class Engine:
         request, settings = seq.request, self.transfer
         self.scheduler.detach(seq)  # out of the running set, pages still held
         if self._transfer_server is None:
-            self._transfer_server = kv_transfer.KVTransferServer(self._export_from_server, settings.host, settings.port)
+            self._transfer_server = kv_transfer.KVTransferServer(self.export_kv, settings.host, settings.port)
         secret = kv_transfer.new_secret()
-        self.parked[request.request_id] = kv_transfer.ParkedContext(
-            seq, secret, time.monotonic() + settings.timeout_s, seq.cumulative_logprob, request.first_token_rank
-        )
+        self.parked[request.request_id] = kv_transfer.ParkedContext(seq, secret, time.monotonic() + settings.timeout_s)
         state = kv_transfer.encode_state(
             llm_id=settings.llm_id, pid=os.getpid(), endpoint=self._transfer_server.endpoint,
             ctx_request_id=request.request_id, secret=secret, fingerprint=settings.fingerprint,
             num_tokens=seq.num_prompt_tokens - seq.num_virtual_tokens, seed=seq.seed,
-            adapters=kv_transfer.adapter_ids(request),
+            adapters=kv_transfer.adapter_ids(request.lora_request, request.prompt_adapter_request),
         )  # fmt: skip
         request.disaggregated_result = DisaggregatedParams(
             request_type="context_only", first_gen_tokens=[seq.token_ids[-1]], ctx_request_id=request.request_id,
             opaque_state=state, disagg_request_id=request.disaggregated_params.disagg_request_id,
         )  # fmt: skip
-
-    def _export_from_server(self, ctx_request_id: int, secret: str) -> tuple[dict, list]:
-        return self.export_kv(ctx_request_id, secret)
 
     def _export(self, ctx_request_id: int, secret: str) -> tuple[dict, list]:
         """(engine thread) Gather a parked context's pages in the portable layout, then release them."""
@@ -470,7 +468,7 @@ class Engine:
         finally:
             self.block_manager.free(seq)
         meta = {"num_tokens": n, "prompt_token_ids": seq.token_ids[seq.num_virtual_tokens : n], "first_token": seq.token_ids[n],
-                "first_logprob": parked.first_logprob, "first_rank": parked.first_rank, "seed": seq.seed,
+                "first_logprob": seq.cumulative_logprob, "first_rank": seq.request.first_token_rank, "seed": seq.seed,
                 "fingerprint": self.transfer.fingerprint}  # fmt: skip
         return meta, arrays
 
@@ -506,19 +504,19 @@ class Engine:
         n = meta["num_tokens"]  # KV positions: a prompt adapter's virtual tokens, then the prompt
         bm, admission = self.block_manager, self.scheduler.admission
         seed = request.params.seed if request.params.seed is not None else int(meta["seed"])
-        num_virtual = n - len(request.prompt_token_ids)
-        seq = Sequence(seq_id=self._next_seq_id, request=request, index=0,
-                       token_ids=[self.vocab_size + i for i in range(num_virtual)] + list(request.prompt_token_ids),
-                       num_prompt_tokens=n, seed=seed, num_virtual_tokens=num_virtual)  # fmt: skip
+        seq = self._new_sequence(request, 0, seed)  # (a retry makes a new one: sequence ids need not be dense)
+        if seq.num_prompt_tokens != n:
+            raise kv_transfer.KVTransferError(f"the context holds {n} KV positions, this request's prompt and "
+                                              f"prompt adapter make {seq.num_prompt_tokens}")  # fmt: skip
         if not bm.can_allocate(bm.blocks_needed(seq, n + 1)):
             return False
         if admission is not None and not admission.admit(seq):  # its adapters need device slots
             return False
-        self._next_seq_id += 1
         bm.allocate(seq, n)
-        page_size = bm.block_size
         num_pages = len(seq.block_table)
-        values = [kv_transfer.from_portable(a, self.transfer.plan, page_size, num_pages, xp=jax.numpy) for a in arrays]
+        # Lay the pages out where they are: on the host for TCP arrays, on the context's device otherwise.
+        xp = np if isinstance(arrays[0], np.ndarray) else jax.numpy
+        values = [kv_transfer.from_portable(a, self.transfer.plan, bm.block_size, num_pages, xp=xp) for a in arrays]
         self.runner.scatter_pages(seq.block_table, values)
         seq.num_computed = n
         bm.register_computed(seq)  # the imported prompt pages are reusable like computed ones

@@ -58,11 +58,9 @@ class TransferSettings:
 class ParkedContext:
     """A finished context_only request whose pages wait for their generation_only request."""
 
-    seq: Any  # the Sequence still holding the pages
+    seq: Any  # the Sequence still holding the pages (prompt, then its first token)
     secret: str
     deadline: float  # time.monotonic() after which the pages are released
-    first_logprob: float
-    first_rank: int
 
 
 def fingerprint(cfg, kv_dtype) -> str:
@@ -72,10 +70,9 @@ def fingerprint(cfg, kv_dtype) -> str:
     return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
-def adapter_ids(request) -> list:
+def adapter_ids(lora_request, prompt_adapter_request) -> list:
     """[LoRA id, prompt adapter id] of a request (None where it has none): its pages depend on them."""
-    lora, prompt = request.lora_request, request.prompt_adapter_request
-    return [lora.lora_int_id if lora is not None else None, prompt.prompt_adapter_id if prompt is not None else None]
+    return [getattr(lora_request, "lora_int_id", None), getattr(prompt_adapter_request, "prompt_adapter_id", None)]
 
 
 def encode_state(**fields) -> bytes:

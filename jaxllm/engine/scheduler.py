@@ -67,10 +67,14 @@ class Scheduler:
         pages could otherwise hold them for ever."""
         return not seq.block_table, -seq.request.priority, seq.request.arrival_order, seq.index
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence (new, a parallel sample, or preempted) at its place in the waiting order."""
+    def _stamp_arrival(self, seq: Sequence) -> None:
+        """Number a request the first time any of its sequences reaches the scheduler (the FCFS tie-break)."""
         if seq.request.arrival_order is None:
             seq.request.arrival_order = next(self._arrivals)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (new, a parallel sample, or preempted) at its place in the waiting order."""
+        self._stamp_arrival(seq)
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=self.queue_key)
 
@@ -93,8 +97,7 @@ class Scheduler:
 
     def add_running(self, seq: Sequence) -> None:
         """Run a sequence that already holds pages for all its computed tokens (an imported context)."""
-        if seq.request.arrival_order is None:
-            seq.request.arrival_order = next(self._arrivals)
+        self._stamp_arrival(seq)
         self._start_running(seq)
 
     def preempt(self, seq: Sequence) -> None:
