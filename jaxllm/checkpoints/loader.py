@@ -138,6 +138,29 @@ def load_params(
     return unflatten_paths(flat, cfg)
 
 
+def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, plan, shardings) -> dict:
+    """The checkpoint's random weights (load_format='dummy') in the engine's layout: the same values
+    at every TP size. One small program per distinct parameter kind, reused by every layer (one
+    program for the whole model takes minutes to compile on the GPU)."""
+    from jaxllm.models.params import init_param, param_keys, param_specs
+
+    keys = param_keys(cfg, jax.random.key(seed))
+    flat_shardings = flatten_paths(shardings) if shardings is not None else {}
+    programs, flat = {}, {}
+    for path, spec in flatten_paths(param_specs(cfg)).items():
+        name, sharding = path.rsplit(".", 1)[-1], flat_shardings.get(path)
+        make = programs.get((name, spec, sharding))
+        if make is None:
+
+            def one(key, spec=spec, path=path):
+                w = init_param(spec, key, dtype)
+                return w if plan is None else plan.transform(path, w, xp=jnp)
+
+            make = programs[(name, spec, sharding)] = jax.jit(one, out_shardings=sharding)
+        flat[path] = make(keys[path])
+    return unflatten_paths(flat, engine_cfg)
+
+
 def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=None, mesh=None,
                        load_format: str = "auto", seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     """Weights in the engine's layout: placed straight into their shards when a mesh is given.
@@ -149,22 +172,10 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
       load_format: 'auto' reads the checkpoint; 'dummy' makes random weights on the device(s).
     """
     from jaxllm import sharding as sharding_lib
-    from jaxllm.models.params import init_param, init_params, param_keys, param_specs
-
     engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
     shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
     if load_format == "dummy":
-        # The checkpoint's random weights, whatever the layout: the same model at every TP size.
-        if plan is None or plan.is_identity:
-            make = lambda: init_params(cfg, dtype, jax.random.key(seed))  # noqa: E731
-            return jax.jit(make, out_shardings=shardings)() if shardings is not None else make()
-        specs = flatten_paths(param_specs(cfg))
-
-        def make_all():
-            keys = param_keys(cfg, jax.random.key(seed))
-            return {path: plan.transform(path, init_param(spec, keys[path], dtype), xp=jnp) for path, spec in specs.items()}
-
-        return unflatten_paths(jax.jit(make_all, out_shardings=flatten_paths(shardings))(), engine_cfg)
+        return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings)
     if mesh is None:
         return load_params(resolved, cfg, dtype, progress=progress)
     if resolved.kind == "saved" and plan.is_identity:
