@@ -292,6 +292,7 @@ class LLM:
             num_pages=num_pages,
             backend=self.backend,
             kv_dtype=kv_dtype,
+            decode_steps=args.num_scheduler_steps,
         )
         runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters)
         if self._channel is not None and not distributed.is_leader():
@@ -319,7 +320,8 @@ class LLM:
             host=transceiver.host, port=transceiver.port, timeout_s=transceiver.kv_transfer_timeout_ms / 1e3,
         )  # fmt: skip
         self._kv_fingerprint = transfer.fingerprint
-        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer)
+        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
+                              decode_steps=args.num_scheduler_steps)  # fmt: skip
         self._request_ids = itertools.count()
 
     def _agree_on(self, name: str, value: int) -> int:

@@ -200,12 +200,17 @@ class EngineArgs:
     max_cpu_prompt_adapters: Optional[int] = None  # kept loaded in host memory (default max_prompt_adapters)
     # Compilation: persistent compilation cache directory (None: JAX's default behaviour).
     compilation_cache_dir: Optional[str] = None
+    # Multi-step decoding (vLLM's name): when only decodes are scheduled and nothing waits, run up to
+    # this many decode steps per host round trip (the same tokens; streams then arrive in runs of
+    # up to this many tokens). 1 turns it off.
+    num_scheduler_steps: int = 8
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size, allow_none=False)
         _positive_int("max_num_tokens", self.max_num_tokens, allow_none=False)
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("max_input_len", self.max_input_len)
+        _positive_int("num_scheduler_steps", self.num_scheduler_steps, allow_none=False)
         if self.kv_cache_config is None:
             self.kv_cache_config = KvCacheConfig()
         elif isinstance(self.kv_cache_config, dict):

@@ -59,8 +59,9 @@ def is_context_only(request: Request) -> bool:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
-                 transfer: kv_transfer.TransferSettings | None = None):  # fmt: skip
+                 transfer: kv_transfer.TransferSettings | None = None, decode_steps: int = 1):  # fmt: skip
         self.runner = runner
+        self.decode_steps = decode_steps  # multi-step decoding: the most decodes per dispatch
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
         self.tokenizer = tokenizer
@@ -238,13 +239,16 @@ class Engine:
         if not scheduled.items:
             self._wake.wait(0.01)
             return
+        context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
+        steps = self._multi_steps(scheduled)
         step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
         for seq, _ in scheduled.items:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
         try:
-            out = self.runner.run(step_requests)
-            self._apply_logits_processors(scheduled, step_requests, out)
+            out = self.runner.run(step_requests, steps)
+            if steps == 1:
+                self._apply_logits_processors(scheduled, step_requests, out)
         except Exception as e:
             logger.error("model step failed:\n%s", traceback.format_exc())
             failed = {seq.request for seq, _ in scheduled.items}
@@ -256,9 +260,47 @@ class Engine:
                 self.block_manager.free(parked.seq)
             self.parked.clear()
             return
-        touched = self._postprocess(scheduled, step_requests, out)
+        prefilling = {seq.seq_id for seq, _ in context}
+        generation = [seq for seq, _ in scheduled.items if seq.seq_id not in prefilling]
+        before = sum(len(seq.token_ids) for seq in generation)
+        if steps == 1:
+            touched = self._postprocess(scheduled, step_requests, out)
+        else:
+            touched = self._postprocess_steps(scheduled, out, steps)
+        decoded = (sum(len(seq.token_ids) for seq in generation) - before) / len(generation) if generation else 0.0
+        self._record_stats(scheduled, context, started, decoded)  # before the outputs: a caller woken by them sees them
         self._publish(touched)
-        self._record_stats(scheduled, started)
+
+    def _multi_steps(self, scheduled: ScheduledStep) -> int:
+        """How many decodes the scheduled step runs in one dispatch (multi-step decoding): the
+        engine's `decode_steps` when only decodes are scheduled (so no waiting sequence could be
+        admitted this step), no request has arrived since the schedule (it would wait for the whole
+        run), each sequence has its first token and needs nothing from the host between steps (no
+        penalties, banned words or tokens, logits processors or logits returned), and some
+        sequence wants at least two more tokens; else 1. Gives each sequence the pages of the
+        tokens it may still keep (up to max_tokens and max_seq_len); past them a row computes into
+        the null page."""
+        K = self.decode_steps
+        if (K == 1 or not scheduled.is_decode_only or scheduled.preempted or not self._inbox.empty()
+                or self._pending_imports):  # fmt: skip
+            return 1
+        wants = []
+        for seq, _ in scheduled.items:
+            params, request = seq.request.params, seq.request
+            if (params.logits_processors or params.return_generation_logits
+                    or params.repetition_penalty not in (None, 1.0) or params.presence_penalty
+                    or params.frequency_penalty or request.bad_word_ids
+                    or seq.num_output_tokens < max(1, params.min_tokens or 0) or is_context_only(request)):  # fmt: skip
+                return 1
+            wants.append(min(K, params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens))
+        if max(wants) < 2:
+            return 1
+        bm = self.block_manager
+        if not bm.can_allocate(sum(bm.blocks_needed(seq, n) for (seq, _), n in zip(scheduled.items, wants))):
+            return 1
+        for (seq, _), n in zip(scheduled.items, wants):
+            bm.allocate(seq, n)
+        return K
 
     def _step_request(self, seq: Sequence, n: int) -> StepRequest:
         request, params = seq.request, seq.request.params
@@ -363,6 +405,22 @@ class Engine:
             logits_row = np.asarray(out["last_logits"][i]) if params.return_generation_logits else None
             self._append_token(seq, int(out["tokens"][i]), float(out["logprob"][i]), int(out["rank"][i]), top,
                                logits_row)  # fmt: skip
+        return touched
+
+    def _postprocess_steps(self, scheduled: ScheduledStep, out, steps: int) -> set:
+        """A multi-step decode's results ([steps, rows]): each sequence takes its tokens in order
+        until it stops; the rest of its row was computed past its end and is dropped."""
+        touched = set()
+        for i, (seq, _) in enumerate(scheduled.items):
+            touched.add(seq.request)
+            k_logprobs = seq.request.params.logprobs
+            for k in range(steps):
+                if seq.finished:
+                    break
+                seq.num_computed += 1
+                self.block_manager.register_computed(seq)  # before a finish frees its pages
+                top = zip(out["top_ids"][k][i][:k_logprobs], out["top_logprobs"][k][i][:k_logprobs]) if k_logprobs else None
+                self._append_token(seq, int(out["tokens"][k][i]), float(out["logprob"][k][i]), int(out["rank"][k][i]), top)
         return touched
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, rank: int, top=None, logits_row=None) -> None:
@@ -597,9 +655,10 @@ class Engine:
             else:
                 request.output._post(update)
 
-    def _record_stats(self, scheduled: ScheduledStep, started: float) -> None:
+    def _record_stats(self, scheduled: ScheduledStep, ctx: list, started: float, decoded: float) -> None:
+        """One iteration's stats; `ctx`: the (sequence, tokens) items that were prefill chunks;
+        `decoded`: tokens each generation request took on average (more than 1 in a multi-step decode)."""
         self._iteration += 1
-        ctx = [(s, n) for s, n in scheduled.items if s.num_computed - n < s.num_prompt_tokens]
         active = len(self.scheduler.running)
         self.max_active = max(self.max_active, active)
         bm = self.block_manager
@@ -636,6 +695,7 @@ class Engine:
                 "numCtxTokens": sum(n for _, n in ctx),
                 "numPausedRequests": len(scheduled.preempted),
                 "microBatchId": 0,
+                "avgNumDecodedTokensPerIter": decoded,
             },
         }
         with self._stats_lock:

@@ -43,7 +43,7 @@ import numpy as np
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
 from jaxllm.layers import sampling as sampling_lib
-from jaxllm.models.batch import BatchMetadata, build_batch
+from jaxllm.models.batch import NULL_PAGE, BatchMetadata, build_batch
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.transformer import forward, init_kv_cache
 from jaxllm.sampling_params import MAX_LOGPROBS
@@ -87,6 +87,7 @@ class RunnerConfig:
     num_pages: int
     backend: str = "xla"
     kv_dtype: Any = None  # None: the weights' dtype
+    decode_steps: int = 1  # K of the multi-step decode variant (1: none); see `_multi_step`
 
 
 @dataclasses.dataclass
@@ -133,6 +134,7 @@ class StepShape:
     banned_width: int = 0
     penalty_width: int = 0
     adapters: bool = False  # reads the adapter bank (some token has a LoRA adapter or is virtual)
+    decode_steps: int = 1  # > 1: a decode-only step that runs this many decodes in one dispatch
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +161,7 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._step = jax.jit(
             functools.partial(_step, cfg=cfg, backend=config.backend, mesh=mesh),
-            static_argnames=("logits_mode",),
+            static_argnames=("logits_mode", "decode_steps"),
             donate_argnums=(1,),
         )
         self._gather = jax.jit(_gather_pages)
@@ -178,6 +180,8 @@ class ModelRunner:
         if self.mesh is None:
             return tree
         replicated = sharding_lib.replicated(self.mesh)
+        if self.channel is None:  # one process: one batched transfer of every leaf
+            return jax.device_put(tree, replicated)
         return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), replicated), tree)
 
     def reset_cache(self) -> None:
@@ -297,7 +301,7 @@ class ModelRunner:
 
     def _compile(self, shape: StepShape):
         lowered = self._step.lower(self.params, self.kv_cache, *self.abstract_inputs(shape),
-                                   logits_mode=shape.logits_mode)  # fmt: skip
+                                   logits_mode=shape.logits_mode, decode_steps=shape.decode_steps)  # fmt: skip
         return lowered.compile()
 
     def bucket_shapes(self) -> list[StepShape]:
@@ -308,6 +312,8 @@ class ModelRunner:
             for P in self.page_buckets:
                 for B in self.seq_buckets:
                     shapes.append(StepShape(B, B, P, 1, adapters=adapters))
+                    if self.config.decode_steps > 1:
+                        shapes.append(StepShape(B, B, P, 1, adapters=adapters, decode_steps=self.config.decode_steps))
                 for T in self.token_buckets:
                     shapes.append(StepShape(T, min(T, self.config.max_batch_size), P, T, adapters=adapters))
         return shapes
@@ -499,14 +505,20 @@ class ModelRunner:
             penalize=penalize,
         )
 
-    def run(self, requests: list[StepRequest]) -> dict[str, np.ndarray]:
+    def run(self, requests: list[StepRequest], decode_steps: int = 1) -> dict[str, np.ndarray]:
         """Run one step; returns host arrays with a row per request (padding rows cut off).
 
         Keys: tokens, logprob, rank, (top_ids, top_logprobs), and when asked for:
         prompt_logprob / prompt_rank / prompt_top_ids / prompt_top_logprobs per packed token,
         all_logits [tokens, V], last_logits [requests, V].
+
+        decode_steps=K > 1 (decode-only requests, no logits wanted back): K decodes in one dispatch,
+        each feeding its sampled tokens to the next; every key then has a leading axis [K, ...]
+        (step k's rows). The block tables must hold the pages of the tokens the caller keeps.
         """
         T, B, P, Q = self.bucket_shape(requests)
+        if decode_steps > 1 and Q != 1:
+            raise ValueError("decode_steps > 1 needs a decode-only step")
         token_ids = [self._device_token_ids(r) for r in requests] if self.adapters is not None else None
         batch = build_batch(
             token_ids or [r.token_ids for r in requests],
@@ -539,7 +551,10 @@ class ModelRunner:
             banned_width=0 if sampling.banned_tokens is None else sampling.banned_tokens.shape[1],
             penalty_width=0 if sampling.penalty_tokens is None else sampling.penalty_tokens.shape[1],
             adapters=uses_adapters,
+            decode_steps=decode_steps,
         )
+        if decode_steps > 1 and logits_mode != "last":
+            raise ValueError("decode_steps > 1 returns no logits")
         host = (batch, sampling, next_tokens)
         if uses_adapters and self._uses_lora:
             lora_slots = np.zeros(T, np.int32)  # [T]: each token's LoRA slot, 0 for padding
@@ -555,6 +570,8 @@ class ModelRunner:
             out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(self._on_device(host), shape))
         host = jax.device_get(out)
         n = len(requests)
+        if decode_steps > 1:
+            return {k: v[:, :n] for k, v in host.items()}
         result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
         for k, v in host.items():
             if k.startswith(("prompt_", "all_")):
@@ -574,9 +591,12 @@ class ModelRunner:
 
 
 def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapters=None, *, cfg, backend, mesh,
-          logits_mode):  # fmt: skip
+          logits_mode, decode_steps=1):  # fmt: skip
     """forward + sample: the one function the runner jits. kv_cache is donated; `adapters`
     (layers.adapters.AdapterInputs) only in the adapters variant of a step."""
+    if decode_steps > 1:
+        return _multi_step(params, kv_cache, batch, sampling, adapters, cfg=cfg, backend=backend, mesh=mesh,
+                           steps=decode_steps)  # fmt: skip
     every_token = logits_mode in ("all", "prompt")
     logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token, mesh=mesh,
                                adapters=adapters)  # fmt: skip
@@ -590,6 +610,39 @@ def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapter
     if logits_mode != "last":
         out["last_logits"] = last
     return out, kv_cache
+
+
+def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, cfg, backend, mesh, steps: int):
+    """`steps` decode steps in one dispatch (a loop on the device): step k computes the tokens
+    step k - 1 sampled, one position further on, with sampling counter + k, exactly what `steps`
+    separate decode steps would compute; the host reads every step's samples at the end and keeps
+    each sequence's tokens up to its stop. A position past a sequence's pages writes its K/V into
+    the null page, as padding does (the host only keeps tokens it gave pages to).
+    Returns ({key: [steps, B, ...]}, kv_cache)."""
+    T = batch.num_tokens  # == B: a decode step packs sequence i's token at row i
+    page_size = kv_cache[0][0].shape[2]
+    live = jnp.arange(T) < batch.query_start[-1]  # real rows; padding rows stay as they are
+    live_seq = batch.seq_lens > 0
+    pages_per_seq = batch.block_tables.shape[1]
+
+    def one(carry, k):
+        tokens, kv = carry
+        positions = jnp.where(live, batch.positions + k, batch.positions)
+        index = positions // page_size
+        page = jnp.take_along_axis(batch.block_tables[batch.token_seq], jnp.minimum(index, pages_per_seq - 1)[:, None],
+                                   axis=1)[:, 0]  # fmt: skip
+        page = jnp.where(index < pages_per_seq, page, NULL_PAGE)
+        step = dataclasses.replace(
+            batch, token_ids=tokens, positions=positions,
+            slot_mapping=jnp.where(live, page * page_size + positions % page_size, batch.slot_mapping),
+            seq_lens=jnp.where(live_seq, batch.seq_lens + k, 0),
+        )  # fmt: skip
+        logits, kv = forward(params, step, kv, cfg, backend=backend, mesh=mesh, adapters=adapters)
+        out = sampling_lib.sample(logits, dataclasses.replace(sampling, counters=sampling.counters + k))
+        return (out["tokens"], kv), out
+
+    (_, kv_cache), outs = jax.lax.scan(one, (batch.token_ids, kv_cache), jnp.arange(steps, dtype=jnp.int32))
+    return outs, kv_cache
 
 
 def _gather_pages(kv_cache, pages):

@@ -1,0 +1,77 @@
+"""Multi-step decoding (num_scheduler_steps): several decodes per dispatch give exactly the tokens,
+log-probabilities and finish reasons of one decode per dispatch."""
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(100, 133)), [45, 46, 47, 48], [9] * 20]
+
+
+def _outputs(outs):
+    return [[(o.token_ids, o.finish_reason, o.stop_reason, [sorted((t, round(l.logprob, 5)) for t, l in e.items())
+                                                            for e in (o.logprobs or [])]) for o in out.outputs]
+            for out in outs]  # fmt: skip
+
+
+def _params(stop_token: int):
+    return [
+        SamplingParams(max_tokens=21, ignore_eos=True),  # greedy, not a multiple of the step count
+        SamplingParams(max_tokens=13, temperature=0.9, seed=5, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=30, top_k=7, top_p=0.8, seed=9, ignore_eos=True),
+        SamplingParams(max_tokens=30, stop_token_ids=[stop_token]),  # stops inside a multi-step run
+        SamplingParams(max_tokens=11, repetition_penalty=1.3, ignore_eos=True),  # needs the host each token
+    ]
+
+
+def test_multi_step_decoding_matches_single_steps(tiny_llm):
+    single = tiny_llm("llama", num_scheduler_steps=1)
+    multi = tiny_llm("llama")  # the default: up to 8 decodes per dispatch
+    assert multi._engine.decode_steps == 8 and single._engine.decode_steps == 1
+    greedy = single.generate(PROMPTS[3], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
+    stop_token = greedy.outputs[0].token_ids[12]
+    params = _params(stop_token)
+    expected = _outputs(single.generate(PROMPTS, params, use_tqdm=False))
+    assert expected[3][0][1] == "stop" and len(expected[3][0][0]) < 30
+    multi.get_stats()
+    assert _outputs(multi.generate(PROMPTS, params, use_tqdm=False)) == expected
+    stats = multi.get_stats()
+    assert max(s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] for s in stats) > 1
+    assert len(stats) < sum(p.max_tokens for p in params)  # fewer iterations than tokens
+    # One request at a time too (the step count is then each sequence's own).
+    for prompt, p, e in zip(PROMPTS, params, expected):
+        assert _outputs([multi.generate(prompt, p, use_tqdm=False)]) == [e]
+    bm = multi._engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_multi_step_fills_max_seq_len_and_frees_pages(tiny_dir):
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64, max_seq_len=48)
+    params = SamplingParams(max_tokens=18, ignore_eos=True)
+    prompts = [list(range(30, 60)), list(range(7, 12))]  # the first ends at max_seq_len, mid-run
+    got = {}
+    for steps in (1, 8):
+        with LLM(model=str(tiny_dir("qwen3")), num_scheduler_steps=steps, **args) as llm:
+            got[steps] = _outputs(llm.generate(prompts, params, use_tqdm=False))
+            bm = llm._engine.block_manager
+            assert not any(seq.block_table for r in llm._engine.requests.values() for seq in r.sequences)
+            assert bm.num_free_blocks == bm.num_usable_blocks
+    assert got[8] == got[1]
+    assert len(got[1][0][0][0]) == 48 - 30 and got[1][0][0][1] == "length"
+
+
+def test_multi_step_streams_every_token_in_order(tiny_llm):
+    llm = tiny_llm("llama")
+    params = SamplingParams(max_tokens=19, ignore_eos=True)
+    final = llm.generate(PROMPTS[0], params, use_tqdm=False).outputs[0].token_ids
+    seen, chunks = [], 0
+    for out in llm.generate_async(PROMPTS[0], params, streaming=True):
+        seen = list(out.outputs[0].token_ids)
+        chunks += 1
+    assert seen == final and chunks >= 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_num_scheduler_steps_is_validated(tiny_dir, bad):
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, num_scheduler_steps=bad)
