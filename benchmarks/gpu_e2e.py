@@ -79,7 +79,10 @@ def part_correctness(args) -> dict:
 
 # ---- the 8B shape -------------------------------------------------------------------------------------
 def _decode_ms(stats: list[dict]) -> float:
-    decode = [s["iterLatencyMS"] for s in stats if s["inflightBatchingStats"]["numContextRequests"] == 0]
+    """Median milliseconds per decoded token of the decode-only iterations (an iteration of a
+    multi-step decode runs avgNumDecodedTokensPerIter steps)."""
+    decode = [s["iterLatencyMS"] / max(1.0, s["inflightBatchingStats"].get("avgNumDecodedTokensPerIter", 1.0))
+              for s in stats if s["inflightBatchingStats"]["numContextRequests"] == 0]  # fmt: skip
     return statistics.median(decode) if decode else float("nan")
 
 
@@ -100,7 +103,8 @@ def part_perf(args) -> dict:
     # Compile the shapes these workloads visit, in parallel (the rest compile on first use and
     # their compile time is subtracted from the timed runs below).
     P = runner.page_buckets[0]
-    shapes = [StepShape(b, b, P, 1) for b in (1, max_batch // 2, max_batch)]
+    K = runner.config.decode_steps
+    shapes = [StepShape(b, b, P, 1, decode_steps=k) for b in (1, max_batch // 2, max_batch) for k in {1, K}]
     for T, q in ((args.short, args.short), (args.long, args.long), (max_tokens, args.short), (max_tokens, args.long)):
         T = bucket_for(T, runner.token_buckets)
         Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))

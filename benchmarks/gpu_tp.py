@@ -31,7 +31,7 @@ from gpu_e2e import _decode_ms, synthetic  # noqa: E402
 
 def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16", devices=None):
     """An engine with random weights; `precompile` lists (num_tokens, max_query_len) of mixed steps
-    and (B, 1) of decode steps to compile in parallel before anything is timed."""
+    and (B, 1) of decode steps (single and multi-step) to compile in parallel before anything is timed."""
     from jaxllm import LLM
     from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
 
@@ -43,7 +43,7 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
     for tokens, q in precompile:
         if q == 1:
             B = bucket_for(min(tokens, args.max_batch), runner.seq_buckets)
-            shapes.append(StepShape(B, B, P, 1))
+            shapes += [StepShape(B, B, P, 1, decode_steps=k) for k in {1, runner.config.decode_steps}]
             continue
         T = bucket_for(min(tokens, args.max_tokens), runner.token_buckets)
         Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
@@ -53,9 +53,11 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
 
 
 def greedy(llm, prompts, n):
+    """Greedy (tokens, logprobs with the top 2) of each prompt."""
     from jaxllm import SamplingParams
 
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True, logprobs=2), use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
 def disaggregated(ctx, gen, prompts, n):
@@ -70,20 +72,35 @@ def disaggregated(ctx, gen, prompts, n):
     return [o.outputs[0].token_ids for o in gen.generate(prompts, params, use_tqdm=False, disaggregated_params=follow)]
 
 
-def agreement(a, b) -> dict:
-    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
-    first = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a, b)]
-    return {"tokens_equal": same, "tokens": sum(len(p) for p in a), "identical_prefix_lengths": first}
+def agreement(ref, other) -> dict:
+    """Greedy agreement of `other` (token lists, or (tokens, logprobs)) with `ref` ((tokens, logprobs)):
+    the identical prefix of each prompt and, where they part, how far apart the two tokens were in
+    the reference's own distribution (log-prob of its top token minus that of the other's token; a
+    near-tie is a few hundredths of a nat in bf16; None: the other's token is not in its top 2)."""
+    prefixes, gaps = [], []
+    for (tokens, logprobs), o in zip(ref, other):
+        o = o[0] if isinstance(o, tuple) else o
+        i = next((i for i, (x, y) in enumerate(zip(tokens, o)) if x != y), None)
+        prefixes.append(len(tokens) if i is None else i)
+        if i is not None:
+            entry = logprobs[i]
+            gaps.append(round(entry[tokens[i]].logprob - entry[o[i]].logprob, 4) if o[i] in entry else None)
+    return {"identical_prefix_lengths": prefixes, "tokens_per_prompt": len(ref[0][0]),
+            "identical": all(p == len(r[0]) for p, r in zip(prefixes, ref)), "divergence_gaps_nats": gaps}
 
 
-def batch1_ms(llm, vocab, n) -> float:
+def batch1_ms(llm, vocab, n, steps: int) -> float:
+    """Batch-1 decode ms per token, `steps` decodes per dispatch (1: one host round trip a token)."""
     from jaxllm import SamplingParams
 
+    llm._engine.decode_steps = steps
     prompt = synthetic(1, 128, vocab, 1)
     llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     llm.get_stats()
     llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
-    return _decode_ms(llm.get_stats())
+    ms = _decode_ms(llm.get_stats())
+    llm._engine.decode_steps = llm._engine.runner.config.decode_steps
+    return ms
 
 
 def offline(llm, isl, osl, n, vocab) -> dict:
@@ -127,6 +144,18 @@ def allreduce_ms(mesh, rows: int, hidden: int, layers: int, vocab: int) -> float
     return statistics.median(times) * 1e3
 
 
+def gpu_only(trace: Path, out: Path) -> None:
+    """Write the GPU processes' events of a perfetto trace (and the metadata naming them) to `out`."""
+    import gzip
+
+    from trace_summary import load_events
+
+    events, processes = load_events(str(trace))
+    gpus = {pid for pid, name in processes.items() if "GPU" in name}
+    with gzip.open(out, "wt") as f:
+        json.dump({"traceEvents": [e for e in events if e.get("pid") in gpus]}, f)
+
+
 def recorder(file: Path, **header):
     """(result dict, save(key, value)): each figure is written to `file` and printed the moment it
     exists, so a run stopped at its time limit keeps what it measured."""
@@ -148,6 +177,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--offline-requests", type=int, default=256)
+    parser.add_argument("--batch1-only", metavar="TAG", help="only TP=2 batch-1 decode, saved as gpu_tp_TAG.json "
+                        "(to compare XLA_FLAGS settings process by process)")
+    parser.add_argument("--profile", action="store_true", help="only a profiler trace of batch-1 decode at TP=2 "
+                        "and TP=1 (perfetto JSON under --out, for benchmarks/trace_summary.py)")
     args = parser.parse_args()
     small, big = "smollm2-135m", "llama-3.1-8b"
     args.max_batch, args.max_tokens, args.max_seq_len = 256, 8192, 2304
@@ -157,50 +190,85 @@ def main() -> None:
         tokens, decode_n, off_128 = 4, 8, 8
     import jax
 
-    result, save = recorder(Path(args.out) / "gpu_tp.json", device=jax.devices()[0].device_kind,
-                            devices=jax.device_count())  # fmt: skip
+    name = f"gpu_tp_{args.batch1_only}.json" if args.batch1_only else "gpu_tp.json"
+    result, save = recorder(Path(args.out) / name, device=jax.devices()[0].device_kind, devices=jax.device_count(),
+                            xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip
+    if args.profile:
+        import shutil
+
+        from jaxllm import SamplingParams
+
+        for tp in (2, 1):
+            with engine(big, tp, None, args, [(1, 1)]) as llm:
+                prompt = synthetic(1, 128, llm.config.vocab_size, 1)
+                params = SamplingParams(max_tokens=9, ignore_eos=True)  # a prefill, then one 8-step decode
+                for _ in range(2):  # the second run takes the cached prompt's step shape, as the traced one does
+                    llm.generate(prompt, params, use_tqdm=False)
+                trace_dir = Path(args.out) / f"trace_tp{tp}"
+                jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+                llm.generate(prompt, params, use_tqdm=False)
+                jax.profiler.stop_trace()
+                found = next(trace_dir.rglob("perfetto_trace.json.gz"))
+                gpu_only(found, Path(args.out) / f"trace_tp{tp}.json.gz")  # host events would not fit 16 MiB
+                shutil.rmtree(trace_dir)
+                save(f"trace_tp{tp}", (Path(args.out) / f"trace_tp{tp}.json.gz").stat().st_size)
+        return
+    if args.batch1_only:
+        with engine(big, 2, None, args, [(1, 1)]) as llm:
+            for steps in (1, llm._engine.runner.config.decode_steps):
+                save(f"llama8b_tp2_batch1_decode_ms_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
+        return
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.
-    # (A small engine takes about 30 s to compile on the GPU: SmolLM2's agreement check comes last.)
+    # (A small engine takes about 30 s to compile on the GPU: SmolLM2's agreement checks come last.)
     prompts = [p * k for p, k in zip(synthetic(4, 1, 1000, 0), (7, 40, 130, 300))]
     agree_shapes = [(512, 300), (4, 1)]  # the four prompts together, then their decodes
-    ref = {}
+    ref, K = {}, None
     for tp in (1, 2):
         t0 = time.perf_counter()
         shapes = agree_shapes + [(128, 128), (1, 1)]
         if tp == 2:
             shapes += [(args.max_tokens, 128), (args.max_batch, 1)]
         with engine(big, tp, None, args, shapes) as llm:
-            vocab = llm.config.vocab_size
+            vocab, K = llm.config.vocab_size, llm._engine.runner.config.decode_steps
             save(f"llama8b_tp{tp}_build_s", time.perf_counter() - t0)
             ref[tp] = greedy(llm, prompts, tokens)
-            save(f"llama8b_tp{tp}_batch1_decode_ms", batch1_ms(llm, vocab, decode_n))
+            for steps in (1, K):
+                save(f"llama8b_tp{tp}_batch1_decode_ms_steps{steps}", batch1_ms(llm, vocab, decode_n, steps))
             if tp == 1:  # disaggregated: prefill on GPU 0, decode on GPU 1, against the aggregated tokens
-                with engine(big, 1, None, args, shapes, devices=[jax.devices()[1]]) as gen:
+                with engine(big, 1, None, args, agree_shapes, devices=[jax.devices()[1]]) as gen:
                     save("llama8b_disaggregated_gpu0_to_gpu1_vs_aggregated",
                          agreement(ref[1], disaggregated(llm, gen, prompts, tokens)))
             if tp == 2:
                 save("llama8b_bf16_tp2_vs_tp1", agreement(ref[1], ref[2]))
-                save("tp2_over_tp1_batch1", result["llama8b_tp2_batch1_decode_ms"] / result["llama8b_tp1_batch1_decode_ms"])
+                for steps in (1, K):
+                    key = f"batch1_decode_ms_steps{steps}"
+                    save(f"tp2_over_tp1_{key}", result[f"llama8b_tp2_{key}"] / result[f"llama8b_tp1_{key}"])
                 cfg = llm.engine_config
                 collective = allreduce_ms(llm.mesh, 1, cfg.hidden_size, cfg.num_layers, cfg.vocab_size)
                 save("llama8b_tp2_batch1_collectives_ms", collective)
-                save("allreduce_share_of_tp2_batch1_step", collective / result["llama8b_tp2_batch1_decode_ms"])
+                save("allreduce_share_of_tp2_batch1_token", collective / result[f"llama8b_tp2_batch1_decode_ms_steps{K}"])
                 save("llama8b_tp2_offline_128_128", offline(llm, 128, 128, off_128, vocab))
-    smol = {}
-    for tp in (1, 2):  # float32: the same function, so the same tokens up to rounding
-        with engine(small, tp, None, args, agree_shapes, dtype="float32") as llm:
-            smol[tp] = greedy(llm, prompts, tokens)
-    save("smollm2_fp32_tp2_vs_tp1", agreement(smol[1], smol[2]))
+                llm._engine.decode_steps = 1
+                save("llama8b_tp2_offline_128_128_steps1", offline(llm, 128, 128, off_128, vocab))
+    for dtype in ("bfloat16", "float32"):  # float32: the same function, so the same tokens up to rounding
+        smol = {}
+        for tp in (1, 2):
+            with engine(small, tp, None, args, agree_shapes, dtype=dtype) as llm:
+                smol[tp] = greedy(llm, prompts, tokens)
+        save(f"smollm2_{dtype}_tp2_vs_tp1", agreement(smol[1], smol[2]))
 
     r = result
     print(f"\n== {big} bf16 random weights on {r['devices']} x {r['device']} ==")
-    print(f"batch-1 decode: TP1 {r['llama8b_tp1_batch1_decode_ms']:.2f} ms, TP2 {r['llama8b_tp2_batch1_decode_ms']:.2f} ms "
-          f"(TP2/TP1 = {r['tp2_over_tp1_batch1']:.2f}, target <= 0.6)")
-    print(f"offline 128/128 TP2: {r['llama8b_tp2_offline_128_128']['output_tok_s']:.0f} tok/s")
+    for steps in (1, K):
+        key = f"batch1_decode_ms_steps{steps}"
+        print(f"batch-1 decode, {steps} decode(s) per dispatch: TP1 {r['llama8b_tp1_' + key]:.2f} ms/token, "
+              f"TP2 {r['llama8b_tp2_' + key]:.2f} ms/token (TP2/TP1 = {r['tp2_over_tp1_' + key]:.2f}, target <= 0.6)")
+    print(f"offline 128/128 TP2: {r['llama8b_tp2_offline_128_128']['output_tok_s']:.0f} tok/s "
+          f"(one decode per dispatch: {r['llama8b_tp2_offline_128_128_steps1']['output_tok_s']:.0f})")
     print(f"collectives of a TP2 batch-1 step: {r['llama8b_tp2_batch1_collectives_ms']:.2f} ms "
-          f"= {r['allreduce_share_of_tp2_batch1_step'] * 100:.0f}% of the step")
-    print("greedy agreement:", {k: (v["tokens_equal"], v["tokens"]) for k, v in r.items() if k.endswith("vs_tp1")})
+          f"= {r['allreduce_share_of_tp2_batch1_token'] * 100:.0f}% of a token")
+    print("greedy agreement:", {k: v["identical_prefix_lengths"] for k, v in r.items() if k.endswith(("vs_tp1", "aggregated"))})
 
 
 if __name__ == "__main__":

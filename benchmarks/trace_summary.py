@@ -1,0 +1,90 @@
+"""Summarize a JAX profiler trace (perfetto JSON, `jax.profiler.start_trace(create_perfetto_trace=True)`):
+per device, the span from its first to its last kernel, the time some kernel runs (busy), and the
+kernels that take the most time, grouped by name.
+
+    python benchmarks/trace_summary.py TRACE.json.gz [--top 20] [--window paged_decode_attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+
+
+def load_events(path: str) -> tuple[list[dict], dict[int, str]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, processes
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def kernel_group(name: str) -> str:
+    """Fold numbered instances (fusion.12, all-reduce-start.3) into one row."""
+    return re.sub(r"([._-])\d+", r"\1N", name)
+
+
+def summarize(path: str, top: int = 20, window: str | None = None) -> dict:
+    """Per GPU: span, busy time and the top kernel groups; with `window`, only the kernels from the
+    first to the last one whose name starts with it (e.g. the decode attention kernel, to leave
+    out a prefill or a compilation caught in the trace)."""
+    events, processes = load_events(path)
+    per_device = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "GPU" in processes.get(e.get("pid"), ""):
+            per_device[processes[e["pid"]]].append(e)
+    out = {}
+    for device, evs in sorted(per_device.items()):
+        marks = [e for e in evs if window and e["name"].startswith(window)]
+        if marks:
+            lo, hi = min(e["ts"] for e in marks), max(e["ts"] + e.get("dur", 0) for e in marks)
+            evs = [e for e in evs if lo <= e["ts"] and e["ts"] + e.get("dur", 0) <= hi]
+        intervals = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in evs]
+        groups = collections.defaultdict(lambda: [0, 0.0])
+        for e in evs:
+            g = groups[kernel_group(e["name"])]
+            g[0] += 1
+            g[1] += e.get("dur", 0)
+        rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+        out[device] = {
+            "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e3,
+            "busy_ms": busy_us(intervals) / 1e3,
+            "kernels": len(evs),
+            "window_marks": len(marks),
+            "top": [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in rows],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace")
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--window", help="only from the first to the last kernel whose name starts with this")
+    args = parser.parse_args()
+    summary = summarize(args.trace, args.top, args.window)
+    if not summary:
+        print("no GPU events in", args.trace)
+    for device, s in summary.items():
+        marks = f" ({s['window_marks']} x {args.window})" if args.window else ""
+        print(f"\n{device}: span {s['span_ms']:.2f} ms{marks}, kernels busy {s['busy_ms']:.2f} ms, {s['kernels']} kernels")
+        for row in s["top"]:
+            print(f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}")
+
+
+if __name__ == "__main__":
+    main()
