@@ -1,6 +1,7 @@
 """Multi-step decoding (num_scheduler_steps): several decodes per dispatch give exactly the tokens,
 log-probabilities and finish reasons of one decode per dispatch."""
 
+import jax
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -69,6 +70,23 @@ def test_multi_step_streams_every_token_in_order(tiny_llm):
         seen = list(out.outputs[0].token_ids)
         chunks += 1
     assert seen == final and chunks >= 2
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (virtual) devices")
+def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
+    params = _params(stop_token=2)[:3] + _params(2)[4:]
+    expected = _outputs(tiny_llm("llama", num_scheduler_steps=1).generate(PROMPTS[:4], params, use_tqdm=False))
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,
+             max_batch_size=8, max_num_tokens=64) as llm:  # fmt: skip
+        got = _outputs(llm.generate(PROMPTS[:4], params, use_tqdm=False))
+        assert max(s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] for s in llm.get_stats()) > 1
+    # float32 on one device and on two: log-probabilities agree to rounding, tokens exactly
+    assert [[o[:3] for o in out] for out in got] == [[o[:3] for o in out] for out in expected]
+    for out, ref in zip(got, expected):
+        for (_, _, _, lps), (_, _, _, ref_lps) in zip(out, ref):
+            for a, b in zip(lps, ref_lps):
+                assert [t for t, _ in a] == [t for t, _ in b]
+                assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
