@@ -7,13 +7,14 @@ on one, decode on the other) against the aggregated tokens.
     python benchmarks/gpu_tp.py --smoke      # CPU, 8 virtual devices, tiny sizes
 
 Random weights (load_format="dummy") from benchmarks/configs/. The all-reduce share is estimated
-from a measurement: the step's all-reduce volume (two per layer of [tokens, hidden] bf16, plus the
-logits gather) timed as standalone psums on the same mesh, over the measured TP=2 step time.
+from a measurement: the step's all-reduces (two per layer and the embedding's, of [tokens, hidden]
+float32 as XLA runs them) timed as standalone psums on the same mesh, over the measured TP=2 token.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -33,11 +34,18 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
     """An engine with random weights; `precompile` lists (num_tokens, max_query_len) of mixed steps
     and (B, 1) of decode steps (single and multi-step) to compile in parallel before anything is timed."""
     from jaxllm import LLM
-    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
 
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
               max_seq_len=args.max_seq_len, devices=devices)  # fmt: skip
+    compile_shapes(llm, args, precompile)
+    return llm
+
+
+def compile_shapes(llm, args, precompile) -> None:
+    """Compile the steps of `precompile` ((num_tokens, max_query_len) pairs, as in `engine`)."""
+    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
+
     runner = llm._engine.runner
     P, shapes = runner.page_buckets[0], []
     for tokens, q in precompile:
@@ -49,7 +57,6 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
         Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
         shapes.append(StepShape(T, min(T, args.max_batch), P, Q))
     runner.precompile(shapes, progress=False, threads=8)
-    return llm
 
 
 def greedy(llm, prompts, n):
@@ -117,29 +124,28 @@ def offline(llm, isl, osl, n, vocab) -> dict:
             "compile_s_during": compiled}  # fmt: skip
 
 
-def allreduce_ms(mesh, rows: int, hidden: int, layers: int, vocab: int) -> float:
-    """Time of one decode step's collectives, run standalone on `mesh`."""
+def allreduce_ms(mesh, rows: int, hidden: int, layers: int) -> float:
+    """Time of one decode step's collectives, run standalone on `mesh`: two all-reduces of
+    [rows, hidden] per layer and the embedding's (vocabulary-parallel sampling adds three of [rows])."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    x = jax.device_put(jnp.ones((mesh.size, rows, hidden), jnp.bfloat16), NamedSharding(mesh, P("tp")))
-    logits = jax.device_put(jnp.ones((rows, vocab), jnp.float32), NamedSharding(mesh, P(None, "tp")))
+    x = jax.device_put(jnp.ones((mesh.size, rows, hidden), jnp.float32), NamedSharding(mesh, P("tp")))
 
     @jax.jit
-    def collectives(x, logits):
+    def collectives(x):
         out = x
-        for _ in range(2 * layers):  # attention output and MLP output, every layer
+        for _ in range(2 * layers + 1):
             out = jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp"), out_specs=P("tp"))(out)
-        whole = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
-        return out, whole
+        return out
 
-    jax.block_until_ready(collectives(x, logits))
+    jax.block_until_ready(collectives(x))
     times = []
     for _ in range(10):
         t = time.perf_counter()
-        jax.block_until_ready(collectives(x, logits))
+        jax.block_until_ready(collectives(x))
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
@@ -245,12 +251,19 @@ def main() -> None:
                     key = f"batch1_decode_ms_steps{steps}"
                     save(f"tp2_over_tp1_{key}", result[f"llama8b_tp2_{key}"] / result[f"llama8b_tp1_{key}"])
                 cfg = llm.engine_config
-                collective = allreduce_ms(llm.mesh, 1, cfg.hidden_size, cfg.num_layers, cfg.vocab_size)
+                collective = allreduce_ms(llm.mesh, 1, cfg.hidden_size, cfg.num_layers)
                 save("llama8b_tp2_batch1_collectives_ms", collective)
                 save("allreduce_share_of_tp2_batch1_token", collective / result[f"llama8b_tp2_batch1_decode_ms_steps{K}"])
                 save("llama8b_tp2_offline_128_128", offline(llm, 128, 128, off_128, vocab))
                 llm._engine.decode_steps = 1
                 save("llama8b_tp2_offline_128_128_steps1", offline(llm, 128, 128, off_128, vocab))
+                # The same engine sampling from gathered [B, V] logits, the way before vocab-parallel sampling.
+                runner = llm._engine.runner
+                runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=False)
+                runner._build_step()
+                compile_shapes(llm, args, [(128, 128), (1, 1)])
+                for steps in (1, K):
+                    save(f"llama8b_tp2_batch1_decode_ms_steps{steps}_gathered_logits", batch1_ms(llm, vocab, decode_n, steps))
     for dtype in ("bfloat16", "float32"):  # float32: the same function, so the same tokens up to rounding
         smol = {}
         for tp in (1, 2):
@@ -264,6 +277,8 @@ def main() -> None:
         key = f"batch1_decode_ms_steps{steps}"
         print(f"batch-1 decode, {steps} decode(s) per dispatch: TP1 {r['llama8b_tp1_' + key]:.2f} ms/token, "
               f"TP2 {r['llama8b_tp2_' + key]:.2f} ms/token (TP2/TP1 = {r['tp2_over_tp1_' + key]:.2f}, target <= 0.6)")
+    print(f"TP2 batch-1 from gathered logits: {r['llama8b_tp2_batch1_decode_ms_steps1_gathered_logits']:.2f} / "
+          f"{r[f'llama8b_tp2_batch1_decode_ms_steps{K}_gathered_logits']:.2f} ms/token (1 / {K} decodes per dispatch)")
     print(f"offline 128/128 TP2: {r['llama8b_tp2_offline_128_128']['output_tok_s']:.0f} tok/s "
           f"(one decode per dispatch: {r['llama8b_tp2_offline_128_128_steps1']['output_tok_s']:.0f})")
     print(f"collectives of a TP2 batch-1 step: {r['llama8b_tp2_batch1_collectives_ms']:.2f} ms "

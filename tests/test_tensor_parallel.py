@@ -47,6 +47,31 @@ def test_tp_gives_the_single_device_tokens(name, tiny_dir, single):
             assert shard.shape[0] == cfg.num_kv_heads // n  # each device holds only its KV heads
 
 
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (virtual) devices")
+def test_sampling_over_vocabulary_shards_matches_one_device(tiny_dir, tiny_llm):
+    """Plain sampling under TP reads the vocabulary-split logits without gathering them: the same
+    greedy and seeded tokens, ranks and top log-probs (to rounding), also with a padded vocabulary."""
+    params = [SamplingParams(max_tokens=9, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=9, temperature=0.9, seed=11, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=9, temperature=1.5, seed=12, ignore_eos=True)]  # fmt: skip
+
+    def run(llm):
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [sorted((t, l.logprob, l.rank) for t, l in e.items())
+                                          for e in o.outputs[0].logprobs or []]) for o in outs]  # fmt: skip
+
+    expected = run(tiny_llm("llama-odd"))
+    with LLM(model=str(tiny_dir("llama-odd")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=4,
+             max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
+        assert llm.engine_config.padded_vocab_size  # 330 does not split over 4 devices
+        got = run(llm)
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(got, expected):
+        assert tokens == ref_tokens
+        for entry, ref in zip(lps, ref_lps):
+            assert [(t, r) for t, _, r in entry] == [(t, r) for t, _, r in ref]
+            assert np.allclose([lp for _, lp, _ in entry], [lp for _, lp, _ in ref], atol=1e-4)
+
+
 def test_plan_pads_and_replicates_heads():
     cfg = tiny.build_tiny  # noqa: F841 (the plan needs only the config numbers)
     from jaxllm.config import ModelConfig, RopeConfig

@@ -88,6 +88,7 @@ class RunnerConfig:
     backend: str = "xla"
     kv_dtype: Any = None  # None: the weights' dtype
     decode_steps: int = 1  # K of the multi-step decode variant (1: none); see `_multi_step`
+    vocab_parallel_sampling: bool = True  # under TP, plain sampling reads vocabulary-split logits
 
 
 @dataclasses.dataclass
@@ -152,20 +153,26 @@ class ModelRunner:
         self.channel = channel  # multi-process runs: the leader broadcasts each step (jaxllm/distributed.py)
         self.adapters = adapters  # the LoRA bank / prompt table, or None (no adapter variants)
         self.kv_cache = self._new_cache()
+        self.executables: dict[StepShape, Any] = {}
         self.seq_buckets = powers_of_two(1, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
         max_pages = -(-config.max_seq_len // config.page_size)
         self.page_buckets = powers_of_two(min(max_pages, MIN_PAGE_BUCKET), max_pages)
-        self.executables: dict[StepShape, Any] = {}
         self.compile_seconds = 0.0  # wall time spent compiling steps
         self._lock = threading.Lock()
-        self._step = jax.jit(
-            functools.partial(_step, cfg=cfg, backend=config.backend, mesh=mesh),
-            static_argnames=("logits_mode", "decode_steps"),
-            donate_argnums=(1,),
-        )
+        self._build_step()
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+
+    def _build_step(self) -> None:
+        """(Re)make the jitted step from the config (executables compiled before are dropped)."""
+        self._step = jax.jit(
+            functools.partial(_step, cfg=self.cfg, backend=self.config.backend, mesh=self.mesh,
+                              vocab_parallel=self.config.vocab_parallel_sampling),
+            static_argnames=("logits_mode", "decode_steps"),
+            donate_argnums=(1,),
+        )  # fmt: skip
+        self.executables.clear()
 
     def _new_cache(self):
         make = functools.partial(init_kv_cache, self.cfg, self.config.num_pages, self.config.page_size, self.kv_dtype)
@@ -591,12 +598,15 @@ class ModelRunner:
 
 
 def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapters=None, *, cfg, backend, mesh,
-          logits_mode, decode_steps=1):  # fmt: skip
+          logits_mode, decode_steps=1, vocab_parallel=True):  # fmt: skip
     """forward + sample: the one function the runner jits. kv_cache is donated; `adapters`
     (layers.adapters.AdapterInputs) only in the adapters variant of a step."""
     if decode_steps > 1:
         return _multi_step(params, kv_cache, batch, sampling, adapters, cfg=cfg, backend=backend, mesh=mesh,
-                           steps=decode_steps)  # fmt: skip
+                           steps=decode_steps, vocab_parallel=vocab_parallel)  # fmt: skip
+    if logits_mode == "last":
+        return _forward_and_sample(params, kv_cache, batch, sampling, adapters, cfg=cfg, backend=backend, mesh=mesh,
+                                   vocab_parallel=vocab_parallel)  # fmt: skip
     every_token = logits_mode in ("all", "prompt")
     logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, all_logits=every_token, mesh=mesh,
                                adapters=adapters)  # fmt: skip
@@ -612,7 +622,20 @@ def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapter
     return out, kv_cache
 
 
-def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, cfg, backend, mesh, steps: int):
+def _forward_and_sample(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, cfg, backend, mesh,
+                        vocab_parallel: bool):  # fmt: skip
+    """A step that returns samples and no logits. Under tensor parallelism (with `vocab_parallel`),
+    batches that `sample_sharded` serves are sampled over the vocabulary shards (no [B, V] all-gather)."""
+    sharded = vocab_parallel and mesh is not None and sampling_lib.can_sample_sharded(sampling)
+    logits, kv_cache = forward(params, batch, kv_cache, cfg, backend=backend, mesh=mesh, adapters=adapters,
+                               shard_logits=sharded)  # fmt: skip
+    if sharded:
+        return sampling_lib.sample_sharded(logits, sampling, mesh, sharding_lib.TP_AXIS, cfg.vocab_size), kv_cache
+    return sampling_lib.sample(logits, sampling), kv_cache
+
+
+def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, cfg, backend, mesh, steps: int,
+                vocab_parallel: bool):  # fmt: skip
     """`steps` decode steps in one dispatch (a loop on the device): step k computes the tokens
     step k - 1 sampled, one position further on, with sampling counter + k, exactly what `steps`
     separate decode steps would compute; the host reads every step's samples at the end and keeps
@@ -637,8 +660,8 @@ def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, c
             slot_mapping=jnp.where(live, page * page_size + positions % page_size, batch.slot_mapping),
             seq_lens=jnp.where(live_seq, batch.seq_lens + k, 0),
         )  # fmt: skip
-        logits, kv = forward(params, step, kv, cfg, backend=backend, mesh=mesh, adapters=adapters)
-        out = sampling_lib.sample(logits, dataclasses.replace(sampling, counters=sampling.counters + k))
+        out, kv = _forward_and_sample(params, kv, step, dataclasses.replace(sampling, counters=sampling.counters + k),
+                                      adapters, cfg=cfg, backend=backend, mesh=mesh, vocab_parallel=vocab_parallel)  # fmt: skip
         return (out["tokens"], kv), out
 
     (_, kv_cache), outs = jax.lax.scan(one, (batch.token_ids, kv_cache), jnp.arange(steps, dtype=jnp.int32))

@@ -121,6 +121,64 @@ def sample(logits: jax.Array, s: SamplingBatch) -> dict:
     return out
 
 
+def can_sample_sharded(s: SamplingBatch) -> bool:
+    """Whether `sample_sharded` serves this batch: no truncation (it sorts the whole vocabulary),
+    penalties, bias or bans (they index it by token id)."""
+    return not (s.truncate or s.penalize or s.logit_bias is not None or s.banned_tokens is not None)
+
+
+def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_size: int) -> dict:
+    """`sample` over logits split over the vocabulary on `mesh`'s `axis` ([B, V'], V' >= vocab_size
+    padded so the devices divide it): each device works on its slice and the devices combine per
+    row maxima, sums and top-k candidates by all-reduces of [B] and [B, n, k] values, so the [B, V]
+    logits are never gathered. The same tokens as `sample` (first index among equal maxima; the
+    Gumbel noise of the whole row is drawn on every device and each takes its slice); log-probs
+    agree to the order of the log-sum-exp's sums. Only for `can_sample_sharded(s)` batches."""
+    from jax.sharding import PartitionSpec as P
+
+    n = mesh.shape[axis]
+    B, Vp = logits.shape
+    Vl = Vp // n
+    k = s.num_logprobs
+
+    def local(x, s):
+        i = jax.lax.axis_index(axis)
+        first = i * Vl
+        x = jnp.where(first + jnp.arange(Vl) < vocab_size, x, -jnp.inf)  # padded ids never win
+
+        def argmax(v):  # the global first index of the row maximum, as jnp.argmax gives it
+            top = jnp.max(v, axis=-1)
+            here = jnp.argmax(v, axis=-1).astype(jnp.int32) + first
+            best = jax.lax.pmax(top, axis)
+            return jax.lax.pmin(jnp.where(top == best, here, jnp.iinfo(jnp.int32).max), axis)
+
+        greedy = argmax(x)
+        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab_size,), jnp.float32))(keys)
+        gumbel = jax.lax.dynamic_slice_in_dim(jnp.pad(gumbel, ((0, 0), (0, Vp - vocab_size))), first, Vl, axis=1)
+        sampled = argmax(x / temperature + gumbel)
+        tokens = jnp.where(s.temperature > 0, sampled, greedy)
+        peak = jax.lax.pmax(jnp.max(x, axis=-1), axis)
+        lse = peak + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - peak[:, None]), axis=-1), axis))
+        logp = x - lse[:, None]
+        mine = (tokens >= first) & (tokens < first + Vl)
+        at = jnp.take_along_axis(logp, jnp.clip(tokens - first, 0, Vl - 1)[:, None], axis=-1)[:, 0]
+        chosen = jax.lax.psum(jnp.where(mine, at, 0.0), axis)
+        out = {"tokens": tokens, "logprob": chosen,
+               "rank": (jax.lax.psum(jnp.sum(logp > chosen[:, None], axis=-1), axis) + 1).astype(jnp.int32)}
+        if k:
+            values, ids = jax.lax.top_k(logp, k)
+            slot = jax.nn.one_hot(i, n, dtype=jnp.float32)[None, :, None]  # this device's row of [B, n, k]
+            values = jax.lax.psum(jnp.where(slot > 0, values[:, None, :], 0.0), axis).reshape(B, n * k)
+            ids = jax.lax.psum(jnp.where(slot > 0, (ids + first)[:, None, :], 0), axis).reshape(B, n * k)
+            out["top_logprobs"], best = jax.lax.top_k(values, k)
+            out["top_ids"] = jnp.take_along_axis(ids, best, axis=-1).astype(jnp.int32)
+        return out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P()), out_specs=P(), check_vma=False)(logits, s)
+
+
 def prompt_logprobs(logits: jax.Array, next_tokens: jax.Array, k: int) -> dict:
     """Log-probabilities of each prompt token given what precedes it.
 

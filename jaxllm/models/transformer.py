@@ -77,15 +77,16 @@ def decoder_layer(
     return x + out
 
 
-def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """h: [..., D] (final norm not yet applied) -> float32 logits [..., V]."""
+def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig, keep_padding: bool = False) -> jax.Array:
+    """h: [..., D] (final norm not yet applied) -> float32 logits [..., V] (with keep_padding, the
+    padded vocabulary's [..., V'] as the LM head makes them)."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("...d,vd->...v", h, params["embed"].astype(h.dtype))
     else:
         logits = jnp.dot(h, params["lm_head"])
     logits = logits.astype(jnp.float32)
-    if cfg.padded_vocab_size:
+    if cfg.padded_vocab_size and not keep_padding:
         logits = logits[..., : cfg.vocab_size]
     if cfg.final_logit_softcapping:
         cap = cfg.final_logit_softcapping
@@ -103,6 +104,7 @@ def forward(
     all_logits: bool = False,
     mesh=None,
     adapters: AdapterInputs | None = None,
+    shard_logits: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """One ragged step over the paged cache.
 
@@ -118,6 +120,8 @@ def forward(
         the logits are gathered whole for sampling.
       adapters: per-token LoRA slots and the LoRA bank, and the virtual-token table of prompt
         adapters (jaxllm/layers/adapters.py); None for a step without adapters.
+      shard_logits: with a mesh, leave the logits split over the vocabulary as the LM head makes
+        them ([..., V'] with the plan's padding; layers/sampling.py:sample_sharded reads them).
     Returns:
       (float32 logits, the updated kv_cache).
     """
@@ -158,6 +162,9 @@ def forward(
         x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora))
     if not all_logits:
         x = x[batch.logits_indices]
+    if shard_logits and mesh is not None:
+        logits = final_hidden_to_logits(params, x, cfg, keep_padding=True)
+        return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS))), new_cache
     return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
 
 
