@@ -92,6 +92,17 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     return scaled >= threshold
 
 
+def _temperature(s: SamplingBatch) -> jax.Array:
+    """[B, 1] divisors of the logits (greedy rows divide by 1 and take the argmax anyway)."""
+    return jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+
+
+def _gumbel(s: SamplingBatch, vocab_size: int) -> jax.Array:
+    """[B, vocab_size] Gumbel noise of each row's stream at its counter (Gumbel-max sampling)."""
+    keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+
+
 def sample(logits: jax.Array, s: SamplingBatch) -> dict:
     """Pick one token per row. logits: [B, V] float32 raw model logits.
 
@@ -100,13 +111,10 @@ def sample(logits: jax.Array, s: SamplingBatch) -> dict:
     """
     adjusted = adjust_logits(logits, s)
     greedy = jnp.argmax(adjusted, axis=-1)
-    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    scaled = adjusted / temperature
+    scaled = adjusted / _temperature(s)
     if s.truncate:
         scaled = jnp.where(truncation_mask(scaled, s), scaled, -jnp.inf)
-    keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
-    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    sampled = jnp.argmax(scaled + _gumbel(s, scaled.shape[-1]), axis=-1)
     tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
@@ -153,11 +161,8 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
             return jax.lax.pmin(jnp.where(top == best, here, jnp.iinfo(jnp.int32).max), axis)
 
         greedy = argmax(x)
-        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-        keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab_size,), jnp.float32))(keys)
-        gumbel = jax.lax.dynamic_slice_in_dim(jnp.pad(gumbel, ((0, 0), (0, Vp - vocab_size))), first, Vl, axis=1)
-        sampled = argmax(x / temperature + gumbel)
+        gumbel = jnp.pad(_gumbel(s, vocab_size), ((0, 0), (0, Vp - vocab_size)))
+        sampled = argmax(x / _temperature(s) + jax.lax.dynamic_slice_in_dim(gumbel, first, Vl, axis=1))
         tokens = jnp.where(s.temperature > 0, sampled, greedy)
         peak = jax.lax.pmax(jnp.max(x, axis=-1), axis)
         lse = peak + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - peak[:, None]), axis=-1), axis))
