@@ -219,6 +219,16 @@ class SamplingParams:
         return [] if self.bad is None else ([self.bad] if isinstance(self.bad, str) else list(self.bad))
 
     @property
+    def uses_penalties(self) -> bool:
+        """Repetition, presence or frequency penalty in effect (they read the tokens so far)."""
+        return self.repetition_penalty not in (None, 1.0) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
+    def wants_logits(self) -> bool:
+        """The host needs each sampled row's logits (generation logits returned, or logits processors)."""
+        return self.return_generation_logits or bool(self.logits_processors)
+
+    @property
     def logits_processors(self) -> list[Callable]:
         p = self.logits_processor
         return [] if p is None else (list(p) if isinstance(p, (list, tuple)) else [p])

@@ -239,7 +239,10 @@ class Engine:
         if not scheduled.items:
             self._wake.wait(0.01)
             return
+        # For the stats, before the step moves them on: prefill chunks, and the decoding sequences' tokens.
         context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
+        generation = [seq for seq, _ in scheduled.items if seq.num_computed >= seq.num_prompt_tokens]
+        before = sum(len(seq.token_ids) for seq in generation)
         steps = self._multi_steps(scheduled)
         step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
         for seq, _ in scheduled.items:
@@ -260,9 +263,6 @@ class Engine:
                 self.block_manager.free(parked.seq)
             self.parked.clear()
             return
-        prefilling = {seq.seq_id for seq, _ in context}
-        generation = [seq for seq, _ in scheduled.items if seq.seq_id not in prefilling]
-        before = sum(len(seq.token_ids) for seq in generation)
         if steps == 1:
             touched = self._postprocess(scheduled, step_requests, out)
         else:
@@ -287,9 +287,7 @@ class Engine:
         wants = []
         for seq, _ in scheduled.items:
             params, request = seq.request.params, seq.request
-            if (params.logits_processors or params.return_generation_logits
-                    or params.repetition_penalty not in (None, 1.0) or params.presence_penalty
-                    or params.frequency_penalty or request.bad_word_ids
+            if (params.wants_logits or params.uses_penalties or request.bad_word_ids
                     or seq.num_output_tokens < max(1, params.min_tokens or 0) or is_context_only(request)):  # fmt: skip
                 return 1
             wants.append(min(K, params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens))
@@ -321,13 +319,13 @@ class Engine:
             r.num_logprobs = params.logprobs or 0
             r.logit_bias = request.embedding_bias
             r.banned_tokens = self._banned_tokens(seq) or None
-            if params.repetition_penalty not in (None, 1.0) or params.presence_penalty or params.frequency_penalty:
+            if params.uses_penalties:
                 r.penalty_tokens = seq.token_ids[num_virtual:]
                 r.penalty_counts = [0] * (num_prompt - num_virtual) + [1] * seq.num_output_tokens
                 r.repetition_penalty = params.repetition_penalty or 1.0
                 r.presence_penalty = params.presence_penalty or 0.0
                 r.frequency_penalty = params.frequency_penalty or 0.0
-            r.want_last_logits = params.return_generation_logits or bool(params.logits_processors)
+            r.want_last_logits = params.wants_logits
         # Prompt log-probabilities and context logits cover the user's prompt: positions from
         # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
         first = max(start, num_virtual)
