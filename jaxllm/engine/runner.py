@@ -524,8 +524,6 @@ class ModelRunner:
         (step k's rows). The block tables must hold the pages of the tokens the caller keeps.
         """
         T, B, P, Q = self.bucket_shape(requests)
-        if decode_steps > 1 and Q != 1:
-            raise ValueError("decode_steps > 1 needs a decode-only step")
         token_ids = [self._device_token_ids(r) for r in requests] if self.adapters is not None else None
         batch = build_batch(
             token_ids or [r.token_ids for r in requests],
@@ -560,8 +558,8 @@ class ModelRunner:
             adapters=uses_adapters,
             decode_steps=decode_steps,
         )
-        if decode_steps > 1 and logits_mode != "last":
-            raise ValueError("decode_steps > 1 returns no logits")
+        if decode_steps > 1 and (Q != 1 or logits_mode != "last"):
+            raise ValueError("decode_steps > 1 needs a decode-only step that returns no logits")
         host = (batch, sampling, next_tokens)
         if uses_adapters and self._uses_lora:
             lora_slots = np.zeros(T, np.int32)  # [T]: each token's LoRA slot, 0 for padding
@@ -617,8 +615,7 @@ def _step(params, kv_cache, batch: BatchMetadata, sampling, next_tokens, adapter
         out.update({f"prompt_{k}": v for k, v in prompt.items()})
     if logits_mode == "all":
         out["all_logits"] = logits
-    if logits_mode != "last":
-        out["last_logits"] = last
+    out["last_logits"] = last  # every mode but "last", which _forward_and_sample serves
     return out, kv_cache
 
 
