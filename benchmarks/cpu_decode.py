@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+from gpu_e2e import decode_ms_per_token  # benchmarks/ is the script's directory, on sys.path
+
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -35,10 +37,9 @@ def jaxllm_decode(path: Path, batch: int, new_tokens: int, steps: int) -> dict:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, warm, use_tqdm=False)
         total = time.perf_counter() - t0
-        stats = [s for s in llm.get_stats() if s["inflightBatchingStats"]["numContextRequests"] == 0]
+        stats = llm.get_stats()
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        per_token = [s["iterLatencyMS"] / max(1.0, s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"]) for s in stats]
-        step_ms = sorted(per_token)[len(per_token) // 2] if per_token else float("nan")
+        step_ms = decode_ms_per_token(stats)
         return {
             "decode_tok_s": (generated - batch) / (total - prefill),
             "median_ms_per_token": step_ms,

@@ -78,7 +78,7 @@ def part_correctness(args) -> dict:
 
 
 # ---- the 8B shape -------------------------------------------------------------------------------------
-def _decode_ms(stats: list[dict]) -> float:
+def decode_ms_per_token(stats: list[dict]) -> float:
     """Median milliseconds per decoded token of the decode-only iterations (an iteration of a
     multi-step decode runs avgNumDecodedTokensPerIter steps)."""
     decode = [s["iterLatencyMS"] / max(1.0, s["inflightBatchingStats"].get("avgNumDecodedTokensPerIter", 1.0))
@@ -136,7 +136,7 @@ def part_perf(args) -> dict:
     prompt = synthetic(1, 128, vocab, 1)
     timed(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     wall, compiled, tokens, stats = timed(prompt, SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True))
-    step = _decode_ms(stats)
+    step = decode_ms_per_token(stats)
     result["batch1"] = {"decode_ms_per_token": step, "tokens_per_s": 1e3 / step, "fraction_of_floor": floor_ms / step,
                         "wall_s": wall, "compile_s_during": compiled}  # fmt: skip
     # Time to first token.
@@ -154,7 +154,7 @@ def part_perf(args) -> dict:
         wall, compiled, tokens, stats = timed(prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
         offline.append({"isl": isl, "osl": osl, "requests": n, "output_tokens": tokens, "wall_s": wall,
                         "compile_s_during": compiled, "output_tok_s": tokens / (wall - compiled),
-                        "median_decode_step_ms": _decode_ms(stats),
+                        "median_decode_step_ms": decode_ms_per_token(stats),
                         "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
         print(f"offline {isl}/{osl} x{n}: {tokens / (wall - compiled):.0f} tok/s", flush=True)
     result["offline"] = offline

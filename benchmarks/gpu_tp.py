@@ -27,7 +27,7 @@ if "--smoke" in sys.argv:
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gpu_e2e import _decode_ms, synthetic  # noqa: E402
+from gpu_e2e import decode_ms_per_token, synthetic  # noqa: E402
 
 
 def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16", devices=None):
@@ -105,7 +105,7 @@ def batch1_ms(llm, vocab, n, steps: int) -> float:
     llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     llm.get_stats()
     llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
-    ms = _decode_ms(llm.get_stats())
+    ms = decode_ms_per_token(llm.get_stats())
     llm._engine.decode_steps = llm._engine.runner.config.decode_steps
     return ms
 
@@ -222,7 +222,7 @@ def main() -> None:
     if args.batch1_only:
         with engine(big, 2, None, args, [(1, 1)]) as llm:
             for steps in (1, llm._engine.runner.config.decode_steps):
-                save(f"llama8b_tp2_batch1_decode_ms_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
+                save(f"llama8b_tp2_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
         return
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.
@@ -240,7 +240,7 @@ def main() -> None:
             save(f"llama8b_tp{tp}_build_s", time.perf_counter() - t0)
             ref[tp] = greedy(llm, prompts, tokens)
             for steps in (1, K):
-                save(f"llama8b_tp{tp}_batch1_decode_ms_steps{steps}", batch1_ms(llm, vocab, decode_n, steps))
+                save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, vocab, decode_n, steps))
             if tp == 1:  # disaggregated: prefill on GPU 0, decode on GPU 1, against the aggregated tokens
                 with engine(big, 1, None, args, agree_shapes, devices=[jax.devices()[1]]) as gen:
                     save("llama8b_disaggregated_gpu0_to_gpu1_vs_aggregated",
@@ -248,12 +248,12 @@ def main() -> None:
             if tp == 2:
                 save("llama8b_bf16_tp2_vs_tp1", agreement(ref[1], ref[2]))
                 for steps in (1, K):
-                    key = f"batch1_decode_ms_steps{steps}"
+                    key = f"batch1decode_ms_per_token_steps{steps}"
                     save(f"tp2_over_tp1_{key}", result[f"llama8b_tp2_{key}"] / result[f"llama8b_tp1_{key}"])
                 cfg = llm.engine_config
                 collective = allreduce_ms(llm.mesh, 1, cfg.hidden_size, cfg.num_layers)
                 save("llama8b_tp2_batch1_collectives_ms", collective)
-                save("allreduce_share_of_tp2_batch1_token", collective / result[f"llama8b_tp2_batch1_decode_ms_steps{K}"])
+                save("allreduce_share_of_tp2_batch1_token", collective / result[f"llama8b_tp2_batch1decode_ms_per_token_steps{K}"])
                 save("llama8b_tp2_offline_128_128", offline(llm, 128, 128, off_128, vocab))
                 llm._engine.decode_steps = 1
                 save("llama8b_tp2_offline_128_128_steps1", offline(llm, 128, 128, off_128, vocab))
@@ -263,7 +263,7 @@ def main() -> None:
                 runner._build_step()
                 compile_shapes(llm, args, [(128, 128), (1, 1)])
                 for steps in (1, K):
-                    save(f"llama8b_tp2_batch1_decode_ms_steps{steps}_gathered_logits", batch1_ms(llm, vocab, decode_n, steps))
+                    save(f"llama8b_tp2_batch1decode_ms_per_token_steps{steps}_gathered_logits", batch1_ms(llm, vocab, decode_n, steps))
     for dtype in ("bfloat16", "float32"):  # float32: the same function, so the same tokens up to rounding
         smol = {}
         for tp in (1, 2):
@@ -274,11 +274,11 @@ def main() -> None:
     r = result
     print(f"\n== {big} bf16 random weights on {r['devices']} x {r['device']} ==")
     for steps in (1, K):
-        key = f"batch1_decode_ms_steps{steps}"
+        key = f"batch1decode_ms_per_token_steps{steps}"
         print(f"batch-1 decode, {steps} decode(s) per dispatch: TP1 {r['llama8b_tp1_' + key]:.2f} ms/token, "
               f"TP2 {r['llama8b_tp2_' + key]:.2f} ms/token (TP2/TP1 = {r['tp2_over_tp1_' + key]:.2f}, target <= 0.6)")
-    print(f"TP2 batch-1 from gathered logits: {r['llama8b_tp2_batch1_decode_ms_steps1_gathered_logits']:.2f} / "
-          f"{r[f'llama8b_tp2_batch1_decode_ms_steps{K}_gathered_logits']:.2f} ms/token (1 / {K} decodes per dispatch)")
+    print(f"TP2 batch-1 from gathered logits: {r['llama8b_tp2_batch1decode_ms_per_token_steps1_gathered_logits']:.2f} / "
+          f"{r[f'llama8b_tp2_batch1decode_ms_per_token_steps{K}_gathered_logits']:.2f} ms/token (1 / {K} decodes per dispatch)")
     print(f"offline 128/128 TP2: {r['llama8b_tp2_offline_128_128']['output_tok_s']:.0f} tok/s "
           f"(one decode per dispatch: {r['llama8b_tp2_offline_128_128_steps1']['output_tok_s']:.0f})")
     print(f"collectives of a TP2 batch-1 step: {r['llama8b_tp2_batch1_collectives_ms']:.2f} ms "
