@@ -61,6 +61,19 @@ def test_multi_step_fills_max_seq_len_and_frees_pages(tiny_dir):
     assert len(got[1][0][0][0]) == 48 - 30 and got[1][0][0][1] == "length"
 
 
+@pytest.mark.parametrize("steps", [1, 8])
+def test_stats_count_every_decoded_token(tiny_llm, steps):
+    """One prefill iteration, then decode iterations whose decoded tokens add up to the rest, the
+    last one included (stats are recorded before the outputs are posted)."""
+    llm = tiny_llm("llama", num_scheduler_steps=steps)
+    llm.get_stats()
+    llm.generate([300, 301, 302, 303, 304], SamplingParams(max_tokens=13, ignore_eos=True), use_tqdm=False)
+    stats = [s["inflightBatchingStats"] for s in llm.get_stats()]
+    assert [s["numContextRequests"] for s in stats] == [1] + [0] * (len(stats) - 1)
+    assert sum(s["avgNumDecodedTokensPerIter"] for s in stats[1:]) == 12
+    assert len(stats) == (13 if steps == 1 else 3)  # a prefill, then 12 single decodes or runs of 8 and 4
+
+
 def test_multi_step_streams_every_token_in_order(tiny_llm):
     llm = tiny_llm("llama")
     params = SamplingParams(max_tokens=19, ignore_eos=True)

@@ -72,6 +72,25 @@ def test_sampling_over_vocabulary_shards_matches_one_device(tiny_dir, tiny_llm):
             assert np.allclose([lp for _, lp, _ in entry], [lp for _, lp, _ in ref], atol=1e-4)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (virtual) devices")
+def test_dummy_weights_are_init_params_at_every_tp_size(tiny_dir):
+    """load_format='dummy' draws the checkpoint's random weights (init_params, seed 0, compiled) whatever
+    the layout: TP=1 holds exactly those arrays, and TP=4 (padded heads, MLP and vocabulary) the same model."""
+    from jaxllm.models.params import init_params
+
+    args = dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    with LLM(model=str(tiny_dir("llama-odd")), **args) as llm:
+        expected = flatten_paths(jax.jit(lambda: init_params(llm.config, jax.numpy.float32, jax.random.key(0)))())
+        got = flatten_paths(llm._engine.runner.params)
+        assert got.keys() == expected.keys()
+        for path, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
+        tokens = _tokens(llm)
+    with LLM(model=str(tiny_dir("llama-odd")), tensor_parallel_size=4, **args) as llm:
+        assert not llm.tp_plan.is_identity
+        assert _tokens(llm) == tokens
+
+
 def test_plan_pads_and_replicates_heads():
     cfg = tiny.build_tiny  # noqa: F841 (the plan needs only the config numbers)
     from jaxllm.config import ModelConfig, RopeConfig
