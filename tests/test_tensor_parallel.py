@@ -73,6 +73,26 @@ def test_sampling_over_vocabulary_shards_matches_one_device(tiny_dir, tiny_llm):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (virtual) devices")
+@pytest.mark.parametrize("ids", [[329], [0, 83, 84, 329, 5, 5]])
+def test_vocabulary_parallel_embedding_lookup_is_exact(ids):
+    """The embedding table split over 4 devices by vocabulary rows (padded 330 -> 336) gives exactly
+    table[ids], for one id (a decode step of batch 1) and for several, with one all-reduce of the
+    rows and no gather of the table."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from jaxllm.layers.adapters import lookup_rows
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+    table = jax.random.normal(jax.random.key(0), (336, 16), jax.numpy.float32).astype(jax.numpy.bfloat16)
+    sharded = jax.device_put(table, NamedSharding(mesh, P("tp", None)))
+    ids = jax.numpy.asarray(ids, jax.numpy.int32)
+    fn = jax.jit(lambda t, i: lookup_rows(t, i, mesh, "tp"))
+    np.testing.assert_array_equal(np.asarray(fn(sharded, ids)), np.asarray(table[ids]))
+    hlo = fn.lower(sharded, ids).compile().as_text()
+    assert "all-gather" not in hlo and hlo.count("all-reduce(") == 1
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (virtual) devices")
 def test_dummy_weights_are_init_params_at_every_tp_size(tiny_dir):
     """load_format='dummy' draws the checkpoint's random weights (init_params, seed 0, compiled) whatever
     the layout: TP=1 holds exactly those arrays, and TP=4 (padded heads, MLP and vocabulary) the same model."""

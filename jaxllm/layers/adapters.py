@@ -72,15 +72,35 @@ def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, lora_slots: j
     return jnp.where((lora_slots > 0).reshape((-1,) + (1,) * (out.ndim - 1)), out, 0).astype(x.dtype)
 
 
+def lookup_rows(table: jax.Array, ids: jax.Array, mesh=None, axis: str | None = None) -> jax.Array:
+    """table[ids]. With `mesh`, `table` is split over its rows on `axis` (a vocabulary-parallel
+    embedding): each device reads the ids in its slice, zero elsewhere, and one all-reduce sums
+    them (exact: one device gives each row). Written out with shard_map because XLA may partition
+    a single-id lookup (batch 1) as a dynamic slice and gather the whole table for it."""
+    if mesh is None or mesh.shape[axis] == 1:
+        return table[ids]
+    from jax.sharding import PartitionSpec as P
+
+    def local(t, ids):
+        first = jax.lax.axis_index(axis) * t.shape[0]
+        mine = (ids >= first) & (ids < first + t.shape[0])
+        rows = t[jnp.where(mine, ids - first, 0)]
+        return jax.lax.psum(jnp.where(mine[..., None], rows, jnp.zeros((), t.dtype)), axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(), check_vma=False)(table, ids)
+
+
 def embed_with_virtual_tokens(embed_table: jax.Array, token_ids: jax.Array, vocab_size: int, dtype,
-                              embed_scale: float | None, prompt_table: jax.Array | None) -> jax.Array:  # fmt: skip
+                              embed_scale: float | None, prompt_table: jax.Array | None,
+                              mesh=None, axis: str | None = None) -> jax.Array:  # fmt: skip
     """token_ids: [T] -> [T, D]. Ids below vocab_size read the (scaled) vocabulary embedding; ids
-    vocab_size + j read row j of prompt_table, unscaled."""
+    vocab_size + j read row j of prompt_table, unscaled. With `mesh`, embed_table is split over
+    the vocabulary on `axis` (see lookup_rows)."""
     if prompt_table is None:
-        x = embed_table[token_ids].astype(dtype)
+        x = lookup_rows(embed_table, token_ids, mesh, axis).astype(dtype)
         return x * jnp.asarray(embed_scale, dtype) if embed_scale is not None else x
     virtual = token_ids >= vocab_size
-    x = embed_table[jnp.where(virtual, 0, token_ids)].astype(dtype)
+    x = lookup_rows(embed_table, jnp.where(virtual, 0, token_ids), mesh, axis).astype(dtype)
     if embed_scale is not None:
         x = x * jnp.asarray(embed_scale, dtype)
     rows = jnp.clip(token_ids - vocab_size, 0, prompt_table.shape[0] - 1)

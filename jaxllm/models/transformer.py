@@ -32,9 +32,11 @@ KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, 
 
 
 def embed(params: dict, token_ids: jax.Array, cfg: ModelConfig, dtype,
-          prompt_table: jax.Array | None = None) -> jax.Array:  # fmt: skip
-    """token_ids -> embeddings; ids >= vocab_size are virtual tokens read from prompt_table (adapters)."""
-    return embed_with_virtual_tokens(params["embed"], token_ids, cfg.vocab_size, dtype, cfg.embed_scale, prompt_table)
+          prompt_table: jax.Array | None = None, mesh=None) -> jax.Array:  # fmt: skip
+    """token_ids -> embeddings; ids >= vocab_size are virtual tokens read from prompt_table (adapters).
+    With a tensor-parallel `mesh` the table is split over the vocabulary (jaxllm/sharding.py)."""
+    return embed_with_virtual_tokens(params["embed"], token_ids, cfg.vocab_size, dtype, cfg.embed_scale, prompt_table,
+                                     mesh, TP_AXIS)  # fmt: skip
 
 
 def decoder_layer(
@@ -127,7 +129,7 @@ def forward(
     """
     attention = get_backend(backend)
     dtype = params["embed"].dtype
-    x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None)  # [T, D]
+    x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None, mesh)  # [T, D]
     new_cache = []
     lora_bank = adapters.lora if adapters is not None else None
     if lora_bank is not None:
