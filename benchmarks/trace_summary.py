@@ -2,7 +2,7 @@
 per device, the span from its first to its last kernel, the time some kernel runs (busy), and the
 kernels that take the most time, grouped by name.
 
-    python benchmarks/trace_summary.py TRACE.json.gz [--top 20] [--window paged_decode_attention]
+    python benchmarks/trace_summary.py TRACE.json.gz [--top 20] [--window paged_decode_attention] [--host]
 """
 
 from __future__ import annotations
@@ -70,20 +70,46 @@ def summarize(path: str, top: int = 20, window: str | None = None) -> dict:
     return out
 
 
+def summarize_host(path: str, top: int = 25, window: str | None = None) -> dict:
+    """Per host process (the profiler's thread events), the event names that take the most time,
+    over the span of the GPU kernels named by `window` (the host clock and the GPUs' are one)."""
+    events, processes = load_events(path)
+    gpu = {pid for pid, name in processes.items() if "GPU" in name}
+    marks = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and window and e["name"].startswith(window)]
+    lo = min((e["ts"] for e in marks), default=float("-inf"))
+    hi = max((e["ts"] + e.get("dur", 0) for e in marks), default=float("inf"))
+    per_process = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu and lo <= e["ts"] and e["ts"] + e.get("dur", 0) <= hi:
+            g = per_process[processes.get(e.get("pid"), str(e.get("pid")))][kernel_group(e["name"])]
+            g[0] += 1
+            g[1] += e.get("dur", 0)
+    return {proc: [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]]
+            for proc, groups in per_process.items()}  # fmt: skip
+
+
+def format_summary(path: str, top: int = 20, window: str | None = None, host: bool = False) -> str:
+    summary = summarize(path, top, window)
+    lines = [] if summary else [f"no GPU events in {path}"]
+    for device, s in summary.items():
+        marks = f" ({s['window_marks']} x {window})" if window else ""
+        lines.append(f"\n{device}: span {s['span_ms']:.2f} ms{marks}, kernels busy {s['busy_ms']:.2f} ms, {s['kernels']} kernels")
+        lines += [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in s["top"]]
+    if host:
+        for proc, rows in summarize_host(path, top, window).items():
+            lines.append(f"\nhost {proc} (thread time, summed over threads)")
+            lines += [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--window", help="only from the first to the last kernel whose name starts with this")
+    parser.add_argument("--host", action="store_true", help="also the host threads' events (traces that kept them)")
     args = parser.parse_args()
-    summary = summarize(args.trace, args.top, args.window)
-    if not summary:
-        print("no GPU events in", args.trace)
-    for device, s in summary.items():
-        marks = f" ({s['window_marks']} x {args.window})" if args.window else ""
-        print(f"\n{device}: span {s['span_ms']:.2f} ms{marks}, kernels busy {s['busy_ms']:.2f} ms, {s['kernels']} kernels")
-        for row in s["top"]:
-            print(f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}")
+    print(format_summary(args.trace, args.top, args.window, args.host))
 
 
 if __name__ == "__main__":
