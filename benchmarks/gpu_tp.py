@@ -185,8 +185,11 @@ def main() -> None:
     parser.add_argument("--offline-requests", type=int, default=256)
     parser.add_argument("--batch1-only", metavar="TAG", help="only TP=2 batch-1 decode, saved as gpu_tp_TAG.json "
                         "(to compare XLA_FLAGS settings process by process)")
-    parser.add_argument("--profile", action="store_true", help="only a profiler trace of batch-1 decode at TP=2 "
-                        "and TP=1 (perfetto JSON under --out, for benchmarks/trace_summary.py)")
+    parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
+                        "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
+                        "GPU and host summaries of the decode as text)")
+    parser.add_argument("--sampling", action="store_true", help="only TP=2 sampling from vocabulary-split against "
+                        "gathered logits: batch-1 decode and offline 128/128 of each")
     args = parser.parse_args()
     small, big = "smollm2-135m", "llama-3.1-8b"
     args.max_batch, args.max_tokens, args.max_seq_len = 256, 8192, 2304
@@ -202,10 +205,14 @@ def main() -> None:
     if args.profile:
         import shutil
 
+        from trace_summary import format_summary
+
         from jaxllm import SamplingParams
 
         for tp in (2, 1):
             with engine(big, tp, None, args, [(1, 1)]) as llm:
+                K = llm._engine.runner.config.decode_steps
+                save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{K}", batch1_ms(llm, llm.config.vocab_size, decode_n, K))
                 prompt = synthetic(1, 128, llm.config.vocab_size, 1)
                 params = SamplingParams(max_tokens=9, ignore_eos=True)  # a prefill, then one 8-step decode
                 for _ in range(2):  # the second run takes the cached prompt's step shape, as the traced one does
@@ -215,9 +222,25 @@ def main() -> None:
                 llm.generate(prompt, params, use_tqdm=False)
                 jax.profiler.stop_trace()
                 found = next(trace_dir.rglob("perfetto_trace.json.gz"))
+                summary = format_summary(str(found), top=30, window="paged_decode_attention", host=True)
+                (Path(args.out) / f"trace_tp{tp}_summary.txt").write_text(summary)
+                print(summary, flush=True)
                 gpu_only(found, Path(args.out) / f"trace_tp{tp}.json.gz")  # host events would not fit 16 MiB
                 shutil.rmtree(trace_dir)
                 save(f"trace_tp{tp}", (Path(args.out) / f"trace_tp{tp}.json.gz").stat().st_size)
+        return
+    if args.sampling:
+        # TP=2 sampling from vocabulary-split logits against gathered [B, V] logits, batch 1 and offline.
+        with engine(big, 2, None, args, [(1, 1), (args.max_tokens, 128), (args.max_batch, 1), (128, 128)]) as llm:
+            vocab, runner = llm.config.vocab_size, llm._engine.runner
+            K = runner.config.decode_steps
+            for tag, vocab_parallel in (("", True), ("_gathered_logits", False), ("_vocab_parallel_again", True)):
+                if runner.config.vocab_parallel_sampling != vocab_parallel:
+                    runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=vocab_parallel)
+                    runner._build_step()
+                    compile_shapes(llm, args, [(1, 1), (args.max_tokens, 128), (args.max_batch, 1), (128, 128)])
+                save(f"llama8b_tp2_batch1decode_ms_per_token_steps{K}{tag}", batch1_ms(llm, vocab, decode_n, K))
+                save(f"llama8b_tp2_offline_128_128{tag}", offline(llm, 128, 128, off_128, vocab))
         return
     if args.batch1_only:
         with engine(big, 2, None, args, [(1, 1)]) as llm:

@@ -1,0 +1,237 @@
+"""What plain XLA gives for a batch-1 decode token at TP=1 and TP=2, without the engine: the
+Llama-3.1-8B layer stack (RMSNorm, Q/K/V, O, gate/up, down; no attention, no KV cache), layers
+unrolled, 8 tokens per dispatch in a `lax.scan` (greedy: each token's embedding feeds the next).
+It bounds what the engine can reach at TP=2 and separates the costs:
+
+  tp1                one GPU
+  tp2                weights split column/row-wise (jax.sharding), XLA inserts the all-reduces
+  tp2_no_collective  the same local matmuls in shard_map with no all-reduce (wrong sums; the
+                     compute and launch cost alone)
+  tp2_two_processes  tp2 with one process per GPU (jax.distributed over localhost)
+  *_merged           Q/K/V as one weight and gate/up as one (fewer, larger GEMMs)
+
+    PYTHONUNBUFFERED=1 python benchmarks/tp_ceiling.py [--out DIR]    # GPUs: needs 2
+    python benchmarks/tp_ceiling.py --smoke                           # CPU, 2 virtual devices, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv and "JAXLLM_CEILING_RANK" not in os.environ:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+LLAMA_8B = dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=128256)
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256)
+TOKENS = 8  # decodes per dispatch, as num_scheduler_steps' default
+
+
+def build(shape: dict, mesh, merged: bool, seed: int = 0):
+    """Random bf16 weights over `mesh` ("tp" axis; None: one device): Q/K/V and gate/up split by
+    KV head and FFN column, O and down by row, the LM head by vocabulary, as the engine's plan."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    D, F, K, d = shape["hidden"], shape["ffn"], shape["kv_heads"], shape["head_dim"]
+    G = shape["heads"] // K
+    heads, row, rep = P(None, "tp"), P("tp", None), P()
+    mats = {"wo": ((K * G * d, D), row), "w_down": ((F, D), row), "attn_norm": ((D,), rep), "mlp_norm": ((D,), rep)}
+    if merged:  # per KV head: its G query heads, then K, then V; gate and up side by side per column
+        mats |= {"w_qkv": ((D, K, G + 2, d), heads), "w_gate_up": ((D, F, 2), heads)}
+    else:
+        mats |= {"wq": ((D, K, G, d), heads), "wk": ((D, K, d), heads), "wv": ((D, K, d), heads),
+                 "w_gate": ((D, F), heads), "w_up": ((D, F), heads)}  # fmt: skip
+
+    def make(key, shp, spec):
+        fn = lambda k: (jax.random.normal(k, shp, jnp.float32) * 0.02).astype(jnp.bfloat16)  # noqa: E731
+        return jax.jit(fn, out_shardings=NamedSharding(mesh, spec) if mesh else None)(key)
+
+    key = jax.random.key(seed)
+    layers = []
+    for i in range(shape["layers"]):
+        keys = jax.random.split(jax.random.fold_in(key, i), len(mats))
+        layers.append({n: make(k, shp, spec) for k, (n, (shp, spec)) in zip(keys, mats.items())})
+    embed = make(jax.random.fold_in(key, 10_000), (shape["vocab"], D), rep)
+    head = make(jax.random.fold_in(key, 10_001), (D, shape["vocab"]), heads)
+    return {"layers": layers, "embed": embed, "head": head}
+
+
+def token_fn(merged: bool):
+    """params, tokens [1] -> logits [1, V]: one token through the layer stack. Attention is stood in
+    for by q * (k + v) per head (local to a KV head's shard, as paged attention is)."""
+    import jax
+    import jax.numpy as jnp
+
+    def rms(x, w):
+        xf = x.astype(jnp.float32)
+        return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5)).astype(x.dtype) * w
+
+    def layer(lp, x):
+        h = rms(x, lp["attn_norm"])
+        if merged:
+            qkv = jnp.einsum("bd,dkgh->bkgh", h, lp["w_qkv"])
+            q, k, v = qkv[:, :, :-2], qkv[:, :, -2], qkv[:, :, -1]
+        else:
+            q = jnp.einsum("bd,dkgh->bkgh", h, lp["wq"])
+            k, v = jnp.einsum("bd,dkh->bkh", h, lp["wk"]), jnp.einsum("bd,dkh->bkh", h, lp["wv"])
+        attn = (q * (k + v)[:, :, None, :]).reshape(x.shape[0], -1)
+        x = x + jnp.dot(attn, lp["wo"])
+        h = rms(x, lp["mlp_norm"])
+        if merged:
+            gu = jnp.einsum("bd,dfg->bfg", h, lp["w_gate_up"])
+            gate, up = gu[..., 0], gu[..., 1]
+        else:
+            gate, up = jnp.dot(h, lp["w_gate"]), jnp.dot(h, lp["w_up"])
+        return x + jnp.dot(jax.nn.silu(gate) * up, lp["w_down"])
+
+    def token(params, tok):
+        x = params["embed"][tok]
+        for lp in params["layers"]:
+            x = layer(lp, x)
+        return jnp.dot(x, params["head"]).astype(jnp.float32)
+
+    return token
+
+
+def decode_fn(merged: bool, mesh, params=None, collective: bool = True):
+    """jit(params, tok [1]) -> the next TOKENS greedy tokens, in one dispatch. Under a mesh with
+    `collective`, XLA's partitioner adds the all-reduces of the row-parallel products; without,
+    each shard runs its local products only (shard_map over `params`' shardings, no sums: the
+    compute alone)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    token = token_fn(merged)
+    if mesh is not None and not collective:
+        local, specs = token, (jax.tree.map(lambda a: a.sharding.spec, params), P())
+
+        def token(params, tok):
+            return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(None, "tp"), check_vma=False)(params, tok)
+
+    def run(params, tok):
+        def one(t, _):
+            nxt = jnp.argmax(token(params, t), axis=-1).astype(jnp.int32)
+            return nxt, nxt
+
+        return jax.lax.scan(one, tok, None, length=TOKENS)[1]
+
+    return jax.jit(run)
+
+
+def time_ms_per_token(fn, params, reps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    tok = jnp.zeros((1,), jnp.int32)
+    jax.block_until_ready(fn(params, tok))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(params, tok))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3 / TOKENS
+
+
+def single_process(shape: dict, reps: int) -> dict:
+    import jax
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    out = {}
+    for merged in (False, True):
+        tag = "_merged" if merged else ""
+        params = build(shape, None, merged)
+        out["tp1" + tag] = time_ms_per_token(decode_fn(merged, None), params, reps)
+        del params
+        if len(devices) >= 2:
+            mesh = Mesh(devices[:2], ("tp",))
+            params = build(shape, mesh, merged)
+            out["tp2" + tag] = time_ms_per_token(decode_fn(merged, mesh), params, reps)
+            out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(merged, mesh, params, collective=False), params, reps)
+            del params
+        print(json.dumps({k: round(v, 3) for k, v in out.items()}), flush=True)
+    return out
+
+
+def worker(shape: dict, reps: int) -> None:
+    """One of two processes (JAXLLM_CEILING_RANK), one GPU each: tp2 over jax.distributed."""
+    import jax
+    from jax.sharding import Mesh
+
+    rank = int(os.environ["JAXLLM_CEILING_RANK"])
+    if os.environ.get("JAXLLM_CEILING_CPU"):
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["JAXLLM_CEILING_COORD"], num_processes=2, process_id=rank)
+    mesh = Mesh(jax.devices()[:2], ("tp",))
+    out = {}
+    for merged in (False, True):
+        params = build(shape, mesh, merged)
+        out["tp2_two_processes" + ("_merged" if merged else "")] = time_ms_per_token(decode_fn(merged, mesh), params, reps)
+        del params
+    if rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    jax.distributed.shutdown()
+
+
+def two_processes(smoke: bool) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, JAXLLM_CEILING_RANK=str(rank), JAXLLM_CEILING_COORD=f"127.0.0.1:{port}")
+        if smoke:
+            env["JAXLLM_CEILING_CPU"] = "1"
+            env["XLA_FLAGS"] = ""
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = str(rank)
+        procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:]], env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    line = next((x for x in outs[0].splitlines() if x.startswith("RESULT ")), None)
+    if line is None or any(p.returncode for p in procs):
+        raise RuntimeError(f"two-process run failed: {outs}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--skip-two-processes", action="store_true")
+    args = parser.parse_args()
+    shape = TINY if args.smoke else LLAMA_8B
+    if "JAXLLM_CEILING_RANK" in os.environ:
+        return worker(shape, args.reps)
+    import jax
+
+    result = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+              "tokens_per_dispatch": TOKENS, "ms_per_token": single_process(shape, args.reps)}  # fmt: skip
+    if not args.skip_two_processes:
+        result["ms_per_token"] |= two_processes(args.smoke)
+    out = Path(args.out) / "tp_ceiling.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    ms = result["ms_per_token"]
+    print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch 1, bf16, "
+          f"{TOKENS} tokens per dispatch, {result['devices']} x {result['device']} ==")
+    for name, v in ms.items():
+        base = ms.get("tp1_merged" if name.endswith("_merged") else "tp1")
+        print(f"{name:30s} {v:7.3f} ms/token" + (f"   ({v / base:.2f}x tp1)" if base and not name.startswith("tp1") else ""))
+
+
+if __name__ == "__main__":
+    main()
