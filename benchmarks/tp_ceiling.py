@@ -51,9 +51,13 @@ def build(shape: dict, mesh, merged: bool, seed: int = 0):
         mats |= {"wq": ((D, K, G, d), heads), "wk": ((D, K, d), heads), "wv": ((D, K, d), heads),
                  "w_gate": ((D, F), heads), "w_up": ((D, F), heads)}  # fmt: skip
 
-    def make(key, shp, spec):
-        fn = lambda k: (jax.random.normal(k, shp, jnp.float32) * 0.02).astype(jnp.bfloat16)  # noqa: E731
-        return jax.jit(fn, out_shardings=NamedSharding(mesh, spec) if mesh else None)(key)
+    makers = {}
+
+    def make(key, shp, spec):  # one compiled maker per shape and sharding
+        if (shp, spec) not in makers:
+            fn = lambda k: (jax.random.normal(k, shp, jnp.float32) * 0.02).astype(jnp.bfloat16)  # noqa: E731
+            makers[shp, spec] = jax.jit(fn, out_shardings=NamedSharding(mesh, spec) if mesh else None)
+        return makers[shp, spec](key)
 
     key = jax.random.key(seed)
     layers = []
@@ -142,13 +146,13 @@ def time_ms_per_token(fn, params, reps: int) -> float:
     return statistics.median(times) * 1e3 / TOKENS
 
 
-def single_process(shape: dict, reps: int) -> dict:
+def single_process(shape: dict, reps: int, layouts=(False, True)) -> dict:
     import jax
     from jax.sharding import Mesh
 
     devices = jax.devices()
     out = {}
-    for merged in (False, True):
+    for merged in layouts:
         tag = "_merged" if merged else ""
         params = build(shape, None, merged)
         out["tp1" + tag] = time_ms_per_token(decode_fn(merged, None), params, reps)
@@ -163,7 +167,7 @@ def single_process(shape: dict, reps: int) -> dict:
     return out
 
 
-def worker(shape: dict, reps: int) -> None:
+def worker(shape: dict, reps: int, layouts=(False, True)) -> None:
     """One of two processes (JAXLLM_CEILING_RANK), one GPU each: tp2 over jax.distributed."""
     import jax
     from jax.sharding import Mesh
@@ -175,7 +179,7 @@ def worker(shape: dict, reps: int) -> None:
     jax.distributed.initialize(os.environ["JAXLLM_CEILING_COORD"], num_processes=2, process_id=rank)
     mesh = Mesh(jax.devices()[:2], ("tp",))
     out = {}
-    for merged in (False, True):
+    for merged in layouts:
         params = build(shape, mesh, merged)
         out["tp2_two_processes" + ("_merged" if merged else "")] = time_ms_per_token(decode_fn(merged, mesh), params, reps)
         del params
@@ -212,14 +216,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-two-processes", action="store_true")
+    parser.add_argument("--layout", choices=("both", "separate", "merged"), default="both",
+                        help="the weight layouts to time (separate Q/K/V and gate/up, or merged)")
     args = parser.parse_args()
     shape = TINY if args.smoke else LLAMA_8B
+    layouts = {"both": (False, True), "separate": (False,), "merged": (True,)}[args.layout]
     if "JAXLLM_CEILING_RANK" in os.environ:
-        return worker(shape, args.reps)
+        return worker(shape, args.reps, layouts)
     import jax
 
     result = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-              "tokens_per_dispatch": TOKENS, "ms_per_token": single_process(shape, args.reps)}  # fmt: skip
+              "tokens_per_dispatch": TOKENS, "ms_per_token": single_process(shape, args.reps, layouts)}  # fmt: skip
     if not args.skip_two_processes:
         result["ms_per_token"] |= two_processes(args.smoke)
     out = Path(args.out) / "tp_ceiling.json"
