@@ -9,6 +9,8 @@ It bounds what the engine can reach at TP=2 and separates the costs:
                      compute and launch cost alone)
   tp2_two_processes  tp2 with one process per GPU (jax.distributed over localhost)
   *_merged           Q/K/V as one weight and gate/up as one (fewer, larger GEMMs)
+  *_concat           separate weights (the engine's layout) concatenated into the merged ones inside
+                     the jitted step: does XLA fuse the concatenation into the GEMM, or copy it?
 
     PYTHONUNBUFFERED=1 python benchmarks/tp_ceiling.py [--out DIR]    # GPUs: needs 2
     python benchmarks/tp_ceiling.py --smoke                           # CPU, 2 virtual devices, tiny
@@ -33,7 +35,7 @@ TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, voca
 TOKENS = 8  # decodes per dispatch, as num_scheduler_steps' default
 
 
-def build(shape: dict, mesh, merged: bool, seed: int = 0):
+def build(shape: dict, mesh, layout: str, seed: int = 0):
     """Random bf16 weights over `mesh` ("tp" axis; None: one device): Q/K/V and gate/up split by
     KV head and FFN column, O and down by row, the LM head by vocabulary, as the engine's plan."""
     import jax
@@ -45,7 +47,7 @@ def build(shape: dict, mesh, merged: bool, seed: int = 0):
     G = shape["heads"] // K
     heads, row, rep = P(None, "tp"), P("tp", None), P()
     mats = {"wo": ((K * G * d, D), row), "w_down": ((F, D), row), "attn_norm": ((D,), rep), "mlp_norm": ((D,), rep)}
-    if merged:  # per KV head: its G query heads, then K, then V; gate and up side by side per column
+    if layout == "merged":  # per KV head: its G query heads, then K, then V; gate and up side by side per column
         mats |= {"w_qkv": ((D, K, G + 2, d), heads), "w_gate_up": ((D, F, 2), heads)}
     else:
         mats |= {"wq": ((D, K, G, d), heads), "wk": ((D, K, d), heads), "wv": ((D, K, d), heads),
@@ -69,7 +71,7 @@ def build(shape: dict, mesh, merged: bool, seed: int = 0):
     return {"layers": layers, "embed": embed, "head": head}
 
 
-def token_fn(merged: bool):
+def token_fn(layout: str):
     """params, tokens [1] -> logits [1, V]: one token through the layer stack. Attention is stood in
     for by q * (k + v) per head (local to a KV head's shard, as paged attention is)."""
     import jax
@@ -81,7 +83,11 @@ def token_fn(merged: bool):
 
     def layer(lp, x):
         h = rms(x, lp["attn_norm"])
-        if merged:
+        if layout == "concat":  # per KV head: its G query heads, then K, then V
+            w_qkv = jnp.concatenate([lp["wq"], lp["wk"][:, :, None], lp["wv"][:, :, None]], axis=2)
+            qkv = jnp.einsum("bd,dkgh->bkgh", h, w_qkv)
+            q, k, v = qkv[:, :, :-2], qkv[:, :, -2], qkv[:, :, -1]
+        elif layout == "merged":
             qkv = jnp.einsum("bd,dkgh->bkgh", h, lp["w_qkv"])
             q, k, v = qkv[:, :, :-2], qkv[:, :, -2], qkv[:, :, -1]
         else:
@@ -90,8 +96,9 @@ def token_fn(merged: bool):
         attn = (q * (k + v)[:, :, None, :]).reshape(x.shape[0], -1)
         x = x + jnp.dot(attn, lp["wo"])
         h = rms(x, lp["mlp_norm"])
-        if merged:
-            gu = jnp.einsum("bd,dfg->bfg", h, lp["w_gate_up"])
+        if layout != "separate":
+            w = lp["w_gate_up"] if layout == "merged" else jnp.stack([lp["w_gate"], lp["w_up"]], axis=2)
+            gu = jnp.einsum("bd,dfg->bfg", h, w)
             gate, up = gu[..., 0], gu[..., 1]
         else:
             gate, up = jnp.dot(h, lp["w_gate"]), jnp.dot(h, lp["w_up"])
@@ -106,7 +113,7 @@ def token_fn(merged: bool):
     return token
 
 
-def decode_fn(merged: bool, mesh, params=None, collective: bool = True):
+def decode_fn(layout: str, mesh, params=None, collective: bool = True):
     """jit(params, tok [1]) -> the next TOKENS greedy tokens, in one dispatch. Under a mesh with
     `collective`, XLA's partitioner adds the all-reduces of the row-parallel products; without,
     each shard runs its local products only (shard_map over `params`' shardings, no sums: the
@@ -115,7 +122,7 @@ def decode_fn(merged: bool, mesh, params=None, collective: bool = True):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    token = token_fn(merged)
+    token = token_fn(layout)
     if mesh is not None and not collective:
         local, specs = token, (jax.tree.map(lambda a: a.sharding.spec, params), P())
 
@@ -146,28 +153,28 @@ def time_ms_per_token(fn, params, reps: int) -> float:
     return statistics.median(times) * 1e3 / TOKENS
 
 
-def single_process(shape: dict, reps: int, layouts=(False, True)) -> dict:
+def single_process(shape: dict, reps: int, layouts: tuple[str, ...]) -> dict:
     import jax
     from jax.sharding import Mesh
 
     devices = jax.devices()
     out = {}
-    for merged in layouts:
-        tag = "_merged" if merged else ""
-        params = build(shape, None, merged)
-        out["tp1" + tag] = time_ms_per_token(decode_fn(merged, None), params, reps)
+    for layout in layouts:
+        tag = "" if layout == "separate" else "_" + layout
+        params = build(shape, None, layout)
+        out["tp1" + tag] = time_ms_per_token(decode_fn(layout, None), params, reps)
         del params
         if len(devices) >= 2:
             mesh = Mesh(devices[:2], ("tp",))
-            params = build(shape, mesh, merged)
-            out["tp2" + tag] = time_ms_per_token(decode_fn(merged, mesh), params, reps)
-            out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(merged, mesh, params, collective=False), params, reps)
+            params = build(shape, mesh, layout)
+            out["tp2" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
+            out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(layout, mesh, params, collective=False), params, reps)
             del params
         print(json.dumps({k: round(v, 3) for k, v in out.items()}), flush=True)
     return out
 
 
-def worker(shape: dict, reps: int, layouts=(False, True)) -> None:
+def worker(shape: dict, reps: int, layouts: tuple[str, ...]) -> None:
     """One of two processes (JAXLLM_CEILING_RANK), one GPU each: tp2 over jax.distributed."""
     import jax
     from jax.sharding import Mesh
@@ -179,9 +186,10 @@ def worker(shape: dict, reps: int, layouts=(False, True)) -> None:
     jax.distributed.initialize(os.environ["JAXLLM_CEILING_COORD"], num_processes=2, process_id=rank)
     mesh = Mesh(jax.devices()[:2], ("tp",))
     out = {}
-    for merged in layouts:
-        params = build(shape, mesh, merged)
-        out["tp2_two_processes" + ("_merged" if merged else "")] = time_ms_per_token(decode_fn(merged, mesh), params, reps)
+    for layout in layouts:
+        params = build(shape, mesh, layout)
+        tag = "" if layout == "separate" else "_" + layout
+        out["tp2_two_processes" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
         del params
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
@@ -216,11 +224,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-two-processes", action="store_true")
-    parser.add_argument("--layout", choices=("both", "separate", "merged"), default="both",
-                        help="the weight layouts to time (separate Q/K/V and gate/up, or merged)")
+    parser.add_argument("--layout", choices=("all", "separate", "merged", "concat"), default="all",
+                        help="the weight layouts to time (default: all three)")
     args = parser.parse_args()
     shape = TINY if args.smoke else LLAMA_8B
-    layouts = {"both": (False, True), "separate": (False,), "merged": (True,)}[args.layout]
+    layouts = ("separate", "merged", "concat") if args.layout == "all" else (args.layout,)
     if "JAXLLM_CEILING_RANK" in os.environ:
         return worker(shape, args.reps, layouts)
     import jax
@@ -236,7 +244,7 @@ def main() -> None:
     print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch 1, bf16, "
           f"{TOKENS} tokens per dispatch, {result['devices']} x {result['device']} ==")
     for name, v in ms.items():
-        base = ms.get("tp1_merged" if name.endswith("_merged") else "tp1")
+        base = ms.get("tp1" + next((t for t in ("_merged", "_concat") if name.endswith(t)), ""))
         print(f"{name:30s} {v:7.3f} ms/token" + (f"   ({v / base:.2f}x tp1)" if base and not name.startswith("tp1") else ""))
 
 
