@@ -320,8 +320,7 @@ class LLM:
             host=transceiver.host, port=transceiver.port, timeout_s=transceiver.kv_transfer_timeout_ms / 1e3,
         )  # fmt: skip
         self._kv_fingerprint = transfer.fingerprint
-        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
-                              decode_steps=args.num_scheduler_steps)  # fmt: skip
+        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer)
         self._request_ids = itertools.count()
 
     def _agree_on(self, name: str, value: int) -> int:

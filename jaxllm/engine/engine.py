@@ -59,9 +59,10 @@ def is_context_only(request: Request) -> bool:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
-                 transfer: kv_transfer.TransferSettings | None = None, decode_steps: int = 1):  # fmt: skip
+                 transfer: kv_transfer.TransferSettings | None = None):  # fmt: skip
         self.runner = runner
-        self.decode_steps = decode_steps  # multi-step decoding: the most decodes per dispatch
+        # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
+        self.decode_steps = runner.config.decode_steps
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
         self.tokenizer = tokenizer
