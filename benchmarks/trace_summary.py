@@ -38,11 +38,25 @@ def kernel_group(name: str) -> str:
     return re.sub(r"([._-])\d+", r"\1N", name)
 
 
-def summarize(path: str, top: int = 20, window: str | None = None) -> dict:
+def _top(events: list[dict], top: int) -> list[dict]:
+    """The event names (numbered instances folded) that take the most time, with their counts."""
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        g = groups[kernel_group(e["name"])]
+        g[0] += 1
+        g[1] += e.get("dur", 0)
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in rows]
+
+
+def _span(events: list[dict]) -> tuple[float, float]:
+    return min(e["ts"] for e in events), max(e["ts"] + e.get("dur", 0) for e in events)
+
+
+def summarize(events: list[dict], processes: dict[int, str], top: int = 20, window: str | None = None) -> dict:
     """Per GPU: span, busy time and the top kernel groups; with `window`, only the kernels from the
     first to the last one whose name starts with it (e.g. the decode attention kernel, to leave
     out a prefill or a compilation caught in the trace)."""
-    events, processes = load_events(path)
     per_device = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and "GPU" in processes.get(e.get("pid"), ""):
@@ -51,54 +65,45 @@ def summarize(path: str, top: int = 20, window: str | None = None) -> dict:
     for device, evs in sorted(per_device.items()):
         marks = [e for e in evs if window and e["name"].startswith(window)]
         if marks:
-            lo, hi = min(e["ts"] for e in marks), max(e["ts"] + e.get("dur", 0) for e in marks)
+            lo, hi = _span(marks)
             evs = [e for e in evs if lo <= e["ts"] and e["ts"] + e.get("dur", 0) <= hi]
         intervals = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in evs]
-        groups = collections.defaultdict(lambda: [0, 0.0])
-        for e in evs:
-            g = groups[kernel_group(e["name"])]
-            g[0] += 1
-            g[1] += e.get("dur", 0)
-        rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
-        out[device] = {
-            "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e3,
-            "busy_ms": busy_us(intervals) / 1e3,
-            "kernels": len(evs),
-            "window_marks": len(marks),
-            "top": [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in rows],
-        }
+        start, end = _span(evs)
+        out[device] = {"span_ms": (end - start) / 1e3, "busy_ms": busy_us(intervals) / 1e3, "kernels": len(evs),
+                       "window_marks": len(marks), "top": _top(evs, top)}  # fmt: skip
     return out
 
 
-def summarize_host(path: str, top: int = 25, window: str | None = None) -> dict:
+def summarize_host(events: list[dict], processes: dict[int, str], top: int = 25, window: str | None = None) -> dict:
     """Per host process (the profiler's thread events), the event names that take the most time,
     over the span of the GPU kernels named by `window` (the host clock and the GPUs' are one)."""
-    events, processes = load_events(path)
     gpu = {pid for pid, name in processes.items() if "GPU" in name}
     marks = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and window and e["name"].startswith(window)]
-    lo = min((e["ts"] for e in marks), default=float("-inf"))
-    hi = max((e["ts"] + e.get("dur", 0) for e in marks), default=float("inf"))
-    per_process = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+    lo, hi = _span(marks) if marks else (float("-inf"), float("inf"))
+    per_process = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") not in gpu and lo <= e["ts"] and e["ts"] + e.get("dur", 0) <= hi:
-            g = per_process[processes.get(e.get("pid"), str(e.get("pid")))][kernel_group(e["name"])]
-            g[0] += 1
-            g[1] += e.get("dur", 0)
-    return {proc: [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]]
-            for proc, groups in per_process.items()}  # fmt: skip
+            per_process[processes.get(e.get("pid"), str(e.get("pid")))].append(e)
+    return {proc: _top(evs, top) for proc, evs in per_process.items()}
 
 
 def format_summary(path: str, top: int = 20, window: str | None = None, host: bool = False) -> str:
-    summary = summarize(path, top, window)
+    """The GPU summary of the trace at `path` as text (and, with `host`, the host threads')."""
+    events, processes = load_events(path)
+    summary = summarize(events, processes, top, window)
     lines = [] if summary else [f"no GPU events in {path}"]
+
+    def rows(top_rows):
+        return [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in top_rows]
+
     for device, s in summary.items():
         marks = f" ({s['window_marks']} x {window})" if window else ""
         lines.append(f"\n{device}: span {s['span_ms']:.2f} ms{marks}, kernels busy {s['busy_ms']:.2f} ms, {s['kernels']} kernels")
-        lines += [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in s["top"]]
+        lines += rows(s["top"])
     if host:
-        for proc, rows in summarize_host(path, top, window).items():
+        for proc, top_rows in summarize_host(events, processes, top, window).items():
             lines.append(f"\nhost {proc} (thread time, summed over threads)")
-            lines += [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in rows]
+            lines += rows(top_rows)
     return "\n".join(lines)
 
 
