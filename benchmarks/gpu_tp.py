@@ -59,6 +59,16 @@ def compile_shapes(llm, args, precompile) -> None:
     runner.precompile(shapes, progress=False, threads=8)
 
 
+def use_vocab_parallel_sampling(llm, args, on: bool, precompile) -> None:
+    """Switch the engine's TP sampling between vocabulary-split and gathered [B, V] logits (the
+    step is rebuilt, so `precompile`'s shapes are compiled again, as in `engine`)."""
+    runner = llm._engine.runner
+    if runner.config.vocab_parallel_sampling != on:
+        runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=on)
+        runner._build_step()
+        compile_shapes(llm, args, precompile)
+
+
 def greedy(llm, prompts, n):
     """Greedy (tokens, logprobs with the top 2) of each prompt."""
     from jaxllm import SamplingParams
@@ -231,14 +241,11 @@ def main() -> None:
         return
     if args.sampling:
         # TP=2 sampling from vocabulary-split logits against gathered [B, V] logits, batch 1 and offline.
-        with engine(big, 2, None, args, [(1, 1), (args.max_tokens, 128), (args.max_batch, 1), (128, 128)]) as llm:
-            vocab, runner = llm.config.vocab_size, llm._engine.runner
-            K = runner.config.decode_steps
+        shapes = [(1, 1), (args.max_tokens, 128), (args.max_batch, 1), (128, 128)]
+        with engine(big, 2, None, args, shapes) as llm:
+            vocab, K = llm.config.vocab_size, llm._engine.runner.config.decode_steps
             for tag, vocab_parallel in (("", True), ("_gathered_logits", False), ("_vocab_parallel_again", True)):
-                if runner.config.vocab_parallel_sampling != vocab_parallel:
-                    runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=vocab_parallel)
-                    runner._build_step()
-                    compile_shapes(llm, args, [(1, 1), (args.max_tokens, 128), (args.max_batch, 1), (128, 128)])
+                use_vocab_parallel_sampling(llm, args, vocab_parallel, shapes)
                 save(f"llama8b_tp2_batch1decode_ms_per_token_steps{K}{tag}", batch1_ms(llm, vocab, decode_n, K))
                 save(f"llama8b_tp2_offline_128_128{tag}", offline(llm, 128, 128, off_128, vocab))
         return
@@ -281,10 +288,7 @@ def main() -> None:
                 llm._engine.decode_steps = 1
                 save("llama8b_tp2_offline_128_128_steps1", offline(llm, 128, 128, off_128, vocab))
                 # The same engine sampling from gathered [B, V] logits, the way before vocab-parallel sampling.
-                runner = llm._engine.runner
-                runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=False)
-                runner._build_step()
-                compile_shapes(llm, args, [(128, 128), (1, 1)])
+                use_vocab_parallel_sampling(llm, args, False, [(128, 128), (1, 1)])
                 for steps in (1, K):
                     save(f"llama8b_tp2_batch1decode_ms_per_token_steps{steps}_gathered_logits", batch1_ms(llm, vocab, decode_n, steps))
     for dtype in ("bfloat16", "float32"):  # float32: the same function, so the same tokens up to rounding

@@ -33,6 +33,7 @@ if "--smoke" in sys.argv and "JAXLLM_CEILING_RANK" not in os.environ:
 LLAMA_8B = dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=128256)
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256)
 TOKENS = 8  # decodes per dispatch, as num_scheduler_steps' default
+LAYOUTS = ("separate", "merged", "concat")
 
 
 def build(shape: dict, mesh, layout: str, seed: int = 0):
@@ -139,6 +140,11 @@ def decode_fn(layout: str, mesh, params=None, collective: bool = True):
     return jax.jit(run)
 
 
+def suffix(layout: str) -> str:
+    """The result keys' suffix of a weight layout ("tp2" + suffix(...))."""
+    return "" if layout == "separate" else "_" + layout
+
+
 def time_ms_per_token(fn, params, reps: int) -> float:
     import jax
     import jax.numpy as jnp
@@ -160,7 +166,7 @@ def single_process(shape: dict, reps: int, layouts: tuple[str, ...]) -> dict:
     devices = jax.devices()
     out = {}
     for layout in layouts:
-        tag = "" if layout == "separate" else "_" + layout
+        tag = suffix(layout)
         params = build(shape, None, layout)
         out["tp1" + tag] = time_ms_per_token(decode_fn(layout, None), params, reps)
         del params
@@ -188,8 +194,7 @@ def worker(shape: dict, reps: int, layouts: tuple[str, ...]) -> None:
     out = {}
     for layout in layouts:
         params = build(shape, mesh, layout)
-        tag = "" if layout == "separate" else "_" + layout
-        out["tp2_two_processes" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
+        out["tp2_two_processes" + suffix(layout)] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
         del params
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
@@ -224,11 +229,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-two-processes", action="store_true")
-    parser.add_argument("--layout", choices=("all", "separate", "merged", "concat"), default="all",
+    parser.add_argument("--layout", choices=("all", *LAYOUTS), default="all",
                         help="the weight layouts to time (default: all three)")
     args = parser.parse_args()
     shape = TINY if args.smoke else LLAMA_8B
-    layouts = ("separate", "merged", "concat") if args.layout == "all" else (args.layout,)
+    layouts = LAYOUTS if args.layout == "all" else (args.layout,)
     if "JAXLLM_CEILING_RANK" in os.environ:
         return worker(shape, args.reps, layouts)
     import jax
@@ -244,7 +249,7 @@ def main() -> None:
     print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch 1, bf16, "
           f"{TOKENS} tokens per dispatch, {result['devices']} x {result['device']} ==")
     for name, v in ms.items():
-        base = ms.get("tp1" + next((t for t in ("_merged", "_concat") if name.endswith(t)), ""))
+        base = ms.get("tp1" + next((suffix(x) for x in LAYOUTS[1:] if name.endswith(suffix(x))), ""))
         print(f"{name:30s} {v:7.3f} ms/token" + (f"   ({v / base:.2f}x tp1)" if base and not name.startswith("tp1") else ""))
 
 
