@@ -154,17 +154,16 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
         first = i * Vl
         x = jnp.where(first + jnp.arange(Vl) < vocab_size, x, -jnp.inf)  # padded ids never win
 
-        def argmax(v):  # the global first index of the row maximum, as jnp.argmax gives it
+        def argmax(v):  # (the global first index of the row maximum, as jnp.argmax gives it; that maximum)
             top = jnp.max(v, axis=-1)
             here = jnp.argmax(v, axis=-1).astype(jnp.int32) + first
             best = jax.lax.pmax(top, axis)
-            return jax.lax.pmin(jnp.where(top == best, here, jnp.iinfo(jnp.int32).max), axis)
+            return jax.lax.pmin(jnp.where(top == best, here, jnp.iinfo(jnp.int32).max), axis), best
 
-        greedy = argmax(x)
+        greedy, peak = argmax(x)
         gumbel = jnp.pad(_gumbel(s, vocab_size), ((0, 0), (0, Vp - vocab_size)))
-        sampled = argmax(x / _temperature(s) + jax.lax.dynamic_slice_in_dim(gumbel, first, Vl, axis=1))
+        sampled, _ = argmax(x / _temperature(s) + jax.lax.dynamic_slice_in_dim(gumbel, first, Vl, axis=1))
         tokens = jnp.where(s.temperature > 0, sampled, greedy)
-        peak = jax.lax.pmax(jnp.max(x, axis=-1), axis)
         lse = peak + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - peak[:, None]), axis=-1), axis))
         logp = x - lse[:, None]
         mine = (tokens >= first) & (tokens < first + Vl)
