@@ -90,6 +90,16 @@ def test_vocabulary_parallel_embedding_lookup_is_exact(ids):
     np.testing.assert_array_equal(np.asarray(fn(sharded, ids)), np.asarray(table[ids]))
     hlo = fn.lower(sharded, ids).compile().as_text()
     assert "all-gather" not in hlo and hlo.count("all-reduce(") == 1
+    # The model's embedding takes this path under a mesh (with and without a prompt-adapter table).
+    from jaxllm.config import ModelConfig, RopeConfig
+    from jaxllm.models.transformer import embed
+
+    cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=330, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope=RopeConfig(theta=1e4))  # fmt: skip
+    for prompt_table in (None, jax.numpy.ones((3, 16), jax.numpy.bfloat16)):
+        model = jax.jit(lambda t, i, pt: embed({"embed": t}, i, cfg, jax.numpy.bfloat16, pt, mesh))
+        np.testing.assert_array_equal(np.asarray(model(sharded, ids, prompt_table)), np.asarray(table[ids]))
+        assert "shard_map" in str(jax.make_jaxpr(model)(sharded, ids, prompt_table))
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (virtual) devices")
