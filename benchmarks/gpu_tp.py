@@ -38,6 +38,11 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
               max_seq_len=args.max_seq_len, devices=devices)  # fmt: skip
+    if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
+        from jaxllm.engine.runner import powers_of_two
+
+        rows = args.min_decode_rows
+        llm._engine.runner.seq_buckets = powers_of_two(rows, max(rows, args.max_batch))
     compile_shapes(llm, args, precompile)
     return llm
 
@@ -193,8 +198,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--offline-requests", type=int, default=256)
-    parser.add_argument("--batch1-only", metavar="TAG", help="only TP=2 batch-1 decode, saved as gpu_tp_TAG.json "
-                        "(to compare XLA_FLAGS settings process by process)")
+    parser.add_argument("--batch1-only", metavar="TAG", help="only batch-1 decode at TP=2 and TP=1, saved as "
+                        "gpu_tp_TAG.json (to compare XLA_FLAGS settings process by process)")
+    parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
+                        "(default: the engine's own, 2 on GPUs; 1 times one-row decode steps)")
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
                         "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
                         "GPU and host summaries of the decode as text)")
@@ -250,9 +257,10 @@ def main() -> None:
                 save(f"llama8b_tp2_offline_128_128{tag}", offline(llm, 128, 128, off_128, vocab))
         return
     if args.batch1_only:
-        with engine(big, 2, None, args, [(1, 1)]) as llm:
-            for steps in (1, llm._engine.runner.config.decode_steps):
-                save(f"llama8b_tp2_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
+        for tp in (2, 1):
+            with engine(big, tp, None, args, [(1, 1)]) as llm:
+                for steps in (1, llm._engine.runner.config.decode_steps):
+                    save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
         return
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.

@@ -145,11 +145,11 @@ def suffix(layout: str) -> str:
     return "" if layout == "separate" else "_" + layout
 
 
-def time_ms_per_token(fn, params, reps: int) -> float:
+def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
     import jax
     import jax.numpy as jnp
 
-    tok = jnp.zeros((1,), jnp.int32)
+    tok = jnp.zeros((rows,), jnp.int32)
     jax.block_until_ready(fn(params, tok))
     times = []
     for _ in range(reps):
@@ -159,7 +159,7 @@ def time_ms_per_token(fn, params, reps: int) -> float:
     return statistics.median(times) * 1e3 / TOKENS
 
 
-def single_process(shape: dict, reps: int, layouts: tuple[str, ...]) -> dict:
+def single_process(shape: dict, reps: int, layouts: tuple[str, ...], rows: int = 1, no_collective: bool = True) -> dict:
     import jax
     from jax.sharding import Mesh
 
@@ -168,13 +168,15 @@ def single_process(shape: dict, reps: int, layouts: tuple[str, ...]) -> dict:
     for layout in layouts:
         tag = suffix(layout)
         params = build(shape, None, layout)
-        out["tp1" + tag] = time_ms_per_token(decode_fn(layout, None), params, reps)
+        out["tp1" + tag] = time_ms_per_token(decode_fn(layout, None), params, reps, rows)
         del params
         if len(devices) >= 2:
             mesh = Mesh(devices[:2], ("tp",))
             params = build(shape, mesh, layout)
-            out["tp2" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
-            out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(layout, mesh, params, collective=False), params, reps)
+            out["tp2" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps, rows)
+            if no_collective:
+                out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(layout, mesh, params, collective=False),
+                                                                   params, reps, rows)
             del params
         print(json.dumps({k: round(v, 3) for k, v in out.items()}), flush=True)
     return out
@@ -229,6 +231,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-two-processes", action="store_true")
+    parser.add_argument("--skip-no-collective", action="store_true")
+    parser.add_argument("--rows", type=int, default=1, help="tokens decoded side by side (the batch; default 1). "
+                        "At 1, XLA on the GPU may turn a small weight's product into a multiply and a reduction")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name (tp_ceiling_TAG.json)")
     parser.add_argument("--layout", choices=("all", *LAYOUTS), default="all",
                         help="the weight layouts to time (default: all three)")
     args = parser.parse_args()
@@ -239,14 +245,15 @@ def main() -> None:
     import jax
 
     result = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-              "tokens_per_dispatch": TOKENS, "ms_per_token": single_process(shape, args.reps, layouts)}  # fmt: skip
+              "tokens_per_dispatch": TOKENS, "rows": args.rows, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "ms_per_token": single_process(shape, args.reps, layouts, args.rows, not args.skip_no_collective)}  # fmt: skip
     if not args.skip_two_processes:
         result["ms_per_token"] |= two_processes(args.smoke)
-    out = Path(args.out) / "tp_ceiling.json"
+    out = Path(args.out) / (f"tp_ceiling_{args.tag}.json" if args.tag else "tp_ceiling.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     ms = result["ms_per_token"]
-    print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch 1, bf16, "
+    print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch {args.rows}, bf16, "
           f"{TOKENS} tokens per dispatch, {result['devices']} x {result['device']} ==")
     for name, v in ms.items():
         base = ms.get("tp1" + next((suffix(x) for x in LAYOUTS[1:] if name.endswith(suffix(x))), ""))

@@ -169,3 +169,28 @@ def test_n_and_best_of_share_prompt_pages(tiny_llm):
                         use_tqdm=False)  # fmt: skip
     top2 = sorted(all5.outputs, key=lambda o: -o.cumulative_logprob)[:2]
     assert sorted(tuple(o.token_ids) for o in best.outputs) == sorted(tuple(o.token_ids) for o in top2)
+
+
+def test_two_row_decode_buckets_give_the_same_tokens(tiny_llm):
+    """GPUs pad batch-1 decode steps to two rows (runner.GPU_MIN_DECODE_ROWS); the padding row changes nothing."""
+    import dataclasses
+
+    from jaxllm.engine.runner import ModelRunner, StepShape
+
+    llm = tiny_llm("llama")
+    runner = llm._engine.runner
+    config = dataclasses.replace(runner.config, min_decode_rows=2, max_batch_size=1)
+    assert ModelRunner(runner.cfg, runner.params, config).seq_buckets == [2]
+    assert runner.seq_buckets[0] == 1  # the CPU keeps one-row steps
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2)
+    one_row = llm.generate(MIXED[0], params, use_tqdm=False).outputs[0]
+    buckets = runner.seq_buckets
+    runner.seq_buckets = ModelRunner(runner.cfg, runner.params, dataclasses.replace(config, max_batch_size=16)).seq_buckets
+    try:
+        two_rows = llm.generate(MIXED[0], params, use_tqdm=False).outputs[0]
+    finally:
+        runner.seq_buckets = buckets
+    assert any(isinstance(s, StepShape) and s.num_seqs == 2 and s.max_query_len == 1 for s in runner.executables)
+    assert two_rows.token_ids == one_row.token_ids
+    for a, b in zip(two_rows.logprobs, one_row.logprobs):
+        assert {t: round(x.logprob, 4) for t, x in a.items()} == {t: round(x.logprob, 4) for t, x in b.items()}

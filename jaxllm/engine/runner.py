@@ -5,7 +5,8 @@ padded to a shape bucket, builds the `SamplingBatch`, runs `step` (forward + sam
 donated) and returns host numpy results.
 
 Shape buckets (each distinct bucket compiles once):
-  decode-only steps: B = T in SEQ_BUCKETS (powers of two up to max_batch_size), max_query_len 1;
+  decode-only steps: B = T in SEQ_BUCKETS (powers of two up to max_batch_size, from 2 on GPUs: see
+                     GPU_MIN_DECODE_ROWS), max_query_len 1;
   mixed steps:       T in TOKEN_BUCKETS (powers of two from 16 up to max_num_tokens),
                      B = min(T, max_batch_size) (a mixed step's cost is its tokens, not its
                      sequence slots), max_query_len in QUERY_BUCKETS (capped at T);
@@ -56,6 +57,13 @@ logger = logging.getLogger(__name__)
 MIN_PAGE_BUCKET = 1024
 
 
+# The smallest decode bucket on GPUs. With one row, XLA's GPU simplifier rewrites a product whose
+# weight holds under 10M elements (K and V at any TP; every projection's per-GPU share at TP >= 2)
+# into a multiply and a reduction, which streams the weight several times slower than a GEMM; with
+# two rows each stays a GEMM. A batch-1 decode step therefore runs two rows there, the second an idle
+# slot like any bucket's padding (benchmarks/RESULTS.md, "two rows").
+GPU_MIN_DECODE_ROWS = 2
+
 # max_query_len buckets of mixed steps for the Pallas kernels (their grids scale with it): powers
 # of four, so a few variants cover every chunk size.
 QUERY_BUCKETS = [16, 64, 256, 1024, 4096, 16384]
@@ -89,6 +97,7 @@ class RunnerConfig:
     kv_dtype: Any = None  # None: the weights' dtype
     decode_steps: int = 1  # K of the multi-step decode variant (1: none); see `_multi_step`
     vocab_parallel_sampling: bool = True  # under TP, plain sampling reads vocabulary-split logits
+    min_decode_rows: int | None = None  # the smallest decode bucket; None: GPU_MIN_DECODE_ROWS on GPUs, else 1
 
 
 @dataclasses.dataclass
@@ -154,7 +163,8 @@ class ModelRunner:
         self.adapters = adapters  # the LoRA bank / prompt table, or None (no adapter variants)
         self.kv_cache = self._new_cache()
         self.executables: dict[StepShape, Any] = {}
-        self.seq_buckets = powers_of_two(1, config.max_batch_size)
+        rows = config.min_decode_rows or (GPU_MIN_DECODE_ROWS if self._devices()[0].platform == "gpu" else 1)
+        self.seq_buckets = powers_of_two(rows, max(rows, config.max_batch_size))
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
         max_pages = -(-config.max_seq_len // config.page_size)
         self.page_buckets = powers_of_two(min(max_pages, MIN_PAGE_BUCKET), max_pages)

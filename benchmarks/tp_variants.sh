@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Batch-1 decode at TP=2 and TP=1 under variants that each need their own process (XLA flags are read
+# once per process), most informative first, then one table. Every variant writes its JSON under
+# $OUT as it goes, so a call stopped at its time limit keeps what it measured.
+#
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh            # on the GPU machine (2 GPUs), OUT set
+#
+# Variants (the name is the result file's tag):
+#   rows1        the engine as it is (a batch-1 decode step is one row)
+#   rows2        decode steps padded to two rows (the engine's smallest decode bucket 2): with one row
+#                XLA on the GPU turns a product with a weight under 10M elements into a multiply and
+#                a reduction, which is what each GPU's half of the 4096 x 4096 projections is at TP=2
+#   rows2_ck     rows2 with XLA's own all-reduce kernels (--xla_gpu_experimental_use_collective_kernels)
+#   ceiling_*    benchmarks/tp_ceiling.py, the plain-XLA layer stack, one and two rows
+set -u
+OUT=${OUT:-benchmarks/results}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+HERE=$(cd "$(dirname "$0")" && pwd)
+CK="--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE"
+
+engine() {  # tag, extra args...; XLA_FLAGS from the environment
+    local tag=$1; shift
+    echo "== engine $tag (XLA_FLAGS='${XLA_FLAGS:-}')"
+    timeout 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --batch1-only "$tag" "$@" 2>&1 | grep -E "^\[|Error|error" | tail -8
+}
+ceiling() {  # tag, args...
+    local tag=$1; shift
+    echo "== ceiling $tag (XLA_FLAGS='${XLA_FLAGS:-}')"
+    timeout 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -10
+}
+
+XLA_FLAGS= engine rows2 --min-decode-rows 2
+XLA_FLAGS= engine rows1
+XLA_FLAGS=$CK engine rows2_ck --min-decode-rows 2
+XLA_FLAGS= ceiling rows2 --rows 2 --skip-no-collective --layout all
+XLA_FLAGS=$CK ceiling rows2_ck --rows 2 --skip-no-collective --layout separate
+
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print("\n== batch-1 decode, Llama-3.1-8B shape, bf16, ms/token ==")
+print(f"{'variant':12s} {'steps':>5s} {'TP=1':>8s} {'TP=2':>8s} {'TP2/TP1':>8s}")
+for f in sorted(out.glob("gpu_tp_*.json")):
+    r = json.loads(f.read_text())
+    for steps in (1, 8):
+        k = f"batch1decode_ms_per_token_steps{steps}"
+        t1, t2 = r.get(f"llama8b_tp1_{k}"), r.get(f"llama8b_tp2_{k}")
+        if t1 and t2:
+            print(f"{f.stem[7:]:12s} {steps:5d} {t1:8.3f} {t2:8.3f} {t2 / t1:8.2f}")
+for f in sorted(out.glob("tp_ceiling_*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem}: {r['devices']} x {r['device']}, rows {r['rows']}, flags '{r['xla_flags']}':",
+          {k: round(v, 3) for k, v in r["ms_per_token"].items()})
+EOF
