@@ -83,20 +83,44 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = str(local)
         processes.append(subprocess.Popen(_command(rank == 0, args.script), env=env))
     codes = [None] * len(processes)
+    # A launcher stopped by a signal (timeout, SLURM's scancel, a batch system) stops its processes:
+    # left running, they would hold their GPUs and wait for peers that are gone.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         leader = processes[0] if args.node_rank == 0 else None
         if leader is not None:
             codes[0] = leader.wait()
             if codes[0] != 0:  # followers would wait for a leader that is gone
-                for p in processes[1:]:
-                    p.send_signal(signal.SIGTERM)
+                _stop(processes[1:])
         for i, p in enumerate(processes):
             codes[i] = p.wait()
-    except KeyboardInterrupt:
-        for p in processes:
-            p.send_signal(signal.SIGTERM)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as stopped:
+        _stop(processes)
+        return 130 if isinstance(stopped, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return next((c for c in codes if c), 0)
+
+
+class _Terminated(Exception):
+    """The launcher received SIGTERM."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _stop(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running, then SIGKILL those that outlive `grace_s`."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":

@@ -31,3 +31,27 @@ def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_pat
 def test_launcher_arguments_are_checked():
     proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nnodes", "2", "x.py"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--coordinator" in proc.stderr
+
+
+def test_a_terminated_launcher_stops_its_processes(tmp_path):
+    """SIGTERM to the launcher (timeout, scancel) must not leave its processes running, holding devices."""
+    import signal
+    import time
+
+    pids = tmp_path / "pids"
+    script = tmp_path / "sleeper.py"
+    script.write_text(f"import os, time\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    launcher = subprocess.Popen([sys.executable, "-m", "jaxllm.launch", str(script)], env=env)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pids.read_text().split()[0])
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    try:
+        os.kill(child, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the launched process outlived its launcher"
