@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--offline-requests", type=int, default=256)
     parser.add_argument("--batch1-only", metavar="TAG", help="only batch-1 decode at TP=2 and TP=1, saved as "
                         "gpu_tp_TAG.json (to compare XLA_FLAGS settings process by process)")
+    parser.add_argument("--tp-sizes", default="2,1", help="with --batch1-only: the TP sizes to time, in order "
+                        "(under `python -m jaxllm.launch`, only the process count)")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
                         "(default: the engine's own, 2 on GPUs; 1 times one-row decode steps)")
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
@@ -216,9 +218,12 @@ def main() -> None:
         tokens, decode_n, off_128 = 4, 8, 8
     import jax
 
+    from jaxllm.distributed import initialize_from_env
+
+    initialize_from_env()  # under `python -m jaxllm.launch`: join the other processes before touching devices
     name = f"gpu_tp_{args.batch1_only}.json" if args.batch1_only else "gpu_tp.json"
     result, save = recorder(Path(args.out) / name, device=jax.devices()[0].device_kind, devices=jax.device_count(),
-                            xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip
+                            processes=jax.process_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip
     if args.profile:
         import shutil
 
@@ -257,7 +262,7 @@ def main() -> None:
                 save(f"llama8b_tp2_offline_128_128{tag}", offline(llm, 128, 128, off_128, vocab))
         return
     if args.batch1_only:
-        for tp in (2, 1):
+        for tp in map(int, args.tp_sizes.split(",")):
             with engine(big, tp, None, args, [(1, 1)]) as llm:
                 for steps in (1, llm._engine.runner.config.decode_steps):
                     save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))

@@ -3,15 +3,20 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh            # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes]   # on the GPU machine (2 GPUs), OUT set
 #
-# Variants (the name is the result file's tag):
-#   rows1        the engine as it is (a batch-1 decode step is one row)
-#   rows2        decode steps padded to two rows (the engine's smallest decode bucket 2): with one row
-#                XLA on the GPU turns a product with a weight under 10M elements into a multiply and
-#                a reduction, which is what each GPU's half of the 4096 x 4096 projections is at TP=2
-#   rows2_ck     rows2 with XLA's own all-reduce kernels (--xla_gpu_experimental_use_collective_kernels)
-#   ceiling_*    benchmarks/tp_ceiling.py, the plain-XLA layer stack, one and two rows
+# Sets of variants (the name is the result file's tag):
+#   rows (default)
+#     rows1        one-row batch-1 decode steps (the engine before GPU_MIN_DECODE_ROWS)
+#     rows2        decode steps padded to two rows (the engine's smallest decode bucket on GPUs): with one
+#                  row XLA on the GPU turns a product with a weight under 10M elements into a multiply and
+#                  a reduction, which is what each GPU's half of the 4096 x 4096 projections is at TP=2
+#     rows2_ck     rows2 with XLA's own all-reduce kernels (--xla_gpu_experimental_use_collective_kernels)
+#     ceiling_*    benchmarks/tp_ceiling.py, the plain-XLA layer stack with two rows
+#   processes
+#     one_process    TP=2 from one process driving both GPUs
+#     two_processes  TP=2 from two processes, one GPU each (python -m jaxllm.launch --one-gpu-per-process)
+#     ceiling_rows2_compute  the plain-XLA stack with two rows, with and without its all-reduces
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -29,11 +34,23 @@ ceiling() {  # tag, args...
     timeout 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -10
 }
 
-XLA_FLAGS= engine rows2 --min-decode-rows 2
-XLA_FLAGS= engine rows1
-XLA_FLAGS=$CK engine rows2_ck --min-decode-rows 2
-XLA_FLAGS= ceiling rows2 --rows 2 --skip-no-collective --layout all
-XLA_FLAGS=$CK ceiling rows2_ck --rows 2 --skip-no-collective --layout separate
+case ${1:-rows} in
+rows)
+    XLA_FLAGS= engine rows2 --min-decode-rows 2
+    XLA_FLAGS= engine rows1 --min-decode-rows 1
+    XLA_FLAGS=$CK engine rows2_ck --min-decode-rows 2
+    XLA_FLAGS= ceiling rows2 --rows 2 --skip-no-collective --layout all
+    XLA_FLAGS=$CK ceiling rows2_ck --rows 2 --skip-no-collective --layout separate
+    ;;
+processes)
+    XLA_FLAGS= engine one_process --tp-sizes 2
+    echo "== engine two_processes"
+    XLA_FLAGS= timeout 200 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process "$HERE/gpu_tp.py" \
+        --out "$OUT" --batch1-only two_processes --tp-sizes 2 2>&1 | grep -E "^\[|Error|error" | tail -8
+    XLA_FLAGS= ceiling rows2_compute --rows 2 --layout separate
+    ;;
+*) echo "unknown set $1 (allowed: rows, processes)"; exit 2 ;;
+esac
 
 python3 - "$OUT" <<'EOF'
 import json, sys
@@ -41,14 +58,16 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 print("\n== batch-1 decode, Llama-3.1-8B shape, bf16, ms/token ==")
-print(f"{'variant':12s} {'steps':>5s} {'TP=1':>8s} {'TP=2':>8s} {'TP2/TP1':>8s}")
+print(f"{'variant':14s} {'steps':>5s} {'TP=1':>8s} {'TP=2':>8s} {'TP2/TP1':>8s}")
 for f in sorted(out.glob("gpu_tp_*.json")):
     r = json.loads(f.read_text())
     for steps in (1, 8):
         k = f"batch1decode_ms_per_token_steps{steps}"
         t1, t2 = r.get(f"llama8b_tp1_{k}"), r.get(f"llama8b_tp2_{k}")
-        if t1 and t2:
-            print(f"{f.stem[7:]:12s} {steps:5d} {t1:8.3f} {t2:8.3f} {t2 / t1:8.2f}")
+        if t1 or t2:
+            cell = lambda v: f"{v:8.3f}" if v else f"{'':8s}"  # noqa: E731
+            ratio = f"{t2 / t1:8.2f}" if t1 and t2 else ""
+            print(f"{f.stem[7:]:14s} {steps:5d} {cell(t1)} {cell(t2)} {ratio}")
 for f in sorted(out.glob("tp_ceiling_*.json")):
     r = json.loads(f.read_text())
     print(f"{f.stem}: {r['devices']} x {r['device']}, rows {r['rows']}, flags '{r['xla_flags']}':",
