@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -17,21 +17,29 @@
 #     one_process    TP=2 from one process driving both GPUs
 #     two_processes  TP=2 from two processes, one GPU each (python -m jaxllm.launch --one-gpu-per-process)
 #     ceiling_rows2_compute  the plain-XLA stack with two rows, with and without its all-reduces
+#   graphs (TP=2 only): a TP=2 step runs as ~150 CUDA graphs, split at each all-reduce (XLA's one-shot
+#   all-reduce kernels stay outside its command buffers), and the GPU idles ~17% of the step between them
+#     graphs_default     XLA's defaults
+#     graphs_ck_in       collectives allowed in command buffers, graphs of any size
+#     graphs_nccl        NCCL all-reduces instead of XLA's collective kernels
+#     graphs_nccl_in     NCCL all-reduces inside the command buffers: the whole step one graph
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CK="--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE"
+NO_CK="--xla_gpu_experimental_use_collective_kernels="
+IN_GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
 
 engine() {  # tag, extra args...; XLA_FLAGS from the environment
     local tag=$1; shift
     echo "== engine $tag (XLA_FLAGS='${XLA_FLAGS:-}')"
-    timeout 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --batch1-only "$tag" "$@" 2>&1 | grep -E "^\[|Error|error" | tail -8
+    timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --batch1-only "$tag" "$@" 2>&1 | grep -E "^\[|Error|error" | tail -8
 }
 ceiling() {  # tag, args...
     local tag=$1; shift
     echo "== ceiling $tag (XLA_FLAGS='${XLA_FLAGS:-}')"
-    timeout 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -10
+    timeout -k 10 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -10
 }
 
 case ${1:-rows} in
@@ -45,11 +53,17 @@ rows)
 processes)
     XLA_FLAGS= engine one_process --tp-sizes 2
     echo "== engine two_processes"
-    XLA_FLAGS= timeout 200 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process "$HERE/gpu_tp.py" \
+    XLA_FLAGS= timeout -k 10 240 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process "$HERE/gpu_tp.py" \
         --out "$OUT" --batch1-only two_processes --tp-sizes 2 2>&1 | grep -E "^\[|Error|error" | tail -8
     XLA_FLAGS= ceiling rows2_compute --rows 2 --layout separate
     ;;
-*) echo "unknown set $1 (allowed: rows, processes)"; exit 2 ;;
+graphs)
+    XLA_FLAGS= engine graphs_default --tp-sizes 2
+    XLA_FLAGS=$IN_GRAPHS engine graphs_ck_in --tp-sizes 2
+    XLA_FLAGS=$NO_CK engine graphs_nccl --tp-sizes 2
+    XLA_FLAGS="$NO_CK $IN_GRAPHS" engine graphs_nccl_in --tp-sizes 2
+    ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
