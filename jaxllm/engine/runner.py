@@ -226,6 +226,9 @@ class ModelRunner:
             if kind == "adapter":
                 self._write_adapter(header["adapter"], header["slot"], arrays)
                 continue
+            if kind == "precompile":
+                self._compile_many([StepShape(**s) for s in header["shapes"]], progress=False)
+                continue
             if kind != "step":
                 raise RuntimeError(f"unexpected message from the leader: {kind!r}")
             shape = StepShape(**header["shape"])
@@ -338,11 +341,17 @@ class ModelRunner:
     def precompile(self, shapes: list[StepShape] | None = None, progress: bool = True, threads: int | None = None) -> None:
         """Compile `shapes` (default: every plain bucket) ahead of time, several at once: XLA
         compiles outside the GIL, so threads divide the wall time by about the core count."""
+        todo = [s for s in dict.fromkeys(shapes or self.bucket_shapes()) if s not in self.executables]
+        if self.channel is not None and todo:  # the followers compile the same shapes meanwhile, not at first use
+            self.channel.send({"kind": "precompile", "shapes": [s.to_json() for s in todo]})
+        self._compile_many(todo, progress, threads)
+
+    def _compile_many(self, todo: list[StepShape], progress: bool = True, threads: int | None = None) -> None:
+        """Compile `todo` in this process only (a follower's side of `precompile`), several at once."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
-        todo = [s for s in dict.fromkeys(shapes or self.bucket_shapes()) if s not in self.executables]
         threads = threads or max(1, min(len(todo), (os.cpu_count() or 2) // 2))
 
         def compile_one(shape: StepShape):
