@@ -6,8 +6,8 @@ pages block_tables[b, :], its query token sits at position seq_lens[b] - 1.
 One program handles one (KV head, sequence, split): all H // K query heads that share the KV head
 (GQA), so every K/V page is read from memory once per KV head. A split is a contiguous run of the
 block table (flash-decoding); each split writes a partial (max, sum, unnormalised output) and a
-small jnp step combines them, so a single long sequence still spreads over all the GPU's SMs. With
-one split the kernel normalises and writes the final output itself.
+second small kernel (`combine_splits_kernel`) merges them, so a single long sequence still spreads
+over all the GPU's SMs. With one split the kernel normalises and writes the final output itself.
 
 The kernel lowers with Pallas's Triton backend: every loaded tile has power-of-two dimensions
 (query heads padded to at least 16 rows for tl.dot, head_dim padded with masks), pages are
@@ -204,11 +204,66 @@ def _decode_call(
     if final:
         return outs.reshape(q.shape)
     acc, m, l = outs
-    return combine_splits(acc, m, l).reshape(q.shape).astype(q.dtype)
+    return combine_splits_kernel(acc, m, l, out_dtype=q.dtype, interpret=interpret).reshape(q.shape)
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, split_block: int, group_block: int, head_block: int):
+    """One (sequence, KV head): merge its splits' partial softmaxes into the normalised output.
+
+    acc_ref [splits, G, d] float32, m_ref / l_ref [splits, G] float32 (max in log2 units, sum),
+    o_ref [G, d]. The [splits, G] statistics are read whole (padded to powers of two, masked); the
+    [G, d] partial outputs one split at a time, so the registers hold two [G, d] tiles at most.
+    """
+    splits, group, head_dim = acc_ref.shape
+    split_ok = jnp.arange(split_block) < splits
+    head_ok = jnp.arange(group_block) < group
+    dim_ok = jnp.arange(head_block) < head_dim
+    sg_mask = split_ok[:, None] & head_ok[None, :]
+    gd_mask = head_ok[:, None] & dim_ok[None, :]
+    m = plgpu.load(m_ref.at[pl.ds(0, split_block), pl.ds(0, group_block)], mask=sg_mask, other=MASK_VALUE)
+    l = plgpu.load(l_ref.at[pl.ds(0, split_block), pl.ds(0, group_block)], mask=sg_mask, other=0.0)
+    m_all = m.max(axis=0)  # [G]
+    l_all = (jnp.exp2(m - m_all[None, :]) * l).sum(axis=0)  # an empty split has l == 0: it adds nothing
+
+    def body(i, acc):
+        w = jnp.exp2(plgpu.load(m_ref.at[i, pl.ds(0, group_block)], mask=head_ok, other=MASK_VALUE) - m_all)
+        part = plgpu.load(acc_ref.at[i, pl.ds(0, group_block), pl.ds(0, head_block)], mask=gd_mask, other=0.0)
+        return acc + w[:, None] * part
+
+    acc = lax.fori_loop(0, splits, body, jnp.zeros((group_block, head_block), jnp.float32))
+    out = acc / jnp.where(l_all > 0.0, l_all, 1.0)[:, None]
+    plgpu.store(o_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], out.astype(o_ref.dtype), mask=gd_mask)
+
+
+def combine_splits_kernel(acc: jax.Array, m: jax.Array, l: jax.Array, *, out_dtype, interpret: bool = False) -> jax.Array:
+    """`combine_splits` as one Pallas kernel, cast to `out_dtype` (XLA makes several small kernels of
+    the jnp version, one launch each, per layer of every decode step). Same arguments and result."""
+    num_seqs, num_kv_heads, splits, group, head_dim = acc.shape
+    kernel = functools.partial(
+        _combine_kernel,
+        split_block=pl.next_power_of_2(splits),
+        group_block=pl.next_power_of_2(group),
+        head_block=pl.next_power_of_2(head_dim),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, None, splits, group, head_dim), lambda b, h: (b, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, splits, group), lambda b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, splits, group), lambda b, h: (b, h, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, group, head_dim), lambda b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_seqs, num_kv_heads, group, head_dim), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"paged_decode_combine_x{splits}",
+    )(acc, m, l)
 
 
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merge per-split partial softmaxes (flash-decoding's second step).
+    """Merge per-split partial softmaxes (flash-decoding's second step); the plain-jnp reference
+    of `combine_splits_kernel`.
 
     acc: [B, K, splits, G, d] unnormalised outputs; m, l: [B, K, splits, G] running max (log2
     units) and denominator. Returns [B, K, G, d] float32; rows that saw no key come out zero.

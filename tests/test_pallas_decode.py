@@ -148,4 +148,27 @@ def test_lowers_to_triton_for_h100(dtype, num_heads, num_kv_heads, head_dim, num
     lens = jax.ShapeDtypeStruct((4,), jnp.int32)
     fn = functools.partial(paged_decode_attention, scale=0.1, window=40, num_splits=num_splits)
     text = lower_for_h100(fn, q, pages, pages, tables, lens)
-    assert "__gpu$xla.gpu.triton" in text
+    # The attention kernel, and with several splits the kernel that merges them.
+    assert text.count("__gpu$xla.gpu.triton") == (1 if num_splits == 1 else 2)
+
+
+@pytest.mark.parametrize("splits,group,head_dim", [(18, 4, 128), (3, 7, 80), (1, 16, 64)])
+def test_combine_kernel_matches_jnp_combine(splits, group, head_dim):
+    """The split-merging kernel against the plain-jnp merge: empty splits (l == 0, max at the mask
+    value) weigh nothing, and a row no split saw comes out zero."""
+    from pallas_kernels.paged_decode_attention import MASK_VALUE, combine_splits, combine_splits_kernel
+
+    rng = np.random.default_rng(splits)
+    shape = (3, 2, splits, group)
+    m = rng.normal(size=shape).astype(np.float32) * 4
+    l = rng.uniform(0.5, 3.0, size=shape).astype(np.float32)
+    acc = rng.normal(size=(*shape, head_dim)).astype(np.float32)
+    empty = rng.uniform(size=shape) < 0.3
+    empty[0, 0] = True  # a (sequence, KV head) that saw no key in any split
+    m[empty], l[empty], acc[empty] = MASK_VALUE, 0.0, 0.0
+    want = combine_splits(*map(jnp.asarray, (acc, m, l)))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = combine_splits_kernel(*map(jnp.asarray, (acc, m, l)), out_dtype=dtype, interpret=INTERPRET)
+        assert got.dtype == dtype
+        assert_close(got, want.astype(dtype), dtype)
+    assert not np.asarray(got[0, 0]).any()
