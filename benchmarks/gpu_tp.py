@@ -202,6 +202,8 @@ def main() -> None:
                         "gpu_tp_TAG.json (to compare XLA_FLAGS settings process by process)")
     parser.add_argument("--tp-sizes", default="2,1", help="with --batch1-only: the TP sizes to time, in order "
                         "(under `python -m jaxllm.launch`, only the process count)")
+    parser.add_argument("--jnp-split-merge", action="store_true", help="merge the decode attention's splits with "
+                        "the plain-jnp merge (the kernel's reference) instead of its Pallas kernel, to time the two")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
                         "(default: the engine's own, 2 on GPUs; 1 times one-row decode steps)")
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
@@ -221,6 +223,11 @@ def main() -> None:
     from jaxllm.distributed import initialize_from_env
 
     initialize_from_env()  # under `python -m jaxllm.launch`: join the other processes before touching devices
+    if args.jnp_split_merge:
+        import pallas_kernels.paged_decode_attention as decode
+
+        decode.combine_splits_kernel = lambda acc, m, l, *, out_dtype, interpret=False: (
+            decode.combine_splits(acc, m, l).astype(out_dtype))
     name = f"gpu_tp_{args.batch1_only}.json" if args.batch1_only else "gpu_tp.json"
     result, save = recorder(Path(args.out) / name, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                             processes=jax.process_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip

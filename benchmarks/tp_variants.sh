@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -23,6 +23,8 @@
 #     graphs_ck_in       collectives allowed in command buffers, graphs of any size
 #     graphs_nccl        NCCL all-reduces instead of XLA's collective kernels
 #     graphs_nccl_in     NCCL all-reduces inside the command buffers: the whole step one graph
+#   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
+#   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -63,7 +65,11 @@ graphs)
     XLA_FLAGS=$NO_CK engine graphs_nccl --tp-sizes 2
     XLA_FLAGS="$NO_CK $IN_GRAPHS" engine graphs_nccl_in --tp-sizes 2
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs)"; exit 2 ;;
+merge)
+    XLA_FLAGS= engine merge_kernel
+    XLA_FLAGS= engine merge_jnp --jnp-split-merge
+    ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
