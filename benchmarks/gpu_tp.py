@@ -39,10 +39,9 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
               max_seq_len=args.max_seq_len, devices=devices)  # fmt: skip
     if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
-        from jaxllm.engine.runner import powers_of_two
+        from jaxllm.engine.runner import decode_buckets
 
-        rows = args.min_decode_rows
-        llm._engine.runner.seq_buckets = powers_of_two(rows, max(rows, args.max_batch))
+        llm._engine.runner.seq_buckets = decode_buckets(args.min_decode_rows, args.max_batch)
     compile_shapes(llm, args, precompile)
     return llm
 

@@ -175,7 +175,7 @@ def test_two_row_decode_buckets_give_the_same_tokens(tiny_llm):
     """GPUs pad batch-1 decode steps to two rows (runner.GPU_MIN_DECODE_ROWS); the padding row changes nothing."""
     import dataclasses
 
-    from jaxllm.engine.runner import ModelRunner, StepShape, powers_of_two
+    from jaxllm.engine.runner import ModelRunner, StepShape, decode_buckets
 
     llm = tiny_llm("llama")
     runner = llm._engine.runner
@@ -185,7 +185,7 @@ def test_two_row_decode_buckets_give_the_same_tokens(tiny_llm):
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2)
     one_row = llm.generate(MIXED[0], params, use_tqdm=False).outputs[0]
     buckets = runner.seq_buckets
-    runner.seq_buckets = powers_of_two(2, 16)  # what a GPU engine with this max_batch_size has
+    runner.seq_buckets = decode_buckets(2, runner.config.max_batch_size)  # what a GPU engine of this size has
     try:
         two_rows = llm.generate(MIXED[0], params, use_tqdm=False).outputs[0]
     finally:

@@ -79,6 +79,12 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return buckets
 
 
+def decode_buckets(min_rows: int, max_batch_size: int) -> list[int]:
+    """The decode-only steps' sequence buckets: powers of two from `min_rows` (GPU_MIN_DECODE_ROWS on
+    GPUs, else 1) up to max_batch_size, and `min_rows` alone when max_batch_size is smaller."""
+    return powers_of_two(min_rows, max(min_rows, max_batch_size))
+
+
 def bucket_for(value: int, buckets: list[int]) -> int:
     for b in buckets:
         if value <= b:
@@ -164,7 +170,7 @@ class ModelRunner:
         self.kv_cache = self._new_cache()
         self.executables: dict[StepShape, Any] = {}
         rows = config.min_decode_rows or (GPU_MIN_DECODE_ROWS if self._devices()[0].platform == "gpu" else 1)
-        self.seq_buckets = powers_of_two(rows, max(rows, config.max_batch_size))
+        self.seq_buckets = decode_buckets(rows, config.max_batch_size)
         self.token_buckets = powers_of_two(min(16, config.max_num_tokens), config.max_num_tokens)
         max_pages = -(-config.max_seq_len // config.page_size)
         self.page_buckets = powers_of_two(min(max_pages, MIN_PAGE_BUCKET), max_pages)
