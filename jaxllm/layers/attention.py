@@ -116,12 +116,16 @@ def paged_attention_xla(
 
 
 AttentionFn = Callable[..., jax.Array]
+KVWriteFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
+# How each backend writes a step's K/V into the cache (same signature and result as `write_kv`).
+KV_WRITERS: dict[str, KVWriteFn] = {"xla": write_kv}
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
+def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv) -> None:
     BACKENDS[name] = fn
+    KV_WRITERS[name] = write
 
 
 def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None):
@@ -132,10 +136,23 @@ def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None):
                            interpret=jax.default_backend() == "cpu")  # fmt: skip
 
 
-BACKENDS["pallas"] = _pallas_backend
+def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """Both caches written by one Pallas kernel (pallas_kernels/kv_write.py), in place."""
+    from pallas_kernels.kv_write import write_kv_kernel
+
+    return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=jax.default_backend() == "cpu")
+
+
+register_backend("pallas", _pallas_backend, _pallas_write_kv)
 
 
 def get_backend(name: str) -> AttentionFn:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available; available: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
+
+
+def get_kv_writer(name: str) -> KVWriteFn:
+    """The K/V cache write of backend `name` (checked by get_backend)."""
+    get_backend(name)
+    return KV_WRITERS[name]

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_onehot
-from jaxllm.layers.attention import MASK_VALUE, get_backend, write_kv
+from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
@@ -127,7 +127,7 @@ def forward(
     Returns:
       (float32 logits, the updated kv_cache).
     """
-    attention = get_backend(backend)
+    attention, write_kv = get_backend(backend), get_kv_writer(backend)
     dtype = params["embed"].dtype
     x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None, mesh)  # [T, D]
     new_cache = []

@@ -1,0 +1,90 @@
+"""Writes a step's keys and values into the paged KV cache, both caches in one kernel, in place.
+
+Layout as in `jaxllm.layers.attention`: k_pages, v_pages [K, P, S, d]; token t's K/V go to slot
+slot_mapping[t] (page * S + offset) of every KV head. `jaxllm.layers.attention.write_kv` is the
+plain-jnp reference: XLA makes one scatter kernel per cache of it (two launches a layer of every
+step, about 3 us each at batch 1 on an H200); this is one launch, writing into the caches it is
+given (`input_output_aliases`), so under a jit that donates them nothing is copied.
+
+One program handles a block of tokens for one KV head: it reads their [tokens, d] rows of k and v
+and stores them at the rows `head * P * S + slot` of the flattened page pools. Padding tokens all
+write the null page's slot 0 (batch.py), which nothing reads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# At most this many tokens per program: a decode step's few rows take one program per KV head; a
+# prefill chunk of thousands of tokens takes T / 16 of them.
+MAX_TOKEN_BLOCK = 16
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n, at most cap."""
+    return min(n & -n, cap)
+
+
+def _write_kv_kernel(slot_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_out, *, token_block: int, dim_block: int,
+                     num_kv_heads: int, pool_slots: int):  # fmt: skip
+    """slot_ref [T]; k_ref, v_ref [T * K, d] (token-major); k_out, v_out [K * P * S, d], aliased
+    to the caches passed in (`_k_in`, `_v_in`), which the kernel does not read.
+
+    token_block divides T and dim_block divides d (both powers of two), so no load or store is
+    masked: the Pallas interpreter stores a masked element by writing back what it read, which
+    would race with a real write of the same slot (padding tokens share one).
+    """
+    head_dim = k_ref.shape[1]
+    head = pl.program_id(1)
+    tokens = pl.program_id(0) * token_block + jnp.arange(token_block)
+    slots = plgpu.load(slot_ref.at[tokens])
+    src = (tokens * num_kv_heads + head)[:, None]
+    dst = (head * pool_slots + slots)[:, None]
+    for start in range(0, head_dim, dim_block):
+        dims = (start + jnp.arange(dim_block))[None, :]
+        for new_ref, out_ref in ((k_ref, k_out), (v_ref, v_out)):
+            plgpu.store(out_ref.at[dst, dims], plgpu.load(new_ref.at[src, dims]).astype(out_ref.dtype))
+
+
+def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+                    *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """`jaxllm.layers.attention.write_kv` as one Pallas kernel: same arguments, same result.
+
+    k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] int32 (page * S + offset).
+    Returns the updated (k_pages, v_pages), in place when the caller donates them.
+    """
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    num_tokens = k.shape[0]
+    if k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape or v_pages.shape != k_pages.shape:
+        raise ValueError(f"write_kv_kernel: k {k.shape} and v {v.shape} must be [T, {num_kv_heads}, {head_dim}] "
+                         f"for caches {k_pages.shape} and {v_pages.shape}")  # fmt: skip
+    pool_slots = num_pages * page_size
+    token_block = _pow2_divisor(num_tokens, MAX_TOKEN_BLOCK)
+    kernel = functools.partial(_write_kv_kernel, token_block=token_block, dim_block=_pow2_divisor(head_dim, 256),
+                               num_kv_heads=num_kv_heads, pool_slots=pool_slots)  # fmt: skip
+    flat_pool = (num_kv_heads * pool_slots, head_dim)
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
+    k_out, v_out = pl.pallas_call(
+        kernel,
+        grid=(num_tokens // token_block, num_kv_heads),
+        in_specs=[whole((num_tokens,)), whole((num_tokens * num_kv_heads, head_dim)),
+                  whole((num_tokens * num_kv_heads, head_dim)), whole(flat_pool), whole(flat_pool)],  # fmt: skip
+        out_specs=[whole(flat_pool), whole(flat_pool)],
+        out_shape=[jax.ShapeDtypeStruct(flat_pool, k_pages.dtype), jax.ShapeDtypeStruct(flat_pool, v_pages.dtype)],
+        input_output_aliases={3: 0, 4: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="write_kv",
+    )(
+        slot_mapping.astype(jnp.int32),
+        k.reshape(num_tokens * num_kv_heads, head_dim),
+        v.reshape(num_tokens * num_kv_heads, head_dim),
+        k_pages.reshape(flat_pool),
+        v_pages.reshape(flat_pool),
+    )
+    return k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)

@@ -1,0 +1,72 @@
+"""The K/V cache write kernel (pallas_kernels/kv_write.py) against `write_kv`, its jnp reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.layers.attention import write_kv
+from pallas_kernels.kv_write import write_kv_kernel
+from tests.paged_kv import INTERPRET, lower_for_h100
+
+
+def _case(rng, *, num_kv_heads, num_pages, page_size, head_dim, num_tokens, dtype):
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(num_tokens, num_kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    # Distinct slots outside the null page, then two padding tokens that both write slot 0.
+    slots = rng.permutation(np.arange(page_size, num_pages * page_size))[:num_tokens].astype(np.int32)
+    slots[-2:] = 0
+    return k_pages, v_pages, k, v, jnp.asarray(slots)
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads,page_size,head_dim,num_tokens,dtype",
+    [(4, 16, 128, 2, jnp.bfloat16), (3, 4, 64, 37, jnp.float32), (1, 8, 80, 5, jnp.bfloat16),
+     (2, 16, 256, 48, jnp.bfloat16)],  # fmt: skip
+)
+def test_matches_write_kv(num_kv_heads, page_size, head_dim, num_tokens, dtype):
+    """Same caches as the jnp scatter, including a cast to the cache dtype, token counts that are
+    not a power of two, a head_dim that is not one, and padding tokens sharing the null slot."""
+    case = _case(np.random.default_rng(num_tokens), num_kv_heads=num_kv_heads, num_pages=num_tokens + 3,
+                 page_size=page_size, head_dim=head_dim, num_tokens=num_tokens, dtype=dtype)  # fmt: skip
+    want = write_kv(*case)
+    got = write_kv_kernel(*case, interpret=INTERPRET)
+    # Slot 0 holds whichever padding token wrote last: compare every other slot exactly.
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g[:, 1:], np.float32), np.asarray(w[:, 1:], np.float32))
+        np.testing.assert_array_equal(np.asarray(g[:, 0, 1:], np.float32), np.asarray(w[:, 0, 1:], np.float32))
+
+
+def test_donated_caches_under_jit():
+    """Under a jit that donates the caches (as the engine's step does), the result is the same."""
+    case = _case(np.random.default_rng(1), num_kv_heads=2, num_pages=6, page_size=4, head_dim=32, num_tokens=4,
+                 dtype=jnp.bfloat16)  # fmt: skip
+    want = write_kv(*case)
+    step = jax.jit(functools.partial(write_kv_kernel, interpret=INTERPRET), donate_argnums=(0, 1))
+    got = step(case[0].copy(), case[1].copy(), *case[2:])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g[:, 1:]), np.asarray(w[:, 1:]))
+
+
+def test_rejects_mismatched_shapes():
+    case = _case(np.random.default_rng(2), num_kv_heads=2, num_pages=6, page_size=4, head_dim=32, num_tokens=4,
+                 dtype=jnp.float32)  # fmt: skip
+    with pytest.raises(ValueError, match=r"k \(4, 3, 32\)"):
+        write_kv_kernel(case[0], case[1], jnp.zeros((4, 3, 32)), case[3], case[4])
+
+
+@pytest.mark.parametrize("num_tokens,head_dim", [(2, 128), (8192, 128), (6, 80)])
+def test_lowers_to_triton_for_h100(num_tokens, head_dim):
+    """The compiled path is one Triton kernel whose outputs alias the caches."""
+    pages = jax.ShapeDtypeStruct((4, 512, 16, head_dim), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((num_tokens, 4, head_dim), jnp.bfloat16)
+    slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+    text = lower_for_h100(write_kv_kernel, pages, pages, new, new, slots)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "output_operand_aliases" in text
