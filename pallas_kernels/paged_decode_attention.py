@@ -207,53 +207,68 @@ def _decode_call(
     return combine_splits_kernel(acc, m, l, out_dtype=q.dtype, interpret=interpret).reshape(q.shape)
 
 
-def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, split_block: int, group_block: int, head_block: int):
-    """One (sequence, KV head): merge its splits' partial softmaxes into the normalised output.
+# Elements of the [splits, G, d-chunk] partial-output tile one merging program holds in registers
+# (64 float32 a thread at 4 warps); more splits than fit are merged in several passes.
+COMBINE_TILE_ELEMENTS = 8192
+# Head-dim columns per merging program: a d = 128 merge spreads over four programs per (sequence,
+# KV head), so a batch-1 step's merge is 4x more programs than (sequence, KV head) pairs.
+COMBINE_DIM_BLOCK = 32
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, split_block: int, group_block: int, dim_block: int):
+    """One (sequence, KV head, dim_block columns of head_dim): merge the splits' partial softmaxes
+    into the normalised output.
 
     acc_ref [splits, G, d] float32, m_ref / l_ref [splits, G] float32 (max in log2 units, sum),
-    o_ref [G, d]. The [splits, G] statistics are read whole (padded to powers of two, masked); the
-    [G, d] partial outputs one split at a time, so the registers hold two [G, d] tiles at most.
+    o_ref [G, d]. Every split's statistics and [G, dim_block] partial outputs are loaded at once,
+    split_block splits at a time (one pass unless the splits outnumber what the registers hold),
+    so the loads overlap instead of waiting on each other. dim_block divides d: only the padded
+    query heads and splits are masked.
     """
-    splits, group, head_dim = acc_ref.shape
-    split_ok = jnp.arange(split_block) < splits
+    splits, group, _ = acc_ref.shape
+    dims = pl.ds(pl.program_id(2) * dim_block, dim_block)
+    heads = pl.ds(0, group_block)
     head_ok = jnp.arange(group_block) < group
-    dim_ok = jnp.arange(head_block) < head_dim
-    sg_mask = split_ok[:, None] & head_ok[None, :]
-    gd_mask = head_ok[:, None] & dim_ok[None, :]
-    m = plgpu.load(m_ref.at[pl.ds(0, split_block), pl.ds(0, group_block)], mask=sg_mask, other=MASK_VALUE)
-    l = plgpu.load(l_ref.at[pl.ds(0, split_block), pl.ds(0, group_block)], mask=sg_mask, other=0.0)
-    m_all = m.max(axis=0)  # [G]
-    l_all = (jnp.exp2(m - m_all[None, :]) * l).sum(axis=0)  # an empty split has l == 0: it adds nothing
-
-    def body(i, acc):
-        w = jnp.exp2(plgpu.load(m_ref.at[i, pl.ds(0, group_block)], mask=head_ok, other=MASK_VALUE) - m_all)
-        part = plgpu.load(acc_ref.at[i, pl.ds(0, group_block), pl.ds(0, head_block)], mask=gd_mask, other=0.0)
-        return acc + w[:, None] * part
-
-    acc = lax.fori_loop(0, splits, body, jnp.zeros((group_block, head_block), jnp.float32))
+    passes = []
+    for start in range(0, splits, split_block):
+        # A last pass that would run past the splits starts earlier and masks what it repeats.
+        base = start if split_block >= splits else min(start, splits - split_block)
+        index = base + jnp.arange(split_block)
+        ok = ((index >= start) & (index < splits))[:, None] & head_ok[None, :]  # [S, G]
+        rows = pl.ds(base, split_block)
+        m = plgpu.load(m_ref.at[rows, heads], mask=ok, other=MASK_VALUE)
+        l = plgpu.load(l_ref.at[rows, heads], mask=ok, other=0.0)
+        passes.append((rows, ok, m, l))
+    m_all = functools.reduce(jnp.maximum, [m.max(axis=0) for _, _, m, _ in passes])  # [G]
+    l_all = jnp.zeros((group_block,), jnp.float32)
+    acc = jnp.zeros((group_block, dim_block), jnp.float32)
+    for rows, ok, m, l in passes:
+        w = jnp.exp2(m - m_all[None, :])  # [S, G]; an empty split has l == 0 and acc == 0: it adds nothing
+        l_all += (w * l).sum(axis=0)
+        tile_ok = jnp.broadcast_to(ok[:, :, None], (*ok.shape, dim_block))
+        part = plgpu.load(acc_ref.at[rows, heads, dims], mask=tile_ok, other=0.0)  # [S, G, dim_block]
+        acc += (w[:, :, None] * part).sum(axis=0)
     out = acc / jnp.where(l_all > 0.0, l_all, 1.0)[:, None]
-    plgpu.store(o_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], out.astype(o_ref.dtype), mask=gd_mask)
+    plgpu.store(o_ref.at[heads, dims], out.astype(o_ref.dtype), mask=jnp.broadcast_to(head_ok[:, None], out.shape))
 
 
 def combine_splits_kernel(acc: jax.Array, m: jax.Array, l: jax.Array, *, out_dtype, interpret: bool = False) -> jax.Array:
     """`combine_splits` as one Pallas kernel, cast to `out_dtype` (XLA makes several small kernels of
     the jnp version, one launch each, per layer of every decode step). Same arguments and result."""
     num_seqs, num_kv_heads, splits, group, head_dim = acc.shape
-    kernel = functools.partial(
-        _combine_kernel,
-        split_block=pl.next_power_of_2(splits),
-        group_block=pl.next_power_of_2(group),
-        head_block=pl.next_power_of_2(head_dim),
-    )
+    group_block = pl.next_power_of_2(group)
+    dim_block = min(COMBINE_DIM_BLOCK, head_dim & -head_dim)  # a power of two that divides head_dim
+    split_block = min(pl.next_power_of_2(splits), max(1, COMBINE_TILE_ELEMENTS // (group_block * dim_block)))
+    kernel = functools.partial(_combine_kernel, split_block=split_block, group_block=group_block, dim_block=dim_block)
     return pl.pallas_call(
         kernel,
-        grid=(num_seqs, num_kv_heads),
+        grid=(num_seqs, num_kv_heads, head_dim // dim_block),
         in_specs=[
-            pl.BlockSpec((None, None, splits, group, head_dim), lambda b, h: (b, h, 0, 0, 0)),
-            pl.BlockSpec((None, None, splits, group), lambda b, h: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, splits, group), lambda b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, splits, group, head_dim), lambda b, h, c: (b, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, splits, group), lambda b, h, c: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, splits, group), lambda b, h, c: (b, h, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, None, group, head_dim), lambda b, h: (b, h, 0, 0)),
+        out_specs=pl.BlockSpec((None, None, group, head_dim), lambda b, h, c: (b, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((num_seqs, num_kv_heads, group, head_dim), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,

@@ -152,7 +152,7 @@ def test_lowers_to_triton_for_h100(dtype, num_heads, num_kv_heads, head_dim, num
     assert text.count("__gpu$xla.gpu.triton") == (1 if num_splits == 1 else 2)
 
 
-@pytest.mark.parametrize("splits,group,head_dim", [(18, 4, 128), (3, 7, 80), (1, 16, 64)])
+@pytest.mark.parametrize("splits,group,head_dim", [(18, 4, 128), (3, 7, 80), (1, 16, 64), (130, 8, 128)])
 def test_combine_kernel_matches_jnp_combine(splits, group, head_dim):
     """The split-merging kernel against the plain-jnp merge: empty splits (l == 0, max at the mask
     value) weigh nothing, and a row no split saw comes out zero."""
@@ -172,3 +172,14 @@ def test_combine_kernel_matches_jnp_combine(splits, group, head_dim):
         assert got.dtype == dtype
         assert_close(got, want.astype(dtype), dtype)
     assert not np.asarray(got[0, 0]).any()
+
+
+@pytest.mark.parametrize("splits,group,head_dim", [(18, 4, 128), (130, 8, 128), (3, 7, 80)])
+def test_combine_kernel_lowers_to_triton_for_h100(splits, group, head_dim):
+    """The merge in one or several passes (130 splits do not fit one tile) lowers to one Triton kernel."""
+    from pallas_kernels.paged_decode_attention import combine_splits_kernel
+
+    acc = jax.ShapeDtypeStruct((2, 4, splits, group, head_dim), jnp.float32)
+    stats = jax.ShapeDtypeStruct((2, 4, splits, group), jnp.float32)
+    text = lower_for_h100(functools.partial(combine_splits_kernel, out_dtype=jnp.bfloat16), acc, stats, stats)
+    assert text.count("__gpu$xla.gpu.triton") == 1
