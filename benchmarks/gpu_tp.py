@@ -199,10 +199,12 @@ def main() -> None:
     parser.add_argument("--offline-requests", type=int, default=256)
     parser.add_argument("--batch1-only", metavar="TAG", help="only batch-1 decode at TP=2 and TP=1, saved as "
                         "gpu_tp_TAG.json (to compare XLA_FLAGS settings process by process)")
-    parser.add_argument("--tp-sizes", default="2,1", help="with --batch1-only: the TP sizes to time, in order "
+    parser.add_argument("--tp-sizes", default="2,1", help="with --batch1-only or --profile: the TP sizes to time, in order "
                         "(under `python -m jaxllm.launch`, only the process count)")
     parser.add_argument("--jnp-split-merge", action="store_true", help="merge the decode attention's splits with "
                         "the plain-jnp merge (the kernel's reference) instead of its Pallas kernel, to time the two")
+    parser.add_argument("--xla-kv-write", action="store_true", help="write the step's K/V with XLA's two scatters "
+                        "(the kernel's reference) instead of the Pallas write kernel, to time the two")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
                         "(default: the engine's own, 2 on GPUs; 1 times one-row decode steps)")
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
@@ -227,6 +229,10 @@ def main() -> None:
 
         decode.combine_splits_kernel = lambda acc, m, l, *, out_dtype, interpret=False: (
             decode.combine_splits(acc, m, l).astype(out_dtype))
+    if args.xla_kv_write:
+        from jaxllm.layers import attention
+
+        attention.KV_WRITERS["pallas"] = attention.write_kv
     name = f"gpu_tp_{args.batch1_only}.json" if args.batch1_only else "gpu_tp.json"
     result, save = recorder(Path(args.out) / name, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                             processes=jax.process_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip
@@ -237,7 +243,7 @@ def main() -> None:
 
         from jaxllm import SamplingParams
 
-        for tp in (2, 1):
+        for tp in map(int, args.tp_sizes.split(",")):
             with engine(big, tp, None, args, [(1, 1)]) as llm:
                 K = llm._engine.runner.config.decode_steps
                 save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{K}", batch1_ms(llm, llm.config.vocab_size, decode_n, K))

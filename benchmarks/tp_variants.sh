@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -23,6 +23,17 @@
 #     graphs_ck_in       collectives allowed in command buffers, graphs of any size
 #     graphs_nccl        NCCL all-reduces instead of XLA's collective kernels
 #     graphs_nccl_in     NCCL all-reduces inside the command buffers: the whole step one graph
+#   streams (TP=2 only): the all-reduces run on a stream of their own, with 3-4 us of idle before and after
+#   each (two per layer); synchronous all-reduces run on the compute stream
+#     streams_default    XLA's defaults
+#     streams_sync       --xla_gpu_disable_async_collectives=ALLREDUCE
+#     streams_sync_in    the same, collectives allowed in command buffers of any size
+#     streams_nccl_sync  NCCL's all-reduce, synchronous
+#     then a profile of streams_sync (trace_tp2_summary.txt under OUT)
+#   kernels: the Pallas K/V write and the one-pass split merge (kernels_new, the engine's way) against
+#     XLA's two scatters and the jnp merge (kernels_old); the kernel tests compiled on the GPU first;
+#     then all-reduces synchronous, NCCL's, inside command buffers (onegraph, TP=2) and a profile of
+#     kernels_new at TP=2 (trace_tp2_summary.txt under OUT)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -66,11 +77,29 @@ graphs)
     XLA_FLAGS=$NO_CK engine graphs_nccl --tp-sizes 2
     XLA_FLAGS="$NO_CK $IN_GRAPHS" engine graphs_nccl_in --tp-sizes 2
     ;;
+streams)
+    SYNC="--xla_gpu_disable_async_collectives=ALLREDUCE"
+    XLA_FLAGS= engine streams_default --tp-sizes 2
+    XLA_FLAGS=$SYNC engine streams_sync --tp-sizes 2
+    XLA_FLAGS="$SYNC $IN_GRAPHS" engine streams_sync_in --tp-sizes 2
+    XLA_FLAGS="$SYNC $NO_CK" engine streams_nccl_sync --tp-sizes 2
+    echo "== profile streams_sync"
+    XLA_FLAGS=$SYNC timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 2>&1 | tail -45
+    ;;
+kernels)
+    echo "== kernel tests on the GPU"
+    timeout -k 10 240 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kv_write.py tests/test_pallas_decode.py 2>&1 | tail -4
+    XLA_FLAGS= engine kernels_new
+    XLA_FLAGS= engine kernels_old --xla-kv-write --jnp-split-merge
+    XLA_FLAGS="--xla_gpu_disable_async_collectives=ALLREDUCE $NO_CK $IN_GRAPHS" engine onegraph --tp-sizes 2
+    echo "== profile kernels_new"
+    XLA_FLAGS= timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 2>&1 | head -32
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
