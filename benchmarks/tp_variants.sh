@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -34,6 +34,11 @@
 #     XLA's two scatters and the jnp merge (kernels_old); the kernel tests compiled on the GPU first;
 #     then all-reduces synchronous, NCCL's, inside command buffers (onegraph, TP=2) and a profile of
 #     kernels_new at TP=2 (trace_tp2_summary.txt under OUT)
+#   update: XLA updates a command buffer's nodes whenever the addresses it was recorded with change (every
+#     dispatch: the step's inputs are new buffers); the trace shows 2.4 ms (6 ms as one graph) from the
+#     inputs' arrival to the first kernel of a TP=2 dispatch. Stable addresses through VMM remapping:
+#     update_default, update_skip (--xla_gpu_command_buffer_update_mode=SKIP_PROFILED), and
+#     update_skip_onegraph (TP=2, with the onegraph flags of the kernels set)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -95,11 +100,17 @@ kernels)
     echo "== profile kernels_new"
     XLA_FLAGS= timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 2>&1 | head -32
     ;;
+update)
+    SKIP="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED"
+    XLA_FLAGS=$SKIP engine update_skip
+    XLA_FLAGS= engine update_default
+    XLA_FLAGS="$SKIP --xla_gpu_disable_async_collectives=ALLREDUCE $NO_CK $IN_GRAPHS" engine update_skip_onegraph --tp-sizes 2
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
