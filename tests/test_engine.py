@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -194,3 +195,33 @@ def test_two_row_decode_buckets_give_the_same_tokens(tiny_llm):
     assert two_rows.token_ids == one_row.token_ids
     for a, b in zip(two_rows.logprobs, one_row.logprobs):
         assert {t: round(x.logprob, 4) for t, x in a.items()} == {t: round(x.logprob, 4) for t, x in b.items()}
+
+
+def test_host_inputs_travel_as_one_buffer_and_come_back_bit_exact():
+    """A step's host inputs are packed into one uint32 buffer (one transfer per device) and split on
+    the device: every leaf comes back with its shape, dtype and bits (NaN payloads and the high bit
+    of uint32 seeds included); a leaf that is not 32-bit is refused, not converted."""
+    import jax.numpy as jnp
+
+    from jaxllm.engine.runner import pack_host_inputs, unpack_host_inputs
+    from jaxllm.layers.sampling import SamplingBatch
+
+    rng = np.random.default_rng(0)
+    sampling = SamplingBatch(
+        temperature=np.array([0.7, np.nan, -0.0], np.float32), top_k=np.array([1, -1, 5], np.int32),
+        top_p=rng.uniform(size=3).astype(np.float32), min_p=np.zeros(3, np.float32),
+        seeds=np.array([[0xFFFFFFFF, 1], [2, 0x80000000], [3, 4]], np.uint32), counters=np.arange(3, dtype=np.int32),
+        logit_bias=None, penalty_tokens=None, penalty_counts=None, repetition_penalty=None, presence_penalty=None,
+        frequency_penalty=None, banned_tokens=np.zeros((3, 0), np.int32), num_logprobs=2, truncate=True,
+        penalize=False,
+    )  # fmt: skip
+    tree = (sampling, rng.integers(-5, 5, size=(4, 2)).astype(np.int32))
+    flat, layout = pack_host_inputs(tree)
+    assert flat.dtype == np.uint32 and flat.size == sum(a.size for a in jax.tree.leaves(tree))
+    back = jax.jit(unpack_host_inputs, static_argnums=(1,))(jnp.asarray(flat), layout)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        got = np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+    assert pack_host_inputs((np.zeros(2, np.int64),)) is None

@@ -199,13 +199,25 @@ class ModelRunner:
         return jax.jit(make, out_shardings=[(pages, pages)] * self.cfg.num_layers)()
 
     def _on_device(self, tree):
-        """Host inputs of a step, replicated over the mesh (every process passes the same values)."""
+        """Host inputs of a step on the step's devices, replicated over the mesh (every process passes
+        the same values).
+
+        In one process the ~15 small arrays travel as one buffer per device (`pack_host_inputs`) and
+        a small jitted `unpack_host_inputs` splits it there: transferred one by one, they took about
+        1 ms of every TP=2 dispatch on 2 x H200 (15 copies per GPU, one after another).
+        """
+        if self.channel is not None:
+            replicated = sharding_lib.replicated(self.mesh)
+            return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), replicated), tree)
+        packed = pack_host_inputs(tree)
+        if packed is None:  # a leaf that is not 32-bit: transferred as it is
+            return tree if self.mesh is None else jax.device_put(tree, sharding_lib.replicated(self.mesh))
+        flat, layout = packed
         if self.mesh is None:
-            return tree
-        replicated = sharding_lib.replicated(self.mesh)
-        if self.channel is None:  # one process: one batched transfer of every leaf
-            return jax.device_put(tree, replicated)
-        return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), replicated), tree)
+            sharding = jax.sharding.SingleDeviceSharding(self._devices()[0])
+        else:
+            sharding = sharding_lib.replicated(self.mesh)
+        return _unpack_jit(jax.device_put(flat, sharding), layout)
 
     def reset_cache(self) -> None:
         """Drop and rebuild the KV cache (after a failed step left the donated buffers invalid)."""
@@ -688,6 +700,33 @@ def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, c
 
     (_, kv_cache), outs = jax.lax.scan(one, (batch.token_ids, kv_cache), jnp.arange(steps, dtype=jnp.int32))
     return outs, kv_cache
+
+
+def pack_host_inputs(tree) -> tuple[np.ndarray, tuple] | None:
+    """A step's host inputs as one uint32 buffer and the static layout that `unpack_host_inputs`
+    reads it back with; None when a leaf is not a 32-bit type (the bits are copied, not converted)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.ascontiguousarray(a) for a in leaves]
+    if any(a.dtype.itemsize != 4 for a in arrays):
+        return None
+    flat = np.concatenate([a.view(np.uint32).ravel() for a in arrays] or [np.zeros(0, np.uint32)])
+    return flat, (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
+
+
+def unpack_host_inputs(flat: jax.Array, layout: tuple):
+    """The tree `pack_host_inputs` packed, from its buffer (on the device, inside a jit)."""
+    treedef, specs = layout
+    leaves, offset = [], 0
+    for shape, dtype in specs:
+        size = int(np.prod(shape, dtype=np.int64))
+        bits = jax.lax.slice(flat, (offset,), (offset + size,))
+        leaves.append(jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype)).reshape(shape))
+        offset += size
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# One small executable per layout (per step shape); its outputs stay where its input is.
+_unpack_jit = jax.jit(unpack_host_inputs, static_argnums=(1,))
 
 
 def _gather_pages(kv_cache, pages):
