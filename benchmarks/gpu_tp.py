@@ -37,7 +37,8 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
 
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
-              max_seq_len=args.max_seq_len, devices=devices)  # fmt: skip
+              max_seq_len=args.max_seq_len, devices=devices,
+              disable_overlap_scheduler=getattr(args, "no_overlap", False))  # fmt: skip
     if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
         from jaxllm.engine.runner import decode_buckets
 
@@ -110,16 +111,25 @@ def agreement(ref, other) -> dict:
             "identical": all(p == len(r[0]) for p, r in zip(prefixes, ref)), "divergence_gaps_nats": gaps}
 
 
-def batch1_ms(llm, vocab, n, steps: int) -> float:
-    """Batch-1 decode ms per token, `steps` decodes per dispatch (1: one host round trip a token)."""
+def batch1_ms(llm, vocab, n, steps: int, wall: dict | None = None) -> float:
+    """Batch-1 decode ms per token, `steps` decodes per dispatch (1: one host round trip a token):
+    the median engine iteration per token it decodes. With `wall`, also wall["ms"]: the wall time
+    of n tokens less that of one (the prefill), per token after the first, host gaps included."""
     from jaxllm import SamplingParams
 
     llm._engine.decode_steps = steps
     prompt = synthetic(1, 128, vocab, 1)
     llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+    first = time.perf_counter() - t0
     llm.get_stats()
+    t0 = time.perf_counter()
     llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+    total = time.perf_counter() - t0
     ms = decode_ms_per_token(llm.get_stats())
+    if wall is not None:
+        wall["ms"] = (total - first) * 1e3 / (n - 1)
     llm._engine.decode_steps = llm._engine.runner.config.decode_steps
     return ms
 
@@ -205,6 +215,8 @@ def main() -> None:
                         "the plain-jnp merge (the kernel's reference) instead of its Pallas kernel, to time the two")
     parser.add_argument("--xla-kv-write", action="store_true", help="write the step's K/V with XLA's two scatters "
                         "(the kernel's reference) instead of the Pallas write kernel, to time the two")
+    parser.add_argument("--no-overlap", action="store_true", help="the engine without its overlap scheduler "
+                        "(disable_overlap_scheduler=True), to time the two")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
                         "(default: the engine's own, 2 on GPUs; 1 times one-row decode steps)")
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
@@ -277,7 +289,10 @@ def main() -> None:
         for tp in map(int, args.tp_sizes.split(",")):
             with engine(big, tp, None, args, [(1, 1)]) as llm:
                 for steps in (1, llm._engine.runner.config.decode_steps):
-                    save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}", batch1_ms(llm, llm.config.vocab_size, decode_n, steps))
+                    wall: dict = {}
+                    save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}",
+                         batch1_ms(llm, llm.config.vocab_size, decode_n, steps, wall))  # fmt: skip
+                    save(f"llama8b_tp{tp}_batch1decode_wall_ms_per_token_steps{steps}", wall["ms"])
         return
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.

@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -39,6 +39,10 @@
 #     inputs' arrival to the first kernel of a TP=2 dispatch. Stable addresses through VMM remapping:
 #     update_default, update_skip (--xla_gpu_command_buffer_update_mode=SKIP_PROFILED), and
 #     update_skip_onegraph (TP=2, with the onegraph flags of the kernels set)
+#   overlap: the overlap scheduler (the engine's default: the next 8-step decode dispatched before this
+#     one is read) against none (--no-overlap); every variant also saves the wall-clock ms/token
+#     (..._wall_ms_per_token_...), which counts the host gaps between dispatches the iteration
+#     median does not
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -106,11 +110,15 @@ update)
     XLA_FLAGS= engine update_default
     XLA_FLAGS="$SKIP --xla_gpu_disable_async_collectives=ALLREDUCE $NO_CK $IN_GRAPHS" engine update_skip_onegraph --tp-sizes 2
     ;;
+overlap)
+    XLA_FLAGS= engine overlap_on
+    XLA_FLAGS= engine overlap_off --no-overlap
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
@@ -122,13 +130,13 @@ print("\n== batch-1 decode, Llama-3.1-8B shape, bf16, ms/token ==")
 print(f"{'variant':14s} {'steps':>5s} {'TP=1':>8s} {'TP=2':>8s} {'TP2/TP1':>8s}")
 for f in sorted(out.glob("gpu_tp_*.json")):
     r = json.loads(f.read_text())
-    for steps in (1, 8):
-        k = f"batch1decode_ms_per_token_steps{steps}"
+    for kind, steps in ((kind, steps) for kind in ("", "wall_") for steps in (1, 8)):
+        k = f"batch1decode_{kind}ms_per_token_steps{steps}"
         t1, t2 = r.get(f"llama8b_tp1_{k}"), r.get(f"llama8b_tp2_{k}")
         if t1 or t2:
             cell = lambda v: f"{v:8.3f}" if v else f"{'':8s}"  # noqa: E731
             ratio = f"{t2 / t1:8.2f}" if t1 and t2 else ""
-            print(f"{f.stem[7:]:14s} {steps:5d} {cell(t1)} {cell(t2)} {ratio}")
+            print(f"{f.stem[7:] + (' wall' if kind else ''):14s} {steps:5d} {cell(t1)} {cell(t2)} {ratio}")
 for f in sorted(out.glob("tp_ceiling_*.json")):
     r = json.loads(f.read_text())
     print(f"{f.stem}: {r['devices']} x {r['device']}, rows {r['rows']}, flags '{r['xla_flags']}':",

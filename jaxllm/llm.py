@@ -320,7 +320,8 @@ class LLM:
             host=transceiver.host, port=transceiver.port, timeout_s=transceiver.kv_transfer_timeout_ms / 1e3,
         )  # fmt: skip
         self._kv_fingerprint = transfer.fingerprint
-        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer)
+        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
+                              overlap=not args.disable_overlap_scheduler)  # fmt: skip
         self._request_ids = itertools.count()
 
     def _agree_on(self, name: str, value: int) -> int:

@@ -204,6 +204,10 @@ class EngineArgs:
     # this many decode steps per host round trip (the same tokens; streams then arrive in runs of
     # up to this many tokens). 1 turns it off.
     num_scheduler_steps: int = 8
+    # The overlap scheduler (TensorRT-LLM's name): while a multi-step decode runs, the next one of
+    # the same sequences is already dispatched, its input tokens read on the device, so the devices
+    # do not wait for the host between the two (engine.py `Engine._follow_on`).
+    disable_overlap_scheduler: bool = False
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size, allow_none=False)
@@ -224,6 +228,8 @@ class EngineArgs:
         elif not isinstance(self.cache_transceiver_config, CacheTransceiverConfig):
             raise TypeError(f"cache_transceiver_config must be a CacheTransceiverConfig or dict, "
                             f"got {type(self.cache_transceiver_config).__name__}")  # fmt: skip
+        if not isinstance(self.disable_overlap_scheduler, bool):
+            raise TypeError(f"disable_overlap_scheduler must be a bool, got {self.disable_overlap_scheduler!r}")
         if not isinstance(self.enable_chunked_prefill, bool):
             raise TypeError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         if self.load_format not in ("auto", "dummy"):

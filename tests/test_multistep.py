@@ -106,3 +106,39 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
 def test_num_scheduler_steps_is_validated(tiny_dir, bad):
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, num_scheduler_steps=bad)
+
+
+def test_overlap_scheduler_gives_the_same_outputs_and_runs_ahead(tiny_llm):
+    """The overlap scheduler (the default) starts each multi-step decode before reading the last
+    one's tokens: the same tokens, log-probabilities and finish reasons as without it, whether a
+    sequence runs to max_tokens, stops on a token inside a dispatch already followed, or runs
+    alongside others that stop; and every page comes back."""
+    off = tiny_llm("llama", disable_overlap_scheduler=True)
+    on = tiny_llm("llama")
+    assert on._engine.overlap and not off._engine.overlap
+    greedy = off.generate(PROMPTS[3], SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    tokens = greedy.outputs[0].token_ids
+    # A token first sampled in the third dispatch of 8 or later: the dispatch after it already runs.
+    stop_at = next(i for i in range(17, len(tokens)) if tokens[i] not in tokens[:i])
+    stop_token = tokens[stop_at]
+    params = [
+        SamplingParams(max_tokens=37, ignore_eos=True),
+        SamplingParams(max_tokens=29, temperature=0.9, seed=5, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=40, top_k=7, top_p=0.8, seed=9, ignore_eos=True),
+        SamplingParams(max_tokens=40, stop_token_ids=[stop_token]),
+        SamplingParams(max_tokens=26, temperature=0.7, seed=3, ignore_eos=True),
+    ]
+    expected = _outputs(off.generate(PROMPTS, params, use_tqdm=False))
+    assert expected[3][0][1] == "stop" and len(expected[3][0][0]) == stop_at + 1
+    assert off._engine.num_follow_ons == 0
+    assert _outputs(on.generate(PROMPTS, params, use_tqdm=False)) == expected
+    for prompt, p in zip(PROMPTS, params):  # alone (a batch of one rounds its float32 sums differently)
+        assert _outputs([on.generate(prompt, p, use_tqdm=False)]) == _outputs([off.generate(prompt, p, use_tqdm=False)])
+    assert on._engine.num_follow_ons > 0
+    bm = on._engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_disable_overlap_scheduler_must_be_a_bool(tiny_dir):
+    with pytest.raises(TypeError, match="disable_overlap_scheduler must be a bool, got 'yes'"):
+        LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, disable_overlap_scheduler="yes")

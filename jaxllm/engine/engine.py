@@ -27,7 +27,7 @@ from jaxllm.disaggregated_params import DisaggregatedParams
 from jaxllm.engine import kv_transfer
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
-from jaxllm.engine.runner import ModelRunner, StepRequest
+from jaxllm.engine.runner import ModelRunner, PendingStep, StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
 from jaxllm.layers import sampling as sampling_lib
@@ -59,10 +59,15 @@ def is_context_only(request: Request) -> bool:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
-                 transfer: kv_transfer.TransferSettings | None = None):  # fmt: skip
+                 transfer: kv_transfer.TransferSettings | None = None, overlap: bool = True):  # fmt: skip
         self.runner = runner
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
+        # The overlap scheduler: the next multi-step decode starts before this one's tokens are read
+        # (`_follow_on`); the dispatch in flight, (scheduled, steps, pending), is the next step's.
+        self.overlap = overlap
+        self._inflight: tuple[ScheduledStep, int, PendingStep] | None = None
+        self.num_follow_ons = 0  # dispatches the overlap scheduler started ahead
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
         self.tokenizer = tokenizer
@@ -144,7 +149,7 @@ class Engine:
             self._drain_inbox()
             self._expire_parked()
             self._retry_imports()
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and self._inflight is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -236,26 +241,36 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> None:
         started = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        if not scheduled.items:
-            self._wake.wait(0.01)
-            return
-        # For the stats, before the step moves them on: prefill chunks, and the decoding sequences' tokens.
-        context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
-        generation = [seq for seq, _ in scheduled.items if seq.num_computed >= seq.num_prompt_tokens]
+        flight, self._inflight = self._inflight, None
+        if flight is not None:  # a multi-step decode the last step started (the overlap scheduler)
+            scheduled, steps, pending = flight
+            context, generation = [], [seq for seq, _ in scheduled.items if not seq.finished]
+        else:
+            scheduled, pending = self.scheduler.schedule(), None
+            if not scheduled.items:
+                self._wake.wait(0.01)
+                return
+            # For the stats, before the step moves them on: prefill chunks, and the decoding sequences' tokens.
+            context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
+            generation = [seq for seq, _ in scheduled.items if seq.num_computed >= seq.num_prompt_tokens]
+            steps = self._multi_steps(scheduled)
+            step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
+            for seq, _ in scheduled.items:
+                if seq.request.first_scheduled_time is None:
+                    seq.request.first_scheduled_time = time.monotonic()
         before = sum(len(seq.token_ids) for seq in generation)
-        steps = self._multi_steps(scheduled)
-        step_requests = [self._step_request(seq, n) for seq, n in scheduled.items]
-        for seq, _ in scheduled.items:
-            if seq.request.first_scheduled_time is None:
-                seq.request.first_scheduled_time = time.monotonic()
         try:
-            out = self.runner.run(step_requests, steps)
+            if pending is None:
+                pending = self.runner.dispatch(step_requests, steps)
+            if steps > 1 and self.overlap:
+                self._inflight = self._follow_on(scheduled, steps, pending)
+            out = pending.result()
             if steps == 1:
                 self._apply_logits_processors(scheduled, step_requests, out)
         except Exception as e:
             logger.error("model step failed:\n%s", traceback.format_exc())
-            failed = {seq.request for seq, _ in scheduled.items}
+            self._inflight = None
+            failed = {seq.request for seq, _ in scheduled.items if not seq.finished}
             for request in failed:
                 self._fail(request, e)
             self.runner.reset_cache()
@@ -300,6 +315,42 @@ class Engine:
         for (seq, _), n in zip(scheduled.items, wants):
             bm.allocate(seq, n)
         return K
+
+    def _follow_on(self, scheduled: ScheduledStep, steps: int, pending: PendingStep):
+        """The overlap scheduler: start the next multi-step decode of the same sequences while
+        `pending` (a multi-step decode of `steps`) still runs, its input tokens read from `pending`'s
+        last samples on the device; returns the dispatch in flight, or None where the next step
+        must be scheduled afresh: a request arrived or waits (it would wait a whole dispatch more),
+        a sequence finished or will reach max_tokens / max_seq_len within `pending`, the pages do
+        not fit, or the step needs what a follow-on cannot give (adapters, several processes).
+        A sequence that stops on an EOS or stop word within `pending` has its follow-on tokens
+        dropped when they are read (`_postprocess_steps`); the follow-on writes only positions past
+        what `pending` computed (no page the prefix cache holds), and whatever gets the pages a
+        finish frees runs after it on the devices (the KV cache threads through every dispatch)."""
+        runner = self.runner
+        if (not self._inbox.empty() or self._pending_imports or self.scheduler.waiting
+                or runner.channel is not None or runner.adapters is not None):  # fmt: skip
+            return None
+        wants = []
+        for seq, _ in scheduled.items:
+            params = seq.request.params
+            # What is left after `pending`, which samples `steps` tokens for every sequence.
+            left = min(params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens) - steps
+            if seq.finished or left < 1:
+                return None
+            wants.append(min(self.decode_steps, left))
+        bm = self.block_manager
+        if not bm.can_allocate(sum(bm.blocks_needed(seq, steps + n) for (seq, _), n in zip(scheduled.items, wants))):
+            return None
+        requests = []
+        for (seq, _), n in zip(scheduled.items, wants):
+            bm.allocate(seq, steps + n)
+            r = self._step_request(seq, 1)  # as the next step would make it, `steps` tokens further on
+            r.token_ids, r.start, r.counter = [0], r.start + steps, r.counter + steps
+            requests.append(r)
+        flight = scheduled, self.decode_steps, runner.dispatch(requests, self.decode_steps, after=pending)
+        self.num_follow_ons += 1
+        return flight
 
     def _step_request(self, seq: Sequence, n: int) -> StepRequest:
         request, params = seq.request, seq.request.params
@@ -411,6 +462,8 @@ class Engine:
         until it stops; the rest of its row was computed past its end and is dropped."""
         touched = set()
         for i, (seq, _) in enumerate(scheduled.items):
+            if seq.finished:  # stopped before this dispatch was read (it ran on from the last one)
+                continue
             touched.add(seq.request)
             k_logprobs = seq.request.params.logprobs
             for k in range(steps):

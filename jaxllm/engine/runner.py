@@ -550,7 +550,12 @@ class ModelRunner:
         )
 
     def run(self, requests: list[StepRequest], decode_steps: int = 1) -> dict[str, np.ndarray]:
-        """Run one step; returns host arrays with a row per request (padding rows cut off).
+        """Run one step and wait for it: `dispatch(...).result()`."""
+        return self.dispatch(requests, decode_steps).result()
+
+    def dispatch(self, requests: list[StepRequest], decode_steps: int = 1, after: PendingStep | None = None) -> PendingStep:
+        """Start one step on the devices and return without waiting for it; `.result()` gives the
+        host arrays with a row per request (padding rows cut off).
 
         Keys: tokens, logprob, rank, (top_ids, top_logprobs), and when asked for:
         prompt_logprob / prompt_rank / prompt_top_ids / prompt_top_logprobs per packed token,
@@ -559,7 +564,16 @@ class ModelRunner:
         decode_steps=K > 1 (decode-only requests, no logits wanted back): K decodes in one dispatch,
         each feeding its sampled tokens to the next; every key then has a leading axis [K, ...]
         (step k's rows). The block tables must hold the pages of the tokens the caller keeps.
+
+        after: a multi-step decode still running whose requests these are, in the same order, one
+        token each: their input tokens are its last step's samples, read on the device (the host
+        does not know them yet; `requests[i].token_ids` only says there is one). The overlap
+        scheduler (engine.py) starts the next dispatch this way before reading the current one.
         """
+        if after is not None and (after.decode_steps < 2 or after.num_requests != len(requests)
+                                  or self.channel is not None or any(len(r.token_ids) != 1 for r in requests)):  # fmt: skip
+            raise ValueError("a step can follow only a multi-step decode of the same requests, one token each, "
+                             "in one process")  # fmt: skip
         T, B, P, Q = self.bucket_shape(requests)
         token_ids = [self._device_token_ids(r) for r in requests] if self.adapters is not None else None
         batch = build_batch(
@@ -609,16 +623,14 @@ class ModelRunner:
             exe = self.executable(shape)
             if self.channel is not None:
                 self.channel.send({"kind": "step", "shape": shape.to_json()}, jax.tree.leaves(host))
-            out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(self._on_device(host), shape))
-        host = jax.device_get(out)
-        n = len(requests)
-        if decode_steps > 1:
-            return {k: v[:, :n] for k, v in host.items()}
-        result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
-        for k, v in host.items():
-            if k.startswith(("prompt_", "all_")):
-                result[k] = v  # per packed token; the caller slices by its offsets
-        return result
+            inputs = self._on_device(host)
+            if after is not None:
+                tokens = _last_samples(after.out["tokens"], len(requests))
+                if self.mesh is not None:
+                    tokens = jax.device_put(tokens, sharding_lib.replicated(self.mesh))
+                inputs = (dataclasses.replace(inputs[0], token_ids=tokens), *inputs[1:])
+            out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
+        return PendingStep(out, len(requests), decode_steps)
 
     def _device_token_ids(self, r: StepRequest) -> list[int]:
         """A request's tokens as the device reads them: virtual token i of a prompt adapter (host id
@@ -700,6 +712,34 @@ def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, c
 
     (_, kv_cache), outs = jax.lax.scan(one, (batch.token_ids, kv_cache), jnp.arange(steps, dtype=jnp.int32))
     return outs, kv_cache
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step: its outputs on the devices until `result()` reads them."""
+
+    out: dict  # the step's outputs, device arrays: [B, ...], or [steps, B, ...] for a multi-step decode
+    num_requests: int
+    decode_steps: int
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Host arrays with a row per request (waits for the step)."""
+        host = jax.device_get(self.out)
+        n = self.num_requests
+        if self.decode_steps > 1:
+            return {k: v[:, :n] for k, v in host.items()}
+        result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
+        for k, v in host.items():
+            if k.startswith(("prompt_", "all_")):
+                result[k] = v  # per packed token; the caller slices by its offsets
+        return result
+
+
+@jax.jit
+def _last_samples(tokens: jax.Array, num_requests) -> jax.Array:
+    """A multi-step decode's last samples [steps, B] -> the next step's input tokens [B] (padding
+    rows 0, as the host would pack them)."""
+    return jnp.where(jnp.arange(tokens.shape[1]) < num_requests, tokens[-1], 0).astype(jnp.int32)
 
 
 def pack_host_inputs(tree) -> tuple[np.ndarray, tuple] | None:
