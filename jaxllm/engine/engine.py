@@ -157,6 +157,7 @@ class Engine:
                 self.step()
             except Exception as e:  # a bug in postprocessing: fail what is running, keep serving
                 logger.error("engine step failed:\n%s", traceback.format_exc())
+                self._inflight = None  # its sequences are failed below; its results are not read
                 for request in {s.request for s in self.scheduler.running}:
                     self._fail(request, e)
 
