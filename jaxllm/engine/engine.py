@@ -307,15 +307,24 @@ class Engine:
             if (params.wants_logits or params.uses_penalties or request.bad_word_ids
                     or seq.num_output_tokens < max(1, params.min_tokens or 0) or is_context_only(request)):  # fmt: skip
                 return 1
-            wants.append(min(K, params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens))
-        if max(wants) < 2:
+            wants.append(min(K, self._tokens_left(seq)))
+        if max(wants) < 2 or not self._give_pages(scheduled, wants):
             return 1
-        bm = self.block_manager
-        if not bm.can_allocate(sum(bm.blocks_needed(seq, n) for (seq, _), n in zip(scheduled.items, wants))):
-            return 1
-        for (seq, _), n in zip(scheduled.items, wants):
-            bm.allocate(seq, n)
         return K
+
+    def _tokens_left(self, seq: Sequence, ahead: int = 0) -> int:
+        """Tokens `seq` may still sample (up to max_tokens and max_seq_len) once `ahead` more are."""
+        return min(seq.request.params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens) - ahead
+
+    def _give_pages(self, scheduled: ScheduledStep, wants: list[int], ahead: int = 0) -> bool:
+        """Give each scheduled sequence the pages of `ahead` + its `wants` more tokens, if all fit."""
+        bm = self.block_manager
+        needs = [(seq, ahead + n) for (seq, _), n in zip(scheduled.items, wants)]
+        if not bm.can_allocate(sum(bm.blocks_needed(seq, n) for seq, n in needs)):
+            return False
+        for seq, n in needs:
+            bm.allocate(seq, n)
+        return True
 
     def _follow_on(self, scheduled: ScheduledStep, steps: int, pending: PendingStep):
         """The overlap scheduler: start the next multi-step decode of the same sequences while
@@ -334,18 +343,14 @@ class Engine:
             return None
         wants = []
         for seq, _ in scheduled.items:
-            params = seq.request.params
-            # What is left after `pending`, which samples `steps` tokens for every sequence.
-            left = min(params.max_tokens - seq.num_output_tokens, self.max_seq_len - seq.num_tokens) - steps
+            left = self._tokens_left(seq, steps)  # `pending` samples `steps` tokens for every sequence
             if seq.finished or left < 1:
                 return None
             wants.append(min(self.decode_steps, left))
-        bm = self.block_manager
-        if not bm.can_allocate(sum(bm.blocks_needed(seq, steps + n) for (seq, _), n in zip(scheduled.items, wants))):
+        if not self._give_pages(scheduled, wants, steps):
             return None
         requests = []
-        for (seq, _), n in zip(scheduled.items, wants):
-            bm.allocate(seq, steps + n)
+        for seq, _ in scheduled.items:
             r = self._step_request(seq, 1)  # as the next step would make it, `steps` tokens further on
             r.token_ids, r.start, r.counter = [0], r.start + steps, r.counter + steps
             requests.append(r)
