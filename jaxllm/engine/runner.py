@@ -206,18 +206,20 @@ class ModelRunner:
         a small jitted `unpack_host_inputs` splits it there: transferred one by one, they took about
         1 ms of every TP=2 dispatch on 2 x H200 (15 copies per GPU, one after another).
         """
+        sharding = self._input_sharding()
         if self.channel is not None:
-            replicated = sharding_lib.replicated(self.mesh)
-            return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), replicated), tree)
+            return jax.tree.map(lambda a: sharding_lib.place_global(np.asarray(a), sharding), tree)
         packed = pack_host_inputs(tree)
         if packed is None:  # a leaf that is not 32-bit: transferred as it is
-            return tree if self.mesh is None else jax.device_put(tree, sharding_lib.replicated(self.mesh))
+            return jax.device_put(tree, sharding)
         flat, layout = packed
-        if self.mesh is None:
-            sharding = jax.sharding.SingleDeviceSharding(self._devices()[0])
-        else:
-            sharding = sharding_lib.replicated(self.mesh)
         return _unpack_jit(jax.device_put(flat, sharding), layout)
+
+    def _input_sharding(self):
+        """Where a step's inputs live: replicated over the mesh, or on the one device."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self._devices()[0])
+        return sharding_lib.replicated(self.mesh)
 
     def reset_cache(self) -> None:
         """Drop and rebuild the KV cache (after a failed step left the donated buffers invalid)."""
@@ -625,9 +627,7 @@ class ModelRunner:
                 self.channel.send({"kind": "step", "shape": shape.to_json()}, jax.tree.leaves(host))
             inputs = self._on_device(host)
             if after is not None:
-                tokens = _last_samples(after.out["tokens"], len(requests))
-                if self.mesh is not None:
-                    tokens = jax.device_put(tokens, sharding_lib.replicated(self.mesh))
+                tokens = jax.device_put(_last_samples(after.out["tokens"], len(requests)), self._input_sharding())
                 inputs = (dataclasses.replace(inputs[0], token_ids=tokens), *inputs[1:])
             out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
         return PendingStep(out, len(requests), decode_steps)
