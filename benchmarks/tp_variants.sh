@@ -52,6 +52,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CK="--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE"
 NO_CK="--xla_gpu_experimental_use_collective_kernels="
 IN_GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+SYNC="--xla_gpu_disable_async_collectives=ALLREDUCE"
+ONEGRAPH="$SYNC $NO_CK $IN_GRAPHS"  # the whole step one CUDA graph
+SKIP="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED"
 
 engine() {  # tag, extra args...; XLA_FLAGS from the environment
     local tag=$1; shift
@@ -87,7 +90,6 @@ graphs)
     XLA_FLAGS="$NO_CK $IN_GRAPHS" engine graphs_nccl_in --tp-sizes 2
     ;;
 streams)
-    SYNC="--xla_gpu_disable_async_collectives=ALLREDUCE"
     XLA_FLAGS= engine streams_default --tp-sizes 2
     XLA_FLAGS=$SYNC engine streams_sync --tp-sizes 2
     XLA_FLAGS="$SYNC $IN_GRAPHS" engine streams_sync_in --tp-sizes 2
@@ -100,15 +102,14 @@ kernels)
     timeout -k 10 240 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kv_write.py tests/test_pallas_decode.py 2>&1 | tail -4
     XLA_FLAGS= engine kernels_new
     XLA_FLAGS= engine kernels_old --xla-kv-write --jnp-split-merge
-    XLA_FLAGS="--xla_gpu_disable_async_collectives=ALLREDUCE $NO_CK $IN_GRAPHS" engine onegraph --tp-sizes 2
+    XLA_FLAGS=$ONEGRAPH engine onegraph --tp-sizes 2
     echo "== profile kernels_new"
     XLA_FLAGS= timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 2>&1 | head -32
     ;;
 update)
-    SKIP="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED"
     XLA_FLAGS=$SKIP engine update_skip
     XLA_FLAGS= engine update_default
-    XLA_FLAGS="$SKIP --xla_gpu_disable_async_collectives=ALLREDUCE $NO_CK $IN_GRAPHS" engine update_skip_onegraph --tp-sizes 2
+    XLA_FLAGS="$SKIP $ONEGRAPH" engine update_skip_onegraph --tp-sizes 2
     ;;
 overlap)
     XLA_FLAGS= engine overlap_on
