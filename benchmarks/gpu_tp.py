@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
                         "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
                         "GPU and host summaries of the decode as text)")
+    parser.add_argument("--profile-tokens", type=int, default=9, help="with --profile: the tokens of the traced request")
     parser.add_argument("--sampling", action="store_true", help="only TP=2 sampling from vocabulary-split against "
                         "gathered logits: batch-1 decode and offline 128/128 of each")
     args = parser.parse_args()
@@ -261,7 +262,8 @@ def main() -> None:
                 K = llm._engine.runner.config.decode_steps
                 save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{K}", batch1_ms(llm, llm.config.vocab_size, decode_n, K))
                 prompt = synthetic(1, 128, llm.config.vocab_size, 1)
-                params = SamplingParams(max_tokens=9, ignore_eos=True)  # a prefill, then one 8-step decode
+                # Default: a prefill, then one 8-step decode; more tokens show the overlap scheduler's follow-ons.
+                params = SamplingParams(max_tokens=args.profile_tokens, ignore_eos=True)
                 for _ in range(2):  # the second run takes the cached prompt's step shape, as the traced one does
                     llm.generate(prompt, params, use_tqdm=False)
                 trace_dir = Path(args.out) / f"trace_tp{tp}"

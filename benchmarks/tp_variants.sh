@@ -42,7 +42,8 @@
 #   overlap: the overlap scheduler (the engine's default: the next 8-step decode dispatched before this
 #     one is read) against none (--no-overlap); every variant also saves the wall-clock ms/token
 #     (..._wall_ms_per_token_...), which counts the host gaps between dispatches the iteration
-#     median does not
+#     median does not; then overlap_onegraph (TP=2, the onegraph flags: the graph update of each
+#     dispatch could hide behind the one running) and a profile of overlap_on at TP=2
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -114,6 +115,9 @@ update)
 overlap)
     XLA_FLAGS= engine overlap_on
     XLA_FLAGS= engine overlap_off --no-overlap
+    XLA_FLAGS=$ONEGRAPH engine overlap_onegraph --tp-sizes 2
+    echo "== profile overlap_on (a prefill and three 8-step decodes, two of them follow-ons)"
+    XLA_FLAGS= timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 --profile-tokens 25 2>&1 | head -40
     ;;
 merge)
     XLA_FLAGS= engine merge_kernel
