@@ -38,7 +38,8 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
               tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
               max_seq_len=args.max_seq_len, devices=devices,
-              disable_overlap_scheduler=getattr(args, "no_overlap", False))  # fmt: skip
+              disable_overlap_scheduler=getattr(args, "no_overlap", False),
+              num_scheduler_steps=getattr(args, "decode_steps", None) or 8)  # fmt: skip
     if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
         from jaxllm.engine.runner import decode_buckets
 
@@ -223,13 +224,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
                         "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
                         "GPU and host summaries of the decode as text)")
+    parser.add_argument("--decode-steps", type=int, default=None, help="decodes per dispatch (the engine's "
+                        "num_scheduler_steps; default 8)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens of the timed batch-1 request")
     parser.add_argument("--profile-tokens", type=int, default=9, help="with --profile: the tokens of the traced request")
     parser.add_argument("--sampling", action="store_true", help="only TP=2 sampling from vocabulary-split against "
                         "gathered logits: batch-1 decode and offline 128/128 of each")
     args = parser.parse_args()
     small, big = "smollm2-135m", "llama-3.1-8b"
     args.max_batch, args.max_tokens, args.max_seq_len = 256, 8192, 2304
-    tokens, decode_n, off_128 = 16, 64, args.offline_requests
+    tokens, decode_n, off_128 = 16, args.decode_tokens, args.offline_requests
     if args.smoke:
         big, args.max_batch, args.max_tokens, args.max_seq_len = small, 8, 256, 512
         tokens, decode_n, off_128 = 4, 8, 8

@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -44,6 +44,11 @@
 #     (..._wall_ms_per_token_...), which counts the host gaps between dispatches the iteration
 #     median does not; then overlap_onegraph (TP=2, the onegraph flags: the graph update of each
 #     dispatch could hide behind the one running) and a profile of overlap_on at TP=2
+#   launch: a TP=2 step is host-bound: per all-reduce the host spends ~65 us launching (the collective's
+#     two thunks ~33 us, the next command buffer ~32 us), 4.2 ms a step against 3.1 ms of GPU work, and
+#     the overlap scheduler made the wall time worse (set overlap). Variants: command buffers off
+#     (nocb, with and without the overlap scheduler), 32 decodes per dispatch (steps32, default flags)
+#     and the whole dispatch one CUDA graph with 32 decodes per dispatch (onegraph_steps32), 128 tokens
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -119,11 +124,18 @@ overlap)
     echo "== profile overlap_on (a prefill and three 8-step decodes, two of them follow-ons)"
     XLA_FLAGS= timeout -k 10 200 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 --profile-tokens 25 2>&1 | head -40
     ;;
+launch)
+    NOCB="--xla_gpu_enable_command_buffer="
+    XLA_FLAGS=$NOCB engine nocb_overlap
+    XLA_FLAGS=$NOCB engine nocb --no-overlap
+    XLA_FLAGS= engine steps32 --no-overlap --decode-steps 32 --decode-tokens 128
+    XLA_FLAGS=$ONEGRAPH engine onegraph_steps32 --no-overlap --decode-steps 32 --decode-tokens 128
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
@@ -135,7 +147,7 @@ print("\n== batch-1 decode, Llama-3.1-8B shape, bf16, ms/token ==")
 print(f"{'variant':14s} {'steps':>5s} {'TP=1':>8s} {'TP=2':>8s} {'TP2/TP1':>8s}")
 for f in sorted(out.glob("gpu_tp_*.json")):
     r = json.loads(f.read_text())
-    for kind, steps in ((kind, steps) for kind in ("", "wall_") for steps in (1, 8)):
+    for kind, steps in ((kind, steps) for kind in ("", "wall_") for steps in (1, 8, 16, 32)):
         k = f"batch1decode_{kind}ms_per_token_steps{steps}"
         t1, t2 = r.get(f"llama8b_tp1_{k}"), r.get(f"llama8b_tp2_{k}")
         if t1 or t2:
