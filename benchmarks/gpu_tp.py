@@ -40,6 +40,10 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
               max_seq_len=args.max_seq_len, devices=devices,
               disable_overlap_scheduler=getattr(args, "no_overlap", False),
               num_scheduler_steps=getattr(args, "decode_steps", None) or 8)  # fmt: skip
+    if getattr(args, "one_graph", None):  # the runner's choice, overridden before anything compiles
+        runner = llm._engine.runner
+        runner.config = dataclasses.replace(runner.config, one_graph_decode=args.one_graph == "on")
+        runner.executables.clear()
     if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
         from jaxllm.engine.runner import decode_buckets
 
@@ -120,7 +124,8 @@ def batch1_ms(llm, vocab, n, steps: int, wall: dict | None = None) -> float:
 
     llm._engine.decode_steps = steps
     prompt = synthetic(1, 128, vocab, 1)
-    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    # Warm-up long enough for the overlap scheduler's follow-on dispatches (a first one may compile).
+    llm.generate(prompt, SamplingParams(max_tokens=3 * steps + 2, ignore_eos=True), use_tqdm=False)
     for _ in range(2):  # the first may compile the step of a cached prompt's last token
         t0 = time.perf_counter()
         llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
@@ -224,6 +229,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
                         "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
                         "GPU and host summaries of the decode as text)")
+    parser.add_argument("--one-graph", choices=("on", "off"), help="small multi-step decodes as one CUDA graph "
+                        "(the runner's one_graph_decode; default: the runner's choice, on for TP > 1)")
     parser.add_argument("--decode-steps", type=int, default=None, help="decodes per dispatch (the engine's "
                         "num_scheduler_steps; default 8)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens of the timed batch-1 request")
@@ -300,6 +307,12 @@ def main() -> None:
                     save(f"llama8b_tp{tp}_batch1decode_ms_per_token_steps{steps}",
                          batch1_ms(llm, llm.config.vocab_size, decode_n, steps, wall))  # fmt: skip
                     save(f"llama8b_tp{tp}_batch1decode_wall_ms_per_token_steps{steps}", wall["ms"])
+                # The timed prompt's greedy tokens, to compare across variants (same weights: seeded).
+                from jaxllm import SamplingParams
+
+                out = llm.generate(synthetic(1, 128, llm.config.vocab_size, 1), SamplingParams(max_tokens=40, ignore_eos=True),
+                                   use_tqdm=False)  # fmt: skip
+                save(f"llama8b_tp{tp}_batch1_greedy_tokens", list(out[0].outputs[0].token_ids))
         return
 
     # Most important first, each saved as soon as it exists: a run cut short keeps what it measured.

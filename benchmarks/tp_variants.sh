@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
@@ -49,6 +49,9 @@
 #     the overlap scheduler made the wall time worse (set overlap). Variants: command buffers off
 #     (nocb, with and without the overlap scheduler), 32 decodes per dispatch (steps32, default flags)
 #     and the whole dispatch one CUDA graph with 32 decodes per dispatch (onegraph_steps32), 128 tokens
+#   final: the engine's defaults (overlap scheduler, one-graph small decodes under TP: final) against
+#     neither (before), the overlap scheduler alone (overlap_only, TP=2) and the defaults with 32 decodes
+#     per dispatch (final_steps32); greedy tokens of the timed prompt compared with before's
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -131,11 +134,29 @@ launch)
     XLA_FLAGS= engine steps32 --no-overlap --decode-steps 32 --decode-tokens 128
     XLA_FLAGS=$ONEGRAPH engine onegraph_steps32 --no-overlap --decode-steps 32 --decode-tokens 128
     ;;
+final)
+    XLA_FLAGS= engine final
+    XLA_FLAGS= engine before --no-overlap --one-graph off
+    XLA_FLAGS= engine overlap_only --one-graph off --tp-sizes 2
+    XLA_FLAGS= engine final_steps32 --decode-steps 32 --decode-tokens 128
+    python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+runs = {f.stem[7:]: json.loads(f.read_text()) for f in Path(sys.argv[1]).glob("gpu_tp_*.json")}
+for tp in (1, 2):
+    key = f"llama8b_tp{tp}_batch1_greedy_tokens"
+    ref = runs.get("before", {}).get(key)
+    for name, r in sorted(runs.items()):
+        if key in r and ref:
+            same = next((i for i, (a, b) in enumerate(zip(ref, r[key])) if a != b), len(ref))
+            print(f"TP={tp} {name}: greedy tokens identical to 'before' for the first {same} of {len(ref)}")
+EOF
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'

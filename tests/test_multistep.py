@@ -102,6 +102,32 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
                 assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (virtual) devices")
+def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tiny_dir):
+    """Under TP on GPUs small multi-step decodes are compiled as one CUDA graph; elsewhere, and for
+    single-step or wider decodes, with XLA's defaults. Forced on here (XLA on the CPU ignores GPU
+    options), the step compiles with them and gives the same tokens."""
+    import dataclasses
+
+    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS, StepShape
+
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,
+             max_batch_size=8, max_num_tokens=64) as llm:  # fmt: skip
+        runner = llm._engine.runner
+        P = runner.page_buckets[0]
+        small, wide, single = (StepShape(2, 2, P, 1, decode_steps=8), StepShape(4, 4, P, 1, decode_steps=8),
+                               StepShape(2, 2, P, 1))  # fmt: skip
+        assert runner.compiler_options(small) is None  # CPU devices
+        expected = _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)])
+        runner.config = dataclasses.replace(runner.config, one_graph_decode=True)
+        runner.executables.clear()
+        assert runner.compiler_options(small) == ONE_GRAPH_OPTIONS
+        assert runner.compiler_options(wide) is None and runner.compiler_options(single) is None
+        assert _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)]) == expected
+        assert any(s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_num_scheduler_steps_is_validated(tiny_dir, bad):
     with pytest.raises(ValueError, match="num_scheduler_steps"):

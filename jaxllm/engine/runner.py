@@ -64,6 +64,23 @@ MIN_PAGE_BUCKET = 1024
 # slot like any bucket's padding (benchmarks/RESULTS.md, "two rows").
 GPU_MIN_DECODE_ROWS = 2
 
+# A multi-step decode of a few rows under tensor parallelism on GPUs is bound by the host launching it:
+# XLA splits each step into ~65 CUDA graphs at the all-reduces and the host takes ~65 us per all-reduce
+# to launch the collective and the next graph, 4.2 ms a step against 3.1 ms of GPU work (Llama-3.1-8B
+# shape, TP=2, 2 x H200). Compiled with these options the whole dispatch is one CUDA graph: all-reduces
+# synchronous on the compute stream and recorded into it, the decode loop a conditional node
+# (benchmarks/RESULTS.md, "one CUDA graph"). Not for single-step decodes or TP=1, which they slow down.
+ONE_GRAPH_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL",
+    "xla_gpu_graph_min_graph_size": 1,
+    "xla_gpu_disable_async_collectives": "ALLREDUCE",
+    "xla_gpu_experimental_use_collective_kernels": "",  # NCCL's all-reduce, which command buffers can record
+}
+ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the two-row bucket)
+
+# Key of a multi-step decode's output holding the next dispatch's input tokens (its last samples).
+NEXT_TOKENS = "next_tokens"
+
 # max_query_len buckets of mixed steps for the Pallas kernels (their grids scale with it): powers
 # of four, so a few variants cover every chunk size.
 QUERY_BUCKETS = [16, 64, 256, 1024, 4096, 16384]
@@ -104,6 +121,9 @@ class RunnerConfig:
     decode_steps: int = 1  # K of the multi-step decode variant (1: none); see `_multi_step`
     vocab_parallel_sampling: bool = True  # under TP, plain sampling reads vocabulary-split logits
     min_decode_rows: int | None = None  # the smallest decode bucket; None: GPU_MIN_DECODE_ROWS on GPUs, else 1
+    # Small multi-step decodes compiled as one CUDA graph (ONE_GRAPH_OPTIONS); None: under tensor
+    # parallelism on GPUs.
+    one_graph_decode: bool | None = None
 
 
 @dataclasses.dataclass
@@ -342,7 +362,20 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         lowered = self._step.lower(self.params, self.kv_cache, *self.abstract_inputs(shape),
                                    logits_mode=shape.logits_mode, decode_steps=shape.decode_steps)  # fmt: skip
-        return lowered.compile()
+        return lowered.compile(compiler_options=self.compiler_options(shape))
+
+    def compiler_options(self, shape: StepShape) -> dict | None:
+        """XLA options the step of `shape` is compiled with: ONE_GRAPH_OPTIONS for a multi-step decode
+        of at most ONE_GRAPH_MAX_ROWS rows where `one_graph_decode` says (None: several GPUs)."""
+        if self._one_graph_decode() and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
+            return dict(ONE_GRAPH_OPTIONS)
+        return None
+
+    def _one_graph_decode(self) -> bool:
+        if self.config.one_graph_decode is not None:
+            return self.config.one_graph_decode
+        devices = self._devices()
+        return len(devices) > 1 and devices[0].platform == "gpu"
 
     def bucket_shapes(self) -> list[StepShape]:
         """Every plain step shape this engine can take: decode buckets and mixed buckets (and their
@@ -394,7 +427,8 @@ class ModelRunner:
         devices = self._devices()
         k_pages = self.kv_cache[0][0]
         return {"jax": jax.__version__, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-                "devices": [d.id for d in devices], "kv_cache": [list(k_pages.shape), jnp.dtype(k_pages.dtype).name]}  # fmt: skip
+                "devices": [d.id for d in devices], "kv_cache": [list(k_pages.shape), jnp.dtype(k_pages.dtype).name],
+                "one_graph_decode": self._one_graph_decode()}  # fmt: skip
 
     def save_executables(self, directory) -> int:
         """Serialize the compiled steps into `directory` (with what they were compiled for); returns how
@@ -627,7 +661,7 @@ class ModelRunner:
                 self.channel.send({"kind": "step", "shape": shape.to_json()}, jax.tree.leaves(host))
             inputs = self._on_device(host)
             if after is not None:
-                tokens = jax.device_put(_last_samples(after.out["tokens"], len(requests)), self._input_sharding())
+                tokens = jax.device_put(after.out[NEXT_TOKENS], self._input_sharding())
                 inputs = (dataclasses.replace(inputs[0], token_ids=tokens), *inputs[1:])
             out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
         return PendingStep(out, len(requests), decode_steps)
@@ -711,6 +745,9 @@ def _multi_step(params, kv_cache, batch: BatchMetadata, sampling, adapters, *, c
         return (out["tokens"], kv), out
 
     (_, kv_cache), outs = jax.lax.scan(one, (batch.token_ids, kv_cache), jnp.arange(steps, dtype=jnp.int32))
+    # The input tokens of a dispatch that follows this one (the overlap scheduler): the last samples,
+    # padding rows 0 as the host packs them. Part of this program, so a follow-on compiles nothing.
+    outs[NEXT_TOKENS] = jnp.where(live, outs["tokens"][-1], 0).astype(jnp.int32)
     return outs, kv_cache
 
 
@@ -724,22 +761,16 @@ class PendingStep:
 
     def result(self) -> dict[str, np.ndarray]:
         """Host arrays with a row per request (waits for the step)."""
-        host = jax.device_get(self.out)
         n = self.num_requests
         if self.decode_steps > 1:
+            host = jax.device_get({k: v for k, v in self.out.items() if k != NEXT_TOKENS})
             return {k: v[:, :n] for k, v in host.items()}
+        host = jax.device_get(self.out)
         result = {k: v[:n] for k, v in host.items() if not k.startswith(("prompt_", "all_"))}
         for k, v in host.items():
             if k.startswith(("prompt_", "all_")):
                 result[k] = v  # per packed token; the caller slices by its offsets
         return result
-
-
-@jax.jit
-def _last_samples(tokens: jax.Array, num_requests) -> jax.Array:
-    """A multi-step decode's last samples [steps, B] -> the next step's input tokens [B] (padding
-    rows 0, as the host would pack them)."""
-    return jnp.where(jnp.arange(tokens.shape[1]) < num_requests, tokens[-1], 0).astype(jnp.int32)
 
 
 def pack_host_inputs(tree) -> tuple[np.ndarray, tuple] | None:
