@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only batch-1 decode at TP=2 and TP=1: "
                         "ms/token and a profiler trace (GPU events as perfetto JSON under --out, for benchmarks/trace_summary.py; "
                         "GPU and host summaries of the decode as text)")
+    parser.add_argument("--check-tokens", action="store_true", help="only greedy batch-1 tokens with the overlap "
+                        "scheduler and one-graph decodes against neither, in one process (--tp-sizes)")
     parser.add_argument("--one-graph", choices=("on", "off"), help="small multi-step decodes as one CUDA graph "
                         "(the runner's one_graph_decode; default: the runner's choice, on for TP > 1)")
     parser.add_argument("--decode-steps", type=int, default=None, help="decodes per dispatch (the engine's "
@@ -298,6 +300,27 @@ def main() -> None:
                 use_vocab_parallel_sampling(llm, args, vocab_parallel, shapes)
                 save(f"llama8b_tp2_batch1decode_ms_per_token_steps{K}{tag}", batch1_ms(llm, vocab, decode_n, K))
                 save(f"llama8b_tp2_offline_128_128{tag}", offline(llm, 128, 128, off_128, vocab))
+        return
+    if args.check_tokens:
+        # In one process (the same autotuned kernels), greedy tokens of batch-1 decodes with the overlap
+        # scheduler and with one-graph decodes against neither: identical, or diverging at a near-tie.
+        # Every run after a first, cold one: the prompt then comes from the prefix cache in all of them
+        # (a cold prefill computes its last position in another kernel, which rounds differently in bf16).
+        for tp in map(int, args.tp_sizes.split(",")):
+            with engine(big, tp, None, args, [(1, 1)]) as llm:
+                runner, prompt = llm._engine.runner, synthetic(1, 128, llm.config.vocab_size, 1)
+                ref = None
+                greedy(llm, prompt, 40)  # cold
+                for name, overlap, one_graph in (("plain", False, False), ("overlap", True, False),
+                                                 ("overlap_one_graph", True, True), ("plain_again", False, False)):  # fmt: skip
+                    llm._engine.overlap = overlap
+                    if runner.config.one_graph_decode is not one_graph:
+                        runner.config = dataclasses.replace(runner.config, one_graph_decode=one_graph)
+                        for shape in [s for s in runner.executables if s.decode_steps > 1]:
+                            del runner.executables[shape]
+                    got = greedy(llm, prompt, 40)
+                    ref = ref or got
+                    save(f"llama8b_tp{tp}_greedy_{name}_vs_plain", agreement(ref, got))
         return
     if args.batch1_only:
         for tp in map(int, args.tp_sizes.split(",")):
