@@ -51,7 +51,8 @@
 #     and the whole dispatch one CUDA graph with 32 decodes per dispatch (onegraph_steps32), 128 tokens
 #   final: the engine's defaults (overlap scheduler, one-graph small decodes under TP: final) against
 #     neither (before), the overlap scheduler alone (overlap_only, TP=2) and the defaults with 32 decodes
-#     per dispatch (final_steps32); greedy tokens of the timed prompt compared with before's
+#     per dispatch (final_steps32); greedy tokens of the timed prompt compared with before's (across
+#     processes, so near-ties of random weights may part them: `gpu_tp.py --check-tokens` compares in one)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
