@@ -105,8 +105,8 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (virtual) devices")
 def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tiny_dir):
     """Under TP on GPUs small multi-step decodes are compiled as one CUDA graph; elsewhere, and for
-    single-step or wider decodes, with XLA's defaults. Forced on here (XLA on the CPU ignores GPU
-    options), the step compiles with them and gives the same tokens."""
+    single-step or wider decodes, with XLA's defaults. On and off give the same tokens (on the CPU,
+    where XLA ignores GPU options, this checks that the step compiles with them)."""
     import dataclasses
 
     from jaxllm.engine.runner import ONE_GRAPH_OPTIONS, StepShape
@@ -118,14 +118,16 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
         P = runner.page_buckets[0]
         small, wide, single = (StepShape(2, 2, P, 1, decode_steps=8), StepShape(4, 4, P, 1, decode_steps=8),
                                StepShape(2, 2, P, 1))  # fmt: skip
-        assert runner.compiler_options(small) is None  # CPU devices
-        expected = _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)])
-        runner.config = dataclasses.replace(runner.config, one_graph_decode=True)
-        runner.executables.clear()
-        assert runner.compiler_options(small) == ONE_GRAPH_OPTIONS
-        assert runner.compiler_options(wide) is None and runner.compiler_options(single) is None
-        assert _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)]) == expected
-        assert any(s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
+        assert (runner.compiler_options(small) == ONE_GRAPH_OPTIONS) == (jax.devices()[0].platform == "gpu")
+        got = {}
+        for on in (False, True):
+            runner.config = dataclasses.replace(runner.config, one_graph_decode=on)
+            runner.executables.clear()
+            assert (runner.compiler_options(small) == ONE_GRAPH_OPTIONS) is on
+            assert runner.compiler_options(wide) is None and runner.compiler_options(single) is None
+            got[on] = _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)])
+            assert any(s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
+        assert got[True] == got[False]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
