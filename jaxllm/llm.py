@@ -391,16 +391,19 @@ class LLM:
                              f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip
         return state
 
-    def _submit(self, request: Request) -> None:
-        """Queue a request; a generation_only one first fetches its context's pages (in the background)."""
+    def _submit(self, *requests: Request) -> None:
+        """Queue requests, together (the engine admits them in one iteration); a generation_only one
+        first fetches its context's pages (in the background)."""
         engine = self._check_open()
-        if request.context_state is None:
-            engine.submit(request)
-            return
-        with self._shutdown_lock:
-            if self._fetch_pool is None:
-                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
-        self._fetch_pool.submit(self._fetch_and_submit, engine, request)
+        plain = [r for r in requests if r.context_state is None]
+        if plain:
+            engine.submit(*plain)
+        for request in requests:
+            if request.context_state is not None:
+                with self._shutdown_lock:
+                    if self._fetch_pool is None:
+                        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
+                self._fetch_pool.submit(self._fetch_and_submit, engine, request)
 
     @staticmethod
     def _fetch_and_submit(engine: Engine, request: Request) -> None:
@@ -554,8 +557,7 @@ class LLM:
         for i, (p, e) in enumerate(zip(pre, extras)):
             self._load_adapters(p, e, f"prompt {i}")
         requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
-        for request in requests:
-            self._submit(request)
+        self._submit(*requests)
         outputs = [r.output for r in requests]
         bar = tqdm(total=len(outputs), desc="Processed prompts", unit="prompt", disable=not use_tqdm or len(outputs) < 2)
         started = time.perf_counter()

@@ -42,6 +42,34 @@ def test_batch_invariance_and_seeded_reproducibility(tiny_llm):
     assert reversed_outs == together
 
 
+def test_a_batch_reaches_the_scheduler_together(tiny_llm):
+    """generate's prompts are admitted in one iteration, however the engine thread is woken between
+    them: a batch's composition decides its rounding, so a batch split by thread timing could give
+    other log-probabilities from one call to the next. Here each queue put is followed by a pause in
+    which the engine runs."""
+    llm = tiny_llm("llama")
+    engine = llm._engine
+    inbox = engine._inbox
+
+    class SlowInbox:
+        def put(self, item):
+            inbox.put(item)
+            engine._wake.set()
+            time.sleep(0.2)
+
+        def __getattr__(self, name):
+            return getattr(inbox, name)
+
+    llm.get_stats()
+    engine._inbox = SlowInbox()
+    try:
+        llm.generate(MIXED[:5], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    finally:
+        engine._inbox = inbox
+    first = llm.get_stats()[0]["inflightBatchingStats"]
+    assert first["numContextRequests"] == 5, first
+
+
 def test_preemption_under_a_tiny_kv_budget_gives_the_same_outputs(tiny_dir, tiny_llm):
     prompts = [list(range(10 + i, 40 + i)) for i in range(6)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -96,10 +96,12 @@ class Engine:
         self._thread.start()
 
     # ---- caller side (thread-safe) -----------------------------------------------------------
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue requests; those of one call reach the scheduler in the same iteration (a batch's
+        composition, and so its rounding, does not depend on when the engine thread wakes)."""
         if self._stop.is_set():
             raise EngineShutdown("the LLM has been shut down")
-        self._inbox.put(("add", request))
+        self._inbox.put(("add", requests))
         self._wake.set()
 
     def submit_with_kv(self, request: Request, meta: dict, arrays: list) -> None:
@@ -168,7 +170,8 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._add(item)
+                for request in item:
+                    self._add(request)
             elif kind == "abort":
                 self._abort(item)
             elif kind == "import":
