@@ -103,7 +103,7 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 (virtual) devices")
-def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tiny_dir):
+def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tiny_dir, caplog):
     """Under TP on GPUs small multi-step decodes are compiled as one CUDA graph; elsewhere, and for
     single-step or wider decodes, with XLA's defaults. On and off give the same tokens (on the CPU,
     where XLA ignores GPU options, this checks that the step compiles with them)."""
@@ -128,6 +128,12 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
             got[on] = _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)])
             assert any(s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
         assert got[True] == got[False]
+        # An XLA that lacks one of the options compiles the step with its defaults, and says so.
+        runner.executables.clear()
+        with pytest.MonkeyPatch.context() as mp, caplog.at_level("WARNING", logger="jaxllm.engine.runner"):
+            mp.setitem(ONE_GRAPH_OPTIONS, "xla_no_such_option_here", 1)
+            assert _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)]) == got[True]
+        assert "No such compile option" in caplog.text and "xla_no_such_option_here" in caplog.text
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])

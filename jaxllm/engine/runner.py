@@ -362,7 +362,15 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         lowered = self._step.lower(self.params, self.kv_cache, *self.abstract_inputs(shape),
                                    logits_mode=shape.logits_mode, decode_steps=shape.decode_steps)  # fmt: skip
-        return lowered.compile(compiler_options=self.compiler_options(shape))
+        options = self.compiler_options(shape)
+        if options:
+            try:
+                return lowered.compile(compiler_options=options)
+            except jax.errors.JaxRuntimeError as e:  # an XLA without one of the options: its defaults
+                if "No such compile option" not in str(e):
+                    raise
+                logger.warning("compiling the %s step with XLA's defaults: %s", shape, e)
+        return lowered.compile()
 
     def compiler_options(self, shape: StepShape) -> dict | None:
         """XLA options the step of `shape` is compiled with: ONE_GRAPH_OPTIONS for a multi-step decode
