@@ -5,6 +5,10 @@
 #
 #   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|merge]   # on the GPU machine (2 GPUs), OUT set
 #
+# Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
+# (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
+# --one-graph off; their recorded results (benchmarks/RESULTS.md) are from before it.
+#
 # Sets of variants (the name is the result file's tag):
 #   rows (default)
 #     rows1        one-row batch-1 decode steps (the engine before GPU_MIN_DECODE_ROWS)
@@ -45,8 +49,8 @@
 #     median does not; then overlap_onegraph (TP=2, the onegraph flags: the graph update of each
 #     dispatch could hide behind the one running) and a profile of overlap_on at TP=2
 #   launch: a TP=2 step is host-bound: per all-reduce the host spends ~65 us launching (the collective's
-#     two thunks ~33 us, the next command buffer ~32 us), 4.2 ms a step against 3.1 ms of GPU work, and
-#     the overlap scheduler made the wall time worse (set overlap). Variants: command buffers off
+#     two thunks ~33 us, the next command buffer ~32 us), 4.2 ms a step against 3.1 ms of GPU work (the
+#     overlap set's worse wall time was a first-use compile, since removed). Variants: command buffers off
 #     (nocb, with and without the overlap scheduler), 32 decodes per dispatch (steps32, default flags)
 #     and the whole dispatch one CUDA graph with 32 decodes per dispatch (onegraph_steps32), 128 tokens
 #   final: the engine's defaults (overlap scheduler, one-graph small decodes under TP: final) against
