@@ -20,14 +20,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.paged_decode_attention import pow2_divisor
+
 # At most this many tokens per program: a decode step's few rows take one program per KV head; a
 # prefill chunk of thousands of tokens takes T / 16 of them.
 MAX_TOKEN_BLOCK = 16
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of two that divides n, at most cap."""
-    return min(n & -n, cap)
 
 
 def _write_kv_kernel(slot_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_out, *, token_block: int, dim_block: int,
@@ -64,8 +61,8 @@ def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax
         raise ValueError(f"write_kv_kernel: k {k.shape} and v {v.shape} must be [T, {num_kv_heads}, {head_dim}] "
                          f"for caches {k_pages.shape} and {v_pages.shape}")  # fmt: skip
     pool_slots = num_pages * page_size
-    token_block = _pow2_divisor(num_tokens, MAX_TOKEN_BLOCK)
-    kernel = functools.partial(_write_kv_kernel, token_block=token_block, dim_block=_pow2_divisor(head_dim, 256),
+    token_block = pow2_divisor(num_tokens, MAX_TOKEN_BLOCK)
+    kernel = functools.partial(_write_kv_kernel, token_block=token_block, dim_block=pow2_divisor(head_dim, 256),
                                num_kv_heads=num_kv_heads, pool_slots=pool_slots)  # fmt: skip
     flat_pool = (num_kv_heads * pool_slots, head_dim)
     whole = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731

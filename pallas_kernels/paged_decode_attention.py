@@ -257,7 +257,7 @@ def combine_splits_kernel(acc: jax.Array, m: jax.Array, l: jax.Array, *, out_dty
     the jnp version, one launch each, per layer of every decode step). Same arguments and result."""
     num_seqs, num_kv_heads, splits, group, head_dim = acc.shape
     group_block = pl.next_power_of_2(group)
-    dim_block = min(COMBINE_DIM_BLOCK, head_dim & -head_dim)  # a power of two that divides head_dim
+    dim_block = pow2_divisor(head_dim, COMBINE_DIM_BLOCK)
     split_block = min(pl.next_power_of_2(splits), max(1, COMBINE_TILE_ELEMENTS // (group_block * dim_block)))
     kernel = functools.partial(_combine_kernel, split_block=split_block, group_block=group_block, dim_block=dim_block)
     return pl.pallas_call(
@@ -317,6 +317,11 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, pag
 
 def is_power_of_2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n, at most cap."""
+    return min(n & -n, cap)
 
 
 def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, *, window) -> None:
