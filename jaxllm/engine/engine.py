@@ -301,8 +301,7 @@ class Engine:
         tokens it may still keep (up to max_tokens and max_seq_len); past them a row computes into
         the null page."""
         K = self.decode_steps
-        if (K == 1 or not scheduled.is_decode_only or scheduled.preempted or not self._inbox.empty()
-                or self._pending_imports):  # fmt: skip
+        if K == 1 or not scheduled.is_decode_only or scheduled.preempted or self._arrived():
             return 1
         wants = []
         for seq, _ in scheduled.items:
@@ -314,6 +313,11 @@ class Engine:
         if max(wants) < 2 or not self._give_pages(scheduled, wants):
             return 1
         return K
+
+    def _arrived(self) -> bool:
+        """Whether a request arrived since the schedule (queued, or a generation_only one awaiting
+        pages): a multi-step dispatch would make it wait for its whole run."""
+        return not self._inbox.empty() or bool(self._pending_imports)
 
     def _tokens_left(self, seq: Sequence, ahead: int = 0) -> int:
         """Tokens `seq` may still sample (up to max_tokens and max_seq_len) once `ahead` more are."""
@@ -341,8 +345,7 @@ class Engine:
         what `pending` computed (no page the prefix cache holds), and whatever gets the pages a
         finish frees runs after it on the devices (the KV cache threads through every dispatch)."""
         runner = self.runner
-        if (not self._inbox.empty() or self._pending_imports or self.scheduler.waiting
-                or runner.channel is not None or runner.adapters is not None):  # fmt: skip
+        if self._arrived() or self.scheduler.waiting or runner.channel is not None or runner.adapters is not None:
             return None
         wants = []
         for seq, _ in scheduled.items:
