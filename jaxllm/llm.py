@@ -398,12 +398,14 @@ class LLM:
         plain = [r for r in requests if r.context_state is None]
         if plain:
             engine.submit(*plain)
-        for request in requests:
-            if request.context_state is not None:
-                with self._shutdown_lock:
-                    if self._fetch_pool is None:
-                        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
-                self._fetch_pool.submit(self._fetch_and_submit, engine, request)
+        fetched = [r for r in requests if r.context_state is not None]
+        if not fetched:
+            return
+        with self._shutdown_lock:
+            if self._fetch_pool is None:
+                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
+        for request in fetched:
+            self._fetch_pool.submit(self._fetch_and_submit, engine, request)
 
     @staticmethod
     def _fetch_and_submit(engine: Engine, request: Request) -> None:
