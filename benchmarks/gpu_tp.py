@@ -222,8 +222,6 @@ def main() -> None:
                         "the plain-jnp merge (the kernel's reference) instead of its Pallas kernel, to time the two")
     parser.add_argument("--xla-kv-write", action="store_true", help="write the step's K/V with XLA's two scatters "
                         "(the kernel's reference) instead of the Pallas write kernel, to time the two")
-    parser.add_argument("--jnp-norms", action="store_true", help="the residual adds and RMSNorms in plain jnp (the "
-                        "kernel's reference: XLA's two or three kernels each) instead of the Pallas add + norm kernel, to time the two")
     parser.add_argument("--no-overlap", action="store_true", help="the engine without its overlap scheduler "
                         "(disable_overlap_scheduler=True), to time the two")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
@@ -262,10 +260,6 @@ def main() -> None:
         from jaxllm.layers import attention
 
         attention.KV_WRITERS["pallas"] = attention.write_kv
-    if args.jnp_norms:
-        from jaxllm.layers import attention
-
-        attention.ADD_NORMS["pallas"] = attention.add_rms_norm
     name = f"gpu_tp_{args.batch1_only}.json" if args.batch1_only else "gpu_tp.json"
     result, save = recorder(Path(args.out) / name, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                             processes=jax.process_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))  # fmt: skip

@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|norms|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -61,9 +61,6 @@
 #     nondeterministic there, 2 failures in 3, before a batch reached the engine as one queue item),
 #     then TP=2 from two processes with NCCL's all-reduces (XLA's own collective kernels need peer
 #     access to a GPU the other process's CUDA_VISIBLE_DEVICES hides: a guess at the hang)
-#   norms: the residual add + RMSNorm kernel (pallas_kernels/rms_norm.py: one launch where XLA makes two or
-#     three, twice a layer) against the jnp norms (--jnp-norms); its tests compiled on the GPU first, a
-#     profile of TP=2 with it last
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -175,19 +172,11 @@ next)
     XLA_FLAGS=$NO_CK timeout -k 10 300 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process \
         "$HERE/gpu_tp.py" --out "$OUT" --batch1-only two_processes_nccl --tp-sizes 2 2>&1 | tail -15
     ;;
-norms)
-    echo "== kernel tests on the GPU"
-    timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_rms_norm.py 2>&1 | tail -3
-    XLA_FLAGS= engine norms_kernel
-    XLA_FLAGS= engine norms_jnp --jnp-norms
-    echo "== profile norms_kernel"
-    XLA_FLAGS= timeout -k 10 150 python3 "$HERE/gpu_tp.py" --out "$OUT" --profile --tp-sizes 2 2>&1 | head -40
-    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, norms, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'

@@ -10,9 +10,6 @@ attends to the pages of its own sequence, causally by position, within an option
 It walks the block table in chunks of pages with an online softmax, so memory stays bounded by
 T x chunk instead of T x context, and it stops after the chunk holding the batch's last position
 (a dynamic trip count), so a short batch costs little however large its block-table bucket.
-
-The backends' registry is here too: a backend name ('xla', 'pallas') stands for a step's attention,
-its K/V cache write and its residual add + RMSNorm.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxllm.layers.norms import add_rms_norm
 from jaxllm.models.batch import BatchMetadata
 
 MASK_VALUE = -1e30
@@ -121,19 +117,15 @@ def paged_attention_xla(
 
 AttentionFn = Callable[..., jax.Array]
 KVWriteFn = Callable[..., tuple[jax.Array, jax.Array]]
-AddNormFn = Callable[..., tuple[jax.Array, jax.Array]]
 
-# A backend is a name for three pieces of a step: its attention, its K/V cache write, and its
-# residual add + RMSNorm (each with the signature and result of the jnp function it replaces).
 BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
+# How each backend writes a step's K/V into the cache (same signature and result as `write_kv`).
 KV_WRITERS: dict[str, KVWriteFn] = {"xla": write_kv}
-ADD_NORMS: dict[str, AddNormFn] = {"xla": add_rms_norm}
 
 
-def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv, add_norm: AddNormFn = add_rms_norm) -> None:
+def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv) -> None:
     BACKENDS[name] = fn
     KV_WRITERS[name] = write
-    ADD_NORMS[name] = add_norm
 
 
 def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None):
@@ -151,18 +143,7 @@ def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping):
     return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=jax.default_backend() == "cpu")
 
 
-def _pallas_add_norm(x, delta, weight, eps, offset=0.0):
-    """The residual add and RMSNorm in one Pallas kernel (pallas_kernels/rms_norm.py) on GPUs; on
-    the CPU the jnp reference, the same rounding (the kernel's interpreted form is tested against it
-    there, tests/test_pallas_rms_norm.py, but would only slow every CPU step)."""
-    if jax.default_backend() == "cpu":
-        return add_rms_norm(x, delta, weight, eps, offset)
-    from pallas_kernels.rms_norm import add_rms_norm_kernel
-
-    return add_rms_norm_kernel(x, delta, weight, eps=eps, offset=offset)
-
-
-register_backend("pallas", _pallas_backend, _pallas_write_kv, _pallas_add_norm)
+register_backend("pallas", _pallas_backend, _pallas_write_kv)
 
 
 def get_backend(name: str) -> AttentionFn:
@@ -175,9 +156,3 @@ def get_kv_writer(name: str) -> KVWriteFn:
     """The K/V cache write of backend `name` (checked by get_backend)."""
     get_backend(name)
     return KV_WRITERS[name]
-
-
-def get_add_norm(name: str) -> AddNormFn:
-    """The residual add + RMSNorm of backend `name` (checked by get_backend)."""
-    get_backend(name)
-    return ADD_NORMS[name]

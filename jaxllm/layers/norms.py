@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 the way each family's reference computes it, and the residual add before it."""
+"""RMSNorm, computed in float32 the way each family's reference computes it."""
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,3 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -
     if offset:
         return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
-
-
-def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps: float,
-                 offset: float = 0.0) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """The residual add and the norm after it: (s, rms_norm(s)) with s = x + delta in x's dtype
-    (s = x when delta is None). The reference of pallas_kernels/rms_norm.py, which does it in one kernel."""
-    s = x if delta is None else x + delta
-    return s, rms_norm(s, weight, eps, offset)

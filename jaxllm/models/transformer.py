@@ -21,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_onehot
-from jaxllm.layers.attention import MASK_VALUE, AddNormFn, get_add_norm, get_backend, get_kv_writer
+from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
 from jaxllm.layers.mlp import gated_mlp
-from jaxllm.layers.norms import add_rms_norm, rms_norm
+from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
 from jaxllm.models.batch import BatchMetadata
 from jaxllm.sharding import TP_AXIS
@@ -39,28 +39,22 @@ def embed(params: dict, token_ids: jax.Array, cfg: ModelConfig, dtype,
                                      mesh, TP_AXIS)  # fmt: skip
 
 
-def decoder_block(
+def decoder_layer(
     lp: dict,
     x: jax.Array,
-    delta: jax.Array | None,
     positions: jax.Array,
     layer: int,
     cfg: ModelConfig,
     attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
     lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-    add_norm: AddNormFn = add_rms_norm,
-) -> tuple[jax.Array, jax.Array]:
-    """One transformer block over a residual stream held as x + delta (delta None: x alone).
+) -> jax.Array:
+    """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
 
-    Returns the block's (x, delta): the MLP's output is not yet added, so that the next block's
-    first norm (or the final norm) adds it in the same kernel (`add_norm`, pallas_kernels/rms_norm.py
-    under the Pallas backend; the jnp add_rms_norm otherwise: the same rounding either way).
-    x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d];
     lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward).
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
-    x, h = add_norm(x, delta, lp["attn_norm"], eps, offset)
+    h = rms_norm(x, lp["attn_norm"], eps, offset)
     q = adapt("wq", h, jnp.einsum("...d,dhk->...hk", h, lp["wq"]))
     k = adapt("wk", h, jnp.einsum("...d,dhk->...hk", h, lp["wk"]))
     v = adapt("wv", h, jnp.einsum("...d,dhk->...hk", h, lp["wv"]))
@@ -77,35 +71,18 @@ def decoder_block(
         out = out + lp["bo"]
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_attn_norm"], eps, offset)
-    x, h = add_norm(x, out, lp["mlp_norm"], eps, offset)
+    x = x + out
+    h = rms_norm(x, lp["mlp_norm"], eps, offset)
     out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act, adapt if lora else None)
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
-    return x, out
-
-
-def decoder_layer(
-    lp: dict,
-    x: jax.Array,
-    positions: jax.Array,
-    layer: int,
-    cfg: ModelConfig,
-    attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
-    lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-    """One transformer block, x: [..., D] -> x + attention + MLP (`decoder_block` with its residual added)."""
-    x, out = decoder_block(lp, x, None, positions, layer, cfg, attend, lora)
     return x + out
 
 
 def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig, keep_padding: bool = False) -> jax.Array:
     """h: [..., D] (final norm not yet applied) -> float32 logits [..., V] (with keep_padding, the
     padded vocabulary's [..., V'] as the LM head makes them)."""
-    return lm_head(params, rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cfg, keep_padding)
-
-
-def lm_head(params: dict, h: jax.Array, cfg: ModelConfig, keep_padding: bool = False) -> jax.Array:
-    """h: [..., D] after the final norm -> float32 logits, as `final_hidden_to_logits`."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("...d,vd->...v", h, params["embed"].astype(h.dtype))
     else:
@@ -174,10 +151,6 @@ def forward(
         return out
 
     replicated = (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P()))) if mesh else (lambda a: a)
-    add_norm = get_add_norm(backend)
-    if mesh is not None and add_norm is not add_rms_norm:  # a kernel runs on each device's replica
-        add_norm = _replicated_add_norm(add_norm, mesh)
-
     def layer_lora(layer):
         bank = lora_bank[layer]
 
@@ -186,29 +159,15 @@ def forward(
 
         return add_delta
 
-    delta = None  # the residual stream is x + delta; each block's MLP output is added by the next norm
     for layer, lp in enumerate(params["layers"]):
         lora = layer_lora(layer) if lora_bank is not None else None
-        x, delta = decoder_block(lp, x, delta, batch.positions, layer, cfg, attend, lora, add_norm)
-        x, delta = replicated(x), replicated(delta)
+        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora))
     if not all_logits:
-        x, delta = x[batch.logits_indices], delta[batch.logits_indices]
-    _, h = add_norm(x, delta, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        x = x[batch.logits_indices]
     if shard_logits and mesh is not None:
-        logits = lm_head(params, h, cfg, keep_padding=True)
+        logits = final_hidden_to_logits(params, x, cfg, keep_padding=True)
         return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS))), new_cache
-    return replicated(lm_head(params, h, cfg)), new_cache
-
-
-def _replicated_add_norm(add_norm: AddNormFn, mesh) -> AddNormFn:
-    """add_norm over arrays replicated on `mesh`, run by each device on its own copy (shard_map)."""
-
-    def run(x, delta, weight, eps, offset=0.0):
-        fn = lambda x, delta, weight: add_norm(x, delta, weight, eps, offset)  # noqa: E731
-        return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()), check_vma=False)(
-            x, delta, weight)
-
-    return run
+    return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
 
 
 def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):
