@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -61,6 +61,10 @@
 #     nondeterministic there, 2 failures in 3, before a batch reached the engine as one queue item),
 #     then TP=2 from two processes with NCCL's all-reduces (XLA's own collective kernels need peer
 #     access to a GPU the other process's CUDA_VISIBLE_DEVICES hides: a guess at the hang)
+#   gemms: a TP=2 step's GEMMs stream their weights at 3.6 TB/s (TP=1's at 4.1): XLA's Triton GEMMs (its
+#     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
+#     of its GEMM autotuning (a split-K GEMM adds a reduction kernel)
+#   overlaptest: the overlap scheduler's engine test three times on the GPUs (as in `next`)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -161,22 +165,28 @@ for tp in (1, 2):
             print(f"TP={tp} {name}: greedy tokens identical to 'before' for the first {same} of {len(ref)}")
 EOF
     ;;
-next)
+next|overlaptest)
     T=tests/test_multistep.py::test_overlap_scheduler_gives_the_same_outputs_and_runs_ahead
     for i in 1 2 3; do  # one process each (pytest runs a repeated test id once)
         echo "== $T, run $i"
         JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout -k 10 100 \
             python3 -m pytest -q -p no:cacheprovider -W ignore $T 2>&1 | tail -1
     done
-    echo "== engine two_processes_nccl"
-    XLA_FLAGS=$NO_CK timeout -k 10 300 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process \
-        "$HERE/gpu_tp.py" --out "$OUT" --batch1-only two_processes_nccl --tp-sizes 2 2>&1 | tail -15
+    if [ "$1" = next ]; then
+        echo "== engine two_processes_nccl"
+        XLA_FLAGS=$NO_CK timeout -k 10 300 python3 -m jaxllm.launch --nproc-per-node 2 --one-gpu-per-process \
+            "$HERE/gpu_tp.py" --out "$OUT" --batch1-only two_processes_nccl --tp-sizes 2 2>&1 | tail -15
+    fi
+    ;;
+gemms)
+    XLA_FLAGS= engine gemms_default
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false engine gemms_cublas
     ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
