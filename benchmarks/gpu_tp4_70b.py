@@ -29,7 +29,12 @@ sys.path.insert(0, str(HERE))
 from gpu_e2e import synthetic  # noqa: E402
 from gpu_tp import batch1_ms, engine, greedy, offline, recorder  # noqa: E402
 
-HBM_TBS = 3.35  # H100 SXM datasheet
+HBM_TBS = {"H100": 3.35, "H200": 4.8}  # datasheet HBM bandwidth per GPU, TB/s
+
+
+def hbm_tbs(device_kind: str) -> float:
+    """The datasheet bandwidth of the GPU named `device_kind` (H100 SXM's where it is not known)."""
+    return next((tbs for name, tbs in HBM_TBS.items() if name in device_kind), HBM_TBS["H100"])
 
 
 def layer_by_layer_logits(llm, tokens: list[int]):
@@ -103,10 +108,12 @@ def main() -> None:
         weights = sum(x.nbytes for x in jax.tree.leaves(llm._engine.runner.params))
         save("weight_bytes", weights)
         vocab = llm.config.vocab_size
-        ms = batch1_ms(llm, vocab, decode_n)
-        floor = weights / (tp * HBM_TBS * 1e12) * 1e3
-        save("batch1_decode", {"ms_per_token": ms, "floor_ms": floor, "over_floor": ms / floor})
-        outs = greedy(llm, prompts, tokens)
+        wall: dict = {}
+        ms = batch1_ms(llm, vocab, decode_n, llm._engine.runner.config.decode_steps, wall)
+        floor = weights / (tp * hbm_tbs(jax.devices()[0].device_kind) * 1e12) * 1e3
+        save("batch1_decode", {"ms_per_token": ms, "wall_ms_per_token": wall["ms"], "floor_ms": floor,
+                               "over_floor": ms / floor})  # fmt: skip
+        outs = [ids for ids, _ in greedy(llm, prompts, tokens)]
         save("greedy_vs_layer_by_layer_bf16", teacher_forced_agreement(llm, prompts, outs))
         save("offline_128_128", offline(llm, 128, 128, n_offline, vocab))
     r = result
