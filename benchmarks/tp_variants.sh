@@ -57,9 +57,9 @@
 #     neither (before), the overlap scheduler alone (overlap_only, TP=2) and the defaults with 32 decodes
 #     per dispatch (final_steps32); greedy tokens of the timed prompt compared with before's (across
 #     processes, so near-ties of random weights may part them: `gpu_tp.py --check-tokens` compares in one)
-#   next (prepared, not yet run): the overlap scheduler's engine test three times on the GPUs (it was
-#     nondeterministic there, 2 failures in 3, before a batch reached the engine as one queue item),
-#     then TP=2 from two processes with NCCL's all-reduces (XLA's own collective kernels need peer
+#   next: the overlap scheduler's engine test three times on the GPUs (2026-11-28: it failed 2 of 2 while it
+#     compared log-probabilities rounded to 5 decimals, then passed 3 of 3 comparing them within 1e-4), then
+#     TP=2 from two processes with NCCL's all-reduces (not yet run; XLA's own collective kernels need peer
 #     access to a GPU the other process's CUDA_VISIBLE_DEVICES hides: a guess at the hang)
 #   gemms: a TP=2 step's GEMMs stream their weights at 3.6 TB/s (TP=1's at 4.1): XLA's Triton GEMMs (its
 #     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
