@@ -169,7 +169,7 @@ next|overlaptest)
     T=tests/test_multistep.py::test_overlap_scheduler_gives_the_same_outputs_and_runs_ahead
     for i in 1 2 3; do  # one process each (pytest runs a repeated test id once)
         echo "== $T, run $i"
-        JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout -k 10 100 \
+        JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout -k 10 160 \
             python3 -m pytest -q -p no:cacheprovider -W ignore $T 2>&1 | tail -1
     done
     if [ "$1" = next ]; then
