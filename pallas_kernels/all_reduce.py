@@ -11,6 +11,11 @@ peers that it has finished reading before any of them may return and free its in
 
 Call it inside `jax.shard_map` over the reduced axis, like `lax.psum`, which is its reference.
 The sum of two bfloat16 values rounded once, as here, is also what NCCL gives at two devices.
+
+One process driving all the GPUs only: there XLA hands the kernel its peers' ordinary buffer
+addresses. With one process per GPU, Mosaic GPU asks XLA to place every argument in collective
+memory, which XLA backs with an NVLink multicast object, and the machines this project measures on
+forbid creating those (their multicast is off for everyone's sake).
 """
 
 from __future__ import annotations
