@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -65,6 +65,9 @@
 #     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
 #     of its GEMM autotuning (a split-K GEMM adds a reduction kernel)
 #   overlaptest: the overlap scheduler's engine test three times on the GPUs (as in `next`)
+#   kernels2 (prepared, not yet run): the two kernels aimed at a TP=2 step's all-reduces and GEMMs, tests
+#     first (pallas_kernels/all_reduce.py against psum, skinny_matmul.py against jnp.dot, on the GPUs),
+#     then benchmarks/allreduce_latency.py (both GPUs) and benchmarks/gemv_bandwidth.py (GPU 0)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
 set -u
@@ -182,11 +185,20 @@ gemms)
     XLA_FLAGS= engine gemms_default
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false engine gemms_cublas
     ;;
+kernels2)
+    echo "== kernel tests on the GPUs"
+    timeout -k 10 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_all_reduce.py \
+        tests/test_pallas_skinny_matmul.py 2>&1 | tail -6
+    echo "== all-reduce latency"
+    XLA_FLAGS= timeout -k 10 200 python3 "$HERE/allreduce_latency.py" --out "$OUT" 2>&1 | tail -16
+    echo "== few-row matmuls"
+    XLA_FLAGS= timeout -k 10 300 python3 "$HERE/gemv_bandwidth.py" --out "$OUT" 2>&1 | tail -12
+    ;;
 merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
