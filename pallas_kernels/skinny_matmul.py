@@ -2,7 +2,7 @@
 
 At batch 1 a decode step multiplies two rows by each weight, so the time is the weight's bytes over
 the memory bandwidth. XLA's autotuned Triton GEMMs streamed each GPU's half of Llama-3.1-8B's
-projections at 3.55 TB/s on an H200 (4.8 TB/s datasheet; benchmarks/RESULTS.md), the 4096 x 2048
+projections at 3.55 TB/s on an H200 (4.8 TB/s datasheet; benchmarks/RESULTS.md), the 2048 x 4096
 output projection at 2.8. This kernel is the alternative to measure: one program per block of
 columns (and per slice of K when `split_k` > 1), which walks K in `block_k` steps with Triton's
 software pipelining (`num_stages` loads in flight), the rows padded to 16 in registers (masked
