@@ -12,7 +12,8 @@ XLA's default options and under the one-graph options the engine compiles small 
            one-graph options)
   oneshot  pallas_kernels/all_reduce.py (peer loads over NVLink, no multicast)
 
-Before timing, oneshot's result is compared with psum's, bit for bit. Printed: microseconds per
+Before timing, oneshot's result is compared with psum's, bit for bit, a different partial sum on
+every device. Printed: microseconds per
 all-reduce, (chain - none) / CHAIN, the median of REPEATS.
 
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/allreduce_latency.py --out $OUT   # >= 2 GPUs
@@ -94,10 +95,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for shape in SHAPES:
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.bfloat16)
-        once = {name: jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+        # The check: a different partial sum on every device (one slice each of a stacked array).
+        parts = jax.device_put(jnp.asarray(np.random.default_rng(1).normal(size=(len(devices), *shape)), jnp.bfloat16),
+                               jax.sharding.NamedSharding(mesh, P("tp")))  # fmt: skip
+        once = {name: jax.jit(jax.shard_map(lambda a, fn=fn: fn(a[0])[None], mesh=mesh, in_specs=P("tp"),
+                                            out_specs=P("tp"), check_vma=False))
                 for name, fn in reducers.items() if name != "none"}  # fmt: skip
+        want = once["psum"](parts)
         try:
-            same = bool(jnp.array_equal(once["oneshot"](x), once["psum"](x)))
+            same = bool(jnp.array_equal(once["oneshot"](parts), want))
         except Exception as e:  # noqa: BLE001 - report and time the rest
             same = f"failed: {type(e).__name__}: {str(e)[:300]}"
         result["checks"][str(shape)] = same
