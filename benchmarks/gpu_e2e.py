@@ -23,7 +23,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
-HBM_TBS = 3.35  # H100 SXM datasheet
+HBM_TBS = {"H100": 3.35, "H200": 4.8}  # datasheet HBM bandwidth per GPU, TB/s
+
+
+def hbm_tbs(device_kind: str) -> float:
+    """The datasheet bandwidth of the GPU named `device_kind` (H100 SXM's where it is not known)."""
+    return next((tbs for name, tbs in HBM_TBS.items() if name in device_kind), HBM_TBS["H100"])
 
 
 def out_path(args, name: str) -> Path:
@@ -114,9 +119,10 @@ def part_perf(args) -> dict:
     precompile_s = time.perf_counter() - t0
     vocab = llm.config.vocab_size
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm.params))
-    floor_ms = weight_bytes / (HBM_TBS * 1e12) * 1e3
+    tbs = hbm_tbs(jax.devices()[0].device_kind)
+    floor_ms = weight_bytes / (tbs * 1e12) * 1e3
     result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
-              "weight_bytes": weight_bytes, "floor_ms": floor_ms, "build_s": build_s,
+              "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
               "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size}  # fmt: skip
     result["kv_capacity_tokens"] = (runner.config.num_pages - 1) * runner.config.page_size
@@ -227,7 +233,7 @@ def report(results: dict) -> None:
     p = results.get("perf")
     if p:
         print(f"\n== {p['model']} bf16 random weights, {p['device']}, backend {p['backend']} ==")
-        print(f"weights {p['weight_bytes'] / 1e9:.2f} GB -> floor {p['floor_ms']:.2f} ms/token at {HBM_TBS} TB/s")
+        print(f"weights {p['weight_bytes'] / 1e9:.2f} GB -> floor {p['floor_ms']:.2f} ms/token at {p['hbm_tbs']} TB/s")
         b = p["batch1"]
         print(f"batch-1 decode: {b['decode_ms_per_token']:.2f} ms/token ({b['tokens_per_s']:.0f} tok/s), "
               f"{b['fraction_of_floor'] * 100:.0f}% of floor, {b['decode_ms_per_token'] / p['floor_ms']:.2f}x floor")

@@ -26,15 +26,8 @@ if "--smoke" in sys.argv:
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gpu_e2e import synthetic  # noqa: E402
+from gpu_e2e import hbm_tbs, synthetic  # noqa: E402
 from gpu_tp import batch1_ms, engine, greedy, offline, recorder  # noqa: E402
-
-HBM_TBS = {"H100": 3.35, "H200": 4.8}  # datasheet HBM bandwidth per GPU, TB/s
-
-
-def hbm_tbs(device_kind: str) -> float:
-    """The datasheet bandwidth of the GPU named `device_kind` (H100 SXM's where it is not known)."""
-    return next((tbs for name, tbs in HBM_TBS.items() if name in device_kind), HBM_TBS["H100"])
 
 
 def layer_by_layer_logits(llm, tokens: list[int]):
