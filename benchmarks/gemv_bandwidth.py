@@ -2,7 +2,7 @@
 
 Each GPU's weights of one Llama-3.1-8B layer at TP=2 (and at TP=1 with --tp1), two bfloat16 rows.
 For each weight shape: 32 distinct weights (a layer stack, more than L2 holds) multiplied in one
-jitted program, each by its own rows; the median of REPEATS runs per matmul, and the TB/s of the
+jitted program, each by its own rows (kernel_bandwidth.time_calls); the median of REPEATS runs per matmul, and the TB/s of the
 weight bytes it streams. XLA's dot first, then the kernel over a grid of tile configurations (the
 best three printed), each checked against XLA's result first.
 
@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from benchmarks.kernel_bandwidth import time_calls
     from pallas_kernels.skinny_matmul import skinny_matmul
 
     interpret = jax.default_backend() == "cpu"
@@ -65,29 +65,19 @@ def main() -> None:
         # Separate arrays, not slices of one: a slice XLA could fuse into its GEMM but not into the kernel.
         xs = [jax.random.normal(jax.random.fold_in(key, 1000 + i), (ROWS, k), jnp.bfloat16) for i in range(layers)]
 
-        def stack(matmul):
-            return jax.jit(lambda xs, ws: [matmul(x, w) for x, w in zip(xs, ws)])
-
-        def timed(fn):
-            fn(xs, ws)[-1].block_until_ready()
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(xs, ws)[-1].block_until_ready()
-                samples.append((time.perf_counter() - t0) * 1e6 / layers)
-            return statistics.median(samples)
-
-        xla = stack(lambda x, w: x @ w)  # as the model's projections (bfloat16 out, float32 accumulation)
-        want = np.asarray(xla(xs, ws)[0], np.float32)
-        entry = {"k": k, "n": n, "weight_mb": k * n * 2 / 1e6, "xla_us": timed(xla), "kernel": []}
+        calls = list(zip(xs, ws))
+        xla_s, want = time_calls(lambda x, w: x @ w, calls, repeats)  # as the model's projections
+        want = np.asarray(want, np.float32)
+        entry = {"k": k, "n": n, "weight_mb": k * n * 2 / 1e6, "xla_us": xla_s * 1e6, "kernel": []}
         for config in configs(k, n, args.smoke):
-            fn = stack(lambda x, w, c=config: skinny_matmul(x, w, c, interpret=interpret))
             try:
-                got = np.asarray(fn(xs, ws)[0], np.float32)
+                kernel_s, got = time_calls(lambda x, w, c=config: skinny_matmul(x, w, c, interpret=interpret), calls,
+                                           repeats)  # fmt: skip
+                got = np.asarray(got, np.float32)
                 if not np.allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max()):
                     entry["kernel"].append({"config": config.__dict__, "error": "differs from XLA's dot"})
                     continue
-                entry["kernel"].append({"config": config.__dict__, "us": timed(fn)})
+                entry["kernel"].append({"config": config.__dict__, "us": kernel_s * 1e6})
             except Exception as e:  # noqa: BLE001 - a config Triton cannot compile is reported, not fatal
                 entry["kernel"].append({"config": config.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         result["shapes"][name] = entry
