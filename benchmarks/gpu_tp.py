@@ -222,8 +222,6 @@ def main() -> None:
                         "the plain-jnp merge (the kernel's reference) instead of its Pallas kernel, to time the two")
     parser.add_argument("--xla-kv-write", action="store_true", help="write the step's K/V with XLA's two scatters "
                         "(the kernel's reference) instead of the Pallas write kernel, to time the two")
-    parser.add_argument("--xla-projections", action="store_true", help="the projections as XLA's GEMMs, not "
-                        "the few-row kernel the Pallas backend gives decode steps (jaxllm/layers/linear.py)")
     parser.add_argument("--no-overlap", action="store_true", help="the engine without its overlap scheduler "
                         "(disable_overlap_scheduler=True), to time the two")
     parser.add_argument("--min-decode-rows", type=int, default=None, help="the engine's smallest decode bucket "
@@ -258,11 +256,6 @@ def main() -> None:
 
         decode.combine_splits_kernel = lambda acc, m, l, *, out_dtype, interpret=False: (
             decode.combine_splits(acc, m, l).astype(out_dtype))
-    if args.xla_projections:
-        from jaxllm.layers.linear import dense_projection
-        from jaxllm.models import transformer
-
-        transformer.get_projection = lambda backend, mesh=None, specs=None: dense_projection
     if args.xla_kv_write:
         from jaxllm.layers import attention
 

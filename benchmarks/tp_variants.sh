@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|skinny|nccl|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|nccl|merge]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -68,8 +68,6 @@
 #   kernels2 (prepared, not yet run): the two kernels aimed at a TP=2 step's all-reduces and GEMMs, tests
 #     first (pallas_kernels/all_reduce.py against psum, skinny_matmul.py against jnp.dot, on the GPUs),
 #     then benchmarks/allreduce_latency.py (both GPUs) and benchmarks/gemv_bandwidth.py (GPU 0)
-#   skinny: the Pallas backend's projections of decode steps through pallas_kernels/skinny_matmul.py
-#     (proj_kernel, the engine's way, timed twice) against XLA's GEMMs (proj_xla), tests first
 #   nccl: TP=2 with NCCL's protocol, algorithm or channel count set by its environment variables (TP=2
 #     only, against nccl_default with both sizes; NCCL_NVLS_ENABLE=0 stays as the machine sets it)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
@@ -198,14 +196,6 @@ kernels2)
     echo "== few-row matmuls"
     XLA_FLAGS= timeout -k 10 300 python3 "$HERE/gemv_bandwidth.py" --out "$OUT" 2>&1 | tail -12
     ;;
-skinny)
-    echo "== the few-row kernel and the Pallas backend's projections on the GPUs"
-    JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout -k 10 200 python3 -m pytest -q \
-        -p no:cacheprovider -W ignore tests/test_pallas_skinny_matmul.py tests/test_pallas_backend.py 2>&1 | tail -6
-    XLA_FLAGS= engine proj_kernel
-    XLA_FLAGS= engine proj_xla --xla-projections
-    XLA_FLAGS= engine proj_kernel_again
-    ;;
 nccl)
     XLA_FLAGS= engine nccl_default
     for v in "NCCL_PROTO=LL" "NCCL_PROTO=Simple" "NCCL_ALGO=Tree" "NCCL_MIN_NCHANNELS=1 NCCL_MAX_NCHANNELS=1"; do
@@ -217,7 +207,7 @@ merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, skinny, nccl, merge)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, nccl, merge)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'

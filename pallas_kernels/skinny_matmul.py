@@ -26,8 +26,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_decode_attention import dot_precision, load_rows
 
 MAX_ROWS = 16  # the rows one program holds (Triton's smallest dot); more rows: use a GEMM
-# Enough programs to keep an H100/H200 (132 SMs) streaming: fewer column blocks than this and K is split.
-MIN_PROGRAMS = 96
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,27 +35,6 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-
-
-def tile_for(k: int, n: int) -> SkinnyConfig | None:
-    """The tiles for a [K, N] weight, or None when it cannot be tiled (use a GEMM).
-
-    The rule follows the sweep of benchmarks/gemv_bandwidth.py at Llama-3.1-8B's TP=2 shapes on an
-    H200 (benchmarks/RESULTS.md): 32 columns a program (64 once that still gives MIN_PROGRAMS programs,
-    with 3 stages to fit shared memory), K split 2 or 4 ways when the columns give too few programs,
-    256-wide K steps (narrower where K is small).
-    """
-    block_n = 64 if n % 64 == 0 and n // 64 >= MIN_PROGRAMS else next((b for b in (32, 16) if n % b == 0), None)
-    if block_n is None:
-        return None
-    programs = n // block_n
-    split_k = 1 if programs >= MIN_PROGRAMS else 2 if programs >= MIN_PROGRAMS // 2 else 4
-    while split_k >= 1:
-        block_k = next((b for b in (256, 128, 64, 32, 16) if k % (b * split_k) == 0), None)
-        if block_k is not None:
-            return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=3 if block_n == 64 else 4)
-        split_k //= 2
-    return None
 
 
 def _kernel(x_ref, w_ref, o_ref, *, rows: int, block_k: int, k_steps: int, precision):

@@ -1,7 +1,5 @@
-"""The 'pallas' backend inside the whole model (attention, K/V writes and the few-row projections):
-same tokens as 'xla' (interpret mode here), on one device and at TP=2."""
+"""The 'pallas' attention backend inside the whole model: same tokens as 'xla' (interpret mode here)."""
 
-import jax
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -9,13 +7,11 @@ from jaxllm import LLM, SamplingParams
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [11, 12], [300, 12, 13, 14, 15, 16, 17, 18, 19]]
 
 
-@pytest.mark.parametrize("name,tp", [("llama", 1), ("gemma3", 1), ("llama", 2)])
-def test_pallas_backend_matches_xla(name, tp, tiny_dir, tiny_llm):
-    if len(jax.devices()) < tp:
-        pytest.skip(f"needs {tp} (virtual) devices")
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_pallas_backend_matches_xla(name, tiny_dir, tiny_llm):
     params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
     expected = tiny_llm(name).generate(PROMPTS, params, use_tqdm=False)
-    with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas", tensor_parallel_size=tp,
+    with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas",
              max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8}) as llm:  # fmt: skip
         got = llm.generate(PROMPTS, params, use_tqdm=False)
     for e, g in zip(expected, got):

@@ -3,8 +3,7 @@
 from typing import Callable
 
 import jax
-
-from jaxllm.layers.linear import ProjectFn, dense_projection
+import jax.numpy as jnp
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -13,15 +12,13 @@ ACTIVATIONS = {
 
 
 def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act: str,
-              adapt: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-              project: ProjectFn = dense_projection) -> jax.Array:  # fmt: skip
+              adapt: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:  # fmt: skip
     """x: [T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [T, D].
 
-    adapt(name, input, output) -> output adds a LoRA delta to the w_gate / w_up / w_down outputs;
-    project(name, input, weight) computes the products (jaxllm/layers/linear.py).
+    adapt(name, input, output) -> output adds a LoRA delta to the w_gate / w_up / w_down outputs.
     """
     adapt = adapt or (lambda name, h, y: y)
-    gate = adapt("w_gate", x, project("w_gate", x, w_gate))
-    up = adapt("w_up", x, project("w_up", x, w_up))
+    gate = adapt("w_gate", x, jnp.dot(x, w_gate))
+    up = adapt("w_up", x, jnp.dot(x, w_up))
     hidden = ACTIVATIONS[act](gate) * up
-    return adapt("w_down", hidden, project("w_down", hidden, w_down))
+    return adapt("w_down", hidden, jnp.dot(hidden, w_down))

@@ -22,13 +22,11 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_onehot
 from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
-from jaxllm.layers.linear import CONTRACTED, ProjectFn, dense_projection, get_projection
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
 from jaxllm.models.batch import BatchMetadata
-from jaxllm.models.params import param_specs
-from jaxllm.sharding import TP_AXIS, spec_for
+from jaxllm.sharding import TP_AXIS
 
 KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -49,19 +47,17 @@ def decoder_layer(
     cfg: ModelConfig,
     attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
     lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-    project: ProjectFn = dense_projection,
 ) -> jax.Array:
     """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
 
-    lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward);
-    project(name, input, weight) computes the projections (jaxllm/layers/linear.py).
+    lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward).
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    q = adapt("wq", h, project("wq", h, lp["wq"]))
-    k = adapt("wk", h, project("wk", h, lp["wk"]))
-    v = adapt("wv", h, project("wv", h, lp["wv"]))
+    q = adapt("wq", h, jnp.einsum("...d,dhk->...hk", h, lp["wq"]))
+    k = adapt("wk", h, jnp.einsum("...d,dhk->...hk", h, lp["wk"]))
+    v = adapt("wv", h, jnp.einsum("...d,dhk->...hk", h, lp["wv"]))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -70,28 +66,27 @@ def decoder_layer(
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     attn = attend(q, k, v, layer)
-    out = adapt("wo", attn, project("wo", attn, lp["wo"]))
+    out = adapt("wo", attn, jnp.einsum("...hk,hkd->...d", attn, lp["wo"]))
     if cfg.attention_out_bias:
         out = out + lp["bo"]
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_attn_norm"], eps, offset)
     x = x + out
     h = rms_norm(x, lp["mlp_norm"], eps, offset)
-    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act, adapt if lora else None, project)
+    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act, adapt if lora else None)
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
     return x + out
 
 
-def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig, keep_padding: bool = False,
-                           project: ProjectFn = dense_projection) -> jax.Array:  # fmt: skip
+def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig, keep_padding: bool = False) -> jax.Array:
     """h: [..., D] (final norm not yet applied) -> float32 logits [..., V] (with keep_padding, the
     padded vocabulary's [..., V'] as the LM head makes them)."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("...d,vd->...v", h, params["embed"].astype(h.dtype))
     else:
-        logits = project("lm_head", h, params["lm_head"])
+        logits = jnp.dot(h, params["lm_head"])
     logits = logits.astype(jnp.float32)
     if cfg.padded_vocab_size and not keep_padding:
         logits = logits[..., : cfg.vocab_size]
@@ -133,7 +128,6 @@ def forward(
       (float32 logits, the updated kv_cache).
     """
     attention, write_kv = get_backend(backend), get_kv_writer(backend)
-    project = get_projection(backend, mesh, projection_specs(cfg) if mesh is not None else None)
     dtype = params["embed"].dtype
     x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None, mesh)  # [T, D]
     new_cache = []
@@ -167,20 +161,13 @@ def forward(
 
     for layer, lp in enumerate(params["layers"]):
         lora = layer_lora(layer) if lora_bank is not None else None
-        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora, project))
+        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora))
     if not all_logits:
         x = x[batch.logits_indices]
     if shard_logits and mesh is not None:
-        logits = final_hidden_to_logits(params, x, cfg, keep_padding=True, project=project)
+        logits = final_hidden_to_logits(params, x, cfg, keep_padding=True)
         return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS))), new_cache
-    return replicated(final_hidden_to_logits(params, x, cfg, project=project)), new_cache
-
-
-def projection_specs(cfg: ModelConfig) -> dict:
-    """The PartitionSpec of each projection's weight (jaxllm/layers/linear.py), from the rules table."""
-    specs = param_specs(cfg)
-    named = {**specs["layers"][0], **({"lm_head": specs["lm_head"]} if "lm_head" in specs else {})}
-    return {name: spec_for(spec) for name, spec in named.items() if name in CONTRACTED}
+    return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
 
 
 def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):
