@@ -56,6 +56,18 @@ def few_row_projection(mesh=None, weight_specs: dict[str, P] | None = None) -> P
 
     def project(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
         n = CONTRACTED[name]
+        if mesh is not None and name in ("wo", "w_down") and math.prod(x.shape[:-n]) <= 16:
+            from pallas_kernels.all_reduce import one_shot_all_reduce
+
+            spec = tuple(weight_specs[name]) + (None,) * (w.ndim - len(weight_specs[name]))
+            lead = (None,) * (x.ndim - n)
+
+            def local_ar(a, b):
+                return one_shot_all_reduce(dense_projection(name, a, b), axis_name="tp")
+
+            return jax.shard_map(local_ar, mesh=mesh, in_specs=(P(*lead, *spec[:n]), P(*spec)),
+                                 out_specs=P(*lead, *spec[n:]), check_vma=False)(x, w)
+        return dense_projection(name, x, w)
         if x.dtype != w.dtype:
             return dense_projection(name, x, w)
         if mesh is None:
