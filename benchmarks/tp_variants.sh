@@ -65,7 +65,7 @@
 #     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
 #     of its GEMM autotuning (a split-K GEMM adds a reduction kernel)
 #   overlaptest: the overlap scheduler's engine test three times on the GPUs (as in `next`)
-#   kernels2 (prepared, not yet run): the two kernels aimed at a TP=2 step's all-reduces and GEMMs, tests
+#   kernels2: the two kernels aimed at a TP=2 step's all-reduces and GEMMs, tests
 #     first (pallas_kernels/all_reduce.py against psum, skinny_matmul.py against jnp.dot, on the GPUs),
 #     then benchmarks/allreduce_latency.py (both GPUs) and benchmarks/gemv_bandwidth.py (GPU 0)
 #   nccl: TP=2 with NCCL's protocol, algorithm or channel count set by its environment variables (TP=2
@@ -199,7 +199,7 @@ kernels2)
 nccl)
     XLA_FLAGS= engine nccl_default
     for v in "NCCL_PROTO=LL" "NCCL_PROTO=Simple" "NCCL_ALGO=Tree" "NCCL_MIN_NCHANNELS=1 NCCL_MAX_NCHANNELS=1"; do
-        tag=nccl_$(echo "$v" | tr -d ' =' | tr 'A-Z' 'a-z')
+        tag=nccl_$(echo "$v" | tr -d ' =' | tr 'A-Z' 'a-z' | sed 's/^nccl_//; s/nccl_/_/g')
         (export $v; echo "   with $v"; XLA_FLAGS= engine "$tag" --tp-sizes 2)
     done
     ;;

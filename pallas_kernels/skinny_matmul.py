@@ -10,6 +10,10 @@ loads: no padded copy of x), float32 accumulation.
 
 `jnp.dot(x, w, preferred_element_type=float32)` is the reference; with split_k > 1 the partial
 sums are added by XLA after the kernel, in float32.
+
+Not used by the model: every projection of a decode step through it was slower than XLA's GEMMs in
+the engine (TP=1 5.02 against 4.47 ms a token, TP=2 3.91 against 3.46, two H200s; benchmarks/RESULTS.md),
+although `benchmarks/gemv_bandwidth.py`, timing one product at a time, had it ahead.
 """
 
 from __future__ import annotations
