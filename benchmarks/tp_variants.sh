@@ -198,9 +198,10 @@ kernels2)
     ;;
 nccl)
     XLA_FLAGS= engine nccl_default
-    for v in "NCCL_PROTO=LL" "NCCL_PROTO=Simple" "NCCL_ALGO=Tree" "NCCL_MIN_NCHANNELS=1 NCCL_MAX_NCHANNELS=1"; do
-        tag=nccl_$(echo "$v" | tr -d ' =' | tr 'A-Z' 'a-z' | sed 's/^nccl_//; s/nccl_/_/g')
-        (export $v; echo "   with $v"; XLA_FLAGS= engine "$tag" --tp-sizes 2)
+    for v in "protoll NCCL_PROTO=LL" "protosimple NCCL_PROTO=Simple" "algotree NCCL_ALGO=Tree" \
+             "min_nchannels1_max_nchannels1 NCCL_MIN_NCHANNELS=1 NCCL_MAX_NCHANNELS=1"; do
+        read -r tag vars <<< "$v"
+        (export $vars; echo "   with $vars"; XLA_FLAGS= engine "nccl_$tag" --tp-sizes 2)
     done
     ;;
 merge)
