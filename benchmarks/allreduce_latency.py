@@ -16,6 +16,10 @@ Before timing, oneshot's result is compared with psum's, bit for bit, a differen
 every device. Printed: microseconds per
 all-reduce, (chain - none) / CHAIN, the median of REPEATS.
 
+These chains do not predict the engine: psum took ~21 us a link here where the engine's profile shows
+6.9 us a NCCL all-reduce, and the kernel, ahead here under the one-graph options, was slower in the
+engine (benchmarks/RESULTS.md, 2026-11-28). Time a change in the engine (gpu_tp.py) before keeping it.
+
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/allreduce_latency.py --out $OUT   # >= 2 GPUs
     python benchmarks/allreduce_latency.py --smoke --out /tmp/x   # CPU, 2 virtual devices: the script's
         own paths only (the kernel needs GPUs: its check reports the failure and it is not timed)

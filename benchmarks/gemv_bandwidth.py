@@ -6,6 +6,10 @@ jitted program, each by its own rows (kernel_bandwidth.time_calls); the median o
 weight bytes it streams. XLA's dot first, then the kernel over a grid of tile configurations (the
 best three printed), each checked against XLA's result first.
 
+These timings do not predict the engine: XLA's GEMMs reached 0.2-1.8 TB/s here where the engine's
+profile shows 3.55 TB/s for the same weights, and the kernel, ahead here at every shape, was slower in
+the engine (benchmarks/RESULTS.md, 2026-11-28). Time a change in the engine (gpu_tp.py) before keeping it.
+
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gemv_bandwidth.py --out $OUT     # one GPU
     python benchmarks/gemv_bandwidth.py --smoke --out /tmp/x     # CPU, interpret mode, tiny shapes
 """
