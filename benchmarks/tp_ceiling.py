@@ -11,6 +11,12 @@ It bounds what the engine can reach at TP=2 and separates the costs:
   *_merged           Q/K/V as one weight and gate/up as one (fewer, larger GEMMs)
   *_concat           separate weights (the engine's layout) concatenated into the merged ones inside
                      the jitted step: does XLA fuse the concatenation into the GEMM, or copy it?
+  --one-graph        the TP=2 rows compiled with the engine's one-CUDA-graph options (ONE_GRAPH_OPTIONS
+                     in jaxllm/engine/runner.py, which its small TP decodes use); TP=1 keeps XLA's defaults
+                     as the engine's does
+  --stream           also one GEMM each that reads a token's weight bytes (Llama-3.1-8B, bf16: every
+                     layer's projections and the LM head) at TP=1 and on one GPU of TP=2, two rows:
+                     XLA's GEMM at its best streaming rate, the floor of the weight-reading part of a token
 
     PYTHONUNBUFFERED=1 python benchmarks/tp_ceiling.py [--out DIR]    # GPUs: needs 2
     python benchmarks/tp_ceiling.py --smoke                           # CPU, 2 virtual devices, tiny
@@ -27,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 if "--smoke" in sys.argv and "JAXLLM_CEILING_RANK" not in os.environ:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
@@ -145,6 +152,15 @@ def suffix(layout: str) -> str:
     return "" if layout == "separate" else "_" + layout
 
 
+def with_options(fn, params, rows: int, options: dict | None):
+    """`fn` compiled with XLA `options` for these params and `rows` tokens (None: `fn` as it is)."""
+    import jax.numpy as jnp
+
+    if not options:
+        return fn
+    return fn.lower(params, jnp.zeros((rows,), jnp.int32)).compile(compiler_options=options)
+
+
 def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
     import jax
     import jax.numpy as jnp
@@ -159,7 +175,8 @@ def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
     return statistics.median(times) * 1e3 / TOKENS
 
 
-def single_process(shape: dict, reps: int, layouts: tuple[str, ...], rows: int = 1, no_collective: bool = True) -> dict:
+def single_process(shape: dict, reps: int, layouts: tuple[str, ...], rows: int = 1, no_collective: bool = True,
+                   tp2_options: dict | None = None) -> dict:
     import jax
     from jax.sharding import Mesh
 
@@ -173,12 +190,46 @@ def single_process(shape: dict, reps: int, layouts: tuple[str, ...], rows: int =
         if len(devices) >= 2:
             mesh = Mesh(devices[:2], ("tp",))
             params = build(shape, mesh, layout)
-            out["tp2" + tag] = time_ms_per_token(decode_fn(layout, mesh), params, reps, rows)
+            fn = with_options(decode_fn(layout, mesh), params, rows, tp2_options)
+            out["tp2" + tag] = time_ms_per_token(fn, params, reps, rows)
             if no_collective:
-                out["tp2_no_collective" + tag] = time_ms_per_token(decode_fn(layout, mesh, params, collective=False),
-                                                                   params, reps, rows)
+                fn = with_options(decode_fn(layout, mesh, params, collective=False), params, rows, tp2_options)
+                out["tp2_no_collective" + tag] = time_ms_per_token(fn, params, reps, rows)
             del params
         print(json.dumps({k: round(v, 3) for k, v in out.items()}), flush=True)
+    return out
+
+
+def token_weight_columns(shape: dict) -> int:
+    """Columns of a [hidden, n] bf16 matrix holding one token's weight reads at TP=1: every layer's
+    Q/K/V, O, gate/up and down, and the LM head (the embedding row read is negligible)."""
+    F, d = shape["ffn"], shape["head_dim"]
+    per_layer = (shape["heads"] + 2 * shape["kv_heads"]) * d + shape["heads"] * d + 2 * F + F  # Q/K/V, O, gate/up, down
+    return shape["layers"] * per_layer + shape["vocab"]
+
+
+def stream(shape: dict, reps: int) -> dict:
+    """ms and TB/s of one GEMM, two rows times [hidden, n], reading a token's weights at TP=1 (n =
+    token_weight_columns) and one GPU's half at TP=2: XLA's GEMM at its best streaming rate, one
+    kernel instead of a token's ~200."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name, n in (("stream_tp1", token_weight_columns(shape)), ("stream_tp2_per_gpu", token_weight_columns(shape) // 2)):
+        w = jax.jit(lambda k, n=n: jax.random.normal(k, (shape["hidden"], n), jnp.bfloat16))(jax.random.key(1))
+        x = jnp.ones((2, shape["hidden"]), jnp.bfloat16)
+        fn = jax.jit(lambda x, w: jnp.dot(x, w))
+        jax.block_until_ready(fn(x, w))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x, w))
+            times.append(time.perf_counter() - t)
+        ms = statistics.median(times) * 1e3
+        out[name] = ms
+        out[name + "_tb_per_s"] = w.size * 2 / (ms * 1e-3) / 1e12
+        del w
     return out
 
 
@@ -234,6 +285,10 @@ def main() -> None:
     parser.add_argument("--skip-no-collective", action="store_true")
     parser.add_argument("--rows", type=int, default=1, help="tokens decoded side by side (the batch; default 1). "
                         "At 1, XLA on the GPU may turn a small weight's product into a multiply and a reduction")
+    parser.add_argument("--one-graph", action="store_true", help="compile the TP=2 rows with the engine's "
+                        "one-CUDA-graph options (ONE_GRAPH_OPTIONS)")
+    parser.add_argument("--stream", action="store_true", help="also time one GEMM reading a token's weights "
+                        "(TP=1, and one GPU's half at TP=2)")
     parser.add_argument("--tag", default="", help="suffix of the result file's name (tp_ceiling_TAG.json)")
     parser.add_argument("--layout", choices=("all", *LAYOUTS), default="all",
                         help="the weight layouts to time (default: all three)")
@@ -244,9 +299,16 @@ def main() -> None:
         return worker(shape, args.reps, layouts)
     import jax
 
+    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS
+
+    tp2_options = ONE_GRAPH_OPTIONS if args.one_graph else None
     result = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
               "tokens_per_dispatch": TOKENS, "rows": args.rows, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "ms_per_token": single_process(shape, args.reps, layouts, args.rows, not args.skip_no_collective)}  # fmt: skip
+              "tp2_compiler_options": tp2_options or {},
+              "ms_per_token": single_process(shape, args.reps, layouts, args.rows, not args.skip_no_collective,
+                                             tp2_options)}  # fmt: skip
+    if args.stream:
+        result["stream"] = stream(shape, args.reps)
     if not args.skip_two_processes:
         result["ms_per_token"] |= two_processes(args.smoke)
     out = Path(args.out) / (f"tp_ceiling_{args.tag}.json" if args.tag else "tp_ceiling.json")
@@ -258,6 +320,8 @@ def main() -> None:
     for name, v in ms.items():
         base = ms.get("tp1" + next((suffix(x) for x in LAYOUTS[1:] if name.endswith(suffix(x))), ""))
         print(f"{name:30s} {v:7.3f} ms/token" + (f"   ({v / base:.2f}x tp1)" if base and not name.startswith("tp1") else ""))
+    for name, v in result.get("stream", {}).items():
+        print(f"{name:30s} {v:7.3f} {'TB/s' if name.endswith('_tb_per_s') else 'ms'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|nccl|merge]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|nccl|merge|floor]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -59,8 +59,8 @@
 #     processes, so near-ties of random weights may part them: `gpu_tp.py --check-tokens` compares in one)
 #   next: the overlap scheduler's engine test three times on the GPUs (2026-11-28: it failed 2 of 2 while it
 #     compared log-probabilities rounded to 5 decimals, then passed 3 of 3 comparing them within 1e-4), then
-#     TP=2 from two processes with NCCL's all-reduces (not yet run; XLA's own collective kernels need peer
-#     access to a GPU the other process's CUDA_VISIBLE_DEVICES hides: a guess at the hang)
+#     TP=2 from two processes with NCCL's all-reduces (the hang of two processes was XLA's sharded autotuning,
+#     since turned off by jaxllm.distributed: benchmarks/gpu_multiprocess.sh)
 #   gemms: a TP=2 step's GEMMs stream their weights at 3.6 TB/s (TP=1's at 4.1): XLA's Triton GEMMs (its
 #     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
 #     of its GEMM autotuning (a split-K GEMM adds a reduction kernel)
@@ -72,6 +72,11 @@
 #     only, against nccl_default with both sizes; NCCL_NVLS_ENABLE=0 stays as the machine sets it)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
 #   or by the plain-jnp merge, which XLA compiles to four small kernels (merge_jnp)
+#   floor: what the 0.6x target asks of any engine on these GPUs: the engine (floor_engine) beside the
+#     plain-XLA layer stack with the engine's kernels' layout (tp_ceiling.py --layout merged, two rows:
+#     norms, the projections, the all-reduces, no attention, KV cache, sampling or host) under XLA's
+#     defaults with one GEMM reading a token's weights at TP=1 and at TP=2 (floor_default, --stream), and
+#     with the engine's one-graph options at TP=2 (floor_onegraph)
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -91,7 +96,7 @@ engine() {  # tag, extra args...; XLA_FLAGS from the environment
 ceiling() {  # tag, args...
     local tag=$1; shift
     echo "== ceiling $tag (XLA_FLAGS='${XLA_FLAGS:-}')"
-    timeout -k 10 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -10
+    timeout -k 10 200 python3 "$HERE/tp_ceiling.py" --out "$OUT" --tag "$tag" --skip-two-processes "$@" 2>&1 | tail -14
 }
 
 case ${1:-rows} in
@@ -208,7 +213,12 @@ merge)
     XLA_FLAGS= engine merge_kernel
     XLA_FLAGS= engine merge_jnp --jnp-split-merge
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, nccl, merge)"; exit 2 ;;
+floor)
+    XLA_FLAGS= engine floor_engine
+    XLA_FLAGS= ceiling floor_default --rows 2 --layout merged --stream
+    XLA_FLAGS= ceiling floor_onegraph --rows 2 --layout merged --one-graph
+    ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, nccl, merge, floor)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'
