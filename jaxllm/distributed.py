@@ -13,6 +13,8 @@ Environment read by `initialize_from_env` (the launcher sets it; under SLURM, JA
   JAXLLM_PROCESS_ID       this process's index
   JAXLLM_CPU_DEVICES      CPU devices per process (CPU runs only; collectives through gloo)
   JAXLLM_SLURM=1          initialize from SLURM's variables instead
+and, before JAX's backend starts, adds `--xla_gpu_shard_autotuning=false` to XLA_FLAGS (see
+`autotune_alone`) unless XLA_FLAGS already sets that flag.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ import numpy as np
 
 _initialized = False
 
+# XLA's GPU compiler, in a run of several processes, splits the autotuning of each program's GEMMs
+# among the processes and waits for every process's share (xla_gpu_shard_autotuning, on by default).
+# So every process must compile the program at the same time. The leader compiles a step's program at
+# its first use before it sends the step, and the followers compile it when the step arrives: with sharded autotuning the leader waited for their
+# shares and they for the step, and a TP=2 engine of two processes, one GPU each, hung at its first
+# step (benchmarks/RESULTS.md, "one process per GPU"). Each process autotunes its own programs instead.
+NO_SHARD_AUTOTUNING = "--xla_gpu_shard_autotuning=false"
+
+
+def autotune_alone(env=os.environ) -> None:
+    """Add NO_SHARD_AUTOTUNING to env's XLA_FLAGS unless they already set the flag (XLA reads them
+    when JAX's backend starts, so this must come before any device is used)."""
+    flags = env.get("XLA_FLAGS", "")
+    if "xla_gpu_shard_autotuning" not in flags:
+        env["XLA_FLAGS"] = f"{flags} {NO_SHARD_AUTOTUNING}".strip()
+
 
 def initialize_from_env() -> bool:
     """Join the distributed runtime if the environment asks for it; True if this is a multi-process run."""
@@ -32,6 +50,7 @@ def initialize_from_env() -> bool:
     if _initialized:
         return jax.process_count() > 1
     if os.environ.get("JAXLLM_SLURM"):
+        autotune_alone()
         jax.distributed.initialize()
         _initialized = True
     elif os.environ.get("JAXLLM_COORDINATOR"):
@@ -40,6 +59,7 @@ def initialize_from_env() -> bool:
             jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", int(cpu_devices))
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        autotune_alone()
         jax.distributed.initialize(
             coordinator_address=os.environ["JAXLLM_COORDINATOR"],
             num_processes=int(os.environ["JAXLLM_NUM_PROCESSES"]),

@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices over localhost (jax.distributed, gloo), started by the launcher."""
+"""Two processes x 4 CPU devices over localhost (jax.distributed, gloo), started by the launcher; on a
+machine with two GPUs, two processes with one GPU each."""
 
 import json
 import os
@@ -6,26 +7,60 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import pytest
+
 from jaxllm import SamplingParams
+from jaxllm.distributed import NO_SHARD_AUTOTUNING, autotune_alone
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
 
 
-def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_path):
+def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None) -> tuple:
+    """tests/multiprocess_script.py over two processes started by the launcher with `launcher_args`:
+    (its result, the tokens of one device in this process)."""
     model = str(tiny_dir("llama-odd"))
     expected = [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
         PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)]  # fmt: skip
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("multiprocess_script.py")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", "--cpu-devices-per-process",
-                           "4", str(script), str(out), model], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", *launcher_args,
+                           str(script), str(out), model], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), expected
+
+
+def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_path):
+    result, expected = _launch_script(tiny_dir, tiny_llm, tmp_path, ["--cpu-devices-per-process", "4"])
     assert result["processes"] == 2 and result["devices"] == 8
     assert result["tokens"] == expected
     assert result["streamed"] == expected[0] and result["async"] == expected[2]
     assert result["stats"] > 0
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
+def test_two_processes_one_gpu_each_give_one_gpus_tokens(tiny_dir, tiny_llm, tmp_path):
+    """One process per GPU (`--one-gpu-per-process`): hung until each process autotuned alone."""
+    result, expected = _launch_script(tiny_dir, tiny_llm, tmp_path, ["--one-gpu-per-process"],
+                                      {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"})  # this process holds GPU 0 too
+    assert result["processes"] == 2 and result["devices"] == 2
+    assert result["tokens"] == expected
+    assert result["streamed"] == expected[0] and result["async"] == expected[2]
+
+
+def test_every_process_autotunes_alone():
+    """XLA's sharded autotuning needs every process compiling a program at once; the leader compiles a
+    step before its followers do, so jaxllm.distributed turns it off unless XLA_FLAGS set the flag."""
+    env = {}
+    autotune_alone(env)
+    assert env["XLA_FLAGS"] == NO_SHARD_AUTOTUNING
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    autotune_alone(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 " + NO_SHARD_AUTOTUNING
+    env = {"XLA_FLAGS": "--xla_gpu_shard_autotuning=true"}  # the user's choice stays
+    autotune_alone(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_shard_autotuning=true"
 
 
 def test_launcher_arguments_are_checked():
