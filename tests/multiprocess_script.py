@@ -10,11 +10,12 @@ from jaxllm import LLM, SamplingParams
 
 out_file, model = sys.argv[1], sys.argv[2]
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+MAX_TOKENS = 24
 with LLM(model=model, dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=jax.device_count(),
          max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
     runner = llm._engine.runner
     runner.precompile(runner.bucket_shapes()[:2], progress=False)  # the followers compile them too, meanwhile
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)  # several dispatches: the overlap scheduler's follow-ons
     tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     streamed = []
     for partial in llm.generate_async(PROMPTS[0], params, streaming=True):
@@ -30,6 +31,7 @@ with LLM(model=model, dtype="float32", skip_tokenizer_init=True, tensor_parallel
         "streamed": streamed,
         "async": asyncio.run(run_async()),
         "stats": len(llm.get_stats(timeout=2)),
+        "follow_ons": llm._engine.num_follow_ons,
     }
 with open(out_file, "w") as f:
     json.dump(result, f)

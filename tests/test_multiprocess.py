@@ -14,6 +14,7 @@ from jaxllm import SamplingParams
 from jaxllm.distributed import NO_SHARD_AUTOTUNING, autotune_alone
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+MAX_TOKENS = 24  # as tests/multiprocess_script.py: several dispatches a request
 
 
 def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None) -> tuple:
@@ -21,7 +22,7 @@ def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_e
     (its result, the tokens of one device in this process)."""
     model = str(tiny_dir("llama-odd"))
     expected = [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
-        PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)]  # fmt: skip
+        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]  # fmt: skip
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("multiprocess_script.py")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env_extra or {}))
@@ -37,6 +38,7 @@ def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_pat
     assert result["tokens"] == expected
     assert result["streamed"] == expected[0] and result["async"] == expected[2]
     assert result["stats"] > 0
+    assert result["follow_ons"] > 0  # the overlap scheduler ran ahead, the followers replaying it
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
@@ -47,6 +49,7 @@ def test_two_processes_one_gpu_each_give_one_gpus_tokens(tiny_dir, tiny_llm, tmp
     assert result["processes"] == 2 and result["devices"] == 2
     assert result["tokens"] == expected
     assert result["streamed"] == expected[0] and result["async"] == expected[2]
+    assert result["follow_ons"] > 0
 
 
 def test_every_process_autotunes_alone():

@@ -339,13 +339,14 @@ class Engine:
         last samples on the device; returns the dispatch in flight, or None where the next step
         must be scheduled afresh: a request arrived or waits (it would wait a whole dispatch more),
         a sequence finished or will reach max_tokens / max_seq_len within `pending`, the pages do
-        not fit, or the step needs what a follow-on cannot give (adapters, several processes).
+        not fit, or the step needs what a follow-on cannot give (adapters). With several processes
+        the followers replay it from their own copy of `pending`'s outputs (`ModelRunner.follow`).
         A sequence that stops on an EOS or stop word within `pending` has its follow-on tokens
         dropped when they are read (`_postprocess_steps`); the follow-on writes only positions past
         what `pending` computed (no page the prefix cache holds), and whatever gets the pages a
         finish frees runs after it on the devices (the KV cache threads through every dispatch)."""
         runner = self.runner
-        if self._arrived() or self.scheduler.waiting or runner.channel is not None or runner.adapters is not None:
+        if self._arrived() or self.scheduler.waiting or runner.adapters is not None:
             return None
         wants = []
         for seq, _ in scheduled.items:

@@ -186,6 +186,8 @@ class ModelRunner:
         self.kv_dtype = config.kv_dtype or self.dtype
         self.mesh = mesh  # a tensor-parallel mesh (jaxllm/sharding.py), or None for one device
         self.channel = channel  # multi-process runs: the leader broadcasts each step (jaxllm/distributed.py)
+        self.num_dispatches = 0  # steps dispatched (a follower counts the leader's), numbering PendingStep
+        self._last_out: tuple[int, dict] | None = None  # a follower's last dispatch: (its number, its outputs)
         self.adapters = adapters  # the LoRA bank / prompt table, or None (no adapter variants)
         self.kv_cache = self._new_cache()
         self.executables: dict[StepShape, Any] = {}
@@ -272,9 +274,17 @@ class ModelRunner:
             if kind != "step":
                 raise RuntimeError(f"unexpected message from the leader: {kind!r}")
             shape = StepShape(**header["shape"])
-            inputs = jax.tree.unflatten(jax.tree.structure(self.host_inputs(shape)), arrays)
+            inputs = self._on_device(jax.tree.unflatten(jax.tree.structure(self.host_inputs(shape)), arrays))
+            after = header.get("after")
+            if after is not None:  # a follow-on: its input tokens are the last dispatch's samples on the devices
+                if self._last_out is None or self._last_out[0] != after:
+                    raise RuntimeError(f"the leader's step follows dispatch {after}, this process's last is "
+                                       f"{self._last_out and self._last_out[0]}")  # fmt: skip
+                inputs = self._with_next_tokens(inputs, self._last_out[1])
             exe = self.executable(shape)
-            _, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(self._on_device(inputs), shape))
+            out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
+            self.num_dispatches += 1
+            self._last_out = (self.num_dispatches, out) if shape.decode_steps > 1 else None
 
     # ---- adapter slots ---------------------------------------------------------------------------
     def write_lora(self, slot: int, adapter) -> None:
@@ -615,9 +625,8 @@ class ModelRunner:
         scheduler (engine.py) starts the next dispatch this way before reading the current one.
         """
         if after is not None and (after.decode_steps < 2 or after.num_requests != len(requests)
-                                  or self.channel is not None or any(len(r.token_ids) != 1 for r in requests)):  # fmt: skip
-            raise ValueError("a step can follow only a multi-step decode of the same requests, one token each, "
-                             "in one process")  # fmt: skip
+                                  or any(len(r.token_ids) != 1 for r in requests)):  # fmt: skip
+            raise ValueError("a step can follow only a multi-step decode of the same requests, one token each")
         T, B, P, Q = self.bucket_shape(requests)
         token_ids = [self._device_token_ids(r) for r in requests] if self.adapters is not None else None
         batch = build_batch(
@@ -665,14 +674,21 @@ class ModelRunner:
             host = (*host, lora_slots)
         with self._lock:
             exe = self.executable(shape)
-            if self.channel is not None:
-                self.channel.send({"kind": "step", "shape": shape.to_json()}, jax.tree.leaves(host))
+            if self.channel is not None:  # the followers replay it: the same inputs, the same follow-on
+                header = {"kind": "step", "shape": shape.to_json(), "after": after and after.index}
+                self.channel.send(header, jax.tree.leaves(host))
             inputs = self._on_device(host)
             if after is not None:
-                tokens = jax.device_put(after.out[NEXT_TOKENS], self._input_sharding())
-                inputs = (dataclasses.replace(inputs[0], token_ids=tokens), *inputs[1:])
+                inputs = self._with_next_tokens(inputs, after.out)
             out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
-        return PendingStep(out, len(requests), decode_steps)
+            self.num_dispatches += 1
+        return PendingStep(out, len(requests), decode_steps, self.num_dispatches)
+
+    def _with_next_tokens(self, inputs: tuple, out: dict) -> tuple:
+        """`inputs` of a follow-on dispatch with its input tokens taken from `out`, the outputs of the
+        multi-step decode it follows, on the devices."""
+        tokens = jax.device_put(out[NEXT_TOKENS], self._input_sharding())
+        return (dataclasses.replace(inputs[0], token_ids=tokens), *inputs[1:])
 
     def _device_token_ids(self, r: StepRequest) -> list[int]:
         """A request's tokens as the device reads them: virtual token i of a prompt adapter (host id
@@ -766,6 +782,7 @@ class PendingStep:
     out: dict  # the step's outputs, device arrays: [B, ...], or [steps, B, ...] for a multi-step decode
     num_requests: int
     decode_steps: int
+    index: int = 0  # its number among the runner's dispatches (ModelRunner.num_dispatches), from 1
 
     def result(self) -> dict[str, np.ndarray]:
         """Host arrays with a row per request (waits for the step)."""
