@@ -216,7 +216,8 @@ def stream(shape: dict, reps: int) -> dict:
     import jax.numpy as jnp
 
     out = {}
-    for name, n in (("stream_tp1", token_weight_columns(shape)), ("stream_tp2_per_gpu", token_weight_columns(shape) // 2)):
+    n_tp1 = token_weight_columns(shape)
+    for name, n in (("stream_tp1", n_tp1), ("stream_tp2_per_gpu", n_tp1 // 2)):
         w = jax.jit(lambda k, n=n: jax.random.normal(k, (shape["hidden"], n), jnp.bfloat16))(jax.random.key(1))
         x = jnp.ones((2, shape["hidden"]), jnp.bfloat16)
         fn = jax.jit(lambda x, w: jnp.dot(x, w))

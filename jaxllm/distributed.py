@@ -29,10 +29,11 @@ _initialized = False
 
 # XLA's GPU compiler, in a run of several processes, splits the autotuning of each program's GEMMs
 # among the processes and waits for every process's share (xla_gpu_shard_autotuning, on by default).
-# So every process must compile the program at the same time. The leader compiles a step's program at
-# its first use before it sends the step, and the followers compile it when the step arrives: with sharded autotuning the leader waited for their
-# shares and they for the step, and a TP=2 engine of two processes, one GPU each, hung at its first
-# step (benchmarks/RESULTS.md, "one process per GPU"). Each process autotunes its own programs instead.
+# So every process must compile the program at the same time. The leader compiles a step's program
+# at its first use before it sends the step, and the followers compile it when the step arrives:
+# with sharded autotuning the leader waited for their shares and they for the step, and a TP=2
+# engine of two processes, one GPU each, hung at its first step (benchmarks/RESULTS.md, "one
+# process per GPU"). Each process autotunes its own programs instead.
 NO_SHARD_AUTOTUNING = "--xla_gpu_shard_autotuning=false"
 
 

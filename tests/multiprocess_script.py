@@ -15,7 +15,7 @@ with LLM(model=model, dtype="float32", skip_tokenizer_init=True, tensor_parallel
          max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
     runner = llm._engine.runner
     runner.precompile(runner.bucket_shapes()[:2], progress=False)  # the followers compile them too, meanwhile
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)  # several dispatches: the overlap scheduler's follow-ons
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)  # several dispatches: follow-ons
     tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     streamed = []
     for partial in llm.generate_async(PROMPTS[0], params, streaming=True):
