@@ -161,18 +161,24 @@ def with_options(fn, params, rows: int, options: dict | None):
     return fn.lower(params, jnp.zeros((rows,), jnp.int32)).compile(compiler_options=options)
 
 
-def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
+def median_ms(fn, *args, reps: int) -> float:
+    """The median wall time of `fn(*args)` to its results' readiness over `reps` calls, after one
+    warm-up call, in ms."""
     import jax
-    import jax.numpy as jnp
 
-    tok = jnp.zeros((rows,), jnp.int32)
-    jax.block_until_ready(fn(params, tok))
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(fn(params, tok))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3 / TOKENS
+    return statistics.median(times) * 1e3
+
+
+def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
+    import jax.numpy as jnp
+
+    return median_ms(fn, params, jnp.zeros((rows,), jnp.int32), reps=reps) / TOKENS
 
 
 def single_process(shape: dict, reps: int, layouts: tuple[str, ...], rows: int = 1, no_collective: bool = True,
@@ -217,17 +223,11 @@ def stream(shape: dict, reps: int) -> dict:
 
     out = {}
     n_tp1 = token_weight_columns(shape)
+    x = jnp.ones((2, shape["hidden"]), jnp.bfloat16)
+    matmul = jax.jit(jnp.dot)
     for name, n in (("stream_tp1", n_tp1), ("stream_tp2_per_gpu", n_tp1 // 2)):
         w = jax.jit(lambda k, n=n: jax.random.normal(k, (shape["hidden"], n), jnp.bfloat16))(jax.random.key(1))
-        x = jnp.ones((2, shape["hidden"]), jnp.bfloat16)
-        fn = jax.jit(lambda x, w: jnp.dot(x, w))
-        jax.block_until_ready(fn(x, w))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x, w))
-            times.append(time.perf_counter() - t)
-        ms = statistics.median(times) * 1e3
+        ms = median_ms(matmul, x, w, reps=reps)
         out[name] = ms
         out[name + "_tb_per_s"] = w.size * 2 / (ms * 1e-3) / 1e12
         del w
