@@ -187,7 +187,7 @@ class ModelRunner:
         self.mesh = mesh  # a tensor-parallel mesh (jaxllm/sharding.py), or None for one device
         self.channel = channel  # multi-process runs: the leader broadcasts each step (jaxllm/distributed.py)
         self.num_dispatches = 0  # steps dispatched (a follower counts the leader's), numbering PendingStep
-        self._last_out: tuple[int, dict] | None = None  # a follower's last dispatch: (its number, its outputs)
+        self._last_out: dict | None = None  # a follower's: the outputs of its last dispatch, a multi-step decode
         self.adapters = adapters  # the LoRA bank / prompt table, or None (no adapter variants)
         self.kv_cache = self._new_cache()
         self.executables: dict[StepShape, Any] = {}
@@ -277,14 +277,15 @@ class ModelRunner:
             inputs = self._on_device(jax.tree.unflatten(jax.tree.structure(self.host_inputs(shape)), arrays))
             after = header.get("after")
             if after is not None:  # a follow-on: its input tokens are the last dispatch's samples on the devices
-                if self._last_out is None or self._last_out[0] != after:
-                    raise RuntimeError(f"the leader's step follows dispatch {after}, this process's last is "
-                                       f"{self._last_out and self._last_out[0]}")  # fmt: skip
-                inputs = self._with_next_tokens(inputs, self._last_out[1])
+                if self._last_out is None or after != self.num_dispatches:
+                    kind = "not a multi-step decode" if self._last_out is None else "a multi-step decode"
+                    raise RuntimeError(f"the leader's step follows multi-step decode {after}; this process's last "
+                                       f"dispatch is {self.num_dispatches}, {kind}")  # fmt: skip
+                inputs = self._with_next_tokens(inputs, self._last_out)
             exe = self.executable(shape)
             out, self.kv_cache = exe(self.params, self.kv_cache, *self._step_args(inputs, shape))
             self.num_dispatches += 1
-            self._last_out = (self.num_dispatches, out) if shape.decode_steps > 1 else None
+            self._last_out = out if shape.decode_steps > 1 else None
 
     # ---- adapter slots ---------------------------------------------------------------------------
     def write_lora(self, slot: int, adapter) -> None:
