@@ -149,6 +149,11 @@ class ModelConfig:
         """The sliding window of `layer`, or None for a full-attention layer."""
         return self.sliding_window if self.layer_types[layer] == "sliding" else None
 
+    def first_layer_like(self, layer: int) -> int:
+        """The first layer of `layer`'s type (its window and RoPE are the same): layers of one type
+        share one traced function (models/transformer.py:paged_layer)."""
+        return self.layer_types.index(self.layer_types[layer])
+
     def layer_rope(self, layer: int) -> RopeConfig:
         if self.layer_types[layer] == "sliding" and self.rope_local is not None:
             return self.rope_local

@@ -96,6 +96,48 @@ def final_hidden_to_logits(params: dict, h: jax.Array, cfg: ModelConfig, keep_pa
     return logits
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "backend", "mesh"))
+def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: BatchMetadata,
+                lora_layer: dict | None, onehot: jax.Array | None, *, cfg: ModelConfig, layer: int, backend: str,
+                mesh=None) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """One decoder layer of a paged step: x [T, D] -> x, with this step's K/V written into the
+    layer's pages ([K, P, S, d] each) and attention read from them.
+
+    Its own jit: `forward` calls it once per layer, so a model is traced once per kind of layer
+    (`layer` is the first layer of its kind: ModelConfig.first_layer_like) rather than once per
+    layer, and XLA inlines the calls, so the compiled step is the same as one traced unrolled.
+    lora_layer: this layer's LoRA bank {name: {"a", "b"}} with onehot [T, S] (None: no adapters).
+    """
+    attention, write_kv = get_backend(backend), get_kv_writer(backend)
+
+    def attend_local(q, k, v, k_pages, v_pages, batch, *, window):
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+        return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
+
+    pages = []
+
+    def attend(q, k, v, layer):
+        fn = functools.partial(attend_local, window=cfg.layer_window(layer))
+        if mesh is not None:
+            heads, kv_spec = P(None, TP_AXIS, None), P(TP_AXIS)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, kv_spec, kv_spec, P()),
+                               out_specs=(heads, kv_spec, kv_spec), check_vma=False)  # fmt: skip
+        out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch)
+        pages.extend((new_k, new_v))
+        return out
+
+    lora = None
+    if lora_layer is not None:
+
+        def lora(name, h, y):
+            return y + lora_delta(h, lora_layer[name]["a"], lora_layer[name]["b"], onehot) if name in lora_layer else y
+
+    x = decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora)
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+    return x, pages[0], pages[1]
+
+
 def forward(
     params: dict,
     batch: BatchMetadata,
@@ -127,47 +169,29 @@ def forward(
     Returns:
       (float32 logits, the updated kv_cache).
     """
-    attention, write_kv = get_backend(backend), get_kv_writer(backend)
     dtype = params["embed"].dtype
     x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None, mesh)  # [T, D]
     new_cache = []
     lora_bank = adapters.lora if adapters is not None else None
+    onehot = None
     if lora_bank is not None:
         num_slots = next(iter(lora_bank[0].values()))["a"].shape[0]
         onehot = lora_onehot(adapters.lora_slots, num_slots, dtype)  # [T, S]
-
-    def attend_local(q, k, v, k_pages, v_pages, batch, *, window):
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
-        return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
-
-    def attend(q, k, v, layer):
-        fn = functools.partial(attend_local, window=cfg.layer_window(layer))
-        if mesh is not None:
-            heads, pages = P(None, TP_AXIS, None), P(TP_AXIS)
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, pages, pages, P()),
-                               out_specs=(heads, pages, pages), check_vma=False)  # fmt: skip
-        out, k_pages, v_pages = fn(q, k, v, *kv_cache[layer], batch)
-        new_cache.append((k_pages, v_pages))
-        return out
-
-    replicated = (lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P()))) if mesh else (lambda a: a)
-    def layer_lora(layer):
-        bank = lora_bank[layer]
-
-        def add_delta(name, h, y):
-            return y + lora_delta(h, bank[name]["a"], bank[name]["b"], onehot) if name in bank else y
-
-        return add_delta
-
     for layer, lp in enumerate(params["layers"]):
-        lora = layer_lora(layer) if lora_bank is not None else None
-        x = replicated(decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora))
+        k_pages, v_pages = kv_cache[layer]
+        x, k_pages, v_pages = paged_layer(lp, x, k_pages, v_pages, batch, lora_bank[layer] if lora_bank else None,
+                                          onehot, cfg=cfg, layer=cfg.first_layer_like(layer), backend=backend,
+                                          mesh=mesh)  # fmt: skip
+        new_cache.append((k_pages, v_pages))
     if not all_logits:
         x = x[batch.logits_indices]
     if shard_logits and mesh is not None:
         logits = final_hidden_to_logits(params, x, cfg, keep_padding=True)
         return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS))), new_cache
-    return replicated(final_hidden_to_logits(params, x, cfg)), new_cache
+    logits = final_hidden_to_logits(params, x, cfg)
+    if mesh is not None:
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
+    return logits, new_cache
 
 
 def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):
