@@ -1,23 +1,25 @@
 # The README's two commands:  `make generate`  and  `make test`.
-# Each builds .venv with Python 3.12 (found by scripts/find-python312) the first time.
-VENV    ?= .venv
-PY      := $(VENV)/bin/python
-PROMPT  ?= What is machine learning?
+# `generate` uses .venv, the base install alone (what `pip install jaxllm` gives a user); `test`
+# uses .venv-test, the base install plus the test extras. Each is built with Python 3.12 (found by
+# scripts/find-python312) the first time.
+VENV       ?= .venv
+TEST_VENV  ?= .venv-test
+PROMPT     ?= What is machine learning?
 PYTEST_ARGS ?=
 
 .PHONY: generate test venv clean
 
-$(VENV)/.created:
-	@python=$$(scripts/find-python312) && "$$python" -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+%/.created:
+	@python=$$(scripts/find-python312) && "$$python" -m venv $*
+	$*/bin/python -m pip install --quiet --upgrade pip
 	@touch $@
 
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
-	$(PY) -m pip install --quiet -e .
+	$(VENV)/bin/python -m pip install --quiet -e .
 	@touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+$(TEST_VENV)/.installed-test: $(TEST_VENV)/.created pyproject.toml
+	$(TEST_VENV)/bin/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -25,8 +27,8 @@ venv: $(VENV)/.installed
 generate: $(VENV)/.installed
 	$(VENV)/bin/jaxllm generate "$(PROMPT)"
 
-test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(TEST_VENV)/.installed-test
+	$(TEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TEST_VENV)

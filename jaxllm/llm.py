@@ -12,9 +12,11 @@ anything reaches the engine, so a bad prompt raises in the caller and the engine
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -33,9 +35,11 @@ from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine import kv_transfer
 from jaxllm.engine.engine import Engine, EngineShutdown
 from jaxllm.engine.kv_planner import plan_num_pages
-from jaxllm.engine.runner import ModelRunner, RunnerConfig
+from jaxllm.engine.executables import resolve_cache_dir
+from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
-from jaxllm.engine.sequence import Request
+from jaxllm.engine.sequence import BiasRow, Request
+from jaxllm.layers.sampling import BAN_WIDTH
 from jaxllm.adapters import LoRARequest, PromptAdapterRequest
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
@@ -115,6 +119,15 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 EXECUTABLES_DIR = "executables"
+PRECOMPILE_ENV = "JAXLLM_PRECOMPILE"
+
+
+@contextlib.contextmanager
+def _phase(what: str, *args):
+    """Log one start-up phase with its time (INFO)."""
+    started = time.perf_counter()
+    yield
+    logger.info(what + " in %.1f s", *args, time.perf_counter() - started)
 
 
 def _jsonable(kwargs: dict) -> dict:
@@ -126,14 +139,6 @@ def _jsonable(kwargs: dict) -> dict:
         out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     json.dumps(out)  # raises TypeError for anything that cannot travel
     return out
-
-
-def enable_compilation_cache(directory: str | Path) -> None:
-    """Turn on JAX's persistent compilation cache in `directory`, for every compilation."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 class LLM:
@@ -195,7 +200,8 @@ class LLM:
         started = time.perf_counter()
         resolve_backend(backend)  # validate names before loading anything
         EngineArgs.from_kwargs(kwargs)
-        self.resolved = loader.resolve(model, revision)
+        with _phase("resolved model %s", model):
+            self.resolved = loader.resolve(model, revision)
         self.model_name = str(model)
         if self.resolved.kind == "saved":
             cfg, saved_dtype, saved_args = saved.read_config(self.resolved.path)
@@ -209,20 +215,25 @@ class LLM:
             self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
         self.backend_name = backend
         self.backend = resolve_backend(backend)
-        self.args = EngineArgs.from_kwargs(kwargs)
-        if self.args.compilation_cache_dir:
-            enable_compilation_cache(self.args.compilation_cache_dir)
+        platform = (list(self.mesh.devices.flat)[0] if self.mesh is not None else jax.devices()[0]).platform
+        self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
+        self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
         self.tokenizer = None
         if not skip_tokenizer_init:
-            source = tokenizer if tokenizer is not None else self.resolved
-            self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code, tokenizer_mode)
+            with _phase("tokenizer"):
+                source = tokenizer if tokenizer is not None else self.resolved
+                self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code,
+                                                tokenizer_mode)  # fmt: skip
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
         self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
-        self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
-                                                self.args.load_format, self.args.seed or 0)  # fmt: skip
+        with _phase("weights (%s, %s)", "random" if self.args.load_format == "dummy" else self.resolved.kind,
+                    jax.numpy.dtype(self.dtype).name):  # fmt: skip
+            self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
+                                                    self.args.load_format, self.args.seed or 0)  # fmt: skip
         self._build_engine()
         self.load_seconds = time.perf_counter() - started
+        logger.info("ready in %.1f s", self.load_seconds)
 
     # ---- construction ------------------------------------------------------------------------
     def _build_adapters(self) -> AdapterBank | None:
@@ -294,21 +305,30 @@ class LLM:
             kv_dtype=kv_dtype,
             decode_steps=args.num_scheduler_steps,
         )
-        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters)
+        kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
+                    kv_bytes * jax.numpy.dtype(kv_dtype).itemsize / 1e9, jax.numpy.dtype(kv_dtype).name, max_seq_len)  # fmt: skip
+        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters,
+                             cache_dir=self.compile_cache_dir)  # fmt: skip
         if self._channel is not None and not distributed.is_leader():
             runner.follow()  # until the leader shuts down
             return
         if self.resolved.kind == "saved":
             loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
-            logger.info("loaded %d compiled step executables from %s", loaded, self.resolved.path)
-        if self.backend_name == "tensorrt":
-            runner.precompile()
-        admission = None
-        if adapters is not None:
-            admission = AdapterAdmission(
-                lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters.lora_slots else None,
-                prompt=SlotTable(adapters.prompt_slots, runner.write_prompt_adapter) if adapters.prompt_slots else None,
-            )
+            logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
+        # Every program the engine can ask for, now: serving never waits for a compilation
+        # ($JAXLLM_PRECOMPILE=0 compiles each at its first use instead, for tests and experiments;
+        # the 'tensorrt' backend, TensorRT-LLM's ahead-of-time one, precompiles whatever it says).
+        with _phase("programs"):
+            if os.environ.get(PRECOMPILE_ENV, "1") != "0" or self.backend_name == "tensorrt":
+                runner.precompile()
+            runner.warm_up()
+        admission = AdapterAdmission(
+            lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters and adapters.lora_slots else None,
+            prompt=(SlotTable(adapters.prompt_slots, runner.write_prompt_adapter)
+                    if adapters and adapters.prompt_slots else None),
+            bias=SlotTable(BIAS_SLOTS, lambda slot, row: runner.write_bias(slot, row.values)),
+        )  # fmt: skip
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
             BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
@@ -440,9 +460,20 @@ class LLM:
             ids = tok.encode(word, add_special_tokens=False)
             if ids:
                 bad_words.append(tuple(ids))
-        bias = None
-        if params.embedding_bias is not None:
-            bias = np.asarray(params.embedding_bias, np.float32).reshape(-1)
+        banned_singles = sorted({w[0] for w in bad_words if len(w) == 1})
+        multi_token_words = tuple(dict.fromkeys(w for w in bad_words if len(w) > 1))
+        dynamic_bans = len(multi_token_words) + (len(stop_ids) if params.min_tokens else 0)
+        if dynamic_bans > BAN_WIDTH:
+            raise ValueError(f"a request may ban at most {BAN_WIDTH} tokens at one step: got {len(multi_token_words)} "
+                             f"multi-token bad words and {len(stop_ids) if params.min_tokens else 0} end tokens held "
+                             f"back by min_tokens={params.min_tokens}")  # fmt: skip
+        bias_row = None
+        if params.embedding_bias is not None or banned_singles:
+            row = np.zeros(self.config.vocab_size, np.float32)
+            if params.embedding_bias is not None:
+                row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
+            row[banned_singles] = -np.inf
+            bias_row = BiasRow.of(row)
         request_id = next(self._request_ids)
         output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
                                abort_fn=engine.abort)  # fmt: skip
@@ -453,8 +484,8 @@ class LLM:
             params=params,
             output=output,
             stop_token_ids=frozenset(stop_ids),
-            bad_word_ids=tuple(bad_words),
-            embedding_bias=bias,
+            bad_word_ids=multi_token_words,
+            bias_row=bias_row,
         )
         request.context_state = context_state
         request.lora_request = extras.get("lora_request")

@@ -172,8 +172,11 @@ class CacheTransceiverConfig:
 class EngineArgs:
     """The engine arguments `LLM(**kwargs)` accepts (TensorRT-LLM names; defaults as there)."""
 
-    max_batch_size: int = 2048
-    max_num_tokens: int = 8192
+    # None: TensorRT-LLM's 2048 and 8192 on GPUs; on the CPU vLLM's 256 and 2048, since a CPU step of
+    # thousands of tokens takes seconds and every bucket up to these limits is programs to compile
+    # (`platform_defaults`).
+    max_batch_size: Optional[int] = None
+    max_num_tokens: Optional[int] = None
     max_seq_len: Optional[int] = None  # None: the model's max_position_embeddings (capped by the cache)
     max_input_len: Optional[int] = None
     kv_cache_config: Any = None
@@ -198,7 +201,9 @@ class EngineArgs:
     max_prompt_adapter_token: int = 0  # the most virtual tokens one adapter may have
     max_prompt_adapters: int = 4  # prompt adapters resident on the device at once
     max_cpu_prompt_adapters: Optional[int] = None  # kept loaded in host memory (default max_prompt_adapters)
-    # Compilation: persistent compilation cache directory (None: JAX's default behaviour).
+    # Where compiled programs are kept between processes (engine/executables.py): None is the user's
+    # cache directory ($JAXLLM_COMPILE_CACHE, else $XDG_CACHE_HOME/jaxllm/programs, else
+    # ~/.cache/jaxllm/programs); "off" keeps nothing.
     compilation_cache_dir: Optional[str] = None
     # Multi-step decoding (vLLM's name): when only decodes are scheduled and nothing waits, run up to
     # this many decode steps per host round trip (the same tokens; streams then arrive in runs of
@@ -210,8 +215,8 @@ class EngineArgs:
     disable_overlap_scheduler: bool = False
 
     def __post_init__(self):
-        _positive_int("max_batch_size", self.max_batch_size, allow_none=False)
-        _positive_int("max_num_tokens", self.max_num_tokens, allow_none=False)
+        _positive_int("max_batch_size", self.max_batch_size)
+        _positive_int("max_num_tokens", self.max_num_tokens)
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("max_input_len", self.max_input_len)
         _positive_int("num_scheduler_steps", self.num_scheduler_steps, allow_none=False)
@@ -270,6 +275,12 @@ class EngineArgs:
         if self.max_cpu_prompt_adapters < self.max_prompt_adapters:
             raise ValueError(f"max_cpu_prompt_adapters={self.max_cpu_prompt_adapters} is invalid; allowed: >= "
                              f"max_prompt_adapters={self.max_prompt_adapters}")  # fmt: skip
+
+    def platform_defaults(self, platform: str) -> "EngineArgs":
+        """These arguments with max_batch_size / max_num_tokens filled in for `platform` ('gpu', 'cpu')."""
+        batch, tokens = (2048, 8192) if platform == "gpu" else (256, 2048)
+        return dataclasses.replace(self, max_batch_size=self.max_batch_size or batch,
+                                   max_num_tokens=self.max_num_tokens or tokens)  # fmt: skip
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "EngineArgs":

@@ -12,8 +12,22 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Engines compile each program at its first use: most tests visit a few of an engine's programs, and
+# compiling all of them for each of the suite's engines would take most of its time. The tests of
+# start-up (tests/test_startup.py) run engines as users get them, precompiled, in subprocesses.
+os.environ.setdefault("JAXLLM_PRECOMPILE", "0")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def program_cache(tmp_path_factory):
+    """One persistent program cache for the session (never the user's): engines of the same model
+    and arguments in different tests load each other's programs."""
+    path = tmp_path_factory.mktemp("programs")
+    os.environ["JAXLLM_COMPILE_CACHE"] = str(path)
+    yield path
+
 
 from tests import tiny  # noqa: E402
 

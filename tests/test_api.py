@@ -58,8 +58,8 @@ def test_sampler_draws_the_intended_distribution(temperature, top_k, top_p, min_
         temperature=np.full(n, temperature, np.float32), top_k=np.full(n, top_k, np.int32),
         top_p=np.full(n, top_p, np.float32), min_p=np.full(n, min_p, np.float32),
         seeds=np.stack([np.zeros(n, np.uint32), np.arange(n, dtype=np.uint32)], 1), counters=np.zeros(n, np.int32),
-        logit_bias=None, penalty_tokens=None, penalty_counts=None, repetition_penalty=None, presence_penalty=None,
-        frequency_penalty=None, banned_tokens=None, truncate=bool(top_k or top_p < 1 or min_p), penalize=False)  # fmt: skip
+        bias_slots=np.zeros(n, np.int32), banned_tokens=np.full((n, sampling_lib.BAN_WIDTH), -1, np.int32),
+        flavor="full")  # fmt: skip
     import jax
 
     tokens = np.asarray(jax.jit(sampling_lib.sample)(np.tile(logits, (n, 1)), batch)["tokens"])

@@ -27,6 +27,18 @@ def _assert_same_outputs(got, want, atol=1e-4):
             assert all(abs(a - b) < atol for ge, we in zip(g_lp, w_lp) for (_, a), (_, b) in zip(ge, we))
 
 
+def _all_flavors(llm) -> LLM:
+    """`llm` with multi-step decodes of every sampling flavor, as on GPUs (the CPU compiles only the
+    "plain" one, engine/buckets.py)."""
+    import dataclasses
+
+    from jaxllm.engine.buckets import MULTI_STEP_FLAVORS
+
+    runner = llm._engine.runner
+    runner.buckets = dataclasses.replace(runner.buckets, multi_step_flavors=MULTI_STEP_FLAVORS)
+    return llm
+
+
 def _params(stop_token: int):
     return [
         SamplingParams(max_tokens=21, ignore_eos=True),  # greedy, not a multiple of the step count
@@ -39,7 +51,7 @@ def _params(stop_token: int):
 
 def test_multi_step_decoding_matches_single_steps(tiny_llm):
     single = tiny_llm("llama", num_scheduler_steps=1)
-    multi = tiny_llm("llama")  # the default: up to 8 decodes per dispatch
+    multi = _all_flavors(tiny_llm("llama"))  # the default: up to 8 decodes per dispatch
     assert multi._engine.decode_steps == 8 and single._engine.decode_steps == 1
     greedy = single.generate(PROMPTS[3], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
     stop_token = greedy.outputs[0].token_ids[12]
@@ -103,7 +115,7 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
     expected = _outputs(tiny_llm("llama", num_scheduler_steps=1).generate(PROMPTS[:4], params, use_tqdm=False))
     with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,
              max_batch_size=8, max_num_tokens=64) as llm:  # fmt: skip
-        got = _outputs(llm.generate(PROMPTS[:4], params, use_tqdm=False))
+        got = _outputs(_all_flavors(llm).generate(PROMPTS[:4], params, use_tqdm=False))
         assert max(s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] for s in llm.get_stats()) > 1
     _assert_same_outputs(got, expected)  # float32 on one device and on two: log-probabilities to rounding
 
@@ -115,15 +127,16 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
     where XLA ignores GPU options, this checks that the step compiles with them)."""
     import dataclasses
 
-    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS, StepShape
+    from jaxllm.engine.buckets import ForwardShape as Shape
+    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS
 
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,
              max_batch_size=8, max_num_tokens=64) as llm:  # fmt: skip
         runner = llm._engine.runner
         P = runner.page_buckets[0]
-        small, wide, single = (StepShape(2, 2, P, 1, decode_steps=8), StepShape(4, 4, P, 1, decode_steps=8),
-                               StepShape(2, 2, P, 1))  # fmt: skip
+        small, wide, single = (Shape(2, 2, P, 1, decode_steps=8, sampling="plain"),
+                               Shape(4, 4, P, 1, decode_steps=8, sampling="plain"), Shape(2, 2, P, 1))  # fmt: skip
         assert (runner.compiler_options(small) == ONE_GRAPH_OPTIONS) == (jax.devices()[0].platform == "gpu")
         got = {}
         for on in (False, True):
@@ -132,11 +145,11 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
             assert (runner.compiler_options(small) == ONE_GRAPH_OPTIONS) is on
             assert runner.compiler_options(wide) is None and runner.compiler_options(single) is None
             got[on] = _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)])
-            assert any(s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
+            assert any(isinstance(s, Shape) and s.decode_steps == 8 and s.num_seqs <= 2 for s in runner.executables)
         assert got[True] == got[False]
         # An XLA that lacks one of the options compiles the step with its defaults, and says so.
         runner.executables.clear()
-        with pytest.MonkeyPatch.context() as mp, caplog.at_level("WARNING", logger="jaxllm.engine.runner"):
+        with pytest.MonkeyPatch.context() as mp, caplog.at_level("WARNING", logger="jaxllm.engine"):
             mp.setitem(ONE_GRAPH_OPTIONS, "xla_no_such_option_here", 1)
             assert _outputs([llm.generate(PROMPTS[0], params, use_tqdm=False)]) == got[True]
         assert "No such compile option" in caplog.text and "xla_no_such_option_here" in caplog.text

@@ -200,6 +200,20 @@ class AdapterBank:
         return AdapterInputs(lora=self.lora, lora_slots=lora_slots if self.lora is not None else None,
                              prompt_table=self.prompt_table)  # fmt: skip
 
+    def bank_arrays(self) -> tuple:
+        """(LoRA bank, prompt table), as a step program takes them (either may be None)."""
+        return self.lora, self.prompt_table
+
+    def warm_up(self) -> None:
+        """Compile the slot writers now (writing what slot 1 holds: zeros), not at the first request."""
+        if self.lora is not None:
+            zeros = [{name: {"a": np.zeros(self._host_shapes[name][0], np.float32),
+                             "b": np.zeros(self._host_shapes[name][1], np.float32)} for name in self.lora_targets}
+                     for _ in range(self.cfg.num_layers)]  # fmt: skip
+            self.write_lora(1, zeros)
+        if self.prompt_table is not None:
+            self.write_prompt_adapter(1, np.zeros((self.prompt_tokens, self.cfg.hidden_size), np.float32))
+
     def arrays(self) -> list:
         return jax.tree.leaves((self.lora, self.prompt_table))
 

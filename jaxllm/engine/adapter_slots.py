@@ -1,4 +1,4 @@
-"""Which adapters occupy the device slots (plain Python, on the engine thread).
+"""Which adapters (and bias rows) occupy the device slots (plain Python, on the engine thread).
 
 The device holds max_loras LoRA adapters and max_prompt_adapters prompt adapters in numbered
 slots (jaxllm/adapters/bank.py). A slot is held while any running sequence uses its adapter and is
@@ -6,6 +6,8 @@ never evicted then; a free slot keeps its adapter, so a later request for it nee
 the slot is reused, least recently released first. The scheduler asks `AdapterAdmission.admit`
 before it admits a waiting sequence: if the sequence's adapters cannot all get a slot, it waits
 (first come, first served) until running sequences finish or are preempted and release theirs.
+A request's bias row (embedding bias and banned single tokens) takes a slot of the device's bias
+table the same way (engine/runner.py BIAS_SLOTS); requests with equal rows share it.
 """
 
 from __future__ import annotations
@@ -65,32 +67,38 @@ class SlotTable:
 
 
 class AdapterAdmission:
-    """The scheduler's admission gate: a sequence runs only with its adapters in device slots.
+    """The scheduler's admission gate: a sequence runs only with its adapters and its request's bias
+    row (engine/sequence.py BiasRow) in device slots.
 
-    Sets `seq.lora_slot` / `seq.prompt_adapter_slot` on admission and clears them on release.
+    Sets `seq.lora_slot` / `seq.prompt_adapter_slot` / `seq.bias_slot` on admission and clears them
+    on release.
     """
 
-    def __init__(self, lora: SlotTable | None, prompt: SlotTable | None):
+    def __init__(self, lora: SlotTable | None, prompt: SlotTable | None, bias: SlotTable | None = None):
         self.lora = lora
         self.prompt = prompt
+        self.bias = bias
+
+    def _wanted(self, seq: Sequence) -> list[tuple[str, SlotTable, Any]]:
+        request = seq.request
+        pairs = (("lora_slot", self.lora, request.lora_adapter), ("prompt_adapter_slot", self.prompt,
+                 request.prompt_adapter), ("bias_slot", self.bias, request.bias_row))  # fmt: skip
+        return [(attr, table, item) for attr, table, item in pairs if item is not None]
 
     def admit(self, seq: Sequence) -> bool:
-        request = seq.request
-        pairs = ((self.lora, request.lora_adapter), (self.prompt, request.prompt_adapter))
-        wanted = [(table, adapter) for table, adapter in pairs if adapter is not None]
-        if not all(table.can_acquire(adapter.adapter_id) for table, adapter in wanted):
+        wanted = self._wanted(seq)
+        if any(table is None for _, table, _ in wanted):
+            raise RuntimeError("a sequence needs a device slot this engine does not have")
+        if not all(table.can_acquire(item.adapter_id) for _, table, item in wanted):
             return False
-        if request.lora_adapter is not None:
-            seq.lora_slot = self.lora.acquire(request.lora_adapter)
-        if request.prompt_adapter is not None:
-            seq.prompt_adapter_slot = self.prompt.acquire(request.prompt_adapter)
+        for attr, table, item in wanted:
+            setattr(seq, attr, table.acquire(item))
         return True
 
     def release(self, seq: Sequence) -> None:
         """Give back the sequence's slots (a no-op for one that holds none)."""
-        if seq.lora_slot:
-            self.lora.release(seq.lora_slot)
-            seq.lora_slot = 0
-        if seq.prompt_adapter_slot:
-            self.prompt.release(seq.prompt_adapter_slot)
-            seq.prompt_adapter_slot = 0
+        for attr, table in (("lora_slot", self.lora), ("prompt_adapter_slot", self.prompt), ("bias_slot", self.bias)):
+            slot = getattr(seq, attr)
+            if slot:
+                table.release(slot)
+                setattr(seq, attr, 0)

@@ -30,7 +30,6 @@ from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
 from jaxllm.engine.runner import ModelRunner, PendingStep, StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
-from jaxllm.layers import sampling as sampling_lib
 from jaxllm.outputs import Delta, Logprob, Update
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,6 @@ class Engine:
         self._iteration = 0
         self._next_seq_id = 0
         self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
-        self._resample = jax.jit(sampling_lib.sample)
         self.max_active = 0
         # Disaggregated serving: contexts parked for other LLMs, and the server that hands them out.
         self.transfer = transfer
@@ -306,11 +304,13 @@ class Engine:
         wants = []
         for seq, _ in scheduled.items:
             params, request = seq.request.params, seq.request
-            if (params.wants_logits or params.uses_penalties or request.bad_word_ids
+            if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
                     or seq.num_output_tokens < max(1, params.min_tokens or 0) or is_context_only(request)):  # fmt: skip
                 return 1
             wants.append(min(K, self._tokens_left(seq)))
-        if max(wants) < 2 or not self._give_pages(scheduled, wants):
+        if max(wants) < 2 or not self.runner.multi_step_serves([self._step_request(s, 1) for s, _ in scheduled.items]):
+            return 1
+        if not self._give_pages(scheduled, wants):
             return 1
         return K
 
@@ -382,11 +382,10 @@ class Engine:
             r.seed = seq.seed
             r.counter = seq.num_output_tokens
             r.num_logprobs = params.logprobs or 0
-            r.logit_bias = request.embedding_bias
+            r.bias_slot = seq.bias_slot
             r.banned_tokens = self._banned_tokens(seq) or None
+            r.prompt_len, r.first_position = num_prompt, num_virtual
             if params.uses_penalties:
-                r.penalty_tokens = seq.token_ids[num_virtual:]
-                r.penalty_counts = [0] * (num_prompt - num_virtual) + [1] * seq.num_output_tokens
                 r.repetition_penalty = params.repetition_penalty or 1.0
                 r.presence_penalty = params.presence_penalty or 0.0
                 r.frequency_penalty = params.frequency_penalty or 0.0
@@ -405,6 +404,9 @@ class Engine:
         return r
 
     def _banned_tokens(self, seq: Sequence) -> list[int]:
+        """Tokens banned at this step only: the end tokens while min_tokens is not reached, and the
+        last token of each multi-token bad word whose prefix the sequence just generated (banned
+        single tokens live in the request's bias row, engine/runner.py)."""
         request, params = seq.request, seq.request.params
         banned: list[int] = []
         if params.min_tokens and seq.num_output_tokens < params.min_tokens:
@@ -412,7 +414,7 @@ class Engine:
         tokens = seq.token_ids[seq.num_virtual_tokens :]
         for word in request.bad_word_ids:
             prefix = list(word[:-1])
-            if not prefix or tokens[len(tokens) - len(prefix) :] == prefix:
+            if prefix and tokens[len(tokens) - len(prefix) :] == prefix:
                 banned.append(word[-1])
         return sorted(set(banned))
 
@@ -431,9 +433,7 @@ class Engine:
                 result = processor(seq.request.request_id, row, [seq.token_ids[seq.num_virtual_tokens :]], None, None)
                 if result is not None:
                     row[...] = np.asarray(result, np.float32).reshape(row.shape)
-        subset = [step_requests[i] for i in rows]
-        batch = self.runner._sampling_batch(subset, len(subset))
-        resampled = jax.device_get(self._resample(logits, batch))
+        resampled = self.runner.resample(logits, [step_requests[i] for i in rows])
         for key, values in resampled.items():
             if key in out:
                 out[key] = np.array(out[key])
@@ -640,7 +640,7 @@ class Engine:
         # Lay the pages out where they are: on the host for TCP arrays, on the context's device otherwise.
         xp = np if isinstance(arrays[0], np.ndarray) else jax.numpy
         values = [kv_transfer.from_portable(a, self.transfer.plan, bm.block_size, num_pages, xp=xp) for a in arrays]
-        self.runner.scatter_pages(seq.block_table, values)
+        self.runner.scatter_pages(seq.block_table, values, seq.token_ids[:n])
         seq.num_computed = n
         bm.register_computed(seq)  # the imported prompt pages are reusable like computed ones
         if self.detokenizer is not None:

@@ -45,6 +45,7 @@ class Sequence:
     stop_reason: Any = None
     num_preemptions: int = 0
     lora_slot: int = 0  # device slot of its LoRA adapter while running (0: none; engine/adapter_slots.py)
+    bias_slot: int = 0  # device slot of its request's bias row while running (0: none)
     prompt_adapter_slot: int = 0  # device slot of its prompt adapter while running (0: none)
     logprobs: Optional[list] = None  # per generated token: dict[token_id, Logprob], when requested
     generation_logits: list = dataclasses.field(default_factory=list)  # per generated token: [V] rows
@@ -76,6 +77,24 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BiasRow:
+    """A request's additive logit row: its embedding bias, -inf at its banned single tokens. Requests
+    with equal rows share one device slot (engine/adapter_slots.py), keyed by `adapter_id`."""
+
+    values: Any  # numpy [vocab] float32
+    adapter_id: str  # a digest of the values
+
+    @classmethod
+    def of(cls, values) -> "BiasRow":
+        import hashlib
+
+        import numpy as np
+
+        values = np.ascontiguousarray(values, np.float32)
+        return cls(values, hashlib.sha256(values.tobytes()).hexdigest())
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     request_id: int
@@ -84,8 +103,8 @@ class Request:
     params: SamplingParams
     output: Any  # the RequestOutput the caller holds
     stop_token_ids: frozenset[int] = frozenset()  # end_id / eos and stop_token_ids (unless ignore_eos)
-    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # bad and bad_token_ids as token sequences
-    embedding_bias: Any = None  # numpy [vocab] float32 or None
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # multi-token bad words (single tokens are in bias_row)
+    bias_row: Optional["BiasRow"] = None  # embedding bias and banned single tokens, or None
     priority: float = 0.5  # SchedulingParams.priority: higher runs first under contention
     arrival_order: Optional[int] = None  # stamped by the scheduler when first queued: the FCFS tie-break
     # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.

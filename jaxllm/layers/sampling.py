@@ -2,8 +2,9 @@
 
 Each sequence has its own random stream: the key of its t-th sampled token is
 fold_in(key(seed), t), so a seeded request samples the same tokens whatever it is batched with.
-Logits are adjusted in this order: embedding bias, bad-token ban, min_tokens (end tokens banned),
-repetition / presence / frequency penalties; then temperature, then top-k, top-p and min-p
+Logits are adjusted in this order: the row's bias (embedding bias, banned single tokens and
+words), this step's bans (min_tokens' end tokens, multi-token bad words' last tokens), repetition /
+presence / frequency penalties; then temperature, then top-k, top-p and min-p
 truncation, then sampling (Gumbel-max over the kept tokens). Greedy rows (temperature 0) take the
 argmax of the adjusted logits. Log-probabilities reported to the user are those of the raw model
 distribution.
@@ -18,42 +19,69 @@ import jax
 import jax.numpy as jnp
 
 
+# Banned tokens a row may have in one step beyond its bias row: the end tokens under min_tokens and
+# the last tokens of multi-token bad words whose prefix was just generated (requests are checked
+# against it when they are made: jaxllm/llm.py). Single-token bans live in the row's bias.
+BAN_WIDTH = 64
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "counters", "logit_bias",
-                 "penalty_tokens", "penalty_counts", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "banned_tokens"],
-    meta_fields=["num_logprobs", "truncate", "penalize"],
+    data_fields=["temperature", "seeds", "counters", "top_k", "top_p", "min_p", "bias_slots", "banned_tokens",
+                 "repetition_penalty", "presence_penalty", "frequency_penalty", "block_tables", "seq_lens",
+                 "prompt_lens", "first_positions"],
+    meta_fields=["flavor", "num_logprobs"],
 )  # fmt: skip
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
+    """The sampling inputs of B rows; which fields are set is the flavor (engine/buckets.py).
+
+    Every field of a flavor is data: a row that does not use one carries its neutral value (top_k
+    0, top_p 1, min_p 0, bias slot 0, bans -1, penalties 1 / 0 / 0).
+    """
+
     temperature: jax.Array  # [B] float32; 0 = greedy
-    top_k: jax.Array  # [B] int32; 0 = off
-    top_p: jax.Array  # [B] float32; 1 = off
-    min_p: jax.Array  # [B] float32; 0 = off
     seeds: jax.Array  # [B, 2] uint32: raw threefry key data of each sequence's stream
     counters: jax.Array  # [B] int32: tokens this sequence sampled before
-    logit_bias: jax.Array | None  # [B, V] float32 added to the logits (embedding_bias), or None
-    penalty_tokens: jax.Array | None  # [B, L] int32 token ids seen (prompt + output), -1 padded
-    penalty_counts: jax.Array | None  # [B, L] int32: 1 for output tokens, 0 for prompt-only ids
-    repetition_penalty: jax.Array | None  # [B] float32; 1 = off
-    presence_penalty: jax.Array | None  # [B] float32
-    frequency_penalty: jax.Array | None  # [B] float32
-    banned_tokens: jax.Array | None  # [B, N] int32 tokens to forbid this step, -1 padded
+    # "full" and "penalties":
+    top_k: jax.Array | None = None  # [B] int32; 0 = off
+    top_p: jax.Array | None = None  # [B] float32; 1 = off
+    min_p: jax.Array | None = None  # [B] float32; 0 = off
+    bias_slots: jax.Array | None = None  # [B] int32: the row of the bias table added to the logits (0: zeros)
+    banned_tokens: jax.Array | None = None  # [B, BAN_WIDTH] int32 tokens to forbid this step, -1 padded
+    # "penalties": the penalties, and where each row's tokens are (the token pages, see `seen_and_counts`)
+    repetition_penalty: jax.Array | None = None  # [B] float32; 1 = off
+    presence_penalty: jax.Array | None = None  # [B] float32
+    frequency_penalty: jax.Array | None = None  # [B] float32
+    block_tables: jax.Array | None = None  # [B, P] int32: the row's pages
+    seq_lens: jax.Array | None = None  # [B] int32: its tokens in them (prompt and output so far)
+    prompt_lens: jax.Array | None = None  # [B] int32: positions below this are the prompt's
+    first_positions: jax.Array | None = None  # [B] int32: positions below this hold no token (virtual)
+    flavor: str = "plain"  # static: plain | full | penalties
     num_logprobs: int = 0  # static: top-k log-probabilities to return (0 = none)
-    truncate: bool = False  # static: some row uses top_k / top_p / min_p
-    penalize: bool = False  # static: some row uses a penalty
 
 
-def apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
-    """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties."""
-    B, V = logits.shape
-    tokens = s.penalty_tokens
-    valid = tokens >= 0
+def seen_and_counts(s: SamplingBatch, token_pages: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's token history read from the token pages ([num_pages, page_size] int32, written by
+    every forward step beside the K/V): ([B, V] bool, any prompt or output occurrence; [B, V]
+    float32, output occurrences)."""
+    B, P = s.block_tables.shape
+    page_size = token_pages.shape[1]
+    tokens = token_pages[s.block_tables].reshape(B, P * page_size)  # [B, P * S], by position
+    position = jnp.arange(P * page_size)[None, :]
+    valid = (position >= s.first_positions[:, None]) & (position < s.seq_lens[:, None])
+    valid &= (tokens >= 0) & (tokens < vocab_size)
+    output = valid & (position >= s.prompt_lens[:, None])
     safe = jnp.where(valid, tokens, 0)
     rows = jnp.arange(B)[:, None]
-    seen = jnp.zeros((B, V), jnp.bool_).at[rows, safe].max(valid)
-    out_counts = jnp.zeros((B, V), jnp.float32).at[rows, safe].add(jnp.where(valid, s.penalty_counts, 0))
+    seen = jnp.zeros((B, vocab_size), jnp.bool_).at[rows, safe].max(valid)
+    counts = jnp.zeros((B, vocab_size), jnp.float32).at[rows, safe].add(output.astype(jnp.float32))
+    return seen, counts
+
+
+def apply_penalties(logits: jax.Array, s: SamplingBatch, token_pages: jax.Array) -> jax.Array:
+    """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties."""
+    seen, out_counts = seen_and_counts(s, token_pages, logits.shape[-1])
     rep = s.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(seen, penalized, logits)
@@ -61,17 +89,20 @@ def apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (out_counts > 0)
 
 
-def adjust_logits(logits: jax.Array, s: SamplingBatch) -> jax.Array:
-    if s.logit_bias is not None:
-        logits = logits + s.logit_bias
-    if s.banned_tokens is not None:
-        B = logits.shape[0]
-        banned = s.banned_tokens
-        rows = jnp.broadcast_to(jnp.arange(B)[:, None], banned.shape)
-        mask = jnp.zeros(logits.shape, jnp.bool_).at[rows, jnp.where(banned >= 0, banned, 0)].max(banned >= 0)
-        logits = jnp.where(mask, -jnp.inf, logits)
-    if s.penalize:
-        logits = apply_penalties(logits, s)
+def adjust_logits(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = None,
+                  token_pages: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """Bias rows, bans, then penalties, as the flavor has them. bias_table: [slots + 1, V] float32."""
+    if s.flavor == "plain":
+        return logits
+    if bias_table is not None:
+        logits = logits + bias_table[s.bias_slots]
+    banned = s.banned_tokens
+    B = logits.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], banned.shape)
+    mask = jnp.zeros(logits.shape, jnp.bool_).at[rows, jnp.where(banned >= 0, banned, 0)].max(banned >= 0)
+    logits = jnp.where(mask, -jnp.inf, logits)
+    if s.flavor == "penalties":
+        logits = apply_penalties(logits, s, token_pages)
     return logits
 
 
@@ -103,16 +134,19 @@ def _gumbel(s: SamplingBatch, vocab_size: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
 
 
-def sample(logits: jax.Array, s: SamplingBatch) -> dict:
+def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = None,
+           token_pages: jax.Array | None = None) -> dict:  # fmt: skip
     """Pick one token per row. logits: [B, V] float32 raw model logits.
 
+    bias_table ([slots + 1, V]) serves the "full" and "penalties" flavors, token_pages
+    ([num_pages, page_size] int32) the "penalties" one.
     Returns a dict of device arrays: tokens [B]; logprob [B] and rank [B] of the chosen token under
     the raw distribution; and when s.num_logprobs > 0, top_ids / top_logprobs [B, num_logprobs].
     """
-    adjusted = adjust_logits(logits, s)
+    adjusted = adjust_logits(logits, s, bias_table, token_pages)
     greedy = jnp.argmax(adjusted, axis=-1)
     scaled = adjusted / _temperature(s)
-    if s.truncate:
+    if s.flavor != "plain":
         scaled = jnp.where(truncation_mask(scaled, s), scaled, -jnp.inf)
     sampled = jnp.argmax(scaled + _gumbel(s, scaled.shape[-1]), axis=-1)
     tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
@@ -130,9 +164,9 @@ def sample(logits: jax.Array, s: SamplingBatch) -> dict:
 
 
 def can_sample_sharded(s: SamplingBatch) -> bool:
-    """Whether `sample_sharded` serves this batch: no truncation (it sorts the whole vocabulary),
-    penalties, bias or bans (they index it by token id)."""
-    return not (s.truncate or s.penalize or s.logit_bias is not None or s.banned_tokens is not None)
+    """Whether `sample_sharded` serves this batch: the "plain" flavor (truncation sorts the whole
+    vocabulary; penalties, bias and bans index it by token id)."""
+    return s.flavor == "plain"
 
 
 def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_size: int) -> dict:

@@ -138,19 +138,17 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     return x, pages[0], pages[1]
 
 
-def forward(
+def forward_hidden(
     params: dict,
     batch: BatchMetadata,
     kv_cache: KVCache,
     cfg: ModelConfig,
     *,
     backend: str = "xla",
-    all_logits: bool = False,
     mesh=None,
     adapters: AdapterInputs | None = None,
-    shard_logits: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """One ragged step over the paged cache.
+    """One ragged step over the paged cache, up to the last layer's output.
 
     Args:
       params: the params pytree (models/params.py).
@@ -158,16 +156,12 @@ def forward(
       kv_cache: per layer (k_pages, v_pages); donate it when jitting.
       cfg: static model config.
       backend: attention backend name ('xla', or 'pallas' once registered).
-      all_logits: logits for every token ([T, V]) instead of each sequence's last ([B, V]).
       mesh: a tensor-parallel mesh (jaxllm/sharding.py): attention and the KV writes then run per
-        shard of KV heads (shard_map), the hidden state stays replicated between layers, and
-        the logits are gathered whole for sampling.
+        shard of KV heads (shard_map), and the hidden state stays replicated between layers.
       adapters: per-token LoRA slots and the LoRA bank, and the virtual-token table of prompt
         adapters (jaxllm/layers/adapters.py); None for a step without adapters.
-      shard_logits: with a mesh, leave the logits split over the vocabulary as the LM head makes
-        them ([..., V'] with the plan's padding; layers/sampling.py:sample_sharded reads them).
     Returns:
-      (float32 logits, the updated kv_cache).
+      (hidden [T, D] before the final norm, the updated kv_cache).
     """
     dtype = params["embed"].dtype
     x = embed(params, batch.token_ids, cfg, dtype, adapters.prompt_table if adapters else None, mesh)  # [T, D]
@@ -183,15 +177,43 @@ def forward(
                                           onehot, cfg=cfg, layer=cfg.first_layer_like(layer), backend=backend,
                                           mesh=mesh)  # fmt: skip
         new_cache.append((k_pages, v_pages))
-    if not all_logits:
-        x = x[batch.logits_indices]
+    return x, new_cache
+
+
+def logits_of(params: dict, h: jax.Array, cfg: ModelConfig, mesh=None, shard_logits: bool = False) -> jax.Array:
+    """float32 logits [..., V] of hidden states h [..., D] (the final norm and the LM head). With a
+    tensor-parallel mesh and `shard_logits`, they stay split over the vocabulary as the LM head
+    makes them ([..., V'] with the plan's padding; layers/sampling.py:sample_sharded reads them);
+    otherwise they are gathered whole."""
     if shard_logits and mesh is not None:
-        logits = final_hidden_to_logits(params, x, cfg, keep_padding=True)
-        return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS))), new_cache
-    logits = final_hidden_to_logits(params, x, cfg)
+        logits = final_hidden_to_logits(params, h, cfg, keep_padding=True)
+        spec = P(*([None] * (logits.ndim - 1)), TP_AXIS)
+        return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
+    logits = final_hidden_to_logits(params, h, cfg)
     if mesh is not None:
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
-    return logits, new_cache
+    return logits
+
+
+def forward(
+    params: dict,
+    batch: BatchMetadata,
+    kv_cache: KVCache,
+    cfg: ModelConfig,
+    *,
+    backend: str = "xla",
+    all_logits: bool = False,
+    mesh=None,
+    adapters: AdapterInputs | None = None,
+    shard_logits: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """One ragged step over the paged cache: `forward_hidden`, then the logits of each sequence's
+    last token ([B, V]), or of every token with `all_logits` ([T, V]); see `logits_of` for
+    `shard_logits`. Returns (float32 logits, the updated kv_cache)."""
+    x, new_cache = forward_hidden(params, batch, kv_cache, cfg, backend=backend, mesh=mesh, adapters=adapters)
+    if not all_logits:
+        x = x[batch.logits_indices]
+    return logits_of(params, x, cfg, mesh, shard_logits), new_cache
 
 
 def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: jax.Array | None = None):

@@ -1,0 +1,255 @@
+"""Shape buckets: the padded sizes a step can take, and the key of every compiled program.
+
+An engine runs four kinds of programs, each compiled once per key and all of them before `LLM()`
+returns (engine/executables.py), so serving never waits for a compilation:
+
+  ForwardShape   the model over one ragged step (or, with decode_steps = K > 1, K decodes in one
+                 program, sampling included): T packed tokens of B sequence slots, block tables of
+                 P pages, at most Q tokens a sequence; its `sampling` flavor only for K > 1.
+  SamplerShape   sampling from a step's last-token logits: B rows, in one of three flavors.
+  HeadShape      the LM head over every token of a step (prompt log-probabilities, and the
+                 logits themselves for context logits): T tokens.
+
+Bucket lists (`Buckets`), chosen so that the whole set stays small (tens of programs):
+  decode-only steps: B = T, powers of two up to max_batch_size, from GPU_MIN_DECODE_ROWS on GPUs;
+  mixed steps:       T, powers of two up to max_num_tokens, B = min(T, max_batch_size) (a mixed
+                     step's cost is its tokens, not its slots), Q = T (the kernels take the real
+                     query lengths as data: the ragged kernel's work list, the XLA path's masks);
+                     with the 'xla' backend a decode-only step of B sequences is the mixed bucket
+                     T = B, so both kinds share programs;
+  block tables:      P, one bucket up to MIN_PAGE_BUCKET pages, powers of two above (attention
+                     stops at each sequence's real length, so P only sizes the tables);
+  multi-step decodes: B as decode-only steps, up to `multi_step_max_rows`.
+
+Sampling flavors (what varies between requests is data, not a compiled switch):
+  "plain"      greedy or temperature sampling, with the chosen token's log-probability and rank;
+  "full"       also top-k / top-p / min-p truncation, the top MAX_LOGPROBS log-probabilities,
+               embedding bias (a device table of bias rows, one slot a distinct bias) and banned
+               tokens (a fixed-width list a row);
+  "penalties"  "full" plus repetition / presence / frequency penalties, read from the tokens the
+               device keeps beside the KV cache (so no per-request width).
+A batch takes the cheapest flavor that serves every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Block tables are padded to at least this many pages: attention loops stop at the real lengths, so
+# a wider table costs only its host-to-device copy, and fewer widths mean fewer programs.
+MIN_PAGE_BUCKET = 1024
+
+# The smallest decode bucket on GPUs. With one row, XLA's GPU simplifier rewrites a product whose
+# weight holds under 10M elements (K and V at any TP; every projection's per-GPU share at TP >= 2)
+# into a multiply and a reduction, which streams the weight several times slower than a GEMM; with
+# two rows each stays a GEMM. A batch-1 decode step therefore runs two rows there, the second an idle
+# slot like any bucket's padding (benchmarks/RESULTS.md, "two rows").
+GPU_MIN_DECODE_ROWS = 2
+
+# The smallest mixed-step token bucket of the Pallas backend (its ragged kernel's tiles are 16 rows).
+PALLAS_MIN_MIXED_TOKENS = 16
+
+# On the CPU a multi-step decode pays only up to this many rows: the host's work per step (~5-20 ms
+# for SmolLM2 on 2 cores) is a large share of a small batch's step and a small share of a wide one's
+# (measured: +11% tokens/s at batch 1, +25% at batch 16), and every bucket is two more programs.
+CPU_MULTI_STEP_MAX_ROWS = 16
+
+# A multi-step decode of a few rows under tensor parallelism on GPUs is bound by the host launching it:
+# XLA splits each step into ~65 CUDA graphs at the all-reduces and the host takes ~65 us per all-reduce
+# to launch the collective and the next graph, 4.2 ms a step against 3.1 ms of GPU work (Llama-3.1-8B
+# shape, TP=2, 2 x H200). Compiled with these options the whole dispatch is one CUDA graph: all-reduces
+# synchronous on the compute stream and recorded into it, the decode loop a conditional node
+# (benchmarks/RESULTS.md, "one CUDA graph"). Not for single-step decodes or TP=1, which they slow down.
+ONE_GRAPH_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL",
+    "xla_gpu_graph_min_graph_size": 1,
+    "xla_gpu_disable_async_collectives": "ALLREDUCE",
+    "xla_gpu_experimental_use_collective_kernels": "",  # NCCL's all-reduce, which command buffers can record
+}
+ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the two-row bucket)
+
+SAMPLING_FLAVORS = ("plain", "full", "penalties")
+# A multi-step decode serves no bias, bans or penalties. On the CPU only "plain" ones are compiled:
+# truncation's sort of every row (~14 ms a row for a 49k vocabulary) outweighs the host round trips
+# a multi-step decode saves there, and each flavor is another program per bucket.
+MULTI_STEP_FLAVORS = ("plain", "full")
+CPU_MULTI_STEP_FLAVORS = ("plain",)
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    """[low, 2*low, ..., high] with `high` itself as the last bucket."""
+    buckets, b = [], low
+    while b < high:
+        buckets.append(b)
+        b *= 2
+    buckets.append(high)
+    return buckets
+
+
+def decode_buckets(min_rows: int, max_batch_size: int) -> list[int]:
+    """The decode-only steps' sequence buckets: powers of two from `min_rows` (GPU_MIN_DECODE_ROWS on
+    GPUs, else 1) up to max_batch_size, and `min_rows` alone when max_batch_size is smaller."""
+    return powers_of_two(min_rows, max(min_rows, max_batch_size))
+
+
+def bucket_for(value: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardShape:
+    """The key of a forward program (and of a multi-step decode, which samples inside)."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    pages_per_seq: int  # P
+    max_query_len: int  # Q: 1 for a decode-only step, T for a mixed one
+    adapters: bool = False  # reads the adapter bank (some token has a LoRA adapter or is virtual)
+    decode_steps: int = 1  # > 1: a decode-only step that runs this many decodes in one dispatch
+    sampling: str = ""  # a multi-step decode's flavor (MULTI_STEP_FLAVORS); "" for one step
+
+    kind = "forward"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerShape:
+    """The key of a sampling program: B rows of last-token logits in one flavor (SAMPLING_FLAVORS);
+    P, the block-table width it reads the tokens of the sequences through, only for "penalties"."""
+
+    num_seqs: int
+    flavor: str = "plain"
+    pages_per_seq: int = 0
+
+    kind = "sampler"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadShape:
+    """The key of an LM-head program over all T tokens of a step: prompt log-probabilities, and the
+    [T, V] logits themselves with `all_logits` (context logits)."""
+
+    num_tokens: int
+    all_logits: bool = False
+
+    kind = "head"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+SHAPE_KINDS = {cls.kind: cls for cls in (ForwardShape, SamplerShape, HeadShape)}
+
+
+def shape_from_json(data: dict):
+    data = dict(data)
+    return SHAPE_KINDS[data.pop("kind")](**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The bucket lists of one engine and every program key it can ask for.
+
+    Args:
+      max_num_tokens, max_batch_size, max_seq_len, page_size: the engine's limits.
+      backend: 'xla' (decode-only steps share the mixed programs) or 'pallas' (they have their own:
+        the decode kernel).
+      min_decode_rows: the smallest decode bucket (GPU_MIN_DECODE_ROWS on GPUs, else 1).
+      decode_steps: K of the multi-step decode programs (1: none).
+      multi_step_max_rows: the widest multi-step decode bucket.
+      multi_step_flavors: the sampling flavors multi-step decodes are compiled for.
+      adapters: whether the engine serves adapters (every forward program has an adapters twin).
+    """
+
+    max_num_tokens: int
+    max_batch_size: int
+    max_seq_len: int
+    page_size: int
+    backend: str = "xla"
+    min_decode_rows: int = 1
+    decode_steps: int = 1
+    multi_step_max_rows: int | None = None
+    multi_step_flavors: tuple[str, ...] = MULTI_STEP_FLAVORS
+    adapters: bool = False
+
+    @property
+    def seq_buckets(self) -> list[int]:
+        return decode_buckets(self.min_decode_rows, self.max_batch_size)
+
+    @property
+    def token_buckets(self) -> list[int]:
+        """Mixed steps' token buckets (with 'xla', decode-only steps' too)."""
+        low = self.min_decode_rows if self.backend == "xla" else PALLAS_MIN_MIXED_TOKENS
+        return powers_of_two(min(low, self.max_num_tokens), self.max_num_tokens)
+
+    @property
+    def page_buckets(self) -> list[int]:
+        max_pages = -(-self.max_seq_len // self.page_size)
+        return powers_of_two(min(max_pages, MIN_PAGE_BUCKET), max_pages)
+
+    @property
+    def multi_step_buckets(self) -> list[int]:
+        if self.decode_steps <= 1:
+            return []
+        cap = self.multi_step_max_rows or self.max_batch_size
+        return [b for b in self.seq_buckets if b <= max(cap, self.seq_buckets[0])]
+
+    def mixed_seqs(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_batch_size)
+
+    @property
+    def sampler_rows(self) -> list[int]:
+        """Every B a forward program produces logits for."""
+        rows = {self.mixed_seqs(t) for t in self.token_buckets}
+        if self.backend != "xla":
+            rows |= set(self.seq_buckets)
+        return sorted(rows)
+
+    # ---- the key of one step -------------------------------------------------------------------
+    def forward_shape(self, token_counts: list[int], pages: int, adapters: bool = False,
+                      decode_steps: int = 1, sampling: str = "") -> ForwardShape:  # fmt: skip
+        """The bucket of a step whose sequences compute `token_counts` tokens, with block tables of
+        `pages` pages at most."""
+        P = bucket_for(pages, self.page_buckets)
+        decode_only = max(token_counts) == 1
+        if decode_steps > 1:
+            B = bucket_for(len(token_counts), self.multi_step_buckets)
+            return ForwardShape(B, B, P, 1, adapters, decode_steps, sampling)
+        if decode_only and self.backend != "xla":
+            B = bucket_for(len(token_counts), self.seq_buckets)
+            return ForwardShape(B, B, P, 1, adapters)
+        T = bucket_for(max(sum(token_counts), len(token_counts)), self.token_buckets)
+        return ForwardShape(T, self.mixed_seqs(T), P, T, adapters)
+
+    def sampler_shape(self, num_seqs: int, flavor: str, pages: int = 0) -> SamplerShape:
+        B = bucket_for(num_seqs, self.sampler_rows)
+        P = bucket_for(pages, self.page_buckets) if flavor == "penalties" else 0
+        return SamplerShape(B, flavor, P)
+
+    # ---- every program ---------------------------------------------------------------------------
+    def all_shapes(self) -> list:
+        """Every program key this engine can ask for, cheapest first within each kind."""
+        shapes: list = []
+        adapter_variants = (False, True) if self.adapters else (False,)
+        for adapters in adapter_variants:
+            for P in self.page_buckets:
+                if self.backend != "xla":
+                    shapes += [ForwardShape(B, B, P, 1, adapters) for B in self.seq_buckets]
+                shapes += [ForwardShape(T, self.mixed_seqs(T), P, T, adapters) for T in self.token_buckets]
+                for flavor in self.multi_step_flavors:
+                    shapes += [ForwardShape(B, B, P, 1, adapters, self.decode_steps, flavor)
+                               for B in self.multi_step_buckets]  # fmt: skip
+        for B in self.sampler_rows:
+            shapes += [SamplerShape(B, "plain"), SamplerShape(B, "full")]
+            shapes += [SamplerShape(B, "penalties", P) for P in self.page_buckets]
+        for T in self.token_buckets:
+            shapes += [HeadShape(T, False), HeadShape(T, True)]
+        return shapes
