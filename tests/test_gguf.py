@@ -1,5 +1,7 @@
 """GGUF loading: metadata to config, every tensor type, llama.cpp's layout changes undone."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,118 @@ def test_real_gguf_metadata_maps_to_config(smollm2_path, gemma3_path):
     assert gem.family == "gemma3" and gem.sliding_window == 512 and gem.head_dim == 256
     assert gem.layer_types[:6] == ("sliding",) * 5 + ("full",) and gem.rope_local.theta == 10000.0
     assert gem.rope.theta == 1e6 and gem.embed_scale == pytest.approx(640**0.5)
+
+
+# ---- the reader ------------------------------------------------------------------------------------
+
+
+def _write_every_value_type(path, alignment=None):
+    """A GGUF file holding one key of every value type, arrays of each (strings included), two tensors."""
+    import gguf as gg
+
+    V = gg.GGUFValueType
+    writer = gg.GGUFWriter(str(path), "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    scalars = {V.UINT8: 250, V.INT8: -5, V.UINT16: 65000, V.INT16: -300, V.UINT32: 4_000_000_000, V.INT32: -7,
+               V.FLOAT32: 0.1, V.BOOL: True, V.UINT64: 2**63 + 5, V.INT64: -(2**40), V.FLOAT64: 1e-300}  # fmt: skip
+    for kind, value in scalars.items():
+        writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+        writer.add_key_value(f"test.array_{kind.name.lower()}", [value, value], V.ARRAY, sub_type=kind)
+    writer.add_string("test.string", "héllo 🤖")
+    writer.add_array("test.strings", ["", "a", "ü" * 300, "<|im_start|>", " \n\t"])
+    writer.add_key_value("test.nested", [[1, 2, 3], [4]], V.ARRAY)
+    writer.add_tensor("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.add_tensor("b.weight", np.arange(6, dtype=np.float16).reshape(2, 3))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_reader_reads_every_value_type_as_gguf_does(tmp_path, alignment):
+    import gguf as gg
+
+    path = tmp_path / "values.gguf"
+    _write_every_value_type(path, alignment)
+    header, reference = gguf._open(path), gg.GGUFReader(str(path))
+    assert header.alignment == (alignment or 32) and header.data_offset == reference.data_offset
+    for key, field in reference.fields.items():
+        if key.startswith("GGUF.") or key == "test.nested":  # the reader's own fields; nested arrays below
+            continue
+        value = header.metadata[key]
+        value = value.tolist() if isinstance(value, np.ndarray) else value
+        assert value == field.contents() and type(value) is type(field.contents()), key
+    assert [a.tolist() for a in header.metadata["test.nested"]] == [[1, 2, 3], [4]]
+    assert set(header.metadata) == {k for k in reference.fields if not k.startswith("GGUF.")}
+    for ours, theirs in zip(header.tensors, reference.tensors, strict=True):
+        assert (ours.name, ours.tensor_type, ours.shape) == (theirs.name, theirs.tensor_type, tuple(theirs.shape))
+        np.testing.assert_array_equal(ours.data, theirs.data)
+        assert ours.data.dtype == theirs.data.dtype
+
+
+def test_header_is_parsed_once_per_file_version(tmp_path):
+    path = tmp_path / "values.gguf"
+    _write_every_value_type(path)
+    first = gguf._open(path)
+    assert gguf._open(path) is first and gguf.read_metadata(path) is first.metadata
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the file changed: parse it again
+    assert gguf._open(path) is not first
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    if how == "empty":
+        return b""
+    if how == "magic":
+        return b"GGML" + data[4:]
+    if how == "version":
+        return data[:4] + (7).to_bytes(4, "little") + data[8:]
+    if how == "big_endian":
+        return data[:4] + (3).to_bytes(4, "big") + data[8:]
+    if how == "counts":
+        return data[:8] + (2**60).to_bytes(8, "little") + data[16:]
+    if how == "string_length":  # the first key's length points far past the end
+        return data[:24] + (2**40).to_bytes(8, "little") + data[32:]
+    if how == "header_cut":
+        return data[:600]  # past the counts check, inside the key/values
+    if how == "data_cut":
+        return data[:-33]  # into the last tensor: the padding after it is under 32 bytes
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["empty", "magic", "version", "big_endian", "counts", "string_length", "header_cut",
+                                 "data_cut"])  # fmt: skip
+def test_damaged_gguf_files_raise_checkpoint_error_naming_the_file(tmp_path, how):
+    good = tmp_path / "good.gguf"
+    _write_every_value_type(good)
+    bad = tmp_path / f"bad-{how}.gguf"
+    bad.write_bytes(_damage(good.read_bytes(), how))
+    with pytest.raises(CheckpointError, match=f"{bad}: not a readable GGUF file"):
+        gguf._open(bad)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        loader.read_config(loader.resolve(str(bad)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["smollm2_path", "gemma3_path"])
+def test_real_gguf_tensors_equal_gguf_readers(fixture, request):
+    """Every tensor, dequantized from our reader's memmap views, equals gguf.GGUFReader's, exactly."""
+    import time
+
+    import gguf as gg
+    from gguf.quants import dequantize
+
+    path = request.getfixturevalue(fixture)
+    gguf._cached_header.cache_clear()
+    started = time.perf_counter()
+    header = gguf._open(path)
+    print(f"\n{path.name}: header parsed in {time.perf_counter() - started:.3f} s")
+    reference = gg.GGUFReader(str(path))
+    assert [t.name for t in header.tensors] == [t.name for t in reference.tensors]
+    for ours, theirs in zip(header.tensors, reference.tensors):
+        assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(theirs.shape.tolist())
+        expected = np.asarray(dequantize(theirs.data, theirs.tensor_type), np.float32)
+        np.testing.assert_array_equal(gguf._dequantize(ours), expected.reshape(tuple(reversed(ours.shape))))
+    for key, field in reference.fields.items():
+        if not key.startswith("GGUF."):
+            value = header.metadata[key]
+            assert (value.tolist() if isinstance(value, np.ndarray) else value) == field.contents(), key

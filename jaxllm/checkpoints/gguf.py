@@ -1,4 +1,10 @@
-"""GGUF files (llama.cpp's format): metadata to a Hugging Face config, tensors dequantized to float.
+"""GGUF files (llama.cpp's format): the file read, metadata mapped to a Hugging Face config, tensors dequantized.
+
+The reader here parses the header (metadata key/values, tensor table) itself: `gguf.GGUFReader`
+builds a Python object per metadata array element, which takes seconds on a 262k-token vocabulary.
+Numeric arrays are read with numpy, string arrays with one tight loop, and tensor data is a view of
+a memory map of the file. A parsed header is kept per (path, size, mtime) in a small in-process
+cache, so the config, the weights and the tokenizer of one model share a single parse.
 
 Metadata is mapped onto the same config.json keys transformers uses for GGUF, so a GGUF file and
 its Hugging Face twin give the same `ModelConfig`. Tensors are dequantized with the `gguf` package
@@ -9,8 +15,11 @@ a `rope_freqs` tensor; it becomes the config's per-frequency factors.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -49,47 +58,255 @@ _CONFIG_KEYS = {
 _HEAD_DIM_KEY = {"llama": "rope.dimension_count", "qwen2": "attention.key_length",
                  "qwen3": "attention.key_length", "gemma3": "attention.key_length"}  # fmt: skip
 
+# ---- the file format ------------------------------------------------------------------------------
+# Layout (all little-endian): b"GGUF", u32 version, u64 tensor count, u64 key/value count, the
+# key/values (string key, u32 value type, value), the tensor table (string name, u32 n_dims,
+# u64 dims[n_dims] fastest-moving first, u32 ggml type, u64 offset into the data section), then the
+# data section, which starts at the next multiple of `general.alignment` (32 when absent).
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)  # v1 counted in 32 bits and predates every file jaxllm supports
+_DEFAULT_ALIGNMENT = 32
+_STRING, _ARRAY = 8, 9  # the two variable-length value types
+# Fixed-size value types (gguf.GGUFValueType numbering) -> struct format (standard sizes, little-endian).
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}  # fmt: skip
+_SCALAR = {kind: struct.Struct(fmt) for kind, fmt in _SCALAR_FORMATS.items()}
+_VALUE_DTYPES = {kind: np.dtype(fmt) for kind, fmt in _SCALAR_FORMATS.items()}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+# Tensor types that gguf.GGUFReader (and so gguf.quants.dequantize) sees as typed elements; every
+# other type is a uint8 array of [..., bytes per row] blocks.
+_ELEMENT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                   "I32": np.int32, "I64": np.int64}  # fmt: skip
+# Headers kept parsed: a few models' worth (one entry holds a vocabulary's strings, tens of MB at most).
+_HEADER_CACHE_SIZE = 4
 
-def _open(path: Path):
-    import gguf
 
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the table, its data a view of the file's memory map (nothing is read until used)."""
+
+    name: str
+    shape: tuple[int, ...]  # ggml order: fastest-moving dimension first, as the file stores it
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    file_map: np.ndarray = dataclasses.field(repr=False)  # uint8 memmap of the whole file
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored elements as gguf.GGUFReader gives them (what gguf.quants.dequantize takes): typed
+        [reversed shape] for float/int types, uint8 [..., bytes per row] for block-quantized ones."""
+        raw = self.file_map[self.offset : self.offset + self.nbytes]
+        rows = tuple(reversed(self.shape))
+        dtype = _ELEMENT_DTYPES.get(self.tensor_type.name)
+        if dtype is not None:
+            return raw.view(dtype).reshape(rows)
+        from gguf.quants import quant_shape_to_byte_shape
+
+        return raw.reshape(quant_shape_to_byte_shape(rows, self.tensor_type))
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """A parsed GGUF file: metadata (numeric arrays as numpy arrays, string arrays as lists) and tensors."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: tuple[GGUFTensor, ...]
+    alignment: int
+    data_offset: int  # where the data section starts
+
+
+class _HeaderParser:
+    """Walks the header bytes of a mapped GGUF file; every read checks it stays inside the file."""
+
+    def __init__(self, buffer: memoryview):
+        self.buffer = buffer
+        self.pos = 0
+
+    def need(self, size: int) -> None:
+        if size < 0 or self.pos + size > len(self.buffer):
+            raise ValueError(f"the header runs past the end of the file (needs byte {self.pos + size}, "
+                             f"the file has {len(self.buffer)})")  # fmt: skip
+
+    def u32(self) -> int:
+        self.need(4)
+        (value,) = _U32.unpack_from(self.buffer, self.pos)
+        self.pos += 4
+        return value
+
+    def u64(self) -> int:
+        self.need(8)
+        (value,) = _U64.unpack_from(self.buffer, self.pos)
+        self.pos += 8
+        return value
+
+    def string(self) -> str:
+        size = self.u64()
+        self.need(size)
+        text = str(self.buffer[self.pos : self.pos + size], "utf-8")
+        self.pos += size
+        return text
+
+    def strings(self, count: int) -> list[str]:
+        """`count` strings back to back (a vocabulary: 262144 for Gemma 3), read in one tight loop."""
+        buffer, pos, end = self.buffer, self.pos, len(self.buffer)
+        unpack_length = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            (size,) = unpack_length(buffer, pos)
+            pos += 8
+            if pos + size > end:
+                raise ValueError(f"string {len(out)} of an array runs past the end of the file")
+            append(str(buffer[pos : pos + size], "utf-8"))
+            pos += size
+        self.pos = pos
+        return out
+
+    def value(self, kind: int) -> Any:
+        scalar = _SCALAR.get(kind)
+        if scalar is not None:
+            self.need(scalar.size)
+            (value,) = scalar.unpack_from(self.buffer, self.pos)
+            self.pos += scalar.size
+            return value
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            element_kind, count = self.u32(), self.u64()
+            dtype = _VALUE_DTYPES.get(element_kind)
+            if dtype is not None:
+                self.need(count * dtype.itemsize)
+                array = np.frombuffer(self.buffer, dtype, count, self.pos).copy()
+                self.pos += count * dtype.itemsize
+                return array
+            if element_kind == _STRING:
+                self.need(count * 8)  # each string has at least its length
+                return self.strings(count)
+            if element_kind == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            raise ValueError(f"array element type {element_kind} is not a GGUF value type (0-12)")
+        raise ValueError(f"value type {kind} is not a GGUF value type (0-12)")
+
+
+def _parse_header(path: Path) -> GGUFHeader:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    file_map = np.memmap(path, dtype=np.uint8, mode="r")
+    reader = _HeaderParser(memoryview(file_map))
+    reader.need(4)
+    magic = bytes(reader.buffer[:4])
+    if magic != _MAGIC:
+        raise ValueError(f"it starts with {magic!r}, not the GGUF magic {_MAGIC!r}")
+    reader.pos = 4
+    version = reader.u32()
+    if version not in _VERSIONS:
+        if version & 0xFFFF == 0 and int.from_bytes(version.to_bytes(4, "little"), "big") in _VERSIONS:
+            raise ValueError("it is a big-endian GGUF file; jaxllm reads little-endian ones")
+        raise ValueError(f"GGUF version {version} is not supported; supported: {', '.join(map(str, _VERSIONS))}")
+    tensor_count, kv_count = reader.u64(), reader.u64()
+    # Each key/value takes >= 12 bytes and each tensor entry >= 24: counts beyond that are damage.
+    if kv_count * 12 + tensor_count * 24 > len(reader.buffer):
+        raise ValueError(f"its counts ({tensor_count} tensors, {kv_count} key/values) exceed what the file can hold")
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = reader.string()
+        metadata[key] = reader.value(reader.u32())
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment={alignment!r} is invalid; allowed: a power of two")
+    entries = []
+    for _ in range(tensor_count):
+        name = reader.string()
+        num_dims = reader.u32()
+        reader.need(8 * num_dims)
+        shape = tuple(int(d) for d in np.frombuffer(reader.buffer, "<u8", num_dims, reader.pos))
+        reader.pos += 8 * num_dims
+        kind, offset = reader.u32(), reader.u64()
+        entries.append((name, shape, kind, offset))
+    data_offset = -(-reader.pos // alignment) * alignment
+    tensors, names = [], set()
+    for name, shape, kind, offset in entries:
+        if name in names:
+            raise ValueError(f"tensor {name!r} appears twice in the tensor table")
+        names.add(name)
+        try:
+            tensor_type = GGMLQuantizationType(kind)
+        except ValueError:
+            raise ValueError(f"tensor {name!r} has ggml type {kind}, which the gguf package does not know") from None
+        block_size, type_size = GGML_QUANT_SIZES[tensor_type]
+        elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if shape and shape[0] % block_size:
+            raise ValueError(f"tensor {name!r} has {shape[0]} elements per row, not a multiple of "
+                             f"{tensor_type.name}'s block of {block_size}")  # fmt: skip
+        nbytes = elements // block_size * type_size
+        start = data_offset + offset
+        if start + nbytes > len(reader.buffer):
+            raise ValueError(f"tensor {name!r} (bytes {start}..{start + nbytes}) runs past the end of the file "
+                             f"({len(reader.buffer)} bytes): truncated?")  # fmt: skip
+        tensors.append(GGUFTensor(name, shape, tensor_type, start, nbytes, file_map))
+    return GGUFHeader(path, version, metadata, tuple(tensors), alignment, data_offset)
+
+
+@functools.lru_cache(maxsize=_HEADER_CACHE_SIZE)
+def _cached_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct.error/IndexError on damaged files
+        return _parse_header(Path(path))
+    except (ValueError, struct.error) as e:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _open(path: Path) -> GGUFHeader:
+    """The parsed header of a GGUF file, parsed once per (path, size, mtime) in this process.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CheckpointError: the file is not a readable GGUF file (the message names it and what is wrong).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _cached_header(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def read_metadata(path: Path) -> dict:
-    """All key/value metadata of a GGUF file (tokenizer arrays included)."""
-    reader = _open(path)
-    return {key: field.contents() for key, field in reader.fields.items()}
+    """All key/value metadata of a GGUF file (tokenizer arrays included; numeric arrays as numpy arrays).
+
+    The dictionary is the cached header's own: treat it as read-only.
+    """
+    return _open(path).metadata
 
 
-def hf_config_dict(path: Path, reader=None) -> dict:
-    """A config.json dictionary equivalent to the GGUF metadata."""
-    reader = reader or _open(path)
-    arch = _field(reader, "general.architecture")
+def hf_model_type(metadata: dict) -> tuple[str, str] | None:
+    """(Hugging Face model_type, architecture class) of a GGUF file's metadata, None for an unknown architecture."""
+    arch = metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
+        return None
+    if arch == "llama" and "mistral" in str(metadata.get("general.name") or "").lower():
+        return "mistral", "MistralForCausalLM"  # llama.cpp writes Mistral as "llama"
+    return GGUF_ARCHITECTURES[arch]
+
+
+def hf_config_dict(path: Path, header: GGUFHeader | None = None) -> dict:
+    """A config.json dictionary equivalent to the GGUF metadata."""
+    header = header or _open(path)
+    metadata = header.metadata
+    arch = metadata.get("general.architecture")
+    model = hf_model_type(metadata)
+    if model is None:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    model_type, architecture = GGUF_ARCHITECTURES[arch]
-    name = str(_field(reader, "general.name", "") or "")
-    if arch == "llama" and "mistral" in name.lower():  # llama.cpp writes Mistral as "llama"
-        model_type, architecture = "mistral", "MistralForCausalLM"
+    model_type, architecture = model
     config: dict = {"model_type": model_type, "architectures": [architecture]}
     for key, hf_key in _CONFIG_KEYS.items():
-        value = _field(reader, f"{arch}.{key}")
+        value = metadata.get(f"{arch}.{key}")
         if value is not None:
             config[hf_key] = value
-    head_dim = _field(reader, f"{arch}.{_HEAD_DIM_KEY[arch]}")
+    head_dim = metadata.get(f"{arch}.{_HEAD_DIM_KEY[arch]}")
     if head_dim is not None:
         config["head_dim"] = int(head_dim)
     if arch == "gemma3":
@@ -99,24 +316,24 @@ def hf_config_dict(path: Path, reader=None) -> dict:
         scalar = config["hidden_size"] // heads if config.get("num_hidden_layers") == 62 else config["head_dim"]
         config["query_pre_attn_scalar"] = scalar
     if "vocab_size" not in config:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        config["vocab_size"] = len(tokens.data) if tokens is not None else None
-    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        config["vocab_size"] = len(tokens) if tokens is not None else None
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in header.tensors)
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):  # fmt: skip
-        value = _field(reader, f"tokenizer.ggml.{key}")
+        value = metadata.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[hf_key] = int(value)
-    types = {t.tensor_type.name for t in reader.tensors}
+    types = {t.tensor_type.name for t in header.tensors}
     config["torch_dtype"] = "bfloat16" if types <= {"BF16", "F32"} and "BF16" in types else (
         "float16" if types <= {"F16", "F32"} and "F16" in types else "float32")  # fmt: skip
     return config
 
 
 def read_config(path: Path) -> ModelConfig:
-    reader = _open(path)
-    cfg = config_from_hf_dict(hf_config_dict(path, reader))
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    header = _open(path)
+    cfg = config_from_hf_dict(hf_config_dict(path, header))
+    freqs = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         factors = tuple(float(f) for f in np.asarray(_dequantize(freqs), np.float32).reshape(-1))
         rope = RopeConfig(**{**cfg.rope.__dict__, "freq_factors": factors})
@@ -124,7 +341,7 @@ def read_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def _dequantize(tensor) -> np.ndarray:
+def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     """One GGUF tensor as a float32 numpy array in row-major (Hugging Face) layout."""
     from gguf.quants import dequantize
 
@@ -134,7 +351,7 @@ def _dequantize(tensor) -> np.ndarray:
             f"GGUF tensor {tensor.name!r} has type {kind}, which jaxllm does not load; "
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shape = tuple(reversed(tensor.shape))
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
 
 
@@ -147,8 +364,7 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 def iter_gguf_file_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (GGUF tensor name, float32 array in Hugging Face layout), metadata-only tensors skipped."""
     family = family_of(cfg.architecture)
-    reader = _open(path)
-    for tensor in reader.tensors:
+    for tensor in _open(path).tensors:
         if tensor.name == "rope_freqs.weight":  # folded into the config (read_config)
             continue
         array = _dequantize(tensor)
