@@ -5,7 +5,13 @@
     print(llm.generate("What is machine learning?", SamplingParams(max_tokens=64)).outputs[0].text)
 """
 
-from jaxllm import distributed as _distributed
+import os as _os
+
+# transformers serves jaxllm's tokenizers and configs only; without torch (jaxllm never needs it) it
+# would print that "models won't be available" at its import.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from jaxllm import distributed as _distributed  # noqa: E402
 
 # Under `python -m jaxllm.launch` (or SLURM with JAXLLM_SLURM=1) join the distributed runtime now,
 # before anything starts a JAX backend.

@@ -6,7 +6,9 @@
   jaxllm models                                 the built-in models
 
 A single prompt streams to the terminal as tokens arrive. Prompts are wrapped in the model's chat
-template when it has one (--raw turns that off).
+template when it has one (--raw turns that off). The engine is sized to the job (as many sequences
+as there are prompts), so it has fewer programs to prepare; start-up phases are logged at INFO
+(JAXLLM_LOG=WARNING quiets them) to standard error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, local directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--backend", default=None, help="attention backend: xla | pallas (default: pallas on GPU)")
+    p.add_argument("--backend", default=None,
+                   help="attention backend: xla | pallas | pallas_interpret (default: pallas on GPU, xla on CPU)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -62,10 +65,13 @@ def _format(llm, args, text: str) -> str:
     return tok.apply_chat_template(_messages(args.system, text), add_generation_prompt=True, tokenize=False)
 
 
-def _load(args):
+def _load(args, num_sequences: int | None = None):
+    """The LLM of the command; `num_sequences`, the most it will run at once (the default engine
+    size when None)."""
     from jaxllm import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, backend=args.backend)
+    kwargs = {} if num_sequences is None else {"max_batch_size": min(num_sequences, 2048)}
+    return LLM(model=args.model, dtype=args.dtype, backend=args.backend, **kwargs)
 
 
 def _stream(llm, prompt: str, params) -> str:
@@ -92,7 +98,7 @@ def cmd_generate(args) -> int:
         print("give a PROMPT or --input-file", file=sys.stderr)
         return 2
     params = _sampling_params(args)
-    with _load(args) as llm:
+    with _load(args, len(prompts) * params.best_of) as llm:
         if len(prompts) == 1:
             _stream(llm, _format(llm, args, prompts[0]), params)
         else:
@@ -104,7 +110,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     params = _sampling_params(args)
-    with _load(args) as llm:
+    with _load(args, params.best_of) as llm:
         tok = llm.tokenizer
         if not getattr(tok, "chat_template", None):
             print(f"{args.model} has no chat template; use `jaxllm generate`", file=sys.stderr)
@@ -146,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(func=cmd_models)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("JAXLLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[jaxllm] %(message)s"))
+    log = logging.getLogger("jaxllm")
+    log.addHandler(handler)
+    log.setLevel(os.environ.get("JAXLLM_LOG", "INFO").upper())
+    log.propagate = False
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:

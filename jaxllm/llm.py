@@ -11,6 +11,7 @@ anything reaches the engine, so a bad prompt raises in the caller and the engine
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import itertools
@@ -20,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,7 +60,9 @@ from jaxllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("jaxllm")
 
-ATTENTION_BACKENDS = ("xla", "pallas")
+# 'pallas_interpret' runs the Pallas kernels in the Pallas interpreter, on any platform: slow, for
+# tests and for reading the kernels on a machine without a GPU.
+ATTENTION_BACKENDS = ("xla", "pallas", "pallas_interpret")
 # TensorRT-LLM backend names: the first two select jaxllm's default attention backend; 'tensorrt'
 # additionally compiles every shape bucket at construction.
 SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
@@ -94,19 +98,21 @@ def request_extras(n: int, **extras) -> list[dict]:
     return [{name: values[i] for name, values in per.items()} for i in range(n)]
 
 
-def default_backend() -> str:
-    """'pallas' on a GPU, 'xla' elsewhere (the Pallas kernels run interpreted, slowly, on the CPU)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+def default_backend(platform: str | None = None) -> str:
+    """'pallas' on a GPU, 'xla' elsewhere (platform None: JAX's default)."""
+    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
 
 
-def resolve_backend(backend: Optional[str]) -> str:
+def resolve_backend(backend: Optional[str], platform: str | None = None) -> str:
+    """The attention backend `backend` names (None: the platform's), checked against the platform
+    the engine runs on ('gpu', 'cpu'; None: JAX's default)."""
     global _logged_backend_alias
     if backend is None:
-        return default_backend()
+        return default_backend(platform)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     if backend in SEED_BACKENDS:
-        chosen = default_backend()
+        chosen = default_backend(platform)
         if not _logged_backend_alias:
             logger.warning("backend=%r selects jaxllm's %r attention backend", backend, chosen)
             _logged_backend_alias = True
@@ -115,11 +121,40 @@ def resolve_backend(backend: Optional[str]) -> str:
         raise ValueError(
             f"backend={backend!r} is not valid; valid: None, {', '.join(map(repr, ATTENTION_BACKENDS + SEED_BACKENDS))}"
         )
+    if backend == "pallas" and (platform or jax.default_backend()) != "gpu":
+        raise ValueError("backend='pallas' runs the Pallas GPU kernels and this machine has no GPU; the CPU's backend "
+                         "is 'xla' (the default here), and backend='pallas_interpret' runs the kernels in the "
+                         "Pallas interpreter (very slow: for tests)")  # fmt: skip
     return backend
 
 
 EXECUTABLES_DIR = "executables"
 PRECOMPILE_ENV = "JAXLLM_PRECOMPILE"
+
+
+# LLMs whose engines still run. The interpreter's exit stops them (`_stop_live_engines`): an engine
+# thread still inside XLA when the interpreter tears threads down aborts the process ("FATAL:
+# exception not rethrown", exit status 134), so every engine is stopped and joined first, and its
+# unfinished requests resolve with EngineShutdown. Registered with atexit at the first LLM, after JAX
+# has set up its backends, so it runs before JAX's own exit handlers.
+_LIVE: "weakref.WeakSet[LLM]" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _stop_live_engines() -> None:
+    for llm in list(_LIVE):
+        try:
+            llm.shutdown()
+        except Exception:  # one engine's trouble must not keep the others running
+            logger.exception("stopping an LLM at exit failed")
+
+
+def _register_live(llm: "LLM") -> None:
+    global _exit_hook_registered
+    _LIVE.add(llm)
+    if not _exit_hook_registered:
+        atexit.register(_stop_live_engines)
+        _exit_hook_registered = True
 
 
 @contextlib.contextmanager
@@ -198,7 +233,8 @@ class LLM:
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         resolve_dtype(dtype)  # validate the name before loading anything
         started = time.perf_counter()
-        resolve_backend(backend)  # validate names before loading anything
+        platform = (list(self.mesh.devices.flat)[0] if self.mesh is not None else jax.devices()[0]).platform
+        resolve_backend(backend, platform)  # validate names before loading anything
         EngineArgs.from_kwargs(kwargs)
         with _phase("resolved model %s", model):
             self.resolved = loader.resolve(model, revision)
@@ -214,24 +250,37 @@ class LLM:
             cfg = loader.read_config(self.resolved)
             self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
         self.backend_name = backend
-        self.backend = resolve_backend(backend)
-        platform = (list(self.mesh.devices.flat)[0] if self.mesh is not None else jax.devices()[0]).platform
+        self.backend = resolve_backend(backend, platform)
         self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
+        self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
+        self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
+        # The programs depend on the weights' shapes, not their values: they are loaded from the
+        # cache or compiled (on a pool of threads) while the tokenizer and the weights load.
+        self.params = None
+        runner = self._build_runner()
+        # (Several processes load their weights in step, before the leader's programs are sent.)
+        preparing = self._prepare_programs(runner, background=True) if self._channel is None else None
         self.tokenizer = None
         if not skip_tokenizer_init:
             with _phase("tokenizer"):
                 source = tokenizer if tokenizer is not None else self.resolved
                 self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code,
                                                 tokenizer_mode)  # fmt: skip
-        self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
-        self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
         with _phase("weights (%s, %s)", "random" if self.args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
                                                     self.args.load_format, self.args.seed or 0)  # fmt: skip
-        self._build_engine()
+        runner.params = self.params
+        if self._channel is not None and not distributed.is_leader():
+            runner.follow()  # until the leader shuts down
+            return
+        if preparing is not None:
+            preparing()
+        else:
+            self._prepare_programs(runner, background=False)
+        self._start_engine(runner)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)
 
@@ -267,16 +316,34 @@ class LLM:
                            lora_targets=targets, prompt_slots=prompt_slots, prompt_tokens=prompt_tokens,
                            plan=self.tp_plan, mesh=self.mesh)  # fmt: skip
 
-    def _build_engine(self) -> None:
+    def _abstract_params(self):
+        """The weights as ShapeDtypeStructs with the shardings they load into."""
+        from jaxllm.models.params import abstract_params
+
+        abstract = abstract_params(self.engine_config, self.dtype)
+        if self.mesh is not None:
+            shardings = sharding_lib.param_shardings(self.engine_config, self.mesh)
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+
+    def _build_runner(self) -> ModelRunner:
+        """The KV cache sized for the device, and the runner over it (its weights still abstract)."""
         cfg, args = self.engine_config, self.args
-        adapters = self._build_adapters()  # before sizing the KV cache, which takes what memory is left
+        self._adapter_bank = adapters = self._build_adapters()  # before sizing the KV cache
         kv_cfg = args.kv_cache_config
         kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
+        self._kv_dtype = kv_dtype
         page_size = kv_cfg.tokens_per_block
         max_num_tokens = args.max_num_tokens
         devices = list(self.mesh.devices.flat) if self.mesh is not None else None
+        abstract = self._abstract_params()
+        weight_bytes = max(0, sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jax.numpy.dtype(a.dtype).itemsize
+                                  for a in jax.tree.leaves(abstract)))  # fmt: skip
         num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size, devices,
-                                   tp_kv_shards=self.tensor_parallel_size, max_seq_len=args.max_seq_len)  # fmt: skip
+                                   tp_kv_shards=self.tensor_parallel_size, max_seq_len=args.max_seq_len,
+                                   pending_bytes=weight_bytes)  # fmt: skip
         capacity = (num_pages - 1) * page_size
         if num_pages < 2:
             raise ValueError(
@@ -308,21 +375,55 @@ class LLM:
         kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
         logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
                     kv_bytes * jax.numpy.dtype(kv_dtype).itemsize / 1e9, jax.numpy.dtype(kv_dtype).name, max_seq_len)  # fmt: skip
-        runner = ModelRunner(cfg, self.params, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters,
-                             cache_dir=self.compile_cache_dir)  # fmt: skip
+        return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters,
+                           cache_dir=self.compile_cache_dir)  # fmt: skip
+
+    def _prepare_programs(self, runner: ModelRunner, background: bool):
+        """Make every program the engine can ask for: serving then never waits for a compilation
+        ($JAXLLM_PRECOMPILE=0 compiles each at its first use instead, for tests and experiments; the
+        'tensorrt' backend, TensorRT-LLM's ahead-of-time one, precompiles whatever it says). With
+        `background`, on a thread: returns a function that waits for it (and raises what it raised)."""
         if self._channel is not None and not distributed.is_leader():
-            runner.follow()  # until the leader shuts down
-            return
-        if self.resolved.kind == "saved":
-            loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
-            logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
-        # Every program the engine can ask for, now: serving never waits for a compilation
-        # ($JAXLLM_PRECOMPILE=0 compiles each at its first use instead, for tests and experiments;
-        # the 'tensorrt' backend, TensorRT-LLM's ahead-of-time one, precompiles whatever it says).
-        with _phase("programs"):
+            return None  # a follower makes what the leader's precompile message lists
+        started = time.perf_counter()
+
+        def prepare():
+            if self.resolved.kind == "saved":
+                loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
+                logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
             if os.environ.get(PRECOMPILE_ENV, "1") != "0" or self.backend_name == "tensorrt":
                 runner.precompile()
-            runner.warm_up()
+
+        if not background:
+            prepare()
+            logger.info("programs in %.1f s", time.perf_counter() - started)
+            return None
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                prepare()
+            except BaseException as e:  # handed to the caller's thread by wait()
+                failure.append(e)
+
+        thread = threading.Thread(target=run, name="jaxllm-programs", daemon=True)
+        thread.start()
+
+        def wait():
+            thread.join()
+            if failure:
+                raise failure[0]
+            logger.info("programs in %.1f s", time.perf_counter() - started)
+
+        return wait
+
+    def _start_engine(self, runner: ModelRunner) -> None:
+        """The scheduler and the engine thread, over a runner whose programs are ready."""
+        cfg, args = self.engine_config, self.args
+        runner.warm_up()
+        kv_cfg = args.kv_cache_config
+        num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens
+        adapters, kv_dtype, max_seq_len = self._adapter_bank, self._kv_dtype, self.max_seq_len
         admission = AdapterAdmission(
             lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters and adapters.lora_slots else None,
             prompt=(SlotTable(adapters.prompt_slots, runner.write_prompt_adapter)
@@ -343,6 +444,7 @@ class LLM:
         self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
                               overlap=not args.disable_overlap_scheduler)  # fmt: skip
         self._request_ids = itertools.count()
+        _register_live(self)
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():
@@ -637,7 +739,10 @@ class LLM:
             self.tokenizer.save_pretrained(str(path))
 
     def shutdown(self) -> None:
-        """Stop the engine; pending requests fail with EngineShutdown; device memory is released."""
+        """Stop the engine; pending requests fail with EngineShutdown; device memory is released.
+
+        Not needed before a script ends: the interpreter's exit shuts every live LLM down."""
+        _LIVE.discard(self)
         with self._shutdown_lock:
             engine, self._engine = self._engine, None
             pool, self._fetch_pool = self._fetch_pool, None

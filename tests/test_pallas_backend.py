@@ -11,7 +11,7 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [11, 12], [300, 12, 13, 14,
 def test_pallas_backend_matches_xla(name, tiny_dir, tiny_llm):
     params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
     expected = tiny_llm(name).generate(PROMPTS, params, use_tqdm=False)
-    with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas",
+    with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas_interpret",
              max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8}) as llm:  # fmt: skip
         got = llm.generate(PROMPTS, params, use_tqdm=False)
     for e, g in zip(expected, got):

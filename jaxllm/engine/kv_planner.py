@@ -42,17 +42,20 @@ def device_free_bytes(device) -> int | None:
 
 
 def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_num_tokens: int,
-                   max_batch_size: int, devices=None, tp_kv_shards: int = 1, max_seq_len: int | None = None) -> int:  # fmt: skip
+                   max_batch_size: int, devices=None, tp_kv_shards: int = 1, max_seq_len: int | None = None,
+                   pending_bytes: int = 0) -> int:  # fmt: skip
     """How many pages (page 0 included) the KV cache gets.
 
     Args:
       devices: the devices holding the cache (default: the first local device).
       max_seq_len: the longest sequence the engine serves (default: the model's maximum); on the
         CPU the cache holds at most max_batch_size of them.
+      pending_bytes: what each device will still take for the weights (the cache is sized before
+        they load, so that the programs can be made meanwhile).
     """
     devices = [d for d in (devices or jax.local_devices()[:1]) if d.process_index == jax.process_index()]
     per_token = bytes_per_token(cfg, kv_dtype, tp_kv_shards)
-    free = [device_free_bytes(d) for d in devices]
+    free = [None if f is None else f - pending_bytes for f in (device_free_bytes(d) for d in devices)]
     if devices[0].platform != "cpu" and all(f is not None for f in free):
         budget = (min(free) - activation_reserve(cfg, max_num_tokens, max_batch_size)) * kv_config.free_gpu_memory_fraction
     else:

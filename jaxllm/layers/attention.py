@@ -14,6 +14,7 @@ T x chunk instead of T x context, and it stops after the chunk holding the batch
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -128,22 +129,23 @@ def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv) ->
     KV_WRITERS[name] = write
 
 
-def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None):
-    """The Pallas kernels (pallas_kernels/); in the Pallas interpreter when running on the CPU."""
+def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None, interpret=False):
+    """The Pallas kernels (pallas_kernels/); in the Pallas interpreter with `interpret`."""
     from pallas_kernels import paged_attention
 
-    return paged_attention(q, k_pages, v_pages, batch, scale=scale, window=window,
-                           interpret=jax.default_backend() == "cpu")  # fmt: skip
+    return paged_attention(q, k_pages, v_pages, batch, scale=scale, window=window, interpret=interpret)
 
 
-def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping):
+def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
     """Both caches written by one Pallas kernel (pallas_kernels/kv_write.py), in place."""
     from pallas_kernels.kv_write import write_kv_kernel
 
-    return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=jax.default_backend() == "cpu")
+    return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
 
 
 register_backend("pallas", _pallas_backend, _pallas_write_kv)
+register_backend("pallas_interpret", functools.partial(_pallas_backend, interpret=True),
+                 functools.partial(_pallas_write_kv, interpret=True))  # fmt: skip
 
 
 def get_backend(name: str) -> AttentionFn:
