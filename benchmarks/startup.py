@@ -1,0 +1,155 @@
+"""First contact, measured: LLM() with an empty program cache and with a warm one (each in a new
+process), the first pass of a workload beside the second in the same process, and LLM() to the
+first token.
+
+    PYTHONUNBUFFERED=1 python benchmarks/startup.py --card h200 [--out DIR]   # Llama-3.1-8B shape, bf16
+    python benchmarks/startup.py --card cpu                                    # SmolLM2-135M, the built-in
+
+Each start runs in its own process (`--child`), the first with an empty cache directory and the
+second with what the first left there; neither subtracts compile time from anything. Workloads:
+  fixed   1,024 requests of 128 prompt / 128 output tokens (h200), 64 of 64 / 32 (cpu);
+  mix     a ShareGPT-like mix: lognormal prompt and output lengths (means ~280 / ~220 tokens on the
+          h200, 1,000 requests; ~60 / ~40 on the CPU, 48 requests), seeded;
+each run twice in a row, all requests queued at once. Prints a table; writes startup_<card>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+
+CARDS = {
+    "h200": {
+        "model": str(CONFIGS / "llama-3.1-8b"),
+        "llm": dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_batch_size=512,
+                    max_num_tokens=8192, max_seq_len=4096),  # fmt: skip
+        "fixed": (1024, 128, 128),
+        "mix": dict(n=1000, prompt_mean=280, output_mean=220, sigma=0.9, max_prompt=2048, max_output=1024),
+    },
+    "cpu": {
+        "model": "smollm2",
+        "llm": dict(),
+        "fixed": (64, 64, 32),
+        "mix": dict(n=48, prompt_mean=60, output_mean=40, sigma=0.8, max_prompt=512, max_output=256),
+    },
+}
+
+
+def sharegpt_like(n: int, prompt_mean: float, output_mean: float, sigma: float, max_prompt: int, max_output: int,
+                  vocab: int, seed: int = 0):  # fmt: skip
+    """n (prompt token ids, output length) pairs with lognormal lengths of the given means."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mu_p, mu_o = np.log(prompt_mean) - sigma**2 / 2, np.log(output_mean) - sigma**2 / 2
+    lengths = np.clip(rng.lognormal(mu_p, sigma, n), 4, max_prompt).astype(int)
+    outputs = np.clip(rng.lognormal(mu_o, sigma, n), 4, max_output).astype(int)
+    prompts = [[int(t) for t in rng.integers(10, vocab - 10, size=L)] for L in lengths]
+    return prompts, [int(o) for o in outputs]
+
+
+def child(card: str) -> dict:
+    """One process: LLM(), the first token, then each workload twice."""
+    started = time.perf_counter()
+    from jaxllm import LLM, SamplingParams
+
+    imported = time.perf_counter()
+    spec = CARDS[card]
+    llm = LLM(model=spec["model"], **spec["llm"])
+    ready = time.perf_counter()
+    llm.generate([11, 12, 13, 14], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+    first_token = time.perf_counter()
+    runner = llm._engine.runner
+    result = {"import_s": imported - started, "llm_s": ready - imported, "first_token_s": first_token - ready,
+              "programs": len(runner.bucket_shapes()), "compiled": runner.programs.num_compiled,
+              "loaded": runner.programs.num_loaded, "prepare_s": runner.compile_seconds,
+              "device": str(runner._devices()[0].device_kind)}  # fmt: skip
+    vocab = llm.config.vocab_size
+    n, isl, osl = spec["fixed"]
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    fixed = ([[int(t) for t in rng.integers(10, vocab - 10, size=isl)] for _ in range(n)], [osl] * n)
+    mix = sharegpt_like(vocab=vocab, **spec["mix"])
+    for name, (prompts, outputs) in (("fixed", fixed), ("mix", mix)):
+        params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs]
+        runs = []
+        for _ in range(2):
+            compiled0 = runner.programs.num_compiled
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs.append({"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
+                         "compiled_during": runner.programs.num_compiled - compiled0})  # fmt: skip
+        result[name] = {"requests": len(prompts), "mean_prompt": float(np.mean([len(p) for p in prompts])),
+                        "mean_output": float(np.mean(outputs)), "first": runs[0], "second": runs[1],
+                        "first_over_second": runs[0]["wall_s"] / runs[1]["wall_s"]}  # fmt: skip
+        print(f"[{card}] {name}: first {runs[0]['output_tok_s']:.0f} tok/s, second {runs[1]['output_tok_s']:.0f} "
+              f"tok/s ({result[name]['first_over_second']:.3f}x)", file=sys.stderr, flush=True)  # fmt: skip
+    llm.shutdown()
+    result["total_s"] = time.perf_counter() - started
+    return result
+
+
+def run_child(card: str, cache: Path, timeout: float) -> dict:
+    env = {**os.environ, "JAXLLM_COMPILE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    env.pop("JAXLLM_PRECOMPILE", None)
+    proc = subprocess.run([sys.executable, __file__, "--child", "--card", card], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+    sys.stderr.write(proc.stderr[-2000:])
+    line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
+    return json.loads(line[len("RESULT ") :])
+
+
+def report(card: str, rows: dict) -> None:
+    print(f"\n== start-up and first passes, {card} ({rows.get('empty_cache', {}).get('device', '?')}) ==")
+    print(f"{'':22}{'empty cache':>14}{'warm cache':>14}")
+    for key, label in (("llm_s", "LLM() s"), ("first_token_s", "then 1st token s"), ("programs", "programs"),
+                       ("compiled", "compiled"), ("loaded", "from the cache"), ("prepare_s", "programs' s")):  # fmt: skip
+        values = [rows.get(r, {}).get(key) for r in ("empty_cache", "warm_cache")]
+        print(f"{label:22}" + "".join(f"{v:>14.2f}" if isinstance(v, float) else f"{v!s:>14}" for v in values))
+    for name in ("fixed", "mix"):
+        for r in ("empty_cache", "warm_cache"):
+            w = rows.get(r, {}).get(name)
+            if w:
+                print(f"{name} ({w['requests']} req, {w['mean_prompt']:.0f}/{w['mean_output']:.0f}) {r}: first "
+                      f"{w['first']['output_tok_s']:.0f} tok/s, second {w['second']['output_tok_s']:.0f} tok/s, "
+                      f"first/second wall {w['first_over_second']:.3f}x, compiled during "
+                      f"{w['first']['compiled_during']}/{w['second']['compiled_during']}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--card", choices=sorted(CARDS), default="cpu")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.card)), flush=True)
+        return
+    rows = {"date": time.strftime("%Y-%m-%d"), "card": args.card, "command": " ".join(sys.argv)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "programs"
+        for label in ("empty_cache", "warm_cache"):
+            rows[label] = run_child(args.card, cache, args.timeout)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"startup_{args.card}.json").write_text(json.dumps(rows, indent=2))
+    report(args.card, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The warm engine through the public API only, so that two commits can be timed side by side in one
+call: batch-1 decode (ms per token after the first, streaming) and offline 128/128 throughput, each
+after a warm-up pass of the same shape; and greedy tokens of 'pallas' against 'xla' on small shapes.
+
+    python benchmarks/steady_state.py --label new                  # this tree
+    PYTHONPATH=/path/to/old/tree python benchmarks/steady_state.py --label old
+
+Llama-3.1-8B shape in bf16, random weights (load_format="dummy"). Prints one JSON line (RESULT ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def batch1_ms(llm, SamplingParams, vocab: int, tokens: int = 256) -> float:
+    prompt = [int(10 + (i * 7919) % (vocab - 20)) for i in range(128)]
+    times = []
+    for out in llm.generate_async(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True), streaming=True):
+        times.append((time.perf_counter(), len(out.outputs[0].token_ids)))
+    (t0, n0), (t1, n1) = times[0], times[-1]
+    return (t1 - t0) / (n1 - n0) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="new")
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--skip-correctness", action="store_true")
+    args = parser.parse_args()
+    import jax
+    import numpy as np
+
+    from jaxllm import LLM, SamplingParams
+
+    result = {"label": args.label, "jaxllm": sys.modules["jaxllm"].__file__, "device": jax.devices()[0].device_kind}
+    started = time.perf_counter()
+    llm = LLM(model=str(CONFIGS / "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              max_batch_size=512, max_num_tokens=8192, max_seq_len=4096)  # fmt: skip
+    result["llm_s"] = time.perf_counter() - started
+    vocab = llm.config.vocab_size
+    batch1_ms(llm, SamplingParams, vocab, 32)
+    result["batch1_ms"] = statistics.median(batch1_ms(llm, SamplingParams, vocab) for _ in range(3))
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(10, vocab - 10, size=128)] for _ in range(args.requests)]
+    params = SamplingParams(max_tokens=128, ignore_eos=True)
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+    result["tok_s_128_128"] = runs
+    llm.shutdown()
+    if not args.skip_correctness:
+        rows = []
+        prompts = [[int(t) for t in rng.integers(10, 900, size=n)] for n in (7, 40, 130, 600)]
+        for name in ("smollm2-135m", "gemma3-270m"):
+            got = {}
+            for backend in ("xla", "pallas"):
+                with LLM(model=str(CONFIGS / name), load_format="dummy", dtype="float32", skip_tokenizer_init=True,
+                         backend=backend, max_batch_size=8, max_num_tokens=1024, max_seq_len=1024) as small:  # fmt: skip
+                    outs = small.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+                    got[backend] = [o.outputs[0].token_ids for o in outs]
+            rows.append({"model": name, "same_tokens": got["xla"] == got["pallas"]})
+        result["pallas_vs_xla"] = rows
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
