@@ -95,7 +95,6 @@ def part_perf(args) -> dict:
     import jax
 
     from jaxllm import LLM, SamplingParams
-    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
 
     cfg_dir = CONFIGS / args.model
     max_batch, max_tokens = args.max_batch, args.max_num_tokens
@@ -105,18 +104,9 @@ def part_perf(args) -> dict:
     engine = llm._engine
     runner = engine.runner
     build_s = time.perf_counter() - t0
-    # Compile the shapes these workloads visit, in parallel (the rest compile on first use and
-    # their compile time is subtracted from the timed runs below).
-    P = runner.page_buckets[0]
-    K = runner.config.decode_steps
-    shapes = [StepShape(b, b, P, 1, decode_steps=k) for b in (1, max_batch // 2, max_batch) for k in {1, K}]
-    for T, q in ((args.short, args.short), (args.long, args.long), (max_tokens, args.short), (max_tokens, args.long)):
-        T = bucket_for(T, runner.token_buckets)
-        Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
-        shapes.append(StepShape(T, min(T, max_batch), P, Q))
-    t0 = time.perf_counter()
-    runner.precompile(shapes, progress=False, threads=args.compile_threads)
-    precompile_s = time.perf_counter() - t0
+    # LLM() made every program the engine can run (loaded from the program cache or compiled).
+    shapes = runner.bucket_shapes()
+    precompile_s = runner.compile_seconds
     vocab = llm.config.vocab_size
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm.params))
     tbs = hbm_tbs(jax.devices()[0].device_kind)

@@ -31,8 +31,8 @@ from gpu_e2e import decode_ms_per_token, synthetic  # noqa: E402
 
 
 def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16", devices=None):
-    """An engine with random weights; `precompile` lists (num_tokens, max_query_len) of mixed steps
-    and (B, 1) of decode steps (single and multi-step) to compile in parallel before anything is timed."""
+    """An engine with random weights, every program made before anything is timed (`precompile`, the
+    shapes the callers' workloads visit, is kept for their signatures: LLM() makes them all)."""
     from jaxllm import LLM
 
     llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
@@ -40,43 +40,25 @@ def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype:
               max_seq_len=args.max_seq_len, devices=devices,
               disable_overlap_scheduler=getattr(args, "no_overlap", False),
               num_scheduler_steps=getattr(args, "decode_steps", None) or 8)  # fmt: skip
-    if getattr(args, "one_graph", None):  # the runner's choice, overridden before anything compiles
-        runner = llm._engine.runner
+    runner = llm._engine.runner
+    if getattr(args, "one_graph", None):  # the runner's choice, overridden (its programs made again)
         runner.config = dataclasses.replace(runner.config, one_graph_decode=args.one_graph == "on")
-        runner.executables.clear()
+        runner.reset_programs()
     if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
-        from jaxllm.engine.runner import decode_buckets
-
-        llm._engine.runner.seq_buckets = decode_buckets(args.min_decode_rows, args.max_batch)
-    compile_shapes(llm, args, precompile)
+        runner.buckets = dataclasses.replace(runner.buckets, min_decode_rows=args.min_decode_rows)
+        runner.reset_programs()
+    runner.precompile(progress=False)  # LLM() made every program; these only what an override changed
     return llm
 
 
-def compile_shapes(llm, args, precompile) -> None:
-    """Compile the steps of `precompile` ((num_tokens, max_query_len) pairs, as in `engine`)."""
-    from jaxllm.engine.runner import QUERY_BUCKETS, StepShape, bucket_for
-
-    runner = llm._engine.runner
-    P, shapes = runner.page_buckets[0], []
-    for tokens, q in precompile:
-        if q == 1:
-            B = bucket_for(min(tokens, args.max_batch), runner.seq_buckets)
-            shapes += [StepShape(B, B, P, 1, decode_steps=k) for k in {1, runner.config.decode_steps}]
-            continue
-        T = bucket_for(min(tokens, args.max_tokens), runner.token_buckets)
-        Q = T if runner.config.backend == "xla" else min(T, bucket_for(q, QUERY_BUCKETS + [T]))
-        shapes.append(StepShape(T, min(T, args.max_batch), P, Q))
-    runner.precompile(shapes, progress=False, threads=8)
-
-
-def use_vocab_parallel_sampling(llm, args, on: bool, precompile) -> None:
-    """Switch the engine's TP sampling between vocabulary-split and gathered [B, V] logits (the
-    step is rebuilt, so `precompile`'s shapes are compiled again, as in `engine`)."""
+def use_vocab_parallel_sampling(llm, args, on: bool, precompile=()) -> None:
+    """Switch the engine's TP sampling between vocabulary-split and gathered [B, V] logits (its
+    programs are made again)."""
     runner = llm._engine.runner
     if runner.config.vocab_parallel_sampling != on:
         runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=on)
-        runner._build_step()
-        compile_shapes(llm, args, precompile)
+        runner.reset_programs()
+        runner.precompile(progress=False)
 
 
 def greedy(llm, prompts, n):
@@ -316,7 +298,7 @@ def main() -> None:
                     llm._engine.overlap = overlap
                     if runner.config.one_graph_decode is not one_graph:
                         runner.config = dataclasses.replace(runner.config, one_graph_decode=one_graph)
-                        for shape in [s for s in runner.executables if s.decode_steps > 1]:
+                        for shape in [s for s in runner.executables if getattr(s, "decode_steps", 1) > 1]:
                             del runner.executables[shape]
                     got = greedy(llm, prompt, 40)
                     ref = ref or got

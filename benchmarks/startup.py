@@ -10,7 +10,9 @@ second with what the first left there; neither subtracts compile time from anyth
   fixed   1,024 requests of 128 prompt / 128 output tokens (h200), 64 of 64 / 32 (cpu);
   mix     a ShareGPT-like mix: lognormal prompt and output lengths (means ~280 / ~220 tokens on the
           h200, 1,000 requests; ~60 / ~40 on the CPU, 48 requests), seeded;
-each run twice in a row, all requests queued at once. Prints a table; writes startup_<card>.json.
+each run twice in a row (other prompts of the same lengths the second time, so the prefix cache
+serves neither), all requests queued at once. "first/second" is the second pass's output tokens/s
+over the first's. Prints a table; writes startup_<card>.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,9 +60,13 @@ def sharegpt_like(n: int, prompt_mean: float, output_mean: float, sigma: float, 
     return prompts, [int(o) for o in outputs]
 
 
-def child(card: str) -> dict:
+def child(card: str, starts_only: bool = False) -> dict:
     """One process: LLM(), the first token, then each workload twice."""
     started = time.perf_counter()
+    import logging
+
+    logging.basicConfig(format="[t=%(relativeCreated).0f ms] %(name)s: %(message)s")
+    logging.getLogger("jaxllm").setLevel(logging.INFO)
     from jaxllm import LLM, SamplingParams
 
     imported = time.perf_counter()
@@ -73,17 +80,32 @@ def child(card: str) -> dict:
               "programs": len(runner.bucket_shapes()), "compiled": runner.programs.num_compiled,
               "loaded": runner.programs.num_loaded, "prepare_s": runner.compile_seconds,
               "device": str(runner._devices()[0].device_kind)}  # fmt: skip
+    by_kind: dict = {}
+    for shape, (how, seconds) in runner.programs.seconds.items():
+        key = f"{type(shape).__name__}{'/' + shape.sampling if getattr(shape, 'sampling', '') else ''}:{how}"
+        count, total = by_kind.get(key, (0, 0.0))
+        by_kind[key] = (count + 1, total + seconds)
+    result["program_seconds_by_kind"] = {k: {"count": c, "seconds": t} for k, (c, t) in sorted(by_kind.items())}
+    slowest = sorted(runner.programs.seconds.items(), key=lambda kv: -kv[1][1])[:8]
+    result["slowest_programs"] = [[repr(shape), how, seconds] for shape, (how, seconds) in slowest]
+    if starts_only:
+        return result
     vocab = llm.config.vocab_size
     n, isl, osl = spec["fixed"]
     import numpy as np
 
-    rng = np.random.default_rng(1)
-    fixed = ([[int(t) for t in rng.integers(10, vocab - 10, size=isl)] for _ in range(n)], [osl] * n)
-    mix = sharegpt_like(vocab=vocab, **spec["mix"])
-    for name, (prompts, outputs) in (("fixed", fixed), ("mix", mix)):
-        params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs]
+    def fixed(seed):
+        rng = np.random.default_rng(seed)
+        return [[int(t) for t in rng.integers(10, vocab - 10, size=isl)] for _ in range(n)], [osl] * n
+
+    def mix(seed):
+        return sharegpt_like(vocab=vocab, seed=seed, **spec["mix"])
+
+    for name, workload in (("fixed", fixed), ("mix", mix)):
         runs = []
-        for _ in range(2):
+        for seed in (1, 2):  # other prompts each time: the prefix cache must not serve the second
+            prompts, outputs = workload(seed)
+            params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs]
             compiled0 = runner.programs.num_compiled
             t = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
@@ -93,7 +115,7 @@ def child(card: str) -> dict:
                          "compiled_during": runner.programs.num_compiled - compiled0})  # fmt: skip
         result[name] = {"requests": len(prompts), "mean_prompt": float(np.mean([len(p) for p in prompts])),
                         "mean_output": float(np.mean(outputs)), "first": runs[0], "second": runs[1],
-                        "first_over_second": runs[0]["wall_s"] / runs[1]["wall_s"]}  # fmt: skip
+                        "first_over_second": runs[1]["output_tok_s"] / runs[0]["output_tok_s"]}  # fmt: skip
         print(f"[{card}] {name}: first {runs[0]['output_tok_s']:.0f} tok/s, second {runs[1]['output_tok_s']:.0f} "
               f"tok/s ({result[name]['first_over_second']:.3f}x)", file=sys.stderr, flush=True)  # fmt: skip
     llm.shutdown()
@@ -101,23 +123,25 @@ def child(card: str) -> dict:
     return result
 
 
-def run_child(card: str, cache: Path, timeout: float) -> dict:
+def run_child(card: str, cache: Path, timeout: float, starts_only: bool = False) -> dict:
     env = {**os.environ, "JAXLLM_COMPILE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     env.pop("JAXLLM_PRECOMPILE", None)
-    proc = subprocess.run([sys.executable, __file__, "--child", "--card", card], capture_output=True, text=True,
-                          env=env, timeout=timeout)  # fmt: skip
-    sys.stderr.write(proc.stderr[-2000:])
+    command = [sys.executable, __file__, "--child", "--card", card] + (["--starts-only"] if starts_only else [])
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    log = [line for line in proc.stderr.splitlines() if line.startswith("[t=") or line.startswith("[")]
+    sys.stderr.write("\n".join(log[-30:]) + "\n")
     line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
     if line is None:
         return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
-    return json.loads(line[len("RESULT ") :])
+    return {**json.loads(line[len("RESULT ") :]), "log": log}
 
 
 def report(card: str, rows: dict) -> None:
     print(f"\n== start-up and first passes, {card} ({rows.get('empty_cache', {}).get('device', '?')}) ==")
     print(f"{'':22}{'empty cache':>14}{'warm cache':>14}")
-    for key, label in (("llm_s", "LLM() s"), ("first_token_s", "then 1st token s"), ("programs", "programs"),
-                       ("compiled", "compiled"), ("loaded", "from the cache"), ("prepare_s", "programs' s")):  # fmt: skip
+    labels = (("llm_s", "LLM() s"), ("first_token_s", "then 1st token s"), ("programs", "programs"),
+              ("compiled", "compiled"), ("loaded", "from the cache"), ("prepare_s", "programs' s"))
+    for key, label in labels:
         values = [rows.get(r, {}).get(key) for r in ("empty_cache", "warm_cache")]
         print(f"{label:22}" + "".join(f"{v:>14.2f}" if isinstance(v, float) else f"{v!s:>14}" for v in values))
     for name in ("fixed", "mix"):
@@ -126,7 +150,7 @@ def report(card: str, rows: dict) -> None:
             if w:
                 print(f"{name} ({w['requests']} req, {w['mean_prompt']:.0f}/{w['mean_output']:.0f}) {r}: first "
                       f"{w['first']['output_tok_s']:.0f} tok/s, second {w['second']['output_tok_s']:.0f} tok/s, "
-                      f"first/second wall {w['first_over_second']:.3f}x, compiled during "
+                      f"first/second {w['first_over_second']:.3f}x, compiled during "
                       f"{w['first']['compiled_during']}/{w['second']['compiled_during']}")  # fmt: skip
 
 
@@ -136,15 +160,19 @@ def main() -> None:
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--starts-only", action="store_true", help="LLM() and the first token; no workloads")
+    parser.add_argument("--cache", default=None, help="the program cache directory (emptied first; default: a "
+                                                      "temporary one)")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.card)), flush=True)
+        print("RESULT " + json.dumps(child(args.card, args.starts_only)), flush=True)
         return
     rows = {"date": time.strftime("%Y-%m-%d"), "card": args.card, "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "programs"
+        cache = Path(args.cache) if args.cache else Path(tmp) / "programs"
+        shutil.rmtree(cache, ignore_errors=True)
         for label in ("empty_cache", "warm_cache"):
-            rows[label] = run_child(args.card, cache, args.timeout)
+            rows[label] = run_child(args.card, cache, args.timeout, args.starts_only)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"startup_{args.card}.json").write_text(json.dumps(rows, indent=2))

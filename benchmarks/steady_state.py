@@ -64,8 +64,9 @@ def main() -> None:
         for name in ("smollm2-135m", "gemma3-270m"):
             got = {}
             for backend in ("xla", "pallas"):
-                with LLM(model=str(CONFIGS / name), load_format="dummy", dtype="float32", skip_tokenizer_init=True,
-                         backend=backend, max_batch_size=8, max_num_tokens=1024, max_seq_len=1024) as small:  # fmt: skip
+                small_args = dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, backend=backend,
+                                  max_batch_size=8, max_num_tokens=1024, max_seq_len=1024)
+                with LLM(model=str(CONFIGS / name), **small_args) as small:
                     outs = small.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
                     got[backend] = [o.outputs[0].token_ids for o in outs]
             rows.append({"model": name, "same_tokens": got["xla"] == got["pallas"]})

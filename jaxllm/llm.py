@@ -157,6 +157,24 @@ def _register_live(llm: "LLM") -> None:
         _exit_hook_registered = True
 
 
+def _import_transformers_meanwhile() -> None:
+    """Import transformers' config classes on a thread while JAX starts its backend (seconds each
+    on a GPU machine, where transformers imports torch too); the model config needs them next."""
+    import sys
+
+    if "transformers.configuration_utils" in sys.modules:
+        return
+
+    def load():
+        try:
+            import transformers.configuration_utils  # noqa: F401
+        except Exception:  # the real import, on the caller's thread, reports it
+            pass
+
+    # Not a daemon: an interpreter that exits meanwhile waits for it, not tearing it down mid-import.
+    threading.Thread(target=load, name="jaxllm-import").start()
+
+
 @contextlib.contextmanager
 def _phase(what: str, *args):
     """Log one start-up phase with its time (INFO)."""
@@ -201,6 +219,7 @@ class LLM:
         `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
         Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py.
         """
+        _import_transformers_meanwhile()
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
         self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
@@ -271,7 +290,8 @@ class LLM:
         with _phase("weights (%s, %s)", "random" if self.args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
-                                                    self.args.load_format, self.args.seed or 0)  # fmt: skip
+                                                    self.args.load_format, self.args.seed or 0,
+                                                    cache_dir=self.compile_cache_dir)  # fmt: skip
         runner.params = self.params
         if self._channel is not None and not distributed.is_leader():
             runner.follow()  # until the leader shuts down
@@ -373,8 +393,9 @@ class LLM:
             decode_steps=args.num_scheduler_steps,
         )
         kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        kv_type = jax.numpy.dtype(kv_dtype)
         logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
-                    kv_bytes * jax.numpy.dtype(kv_dtype).itemsize / 1e9, jax.numpy.dtype(kv_dtype).name, max_seq_len)  # fmt: skip
+                    kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
         return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters,
                            cache_dir=self.compile_cache_dir)  # fmt: skip
 

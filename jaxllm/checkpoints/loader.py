@@ -98,6 +98,15 @@ def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig) -> Iterator[tuple[st
 Placer = Callable[[str, np.ndarray], jax.Array]
 
 
+def _bar(resolved: ResolvedModel, cfg: ModelConfig, dtype, progress: bool):
+    """A progress bar over the weights' bytes (a count of tensors misleads: the first ones are the
+    largest), shown only if loading takes over a second."""
+    leaves = flatten_paths(abstract_params(cfg, dtype)).values()
+    total = sum(int(np.prod(a.shape)) * jnp.dtype(dtype).itemsize for a in leaves)
+    return tqdm(total=total, desc=f"loading {resolved.path.name}", unit="B", unit_scale=True, disable=not progress,
+                leave=False, delay=1.0)  # fmt: skip
+
+
 def default_placer(dtype) -> Placer:
     np_dtype = np.dtype(jnp.dtype(dtype))
 
@@ -128,23 +137,25 @@ def load_params(
         params = saved.restore_params(resolved.path, abstract)
         return jax.tree.map(lambda x: x.astype(dtype), params)
     place = place or default_placer(dtype)
-    total = len(flatten_paths(abstract_params(cfg, dtype)))
     flat = {}
-    bar = tqdm(total=total, desc=f"loading {resolved.path.name}", unit="tensor", disable=not progress, leave=False)
-    with bar:
+    with _bar(resolved, cfg, dtype, progress) as bar:
         for path, array in iter_tensors(resolved, cfg):
             flat[path] = place(path, array)
-            bar.update()
+            bar.update(flat[path].nbytes)
     return unflatten_paths(flat, cfg)
 
 
-def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, plan, shardings) -> dict:
+def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, plan, shardings,
+                  cache_dir=None) -> dict:  # fmt: skip
     """The checkpoint's random weights (load_format='dummy') in the engine's layout: the same values
     at every TP size. One small program per distinct parameter kind, reused by every layer (one
-    program for the whole model takes minutes to compile on the GPU)."""
+    program for the whole model takes minutes to compile on the GPU), kept in the program cache
+    (`cache_dir`, engine/executables.py) like the engine's."""
+    from jaxllm.engine.executables import CompileCache, compile_cached
     from jaxllm.models.params import init_param, param_keys, param_specs
 
     keys = param_keys(cfg, jax.random.key(seed))
+    cache = CompileCache(cache_dir) if cache_dir is not None else None
     flat_shardings = flatten_paths(shardings) if shardings is not None else {}
     programs, flat = {}, {}
     for path, spec in flatten_paths(param_specs(cfg)).items():
@@ -156,13 +167,15 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
                 w = init_param(spec, key, dtype)
                 return w if plan is None else plan.transform(path, w, xp=jnp)
 
-            make = programs[(name, spec, sharding)] = jax.jit(one, out_shardings=sharding)
+            lowered = jax.jit(one, out_shardings=sharding).lower(keys[path])
+            make = programs[(name, spec, sharding)] = compile_cached(lowered, cache)
         flat[path] = make(keys[path])
     return unflatten_paths(flat, engine_cfg)
 
 
 def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=None, mesh=None,
-                       load_format: str = "auto", seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+                       load_format: str = "auto", seed: int = 0, progress: bool = True,
+                       cache_dir=None) -> dict:  # fmt: skip
     """Weights in the engine's layout: placed straight into their shards when a mesh is given.
 
     Args:
@@ -175,7 +188,7 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
     shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
     if load_format == "dummy":
-        return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings)
+        return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir)
     if mesh is None:
         return load_params(resolved, cfg, dtype, progress=progress)
     if resolved.kind == "saved" and plan.is_identity:
@@ -193,11 +206,10 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
         flat = {path: place(path, np.asarray(x)) for path, x in flatten_paths(params).items()}
         return unflatten_paths(flat, engine_cfg)
     flat = {}
-    total = len(flatten_paths(abstract_params(cfg, dtype)))
-    with tqdm(total=total, desc=f"loading {resolved.path.name}", unit="tensor", disable=not progress, leave=False) as bar:
+    with _bar(resolved, cfg, dtype, progress) as bar:
         for path, array in iter_tensors(resolved, cfg):
             flat[path] = place(path, array)
-            bar.update()
+            bar.update(array.size * np.dtype(np_dtype).itemsize)
     return unflatten_paths(flat, engine_cfg)
 
 

@@ -93,7 +93,8 @@ def environment_description() -> dict:
 
     return {"format": FILE_FORMAT, "source": source_digest(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "x64": bool(jax.config.jax_enable_x64), "processes": [jax.process_index(), jax.process_count()]}  # fmt: skip
+            "x64": bool(jax.config.jax_enable_x64),
+            "processes": [jax.process_index(), jax.process_count()]}  # fmt: skip
 
 
 def digest_of(description: Any) -> str:
@@ -175,7 +176,8 @@ class CompileCache:
                 if not directory.is_dir():
                     continue
                 files = [p.stat() for p in directory.iterdir() if p.is_file()]
-                entries.append((max((s.st_mtime for s in files), default=0.0), sum(s.st_size for s in files), directory))
+                last_used = max((s.st_mtime for s in files), default=0.0)
+                entries.append((last_used, sum(s.st_size for s in files), directory))
             total = sum(size for _, size, _ in entries)
             for _, size, directory in sorted(entries, key=lambda e: e[0]):
                 if total <= self.max_bytes:
@@ -185,6 +187,33 @@ class CompileCache:
                 shutil.rmtree(directory, ignore_errors=True)
                 total -= size
                 logger.info("program cache over %.1f GB: removed %s", self.max_bytes / (1 << 30), directory)
+
+
+def compile_cached(lowered, cache: CompileCache | None):
+    """`lowered.compile()`, through the cache when there is one: keyed by a digest of the lowered
+    program and the environment (for small programs outside an engine's set, such as the random
+    weights of load_format='dummy'; their lowering is cheap, their compiling is not)."""
+    if cache is None:
+        return lowered.compile()
+    from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+    from jaxllm.engine.buckets import HeadShape
+
+    key = digest_of([environment_description(), lowered.as_text()])
+    shape = HeadShape(0)  # the file's name within the key's directory: one program a key
+    found = cache.load(key, shape)
+    if found is not None:
+        try:
+            return deserialize_and_load(found[1], lowered.in_tree, lowered.out_tree)
+        except Exception as e:
+            logger.warning("compiling again: a cached program did not load (%s)", e)
+    exe = lowered.compile()
+    try:
+        payload, _, _ = serialize(exe)
+    except Exception:
+        return exe
+    cache.store(key, shape, None, {"out_keys": []}, payload)
+    return exe
 
 
 class Programs:
@@ -212,6 +241,7 @@ class Programs:
         self.compile_seconds = 0.0  # wall time spent compiling (and loading) programs
         self.num_compiled = 0  # programs compiled by this engine (not loaded)
         self.num_loaded = 0  # programs loaded from the persistent cache or a saved engine
+        self.seconds: dict = {}  # key -> ("compiled" | "loaded", seconds it took)
         self._lock = threading.Lock()
 
     def __contains__(self, shape) -> bool:
@@ -263,6 +293,7 @@ class Programs:
 
     def _make(self, shape):
         """Load `shape`'s program from the cache, else compile it (and store it there)."""
+        started = time.perf_counter()
         options = self._compiler_options(shape)
         if self.cache is not None:
             found = self.cache.load(self.engine_key, shape, options)
@@ -272,12 +303,14 @@ class Programs:
                     exe = self._deserialize(shape, payload, header["out_keys"])
                     with self._lock:
                         self.num_loaded += 1
+                        self.seconds[shape] = ("loaded", time.perf_counter() - started)
                     return exe
                 except Exception as e:  # another XLA, a damaged file: compile it again
                     logger.warning("compiling %s again: its cached program did not load (%s)", shape, e)
         exe = self._compile(shape, options)
         with self._lock:
             self.num_compiled += 1
+            self.seconds[shape] = ("compiled", time.perf_counter() - started)
         if self.cache is not None:
             serialized = self._serialize(shape, exe)
             if serialized is not None:

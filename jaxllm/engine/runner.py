@@ -38,9 +38,8 @@ from jaxllm import sharding as sharding_lib
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
 from jaxllm.engine.buckets import (CPU_MULTI_STEP_FLAVORS, CPU_MULTI_STEP_MAX_ROWS, GPU_MIN_DECODE_ROWS,
-                                   MIN_PAGE_BUCKET, MULTI_STEP_FLAVORS, ONE_GRAPH_MAX_ROWS,  # noqa: F401
-                                   ONE_GRAPH_OPTIONS, Buckets, ForwardShape, HeadShape, SamplerShape, bucket_for,
-                                   decode_buckets, powers_of_two)  # fmt: skip
+                                   MULTI_STEP_FLAVORS, ONE_GRAPH_MAX_ROWS, ONE_GRAPH_OPTIONS, Buckets, ForwardShape,
+                                   HeadShape, SamplerShape)  # fmt: skip
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.layers.adapters import AdapterInputs
@@ -147,10 +146,16 @@ class ModelRunner:
         self.bias_table = self._replicate(np.zeros((BIAS_SLOTS + 1, cfg.vocab_size), np.float32))
         self._write_bias_row = jax.jit(lambda table, row, slot: table.at[slot].set(row), donate_argnums=(0,))
         self._lock = threading.Lock()
-        self.programs = Programs(self._lower, self._trees, self.compiler_options, self._devices(),
-                                 self._description(), CompileCache(cache_dir) if cache_dir is not None else None)  # fmt: skip
+        self._cache_dir = cache_dir
+        self.reset_programs()
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0, 1))
+
+    def reset_programs(self) -> None:
+        """Drop every program (after a change of `config` or `buckets`: their cache key changes too)."""
+        cache = CompileCache(self._cache_dir) if self._cache_dir is not None else None
+        self.programs = Programs(self._lower, self._trees, self.compiler_options, self._devices(), self._description(),
+                                 cache)  # fmt: skip
 
     # ---- buckets (engine/buckets.py) -------------------------------------------------------------
     @property
@@ -363,7 +368,7 @@ class ModelRunner:
         """ShapeDtypeStructs of the host inputs of `shape`'s program (what `pack_host_inputs` packs):
         forward programs (batch[, sampling of a multi-step decode][, per-token LoRA slots]); samplers
         (sampling,); heads (next_tokens,)."""
-        i32, f32 = jnp.int32, jnp.float32
+        i32 = jnp.int32
 
         def sds(dims, dtype):
             return jax.ShapeDtypeStruct(dims, dtype)
@@ -582,7 +587,8 @@ class ModelRunner:
         seeds = np.zeros((B, 2), np.uint32)
         for i, r in enumerate(requests):
             seeds[i] = (r.seed >> 32) & 0xFFFFFFFF, r.seed & 0xFFFFFFFF
-        common = dict(temperature=col("temperature", np.float32, 0.0), seeds=seeds, counters=col("counter", np.int32, 0))
+        common = dict(temperature=col("temperature", np.float32, 0.0), seeds=seeds,
+                      counters=col("counter", np.int32, 0))
         if flavor == "plain":
             return sampling_lib.SamplingBatch(**common)
         banned = np.full((B, sampling_lib.BAN_WIDTH), -1, np.int32)
