@@ -157,24 +157,6 @@ def _register_live(llm: "LLM") -> None:
         _exit_hook_registered = True
 
 
-def _import_transformers_meanwhile() -> None:
-    """Import transformers' config classes on a thread while JAX starts its backend (seconds each
-    on a GPU machine, where transformers imports torch too); the model config needs them next."""
-    import sys
-
-    if "transformers.configuration_utils" in sys.modules:
-        return
-
-    def load():
-        try:
-            import transformers.configuration_utils  # noqa: F401
-        except Exception:  # the real import, on the caller's thread, reports it
-            pass
-
-    # Not a daemon: an interpreter that exits meanwhile waits for it, not tearing it down mid-import.
-    threading.Thread(target=load, name="jaxllm-import").start()
-
-
 @contextlib.contextmanager
 def _phase(what: str, *args):
     """Log one start-up phase with its time (INFO)."""
@@ -219,7 +201,6 @@ class LLM:
         `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
         Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py.
         """
-        _import_transformers_meanwhile()
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
         self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
