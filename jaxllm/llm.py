@@ -275,6 +275,7 @@ class LLM:
                                                     cache_dir=self.compile_cache_dir)  # fmt: skip
         runner.params = self.params
         if self._channel is not None and not distributed.is_leader():
+            runner.allocate()
             runner.follow()  # until the leader shuts down
             return
         if preparing is not None:
@@ -422,6 +423,7 @@ class LLM:
     def _start_engine(self, runner: ModelRunner) -> None:
         """The scheduler and the engine thread, over a runner whose programs are ready."""
         cfg, args = self.engine_config, self.args
+        runner.allocate()
         runner.warm_up()
         kv_cfg = args.kv_cache_config
         num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens

@@ -326,3 +326,23 @@ def test_pallas_backend_without_a_gpu_names_the_cpu_backend(tiny_dir):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="'xla'.*pallas_interpret"):
         LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, backend="pallas")
+
+
+@pytest.mark.parametrize("source", ["tiny", "gguf", "8b"])
+def test_llama_configs_read_without_transformers_match_transformers(source, tiny_dir, smollm2_path):
+    """A plain Llama config.json is read without transformers' config classes (they import torch):
+    the same ModelConfig as through them."""
+    from transformers import AutoConfig
+
+    from jaxllm.checkpoints import gguf, hf
+    from jaxllm.models import config_from_hf_dict, config_from_hf_object
+
+    if source == "tiny":
+        config = hf.read_config_dict(tiny_dir("llama"))
+    elif source == "gguf":
+        config = gguf.hf_config_dict(smollm2_path)
+    else:
+        config = json.loads((ROOT / "benchmarks" / "configs" / "llama-3.1-8b" / "config.json").read_text())
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    via_transformers = config_from_hf_object(AutoConfig.for_model(config.get("model_type", "llama"), **fields))
+    assert config_from_hf_dict(config) == via_transformers

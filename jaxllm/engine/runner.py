@@ -142,7 +142,9 @@ class ModelRunner:
             multi_step_flavors=MULTI_STEP_FLAVORS if on_gpu else CPU_MULTI_STEP_FLAVORS,
             adapters=adapters is not None,
         )  # fmt: skip
-        self.kv_cache, self.token_pages = self._new_state()
+        # Abstract until `allocate()`: the programs need only their shapes, and on a GPU compiling them
+        # (autotuning) needs the memory the cache would take.
+        self.kv_cache, self.token_pages = self._new_state(abstract=True)
         self.bias_table = self._replicate(np.zeros((BIAS_SLOTS + 1, cfg.vocab_size), np.float32))
         self._write_bias_row = jax.jit(lambda table, row, slot: table.at[slot].set(row), donate_argnums=(0,))
         self._lock = threading.Lock()
@@ -198,8 +200,9 @@ class ModelRunner:
         """The devices the programs run on, in the order the weights' sharding lists them."""
         return list(self.params["embed"].sharding._device_assignment)
 
-    def _new_state(self):
-        """A zeroed KV cache and token pages ([num_pages, page_size] int32)."""
+    def _new_state(self, abstract: bool = False):
+        """A zeroed KV cache and token pages ([num_pages, page_size] int32), or their
+        ShapeDtypeStructs with `abstract`."""
         num_pages, page_size = self.config.num_pages, self.config.page_size
 
         def make():
@@ -207,10 +210,22 @@ class ModelRunner:
                     jnp.zeros((num_pages, page_size), jnp.int32))  # fmt: skip
 
         if self.mesh is None:
-            return make()
-        # Created in place, each device holding only its KV heads.
-        pages, replicated = sharding_lib.kv_cache_sharding(self.mesh), sharding_lib.replicated(self.mesh)
-        return jax.jit(make, out_shardings=([(pages, pages)] * self.cfg.num_layers, replicated))()
+            device = jax.sharding.SingleDeviceSharding(self._devices()[0])
+            shardings = jax.tree.map(lambda _: device, jax.eval_shape(make))
+            make_on_devices = jax.jit(make, out_shardings=shardings)
+        else:  # created in place, each device holding only its KV heads
+            pages, replicated = sharding_lib.kv_cache_sharding(self.mesh), sharding_lib.replicated(self.mesh)
+            shardings = ([(pages, pages)] * self.cfg.num_layers, replicated)
+            make_on_devices = jax.jit(make, out_shardings=shardings)
+        if abstract:
+            return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                jax.eval_shape(make), shardings)  # fmt: skip
+        return make_on_devices()
+
+    def allocate(self) -> None:
+        """Put the KV cache and token pages on the devices (once the programs are made)."""
+        if isinstance(self.token_pages, jax.ShapeDtypeStruct):
+            self.kv_cache, self.token_pages = self._new_state()
 
     def _input_sharding(self):
         """Where a step's host inputs live: replicated over the mesh, or on the one device."""

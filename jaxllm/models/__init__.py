@@ -50,12 +50,31 @@ def family_of_hf_dict(config: dict) -> Family:
     )
 
 
+# A Llama config.json that spells these out is read directly: transformers' config classes import
+# torch wherever it is installed, seconds of every start there. The rest take LlamaConfig's defaults.
+# (tests/test_startup.py checks both readings agree.)
+_DIRECT_REQUIRED = {"llama": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "vocab_size", "rms_norm_eps", "max_position_embeddings")}  # fmt: skip
+_DIRECT_DEFAULTS = {"llama": {"hidden_act": "silu", "rope_theta": 10000.0, "tie_word_embeddings": False,
+                              "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False}}  # fmt: skip
+_DIRECT_KNOWN = {"llama": set(_DIRECT_REQUIRED["llama"]) | set(_DIRECT_DEFAULTS["llama"]) | {
+    "model_type", "architectures", "num_key_value_heads", "head_dim", "rope_scaling", "rope_parameters", "dtype",
+    "torch_dtype", "pad_token_id", "initializer_range", "use_cache", "pretraining_tp", "transformers_version",
+    "attention_dropout"}}  # fmt: skip
+
+
 def config_from_hf_dict(config: dict) -> ModelConfig:
-    """Build a ModelConfig from a config.json dictionary, parsed through transformers' config class
-    so that every serialization transformers accepts (legacy rope_scaling, v5 rope_parameters) works."""
+    """Build a ModelConfig from a config.json dictionary: directly when it is a Llama config that
+    spells out what matters (`_DIRECT_REQUIRED`) and holds nothing else unusual, else parsed through
+    transformers' config class so that every serialization transformers accepts works."""
+    family = family_of_hf_dict(config)
+    direct = _DIRECT_REQUIRED.get(family.name)
+    if direct and all(config.get(k) is not None for k in direct) and set(config) <= _DIRECT_KNOWN[family.name]:
+        import types
+
+        return family.config_from_hf(types.SimpleNamespace(**{**_DIRECT_DEFAULTS[family.name], **config}))
     from transformers import AutoConfig
 
-    family = family_of_hf_dict(config)
     model_type = config.get("model_type") or family.model_types[0]
     fields = {k: v for k, v in config.items() if k != "model_type"}
     hf = AutoConfig.for_model(model_type, **fields)
