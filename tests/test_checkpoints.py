@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.checkpoints import hf, loader
+from jaxllm.checkpoints import loader
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import resolve_dtype
 

@@ -9,7 +9,6 @@ import pytest
 
 from jaxllm.checkpoints import gguf, loader
 from jaxllm.checkpoints.names import CheckpointError
-from jaxllm.models.params import flatten_paths, unflatten_paths
 from jaxllm.models.transformer import forward_dense
 from tests import tiny
 

@@ -168,7 +168,8 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
                 return w if plan is None else plan.transform(path, w, xp=jnp)
 
             lowered = jax.jit(one, out_shardings=sharding).lower(keys[path])
-            make = programs[(name, spec, sharding)] = compile_cached(lowered, cache)
+            # (Under a mesh they compile each time: a cached program would load for the default device.)
+            make = programs[(name, spec, sharding)] = compile_cached(lowered, cache if sharding is None else None)
         flat[path] = make(keys[path])
     return unflatten_paths(flat, engine_cfg)
 

@@ -189,10 +189,11 @@ class CompileCache:
                 logger.info("program cache over %.1f GB: removed %s", self.max_bytes / (1 << 30), directory)
 
 
-def compile_cached(lowered, cache: CompileCache | None):
+def compile_cached(lowered, cache: CompileCache | None, devices: list | None = None):
     """`lowered.compile()`, through the cache when there is one: keyed by a digest of the lowered
     program and the environment (for small programs outside an engine's set, such as the random
-    weights of load_format='dummy'; their lowering is cheap, their compiling is not)."""
+    weights of load_format='dummy'; their lowering is cheap, their compiling is not). `devices`: where
+    a loaded program runs (default: the default device)."""
     if cache is None:
         return lowered.compile()
     from jax.experimental.serialize_executable import deserialize_and_load, serialize
@@ -204,7 +205,8 @@ def compile_cached(lowered, cache: CompileCache | None):
     found = cache.load(key, shape)
     if found is not None:
         try:
-            return deserialize_and_load(found[1], lowered.in_tree, lowered.out_tree)
+            devices = devices or jax.devices()[:1]
+            return deserialize_and_load(found[1], lowered.in_tree, lowered.out_tree, execution_devices=devices)
         except Exception as e:
             logger.warning("compiling again: a cached program did not load (%s)", e)
     exe = lowered.compile()

@@ -126,13 +126,10 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
         pages.extend((new_k, new_v))
         return out
 
-    lora = None
-    if lora_layer is not None:
+    def add_lora(name, h, y):
+        return y + lora_delta(h, lora_layer[name]["a"], lora_layer[name]["b"], onehot) if name in lora_layer else y
 
-        def lora(name, h, y):
-            return y + lora_delta(h, lora_layer[name]["a"], lora_layer[name]["b"], onehot) if name in lora_layer else y
-
-    x = decoder_layer(lp, x, batch.positions, layer, cfg, attend, lora)
+    x = decoder_layer(lp, x, batch.positions, layer, cfg, attend, add_lora if lora_layer is not None else None)
     if mesh is not None:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
     return x, pages[0], pages[1]
