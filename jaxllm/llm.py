@@ -204,6 +204,9 @@ class LLM:
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
         self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
+        # generation_only requests whose pages are being fetched (request id -> (request, its socket or
+        # None)): shutdown fails them and ends their connections, however stalled the peer.
+        self._fetching: dict[int, tuple[Request, Any]] = {}
         self.llm_id = uuid.uuid4().hex
         self.disaggregated_params = None
         self.workspace = None
@@ -440,9 +443,14 @@ class LLM:
             admission=admission,
         )
         transceiver = args.cache_transceiver_config
+        layout = kv_transfer.KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim,
+                                      jax.numpy.dtype(kv_dtype).name, max_seq_len)  # fmt: skip
         transfer = kv_transfer.TransferSettings(
-            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, kv_dtype), plan=self.tp_plan,
-            host=transceiver.host, port=transceiver.port, timeout_s=transceiver.kv_transfer_timeout_ms / 1e3,
+            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, kv_dtype), layout=layout,
+            plan=self.tp_plan, host=transceiver.host, port=transceiver.port,
+            timeout_s=transceiver.kv_transfer_timeout_ms / 1e3, io_timeout_s=transceiver.io_timeout_ms / 1e3,
+            max_connections=transceiver.max_connections,
+            cluster_key=kv_transfer.cluster_key(transceiver.cluster_secret),
         )  # fmt: skip
         self._kv_fingerprint = transfer.fingerprint
         self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
@@ -501,7 +509,7 @@ class LLM:
         if len(dp.first_gen_tokens) != 1 or not 0 <= dp.first_gen_tokens[0] < self.config.vocab_size:
             raise ValueError(f"first_gen_tokens={dp.first_gen_tokens!r} is invalid; allowed: one token id in "
                              f"[0, {self.config.vocab_size})")  # fmt: skip
-        state = kv_transfer.decode_state(dp.opaque_state)
+        state = kv_transfer.decode_state(dp.opaque_state, self._check_open().transfer.cluster_key)
         if state["fingerprint"] != self._kv_fingerprint:
             raise ValueError("the context state comes from an LLM with another model, KV dtype or head layout; "
                              "both LLMs must load the same model with the same KV cache dtype")  # fmt: skip
@@ -528,24 +536,58 @@ class LLM:
         if not fetched:
             return
         with self._shutdown_lock:
+            if self._engine is not engine:
+                raise EngineShutdown("this LLM has been shut down")
             if self._fetch_pool is None:
                 self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
-        for request in fetched:
-            self._fetch_pool.submit(self._fetch_and_submit, engine, request)
+            for request in fetched:
+                self._fetching[request.request_id] = (request, None)
+                self._fetch_pool.submit(self._fetch_and_submit, engine, request)
 
-    @staticmethod
-    def _fetch_and_submit(engine: Engine, request: Request) -> None:
+    def _fetch_and_submit(self, engine: Engine, request: Request) -> None:
+        """(a fetch thread) Fetch a generation_only request's pages, check them, and hand them to the
+        engine; or fail the request. Nothing is written into the cache here: `Engine._import` does that."""
+        settings = engine.transfer
+
+        def on_connect(sock) -> None:
+            with self._shutdown_lock:
+                if request.request_id in self._fetching:
+                    self._fetching[request.request_id] = (request, sock)
+                    return
+            kv_transfer.hang_up(sock)  # shut down while connecting
+
         try:
-            meta, arrays = kv_transfer.fetch(request.context_state)
+            with self._shutdown_lock:
+                if request.request_id not in self._fetching:
+                    return  # shutdown has answered it
+            meta, arrays = kv_transfer.fetch(request.context_state, settings.layout, key=settings.cluster_key,
+                                             io_timeout_s=settings.io_timeout_s, on_connect=on_connect)  # fmt: skip
+            num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
+            wanted = len(request.prompt_token_ids) + num_virtual
+            num_tokens = kv_transfer.check_meta(meta, settings.layout, self.config.vocab_size)
+            if num_tokens != wanted:
+                raise kv_transfer.KVTransferError(f"the context holds {num_tokens} KV positions; this request's "
+                                                  f"prompt and prompt adapter make {wanted}")  # fmt: skip
+            settings.layout.check_pages(arrays, num_tokens)
             if meta["prompt_token_ids"] != request.prompt_token_ids:
                 raise kv_transfer.KVTransferError("the prompt differs from the context request's prompt")
             first = request.disaggregated_params.first_gen_tokens[0]
             if meta["first_token"] != first:
                 raise kv_transfer.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
                                                   f"token {meta['first_token']}")  # fmt: skip
-            engine.submit_with_kv(request, meta, arrays)
+            error = None
         except Exception as e:
-            request.output._post(Update(finished=True, error=e))
+            error = e
+        with self._shutdown_lock:
+            if self._fetching.pop(request.request_id, None) is None:
+                return  # shutdown has answered it
+        try:
+            if error is None:
+                engine.submit_with_kv(request, meta, arrays)  # from here the engine answers it
+                return
+        except Exception as e:
+            error = e
+        request.output._post(Update(finished=True, error=error))
 
     def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
         engine = self._check_open()
@@ -750,8 +792,14 @@ class LLM:
         with self._shutdown_lock:
             engine, self._engine = self._engine, None
             pool, self._fetch_pool = self._fetch_pool, None
+            fetching, self._fetching = self._fetching, {}
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        for request, sock in fetching.values():  # queued or mid-fetch: answered now, their connections ended
+            if sock is not None:
+                kv_transfer.hang_up(sock)
+            request.output._post(Update(finished=True, error=EngineShutdown("the LLM was shut down before this "
+                                                                            "request received its pages")))  # fmt: skip
         if engine is None:
             return
         engine.shutdown()

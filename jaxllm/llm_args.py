@@ -149,6 +149,14 @@ class CacheTransceiverConfig:
         are released.
     host, port: where this LLM serves its contexts to other processes (port 0: any free port;
         host '0.0.0.0' for other hosts, which then reach it by this host's name).
+    cluster_secret: a secret every LLM of the cluster shares (None: the JAXLLM_KV_CLUSTER_SECRET
+        environment variable, if set). With one, peers prove it to each other on every connection
+        and context states are signed with it; without one, the transfer port trusts its network.
+        Never written out (repr, `EngineArgs.to_dict`).
+    io_timeout_ms: the longest this LLM waits for a transfer peer: a connection, the ask or a reply
+        header, any pause in the pages (both as server and as client).
+    max_connections: connections this LLM's transfer server serves at once; more are refused.
+    README.md, "What the KV transfer port trusts", has the whole threat model.
     """
 
     backend: str = "DEFAULT"
@@ -156,6 +164,9 @@ class CacheTransceiverConfig:
     kv_transfer_timeout_ms: int = 60_000
     host: str = "127.0.0.1"
     port: int = 0
+    cluster_secret: Optional[str] = dataclasses.field(default=None, repr=False)
+    io_timeout_ms: int = 30_000
+    max_connections: int = 8
 
     def __post_init__(self):
         if self.backend not in ("DEFAULT",):
@@ -166,6 +177,11 @@ class CacheTransceiverConfig:
             raise ValueError(f"cache_transceiver_config.host={self.host!r} is invalid; allowed: a host name or address")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"cache_transceiver_config.port={self.port!r} is invalid; allowed: an int in [0, 65535]")
+        if self.cluster_secret is not None and (not isinstance(self.cluster_secret, str) or not self.cluster_secret):
+            raise ValueError(f"cache_transceiver_config.cluster_secret (a {type(self.cluster_secret).__name__}) is "
+                             "invalid; allowed: a non-empty str or None")  # fmt: skip
+        _positive_int("io_timeout_ms", self.io_timeout_ms, allow_none=False)
+        _positive_int("max_connections", self.max_connections, allow_none=False)
 
 
 @dataclasses.dataclass
@@ -291,5 +307,8 @@ class EngineArgs:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
+        """The arguments as plain values, the cluster secret left out (a saved engine must not carry it)."""
         data = dataclasses.asdict(self)
+        if data.get("cache_transceiver_config"):
+            data["cache_transceiver_config"]["cluster_secret"] = None
         return data

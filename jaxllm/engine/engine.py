@@ -75,6 +75,9 @@ class Engine:
         self.vocab_size = vocab_size
         self.requests: dict[int, Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
+        # after shutdown has drained it (a request put there then would never be answered).
+        self._intake_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stats: collections.deque[dict] = collections.deque(maxlen=STATS_HISTORY)
@@ -94,44 +97,55 @@ class Engine:
         self._thread.start()
 
     # ---- caller side (thread-safe) -----------------------------------------------------------
+    def _put(self, kind: str, item: Any, stopped: Exception) -> None:
+        with self._intake_lock:
+            if self._stop.is_set():
+                raise stopped
+            self._inbox.put((kind, item))
+        self._wake.set()
+
     def submit(self, *requests: Request) -> None:
         """Queue requests; those of one call reach the scheduler in the same iteration (a batch's
         composition, and so its rounding, does not depend on when the engine thread wakes)."""
-        if self._stop.is_set():
-            raise EngineShutdown("the LLM has been shut down")
-        self._inbox.put(("add", requests))
-        self._wake.set()
+        self._put("add", requests, EngineShutdown("the LLM has been shut down"))
 
     def submit_with_kv(self, request: Request, meta: dict, arrays: list) -> None:
         """A generation_only request with its context's pages (portable layout, kv_transfer.py)."""
-        if self._stop.is_set():
-            raise EngineShutdown("the LLM has been shut down")
-        self._inbox.put(("import", (request, meta, arrays)))
-        self._wake.set()
+        self._put("import", (request, meta, arrays), EngineShutdown("the LLM has been shut down"))
 
     def export_kv(self, ctx_request_id: int, secret: str, timeout: float = 60.0) -> tuple[dict, list]:
         """Hand a parked context's pages to another LLM (any thread but this engine's): (meta, arrays)."""
-        if self._stop.is_set():
-            raise kv_transfer.KVTransferError("the context LLM has been shut down")
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("export", (ctx_request_id, secret, done)))
-        self._wake.set()
-        return done.result(timeout)
+        stopped = kv_transfer.KVTransferError("the context LLM has been shut down")
+        self._put("export", (ctx_request_id, secret, done), stopped)
+        try:
+            return done.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise kv_transfer.KVTransferError(f"the context LLM did not hand out context {ctx_request_id} "
+                                              f"within {timeout:.0f} s") from None  # fmt: skip
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        self._stop.set()
+        """Stop the thread; every request still queued, running or waiting for pages fails with
+        EngineShutdown, every parked context is released, and the transfer server closes."""
+        with self._intake_lock:
+            self._stop.set()
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        self._drain_inbox()
+        self._drain_inbox(stopping=True)
         for request in list(self.requests.values()):
             self._fail(request, EngineShutdown("the LLM was shut down before this request finished"))
         self.requests.clear()
-        self.parked.clear()
+        while self._pending_imports:
+            request, _, _ = self._pending_imports.popleft()
+            request.output._post(Update(finished=True, error=EngineShutdown("the LLM was shut down before this "
+                                                                            "request received its pages")))  # fmt: skip
+        for ctx_request_id in list(self.parked):
+            self._release_parked(ctx_request_id)
         if self._transfer_server is not None:
             self._transfer_server.close()
         self.runner.close()
@@ -161,7 +175,8 @@ class Engine:
                 for request in {s.request for s in self.scheduler.running}:
                     self._fail(request, e)
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, stopping: bool = False) -> None:
+        """Take in what callers queued; `stopping` (shutdown, the thread gone): refuse imports and exports."""
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
@@ -172,11 +187,15 @@ class Engine:
                     self._add(request)
             elif kind == "abort":
                 self._abort(item)
+            elif kind == "import" and stopping:
+                item[0].output._post(Update(finished=True, error=EngineShutdown("the LLM has been shut down")))
             elif kind == "import":
                 self._pending_imports.append(item)
             elif kind == "export":
                 ctx_request_id, secret, done = item
                 try:
+                    if stopping:
+                        raise kv_transfer.KVTransferError("the context LLM has been shut down")
                     done.set_result(self._export(ctx_request_id, secret))
                 except Exception as e:
                     done.set_exception(e)
@@ -276,10 +295,9 @@ class Engine:
             for request in failed:
                 self._fail(request, e)
             self.runner.reset_cache()
+            for ctx_request_id in list(self.parked):  # their K/V was in the lost cache too
+                self._release_parked(ctx_request_id)
             self.scheduler.drop_all_pages()  # their K/V, and every cached page's, was in the lost cache
-            for parked in self.parked.values():
-                self.block_manager.free(parked.seq)
-            self.parked.clear()
             return
         if steps == 1:
             touched = self._postprocess(scheduled, step_requests, out)
@@ -559,11 +577,15 @@ class Engine:
         request, settings = seq.request, self.transfer
         self.scheduler.detach(seq)  # out of the running set, pages still held
         if self._transfer_server is None:
-            self._transfer_server = kv_transfer.KVTransferServer(self.export_kv, settings.host, settings.port)
+            self._transfer_server = kv_transfer.KVTransferServer(
+                lambda ctx_request_id, secret: self.export_kv(ctx_request_id, secret, timeout=settings.io_timeout_s),
+                settings.host, settings.port, cluster_key=settings.cluster_key, io_timeout_s=settings.io_timeout_s,
+                max_connections=settings.max_connections,
+            )  # fmt: skip
         secret = kv_transfer.new_secret()
         self.parked[request.request_id] = kv_transfer.ParkedContext(seq, secret, time.monotonic() + settings.timeout_s)
         state = kv_transfer.encode_state(
-            llm_id=settings.llm_id, pid=os.getpid(), endpoint=self._transfer_server.endpoint,
+            settings.cluster_key, llm_id=settings.llm_id, pid=os.getpid(), endpoint=self._transfer_server.endpoint,
             ctx_request_id=request.request_id, secret=secret, fingerprint=settings.fingerprint,
             num_tokens=seq.num_prompt_tokens - seq.num_virtual_tokens, seed=seq.seed,
             adapters=kv_transfer.adapter_ids(request.lora_request, request.prompt_adapter_request),
@@ -581,7 +603,6 @@ class Engine:
                 f"no parked context {ctx_request_id} (never made, already fetched, or released after "
                 f"{self.transfer.timeout_s:.0f} s)"
             )
-        del self.parked[ctx_request_id]
         seq = parked.seq
         n = seq.num_prompt_tokens
         try:
@@ -589,11 +610,16 @@ class Engine:
             arrays = [kv_transfer.to_portable(a, n, self.transfer.plan) for a in pages]
             jax.block_until_ready(arrays)  # read before the pages are reused
         finally:
-            self.block_manager.free(seq)
+            self._release_parked(ctx_request_id)
         meta = {"num_tokens": n, "prompt_token_ids": seq.token_ids[seq.num_virtual_tokens : n], "first_token": seq.token_ids[n],
                 "first_logprob": seq.cumulative_logprob, "first_rank": seq.request.first_token_rank, "seed": seq.seed,
                 "fingerprint": self.transfer.fingerprint}  # fmt: skip
         return meta, arrays
+
+    def _release_parked(self, ctx_request_id: int) -> None:
+        """Give a parked context's pages (and adapter slots) back: fetched, expired, lost or shut down."""
+        parked = self.parked.pop(ctx_request_id)
+        self.scheduler.remove(parked.seq)  # no longer running or waiting: frees its pages, releases its slots
 
     def _expire_parked(self) -> None:
         if not self.parked:
@@ -601,10 +627,9 @@ class Engine:
         now = time.monotonic()
         for ctx_request_id, parked in list(self.parked.items()):
             if parked.deadline < now:
-                logger.warning("releasing the pages of context request %d: not fetched within %.0f s",
+                logger.warning("releasing the pages of context request %d: not fetched within %.1f s",
                                ctx_request_id, self.transfer.timeout_s)  # fmt: skip
-                del self.parked[ctx_request_id]
-                self.block_manager.free(parked.seq)
+                self._release_parked(ctx_request_id)
 
     def _retry_imports(self) -> None:
         """Start the generation_only requests whose pages fit now (oldest first)."""
@@ -623,7 +648,9 @@ class Engine:
             self._pending_imports.popleft()
 
     def _import(self, request: Request, meta: dict, arrays: list) -> bool:
-        """(engine thread) Write a context's pages into fresh pages and continue from its first token."""
+        """(engine thread) Write a context's pages into fresh pages and continue from its first token.
+        The pages are checked against this LLM's layout before any is taken; a failure after that
+        gives them back before it propagates."""
         n = meta["num_tokens"]  # KV positions: a prompt adapter's virtual tokens, then the prompt
         bm, admission = self.block_manager, self.scheduler.admission
         seed = request.params.seed if request.params.seed is not None else int(meta["seed"])
@@ -631,16 +658,21 @@ class Engine:
         if seq.num_prompt_tokens != n:
             raise kv_transfer.KVTransferError(f"the context holds {n} KV positions, this request's prompt and "
                                               f"prompt adapter make {seq.num_prompt_tokens}")  # fmt: skip
+        self.transfer.layout.check_pages(arrays, n)
         if not bm.can_allocate(bm.blocks_needed(seq, n + 1)):
             return False
         if admission is not None and not admission.admit(seq):  # its adapters need device slots
             return False
-        bm.allocate(seq, n)
-        num_pages = len(seq.block_table)
-        # Lay the pages out where they are: on the host for TCP arrays, on the context's device otherwise.
-        xp = np if isinstance(arrays[0], np.ndarray) else jax.numpy
-        values = [kv_transfer.from_portable(a, self.transfer.plan, bm.block_size, num_pages, xp=xp) for a in arrays]
-        self.runner.scatter_pages(seq.block_table, values, seq.token_ids[:n])
+        try:
+            bm.allocate(seq, n)
+            num_pages = len(seq.block_table)
+            # Lay the pages out where they are: on the host for TCP arrays, on the context's device otherwise.
+            xp = np if isinstance(arrays[0], np.ndarray) else jax.numpy
+            values = [kv_transfer.from_portable(a, self.transfer.plan, bm.block_size, num_pages, xp=xp) for a in arrays]
+            self.runner.scatter_pages(seq.block_table, values, seq.token_ids[:n])
+        except BaseException:
+            self.scheduler.remove(seq)  # in no queue yet: gives back its pages and adapter slots
+            raise
         seq.num_computed = n
         bm.register_computed(seq)  # the imported prompt pages are reusable like computed ones
         if self.detokenizer is not None:
