@@ -58,6 +58,7 @@ HELLO_MAX_BYTES = 1024
 ASK_MAX_BYTES = 4096
 HEADER_BASE_BYTES = 64 * 1024
 HEADER_BYTES_PER_TOKEN = 16
+SEND_PIECE_BYTES = 4 << 20  # pages go out in pieces this size, each within io_timeout_s
 _LOCAL_ENGINES: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()  # llm_id -> Engine
 
 
@@ -335,8 +336,10 @@ class _Handler(socketserver.BaseRequestHandler):
         host = [np.ascontiguousarray(np.asarray(a)) for a in arrays]
         try:
             _send_frame(sock, {"meta": meta, "arrays": [[a.dtype.name, list(a.shape)] for a in host], "proof": proof})
-            for a in host:
-                sock.sendall(a.view(np.uint8).reshape(-1).data)
+            for a in host:  # in pieces: sendall's timeout bounds a whole call, io_timeout_s bounds a pause
+                data = memoryview(a.view(np.uint8).reshape(-1))
+                for start in range(0, len(data), SEND_PIECE_BYTES):
+                    sock.sendall(data[start : start + SEND_PIECE_BYTES])
         except OSError as e:  # the client left or stopped reading for io_timeout_s
             logger.warning("sending context %d to %s failed: %s", ctx_request_id, self.client_address, e)
 
