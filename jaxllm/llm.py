@@ -36,7 +36,7 @@ from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine import kv_transfer
 from jaxllm.engine.engine import Engine, EngineShutdown
-from jaxllm.engine.kv_planner import plan_num_pages
+from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
 from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
@@ -53,7 +53,7 @@ from jaxllm.inputs import PreprocessedInputs
 from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
 from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
-from jaxllm.models.params import flatten_paths, unflatten_paths
+from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
 from jaxllm.outputs import RequestOutput, Update
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
@@ -256,6 +256,9 @@ class LLM:
         self.config: ModelConfig = cfg
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
         self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
+        # Refuse weights that cannot fit before anything is built per layer or allocated.
+        check_weights_fit(param_bytes(cfg, self.dtype), list(self.mesh.devices.flat) if self.mesh is not None
+                          else jax.devices()[:1], tensor_parallel_size)  # fmt: skip
         # The programs depend on the weights' shapes, not their values: they are loaded from the
         # cache or compiled (on a pool of threads) while the tokenizer and the weights load.
         self.params = None

@@ -1,0 +1,73 @@
+"""Bad input refused at the boundary with the engine still serving, and nothing an LLM held left
+behind once it is shut down (issue 19)."""
+
+import json
+import time
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.engine import kv_planner
+from tests import tiny
+
+PROMPT = [5, 17, 42, 99, 3]
+OK = SamplingParams(max_tokens=2, ignore_eos=True)
+
+
+class CharTokenizer:
+    """One token per character (ids 3..VOCAB-1), BOS 1 leading when add_special_tokens."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.bos_token_id] * add_special_tokens + [3 + ord(c) % (tiny.VOCAB - 3) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i - 3 + 97) if i >= 3 else "" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    """The tiny Llama with a tokenizer, max_batch_size=4."""
+    with LLM(model=str(tiny_dir("llama")), tokenizer=CharTokenizer(), dtype="float32", max_batch_size=4,
+             max_num_tokens=64) as engine:  # fmt: skip
+        yield engine
+
+
+def assert_serving(llm):
+    assert len(llm.generate(PROMPT, OK, use_tqdm=False).outputs[0].token_ids) == 2
+
+
+def write_config(path, **fields):
+    """A config.json alone (for load_format='dummy'): the tiny Llama's sizes with `fields` changed."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(tiny.COMMON, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, **fields)  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_weights_that_cannot_fit_are_refused_before_anything_is_built(llm, tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"weights need an estimated [\d,]+ bytes .*more than the [\d,]+ bytes .*the "
+                                         r"host has available"):  # fmt: skip
+        LLM(model=str(write_config(tmp_path / "huge", num_hidden_layers=10**7)), load_format="dummy",
+            skip_tokenizer_init=True)  # fmt: skip
+    assert time.perf_counter() - started < 20  # it ran 85 s into a MemoryError
+    assert_serving(llm)
+
+
+def test_weights_fit_check_on_a_gpu_compares_each_devices_share():
+    class Gpu:
+        platform, process_index, device_kind = "gpu", 0, "H200"
+
+        def memory_stats(self):
+            return {"bytes_limit": 100 << 30, "bytes_in_use": 10 << 30}
+
+    kv_planner.check_weights_fit(80 << 30, [Gpu()])
+    kv_planner.check_weights_fit(160 << 30, [Gpu(), Gpu()], tensor_parallel_size=2)
+    share = r"107,374,182,400 bytes \(100.00 GiB\) per device \(2-way tensor parallel\), more than the "
+    with pytest.raises(ValueError, match=share + r"96,636,764,160 bytes \(90.00 GiB\) each of the 2 devices"):
+        kv_planner.check_weights_fit(200 << 30, [Gpu(), Gpu()], tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"the device \(H200\) has available"):
+        kv_planner.check_weights_fit(95 << 30, [Gpu()])
