@@ -71,3 +71,17 @@ def test_weights_fit_check_on_a_gpu_compares_each_devices_share():
         kv_planner.check_weights_fit(200 << 30, [Gpu(), Gpu()], tensor_parallel_size=2)
     with pytest.raises(ValueError, match=r"the device \(H200\) has available"):
         kv_planner.check_weights_fit(95 << 30, [Gpu()])
+
+
+def test_a_dict_prompt_whose_text_and_token_ids_disagree_is_refused(llm):
+    text = "hello"
+    tok = CharTokenizer()
+    for ids in (tok.encode(text), tok.encode(text, add_special_tokens=False)):  # they agree: accepted
+        out = llm.generate({"prompt": text, "prompt_token_ids": ids}, OK, use_tqdm=False)
+        assert out.prompt == text and out.prompt_token_ids == ids
+    disagree = r"prompt 1: 'prompt' and 'prompt_token_ids' disagree: the text tokenizes to 6 tokens .* and "
+    with pytest.raises(ValueError, match=disagree + r"prompt_token_ids has 3 .*differ from position 1"):
+        llm.generate([PROMPT, {"prompt": text, "prompt_token_ids": [1, 50, 51]}], OK)
+    with pytest.raises(TypeError, match="'prompt' must be a str or None"):
+        llm.generate({"prompt": 7, "prompt_token_ids": PROMPT}, OK)
+    assert_serving(llm)
