@@ -3,7 +3,7 @@
 A prompt is a string, a list of token ids, or a dict with "prompt" (text) or "prompt_token_ids".
 A batch is a list (or tuple) of prompts. Everything is checked here, before any device work:
 empty prompts, token ids outside the vocabulary, prompts and max_tokens beyond max_seq_len, a
-dict's text and token ids that disagree.
+dict's text and token ids that disagree, an embedding_bias that is not finite or bans every token.
 
 A dict with both "prompt" and "prompt_token_ids" is generated from its token ids, as TensorRT-LLM
 and vLLM do (the text only labels the output); neither framework checks that the two agree, and a
@@ -176,6 +176,11 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
         bias = np.asarray(params.embedding_bias, dtype=np.float32).reshape(-1)
         if bias.shape[0] != vocab_size:
             raise ValueError(f"{where}: embedding_bias has {bias.shape[0]} entries; the vocabulary has {vocab_size}")
+    banned = np.isneginf(bias) if params.embedding_bias is not None else np.zeros(vocab_size, bool)
+    banned[[t for t in params.bad_token_ids or [] if t < vocab_size]] = True
+    if banned.all():
+        raise ValueError(f"{where}: embedding_bias (-inf entries) and bad_token_ids ban all {vocab_size} tokens of "
+                         "the vocabulary; allowed: bans that leave at least one token to sample")  # fmt: skip
     if (params.stop or params.bad) and tokenizer is None:
         raise ValueError(f"{where}: stop / bad strings need a tokenizer (skip_tokenizer_init=True was given)")
     if params.stop and not params.detokenize:

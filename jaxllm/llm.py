@@ -582,6 +582,9 @@ class LLM:
             if params.embedding_bias is not None:
                 row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
             row[banned_singles] = -np.inf
+            if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
+                raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
+                                 f"all {self.config.vocab_size} tokens; allowed: bans that leave a token to sample")
             bias_row = BiasRow.of(row)
         request_id = next(self._request_ids)
         output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,

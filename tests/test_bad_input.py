@@ -4,6 +4,7 @@ behind once it is shut down (issue 19)."""
 import json
 import time
 
+import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -84,4 +85,29 @@ def test_a_dict_prompt_whose_text_and_token_ids_disagree_is_refused(llm):
         llm.generate([PROMPT, {"prompt": text, "prompt_token_ids": [1, 50, 51]}], OK)
     with pytest.raises(TypeError, match="'prompt' must be a str or None"):
         llm.generate({"prompt": 7, "prompt_token_ids": PROMPT}, OK)
+    assert_serving(llm)
+
+
+def test_embedding_bias_must_be_finite_and_leave_a_token(llm):
+    vocab = tiny.VOCAB
+    with pytest.raises(ValueError, match=r"embedding_bias\[3\]=nan is not finite in float32 \(1 such entries\)"):
+        SamplingParams(embedding_bias=np.where(np.arange(vocab) == 3, np.nan, 0.0))
+    with pytest.raises(ValueError, match=r"embedding_bias\[0\]=inf is not finite"):
+        SamplingParams(embedding_bias=np.full(vocab, 1e39))  # overflows float32
+    with pytest.raises(ValueError, match=f"-inf for all {vocab} tokens, which bans every token"):
+        SamplingParams(embedding_bias=np.full(vocab, -np.inf))
+    with pytest.raises(TypeError, match="embedding_bias must be a float array-like"):
+        SamplingParams(embedding_bias=["a"] * vocab)
+    only_7 = np.where(np.arange(vocab) < 8, 0.0, -np.inf)  # tokens 0..7 allowed, then bad_token_ids ban 0..7
+    ban_all = rf"prompt 0: embedding_bias \(-inf entries\) and bad_token_ids ban all {vocab} tokens"
+    with pytest.raises(ValueError, match=ban_all):
+        llm.generate(PROMPT, SamplingParams(embedding_bias=only_7, bad_token_ids=list(range(8)), max_tokens=2))
+    with pytest.raises(ValueError, match=f"bad_token_ids ban all {vocab} tokens"):
+        llm.generate(PROMPT, SamplingParams(bad_token_ids=list(range(vocab)), max_tokens=2))
+    tok = CharTokenizer()  # a bad string of the one token left (id 7) bans it too
+    with pytest.raises(ValueError, match=f"the bad strings .* ban all {vocab} tokens"):
+        llm.generate(PROMPT, SamplingParams(embedding_bias=only_7, bad_token_ids=list(range(7)),
+                                            bad=[c for c in map(chr, range(vocab)) if tok.encode(c, False) == [7]]))
+    ban_but_7 = SamplingParams(embedding_bias=only_7, bad_token_ids=list(range(7)), max_tokens=4, ignore_eos=True)
+    assert llm.generate(PROMPT, ban_but_7, use_tqdm=False).outputs[0].token_ids == [7] * 4
     assert_serving(llm)
