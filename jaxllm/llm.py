@@ -468,6 +468,14 @@ class LLM:
 
     def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
         if isinstance(prompt, PreprocessedInputs):
+            params = prompt.sampling_params
+        # A request's parallel samples are sequences of the running batch (TensorRT-LLM's bound too).
+        max_batch_size = self.args.max_batch_size
+        for name in ("n", "best_of"):
+            if getattr(params, name) > max_batch_size:
+                raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
+                                 f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
+        if isinstance(prompt, PreprocessedInputs):
             return prompt
         vocab = self.config.vocab_size
         inputs_lib.check_params_against_model(params, vocab, self.tokenizer, where)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, PreprocessedInputs, SamplingParams
 from jaxllm.engine import kv_planner
 from tests import tiny
 
@@ -110,4 +110,24 @@ def test_embedding_bias_must_be_finite_and_leave_a_token(llm):
                                             bad=[c for c in map(chr, range(vocab)) if tok.encode(c, False) == [7]]))
     ban_but_7 = SamplingParams(embedding_bias=only_7, bad_token_ids=list(range(7)), max_tokens=4, ignore_eos=True)
     assert llm.generate(PROMPT, ban_but_7, use_tqdm=False).outputs[0].token_ids == [7] * 4
+    assert_serving(llm)
+
+
+def test_n_and_best_of_are_bounded_by_max_batch_size(llm):
+    for params, message in [
+        (SamplingParams(n=10**4, temperature=1.0), r"n=10000 exceeds max_batch_size=4; allowed: n <= best_of <= 4"),
+        (SamplingParams(n=2, best_of=5, temperature=1.0), r"best_of=5 exceeds max_batch_size=4"),
+    ]:
+        started = time.perf_counter()
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPT, PROMPT], params)
+        with pytest.raises(ValueError, match=message):
+            llm.generate_async(PROMPT, params)
+        with pytest.raises(ValueError, match=message):
+            llm.preprocess(PROMPT, params)
+        with pytest.raises(ValueError, match=message):  # preprocessed elsewhere (an LLM with a larger batch)
+            llm.generate(PreprocessedInputs(None, tuple(PROMPT), params))
+        assert time.perf_counter() - started < 5
+    out = llm.generate(PROMPT, SamplingParams(n=4, temperature=1.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs) == 4
     assert_serving(llm)
