@@ -2,7 +2,14 @@
 
 A prompt is a string, a list of token ids, or a dict with "prompt" (text) or "prompt_token_ids".
 A batch is a list (or tuple) of prompts. Everything is checked here, before any device work:
-empty prompts, token ids outside the vocabulary, prompts and max_tokens beyond max_seq_len.
+empty prompts, token ids outside the vocabulary, prompts and max_tokens beyond max_seq_len, a
+dict's text and token ids that disagree, an embedding_bias that is not finite or bans every token.
+
+A dict with both "prompt" and "prompt_token_ids" is generated from its token ids, as TensorRT-LLM
+and vLLM do (the text only labels the output); neither framework checks that the two agree, and a
+mismatch silently answers another prompt than the one shown, so with a tokenizer jaxllm refuses ids
+that are not the text's tokens (with or without special tokens). Without one it cannot tell, and
+the ids are used as given.
 """
 
 from __future__ import annotations
@@ -109,9 +116,35 @@ def tokenize_prompt(prompt: Any, params: SamplingParams, tokenizer, vocab_size: 
     if out_of_range:
         raise ValueError(f"{where}: token ids {out_of_range[:5]} are outside the vocabulary [0, {vocab_size})")
     ids = [int(t) for t in ids]
+    if isinstance(prompt, dict) and text is not None:
+        check_text_matches_ids(text, ids, params, tokenizer, where)
     if params.truncate_prompt_tokens is not None:
         ids = ids[-params.truncate_prompt_tokens :]
     return text, ids
+
+
+def check_text_matches_ids(text: Any, ids: list[int], params: SamplingParams, tokenizer, where: str) -> None:
+    """A dict prompt's "prompt" must be a str whose tokens are `ids` (checked when there is a tokenizer)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where}: 'prompt' must be a str or None, got {type(text).__name__}")
+    if tokenizer is None:
+        return
+    first, other = ([int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
+                    for special in (params.add_special_tokens, not params.add_special_tokens))  # fmt: skip
+    if ids in (first, other):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), min(len(first), len(ids)))
+    raise ValueError(
+        f"{where}: 'prompt' and 'prompt_token_ids' disagree: the text tokenizes to {len(first)} tokens "
+        f"{_excerpt(first, at)} and prompt_token_ids has {len(ids)} {_excerpt(ids, at)} (they differ from position "
+        f"{at}); pass one of them, or token ids that are the text's tokens"
+    )
+
+
+def _excerpt(ids: list[int], at: int, width: int = 4) -> str:
+    start = max(0, at - width)
+    head, tail = ("..., " if start else ""), (", ..." if at + width < len(ids) else "")
+    return f"[{head}{', '.join(map(str, ids[start : at + width]))}{tail}]"
 
 
 def check_lengths(ids: Sequence[int], params: SamplingParams, max_seq_len: int, max_input_len: int | None,
@@ -143,6 +176,11 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
         bias = np.asarray(params.embedding_bias, dtype=np.float32).reshape(-1)
         if bias.shape[0] != vocab_size:
             raise ValueError(f"{where}: embedding_bias has {bias.shape[0]} entries; the vocabulary has {vocab_size}")
+    banned = np.isneginf(bias) if params.embedding_bias is not None else np.zeros(vocab_size, bool)
+    banned[[t for t in params.bad_token_ids or [] if t < vocab_size]] = True
+    if banned.all():
+        raise ValueError(f"{where}: embedding_bias (-inf entries) and bad_token_ids ban all {vocab_size} tokens of "
+                         "the vocabulary; allowed: bans that leave at least one token to sample")  # fmt: skip
     if (params.stop or params.bad) and tokenizer is None:
         raise ValueError(f"{where}: stop / bad strings need a tokenizer (skip_tokenizer_init=True was given)")
     if params.stop and not params.detokenize:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import ctypes
+import gc
 import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -36,7 +39,7 @@ from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine import kv_transfer
 from jaxllm.engine.engine import Engine, EngineShutdown
-from jaxllm.engine.kv_planner import plan_num_pages
+from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
 from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
@@ -53,7 +56,7 @@ from jaxllm.inputs import PreprocessedInputs
 from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
 from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
-from jaxllm.models.params import flatten_paths, unflatten_paths
+from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
 from jaxllm.outputs import RequestOutput, Update
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
@@ -155,6 +158,36 @@ def _register_live(llm: "LLM") -> None:
     if not _exit_hook_registered:
         atexit.register(_stop_live_engines)
         _exit_hook_registered = True
+
+
+def _release_host_memory() -> None:
+    """Hand the memory a shut-down engine freed back to the operating system.
+
+    The engine's runner and programs sit in reference cycles (bound methods and closures over the
+    runner), so they are freed by the cycle collector, not when shutdown drops them. And on the CPU
+    the weights, the KV cache and the host arrays of loading are malloc'ed by XLA and numpy from
+    several threads: glibc keeps what those threads free in per-thread arenas, below a moving mmap
+    threshold, and returns little of it, so RSS grew by tens of MB for every LLM made and shut down
+    in one process (hundreds with SmolLM2), freed memory no later LLM reused. malloc_trim(0) returns
+    the free pages of every arena (glibc only; elsewhere this is a no-op).
+    """
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_libc = _load_glibc()
 
 
 @contextlib.contextmanager
@@ -259,6 +292,9 @@ class LLM:
         self.config: ModelConfig = cfg
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
         self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
+        # Refuse weights that cannot fit before anything is built per layer or allocated.
+        check_weights_fit(param_bytes(cfg, self.dtype), list(self.mesh.devices.flat) if self.mesh is not None
+                          else jax.devices()[:1], tensor_parallel_size)  # fmt: skip
         # The programs depend on the weights' shapes, not their values: they are loaded from the
         # cache or compiled (on a pool of threads) while the tokenizer and the weights load.
         self.params = None
@@ -473,6 +509,14 @@ class LLM:
 
     def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
         if isinstance(prompt, PreprocessedInputs):
+            params = prompt.sampling_params
+        # A request's parallel samples are sequences of the running batch (TensorRT-LLM's bound too).
+        max_batch_size = self.args.max_batch_size
+        for name in ("n", "best_of"):
+            if getattr(params, name) > max_batch_size:
+                raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
+                                 f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
+        if isinstance(prompt, PreprocessedInputs):
             return prompt
         vocab = self.config.vocab_size
         inputs_lib.check_params_against_model(params, vocab, self.tokenizer, where)
@@ -621,6 +665,9 @@ class LLM:
             if params.embedding_bias is not None:
                 row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
             row[banned_singles] = -np.inf
+            if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
+                raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
+                                 f"all {self.config.vocab_size} tokens; allowed: bans that leave a token to sample")
             bias_row = BiasRow.of(row)
         request_id = next(self._request_ids)
         output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
@@ -810,6 +857,8 @@ class LLM:
             engine.runner.adapters.delete()
         engine.runner.params = engine.runner.kv_cache = None
         self.params = None
+        del engine
+        _release_host_memory()
 
     def __enter__(self) -> "LLM":
         return self

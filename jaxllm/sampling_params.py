@@ -18,6 +18,8 @@ import dataclasses
 import math
 from typing import Any, Callable, List, Optional, Union
 
+import numpy as np
+
 MAX_LOGPROBS = 20  # the largest `logprobs` / `prompt_logprobs`; fixed so the step has one shape
 
 
@@ -54,6 +56,24 @@ def _check_int_list(name: str, value):
         raise TypeError(f"{name} must be a list of ints, got {value!r}")
     if any(v < 0 for v in value):
         raise ValueError(f"{name} holds negative token ids: {[v for v in value if v < 0]}")
+
+
+def _check_bias(value) -> None:
+    """embedding_bias: numbers, each finite in float32 or -inf (a ban), and not every one a ban (its
+    length is checked against the vocabulary at generate)."""
+    try:
+        with np.errstate(over="ignore"):
+            bias = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"embedding_bias must be a float array-like, one entry per vocabulary token ({e})") from None
+    bad = np.flatnonzero(np.isnan(bias) | (bias == np.inf))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"embedding_bias[{i}]={float(bias[i])} is not finite in float32 ({bad.size} such entries); "
+                         "allowed: finite values, and -inf to ban a token")  # fmt: skip
+    if bias.size and np.isneginf(bias).all():
+        raise ValueError(f"embedding_bias is -inf for all {bias.size} tokens, which bans every token; allowed: "
+                         "-inf bans that leave at least one token to sample")  # fmt: skip
 
 
 def _check_strs(name: str, value):
@@ -186,6 +206,8 @@ class SamplingParams:
         _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
         _check_int_list("stop_token_ids", self.stop_token_ids)
         _check_int_list("bad_token_ids", self.bad_token_ids)
+        if self.embedding_bias is not None:
+            _check_bias(self.embedding_bias)
         _check_strs("stop", self.stop)
         _check_strs("bad", self.bad)
         processors = self.logits_processor

@@ -5,6 +5,10 @@ activation estimate) / bytes per page. On the CPU, which shares memory with ever
 caches of all the process's devices together take at most min(1 GiB, 10% of RAM), and never more
 than the engine can fill at once (max_batch_size sequences of max_seq_len tokens). `max_tokens`
 caps both.
+
+Before any of that, `check_weights_fit` refuses a model whose weights alone (estimated from the
+config) exceed the memory the devices have: a config with ten million layers fails at once with
+both figures instead of allocating until the process runs out of memory.
 """
 
 from __future__ import annotations
@@ -39,6 +43,65 @@ def device_free_bytes(device) -> int | None:
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def host_available_bytes() -> int:
+    """The host memory a new allocation can take: /proc/meminfo's MemAvailable (Linux), else the
+    free physical pages, else all of them; capped by the cgroup's limit less its usage."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+            try:
+                available = os.sysconf("SC_PAGE_SIZE") * os.sysconf(name)
+                break
+            except (ValueError, OSError):
+                continue
+    try:  # a container's limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            available = min(available if available is not None else int(limit), int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, available if available is not None else 8 << 30)
+
+
+def check_weights_fit(weight_bytes: int, devices, tensor_parallel_size: int = 1) -> None:
+    """Refuse (ValueError, with both figures) weights that cannot fit: on a GPU, each device's share
+    (weight_bytes / tensor_parallel_size, a lower bound) against its free memory; on the CPU, where
+    every virtual device shares the host's memory, all of them against the host's available memory.
+
+    Args:
+      weight_bytes: the whole model's parameter bytes (models/params.param_bytes).
+      devices: the devices the weights are placed on.
+    """
+    devices = [d for d in devices if d.process_index == jax.process_index()]
+    if not devices:
+        return
+    free = [device_free_bytes(d) for d in devices]
+    if devices[0].platform != "cpu" and all(f is not None for f in free):
+        need, available = -(-weight_bytes // tensor_parallel_size), min(free)
+        where = f"each of the {len(devices)} devices" if len(devices) > 1 else f"the device ({devices[0].device_kind})"
+        share = f" per device ({tensor_parallel_size}-way tensor parallel)" if tensor_parallel_size > 1 else ""
+    else:
+        need, available, where, share = weight_bytes, host_available_bytes(), "the host", ""
+    if need > available:
+        raise ValueError(
+            f"the model's weights need an estimated {need:,} bytes ({need / (1 << 30):.2f} GiB){share}, more than "
+            f"the {available:,} bytes ({available / (1 << 30):.2f} GiB) {where} has available; allowed: weights "
+            "within the available memory (check the config's sizes and num_hidden_layers, choose a smaller dtype, "
+            "or spread the model over more devices with tensor_parallel_size)"
+        )
 
 
 def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_num_tokens: int,

@@ -25,6 +25,7 @@ layer's KV pages in place (a scan over stacked layers copies them; see ../shared
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,48 +40,61 @@ class ParamSpec:
     init: str = "normal"  # normal | ones | zeros
 
 
-def param_specs(cfg: ModelConfig) -> dict:
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.param_vocab_size
+def _norm_spec(cfg: ModelConfig, size: int, axis: str = "norm") -> ParamSpec:
+    return ParamSpec((size,), (axis,), "zeros" if cfg.norm_offset else "ones")
+
+
+def layer_specs(cfg: ModelConfig) -> dict:
+    """The parameters of one decoder layer (every layer has the same)."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    norm_init = "zeros" if cfg.norm_offset else "ones"
-
-    def norm(size=D, axis="norm"):
-        return ParamSpec((size,), (axis,), norm_init)
-
-    specs: dict = {
-        "embed": ParamSpec((V, D), ("vocab", "embed")),
-        "final_norm": norm(),
+    layer = {
+        "attn_norm": _norm_spec(cfg, D),
+        "wq": ParamSpec((D, H, hd), ("embed", "q_heads", "head_dim")),
+        "wk": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
+        "wv": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
+        "wo": ParamSpec((H, hd, D), ("q_heads", "head_dim", "embed")),
+        "mlp_norm": _norm_spec(cfg, D),
+        "w_gate": ParamSpec((D, F), ("embed", "ffw")),
+        "w_up": ParamSpec((D, F), ("embed", "ffw")),
+        "w_down": ParamSpec((F, D), ("ffw", "embed")),
     }
+    if cfg.attention_bias:
+        layer["bq"] = ParamSpec((H, hd), ("q_heads", "head_dim"), "zeros")
+        layer["bk"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
+        layer["bv"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
+    if cfg.attention_out_bias:
+        layer["bo"] = ParamSpec((D,), ("norm",), "zeros")
+    if cfg.qk_norm:
+        layer["q_norm"] = _norm_spec(cfg, hd, "head_dim")
+        layer["k_norm"] = _norm_spec(cfg, hd, "head_dim")
+    if cfg.sandwich_norm:
+        layer["post_attn_norm"] = _norm_spec(cfg, D)
+        layer["post_mlp_norm"] = _norm_spec(cfg, D)
+    return layer
+
+
+def _global_specs(cfg: ModelConfig) -> dict:
+    """The parameters outside the layers: embeddings, final norm, LM head."""
+    D, V = cfg.hidden_size, cfg.param_vocab_size
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "final_norm": _norm_spec(cfg, D)}
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
-    layers = []
-    for _ in range(cfg.num_layers):
-        layer = {
-            "attn_norm": norm(),
-            "wq": ParamSpec((D, H, hd), ("embed", "q_heads", "head_dim")),
-            "wk": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
-            "wv": ParamSpec((D, K, hd), ("embed", "kv_heads", "head_dim")),
-            "wo": ParamSpec((H, hd, D), ("q_heads", "head_dim", "embed")),
-            "mlp_norm": norm(),
-            "w_gate": ParamSpec((D, F), ("embed", "ffw")),
-            "w_up": ParamSpec((D, F), ("embed", "ffw")),
-            "w_down": ParamSpec((F, D), ("ffw", "embed")),
-        }
-        if cfg.attention_bias:
-            layer["bq"] = ParamSpec((H, hd), ("q_heads", "head_dim"), "zeros")
-            layer["bk"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
-            layer["bv"] = ParamSpec((K, hd), ("kv_heads", "head_dim"), "zeros")
-        if cfg.attention_out_bias:
-            layer["bo"] = ParamSpec((D,), ("norm",), "zeros")
-        if cfg.qk_norm:
-            layer["q_norm"] = norm(hd, "head_dim")
-            layer["k_norm"] = norm(hd, "head_dim")
-        if cfg.sandwich_norm:
-            layer["post_attn_norm"] = norm()
-            layer["post_mlp_norm"] = norm()
-        layers.append(layer)
-    specs["layers"] = layers
     return specs
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    return {**_global_specs(cfg), "layers": [layer_specs(cfg) for _ in range(cfg.num_layers)]}
+
+
+def param_bytes(cfg: ModelConfig, dtype) -> int:
+    """The bytes of every parameter in `dtype`, from the config alone: O(1) in the number of layers
+    (LLM() checks it against the device's memory before building anything per layer)."""
+
+    def total(specs: dict) -> int:
+        return sum(math.prod(s.shape) for s in specs.values())
+
+    return (total(_global_specs(cfg)) + cfg.num_layers * total(layer_specs(cfg))) * jnp.dtype(dtype).itemsize
 
 
 def is_spec(x) -> bool:
