@@ -140,3 +140,92 @@ def test_the_event_loop_never_waits_for_the_engine_thread(tiny_llm):
     assert stream.outputs[0].finish_reason == "cancelled" and early.outputs[0].finish_reason == "cancelled"
     assert len(held.outputs[0].token_ids) == 2 and len(plain.outputs[0].token_ids) == 4
     assert _all_pages_returned(llm)
+
+
+def char_tokenizer(vocab_size: int = 320):
+    """A real (transformers) tokenizer for the tiny checkpoints: one character per token, ids 0-2
+    the pad, BOS and EOS tokens, then printable ASCII, then Latin characters up to `vocab_size`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = [chr(c) for c in range(0x20, 0x7F)]
+    chars += [chr(0x100 + i) for i in range(vocab_size - len(specials) - len(chars))]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _stress_request(rng: random.Random) -> tuple:
+    """(prompt, SamplingParams, streaming, abort_after_s or None) of one mixed request."""
+    if rng.random() < 0.5:
+        prompt = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz,.") for _ in range(rng.randrange(1, 40)))
+    else:
+        prompt = [rng.randrange(3, 320) for _ in range(rng.randrange(1, 40))]
+    sampled = rng.random() < 0.5
+    n = rng.choice([1, 2, 3]) if sampled else 1  # greedy decoding gives one sequence
+    params = SamplingParams(max_tokens=rng.randrange(1, 48), n=n, ignore_eos=rng.random() < 0.7,
+                            temperature=0.9 if sampled else 0.0, seed=rng.randrange(1 << 30) if sampled else None,
+                            stop=rng.choice([None, None, None, ["e"], ["ab", "z"]]))  # fmt: skip
+    streaming = rng.random() < 0.4
+    abort_after = rng.uniform(0.0, 0.3) if rng.random() < 0.2 else None
+    return prompt, params, streaming, abort_after
+
+
+def test_stress_mixed_requests_from_threads_with_aborts_under_kv_pressure(tiny_dir):
+    """300 mixed requests (prompt lengths, n up to 3, streaming, stop strings, sampled and greedy)
+    from 4 threads, a fifth of them aborted at random times, on a KV cache that holds a fraction of
+    them (preemption): every future resolves, each finished request has exactly the tokens it has
+    alone (an aborted one a prefix of them), and every page goes back to the block manager."""
+    rng = random.Random(19)
+    specs = [_stress_request(rng) for _ in range(300)]
+    with LLM(model=str(tiny_dir("llama")), tokenizer=char_tokenizer(), dtype="float32", max_batch_size=8,
+             max_num_tokens=64, max_seq_len=96, kv_cache_config=KvCacheConfig(max_tokens=192, tokens_per_block=8),
+             num_scheduler_steps=4) as llm:  # fmt: skip
+        results: dict[int, object] = {}
+        errors: list[BaseException] = []
+
+        def client(indices):
+            try:
+                futures = {}
+                for i in indices:
+                    prompt, params, streaming, abort_after = specs[i]
+                    futures[i] = llm.generate_async(prompt, params, streaming=streaming)
+                    if abort_after is not None:
+                        threading.Timer(abort_after, futures[i].abort).start()
+                for i, future in futures.items():
+                    if specs[i][2]:
+                        for _ in future:  # a stream ends with the request, aborted or not
+                            pass
+                    results[i] = future.result(timeout=120)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(range(k, len(specs), 4),)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        stats = llm.get_stats()
+        assert not errors, errors
+        assert sorted(results) == list(range(len(specs)))
+        assert sum(s["inflightBatchingStats"]["numPausedRequests"] for s in stats) > 0, "nothing was preempted"
+        assert _all_pages_returned(llm)
+
+        # Each request alone (batch composition and preemption do not change a request's tokens).
+        reference = llm.generate([s[0] for s in specs], [s[1] for s in specs], use_tqdm=False)
+        num_aborted = 0
+        for i, ref in enumerate(reference):
+            out = results[i]
+            assert out.finished and len(out.outputs) == specs[i][1].n, i
+            for got, want in zip(out.outputs, ref.outputs):
+                if got.finish_reason == "cancelled":
+                    num_aborted += 1
+                    assert got.token_ids == want.token_ids[: len(got.token_ids)], i
+                else:
+                    assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text,
+                                                                            want.finish_reason), i  # fmt: skip
+        assert num_aborted > 0, "no abort landed before its request finished"
+        assert _all_pages_returned(llm)
