@@ -50,7 +50,8 @@ def test_a_raising_logits_processor_fails_only_its_request(tiny_llm):
     futures = [llm.generate_async(p, innocent(i)) for i, p in enumerate(PROMPTS[:7])]
     raising = llm.generate_async([4, 5, 6], SamplingParams(max_tokens=12, ignore_eos=True,
                                                            logits_processor=[ban_seven, explodes_at_third_token]))
-    misshapen = llm.generate_async([4, 5, 6], SamplingParams(max_tokens=12, ignore_eos=True, logits_processor=wrong_shape))
+    misshapen = llm.generate_async([4, 5, 6], SamplingParams(max_tokens=12, ignore_eos=True,
+                                                             logits_processor=wrong_shape))
     futures += [llm.generate_async(p, innocent(i + 7)) for i, p in enumerate(PROMPTS[7:])]
 
     with pytest.raises(RequestError, match="logits_processor .*explodes_at_third_token.* at output token 3") as error:
@@ -71,8 +72,8 @@ def test_an_abort_lands_while_a_multi_step_decode_runs(tiny_dir):
              max_num_tokens=1024, max_seq_len=900, num_scheduler_steps=32) as llm:  # fmt: skip
         latencies = []
         for rep in range(6):
-            companions = [llm.generate_async([3 + (i * 7 + j) % 300 for j in range(600)],
-                                             SamplingParams(max_tokens=250, ignore_eos=True)) for i in range(8)]  # fmt: skip
+            long_prompts = [[3 + (i * 7 + j) % 300 for j in range(600)] for i in range(8)]
+            companions = [llm.generate_async(p, SamplingParams(max_tokens=250, ignore_eos=True)) for p in long_prompts]
             stream = llm.generate_async([5, 6, 7], SamplingParams(max_tokens=250, ignore_eos=True), streaming=True)
             for out in stream:
                 if len(out.outputs[0].token_ids) > 64:
@@ -88,7 +89,8 @@ def test_an_abort_lands_while_a_multi_step_decode_runs(tiny_dir):
             for future in companions[4:]:
                 assert len(future.result(timeout=120).outputs[0].token_ids) == 250
         stats = llm.get_stats()
-        dispatches = [s["iterLatencyMS"] / 1e3 for s in stats if s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] > 1]
+        dispatches = [s["iterLatencyMS"] / 1e3 for s in stats
+                      if s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] > 1]  # multi-step decodes
         assert dispatches, "no multi-step decode ran"
         # Before, an abort waited for the dispatch in flight: half of one on average.
         assert statistics.median(latencies) < 0.2 * statistics.median(dispatches), (latencies, dispatches)
