@@ -180,8 +180,11 @@ class RequestOutput:
             return self._pending.popleft()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RequestError(f"request {self.request_id} failed: {self._error}") from self._error
+        """Raise RequestError from the engine's error, naming it and where it happened (its notes)."""
+        error = self._error
+        if error is not None:
+            where = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+            raise RequestError(f"request {self.request_id} failed: {type(error).__name__}: {error}{where}") from error
 
     def result(self, timeout: float | None = None) -> "RequestOutput":
         """Block until the request finishes; return self with the complete outputs."""

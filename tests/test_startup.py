@@ -97,12 +97,14 @@ def test_requests_in_flight_at_exit_resolve_with_engine_shutdown(tiny_dir):
 
 def test_ctrl_c_during_generate_exits_as_an_interrupt(tiny_dir):
     """SIGINT while `generate` waits: a KeyboardInterrupt exit (status 130 / killed by SIGINT),
-    never an abort."""
+    never an abort. The batch takes far longer than the wait before the signal (4 requests of 1000
+    tokens take about a second on 2 cores with warm programs: the signal used to race their end)."""
     script = TINY_ENGINE.format(path=str(tiny_dir("llama"))) + textwrap.dedent("""
         import sys
         llm.generate([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
         print("ready", flush=True)
-        llm.generate([[5, 6, i] for i in range(4)], SamplingParams(max_tokens=1000, ignore_eos=True), use_tqdm=False)
+        llm.generate([[5, 6, i] for i in range(64)], SamplingParams(max_tokens=1000, ignore_eos=True), use_tqdm=False)
+        print("finished", flush=True)
         """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -111,9 +113,10 @@ def test_ctrl_c_during_generate_exits_as_an_interrupt(tiny_dir):
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    assert "finished" not in stdout, "the batch ended before the signal came"
     assert proc.returncode in (130, -signal.SIGINT, 1), (proc.returncode, stderr[-3000:])
     assert "KeyboardInterrupt" in stderr
     assert not any(mark in stderr for mark in ("FATAL", "terminate called", "core dumped")), stderr[-3000:]

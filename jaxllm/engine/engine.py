@@ -2,9 +2,11 @@
 
 Callers (any thread, or asyncio code through the futures) hand requests in through a queue; the
 thread admits them between steps, runs `Scheduler.schedule` -> `ModelRunner.run` -> postprocess,
-and posts each request's news to its RequestOutput. An error inside a step fails the requests of
-that step, not the loop: their futures raise, the KV cache is rebuilt, and the other running
-requests are recomputed.
+and posts each request's news to its RequestOutput. Faults stay contained: a logits processor that
+raises fails its own request only; an error of the model step fails the requests of that step, not
+the loop (their futures raise, the KV cache is rebuilt, and the other running requests are
+recomputed). Aborts land at once, even while a step runs on the device: the engine thread waits for
+a step's outputs on its wake event while a reader thread (`StepReader`) reads them.
 """
 
 from __future__ import annotations
@@ -51,6 +53,42 @@ def derive_seed(base: int, index: int) -> int:
     return x ^ (x >> 31)
 
 
+class StepReader:
+    """A thread that reads dispatched steps' outputs to the host (blocking inside XLA, the GIL
+    released), so that the engine thread waits on its wake event instead and can act on aborts
+    while a step runs. One read at a time: the engine waits for each before the next."""
+
+    def __init__(self, wake: threading.Event):
+        self._wake = wake
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (PendingStep, Future), or None to stop
+        self._thread = threading.Thread(target=self._run, name="jaxllm-step-reader", daemon=True)
+        self._thread.start()
+
+    def read(self, pending: PendingStep) -> concurrent.futures.Future:
+        """Start reading `pending`; the future holds its host outputs (`PendingStep.result`), and
+        the wake event is set once it is done."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((pending, done))
+        return done
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            pending, done = job
+            try:
+                done.set_result(pending.result())
+            except BaseException as e:  # the engine thread re-raises it as the step's error
+                done.set_exception(e)
+            self._wake.set()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
 def is_context_only(request: Request) -> bool:
     params = request.disaggregated_params
     return params is not None and params.request_type == "context_only"
@@ -78,6 +116,9 @@ class Engine:
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
         # after shutdown has drained it (a request put there then would never be answered).
         self._intake_lock = threading.Lock()
+        # Aborts have their own queue: the engine thread takes them between steps and while a step
+        # runs (`_read`), when the other messages wait for the step's end.
+        self._aborts: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stats: collections.deque[dict] = collections.deque(maxlen=STATS_HISTORY)
@@ -93,6 +134,7 @@ class Engine:
         self._pending_imports: collections.deque = collections.deque()  # (request, meta, arrays) awaiting pages
         if transfer is not None:
             kv_transfer.register_local(transfer.llm_id, self)
+        self._reader = StepReader(self._wake)
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
@@ -125,7 +167,9 @@ class Engine:
                                               f"within {timeout:.0f} s") from None  # fmt: skip
 
     def abort(self, request_id: int) -> None:
-        self._inbox.put(("abort", request_id))
+        """Cancel a request (RequestOutput.abort marks its output aborted first): it resolves within
+        one engine step, or at once while a step runs on the device."""
+        self._aborts.put(request_id)
         self._wake.set()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
@@ -136,7 +180,9 @@ class Engine:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        self._reader.close(timeout)
         self._drain_inbox(stopping=True)
+        self._take_aborts()
         for request in list(self.requests.values()):
             self._fail(request, EngineShutdown("the LLM was shut down before this request finished"))
         self.requests.clear()
@@ -161,6 +207,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            self._take_aborts()
             self._expire_parked()
             self._retry_imports()
             if not self.scheduler.has_work() and self._inflight is None:
@@ -185,8 +232,6 @@ class Engine:
             if kind == "add":
                 for request in item:
                     self._add(request)
-            elif kind == "abort":
-                self._abort(item)
             elif kind == "import" and stopping:
                 item[0].output._post(Update(finished=True, error=EngineShutdown("the LLM has been shut down")))
             elif kind == "import":
@@ -211,6 +256,8 @@ class Engine:
         # Parallel samples wait until sample 0 has computed the prompt, then share its full pages.
         self.scheduler.add(request.sequences[0])
         self.requests[request.request_id] = request
+        if request.output.aborted():  # its abort was taken while a step ran, before this arrived
+            self._abort(request.request_id)
 
     def _new_sequence(self, request: Request, index: int, seed: int) -> Sequence:
         """Sample `index` of `request`. A prompt adapter's virtual tokens lead it as ids vocab_size + i
@@ -227,6 +274,14 @@ class Engine:
         )
         self._next_seq_id += 1
         return seq
+
+    def _take_aborts(self) -> None:
+        while True:
+            try:
+                request_id = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            self._abort(request_id)
 
     def _abort(self, request_id: int) -> None:
         request = self.requests.get(request_id)
@@ -263,6 +318,8 @@ class Engine:
     def step(self) -> None:
         started = time.perf_counter()
         flight, self._inflight = self._inflight, None
+        if flight is not None and all(seq.finished for seq, _ in flight[0].items):
+            flight = None  # every sequence of it was aborted: the devices run it, nobody reads it
         if flight is not None:  # a multi-step decode the last step started (the overlap scheduler)
             scheduled, steps, pending = flight
             context, generation = [], [seq for seq, _ in scheduled.items if not seq.finished]
@@ -285,7 +342,7 @@ class Engine:
                 pending = self.runner.dispatch(step_requests, steps)
             if steps > 1 and self.overlap:
                 self._inflight = self._follow_on(scheduled, steps, pending)
-            out = pending.result()
+            out = self._read(pending)
             if steps == 1:
                 self._apply_logits_processors(scheduled, step_requests, out)
         except Exception as e:
@@ -306,6 +363,21 @@ class Engine:
         decoded = (sum(len(seq.token_ids) for seq in generation) - before) / len(generation) if generation else 0.0
         self._record_stats(scheduled, context, started, decoded)  # before the outputs: a caller woken by them sees them
         self._publish(touched)
+
+    def _read(self, pending: PendingStep) -> dict:
+        """`pending`'s host outputs. Aborts that arrive while it runs land now: their requests
+        resolve with the tokens they have, and the step's rows of them are dropped when read."""
+        done = self._reader.read(pending)
+        while not done.done():
+            self._wake.wait()
+            self._wake.clear()  # (a submit's wake too: `_loop` drains the inbox before it sleeps)
+            self._take_aborts()
+        return done.result()
+
+    def _left(self, seq: Sequence) -> bool:
+        """Whether `seq`'s request left the engine while its step ran (aborted, or failed in a
+        logits processor): its pages are freed, and the step's results for it are dropped."""
+        return seq.request.request_id not in self.requests
 
     def _multi_steps(self, scheduled: ScheduledStep) -> int:
         """How many decodes the scheduled step runs in one dispatch (multi-step decoding): the
@@ -437,25 +509,59 @@ class Engine:
         return sorted(set(banned))
 
     def _apply_logits_processors(self, scheduled: ScheduledStep, step_requests, out) -> None:
-        """The slow path: a Python callable edits a row's logits, which is then sampled again."""
+        """The slow path: a Python callable edits a row's logits, which is then sampled again. A
+        processor that raises (or returns what does not fit the row) fails its own request only;
+        the other rows are sampled as they would have been without it."""
         rows = [i for i, (seq, _) in enumerate(scheduled.items)
                 if seq.request.params.logits_processors and step_requests[i].temperature is not None
-                and step_requests[i].start + len(step_requests[i].token_ids) == seq.num_tokens]  # fmt: skip
+                and step_requests[i].start + len(step_requests[i].token_ids) == seq.num_tokens
+                and not self._left(seq)]  # fmt: skip
         if not rows:
             return
         logits = np.array(out["last_logits"][rows], dtype=np.float32)
+        kept = []
         for j, i in enumerate(rows):
             seq = scheduled.items[i][0]
-            row = logits[j : j + 1]
-            for processor in seq.request.params.logits_processors:
-                result = processor(seq.request.request_id, row, [seq.token_ids[seq.num_virtual_tokens :]], None, None)
-                if result is not None:
-                    row[...] = np.asarray(result, np.float32).reshape(row.shape)
-        resampled = self.runner.resample(logits, [step_requests[i] for i in rows])
+            if self._left(seq):  # another sample of its request failed just now
+                continue
+            try:
+                self._run_logits_processors(seq, logits[j : j + 1])
+            except Exception as e:
+                logger.warning("request %d failed in its logits processor:\n%s", seq.request.request_id,
+                               traceback.format_exc())  # fmt: skip
+                self._fail(seq.request, e)
+                continue
+            kept.append(j)
+        kept = [j for j in kept if not self._left(scheduled.items[rows[j]][0])]
+        if not kept:
+            return
+        resampled = self.runner.resample(logits[kept], [step_requests[rows[j]] for j in kept])
+        kept_rows = [rows[j] for j in kept]
         for key, values in resampled.items():
             if key in out:
                 out[key] = np.array(out[key])
-                out[key][rows] = values
+                out[key][kept_rows] = values
+
+    @staticmethod
+    def _run_logits_processors(seq: Sequence, row: np.ndarray) -> None:
+        """Apply `seq`'s request's logits processors, in order, to its logits `row` ([1, V], in place);
+        an exception they raise gets a note naming the processor and the request."""
+        request = seq.request
+        tokens = [seq.token_ids[seq.num_virtual_tokens :]]
+        for processor in request.params.logits_processors:
+            try:
+                result = processor(request.request_id, row, tokens, None, None)
+                if result is not None:
+                    result = np.asarray(result, np.float32)
+                    if result.size != row.size:
+                        raise ValueError(f"a logits processor returned {result.shape} values for logits of "
+                                         f"shape {row.shape}; return None (edit in place) or an array of that size")
+                    row[...] = result.reshape(row.shape)
+            except Exception as e:
+                name = getattr(processor, "__qualname__", None) or type(processor).__name__
+                e.add_note(f"raised by logits_processor {name} of request {request.request_id} at output token "
+                           f"{seq.num_output_tokens} of sample {seq.index}")  # fmt: skip
+                raise
 
     def _postprocess(self, scheduled: ScheduledStep, step_requests: list[StepRequest], out) -> set:
         touched = set()
@@ -463,6 +569,9 @@ class Engine:
         for i, (seq, n) in enumerate(scheduled.items):
             request, params = seq.request, seq.request.params
             r = step_requests[i]
+            if self._left(seq):
+                offset += n
+                continue
             start = seq.num_computed
             seq.num_computed += n
             self.block_manager.register_computed(seq)  # before a finish frees its pages
