@@ -124,7 +124,8 @@ def test_ctrl_c_during_generate_exits_as_an_interrupt(tiny_dir):
 
 @pytest.mark.slow
 def test_streaming_example_with_smollm2_exits_cleanly(smollm2_path):
-    """The seed's streaming example on the real model, 500 tokens, no shutdown(); three runs."""
+    """The seed's streaming example on the real model, 500 tokens, no shutdown(); two runs (the tiny
+    model's scripts above run every ending each time)."""
     script = f"""
         from jaxllm import LLM, SamplingParams
         llm = LLM(model={str(smollm2_path)!r}, max_batch_size=2, max_num_tokens=128)
@@ -133,7 +134,7 @@ def test_streaming_example_with_smollm2_exits_cleanly(smollm2_path):
             text += out.outputs[0].text_diff
         print(len(text))
         """
-    for _ in range(3):
+    for _ in range(2):
         proc = _run_script(script)
         _assert_clean(proc)
         assert int(proc.stdout.strip().splitlines()[-1]) > 0
@@ -284,9 +285,6 @@ def test_a_second_process_loads_every_program_from_the_cache_and_recompiles_dama
     other = _cache_run(tiny_dir("llama"), cache, batch=4)
     assert other["compiled"] == other["programs"] and other["tokens"] == first["tokens"]
     assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
-    # "off" reads and writes nothing.
-    off = _cache_run(tiny_dir("llama"), tmp_path / "unused", extra_env={"JAXLLM_COMPILE_CACHE": "off"})
-    assert off["compiled"] == off["programs"] and not (tmp_path / "unused").exists()
 
 
 def test_cache_directory_comes_from_the_argument_the_variable_or_xdg(monkeypatch, tmp_path):

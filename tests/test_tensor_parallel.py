@@ -27,7 +27,8 @@ def single(tiny_llm):
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tp_gives_the_single_device_tokens(name, tiny_dir, single):
-    for n in (2, 4, 8):
+    # TP=2 and TP=8 (the most padding and replication); TP=4 has its own tests (odd shapes, 70B heads).
+    for n in (2, 8):
         with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=n,
                  max_batch_size=4, max_num_tokens=64) as llm:  # fmt: skip
             assert _tokens(llm) == single[name], f"{name} TP={n}"
