@@ -129,9 +129,11 @@ def check_text_matches_ids(text: Any, ids: list[int], params: SamplingParams, to
         raise TypeError(f"{where}: 'prompt' must be a str or None, got {type(text).__name__}")
     if tokenizer is None:
         return
-    first, other = ([int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
-                    for special in (params.add_special_tokens, not params.add_special_tokens))  # fmt: skip
-    if ids in (first, other):
+    def tokens(special: bool) -> list[int]:
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
+
+    first = tokens(params.add_special_tokens)
+    if ids == first or ids == tokens(not params.add_special_tokens):  # the other only when needed
         return
     at = next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), min(len(first), len(ids)))
     raise ValueError(
