@@ -53,7 +53,8 @@ WIRE_VERSION = 2
 CLUSTER_SECRET_ENV = "JAXLLM_KV_CLUSTER_SECRET"
 # Frame bounds. The hello and the ask hold a few ids, hex secrets and nonces (~300 bytes); a reply's
 # header holds the context's metadata, whose prompt token ids grow with the prompt (up to 10 digits
-# and a separator each), and the arrays' raw bytes follow it, bounded by `KVLayout.max_payload_bytes`.
+# and a separator each), and the arrays' raw bytes follow it: exactly the shapes `KVLayout` allows
+# (K and V of every layer, [num_kv_heads, num_tokens <= max_seq_len, head_dim]), read only once checked.
 HELLO_MAX_BYTES = 1024
 ASK_MAX_BYTES = 4096
 HEADER_BASE_BYTES = 64 * 1024
@@ -76,15 +77,6 @@ class KVLayout:
     head_dim: int
     dtype: str  # numpy name of the KV cache dtype ('float32', 'bfloat16', ...)
     max_tokens: int
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
-
-    @property
-    def max_payload_bytes(self) -> int:
-        """The most raw array bytes one reply may carry: layers x (K, V) x kv heads x tokens x head_dim x dtype."""
-        return self.bytes_per_token * self.max_tokens
 
     @property
     def max_header_bytes(self) -> int:
