@@ -212,15 +212,13 @@ class ModelRunner:
         if self.mesh is None:
             device = jax.sharding.SingleDeviceSharding(self._devices()[0])
             shardings = jax.tree.map(lambda _: device, jax.eval_shape(make))
-            make_on_devices = jax.jit(make, out_shardings=shardings)
         else:  # created in place, each device holding only its KV heads
             pages, replicated = sharding_lib.kv_cache_sharding(self.mesh), sharding_lib.replicated(self.mesh)
             shardings = ([(pages, pages)] * self.cfg.num_layers, replicated)
-            make_on_devices = jax.jit(make, out_shardings=shardings)
         if abstract:
             return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 jax.eval_shape(make), shardings)  # fmt: skip
-        return make_on_devices()
+        return jax.jit(make, out_shardings=shardings)()
 
     def allocate(self) -> None:
         """Put the KV cache and token pages on the devices (once the programs are made)."""
