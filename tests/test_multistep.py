@@ -155,6 +155,40 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
         assert "No such compile option" in caplog.text and "xla_no_such_option_here" in caplog.text
 
 
+def test_full_multi_step_decodes_are_compiled_up_to_their_row_cap():
+    """The "full" flavor's multi-step buckets stop at multi_step_full_max_rows, "plain" ones do not;
+    a wider truncating batch has no multi-step program and none is listed for it."""
+    from jaxllm.engine.buckets import Buckets, ForwardShape
+
+    buckets = Buckets(max_num_tokens=256, max_batch_size=128, max_seq_len=512, page_size=16, min_decode_rows=2,
+                      decode_steps=8, multi_step_full_max_rows=16)  # fmt: skip
+    assert buckets.multi_step_rows("plain") == [2, 4, 8, 16, 32, 64, 128]
+    assert buckets.multi_step_rows("full") == [2, 4, 8, 16]
+    assert buckets.multi_step_rows("penalties") == []
+    multi = [s for s in buckets.all_shapes() if isinstance(s, ForwardShape) and s.decode_steps > 1]
+    assert sorted(s.num_seqs for s in multi if s.sampling == "full") == [2, 4, 8, 16]
+    assert buckets.forward_shape([1] * 9, 3, decode_steps=8, sampling="full").num_seqs == 16
+    with pytest.raises(ValueError):
+        buckets.forward_shape([1] * 17, 3, decode_steps=8, sampling="full")
+
+
+def test_triton_gemms_only_in_few_row_forward_programs_on_gpus(tiny_llm, monkeypatch):
+    """XLA's defaults on the CPU; on a GPU every program but a forward of at most
+    TRITON_GEMM_MAX_ROWS tokens is compiled without Triton GEMMs (benchmarks/RESULTS.md)."""
+    import types
+
+    from jaxllm.engine.buckets import NO_TRITON_GEMM_OPTIONS, TRITON_GEMM_MAX_ROWS, ForwardShape
+
+    runner = tiny_llm("llama")._engine.runner
+    shapes = runner.bucket_shapes()
+    assert all(runner.compiler_options(s) is None for s in shapes)
+    monkeypatch.setattr(runner, "_devices", lambda: [types.SimpleNamespace(platform="gpu", device_kind="H200", id=0)])
+    for s in shapes:
+        few = isinstance(s, ForwardShape) and s.num_tokens <= TRITON_GEMM_MAX_ROWS
+        assert runner.compiler_options(s) == (None if few else NO_TRITON_GEMM_OPTIONS), s
+    assert any(isinstance(s, ForwardShape) and s.num_tokens <= TRITON_GEMM_MAX_ROWS for s in shapes)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_num_scheduler_steps_is_validated(tiny_dir, bad):
     with pytest.raises(ValueError, match="num_scheduler_steps"):

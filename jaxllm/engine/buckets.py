@@ -19,7 +19,8 @@ Bucket lists (`Buckets`), chosen so that the whole set stays small (tens of prog
                      T = B, so both kinds share programs;
   block tables:      P, one bucket up to MIN_PAGE_BUCKET pages, powers of two above (attention
                      stops at each sequence's real length, so P only sizes the tables);
-  multi-step decodes: B as decode-only steps, up to `multi_step_max_rows`.
+  multi-step decodes: B as decode-only steps, up to `multi_step_max_rows` (MULTI_STEP_FULL_MAX_ROWS
+                     for the "full" flavor on GPUs).
 
 Sampling flavors (what varies between requests is data, not a compiled switch):
   "plain"      greedy or temperature sampling, with the chosen token's log-probability and rank;
@@ -68,12 +69,27 @@ ONE_GRAPH_OPTIONS = {
 }
 ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the two-row bucket)
 
+# XLA's GPU compiler autotunes a Triton GEMM beside cuBLAS's for every product, and that autotuning
+# is most of a program's compile time and does not run in parallel: the Llama-3.1-8B shape's 84
+# programs took 95 s on 16 threads with it and 43 s without (H200). Triton's GEMMs win only at a few
+# rows: a 2-row decode step 6.0 ms with them against 7.5 ms without; at 64 rows and up cuBLAS's are
+# as fast or faster (decode 7.7 vs 7.9 ms at 64 rows, 9.6 vs 10.9 at 256; mixed 7.1 vs 8.4 ms at 64
+# tokens, 23.1 vs 24.8 at 1,024: benchmarks/RESULTS.md, "Triton GEMMs"). So on GPUs only forward
+# programs of at most TRITON_GEMM_MAX_ROWS tokens keep them.
+NO_TRITON_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+TRITON_GEMM_MAX_ROWS = 8
+
 SAMPLING_FLAVORS = ("plain", "full", "penalties")
 # A multi-step decode serves no bias, bans or penalties. On the CPU only "plain" ones are compiled:
 # truncation's sort of every row (~14 ms a row for a 49k vocabulary) outweighs the host round trips
 # a multi-step decode saves there, and each flavor is another program per bucket.
 MULTI_STEP_FLAVORS = ("plain", "full")
 CPU_MULTI_STEP_FLAVORS = ("plain",)
+# On GPUs "full" multi-step decodes are compiled up to this many rows (wider batches that truncate
+# run single-step decodes): each is another forward-sized program (~1/30 of an empty-cache start-up
+# on the H200), while the host round trip a multi-step decode saves is a shrinking share of a wide
+# step, which sorts every row's vocabulary at every decode.
+MULTI_STEP_FULL_MAX_ROWS = 64
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -166,6 +182,7 @@ class Buckets:
       decode_steps: K of the multi-step decode programs (1: none).
       multi_step_max_rows: the widest multi-step decode bucket.
       multi_step_flavors: the sampling flavors multi-step decodes are compiled for.
+      multi_step_full_max_rows: the widest "full" multi-step decode (None: multi_step_max_rows).
       adapters: whether the engine serves adapters (every forward program has an adapters twin).
     """
 
@@ -178,6 +195,7 @@ class Buckets:
     decode_steps: int = 1
     multi_step_max_rows: int | None = None
     multi_step_flavors: tuple[str, ...] = MULTI_STEP_FLAVORS
+    multi_step_full_max_rows: int | None = None
     adapters: bool = False
 
     @property
@@ -202,6 +220,13 @@ class Buckets:
         cap = self.multi_step_max_rows or self.max_batch_size
         return [b for b in self.seq_buckets if b <= max(cap, self.seq_buckets[0])]
 
+    def multi_step_rows(self, flavor: str) -> list[int]:
+        """The multi-step decode buckets compiled in `flavor` (none if it is not compiled)."""
+        if flavor not in self.multi_step_flavors:
+            return []
+        cap = self.multi_step_full_max_rows if flavor == "full" else None
+        return [b for b in self.multi_step_buckets if cap is None or b <= max(cap, self.seq_buckets[0])]
+
     def mixed_seqs(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_batch_size)
 
@@ -221,7 +246,7 @@ class Buckets:
         P = bucket_for(pages, self.page_buckets)
         decode_only = max(token_counts) == 1
         if decode_steps > 1:
-            B = bucket_for(len(token_counts), self.multi_step_buckets)
+            B = bucket_for(len(token_counts), self.multi_step_rows(sampling))
             return ForwardShape(B, B, P, 1, adapters, decode_steps, sampling)
         if decode_only and self.backend != "xla":
             B = bucket_for(len(token_counts), self.seq_buckets)
@@ -246,7 +271,7 @@ class Buckets:
                 shapes += [ForwardShape(T, self.mixed_seqs(T), P, T, adapters) for T in self.token_buckets]
                 for flavor in self.multi_step_flavors:
                     shapes += [ForwardShape(B, B, P, 1, adapters, self.decode_steps, flavor)
-                               for B in self.multi_step_buckets]  # fmt: skip
+                               for B in self.multi_step_rows(flavor)]  # fmt: skip
         for B in self.sampler_rows:
             shapes += [SamplerShape(B, "plain"), SamplerShape(B, "full")]
             shapes += [SamplerShape(B, "penalties", P) for P in self.page_buckets]

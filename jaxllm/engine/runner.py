@@ -38,8 +38,9 @@ from jaxllm import sharding as sharding_lib
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
 from jaxllm.engine.buckets import (CPU_MULTI_STEP_FLAVORS, CPU_MULTI_STEP_MAX_ROWS, GPU_MIN_DECODE_ROWS,
-                                   MULTI_STEP_FLAVORS, ONE_GRAPH_MAX_ROWS, ONE_GRAPH_OPTIONS, Buckets, ForwardShape,
-                                   HeadShape, SamplerShape)  # fmt: skip
+                                   MULTI_STEP_FLAVORS, MULTI_STEP_FULL_MAX_ROWS, NO_TRITON_GEMM_OPTIONS,
+                                   ONE_GRAPH_MAX_ROWS, ONE_GRAPH_OPTIONS, TRITON_GEMM_MAX_ROWS, Buckets,
+                                   ForwardShape, HeadShape, SamplerShape)  # fmt: skip
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.layers.adapters import AdapterInputs
@@ -140,6 +141,7 @@ class ModelRunner:
             decode_steps=config.decode_steps,
             multi_step_max_rows=config.multi_step_max_rows or (None if on_gpu else CPU_MULTI_STEP_MAX_ROWS),
             multi_step_flavors=MULTI_STEP_FLAVORS if on_gpu else CPU_MULTI_STEP_FLAVORS,
+            multi_step_full_max_rows=MULTI_STEP_FULL_MAX_ROWS if on_gpu else None,
             adapters=adapters is not None,
         )  # fmt: skip
         # Abstract until `allocate()`: the programs need only their shapes, and on a GPU compiling them
@@ -178,9 +180,8 @@ class ModelRunner:
 
     def multi_step_serves(self, requests: list[StepRequest]) -> bool:
         """Whether a multi-step decode program serves these requests (their flavor is compiled)."""
-        buckets = self.buckets.multi_step_buckets
-        return (bool(buckets) and len(requests) <= buckets[-1]
-                and sampling_flavor(requests) in self.buckets.multi_step_flavors)  # fmt: skip
+        rows = self.buckets.multi_step_rows(sampling_flavor(requests))
+        return bool(rows) and len(requests) <= rows[-1]
 
     @property
     def executables(self) -> dict:
@@ -343,12 +344,17 @@ class ModelRunner:
         return self.programs.load_saved(directory)
 
     def compiler_options(self, shape) -> dict | None:
-        """XLA options the program of `shape` is compiled with: ONE_GRAPH_OPTIONS for a multi-step
-        decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph_decode` says (None: several GPUs)."""
-        if (isinstance(shape, ForwardShape) and self._one_graph_decode() and shape.decode_steps > 1
-                and shape.num_seqs <= ONE_GRAPH_MAX_ROWS):  # fmt: skip
-            return dict(ONE_GRAPH_OPTIONS)
-        return None
+        """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
+        NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens;
+        ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where
+        `one_graph_decode` says (None: several GPUs)."""
+        options = {}
+        forward = isinstance(shape, ForwardShape)
+        if self._devices()[0].platform == "gpu" and not (forward and shape.num_tokens <= TRITON_GEMM_MAX_ROWS):
+            options.update(NO_TRITON_GEMM_OPTIONS)
+        if forward and self._one_graph_decode() and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
+            options.update(ONE_GRAPH_OPTIONS)
+        return options or None
 
     def _one_graph_decode(self) -> bool:
         if self.config.one_graph_decode is not None:
