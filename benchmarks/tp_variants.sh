@@ -3,7 +3,7 @@
 # once per process), most informative first, then one table. Every variant writes its JSON under
 # $OUT as it goes, so a call stopped at its time limit keeps what it measured.
 #
-#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|kernels2|nccl|merge|floor]   # on the GPU machine (2 GPUs), OUT set
+#   PYTHONPATH=$PWD bash benchmarks/tp_variants.sh [rows|processes|graphs|streams|kernels|update|overlap|launch|final|next|gemms|overlaptest|nccl|merge|floor]   # on the GPU machine (2 GPUs), OUT set
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
@@ -65,9 +65,6 @@
 #     defaults: gemms_default) against cuBLAS's (gemms_cublas); this XLA has no flag to keep split-K out
 #     of its GEMM autotuning (a split-K GEMM adds a reduction kernel)
 #   overlaptest: the overlap scheduler's engine test three times on the GPUs (as in `next`)
-#   kernels2: the two kernels aimed at a TP=2 step's all-reduces and GEMMs, tests
-#     first (pallas_kernels/all_reduce.py against psum, skinny_matmul.py against jnp.dot, on the GPUs),
-#     then benchmarks/allreduce_latency.py (both GPUs) and benchmarks/gemv_bandwidth.py (GPU 0)
 #   nccl: TP=2 with NCCL's protocol, algorithm or channel count set by its environment variables (TP=2
 #     only, against nccl_default with both sizes; NCCL_NVLS_ENABLE=0 stays as the machine sets it)
 #   merge: the decode attention's splits merged by the Pallas kernel (merge_kernel, the engine's way)
@@ -192,15 +189,6 @@ gemms)
     XLA_FLAGS= engine gemms_default
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false engine gemms_cublas
     ;;
-kernels2)
-    echo "== kernel tests on the GPUs"
-    timeout -k 10 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_all_reduce.py \
-        tests/test_pallas_skinny_matmul.py 2>&1 | tail -6
-    echo "== all-reduce latency"
-    XLA_FLAGS= timeout -k 10 200 python3 "$HERE/allreduce_latency.py" --out "$OUT" 2>&1 | tail -16
-    echo "== few-row matmuls"
-    XLA_FLAGS= timeout -k 10 300 python3 "$HERE/gemv_bandwidth.py" --out "$OUT" 2>&1 | tail -12
-    ;;
 nccl)
     XLA_FLAGS= engine nccl_default
     for v in "protoll NCCL_PROTO=LL" "protosimple NCCL_PROTO=Simple" "algotree NCCL_ALGO=Tree" \
@@ -218,7 +206,7 @@ floor)
     XLA_FLAGS= ceiling floor_default --rows 2 --layout merged --stream
     XLA_FLAGS= ceiling floor_onegraph --rows 2 --layout merged --one-graph
     ;;
-*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, kernels2, nccl, merge, floor)"; exit 2 ;;
+*) echo "unknown set $1 (allowed: rows, processes, graphs, streams, kernels, update, overlap, launch, final, next, gemms, overlaptest, nccl, merge, floor)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'EOF'

@@ -1,8 +1,8 @@
 """Writes a step's keys and values into the paged KV cache, both caches in one kernel, in place.
 
 Layout as in `jaxllm.layers.attention`: k_pages, v_pages [K, P, S, d]; token t's K/V go to slot
-slot_mapping[t] (page * S + offset) of every KV head. `jaxllm.layers.attention.write_kv` is the
-plain-jnp reference: XLA makes one scatter kernel per cache of it (two launches a layer of every
+slot_mapping[t] (page * S + offset) of every KV head. `write_kv_reference` is the plain-jnp
+reference (the same scatter as `jaxllm.layers.attention.write_kv`, the 'xla' backend's): XLA makes one scatter kernel per cache of it (two launches a layer of every
 step, about 3 us each at batch 1 on an H200); this is one launch, writing into the caches it is
 given (`input_output_aliases`), so under a jit that donates them nothing is copied.
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_decode_attention import pow2_divisor
+from pallas_kernels._tiles import pow2_divisor
 
 # At most this many tokens per program: a decode step's few rows take one program per KV head; a
 # prefill chunk of thousands of tokens takes T / 16 of them.
@@ -50,7 +50,7 @@ def _write_kv_kernel(slot_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_out, *, toke
 
 def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
                     *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """`jaxllm.layers.attention.write_kv` as one Pallas kernel: same arguments, same result.
+    """`write_kv_reference` as one Pallas kernel: same arguments, same result.
 
     k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] int32 (page * S + offset).
     Returns the updated (k_pages, v_pages), in place when the caller donates them.
@@ -85,3 +85,16 @@ def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax
         v_pages.reshape(flat_pool),
     )
     return k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)
+
+
+def write_kv_reference(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+                       slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Plain-jnp `write_kv_kernel`: scatter token t's K/V [K, d] into slot slot_mapping[t] of each cache.
+
+    k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] int32 (page * S + offset).
+    """
+    page_size = k_pages.shape[2]
+    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+    k_pages = k_pages.at[:, pages, offsets].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.at[:, pages, offsets].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_pages, v_pages

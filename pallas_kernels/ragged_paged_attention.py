@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_decode_attention import (
+from pallas_kernels._tiles import (
     LOG2_E,
     MASK_VALUE,
     MIN_DOT_DIM,

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import paged_attention, paged_decode_attention, paged_decode_attention_reference
+from jaxllm.layers.attention import paged_attention_pallas as paged_attention
+from pallas_kernels import paged_decode_attention, paged_decode_attention_reference
 from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

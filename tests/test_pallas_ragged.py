@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import paged_attention, ragged_paged_attention, ragged_paged_attention_reference
+from jaxllm.layers.attention import paged_attention_pallas as paged_attention
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention import num_work_items, ragged_work_list
 from tests.paged_kv import INTERPRET, assert_close, lower_for_h100, make_batch, make_cache, xla_reference
 

@@ -129,11 +129,47 @@ def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv) ->
     KV_WRITERS[name] = write
 
 
-def _pallas_backend(q, k_pages, v_pages, batch, *, scale, window=None, interpret=False):
-    """The Pallas kernels (pallas_kernels/); in the Pallas interpreter with `interpret`."""
-    from pallas_kernels import paged_attention
+def paged_attention_pallas(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    batch: BatchMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """`paged_attention_xla` through the Pallas kernels (pallas_kernels/): a decode-only step
+    (batch.max_query_len == 1) goes to the split-K decode kernel, anything else to the ragged
+    prefill/mixed kernel.
 
-    return paged_attention(q, k_pages, v_pages, batch, scale=scale, window=window, interpret=interpret)
+    Args:
+      q: [T, H, d] queries, H a multiple of the KV heads K.
+      k_pages, v_pages: [K, P, S, d], already holding this step's keys and values.
+      batch: token -> sequence map and block tables. When batch.max_query_len == 1 the step is
+        decode-only: T must equal the number of sequence slots and token i belongs to slot i.
+      scale: softmax scale.
+      window: sliding window (keys with position > query position - window), or None.
+      interpret: run the kernels in the Pallas interpreter (CPU).
+    Returns:
+      [T, H, d] in q's dtype; padding tokens and padding sequence slots give zeros.
+    """
+    from pallas_kernels import paged_decode_attention, ragged_paged_attention
+
+    if batch.max_query_len == 1:
+        if q.shape[0] != batch.num_seqs:
+            raise ValueError(
+                f"a decode-only step (max_query_len 1) needs one token per sequence slot; "
+                f"got {q.shape[0]} tokens for {batch.num_seqs} slots"
+            )
+        return paged_decode_attention(
+            q, k_pages, v_pages, batch.block_tables, batch.seq_lens, scale=scale, window=window,
+            interpret=interpret,
+        )
+    return ragged_paged_attention(
+        q, k_pages, v_pages, batch.query_start, batch.seq_lens, batch.block_tables,
+        max_query_len=batch.max_query_len, scale=scale, window=window, interpret=interpret,
+    )
 
 
 def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
@@ -143,8 +179,8 @@ def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
     return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
 
 
-register_backend("pallas", _pallas_backend, _pallas_write_kv)
-register_backend("pallas_interpret", functools.partial(_pallas_backend, interpret=True),
+register_backend("pallas", paged_attention_pallas, _pallas_write_kv)
+register_backend("pallas_interpret", functools.partial(paged_attention_pallas, interpret=True),
                  functools.partial(_pallas_write_kv, interpret=True))  # fmt: skip
 
 
