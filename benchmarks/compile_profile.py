@@ -19,10 +19,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import CARDS  # noqa: E402
+from common import CARDS, print_result
 
 
 def kind_of(shape) -> str:
@@ -169,7 +167,7 @@ def main() -> None:
         for r in result["rows"]:
             step = f"{r['step_ms']:.2f}" if "step_ms" in r else ""
             print(f"| {r['shape']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {step} |")
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

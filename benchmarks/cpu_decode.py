@@ -11,13 +11,11 @@ the overlap scheduler off (disable_overlap_scheduler=True).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
-from gpu_e2e import decode_ms_per_token  # benchmarks/ is the script's directory, on sys.path
+from common import cpu_machine, decode_ms_per_token, default_out, write_json
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -79,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "cpu_decode.json"))
+    parser.add_argument("--out", default=os.path.join(default_out(), "cpu_decode.json"))
     args = parser.parse_args()
     from jaxllm.checkpoints.builtin import fetch
 
@@ -91,14 +89,13 @@ def main() -> None:
                      "jaxllm_no_overlap": jaxllm_decode(path, batch, args.new_tokens, 8, overlap=False),
                      "transformers": hf_decode(path, batch, args.new_tokens)})  # fmt: skip
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, float32",
         "new_tokens": args.new_tokens,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"\nSmolLM2-135M float32 greedy decode on {result['machine']} ({args.new_tokens} new tokens)")
     print("jaxllm with 8 decodes per dispatch (the default), with 1, and with 8 without the overlap scheduler")
     print(f"{'batch':>5} | {'jaxllm tok/s':>12} | {'ms/token':>8} | {'1/dispatch tok/s':>16} | "

@@ -11,18 +11,11 @@ executables it compiled against the bucket bound.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
-
-def synthetic_prompts(n: int, isl: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(100, vocab - 100, size=isl)] for _ in range(n)]
+from common import default_out, synthetic, write_json
 
 
 def main() -> None:
@@ -30,14 +23,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--isl", type=int, default=64)
     parser.add_argument("--osl", type=int, default=64)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "cpu_offline.json"))
+    parser.add_argument("--out", default=os.path.join(default_out(), "cpu_offline.json"))
     args = parser.parse_args()
 
     from jaxllm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=args.osl, ignore_eos=True)
     with LLM(model="smollm2", dtype="float32", max_batch_size=64, max_num_tokens=1024) as llm:
-        prompts = synthetic_prompts(args.requests, args.isl, llm.config.vocab_size)
+        prompts = synthetic(args.requests, args.isl, llm.config.vocab_size, seed=0, margin=100)
         llm.generate(prompts, params, use_tqdm=False)  # warm: compile the shapes both modes use
         for p in prompts[:2]:
             llm.generate(p, params, use_tqdm=False)
@@ -80,8 +73,7 @@ def main() -> None:
         "mixed_workload_compilations": compilations,
         "bucket_bound_plain_shapes": bound,
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"\nSmolLM2-135M float32 offline, {args.requests} requests ISL/OSL {args.isl}/{args.osl}, {result['machine']}")
     print(f"continuous batching : {result['continuous_batching_tok_s']:8.1f} output tok/s")
     print(f"one at a time       : {result['one_at_a_time_tok_s']:8.1f} output tok/s   ({result['speedup']:.2f}x slower)")

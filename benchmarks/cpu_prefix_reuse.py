@@ -18,12 +18,12 @@ compiled before timing (`compiled_while_timing` in the JSON checks it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from common import cpu_machine, default_out, write_json
 
 QUESTIONS = [
     "How do I reset my password?",
@@ -113,7 +113,7 @@ def measure(path: Path, rules: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, default=16, help="system prompt length: rules of ~35 tokens each")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "cpu_prefix_reuse.json"))
+    parser.add_argument("--out", default=os.path.join(default_out(), "cpu_prefix_reuse.json"))
     args = parser.parse_args()
     from jaxllm.checkpoints.builtin import fetch
 
@@ -121,15 +121,14 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = measure(path, args.rules)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_machine(),
         "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after: other work on the machine
         "date": time.strftime("%Y-%m-%d"),
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF, float32, page size 32",
         "questions": len(QUESTIONS),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     off, on = rows
     print(f"\nSmolLM2-135M float32, {off['system_prompt_tokens']}-token shared system prompt, {len(QUESTIONS)} "
           f"questions, on {result['machine']}; time to first token (s)")  # fmt: skip

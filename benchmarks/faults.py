@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -23,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import print_result
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -34,8 +33,7 @@ def percentile(values: list[float], q: float) -> float:
 def make_llm(model: str, batch: int):
     from jaxllm import LLM
 
-    if model == "tiny":
-        sys.path.insert(0, str(ROOT))
+    if model == "tiny":  # tests/ from the checkout on PYTHONPATH
         from tests import tiny
 
         path = tiny.save_tiny("llama", Path(tempfile.mkdtemp(prefix="faults-tiny-")) / "llama")
@@ -150,7 +148,7 @@ def main() -> None:
               f"{ms(percentile(values, 99))} {ms(max(values))}")  # fmt: skip
         result[name] = {"p50_ms": statistics.median(values) * 1e3, "p95_ms": percentile(values, 95) * 1e3,
                         "p99_ms": percentile(values, 99) * 1e3, "max_ms": max(values) * 1e3}  # fmt: skip
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -21,27 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = HERE / "configs"
-HBM_TBS = {"H100": 3.35, "H200": 4.8}  # datasheet HBM bandwidth per GPU, TB/s
-
-
-def hbm_tbs(device_kind: str) -> float:
-    """The datasheet bandwidth of the GPU named `device_kind` (H100 SXM's where it is not known)."""
-    return next((tbs for name, tbs in HBM_TBS.items() if name in device_kind), HBM_TBS["H100"])
-
-
-def out_path(args, name: str) -> Path:
-    path = Path(args.out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def synthetic(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(10, vocab - 10, size=length)] for _ in range(n)]
+from common import CONFIGS, decode_ms_per_token, default_out, hbm_tbs, synthetic, write_json
 
 
 def device_name() -> str:
@@ -83,14 +63,6 @@ def part_correctness(args) -> dict:
 
 
 # ---- the 8B shape -------------------------------------------------------------------------------------
-def decode_ms_per_token(stats: list[dict]) -> float:
-    """Median milliseconds per decoded token of the decode-only iterations (an iteration of a
-    multi-step decode runs avgNumDecodedTokensPerIter steps)."""
-    decode = [s["iterLatencyMS"] / max(1.0, s["inflightBatchingStats"].get("avgNumDecodedTokensPerIter", 1.0))
-              for s in stats if s["inflightBatchingStats"]["numContextRequests"] == 0]  # fmt: skip
-    return statistics.median(decode) if decode else float("nan")
-
-
 def part_perf(args) -> dict:
     import jax
 
@@ -251,7 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Children (hf, coldstart) first: this process holds the GPU's memory once it starts JAX.
     parser.add_argument("--parts", default="hf,coldstart,perf,correctness")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", default=default_out())
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     args = parser.parse_args()
@@ -267,7 +239,7 @@ def main() -> None:
         args.offline = [(16, 8, 8), (128, 8, 4)]
         args.compile_threads = 2
     results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    file = out_path(args, "gpu_e2e.json")
+    file = Path(args.out) / "gpu_e2e.json"
     for part in args.parts.split(","):
         started = time.perf_counter()
         try:
@@ -278,7 +250,7 @@ def main() -> None:
             traceback.print_exc()
             results[f"{part}_error"] = f"{type(e).__name__}: {e}"
         results[f"{part}_wall_s"] = time.perf_counter() - started
-        file.write_text(json.dumps(results, indent=2))
+        write_json(file, results)
         print(f"[{part} done in {results[f'{part}_wall_s']:.0f} s]", flush=True)
     report(results)
 

@@ -17,38 +17,14 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from common import batch1_ms, default_out, engine, greedy, median_ms, offline, recorder, synthetic
+
 if "--smoke" in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from gpu_e2e import decode_ms_per_token, synthetic  # noqa: E402
-
-
-def engine(model: str, tp: int, backend: str | None, args, precompile=(), dtype: str = "bfloat16", devices=None):
-    """An engine with random weights, every program made before anything is timed (`precompile`, the
-    shapes the callers' workloads visit, is kept for their signatures: LLM() makes them all)."""
-    from jaxllm import LLM
-
-    llm = LLM(model=str(HERE / "configs" / model), load_format="dummy", dtype=dtype, skip_tokenizer_init=True,
-              tensor_parallel_size=tp, backend=backend, max_batch_size=args.max_batch, max_num_tokens=args.max_tokens,
-              max_seq_len=args.max_seq_len, devices=devices,
-              disable_overlap_scheduler=getattr(args, "no_overlap", False),
-              num_scheduler_steps=getattr(args, "decode_steps", None) or 8)  # fmt: skip
-    runner = llm._engine.runner
-    if getattr(args, "one_graph", None):  # the runner's choice, overridden (its programs made again)
-        runner.config = dataclasses.replace(runner.config, one_graph_decode=args.one_graph == "on")
-        runner.reset_programs()
-    if getattr(args, "min_decode_rows", None):  # the engine's smallest decode bucket, overridden
-        runner.buckets = dataclasses.replace(runner.buckets, min_decode_rows=args.min_decode_rows)
-        runner.reset_programs()
-    runner.precompile(progress=False)  # LLM() made every program; these only what an override changed
-    return llm
 
 
 def use_vocab_parallel_sampling(llm, args, on: bool, precompile=()) -> None:
@@ -59,14 +35,6 @@ def use_vocab_parallel_sampling(llm, args, on: bool, precompile=()) -> None:
         runner.config = dataclasses.replace(runner.config, vocab_parallel_sampling=on)
         runner.reset_programs()
         runner.precompile(progress=False)
-
-
-def greedy(llm, prompts, n):
-    """Greedy (tokens, logprobs with the top 2) of each prompt."""
-    from jaxllm import SamplingParams
-
-    outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True, logprobs=2), use_tqdm=False)
-    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
 def disaggregated(ctx, gen, prompts, n):
@@ -98,45 +66,6 @@ def agreement(ref, other) -> dict:
             "identical": all(p == len(r[0]) for p, r in zip(prefixes, ref)), "divergence_gaps_nats": gaps}
 
 
-def batch1_ms(llm, vocab, n, steps: int, wall: dict | None = None) -> float:
-    """Batch-1 decode ms per token, `steps` decodes per dispatch (1: one host round trip a token):
-    the median engine iteration per token it decodes. With `wall`, also wall["ms"]: the wall time
-    of n tokens less that of one (the prefill), per token after the first, host gaps included."""
-    from jaxllm import SamplingParams
-
-    llm._engine.decode_steps = steps
-    prompt = synthetic(1, 128, vocab, 1)
-    # Warm-up long enough for the overlap scheduler's follow-on dispatches (a first one may compile).
-    llm.generate(prompt, SamplingParams(max_tokens=3 * steps + 2, ignore_eos=True), use_tqdm=False)
-    for _ in range(2):  # the first may compile the step of a cached prompt's last token
-        t0 = time.perf_counter()
-        llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
-        first = time.perf_counter() - t0
-    llm.get_stats()
-    t0 = time.perf_counter()
-    llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
-    total = time.perf_counter() - t0
-    ms = decode_ms_per_token(llm.get_stats())
-    if wall is not None:
-        wall["ms"] = (total - first) * 1e3 / (n - 1)
-    llm._engine.decode_steps = llm._engine.runner.config.decode_steps
-    return ms
-
-
-def offline(llm, isl, osl, n, vocab) -> dict:
-    from jaxllm import SamplingParams
-
-    runner = llm._engine.runner
-    prompts = synthetic(n, isl, vocab, isl + osl)
-    llm.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # the same shapes, warm
-    c0, t0 = runner.compile_seconds, time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=osl, ignore_eos=True), use_tqdm=False)
-    wall, compiled = time.perf_counter() - t0, runner.compile_seconds - c0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"isl": isl, "osl": osl, "requests": n, "output_tok_s": tokens / (wall - compiled), "wall_s": wall,
-            "compile_s_during": compiled}  # fmt: skip
-
-
 def allreduce_ms(mesh, rows: int, hidden: int, layers: int) -> float:
     """Time of one decode step's collectives, run standalone on `mesh`: two all-reduces of
     [rows, hidden] per layer and the embedding's (vocabulary-parallel sampling adds three of [rows])."""
@@ -154,13 +83,7 @@ def allreduce_ms(mesh, rows: int, hidden: int, layers: int) -> float:
             out = jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp"), out_specs=P("tp"))(out)
         return out
 
-    jax.block_until_ready(collectives(x))
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(collectives(x))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_ms(collectives, x, reps=10)
 
 
 def gpu_only(trace: Path, out: Path) -> None:
@@ -175,25 +98,9 @@ def gpu_only(trace: Path, out: Path) -> None:
         json.dump({"traceEvents": [e for e in events if e.get("pid") in gpus]}, f)
 
 
-def recorder(file: Path, **header):
-    """(result dict, save(key, value)): each figure is written to `file` and printed the moment it
-    exists, so a run stopped at its time limit keeps what it measured."""
-    result: dict = {"date": time.strftime("%Y-%m-%d"), **header}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    def save(key, value):
-        result[key] = value
-        result["elapsed_s"] = time.perf_counter() - started
-        file.write_text(json.dumps(result, indent=2))
-        print(f"[{result['elapsed_s']:6.1f}s] {key} {json.dumps(value)}", flush=True)
-
-    return result, save
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", default=default_out())
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--offline-requests", type=int, default=256)
     parser.add_argument("--batch1-only", metavar="TAG", help="only batch-1 decode at TP=2 and TP=1, saved as "

@@ -21,13 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import batch1_ms, default_out, engine, greedy, hbm_tbs, offline, recorder, synthetic
+
 if "--smoke" in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from gpu_e2e import hbm_tbs, synthetic  # noqa: E402
-from gpu_tp import batch1_ms, engine, greedy, offline, recorder  # noqa: E402
 
 
 def layer_by_layer_logits(llm, tokens: list[int]):
@@ -78,7 +75,7 @@ def teacher_forced_agreement(llm, prompts, outputs) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", default=default_out())
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     model, tp, tokens, decode_n, n_offline = "llama-3.1-70b", 4, 16, 64, 256

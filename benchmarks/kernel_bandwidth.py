@@ -20,10 +20,10 @@ Timing: each measurement jits N calls in one program over N distinct query sets 
 merge them) and over several copies of the KV pages when they are small (so L2 cannot hold them),
 waits for the device, and takes the median over repeats of wall time / N.
 
-  PYTHONUNBUFFERED=1 python -m benchmarks.kernel_bandwidth            # on the GPU; JSON to $OUT
+  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/kernel_bandwidth.py   # on the GPU; JSON to $OUT
       (about 8 minutes on an H100, most of it compiling; --batches/--contexts/--page-sizes/
       --prefill-lens/--skip-decode/--skip-prefill cut it down)
-  python -m benchmarks.kernel_bandwidth --smoke                       # tiny, CPU, interpret mode
+  PYTHONPATH=$PWD python benchmarks/kernel_bandwidth.py --smoke             # tiny, CPU, interpret mode
 """
 
 from __future__ import annotations
@@ -34,21 +34,29 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxllm.layers.attention import paged_attention_xla  # noqa: E402
-from jaxllm.models.batch import BatchMetadata  # noqa: E402
-from pallas_kernels import (  # noqa: E402
+from common import (
+    HEAD_DIM,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    SCALE,
+    decode_case,
+    free_device,
+    make_pages,
+    prefill_batch_metadata,
+    time_calls,
+)
+from jaxllm.layers.attention import paged_attention_xla
+from jaxllm.models.batch import BatchMetadata
+from pallas_kernels import (
     paged_decode_attention,
     paged_decode_attention_reference,
     ragged_paged_attention,
@@ -61,8 +69,6 @@ with warnings.catch_warnings():
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged_attention
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
-SCALE = HEAD_DIM**-0.5
 L2_BYTES = 50 * 2**20  # H100 SXM
 POOL_BUDGET_BYTES = 40 * 2**30  # K+V pages of one configuration, all rotated copies together
 DENSE_BUDGET_BYTES = 12 * 2**30  # the dense copy that jax_dense needs
@@ -90,33 +96,6 @@ SMOKE = Setup(True, (1, 2), (64, 160), (16,), (48,), repeats=2, num_heads=8, num
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_pages(rng, num_pages, page_size, setup, dtype):
-    """Random K and V pages, generated in the target dtype one KV head at a time (a 34 GB cache
-    must not pass through a float32 copy)."""
-    @functools.partial(jax.jit, static_argnums=0)
-    def pages(shape, key):
-        keys = jax.random.split(key, shape[0])
-        return jnp.stack([jax.random.normal(keys[h], shape[1:], dtype) for h in range(shape[0])])
-
-    shape = (setup.num_kv_heads, num_pages, page_size, setup.head_dim)
-    return (pages(shape, jax.random.key(rng.integers(1 << 30))),
-            pages(shape, jax.random.key(rng.integers(1 << 30))))
-
-
-def decode_case(rng, setup, batch, context, page_size, dtype, copies):
-    """KV pages for `copies` independent batches of `batch` sequences of `context` tokens.
-
-    Returns pages, per-copy block tables [copies, B, pages_per_seq] (shuffled, disjoint), seq_lens.
-    """
-    pages_per_seq = context // page_size
-    num_pages = 1 + copies * batch * pages_per_seq
-    k_pages, v_pages = make_pages(rng, num_pages, page_size, setup, dtype)
-    ids = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
-    tables = jnp.asarray(ids.reshape(copies, batch, pages_per_seq))
-    seq_lens = jnp.full((batch,), context, jnp.int32)
-    return k_pages, v_pages, tables, seq_lens
-
-
 def decode_batch_metadata(tables, seq_lens) -> BatchMetadata:
     """Decode-step metadata for paged_attention_xla: token b is sequence b's last position."""
     num_seqs = seq_lens.shape[0]
@@ -131,21 +110,6 @@ def decode_batch_metadata(tables, seq_lens) -> BatchMetadata:
         block_tables=tables,
         logits_indices=arange,
         max_query_len=1,
-    )
-
-
-def prefill_batch_metadata(num_tokens, tables) -> BatchMetadata:
-    """One sequence computing positions 0..T-1 (prefill from an empty cache)."""
-    return BatchMetadata(
-        token_ids=jnp.zeros((num_tokens,), jnp.int32),
-        positions=jnp.arange(num_tokens, dtype=jnp.int32),
-        slot_mapping=jnp.zeros((num_tokens,), jnp.int32),
-        token_seq=jnp.zeros((num_tokens,), jnp.int32),
-        query_start=jnp.array([0, num_tokens], jnp.int32),
-        seq_lens=jnp.array([num_tokens], jnp.int32),
-        block_tables=tables,
-        logits_indices=jnp.array([num_tokens - 1], jnp.int32),
-        max_query_len=num_tokens,
     )
 
 
@@ -209,37 +173,6 @@ def rel_error(out, ref) -> float:
     if not np.isfinite(out).all():
         return float("inf")
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
-def time_calls(fn, arg_sets, repeats) -> tuple[float, jax.Array]:
-    """Median seconds per call of fn over arg_sets, all calls in one jitted program, and the
-    first call's output. Arrays shared between calls (the KV pages) are passed to the program once.
-    """
-    leaves, index, calls = [], {}, []
-    for args in arg_sets:
-        for a in args:
-            if id(a) not in index:
-                index[id(a)] = len(leaves)
-                leaves.append(a)
-        calls.append(tuple(index[id(a)] for a in args))
-
-    @jax.jit
-    def program(leaves):
-        return [fn(*(leaves[i] for i in call)) for call in calls]
-
-    first = jax.block_until_ready(program(leaves))[0]  # compile and warm up
-    jax.block_until_ready(program(leaves))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(program(leaves))
-        times.append((time.perf_counter() - start) / len(arg_sets))
-    return statistics.median(times), first
-
-
-def free_device():
-    for x in jax.live_arrays():
-        x.delete()
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -417,8 +350,7 @@ def bench_prefill(setup, rng, log) -> list[dict]:
             else:
                 check = f"{row['rel_error_vs_xla_sdpa']:.1e}" if "rel_error_vs_xla_sdpa" in row else ""
                 log(f"{num_tokens:>6}  {name:<8} {seconds * 1e6:>10.1f} {row['tflop_per_s']:>8.1f}  {check}")
-        del arg_sets, k_pages, v_pages, k_dense, v_dense
-        free_device()
+        free_device()  # every array of this length, the closures' included
     return rows
 
 

@@ -5,7 +5,7 @@ then num_warps x num_stages for the best of those. Prefill: query-tile rows x ke
 num_warps x num_stages. Each line: the setting, median time per call, and TB/s or TFLOP/s; the
 best per configuration is marked, and the defaults' time is printed beside it.
 
-  PYTHONUNBUFFERED=1 python -m benchmarks.kernel_tuning [--decode-only | --prefill-only]
+  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/kernel_tuning.py [--decode-only | --prefill-only]
 """
 
 from __future__ import annotations
@@ -13,25 +13,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-
-from benchmarks.kernel_bandwidth import (  # noqa: E402
-    FULL,
-    SCALE,
-    decode_case,
-    free_device,
-    make_pages,
-    prefill_batch_metadata,
-    time_calls,
-)
-from pallas_kernels import paged_decode_attention, ragged_paged_attention  # noqa: E402
+from common import SCALE, Heads, decode_case, free_device, make_pages, prefill_batch_metadata, time_calls
+from pallas_kernels import paged_decode_attention, ragged_paged_attention
 
 DECODE_CONFIGS = [  # (batch, context, page_size)
     (1, 32768, 16), (1, 8192, 64), (8, 8192, 16), (64, 2048, 16), (64, 32768, 64), (256, 2048, 64),
@@ -41,7 +30,7 @@ CALLS, REPEATS = 4, 5
 
 
 def tune_decode(log):
-    setup = FULL
+    setup = Heads()
     rng = np.random.default_rng(0)
     for batch, context, page_size in DECODE_CONFIGS:
         k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
@@ -76,12 +65,11 @@ def tune_decode(log):
             log(f"    pages/block {ppb:3} splits {splits:4} warps {warps} stages {stages}  {t * 1e6:9.1f} us "
                 f"{kv_bytes / t / 1e12:5.2f} TB/s{'  <- best' if t < best else ''}")
             best = min(best, t)
-        del arg_sets, k_pages, v_pages, tables, qs
-        free_device()
+        free_device()  # every array of this configuration, the closures' included
 
 
 def tune_prefill(log):
-    setup = FULL
+    setup = Heads()
     rng = np.random.default_rng(1)
     group = setup.num_heads // setup.num_kv_heads
     for num_tokens, page_size in PREFILL_CONFIGS:
@@ -113,8 +101,7 @@ def tune_prefill(log):
             log(f"    rows {rows:3} keys {ppb * page_size:3} warps {warps} stages {stages}  {t * 1e6:9.1f} us "
                 f"{flops / t / 1e12:6.1f} TFLOP/s{'  <- best' if t < best else ''}")
             best = min(best, t)
-        del arg_sets, k_pages, v_pages, q
-        free_device()
+        free_device()  # every array of this configuration, the closures' included
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ over the first's. Prints a table; writes startup_<card>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,37 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = HERE / "configs"
-
-CARDS = {
-    "h200": {
-        "model": str(CONFIGS / "llama-3.1-8b"),
-        "llm": dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_batch_size=512,
-                    max_num_tokens=8192, max_seq_len=4096),  # fmt: skip
-        "fixed": (1024, 128, 128),
-        "mix": dict(n=1000, prompt_mean=280, output_mean=220, sigma=0.9, max_prompt=2048, max_output=1024),
-    },
-    "cpu": {
-        "model": "smollm2",
-        "llm": dict(),
-        "fixed": (64, 64, 32),
-        "mix": dict(n=48, prompt_mean=60, output_mean=40, sigma=0.8, max_prompt=512, max_output=256),
-    },
-}
-
-
-def sharegpt_like(n: int, prompt_mean: float, output_mean: float, sigma: float, max_prompt: int, max_output: int,
-                  vocab: int, seed: int = 0):  # fmt: skip
-    """n (prompt token ids, output length) pairs with lognormal lengths of the given means."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    mu_p, mu_o = np.log(prompt_mean) - sigma**2 / 2, np.log(output_mean) - sigma**2 / 2
-    lengths = np.clip(rng.lognormal(mu_p, sigma, n), 4, max_prompt).astype(int)
-    outputs = np.clip(rng.lognormal(mu_o, sigma, n), 4, max_output).astype(int)
-    prompts = [[int(t) for t in rng.integers(10, vocab - 10, size=L)] for L in lengths]
-    return prompts, [int(o) for o in outputs]
+from common import CARDS, HERE, parse_result, print_result, sharegpt_like, synthetic, write_json
 
 
 def child(card: str, starts_only: bool = False) -> dict:
@@ -95,8 +64,7 @@ def child(card: str, starts_only: bool = False) -> dict:
     import numpy as np
 
     def fixed(seed):
-        rng = np.random.default_rng(seed)
-        return [[int(t) for t in rng.integers(10, vocab - 10, size=isl)] for _ in range(n)], [osl] * n
+        return synthetic(n, isl, vocab, seed), [osl] * n
 
     def mix(seed):
         return sharegpt_like(vocab=vocab, seed=seed, **spec["mix"])
@@ -130,10 +98,10 @@ def run_child(card: str, cache: Path, timeout: float, starts_only: bool = False)
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     log = [line for line in proc.stderr.splitlines() if line.startswith("[t=") or line.startswith("[")]
     sys.stderr.write("\n".join(log[-30:]) + "\n")
-    line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
-    if line is None:
+    result = parse_result(proc.stdout)
+    if result is None:
         return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
-    return {**json.loads(line[len("RESULT ") :]), "log": log}
+    return {**result, "log": log}
 
 
 def report(card: str, rows: dict) -> None:
@@ -165,7 +133,7 @@ def main() -> None:
                                                       "temporary one)")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.card, args.starts_only)), flush=True)
+        print_result(child(args.card, args.starts_only))
         return
     rows = {"date": time.strftime("%Y-%m-%d"), "card": args.card, "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,9 +141,7 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         for label in ("empty_cache", "warm_cache"):
             rows[label] = run_child(args.card, cache, args.timeout, args.starts_only)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"startup_{args.card}.json").write_text(json.dumps(rows, indent=2))
+            write_json(Path(args.out) / f"startup_{args.card}.json", rows)
     report(args.card, rows)
 
 

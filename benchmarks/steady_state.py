@@ -13,13 +13,11 @@ Prints one JSON line (RESULT ...).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from common import CARDS, CONFIGS, print_result
 
 
 def batch1_ms(llm, SamplingParams, vocab: int, tokens: int = 256, prompt_len: int = 128) -> float:
@@ -50,8 +48,7 @@ def main() -> None:
         llm = LLM(model="smollm2", dtype="float32", skip_tokenizer_init=True, max_batch_size=64,
                   max_num_tokens=2048, max_seq_len=1024)  # fmt: skip
     else:
-        llm = LLM(model=str(CONFIGS / args.model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                  max_batch_size=512, max_num_tokens=8192, max_seq_len=4096)  # fmt: skip
+        llm = LLM(model=str(CONFIGS / args.model), **CARDS["h200"]["llm"])
     result["llm_s"] = time.perf_counter() - started
     vocab = llm.config.vocab_size
     batch1_ms(llm, SamplingParams, vocab, 32)
@@ -80,7 +77,7 @@ def main() -> None:
                     got[backend] = [o.outputs[0].token_ids for o in outs]
             rows.append({"model": name, "same_tokens": got["xla"] == got["pallas"]})
         result["pallas_vs_xla"] = rows
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 if __name__ == "__main__":

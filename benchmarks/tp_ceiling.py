@@ -18,8 +18,8 @@ It bounds what the engine can reach at TP=2 and separates the costs:
                      layer's projections and the LM head) at TP=1 and on one GPU of TP=2, two rows:
                      XLA's GEMM at its best streaming rate, the floor of the weight-reading part of a token
 
-    PYTHONUNBUFFERED=1 python benchmarks/tp_ceiling.py [--out DIR]    # GPUs: needs 2
-    python benchmarks/tp_ceiling.py --smoke                           # CPU, 2 virtual devices, tiny
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/tp_ceiling.py [--out DIR]    # GPUs: needs 2
+    PYTHONPATH=$PWD python benchmarks/tp_ceiling.py --smoke           # CPU, 2 virtual devices, tiny
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from common import default_out, median_ms, parse_result, print_result, write_json
+
 if "--smoke" in sys.argv and "JAXLLM_CEILING_RANK" not in os.environ:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
@@ -161,20 +161,6 @@ def with_options(fn, params, rows: int, options: dict | None):
     return fn.lower(params, jnp.zeros((rows,), jnp.int32)).compile(compiler_options=options)
 
 
-def median_ms(fn, *args, reps: int) -> float:
-    """The median wall time of `fn(*args)` to its results' readiness over `reps` calls, after one
-    warm-up call, in ms."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def time_ms_per_token(fn, params, reps: int, rows: int = 1) -> float:
     import jax.numpy as jnp
 
@@ -251,7 +237,7 @@ def worker(shape: dict, reps: int, layouts: tuple[str, ...]) -> None:
         out["tp2_two_processes" + suffix(layout)] = time_ms_per_token(decode_fn(layout, mesh), params, reps)
         del params
     if rank == 0:
-        print("RESULT " + json.dumps(out), flush=True)
+        print_result(out)
     jax.distributed.shutdown()
 
 
@@ -271,15 +257,15 @@ def two_processes(smoke: bool) -> dict:
             env["CUDA_VISIBLE_DEVICES"] = str(rank)
         procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:]], env=env, stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    line = next((x for x in outs[0].splitlines() if x.startswith("RESULT ")), None)
-    if line is None or any(p.returncode for p in procs):
+    result = parse_result(outs[0])
+    if result is None or any(p.returncode for p in procs):
         raise RuntimeError(f"two-process run failed: {outs}")
-    return json.loads(line[len("RESULT "):])
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", default=default_out())
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--skip-two-processes", action="store_true")
@@ -313,8 +299,7 @@ def main() -> None:
     if not args.skip_two_processes:
         result["ms_per_token"] |= two_processes(args.smoke)
     out = Path(args.out) / (f"tp_ceiling_{args.tag}.json" if args.tag else "tp_ceiling.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     ms = result["ms_per_token"]
     print(f"\n== plain-XLA layer stack of {'a tiny model' if args.smoke else 'Llama-3.1-8B'}, batch {args.rows}, bf16, "
           f"{TOKENS} tokens per dispatch, {result['devices']} x {result['device']} ==")
