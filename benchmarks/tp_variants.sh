@@ -7,7 +7,7 @@
 #
 # Since the runner compiles small multi-step decodes under TP as one CUDA graph by default
 # (RunnerConfig.one_graph_decode), the sets before `final` measure TP=2 with it unless a variant passes
-# --one-graph off; their recorded results (benchmarks/RESULTS.md) are from before it.
+# --one-graph off; their recorded results (benchmarks/archive/RESULTS-2026-11.md) are from before it.
 #
 # Sets of variants (the name is the result file's tag):
 #   rows (default)

@@ -10,6 +10,9 @@ attends to the pages of its own sequence, causally by position, within an option
 It walks the block table in chunks of pages with an online softmax, so memory stays bounded by
 T x chunk instead of T x context, and it stops after the chunk holding the batch's last position
 (a dynamic trip count), so a short batch costs little however large its block-table bucket.
+
+`paged_attention_pallas` is the same attention through the Pallas kernels (pallas_kernels/, which do
+not import jaxllm): this module picks the decode or the ragged kernel from the step's BatchMetadata.
 """
 
 from __future__ import annotations
