@@ -53,7 +53,7 @@ from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.disaggregated_params import DisaggregatedParams
 from jaxllm.inputs import PreprocessedInputs
-from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
+from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig, resolve_backend
 from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
@@ -62,14 +62,6 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("jaxllm")
-
-# 'pallas_interpret' runs the Pallas kernels in the Pallas interpreter, on any platform: slow, for
-# tests and for reading the kernels on a machine without a GPU.
-ATTENTION_BACKENDS = ("xla", "pallas", "pallas_interpret")
-# TensorRT-LLM backend names: the first two select jaxllm's default attention backend; 'tensorrt'
-# additionally compiles every shape bucket at construction.
-SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
-_logged_backend_alias = False
 
 # The seed's request-level arguments of generate / generate_async and the type each takes.
 REQUEST_EXTRAS = {
@@ -99,36 +91,6 @@ def request_extras(n: int, **extras) -> list[dict]:
                 raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
         per[name] = values
     return [{name: values[i] for name, values in per.items()} for i in range(n)]
-
-
-def default_backend(platform: str | None = None) -> str:
-    """'pallas' on a GPU, 'xla' elsewhere (platform None: JAX's default)."""
-    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
-
-
-def resolve_backend(backend: Optional[str], platform: str | None = None) -> str:
-    """The attention backend `backend` names (None: the platform's), checked against the platform
-    the engine runs on ('gpu', 'cpu'; None: JAX's default)."""
-    global _logged_backend_alias
-    if backend is None:
-        return default_backend(platform)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend in SEED_BACKENDS:
-        chosen = default_backend(platform)
-        if not _logged_backend_alias:
-            logger.warning("backend=%r selects jaxllm's %r attention backend", backend, chosen)
-            _logged_backend_alias = True
-        return chosen
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} is not valid; valid: None, {', '.join(map(repr, ATTENTION_BACKENDS + SEED_BACKENDS))}"
-        )
-    if backend == "pallas" and (platform or jax.default_backend()) != "gpu":
-        raise ValueError("backend='pallas' runs the Pallas GPU kernels and this machine has no GPU; the CPU's backend "
-                         "is 'xla' (the default here), and backend='pallas_interpret' runs the kernels in the "
-                         "Pallas interpreter (very slow: for tests)")  # fmt: skip
-    return backend
 
 
 EXECUTABLES_DIR = "executables"
