@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import gc
-import itertools
 import json
 import logging
 import os
@@ -43,18 +42,15 @@ from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
 from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
-from jaxllm.engine.sequence import BiasRow, Request
-from jaxllm.layers.sampling import BAN_WIDTH
-from jaxllm.adapters import LoRARequest, PromptAdapterRequest
+from jaxllm.engine.sequence import Request
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.disaggregated_params import DisaggregatedParams
-from jaxllm.inputs import PreprocessedInputs
-from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig, resolve_backend
-from jaxllm.scheduling_params import SchedulingParams
+from jaxllm.inputs import PreprocessedInputs, RequestFactory, request_extras
+from jaxllm.llm_args import EngineArgs, resolve_backend
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
 from jaxllm.outputs import RequestOutput, Update
@@ -62,36 +58,6 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("jaxllm")
-
-# The seed's request-level arguments of generate / generate_async and the type each takes.
-REQUEST_EXTRAS = {
-    "lora_request": LoRARequest,
-    "prompt_adapter_request": PromptAdapterRequest,
-    "kv_cache_retention_config": KvCacheRetentionConfig,
-    "disaggregated_params": DisaggregatedParams,
-    "scheduling_params": SchedulingParams,
-    "cache_salt": str,
-}
-
-
-def request_extras(n: int, **extras) -> list[dict]:
-    """Validate the request-level arguments and spread them over n prompts (one value shared, or
-    a list of one per prompt): a list of n {name: value} dicts."""
-    per = {}
-    for name, value in extras.items():
-        kind = REQUEST_EXTRAS[name]
-        values = inputs_lib.per_prompt(value, n, name)
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
-            if not isinstance(v, kind):
-                raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
-            if name == "cache_salt" and not v:
-                raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
-        per[name] = values
-    return [{name: values[i] for name, values in per.items()} for i in range(n)]
-
 
 EXECUTABLES_DIR = "executables"
 PRECOMPILE_ENV = "JAXLLM_PRECOMPILE"
@@ -453,7 +419,8 @@ class LLM:
         self._kv_fingerprint = transfer.fingerprint
         self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
                               overlap=not args.disable_overlap_scheduler)  # fmt: skip
-        self._request_ids = itertools.count()
+        self._requests = RequestFactory(self.config, self.tokenizer, max_seq_len, args.max_input_len, args.max_batch_size,
+                                        self._lora_cache, self._prompt_cache)  # fmt: skip
         _register_live(self)
 
     def _agree_on(self, name: str, value: int) -> int:
@@ -469,30 +436,18 @@ class LLM:
             raise EngineShutdown("this LLM has been shut down")
         return self._engine
 
-    def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
-        if isinstance(prompt, PreprocessedInputs):
-            params = prompt.sampling_params
-        # A request's parallel samples are sequences of the running batch (TensorRT-LLM's bound too).
-        max_batch_size = self.args.max_batch_size
-        for name in ("n", "best_of"):
-            if getattr(params, name) > max_batch_size:
-                raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
-                                 f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
-        if isinstance(prompt, PreprocessedInputs):
-            return prompt
-        vocab = self.config.vocab_size
-        inputs_lib.check_params_against_model(params, vocab, self.tokenizer, where)
-        text, ids = inputs_lib.tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
-        inputs_lib.check_lengths(ids, params, self.max_seq_len, self.args.max_input_len, where)
-        return PreprocessedInputs(text, tuple(ids), params)
-
     def preprocess(self, inputs, sampling_params=None):
         """Tokenize and validate prompts; returns PreprocessedInputs (a list for a batch), which
         `generate` and `generate_async` accept as they are."""
         prompts, single = inputs_lib.as_prompt_list(inputs)
         params = inputs_lib.params_list(sampling_params, len(prompts))
-        out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        out = [self._requests.preprocess(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         return out[0] if single else out
+
+    def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict) -> Request:
+        engine = self._check_open()
+        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre, extras)
+        return self._requests.make(pre, streaming, extras, abort_fn=engine.abort, context_state=context_state)
 
     def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs, extras: dict) -> dict | None:
         """Validate a request's DisaggregatedParams against its prompt and this model; returns the
@@ -595,92 +550,6 @@ class LLM:
             error = e
         request.output._post(Update(finished=True, error=error))
 
-    def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
-        engine = self._check_open()
-        extras = extras or {}
-        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre, extras)
-        params = pre.sampling_params
-        tok = self.tokenizer
-        stop_ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            if params.end_id is not None:
-                stop_ids.add(params.end_id)
-            else:
-                stop_ids.update(self.config.eos_token_ids)
-                if tok is not None and getattr(tok, "eos_token_id", None) is not None:
-                    stop_ids.add(tok.eos_token_id)
-        bad_words = [(t,) for t in params.bad_token_ids or []]
-        for word in params.bad_strings:
-            ids = tok.encode(word, add_special_tokens=False)
-            if ids:
-                bad_words.append(tuple(ids))
-        banned_singles = sorted({w[0] for w in bad_words if len(w) == 1})
-        multi_token_words = tuple(dict.fromkeys(w for w in bad_words if len(w) > 1))
-        dynamic_bans = len(multi_token_words) + (len(stop_ids) if params.min_tokens else 0)
-        if dynamic_bans > BAN_WIDTH:
-            raise ValueError(f"a request may ban at most {BAN_WIDTH} tokens at one step: got {len(multi_token_words)} "
-                             f"multi-token bad words and {len(stop_ids) if params.min_tokens else 0} end tokens held "
-                             f"back by min_tokens={params.min_tokens}")  # fmt: skip
-        bias_row = None
-        if params.embedding_bias is not None or banned_singles:
-            row = np.zeros(self.config.vocab_size, np.float32)
-            if params.embedding_bias is not None:
-                row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
-            row[banned_singles] = -np.inf
-            if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
-                raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
-                                 f"all {self.config.vocab_size} tokens; allowed: bans that leave a token to sample")
-            bias_row = BiasRow.of(row)
-        request_id = next(self._request_ids)
-        output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
-                               abort_fn=engine.abort)  # fmt: skip
-        request = Request(
-            request_id=request_id,
-            prompt=pre.prompt,
-            prompt_token_ids=list(pre.prompt_token_ids),
-            params=params,
-            output=output,
-            stop_token_ids=frozenset(stop_ids),
-            bad_word_ids=multi_token_words,
-            bias_row=bias_row,
-        )
-        request.context_state = context_state
-        request.lora_request = extras.get("lora_request")
-        request.prompt_adapter_request = extras.get("prompt_adapter_request")
-        request.lora_adapter = extras.get("lora_adapter")
-        request.prompt_adapter = extras.get("prompt_adapter")
-        request.retention = extras.get("kv_cache_retention_config")
-        request.cache_salt = extras.get("cache_salt")
-        request.disaggregated_params = extras.get("disaggregated_params")
-        scheduling = extras.get("scheduling_params")
-        if scheduling is not None:
-            request.priority = float(scheduling.priority)
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = []
-        return request
-
-    def _load_adapters(self, pre: PreprocessedInputs, extras: dict, where: str) -> None:
-        """Resolve a prompt's lora_request / prompt_adapter_request to loaded adapters (into `extras`),
-        reading them from disk unless cached; raises ValueError for anything the engine cannot serve."""
-        lora_request = extras.get("lora_request")
-        if lora_request is not None:
-            if self._lora_cache is None:
-                raise ValueError(f"{where}: lora_request={lora_request.lora_name!r} needs an LLM with LoRA enabled: "
-                                 "LLM(..., enable_lora=True) or LLM(..., lora_config=LoraConfig(...))")  # fmt: skip
-            extras["lora_adapter"] = self._lora_cache.get(lora_request.lora_int_id, lora_request.lora_path,
-                                                          lora_request.lora_name)  # fmt: skip
-        prompt_request = extras.get("prompt_adapter_request")
-        if prompt_request is not None:
-            if self._prompt_cache is None:
-                raise ValueError(f"{where}: prompt_adapter_request={prompt_request.prompt_adapter_name!r} needs an LLM "
-                                 "with prompt adapters enabled: LLM(..., enable_prompt_adapter=True, "
-                                 "max_prompt_adapter_token=N)")  # fmt: skip
-            adapter = self._prompt_cache.get(prompt_request.prompt_adapter_id, prompt_request.prompt_adapter_local_path,
-                                             prompt_request.prompt_adapter_name)  # fmt: skip
-            inputs_lib.check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len,
-                                     self.args.max_input_len, where, num_virtual_tokens=adapter.num_virtual_tokens)
-            extras["prompt_adapter"] = adapter
-
     def generate_async(
         self,
         inputs,
@@ -706,8 +575,8 @@ class LLM:
         if not inputs_lib.is_single_prompt(inputs):
             raise TypeError("generate_async takes one prompt; call it once per prompt (or use generate for a batch)")
         params = inputs_lib.params_list(sampling_params, 1)[0]
-        pre = self._preprocess_one(inputs, params, "prompt")
-        self._load_adapters(pre, extras, "prompt")
+        pre = self._requests.preprocess(inputs, params, "prompt")
+        self._requests.load_adapters(pre, extras, "prompt")
         request = self._make_request(pre, streaming, extras)
         self._submit(request)
         return request.output
@@ -743,9 +612,9 @@ class LLM:
                                 cache_salt=cache_salt)  # fmt: skip
         params = inputs_lib.params_list(sampling_params, len(prompts))
         # Validate everything first: one bad prompt rejects the call before anything is queued.
-        pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        pre = [self._requests.preprocess(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         for i, (p, e) in enumerate(zip(pre, extras)):
-            self._load_adapters(p, e, f"prompt {i}")
+            self._requests.load_adapters(p, e, f"prompt {i}")
         requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
         self._submit(*requests)
         outputs = [r.output for r in requests]
