@@ -12,7 +12,6 @@ anything reaches the engine, so a bad prompt raises in the caller and the engine
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
 import ctypes
 import gc
@@ -48,12 +47,12 @@ from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
-from jaxllm.disaggregated_params import DisaggregatedParams
+from jaxllm.disaggregated_params import ContextFetches, context_state
 from jaxllm.inputs import PreprocessedInputs, RequestFactory, request_extras
 from jaxllm.llm_args import EngineArgs, resolve_backend
 from jaxllm import sharding as sharding_lib
 from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
-from jaxllm.outputs import RequestOutput, Update
+from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
@@ -164,10 +163,7 @@ class LLM:
         """
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
-        self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
-        # generation_only requests whose pages are being fetched (request id -> (request, its socket or
-        # None)): shutdown fails them and ends their connections, however stalled the peer.
-        self._fetching: dict[int, tuple[Request, Any]] = {}
+        self._fetches = ContextFetches(self._shutdown_lock)  # generation_only requests fetching their pages
         self.llm_id = uuid.uuid4().hex
         self.disaggregated_params = None
         self.workspace = None
@@ -446,45 +442,10 @@ class LLM:
 
     def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict) -> Request:
         engine = self._check_open()
-        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre, extras)
-        return self._requests.make(pre, streaming, extras, abort_fn=engine.abort, context_state=context_state)
-
-    def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs, extras: dict) -> dict | None:
-        """Validate a request's DisaggregatedParams against its prompt and this model; returns the
-        context state a generation_only request fetches its pages with (None otherwise)."""
-        if dp is None or dp.request_type in (None, "context_and_generation"):
-            return None
-        params = pre.sampling_params
-        if params.best_of != 1:
-            raise ValueError(f"a {dp.request_type} request takes n=1 and best_of=1; got n={params.n}, "
-                             f"best_of={params.best_of}")  # fmt: skip
-        if self._channel is not None:
-            raise ValueError("disaggregated serving is not supported by a multi-process LLM; run one LLM per process")
-        if dp.request_type == "context_only":
-            return None
-        if dp.opaque_state is None or not dp.first_gen_tokens:
-            raise ValueError(
-                "a generation_only request needs its context state: pass the disaggregated_params of the "
-                "context_only request's output (first_gen_tokens, ctx_request_id, opaque_state)"
-            )
-        if len(dp.first_gen_tokens) != 1 or not 0 <= dp.first_gen_tokens[0] < self.config.vocab_size:
-            raise ValueError(f"first_gen_tokens={dp.first_gen_tokens!r} is invalid; allowed: one token id in "
-                             f"[0, {self.config.vocab_size})")  # fmt: skip
-        state = kv_transfer.decode_state(dp.opaque_state, self._check_open().transfer.cluster_key)
-        if state["fingerprint"] != self._kv_fingerprint:
-            raise ValueError("the context state comes from an LLM with another model, KV dtype or head layout; "
-                             "both LLMs must load the same model with the same KV cache dtype")  # fmt: skip
-        if dp.ctx_request_id is not None and dp.ctx_request_id != state["ctx_request_id"]:
-            raise ValueError(f"ctx_request_id={dp.ctx_request_id} does not match the context state's "
-                             f"{state['ctx_request_id']}")  # fmt: skip
-        if state["num_tokens"] != len(pre.prompt_token_ids):
-            raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
-                             f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
-        ours = kv_transfer.adapter_ids(extras.get("lora_request"), extras.get("prompt_adapter_request"))
-        if ours != state["adapters"]:
-            raise ValueError(f"the context was computed with (LoRA id, prompt adapter id) = {tuple(state['adapters'])}, "
-                             f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip
-        return state
+        state = context_state(extras.get("disaggregated_params"), pre, extras, vocab_size=self.config.vocab_size,
+                              multi_process=self._channel is not None, cluster_key=engine.transfer.cluster_key,
+                              fingerprint=self._kv_fingerprint)  # fmt: skip
+        return self._requests.make(pre, streaming, extras, abort_fn=engine.abort, context_state=state)
 
     def _submit(self, *requests: Request) -> None:
         """Queue requests, together (the engine admits them in one iteration); a generation_only one
@@ -499,56 +460,7 @@ class LLM:
         with self._shutdown_lock:
             if self._engine is not engine:
                 raise EngineShutdown("this LLM has been shut down")
-            if self._fetch_pool is None:
-                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
-            for request in fetched:
-                self._fetching[request.request_id] = (request, None)
-                self._fetch_pool.submit(self._fetch_and_submit, engine, request)
-
-    def _fetch_and_submit(self, engine: Engine, request: Request) -> None:
-        """(a fetch thread) Fetch a generation_only request's pages, check them, and hand them to the
-        engine; or fail the request. Nothing is written into the cache here: `Engine._import` does that."""
-        settings = engine.transfer
-
-        def on_connect(sock) -> None:
-            with self._shutdown_lock:
-                if request.request_id in self._fetching:
-                    self._fetching[request.request_id] = (request, sock)
-                    return
-            kv_transfer.hang_up(sock)  # shut down while connecting
-
-        try:
-            with self._shutdown_lock:
-                if request.request_id not in self._fetching:
-                    return  # shutdown has answered it
-            meta, arrays = kv_transfer.fetch(request.context_state, settings.layout, key=settings.cluster_key,
-                                             io_timeout_s=settings.io_timeout_s, on_connect=on_connect)  # fmt: skip
-            num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
-            wanted = len(request.prompt_token_ids) + num_virtual
-            num_tokens = kv_transfer.check_meta(meta, settings.layout, self.config.vocab_size)
-            if num_tokens != wanted:
-                raise kv_transfer.KVTransferError(f"the context holds {num_tokens} KV positions; this request's "
-                                                  f"prompt and prompt adapter make {wanted}")  # fmt: skip
-            settings.layout.check_pages(arrays, num_tokens)
-            if meta["prompt_token_ids"] != request.prompt_token_ids:
-                raise kv_transfer.KVTransferError("the prompt differs from the context request's prompt")
-            first = request.disaggregated_params.first_gen_tokens[0]
-            if meta["first_token"] != first:
-                raise kv_transfer.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
-                                                  f"token {meta['first_token']}")  # fmt: skip
-            error = None
-        except Exception as e:
-            error = e
-        with self._shutdown_lock:
-            if self._fetching.pop(request.request_id, None) is None:
-                return  # shutdown has answered it
-        try:
-            if error is None:
-                engine.submit_with_kv(request, meta, arrays)  # from here the engine answers it
-                return
-        except Exception as e:
-            error = e
-        request.output._post(Update(finished=True, error=error))
+            self._fetches.start(engine, fetched, self.config.vocab_size)
 
     def generate_async(
         self,
@@ -669,15 +581,9 @@ class LLM:
         _LIVE.discard(self)
         with self._shutdown_lock:
             engine, self._engine = self._engine, None
-            pool, self._fetch_pool = self._fetch_pool, None
-            fetching, self._fetching = self._fetching, {}
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        for request, sock in fetching.values():  # queued or mid-fetch: answered now, their connections ended
-            if sock is not None:
-                kv_transfer.hang_up(sock)
-            request.output._post(Update(finished=True, error=EngineShutdown("the LLM was shut down before this "
-                                                                            "request received its pages")))  # fmt: skip
+            fetching = self._fetches.detach()
+        ContextFetches.fail(fetching, lambda: EngineShutdown("the LLM was shut down before this request received "
+                                                             "its pages"))  # fmt: skip
         if engine is None:
             return
         engine.shutdown()
