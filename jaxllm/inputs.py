@@ -1,4 +1,5 @@
-"""Prompt forms accepted by generate / generate_async / preprocess, and their validation.
+"""Prompt forms accepted by generate / generate_async / preprocess, their validation, and building
+a Request from one (`RequestFactory`: stop tokens, bans, bias, request-level arguments, adapters).
 
 A prompt is a string, a list of token ids, or a dict with "prompt" (text) or "prompt_token_ids".
 A batch is a list (or tuple) of prompts. Everything is checked here, before any device work:
@@ -15,11 +16,30 @@ the ids are used as given.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+import itertools
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxllm.adapters import LoRARequest, PromptAdapterRequest
+from jaxllm.config import ModelConfig
+from jaxllm.disaggregated_params import DisaggregatedParams
+from jaxllm.engine.sequence import BiasRow, Request
+from jaxllm.layers.sampling import BAN_WIDTH
+from jaxllm.llm_args import KvCacheRetentionConfig
+from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduling_params import SchedulingParams
+
+# The seed's request-level arguments of generate / generate_async and the type each takes.
+REQUEST_EXTRAS = {
+    "lora_request": LoRARequest,
+    "prompt_adapter_request": PromptAdapterRequest,
+    "kv_cache_retention_config": KvCacheRetentionConfig,
+    "disaggregated_params": DisaggregatedParams,
+    "scheduling_params": SchedulingParams,
+    "cache_salt": str,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +95,25 @@ def per_prompt(value, n: int, name: str) -> list:
             raise ValueError(f"got {len(value)} {name} for {n} prompts; pass one, or one per prompt")
         return list(value)
     return [value] * n
+
+
+def request_extras(n: int, **extras) -> list[dict]:
+    """Validate the request-level arguments and spread them over n prompts (one value shared, or
+    a list of one per prompt): a list of n {name: value} dicts."""
+    per = {}
+    for name, value in extras.items():
+        kind = REQUEST_EXTRAS[name]
+        values = per_prompt(value, n, name)
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            if not isinstance(v, kind):
+                raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
+            if name == "cache_salt" and not v:
+                raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
+        per[name] = values
+    return [{name: values[i] for name, values in per.items()} for i in range(n)]
 
 
 def tokenize_prompt(prompt: Any, params: SamplingParams, tokenizer, vocab_size: int,
@@ -187,3 +226,142 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
         raise ValueError(f"{where}: stop / bad strings need a tokenizer (skip_tokenizer_init=True was given)")
     if params.stop and not params.detokenize:
         raise ValueError(f"{where}: stop strings are matched on text; they need detokenize=True")
+
+
+class RequestFactory:
+    """Makes one LLM's Requests: validates and tokenizes prompts, loads their adapters, and builds
+    the Request with its stop tokens, bans and bias row, so that anything the engine cannot serve
+    raises in the caller's thread.
+
+    Args:
+      config: the checkpoint's model config; tokenizer: the LLM's (None: token ids only).
+      max_seq_len, max_input_len, max_batch_size: the engine's bounds.
+      lora_cache, prompt_cache: the host adapter caches (None: adapters of that kind disabled).
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
+                 max_batch_size: int, lora_cache=None, prompt_cache=None):  # fmt: skip
+        self.config, self.tokenizer = config, tokenizer
+        self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
+        self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
+        self._request_ids = itertools.count()
+
+    def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
+        """One prompt tokenized and validated (a PreprocessedInputs is checked against max_batch_size only)."""
+        if isinstance(prompt, PreprocessedInputs):
+            params = prompt.sampling_params
+        # A request's parallel samples are sequences of the running batch (TensorRT-LLM's bound too).
+        max_batch_size = self.max_batch_size
+        for name in ("n", "best_of"):
+            if getattr(params, name) > max_batch_size:
+                raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
+                                 f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
+        if isinstance(prompt, PreprocessedInputs):
+            return prompt
+        vocab = self.config.vocab_size
+        check_params_against_model(params, vocab, self.tokenizer, where)
+        text, ids = tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
+        check_lengths(ids, params, self.max_seq_len, self.max_input_len, where)
+        return PreprocessedInputs(text, tuple(ids), params)
+
+    def load_adapters(self, pre: PreprocessedInputs, extras: dict, where: str) -> None:
+        """Resolve a prompt's lora_request / prompt_adapter_request to loaded adapters (into `extras`),
+        reading them from disk unless cached; raises ValueError for anything the engine cannot serve."""
+        lora_request = extras.get("lora_request")
+        if lora_request is not None:
+            if self.lora_cache is None:
+                raise ValueError(f"{where}: lora_request={lora_request.lora_name!r} needs an LLM with LoRA enabled: "
+                                 "LLM(..., enable_lora=True) or LLM(..., lora_config=LoraConfig(...))")  # fmt: skip
+            extras["lora_adapter"] = self.lora_cache.get(lora_request.lora_int_id, lora_request.lora_path,
+                                                         lora_request.lora_name)  # fmt: skip
+        prompt_request = extras.get("prompt_adapter_request")
+        if prompt_request is not None:
+            if self.prompt_cache is None:
+                raise ValueError(f"{where}: prompt_adapter_request={prompt_request.prompt_adapter_name!r} needs an LLM "
+                                 "with prompt adapters enabled: LLM(..., enable_prompt_adapter=True, "
+                                 "max_prompt_adapter_token=N)")  # fmt: skip
+            adapter = self.prompt_cache.get(prompt_request.prompt_adapter_id, prompt_request.prompt_adapter_local_path,
+                                            prompt_request.prompt_adapter_name)  # fmt: skip
+            check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len, self.max_input_len, where,
+                          num_virtual_tokens=adapter.num_virtual_tokens)  # fmt: skip
+            extras["prompt_adapter"] = adapter
+
+    def make(self, pre: PreprocessedInputs, streaming: bool, extras: dict, abort_fn: Callable[[int], None],
+             context_state: dict | None = None) -> Request:  # fmt: skip
+        """The Request of one preprocessed prompt, its RequestOutput answered through `abort_fn`'s engine.
+
+        Args:
+          extras: its request-level arguments and loaded adapters (`request_extras`, `load_adapters`).
+          context_state: a generation_only request's (disaggregated_params.context_state).
+        """
+        params = pre.sampling_params
+        stop_ids = self._stop_token_ids(params)
+        bad_word_ids, bias_row = self._bans(params, stop_ids)
+        request_id = next(self._request_ids)
+        output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
+                               abort_fn=abort_fn)  # fmt: skip
+        request = Request(
+            request_id=request_id,
+            prompt=pre.prompt,
+            prompt_token_ids=list(pre.prompt_token_ids),
+            params=params,
+            output=output,
+            stop_token_ids=frozenset(stop_ids),
+            bad_word_ids=bad_word_ids,
+            bias_row=bias_row,
+        )
+        request.context_state = context_state
+        request.lora_request = extras.get("lora_request")
+        request.prompt_adapter_request = extras.get("prompt_adapter_request")
+        request.lora_adapter = extras.get("lora_adapter")
+        request.prompt_adapter = extras.get("prompt_adapter")
+        request.retention = extras.get("kv_cache_retention_config")
+        request.cache_salt = extras.get("cache_salt")
+        request.disaggregated_params = extras.get("disaggregated_params")
+        scheduling = extras.get("scheduling_params")
+        if scheduling is not None:
+            request.priority = float(scheduling.priority)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = []
+        return request
+
+    def _stop_token_ids(self, params: SamplingParams) -> set[int]:
+        """stop_token_ids, and the end token unless ignore_eos (end_id, else the model's and tokenizer's)."""
+        tok = self.tokenizer
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            if params.end_id is not None:
+                stop_ids.add(params.end_id)
+            else:
+                stop_ids.update(self.config.eos_token_ids)
+                if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+                    stop_ids.add(tok.eos_token_id)
+        return stop_ids
+
+    def _bans(self, params: SamplingParams, stop_ids: set[int]) -> tuple[tuple, BiasRow | None]:
+        """(multi-token bad words, the bias row): single banned tokens and embedding_bias become one
+        row added to the logits; longer bad words are banned step by step (at most BAN_WIDTH at once,
+        with the end tokens min_tokens holds back)."""
+        bad_words = [(t,) for t in params.bad_token_ids or []]
+        for word in params.bad_strings:
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
+            if ids:
+                bad_words.append(tuple(ids))
+        banned_singles = sorted({w[0] for w in bad_words if len(w) == 1})
+        multi_token_words = tuple(dict.fromkeys(w for w in bad_words if len(w) > 1))
+        dynamic_bans = len(multi_token_words) + (len(stop_ids) if params.min_tokens else 0)
+        if dynamic_bans > BAN_WIDTH:
+            raise ValueError(f"a request may ban at most {BAN_WIDTH} tokens at one step: got {len(multi_token_words)} "
+                             f"multi-token bad words and {len(stop_ids) if params.min_tokens else 0} end tokens held "
+                             f"back by min_tokens={params.min_tokens}")  # fmt: skip
+        if params.embedding_bias is None and not banned_singles:
+            return multi_token_words, None
+        vocab_size = self.config.vocab_size
+        row = np.zeros(vocab_size, np.float32)
+        if params.embedding_bias is not None:
+            row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
+        row[banned_singles] = -np.inf
+        if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
+            raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
+                             f"all {vocab_size} tokens; allowed: bans that leave a token to sample")
+        return multi_token_words, BiasRow.of(row)

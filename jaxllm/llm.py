@@ -4,23 +4,18 @@
     out = llm.generate("What is machine learning?", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=200))
     print(out.outputs[0].text)
 
-`LLM.__init__` validates its arguments, resolves and loads the checkpoint, sizes the KV cache and
-starts the engine thread. `generate` / `generate_async` validate and tokenize every prompt before
-anything reaches the engine, so a bad prompt raises in the caller and the engine keeps serving.
+`LLM.__init__` validates its arguments and has jaxllm/engine/builder.py resolve and load the
+checkpoint, size the KV cache and start the engine thread. `generate` / `generate_async` validate
+and tokenize every prompt and build its Request (jaxllm/inputs.py) before anything reaches the
+engine, so a bad prompt raises in the caller and the engine keeps serving.
 """
 
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
-import contextlib
-import ctypes
-import gc
-import itertools
+import dataclasses
 import json
 import logging
-import os
-import sys
 import threading
 import time
 import uuid
@@ -29,111 +24,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import distributed
 from jaxllm import inputs as inputs_lib
-from jaxllm.checkpoints import loader, saved
-from jaxllm.config import ModelConfig, resolve_dtype
-from jaxllm.engine.block_manager import BlockManager
-from jaxllm.engine import kv_transfer
-from jaxllm.engine.engine import Engine, EngineShutdown
-from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
-from jaxllm.engine.executables import resolve_cache_dir
-from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
-from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
-from jaxllm.engine.sequence import BiasRow, Request
-from jaxllm.layers.sampling import BAN_WIDTH
-from jaxllm.adapters import LoRARequest, PromptAdapterRequest
-from jaxllm.adapters.bank import AdapterBank
-from jaxllm.adapters.cache import AdapterCache
-from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
-from jaxllm.adapters.prompt import load_prompt_adapter
-from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
-from jaxllm.disaggregated_params import DisaggregatedParams
-from jaxllm.inputs import PreprocessedInputs
-from jaxllm.llm_args import EngineArgs, KvCacheRetentionConfig
-from jaxllm.scheduling_params import SchedulingParams
 from jaxllm import sharding as sharding_lib
-from jaxllm.models.params import flatten_paths, param_bytes, unflatten_paths
-from jaxllm.outputs import RequestOutput, Update
+from jaxllm.checkpoints import saved
+from jaxllm.config import resolve_dtype
+from jaxllm.disaggregated_params import ContextFetches, context_state
+from jaxllm.engine.builder import EXECUTABLES_DIR, EngineBuilder, dismantle, release_host_memory
+from jaxllm.engine.engine import Engine, EngineShutdown
+from jaxllm.engine.sequence import Request
+from jaxllm.inputs import PreprocessedInputs, RequestFactory, request_extras
+from jaxllm.llm_args import EngineArgs, resolve_backend
+from jaxllm.models.params import flatten_paths, unflatten_paths
+from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("jaxllm")
-
-# 'pallas_interpret' runs the Pallas kernels in the Pallas interpreter, on any platform: slow, for
-# tests and for reading the kernels on a machine without a GPU.
-ATTENTION_BACKENDS = ("xla", "pallas", "pallas_interpret")
-# TensorRT-LLM backend names: the first two select jaxllm's default attention backend; 'tensorrt'
-# additionally compiles every shape bucket at construction.
-SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
-_logged_backend_alias = False
-
-# The seed's request-level arguments of generate / generate_async and the type each takes.
-REQUEST_EXTRAS = {
-    "lora_request": LoRARequest,
-    "prompt_adapter_request": PromptAdapterRequest,
-    "kv_cache_retention_config": KvCacheRetentionConfig,
-    "disaggregated_params": DisaggregatedParams,
-    "scheduling_params": SchedulingParams,
-    "cache_salt": str,
-}
-
-
-def request_extras(n: int, **extras) -> list[dict]:
-    """Validate the request-level arguments and spread them over n prompts (one value shared, or
-    a list of one per prompt): a list of n {name: value} dicts."""
-    per = {}
-    for name, value in extras.items():
-        kind = REQUEST_EXTRAS[name]
-        values = inputs_lib.per_prompt(value, n, name)
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
-            if not isinstance(v, kind):
-                raise TypeError(f"{where} must be a {kind.__name__} or None, got {type(v).__name__}")
-            if name == "cache_salt" and not v:
-                raise ValueError(f"{where}={v!r} is invalid; allowed: a non-empty str or None")
-        per[name] = values
-    return [{name: values[i] for name, values in per.items()} for i in range(n)]
-
-
-def default_backend(platform: str | None = None) -> str:
-    """'pallas' on a GPU, 'xla' elsewhere (platform None: JAX's default)."""
-    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
-
-
-def resolve_backend(backend: Optional[str], platform: str | None = None) -> str:
-    """The attention backend `backend` names (None: the platform's), checked against the platform
-    the engine runs on ('gpu', 'cpu'; None: JAX's default)."""
-    global _logged_backend_alias
-    if backend is None:
-        return default_backend(platform)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend in SEED_BACKENDS:
-        chosen = default_backend(platform)
-        if not _logged_backend_alias:
-            logger.warning("backend=%r selects jaxllm's %r attention backend", backend, chosen)
-            _logged_backend_alias = True
-        return chosen
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} is not valid; valid: None, {', '.join(map(repr, ATTENTION_BACKENDS + SEED_BACKENDS))}"
-        )
-    if backend == "pallas" and (platform or jax.default_backend()) != "gpu":
-        raise ValueError("backend='pallas' runs the Pallas GPU kernels and this machine has no GPU; the CPU's backend "
-                         "is 'xla' (the default here), and backend='pallas_interpret' runs the kernels in the "
-                         "Pallas interpreter (very slow: for tests)")  # fmt: skip
-    return backend
-
-
-EXECUTABLES_DIR = "executables"
-PRECOMPILE_ENV = "JAXLLM_PRECOMPILE"
-
 
 # LLMs whose engines still run. The interpreter's exit stops them (`_stop_live_engines`): an engine
 # thread still inside XLA when the interpreter tears threads down aborts the process ("FATAL:
@@ -160,53 +68,23 @@ def _register_live(llm: "LLM") -> None:
         _exit_hook_registered = True
 
 
-def _release_host_memory() -> None:
-    """Hand the memory a shut-down engine freed back to the operating system.
-
-    The engine's runner and programs sit in reference cycles (bound methods and closures over the
-    runner), so they are freed by the cycle collector, not when shutdown drops them. And on the CPU
-    the weights, the KV cache and the host arrays of loading are malloc'ed by XLA and numpy from
-    several threads: glibc keeps what those threads free in per-thread arenas, below a moving mmap
-    threshold, and returns little of it, so RSS grew by tens of MB for every LLM made and shut down
-    in one process (hundreds with SmolLM2), freed memory no later LLM reused. malloc_trim(0) returns
-    the free pages of every arena (glibc only; elsewhere this is a no-op).
-    """
-    gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def _load_glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-_libc = _load_glibc()
-
-
-@contextlib.contextmanager
-def _phase(what: str, *args):
-    """Log one start-up phase with its time (INFO)."""
-    started = time.perf_counter()
-    yield
-    logger.info(what + " in %.1f s", *args, time.perf_counter() - started)
-
-
 def _jsonable(kwargs: dict) -> dict:
     """Engine arguments as plain JSON values (for the followers of a multi-process run)."""
-    import dataclasses
-
     out = {}
     for key, value in kwargs.items():
         out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     json.dumps(out)  # raises TypeError for anything that cannot travel
     return out
+
+
+def _mesh(devices: Optional[list], tensor_parallel_size: int):
+    """The devices' mesh (None: one device, the default one)."""
+    if devices is not None and (not isinstance(devices, (list, tuple)) or len(devices) != tensor_parallel_size
+                                or not all(isinstance(d, jax.Device) for d in devices)):  # fmt: skip
+        raise ValueError(f"devices={devices!r} is invalid; allowed: None or a list of "
+                         f"tensor_parallel_size={tensor_parallel_size} jax devices")  # fmt: skip
+    use_mesh = tensor_parallel_size != 1 or devices is not None
+    return sharding_lib.make_mesh(tensor_parallel_size, devices) if use_mesh else None
 
 
 class LLM:
@@ -236,35 +114,15 @@ class LLM:
         """
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
-        self._fetch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # generation_only fetches
-        # generation_only requests whose pages are being fetched (request id -> (request, its socket or
-        # None)): shutdown fails them and ends their connections, however stalled the peer.
-        self._fetching: dict[int, tuple[Request, Any]] = {}
+        self._fetches = ContextFetches(self._shutdown_lock)  # generation_only requests fetching their pages
         self.llm_id = uuid.uuid4().hex
         self.disaggregated_params = None
         self.workspace = None
         # Multi-process runs (jaxllm/launch.py): the leader tells the followers what to build.
         self._channel = _follower_channel
         if _follower_channel is None and distributed.initialize_from_env():
-            if devices is not None:
-                raise ValueError("devices= cannot be given in a multi-process run: the mesh spans every process")
-            if tensor_parallel_size != jax.device_count():
-                raise ValueError(
-                    f"tensor_parallel_size={tensor_parallel_size} must equal the {jax.device_count()} devices of "
-                    f"the {jax.process_count()} processes in a multi-process run"
-                )
-            self._channel = distributed.StepChannel()
-            self._channel.send({"kind": "construct", "kwargs": {
-                "model": str(model), "dtype": dtype if isinstance(dtype, str) else jax.numpy.dtype(dtype).name,
-                "tensor_parallel_size": tensor_parallel_size, "revision": revision, "backend": backend,
-                "skip_tokenizer_init": True, **_jsonable(kwargs)}})  # fmt: skip
-        if devices is not None and (not isinstance(devices, (list, tuple)) or len(devices) != tensor_parallel_size
-                                    or not all(isinstance(d, jax.Device) for d in devices)):  # fmt: skip
-            raise ValueError(f"devices={devices!r} is invalid; allowed: None or a list of "
-                             f"tensor_parallel_size={tensor_parallel_size} jax devices")  # fmt: skip
-        use_mesh = tensor_parallel_size != 1 or devices is not None
-        self.mesh = sharding_lib.make_mesh(tensor_parallel_size, devices) if use_mesh else None
-        self.tensor_parallel_size = tensor_parallel_size
+            self._channel = self._lead_followers(model, dtype, tensor_parallel_size, revision, backend, devices, kwargs)
+        self.mesh, self.tensor_parallel_size = _mesh(devices, tensor_parallel_size), tensor_parallel_size
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         resolve_dtype(dtype)  # validate the name before loading anything
@@ -272,234 +130,42 @@ class LLM:
         platform = (list(self.mesh.devices.flat)[0] if self.mesh is not None else jax.devices()[0]).platform
         resolve_backend(backend, platform)  # validate names before loading anything
         EngineArgs.from_kwargs(kwargs)
-        with _phase("resolved model %s", model):
-            self.resolved = loader.resolve(model, revision)
+        builder = EngineBuilder(model, revision, dtype, backend, kwargs, mesh=self.mesh, platform=platform,
+                                tensor_parallel_size=tensor_parallel_size, channel=self._channel, llm_id=self.llm_id)
         self.model_name = str(model)
-        if self.resolved.kind == "saved":
-            cfg, saved_dtype, saved_args = saved.read_config(self.resolved.path)
-            # A saved engine keeps its arguments (its compiled buckets depend on them) unless overridden.
-            backend = backend if backend is not None else saved_args.pop("backend", None)
-            saved_args.pop("backend", None)
-            kwargs = {**saved_args, **kwargs}
-            self.dtype = resolve_dtype(dtype, saved_dtype)
-        else:
-            cfg = loader.read_config(self.resolved)
-            self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
-        self.backend_name = backend
-        self.backend = resolve_backend(backend, platform)
-        self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
-        self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
-        self.config: ModelConfig = cfg
-        self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if self.mesh is not None else None
-        self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
-        # Refuse weights that cannot fit before anything is built per layer or allocated.
-        check_weights_fit(param_bytes(cfg, self.dtype), list(self.mesh.devices.flat) if self.mesh is not None
-                          else jax.devices()[:1], tensor_parallel_size)  # fmt: skip
-        # The programs depend on the weights' shapes, not their values: they are loaded from the
-        # cache or compiled (on a pool of threads) while the tokenizer and the weights load.
-        self.params = None
-        runner = self._build_runner()
-        # (Several processes load their weights in step, before the leader's programs are sent.)
-        preparing = self._prepare_programs(runner, background=True) if self._channel is None else None
-        self.tokenizer = None
-        if not skip_tokenizer_init:
-            with _phase("tokenizer"):
-                source = tokenizer if tokenizer is not None else self.resolved
-                self.tokenizer = load_tokenizer(source, tokenizer_revision or revision, trust_remote_code,
-                                                tokenizer_mode)  # fmt: skip
-        with _phase("weights (%s, %s)", "random" if self.args.load_format == "dummy" else self.resolved.kind,
-                    jax.numpy.dtype(self.dtype).name):  # fmt: skip
-            self.params = loader.load_engine_params(self.resolved, cfg, self.dtype, self.tp_plan, self.mesh,
-                                                    self.args.load_format, self.args.seed or 0,
-                                                    cache_dir=self.compile_cache_dir)  # fmt: skip
-        runner.params = self.params
-        if self._channel is not None and not distributed.is_leader():
-            runner.allocate()
-            runner.follow()  # until the leader shuts down
+        self.resolved, self.config, self.dtype, self.args = builder.resolved, builder.config, builder.dtype, builder.args
+        self.backend_name, self.backend, self.compile_cache_dir = builder.backend_name, builder.backend, \
+            builder.compile_cache_dir  # fmt: skip
+        self.tp_plan, self.engine_config = builder.tp_plan, builder.engine_config
+        self.params = self.tokenizer = None
+        engine = builder.build(tokenizer, tokenizer_revision, trust_remote_code, tokenizer_mode, skip_tokenizer_init)
+        self.tokenizer, self.params, self.max_seq_len = builder.tokenizer, builder.params, builder.max_seq_len
+        self._lora_cache, self._prompt_cache = builder.lora_cache, builder.prompt_cache
+        if engine is None:  # a follower process, whose leader has shut down
             return
-        if preparing is not None:
-            preparing()
-        else:
-            self._prepare_programs(runner, background=False)
-        self._start_engine(runner)
+        self._engine, self._kv_fingerprint = engine, builder.kv_fingerprint
+        self._requests = RequestFactory(self.config, self.tokenizer, self.max_seq_len, self.args.max_input_len,
+                                        self.args.max_batch_size, self._lora_cache, self._prompt_cache)  # fmt: skip
+        _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)
 
-    # ---- construction ------------------------------------------------------------------------
-    def _build_adapters(self) -> AdapterBank | None:
-        """The adapter bank on the device and the host caches, when LoRA or prompt adapters are enabled."""
-        args = self.args
-        self._lora_cache = self._prompt_cache = None
-        if not (args.enable_lora or args.enable_prompt_adapter):
-            return None
-        lora_slots = lora_rank = 0
-        targets: tuple[str, ...] = ()
-        if args.enable_lora:
-            lora = args.lora_config
-            lora_slots, lora_rank = lora.max_loras, lora.max_lora_rank
-            targets = lora.target_params()
-            if not targets and lora.lora_dir:  # serve the modules the configured adapters adapt
-                found = {p for d in lora.lora_dir for p in load_lora_adapter(d, self.config, lora_rank).target_params}
-                targets = tuple(p for p in LORA_PARAMS if p in found)
-            else:
-                for d in lora.lora_dir:
-                    load_lora_adapter(d, self.config, lora_rank, targets or LORA_PARAMS)
-            targets = targets or LORA_PARAMS
-            self._lora_cache = AdapterCache("LoRA", lora.max_cpu_loras, lambda path, adapter_id: load_lora_adapter(
-                path, self.config, lora_rank, targets, adapter_id))  # fmt: skip
-        prompt_slots = prompt_tokens = 0
-        if args.enable_prompt_adapter:
-            prompt_slots, prompt_tokens = args.max_prompt_adapters, args.max_prompt_adapter_token
-            self._prompt_cache = AdapterCache(
-                "prompt adapter", args.max_cpu_prompt_adapters,
-                lambda path, adapter_id: load_prompt_adapter(path, self.config, prompt_tokens, adapter_id))  # fmt: skip
-        return AdapterBank(self.config, self.engine_config, self.dtype, lora_slots=lora_slots, lora_rank=lora_rank,
-                           lora_targets=targets, prompt_slots=prompt_slots, prompt_tokens=prompt_tokens,
-                           plan=self.tp_plan, mesh=self.mesh)  # fmt: skip
-
-    def _abstract_params(self):
-        """The weights as ShapeDtypeStructs with the shardings they load into."""
-        from jaxllm.models.params import abstract_params
-
-        abstract = abstract_params(self.engine_config, self.dtype)
-        if self.mesh is not None:
-            shardings = sharding_lib.param_shardings(self.engine_config, self.mesh)
-        else:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, abstract)
-        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-
-    def _build_runner(self) -> ModelRunner:
-        """The KV cache sized for the device, and the runner over it (its weights still abstract)."""
-        cfg, args = self.engine_config, self.args
-        self._adapter_bank = adapters = self._build_adapters()  # before sizing the KV cache
-        kv_cfg = args.kv_cache_config
-        kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
-        self._kv_dtype = kv_dtype
-        page_size = kv_cfg.tokens_per_block
-        max_num_tokens = args.max_num_tokens
-        devices = list(self.mesh.devices.flat) if self.mesh is not None else None
-        abstract = self._abstract_params()
-        weight_bytes = max(0, sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jax.numpy.dtype(a.dtype).itemsize
-                                  for a in jax.tree.leaves(abstract)))  # fmt: skip
-        num_pages = plan_num_pages(cfg, kv_dtype, page_size, kv_cfg, max_num_tokens, args.max_batch_size, devices,
-                                   tp_kv_shards=self.tensor_parallel_size, max_seq_len=args.max_seq_len,
-                                   pending_bytes=weight_bytes)  # fmt: skip
-        capacity = (num_pages - 1) * page_size
-        if num_pages < 2:
+    def _lead_followers(self, model, dtype, tensor_parallel_size: int, revision, backend, devices, kwargs: dict):
+        """(the leader of a multi-process run) The step channel, once it has sent the followers the
+        arguments of the LLM they build alongside this one."""
+        if devices is not None:
+            raise ValueError("devices= cannot be given in a multi-process run: the mesh spans every process")
+        if tensor_parallel_size != jax.device_count():
             raise ValueError(
-                "the KV cache has no room for a single page after the weights; lower max_num_tokens / "
-                "max_batch_size or raise kv_cache_config.free_gpu_memory_fraction"
+                f"tensor_parallel_size={tensor_parallel_size} must equal the {jax.device_count()} devices of "
+                f"the {jax.process_count()} processes in a multi-process run"
             )
-        if self._channel is not None:  # every process must size the cache alike: the leader decides
-            num_pages = self._agree_on("num_pages", num_pages)
-            capacity = (num_pages - 1) * page_size
-        max_seq_len = args.max_seq_len or cfg.max_position_embeddings
-        if max_seq_len > capacity:
-            if args.max_seq_len is not None:
-                raise ValueError(
-                    f"max_seq_len={args.max_seq_len} exceeds what the KV cache holds ({capacity} tokens); "
-                    f"allowed: <= {capacity}, or a larger kv_cache_config"
-                )
-            max_seq_len = capacity
-        self.max_seq_len = max_seq_len
-        runner_config = RunnerConfig(
-            max_num_tokens=max_num_tokens,
-            max_batch_size=args.max_batch_size,
-            max_seq_len=max_seq_len,
-            page_size=page_size,
-            num_pages=num_pages,
-            backend=self.backend,
-            kv_dtype=kv_dtype,
-            decode_steps=args.num_scheduler_steps,
-        )
-        kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-        kv_type = jax.numpy.dtype(kv_dtype)
-        logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
-                    kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
-        return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self._channel, adapters=adapters,
-                           cache_dir=self.compile_cache_dir)  # fmt: skip
-
-    def _prepare_programs(self, runner: ModelRunner, background: bool):
-        """Make every program the engine can ask for: serving then never waits for a compilation
-        ($JAXLLM_PRECOMPILE=0 compiles each at its first use instead, for tests and experiments; the
-        'tensorrt' backend, TensorRT-LLM's ahead-of-time one, precompiles whatever it says). With
-        `background`, on a thread: returns a function that waits for it (and raises what it raised)."""
-        if self._channel is not None and not distributed.is_leader():
-            return None  # a follower makes what the leader's precompile message lists
-        started = time.perf_counter()
-
-        def prepare():
-            if self.resolved.kind == "saved":
-                loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
-                logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
-            if os.environ.get(PRECOMPILE_ENV, "1") != "0" or self.backend_name == "tensorrt":
-                runner.precompile()
-
-        if not background:
-            prepare()
-            logger.info("programs in %.1f s", time.perf_counter() - started)
-            return None
-        failure: list[BaseException] = []
-
-        def run():
-            try:
-                prepare()
-            except BaseException as e:  # handed to the caller's thread by wait()
-                failure.append(e)
-
-        thread = threading.Thread(target=run, name="jaxllm-programs", daemon=True)
-        thread.start()
-
-        def wait():
-            thread.join()
-            if failure:
-                raise failure[0]
-            logger.info("programs in %.1f s", time.perf_counter() - started)
-
-        return wait
-
-    def _start_engine(self, runner: ModelRunner) -> None:
-        """The scheduler and the engine thread, over a runner whose programs are ready."""
-        cfg, args = self.engine_config, self.args
-        runner.allocate()
-        runner.warm_up()
-        kv_cfg = args.kv_cache_config
-        num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens
-        adapters, kv_dtype, max_seq_len = self._adapter_bank, self._kv_dtype, self.max_seq_len
-        admission = AdapterAdmission(
-            lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters and adapters.lora_slots else None,
-            prompt=(SlotTable(adapters.prompt_slots, runner.write_prompt_adapter)
-                    if adapters and adapters.prompt_slots else None),
-            bias=SlotTable(BIAS_SLOTS, lambda slot, row: runner.write_bias(slot, row.values)),
-        )  # fmt: skip
-        scheduler = Scheduler(
-            SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
-            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
-            admission=admission,
-        )
-        transceiver = args.cache_transceiver_config
-        layout = kv_transfer.KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim,
-                                      jax.numpy.dtype(kv_dtype).name, max_seq_len)  # fmt: skip
-        transfer = kv_transfer.TransferSettings(
-            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, kv_dtype), layout=layout,
-            plan=self.tp_plan, host=transceiver.host, port=transceiver.port,
-            timeout_s=transceiver.kv_transfer_timeout_ms / 1e3, io_timeout_s=transceiver.io_timeout_ms / 1e3,
-            max_connections=transceiver.max_connections,
-            cluster_key=kv_transfer.cluster_key(transceiver.cluster_secret),
-        )  # fmt: skip
-        self._kv_fingerprint = transfer.fingerprint
-        self._engine = Engine(runner, scheduler, self.tokenizer, max_seq_len, cfg.vocab_size, transfer,
-                              overlap=not args.disable_overlap_scheduler)  # fmt: skip
-        self._request_ids = itertools.count()
-        _register_live(self)
-
-    def _agree_on(self, name: str, value: int) -> int:
-        if distributed.is_leader():
-            self._channel.send({"kind": "agree", name: int(value)})
-            return int(value)
-        header, _ = self._channel.recv()
-        return int(header[name])
+        channel = distributed.StepChannel()
+        channel.send({"kind": "construct", "kwargs": {
+            "model": str(model), "dtype": dtype if isinstance(dtype, str) else jax.numpy.dtype(dtype).name,
+            "tensor_parallel_size": tensor_parallel_size, "revision": revision, "backend": backend,
+            "skip_tokenizer_init": True, **_jsonable(kwargs)}})  # fmt: skip
+        return channel
 
     # ---- requests ----------------------------------------------------------------------------
     def _check_open(self) -> Engine:
@@ -507,217 +173,20 @@ class LLM:
             raise EngineShutdown("this LLM has been shut down")
         return self._engine
 
-    def _preprocess_one(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
-        if isinstance(prompt, PreprocessedInputs):
-            params = prompt.sampling_params
-        # A request's parallel samples are sequences of the running batch (TensorRT-LLM's bound too).
-        max_batch_size = self.args.max_batch_size
-        for name in ("n", "best_of"):
-            if getattr(params, name) > max_batch_size:
-                raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
-                                 f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
-        if isinstance(prompt, PreprocessedInputs):
-            return prompt
-        vocab = self.config.vocab_size
-        inputs_lib.check_params_against_model(params, vocab, self.tokenizer, where)
-        text, ids = inputs_lib.tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
-        inputs_lib.check_lengths(ids, params, self.max_seq_len, self.args.max_input_len, where)
-        return PreprocessedInputs(text, tuple(ids), params)
-
     def preprocess(self, inputs, sampling_params=None):
         """Tokenize and validate prompts; returns PreprocessedInputs (a list for a batch), which
         `generate` and `generate_async` accept as they are."""
         prompts, single = inputs_lib.as_prompt_list(inputs)
         params = inputs_lib.params_list(sampling_params, len(prompts))
-        out = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        out = [self._requests.preprocess(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         return out[0] if single else out
 
-    def _check_disaggregated(self, dp: DisaggregatedParams | None, pre: PreprocessedInputs, extras: dict) -> dict | None:
-        """Validate a request's DisaggregatedParams against its prompt and this model; returns the
-        context state a generation_only request fetches its pages with (None otherwise)."""
-        if dp is None or dp.request_type in (None, "context_and_generation"):
-            return None
-        params = pre.sampling_params
-        if params.best_of != 1:
-            raise ValueError(f"a {dp.request_type} request takes n=1 and best_of=1; got n={params.n}, "
-                             f"best_of={params.best_of}")  # fmt: skip
-        if self._channel is not None:
-            raise ValueError("disaggregated serving is not supported by a multi-process LLM; run one LLM per process")
-        if dp.request_type == "context_only":
-            return None
-        if dp.opaque_state is None or not dp.first_gen_tokens:
-            raise ValueError(
-                "a generation_only request needs its context state: pass the disaggregated_params of the "
-                "context_only request's output (first_gen_tokens, ctx_request_id, opaque_state)"
-            )
-        if len(dp.first_gen_tokens) != 1 or not 0 <= dp.first_gen_tokens[0] < self.config.vocab_size:
-            raise ValueError(f"first_gen_tokens={dp.first_gen_tokens!r} is invalid; allowed: one token id in "
-                             f"[0, {self.config.vocab_size})")  # fmt: skip
-        state = kv_transfer.decode_state(dp.opaque_state, self._check_open().transfer.cluster_key)
-        if state["fingerprint"] != self._kv_fingerprint:
-            raise ValueError("the context state comes from an LLM with another model, KV dtype or head layout; "
-                             "both LLMs must load the same model with the same KV cache dtype")  # fmt: skip
-        if dp.ctx_request_id is not None and dp.ctx_request_id != state["ctx_request_id"]:
-            raise ValueError(f"ctx_request_id={dp.ctx_request_id} does not match the context state's "
-                             f"{state['ctx_request_id']}")  # fmt: skip
-        if state["num_tokens"] != len(pre.prompt_token_ids):
-            raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
-                             f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
-        ours = kv_transfer.adapter_ids(extras.get("lora_request"), extras.get("prompt_adapter_request"))
-        if ours != state["adapters"]:
-            raise ValueError(f"the context was computed with (LoRA id, prompt adapter id) = {tuple(state['adapters'])}, "
-                             f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip
-        return state
-
-    def _submit(self, *requests: Request) -> None:
-        """Queue requests, together (the engine admits them in one iteration); a generation_only one
-        first fetches its context's pages (in the background)."""
+    def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict) -> Request:
         engine = self._check_open()
-        plain = [r for r in requests if r.context_state is None]
-        if plain:
-            engine.submit(*plain)
-        fetched = [r for r in requests if r.context_state is not None]
-        if not fetched:
-            return
-        with self._shutdown_lock:
-            if self._engine is not engine:
-                raise EngineShutdown("this LLM has been shut down")
-            if self._fetch_pool is None:
-                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jaxllm-kv-fetch")
-            for request in fetched:
-                self._fetching[request.request_id] = (request, None)
-                self._fetch_pool.submit(self._fetch_and_submit, engine, request)
-
-    def _fetch_and_submit(self, engine: Engine, request: Request) -> None:
-        """(a fetch thread) Fetch a generation_only request's pages, check them, and hand them to the
-        engine; or fail the request. Nothing is written into the cache here: `Engine._import` does that."""
-        settings = engine.transfer
-
-        def on_connect(sock) -> None:
-            with self._shutdown_lock:
-                if request.request_id in self._fetching:
-                    self._fetching[request.request_id] = (request, sock)
-                    return
-            kv_transfer.hang_up(sock)  # shut down while connecting
-
-        try:
-            with self._shutdown_lock:
-                if request.request_id not in self._fetching:
-                    return  # shutdown has answered it
-            meta, arrays = kv_transfer.fetch(request.context_state, settings.layout, key=settings.cluster_key,
-                                             io_timeout_s=settings.io_timeout_s, on_connect=on_connect)  # fmt: skip
-            num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
-            wanted = len(request.prompt_token_ids) + num_virtual
-            num_tokens = kv_transfer.check_meta(meta, settings.layout, self.config.vocab_size)
-            if num_tokens != wanted:
-                raise kv_transfer.KVTransferError(f"the context holds {num_tokens} KV positions; this request's "
-                                                  f"prompt and prompt adapter make {wanted}")  # fmt: skip
-            settings.layout.check_pages(arrays, num_tokens)
-            if meta["prompt_token_ids"] != request.prompt_token_ids:
-                raise kv_transfer.KVTransferError("the prompt differs from the context request's prompt")
-            first = request.disaggregated_params.first_gen_tokens[0]
-            if meta["first_token"] != first:
-                raise kv_transfer.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
-                                                  f"token {meta['first_token']}")  # fmt: skip
-            error = None
-        except Exception as e:
-            error = e
-        with self._shutdown_lock:
-            if self._fetching.pop(request.request_id, None) is None:
-                return  # shutdown has answered it
-        try:
-            if error is None:
-                engine.submit_with_kv(request, meta, arrays)  # from here the engine answers it
-                return
-        except Exception as e:
-            error = e
-        request.output._post(Update(finished=True, error=error))
-
-    def _make_request(self, pre: PreprocessedInputs, streaming: bool, extras: dict | None = None) -> Request:
-        engine = self._check_open()
-        extras = extras or {}
-        context_state = self._check_disaggregated(extras.get("disaggregated_params"), pre, extras)
-        params = pre.sampling_params
-        tok = self.tokenizer
-        stop_ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            if params.end_id is not None:
-                stop_ids.add(params.end_id)
-            else:
-                stop_ids.update(self.config.eos_token_ids)
-                if tok is not None and getattr(tok, "eos_token_id", None) is not None:
-                    stop_ids.add(tok.eos_token_id)
-        bad_words = [(t,) for t in params.bad_token_ids or []]
-        for word in params.bad_strings:
-            ids = tok.encode(word, add_special_tokens=False)
-            if ids:
-                bad_words.append(tuple(ids))
-        banned_singles = sorted({w[0] for w in bad_words if len(w) == 1})
-        multi_token_words = tuple(dict.fromkeys(w for w in bad_words if len(w) > 1))
-        dynamic_bans = len(multi_token_words) + (len(stop_ids) if params.min_tokens else 0)
-        if dynamic_bans > BAN_WIDTH:
-            raise ValueError(f"a request may ban at most {BAN_WIDTH} tokens at one step: got {len(multi_token_words)} "
-                             f"multi-token bad words and {len(stop_ids) if params.min_tokens else 0} end tokens held "
-                             f"back by min_tokens={params.min_tokens}")  # fmt: skip
-        bias_row = None
-        if params.embedding_bias is not None or banned_singles:
-            row = np.zeros(self.config.vocab_size, np.float32)
-            if params.embedding_bias is not None:
-                row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
-            row[banned_singles] = -np.inf
-            if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
-                raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
-                                 f"all {self.config.vocab_size} tokens; allowed: bans that leave a token to sample")
-            bias_row = BiasRow.of(row)
-        request_id = next(self._request_ids)
-        output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
-                               abort_fn=engine.abort)  # fmt: skip
-        request = Request(
-            request_id=request_id,
-            prompt=pre.prompt,
-            prompt_token_ids=list(pre.prompt_token_ids),
-            params=params,
-            output=output,
-            stop_token_ids=frozenset(stop_ids),
-            bad_word_ids=multi_token_words,
-            bias_row=bias_row,
-        )
-        request.context_state = context_state
-        request.lora_request = extras.get("lora_request")
-        request.prompt_adapter_request = extras.get("prompt_adapter_request")
-        request.lora_adapter = extras.get("lora_adapter")
-        request.prompt_adapter = extras.get("prompt_adapter")
-        request.retention = extras.get("kv_cache_retention_config")
-        request.cache_salt = extras.get("cache_salt")
-        request.disaggregated_params = extras.get("disaggregated_params")
-        scheduling = extras.get("scheduling_params")
-        if scheduling is not None:
-            request.priority = float(scheduling.priority)
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = []
-        return request
-
-    def _load_adapters(self, pre: PreprocessedInputs, extras: dict, where: str) -> None:
-        """Resolve a prompt's lora_request / prompt_adapter_request to loaded adapters (into `extras`),
-        reading them from disk unless cached; raises ValueError for anything the engine cannot serve."""
-        lora_request = extras.get("lora_request")
-        if lora_request is not None:
-            if self._lora_cache is None:
-                raise ValueError(f"{where}: lora_request={lora_request.lora_name!r} needs an LLM with LoRA enabled: "
-                                 "LLM(..., enable_lora=True) or LLM(..., lora_config=LoraConfig(...))")  # fmt: skip
-            extras["lora_adapter"] = self._lora_cache.get(lora_request.lora_int_id, lora_request.lora_path,
-                                                          lora_request.lora_name)  # fmt: skip
-        prompt_request = extras.get("prompt_adapter_request")
-        if prompt_request is not None:
-            if self._prompt_cache is None:
-                raise ValueError(f"{where}: prompt_adapter_request={prompt_request.prompt_adapter_name!r} needs an LLM "
-                                 "with prompt adapters enabled: LLM(..., enable_prompt_adapter=True, "
-                                 "max_prompt_adapter_token=N)")  # fmt: skip
-            adapter = self._prompt_cache.get(prompt_request.prompt_adapter_id, prompt_request.prompt_adapter_local_path,
-                                             prompt_request.prompt_adapter_name)  # fmt: skip
-            inputs_lib.check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len,
-                                     self.args.max_input_len, where, num_virtual_tokens=adapter.num_virtual_tokens)
-            extras["prompt_adapter"] = adapter
+        state = context_state(extras.get("disaggregated_params"), pre, extras, vocab_size=self.config.vocab_size,
+                              multi_process=self._channel is not None, cluster_key=engine.transfer.cluster_key,
+                              fingerprint=self._kv_fingerprint)  # fmt: skip
+        return self._requests.make(pre, streaming, extras, abort_fn=engine.abort, context_state=state)
 
     def generate_async(
         self,
@@ -744,8 +213,8 @@ class LLM:
         if not inputs_lib.is_single_prompt(inputs):
             raise TypeError("generate_async takes one prompt; call it once per prompt (or use generate for a batch)")
         params = inputs_lib.params_list(sampling_params, 1)[0]
-        pre = self._preprocess_one(inputs, params, "prompt")
-        self._load_adapters(pre, extras, "prompt")
+        pre = self._requests.preprocess(inputs, params, "prompt")
+        self._requests.load_adapters(pre, extras, "prompt")
         request = self._make_request(pre, streaming, extras)
         self._submit(request)
         return request.output
@@ -781,9 +250,9 @@ class LLM:
                                 cache_salt=cache_salt)  # fmt: skip
         params = inputs_lib.params_list(sampling_params, len(prompts))
         # Validate everything first: one bad prompt rejects the call before anything is queued.
-        pre = [self._preprocess_one(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        pre = [self._requests.preprocess(p, sp, f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         for i, (p, e) in enumerate(zip(pre, extras)):
-            self._load_adapters(p, e, f"prompt {i}")
+            self._requests.load_adapters(p, e, f"prompt {i}")
         requests = [self._make_request(p, False, e) for p, e in zip(pre, extras)]
         self._submit(*requests)
         outputs = [r.output for r in requests]
@@ -797,6 +266,21 @@ class LLM:
                 bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} tok/s")
                 bar.update()
         return outputs[0] if single else outputs
+
+    def _submit(self, *requests: Request) -> None:
+        """Queue requests, together (the engine admits them in one iteration); a generation_only one
+        first fetches its context's pages (in the background)."""
+        engine = self._check_open()
+        plain = [r for r in requests if r.context_state is None]
+        if plain:
+            engine.submit(*plain)
+        fetched = [r for r in requests if r.context_state is not None]
+        if not fetched:
+            return
+        with self._shutdown_lock:
+            if self._engine is not engine:
+                raise EngineShutdown("this LLM has been shut down")
+            self._fetches.start(engine, fetched, self.config.vocab_size)
 
     # ---- stats, saving, lifetime -------------------------------------------------------------
     def get_stats(self, timeout: float = 2.0) -> list[dict]:
@@ -838,27 +322,15 @@ class LLM:
         _LIVE.discard(self)
         with self._shutdown_lock:
             engine, self._engine = self._engine, None
-            pool, self._fetch_pool = self._fetch_pool, None
-            fetching, self._fetching = self._fetching, {}
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        for request, sock in fetching.values():  # queued or mid-fetch: answered now, their connections ended
-            if sock is not None:
-                kv_transfer.hang_up(sock)
-            request.output._post(Update(finished=True, error=EngineShutdown("the LLM was shut down before this "
-                                                                            "request received its pages")))  # fmt: skip
+            fetching = self._fetches.detach()
+        ContextFetches.fail(fetching, lambda: EngineShutdown("the LLM was shut down before this request received "
+                                                             "its pages"))  # fmt: skip
         if engine is None:
             return
-        engine.shutdown()
-        for array in jax.tree.leaves((engine.runner.params, engine.runner.kv_cache)):
-            if isinstance(array, jax.Array) and not array.is_deleted():
-                array.delete()
-        if engine.runner.adapters is not None:
-            engine.runner.adapters.delete()
-        engine.runner.params = engine.runner.kv_cache = None
+        dismantle(engine)
         self.params = None
-        del engine
-        _release_host_memory()
+        del engine  # (the last reference: the engine's memory is freed by the collection below)
+        release_host_memory()
 
     def __enter__(self) -> "LLM":
         return self

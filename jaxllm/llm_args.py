@@ -1,12 +1,56 @@
-"""Engine arguments of `LLM(...)`, under TensorRT-LLM's names, validated before anything loads."""
+"""Engine arguments of `LLM(...)`, under TensorRT-LLM's names, validated before anything loads, and
+the attention backend they name (`resolve_backend`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 from typing import Any, List, Optional
 
+import jax
+
 from jaxllm.adapters import LoraConfig
+
+logger = logging.getLogger("jaxllm")
+
+# 'pallas_interpret' runs the Pallas kernels in the Pallas interpreter, on any platform: slow, for
+# tests and for reading the kernels on a machine without a GPU.
+ATTENTION_BACKENDS = ("xla", "pallas", "pallas_interpret")
+# TensorRT-LLM backend names: the first two select jaxllm's default attention backend; 'tensorrt'
+# additionally compiles every shape bucket at construction.
+SEED_BACKENDS = ("pytorch", "_autodeploy", "tensorrt")
+_logged_backend_alias = False
+
+
+def default_backend(platform: str | None = None) -> str:
+    """'pallas' on a GPU, 'xla' elsewhere (platform None: JAX's default)."""
+    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
+
+
+def resolve_backend(backend: Optional[str], platform: str | None = None) -> str:
+    """The attention backend `backend` names (None: the platform's), checked against the platform
+    the engine runs on ('gpu', 'cpu'; None: JAX's default)."""
+    global _logged_backend_alias
+    if backend is None:
+        return default_backend(platform)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend in SEED_BACKENDS:
+        chosen = default_backend(platform)
+        if not _logged_backend_alias:
+            logger.warning("backend=%r selects jaxllm's %r attention backend", backend, chosen)
+            _logged_backend_alias = True
+        return chosen
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not valid; valid: None, {', '.join(map(repr, ATTENTION_BACKENDS + SEED_BACKENDS))}"
+        )
+    if backend == "pallas" and (platform or jax.default_backend()) != "gpu":
+        raise ValueError("backend='pallas' runs the Pallas GPU kernels and this machine has no GPU; the CPU's backend "
+                         "is 'xla' (the default here), and backend='pallas_interpret' runs the kernels in the "
+                         "Pallas interpreter (very slow: for tests)")  # fmt: skip
+    return backend
 
 
 def _positive_int(name: str, value, allow_none: bool = True) -> None:

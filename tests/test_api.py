@@ -243,7 +243,7 @@ def test_request_extras_are_validated_at_the_boundary(llama):
 
 @pytest.mark.parametrize("backend", ["pytorch", "_autodeploy", "xla"])
 def test_seed_backend_names_select_a_jax_backend(backend):
-    from jaxllm.llm import resolve_backend
+    from jaxllm.llm_args import resolve_backend
 
     assert resolve_backend(backend) == "xla"
 

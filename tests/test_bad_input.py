@@ -149,11 +149,11 @@ def test_llm_lifetimes_leave_no_memory_and_no_engine_behind(tmp_path):
     stayed 230-380 MB above where it started (each shutdown gave back 1-134 MB of the ~290 MB), and
     grew from one lifetime to the next (1.0 -> 2.2 GB over 8 lifetimes of SmolLM2); now each shutdown
     gives back ~200 MB and RSS settles within ~60-90 MB of the start (first-use caches, arenas)."""
-    from jaxllm.llm import _release_host_memory
+    from jaxllm.engine.builder import release_host_memory
 
     model = write_config(tmp_path / "small", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, head_dim=64, vocab_size=4096)  # fmt: skip
-    _release_host_memory()  # what earlier tests freed, so that the start is this process's real use
+    release_host_memory()  # what earlier tests freed, so that the start is this process's real use
     start = _rss_mb()
     engines, alive, after = [], [], []
     for _ in range(5):

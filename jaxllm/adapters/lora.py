@@ -17,7 +17,8 @@ weight's input axes followed by the rank for A, the rank followed by the output 
   w_gate, w_up: A [D, r], B [r, F]                                    w_down: A [F, r], B [r, D]
 so the tensor sharing the base weight's split axis (B of column-parallel projections, A of the
 row-parallel ones) has that axis where the base weight has it, and the tensor-parallel layout plan
-applies to it unchanged (jaxllm/adapters/bank.py).
+applies to it unchanged (jaxllm/adapters/bank.py). The module names, the file shapes and this layout
+come from the checkpoint converter's tables (jaxllm/checkpoints/names.py).
 """
 
 from __future__ import annotations
@@ -33,19 +34,12 @@ import numpy as np
 
 from jaxllm.adapters.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, read_adapter_config,
                                   read_adapter_tensors)
+from jaxllm.checkpoints import names
 from jaxllm.config import ModelConfig
 
+LORA_PARAMS = names.PROJECTIONS  # every projection of a decoder layer, in the bank's module order
 # HF module name -> (param name in the params pytree, its parent module in a decoder layer).
-HF_MODULES = {
-    "q_proj": ("wq", "self_attn"),
-    "k_proj": ("wk", "self_attn"),
-    "v_proj": ("wv", "self_attn"),
-    "o_proj": ("wo", "self_attn"),
-    "gate_proj": ("w_gate", "mlp"),
-    "up_proj": ("w_up", "mlp"),
-    "down_proj": ("w_down", "mlp"),
-}
-LORA_PARAMS = tuple(param for param, _ in HF_MODULES.values())  # the bank's module order
+HF_MODULES = {names.hf_module(param)[1]: (param, names.hf_module(param)[0]) for param in LORA_PARAMS}
 # TensorRT-LLM's module names (its default trtllm_modules_to_hf_modules).
 TRTLLM_MODULES = {
     "attn_q": "q_proj",
@@ -57,7 +51,7 @@ TRTLLM_MODULES = {
     "mlp_gate": "up_proj",
 }
 # Input axes of each base weight (the rest are its output axes): wo [H, hd, D] has two.
-NUM_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+NUM_INPUT_AXES = {param: names.num_input_axes(param) for param in LORA_PARAMS}
 DEFAULT_MAX_LORAS = 4
 
 
@@ -201,7 +195,8 @@ _UNSUPPORTED = {
     "use_qalora": "QA-LoRA (use_qalora) is not supported",
     "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
 }
-_KEY = re.compile(r"base_model\.model\.((?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
+_PARENTS = "|".join(dict.fromkeys(parent for _, parent in HF_MODULES.values()))  # self_attn|mlp
+_KEY = re.compile(rf"base_model\.model\.((?:model\.)?layers\.(\d+)\.({_PARENTS})\.(\w+))\.lora_([AB])\.weight")
 
 
 def _module_names(cfg: ModelConfig, prefix: str) -> list[tuple[int, str, str]]:
@@ -286,25 +281,54 @@ def _check_config(config: dict, path: Path) -> None:
                            "regex")
 
 
-def _expected_shapes(cfg: ModelConfig, hf_name: str, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """HF shapes of (lora_A, lora_B) of a module: [r, in] and [out, r]."""
-    D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    in_out = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
-              "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}[hf_name]  # fmt: skip
-    return (rank, in_out[0]), (in_out[1], rank)
+def _read_modules(path: Path, tensors: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    """The adapter's tensors by module: ({(layer, HF module name): {"A": lora_A, "B": lora_B}},
+    {(layer, HF module name): its full module path}); refuses any tensor of another kind."""
+    found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    full_names: dict[tuple[int, str], str] = {}
+    for key, array in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            what = ("LoRA on the embedding" if "embed" in key else "LoRA on the LM head" if "lm_head" in key
+                    else "DoRA" if "magnitude" in key else "a module jaxllm cannot adapt")  # fmt: skip
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is {what}; allowed: lora_A / lora_B of "
+                               f"{', '.join(HF_MODULES)} in the decoder layers")  # fmt: skip
+        full, layer, parent, hf_name, ab = match.groups()
+        layer = int(layer)
+        if hf_name not in HF_MODULES or HF_MODULES[hf_name][1] != parent:
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} adapts {parent}.{hf_name}, which jaxllm "
+                               f"cannot adapt; allowed: {', '.join(HF_MODULES)}")  # fmt: skip
+        if layer >= cfg.num_layers:
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is for layer {layer}; the model has "
+                               f"{cfg.num_layers} layers")  # fmt: skip
+        found.setdefault((layer, hf_name), {})[ab] = array
+        full_names[(layer, hf_name)] = full
+    return found, full_names
 
 
-def _to_engine_layout(param: str, a: np.ndarray, b: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """HF lora_A [r, in], scaled lora_B [out, r] -> the host layout of the module docstring."""
-    r = a.shape[0]
-    a, b = a.T, b.T  # [in, r], [r, out]
-    if param == "wq":
-        b = b.reshape(r, cfg.num_heads, cfg.head_dim)
-    elif param in ("wk", "wv"):
-        b = b.reshape(r, cfg.num_kv_heads, cfg.head_dim)
-    elif param == "wo":
-        a = a.reshape(cfg.num_heads, cfg.head_dim, r)
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+def _check_modules(path: Path, config: dict, cfg: ModelConfig, found: dict, full_names: dict,
+                   allowed: tuple[str, ...]) -> dict:  # fmt: skip
+    """Check that the adapter holds both tensors of exactly the modules its config targets, all of
+    them modules the engine serves; returns {(layer, HF module name): full module path} of those."""
+    prefix = "model." if any(name.startswith("model.") for name in full_names.values()) else ""
+    expected = {(i, hf): full for i, hf, full in _module_names(cfg, prefix) if _targeted(config, full)}
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} adapts {full_names[unexpected[0]]}, which target_modules "
+                           f"({config.get('target_modules')!r}) does not name")  # fmt: skip
+    missing = [expected[k] + f".lora_{ab}" for k in sorted(expected) for ab in "AB" if ab not in found.get(k, {})]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} lacks the tensors of {shown}")
+    if not found:
+        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
+    adapted = [hf for hf in HF_MODULES if any(key[1] == hf for key in found)]
+    refused = [hf for hf in adapted if HF_MODULES[hf][0] not in allowed]
+    if refused:
+        raise AdapterError(f"{path}: the adapter targets {', '.join(refused)}, but the engine serves LoRA on "
+                           f"{', '.join(h for h, (p, _) in HF_MODULES.items() if p in allowed)} only "
+                           "(LoraConfig.lora_target_modules)")  # fmt: skip
+    return expected
 
 
 def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed: tuple[str, ...] = LORA_PARAMS,
@@ -325,45 +349,9 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
     path = Path(path)
     config = read_adapter_config(path, "LORA")
     _check_config(config, path)
-    tensors = read_adapter_tensors(path)
-    found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    full_names: dict[tuple[int, str], str] = {}
-    for key, array in tensors.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
-            what = ("LoRA on the embedding" if "embed" in key else "LoRA on the LM head" if "lm_head" in key
-                    else "DoRA" if "magnitude" in key else "a module jaxllm cannot adapt")  # fmt: skip
-            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is {what}; allowed: lora_A / lora_B of "
-                               f"{', '.join(HF_MODULES)} in the decoder layers")  # fmt: skip
-        full, layer, parent, hf_name, ab = match.groups()
-        layer = int(layer)
-        if hf_name not in HF_MODULES or HF_MODULES[hf_name][1] != parent:
-            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} adapts {parent}.{hf_name}, which jaxllm "
-                               f"cannot adapt; allowed: {', '.join(HF_MODULES)}")  # fmt: skip
-        if layer >= cfg.num_layers:
-            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is for layer {layer}; the model has "
-                               f"{cfg.num_layers} layers")  # fmt: skip
-        found.setdefault((layer, hf_name), {})[ab] = array
-        full_names[(layer, hf_name)] = full
-    prefix = "model." if any(name.startswith("model.") for name in full_names.values()) else ""
-    expected = {(i, hf): full for i, hf, full in _module_names(cfg, prefix) if _targeted(config, full)}
-    unexpected = sorted(set(found) - set(expected))
-    if unexpected:
-        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} adapts {full_names[unexpected[0]]}, which target_modules "
-                           f"({config.get('target_modules')!r}) does not name")  # fmt: skip
-    missing = [expected[k] + f".lora_{ab}" for k in sorted(expected) for ab in "AB" if ab not in found.get(k, {})]
-    if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} lacks the tensors of {shown}")
-    if not found:
-        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
+    found, full_names = _read_modules(path, read_adapter_tensors(path), cfg)
+    expected = _check_modules(path, config, cfg, found, full_names, allowed)
     order = list(HF_MODULES)
-    adapted = [hf for hf in order if any(key[1] == hf for key in found)]
-    refused = [hf for hf in adapted if HF_MODULES[hf][0] not in allowed]
-    if refused:
-        raise AdapterError(f"{path}: the adapter targets {', '.join(refused)}, but the engine serves LoRA on "
-                           f"{', '.join(h for h, (p, _) in HF_MODULES.items() if p in allowed)} only "
-                           "(LoraConfig.lora_target_modules)")  # fmt: skip
     layers: list[dict] = [{} for _ in range(cfg.num_layers)]
     top_rank = 0
     for (layer, hf_name), pair in sorted(found.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
@@ -374,7 +362,7 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
         if rank > max_rank:
             raise AdapterError(f"{path}: rank {rank} of {full} exceeds max_lora_rank={max_rank}; allowed: ranks <= "
                                f"{max_rank} (raise LoraConfig.max_lora_rank)")  # fmt: skip
-        want_a, want_b = _expected_shapes(cfg, hf_name, rank)
+        want_a, want_b = names.lora_file_shapes(cfg, param, rank)
         for ab, want in (("A", want_a), ("B", want_b)):
             if tuple(pair[ab].shape) != want:
                 raise AdapterError(f"{path}: {full}.lora_{ab} has shape {tuple(pair[ab].shape)}; this model "
@@ -382,6 +370,6 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         a = pair["A"].astype(np.float32)
         b = pair["B"].astype(np.float32) * np.float32(scaling)
-        layers[layer][param] = _to_engine_layout(param, a, b, cfg)
+        layers[layer][param] = names.lora_to_params(cfg, param, a, b)
         top_rank = max(top_rank, rank)
     return LoraAdapter(adapter_id=adapter_id, path=str(path), rank=top_rank, layers=tuple(layers))

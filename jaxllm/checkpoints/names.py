@@ -3,11 +3,13 @@
 Every layout change lives here: Hugging Face linear weights are [out, in] and get transposed, head
 dimensions are split out, llama.cpp's q/k row interleave is undone, Gemma's GGUF norms (stored as
 1 + w) are shifted back. `TensorMapper` checks that each file tensor maps to exactly one parameter
-of the right shape, and that nothing is missing, unmapped or duplicated.
+of the right shape, and that nothing is missing, unmapped or duplicated. LoRA adapters of the layer
+projections (PEFT's lora_A / lora_B) are laid out like the weights they adapt (`lora_to_params`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.family import Family
-from jaxllm.models.params import flatten_paths, param_specs
+from jaxllm.models.params import flatten_paths, layer_specs, param_specs
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
@@ -75,6 +77,13 @@ _LAYER_TENSORS = (
     ("w_down", "mlp.down_proj.weight", "ffn_down.weight", "linear"),
 )
 
+# The input axes each matrix transform leaves in params layout (the rest are its output axes): the
+# file's [out, in] weight is [product of the output axes, product of the input axes].
+INPUT_AXES = {"linear": 1, "q_in": 1, "kv_in": 1, "o_out": 2}
+# The decoder layer's projections (its matrices), in layer order, and their transforms.
+_PROJECTION_TRANSFORMS = {param: transform for param, _, _, transform in _LAYER_TENSORS if transform in INPUT_AXES}
+PROJECTIONS = tuple(_PROJECTION_TRANSFORMS)
+
 # File tensors that carry nothing the model needs (buffers some exporters saved).
 HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -111,6 +120,40 @@ def gguf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
         for param, gguf_norm in family.gguf_layer_norms:
             names[prefix + gguf_norm + ".weight"] = (f"layers.{i}.{param}", "identity")
     return {k: v for k, v in names.items() if v[0] in wanted}
+
+
+def hf_module(param: str) -> tuple[str, str]:
+    """(parent, module) of a layer projection in a Hugging Face decoder layer: ('self_attn', 'q_proj') for wq."""
+    hf_name = next(hf for name, hf, _, _ in _LAYER_TENSORS if name == param and param in _PROJECTION_TRANSFORMS)
+    parent, module, _ = hf_name.split(".")
+    return parent, module
+
+
+def num_input_axes(param: str) -> int:
+    """How many of a layer projection's axes in params layout are input axes (wo [H, hd, D]: two)."""
+    return INPUT_AXES[_PROJECTION_TRANSFORMS[param]]
+
+
+def _projection_axes(cfg: ModelConfig, param: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    shape = layer_specs(cfg)[param].shape
+    n = num_input_axes(param)
+    return shape[:n], shape[n:]
+
+
+def lora_file_shapes(cfg: ModelConfig, param: str, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of a rank-`rank` LoRA pair of a layer projection as PEFT saves it: lora_A [r, in],
+    lora_B [out, r], in and out the sides of the projection's file weight [out, in]."""
+    in_axes, out_axes = _projection_axes(cfg, param)
+    return (rank, math.prod(in_axes)), (math.prod(out_axes), rank)
+
+
+def lora_to_params(cfg: ModelConfig, param: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A LoRA pair of a layer projection, lora_A [r, in] and lora_B [out, r], in params layout:
+    A [*input axes, r] and B [r, *output axes], the projection's own axes (wq: A [D, r], B [r, H, hd];
+    wo: A [H, hd, r], B [r, D]), so the tensor-parallel plan lays each out as it lays out the weight."""
+    in_axes, out_axes = _projection_axes(cfg, param)
+    rank = a.shape[0]
+    return np.ascontiguousarray(a.T.reshape(*in_axes, rank)), np.ascontiguousarray(b.T.reshape(rank, *out_axes))
 
 
 class CheckpointError(ValueError):

@@ -107,7 +107,7 @@ class Request:
     bias_row: Optional["BiasRow"] = None  # embedding bias and banned single tokens, or None
     priority: float = 0.5  # SchedulingParams.priority: higher runs first under contention
     arrival_order: Optional[int] = None  # stamped by the scheduler when first queued: the FCFS tie-break
-    # The seed's request-level extras (jaxllm/llm.py validates them): None when not given.
+    # The seed's request-level extras (jaxllm/inputs.py validates them): None when not given.
     lora_request: Any = None  # adapters.LoRARequest
     prompt_adapter_request: Any = None  # adapters.PromptAdapterRequest
     lora_adapter: Any = None  # adapters.lora.LoraAdapter: the loaded weights of lora_request

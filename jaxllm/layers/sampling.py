@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 # Banned tokens a row may have in one step beyond its bias row: the end tokens under min_tokens and
 # the last tokens of multi-token bad words whose prefix was just generated (requests are checked
-# against it when they are made: jaxllm/llm.py). Single-token bans live in the row's bias.
+# against it when they are made: jaxllm/inputs.py). Single-token bans live in the row's bias.
 BAN_WIDTH = 64
 
 

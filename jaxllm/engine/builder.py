@@ -1,0 +1,352 @@
+"""Assembling an LLM's engine from its arguments, and taking it apart at shutdown.
+
+`EngineBuilder` resolves the model and reads its config (a saved engine brings its own arguments),
+then `build` runs the start-up order (docs/ARCHITECTURE.md): size the KV cache from the weights'
+abstract bytes -> prepare the programs on a thread while the tokenizer and the weights load ->
+allocate the KV cache (after compiling, whose autotuning needs that memory) -> the scheduler and the
+engine thread. Each phase logs its time at INFO. `dismantle` stops an engine and frees its memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from jaxllm import distributed
+from jaxllm import sharding as sharding_lib
+from jaxllm.adapters.bank import AdapterBank
+from jaxllm.adapters.cache import AdapterCache
+from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
+from jaxllm.adapters.prompt import load_prompt_adapter
+from jaxllm.checkpoints import loader, saved
+from jaxllm.config import ModelConfig, resolve_dtype
+from jaxllm.engine import kv_transfer
+from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.engine import Engine
+from jaxllm.engine.executables import resolve_cache_dir
+from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
+from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.llm_args import EngineArgs, resolve_backend
+from jaxllm.models.params import abstract_params, param_bytes
+from jaxllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger("jaxllm")
+
+EXECUTABLES_DIR = "executables"  # a saved engine's compiled programs, beside its weights
+PRECOMPILE_ENV = "JAXLLM_PRECOMPILE"
+
+
+@contextlib.contextmanager
+def _phase(what: str, *args):
+    """Log one start-up phase with its time (INFO)."""
+    started = time.perf_counter()
+    yield
+    logger.info(what + " in %.1f s", *args, time.perf_counter() - started)
+
+
+class EngineBuilder:
+    """Builds one LLM's engine. Its attributes are what the LLM keeps: the resolved model (`resolved`,
+    `config`, `dtype`), its arguments (`args`, `backend`, `backend_name`), the tensor-parallel layout
+    (`tp_plan`, `engine_config`), and, once built, `max_seq_len`, `tokenizer`, `params`, the adapter
+    caches and `kv_fingerprint`.
+
+    Args:
+      model, revision, dtype, backend, kwargs: the LLM's arguments (already validated); kwargs are
+        the engine arguments (jaxllm/llm_args.py).
+      mesh: the devices' mesh (None: one device); platform: their platform ('gpu', 'cpu').
+      channel: the step channel of a multi-process run (None: one process).
+      llm_id: the LLM's id (what a context state names).
+    """
+
+    def __init__(self, model: str | Path, revision: Optional[str], dtype, backend: Optional[str], kwargs: dict, *,
+                 mesh, tensor_parallel_size: int, platform: str, channel: Any = None, llm_id: str = ""):  # fmt: skip
+        self.mesh, self.tensor_parallel_size, self.channel, self.llm_id = mesh, tensor_parallel_size, channel, llm_id
+        self.revision = revision
+        with _phase("resolved model %s", model):
+            self.resolved = loader.resolve(model, revision)
+        if self.resolved.kind == "saved":
+            cfg, saved_dtype, saved_args = saved.read_config(self.resolved.path)
+            # A saved engine keeps its arguments (its compiled buckets depend on them) unless overridden.
+            backend = backend if backend is not None else saved_args.pop("backend", None)
+            saved_args.pop("backend", None)
+            kwargs = {**saved_args, **kwargs}
+            self.dtype = resolve_dtype(dtype, saved_dtype)
+        else:
+            cfg = loader.read_config(self.resolved)
+            self.dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
+        self.backend_name = backend
+        self.backend = resolve_backend(backend, platform)
+        self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
+        self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
+        self.config: ModelConfig = cfg
+        self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if mesh is not None else None
+        self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
+        # Refuse weights that cannot fit before anything is built per layer or allocated.
+        check_weights_fit(param_bytes(cfg, self.dtype), list(mesh.devices.flat) if mesh is not None
+                          else jax.devices()[:1], tensor_parallel_size)  # fmt: skip
+        self.tokenizer = self.params = None
+        self.lora_cache = self.prompt_cache = None
+
+    def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
+              skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip
+        """Load everything and start the engine thread; None in a follower process, once its leader
+        has shut down (it follows the leader's steps until then)."""
+        # The programs depend on the weights' shapes, not their values: they are loaded from the
+        # cache or compiled (on a pool of threads) while the tokenizer and the weights load.
+        runner = self._build_runner()
+        # (Several processes load their weights in step, before the leader's programs are sent.)
+        preparing = self._prepare_programs(runner, background=True) if self.channel is None else None
+        if not skip_tokenizer_init:
+            with _phase("tokenizer"):
+                source = tokenizer if tokenizer is not None else self.resolved
+                self.tokenizer = load_tokenizer(source, tokenizer_revision or self.revision, trust_remote_code,
+                                                tokenizer_mode)  # fmt: skip
+        args = self.args
+        with _phase("weights (%s, %s)", "random" if args.load_format == "dummy" else self.resolved.kind,
+                    jax.numpy.dtype(self.dtype).name):  # fmt: skip
+            self.params = loader.load_engine_params(self.resolved, self.config, self.dtype, self.tp_plan, self.mesh,
+                                                    args.load_format, args.seed or 0,
+                                                    cache_dir=self.compile_cache_dir)  # fmt: skip
+        runner.params = self.params
+        if self.channel is not None and not distributed.is_leader():
+            runner.allocate()
+            runner.follow()  # until the leader shuts down
+            return None
+        if preparing is not None:
+            preparing()
+        else:
+            self._prepare_programs(runner, background=False)
+        return self._start_engine(runner)
+
+    def _build_adapters(self) -> AdapterBank | None:
+        """The adapter bank on the device and the host caches, when LoRA or prompt adapters are enabled."""
+        args = self.args
+        if not (args.enable_lora or args.enable_prompt_adapter):
+            return None
+        lora_slots = lora_rank = 0
+        targets: tuple[str, ...] = ()
+        if args.enable_lora:
+            lora = args.lora_config
+            lora_slots, lora_rank = lora.max_loras, lora.max_lora_rank
+            targets = lora.target_params()
+            if not targets and lora.lora_dir:  # serve the modules the configured adapters adapt
+                found = {p for d in lora.lora_dir for p in load_lora_adapter(d, self.config, lora_rank).target_params}
+                targets = tuple(p for p in LORA_PARAMS if p in found)
+            else:
+                for d in lora.lora_dir:
+                    load_lora_adapter(d, self.config, lora_rank, targets or LORA_PARAMS)
+            targets = targets or LORA_PARAMS
+            self.lora_cache = AdapterCache("LoRA", lora.max_cpu_loras, lambda path, adapter_id: load_lora_adapter(
+                path, self.config, lora_rank, targets, adapter_id))  # fmt: skip
+        prompt_slots = prompt_tokens = 0
+        if args.enable_prompt_adapter:
+            prompt_slots, prompt_tokens = args.max_prompt_adapters, args.max_prompt_adapter_token
+            self.prompt_cache = AdapterCache(
+                "prompt adapter", args.max_cpu_prompt_adapters,
+                lambda path, adapter_id: load_prompt_adapter(path, self.config, prompt_tokens, adapter_id))  # fmt: skip
+        return AdapterBank(self.config, self.engine_config, self.dtype, lora_slots=lora_slots, lora_rank=lora_rank,
+                           lora_targets=targets, prompt_slots=prompt_slots, prompt_tokens=prompt_tokens,
+                           plan=self.tp_plan, mesh=self.mesh)  # fmt: skip
+
+    def _abstract_params(self):
+        """The weights as ShapeDtypeStructs with the shardings they load into."""
+        abstract = abstract_params(self.engine_config, self.dtype)
+        if self.mesh is not None:
+            shardings = sharding_lib.param_shardings(self.engine_config, self.mesh)
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+
+    def _plan_pages(self, abstract) -> int:
+        """The KV cache's pages: what the devices hold beside the weights (the leader's number in a
+        multi-process run, so that every process sizes the cache alike)."""
+        cfg, args = self.engine_config, self.args
+        kv_cfg = args.kv_cache_config
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else None
+        weight_bytes = max(0, sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jax.numpy.dtype(a.dtype).itemsize
+                                  for a in jax.tree.leaves(abstract)))  # fmt: skip
+        num_pages = plan_num_pages(cfg, self.kv_dtype, kv_cfg.tokens_per_block, kv_cfg, args.max_num_tokens,
+                                   args.max_batch_size, devices, tp_kv_shards=self.tensor_parallel_size,
+                                   max_seq_len=args.max_seq_len, pending_bytes=weight_bytes)  # fmt: skip
+        if num_pages < 2:
+            raise ValueError(
+                "the KV cache has no room for a single page after the weights; lower max_num_tokens / "
+                "max_batch_size or raise kv_cache_config.free_gpu_memory_fraction"
+            )
+        if self.channel is not None:  # every process must size the cache alike: the leader decides
+            num_pages = self._agree_on("num_pages", num_pages)
+        return num_pages
+
+    def _build_runner(self) -> ModelRunner:
+        """The KV cache sized for the device, and the runner over it (its weights still abstract)."""
+        cfg, args = self.engine_config, self.args
+        self.adapter_bank = self._build_adapters()  # before sizing the KV cache
+        kv_cfg = args.kv_cache_config
+        self.kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
+        page_size = kv_cfg.tokens_per_block
+        abstract = self._abstract_params()
+        num_pages = self._plan_pages(abstract)
+        capacity = (num_pages - 1) * page_size
+        max_seq_len = args.max_seq_len or cfg.max_position_embeddings
+        if max_seq_len > capacity:
+            if args.max_seq_len is not None:
+                raise ValueError(
+                    f"max_seq_len={args.max_seq_len} exceeds what the KV cache holds ({capacity} tokens); "
+                    f"allowed: <= {capacity}, or a larger kv_cache_config"
+                )
+            max_seq_len = capacity
+        self.max_seq_len = max_seq_len
+        runner_config = RunnerConfig(
+            max_num_tokens=args.max_num_tokens,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=max_seq_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            backend=self.backend,
+            kv_dtype=self.kv_dtype,
+            decode_steps=args.num_scheduler_steps,
+        )
+        kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        kv_type = jax.numpy.dtype(self.kv_dtype)
+        logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
+                    kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
+        return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self.channel,
+                           adapters=self.adapter_bank, cache_dir=self.compile_cache_dir)  # fmt: skip
+
+    def _prepare_programs(self, runner: ModelRunner, background: bool):
+        """Make every program the engine can ask for: serving then never waits for a compilation
+        ($JAXLLM_PRECOMPILE=0 compiles each at its first use instead, for tests and experiments; the
+        'tensorrt' backend, TensorRT-LLM's ahead-of-time one, precompiles whatever it says). With
+        `background`, on a thread: returns a function that waits for it (and raises what it raised)."""
+        if self.channel is not None and not distributed.is_leader():
+            return None  # a follower makes what the leader's precompile message lists
+        started = time.perf_counter()
+
+        def prepare():
+            if self.resolved.kind == "saved":
+                loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
+                logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
+            if os.environ.get(PRECOMPILE_ENV, "1") != "0" or self.backend_name == "tensorrt":
+                runner.precompile()
+
+        if not background:
+            prepare()
+            logger.info("programs in %.1f s", time.perf_counter() - started)
+            return None
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                prepare()
+            except BaseException as e:  # handed to the caller's thread by wait()
+                failure.append(e)
+
+        thread = threading.Thread(target=run, name="jaxllm-programs", daemon=True)
+        thread.start()
+
+        def wait():
+            thread.join()
+            if failure:
+                raise failure[0]
+            logger.info("programs in %.1f s", time.perf_counter() - started)
+
+        return wait
+
+    def _transfer_settings(self) -> kv_transfer.TransferSettings:
+        """Where and how this engine's KV pages travel in disaggregated serving."""
+        transceiver = self.args.cache_transceiver_config
+        layout = kv_transfer.KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim,
+                                      jax.numpy.dtype(self.kv_dtype).name, self.max_seq_len)  # fmt: skip
+        return kv_transfer.TransferSettings(
+            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, self.kv_dtype), layout=layout,
+            plan=self.tp_plan, host=transceiver.host, port=transceiver.port,
+            timeout_s=transceiver.kv_transfer_timeout_ms / 1e3, io_timeout_s=transceiver.io_timeout_ms / 1e3,
+            max_connections=transceiver.max_connections,
+            cluster_key=kv_transfer.cluster_key(transceiver.cluster_secret),
+        )  # fmt: skip
+
+    def _start_engine(self, runner: ModelRunner) -> Engine:
+        """The scheduler and the engine thread, over a runner whose programs are ready."""
+        cfg, args, adapters = self.engine_config, self.args, self.adapter_bank
+        runner.allocate()
+        runner.warm_up()
+        kv_cfg = args.kv_cache_config
+        num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens
+        admission = AdapterAdmission(
+            lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters and adapters.lora_slots else None,
+            prompt=(SlotTable(adapters.prompt_slots, runner.write_prompt_adapter)
+                    if adapters and adapters.prompt_slots else None),
+            bias=SlotTable(BIAS_SLOTS, lambda slot, row: runner.write_bias(slot, row.values)),
+        )  # fmt: skip
+        scheduler = Scheduler(
+            SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
+            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
+            admission=admission,
+        )
+        transfer = self._transfer_settings()
+        self.kv_fingerprint = transfer.fingerprint
+        return Engine(runner, scheduler, self.tokenizer, self.max_seq_len, cfg.vocab_size, transfer,
+                      overlap=not args.disable_overlap_scheduler)  # fmt: skip
+
+    def _agree_on(self, name: str, value: int) -> int:
+        if distributed.is_leader():
+            self.channel.send({"kind": "agree", name: int(value)})
+            return int(value)
+        header, _ = self.channel.recv()
+        return int(header[name])
+
+
+def dismantle(engine: Engine) -> None:
+    """Stop an engine (its unfinished requests fail with EngineShutdown) and delete its device arrays.
+    Its host memory goes back by `release_host_memory`, once the caller holds no reference to it."""
+    engine.shutdown()
+    for array in jax.tree.leaves((engine.runner.params, engine.runner.kv_cache)):
+        if isinstance(array, jax.Array) and not array.is_deleted():
+            array.delete()
+    if engine.runner.adapters is not None:
+        engine.runner.adapters.delete()
+    engine.runner.params = engine.runner.kv_cache = None
+
+
+def release_host_memory() -> None:
+    """Hand the memory a shut-down engine freed back to the operating system.
+
+    The engine's runner and programs sit in reference cycles (bound methods and closures over the
+    runner), so they are freed by the cycle collector, not when shutdown drops them. And on the CPU
+    the weights, the KV cache and the host arrays of loading are malloc'ed by XLA and numpy from
+    several threads: glibc keeps what those threads free in per-thread arenas, below a moving mmap
+    threshold, and returns little of it, so RSS grew by tens of MB for every LLM made and shut down
+    in one process (hundreds with SmolLM2), freed memory no later LLM reused. malloc_trim(0) returns
+    the free pages of every arena (glibc only; elsewhere this is a no-op).
+    """
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_libc = _load_glibc()
