@@ -105,6 +105,18 @@ class Plan:
 
 
 class Engine:
+    """The engine thread and what callers call on it (`submit`, `abort`, `stats`, `shutdown`).
+
+    Args:
+      runner: the device side: KV cache, programs, dispatch (runner.py).
+      scheduler: admission, chunking, preemption and every page move (scheduler.py).
+      tokenizer: None: no text (token ids only).
+      max_seq_len: a sequence's most tokens, prompt included.
+      vocab_size: the model's; a prompt adapter's virtual tokens take ids from here on.
+      transfer: disaggregated serving's settings (None: this LLM parks and imports nothing).
+      overlap: start the next multi-step decode before this one's tokens are read.
+    """
+
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
                  transfer: kv_transfer.TransferSettings | None = None, overlap: bool = True):  # fmt: skip
         self.runner = runner
@@ -121,7 +133,8 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=lambda seq: self.disaggregated.park(seq))
+        park = lambda seq: self.disaggregated.park(seq)  # noqa: E731 (made below: it publishes through self.post)
+        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park)
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
