@@ -12,7 +12,7 @@ that raises fails its own request only (logits_processors.py); an error of the m
 the requests of that step, not the loop (their futures raise, the KV cache is rebuilt, and the
 other running requests are recomputed). Aborts land at once, even while a step runs on the
 device: the engine thread waits for a step's outputs on its wake event while a reader thread
-(`StepReader`) reads them.
+(`StepReader`, step_reader.py) reads them.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from jaxllm.engine.runner import ModelRunner, PendingStep, StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence
 from jaxllm.engine.stats import IterationStats
+from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.step_request import follow_on_request, step_request
 from jaxllm.outputs import Update
 
@@ -54,42 +55,6 @@ def derive_seed(base: int, index: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return x ^ (x >> 31)
-
-
-class StepReader:
-    """A thread that reads dispatched steps' outputs to the host (blocking inside XLA, the GIL
-    released), so that the engine thread waits on its wake event instead and can act on aborts
-    while a step runs. One read at a time: the engine waits for each before the next."""
-
-    def __init__(self, wake: threading.Event):
-        self._wake = wake
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (PendingStep, Future), or None to stop
-        self._thread = threading.Thread(target=self._run, name="jaxllm-step-reader", daemon=True)
-        self._thread.start()
-
-    def read(self, pending: PendingStep) -> concurrent.futures.Future:
-        """Start reading `pending`; the future holds its host outputs (`PendingStep.result`), and
-        the wake event is set once it is done."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((pending, done))
-        return done
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            pending, done = job
-            try:
-                done.set_result(pending.result())
-            except BaseException as e:  # the engine thread re-raises it as the step's error
-                done.set_exception(e)
-            self._wake.set()
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
 
 @dataclasses.dataclass
@@ -133,8 +98,7 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        park = lambda seq: self.disaggregated.park(seq)  # noqa: E731 (made below: it publishes through self.post)
-        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park)
+        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park)
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
@@ -296,6 +260,10 @@ class Engine:
         self._next_seq_id += 1
         return seq
 
+    def _park(self, seq: Sequence) -> None:
+        """A finished context_only sequence keeps its pages for another LLM (disaggregated.py)."""
+        self.disaggregated.park(seq)
+
     def _take_aborts(self) -> None:
         while True:
             try:
@@ -311,6 +279,7 @@ class Engine:
 
     # ---- one step: schedule -> dispatch -> postprocess -> publish ------------------------------
     def step(self) -> None:
+        """One iteration: schedule -> dispatch -> postprocess -> (stats) -> publish."""
         started = time.perf_counter()
         plan = self._schedule()
         if plan is None:
