@@ -162,3 +162,39 @@ def test_parallel_samples_holding_prompt_pages_are_admitted_before_higher_priori
     assert sim.scheduler.waiting == [sibling, urgent]
     sim.run()
     assert sim.finished == [0, 1, 2]
+
+
+def test_multi_step_decodes_and_follow_ons_take_their_pages_from_the_scheduler():
+    """The engine's multi-step and overlap decisions, as plain Python: a decode-only step runs
+    `decode_steps` decodes once the pages of the tokens each sequence may keep are given, and a
+    follow-on gets the pages of the next run past the one in flight; neither when a request arrived
+    or waits, or when a sequence cannot use another decode."""
+    sim = Sim(max_tokens=10)
+    seq = sim.submit([1, 2, 3], seq_id=0)  # max_tokens 32 (SamplingParams' default)
+    sim.step()  # the prefill samples its first token: 4 tokens, 3 computed
+    scheduled = sim.scheduler.schedule()
+    assert scheduled.is_decode_only and len(seq.block_table) == 1
+    assert sim.scheduler.multi_steps(scheduled, 8, 100, arrived=True, serves=lambda: True) == 1
+    assert sim.scheduler.multi_steps(scheduled, 8, 100, arrived=False, serves=lambda: False) == 1
+    assert len(seq.block_table) == 1  # nothing was given for a run that does not happen
+    assert sim.scheduler.multi_steps(scheduled, 8, 100, arrived=False, serves=lambda: True) == 8
+    assert len(seq.block_table) == 3  # 3 computed + 8 decodes = 11 tokens
+    assert not sim.scheduler.follow_on(scheduled, 8, 8, max_seq_len=4 + 8)  # nothing left after the run in flight
+    assert sim.scheduler.follow_on(scheduled, 8, 8, max_seq_len=100)
+    assert len(seq.block_table) == 5  # 3 + 8 in flight + 8 more = 19 tokens
+    sim.submit([4, 5], seq_id=1)
+    assert not sim.scheduler.follow_on(scheduled, 16, 8, max_seq_len=100)  # a request waits
+
+
+def test_an_imported_context_gets_its_pages_only_when_one_more_token_fits():
+    sim = Sim(num_pages=3)  # 2 usable pages of 4 tokens
+    request = Request(request_id=0, prompt=None, prompt_token_ids=list(range(8)), params=SamplingParams(), output=None)
+    seq = Sequence(seq_id=0, request=request, index=0, token_ids=list(range(8)), num_prompt_tokens=8, seed=0)
+    assert not sim.scheduler.take_import_pages(seq, 8) and not seq.block_table  # 9 tokens need 3 pages
+    seq.token_ids = seq.token_ids[:7]
+    assert sim.scheduler.take_import_pages(seq, 7) and len(seq.block_table) == 2
+    sim.scheduler.mark_computed(seq, 7)
+    assert seq.num_computed == 7 and seq.num_registered_pages == 1  # its full page is cached
+    assert sim.scheduler.prompt_pages(seq, 7) == seq.block_table
+    sim.scheduler.remove(seq)
+    assert sim.bm.num_free_blocks == sim.bm.num_usable_blocks

@@ -117,8 +117,8 @@ class KVLayout:
 
 
 def check_meta(meta: Any, layout: KVLayout, vocab_size: int) -> int:
-    """A context's metadata (from `Engine._export`, maybe from a peer) before it is used; returns its
-    num_tokens (KV positions)."""
+    """A context's metadata (from `Disaggregation.export` in engine/disaggregated.py, maybe from a
+    peer) before it is used; returns its num_tokens (KV positions)."""
     if not isinstance(meta, dict):
         raise KVTransferError(f"the context's metadata is a {type(meta).__name__}; allowed: a JSON object")
     num_tokens = layout.check_count(meta.get("num_tokens"))

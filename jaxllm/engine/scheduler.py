@@ -15,6 +15,11 @@ preempted (the most recently admitted among equals): its pages are freed (its fu
 cached, so its return may reuse them) and it goes back to the queue, where it keeps its original
 place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
 so its output is unchanged). A step that preempts admits nothing.
+
+The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
+chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
+a multi-step decode or of the overlap scheduler's follow-on, an imported context's pages) go
+through the methods below.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+
+from typing import Callable
 
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.sequence import Sequence, SequenceStatus
@@ -174,3 +181,94 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         return ScheduledStep(items, preempted)
+
+    # ---- the engine's other page moves -------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """`seq` computed `num_tokens` more tokens: its full pages join the prefix cache (before a
+        finish frees them)."""
+        seq.num_computed += num_tokens
+        self.block_manager.register_computed(seq)
+
+    def start_siblings(self, first: Sequence) -> None:
+        """Queue samples 1..best_of-1 of a request whose prompt sample 0 has just computed; each
+        shares the prompt's full pages and recomputes only the partial last page (at least one
+        token, for its own first logits)."""
+        for sibling in first.request.sequences[1:]:
+            if sibling.status is SequenceStatus.WAITING and sibling.num_computed == 0 and not sibling.block_table:
+                sibling.num_computed = self.block_manager.share_prefix(first, sibling, first.num_prompt_tokens - 1)
+                self.add(sibling)
+
+    def prompt_pages(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """The pages of `seq` that hold its first `num_tokens` tokens."""
+        return seq.block_table[: -(-num_tokens // self.block_size)]
+
+    def take_import_pages(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give a new sequence (in no queue) pages for the `num_tokens` K/V positions of an imported
+        context, if the pages of one more token fit and its adapters get device slots; False: it
+        waits. A failure after this gives them back with `remove`."""
+        bm = self.block_manager
+        if not bm.can_allocate(bm.blocks_needed(seq, num_tokens + 1)):
+            return False
+        if self.admission is not None and not self.admission.admit(seq):  # its adapters need device slots
+            return False
+        try:
+            bm.allocate(seq, num_tokens)
+        except BaseException:
+            self.remove(seq)  # gives back its adapter slots
+            raise
+        return True
+
+    # ---- multi-step decoding and the overlap scheduler -----------------------------------------
+    def multi_steps(self, scheduled: ScheduledStep, decode_steps: int, max_seq_len: int, arrived: bool,
+                    serves: Callable[[], bool]) -> int:  # fmt: skip
+        """How many decodes the scheduled step runs in one dispatch (multi-step decoding):
+        `decode_steps` when only decodes are scheduled (so no waiting sequence could be admitted
+        this step), no request has `arrived` since the schedule (it would wait for the whole run),
+        each sequence has its first token and needs nothing from the host between steps (no
+        penalties, banned words or tokens, logits processors or logits returned), some sequence
+        wants at least two more tokens, and the runner `serves` the batch that way; else 1. Gives
+        each sequence the pages of the tokens it may still keep (up to max_tokens and
+        max_seq_len); past them a row computes into the null page."""
+        if decode_steps == 1 or not scheduled.is_decode_only or scheduled.preempted or arrived:
+            return 1
+        wants = []
+        for seq, _ in scheduled.items:
+            params, request = seq.request.params, seq.request
+            if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
+                    or seq.num_output_tokens < max(1, params.min_tokens or 0) or request.is_context_only):  # fmt: skip
+                return 1
+            wants.append(min(decode_steps, seq.tokens_left(max_seq_len)))
+        if max(wants) < 2 or not serves():
+            return 1
+        if not self._give_pages(scheduled, wants):
+            return 1
+        return decode_steps
+
+    def follow_on(self, scheduled: ScheduledStep, steps: int, decode_steps: int, max_seq_len: int) -> bool:
+        """Whether the overlap scheduler may start `decode_steps` more decodes of the same sequences
+        while a dispatch of `steps` decodes of them still runs: nothing waits, and no sequence has
+        finished or reaches max_tokens / max_seq_len within the running dispatch. Gives them the
+        pages first; False where they do not fit."""
+        if self.waiting:
+            return False
+        wants = []
+        for seq, _ in scheduled.items:
+            left = seq.tokens_left(max_seq_len, steps)  # the running dispatch samples `steps` tokens for each
+            if seq.finished or left < 1:
+                return False
+            wants.append(min(decode_steps, left))
+        return self._give_pages(scheduled, wants, steps)
+
+    def _give_pages(self, scheduled: ScheduledStep, wants: list[int], ahead: int = 0) -> bool:
+        """Give each scheduled sequence the pages of `ahead` + its `wants` more tokens, if all fit."""
+        bm = self.block_manager
+        needs = [(seq, ahead + n) for (seq, _), n in zip(scheduled.items, wants)]
+        if not bm.can_allocate(sum(bm.blocks_needed(seq, n) for seq, n in needs)):
+            return False
+        for seq, n in needs:
+            bm.allocate(seq, n)
+        return True

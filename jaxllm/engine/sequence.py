@@ -76,6 +76,10 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def tokens_left(self, max_seq_len: int, ahead: int = 0) -> int:
+        """Tokens it may still sample (up to max_tokens and max_seq_len) once `ahead` more are."""
+        return min(self.request.params.max_tokens - self.num_output_tokens, max_seq_len - self.num_tokens) - ahead
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BiasRow:
@@ -130,6 +134,12 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
+
+    @property
+    def is_context_only(self) -> bool:
+        """A disaggregated context request: it ends at its first token, its pages parked for another LLM."""
+        params = self.disaggregated_params
+        return params is not None and params.request_type == "context_only"
 
     @property
     def needs_prompt_logits(self) -> bool:

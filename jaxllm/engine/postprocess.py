@@ -1,0 +1,263 @@
+"""After a step is read: appending its tokens to the sequences, the stop checks, log-probabilities
+and logits, finishing sequences and requests, and publishing each request's news (`Delta`s) to the
+RequestOutput its caller holds (plain Python, on the engine thread).
+
+A request is tracked in `requests` from its admission until it closes: finished (its last update
+posted), aborted, or failed. Results of a step for a request that left while the step ran are
+dropped (`left`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
+from jaxllm.engine.runner import StepRequest
+from jaxllm.engine.scheduler import ScheduledStep, Scheduler
+from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
+from jaxllm.engine.stats import perf_metrics
+from jaxllm.outputs import Delta, Logprob, Update
+
+
+class EngineShutdown(RuntimeError):
+    """The engine was shut down before the request finished."""
+
+
+class Postprocessor:
+    """Args:
+    scheduler: where a finished sequence gives back its pages.
+    detokenizer: None without a tokenizer (no text).
+    max_seq_len: a sequence stops with "length" there.
+    park: keeps a finished context_only sequence's pages for another LLM (engine/disaggregated.py).
+    """
+
+    def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer | None, max_seq_len: int,
+                 park: Callable[[Sequence], None]):  # fmt: skip
+        self.scheduler = scheduler
+        self.detokenizer = detokenizer
+        self.max_seq_len = max_seq_len
+        self.park = park
+        self.requests: dict[int, Request] = {}  # the requests in the engine, by request_id
+
+    def left(self, seq: Sequence) -> bool:
+        """Whether `seq`'s request left the engine while its step ran (aborted, or failed in a
+        logits processor): its pages are freed, and the step's results for it are dropped."""
+        return seq.request.request_id not in self.requests
+
+    # ---- a step's results --------------------------------------------------------------------
+    def postprocess(self, scheduled: ScheduledStep, step_requests: list[StepRequest] | None, out: dict,
+                    steps: int) -> set[Request]:  # fmt: skip
+        """Take a step's host outputs into its sequences; returns the requests it touched."""
+        if steps == 1:
+            return self._one_step(scheduled, step_requests, out)
+        return self._multi_step(scheduled, out, steps)
+
+    def _one_step(self, scheduled: ScheduledStep, step_requests: list[StepRequest], out: dict) -> set[Request]:
+        """A one-step dispatch: each row computed its chunk; the rows that reach their sequence's end sampled."""
+        touched = set()
+        offset = 0  # the chunk's first row among the packed token rows
+        for i, (seq, n) in enumerate(scheduled.items):
+            request, params = seq.request, seq.request.params
+            r = step_requests[i]
+            if self.left(seq):
+                offset += n
+                continue
+            start = seq.num_computed
+            self.scheduler.mark_computed(seq, n)  # before a finish frees its pages
+            touched.add(request)
+            skip = max(0, seq.num_virtual_tokens - start)  # virtual positions at the chunk's start
+            if r.prompt_logprobs_next is not None:
+                self._collect_prompt_logprobs(request, out, offset + skip, start + skip - seq.num_virtual_tokens,
+                                              len(r.prompt_logprobs_next) - skip)  # fmt: skip
+            if r.want_all_logits:
+                request.context_logits_rows.append(
+                    np.asarray(out["all_logits"][offset + skip : offset + min(n, seq.num_prompt_tokens - start)])
+                )
+            offset += n
+            if seq.num_computed < seq.num_tokens or seq.finished:
+                continue  # a prefill chunk that does not reach the end samples nothing
+            if seq.index == 0 and seq.num_output_tokens == 0:
+                self.scheduler.start_siblings(seq)
+            top = None
+            if params.logprobs:
+                top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
+            logits_row = np.asarray(out["last_logits"][i]) if params.return_generation_logits else None
+            self.append_token(seq, int(out["tokens"][i]), float(out["logprob"][i]), int(out["rank"][i]), top,
+                              logits_row)  # fmt: skip
+        return touched
+
+    def _multi_step(self, scheduled: ScheduledStep, out: dict, steps: int) -> set[Request]:
+        """A multi-step decode's results ([steps, rows]): each sequence takes its tokens in order
+        until it stops; the rest of its row was computed past its end and is dropped."""
+        touched = set()
+        for i, (seq, _) in enumerate(scheduled.items):
+            if seq.finished:  # stopped before this dispatch was read (it ran on from the last one)
+                continue
+            touched.add(seq.request)
+            k_logprobs = seq.request.params.logprobs
+            for k in range(steps):
+                if seq.finished:
+                    break
+                self.scheduler.mark_computed(seq, 1)  # before a finish frees its pages
+                top = zip(out["top_ids"][k][i][:k_logprobs], out["top_logprobs"][k][i][:k_logprobs]) if k_logprobs else None
+                self.append_token(seq, int(out["tokens"][k][i]), float(out["logprob"][k][i]), int(out["rank"][k][i]), top)
+        return touched
+
+    def append_token(self, seq: Sequence, token: int, logprob: float, rank: int, top=None, logits_row=None) -> None:
+        """Add a sampled token to `seq`: log-probabilities, logits, timing, then the stop checks."""
+        request, params = seq.request, seq.request.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        request.last_token_time = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = request.last_token_time
+            request.first_token_rank = rank
+        if params.logprobs is not None:
+            entry = {token: Logprob(logprob, rank)}
+            for r, (tid, lp) in enumerate(top or ()):
+                entry.setdefault(int(tid), Logprob(float(lp), r + 1))
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(entry)
+        if logits_row is not None:
+            seq.generation_logits.append(logits_row)
+        self._check_stop(seq, token)
+        if not seq.finished and request.is_context_only:
+            self.finish(seq, "length", None)  # a context_only request ends at its first token
+
+    def _collect_prompt_logprobs(self, request: Request, out: dict, offset: int, start: int, count: int) -> None:
+        """Entries for the user's prompt tokens start + 1 .. start + count, from the packed rows at `offset` on."""
+        k = request.params.prompt_logprobs
+        entries = request.prompt_logprobs
+        for j in range(count):
+            t = offset + j
+            token = request.prompt_token_ids[start + j + 1]
+            entry = {token: Logprob(float(out["prompt_logprob"][t]), int(out["prompt_rank"][t]))}
+            for rank, (tid, lp) in enumerate(zip(out["prompt_top_ids"][t][:k], out["prompt_top_logprobs"][t][:k])):
+                entry.setdefault(int(tid), Logprob(float(lp), rank + 1))
+            entries.append(entry)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Finish `seq` at a stop string (its text cut there), an end token, max_tokens or max_seq_len."""
+        request, params = seq.request, seq.request.params
+        n_out = seq.num_output_tokens
+        if self.detokenizer is not None and params.detokenize:
+            stop_token = token in request.stop_token_ids and n_out >= (params.min_tokens or 0)
+            if not stop_token or params.include_stop_str_in_output:
+                new = self.detokenizer.step(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+                stops = params.stop_strings
+                if stops and new and n_out >= (params.min_tokens or 0):
+                    hit = find_stop_string(seq.text, len(new), stops)
+                    if hit is not None:
+                        index, stop = hit
+                        seq.text = seq.text[: index + len(stop)] if params.include_stop_str_in_output else seq.text[:index]
+                        self.finish(seq, "stop", stop)
+                        return
+        if token in request.stop_token_ids and n_out >= (params.min_tokens or 0):
+            self.finish(seq, "stop", token)
+        elif n_out >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            if self.detokenizer is not None and params.detokenize:
+                self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+            self.finish(seq, "length", None)
+
+    # ---- finishing ---------------------------------------------------------------------------
+    def finish(self, seq: Sequence, reason: str, stop_reason: Any) -> None:
+        """`seq` is done: its pages go back, or are parked for another LLM (a context_only request's first token)."""
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SequenceStatus.FINISHED
+        if seq.request.is_context_only and reason != "cancelled" and seq.num_output_tokens == 1:
+            self.park(seq)
+        else:
+            self.scheduler.remove(seq)
+
+    def abort(self, request_id: int) -> None:
+        """Cancel a request still in the engine: it resolves with the tokens it has."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        request.aborted = True
+        deltas = []
+        for seq in request.sequences:
+            if not seq.finished:
+                self.finish(seq, "cancelled", None)
+            deltas.append(self.delta(seq, final=True))
+        self.close(request, Update(tuple(deltas), finished=True))
+
+    def fail(self, request: Request, error: BaseException) -> None:
+        """End a request with `error` (its future raises it); its sequences give back their pages."""
+        for seq in request.sequences:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+        self.close(request, Update(finished=True, error=error))
+
+    def close(self, request: Request, update: Update) -> None:
+        """Post a request's last update; it leaves the engine."""
+        self.requests.pop(request.request_id, None)
+        request.output._post(update)
+
+    # ---- publishing --------------------------------------------------------------------------
+    def publish(self, touched: set[Request]) -> None:
+        """Post the news of the `touched` requests still in the engine: every update to a streaming
+        one, the last (finished) one to the others."""
+        for request in touched:
+            if request.request_id not in self.requests:
+                continue
+            done = request.finished
+            if not done and not request.output.streaming:
+                continue
+            deltas = tuple(self.delta(seq, final=done) for seq in request.sequences)
+            context_logits = None
+            if done and request.context_logits_rows:
+                context_logits = np.concatenate(request.context_logits_rows)[: len(request.prompt_token_ids)]
+            drop = None
+            if done and request.params.best_of > request.params.n:
+                order = sorted(range(len(request.sequences)), key=lambda k: -request.sequences[k].cumulative_logprob)
+                drop = tuple(sorted(order[: request.params.n]))
+            update = Update(deltas, finished=done, context_logits=context_logits, drop_indices=drop)
+            if done:
+                self.close(request, update)
+            else:
+                request.output._post(update)
+
+    def delta(self, seq: Sequence, final: bool) -> Delta:
+        """What `seq` has to tell since its last delta (the prompt leads its first one)."""
+        params = seq.request.params
+        new_tokens = seq.output_token_ids[seq.num_published_tokens :]
+        logprobs, gen_logits = seq.logprobs, seq.generation_logits
+        first = seq.num_published_tokens == 0
+        prefix_ids = list(seq.request.prompt_token_ids) if (first and not params.exclude_input_from_output) else []
+        text = None
+        if params.detokenize and self.detokenizer is not None:
+            text = seq.text
+            if not params.exclude_input_from_output:
+                text = self._prompt_text(seq.request) + text
+        delta = Delta(
+            index=seq.index,
+            token_ids=tuple(prefix_ids + new_tokens),
+            text=text,
+            logprobs=tuple(logprobs[seq.num_published_tokens :]) if logprobs is not None else (),
+            cumulative_logprob=seq.cumulative_logprob if new_tokens else None,
+            finish_reason=seq.finish_reason if final else None,
+            stop_reason=seq.stop_reason if final else None,
+            generation_logits=np.stack(gen_logits[seq.num_published_tokens :]) if gen_logits and new_tokens else None,
+            prompt_logprobs=self._prompt_logprobs_out(seq.request) if first else None,
+            perf_metrics=perf_metrics(seq.request) if final and params.return_perf_metrics else None,
+            disaggregated_params=seq.request.disaggregated_result if final else None,
+        )
+        seq.num_published_tokens = seq.num_output_tokens
+        return delta
+
+    def _prompt_text(self, request: Request) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        return self.detokenizer.decode(request.prompt_token_ids, True, True)
+
+    @staticmethod
+    def _prompt_logprobs_out(request: Request):
+        if request.params.prompt_logprobs is None:
+            return None
+        return [None] + list(request.prompt_logprobs)

@@ -1,0 +1,74 @@
+"""One scheduled sequence's row of a step, as the runner takes it (`StepRequest`): its tokens and
+pages, its sampling settings when the row samples, and which logits and log-probabilities the
+step returns for it (plain Python)."""
+
+from __future__ import annotations
+
+from jaxllm.engine.runner import StepRequest
+from jaxllm.engine.sequence import Sequence
+
+
+def step_request(seq: Sequence, n: int) -> StepRequest:
+    """The row of `seq` computing its next `n` tokens (a prefill chunk, or 1 for a decode); it
+    samples only when the chunk reaches the sequence's end."""
+    request, params = seq.request, seq.request.params
+    start = seq.num_computed
+    samples = start + n == seq.num_tokens
+    r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=list(seq.block_table),
+                    lora_slot=seq.lora_slot, prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
+    num_virtual, num_prompt = seq.num_virtual_tokens, seq.num_prompt_tokens
+    if not samples:
+        r.temperature = 0.0
+    else:
+        r.temperature = params.effective_temperature
+        r.top_k = params.top_k or 0
+        r.top_p = 1.0 if params.top_p is None else float(params.top_p)
+        r.min_p = params.min_p or 0.0
+        r.seed = seq.seed
+        r.counter = seq.num_output_tokens
+        r.num_logprobs = params.logprobs or 0
+        r.bias_slot = seq.bias_slot
+        r.banned_tokens = banned_tokens(seq) or None
+        r.prompt_len, r.first_position = num_prompt, num_virtual
+        if params.uses_penalties:
+            r.repetition_penalty = params.repetition_penalty or 1.0
+            r.presence_penalty = params.presence_penalty or 0.0
+            r.frequency_penalty = params.frequency_penalty or 0.0
+        r.want_last_logits = params.wants_logits
+    # Prompt log-probabilities and context logits cover the user's prompt: positions from
+    # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
+    first = max(start, num_virtual)
+    end = min(start + n, num_prompt - 1)
+    if (params.prompt_logprobs is not None and seq.index == 0 and first < end
+            and len(request.prompt_logprobs) == first - num_virtual):  # fmt: skip
+        r.prompt_logprobs_next = [0] * (first - start) + seq.token_ids[first + 1 : end + 1]
+        r.num_logprobs = max(r.num_logprobs, params.prompt_logprobs)
+    if params.return_context_logits and seq.index == 0 and first < min(start + n, num_prompt):
+        # Only chunks that extend the rows gathered so far (a recompute after preemption doesn't).
+        r.want_all_logits = sum(len(rows) for rows in request.context_logits_rows) == first - num_virtual
+    return r
+
+
+def follow_on_request(seq: Sequence, ahead: int) -> StepRequest:
+    """The decode row of `seq` as the next step would make it once a dispatch in flight has
+    sampled `ahead` more tokens (the overlap scheduler); its input token is read on the device
+    from that dispatch's last samples, so the one given here is a placeholder."""
+    r = step_request(seq, 1)
+    r.token_ids, r.start, r.counter = [0], r.start + ahead, r.counter + ahead
+    return r
+
+
+def banned_tokens(seq: Sequence) -> list[int]:
+    """Tokens banned at this step only: the end tokens while min_tokens is not reached, and the
+    last token of each multi-token bad word whose prefix the sequence just generated (banned
+    single tokens live in the request's bias row, engine/runner.py)."""
+    request, params = seq.request, seq.request.params
+    banned: list[int] = []
+    if params.min_tokens and seq.num_output_tokens < params.min_tokens:
+        banned.extend(request.stop_token_ids)
+    tokens = seq.token_ids[seq.num_virtual_tokens :]
+    for word in request.bad_word_ids:
+        prefix = list(word[:-1])
+        if prefix and tokens[len(tokens) - len(prefix) :] == prefix:
+            banned.append(word[-1])
+    return sorted(set(banned))
