@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm.layers.attention import paged_attention_xla  # noqa: E402
-from jaxllm.models.batch import BatchMetadata  # noqa: E402
+from jaxllm.layers.batch import BatchMetadata  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_reference,

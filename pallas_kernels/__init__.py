@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxllm.models.batch import BatchMetadata
+from jaxllm.layers.batch import BatchMetadata
 from pallas_kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
