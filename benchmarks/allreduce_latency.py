@@ -81,7 +81,7 @@ def main() -> None:
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS
+    from jaxllm.engine.buckets import ONE_GRAPH_OPTIONS
     from pallas_kernels.all_reduce import one_shot_all_reduce
 
     devices = jax.devices()
