@@ -12,12 +12,8 @@ before the engine serves (`precompile`, engine/executables.py), so a step never 
 
 Every call that touches the devices goes through a `Replica` (jaxllm/distributed.py): in a run of
 several processes the followers replay it by name, with the same arguments, so the runner has no
-leader or follower branches.
-
-Adapters (an engine made with LoRA or prompt adapters enabled): a step in which some token has a
-LoRA adapter or is a prompt adapter's virtual token runs the `adapters` twin of its forward
-program, which also reads the adapter bank and a per-token LoRA slot (jaxllm/adapters/bank.py,
-jaxllm/layers/adapters.py); every other step runs the plain one, at the plain cost.
+leader or follower branches. A step that uses adapters runs the `adapters` twin of its forward
+program (engine/step_inputs.py:plan_step).
 """
 
 from __future__ import annotations

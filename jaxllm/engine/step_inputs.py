@@ -253,7 +253,13 @@ def abstract_host_inputs(shape, page_size: int, uses_lora: bool) -> tuple:
 def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, page_size: int,
               token_ids: list[list[int]], uses_adapters: bool, uses_lora: bool) -> tuple[StepPlan, list]:  # fmt: skip
     """The programs of a step and their packed host inputs: [forward's, its token ids[, sampler's
-    [, head's]]] (`token_ids`: each request's, as the device reads them)."""
+    [, head's]]] (`token_ids`: each request's, as the device reads them; `uses_lora`: the engine
+    serves LoRA adapters).
+
+    `uses_adapters` (some token has a LoRA adapter or is a prompt adapter's virtual token): the
+    step runs the `adapters` twin of its forward program, which also reads the adapter bank and a
+    per-token LoRA slot (jaxllm/adapters/bank.py, jaxllm/layers/adapters.py); every other step
+    runs the plain one, at the plain cost."""
     flavor = sampling_flavor(requests)
     if decode_steps > 1:
         if flavor == "penalties" or any(r.bias_slot or r.banned_tokens or r.want_last_logits
