@@ -309,7 +309,7 @@ def prefill_batch_metadata(num_tokens, tables):
     """One sequence computing positions 0..T-1 (prefill from an empty cache), as a BatchMetadata."""
     import jax.numpy as jnp
 
-    from jaxllm.models.batch import BatchMetadata
+    from jaxllm.layers.batch import BatchMetadata
 
     return BatchMetadata(
         token_ids=jnp.zeros((num_tokens,), jnp.int32),

@@ -55,7 +55,7 @@ def time_step(runner, shape, exe, repeats: int = 20) -> float:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxllm.engine.runner import host_layout
+    from jaxllm.engine.step_inputs import host_layout
 
     _, size = host_layout(runner.host_inputs(shape), with_size=True)
     flat = jnp.zeros((size,), jnp.uint32)

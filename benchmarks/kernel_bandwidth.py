@@ -55,7 +55,7 @@ from common import (
     time_calls,
 )
 from jaxllm.layers.attention import paged_attention_xla
-from jaxllm.models.batch import BatchMetadata
+from jaxllm.layers.batch import BatchMetadata
 from pallas_kernels import (
     paged_decode_attention,
     paged_decode_attention_reference,

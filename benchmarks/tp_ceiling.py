@@ -286,7 +286,7 @@ def main() -> None:
         return worker(shape, args.reps, layouts)
     import jax
 
-    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS
+    from jaxllm.engine.buckets import ONE_GRAPH_OPTIONS
 
     tp2_options = ONE_GRAPH_OPTIONS if args.one_graph else None
     result = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),

@@ -1,11 +1,14 @@
-"""Many processes, one engine: JAX's distributed runtime, and the leader -> follower step channel.
+"""Many processes, one engine: JAX's distributed runtime, the leader -> follower channel, and the
+`Replica` that replays the runner's calls.
 
 One process per host (or per GPU) joins `jax.distributed`; together their devices form the tensor-
-parallel mesh. Only the first process (the leader) runs the user's script and the engine loop;
-before every step it broadcasts the step's host inputs (a shape key and a few small arrays), and
-the other processes (followers) run the same compiled step on them, so every device takes part in
-every collective. Followers run `follower_main`, which receives the leader's `LLM(...)` arguments,
-builds the same engine, and follows until the leader shuts down. `jaxllm/launch.py` starts them.
+parallel mesh. Only the first process (the leader) runs the user's script and the engine loop. The
+runner makes every call that touches the devices through its `Replica`: on the leader `call(name,
+*args)` broadcasts the method's name and arguments (a step's plan and a few small arrays) before
+running it, and each other process (a follower) runs `getattr(runner, name)(*args)` for every call
+it receives, so every device takes part in every collective. Followers run
+`jaxllm.launch.follower_main`, which receives the leader's `LLM(...)` arguments, builds the same
+engine, and follows until the leader shuts down; `jaxllm/launch.py` starts them.
 
 Environment read by `initialize_from_env` (the launcher sets it; under SLURM, JAX reads SLURM's):
   JAXLLM_COORDINATOR      host:port of process 0's coordinator
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -119,14 +123,68 @@ class StepChannel:
         return bytes(np.asarray(broadcast_one_to_all(buffer, is_source=leader))[:size])
 
 
-def follower_main() -> None:
-    """Entry point of processes 1..N-1: build the leader's engine and follow its steps."""
-    if not initialize_from_env():
-        raise SystemExit("follower_main needs a multi-process run (see jaxllm/launch.py)")
-    channel = StepChannel()
-    header, _ = channel.recv()
-    if header.get("kind") != "construct":
-        raise SystemExit(f"expected the leader's LLM arguments, got {header.get('kind')!r}")
-    from jaxllm.llm import LLM
+class Replica:
+    """Runs methods of `target` on every process of a run: the leader's `call(name, *args)` sends
+    the call, then runs `getattr(target, name)(*args)`; a follower's `follow()` runs each call it
+    receives until the leader's `stop()`. Without a channel (one process) a call just runs.
 
-    LLM(**header["kwargs"], _follower_channel=channel)
+    Arguments travel as JSON values and numpy arrays, nested in lists and dicts (a tuple arrives
+    as a list).
+    """
+
+    def __init__(self, target: Any, channel: StepChannel | None = None):
+        self.target = target
+        self.channel = channel
+
+    @property
+    def multi_process(self) -> bool:
+        return self.channel is not None
+
+    def call(self, name: str, *args):
+        if self.channel is not None:
+            arrays: list[np.ndarray] = []
+            self.channel.send({"kind": "call", "name": name, "args": _encode(list(args), arrays)}, arrays)
+        return getattr(self.target, name)(*args)
+
+    def stop(self) -> None:
+        """Leader: release the followers (their `follow()` returns)."""
+        if self.channel is not None:
+            self.channel.send({"kind": "stop"})
+            self.channel = None
+
+    def follow(self) -> None:
+        """Follower: run the leader's calls until it stops."""
+        while True:
+            header, arrays = self.channel.recv()
+            if header["kind"] == "stop":
+                return
+            if header["kind"] != "call":
+                raise RuntimeError(f"unexpected message from the leader: {header['kind']!r}")
+            getattr(self.target, header["name"])(*_decode(header["args"], arrays))
+
+
+_ARRAY = "__array__"  # a JSON placeholder for the i-th array of a message
+
+
+def _encode(value, arrays: list):
+    """`value` as JSON, its numpy arrays appended to `arrays` and replaced by placeholders."""
+    if isinstance(value, np.ndarray):
+        arrays.append(value)
+        return {_ARRAY: len(arrays) - 1}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, arrays) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v, arrays) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode(value, arrays: list):
+    if isinstance(value, list):
+        return [_decode(v, arrays) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY}:
+            return arrays[value[_ARRAY]]
+        return {k: _decode(v, arrays) for k, v in value.items()}
+    return value

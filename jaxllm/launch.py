@@ -5,9 +5,9 @@
     srun --ntasks-per-node=1 python -m jaxllm.launch --slurm script.py     # under SLURM
     (`jaxllm launch ...` is the same command.)
 
-Process 0 runs `script.py`; every other process runs `jaxllm.distributed.follower_main`, which
-builds the engine that the script's `LLM(model=..., tensor_parallel_size=N)` describes and
-executes its steps. N must equal the number of devices over all processes, and `model` must be
+Process 0 runs `script.py`; every other process runs `follower_main`, which builds the engine
+that the script's `LLM(model=..., tensor_parallel_size=N)` describes and replays its runner's
+calls (jaxllm/distributed.py). N must equal the number of devices over all processes, and `model` must be
 readable at the same path on every host. On GPUs with one process per GPU, each process sees only
 its own GPU (`--one-gpu-per-process`); with one process per host, each process drives all its
 GPUs, which is the faster way on one host (benchmarks/RESULTS.md, "one process per GPU").
@@ -26,7 +26,23 @@ import socket
 import subprocess
 import sys
 
-FOLLOWER = "from jaxllm.distributed import follower_main; follower_main()"
+FOLLOWER = "from jaxllm.launch import follower_main; follower_main()"
+
+
+def follower_main() -> None:
+    """Entry point of processes 1..N-1: build the leader's engine and follow its calls (the LLM
+    made with `_follower_channel` does not return until the leader shuts down)."""
+    from jaxllm import distributed
+
+    if not distributed.initialize_from_env():
+        raise SystemExit("follower_main needs a multi-process run (see jaxllm/launch.py)")
+    channel = distributed.StepChannel()
+    header, _ = channel.recv()
+    if header.get("kind") != "construct":
+        raise SystemExit(f"expected the leader's LLM arguments, got {header.get('kind')!r}")
+    from jaxllm.llm import LLM
+
+    LLM(**header["kwargs"], _follower_channel=channel)
 
 
 def _free_port() -> int:

@@ -38,6 +38,8 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "ffw": TP_AXIS,
     "norm": None,
+    "pages": None,  # the KV cache's page axis
+    "page_offset": None,  # a token's slot within its page
 }
 
 
@@ -64,14 +66,14 @@ def spec_for(spec: ParamSpec, rules: dict[str, str | None] = RULES) -> P:
     return P(*mesh_axes)
 
 
+def shardings_of(specs, mesh: Mesh, rules: dict[str, str | None] = RULES):
+    """A pytree of NamedShardings shaped like `specs` (ParamSpec leaves: the params, the KV cache)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s, rules)), specs, is_leaf=is_spec)
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES):
     """A pytree of NamedShardings shaped like the params of `cfg`."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s, rules)), param_specs(cfg), is_leaf=is_spec)
-
-
-def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
-    """K/V pages [num_kv_heads, num_pages, page_size, head_dim] are split by KV head."""
-    return NamedSharding(mesh, P(TP_AXIS))
+    return shardings_of(param_specs(cfg), mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -206,3 +208,11 @@ def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TPPlan:
 def place_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array present on every process; each device gets only its shard."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def place(array, sharding) -> jax.Array:
+    """A host array on `sharding`'s devices: put there, or, where they span several processes (each
+    passing the same values), assembled from every process's shards."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(array, sharding)
+    return place_global(np.asarray(array), sharding)

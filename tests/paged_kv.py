@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxllm.layers.attention import paged_attention_xla
-from jaxllm.models.batch import build_batch
+from jaxllm.engine.step_inputs import build_batch
 
 POISON = 1e4
 # On the CPU the kernels run in the Pallas interpreter; on a GPU the same tests run them compiled.

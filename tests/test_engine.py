@@ -231,7 +231,8 @@ def test_host_inputs_travel_as_one_buffer_and_come_back_bit_exact():
     of uint32 seeds included); a leaf that is not 32-bit is refused, not converted."""
     import jax.numpy as jnp
 
-    from jaxllm.engine.runner import host_layout, pack_host_inputs, unpack_host_inputs
+    from jaxllm.engine.programs import unpack_host_inputs
+    from jaxllm.engine.step_inputs import host_layout, pack_host_inputs
     from jaxllm.layers.sampling import SamplingBatch
 
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.checkpoints import hf
 from jaxllm.engine.adapter_slots import SlotTable
 from jaxllm.layers.adapters import lora_delta, lora_delta_reference, lora_onehot
-from jaxllm.models.batch import build_batch
+from jaxllm.engine.step_inputs import build_batch
 from jaxllm.models.params import unflatten_paths
 from jaxllm.models.transformer import forward, forward_dense, init_kv_cache
 from tests import tiny

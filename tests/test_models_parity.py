@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.checkpoints import hf
-from jaxllm.models.batch import build_batch
+from jaxllm.engine.step_inputs import build_batch
 from jaxllm.models.params import unflatten_paths
 from jaxllm.models.transformer import forward, forward_dense, init_kv_cache
 from jaxllm import SamplingParams

@@ -128,7 +128,7 @@ def test_one_graph_decode_compiles_small_multi_step_decodes_with_its_options(tin
     import dataclasses
 
     from jaxllm.engine.buckets import ForwardShape as Shape
-    from jaxllm.engine.runner import ONE_GRAPH_OPTIONS
+    from jaxllm.engine.buckets import ONE_GRAPH_OPTIONS
 
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,

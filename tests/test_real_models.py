@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.checkpoints import loader

@@ -113,7 +113,7 @@ def gguf_config(name: str):
     return Gemma3TextConfig(**base, head_dim=64, sliding_window=4, query_pre_attn_scalar=64)
 
 
-def random_k_quant_blocks(kind: str, rows: int, cols: int, rng) -> "np.ndarray":
+def random_k_quant_blocks(kind: str, rows: int, cols: int, rng):
     """Random K-quant blocks with small finite scales (the gguf package cannot quantize K types)."""
     import numpy as np
 

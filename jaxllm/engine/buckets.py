@@ -30,6 +30,8 @@ Sampling flavors (what varies between requests is data, not a compiled switch):
   "penalties"  "full" plus repetition / presence / frequency penalties, read from the tokens the
                device keeps beside the KV cache (so no per-request width).
 A batch takes the cheapest flavor that serves every row.
+
+Each program is compiled with its own XLA options (`compiler_options`).
 """
 
 from __future__ import annotations
@@ -278,3 +280,33 @@ class Buckets:
         for T in self.token_buckets:
             shapes += [HeadShape(T, False), HeadShape(T, True)]
         return shapes
+
+
+def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
+    """The buckets of an engine of `config` (engine/runner.py:RunnerConfig), with this module's
+    defaults for what it leaves None: GPU_MIN_DECODE_ROWS, MULTI_STEP_FLAVORS and
+    MULTI_STEP_FULL_MAX_ROWS on GPUs, CPU_MULTI_STEP_MAX_ROWS and CPU_MULTI_STEP_FLAVORS on the CPU."""
+    return Buckets(
+        max_num_tokens=config.max_num_tokens, max_batch_size=config.max_batch_size,
+        max_seq_len=config.max_seq_len, page_size=config.page_size, backend=config.backend,
+        min_decode_rows=config.min_decode_rows or (GPU_MIN_DECODE_ROWS if on_gpu else 1),
+        decode_steps=config.decode_steps,
+        multi_step_max_rows=config.multi_step_max_rows or (None if on_gpu else CPU_MULTI_STEP_MAX_ROWS),
+        multi_step_flavors=MULTI_STEP_FLAVORS if on_gpu else CPU_MULTI_STEP_FLAVORS,
+        multi_step_full_max_rows=MULTI_STEP_FULL_MAX_ROWS if on_gpu else None,
+        adapters=adapters,
+    )  # fmt: skip
+
+
+def compiler_options(shape, on_gpu: bool, one_graph: bool) -> dict | None:
+    """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
+    NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens;
+    ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph`
+    (RunnerConfig.one_graph_decode; by default several GPUs)."""
+    options = {}
+    forward = isinstance(shape, ForwardShape)
+    if on_gpu and not (forward and shape.num_tokens <= TRITON_GEMM_MAX_ROWS):
+        options.update(NO_TRITON_GEMM_OPTIONS)
+    if forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
+        options.update(ONE_GRAPH_OPTIONS)
+    return options or None

@@ -34,7 +34,8 @@ from jaxllm.engine.detokenizer import Detokenizer
 from jaxllm.engine.disaggregated import Disaggregation
 from jaxllm.engine.logits_processors import apply_logits_processors
 from jaxllm.engine.postprocess import EngineShutdown, Postprocessor
-from jaxllm.engine.runner import ModelRunner, PendingStep, StepRequest
+from jaxllm.engine.runner import ModelRunner, PendingStep
+from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence
 from jaxllm.engine.stats import IterationStats

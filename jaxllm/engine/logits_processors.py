@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxllm.engine.runner import StepRequest
+from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.scheduler import ScheduledStep
 from jaxllm.engine.sequence import Request, Sequence
 

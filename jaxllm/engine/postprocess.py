@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
-from jaxllm.engine.runner import StepRequest
+from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
 from jaxllm.engine.stats import perf_metrics

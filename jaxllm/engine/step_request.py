@@ -4,7 +4,7 @@ step returns for it (plain Python)."""
 
 from __future__ import annotations
 
-from jaxllm.engine.runner import StepRequest
+from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.sequence import Sequence
 
 

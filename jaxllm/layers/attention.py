@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models.batch import BatchMetadata
+from jaxllm.layers.batch import BatchMetadata
 
 MASK_VALUE = -1e30
 # Keys per chunk of the XLA path's online softmax: small enough that a short context gathers

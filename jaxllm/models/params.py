@@ -1,9 +1,10 @@
-"""The one description of a model's parameters, and what is derived from it.
+"""The one description of a model's parameters and of its KV cache, and what is derived from them.
 
 Every parameter is described once (shape, logical axes, initializer) by `param_specs`; the abstract
 pytree (`abstract_params`), random weights (`init_params`, for `load_format="dummy"` and tests) and
 the shardings (jaxllm/sharding.py) all come from that description, and the checkpoint loaders check
-every tensor they produce against it.
+every tensor they produce against it. The KV cache is described the same way (`kv_cache_specs`):
+its abstract value (`abstract_of`), zeros (`zeros_of`) and shardings derive from it.
 
 Pytree layout (all families):
   embed       [vocab, embed]
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, mapped onto the mesh by jaxllm/sharding.py
     init: str = "normal"  # normal | ones | zeros
+    dtype: Any = None  # None: the dtype the caller gives (the weights', the KV cache's)
 
 
 def _norm_spec(cfg: ModelConfig, size: int, axis: str = "norm") -> ParamSpec:
@@ -87,6 +90,30 @@ def param_specs(cfg: ModelConfig) -> dict:
     return {**_global_specs(cfg), "layers": [layer_specs(cfg) for _ in range(cfg.num_layers)]}
 
 
+def kv_cache_specs(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[list, ParamSpec]:
+    """The KV cache: per layer (k_pages, v_pages), each [kv_heads, num_pages, page_size, head_dim] (a
+    (head, page) tile contiguous: models/transformer.py), and token_pages [num_pages, page_size]
+    int32, the token id at each KV slot; all zeros. Page 0 is the null page padding writes to."""
+    pages = ParamSpec((cfg.num_kv_heads, num_pages, page_size, cfg.head_dim),
+                      ("kv_heads", "pages", "page_offset", "head_dim"), "zeros")  # fmt: skip
+    token_pages = ParamSpec((num_pages, page_size), ("pages", "page_offset"), "zeros", jnp.int32)
+    return [(pages, pages) for _ in range(cfg.num_layers)], token_pages
+
+
+def abstract_of(specs, dtype, shardings=None):
+    """`specs` as jax.ShapeDtypeStruct leaves (in `dtype` unless a spec names its own), with
+    `shardings` (a pytree like `specs`) when given."""
+    if shardings is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype or dtype), specs, is_leaf=is_spec)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype or dtype, sharding=sh), specs,
+                        shardings, is_leaf=is_spec)  # fmt: skip
+
+
+def zeros_of(specs, dtype):
+    """Zeros shaped like `specs` (in `dtype` unless a spec names its own)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype or dtype), specs, is_leaf=is_spec)
+
+
 def param_bytes(cfg: ModelConfig, dtype) -> int:
     """The bytes of every parameter in `dtype`, from the config alone: O(1) in the number of layers
     (LLM() checks it against the device's memory before building anything per layer)."""
@@ -103,7 +130,7 @@ def is_spec(x) -> bool:
 
 def abstract_params(cfg: ModelConfig, dtype) -> dict:
     """The params pytree as jax.ShapeDtypeStruct leaves."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=is_spec)
+    return abstract_of(param_specs(cfg), dtype)
 
 
 def init_param(spec: ParamSpec, key: jax.Array, dtype, std: float = 0.02) -> jax.Array:

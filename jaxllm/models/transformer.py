@@ -25,7 +25,8 @@ from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
-from jaxllm.models.batch import BatchMetadata
+from jaxllm.models.params import kv_cache_specs, zeros_of
+from jaxllm.layers.batch import BatchMetadata
 from jaxllm.sharding import TP_AXIS
 
 KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
@@ -252,5 +253,5 @@ def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+    """A zeroed KV cache (models/params.py:kv_cache_specs)."""
+    return zeros_of(kv_cache_specs(cfg, num_pages, page_size)[0], dtype)

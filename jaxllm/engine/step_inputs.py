@@ -1,0 +1,303 @@
+"""A step's host inputs, in numpy: what the scheduler asks for (`StepRequest`), the programs that
+serve it (`StepPlan`), and their inputs packed into one uint32 buffer per program.
+
+A forward program reads (BatchMetadata[, SamplingBatch of a multi-step decode][, per-token LoRA
+slots]), a sampler program (SamplingBatch,), a head program (next_tokens,): each padded to its
+program's bucket (engine/buckets.py). The same functions build a program's inputs from no requests
+at all, which is its padding example: `abstract_host_inputs` derives a program's abstract inputs
+from it, so the inputs are described once.
+
+A program's host inputs travel as one uint32 buffer per device, split inside the program with a
+static layout (`host_layout`; engine/programs.py unpacks it): transferred one by one, ~15 small
+arrays took about 1 ms of every TP=2 dispatch on 2 x H200. The input token ids travel apart, so a
+follow-on dispatch (the overlap scheduler) can take them from the last dispatch's samples on the
+device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxllm.engine.buckets import Buckets, ForwardShape, HeadShape, SamplerShape, shape_from_json
+from jaxllm.layers import sampling as sampling_lib
+from jaxllm.layers.batch import NULL_PAGE, BatchMetadata
+from jaxllm.sampling_params import MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class StepRequest:
+    """One scheduled sequence, as the runner needs it."""
+
+    token_ids: list[int]  # tokens computed this step
+    start: int  # position of the first of them
+    block_table: list[int]
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    counter: int = 0
+    num_logprobs: int = 0
+    bias_slot: int = 0  # the device row of its bias (embedding bias and banned single tokens; 0: none)
+    banned_tokens: list[int] | None = None  # tokens banned this step only (at most sampling.BAN_WIDTH)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_len: int = 0  # KV positions of the prompt (virtual tokens included): the penalties' split
+    first_position: int = 0  # the first position holding a real token (after virtual ones)
+    prompt_logprobs_next: list[int] | None = None  # next tokens of this chunk, for prompt_logprobs
+    want_all_logits: bool = False  # return logits of every token of this chunk (context logits)
+    want_last_logits: bool = False  # return the last token's logits (generation logits, processors)
+    lora_slot: int = 0  # device slot of the sequence's LoRA adapter (0: none)
+    prompt_adapter_slot: int = 0  # device slot of its prompt adapter (0: none); maps its virtual tokens
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_full(self) -> bool:
+        """Whether sampling this row needs more than the "plain" flavor."""
+        truncates = self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0)
+        return truncates or self.num_logprobs > 0 or self.bias_slot != 0 or bool(self.banned_tokens)
+
+
+def sampling_flavor(requests: list[StepRequest]) -> str:
+    """The cheapest sampling flavor (engine/buckets.py) that serves every row."""
+    if any(r.penalized for r in requests):
+        return "penalties"
+    return "full" if any(r.needs_full for r in requests) else "plain"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The programs one dispatch runs (the followers of a multi-process run replay it)."""
+
+    forward: ForwardShape
+    sampler: SamplerShape | None = None
+    head: HeadShape | None = None
+    want_last_logits: bool = False
+
+    def to_json(self) -> dict:
+        return {"forward": self.forward.to_json(), "sampler": self.sampler and self.sampler.to_json(),
+                "head": self.head and self.head.to_json(), "want_last_logits": self.want_last_logits}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepPlan":
+        return cls(shape_from_json(data["forward"]), data["sampler"] and shape_from_json(data["sampler"]),
+                   data["head"] and shape_from_json(data["head"]), data["want_last_logits"])  # fmt: skip
+
+
+# ---- the inputs of each program ---------------------------------------------------------------------
+def build_batch(
+    seq_tokens: list[list[int]],
+    seq_starts: list[int],
+    block_tables: list[list[int]],
+    page_size: int,
+    num_tokens: int | None = None,
+    num_seqs: int | None = None,
+    pages_per_seq: int | None = None,
+    max_query_len: int | None = None,
+) -> BatchMetadata:
+    """Pack a step's sequences into host numpy arrays, padded to the given bucket sizes.
+
+    Args:
+      seq_tokens: per sequence, the token ids it computes this step.
+      seq_starts: per sequence, the position of its first token this step (tokens already cached).
+      block_tables: per sequence, its page ids (enough pages for start + len(tokens)).
+      page_size: tokens per page.
+      num_tokens, num_seqs, pages_per_seq, max_query_len: padded sizes (defaults: exact).
+    """
+    total = sum(len(t) for t in seq_tokens)
+    T = num_tokens or total
+    B = num_seqs or len(seq_tokens)
+    P = pages_per_seq or max(1, max(len(b) for b in block_tables))
+    Q = max_query_len or max(len(t) for t in seq_tokens)
+    if total > T or len(seq_tokens) > B or any(len(b) > P for b in block_tables) or any(
+        len(t) > Q for t in seq_tokens
+    ):
+        raise ValueError("batch does not fit its bucket")
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.full(T, NULL_PAGE * page_size, np.int32)
+    token_seq = np.zeros(T, np.int32)
+    query_start = np.full(B + 1, total, np.int32)
+    seq_lens = np.zeros(B, np.int32)
+    tables = np.full((B, P), NULL_PAGE, np.int32)
+    logits_indices = np.zeros(B, np.int32)
+    offset = 0
+    for i, (tokens, start, table) in enumerate(zip(seq_tokens, seq_starts, block_tables)):
+        n = len(tokens)
+        pos = np.arange(start, start + n, dtype=np.int32)
+        table_arr = np.asarray(table, np.int32)
+        token_ids[offset : offset + n] = tokens
+        positions[offset : offset + n] = pos
+        slot_mapping[offset : offset + n] = table_arr[pos // page_size] * page_size + pos % page_size
+        token_seq[offset : offset + n] = i
+        query_start[i] = offset
+        seq_lens[i] = start + n
+        tables[i, : len(table)] = table_arr
+        logits_indices[i] = offset + n - 1
+        offset += n
+    return BatchMetadata(
+        token_ids, positions, slot_mapping, token_seq, query_start, seq_lens, tables, logits_indices, Q
+    )
+
+
+def sampling_batch(requests: list[StepRequest], B: int, flavor: str, batch: BatchMetadata | None = None,
+                   pages: int = 0) -> sampling_lib.SamplingBatch:  # fmt: skip
+    """The host SamplingBatch of `requests` in `flavor`, padded to B rows (`batch`: the step's, for
+    the block tables and lengths the "penalties" flavor reads, its tables padded to `pages`)."""
+    n = len(requests)
+
+    def col(name, dtype, fill):  # [B]: one field of every request, `fill` in the padding rows
+        arr = np.full(B, fill, dtype)
+        arr[:n] = [getattr(r, name) for r in requests]
+        return arr
+
+    seeds = np.zeros((B, 2), np.uint32)  # [B, 2]: each seed's high and low 32 bits
+    for i, r in enumerate(requests):
+        seeds[i] = (r.seed >> 32) & 0xFFFFFFFF, r.seed & 0xFFFFFFFF
+    common = dict(temperature=col("temperature", np.float32, 0.0), seeds=seeds,
+                  counters=col("counter", np.int32, 0))  # fmt: skip
+    if flavor == "plain":
+        return sampling_lib.SamplingBatch(**common)
+    banned = np.full((B, sampling_lib.BAN_WIDTH), -1, np.int32)
+    for i, r in enumerate(requests):
+        if r.banned_tokens:
+            banned[i, : len(r.banned_tokens)] = r.banned_tokens[: sampling_lib.BAN_WIDTH]
+    full = dict(common, top_k=col("top_k", np.int32, 0), top_p=col("top_p", np.float32, 1.0),
+                min_p=col("min_p", np.float32, 0.0), bias_slots=col("bias_slot", np.int32, 0),
+                banned_tokens=banned, num_logprobs=MAX_LOGPROBS)  # fmt: skip
+    if flavor == "full":
+        return sampling_lib.SamplingBatch(**full, flavor="full")
+    tables = np.zeros((B, pages), np.int32)  # [B, pages]
+    rows, cols = min(B, batch.block_tables.shape[0]), min(pages, batch.block_tables.shape[1])
+    tables[:rows, :cols] = batch.block_tables[:rows, :cols]
+    seq_lens = np.zeros(B, np.int32)
+    seq_lens[:n] = batch.seq_lens[:n]
+    return sampling_lib.SamplingBatch(
+        **full, flavor="penalties", repetition_penalty=col("repetition_penalty", np.float32, 1.0),
+        presence_penalty=col("presence_penalty", np.float32, 0.0),
+        frequency_penalty=col("frequency_penalty", np.float32, 0.0), block_tables=tables, seq_lens=seq_lens,
+        prompt_lens=col("prompt_len", np.int32, 0), first_positions=col("first_position", np.int32, 0),
+    )  # fmt: skip
+
+
+def _per_token(requests: list[StepRequest], T: int, values) -> np.ndarray:
+    """[T] int32: `values(r)` (a scalar or a list of at most len(r.token_ids)) at the packed
+    positions of each request's tokens, 0 for padding."""
+    out = np.zeros(T, np.int32)
+    offset = 0
+    for r in requests:
+        v = values(r)
+        if v is not None:
+            n = len(r.token_ids) if np.isscalar(v) else len(v)
+            out[offset : offset + n] = v
+        offset += len(r.token_ids)
+    return out
+
+
+def forward_inputs(shape: ForwardShape, requests: list[StepRequest], token_ids: list[list[int]], page_size: int,
+                   uses_lora: bool) -> tuple:  # fmt: skip
+    """(batch[, sampling of a multi-step decode][, lora_slots [T]]) of a forward program; the
+    batch's token_ids are `token_ids` (each request's, as the device reads them)."""
+    T, B, P = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
+    batch = build_batch(token_ids, [r.start for r in requests], [r.block_table for r in requests], page_size,
+                        num_tokens=T, num_seqs=B, pages_per_seq=P, max_query_len=shape.max_query_len)  # fmt: skip
+    host: tuple = (batch,)
+    if shape.decode_steps > 1:
+        host += (sampling_batch(requests, B, shape.sampling),)
+    if shape.adapters and uses_lora:
+        host += (_per_token(requests, T, lambda r: r.lora_slot),)  # each token's LoRA slot
+    return host
+
+
+def sampler_inputs(shape: SamplerShape, requests: list[StepRequest], batch: BatchMetadata) -> tuple:
+    """(sampling,) of a sampler program (`batch`: the step's, which "penalties" reads)."""
+    return (sampling_batch(requests, shape.num_seqs, shape.flavor, batch, shape.pages_per_seq),)
+
+
+def head_inputs(shape: HeadShape, requests: list[StepRequest]) -> tuple:
+    """(next_tokens [T],) of a head program: the token after each position of the prompt chunks
+    that want prompt log-probabilities."""
+    return (_per_token(requests, shape.num_tokens, lambda r: r.prompt_logprobs_next),)
+
+
+def resample_inputs(shape: SamplerShape, requests: list[StepRequest], page_size: int) -> np.ndarray:
+    """The packed inputs of a sampler program run on host logits (edited by logits processors);
+    the "penalties" flavor reads the requests' tables and lengths from their unpadded batch."""
+    batch = None
+    if shape.flavor == "penalties":
+        batch = build_batch([r.token_ids for r in requests], [r.start for r in requests],
+                            [r.block_table for r in requests], page_size, pages_per_seq=shape.pages_per_seq)  # fmt: skip
+    return pack_host_inputs(sampler_inputs(shape, requests, batch))
+
+
+def abstract_host_inputs(shape, page_size: int, uses_lora: bool) -> tuple:
+    """ShapeDtypeStructs of the host inputs of `shape`'s program: those of its padding example."""
+    if isinstance(shape, HeadShape):
+        example = head_inputs(shape, [])
+    elif isinstance(shape, SamplerShape):
+        no_batch = build_batch([], [], [], page_size, 1, shape.num_seqs, max(shape.pages_per_seq, 1), 1)
+        example = sampler_inputs(shape, [], no_batch)
+    else:
+        example = forward_inputs(shape, [], [], page_size, uses_lora)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
+
+
+# ---- one step ---------------------------------------------------------------------------------------
+def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, page_size: int,
+              token_ids: list[list[int]], uses_adapters: bool, uses_lora: bool) -> tuple[StepPlan, list]:  # fmt: skip
+    """The programs of a step and their packed host inputs: [forward's, its token ids[, sampler's
+    [, head's]]] (`token_ids`: each request's, as the device reads them; `uses_lora`: the engine
+    serves LoRA adapters).
+
+    `uses_adapters` (some token has a LoRA adapter or is a prompt adapter's virtual token): the
+    step runs the `adapters` twin of its forward program, which also reads the adapter bank and a
+    per-token LoRA slot (jaxllm/adapters/bank.py, jaxllm/layers/adapters.py); every other step
+    runs the plain one, at the plain cost."""
+    flavor = sampling_flavor(requests)
+    if decode_steps > 1:
+        if flavor == "penalties" or any(r.bias_slot or r.banned_tokens or r.want_last_logits
+                                        or r.prompt_logprobs_next is not None or r.want_all_logits
+                                        for r in requests):  # fmt: skip
+            raise ValueError("decode_steps > 1 serves no penalties, bias, bans or logits")
+    forward = buckets.forward_shape([len(r.token_ids) for r in requests], max(len(r.block_table) for r in requests),
+                                    uses_adapters, decode_steps, flavor if decode_steps > 1 else "")  # fmt: skip
+    host = forward_inputs(forward, requests, token_ids, page_size, uses_lora)
+    batch = host[0]
+    arrays = [pack_host_inputs(host), batch.token_ids]
+    sampler = head = None
+    if decode_steps == 1:
+        sampler = buckets.sampler_shape(forward.num_seqs, flavor, forward.pages_per_seq)
+        arrays.append(pack_host_inputs(sampler_inputs(sampler, requests, batch)))
+        want_all = any(r.want_all_logits for r in requests)
+        if want_all or any(r.prompt_logprobs_next is not None for r in requests):
+            head = HeadShape(forward.num_tokens, want_all)
+            arrays.append(pack_host_inputs(head_inputs(head, requests)))
+    return StepPlan(forward, sampler, head, any(r.want_last_logits for r in requests)), arrays
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+def host_layout(tree, with_size: bool = False):
+    """The static layout `unpack_host_inputs` (engine/programs.py) reads a packed `tree` of
+    ShapeDtypeStructs with (and the buffer's size in uint32 words)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    layout = (treedef, tuple((tuple(a.shape), np.dtype(a.dtype).name) for a in leaves))
+    if not with_size:
+        return layout
+    return layout, sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in layout[1])
+
+
+def pack_host_inputs(tree) -> np.ndarray:
+    """A step's host inputs (32-bit numpy leaves) as one uint32 buffer; `unpack_host_inputs` reads it
+    back with the layout of the program's abstract inputs (the bits are copied, not converted)."""
+    arrays = [np.ascontiguousarray(a) for a in jax.tree.leaves(tree)]
+    for a in arrays:
+        if a.dtype.itemsize != 4:
+            raise TypeError(f"host inputs travel as 32-bit words; got a {a.dtype} leaf")
+    return np.concatenate([a.view(np.uint32).ravel() for a in arrays] or [np.zeros(0, np.uint32)])
