@@ -88,38 +88,32 @@ PROJECTIONS = tuple(_PROJECTION_TRANSFORMS)
 HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def _file_names(cfg: ModelConfig, top: dict, layer_prefix: str, column: int, norms) -> dict[str, tuple[str, str]]:
+    """{file tensor name: (param path, transform)}: `top` for the tensors outside the layers, then
+    each layer's from column `column` of _LAYER_TENSORS (1: HF, 2: GGUF) and its `norms`."""
+    wanted = flatten_paths(param_specs(cfg))
+    names = dict(top)
+    for i in range(cfg.num_layers):
+        prefix = layer_prefix.format(i)
+        for row in _LAYER_TENSORS:
+            names[prefix + row[column]] = (f"layers.{i}.{row[0]}", row[3])
+        for param, module in norms:
+            names[prefix + module + ".weight"] = (f"layers.{i}.{param}", "identity")
+    return {k: v for k, v in names.items() if v[0] in wanted}
+
+
 def hf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
     """{HF tensor name: (param path, transform)} for every parameter of `cfg`."""
-    wanted = flatten_paths(param_specs(cfg))
-    names = {
-        "model.embed_tokens.weight": ("embed", "identity"),
-        "model.norm.weight": ("final_norm", "identity"),
-        "lm_head.weight": ("lm_head", "linear"),
-    }
-    for i in range(cfg.num_layers):
-        prefix = f"model.layers.{i}."
-        for param, hf_name, _, transform in _LAYER_TENSORS:
-            names[prefix + hf_name] = (f"layers.{i}.{param}", transform)
-        for param, hf_module in family.hf_layer_norms:
-            names[prefix + hf_module + ".weight"] = (f"layers.{i}.{param}", "identity")
-    return {k: v for k, v in names.items() if v[0] in wanted}
+    top = {"model.embed_tokens.weight": ("embed", "identity"), "model.norm.weight": ("final_norm", "identity"),
+           "lm_head.weight": ("lm_head", "linear")}  # fmt: skip
+    return _file_names(cfg, top, "model.layers.{}.", 1, family.hf_layer_norms)
 
 
 def gguf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
     """{GGUF tensor name: (param path, transform)}; GGUF tensors are first read in HF layout."""
-    wanted = flatten_paths(param_specs(cfg))
-    names = {
-        "token_embd.weight": ("embed", "identity"),
-        "output_norm.weight": ("final_norm", "identity"),
-        "output.weight": ("lm_head", "linear"),
-    }
-    for i in range(cfg.num_layers):
-        prefix = f"blk.{i}."
-        for param, _, gguf_name, transform in _LAYER_TENSORS:
-            names[prefix + gguf_name] = (f"layers.{i}.{param}", transform)
-        for param, gguf_norm in family.gguf_layer_norms:
-            names[prefix + gguf_norm + ".weight"] = (f"layers.{i}.{param}", "identity")
-    return {k: v for k, v in names.items() if v[0] in wanted}
+    top = {"token_embd.weight": ("embed", "identity"), "output_norm.weight": ("final_norm", "identity"),
+           "output.weight": ("lm_head", "linear")}  # fmt: skip
+    return _file_names(cfg, top, "blk.{}.", 2, family.gguf_layer_norms)
 
 
 def hf_module(param: str) -> tuple[str, str]:
