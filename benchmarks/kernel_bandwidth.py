@@ -167,6 +167,23 @@ def densify(k_pages, v_pages, tables):
 # ----------------------------------------------------------------------------- timing
 
 
+def timed_row(row: dict, fn, arg_sets, repeats: int, rate_key: str, amount: float, reference_name: str, reference,
+              is_reference: bool = False):  # fmt: skip
+    """Time `fn` over `arg_sets` into `row`: seconds, `rate_key` (amount / s / 1e12) and the relative
+    error against `reference` (this output itself when `is_reference`); an implementation that fails
+    records its error instead (one must not end the run). Returns its output, None when it failed."""
+    try:
+        seconds, out = time_calls(fn, arg_sets, repeats)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return None
+    row.update(seconds=seconds, **{rate_key: amount / seconds / 1e12})
+    reference = out if is_reference else reference
+    if reference is not None:
+        row[f"rel_error_vs_{reference_name}"] = rel_error(out, reference)
+    return out
+
+
 def rel_error(out, ref) -> float:
     out = np.asarray(jnp.asarray(out, jnp.float32))
     ref = np.asarray(jnp.asarray(ref, jnp.float32))
@@ -274,15 +291,9 @@ def bench_decode(setup, rng, log) -> list[dict]:
                 for name, (fn, sets) in runs.items():
                     row = dict(kind="decode", impl=name, page_size=page_size, batch=batch, context=context,
                                dtype="bfloat16", kv_bytes=kv_bytes, copies=copies)
-                    try:
-                        seconds, out = time_calls(fn, sets, setup.repeats)
-                        if name == "xla":
-                            baseline = out
-                        row.update(seconds=seconds, tb_per_s=kv_bytes / seconds / 1e12)
-                        if baseline is not None:
-                            row["rel_error_vs_xla"] = rel_error(out, baseline)
-                    except Exception as e:  # one failing implementation must not end the run
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    out = timed_row(row, fn, sets, setup.repeats, "tb_per_s", kv_bytes, "xla", baseline,
+                                    is_reference=name == "xla")  # fmt: skip
+                    baseline = out if name == "xla" else baseline
                     rows.append(row)
                     log(format_decode_row(row))
                 del arg_sets, runs, k_pages, v_pages, tables, qs
@@ -335,21 +346,15 @@ def bench_prefill(setup, rng, log) -> list[dict]:
         arg_sets = [(q * (1 + 0.01 * i),) for i in range(4)]
         for name, fn in impls.items():
             row = dict(kind="prefill", impl=name, tokens=num_tokens, page_size=page_size, dtype="bfloat16", flops=flops)
-            try:
-                seconds, out = time_calls(fn, arg_sets, setup.repeats)
-                if name == "xla_sdpa":
-                    reference = out
-                row.update(seconds=seconds, tflop_per_s=flops / seconds / 1e12)
-                if reference is not None:
-                    row["rel_error_vs_xla_sdpa"] = rel_error(out, reference)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            out = timed_row(row, fn, arg_sets, setup.repeats, "tflop_per_s", flops, "xla_sdpa", reference,
+                            is_reference=name == "xla_sdpa")  # fmt: skip
+            reference = out if name == "xla_sdpa" else reference
             rows.append(row)
             if "error" in row:
                 log(f"{num_tokens:>6}  {name:<8} failed: {row['error']}")
             else:
                 check = f"{row['rel_error_vs_xla_sdpa']:.1e}" if "rel_error_vs_xla_sdpa" in row else ""
-                log(f"{num_tokens:>6}  {name:<8} {seconds * 1e6:>10.1f} {row['tflop_per_s']:>8.1f}  {check}")
+                log(f"{num_tokens:>6}  {name:<8} {row['seconds'] * 1e6:>10.1f} {row['tflop_per_s']:>8.1f}  {check}")
         free_device()  # every array of this length, the closures' included
     return rows
 

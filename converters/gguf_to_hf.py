@@ -6,6 +6,7 @@
 import argparse
 import sys
 
+from converters import run
 from jaxllm.checkpoints.convert import gguf_to_hf
 
 
@@ -15,13 +16,7 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", default="float32", help="dtype of the written tensors (default float32)")
     args = parser.parse_args(argv)
-    try:
-        out = gguf_to_hf(args.gguf_file, args.out_dir, args.dtype)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"gguf_to_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    return run("gguf_to_hf", lambda: gguf_to_hf(args.gguf_file, args.out_dir, args.dtype))
 
 
 if __name__ == "__main__":

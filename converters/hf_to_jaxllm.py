@@ -6,6 +6,7 @@
 import argparse
 import sys
 
+from converters import run
 from jaxllm.checkpoints.convert import to_jaxllm
 
 
@@ -16,13 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--revision", default=None)
     args = parser.parse_args(argv)
-    try:
-        out = to_jaxllm(args.model, args.out_dir, args.dtype, args.revision)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"hf_to_jaxllm: error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    return run("hf_to_jaxllm", lambda: to_jaxllm(args.model, args.out_dir, args.dtype, args.revision))
 
 
 if __name__ == "__main__":
