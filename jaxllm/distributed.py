@@ -36,8 +36,8 @@ _initialized = False
 # So every process must compile the program at the same time. The leader compiles a step's program
 # at its first use before it sends the step, and the followers compile it when the step arrives:
 # with sharded autotuning the leader waited for their shares and they for the step, and a TP=2
-# engine of two processes, one GPU each, hung at its first step (benchmarks/RESULTS.md, "one
-# process per GPU"). Each process autotunes its own programs instead.
+# engine of two processes, one GPU each, hung at its first step (benchmarks/archive/RESULTS-2026-11.md,
+# "one process per GPU"). Each process autotunes its own programs instead.
 NO_SHARD_AUTOTUNING = "--xla_gpu_shard_autotuning=false"
 
 

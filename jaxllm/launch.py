@@ -10,7 +10,7 @@ that the script's `LLM(model=..., tensor_parallel_size=N)` describes and replays
 calls (jaxllm/distributed.py). N must equal the number of devices over all processes, and `model` must be
 readable at the same path on every host. On GPUs with one process per GPU, each process sees only
 its own GPU (`--one-gpu-per-process`); with one process per host, each process drives all its
-GPUs, which is the faster way on one host (benchmarks/RESULTS.md, "one process per GPU").
+GPUs, which is the faster way on one host (benchmarks/archive/RESULTS-2026-11.md, "one process per GPU").
 `--cpu-devices-per-process D` runs on CPU devices instead, with gloo collectives (tests).
 
 Under SLURM, JAX reads the coordinator, process count and index from SLURM's variables; start one

@@ -46,7 +46,7 @@ MIN_PAGE_BUCKET = 1024
 # weight holds under 10M elements (K and V at any TP; every projection's per-GPU share at TP >= 2)
 # into a multiply and a reduction, which streams the weight several times slower than a GEMM; with
 # two rows each stays a GEMM. A batch-1 decode step therefore runs two rows there, the second an idle
-# slot like any bucket's padding (benchmarks/RESULTS.md, "two rows").
+# slot like any bucket's padding (benchmarks/archive/RESULTS-2026-11.md, "two rows").
 GPU_MIN_DECODE_ROWS = 2
 
 # The smallest mixed-step token bucket of the Pallas backend (its ragged kernel's tiles are 16 rows).
@@ -62,7 +62,8 @@ CPU_MULTI_STEP_MAX_ROWS = 16
 # to launch the collective and the next graph, 4.2 ms a step against 3.1 ms of GPU work (Llama-3.1-8B
 # shape, TP=2, 2 x H200). Compiled with these options the whole dispatch is one CUDA graph: all-reduces
 # synchronous on the compute stream and recorded into it, the decode loop a conditional node
-# (benchmarks/RESULTS.md, "one CUDA graph"). Not for single-step decodes or TP=1, which they slow down.
+# (benchmarks/archive/RESULTS-2026-11.md, "one CUDA graph"). Not for single-step decodes or TP=1,
+# which they slow down.
 ONE_GRAPH_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL",
     "xla_gpu_graph_min_graph_size": 1,
@@ -76,7 +77,7 @@ ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the t
 # programs took 95 s on 16 threads with it and 43 s without (H200). Triton's GEMMs win only at a few
 # rows: a 2-row decode step 6.0 ms with them against 7.5 ms without; at 64 rows and up cuBLAS's are
 # as fast or faster (decode 7.7 vs 7.9 ms at 64 rows, 9.6 vs 10.9 at 256; mixed 7.1 vs 8.4 ms at 64
-# tokens, 23.1 vs 24.8 at 1,024: benchmarks/RESULTS.md, "Triton GEMMs"). So on GPUs only forward
+# tokens, 23.1 vs 24.8 at 1,024: benchmarks/RESULTS.md, "First contact"). So on GPUs only forward
 # programs of at most TRITON_GEMM_MAX_ROWS tokens keep them.
 NO_TRITON_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 TRITON_GEMM_MAX_ROWS = 8
