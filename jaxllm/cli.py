@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from jaxllm import chat as chat_lib
 from jaxllm.checkpoints.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
 
@@ -58,11 +59,12 @@ def _messages(system: str | None, text: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 
 
-def _format(llm, args, text: str) -> str:
+def _format(llm, args, text: str):
+    """The prompt of `text`: plain with --raw or without a chat template, else the rendered chat."""
     tok = llm.tokenizer
     if args.raw or not getattr(tok, "chat_template", None):
         return text
-    return tok.apply_chat_template(_messages(args.system, text), add_generation_prompt=True, tokenize=False)
+    return chat_lib.render(tok, _messages(args.system, text))
 
 
 def _load(args, num_sequences: int | None = None):
@@ -74,7 +76,7 @@ def _load(args, num_sequences: int | None = None):
     return LLM(model=args.model, dtype=args.dtype, backend=args.backend, **kwargs)
 
 
-def _stream(llm, prompt: str, params) -> str:
+def _stream(llm, prompt, params) -> str:
     text = ""
     for partial in llm.generate_async(prompt, params, streaming=True):
         diff = partial.outputs[0].text_diff
@@ -125,7 +127,7 @@ def cmd_chat(args) -> int:
             if not line.strip():
                 break
             history.append({"role": "user", "content": line})
-            prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+            prompt = chat_lib.render(tok, history)
             reply = _stream(llm, prompt, params)
             history.append({"role": "assistant", "content": reply})
     return 0

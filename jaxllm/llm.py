@@ -267,6 +267,45 @@ class LLM:
                 bar.update()
         return outputs[0] if single else outputs
 
+    def chat(
+        self,
+        messages,
+        sampling_params=None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list] = None,
+        chat_template_kwargs: Optional[dict] = None,
+        **generate_kwargs,
+    ):
+        """Generate the next message of one conversation (returns a RequestOutput) or of a list of
+        them (a list, in order), as vLLM's `LLM.chat`.
+
+        A conversation is a list of {"role": ..., "content": ...} messages (content a string or a
+        list of {"type": "text", "text": ...} parts), rendered with the model's chat template or
+        `chat_template`; `chat_template_kwargs` go to the template. The other arguments are
+        `generate`'s (`generate_kwargs`: prompt_adapter_request, scheduling_params, cache_salt, ...).
+        """
+        from jaxllm import chat as chat_lib
+
+        single = chat_lib.is_conversation(messages)
+        conversations = [messages] if single else list(messages) if isinstance(messages, (list, tuple)) else None
+        if not conversations:
+            raise ValueError(f"messages must be a conversation (a list of message dicts) or a non-empty list of "
+                             f"them, got {messages!r:.100}")  # fmt: skip
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(chat_lib.render(self.tokenizer, conversation, chat_template, add_generation_prompt,
+                                               continue_final_message, tools, chat_template_kwargs))  # fmt: skip
+            except ValueError as e:
+                raise ValueError(str(e) if single else f"conversation {i}: {e}") from None
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request,
+                                **generate_kwargs)  # fmt: skip
+        return outputs[0] if single else outputs
+
     def _submit(self, *requests: Request) -> None:
         """Queue requests, together (the engine admits them in one iteration); a generation_only one
         first fetches its context's pages (in the background)."""
