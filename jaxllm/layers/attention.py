@@ -45,6 +45,26 @@ def write_kv(
     return k_pages, v_pages
 
 
+def _online_softmax(chunk_scores: Callable, num_chunks: jax.Array, shape: tuple) -> jax.Array:
+    """softmax(s) @ v over key chunks c < num_chunks, one at a time with running maxima and sums;
+    chunk_scores(c) -> (scores [T, K, G, C], values [K, T, C, d]); shape: (T, K, G, d)."""
+
+    def body(c, carry):
+        m, l, acc = carry
+        s, v = chunk_scores(c)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = alpha * l + p.sum(axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v)
+        return m_new, l, acc
+
+    init = (jnp.full(shape[:3], MASK_VALUE, jnp.float32), jnp.zeros(shape[:3], jnp.float32),
+            jnp.zeros(shape, jnp.float32))  # fmt: skip
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return acc / l[..., None]
+
+
 def paged_attention_xla(
     q: jax.Array,
     k_pages: jax.Array,
@@ -93,29 +113,10 @@ def paged_attention_xla(
 
     if num_chunks == 1:
         s, v = chunk_scores(0)
-        p = jax.nn.softmax(s, axis=-1)
-        out = jnp.einsum("tkgc,ktcd->tkgd", p, v)
-    else:
-
-        def body(c, carry):
-            m, l, acc = carry
-            s, v = chunk_scores(c)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
-            l = alpha * l + p.sum(axis=-1)
-            acc = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v)
-            return m_new, l, acc
-
-        init = (
-            jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
-        )
-        chunk_keys = chunk_pages * page_size
-        last_chunk = jnp.max(batch.positions) // chunk_keys  # chunks past every query are all masked
-        _, l, acc = jax.lax.fori_loop(0, jnp.minimum(last_chunk + 1, num_chunks), body, init)
-        out = acc / l[..., None]
+        out = jnp.einsum("tkgc,ktcd->tkgd", jax.nn.softmax(s, axis=-1), v)
+    else:  # chunks past every query are all masked
+        last_chunk = jnp.max(batch.positions) // (chunk_pages * page_size)
+        out = _online_softmax(chunk_scores, jnp.minimum(last_chunk + 1, num_chunks), qg.shape)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
