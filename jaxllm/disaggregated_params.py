@@ -20,7 +20,7 @@ import concurrent.futures
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
-from jaxllm.engine import kv_transfer
+from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.outputs import Update
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def context_state(dp: DisaggregatedParams | None, pre: "PreprocessedInputs", ext
     Args:
       dp: the request's parameters; pre: its prompt; extras: its request-level arguments (adapters).
       vocab_size: the model's; multi_process: whether the LLM spans several processes.
-      cluster_key, fingerprint: the receiving engine's (kv_transfer.TransferSettings).
+      cluster_key, fingerprint: the receiving engine's (kv_state.TransferSettings).
     """
     if dp is None or dp.request_type in (None, "context_and_generation"):
         return None
@@ -86,7 +86,7 @@ def context_state(dp: DisaggregatedParams | None, pre: "PreprocessedInputs", ext
     if len(dp.first_gen_tokens) != 1 or not 0 <= dp.first_gen_tokens[0] < vocab_size:
         raise ValueError(f"first_gen_tokens={dp.first_gen_tokens!r} is invalid; allowed: one token id in "
                          f"[0, {vocab_size})")  # fmt: skip
-    state = kv_transfer.decode_state(dp.opaque_state, cluster_key)
+    state = kv_state.decode_state(dp.opaque_state, cluster_key)
     if state["fingerprint"] != fingerprint:
         raise ValueError("the context state comes from an LLM with another model, KV dtype or head layout; "
                          "both LLMs must load the same model with the same KV cache dtype")  # fmt: skip
@@ -96,29 +96,29 @@ def context_state(dp: DisaggregatedParams | None, pre: "PreprocessedInputs", ext
     if state["num_tokens"] != len(pre.prompt_token_ids):
         raise ValueError(f"the prompt has {len(pre.prompt_token_ids)} tokens, the context request's had "
                          f"{state['num_tokens']}; a generation_only request takes the same prompt")  # fmt: skip
-    ours = kv_transfer.adapter_ids(extras.get("lora_request"), extras.get("prompt_adapter_request"))
+    ours = kv_state.adapter_ids(extras.get("lora_request"), extras.get("prompt_adapter_request"))
     if ours != state["adapters"]:
         raise ValueError(f"the context was computed with (LoRA id, prompt adapter id) = {tuple(state['adapters'])}, "
                          f"this request has {tuple(ours)}; a generation_only request takes the same adapters")  # fmt: skip
     return state
 
 
-def check_fetched(request: "Request", meta: dict, arrays: list, layout: "kv_transfer.KVLayout",
+def check_fetched(request: "Request", meta: dict, arrays: list, layout: "kv_state.KVLayout",
                   vocab_size: int) -> None:  # fmt: skip
     """Check the pages a generation_only request fetched (`kv_transfer.fetch`) against the request,
     before anything is written into the cache; raises KVTransferError."""
     num_virtual = request.prompt_adapter.num_virtual_tokens if request.prompt_adapter is not None else 0
     wanted = len(request.prompt_token_ids) + num_virtual
-    num_tokens = kv_transfer.check_meta(meta, layout, vocab_size)
+    num_tokens = kv_state.check_meta(meta, layout, vocab_size)
     if num_tokens != wanted:
-        raise kv_transfer.KVTransferError(f"the context holds {num_tokens} KV positions; this request's "
+        raise kv_state.KVTransferError(f"the context holds {num_tokens} KV positions; this request's "
                                           f"prompt and prompt adapter make {wanted}")  # fmt: skip
     layout.check_pages(arrays, num_tokens)
     if meta["prompt_token_ids"] != request.prompt_token_ids:
-        raise kv_transfer.KVTransferError("the prompt differs from the context request's prompt")
+        raise kv_state.KVTransferError("the prompt differs from the context request's prompt")
     first = request.disaggregated_params.first_gen_tokens[0]
     if meta["first_token"] != first:
-        raise kv_transfer.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
+        raise kv_state.KVTransferError(f"first_gen_tokens=[{first}] differs from the context's first "
                                           f"token {meta['first_token']}")  # fmt: skip
 
 

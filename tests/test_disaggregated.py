@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxllm import DisaggregatedParams, KvCacheConfig, LLM, RequestError, SamplingParams
-from jaxllm.engine import kv_transfer
+from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.engine.engine import EngineShutdown
 
 PROMPTS = [list(range(3, 40)), [5, 17, 42, 99, 3, 250, 7]]
@@ -252,7 +252,7 @@ def _hello_then(reply: bytes, hang_up: bool = False):
 
 def _fake_state(llm, prompt, endpoint: str, key: bytes | None = None) -> DisaggregatedParams:
     """A generation_only request's params naming a context at `endpoint` (an LLM no process has)."""
-    state = kv_transfer.encode_state(key, llm_id="not-an-llm", pid=os.getpid(), endpoint=endpoint, ctx_request_id=1,
+    state = kv_state.encode_state(key, llm_id="not-an-llm", pid=os.getpid(), endpoint=endpoint, ctx_request_id=1,
                                      secret="0" * 32, fingerprint=llm._kv_fingerprint, num_tokens=len(prompt), seed=0,
                                      adapters=[None, None])  # fmt: skip
     return DisaggregatedParams(request_type="generation_only", first_gen_tokens=[5], ctx_request_id=1,
@@ -335,9 +335,9 @@ def test_a_peer_without_the_cluster_secret_is_refused(pair):
     dp = context_only(ctx, PROMPTS[1], GREEDY)
     state, layout = json.loads(dp.opaque_state), gen._engine.transfer.layout
     state["llm_id"] = "elsewhere"  # over TCP, as from another process
-    with pytest.raises(kv_transfer.KVTransferError, match="did not prove the cluster secret.*authentication failed"):
+    with pytest.raises(kv_state.KVTransferError, match="did not prove the cluster secret.*authentication failed"):
         kv_transfer.fetch(state, layout, key=b"wrong-secret")
-    with pytest.raises(kv_transfer.KVTransferError, match="authentication failed"):
+    with pytest.raises(kv_state.KVTransferError, match="authentication failed"):
         kv_transfer.fetch(state, layout, key=None)
     assert dp.ctx_request_id in ctx._engine.parked
     meta, arrays = kv_transfer.fetch(state, layout, key=CLUSTER_SECRET.encode())

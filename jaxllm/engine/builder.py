@@ -31,7 +31,7 @@ from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.checkpoints import loader, saved
 from jaxllm.config import ModelConfig, resolve_dtype
-from jaxllm.engine import kv_transfer
+from jaxllm.engine import kv_state
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.engine import Engine
@@ -266,17 +266,17 @@ class EngineBuilder:
 
         return wait
 
-    def _transfer_settings(self) -> kv_transfer.TransferSettings:
+    def _transfer_settings(self) -> kv_state.TransferSettings:
         """Where and how this engine's KV pages travel in disaggregated serving."""
         transceiver = self.args.cache_transceiver_config
-        layout = kv_transfer.KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim,
+        layout = kv_state.KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim,
                                       jax.numpy.dtype(self.kv_dtype).name, self.max_seq_len)  # fmt: skip
-        return kv_transfer.TransferSettings(
-            llm_id=self.llm_id, fingerprint=kv_transfer.fingerprint(self.config, self.kv_dtype), layout=layout,
+        return kv_state.TransferSettings(
+            llm_id=self.llm_id, fingerprint=kv_state.fingerprint(self.config, self.kv_dtype), layout=layout,
             plan=self.tp_plan, host=transceiver.host, port=transceiver.port,
             timeout_s=transceiver.kv_transfer_timeout_ms / 1e3, io_timeout_s=transceiver.io_timeout_ms / 1e3,
             max_connections=transceiver.max_connections,
-            cluster_key=kv_transfer.cluster_key(transceiver.cluster_secret),
+            cluster_key=kv_state.cluster_key(transceiver.cluster_secret),
         )  # fmt: skip
 
     def _start_engine(self, runner: ModelRunner) -> Engine:

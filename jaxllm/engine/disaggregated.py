@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxllm.disaggregated_params import DisaggregatedParams
-from jaxllm.engine import kv_transfer
+from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.engine.postprocess import EngineShutdown, Postprocessor
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Scheduler
@@ -40,7 +40,7 @@ class Disaggregation:
       export_kv: `Engine.export_kv`, which the transfer server calls from its threads.
     """
 
-    def __init__(self, transfer: kv_transfer.TransferSettings | None, runner: ModelRunner, scheduler: Scheduler,
+    def __init__(self, transfer: kv_state.TransferSettings | None, runner: ModelRunner, scheduler: Scheduler,
                  post: Postprocessor, new_sequence: Callable[[Request, int, int], Sequence],
                  export_kv: Callable[..., tuple[dict, list]]):  # fmt: skip
         self.transfer = transfer
@@ -49,7 +49,7 @@ class Disaggregation:
         self.post = post
         self.new_sequence = new_sequence
         self.export_kv = export_kv
-        self.parked: dict[int, kv_transfer.ParkedContext] = {}  # by the context request's id
+        self.parked: dict[int, kv_state.ParkedContext] = {}  # by the context request's id
         self.server: kv_transfer.KVTransferServer | None = None  # started by the first park
         self.pending_imports: collections.deque = collections.deque()  # (request, meta, arrays) awaiting pages
 
@@ -64,13 +64,13 @@ class Disaggregation:
                 settings.host, settings.port, cluster_key=settings.cluster_key, io_timeout_s=settings.io_timeout_s,
                 max_connections=settings.max_connections,
             )  # fmt: skip
-        secret = kv_transfer.new_secret()
-        self.parked[request.request_id] = kv_transfer.ParkedContext(seq, secret, time.monotonic() + settings.timeout_s)
-        state = kv_transfer.encode_state(
+        secret = kv_state.new_secret()
+        self.parked[request.request_id] = kv_state.ParkedContext(seq, secret, time.monotonic() + settings.timeout_s)
+        state = kv_state.encode_state(
             settings.cluster_key, llm_id=settings.llm_id, pid=os.getpid(), endpoint=self.server.endpoint,
             ctx_request_id=request.request_id, secret=secret, fingerprint=settings.fingerprint,
             num_tokens=seq.num_prompt_tokens - seq.num_virtual_tokens, seed=seq.seed,
-            adapters=kv_transfer.adapter_ids(request.lora_request, request.prompt_adapter_request),
+            adapters=kv_state.adapter_ids(request.lora_request, request.prompt_adapter_request),
         )  # fmt: skip
         request.disaggregated_result = DisaggregatedParams(
             request_type="context_only", first_gen_tokens=[seq.token_ids[-1]], ctx_request_id=request.request_id,
@@ -81,7 +81,7 @@ class Disaggregation:
         """Gather a parked context's pages in the portable layout, then release them: (meta, arrays)."""
         parked = self.parked.get(ctx_request_id)
         if parked is None or parked.secret != secret:
-            raise kv_transfer.KVTransferError(
+            raise kv_state.KVTransferError(
                 f"no parked context {ctx_request_id} (never made, already fetched, or released after "
                 f"{self.transfer.timeout_s:.0f} s)"
             )
@@ -89,7 +89,7 @@ class Disaggregation:
         n = seq.num_prompt_tokens
         try:
             pages = self.runner.gather_pages(self.scheduler.prompt_pages(seq, n))
-            arrays = [kv_transfer.to_portable(a, n, self.transfer.plan) for a in pages]
+            arrays = [kv_state.to_portable(a, n, self.transfer.plan) for a in pages]
             jax.block_until_ready(arrays)  # read before the pages are reused
         finally:
             self.release(ctx_request_id)
@@ -154,7 +154,7 @@ class Disaggregation:
         seed = request.params.seed if request.params.seed is not None else int(meta["seed"])
         seq = self.new_sequence(request, 0, seed)  # (a retry makes a new one: sequence ids need not be dense)
         if seq.num_prompt_tokens != n:
-            raise kv_transfer.KVTransferError(f"the context holds {n} KV positions, this request's prompt and "
+            raise kv_state.KVTransferError(f"the context holds {n} KV positions, this request's prompt and "
                                               f"prompt adapter make {seq.num_prompt_tokens}")  # fmt: skip
         self.transfer.layout.check_pages(arrays, n)
         if not self.scheduler.take_import_pages(seq, n):
@@ -164,7 +164,7 @@ class Disaggregation:
             # Lay the pages out where they are: on the host for TCP arrays, on the context's device otherwise.
             xp = np if isinstance(arrays[0], np.ndarray) else jax.numpy
             block_size = self.scheduler.block_size
-            values = [kv_transfer.from_portable(a, self.transfer.plan, block_size, num_pages, xp=xp) for a in arrays]
+            values = [kv_state.from_portable(a, self.transfer.plan, block_size, num_pages, xp=xp) for a in arrays]
             self.runner.scatter_pages(seq.block_table, values, seq.token_ids[:n])
         except BaseException:
             self.scheduler.remove(seq)  # in no queue yet: gives back its pages and adapter slots

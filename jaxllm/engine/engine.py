@@ -28,7 +28,7 @@ import time
 import traceback
 from typing import Any
 
-from jaxllm.engine import kv_transfer
+from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Detokenizer
 from jaxllm.engine.disaggregated import Disaggregation
@@ -84,7 +84,7 @@ class Engine:
     """
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
-                 transfer: kv_transfer.TransferSettings | None = None, overlap: bool = True):  # fmt: skip
+                 transfer: kv_state.TransferSettings | None = None, overlap: bool = True):  # fmt: skip
         self.runner = runner
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
@@ -123,7 +123,7 @@ class Engine:
         self._thread.start()
 
     @property
-    def parked(self) -> dict[int, kv_transfer.ParkedContext]:
+    def parked(self) -> dict[int, kv_state.ParkedContext]:
         return self.disaggregated.parked
 
     @property
@@ -154,12 +154,12 @@ class Engine:
     def export_kv(self, ctx_request_id: int, secret: str, timeout: float = 60.0) -> tuple[dict, list]:
         """Hand a parked context's pages to another LLM (any thread but this engine's): (meta, arrays)."""
         done: concurrent.futures.Future = concurrent.futures.Future()
-        stopped = kv_transfer.KVTransferError("the context LLM has been shut down")
+        stopped = kv_state.KVTransferError("the context LLM has been shut down")
         self._put("export", (ctx_request_id, secret, done), stopped)
         try:
             return done.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise kv_transfer.KVTransferError(f"the context LLM did not hand out context {ctx_request_id} "
+            raise kv_state.KVTransferError(f"the context LLM did not hand out context {ctx_request_id} "
                                               f"within {timeout:.0f} s") from None  # fmt: skip
 
     def abort(self, request_id: int) -> None:
@@ -226,7 +226,7 @@ class Engine:
                 ctx_request_id, secret, done = item
                 try:
                     if stopping:
-                        raise kv_transfer.KVTransferError("the context LLM has been shut down")
+                        raise kv_state.KVTransferError("the context LLM has been shut down")
                     done.set_result(self.disaggregated.export(ctx_request_id, secret))
                 except Exception as e:
                     done.set_exception(e)
