@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     models.set_defaults(func=cmd_models)
     bench.add_parser(sub, _add_engine_args)
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[jaxllm] %(message)s"))
     log = logging.getLogger("jaxllm")
+    for old in [h for h in log.handlers if getattr(h, "jaxllm_cli", False)]:  # main() run before in this process
+        log.removeHandler(old)
+    handler = logging.StreamHandler()  # on the current sys.stderr
+    handler.setFormatter(logging.Formatter("[jaxllm] %(message)s"))
+    handler.jaxllm_cli = True
     log.addHandler(handler)
     log.setLevel(os.environ.get("JAXLLM_LOG", "INFO").upper())
     log.propagate = False

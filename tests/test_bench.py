@@ -127,6 +127,9 @@ def test_bad_dataset_exits_2_before_the_engine(tmp_path, capsys):
     bad.write_text('{"prompt": "hi", "output_len": 0}\n')
     assert main(["bench", "latency", "no-such-model", "--dataset", str(bad)]) == 2
     assert "output_len must be a positive int" in capsys.readouterr().err
+    bad.write_text('{"prompt": "hi"}\n')
+    assert main(["bench", "throughput", "no-such-model", "--dataset", str(bad), "--skip-tokenizer-init"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
     assert main(["bench", "latency", "no-such-model", "--max-batch-size", "4"]) == 2
     assert "batch 1" in capsys.readouterr().err
 

@@ -125,9 +125,9 @@ def run_serve(args) -> int:
               "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate,
               "max_concurrency": args.max_concurrency, "dataset": describe_dataset(args, requests),
               "measured": measured}  # fmt: skip
+    if args.output_json:  # first: a closed terminal pipe must not lose the results
+        write_json(args.output_json, result)
     rate = "inf" if args.request_rate == float("inf") else f"{args.request_rate:g}/s"
     print(table(f"serve: {args.model} at {url}, {len(requests)} requests, rate {rate}, "
                 f"concurrency {args.max_concurrency or 'unbounded'}", {"measured": measured}))  # fmt: skip
-    if args.output_json:
-        write_json(args.output_json, result)
     return 0 if measured["completed"] else 1

@@ -96,8 +96,8 @@ def _record(output) -> RequestRecord:
                          latency=None if last is None else last - arrival)  # fmt: skip
 
 
-def _check_text_prompts(llm, requests) -> None:
-    if llm.tokenizer is None and any(isinstance(r.prompt, str) for r in requests):
+def _check_text_prompts(has_tokenizer: bool, requests) -> None:
+    if not has_tokenizer and any(isinstance(r.prompt, str) for r in requests):
         raise ValueError("the dataset has text prompts but the model has no tokenizer (--skip-tokenizer-init): "
                          "use prompt_token_ids or drop --skip-tokenizer-init")  # fmt: skip
 
@@ -116,17 +116,18 @@ def run_throughput(args) -> int:
 
     jsonl = args.dataset not in ("random", "sharegpt-like")
     requests = load_requests(args, None) if jsonl else None  # a bad file fails before the engine starts
+    _check_text_prompts(not args.skip_tokenizer_init, requests or [])
     num_requests = len(requests) if requests else (args.num_requests or 100)
     with LLM(model=args.model, **engine_kwargs(args, num_requests)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
-        _check_text_prompts(llm, requests)
+        _check_text_prompts(llm.tokenizer is not None, requests)
         first = None if args.no_warmup else throughput_pass(llm, requests, WARMUP_SALT)
         measured = throughput_pass(llm, requests, None)
     result = {"command": "throughput", "model": args.model, "engine_args": _json_safe(engine_kwargs(args, num_requests)),
               "dataset": describe_dataset(args, requests), "measured": measured, "first_pass": first}  # fmt: skip
-    print(table(f"throughput: {args.model}, {len(requests)} requests", {"measured": measured, "first pass": first}))
-    if args.output_json:
+    if args.output_json:  # first: a closed terminal pipe must not lose the results
         write_json(args.output_json, result)
+    print(table(f"throughput: {args.model}, {len(requests)} requests", {"measured": measured, "first pass": first}))
     return 0
 
 
@@ -150,9 +151,10 @@ def run_latency(args) -> int:
 
     jsonl = args.dataset not in ("random", "sharegpt-like")
     requests = load_requests(args, None) if jsonl else None
+    _check_text_prompts(not args.skip_tokenizer_init, requests or [])
     with LLM(model=args.model, **engine_kwargs(args, 1)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
-        _check_text_prompts(llm, requests)
+        _check_text_prompts(llm.tokenizer is not None, requests)
         warmup = [stream_one(llm, requests[i % len(requests)], WARMUP_SALT) for i in range(args.warmup)]
         started = time.monotonic()
         records = [stream_one(llm, r, None) for r in requests]
@@ -161,9 +163,9 @@ def run_latency(args) -> int:
     first = summarize(warmup, sum(r.latency or 0.0 for r in warmup)) if warmup else None
     result = {"command": "latency", "model": args.model, "engine_args": _json_safe(engine_kwargs(args, 1)),
               "dataset": describe_dataset(args, requests), "measured": measured, "first_pass": first}  # fmt: skip
-    print(table(f"latency (batch 1): {args.model}, {len(requests)} requests", {"measured": measured, "warm-up": first}))
     if args.output_json:
         write_json(args.output_json, result)
+    print(table(f"latency (batch 1): {args.model}, {len(requests)} requests", {"measured": measured, "warm-up": first}))
     return 0
 
 
