@@ -111,12 +111,20 @@ def throughput_pass(llm, requests, cache_salt: str | None) -> dict:
     return summarize([_record(o) for o in outputs], duration)
 
 
+def _file_requests(args) -> list[datasets.BenchRequest] | None:
+    """A JSONL dataset's requests, read and checked before the engine starts, so that a bad file
+    costs no start-up (None for the synthetic datasets: they need the model's vocabulary)."""
+    if args.dataset in ("random", "sharegpt-like"):
+        return None
+    requests = load_requests(args, None)
+    _check_text_prompts(not args.skip_tokenizer_init, requests)
+    return requests
+
+
 def run_throughput(args) -> int:
     from jaxllm import LLM
 
-    jsonl = args.dataset not in ("random", "sharegpt-like")
-    requests = load_requests(args, None) if jsonl else None  # a bad file fails before the engine starts
-    _check_text_prompts(not args.skip_tokenizer_init, requests or [])
+    requests = _file_requests(args)
     num_requests = len(requests) if requests else (args.num_requests or 100)
     with LLM(model=args.model, **engine_kwargs(args, num_requests)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
@@ -149,18 +157,17 @@ def stream_one(llm, request: datasets.BenchRequest, cache_salt: str | None) -> R
 def run_latency(args) -> int:
     from jaxllm import LLM
 
-    jsonl = args.dataset not in ("random", "sharegpt-like")
-    requests = load_requests(args, None) if jsonl else None
-    _check_text_prompts(not args.skip_tokenizer_init, requests or [])
+    requests = _file_requests(args)
     with LLM(model=args.model, **engine_kwargs(args, 1)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
         _check_text_prompts(llm.tokenizer is not None, requests)
-        warmup = [stream_one(llm, requests[i % len(requests)], WARMUP_SALT) for i in range(args.warmup)]
         started = time.monotonic()
+        warmup = [stream_one(llm, requests[i % len(requests)], WARMUP_SALT) for i in range(args.warmup)]
+        warmup_s, started = time.monotonic() - started, time.monotonic()
         records = [stream_one(llm, r, None) for r in requests]
         duration = time.monotonic() - started
     measured = summarize(records, duration)
-    first = summarize(warmup, sum(r.latency or 0.0 for r in warmup)) if warmup else None
+    first = summarize(warmup, warmup_s) if warmup else None
     result = {"command": "latency", "model": args.model, "engine_args": _json_safe(engine_kwargs(args, 1)),
               "dataset": describe_dataset(args, requests), "measured": measured, "first_pass": first}  # fmt: skip
     if args.output_json:
