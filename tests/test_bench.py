@@ -146,17 +146,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_failures_are_counted(tmp_path):
+@pytest.mark.parametrize("load", [[], ["--request-rate", "200", "--max-concurrency", "1"]])
+def test_serve_failures_are_counted(load, tmp_path):
     """Nobody listens on the port: every request fails, and each failure is counted with its reason."""
     pytest.importorskip("httpx")
     out = tmp_path / "serve.json"
-    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{_free_port()}", "--model", "m", "--vocab-size",
-               "100", "--num-requests", "3", "--input-len", "4", "--output-len", "2", "--output-json", str(out)])  # fmt: skip
+    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m", "--vocab-size",
+               "100", "--num-requests", "3", "--input-len", "4", "--output-len", "2", "--output-json", str(out), *load])  # fmt: skip
     assert rc == 1
     s = json.loads(out.read_text())["measured"]
     assert (s["num_requests"], s["completed"], s["failed"]) == (3, 0, 3)
     assert sum(s["errors"].values()) == 3 and all("Connect" in e for e in s["errors"])
     assert s["total_output_tokens"] == 0 and s["ttft_ms"]["mean"] is None
+
+
+def test_completions_url():
+    from jaxllm.bench.client import completions_url
+
+    assert completions_url("http://h:8000/", "/v1/completions") == "http://h:8000/v1/completions"
+    assert completions_url("http://h:8000/v1", "/v1/completions") == "http://h:8000/v1/completions"
 
 
 def test_serve_against_a_real_server(smollm2_path, tmp_path):
