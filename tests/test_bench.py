@@ -167,10 +167,11 @@ def test_completions_url():
     assert completions_url("http://h:8000/v1", "/v1/completions") == "http://h:8000/v1/completions"
 
 
-def test_serve_against_a_real_server(smollm2_path, tmp_path):
+def test_serve_against_a_real_server(request, tmp_path):
     """`jaxllm serve` in a subprocess, loaded by `jaxllm bench serve` over HTTP."""
     pytest.importorskip("jaxllm.serve")
     httpx = pytest.importorskip("httpx")
+    smollm2_path = request.getfixturevalue("smollm2_path")  # fetched only when there is a server to run
     port, log = _free_port(), tmp_path / "server.log"
     with log.open("wb") as sink:  # a file, not a pipe: a chatty server must never block on a full pipe
         server = subprocess.Popen([sys.executable, "-m", "jaxllm.cli", "serve", str(smollm2_path), "--port", str(port)],
