@@ -143,24 +143,20 @@ def parse_result(stdout: str) -> dict | None:
 
 
 def synthetic(n: int, length: int, vocab: int, seed: int, margin: int = 10) -> list[list[int]]:
-    """n prompts of `length` random token ids in [margin, vocab - margin), seeded."""
-    import numpy as np
+    """n prompts of `length` random token ids in [margin, vocab - margin), seeded
+    (`jaxllm.bench.datasets.random_token_prompts`, which `jaxllm bench` uses too)."""
+    from jaxllm.bench.datasets import random_token_prompts
 
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(margin, vocab - margin, size=length)] for _ in range(n)]
+    return random_token_prompts(n, length, vocab, seed, margin)
 
 
 def sharegpt_like(n: int, prompt_mean: float, output_mean: float, sigma: float, max_prompt: int, max_output: int,
                   vocab: int, seed: int = 0):  # fmt: skip
-    """n (prompt token ids, output length) pairs with lognormal lengths of the given means."""
-    import numpy as np
+    """n (prompt token ids, output length) pairs with lognormal lengths of the given means
+    (`jaxllm.bench.datasets.sharegpt_like`, `jaxllm bench --dataset sharegpt-like`)."""
+    from jaxllm.bench import datasets
 
-    rng = np.random.default_rng(seed)
-    mu_p, mu_o = np.log(prompt_mean) - sigma**2 / 2, np.log(output_mean) - sigma**2 / 2
-    lengths = np.clip(rng.lognormal(mu_p, sigma, n), 4, max_prompt).astype(int)
-    outputs = np.clip(rng.lognormal(mu_o, sigma, n), 4, max_output).astype(int)
-    prompts = [[int(t) for t in rng.integers(10, vocab - 10, size=L)] for L in lengths]
-    return prompts, [int(o) for o in outputs]
+    return datasets.sharegpt_like(n, prompt_mean, output_mean, sigma, max_prompt, max_output, vocab, seed)
 
 
 # ---- engine set-up --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
   jaxllm generate --input-file prompts.txt      one prompt per line, generated as one batch
   jaxllm chat [--model M]                       a conversation with the model's chat template
   jaxllm models                                 the built-in models
+  jaxllm bench {throughput,latency,serve} ...   benchmarks (jaxllm/bench/)
 
 A single prompt streams to the terminal as tokens arrive. Prompts are wrapped in the model's chat
 template when it has one (--raw turns that off). The engine is sized to the job (as many sequences
@@ -18,16 +19,22 @@ import logging
 import os
 import sys
 
+from jaxllm import bench
 from jaxllm import chat as chat_lib
 from jaxllm.checkpoints.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+
+
+def _add_engine_args(p) -> None:
+    """The LLM() arguments every command takes (a parser or an argument group)."""
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--backend", default=None,
+                   help="attention backend: xla | pallas | pallas_interpret (default: pallas on GPU, xla on CPU)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, local directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--backend", default=None,
-                   help="attention backend: xla | pallas | pallas_interpret (default: pallas on GPU, xla on CPU)")
+    _add_engine_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -153,16 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(func=cmd_models)
+    bench.add_parser(sub, _add_engine_args)
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[jaxllm] %(message)s"))
     log = logging.getLogger("jaxllm")
+    for old in [h for h in log.handlers if getattr(h, "jaxllm_cli", False)]:  # main() run before in this process
+        log.removeHandler(old)
+    handler = logging.StreamHandler()  # on the current sys.stderr
+    handler.setFormatter(logging.Formatter("[jaxllm] %(message)s"))
+    handler.jaxllm_cli = True
     log.addHandler(handler)
     log.setLevel(os.environ.get("JAXLLM_LOG", "INFO").upper())
     log.propagate = False
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
