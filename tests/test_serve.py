@@ -256,7 +256,8 @@ def test_cli_without_serve_extra(monkeypatch, capsys):
 
 
 def test_cli_serve_starts_and_drains_on_sigterm(smollm2_path, tmp_path):
-    """`jaxllm serve` in a subprocess: 503 or refused while loading, /health 200, SIGTERM -> exit 0."""
+    """`jaxllm serve` in a subprocess: 503 or refused while loading, /health 200; SIGTERM in the middle
+    of a stream lets it finish (the drain), refuses new work, and the process exits 0."""
     extra = tmp_path / "extra.yaml"
     extra.write_text("max_num_tokens: 64\nenable_chunked_prefill: true\n")
     port = _free_port()
@@ -278,7 +279,14 @@ def test_cli_serve_starts_and_drains_on_sigterm(smollm2_path, tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        body = {"prompt": "Count:", "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and '"completion_tokens": 24' in rest[-2]
         assert proc.wait(30) == 0, proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
