@@ -195,8 +195,16 @@ def test_disconnect_mid_stream_frees_pages(server, smollm2_llm):
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         assert _kv(smollm2_llm)["freeNumBlocks"] < free  # its pages are taken
+    _wait_for_pages(smollm2_llm, free)
+    body["stream"] = False  # unstreamed: the server notices the closed connection while it waits
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    _wait_for_pages(smollm2_llm, free)
+
+
+def _wait_for_pages(llm, free: int) -> None:
     deadline = time.monotonic() + 20
-    while smollm2_llm._engine.scheduler.has_work() or _kv(smollm2_llm)["freeNumBlocks"] != free:
+    while llm._engine.scheduler.has_work() or _kv(llm)["freeNumBlocks"] != free:
         assert time.monotonic() < deadline, "the aborted request kept its pages"
         time.sleep(0.05)
 
@@ -244,7 +252,7 @@ def test_metrics(server):
     assert 0 <= value["jaxllm:kv_cache_usage_perc"] <= 1
     reasons = {s.labels["finished_reason"] for s in families["jaxllm:request_success"].samples
                if s.name == "jaxllm:request_success_total"}  # fmt: skip
-    assert "length" in reasons
+    assert {"length", "stop", "abort"} <= reasons  # abort: the disconnected clients' requests
 
 
 def test_cli_without_serve_extra(monkeypatch, capsys):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 import jaxllm
 from jaxllm import chat as chat_lib
+from jaxllm.engine.engine import EngineShutdown
 from jaxllm.serve import protocol
 from jaxllm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.serve.protocol import ServeError
@@ -40,7 +41,7 @@ class ServerState:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     draining: bool = False
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    metrics: ServerMetrics = None
+    metrics: ServerMetrics = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.metrics = ServerMetrics(lambda: self.llm)
@@ -128,10 +129,20 @@ async def _merge(outputs: list) -> AsyncIterator[tuple[int, list[_SeqStep]]]:
             task.cancel()
 
 
-def _abort_unfinished(outputs: list) -> None:
+def _abort_unfinished(outputs: list, state: ServerState) -> None:
+    """Abort the requests still running (their client left); each is counted in the metrics when the
+    engine has cancelled it."""
     for out in outputs:
         if not out.done():
             out.abort()
+            asyncio.get_running_loop().create_task(_record_when_cancelled(state, out))
+
+
+async def _record_when_cancelled(state: ServerState, out) -> None:
+    try:
+        state.metrics.record(await out.aresult())
+    except Exception:  # a request that failed while cancelled counts as nothing
+        pass
 
 
 async def _watch_disconnect(request: Request) -> None:
@@ -139,7 +150,7 @@ async def _watch_disconnect(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _await_all(request: Request, outputs: list) -> list:
+async def _await_all(request: Request, state: ServerState, outputs: list) -> list:
     """Every output finished; aborted when the client disconnects first."""
     gathered = asyncio.ensure_future(asyncio.gather(*(out.aresult() for out in outputs)))
     watcher = asyncio.ensure_future(_watch_disconnect(request))
@@ -152,7 +163,7 @@ async def _await_all(request: Request, outputs: list) -> list:
         watcher.cancel()
         if not gathered.done():
             gathered.cancel()
-        _abort_unfinished(outputs)
+        _abort_unfinished(outputs, state)
 
 
 def _usage(outputs: list) -> dict:
@@ -202,26 +213,50 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list, k: int) -> di
 
 
 # ---- the app -------------------------------------------------------------------------------------
+class _Guard:
+    """ASGI middleware: the API key and the declared body size, checked before a route runs. (Plain
+    ASGI rather than Starlette's BaseHTTPMiddleware, which hides a client's disconnect from routes.)"""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self._check(scope)
+            if error is not None:
+                await _error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope) -> Optional[ServeError]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.state.api_key
+        if key is not None and scope["path"] != "/health" and headers.get("authorization") != f"Bearer {key}":
+            return ServeError(401, "a valid API key is needed: Authorization: Bearer <key>", code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.state.max_body_bytes:
+            return ServeError(413, f"the request body has {length} bytes; the limit is {self.state.max_body_bytes}")
+        return None
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The routes over `state` (its llm may be set later: the app answers 503 until then)."""
     app = FastAPI(title="jaxllm", version=jaxllm.__version__)
     app.state.serve = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """API key and Content-Length before anything is read; ServeErrors in OpenAI's schema."""
-        if state.api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return _error(ServeError(401, "a valid API key is needed: Authorization: Bearer <key>",
-                                         code="invalid_api_key"))  # fmt: skip
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
-            return _error(ServeError(413, f"the request body has {length} bytes; the limit is {state.max_body_bytes}"))
-        return await call_next(request)
+    app.add_middleware(_Guard, state=state)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
         return _error(e)
+
+    @app.exception_handler(EngineShutdown)
+    async def engine_shutdown(request: Request, e: EngineShutdown):
+        return _error(ServeError(503, str(e), type="service_unavailable"))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        return _error(ServeError(500, f"{type(e).__name__}: {e}", type="internal_error"))
 
     @app.exception_handler(404)
     async def not_found(request: Request, e):
@@ -287,7 +322,7 @@ def create_app(state: ServerState) -> FastAPI:
             for prompt in body.prompts():
                 outputs.append(_submit(llm, prompt, params, body.stream))
         except BaseException:
-            _abort_unfinished(outputs)
+            _abort_unfinished(outputs, state)
             raise
         return await _respond(request, state, llm, body, outputs, chat=False)
 
@@ -324,7 +359,7 @@ async def _respond(request: Request, state: ServerState, llm, body, outputs: lis
     if body.stream:
         return StreamingResponse(_stream(state, llm, body, outputs, request_id, created, chat),
                                  media_type="text/event-stream")  # fmt: skip
-    done = await _await_all(request, outputs)
+    done = await _await_all(request, state, outputs)
     for out in done:
         state.metrics.record(out)
     choices = []
@@ -396,4 +431,4 @@ async def _stream(state: ServerState, llm, body, outputs: list, request_id: str,
     except Exception as e:  # the engine failed the request: tell the client in the stream
         yield _sse(ServeError(500, str(e), type="internal_error").body())
     finally:
-        _abort_unfinished(outputs)
+        _abort_unfinished(outputs, state)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxllm.engine.stats import kv_cache_stats
+from jaxllm.serve.protocol import finish_reason
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -83,7 +84,7 @@ class ServerMetrics:
             if first is not None and last is not None and len(seq.token_ids) > 1:
                 self.itl.observe((last - first) / (len(seq.token_ids) - 1))
         if output.outputs:
-            self.request_success.labels(finished_reason=output.outputs[0].finish_reason or "unknown").inc()
+            self.request_success.labels(finished_reason=finish_reason(output.outputs[0].finish_reason) or "unknown").inc()
         timing = ((output.outputs[0].request_perf_metrics or {}).get("timing_metrics") or {}) if output.outputs else {}
         arrival = timing.get("arrival_time")
         if arrival is None:
