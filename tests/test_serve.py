@@ -276,7 +276,9 @@ def test_cli_without_serve_extra(monkeypatch, capsys):
 
 def test_cli_serve_starts_and_drains_on_sigterm(smollm2_path, tmp_path):
     """`jaxllm serve` in a subprocess: 503 or refused while loading, /health 200; SIGTERM in the middle
-    of a stream lets it finish (the drain), refuses new work, and the process exits 0."""
+    of a stream lets it finish (the drain), refuses new work, and the process exits 0. The drain
+    timeout is generous: the suite runs with JAXLLM_PRECOMPILE=0, so the stream's decode programs
+    compile after the signal."""
     extra = tmp_path / "extra.yaml"
     extra.write_text("max_num_tokens: 64\nenable_chunked_prefill: true\n")
     port = _free_port()
@@ -286,7 +288,7 @@ def test_cli_serve_starts_and_drains_on_sigterm(smollm2_path, tmp_path):
     assert probe.stdout.strip() == "False"  # the base import never pulls in the serve extra
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm.cli", "serve", str(smollm2_path), "--port", str(port),
                              "--dtype", "float32", "--max-batch-size", "2", "--extra-llm-api-options", str(extra),
-                             "--drain-timeout", "5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+                             "--drain-timeout", "120"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline, status = time.monotonic() + 120, None
         while status != 200:
@@ -304,6 +306,12 @@ def test_cli_serve_starts_and_drains_on_sigterm(smollm2_path, tmp_path):
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            try:  # new work is refused while draining: the listening socket is closed, or a 503
+                late = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=dict(body, stream=False), timeout=10)
+                assert late.status_code == 503, late.text
+            except httpx.TransportError:
+                pass
             rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]" and '"completion_tokens": 24' in rest[-2]
         assert proc.wait(30) == 0, proc.stdout.read().decode()
