@@ -23,19 +23,13 @@ import sys
 from jaxllm import bench
 from jaxllm import chat as chat_lib
 from jaxllm.checkpoints.builtin import BUILTIN_MODELS, DEFAULT_MODEL
-
-
-def _add_engine_args(p) -> None:
-    """The LLM() arguments every command takes (a parser or an argument group)."""
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--backend", default=None,
-                   help="attention backend: xla | pallas | pallas_interpret (default: pallas on GPU, xla on CPU)")
+from jaxllm.cli_args import add_dtype_backend, add_engine_args, llm_kwargs, non_negative_float, port, positive_int
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, local directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
-    _add_engine_args(p)
+    add_dtype_backend(p)
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -149,57 +143,18 @@ def cmd_models(args) -> int:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    """`jaxllm serve`'s flags: the server's, then LLM() arguments under their names."""
-    p.add_argument("model", help="built-in name, local directory, .gguf file or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--api-key", default=None,
+    """`jaxllm serve`'s flags: MODEL and the engine's (jaxllm/cli_args.py), then the server's."""
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
+    g.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $JAXLLM_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 4 MiB)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    g.add_argument("--max-body-bytes", type=positive_int, default=None,
+                   help="larger request bodies get 413 (default 4 MiB)")
+    g.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
-    _add_engine_args(p)
-    p.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's")
-    p.add_argument("--revision", default=None, help="the hub revision of MODEL")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--max-batch-size", type=int, default=None)
-    p.add_argument("--max-num-tokens", type=int, default=None)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None,
-                   help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
-    p.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
-                   help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
-
-
-def _llm_kwargs(args) -> dict:
-    """LLM()'s keyword arguments from `jaxllm serve`'s flags and its --extra-llm-api-options file."""
-    kwargs: dict = {}
-    if args.extra_llm_api_options:
-        import yaml  # PyYAML, a dependency of transformers
-
-        with open(args.extra_llm_api_options, encoding="utf-8") as f:
-            extra = yaml.safe_load(f) or {}
-        if not isinstance(extra, dict):
-            raise ValueError(f"{args.extra_llm_api_options}: expected a mapping of LLM() arguments, "
-                             f"got {type(extra).__name__}")  # fmt: skip
-        kwargs.update(extra)
-    flags = {"model": args.model, "tokenizer": args.tokenizer, "revision": args.revision, "backend": args.backend,
-             "max_batch_size": args.max_batch_size, "max_num_tokens": args.max_num_tokens,
-             "max_seq_len": args.max_seq_len}  # fmt: skip
-    kwargs.update({k: v for k, v in flags.items() if v is not None})
-    if args.dtype != "auto" or "dtype" not in kwargs:
-        kwargs["dtype"] = args.dtype
-    if args.tensor_parallel_size != 1 or "tensor_parallel_size" not in kwargs:
-        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
-    if args.trust_remote_code:
-        kwargs["trust_remote_code"] = True
-    if args.kv_cache_free_gpu_memory_fraction is not None:
-        kv = dict(kwargs.get("kv_cache_config") or {})
-        kv["free_gpu_memory_fraction"] = args.kv_cache_free_gpu_memory_fraction
-        kwargs["kv_cache_config"] = kv
-    return kwargs
 
 
 def cmd_serve(args) -> int:
@@ -215,14 +170,15 @@ def cmd_serve(args) -> int:
     from jaxllm.serve import app as app_lib
     from jaxllm.serve import server
 
-    kwargs = _llm_kwargs(args)
+    kwargs = llm_kwargs(args)
     state = app_lib.ServerState(model_name=args.served_model_name or args.model,
                                 api_key=args.api_key or os.environ.get("JAXLLM_API_KEY"),
                                 max_body_bytes=args.max_body_bytes or app_lib.DEFAULT_MAX_BODY_BYTES)  # fmt: skip
     return server.run(state, args.host, args.port, args.drain_timeout, load_llm=lambda: LLM(**kwargs))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `jaxllm` command's parser."""
     parser = argparse.ArgumentParser(prog="jaxllm", description="TensorRT-LLM's LLM API on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate from a prompt (streams) or a file of prompts (a batch)")
@@ -235,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(func=cmd_models)
-    bench.add_parser(sub, _add_engine_args)
+    bench.add_parser(sub)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'jaxllm[serve]')")
     _add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     log = logging.getLogger("jaxllm")
     for old in [h for h in log.handlers if getattr(h, "jaxllm_cli", False)]:  # main() run before in this process
         log.removeHandler(old)

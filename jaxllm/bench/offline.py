@@ -18,6 +18,7 @@ import time
 
 from jaxllm.bench import datasets
 from jaxllm.bench.report import RequestRecord, summarize, table, write_json
+from jaxllm.cli_args import llm_kwargs
 
 WARMUP_SALT = "jaxllm-bench-warmup"  # the warm-up's prefix-cache namespace, apart from the measured pass's
 
@@ -25,24 +26,7 @@ WARMUP_SALT = "jaxllm-bench-warmup"  # the warm-up's prefix-cache namespace, apa
 def engine_kwargs(args, num_requests: int) -> dict:
     """LLM()'s arguments from the command line. The batch defaults to the request count (at most
     2,048): an engine sized to the job has fewer programs to prepare."""
-    kwargs = {
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "max_batch_size": args.max_batch_size or min(num_requests, 2048),
-        "max_num_tokens": args.max_num_tokens,
-        "max_seq_len": args.max_seq_len,
-        "load_format": args.load_format,
-        "skip_tokenizer_init": args.skip_tokenizer_init,
-        "disable_overlap_scheduler": args.disable_overlap_scheduler,
-    }
-    if args.num_scheduler_steps is not None:
-        kwargs["num_scheduler_steps"] = args.num_scheduler_steps
-    if args.kv_cache_free_gpu_memory_fraction is not None:
-        from jaxllm import KvCacheConfig
-
-        kwargs["kv_cache_config"] = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
-    return kwargs
+    return llm_kwargs(args, max_batch_size=min(num_requests, 2048))
 
 
 def load_requests(args, vocab: int | None) -> list[datasets.BenchRequest]:
@@ -126,7 +110,7 @@ def run_throughput(args) -> int:
 
     requests = _file_requests(args)
     num_requests = len(requests) if requests else (args.num_requests or 100)
-    with LLM(model=args.model, **engine_kwargs(args, num_requests)) as llm:
+    with LLM(**engine_kwargs(args, num_requests)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
         _check_text_prompts(llm.tokenizer is not None, requests)
         first = None if args.no_warmup else throughput_pass(llm, requests, WARMUP_SALT)
@@ -158,7 +142,7 @@ def run_latency(args) -> int:
     from jaxllm import LLM
 
     requests = _file_requests(args)
-    with LLM(model=args.model, **engine_kwargs(args, 1)) as llm:
+    with LLM(**engine_kwargs(args, 1)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
         _check_text_prompts(llm.tokenizer is not None, requests)
         started = time.monotonic()

@@ -1,0 +1,111 @@
+"""The engine's command-line flags, shared by `jaxllm serve`, `jaxllm bench` and `jaxllm batch`:
+one argument group of LLM() arguments under their names (TensorRT-LLM's flags), validated by
+argparse, and `llm_kwargs`, which turns the parsed flags (and `--extra-llm-api-options FILE.yaml`,
+TensorRT-LLM's way of passing any other LLM() argument) into LLM()'s keyword arguments.
+
+Also the argparse number types the commands use (`positive_int`, `fraction`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(kind: type, what: str, ok):
+    """An argparse type: `kind(text)` when `ok(value)`, else an error saying `what` was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = _number(float, "a positive number", lambda v: v > 0 and not math.isnan(v))
+non_negative_float = _number(float, "a non-negative number", lambda v: v >= 0 and not math.isnan(v))
+port = _number(int, "a port number in 0..65535", lambda v: 0 <= v <= 65535)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1)."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
+def add_dtype_backend(p) -> None:
+    """--dtype and --backend, the LLM() arguments every command takes (a parser or a group)."""
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights' and activations' dtype (default auto: the checkpoint's)")  # fmt: skip
+    p.add_argument("--backend", default=None,
+                   help="attention backend: xla | pallas | pallas_interpret (default: pallas on GPU, xla on CPU)")
+
+
+def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None = None) -> None:
+    """The positional MODEL and the group of LLM() arguments of the engine commands."""
+    p.add_argument("model", help="built-in name, local directory, .gguf file or hub id")
+    g = p.add_argument_group("engine (LLM() arguments)")
+    add_dtype_backend(g)
+    g.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's")
+    g.add_argument("--revision", default=None, help="the hub revision of MODEL")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=None, help="devices per engine (1)")
+    g.add_argument("--max-batch-size", type=positive_int, default=None, help=max_batch_size_help)
+    g.add_argument("--max-num-tokens", type=positive_int, default=None)
+    g.add_argument("--max-seq-len", type=positive_int, default=None)
+    g.add_argument("--load-format", choices=("auto", "dummy"), default=None, help="dummy: random weights")
+    g.add_argument("--skip-tokenizer-init", action="store_true", help="no tokenizer (token-id prompts only)")
+    g.add_argument("--num-scheduler-steps", type=positive_int, default=None, help="decodes per dispatch (8)")
+    g.add_argument("--disable-overlap-scheduler", action="store_true")
+    g.add_argument("--kv-cache-free-gpu-memory-fraction", type=fraction, default=None,
+                   help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
+    g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
+                   help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
+
+
+def _extra_options(path: str) -> dict:
+    import yaml  # PyYAML, a dependency of transformers
+
+    with open(path, encoding="utf-8") as f:
+        extra = yaml.safe_load(f) or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: expected a mapping of LLM() arguments, got {type(extra).__name__}")
+    return extra
+
+
+def llm_kwargs(args, **defaults) -> dict:
+    """LLM()'s keyword arguments from the flags of `add_engine_args`: the --extra-llm-api-options
+    file, then `defaults` (the command's own, e.g. a batch size sized to the job) where the file
+    does not set them, then every flag given on the command line."""
+    kwargs = _extra_options(args.extra_llm_api_options) if args.extra_llm_api_options else {}
+    for name, value in defaults.items():
+        kwargs.setdefault(name, value)
+    flags = {"model": args.model, "tokenizer": args.tokenizer, "revision": args.revision, "backend": args.backend,
+             "tensor_parallel_size": args.tensor_parallel_size, "max_batch_size": args.max_batch_size,
+             "max_num_tokens": args.max_num_tokens, "max_seq_len": args.max_seq_len, "load_format": args.load_format,
+             "num_scheduler_steps": args.num_scheduler_steps}  # fmt: skip
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+    if args.dtype != "auto" or "dtype" not in kwargs:
+        kwargs["dtype"] = args.dtype
+    for name in ("trust_remote_code", "skip_tokenizer_init", "disable_overlap_scheduler"):
+        if getattr(args, name):
+            kwargs[name] = True
+    if args.kv_cache_free_gpu_memory_fraction is not None:
+        kv = kwargs.get("kv_cache_config") or {}
+        if isinstance(kv, dict):
+            kv = dict(kv, free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+        else:  # a KvCacheConfig given by a caller's defaults
+            import dataclasses
+
+            kv = dataclasses.replace(kv, free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+        kwargs["kv_cache_config"] = kv
+    return kwargs
