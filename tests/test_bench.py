@@ -42,9 +42,9 @@ def _check_consistent(s: dict) -> None:
     assert s["per_user_output_speed_tok_s"] > 0
 
 
-def test_throughput_fixed_lengths(tiny_dir, tmp_path):
+def test_throughput_fixed_lengths(tiny_dir, tmp_path, capsys):
     result = _run(["throughput", str(tiny_dir("llama")), *ENGINE, "--num-requests", "6", "--input-len", "12",
-                   "--output-len", "5"], tmp_path)  # fmt: skip
+                   "--output-len", "5", "--breakdown"], tmp_path)  # fmt: skip
     for name in ("measured", "first_pass"):
         s = result[name]
         assert (s["completed"], s["failed"]) == (6, 0)
@@ -53,6 +53,16 @@ def test_throughput_fixed_lengths(tiny_dir, tmp_path):
         _check_consistent(s)
     assert result["dataset"]["name"] == "random" and result["dataset"]["num_requests"] == 6
     assert result["engine_args"]["max_batch_size"] == 6
+    # --breakdown: every step of each pass traced; the prompts' tokens once each, then 4 decodes each
+    # (the first output token comes from the prompt's last position); buckets only add padding.
+    assert "where the measured pass's time went" in capsys.readouterr().out
+    for name in ("measured", "first_pass"):
+        b = result["breakdown"][name]
+        assert b["prompt_tokens"] == 6 * 12 and b["tokens"] == 6 * 12 + 6 * 4, b
+        assert b["padded_tokens"] >= b["row_tokens"] >= b["tokens"] and 0 < b["useful_token_share"] <= 1
+        assert b["steps"] == sum(k["steps"] for k in b["kinds"].values())
+        assert sum(k["share_of_time"] for k in b["kinds"].values()) == pytest.approx(1)
+        assert set(b["kinds"]) <= {"prefill", "mixed", "decode", "multi-step", "follow-on"}
 
 
 def test_throughput_jsonl(tiny_dir, tmp_path):

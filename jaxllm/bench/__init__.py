@@ -78,6 +78,8 @@ def add_parser(sub) -> None:
     add_engine_args(tp, "default: the request count (at most 2048)")
     _add_dataset_args(tp, None)
     tp.add_argument("--no-warmup", action="store_true", help="no warm-up pass (the measured pass is the first)")
+    tp.add_argument("--breakdown", action="store_true",
+                    help="trace every engine step: step kinds, padding waste, host time per step (engine/step_trace.py)")
     tp.set_defaults(func=_throughput)
 
     lat = kinds.add_parser("latency", help="batch-1 requests, streamed: TTFT and time per output token")

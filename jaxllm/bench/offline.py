@@ -19,6 +19,7 @@ import time
 from jaxllm.bench import datasets
 from jaxllm.bench.report import RequestRecord, summarize, table, write_json
 from jaxllm.cli_args import llm_kwargs
+from jaxllm.engine import step_trace
 
 WARMUP_SALT = "jaxllm-bench-warmup"  # the warm-up's prefix-cache namespace, apart from the measured pass's
 
@@ -113,13 +114,23 @@ def run_throughput(args) -> int:
     with LLM(**engine_kwargs(args, num_requests)) as llm:
         requests = requests or load_requests(args, llm.config.vocab_size)
         _check_text_prompts(llm.tokenizer is not None, requests)
+        engine = llm._check_open()
+        engine.trace_steps(args.breakdown)
         first = None if args.no_warmup else throughput_pass(llm, requests, WARMUP_SALT)
+        first_steps = engine.trace_steps(args.breakdown)
         measured = throughput_pass(llm, requests, None)
+        steps = engine.trace_steps(False)
     result = {"command": "throughput", "model": args.model, "engine_args": _json_safe(engine_kwargs(args, num_requests)),
               "dataset": describe_dataset(args, requests), "measured": measured, "first_pass": first}  # fmt: skip
+    if args.breakdown:
+        result["breakdown"] = {"measured": step_trace.breakdown(steps),
+                               "first_pass": step_trace.breakdown(first_steps) if first else None}  # fmt: skip
     if args.output_json:  # first: a closed terminal pipe must not lose the results
         write_json(args.output_json, result)
     print(table(f"throughput: {args.model}, {len(requests)} requests", {"measured": measured, "first pass": first}))
+    if args.breakdown:
+        print("\nwhere the measured pass's time went (engine steps):")
+        print(step_trace.table(result["breakdown"]["measured"]))
     return 0
 
 

@@ -40,6 +40,7 @@ from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence
 from jaxllm.engine.stats import IterationStats
 from jaxllm.engine.step_reader import StepReader
+from jaxllm.engine.step_trace import StepRecord, StepTrace, step_kind
 from jaxllm.engine.step_request import follow_on_request, step_request
 from jaxllm.outputs import Update
 
@@ -111,6 +112,9 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stats = IterationStats()
+        self._trace: StepTrace | None = None  # trace_steps(): a record of every step (engine/step_trace.py)
+        self._waited = 0.0  # seconds the current step waited for the devices' results
+        self._last_pending: PendingStep | None = None  # the current step's dispatch
         self._next_seq_id = 0
         self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         # Disaggregated serving: contexts parked for other LLMs, and imports awaiting pages.
@@ -287,6 +291,7 @@ class Engine:
             self._wake.wait(0.01)
             return
         before = sum(len(seq.token_ids) for seq in plan.generation)
+        self._waited = 0.0
         try:
             out = self._dispatch(plan)
         except Exception as e:
@@ -297,7 +302,28 @@ class Engine:
         decoded = (sum(len(seq.token_ids) for seq in gen) - before) / len(gen) if gen else 0.0
         # Before the outputs: a caller woken by them sees them.
         self._stats.record(self.scheduler, plan.scheduled, plan.context, started, decoded)
+        if self._trace is not None:
+            self._trace.add(self._step_record(plan, started, round(decoded * len(gen))))
         self.post.publish(touched)
+
+    def trace_steps(self, on: bool = True) -> list[StepRecord]:
+        """Start (or with on=False stop) recording every step (engine/step_trace.py); returns the
+        records taken since the last call."""
+        trace, self._trace = self._trace, (StepTrace() if on else None)
+        return trace.take() if trace is not None else []
+
+    def _step_record(self, plan: Plan, started: float, decoded: int) -> StepRecord:
+        """The trace's record of the step of `plan` (begun at `started`, `decoded` tokens appended to
+        its decoding sequences)."""
+        pending = self._last_pending
+        shape, steps = pending.shape, pending.decode_steps
+        prompt = sum(n for _, n in plan.context)
+        return StepRecord(
+            kind=step_kind(prompt, len(plan.generation), steps, plan.requests is None),
+            decode_steps=steps, seqs=pending.num_requests, padded_seqs=shape.num_seqs if shape else 0,
+            tokens=prompt + decoded, row_tokens=steps * pending.num_tokens,
+            padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt, wall_s=time.perf_counter() - started, wait_s=self._waited,
+        )  # fmt: skip
 
     def _schedule(self) -> Plan | None:
         """The next step's plan: the follow-on in flight if any, else the scheduler's next step
@@ -330,6 +356,7 @@ class Engine:
         pending = plan.pending
         if pending is None:
             pending = self.runner.dispatch(plan.requests, plan.steps)
+        self._last_pending = pending
         if plan.steps > 1 and self.overlap:
             self._inflight = self._follow_on(plan.scheduled, plan.steps, pending)
         out = self._read(pending)
@@ -354,11 +381,13 @@ class Engine:
     def _read(self, pending: PendingStep) -> dict:
         """`pending`'s host outputs. Aborts that arrive while it runs land now: their requests
         resolve with the tokens they have, and the step's rows of them are dropped when read."""
+        waiting = time.perf_counter()
         done = self._reader.read(pending)
         while not done.done():
             self._wake.wait()
             self._wake.clear()  # (a submit's wake too: `_loop` drains the inbox before it sleeps)
             self._take_aborts()
+        self._waited += time.perf_counter() - waiting
         return done.result()
 
     def _follow_on(self, scheduled: ScheduledStep, steps: int, pending: PendingStep):

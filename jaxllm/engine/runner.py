@@ -31,7 +31,7 @@ from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
 from jaxllm.distributed import Replica
 from jaxllm.engine import programs as programs_lib
-from jaxllm.engine.buckets import compiler_options, engine_buckets, shape_from_json
+from jaxllm.engine.buckets import ForwardShape, compiler_options, engine_buckets, shape_from_json
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.engine.step_inputs import (StepPlan, StepRequest, abstract_host_inputs, plan_step, resample_inputs,
                                        sampling_flavor)  # fmt: skip
@@ -287,7 +287,8 @@ class ModelRunner:
         fetch = [k for k in out if k not in (NEXT_TOKENS, "logits", "hidden")]
         if plan.want_last_logits:
             fetch.append("logits")
-        return PendingStep(out, len(requests), decode_steps, self.num_dispatches, fetch, self.cfg.vocab_size)
+        return PendingStep(out, len(requests), decode_steps, self.num_dispatches, fetch, self.cfg.vocab_size,
+                           plan.forward, sum(map(len, token_ids)))  # fmt: skip
 
     def _dispatch(self, plan: dict, arrays: list[np.ndarray], after: int | None) -> dict:
         """Run a step's programs (`plan`: a StepPlan's JSON) on its packed host inputs; with `after`,
@@ -400,6 +401,8 @@ class PendingStep:
     index: int = 0  # its number among the runner's dispatches (ModelRunner.num_dispatches), from 1
     fetch: list[str] | None = None  # the keys result() reads (None: all but NEXT_TOKENS)
     vocab_size: int = 0  # logits are cut to it (tensor parallelism pads the vocabulary)
+    shape: ForwardShape | None = None  # its forward program's bucket
+    num_tokens: int = 0  # the forward's tokens for the requests (per decode step): the rest is padding
 
     def result(self) -> dict[str, np.ndarray]:
         """Host arrays with a row per request (waits for the step)."""
