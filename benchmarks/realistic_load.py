@@ -1,0 +1,156 @@
+"""Realistic load on one card, and where its time goes: the ShareGPT-like mix offline (every request
+queued at once), its first pass (compilation included, never subtracted) beside its second, with
+output tok/s, TTFT and TPOT percentiles and the engine's step breakdown (engine/step_trace.py:
+step kinds, padding waste, host time per step); then, on a GPU, the kernels the mix leans on
+against what the card can do: prefill attention (the ragged Pallas kernel against cuDNN's
+`jax.nn.dot_product_attention`, at the mix's prompt lengths, same run) and the model's GEMMs
+(achieved TFLOP/s against the datasheet's dense bf16 rate).
+
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/realistic_load.py --card h200   # JSON to $OUT
+    PYTHONPATH=$PWD python benchmarks/realistic_load.py --card cpu                       # SmolLM2, small mix
+
+--requests / --prompt-mean / --output-mean / --sigma / --max-prompt / --max-output / --seed change
+the mix (defaults: the card's, common.CARDS); --skip-kernels leaves out the kernel section.
+Prints tables, and one JSON line (RESULT ...) that is also written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import CARDS, default_out, print_result, time_calls, write_json
+
+# Datasheet dense bf16 tensor-core rates, TFLOP/s (no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def run_mix(llm, requests, log) -> dict:
+    """The mix twice through the same engine: the first pass (whatever it compiles counts) and the
+    second, each with its summary and step breakdown."""
+    from jaxllm.bench.offline import throughput_pass
+    from jaxllm.engine import step_trace
+
+    engine = llm._check_open()
+    result = {}
+    for name, salt in (("first_pass", "realistic-load-first"), ("second_pass", None)):
+        engine.trace_steps(True)
+        summary = throughput_pass(llm, requests, salt)
+        figures = step_trace.breakdown(engine.trace_steps(False))
+        result[name] = {"summary": summary, "breakdown": figures}
+        log(f"\n{name}: {summary['total_output_throughput_tok_s']:,.0f} output tok/s, "
+            f"TTFT p50/p99 {summary['ttft_ms']['p50']:.0f}/{summary['ttft_ms']['p99']:.0f} ms, "
+            f"TPOT p50/p99 {summary['tpot_ms']['p50']:.1f}/{summary['tpot_ms']['p99']:.1f} ms, "
+            f"{summary['total_latency_s']:.1f} s")  # fmt: skip
+        log(step_trace.table(figures))
+    first, second = (result[k]["summary"]["total_output_throughput_tok_s"] for k in ("first_pass", "second_pass"))
+    result["second_over_first"] = second / first
+    return result
+
+
+def prefill_attention(prompt_lens, log) -> list[dict]:
+    """kernel_bandwidth's prefill comparison (ragged Pallas, cuDNN, XLA) at `prompt_lens`."""
+    import numpy as np
+
+    import kernel_bandwidth as kb
+
+    setup = dataclasses.replace(kb.FULL, prefill_lens=tuple(prompt_lens))
+    return kb.bench_prefill(setup, np.random.default_rng(0), log)
+
+
+def gemm_efficiency(config, token_counts, peak_tflops: float | None, log) -> list[dict]:
+    """The decoder layer's GEMMs of `config` (bf16) at `token_counts` rows: achieved TFLOP/s, and
+    the share of the datasheet rate."""
+    import jax
+    import jax.numpy as jnp
+
+    h, ffn = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * ffn), "down": (ffn, h)}
+    rows = []
+    log(f"\n{'tokens':>6}  {'gemm':<8} {'K x N':>13} {'time us':>9} {'TFLOP/s':>8} {'% peak':>7}")
+    for tokens in token_counts:
+        for name, (k, n) in shapes.items():
+            key = jax.random.key(tokens)
+            w = (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+            xs = [(jax.random.normal(jax.random.fold_in(key, i), (tokens, k), jnp.bfloat16), w) for i in range(4)]
+            seconds, _ = time_calls(lambda x, w: x @ w, xs, repeats=5)
+            tflops = 2 * tokens * k * n / seconds / 1e12
+            row = {"tokens": tokens, "gemm": name, "k": k, "n": n, "seconds": seconds, "tflop_per_s": tflops,
+                   "share_of_peak": tflops / peak_tflops if peak_tflops else None}  # fmt: skip
+            rows.append(row)
+            share = f"{100 * row['share_of_peak']:.1f}" if peak_tflops else "-"
+            log(f"{tokens:>6}  {name:<8} {f'{k} x {n}':>13} {seconds * 1e6:>9.1f} {tflops:>8.1f} {share:>7}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--card", choices=sorted(CARDS), default="h200")
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--prompt-mean", type=float, default=None)
+    parser.add_argument("--output-mean", type=float, default=None)
+    parser.add_argument("--sigma", type=float, default=None)
+    parser.add_argument("--max-prompt", type=int, default=None)
+    parser.add_argument("--max-output", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-kernels", action="store_true", help="only the mix")
+    parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
+    args = parser.parse_args(argv)
+    import jax
+
+    from jaxllm import LLM
+    from jaxllm.bench.datasets import sharegpt_like_requests
+
+    card = CARDS[args.card]
+    mix = dict(card["mix"])
+    for key in ("requests", "prompt_mean", "output_mean", "sigma", "max_prompt", "max_output"):
+        if getattr(args, key) is not None:
+            mix["n" if key == "requests" else key] = getattr(args, key)
+
+    def log(line):
+        print(line, flush=True)
+
+    device = jax.devices()[0]
+    result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
+              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    log(f"device: {device.device_kind}; mix: {mix}")
+    started = time.perf_counter()
+    with LLM(model=card["model"], **card["llm"]) as llm:
+        result["llm_s"] = time.perf_counter() - started
+        requests = sharegpt_like_requests(mix["n"], llm.config.vocab_size, args.seed, mix["prompt_mean"],
+                                          mix["output_mean"], mix["sigma"], mix["max_prompt"], mix["max_output"])  # fmt: skip
+        lens = sorted(len(r.prompt) for r in requests)
+        result["prompt_tokens_p50_p90_p99"] = [lens[len(lens) * q // 100] for q in (50, 90, 99)]
+        log(f"LLM() ready in {result['llm_s']:.1f} s; prompt tokens p50/p90/p99 {result['prompt_tokens_p50_p90_p99']}")
+        result.update(run_mix(llm, requests, log))
+        config = llm.config
+    if not args.skip_kernels and device.platform == "gpu":
+        from common import free_device
+
+        free_device()
+        page = 64
+        prompt_lens = sorted({max(page, round(n / page) * page) for n in result["prompt_tokens_p50_p90_p99"]} | {2048})
+        result["prefill_attention"] = prefill_attention(prompt_lens, log)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device.device_kind), None)
+        result["gemm"] = gemm_efficiency(config, (64, 256, 1024, 4096), peak, log)
+    out = Path(args.out or Path(default_out()) / f"realistic_load_{args.card}_{result['date']}.json")
+    write_json(out, result)
+    brief = {k: v for k, v in result.items() if k not in ("prefill_attention", "gemm", "first_pass", "second_pass")}
+    for name in ("first_pass", "second_pass"):
+        s, b = result[name]["summary"], result[name]["breakdown"]
+        brief[name] = {"output_tok_s": s["total_output_throughput_tok_s"], "ttft_ms": s["ttft_ms"], "tpot_ms": s["tpot_ms"],
+                       "useful_token_share": b["useful_token_share"], "mean_host_ms": b["mean_host_ms"],
+                       "share_of_time": {k: v["share_of_time"] for k, v in b["kinds"].items()}}  # fmt: skip
+    print_result(brief)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
