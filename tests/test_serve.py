@@ -95,6 +95,14 @@ def test_completion_usage_and_length(client, smollm2_llm):
     assert choice.text == ref.outputs[0].text
     assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
     assert out.usage.completion_tokens == 6 and out.usage.total_tokens == out.usage.prompt_tokens + 6
+    # vLLM's return_token_ids: the choice's token ids (and the prompt's), streamed too
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert out.choices[0].token_ids == ref.outputs[0].token_ids
+    assert out.choices[0].prompt_token_ids == ref.prompt_token_ids
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert [t for chunk in stream for t in chunk.choices[0].token_ids] == ref.outputs[0].token_ids
 
 
 def test_streamed_chat_joins_to_unstreamed(client):

@@ -6,7 +6,9 @@ all at once (inf), with at most `--max-concurrency` in flight. Token-id prompts 
 datasets) are sent as lists of ints, which the completions API accepts.
 
 Token counts come from the final chunk's `usage` (asked for with stream_options.include_usage);
-a server that sends none has its output tokens counted one per streamed chunk with text. A request
+a server that sends none has its output tokens counted one per streamed chunk with text. Tokens
+arrive with a chunk that has text or token ids (`return_token_ids`, vLLM's extension, asked for: a
+server without a tokenizer streams token ids and no text). A request
 that gets an HTTP error, an error event, a broken stream or no tokens at all is a failure: counted,
 its reason kept, and left out of every figure but the failure count.
 """
@@ -40,7 +42,7 @@ def completions_url(base_url: str, endpoint: str) -> str:
 async def send(client, url: str, model: str, request: BenchRequest, ignore_eos: bool) -> RequestRecord:
     """One streamed completion; its record (with `error` set when it failed)."""
     body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}  # fmt: skip
     if ignore_eos:
         body["ignore_eos"] = True
     record = RequestRecord(prompt_tokens=request.prompt_len)
@@ -65,7 +67,7 @@ async def send(client, url: str, model: str, request: BenchRequest, ignore_eos: 
                 if event.get("usage"):
                     usage = event["usage"]
                 choices = event.get("choices") or []
-                if choices and choices[0].get("text"):
+                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
                     arrivals.append(time.monotonic())
                     chunks += 1
     except Exception as e:  # a refused connection, a broken stream, bad JSON: the request failed

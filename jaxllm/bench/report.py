@@ -54,8 +54,9 @@ def distribution(values_s: list[float]) -> dict:
 def summarize(records: list[RequestRecord], duration_s: float) -> dict:
     """The figures of one pass of `records` that took `duration_s` of wall time.
 
-    per_user_output_speed_tok_s: the mean over requests of 1 / TPOT, the rate a user's tokens arrive
-    once the first has (trtllm-bench's per-user output speed).
+    per_user_output_speed_tok_s: 1 / the mean TPOT, the rate a user's tokens arrive once the first
+    has (trtllm-bench's per-user output speed); the reciprocal of the mean, not the mean of the
+    reciprocals, which a request whose tokens all arrive in one burst (a tiny TPOT) would swamp.
     """
     done = [r for r in records if r.error is None]
     prompt_tokens = sum(r.prompt_tokens or 0 for r in done)
@@ -77,7 +78,7 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
         "request_throughput_req_s": len(done) / duration_s,
         "total_output_throughput_tok_s": output_tokens / duration_s,
         "total_token_throughput_tok_s": (prompt_tokens + output_tokens) / duration_s,
-        "per_user_output_speed_tok_s": (sum(1 / t for t in tpots if t > 0) / len(tpots)) if tpots else None,
+        "per_user_output_speed_tok_s": len(tpots) / sum(tpots) if tpots and sum(tpots) > 0 else None,
         "ttft_ms": distribution([r.ttft for r in done if r.ttft is not None]),
         "tpot_ms": distribution(tpots),
         "itl_ms": distribution(itl),

@@ -375,6 +375,9 @@ async def _respond(request: Request, state: ServerState, llm, body, outputs: lis
             else:
                 choice["text"] = seq.text
             choice["logprobs"] = logprobs
+            if body.return_token_ids:
+                choice["token_ids"] = list(seq.token_ids)
+                choice["prompt_token_ids"] = list(out.prompt_token_ids or ())
             choices.append(choice)
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": state.model_name, "choices": choices, "usage": _usage(done)}  # fmt: skip
@@ -420,6 +423,8 @@ async def _stream(state: ServerState, llm, body, outputs: list, request_id: str,
                     choice["delta"] = {"content": text} if text else {}
                 else:
                     choice["text"] = text
+                if body.return_token_ids:
+                    choice["token_ids"] = list(tokens)
                 choices.append(choice)
             if choices:
                 yield chunk(choices)

@@ -63,6 +63,7 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice also carries its token ids (and the prompt's, unstreamed)
 
     @property
     def include_usage(self) -> bool:
