@@ -64,7 +64,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     total = len(flatten_paths(param_specs(cfg)))
-    with tqdm(total=total, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"converting {gguf_path.name}", unit="tensor", disable=None if progress else True) as bar:
         for name, array in gguf.iter_gguf_file_tensors(gguf_path, cfg):
             if not mapper.wants(name):
                 continue

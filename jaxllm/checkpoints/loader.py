@@ -103,7 +103,7 @@ def _bar(resolved: ResolvedModel, cfg: ModelConfig, dtype, progress: bool):
     largest), shown only if loading takes over a second."""
     leaves = flatten_paths(abstract_params(cfg, dtype)).values()
     total = sum(int(np.prod(a.shape)) * jnp.dtype(dtype).itemsize for a in leaves)
-    return tqdm(total=total, desc=f"loading {resolved.path.name}", unit="B", unit_scale=True, disable=not progress,
+    return tqdm(total=total, desc=f"loading {resolved.path.name}", unit="B", unit_scale=True, disable=None if progress else True,
                 leave=False, delay=1.0)  # fmt: skip
 
 
