@@ -322,7 +322,8 @@ class Engine:
             kind=step_kind(prompt, len(plan.generation), steps, plan.requests is None),
             decode_steps=steps, seqs=pending.num_requests, padded_seqs=shape.num_seqs if shape else 0,
             tokens=prompt + decoded, row_tokens=steps * pending.num_tokens,
-            padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt, wall_s=time.perf_counter() - started, wait_s=self._waited,
+            padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt,
+            wall_s=time.perf_counter() - started, wait_s=self._waited,
         )  # fmt: skip
 
     def _schedule(self) -> Plan | None:
