@@ -244,8 +244,13 @@ class EngineArgs:
     load_format: str = "auto"  # 'auto' reads the checkpoint; 'dummy' makes random weights on the device
     seed: Optional[int] = None  # engine-wide base for unseeded requests' random streams
     num_postprocess_workers: int = 0
+    # get_stats: the most iterations kept between calls (None: 1000); enable_iter_req_stats adds
+    # each iteration's per-request statistics (requestStats), kept for the most recent
+    # request_stats_max_iterations iterations (None: all kept ones).
     iter_stats_max_iterations: Optional[int] = None
     enable_iter_perf_stats: bool = True
+    enable_iter_req_stats: bool = False
+    request_stats_max_iterations: Optional[int] = None
     # Accepted for compatibility with TensorRT-LLM scripts; values other than these are refused.
     pipeline_parallel_size: int = 1
     moe_expert_parallel_size: Optional[int] = None
@@ -280,6 +285,7 @@ class EngineArgs:
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("max_input_len", self.max_input_len)
         _positive_int("num_scheduler_steps", self.num_scheduler_steps, allow_none=False)
+        self._check_stats()
         if self.kv_cache_config is None:
             self.kv_cache_config = KvCacheConfig()
         elif isinstance(self.kv_cache_config, dict):
@@ -306,6 +312,15 @@ class EngineArgs:
         if self.max_beam_width != 1:
             raise NotImplementedError("beam search (max_beam_width > 1) is not supported by jaxllm")
         self._check_adapters()
+
+    def _check_stats(self) -> None:
+        for name in ("iter_stats_max_iterations", "request_stats_max_iterations"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an int >= 0 or None")
+        for name in ("enable_iter_perf_stats", "enable_iter_req_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True, False")
 
     def _check_adapters(self) -> None:
         if not isinstance(self.enable_lora, bool):

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Sequence as Seq
+from typing import Callable, Optional, Sequence as Seq
 
+from jaxllm.engine.host_cache import HostPageCache
+from jaxllm.engine.kv_events import KVCacheEvents
 from jaxllm.engine.prefix_cache import PrefixCache, cache_namespace, page_hash, page_retention, root_hash
 from jaxllm.engine.sequence import Sequence
 
@@ -34,7 +36,8 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_reuse: bool = True,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, host: Optional[HostPageCache] = None,
+                 events: Optional[KVCacheEvents] = None):  # fmt: skip
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (one is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -42,6 +45,12 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: collections.deque[int] = collections.deque(range(1, num_blocks))
         self.cache = PrefixCache(clock) if enable_reuse else None
+        self.host = host if enable_reuse else None  # the host tier (host_cache.py), or None
+        self.events = events if enable_reuse else None  # KV cache events (kv_events.py), or None
+        # A cached page's (parent hash, token ids), kept for the host tier and the events.
+        self._page_info: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        if self.events is not None:
+            self.events.created([self.num_usable_blocks, self.host.capacity if self.host is not None else 0])
         # Cumulative counters (get_stats kvCacheStats).
         self.num_new = 0  # pages taken from the free list or evicted (allocNewBlocks)
         self.num_reused = 0  # page references taken from the cache or a sibling sample (reusedBlocks)
@@ -115,8 +124,11 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens, cached)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV pages: need {needed}, {self.num_free_blocks} free")
+        request = seq.request
         if not seq.block_table:  # an admission: count the prefix pages found and missed
-            self.num_missed += -(-seq.num_tokens // self.block_size) - len(cached)
+            missed = -(-seq.num_tokens // self.block_size) - len(cached)
+            self.num_missed += missed
+            request.num_missed_blocks += missed
         for page in cached:
             if self.ref_counts[page] == 0:
                 self.cache.acquire(page)
@@ -126,16 +138,14 @@ class BlockManager:
             seq.num_computed = len(cached) * self.block_size
             seq.num_registered_pages = len(cached)
             self.num_reused += len(cached)
+            request.num_reused_blocks += len(cached)
         total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
         for _ in range(total - len(seq.block_table)):
-            if self.free_blocks:
-                page = self.free_blocks.popleft()
-            else:
-                page = self.cache.evict()
-                self.num_evicted += 1
+            page = self.free_blocks.popleft() if self.free_blocks else self._evict()
             self.ref_counts[page] = 1
             seq.block_table.append(page)
             self.num_new += 1
+            request.num_new_blocks += 1
 
     def share_prefix(self, source: Sequence, target: Sequence, num_tokens: int) -> int:
         """Give `target` (which holds no pages) the full pages of `source` covering up to `num_tokens`
@@ -149,6 +159,7 @@ class BlockManager:
         target.block_table = list(blocks)
         target.num_registered_pages = len(blocks)
         self.num_reused += len(blocks)
+        target.request.num_reused_blocks += len(blocks)
         return len(blocks) * self.block_size
 
     def register_computed(self, seq: Sequence) -> None:
@@ -158,9 +169,18 @@ class BlockManager:
         if self.cache is None or full <= seq.num_registered_pages:
             return
         hashes = self.page_hashes(seq, full)
+        stored = []
         for i in range(seq.num_registered_pages, full):
-            self.cache.register(seq.block_table[i], hashes[i])
+            page = seq.block_table[i]
+            new = self.cache.hash_of(page) is None
+            if self.cache.register(page, hashes[i]) and new and (self.events is not None or self.host is not None):
+                tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+                parent = hashes[i - 1] if i else root_hash(cache_namespace(seq.request))
+                self._page_info[page] = (parent, tokens)
+                stored.append((i, hashes[i], tokens))
         seq.num_registered_pages = full
+        if self.events is not None and stored:
+            self._store_events(seq, stored, hashes)
 
     def free(self, seq: Sequence) -> None:
         """Release every page of `seq` (shared pages stay until their last holder frees them). A
@@ -186,6 +206,80 @@ class BlockManager:
 
     def clear_cache(self) -> None:
         """Forget every cached hash (after the KV cache was rebuilt): evictable pages become plain free
-        pages, and pages still held free as plain pages."""
+        pages, and pages still held free as plain pages. The host tier's copies stay valid."""
         if self.cache is not None:
+            if self.events is not None:
+                self.events.removed(self.cache.hashes())
+            self._page_info.clear()
             self.free_blocks.extend(self.cache.clear())
+
+    # ---- the events and the host tier ----------------------------------------------------------
+    def _store_events(self, seq: Sequence, stored: list, hashes: list[bytes]) -> None:
+        """`stored` event(s) for newly registered pages, (index, hash, tokens): one per run of
+        consecutive pages, under the run's parent (None for a sequence's first page)."""
+        request = seq.request
+        lora = request.lora_request.lora_int_id if request.lora_request is not None else None
+        run: list = []
+        for n, (i, digest, tokens) in enumerate(stored):
+            start = i * self.block_size
+            priority, _ = page_retention(request.retention, seq.num_prompt_tokens, start, start + self.block_size)
+            run.append((digest, tokens, priority))
+            if n + 1 == len(stored) or stored[n + 1][0] != i + 1:
+                first = i - len(run) + 1
+                self.events.stored(hashes[first - 1] if first else None, run, lora)
+                run = []
+
+    def _evict(self, keep: frozenset[int] | set[int] = frozenset()) -> int:
+        """Evict the next cached page (not one of `keep`) to hand it out: with a host tier its K/V
+        is copied there first (the event says it moved to level 1), else it is gone."""
+        page, digest, priority = self.cache.evict_entry(keep)
+        self.num_evicted += 1
+        info = self._page_info.pop(page, None)
+        if self.host is not None and info is not None:
+            dropped = self.host.offload(page, digest, info[0], info[1], priority)
+            if self.events is not None:
+                if digest not in dropped:
+                    self.events.updated(digest, cache_level=(0, 1))
+                self.events.removed(dropped)
+        elif self.events is not None:
+            self.events.removed([digest])
+        return page
+
+    def onboard(self, seq: Sequence) -> int:
+        """Bring back from the host tier the pages of `seq`'s prefix that the device cache lacks
+        right after its cached run (at most floor((num_tokens - 1) / page_size) pages in all): each
+        into a free page (or an evicted one outside the run), cached and evictable again, so that
+        `match_prefix` finds it. Called before admission; returns the pages brought back."""
+        if (self.host is None or not self.host.num_pages or seq.block_table
+                or seq.request.needs_prompt_logits):  # fmt: skip
+            return 0
+        hashes = self.page_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        run: list[int] = []
+        for digest in hashes:
+            page = self.cache.lookup(digest)
+            if page is None:
+                break
+            run.append(page)
+        keep = set(run)
+        brought = 0
+        for digest in hashes[len(run) :]:
+            if digest not in self.host:
+                break
+            if self.free_blocks:
+                page = self.free_blocks.popleft()
+            elif self.cache.num_evictable > sum(1 for p in keep if self.cache.is_evictable(p)):
+                page = self._evict(keep)
+                if digest not in self.host:  # the host dropped it to make room for the page just evicted
+                    self.free_blocks.appendleft(page)
+                    break
+            else:
+                break
+            entry = self.host.onboard(digest, page)
+            self.cache.register(page, digest)
+            self.cache.release(page, entry.priority, None)
+            self._page_info[page] = (entry.parent, entry.token_ids)
+            if self.events is not None:
+                self.events.updated(digest, cache_level=(1, 0))
+            keep.add(page)
+            brought += 1
+        return brought

@@ -39,6 +39,7 @@ from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.engine.stats import IterationStats
 from jaxllm.llm_args import EngineArgs, resolve_backend
 from jaxllm.models.params import abstract_params, param_bytes
 from jaxllm.tokenizer import load_tokenizer
@@ -299,8 +300,12 @@ class EngineBuilder:
         )
         transfer = self._transfer_settings()
         self.kv_fingerprint = transfer.fingerprint
+        # enable_iter_perf_stats=False keeps no iteration (TensorRT-LLM's get_stats is then empty).
+        stats = IterationStats(args.iter_stats_max_iterations if args.enable_iter_perf_stats else 0,
+                               args.enable_iter_req_stats and args.enable_iter_perf_stats,
+                               args.request_stats_max_iterations)  # fmt: skip
         return Engine(runner, scheduler, self.tokenizer, self.max_seq_len, cfg.vocab_size, transfer,
-                      overlap=not args.disable_overlap_scheduler)  # fmt: skip
+                      overlap=not args.disable_overlap_scheduler, stats=stats)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():
