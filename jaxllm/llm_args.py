@@ -71,6 +71,23 @@ class KvCacheConfig:
     enable_block_reuse: keep full pages cached after their requests finish, and share them between
         requests with the same prefix (and the same cache_salt and adapters); see engine/prefix_cache.py.
     dtype: KV cache dtype: 'auto' (the model's), 'float32', 'bfloat16', 'float16'.
+    max_attention_window: per-layer attention windows (a list repeated over the layers; None: each
+        layer's own). A window >= max_seq_len is no limit; a smaller one must be the model's own
+        window for that layer (its sliding layers'): jaxllm does not narrow attention further.
+    sink_token_length: None or 0 (jaxllm has no attention sinks).
+    host_cache_size: bytes of host memory for pages evicted from the device prefix cache (None or 0:
+        none); a later request with the same prefix copies them back instead of computing them
+        (engine/host_cache.py).
+    onboard_blocks: True: host pages are copied back to the device to be reused. jaxllm's kernels
+        read device pages only, so False behaves as True (logged).
+    secondary_offload_min_priority: only pages of a retention priority above it go to the host
+        tier (None: all).
+    event_buffer_max_size: > 0 records KV cache events (stored, removed, updated, created) for
+        `LLM.get_kv_cache_events`, keeping at most this many (engine/kv_events.py).
+    enable_partial_reuse: also reuse the leading tokens of a cached page that matches a new prompt
+        only partly, by copying that page (after the prompt's whole cached pages).
+    copy_on_partial_reuse: accepted; jaxllm always copies (a cached page is never written), so
+        False behaves as True.
     """
 
     free_gpu_memory_fraction: float = 0.9
@@ -78,6 +95,14 @@ class KvCacheConfig:
     tokens_per_block: int = 32
     enable_block_reuse: bool = True
     dtype: str = "auto"
+    max_attention_window: Optional[List[int]] = None
+    sink_token_length: Optional[int] = None
+    host_cache_size: Optional[int] = None
+    onboard_blocks: bool = True
+    secondary_offload_min_priority: Optional[int] = None
+    event_buffer_max_size: int = 0
+    enable_partial_reuse: bool = True
+    copy_on_partial_reuse: bool = True
 
     def __post_init__(self):
         f = self.free_gpu_memory_fraction
@@ -90,6 +115,34 @@ class KvCacheConfig:
             raise ValueError(f"tokens_per_block={tpb} is invalid; allowed: a power of two up to 1024")
         if not isinstance(self.enable_block_reuse, bool):
             raise TypeError(f"enable_block_reuse must be a bool, got {self.enable_block_reuse!r}")
+        self._check_reuse_fields()
+
+    def _check_reuse_fields(self) -> None:
+        """The attention-window, host-tier, event and partial-reuse fields (TensorRT-LLM's)."""
+        windows = self.max_attention_window
+        if windows is not None:
+            if (not isinstance(windows, (list, tuple)) or not windows
+                    or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows)):  # fmt: skip
+                raise ValueError(f"max_attention_window={windows!r} is invalid; allowed: None or a non-empty list "
+                                 "of positive ints")  # fmt: skip
+            self.max_attention_window = list(windows)
+        if self.sink_token_length not in (None, 0) or isinstance(self.sink_token_length, bool):
+            raise ValueError(f"sink_token_length={self.sink_token_length!r} is invalid; allowed: None, 0 (jaxllm's "
+                             "attention keeps no sink tokens)")  # fmt: skip
+        size = self.host_cache_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"host_cache_size={size!r} is invalid; allowed: None or an int >= 0 (bytes)")
+        minimum = self.secondary_offload_min_priority
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
+                                    or not RETENTION_PRIORITY_MIN <= minimum <= RETENTION_PRIORITY_MAX):  # fmt: skip
+            raise ValueError(f"secondary_offload_min_priority={minimum!r} is invalid; allowed: None or an int in "
+                             f"[{RETENTION_PRIORITY_MIN}, {RETENTION_PRIORITY_MAX}]")  # fmt: skip
+        events = self.event_buffer_max_size
+        if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+            raise ValueError(f"event_buffer_max_size={events!r} is invalid; allowed: an int >= 0 (0: no events)")
+        for name in ("onboard_blocks", "enable_partial_reuse", "copy_on_partial_reuse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True, False")
 
 
 RETENTION_PRIORITY_MIN, RETENTION_PRIORITY_MAX, RETENTION_PRIORITY_DEFAULT = 0, 100, 35

@@ -6,7 +6,10 @@ prompt's full pages (`share_prefix`), and with block reuse on, requests share ca
 common prefix (`match_prefix`, then `allocate(..., cached=...)`).
 
 With reuse on, a page whose tokens are all computed is registered in the `PrefixCache` under its
-chained hash (`register_computed`). When its last holder frees it, a registered page stays cached
+chained hash (`register_computed`). Three KvCacheConfig extras hang off that: partial reuse
+(`match_partial`: the leading tokens of a partly matching cached page, copied), the host tier
+(an evicted page goes to `HostPageCache`, and `onboard` brings a waiting prompt's pages back) and
+the KV cache events (`KVCacheEvents`: stored, removed, moved between levels). When its last holder frees it, a registered page stays cached
 and becomes *evictable* rather than free; `num_free_blocks` counts both kinds, and `allocate`
 takes plain free pages first, then evicts (lowest retention priority, least recently released).
 A sequence reuses at most floor((num_tokens - 1) / page_size) pages, so at least its last token
@@ -15,6 +18,7 @@ is computed (the step needs its logits) and no shared page is ever written.
 
 from __future__ import annotations
 
+import array
 import collections
 import time
 from typing import Callable, Optional, Sequence as Seq
@@ -37,7 +41,8 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_reuse: bool = True,
                  clock: Callable[[], float] = time.monotonic, host: Optional[HostPageCache] = None,
-                 events: Optional[KVCacheEvents] = None):  # fmt: skip
+                 events: Optional[KVCacheEvents] = None,
+                 copy_page: Optional[Callable[[int, int, Seq[int]], None]] = None):  # fmt: skip
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (one is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -47,8 +52,15 @@ class BlockManager:
         self.cache = PrefixCache(clock) if enable_reuse else None
         self.host = host if enable_reuse else None  # the host tier (host_cache.py), or None
         self.events = events if enable_reuse else None  # KV cache events (kv_events.py), or None
-        # A cached page's (parent hash, token ids), kept for the host tier and the events.
-        self._page_info: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        # Partial reuse (KvCacheConfig.enable_partial_reuse): copy_page(source, target, token ids)
+        # copies a device page; None: whole pages only.
+        self.copy_page = copy_page if enable_reuse else None
+        self._track = self.host is not None or self.events is not None or self.copy_page is not None
+        # A cached page's (parent hash, token ids), and the cached pages under each parent hash,
+        # kept for the host tier, the events and partial reuse.
+        self._page_info: dict[int, tuple[bytes, array.array]] = {}
+        self._children: dict[bytes, set[int]] = collections.defaultdict(set)
+        self.num_partial_reused = 0  # pages admissions took a leading part of (copied)
         if self.events is not None:
             self.events.created([self.num_usable_blocks, self.host.capacity if self.host is not None else 0])
         # Cumulative counters (get_stats kvCacheStats).
@@ -106,22 +118,53 @@ class BlockManager:
             pages.append(page)
         return pages
 
+    def match_partial(self, seq: Sequence, cached: Seq[int]) -> Optional[tuple[int, int]]:
+        """Partial reuse: after `seq`'s cached full pages (`cached`, from match_prefix), the cached
+        page under the same parent whose leading tokens match the most of `seq`'s next ones, as
+        (page, tokens it gives); None when none matches, partial reuse is off, or `seq` may take no
+        more (its last token is always computed). Changes nothing: pass it to `blocks_needed` and
+        `allocate`, which copy that page's leading tokens' K/V into a page of `seq`'s own."""
+        if self.copy_page is None or seq.block_table or seq.request.needs_prompt_logits:
+            return None
+        size, index = self.block_size, len(cached)
+        limit = min(size, seq.num_tokens - 1 - index * size)
+        if limit <= 0:
+            return None
+        parent = self.page_hashes(seq, index)[-1] if index else root_hash(cache_namespace(seq.request))
+        wanted = seq.token_ids[index * size : index * size + limit]
+        best, best_len = None, 0
+        for page in self._children.get(parent, ()):
+            tokens = self._page_info[page][1]
+            n = 0
+            while n < limit and tokens[n] == wanted[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = page, n
+        return (best, best_len) if best is not None else None
+
     # ---- allocation -------------------------------------------------------------------------
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> int:
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = (),
+                      partial: Optional[tuple[int, int]] = None) -> int:  # fmt: skip
         """Free pages `seq` takes to hold its computed tokens plus `num_new_tokens` more: new pages,
-        plus the pages of `cached` (from match_prefix, reused first) that are evictable now."""
+        plus the pages of `cached` (from match_prefix, reused first) that are evictable now, plus a
+        `partial` source page (match_partial) that is evictable (it may not be evicted for the copy)."""
         held = len(seq.block_table) + len(cached)
-        total = -(-(seq.num_computed + len(cached) * self.block_size + num_new_tokens) // self.block_size)
+        reused = len(cached) * self.block_size + (partial[1] if partial else 0)
+        total = -(-(seq.num_computed + reused + num_new_tokens) // self.block_size)
         taken = sum(1 for page in cached if self.cache.is_evictable(page)) if cached else 0
+        if partial is not None and self.cache.is_evictable(partial[0]):
+            taken += 1
         return max(0, total - held) + taken
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> None:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = (),
+                 partial: Optional[tuple[int, int]] = None) -> None:  # fmt: skip
         """Grow `seq`'s block table to cover `num_new_tokens` more tokens, first with the `cached`
-        pages of its prefix (from match_prefix, when it holds none: they count as computed)."""
-        needed = self.blocks_needed(seq, num_new_tokens, cached)
+        pages of its prefix (from match_prefix, when it holds none: they count as computed), then
+        a copy of the `partial` page (match_partial) whose leading tokens count as computed."""
+        needed = self.blocks_needed(seq, num_new_tokens, cached, partial)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV pages: need {needed}, {self.num_free_blocks} free")
         request = seq.request
@@ -139,6 +182,16 @@ class BlockManager:
             seq.num_registered_pages = len(cached)
             self.num_reused += len(cached)
             request.num_reused_blocks += len(cached)
+        if partial is not None:
+            source, num_tokens = partial
+            page = self.free_blocks.popleft() if self.free_blocks else self._evict(keep={source})
+            self.copy_page(source, page, self._page_info[source][1])  # enqueued before the step that uses it
+            self.ref_counts[page] = 1
+            seq.block_table.append(page)
+            seq.num_computed += num_tokens
+            self.num_new += 1
+            request.num_new_blocks += 1
+            self.num_partial_reused += 1
         total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
         for _ in range(total - len(seq.block_table)):
             page = self.free_blocks.popleft() if self.free_blocks else self._evict()
@@ -173,10 +226,10 @@ class BlockManager:
         for i in range(seq.num_registered_pages, full):
             page = seq.block_table[i]
             new = self.cache.hash_of(page) is None
-            if self.cache.register(page, hashes[i]) and new and (self.events is not None or self.host is not None):
+            if self.cache.register(page, hashes[i]) and new and self._track:
                 tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
                 parent = hashes[i - 1] if i else root_hash(cache_namespace(seq.request))
-                self._page_info[page] = (parent, tokens)
+                self._remember(page, parent, tokens)
                 stored.append((i, hashes[i], tokens))
         seq.num_registered_pages = full
         if self.events is not None and stored:
@@ -211,9 +264,23 @@ class BlockManager:
             if self.events is not None:
                 self.events.removed(self.cache.hashes())
             self._page_info.clear()
+            self._children.clear()
             self.free_blocks.extend(self.cache.clear())
 
-    # ---- the events and the host tier ----------------------------------------------------------
+    # ---- the events, the host tier, partial reuse -----------------------------------------------
+    def _remember(self, page: int, parent: bytes, tokens: Seq[int]) -> None:
+        self._page_info[page] = (parent, array.array("q", tokens))  # 8 bytes a token, for big caches
+        self._children[parent].add(page)
+
+    def _forget(self, page: int) -> Optional[tuple[bytes, array.array]]:
+        info = self._page_info.pop(page, None)
+        if info is not None:
+            children = self._children[info[0]]
+            children.discard(page)
+            if not children:
+                del self._children[info[0]]
+        return info
+
     def _store_events(self, seq: Sequence, stored: list, hashes: list[bytes]) -> None:
         """`stored` event(s) for newly registered pages, (index, hash, tokens): one per run of
         consecutive pages, under the run's parent (None for a sequence's first page)."""
@@ -234,7 +301,7 @@ class BlockManager:
         is copied there first (the event says it moved to level 1), else it is gone."""
         page, digest, priority = self.cache.evict_entry(keep)
         self.num_evicted += 1
-        info = self._page_info.pop(page, None)
+        info = self._forget(page)
         if self.host is not None and info is not None:
             dropped = self.host.offload(page, digest, info[0], info[1], priority)
             if self.events is not None:
@@ -277,7 +344,7 @@ class BlockManager:
             entry = self.host.onboard(digest, page)
             self.cache.register(page, digest)
             self.cache.release(page, entry.priority, None)
-            self._page_info[page] = (entry.parent, entry.token_ids)
+            self._remember(page, entry.parent, entry.token_ids)
             if self.events is not None:
                 self.events.updated(digest, cache_level=(1, 0))
             keep.add(page)

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class HostPage:
     values: list  # [k0, v0, k1, v1, ...], each [num_kv_heads, 1, page_size, head_dim]: device copies, then numpy
     token_ids: tuple[int, ...]
