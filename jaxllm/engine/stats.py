@@ -44,12 +44,12 @@ class IterationStats:
 
     def __init__(self, max_iterations: int | None = None, request_stats: bool = False,
                  request_stats_max_iterations: int | None = None):  # fmt: skip
-        self._items: collections.deque[dict] = collections.deque(
-            maxlen=STATS_HISTORY if max_iterations is None else max_iterations)
+        kept = STATS_HISTORY if max_iterations is None else max_iterations
+        self._items: collections.deque[dict] = collections.deque(maxlen=kept)
         self.request_stats = request_stats
         # (entry, its requestStats list): older entries give theirs up once this is full.
-        self._with_requests: collections.deque[tuple[dict, list]] = collections.deque(
-            maxlen=request_stats_max_iterations)
+        with_requests = kept if request_stats_max_iterations is None else min(kept, request_stats_max_iterations)
+        self._with_requests: collections.deque[tuple[dict, list]] = collections.deque(maxlen=with_requests)
         self._lock = threading.Lock()
         self.iteration = 0
         self.num_dispatches = 0
@@ -141,8 +141,8 @@ class IterationStats:
         with self._lock:
             keep = self._with_requests
             for entry, requests in entries:
-                if requests is not None and keep.maxlen != 0:
-                    if keep.maxlen is not None and len(keep) == keep.maxlen:
+                if requests is not None and keep.maxlen:
+                    if len(keep) == keep.maxlen:
                         keep[0][0].pop("requestStats", None)  # the oldest gives its list up
                     entry["requestStats"] = requests
                     keep.append((entry, requests))
