@@ -339,6 +339,28 @@ class LLM:
         for item in await asyncio.to_thread(self.get_stats, timeout):
             yield item
 
+    def get_kv_cache_events(self, timeout: float = 2.0) -> list[dict]:
+        """KV cache events recorded since the last call (TensorRT-LLM's; needs
+        kv_cache_config.event_buffer_max_size > 0, else always []); waits up to `timeout` seconds
+        for one while the engine has work. The format is in jaxllm/engine/kv_events.py."""
+        engine = self._check_open()
+        buffer = engine.block_manager.events
+        if buffer is None:
+            return []
+        deadline = time.monotonic() + (timeout or 0)
+        events = buffer.take()
+        while not events and time.monotonic() < deadline and engine.scheduler.has_work():
+            time.sleep(0.01)
+            events = buffer.take()
+        return events
+
+    async def get_kv_cache_events_async(self, timeout: float = 2.0):
+        """Async iterator over the KV cache events (TensorRT-LLM's get_kv_cache_events_async)."""
+        import asyncio
+
+        for item in await asyncio.to_thread(self.get_kv_cache_events, timeout):
+            yield item
+
     def save(self, engine_dir: str | Path) -> None:
         """Save weights (orbax), config, tokenizer and engine arguments; `LLM(model=engine_dir)` reloads it."""
         path = Path(engine_dir)

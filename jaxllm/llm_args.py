@@ -71,6 +71,23 @@ class KvCacheConfig:
     enable_block_reuse: keep full pages cached after their requests finish, and share them between
         requests with the same prefix (and the same cache_salt and adapters); see engine/prefix_cache.py.
     dtype: KV cache dtype: 'auto' (the model's), 'float32', 'bfloat16', 'float16'.
+    max_attention_window: per-layer attention windows (a list repeated over the layers; None: each
+        layer's own). A window >= max_seq_len is no limit; a smaller one must be the model's own
+        window for that layer (its sliding layers'): jaxllm does not narrow attention further.
+    sink_token_length: None or 0 (jaxllm has no attention sinks).
+    host_cache_size: bytes of host memory for pages evicted from the device prefix cache (None or 0:
+        none); a later request with the same prefix copies them back instead of computing them
+        (engine/host_cache.py).
+    onboard_blocks: True: host pages are copied back to the device to be reused. jaxllm's kernels
+        read device pages only, so False behaves as True (logged).
+    secondary_offload_min_priority: only pages of a retention priority above it go to the host
+        tier (None: all).
+    event_buffer_max_size: > 0 records KV cache events (stored, removed, updated, created) for
+        `LLM.get_kv_cache_events`, keeping at most this many (engine/kv_events.py).
+    enable_partial_reuse: also reuse the leading tokens of a cached page that matches a new prompt
+        only partly, by copying that page (after the prompt's whole cached pages).
+    copy_on_partial_reuse: accepted; jaxllm always copies (a cached page is never written), so
+        False behaves as True.
     """
 
     free_gpu_memory_fraction: float = 0.9
@@ -78,6 +95,14 @@ class KvCacheConfig:
     tokens_per_block: int = 32
     enable_block_reuse: bool = True
     dtype: str = "auto"
+    max_attention_window: Optional[List[int]] = None
+    sink_token_length: Optional[int] = None
+    host_cache_size: Optional[int] = None
+    onboard_blocks: bool = True
+    secondary_offload_min_priority: Optional[int] = None
+    event_buffer_max_size: int = 0
+    enable_partial_reuse: bool = True
+    copy_on_partial_reuse: bool = True
 
     def __post_init__(self):
         f = self.free_gpu_memory_fraction
@@ -90,6 +115,34 @@ class KvCacheConfig:
             raise ValueError(f"tokens_per_block={tpb} is invalid; allowed: a power of two up to 1024")
         if not isinstance(self.enable_block_reuse, bool):
             raise TypeError(f"enable_block_reuse must be a bool, got {self.enable_block_reuse!r}")
+        self._check_reuse_fields()
+
+    def _check_reuse_fields(self) -> None:
+        """The attention-window, host-tier, event and partial-reuse fields (TensorRT-LLM's)."""
+        windows = self.max_attention_window
+        if windows is not None:
+            if (not isinstance(windows, (list, tuple)) or not windows
+                    or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows)):  # fmt: skip
+                raise ValueError(f"max_attention_window={windows!r} is invalid; allowed: None or a non-empty list "
+                                 "of positive ints")  # fmt: skip
+            self.max_attention_window = list(windows)
+        if self.sink_token_length not in (None, 0) or isinstance(self.sink_token_length, bool):
+            raise ValueError(f"sink_token_length={self.sink_token_length!r} is invalid; allowed: None, 0 (jaxllm's "
+                             "attention keeps no sink tokens)")  # fmt: skip
+        size = self.host_cache_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"host_cache_size={size!r} is invalid; allowed: None or an int >= 0 (bytes)")
+        minimum = self.secondary_offload_min_priority
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
+                                    or not RETENTION_PRIORITY_MIN <= minimum <= RETENTION_PRIORITY_MAX):  # fmt: skip
+            raise ValueError(f"secondary_offload_min_priority={minimum!r} is invalid; allowed: None or an int in "
+                             f"[{RETENTION_PRIORITY_MIN}, {RETENTION_PRIORITY_MAX}]")  # fmt: skip
+        events = self.event_buffer_max_size
+        if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+            raise ValueError(f"event_buffer_max_size={events!r} is invalid; allowed: an int >= 0 (0: no events)")
+        for name in ("onboard_blocks", "enable_partial_reuse", "copy_on_partial_reuse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True, False")
 
 
 RETENTION_PRIORITY_MIN, RETENTION_PRIORITY_MAX, RETENTION_PRIORITY_DEFAULT = 0, 100, 35
@@ -244,8 +297,13 @@ class EngineArgs:
     load_format: str = "auto"  # 'auto' reads the checkpoint; 'dummy' makes random weights on the device
     seed: Optional[int] = None  # engine-wide base for unseeded requests' random streams
     num_postprocess_workers: int = 0
+    # get_stats: the most iterations kept between calls (None: 1000); enable_iter_req_stats adds
+    # each iteration's per-request statistics (requestStats), kept for the most recent
+    # request_stats_max_iterations iterations (None: all kept ones).
     iter_stats_max_iterations: Optional[int] = None
     enable_iter_perf_stats: bool = True
+    enable_iter_req_stats: bool = False
+    request_stats_max_iterations: Optional[int] = None
     # Accepted for compatibility with TensorRT-LLM scripts; values other than these are refused.
     pipeline_parallel_size: int = 1
     moe_expert_parallel_size: Optional[int] = None
@@ -280,6 +338,7 @@ class EngineArgs:
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("max_input_len", self.max_input_len)
         _positive_int("num_scheduler_steps", self.num_scheduler_steps, allow_none=False)
+        self._check_stats()
         if self.kv_cache_config is None:
             self.kv_cache_config = KvCacheConfig()
         elif isinstance(self.kv_cache_config, dict):
@@ -306,6 +365,15 @@ class EngineArgs:
         if self.max_beam_width != 1:
             raise NotImplementedError("beam search (max_beam_width > 1) is not supported by jaxllm")
         self._check_adapters()
+
+    def _check_stats(self) -> None:
+        for name in ("iter_stats_max_iterations", "request_stats_max_iterations"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an int >= 0 or None")
+        for name in ("enable_iter_perf_stats", "enable_iter_req_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True, False")
 
     def _check_adapters(self) -> None:
         if not isinstance(self.enable_lora, bool):

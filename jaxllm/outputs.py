@@ -26,6 +26,67 @@ class Logprob:
 TokenLogprobs = list  # per token: dict[token_id, Logprob]
 
 
+class _ReadAsDict:
+    """Read access by key as well as by attribute (`m["timing_metrics"]`, `m.get(...)`): perf
+    metrics were plain dicts before they were dataclasses, and code reading them so still works."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default: Any = None):
+        return getattr(self, key) if key in self.keys() else default
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingMetrics(_ReadAsDict):
+    """When a request reached each point (time.monotonic() seconds; TensorRT-LLM's TimingMetrics)."""
+
+    arrival_time: Optional[float] = None
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCacheMetrics(_ReadAsDict):
+    """A request's KV pages (TensorRT-LLM's KvCacheMetrics): pages it was given (new ones plus
+    reused ones), those taken from the prefix cache or shared with a sibling sample, and its
+    prompt's full pages the cache did not have; hit rate = reused / (reused + missed)."""
+
+    num_total_allocated_blocks: int = 0
+    num_new_allocated_blocks: int = 0
+    num_reused_blocks: int = 0
+    num_missed_blocks: int = 0
+    kv_cache_hit_rate: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestPerfMetrics(_ReadAsDict):
+    """A finished request's performance metrics (`SamplingParams.return_perf_metrics`;
+    TensorRT-LLM's RequestPerfMetrics, without its speculative-decoding part).
+
+    first_iter / last_iter: the engine iterations (get_stats' `iter`) that first and last
+    scheduled it; iter: the iteration these metrics were taken at (its last).
+    """
+
+    timing_metrics: TimingMetrics = dataclasses.field(default_factory=TimingMetrics)
+    kv_cache_metrics: KvCacheMetrics = dataclasses.field(default_factory=KvCacheMetrics)
+    first_iter: Optional[int] = None
+    last_iter: Optional[int] = None
+    iter: Optional[int] = None
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     """One generated sequence of a request (TensorRT-LLM's CompletionOutput)."""
@@ -40,7 +101,7 @@ class CompletionOutput:
     stop_reason: Optional[int | str] = None  # the stop token id or stop string that ended it
     generation_logits: Any = None  # [num_tokens, vocab] float32 numpy, when requested
     disaggregated_params: Any = None
-    request_perf_metrics: Optional[dict] = None  # timing (monotonic seconds), when return_perf_metrics
+    request_perf_metrics: Optional[RequestPerfMetrics] = None  # when return_perf_metrics
     # Streaming: what the last applied step added.
     _last_text_len: int = dataclasses.field(default=0, repr=False)
     _last_token_len: int = dataclasses.field(default=0, repr=False)
@@ -76,7 +137,7 @@ class Delta:
     stop_reason: Optional[int | str] = None
     generation_logits: Any = None  # rows for the new tokens
     prompt_logprobs: Any = None
-    perf_metrics: Optional[dict] = None
+    perf_metrics: Optional[RequestPerfMetrics] = None
     disaggregated_params: Any = None  # context_only: where the context's KV pages wait
 
 

@@ -61,8 +61,8 @@ def test_multi_step_decoding_matches_single_steps(tiny_llm):
     multi.get_stats()
     assert _outputs(multi.generate(PROMPTS, params, use_tqdm=False)) == expected
     stats = multi.get_stats()
-    assert max(s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] for s in stats) > 1
-    assert len(stats) < sum(p.max_tokens for p in params)  # fewer iterations than tokens
+    assert max(s["dispatch"]["numSteps"] for s in stats) > 1
+    assert len({s["dispatch"]["id"] for s in stats}) < len(stats)  # fewer dispatches than iterations
     # One request at a time too (the step count is then each sequence's own).
     for prompt, p, e in zip(PROMPTS, params, expected):
         assert _outputs([multi.generate(prompt, p, use_tqdm=False)]) == [e]
@@ -87,15 +87,18 @@ def test_multi_step_fills_max_seq_len_and_frees_pages(tiny_dir):
 
 @pytest.mark.parametrize("steps", [1, 8])
 def test_stats_count_every_decoded_token(tiny_llm, steps):
-    """One prefill iteration, then decode iterations whose decoded tokens add up to the rest, the
-    last one included (stats are recorded before the outputs are posted)."""
+    """One prefill iteration, then one decode iteration per token, the last one included (stats are
+    recorded before the outputs are posted), whether the decodes ran one or eight per dispatch."""
     llm = tiny_llm("llama", num_scheduler_steps=steps)
     llm.get_stats()
     llm.generate([300, 301, 302, 303, 304], SamplingParams(max_tokens=13, ignore_eos=True), use_tqdm=False)
-    stats = [s["inflightBatchingStats"] for s in llm.get_stats()]
+    entries = llm.get_stats()
+    stats = [s["inflightBatchingStats"] for s in entries]
     assert [s["numContextRequests"] for s in stats] == [1] + [0] * (len(stats) - 1)
     assert sum(s["avgNumDecodedTokensPerIter"] for s in stats[1:]) == 12
-    assert len(stats) == (13 if steps == 1 else 3)  # a prefill, then 12 single decodes or runs of 8 and 4
+    assert len(stats) == 13  # a prefill, then 12 decode iterations
+    dispatches = [s["dispatch"]["id"] for s in entries]
+    assert len(set(dispatches)) == (13 if steps == 1 else 3)  # 12 single decodes, or runs of 8 and 4
 
 
 def test_multi_step_streams_every_token_in_order(tiny_llm):
@@ -116,7 +119,7 @@ def test_multi_step_under_tensor_parallelism(tiny_dir, tiny_llm):
     with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2,
              max_batch_size=8, max_num_tokens=64) as llm:  # fmt: skip
         got = _outputs(_all_flavors(llm).generate(PROMPTS[:4], params, use_tqdm=False))
-        assert max(s["inflightBatchingStats"]["avgNumDecodedTokensPerIter"] for s in llm.get_stats()) > 1
+        assert max(s["dispatch"]["numSteps"] for s in llm.get_stats()) > 1
     _assert_same_outputs(got, expected)  # float32 on one device and on two: log-probabilities to rounding
 
 

@@ -36,9 +36,12 @@ from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.executables import resolve_cache_dir
+from jaxllm.engine.host_cache import HostPageCache
+from jaxllm.engine.kv_events import KVCacheEvents
 from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.engine.stats import IterationStats
 from jaxllm.llm_args import EngineArgs, resolve_backend
 from jaxllm.models.params import abstract_params, param_bytes
 from jaxllm.tokenizer import load_tokenizer
@@ -210,6 +213,7 @@ class EngineBuilder:
                 )
             max_seq_len = capacity
         self.max_seq_len = max_seq_len
+        self._check_kv_cache_extras(cfg, kv_cfg, max_seq_len)
         runner_config = RunnerConfig(
             max_num_tokens=args.max_num_tokens,
             max_batch_size=args.max_batch_size,
@@ -226,6 +230,64 @@ class EngineBuilder:
                     kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
         return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self.channel,
                            adapters=self.adapter_bank, cache_dir=self.compile_cache_dir)  # fmt: skip
+
+    def _check_kv_cache_extras(self, cfg, kv_cfg, max_seq_len: int) -> None:
+        """KvCacheConfig fields that depend on the model or the run: max_attention_window (each
+        layer's window is its own, or at least max_seq_len: no limit), the host tier (one process)."""
+        windows = kv_cfg.max_attention_window
+        if windows is not None:
+            own = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+            for i, window in enumerate(windows[i % len(windows)] for i in range(cfg.num_layers)):
+                if window < max_seq_len and window != own[i]:
+                    described = sorted({w for w in own if w is not None})
+                    model = (f"its sliding layers attend to {described[0]} positions, the others to all"
+                             if described else "every layer attends to all positions")  # fmt: skip
+                    raise ValueError(
+                        f"kv_cache_config.max_attention_window={windows} is invalid for this model ({model}; "
+                        f"layer {i} would get {window}); allowed: None, a window >= max_seq_len={max_seq_len}, or "
+                        f"per layer the model's own windows {[w or max_seq_len for w in own]}"
+                    )
+        if kv_cfg.host_cache_size and self.channel is not None:
+            raise ValueError(f"kv_cache_config.host_cache_size={kv_cfg.host_cache_size} is invalid in a multi-process "
+                             "LLM (pages cannot be moved there); allowed: None or 0")  # fmt: skip
+        if kv_cfg.host_cache_size and not kv_cfg.onboard_blocks:
+            logger.warning("kv_cache_config.onboard_blocks=False: jaxllm's attention reads device pages only, so "
+                           "host-tier pages are copied back to the device before reuse (as with True)")
+        if kv_cfg.secondary_offload_min_priority is not None and not kv_cfg.host_cache_size:
+            logger.warning("kv_cache_config.secondary_offload_min_priority has no effect without host_cache_size")
+
+    def _kv_cache_tiers(self, runner: ModelRunner) -> tuple[HostPageCache | None, KVCacheEvents | None]:
+        """The host tier and the event buffer KvCacheConfig asks for (None: not asked, or block reuse off)."""
+        kv_cfg = self.args.kv_cache_config
+        host = events = None
+        if not kv_cfg.enable_block_reuse:
+            if kv_cfg.host_cache_size or kv_cfg.event_buffer_max_size:
+                logger.warning("kv_cache_config.host_cache_size and event_buffer_max_size need enable_block_reuse=True")
+            return None, None
+        if kv_cfg.host_cache_size:
+            page_bytes = sum(int(np.prod(x.shape)) // x.shape[1] * x.dtype.itemsize
+                             for layer in runner.kv_cache for x in layer)  # fmt: skip
+            host = HostPageCache(kv_cfg.host_cache_size, page_bytes, runner.gather_pages, runner.scatter_pages,
+                                 kv_cfg.secondary_offload_min_priority)  # fmt: skip
+            logger.info("KV host tier: %d pages (%d bytes each)", host.capacity, page_bytes)
+        if kv_cfg.event_buffer_max_size:
+            events = KVCacheEvents(kv_cfg.event_buffer_max_size, self.max_seq_len)
+        return host, events
+
+    def _page_copier(self, runner: ModelRunner):
+        """Partial reuse's page copy (KvCacheConfig.enable_partial_reuse), or None: off, or a
+        multi-process LLM (whose pages do not move), where whole pages only are reused."""
+        kv_cfg = self.args.kv_cache_config
+        if not kv_cfg.enable_block_reuse or not kv_cfg.enable_partial_reuse:
+            return None
+        if self.channel is not None:
+            logger.info("kv_cache_config.enable_partial_reuse: a multi-process LLM reuses whole pages only")
+            return None
+
+        def copy_page(source: int, target: int, token_ids) -> None:
+            runner.scatter_pages([target], runner.gather_pages([source]), list(token_ids))
+
+        return copy_page
 
     def _prepare_programs(self, runner: ModelRunner, background: bool):
         """Make every program the engine can ask for: serving then never waits for a compilation
@@ -285,6 +347,7 @@ class EngineBuilder:
         runner.allocate()
         runner.warm_up()
         kv_cfg = args.kv_cache_config
+        host, events = self._kv_cache_tiers(runner)
         num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens
         admission = AdapterAdmission(
             lora=SlotTable(adapters.lora_slots, runner.write_lora) if adapters and adapters.lora_slots else None,
@@ -294,13 +357,18 @@ class EngineBuilder:
         )  # fmt: skip
         scheduler = Scheduler(
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
-            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
+            BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse, host=host, events=events,
+                         copy_page=self._page_copier(runner)),
             admission=admission,
         )
         transfer = self._transfer_settings()
         self.kv_fingerprint = transfer.fingerprint
+        # enable_iter_perf_stats=False keeps no iteration (TensorRT-LLM's get_stats is then empty).
+        stats = IterationStats(args.iter_stats_max_iterations if args.enable_iter_perf_stats else 0,
+                               args.enable_iter_req_stats and args.enable_iter_perf_stats,
+                               args.request_stats_max_iterations)  # fmt: skip
         return Engine(runner, scheduler, self.tokenizer, self.max_seq_len, cfg.vocab_size, transfer,
-                      overlap=not args.disable_overlap_scheduler)  # fmt: skip
+                      overlap=not args.disable_overlap_scheduler, stats=stats)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():

@@ -68,7 +68,6 @@ class Plan:
     requests: list[StepRequest] | None  # the rows; None for a follow-on, already dispatched
     pending: PendingStep | None  # a follow-on's dispatch in flight (the overlap scheduler)
     context: list[tuple[Sequence, int]]  # prefill chunks (for the stats)
-    generation: list[Sequence]  # decoding sequences (for the stats)
 
 
 class Engine:
@@ -82,10 +81,12 @@ class Engine:
       vocab_size: the model's; a prompt adapter's virtual tokens take ids from here on.
       transfer: disaggregated serving's settings (None: this LLM parks and imports nothing).
       overlap: start the next multi-step decode before this one's tokens are read.
+      stats: where iteration statistics go (None: the defaults, no per-request statistics).
     """
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
-                 transfer: kv_state.TransferSettings | None = None, overlap: bool = True):  # fmt: skip
+                 transfer: kv_state.TransferSettings | None = None, overlap: bool = True,
+                 stats: IterationStats | None = None):  # fmt: skip
         self.runner = runner
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
@@ -111,7 +112,7 @@ class Engine:
         self._aborts: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._stats = IterationStats()
+        self._stats = stats if stats is not None else IterationStats()
         self._trace: StepTrace | None = None  # trace_steps(): a record of every step (engine/step_trace.py)
         self._waited = 0.0  # seconds the current step waited for the devices' results
         self._last_pending: PendingStep | None = None  # the current step's dispatch
@@ -290,7 +291,9 @@ class Engine:
         if plan is None:
             self._wake.wait(0.01)
             return
-        before = sum(len(seq.token_ids) for seq in plan.generation)
+        before = [len(seq.token_ids) for seq, _ in plan.scheduled.items]
+        unfinished = {seq.request for seq, _ in plan.scheduled.items if not seq.request.finished}
+        decoding_before = sum(len(seq.token_ids) for seq in plan.generation)
         self._waited = 0.0
         try:
             out = self._dispatch(plan)
@@ -298,12 +301,11 @@ class Engine:
             self._step_failed(plan.scheduled, e)
             return
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
-        gen = plan.generation
-        decoded = (sum(len(seq.token_ids) for seq in gen) - before) / len(gen) if gen else 0.0
-        # Before the outputs: a caller woken by them sees them.
-        self._stats.record(self.scheduler, plan.scheduled, plan.context, started, decoded)
+        # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
+        self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, before, unfinished, started)
         if self._trace is not None:
-            self._trace.add(self._step_record(plan, started, round(decoded * len(gen))))
+            decoded = sum(len(seq.token_ids) for seq in plan.generation) - decoding_before
+            self._trace.add(self._step_record(plan, started, decoded))
         self.post.publish(touched)
 
     def trace_steps(self, on: bool = True) -> list[StepRecord]:
@@ -334,13 +336,12 @@ class Engine:
             flight = None  # every sequence of it was aborted: the devices run it, nobody reads it
         if flight is not None:  # a multi-step decode the last step started (the overlap scheduler)
             scheduled, steps, pending = flight
-            return Plan(scheduled, steps, None, pending, [], [seq for seq, _ in scheduled.items if not seq.finished])
+            return Plan(scheduled, steps, None, pending, [])
         scheduled = self.scheduler.schedule()
         if not scheduled.items:
             return None
-        # For the stats, before the step moves them on: prefill chunks, and the decoding sequences.
+        # For the stats, before the step moves them on: the prefill chunks.
         context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
-        generation = [seq for seq, _ in scheduled.items if seq.num_computed >= seq.num_prompt_tokens]
         steps = self.scheduler.multi_steps(
             scheduled, self.decode_steps, self.max_seq_len, self._arrived(),
             serves=lambda: self.runner.multi_step_serves([step_request(s, 1) for s, _ in scheduled.items]),
@@ -349,7 +350,7 @@ class Engine:
         for seq, _ in scheduled.items:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
-        return Plan(scheduled, steps, requests, None, context, generation)
+        return Plan(scheduled, steps, requests, None, context)
 
     def _dispatch(self, plan: Plan) -> dict:
         """Run the plan on the device (starting the overlap scheduler's follow-on while it runs)

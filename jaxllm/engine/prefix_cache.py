@@ -163,14 +163,36 @@ class PrefixCache:
 
     def evict(self) -> int:
         """Drop the next page in eviction order from the cache and return it (now a plain free page)."""
+        return self.evict_entry()[0]
+
+    def evict_entry(self, keep: frozenset[int] | set[int] = frozenset()) -> tuple[int, bytes, int]:
+        """Drop the next page in eviction order, other than those in `keep`, from the cache:
+        (page, its hash, its priority)."""
         self._apply_expiries()
-        while self._heap:
-            priority, tick, page = heapq.heappop(self._heap)
-            if self._evictable.get(page) == (priority, tick):
+        kept = []
+        try:
+            while self._heap:
+                priority, tick, page = heapq.heappop(self._heap)
+                if self._evictable.get(page) != (priority, tick):
+                    continue  # stale
+                if page in keep:
+                    kept.append((priority, tick, page))
+                    continue
                 del self._evictable[page]
-                del self._page_of[self._hash_of.pop(page)]
-                return page
+                block_hash = self._hash_of.pop(page)
+                del self._page_of[block_hash]
+                return page, block_hash, priority
+        finally:
+            for entry in kept:
+                heapq.heappush(self._heap, entry)
         raise RuntimeError("no evictable page")
+
+    def hashes(self) -> list[bytes]:
+        """Every cached page's hash."""
+        return list(self._page_of)
+
+    def hash_of(self, page: int) -> Optional[bytes]:
+        return self._hash_of.get(page)
 
     def priority_of(self, page: int) -> Optional[int]:
         """The current eviction priority of an evictable page (None when it is not evictable)."""

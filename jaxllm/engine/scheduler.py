@@ -165,17 +165,19 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
             seq = self.waiting[0]
+            bm.onboard(seq)  # its prefix's pages in the host tier, back on the device
             cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
-            want = seq.num_uncomputed - len(cached) * bm.block_size
+            partial = bm.match_partial(seq, cached)  # and the leading tokens of the next page
+            want = seq.num_uncomputed - len(cached) * bm.block_size - (partial[1] if partial else 0)
             if want > budget and not cfg.enable_chunked_prefill:
                 break
             n = min(want, budget)
-            if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
+            if not bm.can_allocate(bm.blocks_needed(seq, n, cached, partial)):
                 break
             if self.admission is not None and not self.admission.admit(seq):
                 break
             self.waiting.pop(0)
-            bm.allocate(seq, n, cached)
+            bm.allocate(seq, n, cached, partial)
             self._start_running(seq)
             items.append((seq, n))
             scheduled.add(seq.seq_id)

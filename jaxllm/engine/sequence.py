@@ -128,6 +128,13 @@ class Request:
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
+    # Its KV pages so far (engine/block_manager.py; RequestPerfMetrics' kv_cache_metrics): pages
+    # taken fresh, references reused (prefix cache, sibling samples), prompt pages the cache missed.
+    num_new_blocks: int = 0
+    num_reused_blocks: int = 0
+    num_missed_blocks: int = 0
+    first_iter: Optional[int] = None  # the engine iterations (get_stats' iter) that first and last scheduled it
+    last_iter: Optional[int] = None
     prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end
     context_logits_rows: list = dataclasses.field(default_factory=list)
 

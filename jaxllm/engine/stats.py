@@ -1,9 +1,19 @@
-"""Iteration and request statistics: what `LLM.get_stats` returns (TensorRT-LLM's keys) and a
-request's timing metrics (`return_perf_metrics`)."""
+"""Iteration and request statistics: what `LLM.get_stats` returns (TensorRT-LLM's keys, with
+`requestStats` under `enable_iter_req_stats`) and a request's perf metrics (`return_perf_metrics`).
+
+An *iteration* is one token step of the running sequences, as in TensorRT-LLM. A multi-step
+decode (or the overlap scheduler's follow-on) computes up to `num_scheduler_steps` of them in one
+dispatch; its entry is expanded into one per iteration that produced a token: iteration k of a
+dispatch holds the sequences that took their k-th token of it, and a request completes in the
+iteration of its last token. The dispatch's time is split evenly over its iterations, and each
+entry names its dispatch (`dispatch`: id, numSteps = decodes per row it ran, latencyMS), jaxllm's
+own key.
+"""
 
 from __future__ import annotations
 
 import collections
+import datetime
 import resource
 import threading
 import time
@@ -12,19 +22,37 @@ import jax
 
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
-from jaxllm.engine.sequence import Request
+from jaxllm.engine.sequence import Request, Sequence
+from jaxllm.outputs import KvCacheMetrics, RequestPerfMetrics, TimingMetrics
 
-STATS_HISTORY = 1000  # iteration stats kept for get_stats
+STATS_HISTORY = 1000  # iteration stats kept for get_stats (iter_stats_max_iterations=None)
+
+# RequestStats.stage (TensorRT-LLM's RequestStage names).
+QUEUED, CONTEXT, GENERATION, COMPLETE = "QUEUED", "CONTEXT_IN_PROGRESS", "GENERATION_IN_PROGRESS", "GENERATION_COMPLETE"
 
 
 class IterationStats:
-    """One entry per engine iteration, kept (up to STATS_HISTORY) until a caller takes them; the
-    engine thread records, any thread takes."""
+    """One entry per engine iteration, kept (up to `max_iterations`) until a caller takes them; the
+    engine thread records, any thread takes.
 
-    def __init__(self):
-        self._items: collections.deque[dict] = collections.deque(maxlen=STATS_HISTORY)
+    Args:
+      max_iterations: the most iteration entries kept (iter_stats_max_iterations; None: 1000).
+      request_stats: add each iteration's per-request statistics (enable_iter_req_stats).
+      request_stats_max_iterations: the most recent iterations that keep their per-request
+        statistics (None: as many as their entries).
+    """
+
+    def __init__(self, max_iterations: int | None = None, request_stats: bool = False,
+                 request_stats_max_iterations: int | None = None):  # fmt: skip
+        kept = STATS_HISTORY if max_iterations is None else max_iterations
+        self._items: collections.deque[dict] = collections.deque(maxlen=kept)
+        self.request_stats = request_stats
+        # (entry, its requestStats list): older entries give theirs up once this is full.
+        with_requests = kept if request_stats_max_iterations is None else min(kept, request_stats_max_iterations)
+        self._with_requests: collections.deque[tuple[dict, list]] = collections.deque(maxlen=with_requests)
         self._lock = threading.Lock()
         self.iteration = 0
+        self.num_dispatches = 0
         self.max_active = 0  # the most sequences running after any iteration
 
     def take(self) -> list[dict]:
@@ -32,40 +60,140 @@ class IterationStats:
         with self._lock:
             items = list(self._items)
             self._items.clear()
+            self._with_requests.clear()
         return items
 
-    def record(self, scheduler: Scheduler, scheduled: ScheduledStep, ctx: list, started: float, decoded: float) -> None:
-        """One iteration's stats; `ctx`: the (sequence, tokens) items that were prefill chunks;
-        `started`: its perf_counter at the start; `decoded`: tokens each generation request took on
-        average (more than 1 in a multi-step decode)."""
-        self.iteration += 1
+    def record(self, scheduler: Scheduler, scheduled: ScheduledStep, context: list[tuple[Sequence, int]], steps: int,
+               before: list[int], unfinished: set[Request], started: float) -> None:  # fmt: skip
+        """The iterations of one dispatch, after its tokens were appended.
+
+        Args:
+          scheduled: what ran; `context`: its prefill chunks, (sequence, tokens); `steps`: decodes
+            per row (more than 1: a multi-step decode, which has no prefill chunk).
+          before: each scheduled sequence's token count before the dispatch.
+          unfinished: the scheduled sequences' requests that had not finished before it.
+          started: its perf_counter at the start.
+        """
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.num_dispatches += 1
         self.max_active = max(self.max_active, len(scheduler.running))
+        items = scheduled.items
+        taken = [len(seq.token_ids) - n for (seq, _), n in zip(items, before)]  # tokens each took
+        multi = steps > 1
+        num_iters = max(1, max(taken, default=0)) if multi else 1
+        # The iteration (of this dispatch) each request completed in: that of its last token.
+        completed: dict[Request, int] = {}
+        for (seq, _), n in zip(items, taken):
+            if seq.request in unfinished and seq.request.finished:
+                at = max(0, n - 1) if multi else 0
+                completed[seq.request] = max(completed.get(seq.request, 0), at)
+        running = {s.request for s in scheduler.running}
+        queued = {s.request for s in scheduler.waiting} - running
         try:
             mem = jax.local_devices()[0].memory_stats() or {}
         except Exception:
             mem = {}
-        stats = {
-            "iter": self.iteration,
-            "iterLatencyMS": (time.perf_counter() - started) * 1e3,
+        common = {
             "gpuMemUsage": int(mem.get("bytes_in_use", 0)),
             "cpuMemUsage": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "numActiveRequests": len({s.request.request_id for s in scheduler.running}),
-            "numQueuedRequests": len({s.request.request_id for s in scheduler.waiting}),
+            "numQueuedRequests": len(queued),
             "maxNumActiveRequests": scheduler.config.max_batch_size,
-            "numCompletedRequests": 0,
             "kvCacheStats": kv_cache_stats(scheduler.block_manager),
-            "inflightBatchingStats": {
-                "numScheduledRequests": len(scheduled.items),
-                "numContextRequests": len(ctx),
-                "numGenRequests": len(scheduled.items) - len(ctx),
-                "numCtxTokens": sum(n for _, n in ctx),
-                "numPausedRequests": len(scheduled.preempted),
-                "microBatchId": 0,
-                "avgNumDecodedTokensPerIter": decoded,
-            },
         }
+        in_context = {seq for seq, _ in context}
+        entries = []
+        for k in range(num_iters):
+            self.iteration += 1
+            # The rows of this iteration and the tokens each took in it.
+            rows = [(seq, n, min(t, 1) if multi else t) for (seq, n), t in zip(items, taken) if not multi or t > k]
+            gen = [t for seq, _, t in rows if seq not in in_context]
+            scheduled_requests = {seq.request for seq, _, _ in rows}
+            new = 0
+            for request in scheduled_requests:
+                if request.first_iter is None:
+                    request.first_iter = self.iteration
+                    new += 1
+                request.last_iter = self.iteration
+            entry = {
+                "timestamp": datetime.datetime.now().strftime("%m-%d-%Y %H:%M:%S.%f"),
+                "iter": self.iteration,
+                "iterLatencyMS": elapsed_ms / num_iters,
+                **common,
+                "numNewActiveRequests": new,
+                "numActiveRequests": len(running | {r for r, at in completed.items() if at >= k}),
+                "numCompletedRequests": sum(1 for at in completed.values() if at == k),
+                "inflightBatchingStats": {
+                    "numScheduledRequests": len(rows),
+                    "numContextRequests": len(context),
+                    "numGenRequests": len(gen),
+                    "numCtxTokens": sum(n for _, n in context),
+                    "numPausedRequests": len(scheduled.preempted) if k == 0 else 0,
+                    "microBatchId": 0,
+                    "avgNumDecodedTokensPerIter": sum(gen) / len(gen) if gen else 0.0,
+                },
+                "dispatch": {"id": self.num_dispatches, "numSteps": steps, "latencyMS": elapsed_ms},
+            }
+            requests = None
+            if self.request_stats:
+                requests = _request_stats(k, multi, items, taken, scheduled, scheduled_requests, running, queued,
+                                          completed)  # fmt: skip
+            entries.append((entry, requests))
         with self._lock:
-            self._items.append(stats)
+            keep = self._with_requests
+            for entry, requests in entries:
+                if requests is not None and keep.maxlen:
+                    if len(keep) == keep.maxlen:
+                        keep[0][0].pop("requestStats", None)  # the oldest gives its list up
+                    entry["requestStats"] = requests
+                    keep.append((entry, requests))
+                self._items.append(entry)
+
+
+def _request_stats(k: int, multi: bool, items, taken: list[int], scheduled: ScheduledStep, scheduled_requests: set,
+                   running: set, queued: set, completed: dict) -> list[dict]:  # fmt: skip
+    """TensorRT-LLM's RequestStats of iteration k of a dispatch: the requests active in it (one that
+    completed in it at stage GENERATION_COMPLETE), then the queued ones."""
+    later = {}  # tokens a scheduled sequence took after iteration k of the dispatch
+    for (seq, _), n in zip(items, taken):
+        later[seq] = max(0, n - (k + 1)) if multi else 0
+    paused = {seq.request for seq in scheduled.preempted} if k == 0 else set()
+    active = running | {r for r, at in completed.items() if at >= k}
+    out = []
+    for request in sorted(active, key=lambda r: r.request_id):
+        generated = max((s.num_output_tokens - later.get(s, 0) for s in request.sequences), default=0)
+        lead = request.sequences[0]
+        prompt = lead.num_prompt_tokens
+        position = prompt if lead.finished else min(lead.num_computed, prompt)
+        if completed.get(request) == k:
+            stage = COMPLETE
+        else:
+            stage = CONTEXT if position < prompt else GENERATION
+        out.append(_one_request_stats(request, stage, position, generated, request in scheduled_requests,
+                                      request in paused))  # fmt: skip
+    for request in sorted(queued, key=lambda r: r.request_id):
+        out.append(_one_request_stats(request, QUEUED, 0, 0, False, request in paused))
+    return out
+
+
+def _one_request_stats(request: Request, stage: str, position: int, generated: int, scheduled: bool,
+                       paused: bool) -> dict:  # fmt: skip
+    """One request's entry; avgNumDecodedTokensPerIter is 1 once it decodes (no speculative decoding)."""
+    kv = kv_cache_metrics(request)
+    decoded = 1.0 if generated else 0.0
+    return {
+        "id": request.request_id,
+        "stage": stage,
+        "contextPrefillPosition": position,
+        "numGeneratedTokens": generated,
+        "avgNumDecodedTokensPerIter": decoded,
+        "scheduled": scheduled,
+        "paused": paused,
+        "allocTotalBlocksPerRequest": kv.num_total_allocated_blocks,
+        "allocNewBlocksPerRequest": kv.num_new_allocated_blocks,
+        "reusedBlocksPerRequest": kv.num_reused_blocks,
+        "missedBlocksPerRequest": kv.num_missed_blocks,
+        "kvCacheHitRatePerRequest": kv.kv_cache_hit_rate,
+    }
 
 
 def kv_cache_stats(bm: BlockManager) -> dict:
@@ -83,9 +211,21 @@ def kv_cache_stats(bm: BlockManager) -> dict:
     }
 
 
-def perf_metrics(request: Request) -> dict:
-    """A finished request's timing metrics (RequestOutput's perf_metrics)."""
-    return {"timing_metrics": {"arrival_time": request.arrival_time,
-                               "first_scheduled_time": request.first_scheduled_time,
-                               "first_token_time": request.first_token_time,
-                               "last_token_time": request.last_token_time}}  # fmt: skip
+def kv_cache_metrics(request: Request) -> KvCacheMetrics:
+    """A request's page counts so far."""
+    reused, missed = request.num_reused_blocks, request.num_missed_blocks
+    return KvCacheMetrics(
+        num_total_allocated_blocks=request.num_new_blocks + reused,
+        num_new_allocated_blocks=request.num_new_blocks,
+        num_reused_blocks=reused,
+        num_missed_blocks=missed,
+        kv_cache_hit_rate=reused / (reused + missed) if reused + missed else 0.0,
+    )
+
+
+def perf_metrics(request: Request) -> RequestPerfMetrics:
+    """A finished request's perf metrics (CompletionOutput.request_perf_metrics)."""
+    timing = TimingMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
+                           first_token_time=request.first_token_time, last_token_time=request.last_token_time)
+    return RequestPerfMetrics(timing_metrics=timing, kv_cache_metrics=kv_cache_metrics(request),
+                              first_iter=request.first_iter, last_iter=request.last_iter, iter=request.last_iter)
