@@ -293,7 +293,9 @@ class Engine:
             return
         before = [len(seq.token_ids) for seq, _ in plan.scheduled.items]
         unfinished = {seq.request for seq, _ in plan.scheduled.items if not seq.request.finished}
-        decoding_before = sum(len(seq.token_ids) for seq in plan.generation)
+        prefilling = {seq for seq, _ in plan.context}
+        decoding = [seq for seq, _ in plan.scheduled.items if seq not in prefilling]  # (for the trace)
+        decoding_before = sum(len(seq.token_ids) for seq in decoding)
         self._waited = 0.0
         try:
             out = self._dispatch(plan)
@@ -304,8 +306,8 @@ class Engine:
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
         self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, before, unfinished, started)
         if self._trace is not None:
-            decoded = sum(len(seq.token_ids) for seq in plan.generation) - decoding_before
-            self._trace.add(self._step_record(plan, started, decoded))
+            decoded = sum(len(seq.token_ids) for seq in decoding) - decoding_before
+            self._trace.add(self._step_record(plan, started, len(decoding), decoded))
         self.post.publish(touched)
 
     def trace_steps(self, on: bool = True) -> list[StepRecord]:
@@ -314,14 +316,14 @@ class Engine:
         trace, self._trace = self._trace, (StepTrace() if on else None)
         return trace.take() if trace is not None else []
 
-    def _step_record(self, plan: Plan, started: float, decoded: int) -> StepRecord:
-        """The trace's record of the step of `plan` (begun at `started`, `decoded` tokens appended to
-        its decoding sequences)."""
+    def _step_record(self, plan: Plan, started: float, num_decoding: int, decoded: int) -> StepRecord:
+        """The trace's record of the step of `plan` (begun at `started`; `decoded` tokens appended to
+        its `num_decoding` decoding sequences)."""
         pending = self._last_pending
         shape, steps = pending.shape, pending.decode_steps
         prompt = sum(n for _, n in plan.context)
         return StepRecord(
-            kind=step_kind(prompt, len(plan.generation), steps, plan.requests is None),
+            kind=step_kind(prompt, num_decoding, steps, plan.requests is None),
             decode_steps=steps, seqs=pending.num_requests, padded_seqs=shape.num_seqs if shape else 0,
             tokens=prompt + decoded, row_tokens=steps * pending.num_tokens,
             padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt,
