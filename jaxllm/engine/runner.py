@@ -63,6 +63,9 @@ class RunnerConfig:
     # Small multi-step decodes compiled as one CUDA graph (ONE_GRAPH_OPTIONS); None: under tensor
     # parallelism on GPUs.
     one_graph_decode: bool | None = None
+    # The decode buckets up to their largest (LLM(cuda_graph_config=CudaGraphConfig(batch_sizes=...)));
+    # None: powers of two (engine/buckets.py decode_buckets).
+    decode_batch_sizes: tuple[int, ...] | None = None
 
 
 class ModelRunner:

@@ -16,6 +16,13 @@ cached, so its return may reuse them) and it goes back to the queue, where it ke
 place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
 so its output is unchanged). A step that preempts admits nothing.
 
+The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (the default) admits
+while this step's pages fit, as above; GUARANTEED_NO_EVICT admits a sequence only when the pages of
+its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those every running
+sequence may still take, so running sequences never run out of pages (fewer run at once);
+STATIC_BATCH admits only when nothing runs, so a batch starts and finishes together (parallel
+samples of a running request still join it).
+
 The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
 chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
 a multi-step decode or of the overlap scheduler's follow-on, an imported context's pages) go
@@ -39,6 +46,8 @@ class SchedulerConfig:
     max_num_tokens: int
     max_batch_size: int
     enable_chunked_prefill: bool = True
+    capacity_policy: str = "MAX_UTILIZATION"  # or "GUARANTEED_NO_EVICT", "STATIC_BATCH"
+    max_seq_len: int | None = None  # a sequence's most tokens (GUARANTEED_NO_EVICT's reservations)
 
 
 @dataclasses.dataclass
@@ -163,14 +172,19 @@ class Scheduler:
             budget -= n
             index += 1
 
+        static = cfg.capacity_policy == "STATIC_BATCH" and bool(self.running)
         while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
             seq = self.waiting[0]
+            if static and not seq.block_table:  # (a parallel sample of a running request holds pages)
+                break
             cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
             want = seq.num_uncomputed - len(cached) * bm.block_size
             if want > budget and not cfg.enable_chunked_prefill:
                 break
             n = min(want, budget)
             if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
+                break
+            if cfg.capacity_policy == "GUARANTEED_NO_EVICT" and not self._fits_to_the_end(seq, want, cached):
                 break
             if self.admission is not None and not self.admission.admit(seq):
                 break
@@ -181,6 +195,18 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         return ScheduledStep(items, preempted)
+
+    def _fits_to_the_end(self, seq: Sequence, want: int, cached: list[int]) -> bool:
+        """(GUARANTEED_NO_EVICT) Whether the pages of `seq`'s whole length (its `want` uncomputed
+        tokens and every token it may still sample) fit beside the pages each running sequence may
+        still take up to its own end."""
+        bm, max_seq_len = self.block_manager, self.config.max_seq_len
+
+        def rest(s: Sequence) -> int:  # tokens `s` may still sample
+            return max(0, s.tokens_left(max_seq_len)) if max_seq_len else 0
+
+        reserved = sum(bm.blocks_needed(s, s.num_uncomputed + rest(s)) for s in self.running)
+        return bm.can_allocate(reserved + bm.blocks_needed(seq, want + rest(seq), cached))
 
     # ---- the engine's other page moves -------------------------------------------------------
     @property
