@@ -276,11 +276,12 @@ class EngineArgs:
     disable_overlap_scheduler: bool = False
     # TensorRT-LLM arguments the engine honours (jaxllm/trtllm_args.py; docs/COMPATIBILITY.md):
     # streaming updates every `stream_interval` tokens; one log line per iteration; decode batch
-    # buckets from a CudaGraphConfig; a SchedulerConfig's capacity policy (None: MAX_UTILIZATION);
-    # the engine thread's gc generation-0 threshold (None: Python's).
+    # buckets from a CudaGraphConfig (None: no CUDA graphs, XLA's command buffers off); a
+    # SchedulerConfig's capacity policy (None: MAX_UTILIZATION); the engine thread's gc
+    # generation-0 threshold (None: Python's).
     stream_interval: int = 1
     print_iter_log: bool = False
-    cuda_graph_config: Any = None
+    cuda_graph_config: Any = dataclasses.field(default_factory=trtllm_args.CudaGraphConfig)
     scheduler_config: Any = None
     garbage_collection_gen0_threshold: Optional[int] = None
 

@@ -147,7 +147,9 @@ class CudaGraphConfig:
     largest (sizes below the GPUs' two-row minimum, engine/buckets.py GPU_MIN_DECODE_ROWS, run the
     two-row bucket); above it the buckets go on in powers of two up to max_batch_size, since every
     batch needs a program. Without `batch_sizes` the buckets are jaxllm's powers of two.
-    `enable_padding`: accepted; jaxllm always pads a batch to its bucket.
+    `enable_padding`: accepted; jaxllm always pads a batch to its bucket. CudaGraphConfig() is the
+    default, as in TensorRT-LLM; LLM(cuda_graph_config=None), TensorRT-LLM's way to turn CUDA
+    graphs off, compiles jaxllm's GPU programs without XLA's command buffers.
 
     Args:
       batch_sizes: decode batch sizes with their own program (positive ints).

@@ -13,7 +13,8 @@ import jaxllm
 from jaxllm import (LLM, BuildConfig, CapacitySchedulerPolicy, CudaGraphConfig, KvCacheConfig, LoraConfig, MoeConfig,
                     PeftCacheConfig, SamplingParams, SchedulerConfig, TorchCompileConfig)  # fmt: skip
 from jaxllm.engine.block_manager import BlockManager
-from jaxllm.engine.buckets import Buckets
+from jaxllm.engine.buckets import (NO_COMMAND_BUFFER_OPTIONS, NO_TRITON_GEMM_OPTIONS, ONE_GRAPH_OPTIONS, Buckets,
+                                   ForwardShape, compiler_options)  # fmt: skip
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.engine.scheduler import SchedulerConfig as EngineSchedulerConfig
 from jaxllm.engine.sequence import Request, Sequence
@@ -159,6 +160,17 @@ def test_tuning_only_arguments_are_logged_once(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert sum("allreduce_strategy='NCCL' is accepted and has no effect" in m for m in lines) == 1
     assert sum(m.startswith("torch_compile_config=") for m in lines) == 1
+
+
+def test_cuda_graph_config_none_turns_command_buffers_off():
+    assert _args().cuda_graph_config == CudaGraphConfig() and _args(cuda_graph_config=None).cuda_graph_config is None
+    decode = ForwardShape(2, 2, 1024, 1, decode_steps=8, sampling="plain")
+    assert compiler_options(decode, on_gpu=True, one_graph=True) == ONE_GRAPH_OPTIONS
+    assert compiler_options(decode, on_gpu=True, one_graph=True, command_buffers=False) == NO_COMMAND_BUFFER_OPTIONS
+    wide = ForwardShape(64, 64, 1024, 64)
+    assert compiler_options(wide, on_gpu=True, one_graph=False, command_buffers=False) == {
+        **NO_TRITON_GEMM_OPTIONS, **NO_COMMAND_BUFFER_OPTIONS}
+    assert compiler_options(decode, on_gpu=False, one_graph=False, command_buffers=False) is None
 
 
 def test_cuda_graph_batch_sizes_are_the_decode_buckets():

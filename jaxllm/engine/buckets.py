@@ -312,15 +312,22 @@ def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
     )  # fmt: skip
 
 
-def compiler_options(shape, on_gpu: bool, one_graph: bool) -> dict | None:
+# LLM(cuda_graph_config=None), TensorRT-LLM's "no CUDA graphs": XLA records no command buffers.
+NO_COMMAND_BUFFER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool = True) -> dict | None:
     """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
     NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens;
     ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph`
-    (RunnerConfig.one_graph_decode; by default several GPUs)."""
+    (RunnerConfig.one_graph_decode; by default several GPUs); without `command_buffers`
+    (RunnerConfig.command_buffers) NO_COMMAND_BUFFER_OPTIONS instead of ONE_GRAPH_OPTIONS."""
     options = {}
     forward = isinstance(shape, ForwardShape)
     if on_gpu and not (forward and shape.num_tokens <= TRITON_GEMM_MAX_ROWS):
         options.update(NO_TRITON_GEMM_OPTIONS)
-    if forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
+    if on_gpu and not command_buffers:
+        options.update(NO_COMMAND_BUFFER_OPTIONS)
+    elif forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
         options.update(ONE_GRAPH_OPTIONS)
     return options or None
