@@ -106,8 +106,9 @@ class SchedulerConfig:
     context_chunking_policy: None or FIRST_COME_FIRST_SERVED (prompt chunks take the step's token
         budget in scheduling order); EQUAL_PROGRESS and FORCE_CHUNK are refused.
     dynamic_batch_config: None (TensorRT-LLM's TensorRT backend only).
-    waiting_queue_policy: 'fcfs' or 'priority'. jaxllm orders its queue by SchedulingParams.priority,
-        then arrival, under both: requests that set no priority are served first-come-first-served.
+    waiting_queue_policy: 'fcfs' (TensorRT-LLM's default: requests are admitted, scheduled and
+        preempted in arrival order, SchedulingParams.priority ignored) or 'priority' (higher
+        priorities first, then arrival: jaxllm's order when no scheduler_config is given).
     use_python_scheduler, enable_prefix_aware_scheduling: accepted; jaxllm's scheduler is plain
         Python and always counts the cached pages of a prompt's prefix at admission.
     """

@@ -187,14 +187,15 @@ def test_cuda_graph_batch_sizes_are_the_decode_buckets():
 PAGE = 4
 
 
-def _scheduler(policy: str, num_pages: int) -> Scheduler:
-    config = EngineSchedulerConfig(max_num_tokens=64, max_batch_size=8, capacity_policy=policy, max_seq_len=64)
+def _scheduler(policy: str, num_pages: int, max_batch_size: int = 8, priorities: bool = True) -> Scheduler:
+    config = EngineSchedulerConfig(max_num_tokens=64, max_batch_size=max_batch_size, capacity_policy=policy,
+                                   max_seq_len=64, priorities=priorities)  # fmt: skip
     return Scheduler(config, BlockManager(num_pages, PAGE, enable_reuse=False))
 
 
-def _submit(scheduler: Scheduler, seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
+def _submit(scheduler: Scheduler, seq_id: int, prompt_len: int, max_tokens: int, priority: float = 0.5) -> Sequence:
     request = Request(request_id=seq_id, prompt=None, prompt_token_ids=list(range(3, 3 + prompt_len)),
-                      params=SamplingParams(max_tokens=max_tokens), output=None)  # fmt: skip
+                      params=SamplingParams(max_tokens=max_tokens), output=None, priority=priority)  # fmt: skip
     seq = Sequence(seq_id=seq_id, request=request, index=0, token_ids=list(request.prompt_token_ids),
                    num_prompt_tokens=prompt_len, seed=0)  # fmt: skip
     request.sequences.append(seq)
@@ -243,6 +244,18 @@ def test_static_batch_admits_only_when_nothing_runs():
     scheduler.running[0].token_ids.append(7)
     steps, _ = _run(scheduler)
     assert steps == [[0], [0], [1], [1], [1]]
+
+
+def test_the_fcfs_waiting_queue_ignores_priorities():
+    orders = {}
+    for priorities in (True, False):  # 'priority' (jaxllm's default) and 'fcfs' (TensorRT-LLM's)
+        scheduler = _scheduler("MAX_UTILIZATION", num_pages=64, max_batch_size=1, priorities=priorities)
+        for seq_id, priority in enumerate((0.1, 0.5, 0.9)):
+            _submit(scheduler, seq_id, prompt_len=4, max_tokens=1, priority=priority)
+        orders[priorities] = [ids[0] for ids in _run(scheduler)[0]]
+    assert orders == {True: [2, 1, 0], False: [0, 1, 2]}
+    args = _args(scheduler_config=SchedulerConfig(waiting_queue_policy="priority"))
+    assert args.scheduler_config.waiting_queue_policy == "priority"
 
 
 # ---- engines -----------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ class EngineBuilder:
             SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill,
                             capacity_policy=(args.scheduler_config.capacity_scheduler_policy.value
                                              if args.scheduler_config is not None else "MAX_UTILIZATION"),
-                            max_seq_len=self.max_seq_len),  # fmt: skip
+                            max_seq_len=self.max_seq_len,
+                            priorities=args.scheduler_config is None
+                            or args.scheduler_config.waiting_queue_policy.value == "priority"),  # fmt: skip
             BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
             admission=admission,
         )

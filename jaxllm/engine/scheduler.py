@@ -22,6 +22,8 @@ its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those ev
 sequence may still take, so running sequences never run out of pages (fewer run at once);
 STATIC_BATCH admits only when nothing runs, so a batch starts and finishes together (parallel
 samples of a running request still join it).
+The waiting-queue policy 'fcfs' (TensorRT-LLM's default) ignores request priorities: every
+order above is then the order of arrival.
 
 The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
 chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
@@ -48,6 +50,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     capacity_policy: str = "MAX_UTILIZATION"  # or "GUARANTEED_NO_EVICT", "STATIC_BATCH"
     max_seq_len: int | None = None  # a sequence's most tokens (GUARANTEED_NO_EVICT's reservations)
+    priorities: bool = True  # False (the 'fcfs' waiting-queue policy): SchedulingParams.priority is ignored
 
 
 @dataclasses.dataclass
@@ -75,13 +78,16 @@ class Scheduler:
         self.running: list[Sequence] = []  # scheduling order: priority, then admission; victims from the end
         self._arrivals = itertools.count()
 
-    @staticmethod
-    def queue_key(seq: Sequence) -> tuple:
+    def priority(self, seq: Sequence) -> float:
+        """`seq`'s request priority, or one for all under the 'fcfs' waiting-queue policy."""
+        return seq.request.priority if self.config.priorities else 0.0
+
+    def queue_key(self, seq: Sequence) -> tuple:
         """Waiting order: sequences that hold pages (parallel samples sharing their prompt's pages)
         first, as the rest of a request already running; then higher priority first, then the
         request's arrival, then the sample index. A page holder behind a sequence that cannot get
         pages could otherwise hold them for ever."""
-        return not seq.block_table, -seq.request.priority, seq.request.arrival_order, seq.index
+        return not seq.block_table, -self.priority(seq), seq.request.arrival_order, seq.index
 
     def _stamp_arrival(self, seq: Sequence) -> None:
         """Number a request the first time any of its sequences reaches the scheduler (the FCFS tie-break)."""
@@ -140,7 +146,7 @@ class Scheduler:
     def _start_running(self, seq: Sequence) -> None:
         """Insert a newly admitted sequence after every running one of its priority or higher."""
         seq.status = SequenceStatus.RUNNING
-        at = bisect.bisect_right(self.running, -seq.request.priority, key=lambda s: -s.request.priority)
+        at = bisect.bisect_right(self.running, -self.priority(seq), key=lambda s: -self.priority(s))
         self.running.insert(at, seq)
 
     def schedule(self) -> ScheduledStep:
