@@ -111,7 +111,8 @@ class LLM:
 
         Beyond TensorRT-LLM's arguments: `devices`, the JAX devices to run on (default: the first
         `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
-        Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py.
+        Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py; TensorRT-LLM's others (and a
+        few of vLLM's) are mapped in jaxllm/trtllm_args.py (docs/COMPATIBILITY.md).
         """
         backend = trtllm_args.attention_backend(backend, kwargs.pop("attn_backend", None))  # TensorRT-LLM's name
         self._shutdown_lock = threading.Lock()

@@ -311,7 +311,7 @@ NOOP_ARGS: dict[str, tuple[Any, str]] = {
     "torch_compile_config": (None, "torch.compile (XLA compiles jaxllm's programs, all before LLM() returns)"),
     "allreduce_strategy": ("AUTO", "TensorRT-LLM's all-reduce kernels (jaxllm's are XLA's, over NCCL)"),
     "peft_cache_config": (None, "TensorRT-LLM's PEFT cache (jaxllm's: LoraConfig.max_loras / max_cpu_loras)"),
-    "moe_config": (None, "MoE kernels (jaxllm serves dense models only)"),
+    "moe_config": (MoeConfig(), "MoE kernels (jaxllm serves dense models only)"),
     "enable_layerwise_nvtx_marker": (False, "NVTX profiling markers"),
     "enable_min_latency": (False, "Llama4's min-latency kernels"),
     "force_dynamic_quantization": (False, "TensorRT-LLM's dynamic quantization"),
@@ -406,10 +406,10 @@ def _log_once(name: str, message: str, *args) -> None:
 
 
 def _differs(value, default) -> bool:
-    if dataclasses.is_dataclass(value):
-        return value != type(value)()
-    if isinstance(value, dict):
-        return bool(value)
+    """Whether a no-op argument's value is worth a log line: not TensorRT-LLM's default (a config
+    where the default is None, such as torch_compile_config=TorchCompileConfig(), turns a feature on)."""
+    if isinstance(value, dict) and dataclasses.is_dataclass(default):
+        return value != dataclasses.asdict(default)
     return value != default
 
 
@@ -438,7 +438,7 @@ def _kv_cache_dtype(out: dict, value) -> None:
                          "'float16' (jaxllm has no fp8 / nvfp4 KV cache)") from None  # fmt: skip
     config = out.get("kv_cache_config")
     current = config.get("dtype", "auto") if isinstance(config, dict) else getattr(config, "dtype", "auto")
-    if current not in ("auto", value):
+    if current != "auto" and resolve_dtype(current) != resolve_dtype(value):
         raise ValueError(f"kv_cache_dtype={value!r} conflicts with kv_cache_config.dtype={current!r}; give one of them")
     if config is None:
         out["kv_cache_config"] = {"dtype": value}

@@ -136,6 +136,7 @@ def test_names_are_mapped_onto_jaxllm_arguments():
     assert args.enable_lora and (args.lora_config.max_loras, args.lora_config.max_lora_rank) == (2, 8)
     kv = _args(kv_cache_dtype="float16", kv_cache_config=KvCacheConfig(max_tokens=512)).kv_cache_config
     assert (kv.dtype, kv.max_tokens) == ("float16", 512)
+    assert _args(kv_cache_dtype="bf16", kv_cache_config={"dtype": "bfloat16"}).kv_cache_config.dtype == "bf16"
     # What the engine honours survives a saved engine's JSON round trip.
     saved = _args(scheduler_config=SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT"),
                   cuda_graph_config=CudaGraphConfig(batch_sizes=[1, 3]), stream_interval=4).to_dict()  # fmt: skip
@@ -160,6 +161,8 @@ def test_tuning_only_arguments_are_logged_once(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert sum("allreduce_strategy='NCCL' is accepted and has no effect" in m for m in lines) == 1
     assert sum(m.startswith("torch_compile_config=") for m in lines) == 1
+    _args(moe_config=MoeConfig(), enable_autotuner=True)  # TensorRT-LLM's defaults: nothing to say
+    assert not any(m.startswith(("moe_config=", "enable_autotuner=")) for m in [r.getMessage() for r in caplog.records])
 
 
 def test_cuda_graph_config_none_turns_command_buffers_off():
