@@ -190,9 +190,11 @@ def test_cuda_graph_batch_sizes_are_the_decode_buckets():
 PAGE = 4
 
 
-def _scheduler(policy: str, num_pages: int, max_batch_size: int = 8, priorities: bool = True) -> Scheduler:
-    config = EngineSchedulerConfig(max_num_tokens=64, max_batch_size=max_batch_size, capacity_policy=policy,
-                                   max_seq_len=64, priorities=priorities)  # fmt: skip
+def _scheduler(policy: str, num_pages: int, max_batch_size: int = 8, priorities: bool = True,
+               max_num_tokens: int = 64, chunked: bool = True) -> Scheduler:  # fmt: skip
+    config = EngineSchedulerConfig(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                                   enable_chunked_prefill=chunked, capacity_policy=policy, max_seq_len=64,
+                                   priorities=priorities)  # fmt: skip
     return Scheduler(config, BlockManager(num_pages, PAGE, enable_reuse=False))
 
 
@@ -259,6 +261,20 @@ def test_the_fcfs_waiting_queue_ignores_priorities():
     assert orders == {True: [2, 1, 0], False: [0, 1, 2]}
     args = _args(scheduler_config=SchedulerConfig(waiting_queue_policy="priority"))
     assert args.scheduler_config.waiting_queue_policy == "priority"
+
+
+def test_without_chunked_prefill_only_what_no_step_holds_is_chunked():
+    # max_num_tokens=8: a 6-token prompt waits for a step with room for all of it; a 12-token
+    # sequence (a preempted one recomputing its prompt and output) is computed in chunks rather than
+    # waiting for ever, with the requests behind it.
+    scheduler = _scheduler("MAX_UTILIZATION", num_pages=64, max_num_tokens=8, chunked=False)
+    _submit(scheduler, 0, prompt_len=12, max_tokens=1)
+    _submit(scheduler, 1, prompt_len=6, max_tokens=1)
+    first = scheduler.schedule()
+    assert [(s.seq_id, n) for s, n in first.items] == [(0, 8)]  # 1's 6 tokens do not fit beside it
+    for seq, n in first.items:
+        scheduler.mark_computed(seq, n)
+    assert [(s.seq_id, n) for s, n in scheduler.schedule().items] == [(0, 4)]
 
 
 # ---- engines -----------------------------------------------------------------------------------

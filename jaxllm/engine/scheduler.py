@@ -7,7 +7,9 @@ leaves (chunked prefill). Then waiting sequences are admitted while the budget a
 allow: parallel samples that already share their prompt's pages first, then highest priority
 first, first-come-first-served among equals. The queue is strict: a waiting sequence that does not
 fit holds back those behind it. Without chunked prefill a
-prompt is admitted only when all of it fits in one step. A sequence admitted without pages first
+prompt is admitted only when all of it fits in one step (a longer prompt is refused at submission,
+jaxllm/inputs.py); only a sequence longer than max_num_tokens, a preempted one whose prompt and
+output are recomputed, is still computed in chunks, since no step could hold it. A sequence admitted without pages first
 takes the cached pages of its prefix (block reuse), and computes only the rest.
 
 When a running sequence needs a page and none is free, the lowest-priority running sequence is
@@ -160,7 +162,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
             seq = self.running[index]
             want = seq.num_uncomputed
-            if want > budget and not cfg.enable_chunked_prefill:
+            if want > budget and self._in_one_step(want):
                 index += 1
                 continue
             n = min(want, budget)
@@ -185,7 +187,7 @@ class Scheduler:
                 break
             cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
             want = seq.num_uncomputed - len(cached) * bm.block_size
-            if want > budget and not cfg.enable_chunked_prefill:
+            if want > budget and self._in_one_step(want):
                 break
             n = min(want, budget)
             if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
@@ -201,6 +203,11 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         return ScheduledStep(items, preempted)
+
+    def _in_one_step(self, num_tokens: int) -> bool:
+        """Whether `num_tokens` uncomputed tokens of a sequence must run in one step: without chunked
+        prefill, when one step can hold them."""
+        return not self.config.enable_chunked_prefill and num_tokens <= self.config.max_num_tokens
 
     def _fits_to_the_end(self, seq: Sequence, want: int, cached: list[int]) -> bool:
         """(GUARANTEED_NO_EVICT) Whether the pages of `seq`'s whole length (its `want` uncomputed
