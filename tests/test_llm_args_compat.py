@@ -281,8 +281,11 @@ def test_without_chunked_prefill_only_what_no_step_holds_is_chunked():
 @pytest.fixture(scope="module")
 def trtllm_call(tiny_dir):
     """An LLM built by a TensorRT-LLM test's call (tests/unittest/_torch/speculative/test_eagle3.py,
-    its llm_common_config without the draft model), on a tiny checkpoint: the tiny model has no
-    tokenizer (skip_tokenizer_init) and is float32; chunked prefill off as TensorRT-LLM's default."""
+    its llm_common_config; the draft model left out, max_seq_len the tiny model's 1024 instead of
+    8192), with arguments of TensorRT-LLM's other examples added (max_num_tokens,
+    enable_iter_perf_stats, print_iter_log, moe_config, enable_autotuner,
+    garbage_collection_gen0_threshold). The tiny checkpoint has no tokenizer (skip_tokenizer_init)
+    and is float32; chunked prefill is off, TensorRT-LLM's default."""
     model_dir = str(tiny_dir("qwen2"))
     attn_backend, disable_overlap_scheduler, enable_block_reuse, enable_chunked_prefill = "TRTLLM", False, True, False
     max_batch_size = 4
