@@ -6,11 +6,11 @@ admitted first among equals): a decode costs one token, an unfinished prefill ta
 leaves (chunked prefill). Then waiting sequences are admitted while the budget and free pages
 allow: parallel samples that already share their prompt's pages first, then highest priority
 first, first-come-first-served among equals. The queue is strict: a waiting sequence that does not
-fit holds back those behind it. Without chunked prefill a
-prompt is admitted only when all of it fits in one step (a longer prompt is refused at submission,
-jaxllm/inputs.py); only a sequence longer than max_num_tokens, a preempted one whose prompt and
-output are recomputed, is still computed in chunks, since no step could hold it. A sequence admitted without pages first
-takes the cached pages of its prefix (block reuse), and computes only the rest.
+fit holds back those behind it. Without chunked prefill a prompt is admitted only when all of it
+fits in one step (a longer prompt is refused at submission, jaxllm/inputs.py); only a sequence
+longer than max_num_tokens, a preempted one whose prompt and output are recomputed, is still
+computed in chunks, since no step could hold it. A sequence admitted without pages first takes the
+cached pages of its prefix (block reuse), and computes only the rest.
 
 When a running sequence needs a page and none is free, the lowest-priority running sequence is
 preempted (the most recently admitted among equals): its pages are freed (its full pages stay
@@ -18,7 +18,7 @@ cached, so its return may reuse them) and it goes back to the queue, where it ke
 place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
 so its output is unchanged). A step that preempts admits nothing.
 
-The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (the default) admits
+The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (jaxllm's default) admits
 while this step's pages fit, as above; GUARANTEED_NO_EVICT admits a sequence only when the pages of
 its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those every running
 sequence may still take, so running sequences never run out of pages (fewer run at once);
