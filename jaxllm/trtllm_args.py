@@ -450,13 +450,16 @@ def _kv_cache_dtype(out: dict, value) -> None:
 
 def _lora_sizes(out: dict, sizes: dict) -> None:
     """Top-level max_loras / max_lora_rank / max_cpu_loras (vLLM's and older TensorRT-LLM's names) are
-    lora_config's; they enable LoRA."""
+    lora_config's, when LoRA is enabled (enable_lora=True or a lora_config), as there."""
     from jaxllm.adapters import LoraConfig
 
     config = out.get("lora_config")
     if isinstance(config, dict):
         config = LoraConfig(**config)
     if config is None:
+        if out.get("enable_lora") is not True:
+            _log_once("max_loras", "%s have no effect without enable_lora=True", ", ".join(sorted(sizes)))
+            return
         out["lora_config"] = LoraConfig(**sizes)
         return
     for name, value in sizes.items():

@@ -130,7 +130,8 @@ def test_config_classes_validate_their_fields():
 
 
 def test_names_are_mapped_onto_jaxllm_arguments():
-    args = _args(kv_cache_dtype="bfloat16", max_model_len=300, max_loras=2, max_lora_rank=8,
+    assert not _args(max_loras=2).enable_lora  # as in vLLM, the sizes apply with enable_lora=True
+    args = _args(kv_cache_dtype="bfloat16", max_model_len=300, enable_lora=True, max_loras=2, max_lora_rank=8,
                  build_config=BuildConfig(max_num_tokens=128, strongly_typed=True), gather_generation_logits=True)  # fmt: skip
     assert args.kv_cache_config.dtype == "bfloat16" and args.max_seq_len == 300 and args.max_num_tokens == 128
     assert args.enable_lora and (args.lora_config.max_loras, args.lora_config.max_lora_rank) == (2, 8)
