@@ -103,8 +103,9 @@ class SchedulerConfig:
         of its whole length, max_tokens included, fit beside those every running request may
         still need, so nothing is ever preempted) or STATIC_BATCH (new requests wait until every
         running one has finished).
-    context_chunking_policy: None or FIRST_COME_FIRST_SERVED (prompt chunks take the step's token
-        budget in scheduling order); EQUAL_PROGRESS and FORCE_CHUNK are refused.
+    context_chunking_policy: with chunked prefill, None or FIRST_COME_FIRST_SERVED (prompt chunks
+        take the step's token budget in scheduling order) or EQUAL_PROGRESS (the prompts being
+        computed share it a KV page at a time, in rounds); FORCE_CHUNK is refused.
     dynamic_batch_config: None (TensorRT-LLM's TensorRT backend only).
     waiting_queue_policy: 'fcfs' (TensorRT-LLM's default: requests are admitted, scheduled and
         preempted in arrival order, SchedulingParams.priority ignored) or 'priority' (higher
@@ -125,10 +126,10 @@ class SchedulerConfig:
                                                "capacity_scheduler_policy")  # fmt: skip
         if self.context_chunking_policy is not None:
             policy = _enum(ContextChunkingPolicy, self.context_chunking_policy, "context_chunking_policy")
-            if policy is not ContextChunkingPolicy.FIRST_COME_FIRST_SERVED:
-                raise ValueError(f"context_chunking_policy={policy.value!r} is not supported: jaxllm gives prompt "
-                                 "chunks the step's token budget in scheduling order; allowed: None, "
-                                 "'FIRST_COME_FIRST_SERVED'")  # fmt: skip
+            if policy is ContextChunkingPolicy.FORCE_CHUNK:
+                raise ValueError("context_chunking_policy='FORCE_CHUNK' is not supported: jaxllm chunks a prompt only "
+                                 "where the step's token budget ends; allowed: None, 'FIRST_COME_FIRST_SERVED', "
+                                 "'EQUAL_PROGRESS'")  # fmt: skip
             self.context_chunking_policy = policy
         if self.dynamic_batch_config is not None:
             raise ValueError("SchedulerConfig.dynamic_batch_config applies to TensorRT-LLM's TensorRT backend only; "

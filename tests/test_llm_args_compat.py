@@ -93,8 +93,8 @@ def test_every_torch_llm_args_name_is_accepted_at_its_default():
     (dict(normalize_log_probs=True), ValueError, "normalize_log_probs=True is not supported.*allowed: False"),
     (dict(stream_interval=0), ValueError, "stream_interval=0 is invalid; allowed: a positive int"),
     (dict(garbage_collection_gen0_threshold=-1), ValueError, "garbage_collection_gen0_threshold=-1"),
-    (dict(scheduler_config={"context_chunking_policy": "EQUAL_PROGRESS"}), ValueError,
-     r"context_chunking_policy='EQUAL_PROGRESS' is not supported.*'FIRST_COME_FIRST_SERVED'"),
+    (dict(scheduler_config={"context_chunking_policy": "FORCE_CHUNK"}), ValueError,
+     r"context_chunking_policy='FORCE_CHUNK' is not supported.*'FIRST_COME_FIRST_SERVED', 'EQUAL_PROGRESS'"),
     (dict(scheduler_config={"capacity_scheduler_policy": "FASTEST"}), ValueError,
      "capacity_scheduler_policy='FASTEST' is invalid; allowed: 'MAX_UTILIZATION', 'GUARANTEED_NO_EVICT', 'STATIC_BATCH'"),
     (dict(enable_autotuner="yes"), TypeError, "enable_autotuner must be a bool"),
@@ -192,10 +192,10 @@ PAGE = 4
 
 
 def _scheduler(policy: str, num_pages: int, max_batch_size: int = 8, priorities: bool = True,
-               max_num_tokens: int = 64, chunked: bool = True) -> Scheduler:  # fmt: skip
+               max_num_tokens: int = 64, chunked: bool = True, equal_progress: bool = False) -> Scheduler:  # fmt: skip
     config = EngineSchedulerConfig(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
                                    enable_chunked_prefill=chunked, capacity_policy=policy, max_seq_len=64,
-                                   priorities=priorities)  # fmt: skip
+                                   priorities=priorities, equal_progress=equal_progress)  # fmt: skip
     return Scheduler(config, BlockManager(num_pages, PAGE, enable_reuse=False))
 
 
@@ -262,6 +262,27 @@ def test_the_fcfs_waiting_queue_ignores_priorities():
     assert orders == {True: [2, 1, 0], False: [0, 1, 2]}
     args = _args(scheduler_config=SchedulerConfig(waiting_queue_policy="priority"))
     assert args.scheduler_config.waiting_queue_policy == "priority"
+
+
+def test_equal_progress_shares_the_budget_between_prompts():
+    # Two 40-token prompts, 16 tokens a step, pages of 4: first come, first served computes the first
+    # prompt alone; EQUAL_PROGRESS gives each 8 tokens a step (a page each, in rounds), decodes first.
+    plans = {}
+    for equal_progress in (False, True):
+        scheduler = _scheduler("MAX_UTILIZATION", num_pages=64, max_num_tokens=16, equal_progress=equal_progress)
+        _submit(scheduler, 0, prompt_len=40, max_tokens=2)
+        _submit(scheduler, 1, prompt_len=40, max_tokens=2)
+        steps = []
+        for _ in range(3):
+            out = scheduler.schedule()
+            steps.append([(s.seq_id, n) for s, n in out.items])
+            for seq, n in out.items:
+                scheduler.mark_computed(seq, n)
+        plans[equal_progress] = steps
+    assert plans[False] == [[(0, 16)], [(0, 16)], [(0, 8), (1, 8)]]
+    assert plans[True] == [[(0, 8), (1, 8)]] * 3
+    policy = _args(scheduler_config={"context_chunking_policy": "EQUAL_PROGRESS"}).scheduler_config
+    assert policy.context_chunking_policy == "EQUAL_PROGRESS"
 
 
 def test_without_chunked_prefill_only_what_no_step_holds_is_chunked():

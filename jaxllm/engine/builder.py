@@ -301,7 +301,9 @@ class EngineBuilder:
                                              if args.scheduler_config is not None else "MAX_UTILIZATION"),
                             max_seq_len=self.max_seq_len,
                             priorities=args.scheduler_config is None
-                            or args.scheduler_config.waiting_queue_policy.value == "priority"),  # fmt: skip
+                            or args.scheduler_config.waiting_queue_policy.value == "priority",
+                            equal_progress=args.scheduler_config is not None
+                            and args.scheduler_config.context_chunking_policy == "EQUAL_PROGRESS"),  # fmt: skip
             BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse),
             admission=admission,
         )

@@ -26,6 +26,9 @@ STATIC_BATCH admits only when nothing runs, so a batch starts and finishes toget
 samples of a running request still join it).
 The waiting-queue policy 'fcfs' (TensorRT-LLM's default) ignores request priorities: every
 order above is then the order of arrival.
+With chunked prefill, the EQUAL_PROGRESS chunking policy has the prompts being computed share a
+step's token budget a page at a time, in rounds (first come, first served takes them in turn, each
+as much as the budget leaves), so that prompts arriving together progress together.
 
 The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
 chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
@@ -53,6 +56,7 @@ class SchedulerConfig:
     capacity_policy: str = "MAX_UTILIZATION"  # or "GUARANTEED_NO_EVICT", "STATIC_BATCH"
     max_seq_len: int | None = None  # a sequence's most tokens (GUARANTEED_NO_EVICT's reservations)
     priorities: bool = True  # False (the 'fcfs' waiting-queue policy): SchedulingParams.priority is ignored
+    equal_progress: bool = False  # prompts share a step's budget page by page (EQUAL_PROGRESS chunking)
 
 
 @dataclasses.dataclass
@@ -158,6 +162,9 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
 
+        # EQUAL_PROGRESS: a page of each prompt first, the rest of the budget in rounds (`_share_rest`).
+        unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
+
         index = 0
         while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
             seq = self.running[index]
@@ -165,7 +172,7 @@ class Scheduler:
             if want > budget and self._in_one_step(want):
                 index += 1
                 continue
-            n = min(want, budget)
+            n = min(want, budget, unit or want)
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
                 self.preempt(victim)
@@ -189,7 +196,7 @@ class Scheduler:
             want = seq.num_uncomputed - len(cached) * bm.block_size
             if want > budget and self._in_one_step(want):
                 break
-            n = min(want, budget)
+            n = min(want, budget, unit or want)
             if not bm.can_allocate(bm.blocks_needed(seq, n, cached)):
                 break
             if cfg.capacity_policy == "GUARANTEED_NO_EVICT" and not self._fits_to_the_end(seq, want, cached):
@@ -202,7 +209,25 @@ class Scheduler:
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
+        if unit is not None:
+            self._share_rest(items, budget, unit)
         return ScheduledStep(items, preempted)
+
+    def _share_rest(self, items: list[tuple[Sequence, int]], budget: int, unit: int) -> None:
+        """(EQUAL_PROGRESS) Give the scheduled prompts the rest of the step's `budget`, `unit` tokens
+        each per round, while their pages fit."""
+        bm = self.block_manager
+        grew = True
+        while budget > 0 and grew:
+            grew = False
+            for i, (seq, n) in enumerate(items):
+                more = min(unit, seq.num_uncomputed - n, budget)
+                if more <= 0 or not bm.can_allocate(bm.blocks_needed(seq, n + more)):
+                    continue
+                bm.allocate(seq, n + more)
+                items[i] = (seq, n + more)
+                budget -= more
+                grew = True
 
     def _in_one_step(self, num_tokens: int) -> bool:
         """Whether `num_tokens` uncomputed tokens of a sequence must run in one step: without chunked
