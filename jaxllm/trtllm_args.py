@@ -392,10 +392,6 @@ DEFAULT_ONLY_ARGS: dict[str, tuple[tuple, str]] = {
     "batching_type": ((None, "INFLIGHT"), "jaxllm batches in flight"),
 }
 
-# Arguments honoured by `translate` or by the engine; the rest of TorchLlmArgs is EngineArgs' own.
-HONOURED_ARGS = ("kv_cache_dtype", "checkpoint_format", "build_config", "gather_generation_logits",
-                 "normalize_log_probs", "speculative_config", "guided_decoding_backend", "env_overrides",
-                 "max_model_len", "max_loras", "max_lora_rank", "max_cpu_loras")  # fmt: skip
 GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance")
 _logged: set[str] = set()
 
