@@ -362,8 +362,11 @@ def test_without_chunked_prefill_a_prompt_over_max_num_tokens_is_refused(trtllm_
 
 @pytest.fixture(scope="module")
 def every_three(tiny_dir):
+    """Streams every 3 tokens; TensorRT-LLM's default capacity policy, prompts computed side by side."""
+    scheduler_config = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy.GUARANTEED_NO_EVICT,
+                                       context_chunking_policy="EQUAL_PROGRESS")  # fmt: skip
     with LLM(model=str(tiny_dir("qwen2")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
-             max_num_tokens=64, num_scheduler_steps=1, stream_interval=3) as llm:  # fmt: skip
+             max_num_tokens=64, num_scheduler_steps=1, stream_interval=3, scheduler_config=scheduler_config) as llm:  # fmt: skip
         yield llm
 
 
@@ -374,3 +377,11 @@ def test_stream_interval_sets_the_streaming_granularity(every_three):
     assert chunks == [1, 3, 3, 3] and sum(chunks) == 10
     final = every_three.generate([5, 6, 7], params, use_tqdm=False)
     assert len(final.outputs[0].token_ids) == 10
+
+
+def test_scheduling_policies_leave_the_outputs_unchanged(every_three, trtllm_call):
+    prompts = [list(range(10, 50)), list(range(60, 100)), [7, 8, 9], list(range(120, 150))]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    policies = every_three.generate(prompts, params, use_tqdm=False)
+    reference = trtllm_call.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in policies] == [o.outputs[0].token_ids for o in reference]
