@@ -19,6 +19,9 @@ _distributed.initialize_from_env()
 
 from jaxllm.llm import LLM  # noqa: E402
 from jaxllm.llm_args import CacheTransceiverConfig, KvCacheConfig, KvCacheRetentionConfig  # noqa: E402
+from jaxllm.trtllm_args import (BuildConfig, CapacitySchedulerPolicy, ContextChunkingPolicy, CudaGraphConfig,  # noqa: E402
+                                MoeConfig, PeftCacheConfig, SchedulerConfig, TorchCompileConfig,
+                                WaitingQueuePolicy)  # fmt: skip
 from jaxllm.adapters import LoraConfig, LoRARequest, PromptAdapterRequest  # noqa: E402
 from jaxllm.disaggregated_params import DisaggregatedParams  # noqa: E402
 from jaxllm.scheduling_params import SchedulingParams  # noqa: E402
@@ -44,4 +47,13 @@ __all__ = [
     "Logprob",
     "PreprocessedInputs",
     "RequestError",
+    "CudaGraphConfig",
+    "SchedulerConfig",
+    "CapacitySchedulerPolicy",
+    "ContextChunkingPolicy",
+    "WaitingQueuePolicy",
+    "MoeConfig",
+    "TorchCompileConfig",
+    "PeftCacheConfig",
+    "BuildConfig",
 ]

@@ -237,13 +237,18 @@ class RequestFactory:
       config: the checkpoint's model config; tokenizer: the LLM's (None: token ids only).
       max_seq_len, max_input_len, max_batch_size: the engine's bounds.
       lora_cache, prompt_cache: the host adapter caches (None: adapters of that kind disabled).
+      unchunked_max_num_tokens: max_num_tokens when chunked prefill is off (None: on). A prompt
+        is then computed in one step, so a longer one could never be scheduled (and would hold
+        back every request behind it): it is refused here, as TensorRT-LLM refuses it.
     """
 
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
-                 max_batch_size: int, lora_cache=None, prompt_cache=None):  # fmt: skip
+                 max_batch_size: int, lora_cache=None, prompt_cache=None,
+                 unchunked_max_num_tokens: int | None = None):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
+        self.unchunked_max_num_tokens = unchunked_max_num_tokens
         self._request_ids = itertools.count()
 
     def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
@@ -262,7 +267,17 @@ class RequestFactory:
         check_params_against_model(params, vocab, self.tokenizer, where)
         text, ids = tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
         check_lengths(ids, params, self.max_seq_len, self.max_input_len, where)
+        self._check_one_step(len(ids), where)
         return PreprocessedInputs(text, tuple(ids), params)
+
+    def _check_one_step(self, num_prompt_tokens: int, where: str, virtual: str = "") -> None:
+        """Without chunked prefill a prompt must fit one step's max_num_tokens."""
+        limit = self.unchunked_max_num_tokens
+        if limit is not None and num_prompt_tokens > limit:
+            raise ValueError(f"{where}: the prompt has {num_prompt_tokens} tokens{virtual}, which should not exceed "
+                             f"max_num_tokens={limit}: with enable_chunked_prefill=False a prompt is computed in "
+                             f"one step; allowed: at most {limit} prompt tokens, or LLM(enable_chunked_prefill="
+                             "True), which computes long prompts in chunks")  # fmt: skip
 
     def load_adapters(self, pre: PreprocessedInputs, extras: dict, where: str) -> None:
         """Resolve a prompt's lora_request / prompt_adapter_request to loaded adapters (into `extras`),
@@ -284,6 +299,8 @@ class RequestFactory:
                                             prompt_request.prompt_adapter_name)  # fmt: skip
             check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len, self.max_input_len, where,
                           num_virtual_tokens=adapter.num_virtual_tokens)  # fmt: skip
+            self._check_one_step(len(pre.prompt_token_ids) + adapter.num_virtual_tokens, where,
+                                 f" (with {adapter.num_virtual_tokens} virtual tokens)")  # fmt: skip
             extras["prompt_adapter"] = adapter
 
     def make(self, pre: PreprocessedInputs, streaming: bool, extras: dict, abort_fn: Callable[[int], None],

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from jaxllm import distributed
 from jaxllm import inputs as inputs_lib
 from jaxllm import sharding as sharding_lib
+from jaxllm import trtllm_args
 from jaxllm.checkpoints import saved
 from jaxllm.config import resolve_dtype
 from jaxllm.disaggregated_params import ContextFetches, context_state
@@ -110,8 +111,10 @@ class LLM:
 
         Beyond TensorRT-LLM's arguments: `devices`, the JAX devices to run on (default: the first
         `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
-        Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py.
+        Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py; TensorRT-LLM's others (and a
+        few of vLLM's) are mapped in jaxllm/trtllm_args.py (docs/COMPATIBILITY.md).
         """
+        backend = trtllm_args.attention_backend(backend, kwargs.pop("attn_backend", None))  # TensorRT-LLM's name
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
         self._fetches = ContextFetches(self._shutdown_lock)  # generation_only requests fetching their pages
@@ -145,7 +148,9 @@ class LLM:
             return
         self._engine, self._kv_fingerprint = engine, builder.kv_fingerprint
         self._requests = RequestFactory(self.config, self.tokenizer, self.max_seq_len, self.args.max_input_len,
-                                        self.args.max_batch_size, self._lora_cache, self._prompt_cache)  # fmt: skip
+                                        self.args.max_batch_size, self._lora_cache, self._prompt_cache,
+                                        unchunked_max_num_tokens=None if self.args.enable_chunked_prefill
+                                        else self.args.max_num_tokens)  # fmt: skip
         _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)

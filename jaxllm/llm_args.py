@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 
 import jax
 
+from jaxllm import trtllm_args
 from jaxllm.adapters import LoraConfig
 
 logger = logging.getLogger("jaxllm")
@@ -331,6 +332,16 @@ class EngineArgs:
     # the same sequences is already dispatched, its input tokens read on the device, so the devices
     # do not wait for the host between the two (engine.py `Engine._follow_on`).
     disable_overlap_scheduler: bool = False
+    # TensorRT-LLM arguments the engine honours (jaxllm/trtllm_args.py; docs/COMPATIBILITY.md):
+    # streaming updates every `stream_interval` tokens; one log line per iteration; decode batch
+    # buckets from a CudaGraphConfig (None: no CUDA graphs, XLA's command buffers off); a
+    # SchedulerConfig's capacity policy (None: MAX_UTILIZATION); the engine thread's gc
+    # generation-0 threshold (None: Python's).
+    stream_interval: int = 1
+    print_iter_log: bool = False
+    cuda_graph_config: Any = dataclasses.field(default_factory=trtllm_args.CudaGraphConfig)
+    scheduler_config: Any = None
+    garbage_collection_gen0_threshold: Optional[int] = None
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -365,6 +376,7 @@ class EngineArgs:
         if self.max_beam_width != 1:
             raise NotImplementedError("beam search (max_beam_width > 1) is not supported by jaxllm")
         self._check_adapters()
+        trtllm_args.check_engine_fields(self)
 
     def _check_stats(self) -> None:
         for name in ("iter_stats_max_iterations", "request_stats_max_iterations"):
@@ -412,6 +424,7 @@ class EngineArgs:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "EngineArgs":
+        kwargs = trtllm_args.translate(kwargs)  # TensorRT-LLM's (and vLLM's) other names
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -105,10 +105,16 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return buckets
 
 
-def decode_buckets(min_rows: int, max_batch_size: int) -> list[int]:
+def decode_buckets(min_rows: int, max_batch_size: int, batch_sizes: tuple[int, ...] | None = None) -> list[int]:
     """The decode-only steps' sequence buckets: powers of two from `min_rows` (GPU_MIN_DECODE_ROWS on
-    GPUs, else 1) up to max_batch_size, and `min_rows` alone when max_batch_size is smaller."""
-    return powers_of_two(min_rows, max(min_rows, max_batch_size))
+    GPUs, else 1) up to max_batch_size, and `min_rows` alone when max_batch_size is smaller. With
+    `batch_sizes` (a CudaGraphConfig's), those sizes (at least `min_rows`, at most max_batch_size)
+    up to the largest, then powers of two on from it up to max_batch_size."""
+    top = max(min_rows, max_batch_size)
+    if not batch_sizes:
+        return powers_of_two(min_rows, top)
+    chosen = sorted({min(max(b, min_rows), top) for b in batch_sizes})
+    return chosen[:-1] + powers_of_two(chosen[-1], top)
 
 
 def bucket_for(value: int, buckets: list[int]) -> int:
@@ -187,6 +193,8 @@ class Buckets:
       multi_step_flavors: the sampling flavors multi-step decodes are compiled for.
       multi_step_full_max_rows: the widest "full" multi-step decode (None: multi_step_max_rows).
       adapters: whether the engine serves adapters (every forward program has an adapters twin).
+      decode_batch_sizes: the decode buckets up to their largest (a CudaGraphConfig's batch_sizes;
+        None: powers of two); with 'xla' they join the mixed steps' token buckets.
     """
 
     max_num_tokens: int
@@ -200,16 +208,20 @@ class Buckets:
     multi_step_flavors: tuple[str, ...] = MULTI_STEP_FLAVORS
     multi_step_full_max_rows: int | None = None
     adapters: bool = False
+    decode_batch_sizes: tuple[int, ...] | None = None
 
     @property
     def seq_buckets(self) -> list[int]:
-        return decode_buckets(self.min_decode_rows, self.max_batch_size)
+        return decode_buckets(self.min_decode_rows, self.max_batch_size, self.decode_batch_sizes)
 
     @property
     def token_buckets(self) -> list[int]:
         """Mixed steps' token buckets (with 'xla', decode-only steps' too)."""
         low = self.min_decode_rows if self.backend == "xla" else PALLAS_MIN_MIXED_TOKENS
-        return powers_of_two(min(low, self.max_num_tokens), self.max_num_tokens)
+        buckets = powers_of_two(min(low, self.max_num_tokens), self.max_num_tokens)
+        if self.backend == "xla" and self.decode_batch_sizes:
+            buckets = sorted(set(buckets) | {b for b in self.seq_buckets if b <= self.max_num_tokens})
+        return buckets
 
     @property
     def page_buckets(self) -> list[int]:
@@ -296,18 +308,26 @@ def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
         multi_step_flavors=MULTI_STEP_FLAVORS if on_gpu else CPU_MULTI_STEP_FLAVORS,
         multi_step_full_max_rows=MULTI_STEP_FULL_MAX_ROWS if on_gpu else None,
         adapters=adapters,
+        decode_batch_sizes=config.decode_batch_sizes,
     )  # fmt: skip
 
 
-def compiler_options(shape, on_gpu: bool, one_graph: bool) -> dict | None:
+# LLM(cuda_graph_config=None), TensorRT-LLM's "no CUDA graphs": XLA records no command buffers.
+NO_COMMAND_BUFFER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool = True) -> dict | None:
     """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
     NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens;
     ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph`
-    (RunnerConfig.one_graph_decode; by default several GPUs)."""
+    (RunnerConfig.one_graph_decode; by default several GPUs); without `command_buffers`
+    (RunnerConfig.command_buffers) NO_COMMAND_BUFFER_OPTIONS instead of ONE_GRAPH_OPTIONS."""
     options = {}
     forward = isinstance(shape, ForwardShape)
     if on_gpu and not (forward and shape.num_tokens <= TRITON_GEMM_MAX_ROWS):
         options.update(NO_TRITON_GEMM_OPTIONS)
-    if forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
+    if on_gpu and not command_buffers:
+        options.update(NO_COMMAND_BUFFER_OPTIONS)
+    elif forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
         options.update(ONE_GRAPH_OPTIONS)
     return options or None

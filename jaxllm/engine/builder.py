@@ -223,6 +223,9 @@ class EngineBuilder:
             backend=self.backend,
             kv_dtype=self.kv_dtype,
             decode_steps=args.num_scheduler_steps,
+            decode_batch_sizes=tuple(args.cuda_graph_config.batch_sizes)
+            if args.cuda_graph_config is not None and args.cuda_graph_config.batch_sizes else None,
+            command_buffers=args.cuda_graph_config is not None,
         )
         kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
         kv_type = jax.numpy.dtype(self.kv_dtype)
@@ -356,7 +359,14 @@ class EngineBuilder:
             bias=SlotTable(BIAS_SLOTS, lambda slot, row: runner.write_bias(slot, row.values)),
         )  # fmt: skip
         scheduler = Scheduler(
-            SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill),
+            SchedulerConfig(max_num_tokens, args.max_batch_size, args.enable_chunked_prefill,
+                            capacity_policy=(args.scheduler_config.capacity_scheduler_policy.value
+                                             if args.scheduler_config is not None else "MAX_UTILIZATION"),
+                            max_seq_len=self.max_seq_len,
+                            priorities=args.scheduler_config is None
+                            or args.scheduler_config.waiting_queue_policy.value == "priority",
+                            equal_progress=args.scheduler_config is not None
+                            and args.scheduler_config.context_chunking_policy == "EQUAL_PROGRESS"),  # fmt: skip
             BlockManager(num_pages, page_size, enable_reuse=kv_cfg.enable_block_reuse, host=host, events=events,
                          copy_page=self._page_copier(runner)),
             admission=admission,
@@ -368,7 +378,9 @@ class EngineBuilder:
                                args.enable_iter_req_stats and args.enable_iter_perf_stats,
                                args.request_stats_max_iterations)  # fmt: skip
         return Engine(runner, scheduler, self.tokenizer, self.max_seq_len, cfg.vocab_size, transfer,
-                      overlap=not args.disable_overlap_scheduler, stats=stats)  # fmt: skip
+                      overlap=not args.disable_overlap_scheduler, stats=stats, stream_interval=args.stream_interval,
+                      print_iter_log=args.print_iter_log,
+                      gc_gen0_threshold=args.garbage_collection_gen0_threshold)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():

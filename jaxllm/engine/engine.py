@@ -18,7 +18,9 @@ device: the engine thread waits for a step's outputs on its wake event while a r
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import queue
@@ -59,6 +61,20 @@ def derive_seed(base: int, index: int) -> int:
     return x ^ (x >> 31)
 
 
+@contextlib.contextmanager
+def _gc_threshold(gen0: int | None):
+    """Python's gc generation-0 threshold set to `gen0` inside (None: unchanged), restored after."""
+    if gen0 is None:
+        yield
+        return
+    before = gc.get_threshold()
+    gc.set_threshold(gen0, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 @dataclasses.dataclass
 class Plan:
     """What one step runs: the scheduled items, and how they are dispatched."""
@@ -82,12 +98,19 @@ class Engine:
       transfer: disaggregated serving's settings (None: this LLM parks and imports nothing).
       overlap: start the next multi-step decode before this one's tokens are read.
       stats: where iteration statistics go (None: the defaults, no per-request statistics).
+      stream_interval: streaming requests are updated every this many tokens (postprocess.py).
+      print_iter_log: log one line per iteration (INFO).
+      gc_gen0_threshold: Python's gc generation-0 threshold while the engine thread runs (None:
+        unchanged), as TensorRT-LLM's garbage_collection_gen0_threshold: fewer collections of the
+        engine's many short-lived objects.
     """
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
                  transfer: kv_state.TransferSettings | None = None, overlap: bool = True,
-                 stats: IterationStats | None = None):  # fmt: skip
+                 stats: IterationStats | None = None, stream_interval: int = 1, print_iter_log: bool = False,
+                 gc_gen0_threshold: int | None = None):  # fmt: skip
         self.runner = runner
+        self.print_iter_log, self.gc_gen0_threshold = print_iter_log, gc_gen0_threshold
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
         # The overlap scheduler: the next multi-step decode starts before this one's tokens are read
@@ -101,7 +124,8 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park)
+        self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park,
+                                  stream_interval=stream_interval)  # fmt: skip
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
@@ -196,6 +220,10 @@ class Engine:
 
     # ---- engine thread: the inbox --------------------------------------------------------------
     def _loop(self) -> None:
+        with _gc_threshold(self.gc_gen0_threshold):
+            self._serve()
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
             self._take_aborts()
@@ -308,6 +336,8 @@ class Engine:
         if self._trace is not None:
             decoded = sum(len(seq.token_ids) for seq in decoding) - decoding_before
             self._trace.add(self._step_record(plan, started, len(decoding), decoded))
+        if self.print_iter_log:
+            self._log_iteration(plan, started, len(decoding))
         self.post.publish(touched)
 
     def trace_steps(self, on: bool = True) -> list[StepRecord]:
@@ -329,6 +359,15 @@ class Engine:
             padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt,
             wall_s=time.perf_counter() - started, wait_s=self._waited,
         )  # fmt: skip
+
+    def _log_iteration(self, plan: Plan, started: float, num_decoding: int) -> None:
+        """One line for the iteration just run (print_iter_log)."""
+        logger.info("iter %d: %.2f ms, %d scheduled (%d context, %d tokens; %d generation), %d decodes a row, "
+                    "%d running, %d waiting, %d preempted, %d/%d KV pages free", self._stats.iteration,
+                    (time.perf_counter() - started) * 1e3, len(plan.scheduled.items), len(plan.context),
+                    sum(n for _, n in plan.context), num_decoding, plan.steps, len(self.scheduler.running),
+                    len(self.scheduler.waiting), len(plan.scheduled.preempted), self.block_manager.num_free_blocks,
+                    self.block_manager.num_usable_blocks)  # fmt: skip
 
     def _schedule(self) -> Plan | None:
         """The next step's plan: the follow-on in flight if any, else the scheduler's next step

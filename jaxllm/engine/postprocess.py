@@ -32,11 +32,14 @@ class Postprocessor:
     detokenizer: None without a tokenizer (no text).
     max_seq_len: a sequence stops with "length" there.
     park: keeps a finished context_only sequence's pages for another LLM (engine/disaggregated.py).
+    stream_interval: a streaming request is updated when a sequence has its first token or this many
+        new ones (TensorRT-LLM's stream_interval), and when it finishes.
     """
 
     def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer | None, max_seq_len: int,
-                 park: Callable[[Sequence], None]):  # fmt: skip
+                 park: Callable[[Sequence], None], stream_interval: int = 1):  # fmt: skip
         self.scheduler = scheduler
+        self.stream_interval = stream_interval
         self.detokenizer = detokenizer
         self.max_seq_len = max_seq_len
         self.park = park
@@ -207,7 +210,7 @@ class Postprocessor:
             if request.request_id not in self.requests:
                 continue
             done = request.finished
-            if not done and not request.output.streaming:
+            if not done and not (request.output.streaming and self._stream_due(request)):
                 continue
             deltas = tuple(self.delta(seq, final=done) for seq in request.sequences)
             context_logits = None
@@ -222,6 +225,18 @@ class Postprocessor:
                 self.close(request, update)
             else:
                 request.output._post(update)
+
+    def _stream_due(self, request: Request) -> bool:
+        """Whether an unfinished streaming request has news to post: a sequence's first token (at
+        once, for the time to first token), or `stream_interval` new tokens of a sequence (1: every
+        step's news)."""
+        if self.stream_interval == 1:
+            return True
+        for seq in request.sequences:
+            new = seq.num_output_tokens - seq.num_published_tokens
+            if new >= self.stream_interval or (new and seq.num_published_tokens == 0):
+                return True
+        return False
 
     def delta(self, seq: Sequence, final: bool) -> Delta:
         """What `seq` has to tell since its last delta (the prompt leads its first one)."""

@@ -63,6 +63,11 @@ class RunnerConfig:
     # Small multi-step decodes compiled as one CUDA graph (ONE_GRAPH_OPTIONS); None: under tensor
     # parallelism on GPUs.
     one_graph_decode: bool | None = None
+    # The decode buckets up to their largest (LLM(cuda_graph_config=CudaGraphConfig(batch_sizes=...)));
+    # None: powers of two (engine/buckets.py decode_buckets).
+    decode_batch_sizes: tuple[int, ...] | None = None
+    # False (LLM(cuda_graph_config=None)): programs are compiled without XLA command buffers (CUDA graphs).
+    command_buffers: bool = True
 
 
 class ModelRunner:
@@ -224,7 +229,8 @@ class ModelRunner:
 
     def compiler_options(self, shape) -> dict | None:
         """XLA options the program of `shape` is compiled with (engine/buckets.py:compiler_options)."""
-        return compiler_options(shape, self._devices()[0].platform == "gpu", self.one_graph_decode())
+        return compiler_options(shape, self._devices()[0].platform == "gpu", self.one_graph_decode(),
+                                self.config.command_buffers)  # fmt: skip
 
     def one_graph_decode(self) -> bool:
         if self.config.one_graph_decode is not None:

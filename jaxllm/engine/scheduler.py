@@ -6,15 +6,29 @@ admitted first among equals): a decode costs one token, an unfinished prefill ta
 leaves (chunked prefill). Then waiting sequences are admitted while the budget and free pages
 allow: parallel samples that already share their prompt's pages first, then highest priority
 first, first-come-first-served among equals. The queue is strict: a waiting sequence that does not
-fit holds back those behind it. Without chunked prefill a
-prompt is admitted only when all of it fits in one step. A sequence admitted without pages first
-takes the cached pages of its prefix (block reuse), and computes only the rest.
+fit holds back those behind it. Without chunked prefill a prompt is admitted only when all of it
+fits in one step (a longer prompt is refused at submission, jaxllm/inputs.py); only a sequence
+longer than max_num_tokens, a preempted one whose prompt and output are recomputed, is still
+computed in chunks, since no step could hold it. A sequence admitted without pages first takes the
+cached pages of its prefix (block reuse), and computes only the rest.
 
 When a running sequence needs a page and none is free, the lowest-priority running sequence is
 preempted (the most recently admitted among equals): its pages are freed (its full pages stay
 cached, so its return may reuse them) and it goes back to the queue, where it keeps its original
 place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
 so its output is unchanged). A step that preempts admits nothing.
+
+The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (jaxllm's default) admits
+while this step's pages fit, as above; GUARANTEED_NO_EVICT admits a sequence only when the pages of
+its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those every running
+sequence may still take, so running sequences never run out of pages (fewer run at once);
+STATIC_BATCH admits only when nothing runs, so a batch starts and finishes together (parallel
+samples of a running request still join it).
+The waiting-queue policy 'fcfs' (TensorRT-LLM's default) ignores request priorities: every
+order above is then the order of arrival.
+With chunked prefill, the EQUAL_PROGRESS chunking policy has the prompts being computed share a
+step's token budget a page at a time, in rounds (first come, first served takes them in turn, each
+as much as the budget leaves), so that prompts arriving together progress together.
 
 The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
 chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
@@ -39,6 +53,10 @@ class SchedulerConfig:
     max_num_tokens: int
     max_batch_size: int
     enable_chunked_prefill: bool = True
+    capacity_policy: str = "MAX_UTILIZATION"  # or "GUARANTEED_NO_EVICT", "STATIC_BATCH"
+    max_seq_len: int | None = None  # a sequence's most tokens (GUARANTEED_NO_EVICT's reservations)
+    priorities: bool = True  # False (the 'fcfs' waiting-queue policy): SchedulingParams.priority is ignored
+    equal_progress: bool = False  # prompts share a step's budget page by page (EQUAL_PROGRESS chunking)
 
 
 @dataclasses.dataclass
@@ -66,13 +84,16 @@ class Scheduler:
         self.running: list[Sequence] = []  # scheduling order: priority, then admission; victims from the end
         self._arrivals = itertools.count()
 
-    @staticmethod
-    def queue_key(seq: Sequence) -> tuple:
+    def priority(self, seq: Sequence) -> float:
+        """`seq`'s request priority, or one for all under the 'fcfs' waiting-queue policy."""
+        return seq.request.priority if self.config.priorities else 0.0
+
+    def queue_key(self, seq: Sequence) -> tuple:
         """Waiting order: sequences that hold pages (parallel samples sharing their prompt's pages)
         first, as the rest of a request already running; then higher priority first, then the
         request's arrival, then the sample index. A page holder behind a sequence that cannot get
         pages could otherwise hold them for ever."""
-        return not seq.block_table, -seq.request.priority, seq.request.arrival_order, seq.index
+        return not seq.block_table, -self.priority(seq), seq.request.arrival_order, seq.index
 
     def _stamp_arrival(self, seq: Sequence) -> None:
         """Number a request the first time any of its sequences reaches the scheduler (the FCFS tie-break)."""
@@ -131,7 +152,7 @@ class Scheduler:
     def _start_running(self, seq: Sequence) -> None:
         """Insert a newly admitted sequence after every running one of its priority or higher."""
         seq.status = SequenceStatus.RUNNING
-        at = bisect.bisect_right(self.running, -seq.request.priority, key=lambda s: -s.request.priority)
+        at = bisect.bisect_right(self.running, -self.priority(seq), key=lambda s: -self.priority(s))
         self.running.insert(at, seq)
 
     def schedule(self) -> ScheduledStep:
@@ -141,14 +162,17 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
 
+        # EQUAL_PROGRESS: a page of each prompt first, the rest of the budget in rounds (`_share_rest`).
+        unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
+
         index = 0
         while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
             seq = self.running[index]
             want = seq.num_uncomputed
-            if want > budget and not cfg.enable_chunked_prefill:
+            if want > budget and self._in_one_step(want):
                 index += 1
                 continue
-            n = min(want, budget)
+            n = min(want, budget, unit or want)
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
                 self.preempt(victim)
@@ -163,16 +187,21 @@ class Scheduler:
             budget -= n
             index += 1
 
+        static = cfg.capacity_policy == "STATIC_BATCH" and bool(self.running)
         while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
             seq = self.waiting[0]
+            if static and not seq.block_table:  # (a parallel sample of a running request holds pages)
+                break
             bm.onboard(seq)  # its prefix's pages in the host tier, back on the device
             cached = bm.match_prefix(seq)  # pages of its prefix it can reuse instead of computing
             partial = bm.match_partial(seq, cached)  # and the leading tokens of the next page
             want = seq.num_uncomputed - len(cached) * bm.block_size - (partial[1] if partial else 0)
-            if want > budget and not cfg.enable_chunked_prefill:
+            if want > budget and self._in_one_step(want):
                 break
-            n = min(want, budget)
+            n = min(want, budget, unit or want)
             if not bm.can_allocate(bm.blocks_needed(seq, n, cached, partial)):
+                break
+            if cfg.capacity_policy == "GUARANTEED_NO_EVICT" and not self._fits_to_the_end(seq, want, cached):
                 break
             if self.admission is not None and not self.admission.admit(seq):
                 break
@@ -182,7 +211,42 @@ class Scheduler:
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
+        if unit is not None:
+            self._share_rest(items, budget, unit)
         return ScheduledStep(items, preempted)
+
+    def _share_rest(self, items: list[tuple[Sequence, int]], budget: int, unit: int) -> None:
+        """(EQUAL_PROGRESS) Give the scheduled prompts the rest of the step's `budget`, `unit` tokens
+        each per round, while their pages fit."""
+        bm = self.block_manager
+        grew = True
+        while budget > 0 and grew:
+            grew = False
+            for i, (seq, n) in enumerate(items):
+                more = min(unit, seq.num_uncomputed - n, budget)
+                if more <= 0 or not bm.can_allocate(bm.blocks_needed(seq, n + more)):
+                    continue
+                bm.allocate(seq, n + more)
+                items[i] = (seq, n + more)
+                budget -= more
+                grew = True
+
+    def _in_one_step(self, num_tokens: int) -> bool:
+        """Whether `num_tokens` uncomputed tokens of a sequence must run in one step: without chunked
+        prefill, when one step can hold them."""
+        return not self.config.enable_chunked_prefill and num_tokens <= self.config.max_num_tokens
+
+    def _fits_to_the_end(self, seq: Sequence, want: int, cached: list[int]) -> bool:
+        """(GUARANTEED_NO_EVICT) Whether the pages of `seq`'s whole length (its `want` uncomputed
+        tokens and every token it may still sample) fit beside the pages each running sequence may
+        still take up to its own end."""
+        bm, max_seq_len = self.block_manager, self.config.max_seq_len
+
+        def rest(s: Sequence) -> int:  # tokens `s` may still sample
+            return max(0, s.tokens_left(max_seq_len)) if max_seq_len else 0
+
+        reserved = sum(bm.blocks_needed(s, s.num_uncomputed + rest(s)) for s in self.running)
+        return bm.can_allocate(reserved + bm.blocks_needed(seq, want + rest(seq), cached))
 
     # ---- the engine's other page moves -------------------------------------------------------
     @property
