@@ -71,7 +71,8 @@ def _add_dataset_args(p: argparse.ArgumentParser, num_requests_default: int | No
     g.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
 
-def _add_engine_args(p: argparse.ArgumentParser, add_model_engine_args) -> None:
+def add_engine_args(p: argparse.ArgumentParser, add_model_engine_args) -> None:
+    """MODEL and the engine group (LLM() arguments under their names): bench throughput / latency, batch."""
     p.add_argument("model", help="built-in name, local directory, .gguf file or hub id")
     g = p.add_argument_group("engine (LLM() arguments)")
     add_model_engine_args(g)
@@ -118,13 +119,13 @@ def add_parser(sub, add_model_engine_args) -> None:
                            description=__doc__.split("\n\n")[0])  # fmt: skip
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{throughput,latency,serve}")
     tp = kinds.add_parser("throughput", help="every request queued at once through LLM.generate (offline)")
-    _add_engine_args(tp, add_model_engine_args)
+    add_engine_args(tp, add_model_engine_args)
     _add_dataset_args(tp, None)
     tp.add_argument("--no-warmup", action="store_true", help="no warm-up pass (the measured pass is the first)")
     tp.set_defaults(func=_throughput)
 
     lat = kinds.add_parser("latency", help="batch-1 requests, streamed: TTFT and time per output token")
-    _add_engine_args(lat, add_model_engine_args)
+    add_engine_args(lat, add_model_engine_args)
     _add_dataset_args(lat, 5)
     lat.add_argument("--warmup", type=_non_negative_int, default=1, help="warm-up requests, reported apart (1)")
     lat.set_defaults(func=_latency)
