@@ -21,6 +21,11 @@ MODEL = "smollm2-test"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TINY_FLAGS = ["--dtype", "float32", "--skip-tokenizer-init", "--max-batch-size", "1", "--max-num-tokens", "64"]
+TINY_JOB = (32, 40)  # requests, tokens each: at batch 1, long enough to be killed in the middle
+TINY_KWARGS = {"dtype": "float32", "skip_tokenizer_init": True, "max_batch_size": 1, "max_num_tokens": 64}
+
+
 def _token_requests(count: int, max_tokens: int) -> list[dict]:
     """Token-id completions (the tiny models have no tokenizer), greedy, exact lengths, each token's id
     in its logprobs (the text of a token without a tokenizer)."""
@@ -75,6 +80,8 @@ def test_request_forms_names_and_refusals(tmp_path):
     assert errors["line-8"].status == 404 and "'other'" in errors["line-8"].message
     assert errors["line-9"].param == "stream"
     assert "exactly one of 'prompt' and 'messages'" in errors["line-10"].message
+    listed = load_items(["a plain prompt", '{"messages": [{"role": "user", "content": "hi"}]}'], MODEL)
+    assert [(it.custom_id, it.url) for it in listed] == [("line-1", "/v1/completions"), ("line-2", "/v1/chat/completions")]
     path.write_text(json.dumps({"custom_id": "x", "prompt": "a"}) + "\n" + json.dumps({"custom_id": "x", "prompt": "b"}))
     with pytest.raises(ValueError, match="custom_id 'x' appears on lines 1 and 2"):
         load_items(path, MODEL)
@@ -126,14 +133,14 @@ def test_bodies_and_errors_are_the_servers(smollm2_llm, tmp_path):
         {"custom_id": "bad", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}},
         {"custom_id": "long", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": 10**6}},
         {"custom_id": "model", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "model": "nope"}},
-        "Once upon a time",  # a plain prompt string (Python lists only)
+        {"prompt": "x", "max_tokens": 0},  # a plain line
     ]  # fmt: skip
     out = tmp_path / "out.jsonl"
     results = run_batch(smollm2_llm, requests, out, model_name=MODEL, progress=False)
     assert [r["custom_id"] for r in results] == ["chat", "completion", "bad", "long", "model", "line-6"]
-    assert results.summary["done"] == 3 and results.summary["failed"] == 3 and results.summary["skipped"] == 0
+    assert results.summary["done"] == 2 and results.summary["failed"] == 4 and results.summary["skipped"] == 0
     client = TestClient(create_app(ServerState(model_name=MODEL, llm=smollm2_llm)))
-    for result, request in zip(results[:5], requests[:5]):
+    for result, request in zip(results, requests[:5] + [{"url": "/v1/completions", "body": requests[5]}]):
         served = client.post(request["url"], json=request["body"])
         response = result["response"]
         assert response["status_code"] == served.status_code
@@ -154,12 +161,11 @@ def test_bodies_and_errors_are_the_servers(smollm2_llm, tmp_path):
 
 # ---- resumption after SIGKILL -------------------------------------------------------------------------
 def test_sigkill_then_rerun_writes_each_request_once(tiny_dir, tmp_path):
-    requests = _token_requests(32, 48)
+    requests = _token_requests(*TINY_JOB)
     source, out = _write_jsonl(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl"
     summary = tmp_path / "summary.json"
     command = [sys.executable, "-m", "jaxllm.cli", "batch", str(tiny_dir("llama")), "-i", str(source), "-o", str(out),
-               "--dtype", "float32", "--skip-tokenizer-init", "--max-batch-size", "1", "--no-progress",
-               "--summary", str(summary)]  # fmt: skip
+               *TINY_FLAGS, "--no-progress", "--summary", str(summary)]  # fmt: skip
     proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -179,10 +185,10 @@ def test_sigkill_then_rerun_writes_each_request_once(tiny_dir, tmp_path):
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     results = _check_exactly_once(out, [r["custom_id"] for r in requests])
-    assert all(len(_tokens(r)) == 48 for r in results)
+    assert all(len(_tokens(r)) == TINY_JOB[1] for r in results)
     report = json.loads(summary.read_text())
     assert report["skipped"] == written and report["done"] == len(requests) - written and report["failed"] == 0
-    assert report["output_tokens"] == 48 * (len(requests) - written) and report["generate_s"] > 0
+    assert report["output_tokens"] == TINY_JOB[1] * (len(requests) - written) and report["generate_s"] > 0
     assert "already done" in rerun.stdout
 
 
@@ -190,8 +196,8 @@ def test_sigkill_then_rerun_writes_each_request_once(tiny_dir, tmp_path):
 @pytest.fixture(scope="module")
 def single_engine_tokens(tiny_dir):
     """The token-id requests' results from one engine (the reference for the data-parallel runs)."""
-    requests = _token_requests(6, 12)
-    results = run_batch(str(tiny_dir("llama")), requests, dtype="float32", skip_tokenizer_init=True, progress=False)
+    requests = _token_requests(*TINY_JOB)
+    results = run_batch(str(tiny_dir("llama")), requests, progress=False, **TINY_KWARGS)
     return requests, {r["custom_id"]: _tokens(r) for r in results}
 
 
@@ -200,8 +206,7 @@ def test_data_parallel_engines_on_virtual_devices(tiny_dir, tmp_path, single_eng
 
     requests, expected = single_engine_tokens
     out = tmp_path / "out.jsonl"
-    results = run_batch(str(tiny_dir("llama")), requests, out, data_parallel_size=2, dtype="float32",
-                        skip_tokenizer_init=True, progress=False)  # fmt: skip
+    results = run_batch(str(tiny_dir("llama")), requests, out, data_parallel_size=2, progress=False, **TINY_KWARGS)
     assert {r["custom_id"]: _tokens(r) for r in results} == expected
     assert [r["custom_id"] for r in results] == [r["custom_id"] for r in requests]
     engines = results.summary["engines"]
@@ -220,8 +225,8 @@ def test_two_processes_merge_one_output(tiny_dir, tmp_path, single_engine_tokens
     script.write_text("import sys\nfrom jaxllm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", "--cpu-devices-per-process",
                            "1", "--data-parallel", str(script), "batch", str(tiny_dir("llama")), "-i", str(source),
-                           "-o", str(out), "--dtype", "float32", "--skip-tokenizer-init", "--no-progress",
-                           "--summary", str(summary)], env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "-o", str(out), *TINY_FLAGS, "--no-progress", "--summary", str(summary)], env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = _check_exactly_once(out, list(expected))
     assert [r["custom_id"] for r in results] == list(expected)  # merged in input order

@@ -19,6 +19,7 @@ request models need pydantic (the `serve` extra).
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub, add_engine_args) -> None:
@@ -50,7 +51,8 @@ def _cmd(args: argparse.Namespace) -> int:
     try:
         importlib.import_module("pydantic")
     except ImportError:
-        print("jaxllm batch reads requests with the server's models: pip install 'jaxllm[serve]'")
+        print("jaxllm batch reads requests with the server's models (pydantic): pip install 'jaxllm[serve]'",
+              file=sys.stderr)
         return 2
     from jaxllm.batch.job import format_summary
     from jaxllm.bench.offline import engine_kwargs
@@ -59,7 +61,7 @@ def _cmd(args: argparse.Namespace) -> int:
     kwargs["max_batch_size"] = args.max_batch_size  # None: sized to the job
     results = run_batch(args.model, args.input, args.output, model_name=args.served_model_name,
                         data_parallel_size=args.data_parallel_size, summary_path=args.summary,
-                        progress=not args.no_progress, **kwargs)  # fmt: skip
+                        progress=not args.no_progress, keep_results=False, **kwargs)  # fmt: skip
     if results.summary.get("processes", 1) == 1 or _is_leader():
         print(format_summary(results.summary))
     return 0

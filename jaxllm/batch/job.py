@@ -94,11 +94,12 @@ def engine_devices(layout: Layout, tensor_parallel_size: int) -> list:
     return [local[j * tensor_parallel_size : (j + 1) * tensor_parallel_size] for j in range(per)]
 
 
-def size_engine(items: list[BatchItem], kwargs: dict, platform: str) -> dict:
+def size_engine(items: list[BatchItem], kwargs: dict, platform: str, limit: int) -> dict:
     """`kwargs` with the engine limits the caller left unset sized to `items` (the engine's share):
-    max_seq_len the longest prompt + max_tokens, max_batch_size the sequences (at most the platform's
-    default), max_num_tokens the prompts' tokens and sequences (at most the default, and from 64)."""
-    from jaxllm.llm_args import EngineArgs
+    max_seq_len the longest prompt + max_tokens in whole pages (at most `limit`, the model's), max_batch_size
+    the sequences (at most the platform's default), max_num_tokens the prompts' tokens and sequences
+    (at most the default, and from 64)."""
+    from jaxllm.llm_args import EngineArgs, KvCacheConfig
 
     valid = [it for it in items if it.error is None]
     defaults = EngineArgs().platform_defaults(platform)
@@ -106,7 +107,11 @@ def size_engine(items: list[BatchItem], kwargs: dict, platform: str) -> dict:
     if not valid:
         return out
     if out.get("max_seq_len") is None:
-        out["max_seq_len"] = max(it.seq_len for it in valid)
+        kv = out.get("kv_cache_config")
+        page = (kv.get("tokens_per_block") if isinstance(kv, dict) else getattr(kv, "tokens_per_block", None)) \
+            or KvCacheConfig().tokens_per_block  # fmt: skip
+        longest = max(it.seq_len for it in valid)
+        out["max_seq_len"] = min(-(-longest // page) * page, limit)
     sequences = sum(it.num_sequences for it in valid)
     if out.get("max_batch_size") is None:
         out["max_batch_size"] = max(1, min(sequences, defaults.max_batch_size))
@@ -254,7 +259,7 @@ async def _run(engines: list[_Engine], immediate: list[BatchItem], model_name: s
 
 def run_batch(model, requests, output_path: str | Path | None = None, *, model_name: str | None = None,
               data_parallel_size: int | None = None, summary_path: str | Path | None = None, progress: bool = True,
-              **llm_kwargs) -> BatchResults:  # fmt: skip
+              keep_results: bool = True, **llm_kwargs) -> BatchResults:  # fmt: skip
     """Run a batch job (see jaxllm/batch/__init__.py).
 
     Args:
@@ -267,6 +272,7 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
       data_parallel_size: engines (default 1; in a multi-process run, one per process).
       summary_path: where to write the summary as JSON too.
       progress: show a progress bar (process 0 only).
+      keep_results: return the results (False: only the summary; the output file has them).
       llm_kwargs: LLM() arguments for the engines (tensor_parallel_size, dtype, ...).
 
     Returns the results in input order (BatchResults; in a multi-process run, process 0 has them all,
@@ -307,19 +313,24 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
         if unknown:
             raise ValueError(f"{output_path} has results for custom_ids that are not in the input (e.g. {unknown[0]!r}): "
                              "it is another job's output; give another output file or remove it")  # fmt: skip
+    if layout.num_processes > 1:  # every process has read the parts before any writes to its own
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxllm batch: results read")
     todo = [it for it in items if it.custom_id not in finished]
     mine = [it for it in todo if it.index % layout.data_parallel_size in layout.engine_ids]
     refused = [it for it in mine if it.error is not None]
     logger.info("batch: %d requests, %d already done, %d to run here (%d refused before generation)", len(items),
                 len(finished), len(mine), len(refused))  # fmt: skip
 
-    engines, startup_s = _build_engines(model, given_llm, layout, mine, llm_kwargs, limit)
+    engines, startup_s = _build_engines(model, given_llm, layout, items, mine, llm_kwargs, limit)
     memory: list[dict] = []
 
     def sink(group: list[dict]) -> None:
         if own is not None:
             own.append(group)
-        memory.extend(group)
+        if keep_results:
+            memory.extend(group)
 
     tally = _Tally(len(mine), progress and layout.rank == 0)
     before = [_compile_seconds(e.llm) for e in engines]
@@ -347,32 +358,41 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
                        time.perf_counter() - started)  # fmt: skip
     if summary_path is not None and layout.rank == 0:
         Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if not keep_results:
+        out = BatchResults()
+        out.summary = summary
+        return out
     return _results(items, output_path if layout.rank == 0 else None, finished, memory, summary)
 
 
-def _build_engines(model, given_llm: bool, layout: Layout, mine: list[BatchItem], llm_kwargs: dict,
-                   limit: int) -> tuple[list[_Engine], float]:  # fmt: skip
-    """This process's engines and their items; none when nothing needs one (every request refused
-    or already done). Returns (engines, seconds spent making them: loading and compiling)."""
+def _build_engines(model, given_llm: bool, layout: Layout, items: list[BatchItem], mine: list[BatchItem],
+                   llm_kwargs: dict, limit: int) -> tuple[list[_Engine], float]:  # fmt: skip
+    """This process's engines and the items each runs (`mine`: those not done yet); none for an
+    engine with nothing to do. Each is sized to its whole share of the file, done or not, so that a
+    resumed job builds the same engine and loads its programs from the persistent cache. Returns
+    (engines, seconds spent making them: loading and compiling)."""
     started = time.perf_counter()
     runnable = [it for it in mine if it.error is None]
     if given_llm:
         return ([_Engine(model, runnable, limit)] if runnable else []), 0.0
+    import jax
+
     from jaxllm import LLM
 
     engines = []
     devices = engine_devices(layout, llm_kwargs.get("tensor_parallel_size", 1))
     for j, engine_id in enumerate(layout.engine_ids):
-        share = [it for it in runnable if it.index % layout.data_parallel_size == engine_id]
-        if not share:
+        todo = [it for it in runnable if it.index % layout.data_parallel_size == engine_id]
+        if not todo:
             continue
-        platform = (devices[j][0] if devices[j] else __import__("jax").devices()[0]).platform
-        kwargs = size_engine(share, llm_kwargs, platform)
+        share = [it for it in items if it.index % layout.data_parallel_size == engine_id]
+        platform = (devices[j][0] if devices[j] else jax.devices()[0]).platform
+        kwargs = size_engine(share, llm_kwargs, platform, limit)
         if devices[j] is not None:
             kwargs["devices"] = devices[j]
         logger.info("batch: engine %d: %d requests, max_seq_len %s, max_batch_size %s, max_num_tokens %s", engine_id,
-                    len(share), kwargs.get("max_seq_len"), kwargs.get("max_batch_size"), kwargs.get("max_num_tokens"))
-        engines.append(_Engine(LLM(model=model, **kwargs), share, limit))
+                    len(todo), kwargs.get("max_seq_len"), kwargs.get("max_batch_size"), kwargs.get("max_num_tokens"))
+        engines.append(_Engine(LLM(model=model, **kwargs), todo, limit))
     return engines, time.perf_counter() - started
 
 
