@@ -78,7 +78,8 @@ def add_engine_args(p: argparse.ArgumentParser, add_model_engine_args) -> None:
     add_model_engine_args(g)
     g.add_argument("--tensor-parallel-size", "--tp", type=_positive_int, default=1)
     g.add_argument("--max-batch-size", type=_positive_int, default=None,
-                   help="default: throughput, the request count (at most 2048); latency, 1")
+                   help="default: sized to the job (throughput and batch: the requests, at most 2048 / the "
+                        "platform default; latency: 1)")
     g.add_argument("--max-num-tokens", type=_positive_int, default=None)
     g.add_argument("--max-seq-len", type=_positive_int, default=None)
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto", help="dummy: random weights")
