@@ -8,7 +8,8 @@ data parallel.
                 prepared (rendered, tokenized, checked) as the server would, before any engine starts
   output.py     the output: OpenAI batch result lines, appended and fsync'ed; a rerun truncates a
                 torn last line and skips what is done; part files of several processes, merged
-  job.py        engines sized to the file, data parallelism, the progress bar and the summary
+  job.py        engines sized to the file, data parallelism, the run
+  report.py     the progress bar, compile and generation times, the summary
 
 Each result's response body is the one `jaxllm serve` answers for the same body (both go through
 jaxllm/serve/endpoints.py); a request the server would refuse gets the server's error and the job
@@ -54,7 +55,7 @@ def _cmd(args: argparse.Namespace) -> int:
         print("jaxllm batch reads requests with the server's models (pydantic): pip install 'jaxllm[serve]'",
               file=sys.stderr)
         return 2
-    from jaxllm.batch.job import format_summary
+    from jaxllm.batch.report import format_summary
     from jaxllm.bench.offline import engine_kwargs
 
     kwargs = engine_kwargs(args, 1)

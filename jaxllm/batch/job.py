@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from jaxllm.batch import output as output_lib
+from jaxllm.batch import report
 from jaxllm.batch.requests import BatchItem, load_items, prepare
 from jaxllm.serve import endpoints
 from jaxllm.serve.protocol import ServeError
@@ -190,35 +189,12 @@ def _abort(outputs: list) -> None:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-class _Tally:
-    """Counts and the progress bar of this process's share."""
-
-    def __init__(self, total: int, show: bool):
-        self.done = self.failed = self.prompt_tokens = self.output_tokens = 0
-        self.started = time.perf_counter()
-        self.bar = tqdm(total=total, desc="batch", unit="req", disable=not show or total == 0)
-
-    def add(self, result: dict) -> None:
-        response = result["response"]
-        if response["status_code"] == 200:
-            self.done += 1
-            usage = response["body"].get("usage") or {}
-            self.prompt_tokens += usage.get("prompt_tokens", 0)
-            self.output_tokens += usage.get("completion_tokens", 0)
-        else:
-            self.failed += 1
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{(self.done + self.failed) / elapsed:.2f} req/s, "
-                                 f"{self.output_tokens / elapsed:.1f} out tok/s", refresh=False)  # fmt: skip
-        self.bar.update()
-
-
-async def _run(engines: list[_Engine], immediate: list[BatchItem], model_name: str, sink, tally: _Tally) -> None:
+async def _run(engines: list[_Engine], immediate: list[BatchItem], model_name: str, sink, tally: report.Tally) -> None:
     """Answer every engine's items (and the refused ones, at once); each result goes to `sink` (a
     list of results -> None, run in a thread) in groups: one group per write, while the last is on disk."""
     buffer: list[dict] = []
     wake = asyncio.Event()
-    finished = False
+    closing = False
 
     def emit(result: dict) -> None:
         buffer.append(result)
@@ -233,7 +209,7 @@ async def _run(engines: list[_Engine], immediate: list[BatchItem], model_name: s
                 group = buffer[:]
                 del buffer[:]
                 await asyncio.to_thread(sink, group)
-            if finished and not buffer:
+            if closing and not buffer:
                 return
 
     async def serve(engine: _Engine):
@@ -252,7 +228,7 @@ async def _run(engines: list[_Engine], immediate: list[BatchItem], model_name: s
     try:
         await asyncio.gather(*(serve(e) for e in engines))
     finally:
-        finished = True
+        closing = True
         wake.set()
         await writing
 
@@ -297,26 +273,11 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
             llm_kwargs = {**llm_kwargs, "tokenizer": tokenizer}  # loaded once
     by_id = {it.custom_id: it for it in items}
 
-    # What earlier runs finished: the output, and the parts of a multi-process run.
-    own = output_lib.ResultFile(output_lib.part_path(output_path, layout.rank, layout.num_processes)
-                                if layout.num_processes > 1 else output_path) if output_path else None  # fmt: skip
-    finished: dict[str, dict] = {}
-    if own is not None:
-        for r in own.recover():
-            finished[r["custom_id"]] = r
-        others = [output_path, *output_lib.part_paths(output_path)]
-        for path in others:
-            if Path(path) != own.path:
-                for r in output_lib.read_results(path):
-                    finished.setdefault(r["custom_id"], r)
-        unknown = [cid for cid in finished if cid not in by_id]
-        if unknown:
-            raise ValueError(f"{output_path} has results for custom_ids that are not in the input (e.g. {unknown[0]!r}): "
-                             "it is another job's output; give another output file or remove it")  # fmt: skip
-    if layout.num_processes > 1:  # every process has read the parts before any writes to its own
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxllm batch: results read")
+    own = None
+    if output_path is not None:
+        own = output_lib.ResultFile(output_lib.part_path(output_path, layout.rank, layout.num_processes)
+                                    if layout.num_processes > 1 else output_path)  # fmt: skip
+    finished = _finished(own, output_path, by_id, layout)
     todo = [it for it in items if it.custom_id not in finished]
     mine = [it for it in todo if it.index % layout.data_parallel_size in layout.engine_ids]
     refused = [it for it in mine if it.error is not None]
@@ -332,13 +293,13 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
         if keep_results:
             memory.extend(group)
 
-    tally = _Tally(len(mine), progress and layout.rank == 0)
-    before = [_compile_seconds(e.llm) for e in engines]
+    tally = report.Tally(len(mine), progress and layout.rank == 0)
+    before = [report.compile_seconds(e.llm) for e in engines]
     generating = time.perf_counter()
     try:
         asyncio.run(_run(engines, refused, model_name, sink, tally))
         generate_s = time.perf_counter() - generating
-        engine_stats = [_engine_stats(e.llm, j, b) for j, e, b in zip(layout.engine_ids, engines, before)]
+        engine_stats = [report.engine_stats(e.llm, j, b) for j, e, b in zip(layout.engine_ids, engines, before)]
     finally:
         tally.bar.close()
         if own is not None:
@@ -349,12 +310,12 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
     stats = {"done": tally.done, "failed": tally.failed, "prompt_tokens": tally.prompt_tokens,
              "output_tokens": tally.output_tokens, "startup_s": startup_s, "generate_s": generate_s,
              "engines": engine_stats}  # fmt: skip
-    stats = _gather(layout, output_path, stats)
+    stats = report.gather(layout, output_path, stats)
     if output_path is not None and layout.rank == 0:
         merged = output_lib.merge_parts(output_path, {it.custom_id: it.index for it in items})
         if merged:
             logger.info("batch: merged %d results from part files into %s", merged, output_path)
-    summary = _summary(model_name, requests, output_path, layout, len(items), len(finished), stats,
+    summary = report.summary(model_name, requests, output_path, layout, len(items), len(finished), stats,
                        time.perf_counter() - started)  # fmt: skip
     if summary_path is not None and layout.rank == 0:
         Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -363,6 +324,28 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
         out.summary = summary
         return out
     return _results(items, output_path if layout.rank == 0 else None, finished, memory, summary)
+
+
+def _finished(own: output_lib.ResultFile | None, output_path, by_id: dict, layout: Layout) -> dict[str, dict]:
+    """The results earlier runs wrote (custom_id -> line): this process's own file (its torn last line
+    truncated), the output and every part file of `output_path`."""
+    finished: dict[str, dict] = {}
+    if own is not None:
+        for result in own.recover():
+            finished[result["custom_id"]] = result
+        for path in [output_path, *output_lib.part_paths(output_path)]:
+            if Path(path) != own.path:
+                for result in output_lib.read_results(path):
+                    finished.setdefault(result["custom_id"], result)
+        unknown = [cid for cid in finished if cid not in by_id]
+        if unknown:
+            raise ValueError(f"{output_path} has results for custom_ids that are not in the input (e.g. {unknown[0]!r}): "
+                             "it is another job's output; give another output file or remove it")  # fmt: skip
+    if layout.num_processes > 1:  # every process has read the parts before any writes to its own
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxllm batch: results read")
+    return finished
 
 
 def _build_engines(model, given_llm: bool, layout: Layout, items: list[BatchItem], mine: list[BatchItem],
@@ -396,78 +379,6 @@ def _build_engines(model, given_llm: bool, layout: Layout, items: list[BatchItem
     return engines, time.perf_counter() - started
 
 
-def _programs(llm):
-    engine = getattr(llm, "_engine", None)
-    return engine.runner.programs if engine is not None else None
-
-
-def _compile_seconds(llm) -> float:
-    programs = _programs(llm)
-    return programs.compile_seconds if programs is not None else 0.0
-
-
-def _engine_stats(llm, engine_id: int, compile_before: float) -> dict:
-    """One engine's sizes and programs; `compile_before`: its compile seconds when generation began
-    (what it compiled later, at first use, ran inside the generation time)."""
-    import os
-
-    from jaxllm.engine.builder import PRECOMPILE_ENV
-
-    programs = _programs(llm)
-    total = _compile_seconds(llm)
-    return {"engine": engine_id, "max_seq_len": llm.max_seq_len, "max_batch_size": llm.args.max_batch_size,
-            "max_num_tokens": llm.args.max_num_tokens,
-            "precompiled": os.environ.get(PRECOMPILE_ENV, "1") != "0",
-            "programs_compiled": programs.num_compiled if programs else 0,
-            "programs_loaded": programs.num_loaded if programs else 0,
-            "compile_s": compile_before, "compile_in_generation_s": total - compile_before}  # fmt: skip
-
-
-def _gather(layout: Layout, output_path, stats: dict) -> dict:
-    """Every process's stats, summed, on process 0 (after a barrier: every part is then written)."""
-    if layout.num_processes == 1:
-        return stats
-    from jax.experimental import multihost_utils
-
-    path = Path(f"{output_path}.stats-{layout.rank}-of-{layout.num_processes}.json")
-    path.write_text(json.dumps(stats), encoding="utf-8")
-    multihost_utils.sync_global_devices("jaxllm batch: every part written")
-    if layout.rank != 0:
-        return stats
-    total = {"done": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "startup_s": 0.0, "generate_s": 0.0,
-             "engines": []}  # fmt: skip
-    for rank in range(layout.num_processes):
-        other = Path(f"{output_path}.stats-{rank}-of-{layout.num_processes}.json")
-        data = json.loads(other.read_text(encoding="utf-8"))
-        for key in ("done", "failed", "prompt_tokens", "output_tokens"):
-            total[key] += data[key]
-        for key in ("startup_s", "generate_s"):  # the processes run side by side: the slowest
-            total[key] = max(total[key], data[key])
-        total["engines"] += data["engines"]
-        other.unlink()
-    return total
-
-
-def _summary(model_name, requests, output_path, layout: Layout, num_requests: int, skipped: int, stats: dict,
-             wall_s: float) -> dict:  # fmt: skip
-    generate_s = stats["generate_s"]
-    ran = stats["done"] + stats["failed"]
-    return {"model": model_name, "input": str(requests) if isinstance(requests, (str, Path)) else None,
-            "output": None if output_path is None else str(output_path), "requests": num_requests,
-            "done": stats["done"], "failed": stats["failed"], "skipped": skipped,
-            "prompt_tokens": stats["prompt_tokens"], "output_tokens": stats["output_tokens"],
-            "data_parallel_size": layout.data_parallel_size, "processes": layout.num_processes,
-            "startup_s": round(stats["startup_s"], 3),
-            "compile_s": round(sum(e["compile_s"] for e in stats["engines"]), 3),
-            "compile_in_generation_s": round(sum(e["compile_in_generation_s"] for e in stats["engines"]), 3),
-            "programs_compiled": sum(e["programs_compiled"] for e in stats["engines"]),
-            "programs_loaded": sum(e["programs_loaded"] for e in stats["engines"]),
-            "generate_s": round(generate_s, 3), "wall_s": round(wall_s, 3),
-            "requests_per_s": round(ran / generate_s, 3) if generate_s > 0 else None,
-            "output_tokens_per_s": round(stats["output_tokens"] / generate_s, 3) if generate_s > 0 else None,
-            "engines": stats["engines"]}  # fmt: skip
-
-
 def _results(items: list[BatchItem], output_path, finished: dict, memory: list[dict], summary: dict) -> BatchResults:
     by_id = dict(finished)
     if output_path is not None:
@@ -476,21 +387,3 @@ def _results(items: list[BatchItem], output_path, finished: dict, memory: list[d
     out = BatchResults(by_id[it.custom_id] for it in items if it.custom_id in by_id)
     out.summary = summary
     return out
-
-
-def format_summary(summary: dict) -> str:
-    """The summary as a few lines for the terminal."""
-    rate = summary["requests_per_s"]
-    lines = [
-        f"requests: {summary['requests']} ({summary['done']} done, {summary['failed']} failed, "
-        f"{summary['skipped']} already done)",
-        f"tokens: {summary['prompt_tokens']} prompt, {summary['output_tokens']} output",
-        f"engines: {summary['data_parallel_size']} over {summary['processes']} process(es), ready in "
-        f"{summary['startup_s']:.1f} s; programs: {summary['compile_s']:.1f} s before generation"
-        + (f", {summary['compile_in_generation_s']:.1f} s at first use" if summary["compile_in_generation_s"] else "")
-        + f" ({summary['programs_compiled']} compiled, {summary['programs_loaded']} loaded from the cache)",
-        f"generation: {summary['generate_s']:.1f} s" + (f" ({rate:.2f} req/s, "
-                                                         f"{summary['output_tokens_per_s']:.1f} output tok/s)" if rate else ""),
-        f"wall: {summary['wall_s']:.1f} s",
-    ]  # fmt: skip
-    return "\n".join(lines)
