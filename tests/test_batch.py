@@ -70,7 +70,8 @@ def test_request_forms_names_and_refusals(tmp_path):
         json.dumps({"text": "neither"}),
     ]) + "\n")  # fmt: skip
     items = load_items(path, MODEL)
-    assert [it.custom_id for it in items] == ["a", "line-2", "line-4", "b", "c", "line-7", "line-8", "line-9", "line-10"]
+    assert [it.custom_id for it in items] == ["a", "line-2", "line-4", "b", "c", "line-7", "line-8", "line-9",
+                                              "line-10"]
     assert items[0].error is None and items[0].url == "/v1/completions"
     assert items[1].error is None and items[1].body.max_tokens == 3
     errors = {it.custom_id: it.error for it in items if it.error is not None}
@@ -81,8 +82,9 @@ def test_request_forms_names_and_refusals(tmp_path):
     assert errors["line-9"].param == "stream"
     assert "exactly one of 'prompt' and 'messages'" in errors["line-10"].message
     listed = load_items(["a plain prompt", '{"messages": [{"role": "user", "content": "hi"}]}'], MODEL)
-    assert [(it.custom_id, it.url) for it in listed] == [("line-1", "/v1/completions"), ("line-2", "/v1/chat/completions")]
-    path.write_text(json.dumps({"custom_id": "x", "prompt": "a"}) + "\n" + json.dumps({"custom_id": "x", "prompt": "b"}))
+    assert [(it.custom_id, it.url) for it in listed] == [("line-1", "/v1/completions"),
+                                                         ("line-2", "/v1/chat/completions")]
+    path.write_text("".join(json.dumps({"custom_id": "x", "prompt": p}) + "\n" for p in "ab"))
     with pytest.raises(ValueError, match="custom_id 'x' appears on lines 1 and 2"):
         load_items(path, MODEL)
 

@@ -88,8 +88,8 @@ def engine_devices(layout: Layout, tensor_parallel_size: int) -> list:
         return [None]
     local = jax.local_devices()
     if per * tensor_parallel_size > len(local):
-        raise ValueError(f"{per} engines of tensor_parallel_size={tensor_parallel_size} need {per * tensor_parallel_size} "
-                         f"devices; this process has {len(local)} ({local[0].platform})")  # fmt: skip
+        raise ValueError(f"{per} engines of tensor_parallel_size={tensor_parallel_size} need "
+                         f"{per * tensor_parallel_size} devices; this process has {len(local)} ({local[0].platform})")
     return [local[j * tensor_parallel_size : (j + 1) * tensor_parallel_size] for j in range(per)]
 
 
@@ -135,7 +135,8 @@ def _model_parts(model, kwargs: dict):
     if not kwargs.get("skip_tokenizer_init"):
         source = kwargs.get("tokenizer") or resolved
         tokenizer = load_tokenizer(source, kwargs.get("tokenizer_revision") or kwargs.get("revision"),
-                                   kwargs.get("trust_remote_code", False), kwargs.get("tokenizer_mode", "auto"))  # fmt: skip
+                                   kwargs.get("trust_remote_code", False),
+                                   kwargs.get("tokenizer_mode", "auto"))  # fmt: skip
     limit = kwargs.get("max_seq_len") or config.max_position_embeddings
     return tokenizer, limit, config.vocab_size, kwargs.get("max_input_len")
 
@@ -339,8 +340,8 @@ def _finished(own: output_lib.ResultFile | None, output_path, by_id: dict, layou
                     finished.setdefault(result["custom_id"], result)
         unknown = [cid for cid in finished if cid not in by_id]
         if unknown:
-            raise ValueError(f"{output_path} has results for custom_ids that are not in the input (e.g. {unknown[0]!r}): "
-                             "it is another job's output; give another output file or remove it")  # fmt: skip
+            raise ValueError(f"{output_path} has results for custom_ids that are not in the input (e.g. "
+                             f"{unknown[0]!r}): it is another job's output; give another output file or remove it")
     if layout.num_processes > 1:  # every process has read the parts before any writes to its own
         from jax.experimental import multihost_utils
 

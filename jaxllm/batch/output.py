@@ -27,7 +27,8 @@ def result_line(custom_id: str, status: int, body: dict, error: ServeError | Non
     request_id = body.get("id") if status == 200 else None
     return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id,
             "response": {"status_code": status, "request_id": request_id or "req_" + uuid.uuid4().hex, "body": body},
-            "error": None if error is None else {"code": error.code or error.type, "message": error.message}}  # fmt: skip
+            "error": None if error is None else {"code": error.code or error.type,
+                                                 "message": error.message}}  # fmt: skip
 
 
 def error_line(custom_id: str, error: ServeError) -> dict:

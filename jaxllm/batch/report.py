@@ -118,11 +118,12 @@ def format_summary(summary: dict) -> str:
         f"{summary['skipped']} already done)",
         f"tokens: {summary['prompt_tokens']} prompt, {summary['output_tokens']} output",
         f"engines: {summary['data_parallel_size']} over {summary['processes']} process(es), ready in "
-        f"{summary['startup_s']:.1f} s; programs: {summary['compile_s']:.1f} s before generation"
+        f"{summary['startup_s']:.1f} s; programs, summed over the engines: {summary['compile_s']:.1f} s before "
+        "generation"
         + (f", {summary['compile_in_generation_s']:.1f} s at first use" if summary["compile_in_generation_s"] else "")
         + f" ({summary['programs_compiled']} compiled, {summary['programs_loaded']} loaded from the cache)",
-        f"generation: {summary['generate_s']:.1f} s" + (f" ({rate:.2f} req/s, "
-                                                         f"{summary['output_tokens_per_s']:.1f} output tok/s)" if rate else ""),
+        f"generation: {summary['generate_s']:.1f} s"
+        + (f" ({rate:.2f} req/s, {summary['output_tokens_per_s']:.1f} output tok/s)" if rate else ""),
         f"wall: {summary['wall_s']:.1f} s",
     ]  # fmt: skip
     return "\n".join(lines)

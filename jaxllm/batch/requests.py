@@ -151,7 +151,8 @@ def load_items(source, model_name: str) -> list[BatchItem]:
     return items
 
 
-def prepare(items: list[BatchItem], tokenizer, max_seq_len: int, vocab_size: int, max_input_len: int | None = None) -> None:
+def prepare(items: list[BatchItem], tokenizer, max_seq_len: int, vocab_size: int,
+            max_input_len: int | None = None) -> None:
     """Render and measure every readable request as the server would (endpoints.prepare), against a
     model of `max_seq_len` tokens; a request it refuses gets its error."""
     from jaxllm.inputs import check_lengths

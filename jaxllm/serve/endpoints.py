@@ -22,7 +22,8 @@ from jaxllm.serve import protocol
 from jaxllm.serve.protocol import ChatCompletionRequest, CompletionRequest, ServeError
 
 # The generation routes and their request models.
-ROUTES: dict[str, type[BaseModel]] = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+ROUTES: dict[str, type[BaseModel]] = {"/v1/completions": CompletionRequest,
+                                      "/v1/chat/completions": ChatCompletionRequest}
 
 
 def parse(data: Any, model: type[BaseModel], model_name: str):
@@ -106,8 +107,8 @@ def response_body(tokenizer, model_name: str, body, outputs: list, rid: str | No
             choice = {"index": p * n + seq.index, "finish_reason": protocol.finish_reason(seq.finish_reason)}
             logprobs = None
             if want_logprobs and seq.logprobs is not None:
-                logprobs = (chat_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs) if chat
-                            else completion_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs, 0))  # fmt: skip
+                logprobs = (chat_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs) if chat else
+                            completion_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs, 0))
             if chat:
                 choice["message"] = {"role": "assistant", "content": seq.text}
             else:
