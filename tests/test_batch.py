@@ -104,6 +104,33 @@ def test_a_torn_last_line_is_truncated_and_foreign_lines_refused(tmp_path):
         output_lib.ResultFile(path).recover()
 
 
+def test_parts_merge_in_input_order_once(tmp_path):
+    """Parts of an earlier multi-process run (another process count too) go into the output in input
+    order, without what the output already holds, and are deleted."""
+    out = tmp_path / "out.jsonl"
+    line = {cid: output_lib.result_line(cid, 200, {"id": f"cmpl-{cid}"}) for cid in "abcde"}
+    _write_jsonl(out, [line["b"]])
+    _write_jsonl(output_lib.part_path(out, 0, 2), [line["e"], line["b"]])
+    _write_jsonl(output_lib.part_path(out, 1, 2), [line["c"]])
+    torn = output_lib.part_path(out, 2, 3)
+    torn.write_text(json.dumps(line["a"]) + "\n" + json.dumps(line["d"])[:20])
+    assert output_lib.merge_parts(out, {cid: i for i, cid in enumerate("abcde")}) == 3
+    assert [r["custom_id"] for r in output_lib.read_results(out)] == ["b", "a", "c", "e"]
+    assert output_lib.part_paths(out) == []
+
+
+def test_bad_jobs_stop_before_any_engine(tiny_dir, tmp_path, capsys):
+    from jaxllm import cli
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": "x", "prompt": [5]}) + "\n" for _ in range(2)))
+    assert cli.main(["batch", str(tiny_dir("llama")), "-i", str(source), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "custom_id 'x' appears on lines 1 and 2" in capsys.readouterr().err
+    out = _write_jsonl(tmp_path / "other.jsonl", [output_lib.result_line("elsewhere", 200, {"id": "cmpl-1"})])
+    with pytest.raises(ValueError, match="'elsewhere'.*another job's output"):
+        run_batch(str(tiny_dir("llama")), [{"prompt": [5]}], out, skip_tokenizer_init=True, progress=False)
+
+
 # ---- the server's answers ---------------------------------------------------------------------------
 def _assert_same(got, expected, where="body"):
     """Equal, floats (log-probabilities) within 1e-3: a batch of several rows and the same request
