@@ -6,6 +6,7 @@
   jaxllm models                                 the built-in models
   jaxllm serve MODEL [--host H] [--port P] ...  an OpenAI-compatible HTTP server (the `serve` extra)
   jaxllm bench {throughput,latency,serve} ...   benchmarks (jaxllm/bench/)
+  jaxllm batch MODEL -i IN.jsonl -o OUT.jsonl    offline OpenAI batch jobs, resumable, data parallel (jaxllm/batch/)
 
 A single prompt streams to the terminal as tokens arrive. Prompts are wrapped in the model's chat
 template when it has one (--raw turns that off). The engine is sized to the job (as many sequences
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 
-from jaxllm import bench
+from jaxllm import batch, bench
 from jaxllm import chat as chat_lib
 from jaxllm.checkpoints.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from jaxllm.cli_args import add_dtype_backend, add_engine_args, llm_kwargs, non_negative_float, port, positive_int
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(func=cmd_models)
     bench.add_parser(sub)
+    batch.add_parser(sub, lambda p: add_engine_args(p, "default: sized to the job (its requests, at most the platform's default)"))
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'jaxllm[serve]')")
     _add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)

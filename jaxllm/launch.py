@@ -3,6 +3,7 @@
     python -m jaxllm.launch --nproc-per-node 2 script.py [args...]          # one host, 2 processes
     python -m jaxllm.launch --nnodes 2 --node-rank R --coordinator HOST0:PORT --nproc-per-node 8 script.py
     srun --ntasks-per-node=1 python -m jaxllm.launch --slurm script.py     # under SLURM
+    python -m jaxllm.launch --nproc-per-node 2 --data-parallel script.py    # every process runs script.py
     (`jaxllm launch ...` is the same command.)
 
 Process 0 runs `script.py`; every other process runs `follower_main`, which builds the engine
@@ -12,6 +13,8 @@ readable at the same path on every host. On GPUs with one process per GPU, each 
 its own GPU (`--one-gpu-per-process`); with one process per host, each process drives all its
 GPUs, which is the faster way on one host (benchmarks/archive/RESULTS-2026-11.md, "one process per GPU").
 `--cpu-devices-per-process D` runs on CPU devices instead, with gloo collectives (tests).
+With `--data-parallel` every process runs `script.py` and no process follows another: each builds its
+own engines over its own devices, as `jaxllm batch` does, which shards its requests over the processes.
 
 Under SLURM, JAX reads the coordinator, process count and index from SLURM's variables; start one
 task per host (or per GPU with --one-gpu-per-process and `--gpus-per-task=1`).
@@ -60,7 +63,7 @@ def _slurm(args) -> int:
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     if args.one_gpu_per_process and "SLURM_LOCALID" in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = os.environ["SLURM_LOCALID"]
-    return subprocess.call(_command(rank == 0, args.script), env=env)
+    return subprocess.call(_command(rank == 0 or args.data_parallel, args.script), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-devices-per-process", type=int, default=None)
     parser.add_argument("--one-gpu-per-process", action="store_true")
     parser.add_argument("--slurm", action="store_true", help="take the process layout from SLURM (run under srun)")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="every process runs the script with its own engines (jaxllm batch); none follows")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="the script and its arguments")
     args = parser.parse_args(argv)
     if not args.script:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             env["XLA_FLAGS"] = " ".join(flags)
         if args.one_gpu_per_process:
             env["CUDA_VISIBLE_DEVICES"] = str(local)
-        processes.append(subprocess.Popen(_command(rank == 0, args.script), env=env))
+        processes.append(subprocess.Popen(_command(rank == 0 or args.data_parallel, args.script), env=env))
     codes = [None] * len(processes)
     # A launcher stopped by a signal (timeout, SLURM's scancel, a batch system) stops its processes:
     # left running, they would hold their GPUs and wait for peers that are gone.

@@ -78,6 +78,11 @@ def _jsonable(kwargs: dict) -> dict:
     return out
 
 
+def _process_local(devices: Optional[list]) -> bool:
+    """Whether `devices` are given and all belong to this process."""
+    return devices is not None and all(d.process_index == jax.process_index() for d in devices)
+
+
 def _mesh(devices: Optional[list], tensor_parallel_size: int):
     """The devices' mesh (None: one device, the default one)."""
     if devices is not None and (not isinstance(devices, (list, tuple)) or len(devices) != tensor_parallel_size
@@ -111,6 +116,8 @@ class LLM:
 
         Beyond TensorRT-LLM's arguments: `devices`, the JAX devices to run on (default: the first
         `tensor_parallel_size` of jax.devices()), e.g. to place two LLMs on two GPUs of one process.
+        In a multi-process run, devices all of this process's make an engine of this process alone
+        (data parallelism: jaxllm/batch/); otherwise the engine spans every process's devices.
         Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py; TensorRT-LLM's others (and a
         few of vLLM's) are mapped in jaxllm/trtllm_args.py (docs/COMPATIBILITY.md).
         """
@@ -123,7 +130,7 @@ class LLM:
         self.workspace = None
         # Multi-process runs (jaxllm/launch.py): the leader tells the followers what to build.
         self._channel = _follower_channel
-        if _follower_channel is None and distributed.initialize_from_env():
+        if _follower_channel is None and distributed.initialize_from_env() and not _process_local(devices):
             self._channel = self._lead_followers(model, dtype, tensor_parallel_size, revision, backend, devices, kwargs)
         self.mesh, self.tensor_parallel_size = _mesh(devices, tensor_parallel_size), tensor_parallel_size
         if not isinstance(skip_tokenizer_init, bool):

@@ -13,17 +13,16 @@ import asyncio
 import dataclasses
 import json
 import time
-import uuid
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 import jaxllm
 from jaxllm import chat as chat_lib
 from jaxllm.engine.engine import EngineShutdown
-from jaxllm.serve import protocol
+from jaxllm.serve import endpoints, protocol
 from jaxllm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.serve.protocol import ServeError
 
@@ -63,29 +62,7 @@ async def _parse(request: Request, state: ServerState, model: type[BaseModel]):
     body = await request.body()
     if len(body) > state.max_body_bytes:
         raise ServeError(413, f"the request body has {len(body)} bytes; the limit is {state.max_body_bytes}")
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise ServeError(400, f"the body is not JSON: {e}") from None
-    try:
-        parsed = model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(x) for x in first["loc"]) or None
-        raise ServeError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
-    name = getattr(parsed, "model", None)
-    if name is not None and name != state.model_name:
-        raise ServeError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
-                         param="model", code="model_not_found")  # fmt: skip
-    return parsed
-
-
-def _submit(llm, prompt, params, streaming: bool) -> Any:
-    """generate_async; the engine's ValueError/TypeError as a 400."""
-    try:
-        return llm.generate_async(prompt, params, streaming=streaming)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        raise ServeError(400, str(e)) from None
+    return endpoints.parse(body, model, state.model_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,50 +143,8 @@ async def _await_all(request: Request, state: ServerState, outputs: list) -> lis
         _abort_unfinished(outputs, state)
 
 
-def _usage(outputs: list) -> dict:
-    prompt = sum(len(o.prompt_token_ids or ()) for o in outputs)
-    completion = sum(len(s.token_ids) for o in outputs for s in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
-
-
-# ---- log-probabilities in OpenAI's two forms ------------------------------------------------
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-
-
-def _ranked(entry: dict, k: int) -> list[tuple[int, float]]:
-    """The k most likely (token, log-probability) pairs of one position's dict[token_id, Logprob]."""
-    items = sorted(entry.items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))
-    return [(t, lp.logprob) for t, lp in items[:k]]
-
-
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list, k: int, offset: int) -> dict:
-    """/v1/completions' logprobs object; `offset` is the text length before these tokens."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token, entry in zip(token_ids, logprobs):
-        text = _token_text(tokenizer, token)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(entry[token].logprob if token in entry else None)
-        out["top_logprobs"].append({_token_text(tokenizer, t): lp for t, lp in _ranked(entry, k)})
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list, k: int) -> dict:
-    """/v1/chat/completions' logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    content = []
-    for token, entry in zip(token_ids, logprobs):
-        text = _token_text(tokenizer, token)
-        top = [{"token": (s := _token_text(tokenizer, t)), "logprob": lp, "bytes": list(s.encode())}
-               for t, lp in _ranked(entry, k)]  # fmt: skip
-        logprob = entry[token].logprob if token in entry else None
-        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": top})
-    return {"content": content}
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -315,72 +250,36 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         llm = state.ready_llm()
         body = await _parse(request, state, protocol.CompletionRequest)
-        max_tokens = protocol.COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        params = protocol.sampling_params(body, max_tokens, body.logprobs, llm.config.vocab_size)
-        outputs = []
-        try:
-            for prompt in body.prompts():
-                outputs.append(_submit(llm, prompt, params, body.stream))
-        except BaseException:
-            _abort_unfinished(outputs, state)
-            raise
-        return await _respond(request, state, llm, body, outputs, chat=False)
+        return await _generate(request, state, llm, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         llm = state.ready_llm()
         body = await _parse(request, state, protocol.ChatCompletionRequest)
-        try:
-            prompt = chat_lib.render(llm.tokenizer, body.messages, tools=body.tools,
-                                     add_generation_prompt=body.add_generation_prompt,
-                                     continue_final_message=body.continue_final_message,
-                                     chat_template_kwargs=body.chat_template_kwargs)  # fmt: skip
-        except (ValueError, TypeError) as e:
-            raise ServeError(400, str(e), param="messages") from None
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(llm.max_seq_len - len(prompt["prompt_token_ids"]), 1)
-        num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ServeError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        params = protocol.sampling_params(body, max_tokens, num_logprobs, llm.config.vocab_size)
-        return await _respond(request, state, llm, body, [_submit(llm, prompt, params, body.stream)], chat=True)
+        return await _generate(request, state, llm, body)
 
     return app
 
 
-async def _respond(request: Request, state: ServerState, llm, body, outputs: list, chat: bool):
-    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    n = body.n
-    num_logprobs = body.top_logprobs or 0 if chat else body.logprobs
-    want_logprobs = body.logprobs if chat else body.logprobs is not None
-    tokenizer = llm.tokenizer
+async def _generate(request: Request, state: ServerState, llm, body):
+    """Submit a parsed completion or chat request (endpoints.prepare) and answer it."""
+    prompts, params = endpoints.prepare(llm.tokenizer, llm.max_seq_len, llm.config.vocab_size, body)
+    outputs = []
+    try:
+        for prompt in prompts:
+            outputs.append(endpoints.submit(llm, prompt, params, body.stream))
+    except BaseException:
+        _abort_unfinished(outputs, state)
+        raise
+    chat = isinstance(body, protocol.ChatCompletionRequest)
+    request_id, created = endpoints.request_id(chat), int(time.time())
     if body.stream:
         return StreamingResponse(_stream(state, llm, body, outputs, request_id, created, chat),
                                  media_type="text/event-stream")  # fmt: skip
     done = await _await_all(request, state, outputs)
     for out in done:
         state.metrics.record(out)
-    choices = []
-    for p, out in enumerate(done):
-        for seq in out.outputs:
-            choice = {"index": p * n + seq.index, "finish_reason": protocol.finish_reason(seq.finish_reason)}
-            logprobs = None
-            if want_logprobs and seq.logprobs is not None:
-                logprobs = (chat_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs) if chat
-                            else completion_logprobs(tokenizer, seq.token_ids, seq.logprobs, num_logprobs, 0))  # fmt: skip
-            if chat:
-                choice["message"] = {"role": "assistant", "content": seq.text}
-            else:
-                choice["text"] = seq.text
-            choice["logprobs"] = logprobs
-            if body.return_token_ids:
-                choice["token_ids"] = list(seq.token_ids)
-                choice["prompt_token_ids"] = list(out.prompt_token_ids or ())
-            choices.append(choice)
-    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": state.model_name, "choices": choices, "usage": _usage(done)}  # fmt: skip
+    return endpoints.response_body(llm.tokenizer, state.model_name, body, done, request_id, created)
 
 
 async def _stream(state: ServerState, llm, body, outputs: list, request_id: str, created: int, chat: bool):
@@ -414,8 +313,8 @@ async def _stream(state: ServerState, llm, body, outputs: list, request_id: str,
                     continue
                 logprobs = None
                 if want_logprobs and tokens:
-                    logprobs = (chat_logprobs(tokenizer, tokens, seq.logprobs, num_logprobs) if chat else
-                                completion_logprobs(tokenizer, tokens, seq.logprobs, num_logprobs,
+                    logprobs = (endpoints.chat_logprobs(tokenizer, tokens, seq.logprobs, num_logprobs) if chat else
+                                endpoints.completion_logprobs(tokenizer, tokens, seq.logprobs, num_logprobs,
                                                     offsets.get(index, 0)))  # fmt: skip
                 offsets[index] = offsets.get(index, 0) + len(text)
                 choice = {"index": index, "logprobs": logprobs, "finish_reason": protocol.finish_reason(reason)}
@@ -431,7 +330,7 @@ async def _stream(state: ServerState, llm, body, outputs: list, request_id: str,
         for out in outputs:
             state.metrics.record(out)
         if body.include_usage:
-            yield chunk([], _usage(outputs))
+            yield chunk([], endpoints.usage(outputs))
         yield "data: [DONE]\n\n"
     except Exception as e:  # the engine failed the request: tell the client in the stream
         yield _sse(ServeError(500, str(e), type="internal_error").body())
