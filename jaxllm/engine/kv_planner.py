@@ -129,8 +129,9 @@ def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_nu
         # Virtual CPU devices share the host's RAM: the budget is for all of them together.
         budget = min(CPU_BUDGET_BYTES, CPU_RAM_SHARE * ram) / len(devices)
     tokens = int(max(0, budget) // per_token)
-    if devices[0].platform == "cpu":
-        tokens = min(tokens, max_batch_size * (max_seq_len or cfg.max_position_embeddings))
+    if devices[0].platform == "cpu":  # whole pages per sequence: a max_seq_len of 52 at page 32 needs 2
+        pages_per_seq = -(-(max_seq_len or cfg.max_position_embeddings) // page_size)
+        tokens = min(tokens, max_batch_size * pages_per_seq * page_size)
     if kv_config.max_tokens is not None:
         tokens = min(tokens, kv_config.max_tokens)
     return tokens // page_size + 1
