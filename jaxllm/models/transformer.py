@@ -254,13 +254,14 @@ def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.
     def attend(q, k, v, layer):
         return dense_causal_attention(q, k, v, scale=cfg.attn_scale, window=cfg.layer_window(layer), valid=valid)
 
+    def adapter_of(pairs: dict):
+        def adapt(name, h, y):
+            return y + lora_delta_single(h, *pairs[name]) if name in pairs else y
+
+        return adapt
+
     for layer, lp in enumerate(params["layers"]):
-        adapt = None
-        if lora is not None and lora[layer]:
-
-            def adapt(name, h, y, pairs=lora[layer]):
-                return y + lora_delta_single(h, *pairs[name]) if name in pairs else y
-
+        adapt = adapter_of(lora[layer]) if lora is not None and lora[layer] else None
         x = decoder_layer(lp, x, positions, layer, cfg, attend, adapt)
     return final_hidden_to_logits(params, x, cfg)
 
