@@ -247,6 +247,8 @@ def test_saved_adapter_reads_back_and_the_dense_forward_matches_peft(name, lora_
                           + list(adapter.layers[1:]))  # fmt: skip
     with pytest.raises(ValueError, match=f"2 layers given; the model has {cfg.num_layers}"):
         save_lora_adapter(tmp_path / "bad", cfg, adapter.layers[:2])
+    with pytest.raises(ValueError, match=f"lora has 2 layers; the model has {cfg.num_layers}"):
+        forward_dense(lora_llm.params, jnp.asarray([seq]), cfg, lora=adapter.layers[:2])
 
 
 def test_bad_adapters_are_refused_and_the_engine_keeps_serving(lora_llm, adapters, tiny_dir, tmp_path):

@@ -21,7 +21,7 @@ PROBES = {
         "reply": reply.outputs[0].text, "same_top": [t for t, _ in engine_top] == [int(t) for t in forward_top],
         "max_diff": max_diff, "loss": float(loss), "norm": float(norm), "layers": len(layer_norms)}""",
     "sharding.ipynb": """{"devices": jax.device_count(), "same": same_tokens, "single": single,
-        "kv_heads": k_pages.shape[0], "kv_heads_per_device": k_pages.addressable_shards[0].data.shape[0]}""",
+        "kv_heads": k_pages.shape[0], "per_device": per_device}""",
     "finetune_then_serve.ipynb": """{"losses": losses, "base": base, "tuned": tuned,
         "files": sorted(os.listdir(adapter_dir))}""",
 }
@@ -68,7 +68,7 @@ def test_sharding(smollm2_path):
     got = run_notebook("sharding.ipynb", smollm2_path)
     assert got["devices"] == 8  # the first cell's XLA_FLAGS (or the suite's) before JAX started
     assert got["same"] and all(got["single"])  # TP=2 gives the TP=1 tokens
-    assert got["kv_heads"] == 4 and got["kv_heads_per_device"] == 2  # 3 KV heads padded to 4, split in two
+    assert got["kv_heads"] == 4 and [shape[0] for shape in got["per_device"]] == [2, 2]  # 3 KV heads -> 4, halved
 
 
 @pytest.mark.slow
