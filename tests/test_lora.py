@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import LLM, LoraConfig, LoRARequest, SamplingParams
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.engine.buckets import ForwardShape
-from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
+from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter, save_lora_adapter
 from jaxllm.checkpoints import hf
 from jaxllm.engine.adapter_slots import SlotTable
 from jaxllm.layers.adapters import lora_delta, lora_delta_reference, lora_onehot
@@ -218,6 +218,37 @@ def test_saved_lora_engine_reloads_its_executables(lora_llm, adapters, tmp_path)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
         forwards = [s for s in runner.bucket_shapes() if isinstance(s, ForwardShape)]  # every program it can run
         assert len(forwards) == 2 * sum(1 for s in forwards if not s.adapters)  # each with its adapters twin
+
+
+@pytest.mark.parametrize("name", ["r8", "paths"])
+def test_saved_adapter_reads_back_and_the_dense_forward_matches_peft(name, lora_llm, adapters, tmp_path):
+    """save_lora_adapter writes what load_lora_adapter and PEFT read back; forward_dense(lora=) with
+    an adapter's layers computes PEFT's log-probabilities (rsLoRA, and per-layer module sets)."""
+    from peft import PeftModel
+
+    adapter_dir, _, peft_model = adapters[name]
+    cfg = lora_llm.config
+    adapter = load_lora_adapter(adapter_dir, cfg, max_rank=8)
+    saved = save_lora_adapter(tmp_path / "saved", cfg, adapter.layers, lora_alpha=3.0)
+    again = load_lora_adapter(saved, cfg, max_rank=8)
+    assert [sorted(layer) for layer in again.layers] == [sorted(layer) for layer in adapter.layers]
+    for layer, other in zip(adapter.layers, again.layers):
+        for param, (a, b) in layer.items():
+            np.testing.assert_array_equal(other[param][0], a)
+            np.testing.assert_allclose(other[param][1], b, rtol=1e-6, atol=1e-7)
+    seq = PROMPTS[0] + PROMPTS[2]
+    dense = np.asarray(jax.nn.log_softmax(forward_dense(lora_llm.params, jnp.asarray([seq]), cfg,
+                                                        lora=adapter.layers)[0], -1))  # fmt: skip
+    _record(f"{name} dense forward vs peft", np.abs(dense - tiny.hf_logprobs(peft_model, seq)).max())
+    reread = PeftModel.from_pretrained(tiny.build_tiny(MODEL), str(saved)).eval()
+    _record(f"{name} saved, read by peft", np.abs(tiny.hf_logprobs(reread, seq) - tiny.hf_logprobs(peft_model, seq)).max())
+    with pytest.raises(ValueError, match="layer 0 has 'embed', which jaxllm cannot adapt"):
+        save_lora_adapter(tmp_path / "bad", cfg, [{"embed": (np.zeros((4, 2)), np.zeros((2, 4))), **adapter.layers[0]}]
+                          + list(adapter.layers[1:]))  # fmt: skip
+    with pytest.raises(ValueError, match=f"2 layers given; the model has {cfg.num_layers}"):
+        save_lora_adapter(tmp_path / "bad", cfg, adapter.layers[:2])
+    with pytest.raises(ValueError, match=f"lora has 2 layers; the model has {cfg.num_layers}"):
+        forward_dense(lora_llm.params, jnp.asarray([seq]), cfg, lora=adapter.layers[:2])
 
 
 def test_bad_adapters_are_refused_and_the_engine_keeps_serving(lora_llm, adapters, tiny_dir, tmp_path):

@@ -1,5 +1,6 @@
 """LoRA adapters: what a request names (LoRARequest), how many the engine holds (LoraConfig), and
-reading Hugging Face PEFT adapter directories into host arrays (`load_lora_adapter`).
+reading Hugging Face PEFT adapter directories into host arrays (`load_lora_adapter`), and writing
+them (`save_lora_adapter`, e.g. for an adapter trained through `forward_dense(..., lora=)`).
 
 TensorRT-LLM's names. An adapter directory holds `adapter_config.json` (peft_type LORA, r,
 lora_alpha, use_rslora, target_modules, ...) and `adapter_model.safetensors` with one pair per
@@ -24,6 +25,7 @@ come from the checkpoint converter's tables (jaxllm/checkpoints/names.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -373,3 +375,83 @@ def load_lora_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, allowed
         layers[layer][param] = names.lora_to_params(cfg, param, a, b)
         top_rank = max(top_rank, rank)
     return LoraAdapter(adapter_id=adapter_id, path=str(path), rank=top_rank, layers=tuple(layers))
+
+
+def save_lora_adapter(path: str | Path, cfg: ModelConfig, layers, *, lora_alpha: float | None = None,
+                      base_model_name_or_path: str | None = None) -> Path:  # fmt: skip
+    """Write a LoRA adapter as a PEFT directory (adapter_config.json, adapter_model.safetensors) that
+    `load_lora_adapter`, `LoRARequest` and PEFT's `PeftModel.from_pretrained` read.
+
+    Args:
+      path: the directory (created; files in it are overwritten).
+      cfg: the checkpoint's model config (the one `LLM(...).config` and `forward_dense` use).
+      layers: per decoder layer, {param name (wq, wk, wv, wo, w_gate, w_up, w_down): (A, B)} in params
+        layout, A [*input axes, r] and B [r, *output axes], scaling folded into B: the layout of
+        `LoraAdapter.layers` and of `forward_dense(..., lora=)`. Every pair has the same rank r.
+      lora_alpha: written to the config; B is saved divided by the scaling alpha / r, so that reading
+        the directory back (which multiplies by alpha / r) gives B again. Default r (scaling 1).
+      base_model_name_or_path: recorded in the config for PEFT (optional).
+    Returns:
+      the directory's Path.
+    Raises:
+      ValueError: a layer count, param name or shape that does not fit `cfg`, mixed ranks, or no pair.
+    """
+    from safetensors.numpy import save_file
+
+    layers = list(layers)
+    if len(layers) != cfg.num_layers:
+        raise ValueError(f"save_lora_adapter: {len(layers)} layers given; the model has {cfg.num_layers}")
+    tensors: dict[str, np.ndarray] = {}
+    adapted: dict[int, list[str]] = {}
+    ranks = set()
+    for i, layer in enumerate(layers):
+        for param, pair in layer.items():
+            if param not in LORA_PARAMS:
+                raise ValueError(f"save_lora_adapter: layer {i} has {param!r}, which jaxllm cannot adapt; "
+                                 f"allowed: {', '.join(LORA_PARAMS)}")  # fmt: skip
+            a, b = (np.asarray(t, dtype=np.float32) for t in pair)
+            lora_a, lora_b = names.lora_from_params(cfg, param, a, b)
+            ranks.add(lora_a.shape[0])
+            parent, module = names.hf_module(param)
+            adapted.setdefault(i, []).append(module)
+            tensors[f"base_model.model.model.layers.{i}.{parent}.{module}.lora_A.weight"] = lora_a
+            tensors[f"base_model.model.model.layers.{i}.{parent}.{module}.lora_B.weight"] = lora_b
+    if not tensors:
+        raise ValueError("save_lora_adapter: no LoRA pair given (every layer's dict is empty)")
+    if len(ranks) > 1:
+        raise ValueError(f"save_lora_adapter: pairs of ranks {sorted(ranks)}; allowed: one rank for every pair")
+    rank = ranks.pop()
+    alpha = float(rank if lora_alpha is None else lora_alpha)
+    if not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"save_lora_adapter: lora_alpha={lora_alpha!r} is invalid; allowed: a finite non-zero number")
+    scaling = np.float32(alpha / rank)
+    for key in tensors:
+        if key.endswith("lora_B.weight"):
+            tensors[key] = np.ascontiguousarray(tensors[key] / scaling)
+    module_sets = {tuple(modules) for modules in adapted.values()}
+    if len(module_sets) == 1:  # the same modules in every adapted layer: names, and the layers if not all
+        targets: list[str] = list(module_sets.pop())
+        layer_list = sorted(adapted) if len(adapted) < cfg.num_layers else None
+    else:  # full module paths (PEFT matches them by suffix)
+        targets = [f"model.layers.{i}.{names.hf_module(HF_MODULES[m][0])[0]}.{m}"
+                   for i, modules in sorted(adapted.items()) for m in modules]  # fmt: skip
+        layer_list = None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "layers_to_transform": layer_list,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return path

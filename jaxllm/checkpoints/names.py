@@ -4,7 +4,8 @@ Every layout change lives here: Hugging Face linear weights are [out, in] and ge
 dimensions are split out, llama.cpp's q/k row interleave is undone, Gemma's GGUF norms (stored as
 1 + w) are shifted back. `TensorMapper` checks that each file tensor maps to exactly one parameter
 of the right shape, and that nothing is missing, unmapped or duplicated. LoRA adapters of the layer
-projections (PEFT's lora_A / lora_B) are laid out like the weights they adapt (`lora_to_params`).
+projections (PEFT's lora_A / lora_B) are laid out like the weights they adapt (`lora_to_params`, and
+`lora_from_params` back).
 """
 
 from __future__ import annotations
@@ -148,6 +149,21 @@ def lora_to_params(cfg: ModelConfig, param: str, a: np.ndarray, b: np.ndarray) -
     in_axes, out_axes = _projection_axes(cfg, param)
     rank = a.shape[0]
     return np.ascontiguousarray(a.T.reshape(*in_axes, rank)), np.ascontiguousarray(b.T.reshape(rank, *out_axes))
+
+
+def lora_from_params(cfg: ModelConfig, param: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `lora_to_params`: A [*input axes, r] and B [r, *output axes] of a layer
+    projection -> PEFT's lora_A [r, in] and lora_B [out, r]."""
+    in_axes, out_axes = _projection_axes(cfg, param)
+    n_in = len(in_axes)
+    if tuple(a.shape[:n_in]) != tuple(in_axes) or a.ndim != n_in + 1:
+        raise ValueError(f"LoRA A of {param} has shape {tuple(a.shape)}; this model needs {(*in_axes, 'r')}")
+    rank = a.shape[-1]
+    if tuple(b.shape) != (rank, *out_axes):
+        raise ValueError(f"LoRA B of {param} has shape {tuple(b.shape)}; with A of rank {rank} this model needs "
+                         f"{(rank, *out_axes)}")  # fmt: skip
+    return (np.ascontiguousarray(a.reshape(math.prod(in_axes), rank).T),
+            np.ascontiguousarray(b.reshape(rank, math.prod(out_axes)).T))  # fmt: skip
 
 
 class CheckpointError(ValueError):

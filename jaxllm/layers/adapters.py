@@ -63,6 +63,15 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.Array) -> j
     return jnp.tensordot(xa, b, axes=([1, 2], [0, 1])).astype(x.dtype)  # [T, *out]
 
 
+def lora_delta_single(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """One adapter's delta for every token (no bank): x [..., *in], a [*in, R], b [R, *out] ->
+    [..., *out] in x's dtype. What `lora_delta` computes for a token of that adapter's slot; the
+    dense, differentiable forward (`forward_dense(..., lora=)`) uses it to train an adapter."""
+    n_in = a.ndim - 1
+    xa = jnp.tensordot(x, a.astype(x.dtype), axes=n_in)  # [..., R]
+    return jnp.tensordot(xa, b.astype(x.dtype), axes=1)  # [..., *out]
+
+
 def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, lora_slots: jax.Array) -> jax.Array:
     """The same delta by gathering each token's own A and B (memory [T, *in, R]: tests only)."""
     rows = jnp.maximum(lora_slots - 1, 0)

@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
-from jaxllm.layers.adapters import AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_onehot
+from jaxllm.layers.adapters import (AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_delta_single,
+                                    lora_onehot)
 from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
@@ -234,12 +235,18 @@ def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: 
     return out.reshape(B, L, H, d).astype(q.dtype)
 
 
-def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.Array | None = None) -> jax.Array:
+def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.Array | None = None,
+                  lora: list | None = None) -> jax.Array:  # fmt: skip
     """Full-sequence causal forward without a KV cache, for training and analysis.
 
     tokens: [B, L] int; valid: optional [B, L] bool (right padding). Returns float32 logits [B, L, V].
-    Differentiable with respect to `params`.
+    lora: one LoRA adapter, per layer {param name: (A [*in, r], B [r, *out])}, scaling folded into B
+    (`LoraAdapter.layers`' layout; `save_lora_adapter` writes it as a PEFT directory); each adapted
+    projection adds (h A) B, as the engine adds a served adapter's delta.
+    Differentiable with respect to `params` and `lora`.
     """
+    if lora is not None and len(lora) != cfg.num_layers:
+        raise ValueError(f"forward_dense: lora has {len(lora)} layers; the model has {cfg.num_layers}")
     dtype = params["embed"].dtype
     x = embed(params, tokens, cfg, dtype)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -247,8 +254,15 @@ def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.
     def attend(q, k, v, layer):
         return dense_causal_attention(q, k, v, scale=cfg.attn_scale, window=cfg.layer_window(layer), valid=valid)
 
+    def adapter_of(pairs: dict):
+        def adapt(name, h, y):
+            return y + lora_delta_single(h, *pairs[name]) if name in pairs else y
+
+        return adapt
+
     for layer, lp in enumerate(params["layers"]):
-        x = decoder_layer(lp, x, positions, layer, cfg, attend)
+        adapt = adapter_of(lora[layer]) if lora is not None and lora[layer] else None
+        x = decoder_layer(lp, x, positions, layer, cfg, attend, adapt)
     return final_hidden_to_logits(params, x, cfg)
 
 
