@@ -258,9 +258,9 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
     if allowed:
         banned |= ~np.isin(np.arange(vocab_size), allowed)
     if banned.all():
-        raise ValueError(f"{where}: embedding_bias (-inf entries), bad_token_ids and allowed_token_ids ban all "
-                         f"{vocab_size} tokens of the vocabulary; allowed: bans that leave at least one token to "
-                         "sample")  # fmt: skip
+        sources = ["embedding_bias (-inf entries)", "bad_token_ids"] + (["allowed_token_ids"] if allowed else [])
+        raise ValueError(f"{where}: {', '.join(sources[:-1])} and {sources[-1]} ban all {vocab_size} tokens of the "
+                         "vocabulary; allowed: bans that leave at least one token to sample")  # fmt: skip
     if (params.stop or params.bad_strings) and tokenizer is None:
         raise ValueError(f"{where}: stop / bad strings need a tokenizer (skip_tokenizer_init=True was given)")
     if params.stop and not params.detokenize:
@@ -416,14 +416,12 @@ class RequestFactory:
         return multi_token_words, BiasRow.of(row)
 
     def _bad_word_spellings(self, word: str) -> list[tuple[int, ...]]:
-        """The token sequences that spell a bad word: as written and, as vLLM bans it, after a space
-        (" word") where the tokenizer spells that with as many tokens and another first token (byte-
-        level BPE tokenizers, whose words carry their leading space; SentencePiece ones spell " word"
-        with an extra token, and "word" already starts with its word-boundary piece)."""
+        """The token sequences that spell a bad word: as written and after a space (" word") where the
+        tokenizer spells that otherwise, as byte-level BPE tokenizers do (their words carry their
+        leading space). vLLM bans both spellings too, but skips a spaced one of another length, which
+        would leave " Berlin" (one token of SmolLM2's) allowed when "Berlin" is two."""
         ids = tuple(self.tokenizer.encode(word, add_special_tokens=False))
         if not ids:
             return []
         spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-        if len(spaced) == len(ids) and spaced[0] != ids[0]:
-            return [ids, spaced]
-        return [ids]
+        return [ids, spaced] if spaced and spaced != ids else [ids]

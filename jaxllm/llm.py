@@ -116,8 +116,8 @@ class LLM:
         requests whose SamplingParams set apply_batched_logits_processor (engine/logits_processors.py).
         """
         if batched_logits_processor is not None and not callable(batched_logits_processor):
-            raise TypeError(f"batched_logits_processor must be callable (a BatchedLogitsProcessor), got "
-                            f"{type(batched_logits_processor).__name__}")  # fmt: skip
+            raise TypeError(f"batched_logits_processor must be callable (a BatchedLogitsProcessor) or None, got "
+                            f"{batched_logits_processor!r:.100}")  # fmt: skip
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
         self._fetches = ContextFetches(self._shutdown_lock)  # generation_only requests fetching their pages

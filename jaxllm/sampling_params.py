@@ -10,8 +10,8 @@ Where TensorRT-LLM and vLLM differ, jaxllm does what the user evidently means:
     name) is `logprobs=True`.
   * `end_id=-1` never stops at an end token (TensorRT-LLM's idiom; `ignore_eos=True` alike).
   * vLLM's `bad_words` (TensorRT-LLM's `bad`) and `allowed_token_ids` are accepted too. A bad word
-    is banned as written and, where the tokenizer spells it differently after a space (byte-level
-    BPE), with a leading space as well (vLLM's rule): `bad="Paris"` bans " Paris" too.
+    is banned as written and, where the tokenizer spells it otherwise after a space (byte-level
+    BPE), with a leading space as well (as vLLM does): `bad="Paris"` bans " Paris" too.
 Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead, guided decoding,
 top-p decay, ...) are accepted by name so scripts construct unchanged, and raise
 NotImplementedError naming the feature when set.
@@ -143,6 +143,7 @@ class SamplingParams:
     repetition_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    prompt_ignore_length: Optional[int] = None  # accepted off only (None or <= 0): penalties see the whole prompt
     length_penalty: Optional[float] = None
     early_stopping: Optional[int] = None
     no_repeat_ngram_size: Optional[int] = None
@@ -150,6 +151,7 @@ class SamplingParams:
     beam_width_array: Optional[List[int]] = None
 
     logprobs: Optional[int] = None
+    logprobs_mode: Any = "raw"  # TensorRT-LLM's LogprobMode: "raw" (the model's distribution) only
     prompt_logprobs: Optional[int] = None
     return_log_probs: bool = False  # TensorRT-LLM's older name: True is logprobs=True
     return_context_logits: bool = False
@@ -220,6 +222,15 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_int("prompt_ignore_length", self.prompt_ignore_length)
+        if self.prompt_ignore_length is not None and self.prompt_ignore_length > 0:
+            raise NotImplementedError(f"SamplingParams.prompt_ignore_length={self.prompt_ignore_length} is not supported "
+                                      "by jaxllm (penalties count every prompt token); allowed: None or <= 0")  # fmt: skip
+        mode = getattr(self.logprobs_mode, "value", self.logprobs_mode)
+        if mode != "raw":
+            raise NotImplementedError(f"SamplingParams.logprobs_mode={self.logprobs_mode!r} is not supported by jaxllm; "
+                                      "allowed: 'raw' (log-probabilities of the model's distribution, before "
+                                      "temperature, penalties and truncation)")  # fmt: skip
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)

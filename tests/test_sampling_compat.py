@@ -1,7 +1,8 @@
-"""TensorRT-LLM's (and vLLM's) SamplingParams, LoRARequest and result conventions: end_id=-1,
-LoRA id 0, the batched logits processor, return_log_probs, stop_reason, spaces between special
-tokens, max_tokens clipped at max_seq_len, stop tokens trimmed from token_ids, logits as tensors,
-vLLM's bad_words / allowed_token_ids / prompt_token_ids, bad words banned after a space."""
+"""TensorRT-LLM's (and vLLM's) SamplingParams and result conventions: end_id=-1, the batched logits
+processor, return_log_probs, stop_reason, spaces between special tokens, max_tokens clipped at
+max_seq_len, stop tokens trimmed from token_ids, logits as tensors, vLLM's bad_words /
+allowed_token_ids / prompt_token_ids, bad words banned after a space. (LoRARequest's id 0:
+tests/test_lora.py, on its LoRA engine.)"""
 
 import logging
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxllm import LLM, LoRARequest, RequestError, SamplingParams
+from jaxllm import LLM, RequestError, SamplingParams
 from jaxllm.engine.detokenizer import Detokenizer, tokens_before
 from jaxllm.engine.sequence import Sequence
 from jaxllm.outputs import as_logits
@@ -48,7 +49,7 @@ def test_end_id_minus_one_never_stops_at_the_end_token_and_end_tokens_give_no_st
         SamplingParams(end_id=-2)
 
 
-def test_return_log_probs_is_logprobs(llama):
+def test_return_log_probs_is_logprobs_and_newer_fields_are_accepted(llama):
     assert SamplingParams(return_log_probs=True).logprobs == 1
     assert SamplingParams(return_log_probs=True, logprobs=3).logprobs == 3
     assert SamplingParams(return_log_probs=False).logprobs is None
@@ -56,6 +57,12 @@ def test_return_log_probs_is_logprobs(llama):
     assert len(out.logprobs) == 3 and all(t in entry for t, entry in zip(out.token_ids, out.logprobs))
     with pytest.raises(TypeError, match="return_log_probs must be a bool, got 'yes'"):
         SamplingParams(return_log_probs="yes")
+    # Newer TensorRT-LLM fields, accepted where they mean what jaxllm does.
+    assert SamplingParams(logprobs_mode="raw", prompt_ignore_length=0).logprobs_mode == "raw"
+    with pytest.raises(NotImplementedError, match=r"logprobs_mode='processed' is not supported by jaxllm; allowed: 'raw'"):
+        SamplingParams(logprobs_mode="processed")
+    with pytest.raises(NotImplementedError, match=r"prompt_ignore_length=4 is not supported .* allowed: None or <= 0"):
+        SamplingParams(prompt_ignore_length=4)
 
 
 # ---- stop tokens trimmed from token_ids --------------------------------------------------------------
@@ -178,19 +185,6 @@ def test_vllm_bad_words_allowed_token_ids_and_prompt_token_ids(llama):
         llama.generate([PROMPT], prompt_token_ids=[PROMPT, PROMPT])
 
 
-# ---- LoRA id 0 -------------------------------------------------------------------------------------
-def test_lora_id_zero_is_an_id_like_any_other(tiny_llm, tiny_dir, tmp_path):
-    adapter = str(tiny.save_lora("llama", tmp_path, rank=4, alpha=8, seed=1, merge=False)[0])
-    llm = tiny_llm("llama", enable_lora=True)
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
-    zero = llm.generate(PROMPT, params, lora_request=LoRARequest("a", 0, adapter), use_tqdm=False)
-    seven = llm.generate(PROMPT, params, lora_request=LoRARequest("a", 7, adapter), use_tqdm=False)
-    base = llm.generate(PROMPT, params, use_tqdm=False)
-    assert zero.outputs[0].token_ids == seven.outputs[0].token_ids != base.outputs[0].token_ids
-    with pytest.raises(ValueError, match=r"lora_int_id=-1 is invalid; allowed: an int >= 0"):
-        LoRARequest("a", -1, adapter)
-
-
 # ---- text: a real BPE tokenizer -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_path):
@@ -251,6 +245,6 @@ def test_stop_strings_trim_their_tokens_and_bad_words_are_banned_after_a_space(s
     spellings = smollm2_llm._requests._bad_word_spellings("Berlin")
     assert spellings == [tuple(tok.encode("Berlin", add_special_tokens=False)),
                          tuple(tok.encode(" Berlin", add_special_tokens=False))]  # fmt: skip
-    for name in ("bad", "bad_words"):
-        banned = _generate(smollm2_llm, prompt, max_tokens=12, ignore_eos=True, **{name: ["Berlin"]})
-        assert "Berlin" not in banned.text
+    assert SamplingParams(bad="Berlin").bad_strings == SamplingParams(bad_words=["Berlin"]).bad_strings
+    banned = _generate(smollm2_llm, prompt, max_tokens=12, ignore_eos=True, bad_words=["Berlin"])
+    assert "Berlin" not in banned.text
