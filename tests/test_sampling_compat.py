@@ -13,7 +13,7 @@ import torch
 from jaxllm import LLM, RequestError, SamplingParams
 from jaxllm.engine.detokenizer import Detokenizer, tokens_before
 from jaxllm.engine.sequence import Sequence
-from jaxllm.outputs import as_logits
+from jaxllm.outputs import Delta, Logprob, RequestOutput, Update, as_logits
 from tests import tiny
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 9]
@@ -77,6 +77,20 @@ def test_a_stop_token_is_trimmed_from_token_ids_unless_include_stop_str_in_outpu
     params = SamplingParams(max_tokens=8, stop_token_ids=[free[3]])
     seen = [list(o.outputs[0].token_ids) for o in llama.generate_async(PROMPT, params, streaming=True)]
     assert seen[-1] == free[:3] and all(free[3] not in s for s in seen)
+
+
+def test_published_tokens_of_a_stop_are_retracted_by_the_last_update():
+    out = RequestOutput(0, None, [1, 2], 1, streaming=True)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    out._post(Update((Delta(0, (5, 6, 7), logprobs=({5: Logprob(-1.0)}, {6: Logprob(-2.0)}, {7: Logprob(-3.0)}),
+                            generation_logits=rows[:3]),)))  # fmt: skip
+    out._post(Update((Delta(0, (), num_retracted=2, finish_reason="stop", stop_reason="ab"),), finished=True))
+    next(out)
+    assert out.outputs[0].token_ids == [5, 6, 7] and out.outputs[0].generation_logits.shape[0] == 3
+    next(out)
+    done = out.outputs[0]
+    assert done.token_ids == [5] and list(done.logprobs[0]) == [5] and len(done.logprobs) == 1
+    assert done.generation_logits.shape == (1, 3) and done.stop_reason == "ab" and out.finished
 
 
 # ---- batched logits processor ----------------------------------------------------------------------
@@ -236,10 +250,9 @@ def test_stop_strings_trim_their_tokens_and_bad_words_are_banned_after_a_space(s
     kept = _generate(smollm2_llm, prompt, max_tokens=12, ignore_eos=True, stop=stop, include_stop_str_in_output=True)
     assert kept.text == free.text[: index + len(stop)] and tok.decode(kept.token_ids).endswith(stop)
     # Streaming: tokens published before the stop string was seen are retracted at the end.
-    params = SamplingParams(max_tokens=12, ignore_eos=True, stop=stop, logprobs=0)
-    for step in smollm2_llm.generate_async(prompt, params, streaming=True):
-        pass
-    assert step.outputs[0].token_ids == out.token_ids and len(step.outputs[0].logprobs) == len(out.token_ids)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, stop=stop)
+    published = [list(step.outputs[0].token_ids) for step in smollm2_llm.generate_async(prompt, params, streaming=True)]
+    assert published[-1] == out.token_ids and max(map(len, published)) >= len(out.token_ids)
     # Bad words: "Berlin" is banned as " Berlin" too (byte-level BPE spells them differently).
     assert "Berlin" in free.text
     spellings = smollm2_llm._requests._bad_word_spellings("Berlin")
