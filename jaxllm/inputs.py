@@ -280,7 +280,8 @@ class RequestFactory:
     """
 
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
-                 max_batch_size: int, lora_cache=None, prompt_cache=None, batched_logits_processor: bool = False):  # fmt: skip
+                 max_batch_size: int, lora_cache=None, prompt_cache=None,
+                 batched_logits_processor: bool = False):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache

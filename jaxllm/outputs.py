@@ -121,8 +121,8 @@ class RequestOutput:
 
     Attributes (TensorRT-LLM's): request_id, prompt, prompt_token_ids, outputs, context_logits
     ([prompt tokens, vocab] float32, when return_context_logits: a torch.Tensor where torch is
-    installed, else a numpy array), finished. Methods: result(timeout), aresult(timeout), `await`, iteration (streaming), abort(),
-    aborted().
+    installed, else a numpy array), finished. Methods: result(timeout), aresult(timeout), `await`,
+    iteration (streaming), abort(), aborted().
     """
 
     def __init__(self, request_id: int, prompt: Optional[str], prompt_token_ids: list[int], num_outputs: int,
