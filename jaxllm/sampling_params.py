@@ -19,6 +19,7 @@ NotImplementedError naming the feature when set.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Callable, List, Optional, Union
@@ -89,6 +90,33 @@ def _check_strs(name: str, value):
         raise TypeError(f"{name} must be a str or a list of str, got {value!r}")
     if any(s == "" for s in items):
         raise ValueError(f"{name} must not contain empty strings")
+
+
+class LogitsProcessor(abc.ABC):
+    """TensorRT-LLM's base class of a request's logits processor (`SamplingParams.logits_processor`);
+    any callable of the same signature serves as well."""
+
+    @abc.abstractmethod
+    def __call__(self, req_id: int, logits: np.ndarray, token_ids: List[List[int]], stream_ptr: Optional[int],
+                 client_id: Optional[int]) -> Optional[np.ndarray]:  # fmt: skip
+        """Edit `logits` ([1, vocab] float32) in place, or return the new values.
+
+        Args:
+          req_id: the request's id; token_ids: its tokens so far, prompt included (one beam);
+          stream_ptr, client_id: None in jaxllm (no CUDA stream, no client ids).
+        """
+
+
+class BatchedLogitsProcessor(abc.ABC):
+    """TensorRT-LLM's base class of the LLM's batched logits processor (`LLM(batched_logits_processor=
+    ...)`), called once per step for the requests that set `apply_batched_logits_processor`; any
+    callable of the same signature serves as well."""
+
+    @abc.abstractmethod
+    def __call__(self, req_ids: List[int], logits: List[np.ndarray], token_ids: List[List[List[int]]],
+                 stream_ptr: Optional[int], client_ids: List[Optional[int]]) -> Optional[list]:  # fmt: skip
+        """Edit each request's `logits` ([1, vocab] float32) in place, or return a list of new values
+        (None keeps a row); the other arguments as `LogitsProcessor`'s, one entry per request."""
 
 
 # TensorRT-LLM fields jaxllm does not implement: name -> the default that means "off".

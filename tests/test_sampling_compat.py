@@ -14,6 +14,7 @@ from jaxllm import LLM, RequestError, SamplingParams
 from jaxllm.engine.detokenizer import Detokenizer, tokens_before
 from jaxllm.engine.sequence import Sequence
 from jaxllm.outputs import Delta, Logprob, RequestOutput, Update, as_logits
+from jaxllm.sampling_params import BatchedLogitsProcessor, LogitsProcessor
 from tests import tiny
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 9]
@@ -94,7 +95,7 @@ def test_published_tokens_of_a_stop_are_retracted_by_the_last_update():
 
 
 # ---- batched logits processor ----------------------------------------------------------------------
-class OnlyEven:
+class OnlyEven(BatchedLogitsProcessor):
     """A TensorRT-LLM BatchedLogitsProcessor: the requests it is given sample even tokens only."""
 
     def __init__(self):
@@ -113,10 +114,14 @@ def _only_even(request_id, logits, token_ids, stream, client):
     logits[..., 1::2] = -np.inf
 
 
-def _only_multiples_of_three(request_id, logits, token_ids, stream, client):
-    mask = np.ones(logits.shape[-1], bool)
-    mask[::3] = False
-    logits[..., mask] = -np.inf
+class OnlyMultiplesOfThree(LogitsProcessor):
+    def __call__(self, req_id, logits, token_ids, stream_ptr, client_id):
+        mask = np.ones(logits.shape[-1], bool)
+        mask[::3] = False
+        logits[..., mask] = -np.inf
+
+
+_only_multiples_of_three = OnlyMultiplesOfThree()
 
 
 def test_batched_logits_processor_edits_the_requests_that_ask_for_it(tiny_llm, llama):
