@@ -3,8 +3,10 @@ a Request from one (`RequestFactory`: stop tokens, bans, bias, request-level arg
 
 A prompt is a string, a list of token ids, or a dict with "prompt" (text) or "prompt_token_ids".
 A batch is a list (or tuple) of prompts. Everything is checked here, before any device work:
-empty prompts, token ids outside the vocabulary, prompts and max_tokens beyond max_seq_len, a
+empty prompts, token ids outside the vocabulary, prompts that leave no room below max_seq_len, a
 dict's text and token ids that disagree, an embedding_bias that is not finite or bans every token.
+A prompt whose max_tokens reaches past max_seq_len is served: it generates what fits and finishes
+with "length", with a warning (TensorRT-LLM clips max_tokens so; vLLM stops at the limit too).
 
 A dict with both "prompt" and "prompt_token_ids" is generated from its token ids, as TensorRT-LLM
 and vLLM do (the text only labels the output); neither framework checks that the two agree, and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -30,6 +33,8 @@ from jaxllm.llm_args import KvCacheRetentionConfig
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduling_params import SchedulingParams
+
+logger = logging.getLogger(__name__)
 
 # The seed's request-level arguments of generate / generate_async and the type each takes.
 REQUEST_EXTRAS = {
@@ -71,6 +76,26 @@ def as_prompt_list(inputs: Any) -> tuple[list, bool]:
         f"inputs must be a str, a list of token ids, a dict with 'prompt' or 'prompt_token_ids', "
         f"or a list of these; got {type(inputs).__name__}"
     )
+
+
+def with_prompt_token_ids(inputs: Any, prompt_token_ids: Any) -> Any:
+    """generate's inputs from vLLM's older keywords: `prompt_token_ids` (a list of token ids, or a list
+    of them) alone, or with the prompts' texts in `inputs` (they label the outputs, as a dict
+    prompt's "prompt" does)."""
+    if prompt_token_ids is None:
+        if inputs is None:
+            raise TypeError("generate() needs inputs (prompts), or prompt_token_ids")
+        return inputs
+    if inputs is None:
+        return prompt_token_ids
+    if isinstance(inputs, str) and is_single_prompt(prompt_token_ids):
+        return {"prompt": inputs, "prompt_token_ids": prompt_token_ids}
+    texts_ok = isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs)
+    ids_ok = isinstance(prompt_token_ids, (list, tuple)) and not is_single_prompt(prompt_token_ids)
+    if not (texts_ok and ids_ok and len(inputs) == len(prompt_token_ids)):
+        raise ValueError("with prompt_token_ids, inputs must be None or the prompts' texts: one str for one list of "
+                         "token ids, or a list of str as long as the list of token id lists")  # fmt: skip
+    return [{"prompt": t, "prompt_token_ids": ids} for t, ids in zip(inputs, prompt_token_ids)]
 
 
 def params_list(sampling_params, n: int) -> list[SamplingParams]:
@@ -188,20 +213,27 @@ def _excerpt(ids: list[int], at: int, width: int = 4) -> str:
     return f"[{head}{', '.join(map(str, ids[start : at + width]))}{tail}]"
 
 
-def check_lengths(ids: Sequence[int], params: SamplingParams, max_seq_len: int, max_input_len: int | None,
-                  where: str = "prompt", num_virtual_tokens: int = 0) -> None:  # fmt: skip
-    """The prompt (and a prompt adapter's virtual tokens, which take KV positions too) plus max_tokens
-    must fit max_seq_len."""
+def check_lengths(ids: Sequence[int], max_seq_len: int, max_input_len: int | None, where: str = "prompt",
+                  num_virtual_tokens: int = 0) -> None:  # fmt: skip
+    """The prompt (and a prompt adapter's virtual tokens, which take KV positions too) must leave room
+    for one new token below max_seq_len (max_tokens is clipped to what fits: `warn_if_clipped`)."""
     if max_input_len is not None and len(ids) > max_input_len:
         raise ValueError(f"{where}: {len(ids)} tokens exceed max_input_len={max_input_len}")
     used = len(ids) + num_virtual_tokens
-    if used + params.max_tokens > max_seq_len:
+    if used >= max_seq_len:
         virtual = f" + {num_virtual_tokens} virtual tokens" if num_virtual_tokens else ""
-        raise ValueError(
-            f"{where}: prompt length {len(ids)}{virtual} + max_tokens {params.max_tokens} exceeds "
-            f"max_seq_len={max_seq_len}; allowed: at most {max(0, max_seq_len - used)} new tokens for this prompt"
-        )
+        raise ValueError(f"{where}: prompt length {len(ids)}{virtual} leaves no room for a new token within "
+                         f"max_seq_len={max_seq_len}; allowed: at most {max_seq_len - 1 - num_virtual_tokens} "
+                         "prompt tokens")  # fmt: skip
 
+
+def warn_if_clipped(request_id: int, num_tokens: int, params: SamplingParams, max_seq_len: int) -> None:
+    """Warn (once per request) when max_tokens reaches past max_seq_len for a prompt of `num_tokens`
+    KV positions: the request generates max_seq_len - num_tokens tokens at most, then finishes with
+    "length"."""
+    if num_tokens + params.max_tokens > max_seq_len:
+        logger.warning("request %d: prompt length %d + max_tokens %d exceeds max_seq_len=%d; max_tokens is clipped "
+                       "to %d", request_id, num_tokens, params.max_tokens, max_seq_len, max_seq_len - num_tokens)
 
 def check_params_against_model(params: SamplingParams, vocab_size: int, tokenizer, where: str) -> None:
     for name in ("stop_token_ids", "bad_token_ids"):
@@ -209,6 +241,10 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise ValueError(f"{where}: {name} {bad} are outside the vocabulary [0, {vocab_size})")
+    allowed = params.allowed_token_ids or []
+    bad = [t for t in allowed if t >= vocab_size]
+    if bad:
+        raise ValueError(f"{where}: allowed_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
     for name in ("end_id", "pad_id"):
         value = getattr(params, name)
         if value is not None and value >= vocab_size:
@@ -219,10 +255,13 @@ def check_params_against_model(params: SamplingParams, vocab_size: int, tokenize
             raise ValueError(f"{where}: embedding_bias has {bias.shape[0]} entries; the vocabulary has {vocab_size}")
     banned = np.isneginf(bias) if params.embedding_bias is not None else np.zeros(vocab_size, bool)
     banned[[t for t in params.bad_token_ids or [] if t < vocab_size]] = True
+    if allowed:
+        banned |= ~np.isin(np.arange(vocab_size), allowed)
     if banned.all():
-        raise ValueError(f"{where}: embedding_bias (-inf entries) and bad_token_ids ban all {vocab_size} tokens of "
-                         "the vocabulary; allowed: bans that leave at least one token to sample")  # fmt: skip
-    if (params.stop or params.bad) and tokenizer is None:
+        sources = ["embedding_bias (-inf entries)", "bad_token_ids"] + (["allowed_token_ids"] if allowed else [])
+        raise ValueError(f"{where}: {', '.join(sources[:-1])} and {sources[-1]} ban all {vocab_size} tokens of the "
+                         "vocabulary; allowed: bans that leave at least one token to sample")  # fmt: skip
+    if (params.stop or params.bad_strings) and tokenizer is None:
         raise ValueError(f"{where}: stop / bad strings need a tokenizer (skip_tokenizer_init=True was given)")
     if params.stop and not params.detokenize:
         raise ValueError(f"{where}: stop strings are matched on text; they need detokenize=True")
@@ -240,15 +279,17 @@ class RequestFactory:
       unchunked_max_num_tokens: max_num_tokens when chunked prefill is off (None: on). A prompt
         is then computed in one step, so a longer one could never be scheduled (and would hold
         back every request behind it): it is refused here, as TensorRT-LLM refuses it.
+      batched_logits_processor: whether the LLM has one (requests may ask for it only then).
     """
 
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
                  max_batch_size: int, lora_cache=None, prompt_cache=None,
-                 unchunked_max_num_tokens: int | None = None):  # fmt: skip
+                 unchunked_max_num_tokens: int | None = None, batched_logits_processor: bool = False):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
         self.unchunked_max_num_tokens = unchunked_max_num_tokens
+        self.batched_logits_processor = batched_logits_processor
         self._request_ids = itertools.count()
 
     def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
@@ -261,12 +302,15 @@ class RequestFactory:
             if getattr(params, name) > max_batch_size:
                 raise ValueError(f"{where}: {name}={getattr(params, name)} exceeds max_batch_size={max_batch_size}; "
                                  f"allowed: n <= best_of <= {max_batch_size} (or a larger LLM(max_batch_size=...))")
+        if params.apply_batched_logits_processor and not self.batched_logits_processor:
+            raise ValueError(f"{where}: apply_batched_logits_processor=True needs an LLM made with "
+                             "LLM(..., batched_logits_processor=<callable>)")  # fmt: skip
         if isinstance(prompt, PreprocessedInputs):
             return prompt
         vocab = self.config.vocab_size
         check_params_against_model(params, vocab, self.tokenizer, where)
         text, ids = tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
-        check_lengths(ids, params, self.max_seq_len, self.max_input_len, where)
+        check_lengths(ids, self.max_seq_len, self.max_input_len, where)
         self._check_one_step(len(ids), where)
         return PreprocessedInputs(text, tuple(ids), params)
 
@@ -297,7 +341,7 @@ class RequestFactory:
                                  "max_prompt_adapter_token=N)")  # fmt: skip
             adapter = self.prompt_cache.get(prompt_request.prompt_adapter_id, prompt_request.prompt_adapter_local_path,
                                             prompt_request.prompt_adapter_name)  # fmt: skip
-            check_lengths(pre.prompt_token_ids, pre.sampling_params, self.max_seq_len, self.max_input_len, where,
+            check_lengths(pre.prompt_token_ids, self.max_seq_len, self.max_input_len, where,
                           num_virtual_tokens=adapter.num_virtual_tokens)  # fmt: skip
             self._check_one_step(len(pre.prompt_token_ids) + adapter.num_virtual_tokens, where,
                                  f" (with {adapter.num_virtual_tokens} virtual tokens)")  # fmt: skip
@@ -315,6 +359,9 @@ class RequestFactory:
         stop_ids = self._stop_token_ids(params)
         bad_word_ids, bias_row = self._bans(params, stop_ids)
         request_id = next(self._request_ids)
+        prompt_adapter = extras.get("prompt_adapter")
+        num_virtual = prompt_adapter.num_virtual_tokens if prompt_adapter is not None else 0
+        warn_if_clipped(request_id, len(pre.prompt_token_ids) + num_virtual, params, self.max_seq_len)
         output = RequestOutput(request_id, pre.prompt, list(pre.prompt_token_ids), params.best_of, streaming,
                                abort_fn=abort_fn)  # fmt: skip
         request = Request(
@@ -343,10 +390,11 @@ class RequestFactory:
         return request
 
     def _stop_token_ids(self, params: SamplingParams) -> set[int]:
-        """stop_token_ids, and the end token unless ignore_eos (end_id, else the model's and tokenizer's)."""
+        """stop_token_ids, and the end token unless ignore_eos or end_id=-1 (end_id, else the model's and
+        tokenizer's)."""
         tok = self.tokenizer
         stop_ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
+        if not params.ignore_eos and params.end_id != -1:
             if params.end_id is not None:
                 stop_ids.add(params.end_id)
             else:
@@ -356,14 +404,12 @@ class RequestFactory:
         return stop_ids
 
     def _bans(self, params: SamplingParams, stop_ids: set[int]) -> tuple[tuple, BiasRow | None]:
-        """(multi-token bad words, the bias row): single banned tokens and embedding_bias become one
-        row added to the logits; longer bad words are banned step by step (at most BAN_WIDTH at once,
-        with the end tokens min_tokens holds back)."""
+        """(multi-token bad words, the bias row): single banned tokens, the tokens outside
+        allowed_token_ids and embedding_bias become one row added to the logits; longer bad words are
+        banned step by step (at most BAN_WIDTH at once, with the end tokens min_tokens holds back)."""
         bad_words = [(t,) for t in params.bad_token_ids or []]
         for word in params.bad_strings:
-            ids = self.tokenizer.encode(word, add_special_tokens=False)
-            if ids:
-                bad_words.append(tuple(ids))
+            bad_words += self._bad_word_spellings(word)
         banned_singles = sorted({w[0] for w in bad_words if len(w) == 1})
         multi_token_words = tuple(dict.fromkeys(w for w in bad_words if len(w) > 1))
         dynamic_bans = len(multi_token_words) + (len(stop_ids) if params.min_tokens else 0)
@@ -371,14 +417,28 @@ class RequestFactory:
             raise ValueError(f"a request may ban at most {BAN_WIDTH} tokens at one step: got {len(multi_token_words)} "
                              f"multi-token bad words and {len(stop_ids) if params.min_tokens else 0} end tokens held "
                              f"back by min_tokens={params.min_tokens}")  # fmt: skip
-        if params.embedding_bias is None and not banned_singles:
+        if params.embedding_bias is None and not banned_singles and not params.allowed_token_ids:
             return multi_token_words, None
         vocab_size = self.config.vocab_size
         row = np.zeros(vocab_size, np.float32)
         if params.embedding_bias is not None:
             row += np.asarray(params.embedding_bias, np.float32).reshape(-1)
         row[banned_singles] = -np.inf
-        if np.isneginf(row).all():  # (bias and bad_token_ids alone are checked in preprocessing)
-            raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias and bad_token_ids ban "
-                             f"all {vocab_size} tokens; allowed: bans that leave a token to sample")
+        if params.allowed_token_ids:
+            row[~np.isin(np.arange(vocab_size), params.allowed_token_ids)] = -np.inf
+        if np.isneginf(row).all():  # (bias and token id bans alone are checked in preprocessing)
+            raise ValueError(f"the bad strings {params.bad_strings!r} with embedding_bias, bad_token_ids and "
+                             f"allowed_token_ids ban all {vocab_size} tokens; allowed: bans that leave a token to "
+                             "sample")  # fmt: skip
         return multi_token_words, BiasRow.of(row)
+
+    def _bad_word_spellings(self, word: str) -> list[tuple[int, ...]]:
+        """The token sequences that spell a bad word: as written and after a space (" word") where the
+        tokenizer spells that otherwise, as byte-level BPE tokenizers do (their words carry their
+        leading space). vLLM bans both spellings too, but skips a spaced one of another length, which
+        would leave " Berlin" (one token of SmolLM2's) allowed when "Berlin" is two."""
+        ids = tuple(self.tokenizer.encode(word, add_special_tokens=False))
+        if not ids:
+            return []
+        spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        return [ids, spaced] if spaced and spaced != ids else [ids]

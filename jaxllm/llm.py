@@ -21,7 +21,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from tqdm.auto import tqdm
@@ -109,6 +109,7 @@ class LLM:
         tokenizer_revision: Optional[str] = None,
         backend: Optional[str] = None,
         devices: Optional[list] = None,
+        batched_logits_processor: Optional[Callable] = None,
         _follower_channel: Any = None,
         **kwargs: Any,
     ):
@@ -120,7 +121,12 @@ class LLM:
         (data parallelism: jaxllm/batch/); otherwise the engine spans every process's devices.
         Engine arguments (`**kwargs`) are listed in jaxllm/llm_args.py; TensorRT-LLM's others (and a
         few of vLLM's) are mapped in jaxllm/trtllm_args.py (docs/COMPATIBILITY.md).
+        `batched_logits_processor`: TensorRT-LLM's, called once per step with the logits of the
+        requests whose SamplingParams set apply_batched_logits_processor (engine/logits_processors.py).
         """
+        if batched_logits_processor is not None and not callable(batched_logits_processor):
+            raise TypeError(f"batched_logits_processor must be callable (a BatchedLogitsProcessor) or None, got "
+                            f"{batched_logits_processor!r:.100}")  # fmt: skip
         backend = trtllm_args.attention_backend(backend, kwargs.pop("attn_backend", None))  # TensorRT-LLM's name
         self._shutdown_lock = threading.Lock()
         self._engine: Engine | None = None
@@ -154,10 +160,12 @@ class LLM:
         if engine is None:  # a follower process, whose leader has shut down
             return
         self._engine, self._kv_fingerprint = engine, builder.kv_fingerprint
+        engine.batched_logits_processor = batched_logits_processor
         self._requests = RequestFactory(self.config, self.tokenizer, self.max_seq_len, self.args.max_input_len,
                                         self.args.max_batch_size, self._lora_cache, self._prompt_cache,
                                         unchunked_max_num_tokens=None if self.args.enable_chunked_prefill
-                                        else self.args.max_num_tokens)  # fmt: skip
+                                        else self.args.max_num_tokens,
+                                        batched_logits_processor=batched_logits_processor is not None)  # fmt: skip
         _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)
@@ -233,7 +241,7 @@ class LLM:
 
     def generate(
         self,
-        inputs,
+        inputs=None,
         sampling_params=None,
         use_tqdm: bool = True,
         lora_request=None,
@@ -242,8 +250,12 @@ class LLM:
         disaggregated_params=None,
         scheduling_params=None,
         cache_salt=None,
+        prompt_token_ids=None,
     ):
         """Generate for one prompt (returns a RequestOutput) or a batch (a list, in input order).
+
+        `prompt_token_ids` (vLLM's older keyword): the prompts as token ids, `inputs` then None or
+        their texts.
 
         The request-level arguments (lora_request, ..., cache_salt) take one value for every
         prompt or a list of one per prompt:
@@ -255,6 +267,7 @@ class LLM:
           cache_salt: a non-empty str; only requests with the same salt share cached KV pages.
         Retention and salts matter only with kv_cache_config.enable_block_reuse (the default).
         """
+        inputs = inputs_lib.with_prompt_token_ids(inputs, prompt_token_ids)
         prompts, single = inputs_lib.as_prompt_list(inputs)
         extras = request_extras(len(prompts), lora_request=lora_request, prompt_adapter_request=prompt_adapter_request,
                                 kv_cache_retention_config=kv_cache_retention_config,

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import importlib.util
 import threading
 from typing import Any, Callable, Optional
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,17 @@ class RequestPerfMetrics(_ReadAsDict):
     iter: Optional[int] = None
 
 
+def as_logits(values: np.ndarray):
+    """Logits as TensorRT-LLM returns them, a torch.Tensor (CPU, float32, sharing the numpy memory),
+    where torch is installed; otherwise the numpy array. torch is not a dependency of jaxllm: it is
+    imported here, on the caller's thread, only when installed and logits were asked for."""
+    if importlib.util.find_spec("torch") is None:
+        return values
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     """One generated sequence of a request (TensorRT-LLM's CompletionOutput)."""
@@ -98,8 +112,12 @@ class CompletionOutput:
     logprobs: Optional[TokenLogprobs] = None
     prompt_logprobs: Optional[TokenLogprobs] = None
     finish_reason: Optional[str] = None  # stop | length | cancelled
-    stop_reason: Optional[int | str] = None  # the stop token id or stop string that ended it
-    generation_logits: Any = None  # [num_tokens, vocab] float32 numpy, when requested
+    # The stop_token_ids token or stop string that ended it; None for any other end (an end token:
+    # end_id or EOS, max_tokens, ...).
+    stop_reason: Optional[int | str] = None
+    # [num_tokens, vocab] float32, when return_generation_logits: a torch.Tensor where torch is
+    # installed (TensorRT-LLM's type), else a numpy array (`as_logits`).
+    generation_logits: Any = None
     disaggregated_params: Any = None
     request_perf_metrics: Optional[RequestPerfMetrics] = None  # when return_perf_metrics
     # Streaming: what the last applied step added.
@@ -130,6 +148,9 @@ class Delta:
 
     index: int
     token_ids: tuple[int, ...] = ()
+    # Tokens published before that the end leaves out (a stop string's first tokens), taken off the
+    # end of token_ids, logprobs and generation_logits before token_ids are added.
+    num_retracted: int = 0
     text: str | None = None  # the full text so far (replacing), or None when detokenize=False
     logprobs: tuple = ()  # per new token: dict[token_id, Logprob]
     cumulative_logprob: Optional[float] = None
@@ -159,9 +180,10 @@ class RequestError(RuntimeError):
 class RequestOutput:
     """The output of one request; as returned by `generate_async`, also its future.
 
-    Attributes (TensorRT-LLM's): request_id, prompt, prompt_token_ids, outputs, context_logits,
-    finished. Methods: result(timeout), aresult(timeout), `await`, iteration (streaming), abort(),
-    aborted().
+    Attributes (TensorRT-LLM's): request_id, prompt, prompt_token_ids, outputs, context_logits
+    ([prompt tokens, vocab] float32, when return_context_logits: a torch.Tensor where torch is
+    installed, else a numpy array), finished. Methods: result(timeout), aresult(timeout), `await`,
+    iteration (streaming), abort(), aborted().
     """
 
     def __init__(self, request_id: int, prompt: Optional[str], prompt_token_ids: list[int], num_outputs: int,
@@ -202,6 +224,13 @@ class RequestOutput:
             out._last_logprobs_len = len(out.logprobs or [])
         for d in update.deltas:
             out = self.outputs[d.index]
+            if d.num_retracted:
+                keep = len(out.token_ids) - d.num_retracted
+                del out.token_ids[keep:]
+                if out.logprobs is not None:
+                    out.logprobs = out.logprobs[: len(out.logprobs) - d.num_retracted]
+                if out.generation_logits is not None:
+                    out.generation_logits = out.generation_logits[: len(out.generation_logits) - d.num_retracted]
             out.token_ids.extend(d.token_ids)
             if d.text is not None:
                 out.text = d.text
@@ -212,11 +241,9 @@ class RequestOutput:
             if d.finish_reason is not None:
                 out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
             if d.generation_logits is not None:
-                import numpy as np
-
                 rows = np.asarray(d.generation_logits)
                 old = out.generation_logits
-                out.generation_logits = rows if old is None else np.concatenate([old, rows])
+                out.generation_logits = as_logits(rows if old is None else np.concatenate([np.asarray(old), rows]))
             if d.prompt_logprobs is not None:
                 out.prompt_logprobs = d.prompt_logprobs
             if d.perf_metrics is not None:
@@ -224,7 +251,7 @@ class RequestOutput:
             if d.disaggregated_params is not None:
                 out.disaggregated_params = self.disaggregated_params = d.disaggregated_params
         if update.context_logits is not None:
-            self.context_logits = update.context_logits
+            self.context_logits = as_logits(update.context_logits)
         if update.drop_indices is not None:
             self.outputs = [self.outputs[i] for i in update.drop_indices]
             for new_index, out in enumerate(self.outputs):

@@ -6,7 +6,12 @@ Where TensorRT-LLM and vLLM differ, jaxllm does what the user evidently means:
   * Setting only top_k/top_p/min_p samples at temperature 1.
   * `logprobs=k` returns, per generated token, the sampled token's log-probability and the k most
     likely tokens (vLLM's convention); log-probabilities are those of the model's distribution
-    before temperature, penalties and truncation.
+    before temperature, penalties and truncation. `return_log_probs=True` (TensorRT-LLM's older
+    name) is `logprobs=True`.
+  * `end_id=-1` never stops at an end token (TensorRT-LLM's idiom; `ignore_eos=True` alike).
+  * vLLM's `bad_words` (TensorRT-LLM's `bad`) and `allowed_token_ids` are accepted too. A bad word
+    is banned as written and, where the tokenizer spells it otherwise after a space (byte-level
+    BPE), with a leading space as well (as vLLM does): `bad="Paris"` bans " Paris" too.
 Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead, guided decoding,
 top-p decay, ...) are accepted by name so scripts construct unchanged, and raise
 NotImplementedError naming the feature when set.
@@ -14,6 +19,7 @@ NotImplementedError naming the feature when set.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Callable, List, Optional, Union
@@ -86,6 +92,33 @@ def _check_strs(name: str, value):
         raise ValueError(f"{name} must not contain empty strings")
 
 
+class LogitsProcessor(abc.ABC):
+    """TensorRT-LLM's base class of a request's logits processor (`SamplingParams.logits_processor`);
+    any callable of the same signature serves as well."""
+
+    @abc.abstractmethod
+    def __call__(self, req_id: int, logits: np.ndarray, token_ids: List[List[int]], stream_ptr: Optional[int],
+                 client_id: Optional[int]) -> Optional[np.ndarray]:  # fmt: skip
+        """Edit `logits` ([1, vocab] float32) in place, or return the new values.
+
+        Args:
+          req_id: the request's id; token_ids: its tokens so far, prompt included (one beam);
+          stream_ptr, client_id: None in jaxllm (no CUDA stream, no client ids).
+        """
+
+
+class BatchedLogitsProcessor(abc.ABC):
+    """TensorRT-LLM's base class of the LLM's batched logits processor (`LLM(batched_logits_processor=
+    ...)`), called once per step for the requests that set `apply_batched_logits_processor`; any
+    callable of the same signature serves as well."""
+
+    @abc.abstractmethod
+    def __call__(self, req_ids: List[int], logits: List[np.ndarray], token_ids: List[List[List[int]]],
+                 stream_ptr: Optional[int], client_ids: List[Optional[int]]) -> Optional[list]:  # fmt: skip
+        """Edit each request's `logits` ([1, vocab] float32) in place, or return a list of new values
+        (None keeps a row); the other arguments as `LogitsProcessor`'s, one entry per request."""
+
+
 # TensorRT-LLM fields jaxllm does not implement: name -> the default that means "off".
 _UNSUPPORTED = {
     "use_beam_search": False,
@@ -101,7 +134,6 @@ _UNSUPPORTED = {
     "additional_model_outputs": None,
     "lookahead_config": None,
     "guided_decoding": None,
-    "apply_batched_logits_processor": False,
 }
 
 
@@ -119,6 +151,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     embedding_bias: Any = None  # [vocab_size] float array-like, added to the logits
     logits_processor: Optional[Union[Callable, List[Callable]]] = None
+    # The LLM's batched_logits_processor edits this request's logits (TensorRT-LLM's rule: a request
+    # with its own logits_processor is given to that one instead).
     apply_batched_logits_processor: bool = False
 
     n: int = 1
@@ -137,6 +171,7 @@ class SamplingParams:
     repetition_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    prompt_ignore_length: Optional[int] = None  # accepted off only (None or <= 0): penalties see the whole prompt
     length_penalty: Optional[float] = None
     early_stopping: Optional[int] = None
     no_repeat_ngram_size: Optional[int] = None
@@ -144,7 +179,9 @@ class SamplingParams:
     beam_width_array: Optional[List[int]] = None
 
     logprobs: Optional[int] = None
+    logprobs_mode: Any = "raw"  # TensorRT-LLM's LogprobMode: "raw" (the model's distribution) only
     prompt_logprobs: Optional[int] = None
+    return_log_probs: bool = False  # TensorRT-LLM's older name: True is logprobs=True
     return_context_logits: bool = False
     return_generation_logits: bool = False
     exclude_input_from_output: bool = True
@@ -162,6 +199,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
+    # vLLM's names: bad_words are banned as `bad` strings are; only allowed_token_ids may be sampled.
+    bad_words: Optional[List[str]] = None
+    allowed_token_ids: Optional[List[int]] = None
+
     def __post_init__(self):
         if self.pad_id is None:
             self.pad_id = self.end_id
@@ -172,14 +213,22 @@ class SamplingParams:
             self.logprobs = int(self.logprobs) if self.logprobs else None
         if isinstance(self.prompt_logprobs, bool):
             self.prompt_logprobs = int(self.prompt_logprobs) if self.prompt_logprobs else None
+        if not isinstance(self.return_log_probs, bool):
+            raise TypeError(f"return_log_probs must be a bool, got {self.return_log_probs!r}")
+        if self.return_log_probs and self.logprobs is None:
+            self.logprobs = 1
         self._validate()
 
     def _validate(self) -> None:
         for name, off in _UNSUPPORTED.items():
             if getattr(self, name) != off:
                 raise NotImplementedError(f"SamplingParams.{name} is not supported by jaxllm (got {getattr(self, name)!r})")
-        _check_int("end_id", self.end_id, 0)
-        _check_int("pad_id", self.pad_id, 0)
+        for name in ("end_id", "pad_id"):
+            value = getattr(self, name)
+            _check_int(name, value)
+            if value is not None and value < -1:
+                raise ValueError(f"{name}={value} is out of range; allowed: a token id >= 0, or -1 (never stop at "
+                                 "an end token)")  # fmt: skip
         _check_int("max_tokens", self.max_tokens, 1, allow_none=False)
         _check_int("n", self.n, 1, allow_none=False)
         _check_int("best_of", self.best_of, 1)
@@ -201,21 +250,35 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_int("prompt_ignore_length", self.prompt_ignore_length)
+        if self.prompt_ignore_length is not None and self.prompt_ignore_length > 0:
+            raise NotImplementedError(f"SamplingParams.prompt_ignore_length={self.prompt_ignore_length} is not supported "
+                                      "by jaxllm (penalties count every prompt token); allowed: None or <= 0")  # fmt: skip
+        mode = getattr(self.logprobs_mode, "value", self.logprobs_mode)
+        if mode != "raw":
+            raise NotImplementedError(f"SamplingParams.logprobs_mode={self.logprobs_mode!r} is not supported by jaxllm; "
+                                      "allowed: 'raw' (log-probabilities of the model's distribution, before "
+                                      "temperature, penalties and truncation)")  # fmt: skip
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
         _check_int_list("stop_token_ids", self.stop_token_ids)
         _check_int_list("bad_token_ids", self.bad_token_ids)
+        _check_int_list("allowed_token_ids", self.allowed_token_ids)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids=[] allows no token; allowed: None or a non-empty list of token ids")
         if self.embedding_bias is not None:
             _check_bias(self.embedding_bias)
         _check_strs("stop", self.stop)
         _check_strs("bad", self.bad)
+        _check_strs("bad_words", self.bad_words)
         processors = self.logits_processor
         if processors is not None:
             for p in processors if isinstance(processors, (list, tuple)) else [processors]:
                 if not callable(p):
                     raise TypeError(f"logits_processor must be callable (or a list of callables), got {p!r}")
-        for name in ("include_stop_str_in_output", "return_context_logits", "return_generation_logits",
+        for name in ("include_stop_str_in_output", "apply_batched_logits_processor", "return_context_logits",
+                     "return_generation_logits",
                      "exclude_input_from_output", "return_perf_metrics", "ignore_eos", "detokenize",
                      "add_special_tokens", "skip_special_tokens", "spaces_between_special_tokens"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
@@ -238,7 +301,12 @@ class SamplingParams:
 
     @property
     def bad_strings(self) -> list[str]:
-        return [] if self.bad is None else ([self.bad] if isinstance(self.bad, str) else list(self.bad))
+        """`bad` and `bad_words`, in order, once each."""
+        strings = []
+        for value in (self.bad, self.bad_words):
+            if value is not None:
+                strings += [value] if isinstance(value, str) else list(value)
+        return list(dict.fromkeys(strings))
 
     @property
     def uses_penalties(self) -> bool:
@@ -248,7 +316,7 @@ class SamplingParams:
     @property
     def wants_logits(self) -> bool:
         """The host needs each sampled row's logits (generation logits returned, or logits processors)."""
-        return self.return_generation_logits or bool(self.logits_processors)
+        return self.return_generation_logits or bool(self.logits_processors) or self.apply_batched_logits_processor
 
     @property
     def logits_processors(self) -> list[Callable]:

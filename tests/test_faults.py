@@ -225,7 +225,11 @@ def test_stress_mixed_requests_from_threads_with_aborts_under_kv_pressure(tiny_d
             for got, want in zip(out.outputs, ref.outputs):
                 if got.finish_reason == "cancelled":
                     num_aborted += 1
-                    assert got.token_ids == want.token_ids[: len(got.token_ids)], i
+                    # A prefix of the tokens alone, which leave out a stop string's tokens: an abort
+                    # may have come after some of them.
+                    common = min(len(got.token_ids), len(want.token_ids))
+                    assert got.token_ids[:common] == want.token_ids[:common], i
+                    assert len(got.token_ids) <= len(want.token_ids) or isinstance(want.stop_reason, str), i
                 else:
                     assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text,
                                                                             want.finish_reason), i  # fmt: skip

@@ -348,3 +348,15 @@ def test_slot_table_never_evicts_a_held_slot():
     table.release(s2)
     assert table.acquire(two) == s1  # least recently released goes first; 3 stays resident
     assert table.acquire(three) == s2 and len(uploads) == 4
+
+
+def test_lora_id_zero_is_an_id_like_any_other(lora_llm, adapters):
+    """TensorRT-LLM takes any lora_int_id, 0 included (vLLM wants ids >= 1)."""
+    zero = lora_llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("zero", 0, str(adapters["r4"][0])),
+                             use_tqdm=False)  # fmt: skip
+    one = lora_llm.generate(PROMPTS[0], GREEDY, lora_request=lora_req(adapters, "r4", IDS["r4"]), use_tqdm=False)
+    base = lora_llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    assert _tokens_and_logprobs(zero)[0] == _tokens_and_logprobs(one)[0] != _tokens_and_logprobs(base)[0]
+    np.testing.assert_allclose(_tokens_and_logprobs(zero)[1], _tokens_and_logprobs(one)[1], atol=1e-6)
+    with pytest.raises(ValueError, match=r"lora_int_id=-1 is invalid; allowed: an int >= 0"):
+        LoRARequest("a", -1, str(adapters["r4"][0]))

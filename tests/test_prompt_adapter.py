@@ -100,7 +100,7 @@ def test_llama_matches_transformers_fed_the_embeddings(llama, prompt_adapters, m
             entry = prompt_logprobs[j]
             assert set(entry) == {prompt[j]}
             _record("llama prompt_logprobs", abs(entry[prompt[j]].logprob - ref_rows[j - 1, prompt[j]]))
-        context = torch.log_softmax(torch.tensor(out.context_logits), -1).numpy()
+        context = torch.log_softmax(torch.as_tensor(out.context_logits), -1).numpy()
         assert context.shape == (len(prompt), 320)
         _record("llama context logits", np.abs(context - ref_rows[: len(prompt)]).max())
 
@@ -155,8 +155,9 @@ def test_bad_prompt_adapters_are_refused_and_the_engine_keeps_serving(llama, pro
     for adapter, message in cases:
         with pytest.raises(ValueError, match=message):
             llama.generate(PROMPTS[0], GREEDY, use_tqdm=False, prompt_adapter_request=adapter)
-    with pytest.raises(ValueError, match=r"prompt length 1 \+ 4 virtual tokens \+ max_tokens 1020 exceeds max_seq_len"):
-        llama.generate(PROMPTS[1], SamplingParams(max_tokens=1020),
+    with pytest.raises(ValueError, match=r"prompt length 1020 \+ 4 virtual tokens leaves no room for a new token within "
+                                         r"max_seq_len=1024; allowed: at most 1019 prompt tokens"):  # fmt: skip
+        llama.generate([5] * 1020, SamplingParams(max_tokens=1),
                        prompt_adapter_request=adapter_req(prompt_adapters, "llama4"))
     with pytest.raises(ValueError, match="prompt_adapter_local_path='/nonexistent' is not a directory"):
         PromptAdapterRequest("m", 15, "/nonexistent")

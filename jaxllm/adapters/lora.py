@@ -59,10 +59,10 @@ DEFAULT_MAX_LORAS = 4
 
 @dataclasses.dataclass
 class LoRARequest:
-    """A request's LoRA adapter: a name, a unique positive integer id, and its PEFT directory.
+    """A request's LoRA adapter: a name, a unique non-negative integer id, and its PEFT directory.
 
     The id identifies the adapter for the LLM's lifetime (caches and KV-cache reuse key on it):
-    one id, one directory.
+    one id, one directory. 0 is an id like any other (TensorRT-LLM's rule; vLLM wants ids >= 1).
     """
 
     lora_name: str
@@ -73,8 +73,8 @@ class LoRARequest:
     def __post_init__(self):
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise ValueError(f"LoRARequest.lora_name must be a non-empty str, got {self.lora_name!r}")
-        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
-            raise ValueError(f"LoRARequest.lora_int_id={self.lora_int_id!r} is invalid; allowed: an int >= 1")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 0:
+            raise ValueError(f"LoRARequest.lora_int_id={self.lora_int_id!r} is invalid; allowed: an int >= 0")
         if not isinstance(self.lora_path, (str, os.PathLike)) or not os.path.isdir(self.lora_path):
             raise ValueError(f"LoRARequest.lora_path={str(self.lora_path)!r} is not a directory (a PEFT adapter directory)")
         self.lora_path = str(self.lora_path)

@@ -6,6 +6,11 @@ incremental scheme decodes a short window: the text of tokens [prefix_offset, en
 [prefix_offset, read_offset); new text is released only once it no longer ends in an incomplete
 character (U+FFFD). The window starts a few prompt tokens back, so the first generated token gets
 the spacing it has in context.
+
+With spaces_between_special_tokens (and special tokens kept), a special token is a word of its own:
+the text between special tokens and the special tokens are joined with single spaces, as
+transformers' and vLLM's slow detokenizers do. Spaces go only between the output's tokens: an output
+that starts with a special token, or follows one, does not start with a space.
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ class Detokenizer:
             parts.append(self.tokenizer.decode(run))
         return " ".join(parts)
 
+    def context_start(self, seq: Sequence, skip_special_tokens: bool, spaces_between_special_tokens: bool) -> int:
+        """Where the window of the output's first tokens starts: a few prompt tokens back, or at the
+        output itself where it meets the prompt at a special token (which needs no context for its
+        spacing, and with spaces between special tokens, the context would join it with a space)."""
+        ids, first = seq.token_ids, seq.num_prompt_tokens
+        if (spaces_between_special_tokens and not skip_special_tokens and len(ids) > first
+                and (ids[first] in self.special_ids or ids[first - 1] in self.special_ids)):  # fmt: skip
+            return first
+        # The context window never reaches back into a prompt adapter's virtual tokens.
+        return max(seq.num_virtual_tokens, first - CONTEXT_TOKENS)
+
     def start(self, seq: Sequence) -> None:
         seq.detok_read_offset = seq.num_prompt_tokens
         # The context window never reaches back into a prompt adapter's virtual tokens.
@@ -46,6 +62,8 @@ class Detokenizer:
     def step(self, seq: Sequence, skip_special_tokens: bool, spaces_between_special_tokens: bool) -> str:
         """Extend seq.text with what its new tokens spell; returns the new text."""
         ids = seq.token_ids
+        if seq.detok_read_offset == seq.num_prompt_tokens:
+            seq.detok_prefix_offset = self.context_start(seq, skip_special_tokens, spaces_between_special_tokens)
         prefix = self.decode(ids[seq.detok_prefix_offset : seq.detok_read_offset], skip_special_tokens,
                              spaces_between_special_tokens)  # fmt: skip
         full = self.decode(ids[seq.detok_prefix_offset :], skip_special_tokens, spaces_between_special_tokens)
@@ -75,6 +93,30 @@ class Detokenizer:
         seq.text += new
         seq.detok_prefix_offset = seq.detok_read_offset = seq.num_tokens
         return new
+
+
+def tokens_before(detokenizer: Detokenizer, seq: Sequence, index: int, skip_special_tokens: bool,
+                  spaces_between_special_tokens: bool) -> int:  # fmt: skip
+    """How many of `seq`'s output tokens spell text that ends at or before `index` of seq.text (the
+    tokens that lie wholly before a stop string that starts there).
+
+    The text of the first k output tokens is decoded as `Detokenizer.step` decodes it (after a few
+    prompt tokens of context); k goes down from the end, so a stop string near the end costs a few
+    decodes.
+    """
+    outputs = seq.output_token_ids
+    if not outputs:
+        return 0
+    context_start = detokenizer.context_start(seq, skip_special_tokens, spaces_between_special_tokens)
+    context = seq.token_ids[context_start : seq.num_prompt_tokens]
+    decode = lambda tokens: detokenizer.decode(tokens, skip_special_tokens, spaces_between_special_tokens)  # noqa: E731
+    head = decode(context)
+    for k in range(len(outputs), 0, -1):
+        full = decode(context + outputs[:k])
+        text = full[len(head) :] if full.startswith(head) else decode(outputs[:k])
+        if len(text) <= index:
+            return k
+    return 0
 
 
 def find_stop_string(text: str, new_len: int, stops: list[str]) -> tuple[int, str] | None:

@@ -124,6 +124,8 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
+        # The LLM's batched_logits_processor (engine/logits_processors.py), set by LLM() when given.
+        self.batched_logits_processor = None
         self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park,
                                   stream_interval=stream_interval)  # fmt: skip
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
@@ -405,7 +407,7 @@ class Engine:
         out = self._read(pending)
         if plan.steps == 1:
             apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
-                                    self.post.fail)  # fmt: skip
+                                    self.post.fail, self.batched_logits_processor)  # fmt: skip
         return out
 
     def _step_failed(self, scheduled: ScheduledStep, error: Exception) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxllm.engine.detokenizer import Detokenizer, find_stop_string
+from jaxllm.engine.detokenizer import Detokenizer, find_stop_string, tokens_before
 from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
@@ -144,23 +144,37 @@ class Postprocessor:
             entries.append(entry)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        """Finish `seq` at a stop string (its text cut there), an end token, max_tokens or max_seq_len."""
+        """Finish `seq` at a stop string (its text cut there), an end token, max_tokens or max_seq_len.
+
+        stop_reason names what the user asked to stop at (a stop string, a stop_token_ids token);
+        an end token (end_id, EOS) stops with stop_reason None, as in TensorRT-LLM and vLLM. Unless
+        include_stop_str_in_output, the stop's tokens are left out of the results: a stop token,
+        or the tokens from the one in which a stop string starts (`Sequence.num_stop_tokens`).
+        """
         request, params = seq.request, seq.request.params
         n_out = seq.num_output_tokens
+        user_stop_token = token in (params.stop_token_ids or ())
         if self.detokenizer is not None and params.detokenize:
             stop_token = token in request.stop_token_ids and n_out >= (params.min_tokens or 0)
             if not stop_token or params.include_stop_str_in_output:
-                new = self.detokenizer.step(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+                skip, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
+                new = self.detokenizer.step(seq, skip, spaces)
                 stops = params.stop_strings
                 if stops and new and n_out >= (params.min_tokens or 0):
                     hit = find_stop_string(seq.text, len(new), stops)
                     if hit is not None:
                         index, stop = hit
-                        seq.text = seq.text[: index + len(stop)] if params.include_stop_str_in_output else seq.text[:index]
+                        if params.include_stop_str_in_output:
+                            seq.text = seq.text[: index + len(stop)]
+                        else:
+                            seq.num_stop_tokens = n_out - tokens_before(self.detokenizer, seq, index, skip, spaces)
+                            seq.text = seq.text[:index]
                         self.finish(seq, "stop", stop)
                         return
         if token in request.stop_token_ids and n_out >= (params.min_tokens or 0):
-            self.finish(seq, "stop", token)
+            if user_stop_token and not params.include_stop_str_in_output:
+                seq.num_stop_tokens = 1
+            self.finish(seq, "stop", token if user_stop_token else None)
         elif n_out >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             if self.detokenizer is not None and params.detokenize:
                 self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
@@ -239,9 +253,13 @@ class Postprocessor:
         return False
 
     def delta(self, seq: Sequence, final: bool) -> Delta:
-        """What `seq` has to tell since its last delta (the prompt leads its first one)."""
+        """What `seq` has to tell since its last delta (the prompt leads its first one); the last
+        one leaves out its stop's tokens (retracting those already published: `Delta.num_retracted`)."""
         params = seq.request.params
-        new_tokens = seq.output_token_ids[seq.num_published_tokens :]
+        published = seq.num_published_tokens
+        end = seq.num_output_tokens - seq.num_stop_tokens if final else seq.num_output_tokens
+        retracted = max(0, published - end)
+        new_tokens = seq.output_token_ids[published:end]
         logprobs, gen_logits = seq.logprobs, seq.generation_logits
         first = seq.num_published_tokens == 0
         prefix_ids = list(seq.request.prompt_token_ids) if (first and not params.exclude_input_from_output) else []
@@ -253,12 +271,13 @@ class Postprocessor:
         delta = Delta(
             index=seq.index,
             token_ids=tuple(prefix_ids + new_tokens),
+            num_retracted=retracted,
             text=text,
-            logprobs=tuple(logprobs[seq.num_published_tokens :]) if logprobs is not None else (),
-            cumulative_logprob=seq.cumulative_logprob if new_tokens else None,
+            logprobs=tuple(logprobs[published:end]) if logprobs is not None else (),
+            cumulative_logprob=seq.cumulative_logprob if seq.num_output_tokens > published else None,
             finish_reason=seq.finish_reason if final else None,
             stop_reason=seq.stop_reason if final else None,
-            generation_logits=np.stack(gen_logits[seq.num_published_tokens :]) if gen_logits and new_tokens else None,
+            generation_logits=np.stack(gen_logits[published:end]) if gen_logits and new_tokens else None,
             prompt_logprobs=self._prompt_logprobs_out(seq.request) if first else None,
             perf_metrics=perf_metrics(seq.request) if final and params.return_perf_metrics else None,
             disaggregated_params=seq.request.disaggregated_result if final else None,

@@ -43,6 +43,9 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
     stop_reason: Any = None
+    # Output tokens at the end that spell the user's stop token or string, left out of the results
+    # unless include_stop_str_in_output (TensorRT-LLM trims them from token_ids as from the text).
+    num_stop_tokens: int = 0
     num_preemptions: int = 0
     lora_slot: int = 0  # device slot of its LoRA adapter while running (0: none; engine/adapter_slots.py)
     bias_slot: int = 0  # device slot of its request's bias row while running (0: none)
