@@ -280,16 +280,20 @@ class RequestFactory:
         is then computed in one step, so a longer one could never be scheduled (and would hold
         back every request behind it): it is refused here, as TensorRT-LLM refuses it.
       batched_logits_processor: whether the LLM has one (requests may ask for it only then).
+      max_logprobs: the most log-probabilities per token a request may ask for (vLLM's; None: the
+        SamplingParams bound).
     """
 
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
                  max_batch_size: int, lora_cache=None, prompt_cache=None,
-                 unchunked_max_num_tokens: int | None = None, batched_logits_processor: bool = False):  # fmt: skip
+                 unchunked_max_num_tokens: int | None = None, batched_logits_processor: bool = False,
+                 max_logprobs: int | None = None):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
         self.unchunked_max_num_tokens = unchunked_max_num_tokens
         self.batched_logits_processor = batched_logits_processor
+        self.max_logprobs = max_logprobs
         self._request_ids = itertools.count()
 
     def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
@@ -312,7 +316,16 @@ class RequestFactory:
         text, ids = tokenize_prompt(prompt, params, self.tokenizer, vocab, where)
         check_lengths(ids, self.max_seq_len, self.max_input_len, where)
         self._check_one_step(len(ids), where)
+        self._check_logprobs(params, where)
         return PreprocessedInputs(text, tuple(ids), params)
+
+    def _check_logprobs(self, params: SamplingParams, where: str) -> None:
+        limit = self.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if limit is not None and value is not None and value is not True and value > limit:
+                raise ValueError(f"{where}: {name}={value} exceeds the LLM's max_logprobs={limit}; allowed: at most "
+                                 f"{limit} (LLM(max_logprobs=...) raises the bound)")  # fmt: skip
 
     def _check_one_step(self, num_prompt_tokens: int, where: str, virtual: str = "") -> None:
         """Without chunked prefill a prompt must fit one step's max_num_tokens."""

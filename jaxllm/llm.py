@@ -165,7 +165,8 @@ class LLM:
                                         self.args.max_batch_size, self._lora_cache, self._prompt_cache,
                                         unchunked_max_num_tokens=None if self.args.enable_chunked_prefill
                                         else self.args.max_num_tokens,
-                                        batched_logits_processor=batched_logits_processor is not None)  # fmt: skip
+                                        batched_logits_processor=batched_logits_processor is not None,
+                                        max_logprobs=self.args.max_logprobs)  # fmt: skip
         _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)

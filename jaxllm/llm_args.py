@@ -12,6 +12,7 @@ import jax
 
 from jaxllm import trtllm_args
 from jaxllm.adapters import LoraConfig
+from jaxllm.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger("jaxllm")
 
@@ -342,6 +343,9 @@ class EngineArgs:
     cuda_graph_config: Any = dataclasses.field(default_factory=trtllm_args.CudaGraphConfig)
     scheduler_config: Any = None
     garbage_collection_gen0_threshold: Optional[int] = None
+    # vLLM's: the most log-probabilities per token a request may ask for (logprobs, prompt_logprobs);
+    # at most MAX_LOGPROBS, the top-k every step computes.
+    max_logprobs: int = MAX_LOGPROBS
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -349,6 +353,11 @@ class EngineArgs:
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("max_input_len", self.max_input_len)
         _positive_int("num_scheduler_steps", self.num_scheduler_steps, allow_none=False)
+        m = self.max_logprobs
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs={m!r} is invalid; allowed: an int in [0, {MAX_LOGPROBS}] (each step "
+                             f"computes the top {MAX_LOGPROBS} log-probabilities; vLLM's -1, the whole vocabulary, "
+                             "is not offered)")  # fmt: skip
         self._check_stats()
         if self.kv_cache_config is None:
             self.kv_cache_config = KvCacheConfig()

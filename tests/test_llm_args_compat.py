@@ -99,6 +99,7 @@ def test_every_torch_llm_args_name_is_accepted_at_its_default():
      "capacity_scheduler_policy='FASTEST' is invalid; allowed: 'MAX_UTILIZATION', 'GUARANTEED_NO_EVICT', 'STATIC_BATCH'"),
     (dict(enable_autotuner="yes"), TypeError, "enable_autotuner must be a bool"),
     (dict(cuda_graph_config=[1, 2]), TypeError, "cuda_graph_config must be a CudaGraphConfig"),
+    (dict(max_logprobs=21), ValueError, r"max_logprobs=21 is invalid; allowed: an int in \[0, 20\]"),
     (dict(no_such_argument=1), TypeError, r"unknown argument\(s\) \['no_such_argument'\]"),
 ])  # fmt: skip
 def test_refused_values_name_what_is_allowed(kwargs, error, message):
@@ -366,8 +367,18 @@ def every_three(tiny_dir):
     scheduler_config = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy.GUARANTEED_NO_EVICT,
                                        context_chunking_policy="EQUAL_PROGRESS")  # fmt: skip
     with LLM(model=str(tiny_dir("qwen2")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
-             max_num_tokens=64, num_scheduler_steps=1, stream_interval=3, scheduler_config=scheduler_config) as llm:  # fmt: skip
+             max_num_tokens=64, num_scheduler_steps=1, stream_interval=3, scheduler_config=scheduler_config,
+             max_logprobs=5) as llm:  # fmt: skip
         yield llm
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask(every_three):
+    """vLLM's max_logprobs: a request asking more log-probabilities per token is refused at submission."""
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"{name}=6 exceeds the LLM's max_logprobs=5; allowed: at most 5"):
+            every_three.generate_async([5, 6, 7], SamplingParams(max_tokens=2, **{name: 6}))
+    out = every_three.generate([5, 6, 7], SamplingParams(max_tokens=2, logprobs=5), use_tqdm=False)
+    assert all(len(entry) >= 5 for entry in out.outputs[0].logprobs)
 
 
 def test_stream_interval_sets_the_streaming_granularity(every_three):

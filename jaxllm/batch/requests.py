@@ -164,7 +164,8 @@ def prepare(items: list[BatchItem], tokenizer, max_seq_len: int, vocab_size: int
             item.prompts, item.params = endpoints.prepare(tokenizer, max_seq_len, vocab_size, item.body)
             item.prompt_lens = [_prompt_len(tokenizer, p, item.params) for p in item.prompts]
             for ids_len in item.prompt_lens:
-                check_lengths(range(ids_len), item.params, max_seq_len, max_input_len, "prompt")
+                check_lengths(range(ids_len), max_seq_len, max_input_len, "prompt")
+                endpoints.check_context(ids_len, item.params.max_tokens, max_seq_len)
         except ServeError as e:
             item.error = e
         except (ValueError, TypeError, NotImplementedError) as e:  # as endpoints.submit reports them

@@ -76,10 +76,22 @@ def prepare(tokenizer, max_seq_len: int, vocab_size: int, body) -> tuple[list, S
     return body.prompts(), params
 
 
+def check_context(prompt_len: int, max_tokens: int, max_seq_len: int) -> None:
+    """A request whose prompt and max_tokens together exceed the context is a 400, as vLLM's server
+    answers it (the Python API clips max_tokens to what fits instead, as TensorRT-LLM's LLM does)."""
+    if prompt_len + max_tokens > max_seq_len:
+        raise ServeError(400, f"this model's maximum context length is {max_seq_len} tokens; the request asks for "
+                              f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} in the completion); "
+                              "allowed: a shorter prompt or a smaller max_tokens", param="max_tokens")  # fmt: skip
+
+
 def submit(llm, prompt, params, streaming: bool) -> Any:
-    """generate_async; the engine's ValueError/TypeError as a 400."""
+    """generate_async, the context checked first (`check_context`); the engine's ValueError /
+    TypeError as a 400."""
     try:
-        return llm.generate_async(prompt, params, streaming=streaming)
+        pre = llm.preprocess(prompt, params)
+        check_context(len(pre.prompt_token_ids), params.max_tokens, llm.max_seq_len)
+        return llm.generate_async(pre, streaming=streaming)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ServeError(400, str(e)) from None
 
