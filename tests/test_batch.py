@@ -1,6 +1,7 @@
 """`jaxllm batch`: request forms and their errors, response bodies equal to the server's, resumption
 after SIGKILL (exactly once), data parallelism over virtual devices and over two processes."""
 
+import asyncio
 import json
 import os
 import signal
@@ -229,6 +230,17 @@ def single_engine_tokens(tiny_dir):
     requests = _token_requests(*TINY_JOB)
     results = run_batch(str(tiny_dir("llama")), requests, progress=False, **TINY_KWARGS)
     return requests, {r["custom_id"]: _tokens(r) for r in results}
+
+
+def test_run_batch_inside_a_running_event_loop(tiny_dir, single_engine_tokens):
+    """A Jupyter cell (or an async caller) runs inside an event loop: the job runs its own on a thread."""
+    requests, expected = single_engine_tokens
+
+    async def cell():
+        return run_batch(str(tiny_dir("llama")), requests[:3], progress=False, **TINY_KWARGS)
+
+    results = asyncio.run(cell())
+    assert {r["custom_id"]: _tokens(r) for r in results} == {r["custom_id"]: expected[r["custom_id"]] for r in requests[:3]}
 
 
 def test_data_parallel_engines_on_virtual_devices(tiny_dir, tmp_path, single_engine_tokens):

@@ -24,6 +24,8 @@ PROBES = {
         "kv_heads": k_pages.shape[0], "per_device": per_device}""",
     "finetune_then_serve.ipynb": """{"losses": losses, "base": base, "tuned": tuned,
         "files": sorted(os.listdir(adapter_dir))}""",
+    "batch_job.ipynb": """{"input_ids": input_ids, "ids": ids, "killed": len(killed_lines), "status": job.returncode,
+        "bad": bad, "summary": summary, "tokens": tokens, "ordered": [r["custom_id"] for r in results]}""",
 }
 
 
@@ -79,3 +81,18 @@ def test_finetune_then_serve(smollm2_path):
     # the served adapter answers in the trained format; the base model, on the same batch, does not
     assert all(text.startswith("ANSWER: ") for text in got["tuned"]), got["tuned"]
     assert not any(text.startswith("ANSWER") for text in got["base"]), got["base"]
+
+
+@pytest.mark.slow
+def test_batch_job(smollm2_path):
+    got = run_notebook("batch_job.ipynb", smollm2_path)
+    ids, summary = got["input_ids"], got["summary"]
+    assert got["status"] == -9 and 3 <= got["killed"] < len(ids)  # SIGKILL'ed with results on disk
+    # after the rerun: each custom_id of the input exactly once in the file, and in input order from run_batch
+    assert sorted(got["ids"]) == sorted(ids) and len(set(got["ids"])) == len(got["ids"]) and got["ordered"] == ids
+    # the torn line was dropped and its request run again: the kill left killed - 1 whole results
+    assert summary["skipped"] == got["killed"] - 1 and summary["done"] + summary["failed"] == len(ids) - summary["skipped"]
+    bad = got["bad"]["response"]
+    assert bad["status_code"] == 400 and "temperature" in bad["body"]["error"]["message"], bad
+    assert len(got["tokens"]) == len(ids) - 1 and all(0 < n <= 34 for n in got["tokens"].values())
+    assert summary["output_tokens"] <= sum(got["tokens"].values()) and summary["generate_s"] > 0

@@ -20,6 +20,7 @@ runs N / processes engines, writes its part file, and process 0 merges the parts
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -298,7 +299,7 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
     before = [report.compile_seconds(e.llm) for e in engines]
     generating = time.perf_counter()
     try:
-        asyncio.run(_run(engines, refused, model_name, sink, tally))
+        _run_to_end(_run(engines, refused, model_name, sink, tally))
         generate_s = time.perf_counter() - generating
         engine_stats = [report.engine_stats(e.llm, j, b) for j, e, b in zip(layout.engine_ids, engines, before)]
     finally:
@@ -325,6 +326,17 @@ def run_batch(model, requests, output_path: str | Path | None = None, *, model_n
         out.summary = summary
         return out
     return _results(items, output_path if layout.rank == 0 else None, finished, memory, summary)
+
+
+def _run_to_end(coroutine) -> None:
+    """asyncio.run, also where this thread already runs an event loop (a Jupyter kernel, an async
+    caller): then on a thread of its own, which this one waits for."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-batch") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _finished(own: output_lib.ResultFile | None, output_path, by_id: dict, layout: Layout) -> dict[str, dict]:
