@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 TINY_FLAGS = ["--dtype", "float32", "--skip-tokenizer-init", "--max-batch-size", "1", "--max-num-tokens", "64"]
-TINY_JOB = (32, 40)  # requests, tokens each: at batch 1, long enough to be killed in the middle
+TINY_JOB = (32, 40)  # requests, tokens each
+# At batch 1, seconds of work after the first results even on a fast idle machine, so the kill
+# lands in the middle however late the test process gets to send it.
+KILL_JOB = (32, 200)
 TINY_KWARGS = {"dtype": "float32", "skip_tokenizer_init": True, "max_batch_size": 1, "max_num_tokens": 64}
 
 
@@ -192,7 +195,7 @@ def test_bodies_and_errors_are_the_servers(smollm2_llm, tmp_path):
 
 # ---- resumption after SIGKILL -------------------------------------------------------------------------
 def test_sigkill_then_rerun_writes_each_request_once(tiny_dir, tmp_path):
-    requests = _token_requests(*TINY_JOB)
+    requests = _token_requests(*KILL_JOB)
     source, out = _write_jsonl(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl"
     summary = tmp_path / "summary.json"
     command = [sys.executable, "-m", "jaxllm.cli", "batch", str(tiny_dir("llama")), "-i", str(source), "-o", str(out),
@@ -216,10 +219,10 @@ def test_sigkill_then_rerun_writes_each_request_once(tiny_dir, tmp_path):
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     results = _check_exactly_once(out, [r["custom_id"] for r in requests])
-    assert all(len(_tokens(r)) == TINY_JOB[1] for r in results)
+    assert all(len(_tokens(r)) == KILL_JOB[1] for r in results)
     report = json.loads(summary.read_text())
     assert report["skipped"] == written and report["done"] == len(requests) - written and report["failed"] == 0
-    assert report["output_tokens"] == TINY_JOB[1] * (len(requests) - written) and report["generate_s"] > 0
+    assert report["output_tokens"] == KILL_JOB[1] * (len(requests) - written) and report["generate_s"] > 0
     assert "already done" in rerun.stdout
 
 
