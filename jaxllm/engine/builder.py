@@ -290,6 +290,8 @@ class EngineBuilder:
         def copy_page(source: int, target: int, token_ids) -> None:
             runner.scatter_pages([target], runner.gather_pages([source]), list(token_ids))
 
+        # Made now, not at the first partial hit: page 0 (the padding page, never read) onto itself.
+        copy_page(0, 0, ())
         return copy_page
 
     def _prepare_programs(self, runner: ModelRunner, background: bool):
