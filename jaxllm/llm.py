@@ -351,12 +351,7 @@ class LLM:
     def get_stats(self, timeout: float = 2.0) -> list[dict]:
         """Per-iteration statistics collected since the last call (TensorRT-LLM's keys)."""
         engine = self._check_open()
-        deadline = time.monotonic() + (timeout or 0)
-        stats = engine.stats()
-        while not stats and time.monotonic() < deadline and engine.scheduler.has_work():
-            time.sleep(0.01)
-            stats = engine.stats()
-        return stats
+        return _poll(engine, engine.stats, timeout)
 
     async def get_stats_async(self, timeout: float = 2.0):
         """Async iterator over the per-iteration statistics (TensorRT-LLM's get_stats_async)."""
@@ -371,14 +366,7 @@ class LLM:
         for one while the engine has work. The format is in jaxllm/engine/kv_events.py."""
         engine = self._check_open()
         buffer = engine.block_manager.events
-        if buffer is None:
-            return []
-        deadline = time.monotonic() + (timeout or 0)
-        events = buffer.take()
-        while not events and time.monotonic() < deadline and engine.scheduler.has_work():
-            time.sleep(0.01)
-            events = buffer.take()
-        return events
+        return [] if buffer is None else _poll(engine, buffer.take, timeout)
 
     async def get_kv_cache_events_async(self, timeout: float = 2.0):
         """Async iterator over the KV cache events (TensorRT-LLM's get_kv_cache_events_async)."""
@@ -430,3 +418,14 @@ class LLM:
             self.shutdown()
         except Exception:
             pass
+
+
+def _poll(engine: Engine, take, timeout: float | None) -> list:
+    """`take()`'s items; while there are none and the engine has work, taken again until `timeout`
+    seconds have passed (get_stats / get_kv_cache_events)."""
+    deadline = time.monotonic() + (timeout or 0)
+    items = take()
+    while not items and time.monotonic() < deadline and engine.scheduler.has_work():
+        time.sleep(0.01)
+        items = take()
+    return items

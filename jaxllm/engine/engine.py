@@ -323,9 +323,6 @@ class Engine:
             return
         before = [len(seq.token_ids) for seq, _ in plan.scheduled.items]
         unfinished = {seq.request for seq, _ in plan.scheduled.items if not seq.request.finished}
-        prefilling = {seq for seq, _ in plan.context}
-        decoding = [seq for seq, _ in plan.scheduled.items if seq not in prefilling]  # (for the trace)
-        decoding_before = sum(len(seq.token_ids) for seq in decoding)
         self._waited = 0.0
         try:
             out = self._dispatch(plan)
@@ -335,11 +332,14 @@ class Engine:
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
         self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, before, unfinished, started)
-        if self._trace is not None:
-            decoded = sum(len(seq.token_ids) for seq in decoding) - decoding_before
-            self._trace.add(self._step_record(plan, started, len(decoding), decoded))
-        if self.print_iter_log:
-            self._log_iteration(plan, started, len(decoding))
+        if self._trace is not None or self.print_iter_log:
+            prefilling = {seq for seq, _ in plan.context}
+            decoding = [(seq, n) for (seq, _), n in zip(plan.scheduled.items, before) if seq not in prefilling]
+            if self._trace is not None:
+                decoded = sum(len(seq.token_ids) - n for seq, n in decoding)
+                self._trace.add(self._step_record(plan, started, len(decoding), decoded))
+            if self.print_iter_log:
+                self._log_iteration(plan, started, len(decoding))
         self.post.publish(touched)
 
     def trace_steps(self, on: bool = True) -> list[StepRecord]:
