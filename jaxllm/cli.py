@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(func=cmd_models)
     bench.add_parser(sub)
-    batch.add_parser(sub, lambda p: add_engine_args(p, "default: sized to the job (its requests, at most the platform's default)"))
+    batch.add_parser(sub)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pip install 'jaxllm[serve]')")
     _add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)

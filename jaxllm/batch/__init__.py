@@ -23,14 +23,14 @@ import argparse
 import sys
 
 
-def add_parser(sub, add_engine_args) -> None:
-    """Add `batch` to the `jaxllm` command's subparsers `sub`; `add_engine_args(parser)` adds the model
-    and the engine arguments (jaxllm/cli_args.py's group)."""
-    from jaxllm.cli_args import positive_int
+def add_parser(sub) -> None:
+    """Add `batch` to the `jaxllm` command's subparsers `sub`: MODEL and the engine group
+    (jaxllm/cli_args.py), then the job's arguments."""
+    from jaxllm.cli_args import add_engine_args, positive_int
 
     batch = sub.add_parser("batch", help="run a file of OpenAI batch requests offline (resumable, data parallel)",
                            description=__doc__.split("\n\n")[0])  # fmt: skip
-    add_engine_args(batch)
+    add_engine_args(batch, "default: sized to the job (its requests, at most the platform's default)")
     job = batch.add_argument_group("job")
     job.add_argument("-i", "--input", required=True,
                      help='a JSONL file: OpenAI Batch API lines {"custom_id", "method", "url", "body"}, or '
