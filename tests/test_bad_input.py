@@ -175,3 +175,22 @@ def test_llm_lifetimes_leave_no_memory_and_no_engine_behind(tmp_path):
     # And does not creep up from one lifetime to the next once warm (glibc's arenas still settle by a
     # few MB a lifetime over the first ten; an engine kept alive would add its programs and state).
     assert (after[-1] - after[1]) / (len(after) - 2) < 20
+
+
+def test_cpu_kv_cache_holds_whole_pages_of_every_sequence():
+    """On the CPU the cache is bounded by max_batch_size sequences of max_seq_len tokens, in whole
+    pages: 52 tokens at page 32 need 2 pages (not 52 // 32 = 1 of the rounded-down token bound)."""
+    from pathlib import Path
+
+    from jaxllm.checkpoints import loader
+    from jaxllm.llm_args import KvCacheConfig
+
+    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    cfg = loader.read_config(loader.resolve(str(configs / "smollm2-135m")))
+    pages = kv_planner.plan_num_pages(cfg, "float32", 32, KvCacheConfig(), max_num_tokens=64, max_batch_size=1,
+                                      max_seq_len=52)  # fmt: skip
+    assert pages == 1 + 2  # page 0 (reserved) and the sequence's two
+    pages = kv_planner.plan_num_pages(cfg, "float32", 32, KvCacheConfig(), max_num_tokens=64, max_batch_size=3,
+                                      max_seq_len=64)  # fmt: skip
+    assert pages == 1 + 3 * 2
+

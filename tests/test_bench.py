@@ -39,7 +39,7 @@ def _check_consistent(s: dict) -> None:
         assert 0 <= dist["p50"] <= dist["p90"] <= dist["p99"], (key, dist)
     assert s["ttft_ms"]["mean"] <= s["e2e_latency_ms"]["mean"]
     assert s["e2e_latency_ms"]["p99"] <= d * 1e3 + 1.0  # no request outlasts its pass
-    assert s["per_user_output_speed_tok_s"] > 0
+    assert s["per_user_output_speed_tok_s"] == pytest.approx(1e3 / s["tpot_ms"]["mean"])  # 1 / mean TPOT
 
 
 def test_throughput_fixed_lengths(tiny_dir, tmp_path, capsys):

@@ -161,6 +161,8 @@ def test_errors(servers, client):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=MODEL, messages=_chat("x"), max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):  # vLLM's 400, not a clip
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
     with pytest.raises(openai.NotFoundError) as e:
