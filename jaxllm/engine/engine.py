@@ -385,11 +385,13 @@ class Engine:
             return None
         # For the stats, before the step moves them on: the prefill chunks.
         context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
+        # Made once, before multi_steps gives a multi-step decode its pages: each row's block table
+        # is its sequence's own list, so the pages given then are in it when the step is packed.
+        requests = [step_request(seq, n) for seq, n in scheduled.items]
         steps = self.scheduler.multi_steps(
             scheduled, self.decode_steps, self.max_seq_len, self._arrived(),
-            serves=lambda: self.runner.multi_step_serves([step_request(s, 1) for s, _ in scheduled.items]),
+            serves=lambda: self.runner.multi_step_serves(requests),
         )  # fmt: skip
-        requests = [step_request(seq, n) for seq, n in scheduled.items]
         for seq, _ in scheduled.items:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()

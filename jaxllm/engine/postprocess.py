@@ -62,6 +62,8 @@ class Postprocessor:
         """A one-step dispatch: each row computed its chunk; the rows that reach their sequence's end sampled."""
         touched = set()
         offset = 0  # the chunk's first row among the packed token rows
+        # Python lists once: indexing numpy arrays element by element costs more per row.
+        tokens, logprobs, ranks = out["tokens"].tolist(), out["logprob"].tolist(), out["rank"].tolist()
         for i, (seq, n) in enumerate(scheduled.items):
             request, params = seq.request, seq.request.params
             r = step_requests[i]
@@ -88,14 +90,14 @@ class Postprocessor:
             if params.logprobs:
                 top = zip(out["top_ids"][i][: params.logprobs], out["top_logprobs"][i][: params.logprobs])
             logits_row = np.asarray(out["last_logits"][i]) if params.return_generation_logits else None
-            self.append_token(seq, int(out["tokens"][i]), float(out["logprob"][i]), int(out["rank"][i]), top,
-                              logits_row)  # fmt: skip
+            self.append_token(seq, tokens[i], logprobs[i], ranks[i], top, logits_row)
         return touched
 
     def _multi_step(self, scheduled: ScheduledStep, out: dict, steps: int) -> set[Request]:
         """A multi-step decode's results ([steps, rows]): each sequence takes its tokens in order
         until it stops; the rest of its row was computed past its end and is dropped."""
         touched = set()
+        tokens, logprobs, ranks = out["tokens"].tolist(), out["logprob"].tolist(), out["rank"].tolist()  # [steps][rows]
         for i, (seq, _) in enumerate(scheduled.items):
             if seq.finished:  # stopped before this dispatch was read (it ran on from the last one)
                 continue
@@ -106,7 +108,7 @@ class Postprocessor:
                     break
                 self.scheduler.mark_computed(seq, 1)  # before a finish frees its pages
                 top = zip(out["top_ids"][k][i][:k_logprobs], out["top_logprobs"][k][i][:k_logprobs]) if k_logprobs else None
-                self.append_token(seq, int(out["tokens"][k][i]), float(out["logprob"][k][i]), int(out["rank"][k][i]), top)
+                self.append_token(seq, tokens[k][i], logprobs[k][i], ranks[k][i], top)
         return touched
 
     def append_token(self, seq: Sequence, token: int, logprob: float, rank: int, top=None, logits_row=None) -> None:

@@ -14,7 +14,9 @@ def step_request(seq: Sequence, n: int) -> StepRequest:
     request, params = seq.request, seq.request.params
     start = seq.num_computed
     samples = start + n == seq.num_tokens
-    r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=list(seq.block_table),
+    # The block table is the sequence's own list, not a copy: pages given after this (a multi-step
+    # decode's) are in it when the step is packed, and nothing edits it before then.
+    r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=seq.block_table,
                     lora_slot=seq.lora_slot, prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
     num_virtual, num_prompt = seq.num_virtual_tokens, seq.num_prompt_tokens
     if not samples:
@@ -63,12 +65,13 @@ def banned_tokens(seq: Sequence) -> list[int]:
     last token of each multi-token bad word whose prefix the sequence just generated (banned
     single tokens live in the request's bias row, engine/runner.py)."""
     request, params = seq.request, seq.request.params
-    banned: list[int] = []
-    if params.min_tokens and seq.num_output_tokens < params.min_tokens:
-        banned.extend(request.stop_token_ids)
-    tokens = seq.token_ids[seq.num_virtual_tokens :]
+    below_min = bool(params.min_tokens) and seq.num_output_tokens < params.min_tokens
+    if not below_min and not request.bad_word_ids:
+        return []
+    banned: list[int] = list(request.stop_token_ids) if below_min else []
+    tokens, real = seq.token_ids, len(seq.token_ids) - seq.num_virtual_tokens  # virtual tokens never match
     for word in request.bad_word_ids:
-        prefix = list(word[:-1])
-        if prefix and tokens[len(tokens) - len(prefix) :] == prefix:
+        k = len(word) - 1
+        if k and k <= real and tokens[-k:] == list(word[:-1]):
             banned.append(word[-1])
     return sorted(set(banned))
