@@ -12,8 +12,7 @@ returns (engine/executables.py), so serving never waits for a compilation:
 
 Bucket lists (`Buckets`), chosen so that the whole set stays small (tens of programs):
   decode-only steps: B = T, powers of two up to max_batch_size, from GPU_MIN_DECODE_ROWS on GPUs;
-  mixed steps:       T, powers of two up to max_num_tokens (on GPUs also 1.5 x 2^k from
-                     GPU_MIDPOINT_MIN_TOKENS on), B = min(T, max_batch_size) (a mixed
+  mixed steps:       T, powers of two up to max_num_tokens, B = min(T, max_batch_size) (a mixed
                      step's cost is its tokens, not its slots), Q = T (the kernels take the real
                      query lengths as data: the ragged kernel's work list, the XLA path's masks);
                      with the 'xla' backend a decode-only step of B sequences is the mixed bucket
@@ -94,14 +93,6 @@ CPU_MULTI_STEP_FLAVORS = ("plain",)
 # on the H200), while the host round trip a multi-step decode saves is a shrinking share of a wide
 # step, which sorts every row's vocabulary at every decode.
 MULTI_STEP_FULL_MAX_ROWS = 64
-
-# On GPUs the mixed steps' token buckets from this size on also have the midpoints 1.5 x 2^k
-# (1,536, 3,072, 6,144): a full batch admits a prompt or two beside its hundreds of decodes, and a
-# step of ~1,100 tokens padded to 2,048 computed 46% padding. Under a ShareGPT-like mix on the H200
-# (Llama-3.1-8B shape, 512 sequences) 21% of the tokens computed were padding, most of it in such
-# steps (benchmarks/RESULTS.md, "Realistic load"). Each midpoint is a forward program and two heads
-# more to make at start-up, so only where a step's tokens cost more than the host's work on them.
-GPU_MIDPOINT_MIN_TOKENS = 1024
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -218,7 +209,6 @@ class Buckets:
     multi_step_full_max_rows: int | None = None
     adapters: bool = False
     decode_batch_sizes: tuple[int, ...] | None = None
-    midpoints_from: int | None = None  # mixed token buckets 1.5 x 2^k from this size on (None: none)
 
     @property
     def seq_buckets(self) -> list[int]:
@@ -229,9 +219,6 @@ class Buckets:
         """Mixed steps' token buckets (with 'xla', decode-only steps' too)."""
         low = self.min_decode_rows if self.backend == "xla" else PALLAS_MIN_MIXED_TOKENS
         buckets = powers_of_two(min(low, self.max_num_tokens), self.max_num_tokens)
-        if self.midpoints_from is not None:
-            buckets = sorted(set(buckets) | {b + b // 2 for b in buckets[:-1] if b >= self.midpoints_from
-                                             and b + b // 2 < self.max_num_tokens})  # fmt: skip
         if self.backend == "xla" and self.decode_batch_sizes:
             buckets = sorted(set(buckets) | {b for b in self.seq_buckets if b <= self.max_num_tokens})
         return buckets
@@ -322,7 +309,6 @@ def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
         multi_step_full_max_rows=MULTI_STEP_FULL_MAX_ROWS if on_gpu else None,
         adapters=adapters,
         decode_batch_sizes=config.decode_batch_sizes,
-        midpoints_from=GPU_MIDPOINT_MIN_TOKENS if on_gpu else None,
     )  # fmt: skip
 
 
