@@ -170,6 +170,15 @@ CARDS = {
         "fixed": (1024, 128, 128),
         "mix": dict(n=1000, prompt_mean=280, output_mean=220, sigma=0.9, max_prompt=2048, max_output=1024),
     },
+    # A 1-layer Llama of hidden size 32 at the H200 card's engine sizes and mix: its device work is
+    # negligible, so its steps time the host's work (the scheduler, packing, postprocessing).
+    "host": {
+        "model": str(CONFIGS / "host-bound-llama"),
+        "llm": dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, max_batch_size=512,
+                    max_num_tokens=8192, max_seq_len=4096, kv_cache_config={"max_tokens": 600_000}),  # fmt: skip
+        "fixed": (1024, 128, 128),
+        "mix": dict(n=1000, prompt_mean=280, output_mean=220, sigma=0.9, max_prompt=2048, max_output=1024),
+    },
     "cpu": {
         "model": "smollm2",
         "llm": dict(),

@@ -28,15 +28,15 @@ from common import CARDS, default_out, print_result, time_calls, write_json
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
-def run_mix(llm, requests, log) -> dict:
-    """The mix twice through the same engine: the first pass (whatever it compiles counts) and the
-    second, each with its summary and step breakdown."""
+def run_mix(llm, requests, log, passes: int = 2) -> dict:
+    """The mix `passes` times (1 or 2) through the same engine: the first pass (whatever it compiles
+    counts) and the second, each with its summary and step breakdown."""
     from jaxllm.bench.offline import throughput_pass
     from jaxllm.engine import step_trace
 
     engine = llm._check_open()
     result = {}
-    for name, salt in (("first_pass", "realistic-load-first"), ("second_pass", None)):
+    for name, salt in (("first_pass", "realistic-load-first"), ("second_pass", None))[:passes]:
         engine.trace_steps(True)
         summary = throughput_pass(llm, requests, salt)
         figures = step_trace.breakdown(engine.trace_steps(False))
@@ -46,9 +46,33 @@ def run_mix(llm, requests, log) -> dict:
             f"TPOT p50/p99 {summary['tpot_ms']['p50']:.1f}/{summary['tpot_ms']['p99']:.1f} ms, "
             f"{summary['total_latency_s']:.1f} s")  # fmt: skip
         log(step_trace.table(figures))
-    first, second = (result[k]["summary"]["total_output_throughput_tok_s"] for k in ("first_pass", "second_pass"))
-    result["second_over_first"] = second / first
+    if passes > 1:
+        first, second = (result[k]["summary"]["total_output_throughput_tok_s"] for k in ("first_pass", "second_pass"))
+        result["second_over_first"] = second / first
     return result
+
+
+def profile_pass(llm, requests, log) -> dict:
+    """One more pass of `requests` under the JAX profiler; the GPU's busy time and top kernels."""
+    import glob
+    import tempfile
+
+    import jax
+
+    import trace_summary
+    from jaxllm.bench.offline import throughput_pass
+
+    trace_dir = tempfile.mkdtemp(prefix="jaxllm-realistic-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    summary = throughput_pass(llm, requests, "realistic-load-profile")
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    events, processes = trace_summary.load_events(path)
+    gpus = trace_summary.summarize(events, processes, top=30)
+    log(f"\nprofiled pass of {len(requests)} requests: {summary['total_output_throughput_tok_s']:,.0f} output tok/s "
+        f"(the profiler slows it)")  # fmt: skip
+    log(trace_summary.format_summary(path, top=30))
+    return {"requests": len(requests), "summary": summary, "gpus": gpus}
 
 
 def prefill_attention(prompt_lens, log) -> list[dict]:
@@ -68,17 +92,22 @@ def gemm_efficiency(config, token_counts, peak_tflops: float | None, log) -> lis
     import jax.numpy as jnp
 
     h, ffn = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
     shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * ffn), "down": (ffn, h)}
     rows = []
     log(f"\n{'tokens':>6}  {'gemm':<8} {'K x N':>13} {'time us':>9} {'TFLOP/s':>8} {'% peak':>7}")
     for tokens in token_counts:
         for name, (k, n) in shapes.items():
+            # 16 products in one program, each with its own weight, as a forward's layers have: one
+            # program's launch and the wait for it (~250 us) are shared, and no weight is still in
+            # L2 from the product before (a shared one was, and XLA may merge products that share one).
             key = jax.random.key(tokens)
-            w = (jax.random.normal(key, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
-            xs = [(jax.random.normal(jax.random.fold_in(key, i), (tokens, k), jnp.bfloat16), w) for i in range(4)]
+            xs = [(jax.random.normal(jax.random.fold_in(key, 2 * i), (tokens, k), jnp.bfloat16),
+                   (jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (k, n), jnp.bfloat16) * 0.02))
+                  for i in range(16)]  # fmt: skip
             seconds, _ = time_calls(lambda x, w: x @ w, xs, repeats=5)
+            del xs
             tflops = 2 * tokens * k * n / seconds / 1e12
             row = {"tokens": tokens, "gemm": name, "k": k, "n": n, "seconds": seconds, "tflop_per_s": tflops,
                    "share_of_peak": tflops / peak_tflops if peak_tflops else None}  # fmt: skip
@@ -98,7 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt", type=int, default=None)
     parser.add_argument("--max-output", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="passes of the mix (default 2)")
     parser.add_argument("--skip-kernels", action="store_true", help="only the mix")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then a third pass of the mix's first N requests under the JAX profiler: its GPU "
+                             "kernels, grouped (benchmarks/trace_summary.py)")
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
@@ -127,7 +160,9 @@ def main(argv=None) -> int:
         lens = sorted(len(r.prompt) for r in requests)
         result["prompt_tokens_p50_p90_p99"] = [lens[len(lens) * q // 100] for q in (50, 90, 99)]
         log(f"LLM() ready in {result['llm_s']:.1f} s; prompt tokens p50/p90/p99 {result['prompt_tokens_p50_p90_p99']}")
-        result.update(run_mix(llm, requests, log))
+        result.update(run_mix(llm, requests, log, args.passes))
+        if args.profile:
+            result["profile"] = profile_pass(llm, requests[: args.profile], log)
         config = llm.config
     if not args.skip_kernels and device.platform == "gpu":
         from common import free_device
@@ -141,7 +176,7 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(default_out()) / f"realistic_load_{args.card}_{result['date']}.json")
     write_json(out, result)
     brief = {k: v for k, v in result.items() if k not in ("prefill_attention", "gemm", "first_pass", "second_pass")}
-    for name in ("first_pass", "second_pass"):
+    for name in ("first_pass", "second_pass")[: args.passes]:
         s, b = result[name]["summary"], result[name]["breakdown"]
         brief[name] = {"output_tok_s": s["total_output_throughput_tok_s"], "ttft_ms": s["ttft_ms"], "tpot_ms": s["tpot_ms"],
                        "useful_token_share": b["useful_token_share"], "mean_host_ms": b["mean_host_ms"],

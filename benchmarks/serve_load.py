@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     llm_kwargs = dict(card["llm"])
     vocab = json.loads((Path(card["model"]) / "config.json").read_text())["vocab_size"] if Path(card["model"]).is_dir() \
         else None  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAXLLM_LOG="WARNING")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), JAXLLM_LOG="WARNING")
     result = {"card": args.card, "model": card["model"], "mix": mix, "date": time.strftime("%Y-%m-%d"), "serve": []}
     port, log = _free_port(), out_dir / "serve_load_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
