@@ -27,13 +27,14 @@ from jaxllm.disaggregated_params import DisaggregatedParams  # noqa: E402
 from jaxllm.scheduling_params import SchedulingParams  # noqa: E402
 from jaxllm.inputs import PreprocessedInputs  # noqa: E402
 from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput  # noqa: E402
-from jaxllm.sampling_params import SamplingParams  # noqa: E402
+from jaxllm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
     "SamplingParams",
+    "GuidedDecodingParams",
     "KvCacheConfig",
     "KvCacheRetentionConfig",
     "LoRARequest",

@@ -287,13 +287,14 @@ class RequestFactory:
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
                  max_batch_size: int, lora_cache=None, prompt_cache=None,
                  unchunked_max_num_tokens: int | None = None, batched_logits_processor: bool = False,
-                 max_logprobs: int | None = None):  # fmt: skip
+                 max_logprobs: int | None = None, guided=None):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
         self.unchunked_max_num_tokens = unchunked_max_num_tokens
         self.batched_logits_processor = batched_logits_processor
         self.max_logprobs = max_logprobs
+        self.guided = guided  # the LLM's GuidedDecoder (jaxllm/guided.py), or None
         self._request_ids = itertools.count()
 
     def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
@@ -309,6 +310,9 @@ class RequestFactory:
         if params.apply_batched_logits_processor and not self.batched_logits_processor:
             raise ValueError(f"{where}: apply_batched_logits_processor=True needs an LLM made with "
                              "LLM(..., batched_logits_processor=<callable>)")  # fmt: skip
+        if params.guided_decoding is not None and self.guided is None:
+            raise ValueError(f"{where}: guided_decoding needs an LLM made with guided_decoding_backend='llguidance' "
+                             "(or 'xgrammar')")  # fmt: skip
         if isinstance(prompt, PreprocessedInputs):
             return prompt
         vocab = self.config.vocab_size
@@ -388,6 +392,9 @@ class RequestFactory:
             bias_row=bias_row,
         )
         request.context_state = context_state
+        if params.guided_decoding is not None:
+            request.guide_grammar = self.guided.compile(params.guided_decoding)  # ValueError naming what is wrong
+            request.guided_decoder = self.guided
         request.lora_request = extras.get("lora_request")
         request.prompt_adapter_request = extras.get("prompt_adapter_request")
         request.lora_adapter = extras.get("lora_adapter")

@@ -161,12 +161,17 @@ class LLM:
             return
         self._engine, self._kv_fingerprint = engine, builder.kv_fingerprint
         engine.batched_logits_processor = batched_logits_processor
+        guided = None
+        if self.args.guided_decoding_backend is not None:
+            from jaxllm.guided import GuidedDecoder
+
+            guided = GuidedDecoder(self.args.guided_decoding_backend, self.tokenizer, self.config.vocab_size)
         self._requests = RequestFactory(self.config, self.tokenizer, self.max_seq_len, self.args.max_input_len,
                                         self.args.max_batch_size, self._lora_cache, self._prompt_cache,
                                         unchunked_max_num_tokens=None if self.args.enable_chunked_prefill
                                         else self.args.max_num_tokens,
                                         batched_logits_processor=batched_logits_processor is not None,
-                                        max_logprobs=self.args.max_logprobs)  # fmt: skip
+                                        max_logprobs=self.args.max_logprobs, guided=guided)  # fmt: skip
         _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)

@@ -333,6 +333,10 @@ class EngineArgs:
     # the same sequences is already dispatched, its input tokens read on the device, so the devices
     # do not wait for the host between the two (engine.py `Engine._follow_on`).
     disable_overlap_scheduler: bool = False
+    # Guided decoding (TensorRT-LLM's name; jaxllm/guided.py): 'llguidance', or 'xgrammar' (served
+    # by llguidance). None: SamplingParams.guided_decoding is refused. Set, the sampler programs get
+    # guided twins (their rows' token bitmasks applied on the device).
+    guided_decoding_backend: Optional[str] = None
     # TensorRT-LLM arguments the engine honours (jaxllm/trtllm_args.py; docs/COMPATIBILITY.md):
     # streaming updates every `stream_interval` tokens; one log line per iteration; decode batch
     # buckets from a CudaGraphConfig (None: no CUDA graphs, XLA's command buffers off); a

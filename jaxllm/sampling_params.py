@@ -12,7 +12,9 @@ Where TensorRT-LLM and vLLM differ, jaxllm does what the user evidently means:
   * vLLM's `bad_words` (TensorRT-LLM's `bad`) and `allowed_token_ids` are accepted too. A bad word
     is banned as written and, where the tokenizer spells it otherwise after a space (byte-level
     BPE), with a leading space as well (as vLLM does): `bad="Paris"` bans " Paris" too.
-Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead, guided decoding,
+  * `guided_decoding=GuidedDecodingParams(json=..., regex=..., grammar=..., choice=..., json_object=True,
+    structural_tag=...)` constrains the output (jaxllm/guided.py; the LLM needs a guided_decoding_backend).
+Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead,
 top-p decay, ...) are accepted by name so scripts construct unchanged, and raise
 NotImplementedError naming the feature when set.
 """
@@ -25,6 +27,8 @@ import math
 from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
+
+from jaxllm.guided import GuidedDecodingParams
 
 MAX_LOGPROBS = 20  # the largest `logprobs` / `prompt_logprobs`; fixed so the step has one shape
 
@@ -133,7 +137,6 @@ _UNSUPPORTED = {
     "return_encoder_output": False,
     "additional_model_outputs": None,
     "lookahead_config": None,
-    "guided_decoding": None,
 }
 
 
@@ -190,7 +193,7 @@ class SamplingParams:
     additional_model_outputs: Any = None
 
     lookahead_config: Any = None
-    guided_decoding: Any = None
+    guided_decoding: Optional[GuidedDecodingParams] = None  # jaxllm/guided.py; needs LLM(guided_decoding_backend=...)
 
     ignore_eos: bool = False
     detokenize: bool = True
@@ -220,6 +223,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise TypeError(f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
         for name, off in _UNSUPPORTED.items():
             if getattr(self, name) != off:
                 raise NotImplementedError(f"SamplingParams.{name} is not supported by jaxllm (got {getattr(self, name)!r})")

@@ -493,11 +493,9 @@ def translate(kwargs: dict) -> dict:
             _log_once(name, "%s=%r is accepted and has no effect: it tunes %s", name, value, tunes)
     if "speculative_config" in out and out.pop("speculative_config") is not None:
         raise ValueError("speculative_config is not supported yet: jaxllm has no speculative decoding; allowed: None")
-    if "guided_decoding_backend" in out:
-        backend = out.pop("guided_decoding_backend")
-        if backend is not None:
-            raise ValueError(f"guided_decoding_backend={backend!r} is not supported yet (TensorRT-LLM's backends: "
-                             f"{', '.join(map(repr, GUIDED_DECODING_BACKENDS))}); allowed: None")  # fmt: skip
+    if out.get("guided_decoding_backend") is not None and out["guided_decoding_backend"] not in GUIDED_DECODING_BACKENDS:
+        raise ValueError(f"guided_decoding_backend={out['guided_decoding_backend']!r} is not supported; allowed: "
+                         f"{', '.join(map(repr, GUIDED_DECODING_BACKENDS))} (both served by llguidance) or None")  # fmt: skip
     if "checkpoint_format" in out:
         fmt = out.pop("checkpoint_format")
         if fmt is not None and (not isinstance(fmt, str) or fmt.upper() != "HF"):

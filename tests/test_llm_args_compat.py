@@ -80,7 +80,7 @@ def test_every_torch_llm_args_name_is_accepted_at_its_default():
     (dict(enable_attention_dp=True), ValueError, r"enable_attention_dp=True .*allowed: False .*tensor_parallel_size"),
     (dict(moe_tensor_parallel_size=4), ValueError, "moe_tensor_parallel_size=4"),
     (dict(speculative_config={"decoding_type": "Eagle"}), ValueError, "speculative_config is not supported yet"),
-    (dict(guided_decoding_backend="xgrammar"), ValueError, r"not supported yet .*'xgrammar', 'llguidance'"),
+    (dict(guided_decoding_backend="outlines"), ValueError, r"guided_decoding_backend='outlines' is not supported; allowed: 'xgrammar', 'llguidance'"),
     (dict(checkpoint_format="mistral"), ValueError, r"checkpoint_format='mistral' .*allowed: None, 'HF'"),
     (dict(checkpoint_loader=object()), ValueError, "checkpoint_loader="),
     (dict(kv_cache_dtype="fp8"), ValueError, r"kv_cache_dtype='fp8' is not supported; allowed: 'auto', 'float32'"),

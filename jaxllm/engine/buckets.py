@@ -150,6 +150,7 @@ class SamplerShape:
     num_seqs: int
     flavor: str = "plain"
     pages_per_seq: int = 0
+    guided: bool = False  # also reads each row's token bitmask (guided decoding, jaxllm/guided.py)
 
     kind = "sampler"
 
@@ -209,6 +210,7 @@ class Buckets:
     multi_step_full_max_rows: int | None = None
     adapters: bool = False
     decode_batch_sizes: tuple[int, ...] | None = None
+    guided: bool = False  # every sampler program has a guided twin (LLM(guided_decoding_backend=...))
 
     @property
     def seq_buckets(self) -> list[int]:
@@ -269,10 +271,10 @@ class Buckets:
         T = bucket_for(max(sum(token_counts), len(token_counts)), self.token_buckets)
         return ForwardShape(T, self.mixed_seqs(T), P, T, adapters)
 
-    def sampler_shape(self, num_seqs: int, flavor: str, pages: int = 0) -> SamplerShape:
+    def sampler_shape(self, num_seqs: int, flavor: str, pages: int = 0, guided: bool = False) -> SamplerShape:
         B = bucket_for(num_seqs, self.sampler_rows)
         P = bucket_for(pages, self.page_buckets) if flavor == "penalties" else 0
-        return SamplerShape(B, flavor, P)
+        return SamplerShape(B, flavor, P, guided)
 
     # ---- every program ---------------------------------------------------------------------------
     def all_shapes(self) -> list:
@@ -287,9 +289,10 @@ class Buckets:
                 for flavor in self.multi_step_flavors:
                     shapes += [ForwardShape(B, B, P, 1, adapters, self.decode_steps, flavor)
                                for B in self.multi_step_rows(flavor)]  # fmt: skip
-        for B in self.sampler_rows:
-            shapes += [SamplerShape(B, "plain"), SamplerShape(B, "full")]
-            shapes += [SamplerShape(B, "penalties", P) for P in self.page_buckets]
+        for guided in (False, True) if self.guided else (False,):
+            for B in self.sampler_rows:
+                shapes += [SamplerShape(B, "plain", 0, guided), SamplerShape(B, "full", 0, guided)]
+                shapes += [SamplerShape(B, "penalties", P, guided) for P in self.page_buckets]
         for T in self.token_buckets:
             shapes += [HeadShape(T, False), HeadShape(T, True)]
         return shapes
@@ -309,6 +312,7 @@ def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
         multi_step_full_max_rows=MULTI_STEP_FULL_MAX_ROWS if on_gpu else None,
         adapters=adapters,
         decode_batch_sizes=config.decode_batch_sizes,
+        guided=config.guided,
     )  # fmt: skip
 
 

@@ -226,6 +226,7 @@ class EngineBuilder:
             decode_batch_sizes=tuple(args.cuda_graph_config.batch_sizes)
             if args.cuda_graph_config is not None and args.cuda_graph_config.batch_sizes else None,
             command_buffers=args.cuda_graph_config is not None,
+            guided=args.guided_decoding_backend is not None,
         )
         kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
         kv_type = jax.numpy.dtype(self.kv_dtype)

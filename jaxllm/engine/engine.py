@@ -271,6 +271,8 @@ class Engine:
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         for index in range(params.best_of):
             seq = self._new_sequence(request, index, derive_seed(base_seed, index))
+            if request.guide_grammar is not None:
+                seq.guide = request.guided_decoder.matcher(request.guide_grammar)
             if self.detokenizer is not None:
                 self.detokenizer.start(seq)
             request.sequences.append(seq)

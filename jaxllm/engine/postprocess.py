@@ -9,6 +9,8 @@ dropped (`left`).
 
 from __future__ import annotations
 
+import logging
+
 import time
 from typing import Any, Callable
 
@@ -21,6 +23,8 @@ from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
 from jaxllm.engine.stats import perf_metrics
 from jaxllm.outputs import Delta, Logprob, Update
 
+
+logger = logging.getLogger(__name__)
 
 class EngineShutdown(RuntimeError):
     """The engine was shut down before the request finished."""
@@ -130,6 +134,16 @@ class Postprocessor:
         if logits_row is not None:
             seq.generation_logits.append(logits_row)
         self._check_stop(seq, token)
+        if seq.guide is not None and not seq.finished:
+            from jaxllm.guided import consume
+
+            verdict = consume(seq.guide, token)
+            if verdict is not None:  # the grammar is complete ("stop"), or the matcher failed
+                if verdict != "stop":
+                    logger.warning("request %d: guided decoding stopped: %s", request.request_id, verdict)
+                if self.detokenizer is not None and params.detokenize:
+                    self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+                self.finish(seq, "stop", None)
         if not seq.finished and request.is_context_only:
             self.finish(seq, "length", None)  # a context_only request ends at its first token
 

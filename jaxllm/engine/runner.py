@@ -68,6 +68,8 @@ class RunnerConfig:
     decode_batch_sizes: tuple[int, ...] | None = None
     # False (LLM(cuda_graph_config=None)): programs are compiled without XLA command buffers (CUDA graphs).
     command_buffers: bool = True
+    # Guided decoding (LLM(guided_decoding_backend=...)): the sampler programs' guided twins.
+    guided: bool = False
 
 
 class ModelRunner:
@@ -248,7 +250,12 @@ class ModelRunner:
 
     def host_inputs(self, shape) -> tuple:
         """ShapeDtypeStructs of the host inputs of `shape`'s program (engine/step_inputs.py)."""
-        return abstract_host_inputs(shape, self.config.page_size, self.uses_lora)
+        return abstract_host_inputs(shape, self.config.page_size, self.uses_lora, self.bitmask_words)
+
+    @property
+    def bitmask_words(self) -> int:
+        """int32 words of a row's token bitmask (guided decoding)."""
+        return -(-self.cfg.vocab_size // 32)
 
     def _lower(self, shape):
         return programs_lib.lower(self, shape)
@@ -287,7 +294,7 @@ class ModelRunner:
         )
         token_ids = [self._device_token_ids(r) for r in requests]
         plan, arrays = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids, uses_adapters,
-                                 self.uses_lora)  # fmt: skip
+                                 self.uses_lora, self.bitmask_words)  # fmt: skip
         with self._lock:  # the followers replay it: the same inputs, the same follow-on
             out = self._replica.call("_dispatch", plan.to_json(), arrays, after and after.index)
         fetch = [k for k in out if k not in (NEXT_TOKENS, "logits", "hidden")]
@@ -336,12 +343,13 @@ class ModelRunner:
         """Sample rows of host logits ([n, V], edited by logits processors) with their requests'
         parameters: the sampler program of their flavor, on the devices."""
         n = len(requests)
-        shape = self.buckets.sampler_shape(n, sampling_flavor(requests), max(len(r.block_table) for r in requests))
+        shape = self.buckets.sampler_shape(n, sampling_flavor(requests), max(len(r.block_table) for r in requests),
+                                           any(r.token_bitmask is not None for r in requests))  # fmt: skip
         spec = programs_lib.logits_spec(self, shape.num_seqs)
         padded = np.zeros(spec.shape, np.float32)  # [B, V] (V' under TP: padding columns -inf)
         padded[:n, : logits.shape[1]] = logits
         padded[:, self.cfg.vocab_size :] = -np.inf
-        packed = resample_inputs(shape, requests, self.config.page_size)
+        packed = resample_inputs(shape, requests, self.config.page_size, self.bitmask_words)
         with self._lock:
             pages = self.token_pages if shape.flavor == "penalties" else None
             out = self.programs.get(shape)(sharding_lib.place(padded, spec.sharding), self._replicate(packed),

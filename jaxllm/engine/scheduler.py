@@ -295,7 +295,7 @@ class Scheduler:
         `decode_steps` when only decodes are scheduled (so no waiting sequence could be admitted
         this step), no request has `arrived` since the schedule (it would wait for the whole run),
         each sequence has its first token and needs nothing from the host between steps (no
-        penalties, banned words or tokens, logits processors or logits returned), some sequence
+        penalties, banned words or tokens, grammar, logits processors or logits returned), some sequence
         wants at least two more tokens, and the runner `serves` the batch that way; else 1. Gives
         each sequence the pages of the tokens it may still keep (up to max_tokens and
         max_seq_len); past them a row computes into the null page."""
@@ -305,6 +305,7 @@ class Scheduler:
         for seq, _ in scheduled.items:
             params, request = seq.request.params, seq.request
             if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
+                    or seq.guide is not None
                     or seq.num_output_tokens < max(1, params.min_tokens or 0) or request.is_context_only):  # fmt: skip
                 return 1
             wants.append(min(decode_steps, seq.tokens_left(max_seq_len)))

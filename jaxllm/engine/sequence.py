@@ -58,6 +58,7 @@ class Sequence:
     detok_read_offset: int = 0
     num_published_tokens: int = 0  # generated tokens already posted to the caller
     published_text_len: int = 0
+    guide: Any = None  # guided decoding: its grammar matcher (llguidance's), fed every token it samples
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +139,8 @@ class Request:
     num_missed_blocks: int = 0
     first_iter: Optional[int] = None  # the engine iterations (get_stats' iter) that first and last scheduled it
     last_iter: Optional[int] = None
+    guide_grammar: Optional[str] = None  # guided decoding: its compiled grammar (jaxllm/guided.py)
+    guided_decoder: Any = None  # and the LLM's GuidedDecoder, which makes its sequences' matchers
     prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end
     context_logits_rows: list = dataclasses.field(default_factory=list)
 

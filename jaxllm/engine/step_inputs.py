@@ -54,6 +54,7 @@ class StepRequest:
     want_last_logits: bool = False  # return the last token's logits (generation logits, processors)
     lora_slot: int = 0  # device slot of the sequence's LoRA adapter (0: none)
     prompt_adapter_slot: int = 0  # device slot of its prompt adapter (0: none); maps its virtual tokens
+    token_bitmask: np.ndarray | None = None  # guided decoding: [ceil(V / 32)] int32, the tokens it may sample
 
     @property
     def penalized(self) -> bool:
@@ -158,9 +159,10 @@ def build_batch(
 
 
 def sampling_batch(requests: list[StepRequest], B: int, flavor: str, batch: BatchMetadata | None = None,
-                   pages: int = 0) -> sampling_lib.SamplingBatch:  # fmt: skip
+                   pages: int = 0, bitmask_words: int = 0) -> sampling_lib.SamplingBatch:  # fmt: skip
     """The host SamplingBatch of `requests` in `flavor`, padded to B rows (`batch`: the step's, for
-    the block tables and lengths the "penalties" flavor reads, its tables padded to `pages`)."""
+    the block tables and lengths the "penalties" flavor reads, its tables padded to `pages`); with
+    `bitmask_words`, the rows' token bitmasks (guided decoding; every token allowed elsewhere)."""
     n = len(requests)
 
     def col(name, dtype, fill):  # [B]: one field of every request, `fill` in the padding rows
@@ -173,6 +175,12 @@ def sampling_batch(requests: list[StepRequest], B: int, flavor: str, batch: Batc
     seeds[:n, 0], seeds[:n, 1] = wide >> np.uint64(32), wide & np.uint64(0xFFFFFFFF)
     common = dict(temperature=col("temperature", np.float32, 0.0), seeds=seeds,
                   counters=col("counter", np.int32, 0))  # fmt: skip
+    if bitmask_words:
+        bitmask = np.full((B, bitmask_words), -1, np.int32)
+        for i, r in enumerate(requests):
+            if r.token_bitmask is not None:
+                bitmask[i] = r.token_bitmask
+        common["token_bitmask"] = bitmask
     if flavor == "plain":
         return sampling_lib.SamplingBatch(**common)
     banned = np.full((B, sampling_lib.BAN_WIDTH), -1, np.int32)
@@ -226,9 +234,12 @@ def forward_inputs(shape: ForwardShape, requests: list[StepRequest], token_ids: 
     return host
 
 
-def sampler_inputs(shape: SamplerShape, requests: list[StepRequest], batch: BatchMetadata) -> tuple:
-    """(sampling,) of a sampler program (`batch`: the step's, which "penalties" reads)."""
-    return (sampling_batch(requests, shape.num_seqs, shape.flavor, batch, shape.pages_per_seq),)
+def sampler_inputs(shape: SamplerShape, requests: list[StepRequest], batch: BatchMetadata,
+                   bitmask_words: int = 0) -> tuple:  # fmt: skip
+    """(sampling,) of a sampler program (`batch`: the step's, which "penalties" reads; a guided
+    program's rows carry token bitmasks of `bitmask_words` words)."""
+    words = bitmask_words if shape.guided else 0
+    return (sampling_batch(requests, shape.num_seqs, shape.flavor, batch, shape.pages_per_seq, words),)
 
 
 def head_inputs(shape: HeadShape, requests: list[StepRequest]) -> tuple:
@@ -237,23 +248,24 @@ def head_inputs(shape: HeadShape, requests: list[StepRequest]) -> tuple:
     return (_per_token(requests, shape.num_tokens, lambda r: r.prompt_logprobs_next),)
 
 
-def resample_inputs(shape: SamplerShape, requests: list[StepRequest], page_size: int) -> np.ndarray:
+def resample_inputs(shape: SamplerShape, requests: list[StepRequest], page_size: int,
+                    bitmask_words: int = 0) -> np.ndarray:  # fmt: skip
     """The packed inputs of a sampler program run on host logits (edited by logits processors);
     the "penalties" flavor reads the requests' tables and lengths from their unpadded batch."""
     batch = None
     if shape.flavor == "penalties":
         batch = build_batch([r.token_ids for r in requests], [r.start for r in requests],
                             [r.block_table for r in requests], page_size, pages_per_seq=shape.pages_per_seq)  # fmt: skip
-    return pack_host_inputs(sampler_inputs(shape, requests, batch))
+    return pack_host_inputs(sampler_inputs(shape, requests, batch, bitmask_words))
 
 
-def abstract_host_inputs(shape, page_size: int, uses_lora: bool) -> tuple:
+def abstract_host_inputs(shape, page_size: int, uses_lora: bool, bitmask_words: int = 0) -> tuple:
     """ShapeDtypeStructs of the host inputs of `shape`'s program: those of its padding example."""
     if isinstance(shape, HeadShape):
         example = head_inputs(shape, [])
     elif isinstance(shape, SamplerShape):
         no_batch = build_batch([], [], [], page_size, 1, shape.num_seqs, max(shape.pages_per_seq, 1), 1)
-        example = sampler_inputs(shape, [], no_batch)
+        example = sampler_inputs(shape, [], no_batch, bitmask_words)
     else:
         example = forward_inputs(shape, [], [], page_size, uses_lora)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
@@ -261,7 +273,8 @@ def abstract_host_inputs(shape, page_size: int, uses_lora: bool) -> tuple:
 
 # ---- one step ---------------------------------------------------------------------------------------
 def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, page_size: int,
-              token_ids: list[list[int]], uses_adapters: bool, uses_lora: bool) -> tuple[StepPlan, list]:  # fmt: skip
+              token_ids: list[list[int]], uses_adapters: bool, uses_lora: bool,
+              bitmask_words: int = 0) -> tuple[StepPlan, list]:  # fmt: skip
     """The programs of a step and their packed host inputs: [forward's, its token ids[, sampler's
     [, head's]]] (`token_ids`: each request's, as the device reads them; `uses_lora`: the engine
     serves LoRA adapters).
@@ -272,10 +285,10 @@ def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, 
     runs the plain one, at the plain cost."""
     flavor = sampling_flavor(requests)
     if decode_steps > 1:
-        if flavor == "penalties" or any(r.bias_slot or r.banned_tokens or r.want_last_logits
+        if flavor == "penalties" or any(r.bias_slot or r.banned_tokens or r.want_last_logits or r.token_bitmask is not None
                                         or r.prompt_logprobs_next is not None or r.want_all_logits
                                         for r in requests):  # fmt: skip
-            raise ValueError("decode_steps > 1 serves no penalties, bias, bans or logits")
+            raise ValueError("decode_steps > 1 serves no penalties, bias, bans, grammars or logits")
     forward = buckets.forward_shape([len(r.token_ids) for r in requests], max(len(r.block_table) for r in requests),
                                     uses_adapters, decode_steps, flavor if decode_steps > 1 else "")  # fmt: skip
     host = forward_inputs(forward, requests, token_ids, page_size, uses_lora)
@@ -283,8 +296,9 @@ def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, 
     arrays = [pack_host_inputs(host), batch.token_ids]
     sampler = head = None
     if decode_steps == 1:
-        sampler = buckets.sampler_shape(forward.num_seqs, flavor, forward.pages_per_seq)
-        arrays.append(pack_host_inputs(sampler_inputs(sampler, requests, batch)))
+        guided = any(r.token_bitmask is not None for r in requests)
+        sampler = buckets.sampler_shape(forward.num_seqs, flavor, forward.pages_per_seq, guided)
+        arrays.append(pack_host_inputs(sampler_inputs(sampler, requests, batch, bitmask_words)))
         want_all = any(r.want_all_logits for r in requests)
         if want_all or any(r.prompt_logprobs_next is not None for r in requests):
             head = HeadShape(forward.num_tokens, want_all)

@@ -37,6 +37,8 @@ def step_request(seq: Sequence, n: int) -> StepRequest:
             r.presence_penalty = params.presence_penalty or 0.0
             r.frequency_penalty = params.frequency_penalty or 0.0
         r.want_last_logits = params.wants_logits
+        if seq.guide is not None:
+            r.token_bitmask = request.guided_decoder.bitmask(seq.guide)
     # Prompt log-probabilities and context logits cover the user's prompt: positions from
     # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
     first = max(start, num_virtual)

@@ -2,7 +2,8 @@
 
 Each sequence has its own random stream: the key of its t-th sampled token is
 fold_in(key(seed), t), so a seeded request samples the same tokens whatever it is batched with.
-Logits are adjusted in this order: the row's bias (embedding bias, banned single tokens and
+Logits are adjusted in this order: a guided row's grammar mask (its token bitmask, any flavor),
+the row's bias (embedding bias, banned single tokens and
 words), this step's bans (min_tokens' end tokens, multi-token bad words' last tokens), repetition /
 presence / frequency penalties; then temperature, then top-k, top-p and min-p
 truncation, then sampling (Gumbel-max over the kept tokens). Greedy rows (temperature 0) take the
@@ -29,7 +30,7 @@ BAN_WIDTH = 64
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "seeds", "counters", "top_k", "top_p", "min_p", "bias_slots", "banned_tokens",
                  "repetition_penalty", "presence_penalty", "frequency_penalty", "block_tables", "seq_lens",
-                 "prompt_lens", "first_positions"],
+                 "prompt_lens", "first_positions", "token_bitmask"],
     meta_fields=["flavor", "num_logprobs"],
 )  # fmt: skip
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ class SamplingBatch:
     seq_lens: jax.Array | None = None  # [B] int32: its tokens in them (prompt and output so far)
     prompt_lens: jax.Array | None = None  # [B] int32: positions below this are the prompt's
     first_positions: jax.Array | None = None  # [B] int32: positions below this hold no token (virtual)
+    # Guided decoding (jaxllm/guided.py), in any flavor: bit t % 32 of word t // 32 set where token t
+    # may be sampled (padding rows and unguided rows: every bit set).
+    token_bitmask: jax.Array | None = None  # [B, ceil(V / 32)] int32
     flavor: str = "plain"  # static: plain | full | penalties
     num_logprobs: int = 0  # static: top-k log-probabilities to return (0 = none)
 
@@ -79,6 +83,13 @@ def seen_and_counts(s: SamplingBatch, token_pages: jax.Array, vocab_size: int) -
     return seen, counts
 
 
+def allowed_tokens(bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] bool of a [B, W] int32 token bitmask (bit t % 32 of word t // 32: token t)."""
+    ids = jnp.arange(vocab_size)
+    words = bitmask[:, ids // 32]  # [B, V]
+    return ((words >> (ids % 32)) & 1).astype(jnp.bool_)
+
+
 def apply_penalties(logits: jax.Array, s: SamplingBatch, token_pages: jax.Array) -> jax.Array:
     """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties."""
     seen, out_counts = seen_and_counts(s, token_pages, logits.shape[-1])
@@ -91,7 +102,10 @@ def apply_penalties(logits: jax.Array, s: SamplingBatch, token_pages: jax.Array)
 
 def adjust_logits(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = None,
                   token_pages: jax.Array | None = None) -> jax.Array:  # fmt: skip
-    """Bias rows, bans, then penalties, as the flavor has them. bias_table: [slots + 1, V] float32."""
+    """The grammar's mask, bias rows, bans, then penalties, as the flavor has them. bias_table:
+    [slots + 1, V] float32."""
+    if s.token_bitmask is not None:
+        logits = jnp.where(allowed_tokens(s.token_bitmask, logits.shape[-1]), logits, -jnp.inf)
     if s.flavor == "plain":
         return logits
     if bias_table is not None:
@@ -166,7 +180,7 @@ def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = N
 def can_sample_sharded(s: SamplingBatch) -> bool:
     """Whether `sample_sharded` serves this batch: the "plain" flavor (truncation sorts the whole
     vocabulary; penalties, bias and bans index it by token id)."""
-    return s.flavor == "plain"
+    return s.flavor == "plain" and s.token_bitmask is None
 
 
 def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_size: int) -> dict:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import GuidedDecodingParams, SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -64,6 +64,14 @@ class _GenerationRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its token ids (and the prompt's, unstreamed)
+    # Guided decoding (the server's LLM needs a guided_decoding_backend): OpenAI's response_format
+    # ({"type": "json_schema", "json_schema": {"schema": ...}} | {"type": "json_object"} | {"type":
+    # "text"}), and vLLM's guided_json / guided_regex / guided_choice / guided_grammar.
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @property
     def include_usage(self) -> bool:
@@ -154,9 +162,40 @@ def sampling_params(request: _GenerationRequest, max_tokens: Optional[int], num_
             include_stop_str_in_output=request.include_stop_str_in_output, logprobs=num_logprobs,
             embedding_bias=None if not request.logit_bias else _embedding_bias(request.logit_bias, vocab_size),
             best_of=getattr(request, "best_of", None), return_perf_metrics=True,
+            guided_decoding=guided_decoding(request),
         )  # fmt: skip
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ServeError(400, str(e)) from None
+
+
+def guided_decoding(request: _GenerationRequest) -> Optional[GuidedDecodingParams]:
+    """The request's output constraint: response_format, or one of vLLM's guided_* fields."""
+    given = {name: getattr(request, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+             if getattr(request, name) is not None}  # fmt: skip
+    fmt = request.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        given["response_format"] = fmt
+    if len(given) > 1:
+        raise ServeError(400, f"give one output constraint; got {', '.join(given)}", param=next(iter(given)))
+    if not given:
+        return None
+    name, value = next(iter(given.items()))
+    try:
+        if name == "response_format":
+            if value["type"] == "json_object":
+                return GuidedDecodingParams(json_object=True)
+            if value["type"] != "json_schema":
+                raise ServeError(400, f"response_format.type={value['type']!r} is not supported; allowed: 'text', "
+                                      "'json_object', 'json_schema'", param="response_format")  # fmt: skip
+            spec = value.get("json_schema") or {}
+            if "schema" not in spec:
+                raise ServeError(400, "response_format.json_schema needs a 'schema'", param="response_format")
+            return GuidedDecodingParams(json=spec["schema"])
+        field = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}[name]  # fmt: skip
+        return GuidedDecodingParams(**{field: value})
+    except ValueError as e:
+        raise ServeError(400, str(e), param=name) from None
 
 
 def finish_reason(reason: Optional[str]) -> Optional[str]:

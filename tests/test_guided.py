@@ -1,0 +1,123 @@
+"""Guided decoding (jaxllm/guided.py) on the real built-in SmolLM2: outputs that follow their JSON
+schemas, regexes, choices and grammars, unguided requests of the same batch unchanged token for
+token, bad constraints refused at submission with the engine serving on, and the server's
+response_format / guided_* fields."""
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("llguidance")
+
+from jaxllm import LLM, GuidedDecodingParams, SamplingParams  # noqa: E402
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+ITEMS = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "enum": ["apple", "pear"]},
+                                                    "minItems": 1, "maxItems": 3}},
+         "required": ["items"], "additionalProperties": False}  # fmt: skip
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM("smollm2", guided_decoding_backend="llguidance", max_batch_size=16, max_num_tokens=512,
+             max_seq_len=512) as llm:  # fmt: skip
+        yield llm
+
+
+def person_ok(value) -> bool:
+    return (set(value) == {"name", "age"} and isinstance(value["name"], str) and len(value["name"]) <= 16
+            and isinstance(value["age"], int) and not isinstance(value["age"], bool))  # fmt: skip
+
+
+def test_guided_outputs_follow_their_constraints_and_unguided_rows_are_unchanged(llm):
+    free = "The capital of France is"
+    cases = [
+        ("Describe a person as JSON.", GuidedDecodingParams(json=PERSON), lambda t: person_ok(json.loads(t))),
+        ("List some fruit as JSON.", GuidedDecodingParams(json=json.dumps(ITEMS)),
+         lambda t: 1 <= len(json.loads(t)["items"]) <= 3 and set(json.loads(t)["items"]) <= {"apple", "pear"}),
+        ("Is water wet? Answer in JSON.", GuidedDecodingParams(json=FLAG), lambda t: isinstance(json.loads(t)["ok"], bool)),
+        ("Give a phone number.", GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"),
+         lambda t: re.fullmatch(r"[0-9]{3}-[0-9]{4}", t) is not None),
+        ("A date:", GuidedDecodingParams(regex=r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"),
+         lambda t: re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", t) is not None),
+        ("Is the sky blue?", GuidedDecodingParams(choice=["yes", "no", "maybe"]), lambda t: t in ("yes", "no", "maybe")),
+        ("Pick a colour:", GuidedDecodingParams(grammar='root ::= "red" | "green" | "blue"'),
+         lambda t: t in ("red", "green", "blue")),
+        ("Any JSON object:", GuidedDecodingParams(json_object=True), None),  # may run to max_tokens: checked below
+        (free, None, None),
+    ]  # fmt: skip
+    params = [SamplingParams(max_tokens=40, guided_decoding=g) for _, g, _ in cases]
+    outs = llm.generate([p for p, _, _ in cases], params)
+    for (prompt, guided, check), out in zip(cases, outs):
+        text = out.outputs[0].text
+        if guided is None:
+            continue
+        if guided.json_object:
+            assert text.lstrip().startswith("{"), text
+            if out.outputs[0].finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+            continue
+        assert out.outputs[0].finish_reason == "stop", (guided.kind, text)
+        assert check(text), (guided.kind, text)
+    alone = llm.generate(free, SamplingParams(max_tokens=40))
+    assert alone.outputs[0].token_ids == outs[-1].outputs[0].token_ids
+
+
+def test_sampled_guided_samples_each_follow_the_schema(llm):
+    out = llm.generate("Describe a person as JSON.",
+                       SamplingParams(max_tokens=48, temperature=0.9, n=2, seed=3, guided_decoding=GuidedDecodingParams(json=PERSON)))  # fmt: skip
+    assert len(out.outputs) == 2
+    for seq in out.outputs:
+        assert seq.finish_reason == "stop" and person_ok(json.loads(seq.text)), seq.text
+
+
+@pytest.mark.parametrize("guided, message", [
+    (GuidedDecodingParams(regex="[0-9"), "regex cannot be compiled"),
+    (GuidedDecodingParams(json="{bad"), "not valid JSON"),
+])  # fmt: skip
+def test_bad_constraints_are_refused_at_submission_and_the_engine_serves_on(llm, guided, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("x", SamplingParams(max_tokens=4, guided_decoding=guided))
+    assert llm.generate("Hello", SamplingParams(max_tokens=3)).outputs[0].token_ids
+
+
+def test_guided_params_and_backend_are_checked():
+    with pytest.raises(ValueError, match="exactly one of"):
+        GuidedDecodingParams(json=PERSON, regex="a")
+    with pytest.raises(ValueError, match="exactly one of"):
+        GuidedDecodingParams()
+    with pytest.raises(ValueError, match="choice"):
+        GuidedDecodingParams(choice=[])
+    with pytest.raises(TypeError, match="GuidedDecodingParams"):
+        SamplingParams(guided_decoding={"json": PERSON})
+    with pytest.raises(ValueError, match="guided_decoding_backend='nope'.*'xgrammar', 'llguidance'"):
+        LLM("smollm2", guided_decoding_backend="nope")
+
+
+def test_a_guided_request_needs_an_llm_with_a_backend(tiny_llm):
+    with pytest.raises(ValueError, match="guided_decoding_backend"):
+        tiny_llm("llama").generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, guided_decoding=GuidedDecodingParams(regex="a")))
+
+
+def test_server_fields_become_guided_decoding():
+    pytest.importorskip("pydantic")
+    from jaxllm.serve import protocol
+    from jaxllm.serve.protocol import ChatCompletionRequest, CompletionRequest, ServeError
+
+    def guided(**body):
+        return protocol.guided_decoding(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **body))
+
+    assert guided() is None and guided(response_format={"type": "text"}) is None
+    assert guided(response_format={"type": "json_object"}).json_object
+    assert guided(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}).json == PERSON
+    assert guided(guided_regex="[a-z]+").regex == "[a-z]+"
+    assert protocol.guided_decoding(CompletionRequest(prompt="x", guided_choice=["a", "b"])).choice == ["a", "b"]
+    for body, param in (({"response_format": {"type": "xml"}}, "response_format"),
+                        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+                        ({"guided_regex": "a", "guided_json": PERSON}, "guided_json")):  # fmt: skip
+        with pytest.raises(ServeError) as e:
+            guided(**body)
+        assert e.value.status == 400 and e.value.param in (param, "guided_regex"), body
