@@ -19,7 +19,7 @@ from pathlib import Path
 from common import default_out, print_result, write_json
 
 SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 40},
-                                                     "maxItems": 50}},
+                                                     "minItems": 12, "maxItems": 50}},
           "required": ["notes"], "additionalProperties": False}  # fmt: skip
 
 
