@@ -1,7 +1,7 @@
 """Guided decoding (jaxllm/guided.py) on the real built-in SmolLM2: outputs that follow their JSON
 schemas, regexes, choices and grammars, unguided requests of the same batch unchanged token for
 token, bad constraints refused at submission with the engine serving on, and the server's
-response_format / guided_* fields."""
+response_format / guided_* fields (converted, and through a real server with the openai client)."""
 
 import json
 import re
@@ -121,3 +121,42 @@ def test_server_fields_become_guided_decoding():
         with pytest.raises(ServeError) as e:
             guided(**body)
         assert e.value.status == 400 and e.value.param in (param, "guided_regex"), body
+
+
+def test_the_server_takes_response_format_and_guided_fields(llm):
+    """A real server on a loopback port over the guided LLM, driven by the official openai client."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import socket
+    import threading
+    import time
+
+    from jaxllm.serve.app import ServerState
+    from jaxllm.serve.server import build_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = build_server(ServerState(model_name="guided", llm=llm), "127.0.0.1", port, drain_timeout=5,
+                          log_level="warning")  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "Describe a person as JSON."}]
+        reply = client.chat.completions.create(
+            model="guided", messages=messages, max_tokens=48, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})  # fmt: skip
+        assert person_ok(json.loads(reply.choices[0].message.content)), reply.choices[0].message.content
+        done = client.completions.create(model="guided", prompt="Is the sky blue?", max_tokens=8, temperature=0,
+                                         extra_body={"guided_choice": ["yes", "no"]})  # fmt: skip
+        assert done.choices[0].text in ("yes", "no")
+        with pytest.raises(openai.BadRequestError, match="regex cannot be compiled"):
+            client.completions.create(model="guided", prompt="x", max_tokens=4, extra_body={"guided_regex": "[0-9"})
+    finally:
+        server.should_exit = True
+        thread.join(10)
