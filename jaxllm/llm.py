@@ -111,6 +111,7 @@ class LLM:
         devices: Optional[list] = None,
         batched_logits_processor: Optional[Callable] = None,
         _follower_channel: Any = None,
+        _precompile_only: Any = None,
         **kwargs: Any,
     ):
         """Load a model and start its engine.
@@ -147,7 +148,8 @@ class LLM:
         resolve_backend(backend, platform)  # validate names before loading anything
         EngineArgs.from_kwargs(kwargs)
         builder = EngineBuilder(model, revision, dtype, backend, kwargs, mesh=self.mesh, platform=platform,
-                                tensor_parallel_size=tensor_parallel_size, channel=self._channel, llm_id=self.llm_id)
+                                tensor_parallel_size=tensor_parallel_size, channel=self._channel, llm_id=self.llm_id,
+                                precompile_only=_precompile_only)  # fmt: skip
         self.model_name = str(model)
         self.resolved, self.config, self.dtype, self.args = builder.resolved, builder.config, builder.dtype, builder.args
         self.backend_name, self.backend, self.compile_cache_dir = builder.backend_name, builder.backend, \

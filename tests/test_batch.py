@@ -280,3 +280,42 @@ def test_two_processes_merge_one_output(tiny_dir, tmp_path, single_engine_tokens
     report = json.loads(summary.read_text())
     assert report["processes"] == 2 and report["data_parallel_size"] == 2 and report["done"] == len(requests)
     assert sorted(e["engine"] for e in report["engines"]) == [0, 1]
+
+
+def test_program_needs_follow_the_requests_sampling():
+    from jaxllm import SamplingParams
+    from jaxllm.engine.buckets import ForwardShape, HeadShape, ProgramNeeds, SamplerShape
+
+    greedy = ProgramNeeds.of([SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=0.7)])
+    assert greedy == ProgramNeeds(frozenset({"plain"}), heads=False, guided=False)
+    assert ProgramNeeds.of([SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9)]).flavors == {"plain", "full"}
+    assert ProgramNeeds.of([SamplingParams(max_tokens=4, logprobs=2)]).flavors == {"plain", "full"}
+    assert "penalties" in ProgramNeeds.of([SamplingParams(max_tokens=4, presence_penalty=0.5)]).flavors
+    assert ProgramNeeds.of([SamplingParams(max_tokens=4, prompt_logprobs=1)]).heads
+    assert greedy.keeps(ForwardShape(64, 64, 8, 64)) and greedy.keeps(ForwardShape(8, 8, 8, 1, False, 8, "plain"))
+    assert not greedy.keeps(ForwardShape(8, 8, 8, 1, False, 8, "full"))
+    assert greedy.keeps(SamplerShape(8, "plain")) and not greedy.keeps(SamplerShape(8, "full"))
+    assert not greedy.keeps(SamplerShape(8, "plain", 0, True)) and not greedy.keeps(HeadShape(64))
+
+
+def test_a_job_compiles_only_the_programs_its_requests_visit(tiny_dir, monkeypatch):
+    """Precompiling on (the suite turns it off): a greedy job makes no head and no "full" or
+    "penalties" program, and compiles nothing while it generates."""
+    from jaxllm import LLM
+
+    monkeypatch.setenv("JAXLLM_PRECOMPILE", "1")
+    monkeypatch.setenv("JAXLLM_COMPILE_CACHE", "off")
+    requests = _token_requests(3, 6)
+    results = run_batch(str(tiny_dir("llama")), requests, progress=False, **TINY_KWARGS)
+    _check_exactly_once_rows(results, [r["custom_id"] for r in requests])
+    summary = results.summary
+    assert summary["compile_in_generation_s"] == 0 and summary["programs_compiled"] > 0
+    monkeypatch.setenv("JAXLLM_PRECOMPILE", "0")
+    with LLM(model=str(tiny_dir("llama")), max_seq_len=summary["engines"][0]["max_seq_len"], **TINY_KWARGS) as llm:
+        everything = len(llm._engine.runner.bucket_shapes())
+    assert summary["programs_compiled"] < everything
+
+
+def _check_exactly_once_rows(results: list[dict], ids: list[str]) -> None:
+    assert sorted(r["custom_id"] for r in results) == sorted(ids)
+    assert all(r["response"]["status_code"] == 200 for r in results)

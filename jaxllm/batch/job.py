@@ -31,6 +31,7 @@ from typing import Any
 from jaxllm.batch import output as output_lib
 from jaxllm.batch import report
 from jaxllm.batch.requests import BatchItem, load_items, prepare
+from jaxllm.engine.buckets import ProgramNeeds
 from jaxllm.serve import endpoints
 from jaxllm.serve.protocol import ServeError
 
@@ -386,6 +387,8 @@ def _build_engines(model, given_llm: bool, layout: Layout, items: list[BatchItem
         kwargs = size_engine(share, llm_kwargs, platform, limit)
         if devices[j] is not None:
             kwargs["devices"] = devices[j]
+        # Only the programs the share's requests can visit (their sampling flavors, heads, grammars).
+        kwargs["_precompile_only"] = ProgramNeeds.of([it.params for it in share if it.params is not None])
         logger.info("batch: engine %d: %d requests, max_seq_len %s, max_batch_size %s, max_num_tokens %s", engine_id,
                     len(todo), kwargs.get("max_seq_len"), kwargs.get("max_batch_size"), kwargs.get("max_num_tokens"))
         engines.append(_Engine(LLM(model=model, **kwargs), todo, limit))

@@ -298,6 +298,44 @@ class Buckets:
         return shapes
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgramNeeds:
+    """The programs a known set of requests can visit (a batch job's, jaxllm/batch/job.py): the
+    sampling flavors its rows may take, whether any wants prompt log-probabilities or context logits
+    (the head programs), whether any is guided. `keeps(shape)` filters an engine's program set
+    to them before serving; a step outside it still runs, its program compiled at first use."""
+
+    flavors: frozenset = frozenset({"plain"})
+    heads: bool = False
+    guided: bool = False
+
+    @classmethod
+    def of(cls, params) -> "ProgramNeeds":
+        """The needs of requests with these SamplingParams: a superset of the flavors their rows
+        take (engine/step_request.py, step_inputs.sampling_flavor), erring towards more."""
+        flavors, heads, guided = {"plain"}, False, False
+        for p in params:
+            truncates = (p.effective_temperature > 0 and (bool(p.top_k) or (p.top_p is not None and p.top_p < 1)
+                                                          or bool(p.min_p)))  # fmt: skip
+            if p.uses_penalties:
+                flavors.add("penalties")
+            if (truncates or p.logprobs or p.prompt_logprobs is not None or p.embedding_bias is not None
+                    or p.min_tokens or p.bad or p.bad_words or p.bad_token_ids or p.allowed_token_ids
+                    or p.logits_processor is not None
+                    or p.apply_batched_logits_processor):  # fmt: skip
+                flavors.add("full")
+            heads |= p.prompt_logprobs is not None or bool(p.return_context_logits)
+            guided |= p.guided_decoding is not None
+        return cls(frozenset(flavors), heads, guided)
+
+    def keeps(self, shape) -> bool:
+        if isinstance(shape, HeadShape):
+            return self.heads
+        if isinstance(shape, SamplerShape):
+            return shape.flavor in self.flavors and (self.guided or not shape.guided)
+        return shape.decode_steps == 1 or shape.sampling in self.flavors
+
+
 def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
     """The buckets of an engine of `config` (engine/runner.py:RunnerConfig), with this module's
     defaults for what it leaves None: GPU_MIN_DECODE_ROWS, MULTI_STEP_FLAVORS and

@@ -75,8 +75,11 @@ class EngineBuilder:
     """
 
     def __init__(self, model: str | Path, revision: Optional[str], dtype, backend: Optional[str], kwargs: dict, *,
-                 mesh, tensor_parallel_size: int, platform: str, channel: Any = None, llm_id: str = ""):  # fmt: skip
+                 mesh, tensor_parallel_size: int, platform: str, channel: Any = None, llm_id: str = "",
+                 precompile_only=None):  # fmt: skip
         self.mesh, self.tensor_parallel_size, self.channel, self.llm_id = mesh, tensor_parallel_size, channel, llm_id
+        # A buckets.ProgramNeeds: only the programs it keeps are made before serving (a batch job's).
+        self.precompile_only = precompile_only
         self.revision = revision
         with _phase("resolved model %s", model):
             self.resolved = loader.resolve(model, revision)
@@ -309,7 +312,8 @@ class EngineBuilder:
                 loaded = runner.load_executables(self.resolved.path / EXECUTABLES_DIR)
                 logger.info("loaded %d compiled programs from %s", loaded, self.resolved.path)
             if os.environ.get(PRECOMPILE_ENV, "1") != "0" or self.backend_name == "tensorrt":
-                runner.precompile()
+                only = self.precompile_only
+                runner.precompile(None if only is None else [s for s in runner.bucket_shapes() if only.keeps(s)])
 
         if not background:
             prepare()
