@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print(" ".join(cmd), flush=True)
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)  # `-m` imports from the cwd first
     wall = time.perf_counter() - started
     print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", flush=True)
     if done.returncode != 0:
