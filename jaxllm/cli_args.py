@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from jaxllm.guided import BACKENDS as GUIDED_BACKENDS
+
 
 def _number(kind: type, what: str, ok):
     """An argparse type: `kind(text)` when `ok(value)`, else an error saying `what` was expected."""
@@ -66,7 +68,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
     g.add_argument("--skip-tokenizer-init", action="store_true", help="no tokenizer (token-id prompts only)")
     g.add_argument("--num-scheduler-steps", type=positive_int, default=None, help="decodes per dispatch (8)")
     g.add_argument("--disable-overlap-scheduler", action="store_true")
-    g.add_argument("--guided-decoding-backend", choices=("llguidance", "xgrammar"), default=None,
+    g.add_argument("--guided-decoding-backend", choices=GUIDED_BACKENDS, default=None,
                    help="turn on guided decoding (response_format, guided_json, ...); both served by llguidance")
     g.add_argument("--kv-cache-free-gpu-memory-fraction", type=fraction, default=None,
                    help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")

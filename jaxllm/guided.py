@@ -25,7 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("llguidance", "xgrammar")
+BACKENDS = ("xgrammar", "llguidance")  # TensorRT-LLM's names for guided_decoding_backend
 _FIELDS = ("json", "regex", "grammar", "json_object", "structural_tag", "choice")
 
 
@@ -62,6 +62,11 @@ class GuidedDecodingParams:
     @property
     def kind(self) -> str:
         return next(name for name in _FIELDS if getattr(self, name) not in (None, False))
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's token bitmask over a vocabulary of `vocab_size` tokens."""
+    return -(-vocab_size // 32)
 
 
 def _llguidance():
@@ -141,7 +146,7 @@ class GuidedDecoder:
 
         self.backend = backend
         self.vocab_size = vocab_size
-        self.words = -(-vocab_size // 32)  # int32 words of a row's bitmask
+        self.words = bitmask_words(vocab_size)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         self._llg = llg
 

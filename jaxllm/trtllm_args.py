@@ -23,6 +23,8 @@ import logging
 import os
 from typing import Any, List, Optional
 
+from jaxllm import guided
+
 logger = logging.getLogger("jaxllm")
 
 
@@ -392,7 +394,7 @@ DEFAULT_ONLY_ARGS: dict[str, tuple[tuple, str]] = {
     "batching_type": ((None, "INFLIGHT"), "jaxllm batches in flight"),
 }
 
-GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance")
+GUIDED_DECODING_BACKENDS = guided.BACKENDS
 _logged: set[str] = set()
 
 

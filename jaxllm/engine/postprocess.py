@@ -10,7 +10,6 @@ dropped (`left`).
 from __future__ import annotations
 
 import logging
-
 import time
 from typing import Any, Callable
 
@@ -21,10 +20,11 @@ from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.scheduler import ScheduledStep, Scheduler
 from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
 from jaxllm.engine.stats import perf_metrics
+from jaxllm.guided import consume
 from jaxllm.outputs import Delta, Logprob, Update
 
-
 logger = logging.getLogger(__name__)
+
 
 class EngineShutdown(RuntimeError):
     """The engine was shut down before the request finished."""
@@ -135,15 +135,11 @@ class Postprocessor:
             seq.generation_logits.append(logits_row)
         self._check_stop(seq, token)
         if seq.guide is not None and not seq.finished:
-            from jaxllm.guided import consume
-
             verdict = consume(seq.guide, token)
             if verdict is not None:  # the grammar is complete ("stop"), or the matcher failed
                 if verdict != "stop":
                     logger.warning("request %d: guided decoding stopped: %s", request.request_id, verdict)
-                if self.detokenizer is not None and params.detokenize:
-                    self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
-                self.finish(seq, "stop", None)
+                self._finish_with_text(seq, "stop")
         if not seq.finished and request.is_context_only:
             self.finish(seq, "length", None)  # a context_only request ends at its first token
 
@@ -192,9 +188,14 @@ class Postprocessor:
                 seq.num_stop_tokens = 1
             self.finish(seq, "stop", token if user_stop_token else None)
         elif n_out >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
-            if self.detokenizer is not None and params.detokenize:
-                self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
-            self.finish(seq, "length", None)
+            self._finish_with_text(seq, "length")
+
+    def _finish_with_text(self, seq: Sequence, reason: str) -> None:
+        """Finish `seq` at a token that is not a stop (stop_reason None), its text's held-back tail flushed first."""
+        params = seq.request.params
+        if self.detokenizer is not None and params.detokenize:
+            self.detokenizer.flush(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+        self.finish(seq, reason, None)
 
     # ---- finishing ---------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str, stop_reason: Any) -> None:

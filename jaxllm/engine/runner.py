@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import guided as guided_lib
 from jaxllm import sharding as sharding_lib
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.config import ModelConfig
@@ -255,7 +256,7 @@ class ModelRunner:
     @property
     def bitmask_words(self) -> int:
         """int32 words of a row's token bitmask (guided decoding)."""
-        return -(-self.cfg.vocab_size // 32)
+        return guided_lib.bitmask_words(self.cfg.vocab_size)
 
     def _lower(self, shape):
         return programs_lib.lower(self, shape)
