@@ -64,7 +64,7 @@ def time_step(runner, shape, exe, repeats: int = 20) -> float:
     for _ in range(repeats + 3):
         t = time.perf_counter()
         out, runner.kv_cache, runner.token_pages = exe(runner.params, runner.kv_cache, runner.token_pages, flat,
-                                                       tokens, None)  # fmt: skip
+                                                       tokens, runner._prev, None)  # fmt: skip
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
     return float(np.median(times[3:]))

@@ -329,9 +329,9 @@ class EngineArgs:
     # this many decode steps per host round trip (the same tokens; streams then arrive in runs of
     # up to this many tokens). 1 turns it off.
     num_scheduler_steps: int = 8
-    # The overlap scheduler (TensorRT-LLM's name): while a multi-step decode runs, the next one of
-    # the same sequences is already dispatched, its input tokens read on the device, so the devices
-    # do not wait for the host between the two (engine.py `Engine._follow_on`).
+    # The overlap scheduler (TensorRT-LLM's name): each step is scheduled and dispatched while the
+    # last one runs, its input tokens from that one's samples read on the device, so the devices do
+    # not wait for the host between the two (engine.py `Engine._run_ahead`).
     disable_overlap_scheduler: bool = False
     # Guided decoding (TensorRT-LLM's name; jaxllm/guided.py): 'llguidance', or 'xgrammar' (served
     # by llguidance). None: SamplingParams.guided_decoding is refused. Set, the sampler programs get

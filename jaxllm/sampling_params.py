@@ -176,7 +176,7 @@ class SamplingParams:
     frequency_penalty: Optional[float] = None
     prompt_ignore_length: Optional[int] = None  # accepted off only (None or <= 0): penalties see the whole prompt
     length_penalty: Optional[float] = None
-    early_stopping: Optional[int] = None
+    early_stopping: Optional[Union[int, bool, str]] = None
     no_repeat_ngram_size: Optional[int] = None
     min_p: Optional[float] = None
     beam_width_array: Optional[List[int]] = None

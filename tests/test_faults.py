@@ -65,6 +65,58 @@ def test_a_raising_logits_processor_fails_only_its_request(tiny_llm):
     assert _all_pages_returned(llm)
 
 
+@pytest.mark.parametrize("fail_at", ["dispatch", "read"])
+def test_a_failing_model_step_fails_its_requests_and_the_engine_goes_on(tiny_dir, fail_at):
+    """A model step that raises, at its dispatch or when its outputs are read, with the overlap
+    scheduler's next step dispatched ahead of that read: the requests of the failed step (and of
+    the one in flight) fail with the error, the rest finish with the tokens they would have had
+    (recomputed), every page comes back, and the engine serves what comes next."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+             max_num_tokens=24, num_scheduler_steps=1) as llm:  # fmt: skip
+        reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        runner = llm._engine.runner
+        calls = {"n": 0}
+        dispatch = runner.dispatch
+
+        class Boom(RuntimeError):
+            pass
+
+        class Failing:
+            def __init__(self, pending):
+                self.pending = pending
+
+            def __getattr__(self, name):
+                return getattr(self.pending, name)
+
+            def result(self):
+                raise Boom("the device step failed")
+
+        def flaky(requests, decode_steps=1, after=None):
+            calls["n"] += 1
+            if calls["n"] == 6 and fail_at == "dispatch":
+                raise Boom("the device step failed")
+            pending = dispatch(requests, decode_steps, after)
+            return Failing(pending) if calls["n"] == 6 else pending
+
+        runner.dispatch = flaky
+        futures = [llm.generate_async(p, params) for p in PROMPTS]
+        failed = 0
+        for ref, future in zip(reference, futures):
+            try:
+                out = future.result(timeout=120)
+            except RequestError as e:
+                assert isinstance(e.__cause__, Boom), e
+                failed += 1
+                continue
+            assert out.outputs[0].token_ids == ref
+        runner.dispatch = dispatch
+        assert 1 <= failed < len(PROMPTS)
+        assert _all_pages_returned(llm)
+        after = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in after] == reference[:3]
+
+
 def test_an_abort_lands_while_a_multi_step_decode_runs(tiny_dir):
     """An abort resolves the stream at once, not when the multi-step decode in flight (32 decodes in
     one dispatch, beside 8 long sequences) ends; the sequences beside it go on."""

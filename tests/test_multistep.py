@@ -230,6 +230,45 @@ def test_overlap_scheduler_gives_the_same_outputs_and_runs_ahead(tiny_llm):
     assert bm.num_free_blocks == bm.num_usable_blocks
 
 
+def test_overlap_scheduler_runs_every_kind_of_step_ahead_with_the_same_outputs(tiny_dir):
+    """The overlap scheduler schedules every step while the last one runs, prefill chunks and mixed
+    steps too: under chunked prefill, a KV budget that preempts, parallel samples, penalties,
+    min_tokens and stops inside a step already followed, the same outputs as without it, and every
+    page comes back."""
+    from jaxllm import KvCacheConfig
+
+    prompts = [list(range(10 + 3 * i, 10 + 3 * i + 9 + 7 * i)) for i in range(8)]
+    kwargs = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=6, max_num_tokens=32, max_seq_len=96,
+                  kv_cache_config=KvCacheConfig(max_tokens=160, tokens_per_block=8), num_scheduler_steps=4)
+    with LLM(model=str(tiny_dir("llama")), disable_overlap_scheduler=True, **kwargs) as off, \
+            LLM(model=str(tiny_dir("llama")), **kwargs) as on:  # fmt: skip
+        greedy = off.generate(prompts[0], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
+        stop_token = greedy.outputs[0].token_ids[9]
+        params = [
+            SamplingParams(max_tokens=30, ignore_eos=True),
+            SamplingParams(max_tokens=30, stop_token_ids=[stop_token]),
+            SamplingParams(max_tokens=17, temperature=0.9, seed=5, ignore_eos=True, logprobs=2),
+            SamplingParams(max_tokens=12, n=2, best_of=3, temperature=1.0, seed=7, ignore_eos=True),
+            SamplingParams(max_tokens=20, repetition_penalty=1.3, presence_penalty=0.5, ignore_eos=True),
+            SamplingParams(max_tokens=15, min_tokens=12, stop_token_ids=[stop_token], top_k=5, seed=1),
+            SamplingParams(max_tokens=25, top_p=0.8, temperature=0.7, seed=3, ignore_eos=True),
+            SamplingParams(max_tokens=9, ignore_eos=True),
+        ]
+        expected = _outputs(off.generate(prompts, params, use_tqdm=False))
+        on._engine.trace_steps(True)
+        got = _outputs(on.generate(prompts, params, use_tqdm=False))
+        records = on._engine.trace_steps(False)
+        stats = on.get_stats()
+        _assert_same_outputs(got, expected)
+        ahead = {r.kind for r in records if r.ahead}
+        assert {"mixed", "decode", "multi-step"} <= ahead, ahead
+        assert sum(s["inflightBatchingStats"]["numPausedRequests"] for s in stats) > 0, "nothing was preempted"
+        assert off._engine.num_follow_ons == 0
+        for llm in (on, off):
+            bm = llm._engine.block_manager
+            assert bm.num_free_blocks == bm.num_usable_blocks
+
+
 def test_disable_overlap_scheduler_must_be_a_bool(tiny_dir):
     with pytest.raises(TypeError, match="disable_overlap_scheduler must be a bool, got 'yes'"):
         LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, disable_overlap_scheduler="yes")

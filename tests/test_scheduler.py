@@ -164,11 +164,10 @@ def test_parallel_samples_holding_prompt_pages_are_admitted_before_higher_priori
     assert sim.finished == [0, 1, 2]
 
 
-def test_multi_step_decodes_and_follow_ons_take_their_pages_from_the_scheduler():
-    """The engine's multi-step and overlap decisions, as plain Python: a decode-only step runs
-    `decode_steps` decodes once the pages of the tokens each sequence may keep are given, and a
-    follow-on gets the pages of the next run past the one in flight; neither when a request arrived
-    or waits, or when a sequence cannot use another decode."""
+def test_multi_step_decodes_take_their_pages_from_the_scheduler():
+    """The engine's multi-step decision, as plain Python: a decode-only step runs `decode_steps`
+    decodes once the pages of the tokens each sequence may keep are given; not when a request
+    arrived, or when the runner does not serve the batch that way."""
     sim = Sim(max_tokens=10)
     seq = sim.submit([1, 2, 3], seq_id=0)  # max_tokens 32 (SamplingParams' default)
     sim.step()  # the prefill samples its first token: 4 tokens, 3 computed
@@ -179,11 +178,30 @@ def test_multi_step_decodes_and_follow_ons_take_their_pages_from_the_scheduler()
     assert len(seq.block_table) == 1  # nothing was given for a run that does not happen
     assert sim.scheduler.multi_steps(scheduled, 8, 100, arrived=False, serves=lambda: True) == 8
     assert len(seq.block_table) == 3  # 3 computed + 8 decodes = 11 tokens
-    assert not sim.scheduler.follow_on(scheduled, 8, 8, max_seq_len=4 + 8)  # nothing left after the run in flight
-    assert sim.scheduler.follow_on(scheduled, 8, 8, max_seq_len=100)
-    assert len(seq.block_table) == 5  # 3 + 8 in flight + 8 more = 19 tokens
-    sim.submit([4, 5], seq_id=1)
-    assert not sim.scheduler.follow_on(scheduled, 16, 8, max_seq_len=100)  # a request waits
+
+
+def test_a_step_scheduled_ahead_of_the_read_neither_preempts_nor_schedules_a_sure_end():
+    """The overlap scheduler's schedule (`ahead`): a sequence whose token in flight surely ends it is
+    left out; one whose pages do not fit is left out too (starved: nothing is admitted) instead of
+    preempting another, whose token in flight is not read yet."""
+    sim = Sim(num_pages=4, max_tokens=10)  # 3 usable pages of 4 tokens
+    a = sim.submit([1, 2, 3, 4, 5, 6, 7], seq_id=0)
+    b = sim.submit([8, 9, 10], seq_id=1)
+    sim.step()  # both prefilled: a holds 8 tokens (2 pages), b 4 tokens (1 page); no page free
+    assert sim.bm.num_free_blocks == 0
+    for row, seq in enumerate([a, b]):  # as Engine._advance: computed, a placeholder for the sample in flight
+        seq.num_computed += 1
+        seq.take_ahead(row, 1, max_seq_len=100)
+    sim.submit([11], seq_id=2)
+    out = sim.scheduler.schedule(ahead=True)  # each needs a new page: none is free, nobody is preempted
+    assert out.items == [] and out.starved and not out.preempted
+    assert [s.seq_id for s in sim.scheduler.running] == [0, 1] and len(sim.scheduler.waiting) == 1
+    b.ends_ahead = True  # (its sample in flight reaches max_tokens)
+    sim.scheduler.remove(b)  # as its read would: one page free
+    out = sim.scheduler.schedule(ahead=True)
+    assert [(s.seq_id, n) for s, n in out.items] == [(0, 1)] and a.block_table[-1] in range(4)
+    a.drop_ahead()
+    assert a.token_ids == [1, 2, 3, 4, 5, 6, 7, 7] and a.num_ahead == 0 and not a.ends_ahead
 
 
 def test_an_imported_context_gets_its_pages_only_when_one_more_token_fits():

@@ -255,6 +255,12 @@ class Buckets:
             rows |= set(self.seq_buckets)
         return sorted(rows)
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows (sequences) any program samples: the width of the sampled-token array a
+        step scheduled ahead reads its input tokens from (programs.merge_tokens)."""
+        return max([*self.sampler_rows, *self.seq_buckets, *self.multi_step_buckets])
+
     # ---- the key of one step -------------------------------------------------------------------
     def forward_shape(self, token_counts: list[int], pages: int, adapters: bool = False,
                       decode_steps: int = 1, sampling: str = "") -> ForwardShape:  # fmt: skip

@@ -43,7 +43,7 @@ from jaxllm.engine.sequence import Request, Sequence
 from jaxllm.engine.stats import IterationStats
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.step_trace import StepRecord, StepTrace, step_kind
-from jaxllm.engine.step_request import follow_on_request, step_request
+from jaxllm.engine.step_request import step_request
 from jaxllm.outputs import Update
 
 __all__ = ["Engine", "EngineShutdown", "StepReader", "derive_seed"]
@@ -77,13 +77,19 @@ def _gc_threshold(gen0: int | None):
 
 @dataclasses.dataclass
 class Plan:
-    """What one step runs: the scheduled items, and how they are dispatched."""
+    """What one step runs: the scheduled items, how they are dispatched, and (once dispatched and
+    advanced, `Engine._advance`) what its read needs to settle the sequences."""
 
     scheduled: ScheduledStep
     steps: int  # decodes per row in the dispatch (more than 1: multi-step decoding)
-    requests: list[StepRequest] | None  # the rows; None for a follow-on, already dispatched
-    pending: PendingStep | None  # a follow-on's dispatch in flight (the overlap scheduler)
+    requests: list[StepRequest]  # the rows
     context: list[tuple[Sequence, int]]  # prefill chunks (for the stats)
+    pending: PendingStep | None = None  # its dispatch, until read
+    starts: list[int] = dataclasses.field(default_factory=list)  # each row's num_computed before it
+    before: list[int] = dataclasses.field(default_factory=list)  # each row's token count before it (stats)
+    unfinished: set = dataclasses.field(default_factory=set)  # its requests not finished before it (stats)
+    ahead_of_read: bool = False  # scheduled and dispatched before the last step was read
+    queue: tuple = ((), ())  # the scheduler's (running, waiting) sequences right after it was scheduled (stats)
 
 
 class Engine:
@@ -96,7 +102,8 @@ class Engine:
       max_seq_len: a sequence's most tokens, prompt included.
       vocab_size: the model's; a prompt adapter's virtual tokens take ids from here on.
       transfer: disaggregated serving's settings (None: this LLM parks and imports nothing).
-      overlap: start the next multi-step decode before this one's tokens are read.
+      overlap: the overlap scheduler: schedule and dispatch each step before the last one's tokens
+        are read, where that needs nothing from them on the host (`_may_run_ahead`).
       stats: where iteration statistics go (None: the defaults, no per-request statistics).
       stream_interval: streaming requests are updated every this many tokens (postprocess.py).
       print_iter_log: log one line per iteration (INFO).
@@ -113,11 +120,12 @@ class Engine:
         self.print_iter_log, self.gc_gen0_threshold = print_iter_log, gc_gen0_threshold
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
-        # The overlap scheduler: the next multi-step decode starts before this one's tokens are read
-        # (`_follow_on`); the dispatch in flight, (scheduled, steps, pending), is the next step's.
+        # The overlap scheduler: each step is scheduled and dispatched while the last one runs
+        # (`_run_ahead`); the step in flight, not yet advanced or read, is the next one's.
         self.overlap = overlap
-        self._inflight: tuple[ScheduledStep, int, PendingStep] | None = None
-        self.num_follow_ons = 0  # dispatches the overlap scheduler started ahead
+        self._inflight: Plan | None = None
+        self._no_run_ahead = False  # the last step scheduled ahead left a sequence out: the next one waits
+        self.num_follow_ons = 0  # steps the overlap scheduler dispatched ahead of the last one's read
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager  # read-only here: the scheduler moves pages
         self.tokenizer = tokenizer
@@ -141,7 +149,6 @@ class Engine:
         self._stats = stats if stats is not None else IterationStats()
         self._trace: StepTrace | None = None  # trace_steps(): a record of every step (engine/step_trace.py)
         self._waited = 0.0  # seconds the current step waited for the devices' results
-        self._last_pending: PendingStep | None = None  # the current step's dispatch
         self._next_seq_id = 0
         self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         # Disaggregated serving: contexts parked for other LLMs, and imports awaiting pages.
@@ -317,28 +324,42 @@ class Engine:
 
     # ---- one step: schedule -> dispatch -> postprocess -> publish ------------------------------
     def step(self) -> None:
-        """One iteration: schedule -> dispatch -> postprocess -> (stats) -> publish."""
+        """One iteration: schedule -> dispatch -> (the next step scheduled and dispatched ahead) ->
+        read -> postprocess -> (stats) -> publish."""
         started = time.perf_counter()
-        plan = self._schedule()
-        if plan is None:
-            self._wake.wait(0.01)
-            return
-        before = [len(seq.token_ids) for seq, _ in plan.scheduled.items]
-        unfinished = {seq.request for seq, _ in plan.scheduled.items if not seq.request.finished}
+        plan, self._inflight = self._inflight, None
         self._waited = 0.0
+        if plan is None:
+            plan = self._schedule()
+            if plan is None:
+                self._wake.wait(0.01)
+                return
+            if not self._start(plan):
+                return
+        self._advance(plan)
+        if self.overlap and self._may_run_ahead(plan):
+            ahead = self._run_ahead(plan)
+            if ahead is False:
+                return  # its dispatch failed: both steps' requests failed
+            self._inflight = ahead
         try:
-            out = self._dispatch(plan)
+            out = self._read(plan.pending)
         except Exception as e:
-            self._step_failed(plan.scheduled, e)
+            self._step_failed([plan, self._inflight], e)
             return
+        self._settle(plan)
+        if plan.steps == 1:
+            apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
+                                    self.post.fail, self.batched_logits_processor)  # fmt: skip
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
-        self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, before, unfinished, started)
+        self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, plan.before, plan.unfinished,
+                           started, plan.queue)  # fmt: skip
         if self._trace is not None or self.print_iter_log:
             prefilling = {seq for seq, _ in plan.context}
-            decoding = [(seq, n) for (seq, _), n in zip(plan.scheduled.items, before) if seq not in prefilling]
+            decoding = [(seq, n) for (seq, _), n in zip(plan.scheduled.items, plan.before) if seq not in prefilling]
             if self._trace is not None:
-                decoded = sum(len(seq.token_ids) - n for seq, n in decoding)
+                decoded = sum(max(0, len(seq.token_ids) - n) for seq, n in decoding)
                 self._trace.add(self._step_record(plan, started, len(decoding), decoded))
             if self.print_iter_log:
                 self._log_iteration(plan, started, len(decoding))
@@ -353,11 +374,11 @@ class Engine:
     def _step_record(self, plan: Plan, started: float, num_decoding: int, decoded: int) -> StepRecord:
         """The trace's record of the step of `plan` (begun at `started`; `decoded` tokens appended to
         its `num_decoding` decoding sequences)."""
-        pending = self._last_pending
+        pending = plan.pending
         shape, steps = pending.shape, pending.decode_steps
         prompt = sum(n for _, n in plan.context)
         return StepRecord(
-            kind=step_kind(prompt, num_decoding, steps, plan.requests is None),
+            kind=step_kind(prompt, num_decoding, steps), ahead=plan.ahead_of_read,
             decode_steps=steps, seqs=pending.num_requests, padded_seqs=shape.num_seqs if shape else 0,
             tokens=prompt + decoded, row_tokens=steps * pending.num_tokens,
             padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt,
@@ -373,16 +394,12 @@ class Engine:
                     len(self.scheduler.waiting), len(plan.scheduled.preempted), self.block_manager.num_free_blocks,
                     self.block_manager.num_usable_blocks)  # fmt: skip
 
-    def _schedule(self) -> Plan | None:
-        """The next step's plan: the follow-on in flight if any, else the scheduler's next step
-        (None when nothing can run)."""
-        flight, self._inflight = self._inflight, None
-        if flight is not None and all(seq.finished for seq, _ in flight[0].items):
-            flight = None  # every sequence of it was aborted: the devices run it, nobody reads it
-        if flight is not None:  # a multi-step decode the last step started (the overlap scheduler)
-            scheduled, steps, pending = flight
-            return Plan(scheduled, steps, None, pending, [])
-        scheduled = self.scheduler.schedule()
+    def _schedule(self, ahead: bool = False) -> Plan | None:
+        """The scheduler's next step (None when nothing can run); `ahead`: while the last step is
+        in flight, not read (the overlap scheduler)."""
+        scheduled = self.scheduler.schedule(ahead)
+        if scheduled.starved:
+            self._no_run_ahead = True
         if not scheduled.items:
             return None
         # For the stats, before the step moves them on: the prefill chunks.
@@ -397,32 +414,93 @@ class Engine:
         for seq, _ in scheduled.items:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
-        return Plan(scheduled, steps, requests, None, context)
+        queue = (list(self.scheduler.running), list(self.scheduler.waiting))
+        return Plan(scheduled, steps, requests, context, queue=queue)
 
-    def _dispatch(self, plan: Plan) -> dict:
-        """Run the plan on the device (starting the overlap scheduler's follow-on while it runs)
-        and return its host outputs, logits processors applied."""
-        pending = plan.pending
-        if pending is None:
-            pending = self.runner.dispatch(plan.requests, plan.steps)
-        self._last_pending = pending
-        if plan.steps > 1 and self.overlap:
-            self._inflight = self._follow_on(plan.scheduled, plan.steps, pending)
-        out = self._read(pending)
-        if plan.steps == 1:
-            apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
-                                    self.post.fail, self.batched_logits_processor)  # fmt: skip
-        return out
+    def _start(self, plan: Plan, after: Plan | None = None) -> bool:
+        """Dispatch `plan` (its input tokens read from `after`'s samples where its rows say so);
+        False: it failed, and its requests (and `after`'s) with it."""
+        try:
+            plan.pending = self.runner.dispatch(plan.requests, plan.steps, after.pending if after else None)
+        except Exception as e:
+            self._step_failed([after, plan], e)
+            return False
+        return True
 
-    def _step_failed(self, scheduled: ScheduledStep, error: Exception) -> None:
-        """A model step raised: its requests fail, and the KV cache is rebuilt, so every page's
-        K/V is lost (parked contexts' and cached pages' too); the other running sequences are
-        recomputed."""
+    def _advance(self, plan: Plan) -> None:
+        """Move the dispatched step's sequences on as if it had been read: each row's chunk is
+        computed, and a row that samples holds placeholders for its samples (`Sequence.take_ahead`),
+        so the next step can be scheduled before the read (`_run_ahead`); `_settle` undoes this
+        before the read's results are taken in."""
+        items = plan.scheduled.items
+        plan.before = [len(seq.token_ids) for seq, _ in items]
+        plan.unfinished = {seq.request for seq, _ in items if not seq.request.finished}
+        plan.starts = [seq.num_computed for seq, _ in items]
+        for row, (seq, n) in enumerate(items):
+            if seq.finished:  # left, or stopped in the step before this one (which this one ran ahead of)
+                continue
+            if plan.steps == 1:
+                seq.num_computed += n
+                if seq.num_computed == seq.num_tokens:
+                    seq.take_ahead(row, 1, self.max_seq_len)
+            else:  # positions p .. p + k - 1 computed, samples p + 1 .. p + k
+                k = min(plan.steps, seq.tokens_left(self.max_seq_len))
+                seq.num_computed += k
+                seq.take_ahead(row, k, self.max_seq_len)
+
+    def _settle(self, plan: Plan) -> None:
+        """Undo `_advance` on the read step's sequences still running: its results are taken in
+        (postprocess.py) from where they were before it."""
+        for (seq, _), start in zip(plan.scheduled.items, plan.starts):
+            if not seq.finished:
+                seq.drop_ahead()
+                seq.num_computed = start
+
+    def _may_run_ahead(self, plan: Plan) -> bool:
+        """Whether the next step may be scheduled before `plan` (dispatched, advanced) is read: no
+        row of it needs the host between the two (logits processors, banned multi-token words, a
+        grammar, logits or prompt log-probabilities returned, adapters), and the last
+        step scheduled ahead left no sequence out (then this one preempts as it must)."""
+        if self._no_run_ahead:
+            self._no_run_ahead = False
+            return False
+        if self.runner.adapters is not None or self.batched_logits_processor is not None:
+            return False
+        for seq, _ in plan.scheduled.items:
+            if seq.finished:
+                continue
+            request, params = seq.request, seq.request.params
+            if params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits:
+                return False
+        return True
+
+    def _run_ahead(self, plan: Plan) -> Plan | None | bool:
+        """The overlap scheduler: schedule and dispatch the next step while `plan` runs, its rows'
+        input tokens that `plan` samples read from its samples on the device. A sequence that stops
+        on an EOS or stop string in `plan` has its row of the next step dropped when read (its
+        pages are freed at the stop; whatever gets them next runs after it on the devices, the KV
+        cache threading through every dispatch). Returns the step in flight, None when nothing
+        could be scheduled, False when its dispatch failed."""
+        nxt = self._schedule(ahead=True)
+        if nxt is None:
+            return None
+        if not self._start(nxt, after=plan):
+            return False
+        nxt.ahead_of_read = True
+        self.num_follow_ons += 1
+        return nxt
+
+    def _step_failed(self, plans: list[Plan | None], error: Exception) -> None:
+        """A model step raised: the requests of `plans` (the step, and the one dispatched ahead of
+        its read) fail, and the KV cache is rebuilt, so every page's K/V is lost (parked contexts'
+        and cached pages' too); the other running sequences are recomputed."""
         logger.error("model step failed:\n%s", traceback.format_exc())
         self._inflight = None
-        failed = {seq.request for seq, _ in scheduled.items if not seq.finished}
+        failed = {seq.request for plan in plans if plan for seq, _ in plan.scheduled.items if not seq.finished}
         for request in failed:
             self.post.fail(request, error)
+        for seq in self.scheduler.running:  # (none holds placeholders: they were the failed steps')
+            seq.drop_ahead()
         self.runner.reset_cache()
         self.disaggregated.release_all()
         self.scheduler.drop_all_pages()
@@ -438,26 +516,3 @@ class Engine:
             self._take_aborts()
         self._waited += time.perf_counter() - waiting
         return done.result()
-
-    def _follow_on(self, scheduled: ScheduledStep, steps: int, pending: PendingStep):
-        """The overlap scheduler: start the next multi-step decode of the same sequences while
-        `pending` (a multi-step decode of `steps`) still runs, its input tokens read from `pending`'s
-        last samples on the device; returns the dispatch in flight, or None where the next step
-        must be scheduled afresh: a request arrived or waits (it would wait a whole dispatch more),
-        a sequence finished or will reach max_tokens / max_seq_len within `pending`, the pages do
-        not fit (`Scheduler.follow_on`), or the step needs what a follow-on cannot give (adapters).
-        With several processes the followers replay it from their own copy of `pending`'s outputs
-        (`ModelRunner.follow`). A sequence that stops on an EOS or stop word within `pending` has
-        its follow-on tokens dropped when they are read (`Postprocessor`); the follow-on writes
-        only positions past what `pending` computed (no page the prefix cache holds), and whatever
-        gets the pages a finish frees runs after it on the devices (the KV cache threads through
-        every dispatch)."""
-        runner = self.runner
-        if self._arrived() or runner.adapters is not None:
-            return None
-        if not self.scheduler.follow_on(scheduled, steps, self.decode_steps, self.max_seq_len):
-            return None
-        requests = [follow_on_request(seq, steps) for seq, _ in scheduled.items]
-        flight = scheduled, self.decode_steps, runner.dispatch(requests, self.decode_steps, after=pending)
-        self.num_follow_ons += 1
-        return flight

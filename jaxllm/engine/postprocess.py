@@ -71,7 +71,7 @@ class Postprocessor:
         for i, (seq, n) in enumerate(scheduled.items):
             request, params = seq.request, seq.request.params
             r = step_requests[i]
-            if self.left(seq):
+            if seq.finished:  # left while the step ran, or stopped before it was read (scheduled ahead)
                 offset += n
                 continue
             start = seq.num_computed
@@ -202,6 +202,7 @@ class Postprocessor:
         """`seq` is done: its pages go back, or are parked for another LLM (a context_only request's first token)."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
+        seq.drop_ahead()  # (aborted while a dispatch of it was not read)
         if seq.request.is_context_only and reason != "cancelled" and seq.num_output_tokens == 1:
             self.park(seq)
         else:
@@ -226,6 +227,7 @@ class Postprocessor:
             if not seq.finished:
                 self.scheduler.remove(seq)
                 seq.status = SequenceStatus.FINISHED
+                seq.drop_ahead()
         self.close(request, Update(finished=True, error=error))
 
     def close(self, request: Request, update: Update) -> None:

@@ -2,7 +2,8 @@
 arguments it is lowered with (the runner's device state as it is, the rest abstract).
 
   forward program  models/step.py:forward_step, or decode_n for a multi-step decode; KV cache and
-                   token pages donated; the adapters twin also reads the adapter bank
+                   token pages donated; the adapters twin also reads the adapter bank. Its input
+                   tokens may name rows of the last dispatch's samples (`merge_tokens`)
   sampler program  models/step.py:sample_step on a forward program's last-token logits
   head program     models/step.py:head_step on a forward program's hidden states
 
@@ -25,7 +26,7 @@ from jaxllm.engine.buckets import ForwardShape, HeadShape, SamplerShape
 from jaxllm.engine.step_inputs import host_layout
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.layers.adapters import AdapterInputs
-from jaxllm.models.step import StepConfig, decode_n, forward_step, head_step, sample_step
+from jaxllm.models.step import NEXT_TOKENS, StepConfig, decode_n, forward_step, head_step, sample_step
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
@@ -41,21 +42,39 @@ def unpack_host_inputs(flat: jax.Array, layout: tuple):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _forward_program(params, kv_cache, token_pages, flat, token_ids, bank, *, layout, step, steps, lora):
+def merge_tokens(token_ids: jax.Array, prev: jax.Array) -> jax.Array:
+    """The step's input tokens: host ids, except -1 - i, which reads the last dispatch's sample of
+    its row i (`prev`, NEXT_TOKENS): a step scheduled before that one's tokens were read (the
+    overlap scheduler, engine.py)."""
+    rows = jnp.clip(-token_ids - 1, 0, prev.shape[0] - 1)
+    return jnp.where(token_ids < 0, prev[rows], token_ids)
+
+
+def _forward_program(params, kv_cache, token_pages, flat, token_ids, prev, bank, *, layout, step, steps, lora,
+                     prev_rows):  # fmt: skip
     host = unpack_host_inputs(flat, layout)  # (batch[, sampling][, lora_slots])
-    batch = dataclasses.replace(host[0], token_ids=token_ids)  # token_ids: [T]
+    batch = dataclasses.replace(host[0], token_ids=merge_tokens(token_ids, prev))  # token_ids: [T]
     adapters = None
     if bank is not None:
         lora_bank, prompt_table = bank
         adapters = AdapterInputs(lora=lora_bank, lora_slots=host[-1] if lora else None, prompt_table=prompt_table)
     if steps > 1:
-        return decode_n(params, kv_cache, token_pages, batch, host[1], adapters, step, steps)
+        outs, kv_cache, token_pages = decode_n(params, kv_cache, token_pages, batch, host[1], adapters, step, steps)
+        outs[NEXT_TOKENS] = pad_rows(outs[NEXT_TOKENS], prev_rows)
+        return outs, kv_cache, token_pages
     return forward_step(params, kv_cache, token_pages, batch, adapters, step)
 
 
-def _sampler_program(logits, flat, bias_table, token_pages, *, layout, step):
+def pad_rows(tokens: jax.Array, rows: int) -> jax.Array:
+    """Sampled tokens [B] as the fixed [rows] array the next step's `merge_tokens` reads."""
+    return jnp.zeros((rows,), jnp.int32).at[: tokens.shape[0]].set(tokens.astype(jnp.int32))
+
+
+def _sampler_program(logits, flat, bias_table, token_pages, *, layout, step, prev_rows):
     (sampling,) = unpack_host_inputs(flat, layout)
-    return sample_step(logits, sampling, bias_table, token_pages, step)
+    out = dict(sample_step(logits, sampling, bias_table, token_pages, step))
+    out[NEXT_TOKENS] = pad_rows(out["tokens"], prev_rows)
+    return out
 
 
 def _head_program(params, hidden, flat, *, layout, step, all_logits):
@@ -70,9 +89,10 @@ def jitted(runner, shape):
     if isinstance(shape, HeadShape):
         return jax.jit(functools.partial(_head_program, layout=layout, step=step, all_logits=shape.all_logits))
     if isinstance(shape, SamplerShape):
-        return jax.jit(functools.partial(_sampler_program, layout=layout, step=step))
+        return jax.jit(functools.partial(_sampler_program, layout=layout, step=step,
+                                         prev_rows=runner.buckets.max_rows))  # fmt: skip
     return jax.jit(functools.partial(_forward_program, layout=layout, step=step, steps=shape.decode_steps,
-                                     lora=shape.adapters and runner.uses_lora),
+                                     lora=shape.adapters and runner.uses_lora, prev_rows=runner.buckets.max_rows),
                    donate_argnums=(1, 2))  # fmt: skip
 
 
@@ -88,8 +108,9 @@ def abstract_args(runner, shape) -> tuple:
         return (logits_spec(runner, shape.num_seqs), flat, runner.bias_table,
                 runner.token_pages if shape.flavor == "penalties" else None)  # fmt: skip
     tokens = jax.ShapeDtypeStruct((shape.num_tokens,), jnp.int32, sharding=sharding)
+    prev = jax.ShapeDtypeStruct((runner.buckets.max_rows,), jnp.int32, sharding=sharding)
     bank = runner.adapters.bank_arrays() if shape.adapters else None
-    return (runner.params, runner.kv_cache, runner.token_pages, flat, tokens, bank)
+    return (runner.params, runner.kv_cache, runner.token_pages, flat, tokens, prev, bank)
 
 
 def logits_spec(runner, rows: int) -> jax.ShapeDtypeStruct:
@@ -115,7 +136,7 @@ def engine_description(runner) -> dict:
             "token_pages": describe(runner.token_pages), "bias_table": describe(runner.bias_table),
             "adapters": describe(bank), "mesh": None if mesh is None else dict(mesh.shape),
             "one_graph": runner.one_graph_decode(), "max_logprobs": MAX_LOGPROBS,
-            "ban_width": sampling_lib.BAN_WIDTH}  # fmt: skip
+            "ban_width": sampling_lib.BAN_WIDTH, "prev_rows": runner.buckets.max_rows}  # fmt: skip
 
 
 def lower(runner, shape):

@@ -96,13 +96,15 @@ class ModelRunner:
         self.mesh = mesh
         self._replica = Replica(self, channel)
         self.num_dispatches = 0  # steps dispatched (a follower counts the leader's), numbering PendingStep
-        self._last_out: dict | None = None  # the outputs of the last dispatch, when a multi-step decode
         self.adapters = adapters
         self.buckets = engine_buckets(config, self._devices()[0].platform == "gpu", adapters is not None)
         # Abstract until `allocate()`: the programs need only their shapes, and on a GPU compiling them
         # (autotuning) needs the memory the cache would take.
         self.kv_cache, self.token_pages = self._new_state(abstract=True)
         self.bias_table = self._replicate(np.zeros((BIAS_SLOTS + 1, cfg.vocab_size), np.float32))
+        # The last sampling dispatch's samples, [max_rows] (programs.merge_tokens reads them), and its number.
+        self._prev = self._replicate(np.zeros((self.buckets.max_rows,), np.int32))
+        self._prev_index = 0
         self._write_bias_row = jax.jit(lambda table, row, slot: table.at[slot].set(row), donate_argnums=(0,))
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
@@ -282,22 +284,19 @@ class ModelRunner:
         each feeding its sampled tokens to the next; every key then has a leading axis [K, ...]
         (step k's rows). The block tables must hold the pages of the tokens the caller keeps.
 
-        after: the multi-step decode dispatched last, still running, whose requests these are, in the
-        same order, one token each: their input tokens are its last step's samples, read on the
-        device (the host does not know them yet; `requests[i].token_ids` only says there is one). The
-        overlap scheduler (engine.py) starts the next dispatch this way before reading the current one.
+        after: the dispatch whose samples some of these rows read as their input tokens (the
+        overlap scheduler, engine.py, schedules a step before the last one's tokens are read): a
+        row's token -1 - i is that dispatch's sample of its row i, read on the device (multi-step:
+        its last step's). It must be the last dispatch that sampled.
         """
-        if after is not None and (after.decode_steps < 2 or after.num_requests != len(requests)
-                                  or any(len(r.token_ids) != 1 for r in requests)):  # fmt: skip
-            raise ValueError("a step can follow only a multi-step decode of the same requests, one token each")
         uses_adapters = self.adapters is not None and any(
             r.lora_slot or (r.prompt_adapter_slot and r.token_ids[0] >= self.cfg.vocab_size) for r in requests
         )
         token_ids = [self._device_token_ids(r) for r in requests]
         plan, arrays = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids, uses_adapters,
                                  self.uses_lora, self.bitmask_words)  # fmt: skip
-        with self._lock:  # the followers replay it: the same inputs, the same follow-on
-            out = self._replica.call("_dispatch", plan.to_json(), arrays, after and after.index)
+        with self._lock:  # the followers replay it: the same inputs, the same samples read
+            out = self._replica.call("_dispatch", plan.to_json(), arrays, after.index if after is not None else None)
         fetch = [k for k in out if k not in (NEXT_TOKENS, "logits", "hidden")]
         if plan.want_last_logits:
             fetch.append("logits")
@@ -306,31 +305,24 @@ class ModelRunner:
 
     def _dispatch(self, plan: dict, arrays: list[np.ndarray], after: int | None) -> dict:
         """Run a step's programs (`plan`: a StepPlan's JSON) on its packed host inputs; with `after`,
-        the number of the last dispatch, a multi-step decode, its input tokens are that one's samples."""
-        tokens = None
-        if after is not None:
-            if self._last_out is None or after != self.num_dispatches:
-                kind = "not a multi-step decode" if self._last_out is None else "a multi-step decode"
-                raise RuntimeError(f"the step follows multi-step decode {after}; this process's last "
-                                   f"dispatch is {self.num_dispatches}, {kind}")  # fmt: skip
-            tokens = self._last_out[NEXT_TOKENS]
-        plan = StepPlan.from_json(plan)
-        out = self._run(plan, arrays, tokens)
+        the number of the dispatch whose samples its negative token ids read, which must be this
+        process's last sampling dispatch."""
+        if after is not None and after != self._prev_index:
+            raise RuntimeError(f"the step reads the samples of dispatch {after}; this process's last sampling "
+                               f"dispatch is {self._prev_index}")  # fmt: skip
+        out = self._run(StepPlan.from_json(plan), arrays)
         self.num_dispatches += 1
-        self._last_out = out if plan.forward.decode_steps > 1 else None
+        if NEXT_TOKENS in out:
+            self._prev, self._prev_index = out[NEXT_TOKENS], self.num_dispatches
         return out
 
-    def _run(self, plan: StepPlan, arrays: list[np.ndarray], tokens: jax.Array | None) -> dict:
-        """Dispatch a step's programs on its host inputs (the input tokens from `tokens` when given,
-        a device array); returns the device outputs."""
-        flat, token_ids = self._replicate(arrays[0]), tokens
-        if token_ids is None:
-            token_ids = self._replicate(arrays[1])
-        elif self.mesh is not None:
-            token_ids = jax.device_put(token_ids, self.input_sharding())
+    def _run(self, plan: StepPlan, arrays: list[np.ndarray]) -> dict:
+        """Dispatch a step's programs on its host inputs; returns the device outputs."""
+        flat, token_ids = self._replicate(arrays[0]), self._replicate(arrays[1])
         bank = self.adapters.bank_arrays() if plan.forward.adapters else None
         exe = self.programs.get(plan.forward)
-        out, self.kv_cache, self.token_pages = exe(self.params, self.kv_cache, self.token_pages, flat, token_ids, bank)
+        out, self.kv_cache, self.token_pages = exe(self.params, self.kv_cache, self.token_pages, flat, token_ids,
+                                                   self._prev, bank)  # fmt: skip
         if plan.sampler is None:
             return out
         pages = self.token_pages if plan.sampler.flavor == "penalties" else None
@@ -355,7 +347,7 @@ class ModelRunner:
             pages = self.token_pages if shape.flavor == "penalties" else None
             out = self.programs.get(shape)(sharding_lib.place(padded, spec.sharding), self._replicate(packed),
                                            self.bias_table, pages)  # fmt: skip
-        return {k: v[:n] for k, v in jax.device_get(out).items()}
+        return {k: v[:n] for k, v in jax.device_get(out).items() if k != NEXT_TOKENS}
 
     def _device_token_ids(self, r: StepRequest) -> list[int]:
         """A request's tokens as the device reads them: virtual token i of a prompt adapter (host id

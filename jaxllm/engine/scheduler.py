@@ -32,8 +32,7 @@ as much as the budget leaves), so that prompts arriving together progress togeth
 
 The scheduler is the only user of the BlockManager: the engine's other page moves (a computed
 chunk registered in the prefix cache, parallel samples sharing their prompt's pages, the pages of
-a multi-step decode or of the overlap scheduler's follow-on, an imported context's pages) go
-through the methods below.
+a multi-step decode, an imported context's pages) go through the methods below.
 """
 
 from __future__ import annotations
@@ -63,6 +62,7 @@ class SchedulerConfig:
 class ScheduledStep:
     items: list[tuple[Sequence, int]]  # (sequence, tokens it computes this step), running order
     preempted: list[Sequence]
+    starved: bool = False  # (scheduled ahead) a running sequence's pages did not fit: it was left out
 
     @property
     def num_tokens(self) -> int:
@@ -155,12 +155,17 @@ class Scheduler:
         at = bisect.bisect_right(self.running, -self.priority(seq), key=lambda s: -self.priority(s))
         self.running.insert(at, seq)
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, ahead: bool = False) -> ScheduledStep:
+        """The next step. `ahead` (the overlap scheduler, before the step in flight is read): a
+        running sequence whose last token surely ends it is left out, and one whose pages do not
+        fit is left out too (`starved`: nothing is admitted then) instead of preempting another,
+        whose tokens in flight are not read yet."""
         cfg, bm = self.config, self.block_manager
         budget = cfg.max_num_tokens
         items: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
+        starved = False
 
         # EQUAL_PROGRESS: a page of each prompt first, the rest of the budget in rounds (`_share_rest`).
         unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
@@ -169,10 +174,14 @@ class Scheduler:
         while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
             seq = self.running[index]
             want = seq.num_uncomputed
-            if want > budget and self._in_one_step(want):
+            if seq.ends_ahead or (want > budget and self._in_one_step(want)):
                 index += 1
                 continue
             n = min(want, budget, unit or want)
+            if ahead and not bm.can_allocate(bm.blocks_needed(seq, n)):
+                starved = True
+                index += 1
+                continue
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
                 self.preempt(victim)
@@ -188,7 +197,7 @@ class Scheduler:
             index += 1
 
         static = cfg.capacity_policy == "STATIC_BATCH" and bool(self.running)
-        while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted:
+        while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted and not starved:
             seq = self.waiting[0]
             if static and not seq.block_table:  # (a parallel sample of a running request holds pages)
                 break
@@ -213,7 +222,7 @@ class Scheduler:
             budget -= n
         if unit is not None:
             self._share_rest(items, budget, unit)
-        return ScheduledStep(items, preempted)
+        return ScheduledStep(items, preempted, starved)
 
     def _share_rest(self, items: list[tuple[Sequence, int]], budget: int, unit: int) -> None:
         """(EQUAL_PROGRESS) Give the scheduled prompts the rest of the step's `budget`, `unit` tokens
@@ -288,7 +297,7 @@ class Scheduler:
             raise
         return True
 
-    # ---- multi-step decoding and the overlap scheduler -----------------------------------------
+    # ---- multi-step decoding -----------------------------------------
     def multi_steps(self, scheduled: ScheduledStep, decode_steps: int, max_seq_len: int, arrived: bool,
                     serves: Callable[[], bool]) -> int:  # fmt: skip
         """How many decodes the scheduled step runs in one dispatch (multi-step decoding):
@@ -315,25 +324,10 @@ class Scheduler:
             return 1
         return decode_steps
 
-    def follow_on(self, scheduled: ScheduledStep, steps: int, decode_steps: int, max_seq_len: int) -> bool:
-        """Whether the overlap scheduler may start `decode_steps` more decodes of the same sequences
-        while a dispatch of `steps` decodes of them still runs: nothing waits, and no sequence has
-        finished or reaches max_tokens / max_seq_len within the running dispatch. Gives them the
-        pages first; False where they do not fit."""
-        if self.waiting:
-            return False
-        wants = []
-        for seq, _ in scheduled.items:
-            left = seq.tokens_left(max_seq_len, steps)  # the running dispatch samples `steps` tokens for each
-            if seq.finished or left < 1:
-                return False
-            wants.append(min(decode_steps, left))
-        return self._give_pages(scheduled, wants, steps)
-
-    def _give_pages(self, scheduled: ScheduledStep, wants: list[int], ahead: int = 0) -> bool:
-        """Give each scheduled sequence the pages of `ahead` + its `wants` more tokens, if all fit."""
+    def _give_pages(self, scheduled: ScheduledStep, wants: list[int]) -> bool:
+        """Give each scheduled sequence the pages of its `wants` more tokens, if all fit."""
         bm = self.block_manager
-        needs = [(seq, ahead + n) for (seq, _), n in zip(scheduled.items, wants)]
+        needs = [(seq, n) for (seq, _), n in zip(scheduled.items, wants)]
         if not bm.can_allocate(sum(bm.blocks_needed(seq, n) for seq, n in needs)):
             return False
         for seq, n in needs:

@@ -59,6 +59,11 @@ class Sequence:
     num_published_tokens: int = 0  # generated tokens already posted to the caller
     published_text_len: int = 0
     guide: Any = None  # guided decoding: its grammar matcher (llguidance's), fed every token it samples
+    # The overlap scheduler (engine.py): token_ids ends with this many placeholders for the tokens
+    # a dispatch not read yet samples (-1 - its row: the next step reads that row's sample on the
+    # device), and `ends_ahead` when the last of them surely ends it (max_tokens, max_seq_len).
+    num_ahead: int = 0
+    ends_ahead: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -80,9 +85,21 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def tokens_left(self, max_seq_len: int, ahead: int = 0) -> int:
-        """Tokens it may still sample (up to max_tokens and max_seq_len) once `ahead` more are."""
-        return min(self.request.params.max_tokens - self.num_output_tokens, max_seq_len - self.num_tokens) - ahead
+    def tokens_left(self, max_seq_len: int) -> int:
+        """Tokens it may still sample (up to max_tokens and max_seq_len)."""
+        return min(self.request.params.max_tokens - self.num_output_tokens, max_seq_len - self.num_tokens)
+
+    def take_ahead(self, row: int, count: int, max_seq_len: int) -> None:
+        """`count` placeholders for the tokens a dispatch not read yet samples for it at `row`."""
+        self.token_ids.extend([-1 - row] * count)
+        self.num_ahead = count
+        self.ends_ahead = self.tokens_left(max_seq_len) <= 0 or self.request.is_context_only
+
+    def drop_ahead(self) -> None:
+        """Remove the placeholders (the dispatch is read: its tokens are appended in their place)."""
+        if self.num_ahead:
+            del self.token_ids[-self.num_ahead :]
+        self.num_ahead, self.ends_ahead = 0, False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -2,7 +2,7 @@
 `requestStats` under `enable_iter_req_stats`) and a request's perf metrics (`return_perf_metrics`).
 
 An *iteration* is one token step of the running sequences, as in TensorRT-LLM. A multi-step
-decode (or the overlap scheduler's follow-on) computes up to `num_scheduler_steps` of them in one
+decode computes up to `num_scheduler_steps` of them in one
 dispatch; its entry is expanded into one per iteration that produced a token: iteration k of a
 dispatch holds the sequences that took their k-th token of it, and a request completes in the
 iteration of its last token. The dispatch's time is split evenly over its iterations, and each
@@ -64,7 +64,8 @@ class IterationStats:
         return items
 
     def record(self, scheduler: Scheduler, scheduled: ScheduledStep, context: list[tuple[Sequence, int]], steps: int,
-               before: list[int], unfinished: set[Request], started: float) -> None:  # fmt: skip
+               before: list[int], unfinished: set[Request], started: float,
+               queue: tuple[list[Sequence], list[Sequence]] | None = None) -> None:  # fmt: skip
         """The iterations of one dispatch, after its tokens were appended.
 
         Args:
@@ -73,6 +74,8 @@ class IterationStats:
           before: each scheduled sequence's token count before the dispatch.
           unfinished: the scheduled sequences' requests that had not finished before it.
           started: its perf_counter at the start.
+          queue: the scheduler's (running, waiting) sequences right after it was scheduled (None:
+            as they are now), so that a step the overlap scheduler scheduled since does not count.
         """
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.num_dispatches += 1
@@ -87,8 +90,9 @@ class IterationStats:
             if seq.request in unfinished and seq.request.finished:
                 at = max(0, n - 1) if multi else 0
                 completed[seq.request] = max(completed.get(seq.request, 0), at)
-        running = {s.request for s in scheduler.running}
-        queued = {s.request for s in scheduler.waiting} - running
+        running_seqs, waiting_seqs = queue if queue is not None else (scheduler.running, scheduler.waiting)
+        running = {s.request for s in running_seqs if not s.finished}
+        queued = {s.request for s in waiting_seqs if not s.finished} - running
         try:
             mem = jax.local_devices()[0].memory_stats() or {}
         except Exception:

@@ -9,9 +9,9 @@ from it, so the inputs are described once.
 
 A program's host inputs travel as one uint32 buffer per device, split inside the program with a
 static layout (`host_layout`; engine/programs.py unpacks it): transferred one by one, ~15 small
-arrays took about 1 ms of every TP=2 dispatch on 2 x H200. The input token ids travel apart, so a
-follow-on dispatch (the overlap scheduler) can take them from the last dispatch's samples on the
-device.
+arrays took about 1 ms of every TP=2 dispatch on 2 x H200. The input token ids travel apart: a
+step scheduled ahead of the last one's read (the overlap scheduler) names rows of that one's samples
+there (-1 - row), which the forward program reads on the device (programs.merge_tokens).
 """
 
 from __future__ import annotations

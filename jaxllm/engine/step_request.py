@@ -53,15 +53,6 @@ def step_request(seq: Sequence, n: int) -> StepRequest:
     return r
 
 
-def follow_on_request(seq: Sequence, ahead: int) -> StepRequest:
-    """The decode row of `seq` as the next step would make it once a dispatch in flight has
-    sampled `ahead` more tokens (the overlap scheduler); its input token is read on the device
-    from that dispatch's last samples, so the one given here is a placeholder."""
-    r = step_request(seq, 1)
-    r.token_ids, r.start, r.counter = [0], r.start + ahead, r.counter + ahead
-    return r
-
-
 def banned_tokens(seq: Sequence) -> list[int]:
     """Tokens banned at this step only: the end tokens while min_tokens is not reached, and the
     last token of each multi-token bad word whose prefix the sequence just generated (banned

@@ -5,7 +5,7 @@ breakdown of a trace that `jaxllm bench throughput --breakdown` prints.
 A step is one engine iteration (engine.py `Engine.step`): schedule, dispatch, read, postprocess. Its
 kind is what its forward program ran: "prefill" (prompt chunks only), "mixed" (prompt chunks and
 decodes), "decode" (one decode per sequence) or "multi-step" (several decodes per sequence in one
-dispatch; "follow-on" when the overlap scheduler started it while the previous one ran). Its
+dispatch); `ahead` when the overlap scheduler dispatched it before the previous one was read. Its
 useful tokens are the prompt tokens it computed and the tokens its decodes gave requests; its row
 tokens, the rows it computed for requests (a multi-step decode computes every step for every
 row, also past a request's last token); its padded tokens, what the compiled bucket computed
@@ -20,7 +20,7 @@ import dataclasses
 import threading
 from collections import Counter, defaultdict
 
-KINDS = ("prefill", "mixed", "decode", "multi-step", "follow-on")
+KINDS = ("prefill", "mixed", "decode", "multi-step")
 
 
 @dataclasses.dataclass
@@ -35,11 +35,10 @@ class StepRecord:
     prompt_tokens: int  # of `tokens`, prompt tokens (prefill chunks)
     wall_s: float  # the whole step
     wait_s: float  # the engine thread blocked on the devices' results
+    ahead: bool = False  # dispatched before the previous step was read (the overlap scheduler)
 
 
-def step_kind(num_prompt_tokens: int, num_decodes: int, decode_steps: int, follow_on: bool) -> str:
-    if follow_on:
-        return "follow-on"
+def step_kind(num_prompt_tokens: int, num_decodes: int, decode_steps: int) -> str:
     if decode_steps > 1:
         return "multi-step"
     if num_prompt_tokens and num_decodes:
@@ -112,6 +111,7 @@ def breakdown(records: list[StepRecord]) -> dict:
         "prompt_tokens": sum(r.prompt_tokens for r in records),
         "mean_host_ms": 1e3 * sum(r.wall_s - r.wait_s for r in records) / steps,
         "host_share": sum(r.wall_s - r.wait_s for r in records) / total_wall,
+        "ahead_share": sum(r.ahead for r in records) / steps,
         "kinds": kinds,
     }
 
@@ -122,7 +122,8 @@ def table(figures: dict) -> str:
         f"steps {figures['steps']}, {figures['wall_s']:.2f} s; tokens computed {figures['padded_tokens']:,}, "
         f"in requests' rows {figures['row_tokens']:,}, useful {figures['tokens']:,} "
         f"({100 * figures['useful_token_share']:.1f}%); host time "
-        f"{figures['mean_host_ms']:.2f} ms/step ({100 * figures['host_share']:.1f}% of the wall time)",
+        f"{figures['mean_host_ms']:.2f} ms/step ({100 * figures['host_share']:.1f}% of the wall time); "
+        f"{100 * figures['ahead_share']:.1f}% of steps dispatched ahead of the last one's read",
         f"{'kind':<11}{'steps':>7}{'% steps':>9}{'% time':>8}{'ms/step':>9}{'host ms':>9}{'seqs':>7}"
         f"{'% useful tok':>14}{'% useful rows':>15}",
     ]

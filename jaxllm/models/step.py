@@ -118,8 +118,8 @@ def decode_n(params: dict, kv_cache: KVCache, token_pages: jax.Array, batch: Bat
     carry = (batch.token_ids, kv_cache, token_pages)
     # outs: {key: [steps, B, ...]}
     (_, kv_cache, token_pages), outs = jax.lax.scan(one, carry, jnp.arange(steps, dtype=jnp.int32))
-    # The input tokens of a dispatch that follows this one (the overlap scheduler): the last samples,
-    # padding rows 0 as the host packs them. Part of this program, so a follow-on compiles nothing.
+    # The input tokens of a dispatch scheduled before this one is read (the overlap scheduler): the
+    # last samples, padding rows 0. Part of this program, so reading them compiles nothing.
     outs[NEXT_TOKENS] = jnp.where(live, outs["tokens"][-1], 0).astype(jnp.int32)
     return outs, kv_cache, token_pages
 
