@@ -282,12 +282,13 @@ class RequestFactory:
       batched_logits_processor: whether the LLM has one (requests may ask for it only then).
       max_logprobs: the most log-probabilities per token a request may ask for (vLLM's; None: the
         SamplingParams bound).
+      max_beam_width: the widest beam search a request may ask for (LLM(max_beam_width)).
     """
 
     def __init__(self, config: ModelConfig, tokenizer, max_seq_len: int, max_input_len: int | None,
                  max_batch_size: int, lora_cache=None, prompt_cache=None,
                  unchunked_max_num_tokens: int | None = None, batched_logits_processor: bool = False,
-                 max_logprobs: int | None = None, guided=None):  # fmt: skip
+                 max_logprobs: int | None = None, guided=None, max_beam_width: int = 1):  # fmt: skip
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len, self.max_input_len, self.max_batch_size = max_seq_len, max_input_len, max_batch_size
         self.lora_cache, self.prompt_cache = lora_cache, prompt_cache
@@ -295,6 +296,7 @@ class RequestFactory:
         self.batched_logits_processor = batched_logits_processor
         self.max_logprobs = max_logprobs
         self.guided = guided  # the LLM's GuidedDecoder (jaxllm/guided.py), or None
+        self.max_beam_width = max_beam_width
         self._request_ids = itertools.count()
 
     def preprocess(self, prompt, params: SamplingParams, where: str) -> PreprocessedInputs:
@@ -310,6 +312,10 @@ class RequestFactory:
         if params.apply_batched_logits_processor and not self.batched_logits_processor:
             raise ValueError(f"{where}: apply_batched_logits_processor=True needs an LLM made with "
                              "LLM(..., batched_logits_processor=<callable>)")  # fmt: skip
+        if params.use_beam_search and params.best_of > self.max_beam_width:
+            raise ValueError(f"{where}: use_beam_search with best_of={params.best_of} (the beam width) exceeds "
+                             f"max_beam_width={self.max_beam_width}; allowed: best_of <= max_beam_width (or a "
+                             "larger LLM(max_beam_width=...))")  # fmt: skip
         if params.guided_decoding is not None and self.guided is None:
             raise ValueError(f"{where}: guided_decoding needs an LLM made with guided_decoding_backend='llguidance' "
                              "(or 'xgrammar')")  # fmt: skip

@@ -173,7 +173,8 @@ class LLM:
                                         unchunked_max_num_tokens=None if self.args.enable_chunked_prefill
                                         else self.args.max_num_tokens,
                                         batched_logits_processor=batched_logits_processor is not None,
-                                        max_logprobs=self.args.max_logprobs, guided=guided)  # fmt: skip
+                                        max_logprobs=self.args.max_logprobs, guided=guided,
+                                        max_beam_width=self.args.max_beam_width)  # fmt: skip
         _register_live(self)
         self.load_seconds = time.perf_counter() - started
         logger.info("ready in %.1f s", self.load_seconds)

@@ -310,6 +310,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     moe_expert_parallel_size: Optional[int] = None
     gpus_per_node: Optional[int] = None
+    # Beam search: the widest beam a request may ask for (SamplingParams(use_beam_search=True, best_of=...)).
     max_beam_width: int = 1
     cache_transceiver_config: Any = None  # disaggregated serving: CacheTransceiverConfig
     # LoRA: enable_lora=True alone uses LoraConfig()'s defaults; a lora_config implies enable_lora.
@@ -386,8 +387,11 @@ class EngineArgs:
             raise NotImplementedError("pipeline_parallel_size > 1 is not supported by jaxllm (use tensor_parallel_size)")
         if self.moe_expert_parallel_size not in (None, 1):
             raise NotImplementedError("moe_expert_parallel_size is not supported (no MoE models in jaxllm)")
-        if self.max_beam_width != 1:
-            raise NotImplementedError("beam search (max_beam_width > 1) is not supported by jaxllm")
+        if isinstance(self.max_beam_width, bool) or not isinstance(self.max_beam_width, int):
+            raise TypeError(f"max_beam_width must be an int, got {self.max_beam_width!r}")
+        if not 1 <= self.max_beam_width <= MAX_LOGPROBS // 2:
+            raise ValueError(f"max_beam_width={self.max_beam_width} is out of range; allowed: 1 to "
+                             f"{MAX_LOGPROBS // 2}")  # fmt: skip
         self._check_adapters()
         trtllm_args.check_engine_fields(self)
 

@@ -14,9 +14,16 @@ Where TensorRT-LLM and vLLM differ, jaxllm does what the user evidently means:
     BPE), with a leading space as well (as vLLM does): `bad="Paris"` bans " Paris" too.
   * `guided_decoding=GuidedDecodingParams(json=..., regex=..., grammar=..., choice=..., json_object=True,
     structural_tag=...)` constrains the output (jaxllm/guided.py; the LLM needs a guided_decoding_backend).
-Fields of TensorRT-LLM that jaxllm does not implement (beam search, lookahead,
-top-p decay, ...) are accepted by name so scripts construct unchanged, and raise
-NotImplementedError naming the feature when set.
+  * `use_beam_search=True` searches `best_of` beams (the beam width, at most LLM(max_beam_width)) and
+    returns the `n` best by cumulative log-probability / generated length ** length_penalty
+    (jaxllm/engine/beam_search.py: Hugging Face transformers' algorithm). TensorRT-LLM's defaults:
+    length_penalty 0.0 (no length normalisation) and early_stopping 1 (stop once `best_of`
+    hypotheses are finished); early_stopping 0 judges heuristically whether a running beam may
+    still win, and "never" (or any other int, as TensorRT-LLM reads it) runs on until none can.
+    beam_search_diversity_rate r ranks each beam's k-th best token r * k lower. Greedy only: no
+    temperature, truncation, penalties, bans, stop strings, min_tokens, grammars or logits processors.
+Fields of TensorRT-LLM that jaxllm does not implement (lookahead, top-p decay, ...) are accepted by
+name so scripts construct unchanged, and raise NotImplementedError naming the feature when set.
 """
 
 from __future__ import annotations
@@ -125,13 +132,9 @@ class BatchedLogitsProcessor(abc.ABC):
 
 # TensorRT-LLM fields jaxllm does not implement: name -> the default that means "off".
 _UNSUPPORTED = {
-    "use_beam_search": False,
     "top_p_min": None,
     "top_p_reset_ids": None,
     "top_p_decay": None,
-    "beam_search_diversity_rate": None,
-    "length_penalty": None,
-    "early_stopping": None,
     "no_repeat_ngram_size": None,
     "beam_width_array": None,
     "return_encoder_output": False,
@@ -239,7 +242,10 @@ class SamplingParams:
         _check_int("best_of", self.best_of, 1)
         if self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
-        if self.best_of > 1 and self.is_greedy:
+        if not isinstance(self.use_beam_search, bool):
+            raise TypeError(f"use_beam_search must be a bool, got {self.use_beam_search!r}")
+        self._validate_beam_search()
+        if self.best_of > 1 and self.is_greedy and not self.use_beam_search:
             raise ValueError(
                 f"greedy decoding returns one sequence; got best_of={self.best_of} (n={self.n}). "
                 "Set temperature > 0 (or top_k/top_p) to sample several, or n=1."
@@ -288,6 +294,58 @@ class SamplingParams:
                      "add_special_tokens", "skip_special_tokens", "spaces_between_special_tokens"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _validate_beam_search(self) -> None:
+        beam_only = {"length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
+                     "beam_search_diversity_rate": self.beam_search_diversity_rate}  # fmt: skip
+        if not self.use_beam_search:
+            for name, value in beam_only.items():
+                if value is not None:
+                    raise ValueError(f"{name}={value!r} applies to beam search only; set use_beam_search=True "
+                                     "(with best_of, the beam width) or leave it None")  # fmt: skip
+            return
+        width = self.best_of
+        if 2 * width > MAX_LOGPROBS:
+            raise ValueError(f"use_beam_search: best_of={width} (the beam width) is out of range; allowed: "
+                             f"<= {MAX_LOGPROBS // 2}")  # fmt: skip
+        _check_float("length_penalty", self.length_penalty)
+        _check_float("beam_search_diversity_rate", self.beam_search_diversity_rate, 0.0)
+        stopping = self.early_stopping
+        if not (stopping is None or isinstance(stopping, (bool, int)) or stopping == "never"):
+            raise ValueError(f"early_stopping={stopping!r} is not allowed; allowed: True / 1, False / 0, "
+                             "'never' (or any other int), or None (1)")  # fmt: skip
+        refused = {
+            "temperature > 0": self.temperature not in (None, 0) and not self.is_greedy,
+            "top_k": self.top_k not in (None, 0, 1),
+            "top_p": self.top_p not in (None, 1.0),
+            "min_p": bool(self.min_p),
+            "repetition / presence / frequency penalties": self.uses_penalties,
+            "stop strings (stop)": bool(self.stop),
+            "bad / bad_words / bad_token_ids": bool(self.bad or self.bad_words or self.bad_token_ids),
+            "allowed_token_ids": self.allowed_token_ids is not None,
+            "embedding_bias": self.embedding_bias is not None,
+            "min_tokens": bool(self.min_tokens),
+            "logits_processor / apply_batched_logits_processor": bool(self.logits_processor)
+            or self.apply_batched_logits_processor,
+            "guided_decoding": self.guided_decoding is not None,
+            "return_generation_logits": self.return_generation_logits,
+            "prompt_logprobs / return_context_logits": self.prompt_logprobs is not None or self.return_context_logits,
+        }
+        for name, on in refused.items():
+            if on:
+                raise ValueError(f"use_beam_search=True searches greedily over the model's log-probabilities; "
+                                 f"{name} is not allowed with it")  # fmt: skip
+        if self.logprobs is not None and self.logprobs > 2 * width:
+            raise ValueError(f"use_beam_search: logprobs={self.logprobs} is out of range; allowed: <= {2 * width} "
+                             "(twice the beam width: the candidates each beam step reads)")  # fmt: skip
+
+    @property
+    def beam_early_stopping(self):
+        """early_stopping as the search reads it: True, False or "never" (TensorRT-LLM's ints: 1, 0, other)."""
+        stopping = 1 if self.early_stopping is None else self.early_stopping
+        if stopping is True or stopping is False or stopping == "never":
+            return stopping
+        return {1: True, 0: False}.get(stopping, "never")
 
     # ---- derived views used by the engine ---------------------------------------------------
     @property

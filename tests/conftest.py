@@ -96,7 +96,7 @@ def gemma3_path():
 def smollm2_llm(smollm2_path):
     from jaxllm import LLM
 
-    llm = LLM(model=str(smollm2_path), dtype="float32", max_batch_size=16, max_num_tokens=512)
+    llm = LLM(model=str(smollm2_path), dtype="float32", max_batch_size=16, max_num_tokens=512, max_beam_width=4)
     yield llm
     llm.shutdown()
 

@@ -325,7 +325,7 @@ class ProgramNeeds:
                                                           or bool(p.min_p)))  # fmt: skip
             if p.uses_penalties:
                 flavors.add("penalties")
-            if (truncates or p.logprobs or p.prompt_logprobs is not None or p.embedding_bias is not None
+            if (truncates or p.logprobs or p.use_beam_search or p.prompt_logprobs is not None or p.embedding_bias is not None
                     or p.min_tokens or p.bad or p.bad_words or p.bad_token_ids or p.allowed_token_ids
                     or p.logits_processor is not None
                     or p.apply_batched_logits_processor):  # fmt: skip

@@ -31,6 +31,7 @@ import traceback
 from typing import Any
 
 from jaxllm.engine import kv_state, kv_transfer
+from jaxllm.engine.beam_search import BeamSearch
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Detokenizer
 from jaxllm.engine.disaggregated import Disaggregation
@@ -135,7 +136,7 @@ class Engine:
         # The LLM's batched_logits_processor (engine/logits_processors.py), set by LLM() when given.
         self.batched_logits_processor = None
         self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park,
-                                  stream_interval=stream_interval)  # fmt: skip
+                                  stream_interval=stream_interval, new_sequence=self._new_sequence)  # fmt: skip
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
@@ -276,7 +277,12 @@ class Engine:
     def _add(self, request: Request) -> None:
         params = request.params
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        for index in range(params.best_of):
+        if params.use_beam_search:  # one beam at first; each step forks the next ones (postprocess.py)
+            request.beam = BeamSearch(params.best_of, params.n, params.length_penalty or 0.0,
+                                      params.beam_early_stopping, params.beam_search_diversity_rate or 0.0,
+                                      min(params.max_tokens, self.max_seq_len - len(request.prompt_token_ids)),
+                                      request.stop_token_ids)  # fmt: skip
+        for index in range(1 if params.use_beam_search else params.best_of):
             seq = self._new_sequence(request, index, derive_seed(base_seed, index))
             if request.guide_grammar is not None:
                 seq.guide = request.guided_decoder.matcher(request.guide_grammar)
@@ -459,7 +465,7 @@ class Engine:
     def _may_run_ahead(self, plan: Plan) -> bool:
         """Whether the next step may be scheduled before `plan` (dispatched, advanced) is read: no
         row of it needs the host between the two (logits processors, banned multi-token words, a
-        grammar, logits or prompt log-probabilities returned, adapters), and the last
+        grammar, logits or prompt log-probabilities returned, beam search, adapters), and the last
         step scheduled ahead left no sequence out (then this one preempts as it must)."""
         if self._no_run_ahead:
             self._no_run_ahead = False
@@ -470,7 +476,8 @@ class Engine:
             if seq.finished:
                 continue
             request, params = seq.request, seq.request.params
-            if params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits:
+            if (params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits
+                    or request.beam is not None):  # fmt: skip
                 return False
         return True
 

@@ -38,11 +38,14 @@ class Postprocessor:
     park: keeps a finished context_only sequence's pages for another LLM (engine/disaggregated.py).
     stream_interval: a streaming request is updated when a sequence has its first token or this many
         new ones (TensorRT-LLM's stream_interval), and when it finishes.
+    new_sequence: (request, index, seed) -> a new Sequence of the request (beam search's forks).
     """
 
     def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer | None, max_seq_len: int,
-                 park: Callable[[Sequence], None], stream_interval: int = 1):  # fmt: skip
+                 park: Callable[[Sequence], None], stream_interval: int = 1,
+                 new_sequence: Callable[[Request, int, int], Sequence] | None = None):  # fmt: skip
         self.scheduler = scheduler
+        self.new_sequence = new_sequence
         self.stream_interval = stream_interval
         self.detokenizer = detokenizer
         self.max_seq_len = max_seq_len
@@ -88,6 +91,12 @@ class Postprocessor:
             offset += n
             if seq.num_computed < seq.num_tokens or seq.finished:
                 continue  # a prefill chunk that does not reach the end samples nothing
+            if request.beam is not None:
+                keep = 2 * request.beam.width
+                seq.beam_candidates = list(zip(out["top_ids"][i][:keep].tolist(), out["top_logprobs"][i][:keep].tolist()))
+                if all(s.beam_candidates is not None for s in request.sequences):
+                    self._beam_step(request)
+                continue
             if seq.index == 0 and seq.num_output_tokens == 0:
                 self.scheduler.start_siblings(seq)
             top = None
@@ -142,6 +151,62 @@ class Postprocessor:
                 self._finish_with_text(seq, "stop")
         if not seq.finished and request.is_context_only:
             self.finish(seq, "length", None)  # a context_only request ends at its first token
+
+    def _beam_step(self, request: Request) -> None:
+        """Every running beam of `request` has its candidates: one step of its search
+        (engine/beam_search.py). The next beams are forks of the current ones (sharing their full
+        pages), which leave; when the search is done, its best hypotheses are the request's outputs."""
+        beams = request.sequences
+        params = request.params
+        nexts = request.beam.step([(seq.output_token_ids, seq.beam_candidates) for seq in beams])
+        now = time.monotonic()
+        request.last_token_time = now
+        if request.first_token_time is None:
+            request.first_token_time, request.first_token_rank = now, 1
+        new = []
+        for index, c in enumerate(nexts):
+            parent = beams[c.parent]
+            child = self.new_sequence(request, index, parent.seed)
+            child.token_ids = parent.token_ids + [c.token]
+            child.cumulative_logprob = parent.cumulative_logprob + c.logprob
+            if params.logprobs is not None:
+                child.logprobs = list(parent.logprobs or []) + [self._beam_logprobs(parent, c.token, c.logprob, c.rank)]
+            self.scheduler.fork(parent, child)  # before the parent's pages go back
+            new.append(child)
+        for seq in beams:  # pruned (their forks hold the pages they share)
+            seq.status = SequenceStatus.FINISHED
+            self.scheduler.remove(seq)
+        if new:
+            request.sequences = new
+            return
+        finals = []
+        user_stops = set(params.stop_token_ids or ())
+        for index, h in enumerate(request.beam.best()):
+            seq = self.new_sequence(request, index, 0)
+            seq.token_ids = seq.token_ids + h.tokens
+            seq.cumulative_logprob = h.cumulative_logprob
+            stopped = bool(h.tokens) and h.tokens[-1] in request.stop_token_ids
+            user_stop = stopped and h.tokens[-1] in user_stops
+            seq.finish_reason = "stop" if stopped else "length"
+            seq.stop_reason = h.tokens[-1] if user_stop else None
+            seq.num_stop_tokens = 1 if user_stop and not params.include_stop_str_in_output else 0
+            if params.logprobs is not None:
+                seq.logprobs = [{t: Logprob(lp, rank)} for t, (lp, rank) in zip(h.tokens, h.logprobs)]
+            seq.status = SequenceStatus.FINISHED
+            if self.detokenizer is not None and params.detokenize:
+                seq.text = self.detokenizer.decode(h.tokens[: len(h.tokens) - seq.num_stop_tokens],
+                                                   params.skip_special_tokens, params.spaces_between_special_tokens)  # fmt: skip
+            finals.append(seq)
+        request.sequences = finals
+
+    @staticmethod
+    def _beam_logprobs(parent: Sequence, token: int, logprob: float, rank: int) -> dict:
+        """A beam token's log-probability entry: its own, then its parent's most likely candidates."""
+        k = parent.request.params.logprobs
+        entry = {token: Logprob(logprob, rank)}
+        for r, (tid, lp) in enumerate(parent.beam_candidates[:k]):
+            entry.setdefault(int(tid), Logprob(float(lp), r + 1))
+        return entry
 
     def _collect_prompt_logprobs(self, request: Request, out: dict, offset: int, start: int, count: int) -> None:
         """Entries for the user's prompt tokens start + 1 .. start + count, from the packed rows at `offset` on."""
@@ -250,7 +315,9 @@ class Postprocessor:
             if done and request.context_logits_rows:
                 context_logits = np.concatenate(request.context_logits_rows)[: len(request.prompt_token_ids)]
             drop = None
-            if done and request.params.best_of > request.params.n:
+            if done and request.beam is not None:
+                drop = tuple(range(len(request.sequences))) if len(request.sequences) < request.params.best_of else None
+            elif done and request.params.best_of > request.params.n:
                 order = sorted(range(len(request.sequences)), key=lambda k: -request.sequences[k].cumulative_logprob)
                 drop = tuple(sorted(order[: request.params.n]))
             update = Update(deltas, finished=done, context_logits=context_logits, drop_indices=drop)
@@ -275,6 +342,8 @@ class Postprocessor:
         """What `seq` has to tell since its last delta (the prompt leads its first one); the last
         one leaves out its stop's tokens (retracting those already published: `Delta.num_retracted`)."""
         params = seq.request.params
+        if seq.request.beam is not None:
+            return self._beam_delta(seq, final)
         published = seq.num_published_tokens
         end = seq.num_output_tokens - seq.num_stop_tokens if final else seq.num_output_tokens
         retracted = max(0, published - end)
@@ -303,6 +372,29 @@ class Postprocessor:
         )
         seq.num_published_tokens = seq.num_output_tokens
         return delta
+
+    def _beam_delta(self, seq: Sequence, final: bool) -> Delta:
+        """A beam search output's news: the beam now at its index replaces what was published there
+        (beams are reordered and forked each step)."""
+        request, params = seq.request, seq.request.params
+        published = request.beam_published.get(seq.index)
+        end = seq.num_output_tokens - (seq.num_stop_tokens if final else 0)
+        tokens = seq.output_token_ids[:end]
+        prefix = list(request.prompt_token_ids) if published is None and not params.exclude_input_from_output else []
+        text = None
+        if params.detokenize and self.detokenizer is not None:
+            text = seq.text if seq.finished else self.detokenizer.decode(tokens, params.skip_special_tokens,
+                                                                         params.spaces_between_special_tokens)
+            if not params.exclude_input_from_output:
+                text = self._prompt_text(request) + text
+        request.beam_published[seq.index] = len(tokens)
+        return Delta(
+            index=seq.index, token_ids=tuple(prefix + tokens), num_retracted=published or 0, text=text,
+            logprobs=tuple(seq.logprobs[:end]) if seq.logprobs is not None else (),
+            cumulative_logprob=seq.cumulative_logprob if tokens else None,
+            finish_reason=seq.finish_reason if final else None, stop_reason=seq.stop_reason if final else None,
+            perf_metrics=perf_metrics(request) if final and params.return_perf_metrics else None,
+        )  # fmt: skip
 
     def _prompt_text(self, request: Request) -> str:
         if request.prompt is not None:

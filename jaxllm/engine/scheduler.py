@@ -174,7 +174,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
             seq = self.running[index]
             want = seq.num_uncomputed
-            if seq.ends_ahead or (want > budget and self._in_one_step(want)):
+            # (want 0: a beam holding its candidates until its request's other beams have theirs)
+            if want == 0 or seq.ends_ahead or (want > budget and self._in_one_step(want)):
                 index += 1
                 continue
             n = min(want, budget, unit or want)
@@ -277,6 +278,12 @@ class Scheduler:
                 sibling.num_computed = self.block_manager.share_prefix(first, sibling, first.num_prompt_tokens - 1)
                 self.add(sibling)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Queue `child` (beam search: `parent`'s tokens and one more): it shares `parent`'s full
+        computed pages (copy-on-write: the partial last page is recomputed into a page of its own)."""
+        child.num_computed = self.block_manager.share_prefix(parent, child, parent.num_computed)
+        self.add(child)
+
     def prompt_pages(self, seq: Sequence, num_tokens: int) -> list[int]:
         """The pages of `seq` that hold its first `num_tokens` tokens."""
         return seq.block_table[: -(-num_tokens // self.block_size)]
@@ -314,7 +321,7 @@ class Scheduler:
         for seq, _ in scheduled.items:
             params, request = seq.request.params, seq.request
             if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
-                    or seq.guide is not None
+                    or seq.guide is not None or request.beam is not None
                     or seq.num_output_tokens < max(1, params.min_tokens or 0) or request.is_context_only):  # fmt: skip
                 return 1
             wants.append(min(decode_steps, seq.tokens_left(max_seq_len)))

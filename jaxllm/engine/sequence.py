@@ -64,6 +64,9 @@ class Sequence:
     # device), and `ends_ahead` when the last of them surely ends it (max_tokens, max_seq_len).
     num_ahead: int = 0
     ends_ahead: bool = False
+    # Beam search: this beam's candidates of the step just read, (token, log-probability) most likely
+    # first, held until every beam of its request has its own (engine/beam_search.py).
+    beam_candidates: Optional[list] = None
 
     @property
     def num_tokens(self) -> int:
@@ -156,6 +159,8 @@ class Request:
     num_missed_blocks: int = 0
     first_iter: Optional[int] = None  # the engine iterations (get_stats' iter) that first and last scheduled it
     last_iter: Optional[int] = None
+    beam: Any = None  # beam search: its BeamSearch (engine/beam_search.py); its sequences are the running beams
+    beam_published: dict = dataclasses.field(default_factory=dict)  # output index -> output tokens published
     guide_grammar: Optional[str] = None  # guided decoding: its compiled grammar (jaxllm/guided.py)
     guided_decoder: Any = None  # and the LLM's GuidedDecoder, which makes its sequences' matchers
     prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end

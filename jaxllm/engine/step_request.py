@@ -29,6 +29,8 @@ def step_request(seq: Sequence, n: int) -> StepRequest:
         r.seed = seq.seed
         r.counter = seq.num_output_tokens
         r.num_logprobs = params.logprobs or 0
+        if request.beam is not None:  # the candidates of the beam step (engine/beam_search.py)
+            r.num_logprobs = max(r.num_logprobs, 2 * request.beam.width)
         r.bias_slot = seq.bias_slot
         r.banned_tokens = banned_tokens(seq) or None
         r.prompt_len, r.first_position = num_prompt, num_virtual
