@@ -4,7 +4,8 @@ to max_tokens unless its grammar completes first), with the host's time filling 
 timed apart.
 
     PYTHONPATH=$PWD python benchmarks/guided_cost.py                 # the CPU: built-in SmolLM2
-    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/guided_cost.py --model smollm2 --batch 64
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/guided_cost.py --model benchmarks/configs/smollm2-135m \
+        --load-format dummy --tokenizer DIR --batch 64    # a GPU: SmolLM2's shape, random weights
 
 Prints a table and one JSON line (RESULT ...), also written to --out.
 """
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (with --load-format dummy)")
+    parser.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import jax
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
     cases = {"unguided": None, "regex [a-z ]+": GuidedDecodingParams(regex="[a-z ]+"),
              "json schema": GuidedDecodingParams(json=SCHEMA)}  # fmt: skip
     rows = []
-    with LLM(args.model, guided_decoding_backend="llguidance", max_batch_size=max(args.batch, 8)) as llm:
+    with LLM(args.model, guided_decoding_backend="llguidance", max_batch_size=max(args.batch, 8),
+             tokenizer=args.tokenizer, load_format=args.load_format) as llm:  # fmt: skip
         for name, guided in cases.items():
             params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, guided_decoding=guided)
             llm.generate(prompts, params, use_tqdm=False)  # warm: the first pass of each case
