@@ -68,6 +68,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
     g.add_argument("--skip-tokenizer-init", action="store_true", help="no tokenizer (token-id prompts only)")
     g.add_argument("--num-scheduler-steps", type=positive_int, default=None, help="decodes per dispatch (8)")
     g.add_argument("--disable-overlap-scheduler", action="store_true")
+    g.add_argument("--max-beam-width", type=positive_int, default=None,
+                   help="the widest beam search a request may ask for (1: none)")
     g.add_argument("--guided-decoding-backend", choices=GUIDED_BACKENDS, default=None,
                    help="turn on guided decoding (response_format, guided_json, ...); both served by llguidance")
     g.add_argument("--kv-cache-free-gpu-memory-fraction", type=fraction, default=None,
@@ -96,7 +98,7 @@ def llm_kwargs(args, **defaults) -> dict:
     flags = {"model": args.model, "tokenizer": args.tokenizer, "revision": args.revision, "backend": args.backend,
              "tensor_parallel_size": args.tensor_parallel_size, "max_batch_size": args.max_batch_size,
              "max_num_tokens": args.max_num_tokens, "max_seq_len": args.max_seq_len, "load_format": args.load_format,
-             "num_scheduler_steps": args.num_scheduler_steps,
+             "num_scheduler_steps": args.num_scheduler_steps, "max_beam_width": args.max_beam_width,
              "guided_decoding_backend": args.guided_decoding_backend}  # fmt: skip
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     if args.dtype != "auto" or "dtype" not in kwargs:

@@ -142,6 +142,24 @@ def test_n_logprobs_seed(client):
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob for t in content)
 
 
+def test_beam_search_through_the_openai_client(client, smollm2_llm):
+    """vLLM's use_beam_search extension: best_of beams, the n best, as LLM.generate gives them."""
+    from jaxllm import SamplingParams
+
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, n=2,
+                                    extra_body={"use_beam_search": True, "best_of": 3, "length_penalty": 1.0,
+                                                "early_stopping": True})  # fmt: skip
+    ref = smollm2_llm.generate(prompt, SamplingParams(use_beam_search=True, best_of=3, n=2, length_penalty=1.0,
+                                                      early_stopping=True, max_tokens=8))  # fmt: skip
+    assert [c.text for c in out.choices] == [o.text for o in ref.outputs]
+    with pytest.raises(openai.BadRequestError, match="temperature > 0 is not allowed"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0.7,
+                                  extra_body={"use_beam_search": True})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="applies to beam search only"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"length_penalty": 1.0})
+
+
 def test_stop_and_logit_bias(client, smollm2_llm):
     prompt = "1, 2, 3, 4, 5,"
     base = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text

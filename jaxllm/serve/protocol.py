@@ -5,7 +5,9 @@ request is refused only for a field it sets to something jaxllm cannot honour. T
 `SamplingParams`' own: its ValueError/TypeError message becomes the 400 the client reads. Defaults
 are OpenAI's where they differ from jaxllm's: temperature 1 (sampling), 16 tokens for a completion,
 the rest of the context for a chat message. vLLM's extensions (top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, skip_special_tokens) are accepted under their names.
+min_tokens, ignore_eos, stop_token_ids, skip_special_tokens; use_beam_search with length_penalty
+and early_stopping, its beam width best_of or else n, greedy unless a temperature is given) are
+accepted under their names.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class _GenerationRequest(BaseModel):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+    # vLLM's beam search extension (the server's LLM needs max_beam_width): best_of (else n) beams,
+    # the n best returned.
+    use_beam_search: bool = False
+    length_penalty: Optional[float] = None
+    early_stopping: Optional[Union[bool, str, int]] = None
 
     @property
     def include_usage(self) -> bool:
@@ -152,6 +159,12 @@ def sampling_params(request: _GenerationRequest, max_tokens: Optional[int], num_
     `num_logprobs` the top log-probabilities per token (None: none). Every returned request carries
     its timing metrics (return_perf_metrics) for /metrics."""
     temperature = 1.0 if request.temperature is None else request.temperature
+    beam = request.use_beam_search
+    if beam and request.temperature is None:
+        temperature = 0.0  # beam search is greedy (a given temperature > 0 is refused)
+    best_of = getattr(request, "best_of", None)
+    if beam and best_of is None:
+        best_of = request.n
     try:
         return SamplingParams(
             max_tokens=max_tokens, n=request.n, temperature=temperature, top_p=request.top_p, top_k=request.top_k,
@@ -161,8 +174,8 @@ def sampling_params(request: _GenerationRequest, max_tokens: Optional[int], num_
             ignore_eos=request.ignore_eos, skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output, logprobs=num_logprobs,
             embedding_bias=None if not request.logit_bias else _embedding_bias(request.logit_bias, vocab_size),
-            best_of=getattr(request, "best_of", None), return_perf_metrics=True,
-            guided_decoding=guided_decoding(request),
+            best_of=best_of, return_perf_metrics=True, guided_decoding=guided_decoding(request),
+            use_beam_search=beam, length_penalty=request.length_penalty, early_stopping=request.early_stopping,
         )  # fmt: skip
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ServeError(400, str(e)) from None
