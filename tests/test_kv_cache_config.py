@@ -108,6 +108,37 @@ def test_partial_reuse_copies_the_matching_part_of_a_page(tiered):
     assert bm.num_free_blocks == bm.num_usable_blocks
 
 
+
+def test_page_copies_are_batched_and_read_every_source_first(tiered):
+    """Partial reuse's copies wait in the runner and go to the devices COPY_BATCH pairs a program,
+    before the next dispatch, gather or scatter; a batch reads every source before writing."""
+    import numpy as np
+
+    from jaxllm.engine.runner import COPY_BATCH
+
+    runner = tiered._engine.runner
+    pages = list(range(1, 8))
+    saved = [np.asarray(a) for a in runner.gather_pages(pages)]  # put back at the end (cached prefixes)
+    rows_before = np.asarray(runner.token_pages)[pages].copy()
+    try:
+        for page in (1, 2, 3):
+            runner.copy_page(page, page)  # more pairs than one batch: the flush loops
+        runner.copy_page(1, 2)
+        runner.copy_page(2, 1)  # a swap within one batch
+        for _ in range(COPY_BATCH):
+            runner.copy_page(3, 4)
+        assert len(runner._copies) == COPY_BATCH + 5
+        got = [np.asarray(a) for a in runner.gather_pages([1, 2, 4])]  # flushes first
+        assert not runner._copies
+        for layer, before in zip(got, saved):
+            np.testing.assert_array_equal(layer[:, 0], before[:, 1])
+            np.testing.assert_array_equal(layer[:, 1], before[:, 0])
+            np.testing.assert_array_equal(layer[:, 2], before[:, 2])
+        rows = np.asarray(runner.token_pages)
+        np.testing.assert_array_equal(rows[[1, 2, 4]], rows_before[[1, 0, 2]])
+    finally:
+        runner.scatter_pages(pages, saved, [int(t) for t in rows_before.reshape(-1)])
+
 def test_small_event_buffer_keeps_the_newest_and_low_priorities_stay_off_the_host(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="jaxllm"):
         llm = _make(tiny_dir, host_cache_size=1 << 20, secondary_offload_min_priority=35, onboard_blocks=False,

@@ -42,7 +42,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_reuse: bool = True,
                  clock: Callable[[], float] = time.monotonic, host: Optional[HostPageCache] = None,
                  events: Optional[KVCacheEvents] = None,
-                 copy_page: Optional[Callable[[int, int, Seq[int]], None]] = None):  # fmt: skip
+                 copy_page: Optional[Callable[[int, int], None]] = None):  # fmt: skip
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (one is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -52,14 +52,15 @@ class BlockManager:
         self.cache = PrefixCache(clock) if enable_reuse else None
         self.host = host if enable_reuse else None  # the host tier (host_cache.py), or None
         self.events = events if enable_reuse else None  # KV cache events (kv_events.py), or None
-        # Partial reuse (KvCacheConfig.enable_partial_reuse): copy_page(source, target, token ids)
+        # Partial reuse (KvCacheConfig.enable_partial_reuse): copy_page(source, target)
         # copies a device page; None: whole pages only.
         self.copy_page = copy_page if enable_reuse else None
         self._track = self.host is not None or self.events is not None or self.copy_page is not None
-        # A cached page's (parent hash, token ids), and the cached pages under each parent hash,
-        # kept for the host tier, the events and partial reuse.
+        # A cached page's (parent hash, token ids), and the cached pages under each (parent hash,
+        # first token), kept for the host tier, the events and partial reuse (a page that shares no
+        # leading token gives nothing: every prompt's first page has the same parent).
         self._page_info: dict[int, tuple[bytes, array.array]] = {}
-        self._children: dict[bytes, set[int]] = collections.defaultdict(set)
+        self._children: dict[tuple[bytes, int], set[int]] = collections.defaultdict(set)
         self.num_partial_reused = 0  # pages admissions took a leading part of (copied)
         if self.events is not None:
             self.events.created([self.num_usable_blocks, self.host.capacity if self.host is not None else 0])
@@ -133,7 +134,7 @@ class BlockManager:
         parent = self.page_hashes(seq, index)[-1] if index else root_hash(cache_namespace(seq.request))
         wanted = seq.token_ids[index * size : index * size + limit]
         best, best_len = None, 0
-        for page in self._children.get(parent, ()):
+        for page in self._children.get((parent, wanted[0]), ()):
             tokens = self._page_info[page][1]
             n = 0
             while n < limit and tokens[n] == wanted[n]:
@@ -185,7 +186,7 @@ class BlockManager:
         if partial is not None:
             source, num_tokens = partial
             page = self.free_blocks.popleft() if self.free_blocks else self._evict(keep={source})
-            self.copy_page(source, page, self._page_info[source][1])  # enqueued before the step that uses it
+            self.copy_page(source, page)  # on the devices before the step that uses it
             self.ref_counts[page] = 1
             seq.block_table.append(page)
             seq.num_computed += num_tokens
@@ -270,15 +271,17 @@ class BlockManager:
     # ---- the events, the host tier, partial reuse -----------------------------------------------
     def _remember(self, page: int, parent: bytes, tokens: Seq[int]) -> None:
         self._page_info[page] = (parent, array.array("q", tokens))  # 8 bytes a token, for big caches
-        self._children[parent].add(page)
+        if tokens:
+            self._children[(parent, tokens[0])].add(page)
 
     def _forget(self, page: int) -> Optional[tuple[bytes, array.array]]:
         info = self._page_info.pop(page, None)
-        if info is not None:
-            children = self._children[info[0]]
+        if info is not None and info[1]:
+            key = (info[0], info[1][0])
+            children = self._children[key]
             children.discard(page)
             if not children:
-                del self._children[info[0]]
+                del self._children[key]
         return info
 
     def _store_events(self, seq: Sequence, stored: list, hashes: list[bytes]) -> None:

@@ -291,12 +291,8 @@ class EngineBuilder:
             logger.info("kv_cache_config.enable_partial_reuse: a multi-process LLM reuses whole pages only")
             return None
 
-        def copy_page(source: int, target: int, token_ids) -> None:
-            runner.scatter_pages([target], runner.gather_pages([source]), list(token_ids))
-
-        # Made now, not at the first partial hit: page 0 (the padding page, never read) onto itself.
-        copy_page(0, 0, ())
-        return copy_page
+        runner.prepare_copies()  # compiled now, not at the first partial hit
+        return runner.copy_page
 
     def _prepare_programs(self, runner: ModelRunner, background: bool):
         """Make every program the engine can ask for: serving then never waits for a compilation

@@ -111,6 +111,8 @@ class ModelRunner:
         self.reset_programs()
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0, 1))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0, 1))
+        self._copies: list[tuple[int, int]] = []  # (source, target) page copies not yet enqueued
 
     def reset_programs(self) -> None:
         """Drop every program (after a change of `config` or `buckets`: their cache key changes too)."""
@@ -296,6 +298,7 @@ class ModelRunner:
         plan, arrays = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids, uses_adapters,
                                  self.uses_lora, self.bitmask_words)  # fmt: skip
         with self._lock:  # the followers replay it: the same inputs, the same samples read
+            self._flush_copies()
             out = self._replica.call("_dispatch", plan.to_json(), arrays, after.index if after is not None else None)
         fetch = [k for k in out if k not in (NEXT_TOKENS, "logits", "hidden")]
         if plan.want_last_logits:
@@ -367,12 +370,35 @@ class ModelRunner:
         ids[: len(pages)] = pages
         return ids
 
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy page `source` of every layer, and its token page, into page `target` (partial
+        reuse, engine/block_manager.py): queued, and enqueued on the devices in batches of
+        COPY_BATCH pairs before the next dispatch, gather or scatter, so that an admission step's
+        copies cost a few dispatches, not a gather and a scatter of every layer per sequence."""
+        self._copies.append((source, target))
+
+    def prepare_copies(self) -> None:
+        """Compile the page-copy program now: page 0 (the padding page, never read) onto itself."""
+        self.copy_page(0, 0)
+        with self._lock:
+            self._flush_copies()
+
+    def _flush_copies(self) -> None:
+        """Enqueue the queued page copies (the caller holds the lock). Padding pairs copy the null
+        page onto itself."""
+        while self._copies:
+            batch, self._copies = self._copies[:COPY_BATCH], self._copies[COPY_BATCH:]
+            pairs = np.zeros((2, COPY_BATCH), np.int32)
+            pairs[:, : len(batch)] = np.array(batch, np.int32).T
+            self.kv_cache, self.token_pages = self._copy(self.kv_cache, self.token_pages, self._replicate(pairs))
+
     def gather_pages(self, pages: list[int]) -> list[jax.Array]:
         """Copies of the pages `pages` of every layer: [k0, v0, k1, v1, ...], each
         [num_kv_heads, len(pages), page_size, head_dim] on this engine's devices."""
         if self._replica.multi_process:
             raise RuntimeError("moving KV pages is not supported in a multi-process LLM")
         with self._lock:
+            self._flush_copies()
             out = self._gather(self.kv_cache, self._replicate(self._page_ids(pages)))
         return [a[:, : len(pages)] for a in out]
 
@@ -394,6 +420,7 @@ class ModelRunner:
             flat = rows.reshape(-1)
             flat[: len(token_ids)] = token_ids
         with self._lock:
+            self._flush_copies()
             self.kv_cache, self.token_pages = self._scatter(self.kv_cache, self.token_pages, self._replicate(ids),
                                                             placed, self._replicate(rows))  # fmt: skip
 
@@ -432,6 +459,18 @@ class PendingStep:
 def _gather_pages(kv_cache, pages):
     """pages: [n] -> [k0, v0, k1, v1, ...], each [K, n, S, d]."""
     return [x[:, pages] for layer in kv_cache for x in layer]
+
+
+# Page copies per program (ModelRunner.copy_page): one compiled shape, made at start-up.
+COPY_BATCH = 32
+
+
+def _copy_pages(kv_cache, token_pages, pairs):
+    """pairs: [2, n] (sources, targets): copy each source page of every layer, and its token page,
+    into its target page. Every source is read before any target is written."""
+    sources, targets = pairs[0], pairs[1]
+    kv_cache = [(k.at[:, targets].set(k[:, sources]), v.at[:, targets].set(v[:, sources])) for k, v in kv_cache]
+    return kv_cache, token_pages.at[targets].set(token_pages[sources])
 
 
 def _scatter_pages(kv_cache, token_pages, pages, values, token_rows):
