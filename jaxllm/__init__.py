@@ -28,6 +28,7 @@ from jaxllm.scheduling_params import SchedulingParams  # noqa: E402
 from jaxllm.inputs import PreprocessedInputs  # noqa: E402
 from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput  # noqa: E402
 from jaxllm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: E402
+from jaxllm.speculative import DraftTargetDecodingConfig, NGramDecodingConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,6 @@ __all__ = [
     "TorchCompileConfig",
     "PeftCacheConfig",
     "BuildConfig",
+    "NGramDecodingConfig",
+    "DraftTargetDecodingConfig",
 ]

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 import jax
 
-from jaxllm import trtllm_args
+from jaxllm import speculative, trtllm_args
 from jaxllm.adapters import LoraConfig
 from jaxllm.sampling_params import MAX_LOGPROBS
 
@@ -338,6 +338,9 @@ class EngineArgs:
     # by llguidance). None: SamplingParams.guided_decoding is refused. Set, the sampler programs get
     # guided twins (their rows' token bitmasks applied on the device).
     guided_decoding_backend: Optional[str] = None
+    # Speculative decoding (TensorRT-LLM's name; jaxllm/speculative.py): an NGramDecodingConfig (or
+    # its fields as a dict with decoding_type='NGram'), or None.
+    speculative_config: Any = None
     # TensorRT-LLM arguments the engine honours (jaxllm/trtllm_args.py; docs/COMPATIBILITY.md):
     # streaming updates every `stream_interval` tokens; one log line per iteration; decode batch
     # buckets from a CudaGraphConfig (None: no CUDA graphs, XLA's command buffers off); a
@@ -393,6 +396,7 @@ class EngineArgs:
             raise ValueError(f"max_beam_width={self.max_beam_width} is out of range; allowed: 1 to "
                              f"{MAX_LOGPROBS // 2}")  # fmt: skip
         self._check_adapters()
+        self.speculative_config = speculative.as_speculative_config(self.speculative_config)
         trtllm_args.check_engine_fields(self)
 
     def _check_stats(self) -> None:

@@ -371,7 +371,7 @@ DEFAULT_ONLY_ARGS: dict[str, tuple[tuple, str]] = {
     "custom_tokenizer": ((None,), "pass a tokenizer object or path as LLM(tokenizer=...)"),
     "post_processor_hook": ((None,), "postprocess RequestOutput.outputs in the caller"),
     "model_kwargs": ((None,), "edit the checkpoint's config.json"),
-    "decoding_config": ((None,), "jaxllm has no speculative decoding yet"),
+    "decoding_config": ((None,), "speculative decoding takes speculative_config"),
     "sparse_attention_config": ((None,), "jaxllm's attention is dense (paged)"),
     "kv_cache_compression_config": ((None,), "jaxllm keeps every token's K/V"),
     "kv_connector_config": ((None,), "disaggregated serving moves KV pages through cache_transceiver_config"),
@@ -493,8 +493,6 @@ def translate(kwargs: dict) -> dict:
             raise TypeError(f"{name} must be a bool, got {value!r}")
         if _differs(value, default):
             _log_once(name, "%s=%r is accepted and has no effect: it tunes %s", name, value, tunes)
-    if "speculative_config" in out and out.pop("speculative_config") is not None:
-        raise ValueError("speculative_config is not supported yet: jaxllm has no speculative decoding; allowed: None")
     if out.get("guided_decoding_backend") is not None and out["guided_decoding_backend"] not in GUIDED_DECODING_BACKENDS:
         raise ValueError(f"guided_decoding_backend={out['guided_decoding_backend']!r} is not supported; allowed: "
                          f"{', '.join(map(repr, GUIDED_DECODING_BACKENDS))} (both served by llguidance) or None")  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jaxllm import distributed
+from jaxllm import distributed, speculative
 from jaxllm import sharding as sharding_lib
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
@@ -383,7 +383,9 @@ class EngineBuilder:
         return Engine(runner, scheduler, self.tokenizer, self.max_seq_len, cfg.vocab_size, transfer,
                       overlap=not args.disable_overlap_scheduler, stats=stats, stream_interval=args.stream_interval,
                       print_iter_log=args.print_iter_log,
-                      gc_gen0_threshold=args.garbage_collection_gen0_threshold)  # fmt: skip
+                      gc_gen0_threshold=args.garbage_collection_gen0_threshold,
+                      speculation=speculative.Speculation(args.speculative_config, runner.adapters is not None)
+                      if args.speculative_config is not None else None)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():

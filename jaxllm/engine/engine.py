@@ -44,8 +44,9 @@ from jaxllm.engine.sequence import Request, Sequence
 from jaxllm.engine.stats import IterationStats
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.step_trace import StepRecord, StepTrace, step_kind
-from jaxllm.engine.step_request import step_request
+from jaxllm.engine.step_request import step_request, verify_rows
 from jaxllm.outputs import Update
+from jaxllm.speculative import Speculation, eligible
 
 __all__ = ["Engine", "EngineShutdown", "StepReader", "derive_seed"]
 
@@ -116,8 +117,10 @@ class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
                  transfer: kv_state.TransferSettings | None = None, overlap: bool = True,
                  stats: IterationStats | None = None, stream_interval: int = 1, print_iter_log: bool = False,
-                 gc_gen0_threshold: int | None = None):  # fmt: skip
+                 gc_gen0_threshold: int | None = None, speculation: Speculation | None = None):  # fmt: skip
         self.runner = runner
+        # Speculative decoding (jaxllm/speculative.py): drafts given before each step scheduled after a read.
+        self.spec = speculation
         self.print_iter_log, self.gc_gen0_threshold = print_iter_log, gc_gen0_threshold
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
         self.decode_steps = runner.config.decode_steps
@@ -136,7 +139,8 @@ class Engine:
         # The LLM's batched_logits_processor (engine/logits_processors.py), set by LLM() when given.
         self.batched_logits_processor = None
         self.post = Postprocessor(scheduler, self.detokenizer, max_seq_len, park=self._park,
-                                  stream_interval=stream_interval, new_sequence=self._new_sequence)  # fmt: skip
+                                  stream_interval=stream_interval, new_sequence=self._new_sequence,
+                                  speculation=speculation)  # fmt: skip
         self.requests: dict[int, Request] = self.post.requests  # the requests in the engine, by request_id
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Held while something enters the inbox and while shutdown stops the engine: nothing enters it
@@ -354,13 +358,15 @@ class Engine:
             self._step_failed([plan, self._inflight], e)
             return
         self._settle(plan)
+        if self.spec is not None:
+            self.spec.reset_counts()
         if plan.steps == 1:
             apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
                                     self.post.fail, self.batched_logits_processor)  # fmt: skip
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
         self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, plan.before, plan.unfinished,
-                           started, plan.queue)  # fmt: skip
+                           started, plan.queue, self.spec.stats() if self.spec is not None else None)  # fmt: skip
         if self._trace is not None or self.print_iter_log:
             prefilling = {seq for seq, _ in plan.context}
             decoding = [(seq, n) for (seq, _), n in zip(plan.scheduled.items, plan.before) if seq not in prefilling]
@@ -403,7 +409,14 @@ class Engine:
     def _schedule(self, ahead: bool = False) -> Plan | None:
         """The scheduler's next step (None when nothing can run); `ahead`: while the last step is
         in flight, not read (the overlap scheduler)."""
+        if self.spec is not None and not ahead:
+            self.spec.propose(self.scheduler.running, self.max_seq_len)
         scheduled = self.scheduler.schedule(ahead)
+        if self.spec is not None:  # drafts of sequences left out of the step
+            chosen = {seq for seq, _ in scheduled.items}
+            for seq in self.scheduler.running:
+                if seq.num_draft and seq not in chosen:
+                    seq.drop_drafts()
         if scheduled.starved:
             self._no_run_ahead = True
         if not scheduled.items:
@@ -412,7 +425,15 @@ class Engine:
         context = [(seq, n) for seq, n in scheduled.items if seq.num_computed < seq.num_prompt_tokens]
         # Made once, before multi_steps gives a multi-step decode its pages: each row's block table
         # is its sequence's own list, so the pages given then are in it when the step is packed.
-        requests = [step_request(seq, n) for seq, n in scheduled.items]
+        # A sequence verifying drafts takes a row per token (speculative.py).
+        requests = []
+        for seq, n in scheduled.items:
+            if seq.num_draft:
+                requests.extend(verify_rows(seq, n))
+            else:
+                requests.append(step_request(seq, n))
+        if len(requests) > len(scheduled.items):
+            scheduled.verifying = [seq.num_draft > 0 for seq, _ in scheduled.items]
         steps = self.scheduler.multi_steps(
             scheduled, self.decode_steps, self.max_seq_len, self._arrived(),
             serves=lambda: self.runner.multi_step_serves(requests),
@@ -439,7 +460,7 @@ class Engine:
         so the next step can be scheduled before the read (`_run_ahead`); `_settle` undoes this
         before the read's results are taken in."""
         items = plan.scheduled.items
-        plan.before = [len(seq.token_ids) for seq, _ in items]
+        plan.before = [len(seq.token_ids) - seq.num_draft for seq, _ in items]
         plan.unfinished = {seq.request for seq, _ in items if not seq.request.finished}
         plan.starts = [seq.num_computed for seq, _ in items]
         for row, (seq, n) in enumerate(items):
@@ -475,6 +496,8 @@ class Engine:
         for seq, _ in plan.scheduled.items:
             if seq.finished:
                 continue
+            if self.spec is not None and eligible(seq, False):  # its next drafts need this step's tokens
+                return False
             request, params = seq.request, seq.request.params
             if (params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits
                     or request.beam is not None):  # fmt: skip

@@ -22,6 +22,7 @@ from jaxllm.engine.sequence import Request, Sequence, SequenceStatus
 from jaxllm.engine.stats import perf_metrics
 from jaxllm.guided import consume
 from jaxllm.outputs import Delta, Logprob, Update
+from jaxllm.speculative import accepted
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,15 @@ class Postprocessor:
     stream_interval: a streaming request is updated when a sequence has its first token or this many
         new ones (TensorRT-LLM's stream_interval), and when it finishes.
     new_sequence: (request, index, seed) -> a new Sequence of the request (beam search's forks).
+    speculation: speculative decoding's state (jaxllm/speculative.py), or None.
     """
 
     def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer | None, max_seq_len: int,
                  park: Callable[[Sequence], None], stream_interval: int = 1,
-                 new_sequence: Callable[[Request, int, int], Sequence] | None = None):  # fmt: skip
+                 new_sequence: Callable[[Request, int, int], Sequence] | None = None,
+                 speculation=None):  # fmt: skip
         self.scheduler = scheduler
+        self.speculation = speculation
         self.new_sequence = new_sequence
         self.stream_interval = stream_interval
         self.detokenizer = detokenizer
@@ -66,13 +70,24 @@ class Postprocessor:
         return self._multi_step(scheduled, out, steps)
 
     def _one_step(self, scheduled: ScheduledStep, step_requests: list[StepRequest], out: dict) -> set[Request]:
-        """A one-step dispatch: each row computed its chunk; the rows that reach their sequence's end sampled."""
+        """A one-step dispatch: each row computed its chunk; the rows that reach their sequence's end
+        sampled. A sequence verifying drafts has a row per token (`_verified`)."""
         touched = set()
         offset = 0  # the chunk's first row among the packed token rows
         # Python lists once: indexing numpy arrays element by element costs more per row.
         tokens, logprobs, ranks = out["tokens"].tolist(), out["logprob"].tolist(), out["rank"].tolist()
-        for i, (seq, n) in enumerate(scheduled.items):
+        verifying = scheduled.verifying
+        i = -1  # the item's (first) row
+        for item, (seq, n) in enumerate(scheduled.items):
+            i += 1
             request, params = seq.request, seq.request.params
+            if verifying is not None and verifying[item]:
+                if not seq.finished:
+                    touched.add(request)
+                    self._verified(seq, i, tokens, logprobs, ranks, out)
+                i += n - 1
+                offset += n
+                continue
             r = step_requests[i]
             if seq.finished:  # left while the step ran, or stopped before it was read (scheduled ahead)
                 offset += n
@@ -105,6 +120,22 @@ class Postprocessor:
             logits_row = np.asarray(out["last_logits"][i]) if params.return_generation_logits else None
             self.append_token(seq, tokens[i], logprobs[i], ranks[i], top, logits_row)
         return touched
+
+    def _verified(self, seq: Sequence, row: int, tokens: list, logprobs: list, ranks: list, out: dict) -> None:
+        """Speculative decoding (jaxllm/speculative.py): `seq`'s rows from `row` computed its last
+        token and its drafts; the drafts its samples accept are its next tokens, then the sample
+        after the last accepted one. The rest of its rows were computed past its end and are dropped."""
+        drafts = seq.drop_drafts()
+        samples = tokens[row : row + len(drafts) + 1]
+        taken = accepted(drafts, samples)
+        self.speculation.count(len(drafts), taken)
+        k_logprobs = seq.request.params.logprobs
+        for j in range(taken + 1):
+            if seq.finished:
+                break
+            self.scheduler.mark_computed(seq, 1)  # before a finish frees its pages
+            top = zip(out["top_ids"][row + j][:k_logprobs], out["top_logprobs"][row + j][:k_logprobs]) if k_logprobs else None
+            self.append_token(seq, samples[j], logprobs[row + j], ranks[row + j], top)
 
     def _multi_step(self, scheduled: ScheduledStep, out: dict, steps: int) -> set[Request]:
         """A multi-step decode's results ([steps, rows]): each sequence takes its tokens in order
@@ -268,6 +299,9 @@ class Postprocessor:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
         seq.drop_ahead()  # (aborted while a dispatch of it was not read)
+        seq.drop_drafts()
+        if self.speculation is not None:
+            self.speculation.drafter.forget(seq)
         if seq.request.is_context_only and reason != "cancelled" and seq.num_output_tokens == 1:
             self.park(seq)
         else:

@@ -63,6 +63,9 @@ class ScheduledStep:
     items: list[tuple[Sequence, int]]  # (sequence, tokens it computes this step), running order
     preempted: list[Sequence]
     starved: bool = False  # (scheduled ahead) a running sequence's pages did not fit: it was left out
+    # Speculative decoding: per item, whether it verifies drafts (its n tokens then take n rows of
+    # one token each); None when none does.
+    verifying: list[bool] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +114,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished or aborted) and free its pages."""
+        seq.drop_drafts()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -130,6 +134,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and requeue it, to be recomputed."""
+        seq.drop_drafts()
         self.running.remove(seq)
         self.block_manager.free(seq)
         if self.admission is not None:
@@ -171,8 +176,14 @@ class Scheduler:
         unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
 
         index = 0
-        while index < len(self.running) and budget > 0 and len(items) < cfg.max_batch_size:
+        rows = 0  # the step's rows: one a sequence, and one more per draft token verified
+        while index < len(self.running) and budget > 0 and rows < cfg.max_batch_size:
             seq = self.running[index]
+            if seq.num_draft:  # speculative decoding: verify the drafts that fit, drop the rest
+                keep = min(seq.num_draft, budget - 1, cfg.max_batch_size - rows - 1)
+                if keep > 0 and not bm.can_allocate(bm.blocks_needed(seq, 1 + keep)):
+                    keep = 0  # drafts never preempt: the step decodes it plainly
+                seq.drop_drafts(seq.num_draft - keep)
             want = seq.num_uncomputed
             # (want 0: a beam holding its candidates until its request's other beams have theirs)
             if want == 0 or seq.ends_ahead or (want > budget and self._in_one_step(want)):
@@ -195,10 +206,11 @@ class Scheduler:
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
+            rows += n if seq.num_draft else 1
             index += 1
 
         static = cfg.capacity_policy == "STATIC_BATCH" and bool(self.running)
-        while self.waiting and budget > 0 and len(items) < cfg.max_batch_size and not preempted and not starved:
+        while self.waiting and budget > 0 and rows < cfg.max_batch_size and not preempted and not starved:
             seq = self.waiting[0]
             if static and not seq.block_table:  # (a parallel sample of a running request holds pages)
                 break
@@ -221,6 +233,7 @@ class Scheduler:
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
+            rows += 1
         if unit is not None:
             self._share_rest(items, budget, unit)
         return ScheduledStep(items, preempted, starved)

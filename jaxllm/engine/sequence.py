@@ -64,6 +64,9 @@ class Sequence:
     # device), and `ends_ahead` when the last of them surely ends it (max_tokens, max_seq_len).
     num_ahead: int = 0
     ends_ahead: bool = False
+    # Speculative decoding (jaxllm/speculative.py): token_ids ends with this many draft tokens, to be
+    # verified by the next step (removed when it is read, or when it is not scheduled).
+    num_draft: int = 0
     # Beam search: this beam's candidates of the step just read, (token, log-probability) most likely
     # first, held until every beam of its request has its own (engine/beam_search.py).
     beam_candidates: Optional[list] = None
@@ -97,6 +100,21 @@ class Sequence:
         self.token_ids.extend([-1 - row] * count)
         self.num_ahead = count
         self.ends_ahead = self.tokens_left(max_seq_len) <= 0 or self.request.is_context_only
+
+    def take_drafts(self, drafts: list[int]) -> None:
+        """Draft tokens to verify in the next step (appended; they are uncomputed)."""
+        self.token_ids.extend(drafts)
+        self.num_draft = len(drafts)
+
+    def drop_drafts(self, count: int | None = None) -> list[int]:
+        """Remove the last `count` drafts (None: all); returns those removed."""
+        count = self.num_draft if count is None else count
+        if count <= 0:
+            return []
+        removed = self.token_ids[-count:]
+        del self.token_ids[-count:]
+        self.num_draft -= count
+        return removed
 
     def drop_ahead(self) -> None:
         """Remove the placeholders (the dispatch is read: its tokens are appended in their place)."""

@@ -65,7 +65,7 @@ class IterationStats:
 
     def record(self, scheduler: Scheduler, scheduled: ScheduledStep, context: list[tuple[Sequence, int]], steps: int,
                before: list[int], unfinished: set[Request], started: float,
-               queue: tuple[list[Sequence], list[Sequence]] | None = None) -> None:  # fmt: skip
+               queue: tuple[list[Sequence], list[Sequence]] | None = None, spec: dict | None = None) -> None:  # fmt: skip
         """The iterations of one dispatch, after its tokens were appended.
 
         Args:
@@ -76,6 +76,7 @@ class IterationStats:
           started: its perf_counter at the start.
           queue: the scheduler's (running, waiting) sequences right after it was scheduled (None:
             as they are now), so that a step the overlap scheduler scheduled since does not count.
+          spec: the step's specDecodingStats (speculative decoding on), or None.
         """
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.num_dispatches += 1
@@ -137,6 +138,10 @@ class IterationStats:
                 },
                 "dispatch": {"id": self.num_dispatches, "numSteps": steps, "latencyMS": elapsed_ms},
             }
+            if spec is not None:
+                entry["specDecodingStats"] = {**spec, "iterLatencyMS": elapsed_ms / num_iters} if k == 0 else {
+                    "numDraftTokens": 0, "numAcceptedTokens": 0, "numRequestsWithDraftTokens": 0,
+                    "acceptanceLength": 0.0, "iterLatencyMS": elapsed_ms / num_iters}  # fmt: skip
             requests = None
             if self.request_stats:
                 requests = _request_stats(k, multi, items, taken, scheduled, scheduled_requests, running, queued,

@@ -8,12 +8,14 @@ from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.sequence import Sequence
 
 
-def step_request(seq: Sequence, n: int) -> StepRequest:
+def step_request(seq: Sequence, n: int, start: int | None = None, samples: bool | None = None) -> StepRequest:
     """The row of `seq` computing its next `n` tokens (a prefill chunk, or 1 for a decode); it
-    samples only when the chunk reaches the sequence's end."""
+    samples only when the chunk reaches the sequence's end. (`start`, `samples`: a verifying row's.)"""
     request, params = seq.request, seq.request.params
-    start = seq.num_computed
-    samples = start + n == seq.num_tokens
+    if start is None:
+        start = seq.num_computed
+    if samples is None:
+        samples = start + n == seq.num_tokens
     # The block table is the sequence's own list, not a copy: pages given after this (a multi-step
     # decode's) are in it when the step is packed, and nothing edits it before then.
     r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=seq.block_table,
@@ -53,6 +55,16 @@ def step_request(seq: Sequence, n: int) -> StepRequest:
         # Only chunks that extend the rows gathered so far (a recompute after preemption doesn't).
         r.want_all_logits = sum(len(rows) for rows in request.context_logits_rows) == first - num_virtual
     return r
+
+
+def verify_rows(seq: Sequence, n: int) -> list[StepRequest]:
+    """Speculative decoding (jaxllm/speculative.py): the `n` one-token rows of `seq` computing its
+    last token and its n - 1 drafts, each sampling at its own position with its own token index."""
+    start, first = seq.num_computed, seq.num_output_tokens - seq.num_draft
+    rows = [step_request(seq, 1, start + j, True) for j in range(n)]
+    for j, r in enumerate(rows):
+        r.counter = first + j
+    return rows
 
 
 def banned_tokens(seq: Sequence) -> list[int]:
