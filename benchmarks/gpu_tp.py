@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=default_out())
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--model", default="llama-3.1-8b", help="the big model's shape (benchmarks/configs/)")
     parser.add_argument("--offline-requests", type=int, default=256)
     parser.add_argument("--batch1-only", metavar="TAG", help="only batch-1 decode at TP=2 and TP=1, saved as "
                         "gpu_tp_TAG.json (to compare XLA_FLAGS settings process by process)")
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--sampling", action="store_true", help="only TP=2 sampling from vocabulary-split against "
                         "gathered logits: batch-1 decode and offline 128/128 of each")
     args = parser.parse_args()
-    small, big = "smollm2-135m", "llama-3.1-8b"
+    small, big = "smollm2-135m", args.model
     args.max_batch, args.max_tokens, args.max_seq_len = 256, 8192, 2304
     tokens, decode_n, off_128 = 16, args.decode_tokens, args.offline_requests
     if args.smoke:
