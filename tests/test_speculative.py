@@ -69,6 +69,24 @@ def test_outputs_match_decoding_without_drafts(engines):
     assert bm.num_free_blocks == bm.num_usable_blocks
 
 
+def test_drafts_are_cut_to_the_step_under_equal_progress_chunking(tiny_dir):
+    """EQUAL_PROGRESS gives a sequence at most a page of tokens a step: with 4-token pages a
+    sequence verifies at most 3 of its 6 drafts; the tokens are those without drafts."""
+    from jaxllm import KvCacheConfig
+
+    small = dict(kv_cache_config=KvCacheConfig(tokens_per_block=4), max_num_tokens=64,
+                 scheduler_config={"context_chunking_policy": "EQUAL_PROGRESS"})  # fmt: skip
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outs = {}
+    for name, extra in (("plain", {}), ("ngram", {"speculative_config": NGramDecodingConfig(max_draft_len=6)})):
+        with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=8,
+                 max_seq_len=128, **small, **extra) as llm:  # fmt: skip
+            outs[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+            stats = _spec_stats(llm)
+    assert outs["ngram"] == outs["plain"]
+    assert max(s["numDraftTokens"] / s["numRequestsWithDraftTokens"] for s in stats if s["numRequestsWithDraftTokens"]) <= 3
+
+
 def test_streaming_deltas_join_to_the_final_output(engines):
     _, spec = engines
     params = SamplingParams(max_tokens=40, ignore_eos=True)

@@ -190,6 +190,8 @@ class Scheduler:
                 index += 1
                 continue
             n = min(want, budget, unit or want)
+            if seq.num_draft >= n:  # (EQUAL_PROGRESS's unit): verify the drafts of its n rows only
+                seq.drop_drafts(seq.num_draft - (n - 1))
             if ahead and not bm.can_allocate(bm.blocks_needed(seq, n)):
                 starved = True
                 index += 1
