@@ -72,10 +72,26 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                    help="the widest beam search a request may ask for (1: none)")
     g.add_argument("--guided-decoding-backend", choices=GUIDED_BACKENDS, default=None,
                    help="turn on guided decoding (response_format, guided_json, ...); both served by llguidance")
+    g.add_argument("--speculative-config", type=_json_mapping, default=None, metavar="JSON",
+                   help="speculative decoding (vLLM's flag): '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+                        "or TensorRT-LLM's '{\"decoding_type\": \"NGram\", \"max_draft_len\": 4}'")
     g.add_argument("--kv-cache-free-gpu-memory-fraction", type=fraction, default=None,
                    help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
+
+
+def _json_mapping(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _extra_options(path: str) -> dict:
@@ -99,7 +115,8 @@ def llm_kwargs(args, **defaults) -> dict:
              "tensor_parallel_size": args.tensor_parallel_size, "max_batch_size": args.max_batch_size,
              "max_num_tokens": args.max_num_tokens, "max_seq_len": args.max_seq_len, "load_format": args.load_format,
              "num_scheduler_steps": args.num_scheduler_steps, "max_beam_width": args.max_beam_width,
-             "guided_decoding_backend": args.guided_decoding_backend}  # fmt: skip
+             "guided_decoding_backend": args.guided_decoding_backend,
+             "speculative_config": args.speculative_config}  # fmt: skip
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     if args.dtype != "auto" or "dtype" not in kwargs:
         kwargs["dtype"] = args.dtype

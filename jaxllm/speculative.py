@@ -91,11 +91,35 @@ class DraftTargetDecodingConfig:
 CONFIGS = {"NGram": NGramDecodingConfig, "DraftTarget": DraftTargetDecodingConfig}
 
 
+def _from_vllm(value: dict) -> NGramDecodingConfig:
+    """vLLM's form, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+    "prompt_lookup_min": 1}: prompt lookup in the request's own tokens (a private pool)."""
+    value = dict(value)
+    method = value.pop("method")
+    if method != "ngram":
+        raise ValueError(f"speculative_config method={method!r} is invalid; allowed: 'ngram' (vLLM's form), or "
+                         "TensorRT-LLM's NGramDecodingConfig")  # fmt: skip
+    low = value.pop("prompt_lookup_min", None)
+    if low not in (None, 1):
+        raise ValueError(f"speculative_config prompt_lookup_min={low!r} is invalid; allowed: None, 1 (patterns are "
+                         "looked up from prompt_lookup_max tokens down to 1)")  # fmt: skip
+    names = {"num_speculative_tokens": "max_draft_len", "prompt_lookup_max": "max_matching_ngram_size"}
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"speculative_config: {', '.join(unknown)} not supported with method='ngram'; allowed: "
+                         "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min")  # fmt: skip
+    fields = {names[k]: v for k, v in value.items() if v is not None}
+    return NGramDecodingConfig(**fields, is_public_pool=False)
+
+
 def as_speculative_config(value) -> Optional[NGramDecodingConfig]:
-    """`LLM(speculative_config=...)`: None, an NGramDecodingConfig, or a dict with its fields and
-    `decoding_type` (TensorRT-LLM's YAML form). Anything else is refused, naming what is allowed."""
+    """`LLM(speculative_config=...)`: None, an NGramDecodingConfig, a dict with its fields and
+    `decoding_type` (TensorRT-LLM's YAML form), or vLLM's {"method": "ngram", ...}. Anything else
+    is refused, naming what is allowed."""
     if value is None or isinstance(value, NGramDecodingConfig):
         return value
+    if isinstance(value, dict) and "method" in value:
+        return _from_vllm(value)
     if isinstance(value, dict):
         kind = value.get("decoding_type")
         if kind not in CONFIGS:

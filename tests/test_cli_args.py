@@ -40,3 +40,26 @@ def test_extra_llm_api_options_fill_in_under_the_flags(tmp_path):
     extra.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="expected a mapping of LLM"):
         cli.llm_kwargs(args)
+
+
+def test_speculative_config_from_the_flag_or_the_yaml_file(tmp_path, capsys):
+    from jaxllm import NGramDecodingConfig
+    from jaxllm.speculative import as_speculative_config
+
+    args = _parse(["serve", "m", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
+                                                         '"prompt_lookup_max": 4}'])  # fmt: skip
+    config = as_speculative_config(cli.llm_kwargs(args)["speculative_config"])
+    assert config == NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=4, is_public_pool=False)
+    extra = tmp_path / "extra.yaml"  # TensorRT-LLM's way
+    extra.write_text("speculative_config:\n  decoding_type: NGram\n  max_draft_len: 2\n")
+    args = _parse(["bench", "throughput", "m", "--extra-llm-api-options", str(extra)])
+    assert as_speculative_config(cli.llm_kwargs(args)["speculative_config"]) == NGramDecodingConfig(max_draft_len=2)
+    with pytest.raises(SystemExit):
+        _parse(["serve", "m", "--speculative-config", "ngram"])
+    assert "expected a JSON object, got 'ngram'" in capsys.readouterr().err
+    for bad, match in (({"method": "eagle"}, "method='eagle' is invalid; allowed: 'ngram'"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2},
+                        r"prompt_lookup_min=2 is invalid; allowed: None, 1"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "model not supported")):
+        with pytest.raises(ValueError, match=match):
+            as_speculative_config(bad)
