@@ -56,6 +56,9 @@ class NGramDecodingConfig:
     is_keep_all: keep every continuation seen after a pattern (True) or only the latest one.
     is_use_oldest: of the continuations kept, draft the oldest (True) or the newest.
     is_public_pool: one pool of patterns for all requests (True) or one per request.
+    max_concurrency: no drafts while more sequences than this run (None: always drafts); a step
+      with drafts is not scheduled ahead of the last one's read, which costs a wide batch more
+      than its drafts give it.
     """
 
     max_draft_len: Optional[int] = None
@@ -63,6 +66,7 @@ class NGramDecodingConfig:
     is_keep_all: bool = True
     is_use_oldest: bool = True
     is_public_pool: bool = True
+    max_concurrency: Optional[int] = None
     decoding_type: str = "NGram"
 
     def __post_init__(self):
@@ -73,6 +77,8 @@ class NGramDecodingConfig:
         _check_int(owner, "max_matching_ngram_size", self.max_matching_ngram_size, 1, 64)
         for name in ("is_keep_all", "is_use_oldest", "is_public_pool"):
             _check_bool(owner, name, getattr(self, name))
+        if self.max_concurrency is not None:
+            _check_int(owner, "max_concurrency", self.max_concurrency, 1, 1 << 30)
         if self.decoding_type != "NGram":
             raise ValueError(f"{owner}.decoding_type={self.decoding_type!r} is invalid; allowed: 'NGram'")
 
@@ -243,11 +249,16 @@ class Speculation:
                 "numRequestsWithDraftTokens": n,
                 "acceptanceLength": (self.num_accepted_tokens + n) / n if n else 0.0}  # fmt: skip
 
+    def active(self, num_running: int) -> bool:
+        """Whether sequences draft with `num_running` running (max_concurrency)."""
+        return self.config.max_concurrency is None or num_running <= self.config.max_concurrency
+
     def propose(self, running: Iterable, max_seq_len: int) -> None:
         """Give each eligible decoding sequence its drafts (`Sequence.take_drafts`); none for any
-        when a running request has logits processors (their rows are one per sequence)."""
+        when a running request has logits processors (their rows are one per sequence) or more
+        than max_concurrency run."""
         running = [s for s in running if not s.finished]
-        if any(_processed(s.request.params) for s in running):
+        if not self.active(len(running)) or any(_processed(s.request.params) for s in running):
             return
         for seq in running:
             if seq.num_uncomputed != 1 or seq.num_ahead or seq.num_draft:

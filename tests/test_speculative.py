@@ -87,6 +87,20 @@ def test_drafts_are_cut_to_the_step_under_equal_progress_chunking(tiny_dir):
     assert max(s["numDraftTokens"] / s["numRequestsWithDraftTokens"] for s in stats if s["numRequestsWithDraftTokens"]) <= 3
 
 
+def test_no_drafts_while_more_than_max_concurrency_run(engines, tiny_dir):
+    plain = engines[0]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 6, 40, 40)]
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params, use_tqdm=False)]
+    with _llm(tiny_dir, speculative_config=NGramDecodingConfig(max_draft_len=4, max_concurrency=2)) as spec:
+        got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params, use_tqdm=False)]
+        entries = [s for s in spec.get_stats() if "specDecodingStats" in s]
+    assert got == want
+    assert sum(s["specDecodingStats"]["numDraftTokens"] for s in entries) > 0  # once two were left
+    assert all(s["specDecodingStats"]["numDraftTokens"] == 0 for s in entries if s["numActiveRequests"] > 2)
+    with pytest.raises(ValueError, match=r"max_concurrency=0 is invalid"):
+        NGramDecodingConfig(max_draft_len=2, max_concurrency=0)
+
+
 def test_streaming_deltas_join_to_the_final_output(engines):
     _, spec = engines
     params = SamplingParams(max_tokens=40, ignore_eos=True)

@@ -486,17 +486,19 @@ class Engine:
     def _may_run_ahead(self, plan: Plan) -> bool:
         """Whether the next step may be scheduled before `plan` (dispatched, advanced) is read: no
         row of it needs the host between the two (logits processors, banned multi-token words, a
-        grammar, logits or prompt log-probabilities returned, beam search, adapters), and the last
+        grammar, logits or prompt log-probabilities returned, beam search, adapters, drafts to make
+        while speculative decoding is on: jaxllm/speculative.py), and the last
         step scheduled ahead left no sequence out (then this one preempts as it must)."""
         if self._no_run_ahead:
             self._no_run_ahead = False
             return False
         if self.runner.adapters is not None or self.batched_logits_processor is not None:
             return False
+        spec_on = self.spec is not None and self.spec.active(len(self.scheduler.running))
         for seq, _ in plan.scheduled.items:
             if seq.finished:
                 continue
-            if self.spec is not None and eligible(seq, False):  # its next drafts need this step's tokens
+            if spec_on and eligible(seq, False):  # its next drafts need this step's tokens
                 return False
             request, params = seq.request, seq.request.params
             if (params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits
