@@ -186,7 +186,8 @@ def _request_stats(k: int, multi: bool, items, taken: list[int], scheduled: Sche
 
 def _one_request_stats(request: Request, stage: str, position: int, generated: int, scheduled: bool,
                        paused: bool) -> dict:  # fmt: skip
-    """One request's entry; avgNumDecodedTokensPerIter is 1 once it decodes (no speculative decoding)."""
+    """One request's entry; avgNumDecodedTokensPerIter is 1 once it decodes (drafts accepted are counted
+    per iteration only, in specDecodingStats)."""
     kv = kv_cache_metrics(request)
     decoded = 1.0 if generated else 0.0
     return {
