@@ -1,5 +1,6 @@
 """Speculative decoding at batch 1: time per output token with n-gram drafts
-(`NGramDecodingConfig`) against the same engine without them, in one call.
+(`NGramDecodingConfig`; with --draft-model, a draft model's) against the same engine without them,
+in one call.
 
     PYTHONPATH=$PWD python benchmarks/speculative.py                      # Llama-3.1-8B shape, bf16
     PYTHONPATH=$PWD python benchmarks/speculative.py --model smollm2-135m --dtype float32 --tokens 64   # CPU smoke
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--draft-model", default=None, metavar="SHAPE",
+                        help="draft with a model of this shape (benchmarks/configs/, random weights) instead of n-grams")
     parser.add_argument("--no-command-buffers", action="store_true",
                         help="LLM(cuda_graph_config=None): XLA records no command buffers (CUDA graphs)")
     parser.add_argument("--profile", action="store_true",
@@ -51,7 +54,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from jaxllm import LLM, NGramDecodingConfig, SamplingParams
+    from jaxllm import LLM, DraftTargetDecodingConfig, NGramDecodingConfig, SamplingParams
 
     engine_args = dict(load_format="dummy", dtype=args.dtype, skip_tokenizer_init=True, max_batch_size=16,
                        max_num_tokens=2048, max_seq_len=2048)  # fmt: skip
@@ -59,11 +62,16 @@ def main() -> None:
         engine_args["cuda_graph_config"] = None
     rng = np.random.default_rng(0)
     result = {"device": jax.devices()[0].device_kind, "model": args.model, "dtype": args.dtype,
+              "drafter": args.draft_model or "ngram",
               "command_buffers": not args.no_command_buffers,
               "draft_len": args.draft_len, "tokens": args.tokens, "cases": {}}  # fmt: skip
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     runs: dict[str, dict] = {}
-    engines = [("plain", {}), ("ngram", {"speculative_config": NGramDecodingConfig(max_draft_len=args.draft_len)})]
+    if args.draft_model:  # a draft model's drafts (random weights of its shape) in the drafted engine's place
+        spec_config = DraftTargetDecodingConfig(max_draft_len=args.draft_len, speculative_model=str(CONFIGS / args.draft_model))
+    else:
+        spec_config = NGramDecodingConfig(max_draft_len=args.draft_len)
+    engines = [("plain", {}), ("ngram", {"speculative_config": spec_config})]
     if args.sync_baseline:  # one decode a dispatch, read before the next is scheduled: a verify step's setting
         engines.insert(1, ("plain, one step a dispatch", dict(num_scheduler_steps=1, disable_overlap_scheduler=True)))
     for name, extra in engines:
@@ -120,10 +128,10 @@ def main() -> None:
         rows.append("| (no drafts, one decode a dispatch, no step ahead) | " + " | ".join(
             f"{case}: {v[1]:.2f}" for case, v in result["one_step_a_dispatch_ms"].items()) + " | | | | | | |")
     result["llm_s"] = {name: runs[name]["llm_s"] for name in runs}
-    print(f"{result['device']}, {args.model} ({args.dtype}), batch 1, {args.tokens} greedy tokens, max_draft_len "
-          f"{args.draft_len}, command buffers {'off' if args.no_command_buffers else 'on'}; ms per output token, "
+    print(f"{result['device']}, {args.model} ({args.dtype}), batch 1, {args.tokens} greedy tokens, drafts by "
+          f"{args.draft_model or 'n-grams'}, max_draft_len {args.draft_len}, command buffers {'off' if args.no_command_buffers else 'on'}; ms per output token, "
           "first run / second")  # fmt: skip
-    print("| prompt | no drafts | n-gram drafts | speed-up (2nd) | drafts accepted | tokens a verify step | "
+    print("| prompt | no drafts | with drafts | speed-up (2nd) | drafts accepted | tokens a verify step | "
           "verify step ms | same tokens |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     print("\n".join(rows))
     print_result(result)
@@ -131,7 +139,8 @@ def main() -> None:
     if out:
         import json
 
-        name = f"speculative_k{args.draft_len}{'_nocb' if args.no_command_buffers else ''}.json"
+        name = (f"speculative_k{args.draft_len}{'_nocb' if args.no_command_buffers else ''}"
+                f"{'_draft_' + args.draft_model if args.draft_model else ''}.json")
         with open(os.path.join(out, name), "w") as f:
             json.dump(result, f, indent=1)  # (one file a run: --draft-len in its name)
     sys.stdout.flush()

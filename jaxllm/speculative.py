@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from typing import Any, Iterable, Optional
+
+from jaxllm.engine.step_inputs import StepRequest
 
 MAX_DRAFT_LEN = 16  # drafts per sequence a step verifies (each is a row of the step)
 _PUBLIC_POOL_KEYS = 1 << 20  # a shared pool's most patterns (oldest dropped first)
@@ -85,13 +88,36 @@ class NGramDecodingConfig:
 
 @dataclasses.dataclass
 class DraftTargetDecodingConfig:
-    """TensorRT-LLM's draft/target speculation: a small model of the same tokenizer drafts. Accepted
-    as a config and refused by LLM() (not built yet: the draft model needs its own KV cache)."""
+    """TensorRT-LLM's draft/target speculation: a smaller model of the same vocabulary drafts
+    `max_draft_len` tokens greedily (its own KV cache, in the same pages as the target's: it runs on
+    every step the target runs, so its K/V follows the target's tokens).
+
+    max_draft_len: drafts per step (required), at most MAX_DRAFT_LEN.
+    speculative_model: the draft model, anything LLM(model=...) takes (`speculative_model_dir`,
+      older releases' name, is taken too).
+    max_concurrency: as NGramDecodingConfig's.
+    """
 
     max_draft_len: Optional[int] = None
     speculative_model: Any = None
     speculative_model_dir: Any = None  # older releases' name
+    max_concurrency: Optional[int] = None
     decoding_type: str = "DraftTarget"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        if self.max_draft_len is None:
+            raise ValueError(f"{owner}.max_draft_len is required; allowed: an int in [1, {MAX_DRAFT_LEN}]")
+        _check_int(owner, "max_draft_len", self.max_draft_len, 1, MAX_DRAFT_LEN)
+        if self.speculative_model is None:
+            self.speculative_model = self.speculative_model_dir
+        if not isinstance(self.speculative_model, (str, os.PathLike)):
+            raise ValueError(f"{owner}.speculative_model={self.speculative_model!r} is invalid; allowed: a model "
+                             "name, directory or file, as LLM(model=...) takes")  # fmt: skip
+        if self.max_concurrency is not None:
+            _check_int(owner, "max_concurrency", self.max_concurrency, 1, 1 << 30)
+        if self.decoding_type != "DraftTarget":
+            raise ValueError(f"{owner}.decoding_type={self.decoding_type!r} is invalid; allowed: 'DraftTarget'")
 
 
 CONFIGS = {"NGram": NGramDecodingConfig, "DraftTarget": DraftTargetDecodingConfig}
@@ -118,27 +144,22 @@ def _from_vllm(value: dict) -> NGramDecodingConfig:
     return NGramDecodingConfig(**fields, is_public_pool=False)
 
 
-def as_speculative_config(value) -> Optional[NGramDecodingConfig]:
+def as_speculative_config(value):
     """`LLM(speculative_config=...)`: None, an NGramDecodingConfig, a dict with its fields and
     `decoding_type` (TensorRT-LLM's YAML form), or vLLM's {"method": "ngram", ...}. Anything else
     is refused, naming what is allowed."""
-    if value is None or isinstance(value, NGramDecodingConfig):
+    if value is None or isinstance(value, (NGramDecodingConfig, DraftTargetDecodingConfig)):
         return value
     if isinstance(value, dict) and "method" in value:
         return _from_vllm(value)
     if isinstance(value, dict):
         kind = value.get("decoding_type")
         if kind not in CONFIGS:
-            raise ValueError(f"speculative_config decoding_type={kind!r} is invalid; allowed: 'NGram' "
-                             "(and 'DraftTarget', not supported yet)")  # fmt: skip
-        value = CONFIGS[kind](**value)
-    if isinstance(value, DraftTargetDecodingConfig):
-        raise ValueError("speculative_config=DraftTargetDecodingConfig(...) is not supported yet: jaxllm drafts "
-                         "with NGramDecodingConfig (prompt lookup); allowed: None, NGramDecodingConfig")  # fmt: skip
-    if not isinstance(value, NGramDecodingConfig):
-        raise TypeError(f"speculative_config must be an NGramDecodingConfig, a dict or None, "
-                        f"got {type(value).__name__}")  # fmt: skip
-    return value
+            raise ValueError(f"speculative_config decoding_type={kind!r} is invalid; allowed: 'NGram', "
+                             "'DraftTarget'")  # fmt: skip
+        return CONFIGS[kind](**value)
+    raise TypeError(f"speculative_config must be an NGramDecodingConfig, a DraftTargetDecodingConfig, a dict or "
+                    f"None, got {type(value).__name__}")  # fmt: skip
 
 
 def eligible(seq, has_adapters: bool) -> bool:
@@ -223,15 +244,71 @@ class NGramDrafter:
         return []
 
 
+class ModelDrafter:
+    """DraftTargetDecodingConfig's drafter: a second ModelRunner (the draft model's weights and KV
+    cache, over the same page ids as the target's) that runs every step the target runs on the same
+    rows (`follow`), so its K/V follows the target's tokens, and drafts by a greedy multi-step
+    decode of max_draft_len steps from each sequence's last token (`propose_all`)."""
+
+    def __init__(self, runner, k: int):
+        self.runner, self.k = runner, k
+
+    def forget(self, seq) -> None:
+        pass
+
+    def follow(self, requests: list, steps: int) -> None:
+        """The target's step, on the draft model (its outputs are never read): the same tokens at
+        the same positions and pages, each row sampled plainly (greedy, nothing returned; a prompt
+        adapter's virtual tokens as token 0)."""
+        vocab = self.runner.cfg.vocab_size
+        rows = [StepRequest(token_ids=[t if t < vocab else 0 for t in r.token_ids] if r.token_ids and
+                            max(r.token_ids) >= vocab else r.token_ids, start=r.start, block_table=r.block_table)
+                for r in requests]  # fmt: skip
+        self.runner.dispatch(rows, steps)
+
+    def propose_all(self, candidates: list, reserve) -> list:
+        """(sequence, drafts) for the (sequence, limit) `candidates` whose pages for their last
+        token and max_draft_len more `reserve(seq, n)` gives, as many as one dispatch serves."""
+        rows, chosen = [], []
+        for seq, limit in candidates:
+            row = StepRequest(token_ids=[seq.token_ids[-1]], start=seq.num_computed, block_table=seq.block_table)
+            if self.k > 1 and not self.runner.multi_step_serves(rows + [row]):
+                break
+            if not reserve(seq, 1 + self.k):  # the draft writes positions P .. P + k - 1, the verify step P + k
+                continue
+            rows.append(row)
+            chosen.append((seq, limit))
+        if not rows:
+            return []
+        tokens = self.runner.dispatch(rows, self.k).result()["tokens"]  # [k, rows] (k > 1) or [rows]
+        tokens = tokens.reshape(self.k, len(rows)) if self.k > 1 else tokens.reshape(1, len(rows))
+        return [(seq, [int(t) for t in tokens[:limit, i]]) for i, (seq, limit) in enumerate(chosen)]
+
+    def reset(self) -> None:
+        """The target's KV cache was rebuilt (a failed step): the draft's too."""
+        self.runner.reset_cache()
+
+
 class Speculation:
     """The engine's speculative decoding: the drafter and the acceptance counts of the step just
-    read (get_stats' specDecodingStats)."""
+    read (get_stats' specDecodingStats).
 
-    def __init__(self, config: NGramDecodingConfig, has_adapters: bool = False):
+    Args:
+      config: an NGramDecodingConfig or a DraftTargetDecodingConfig.
+      has_adapters: the LLM serves adapters (their sequences do not draft).
+      draft_runner: DraftTargetDecodingConfig's: the draft model's ModelRunner.
+    """
+
+    def __init__(self, config, has_adapters: bool = False, draft_runner=None):
         self.config = config
-        self.drafter = NGramDrafter(config)
+        self.drafter = ModelDrafter(draft_runner, config.max_draft_len) if draft_runner is not None else NGramDrafter(config)
         self.has_adapters = has_adapters
         self.reset_counts()
+
+    @property
+    def model(self) -> Optional[ModelDrafter]:
+        """The draft model's drafter (DraftTargetDecodingConfig), or None."""
+        return self.drafter if isinstance(self.drafter, ModelDrafter) else None
 
     def reset_counts(self) -> None:
         self.num_draft_tokens = self.num_accepted_tokens = self.num_requests = 0
@@ -253,19 +330,25 @@ class Speculation:
         """Whether sequences draft with `num_running` running (max_concurrency)."""
         return self.config.max_concurrency is None or num_running <= self.config.max_concurrency
 
-    def propose(self, running: Iterable, max_seq_len: int) -> None:
+    def propose(self, running: Iterable, max_seq_len: int, reserve=None) -> None:
         """Give each eligible decoding sequence its drafts (`Sequence.take_drafts`); none for any
         when a running request has logits processors (their rows are one per sequence) or more
-        than max_concurrency run."""
+        than max_concurrency run. `reserve(seq, n)`: pages for n tokens from its last (a draft
+        model writes its drafts' K/V), False when they do not fit."""
         running = [s for s in running if not s.finished]
         if not self.active(len(running)) or any(_processed(s.request.params) for s in running):
             return
+        candidates = []
         for seq in running:
             if seq.num_uncomputed != 1 or seq.num_ahead or seq.num_draft:
                 continue
             limit = seq.tokens_left(max_seq_len) - 1  # the step's last sample is a token too
-            if limit <= 0 or not eligible(seq, self.has_adapters):
-                continue
-            drafts = self.drafter.propose(seq, limit)
+            if limit > 0 and eligible(seq, self.has_adapters):
+                candidates.append((seq, limit))
+        if self.model is not None:
+            drafted = self.model.propose_all(candidates, reserve)
+        else:
+            drafted = [(seq, self.drafter.propose(seq, limit)) for seq, limit in candidates]
+        for seq, drafts in drafted:
             if drafts:
                 seq.take_drafts(drafts)

@@ -101,6 +101,45 @@ def test_no_drafts_while_more_than_max_concurrency_run(engines, tiny_dir):
         NGramDecodingConfig(max_draft_len=2, max_concurrency=0)
 
 
+@pytest.mark.parametrize("draft", ["llama", "llama-linear"])
+def test_a_draft_model_drafts_and_the_outputs_stay(engines, tiny_dir, draft):
+    """DraftTargetDecodingConfig: the model itself as its draft (its greedy drafts are its own
+    tokens: all accepted for greedy requests), and another model of the same vocabulary: the tokens
+    of decoding without drafts either way."""
+    plain = engines[0]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True),
+              SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, top_p=0.9, seed=5, logprobs=2),
+              SamplingParams(max_tokens=2, ignore_eos=True), SamplingParams(max_tokens=30, stop_token_ids=[9, 22])]
+    prompts = [p for p in PROMPTS[:3] for _ in params]
+    per = params * 3
+    want = plain.generate(prompts, per, use_tqdm=False)
+    config = DraftTargetDecodingConfig(max_draft_len=3, speculative_model=str(tiny_dir(draft)))
+    with _llm(tiny_dir, speculative_config=config) as spec:
+        got = spec.generate(prompts, per, use_tqdm=False)
+        stats = _spec_stats(spec)
+        bm = spec._engine.block_manager
+        assert bm.num_free_blocks == bm.num_usable_blocks
+        spec.generate(PROMPTS[:3], params[0], use_tqdm=False)  # greedy alone
+        greedy = _spec_stats(spec)
+    for w, g in zip(want, got):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
+    assert sum(s["numDraftTokens"] for s in stats) > 0  # (another random model's drafts are rarely right)
+    if draft == "llama":  # the model's own greedy drafts: every one accepted by its greedy rows
+        drafted, taken = sum(s["numDraftTokens"] for s in greedy), sum(s["numAcceptedTokens"] for s in greedy)
+        assert taken == drafted > 0
+
+
+def test_a_draft_model_must_share_the_vocabulary_and_run_on_one_device(tiny_dir):
+    config = DraftTargetDecodingConfig(max_draft_len=2, speculative_model=str(tiny_dir("llama-odd")))
+    with pytest.raises(ValueError, match=r"has a vocabulary of 330 tokens, the model 320; allowed: a draft model of the "
+                                         r"same vocabulary"):
+        _llm(tiny_dir, speculative_config=config)
+    config = DraftTargetDecodingConfig(max_draft_len=2, speculative_model=str(tiny_dir("llama")))
+    with pytest.raises(ValueError, match=r"needs one device and one process \(tensor_parallel_size=1\)"):
+        _llm(tiny_dir, speculative_config=config, tensor_parallel_size=2)
+
+
 def test_streaming_deltas_join_to_the_final_output(engines):
     _, spec = engines
     params = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -200,10 +239,11 @@ def test_ngram_drafter_rules():
     (dict(max_draft_len=4, max_matching_ngram_size=0, decoding_type="NGram"), ValueError,
      r"max_matching_ngram_size=0 is invalid"),
     (dict(max_draft_len=4, is_public_pool="yes", decoding_type="NGram"), ValueError, r"is_public_pool='yes' is invalid"),
-    (dict(max_draft_len=4, decoding_type="Eagle"), ValueError, r"decoding_type='Eagle' is invalid; allowed: 'NGram'"),
-    (DraftTargetDecodingConfig(max_draft_len=4, speculative_model="m"), ValueError,
-     r"DraftTargetDecodingConfig\(...\) is not supported yet"),
-    ("ngram", TypeError, r"speculative_config must be an NGramDecodingConfig, a dict or None, got str"),
+    (dict(max_draft_len=4, decoding_type="Eagle"), ValueError, r"decoding_type='Eagle' is invalid; allowed: 'NGram', 'DraftTarget'"),
+    (dict(max_draft_len=4, decoding_type="DraftTarget"), ValueError,
+     r"DraftTargetDecodingConfig.speculative_model=None is invalid; allowed: a model name, directory or file"),
+    ("ngram", TypeError, r"speculative_config must be an NGramDecodingConfig, a DraftTargetDecodingConfig, a dict or "
+                         r"None, got str"),
 ])  # fmt: skip
 def test_bad_configs_are_refused_naming_what_is_allowed(value, error, match):
     with pytest.raises(error, match=match):

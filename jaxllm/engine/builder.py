@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -38,7 +39,7 @@ from jaxllm.engine.engine import Engine
 from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.host_cache import HostPageCache
 from jaxllm.engine.kv_events import KVCacheEvents
-from jaxllm.engine.kv_planner import check_weights_fit, plan_num_pages
+from jaxllm.engine.kv_planner import bytes_per_token, check_weights_fit, plan_num_pages
 from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.stats import IterationStats
@@ -105,6 +106,8 @@ class EngineBuilder:
                           else jax.devices()[:1], tensor_parallel_size)  # fmt: skip
         self.tokenizer = self.params = None
         self.lora_cache = self.prompt_cache = None
+        self.draft = self._resolve_draft()  # DraftTargetDecodingConfig's model: (resolved, config), or None
+        self.draft_runner: ModelRunner | None = None
 
     def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
               skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip
@@ -127,6 +130,14 @@ class EngineBuilder:
                                                     args.load_format, args.seed or 0,
                                                     cache_dir=self.compile_cache_dir)  # fmt: skip
         runner.params = self.params
+        if self.draft_runner is not None:
+            with _phase("draft model's weights (%s)", "random" if args.load_format == "dummy" else self.draft[0].kind):
+                self.draft_runner.params = loader.load_engine_params(self.draft[0], self.draft[1], self.dtype, None, None,
+                                                                     args.load_format, (args.seed or 0) + 1,
+                                                                     cache_dir=self.compile_cache_dir)  # fmt: skip
+            if os.environ.get(PRECOMPILE_ENV, "1") != "0":
+                with _phase("draft model's programs"):
+                    self.draft_runner.precompile()
         if self.channel is not None and not distributed.is_leader():
             runner.allocate()
             runner.follow()  # until the leader shuts down
@@ -136,6 +147,26 @@ class EngineBuilder:
         else:
             self._prepare_programs(runner, background=False)
         return self._start_engine(runner)
+
+    def _resolve_draft(self):
+        """DraftTargetDecodingConfig's draft model, (resolved, config): one device and process, the
+        target's vocabulary; None without one."""
+        spec = self.args.speculative_config
+        if not isinstance(spec, speculative.DraftTargetDecodingConfig):
+            return None
+        if self.mesh is not None or self.channel is not None:
+            raise ValueError("speculative_config=DraftTargetDecodingConfig(...) needs one device and one process "
+                             "(tensor_parallel_size=1); allowed there: NGramDecodingConfig")  # fmt: skip
+        resolved = loader.resolve(spec.speculative_model)
+        if resolved.kind == "saved":
+            cfg = saved.read_config(resolved.path)[0]
+        else:
+            cfg = loader.read_config(resolved)
+        if cfg.vocab_size != self.config.vocab_size:
+            raise ValueError(f"speculative_model={spec.speculative_model!r} has a vocabulary of {cfg.vocab_size} "
+                             f"tokens, the model {self.config.vocab_size}; allowed: a draft model of the same "
+                             "vocabulary (tokenizer)")  # fmt: skip
+        return resolved, cfg
 
     def _build_adapters(self) -> AdapterBank | None:
         """The adapter bank on the device and the host caches, when LoRA or prompt adapters are enabled."""
@@ -185,9 +216,14 @@ class EngineBuilder:
         devices = list(self.mesh.devices.flat) if self.mesh is not None else None
         weight_bytes = max(0, sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jax.numpy.dtype(a.dtype).itemsize
                                   for a in jax.tree.leaves(abstract)))  # fmt: skip
+        extra = 0
+        if self.draft is not None:  # its weights, and its K/V in the same pages
+            weight_bytes += param_bytes(self.draft[1], self.dtype)
+            extra = bytes_per_token(self.draft[1], self.kv_dtype)
         num_pages = plan_num_pages(cfg, self.kv_dtype, kv_cfg.tokens_per_block, kv_cfg, args.max_num_tokens,
                                    args.max_batch_size, devices, tp_kv_shards=self.tensor_parallel_size,
-                                   max_seq_len=args.max_seq_len, pending_bytes=weight_bytes)  # fmt: skip
+                                   max_seq_len=args.max_seq_len, pending_bytes=weight_bytes,
+                                   extra_per_token=extra)  # fmt: skip
         if num_pages < 2:
             raise ValueError(
                 "the KV cache has no room for a single page after the weights; lower max_num_tokens / "
@@ -235,6 +271,11 @@ class EngineBuilder:
         kv_type = jax.numpy.dtype(self.kv_dtype)
         logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
                     kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
+        if self.draft is not None:  # greedy drafts of max_draft_len tokens: a multi-step decode of that many
+            k = args.speculative_config.max_draft_len
+            draft_config = dataclasses.replace(runner_config, decode_steps=k, guided=False)
+            self.draft_runner = ModelRunner(self.draft[1], _abstract_on_one_device(self.draft[1], self.dtype), draft_config,
+                                            cache_dir=self.compile_cache_dir)  # fmt: skip
         return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self.channel,
                            adapters=self.adapter_bank, cache_dir=self.compile_cache_dir)  # fmt: skip
 
@@ -292,7 +333,16 @@ class EngineBuilder:
             return None
 
         runner.prepare_copies()  # compiled now, not at the first partial hit
-        return runner.copy_page
+        draft = self.draft_runner
+        if draft is None:
+            return runner.copy_page
+        draft.prepare_copies()
+
+        def copy_page(source: int, target: int) -> None:  # the draft model's K/V in the same pages
+            runner.copy_page(source, target)
+            draft.copy_page(source, target)
+
+        return copy_page
 
     def _prepare_programs(self, runner: ModelRunner, background: bool):
         """Make every program the engine can ask for: serving then never waits for a compilation
@@ -352,6 +402,8 @@ class EngineBuilder:
         cfg, args, adapters = self.engine_config, self.args, self.adapter_bank
         runner.allocate()
         runner.warm_up()
+        if self.draft_runner is not None:
+            self.draft_runner.allocate()
         kv_cfg = args.kv_cache_config
         host, events = self._kv_cache_tiers(runner)
         num_pages, page_size, max_num_tokens = runner.config.num_pages, runner.config.page_size, args.max_num_tokens
@@ -384,7 +436,8 @@ class EngineBuilder:
                       overlap=not args.disable_overlap_scheduler, stats=stats, stream_interval=args.stream_interval,
                       print_iter_log=args.print_iter_log,
                       gc_gen0_threshold=args.garbage_collection_gen0_threshold,
-                      speculation=speculative.Speculation(args.speculative_config, runner.adapters is not None)
+                      speculation=speculative.Speculation(args.speculative_config, runner.adapters is not None,
+                                                          self.draft_runner)
                       if args.speculative_config is not None else None)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
@@ -393,6 +446,12 @@ class EngineBuilder:
             return int(value)
         header, _ = self.channel.recv()
         return int(header[name])
+
+
+def _abstract_on_one_device(cfg: ModelConfig, dtype):
+    """A model's weights as ShapeDtypeStructs on the first device (a draft model's)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(cfg, dtype))
 
 
 def dismantle(engine: Engine) -> None:
@@ -405,6 +464,12 @@ def dismantle(engine: Engine) -> None:
     if engine.runner.adapters is not None:
         engine.runner.adapters.delete()
     engine.runner.params = engine.runner.kv_cache = None
+    if engine.spec is not None and engine.spec.model is not None:
+        draft = engine.spec.model.runner
+        for array in jax.tree.leaves((draft.params, draft.kv_cache)):
+            if isinstance(array, jax.Array) and not array.is_deleted():
+                array.delete()
+        draft.params = draft.kv_cache = None
 
 
 def release_host_memory() -> None:

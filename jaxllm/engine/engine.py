@@ -120,10 +120,14 @@ class Engine:
                  gc_gen0_threshold: int | None = None, speculation: Speculation | None = None):  # fmt: skip
         self.runner = runner
         # Speculative decoding (jaxllm/speculative.py): drafts given before each step scheduled after a read.
+        # A draft model runs every step the target runs, on its tokens: one decode a dispatch, each
+        # read before the next is scheduled.
         self.spec = speculation
+        if speculation is not None and speculation.model is not None:
+            overlap = False
         self.print_iter_log, self.gc_gen0_threshold = print_iter_log, gc_gen0_threshold
         # Multi-step decoding: the most decodes per dispatch (the runner compiles that variant; 1 turns it off here).
-        self.decode_steps = runner.config.decode_steps
+        self.decode_steps = runner.config.decode_steps if speculation is None or speculation.model is None else 1
         # The overlap scheduler: each step is scheduled and dispatched while the last one runs
         # (`_run_ahead`); the step in flight, not yet advanced or read, is the next one's.
         self.overlap = overlap
@@ -410,7 +414,7 @@ class Engine:
         """The scheduler's next step (None when nothing can run); `ahead`: while the last step is
         in flight, not read (the overlap scheduler)."""
         if self.spec is not None and not ahead:
-            self.spec.propose(self.scheduler.running, self.max_seq_len)
+            self.spec.propose(self.scheduler.running, self.max_seq_len, self.scheduler.reserve)
         scheduled = self.scheduler.schedule(ahead)
         if self.spec is not None:  # drafts of sequences left out of the step
             chosen = {seq for seq, _ in scheduled.items}
@@ -449,6 +453,8 @@ class Engine:
         False: it failed, and its requests (and `after`'s) with it."""
         try:
             plan.pending = self.runner.dispatch(plan.requests, plan.steps, after.pending if after else None)
+            if self.spec is not None and self.spec.model is not None:
+                self.spec.model.follow(plan.requests, plan.steps)
         except Exception as e:
             self._step_failed([after, plan], e)
             return False
@@ -534,6 +540,8 @@ class Engine:
         for seq in self.scheduler.running:  # (none holds placeholders: they were the failed steps')
             seq.drop_ahead()
         self.runner.reset_cache()
+        if self.spec is not None and self.spec.model is not None:
+            self.spec.model.reset()
         self.disaggregated.release_all()
         self.scheduler.drop_all_pages()
 

@@ -106,7 +106,7 @@ def check_weights_fit(weight_bytes: int, devices, tensor_parallel_size: int = 1)
 
 def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_num_tokens: int,
                    max_batch_size: int, devices=None, tp_kv_shards: int = 1, max_seq_len: int | None = None,
-                   pending_bytes: int = 0) -> int:  # fmt: skip
+                   pending_bytes: int = 0, extra_per_token: int = 0) -> int:  # fmt: skip
     """How many pages (page 0 included) the KV cache gets.
 
     Args:
@@ -115,9 +115,10 @@ def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_nu
         CPU the cache holds at most max_batch_size of them.
       pending_bytes: what each device will still take for the weights (the cache is sized before
         they load, so that the programs can be made meanwhile).
+      extra_per_token: bytes a token takes in another cache over the same pages (a draft model's).
     """
     devices = [d for d in (devices or jax.local_devices()[:1]) if d.process_index == jax.process_index()]
-    per_token = bytes_per_token(cfg, kv_dtype, tp_kv_shards)
+    per_token = bytes_per_token(cfg, kv_dtype, tp_kv_shards) + extra_per_token
     free = [None if f is None else f - pending_bytes for f in (device_free_bytes(d) for d in devices)]
     if devices[0].platform != "cpu" and all(f is not None for f in free):
         budget = (min(free) - activation_reserve(cfg, max_num_tokens, max_batch_size)) * kv_config.free_gpu_memory_fraction

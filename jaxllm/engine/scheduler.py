@@ -303,6 +303,15 @@ class Scheduler:
         """The pages of `seq` that hold its first `num_tokens` tokens."""
         return seq.block_table[: -(-num_tokens // self.block_size)]
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give a running sequence the pages of `num_tokens` tokens from its first uncomputed one
+        (a draft model's drafts), if they fit; False: nothing given."""
+        bm = self.block_manager
+        if not bm.can_allocate(bm.blocks_needed(seq, num_tokens)):
+            return False
+        bm.allocate(seq, num_tokens)
+        return True
+
     def take_import_pages(self, seq: Sequence, num_tokens: int) -> bool:
         """Give a new sequence (in no queue) pages for the `num_tokens` K/V positions of an imported
         context, if the pages of one more token fit and its adapters get device slots; False: it
