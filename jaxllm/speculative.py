@@ -274,7 +274,9 @@ class ModelDrafter:
             row = StepRequest(token_ids=[seq.token_ids[-1]], start=seq.num_computed, block_table=seq.block_table)
             if self.k > 1 and not self.runner.multi_step_serves(rows + [row]):
                 break
-            if not reserve(seq, 1 + self.k):  # the draft writes positions P .. P + k - 1, the verify step P + k
+            # The verify step computes positions P .. P + limit; the draft's decodes past them write
+            # into the null page (as any multi-step decode's rows past their pages).
+            if not reserve(seq, 1 + min(self.k, limit)):
                 continue
             rows.append(row)
             chosen.append((seq, limit))
