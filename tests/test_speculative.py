@@ -130,6 +130,20 @@ def test_a_draft_model_drafts_and_the_outputs_stay(engines, tiny_dir, draft):
         assert taken == drafted > 0
 
 
+def test_a_draft_model_at_max_seq_len(engines, tiny_dir):
+    """Sequences that end at max_seq_len: their drafts and pages stay within it."""
+    plain = engines[0]
+    prompts = [list(range(30, 70)), REPEAT[:41]]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True),
+                                                           use_tqdm=False)]  # fmt: skip
+    config = DraftTargetDecodingConfig(max_draft_len=4, speculative_model=str(tiny_dir("llama")))
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+             max_num_tokens=64, max_seq_len=48, speculative_config=config) as spec:  # fmt: skip
+        outs = spec.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [w[: 48 - len(p)] for w, p in zip(want, prompts)]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
 def test_a_draft_model_must_share_the_vocabulary_and_run_on_one_device(tiny_dir):
     config = DraftTargetDecodingConfig(max_draft_len=2, speculative_model=str(tiny_dir("llama-odd")))
     with pytest.raises(ValueError, match=r"has a vocabulary of 330 tokens, the model 320; allowed: a draft model of the "
