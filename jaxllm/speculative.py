@@ -49,6 +49,20 @@ def _check_bool(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name}={value!r} is invalid; allowed: True, False")
 
 
+def _check_common(config, decoding_type: str) -> str:
+    """The fields every speculative config has (max_draft_len, max_concurrency, decoding_type),
+    checked in this order; returns the config's class name, for the messages of its own fields."""
+    owner = type(config).__name__
+    if config.max_draft_len is None:
+        raise ValueError(f"{owner}.max_draft_len is required; allowed: an int in [1, {MAX_DRAFT_LEN}]")
+    _check_int(owner, "max_draft_len", config.max_draft_len, 1, MAX_DRAFT_LEN)
+    if config.max_concurrency is not None:
+        _check_int(owner, "max_concurrency", config.max_concurrency, 1, 1 << 30)
+    if config.decoding_type != decoding_type:
+        raise ValueError(f"{owner}.decoding_type={config.decoding_type!r} is invalid; allowed: {decoding_type!r}")
+    return owner
+
+
 @dataclasses.dataclass
 class NGramDecodingConfig:
     """TensorRT-LLM's n-gram (prompt lookup) drafter: the tokens that followed an earlier occurrence
@@ -73,17 +87,10 @@ class NGramDecodingConfig:
     decoding_type: str = "NGram"
 
     def __post_init__(self):
-        owner = type(self).__name__
-        if self.max_draft_len is None:
-            raise ValueError(f"{owner}.max_draft_len is required; allowed: an int in [1, {MAX_DRAFT_LEN}]")
-        _check_int(owner, "max_draft_len", self.max_draft_len, 1, MAX_DRAFT_LEN)
+        owner = _check_common(self, "NGram")
         _check_int(owner, "max_matching_ngram_size", self.max_matching_ngram_size, 1, 64)
         for name in ("is_keep_all", "is_use_oldest", "is_public_pool"):
             _check_bool(owner, name, getattr(self, name))
-        if self.max_concurrency is not None:
-            _check_int(owner, "max_concurrency", self.max_concurrency, 1, 1 << 30)
-        if self.decoding_type != "NGram":
-            raise ValueError(f"{owner}.decoding_type={self.decoding_type!r} is invalid; allowed: 'NGram'")
 
 
 @dataclasses.dataclass
@@ -105,19 +112,12 @@ class DraftTargetDecodingConfig:
     decoding_type: str = "DraftTarget"
 
     def __post_init__(self):
-        owner = type(self).__name__
-        if self.max_draft_len is None:
-            raise ValueError(f"{owner}.max_draft_len is required; allowed: an int in [1, {MAX_DRAFT_LEN}]")
-        _check_int(owner, "max_draft_len", self.max_draft_len, 1, MAX_DRAFT_LEN)
+        owner = _check_common(self, "DraftTarget")
         if self.speculative_model is None:
             self.speculative_model = self.speculative_model_dir
         if not isinstance(self.speculative_model, (str, os.PathLike)):
             raise ValueError(f"{owner}.speculative_model={self.speculative_model!r} is invalid; allowed: a model "
                              "name, directory or file, as LLM(model=...) takes")  # fmt: skip
-        if self.max_concurrency is not None:
-            _check_int(owner, "max_concurrency", self.max_concurrency, 1, 1 << 30)
-        if self.decoding_type != "DraftTarget":
-            raise ValueError(f"{owner}.decoding_type={self.decoding_type!r} is invalid; allowed: 'DraftTarget'")
 
 
 CONFIGS = {"NGram": NGramDecodingConfig, "DraftTarget": DraftTargetDecodingConfig}
