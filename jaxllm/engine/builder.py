@@ -458,18 +458,14 @@ def dismantle(engine: Engine) -> None:
     """Stop an engine (its unfinished requests fail with EngineShutdown) and delete its device arrays.
     Its host memory goes back by `release_host_memory`, once the caller holds no reference to it."""
     engine.shutdown()
-    for array in jax.tree.leaves((engine.runner.params, engine.runner.kv_cache)):
-        if isinstance(array, jax.Array) and not array.is_deleted():
-            array.delete()
-    if engine.runner.adapters is not None:
-        engine.runner.adapters.delete()
-    engine.runner.params = engine.runner.kv_cache = None
-    if engine.spec is not None and engine.spec.model is not None:
-        draft = engine.spec.model.runner
-        for array in jax.tree.leaves((draft.params, draft.kv_cache)):
+    runners = [engine.runner] + ([engine.spec.model.runner] if engine.spec is not None and engine.spec.model else [])
+    for runner in runners:  # the model's, and a draft model's
+        for array in jax.tree.leaves((runner.params, runner.kv_cache)):
             if isinstance(array, jax.Array) and not array.is_deleted():
                 array.delete()
-        draft.params = draft.kv_cache = None
+        if runner.adapters is not None:
+            runner.adapters.delete()
+        runner.params = runner.kv_cache = None
 
 
 def release_host_memory() -> None:
