@@ -416,11 +416,6 @@ class Engine:
         if self.spec is not None and not ahead:
             self.spec.propose(self.scheduler.running, self.max_seq_len, self.scheduler.reserve)
         scheduled = self.scheduler.schedule(ahead)
-        if self.spec is not None:  # drafts of sequences left out of the step
-            chosen = {seq for seq, _ in scheduled.items}
-            for seq in self.scheduler.running:
-                if seq.num_draft and seq not in chosen:
-                    seq.drop_drafts()
         if scheduled.starved:
             self._no_run_ahead = True
         if not scheduled.items:

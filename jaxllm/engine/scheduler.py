@@ -238,6 +238,9 @@ class Scheduler:
             rows += 1
         if unit is not None:
             self._share_rest(items, budget, unit)
+        for seq in self.running:  # drafts of sequences left out of the step
+            if seq.num_draft and seq.seq_id not in scheduled:
+                seq.drop_drafts()
         return ScheduledStep(items, preempted, starved)
 
     def _share_rest(self, items: list[tuple[Sequence, int]], budget: int, unit: int) -> None:
