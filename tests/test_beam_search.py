@@ -43,12 +43,11 @@ def test_beams_and_scores_match_transformers_mixed_with_greedy_and_sampled(smoll
     llm = smollm2_llm
     stop = sorted(set(llm.config.eos_token_ids))
     prompts, params, expected = [], [], []
-    for case in CASES:
-        for text in PROMPTS:
-            ids = tok.encode(text)
-            prompts.append(ids)
-            params.append(_beam_params(*case))
-            expected.append(_hf_beams(model, ids, *case, stop))
+    for i, case in enumerate(CASES):  # each case on one of the prompts, in turn
+        ids = tok.encode(PROMPTS[i % len(PROMPTS)])
+        prompts.append(ids)
+        params.append(_beam_params(*case))
+        expected.append(_hf_beams(model, ids, *case, stop))
     others = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.8, seed=3, logprobs=2)]
     alone = [llm.generate(tok.encode(PROMPTS[0]), p, use_tqdm=False).outputs[0] for p in others]
     outs = llm.generate(prompts + [tok.encode(PROMPTS[0])] * 2, params + others, use_tqdm=False)

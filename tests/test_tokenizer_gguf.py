@@ -7,6 +7,7 @@ import pytest
 
 from jaxllm import tokenizer
 from jaxllm.checkpoints import gguf
+from tests import tiny
 
 TEXTS = [
     "",
@@ -85,8 +86,8 @@ def test_gguf_tokenizer_equals_transformers(fixture, request, tmp_path, monkeypa
 
     path = request.getfixturevalue(fixture)
     assert tokenizer.gguf_tokenizer_inputs(gguf.read_metadata(path)) == get_gguf_tokenizer(str(path))
-    # AutoTokenizer.from_pretrained(gguf_file=...), as the real-model tests' reference already holds it.
-    reference = request.getfixturevalue(fixture.replace("_path", "_hf"))[1]
+    # AutoTokenizer.from_pretrained(gguf_file=...) alone: the real-model fixtures' float32 model is not needed.
+    reference = tiny.hf_tokenizer_from_gguf(path)
     monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
     cold = tokenizer.gguf_tokenizer(path)
     assert (tokenizer.tokenizer_cache_dir(path) / "tokenizer.json").is_file()

@@ -63,13 +63,21 @@ def save_tiny(name: str, path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def hf_tokenizer_from_gguf(path: Path):
+    """transformers' tokenizer of a GGUF file (AutoTokenizer.from_pretrained(gguf_file=...))."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def hf_from_gguf(path: Path):
     """(transformers float32 model, tokenizer) loaded from a GGUF file, as the reference."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = hf_tokenizer_from_gguf(path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return model, tok
 
