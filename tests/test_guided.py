@@ -66,6 +66,41 @@ def test_guided_outputs_follow_their_constraints_and_unguided_rows_are_unchanged
     assert alone.outputs[0].token_ids == outs[-1].outputs[0].token_ids
 
 
+def test_guided_steps_run_ahead_with_the_outputs_of_steps_that_wait(llm):
+    """With the overlap scheduler, a step with guided rows is dispatched before the last step is
+    read, its sampler once that step's tokens have reached the grammars (the bitmasks filled while
+    the device computes the forward): the same tokens, log-probabilities and finish reasons as the
+    engine that waits for every read, greedy and seeded, beside unguided rows."""
+    prompts = ["Describe a person as JSON.", "Give a phone number.", "List some fruit as JSON.", "Tell me a story."]
+    params = [SamplingParams(max_tokens=30, guided_decoding=GuidedDecodingParams(json=PERSON)),
+              SamplingParams(max_tokens=12, temperature=0.9, seed=4, logprobs=2,
+                             guided_decoding=GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}")),
+              SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=11, guided_decoding=GuidedDecodingParams(json=ITEMS)),
+              SamplingParams(max_tokens=24, temperature=0.7, seed=2)]  # fmt: skip
+
+    def outputs(overlap: bool):
+        llm._engine.overlap = overlap
+        try:
+            follow_ons = llm._engine.num_follow_ons  # steps dispatched ahead of the last one's read
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs) for o in outs], \
+                llm._engine.num_follow_ons - follow_ons  # fmt: skip
+        finally:
+            llm._engine.overlap = True
+
+    waited, follow_ons = outputs(False)
+    assert follow_ons == 0
+    ahead, follow_ons = outputs(True)
+    assert follow_ons >= 10
+    assert [(t, f) for t, f, _ in ahead] == [(t, f) for t, f, _ in waited]
+    for (_, _, a), (_, _, w) in zip(ahead, waited):  # (logprobs: requests[1]'s)
+        assert [sorted(e) for e in a or []] == [sorted(e) for e in w or []]
+        assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for x, y in zip(a or [], w or []) for t in x)
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", llm.tokenizer.decode(ahead[1][0]))
+    bm = llm._engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
 def test_sampled_guided_samples_each_follow_the_schema(llm):
     out = llm.generate("Describe a person as JSON.",
                        SamplingParams(max_tokens=48, temperature=0.9, n=2, seed=3, guided_decoding=GuidedDecodingParams(json=PERSON)))  # fmt: skip

@@ -92,6 +92,7 @@ class Plan:
     unfinished: set = dataclasses.field(default_factory=set)  # its requests not finished before it (stats)
     ahead_of_read: bool = False  # scheduled and dispatched before the last step was read
     queue: tuple = ((), ())  # the scheduler's (running, waiting) sequences right after it was scheduled (stats)
+    guided_rows: list = dataclasses.field(default_factory=list)  # (row, sequence): bitmasks pending (_sample_guided)
 
 
 class Engine:
@@ -368,6 +369,8 @@ class Engine:
             apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
                                     self.post.fail, self.batched_logits_processor)  # fmt: skip
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
+        if self._inflight is not None and self._inflight.guided_rows:
+            self._sample_guided(self._inflight)
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
         self._stats.record(self.scheduler, plan.scheduled, plan.context, plan.steps, plan.before, plan.unfinished,
                            started, plan.queue, self.spec.stats() if self.spec is not None else None)  # fmt: skip
@@ -425,12 +428,16 @@ class Engine:
         # Made once, before multi_steps gives a multi-step decode its pages: each row's block table
         # is its sequence's own list, so the pages given then are in it when the step is packed.
         # A sequence verifying drafts takes a row per token (speculative.py).
-        requests = []
+        requests, guided_rows = [], []
         for seq, n in scheduled.items:
             if seq.num_draft:
                 requests.extend(verify_rows(seq, n))
             else:
-                requests.append(step_request(seq, n))
+                # Ahead of the last step's read, a grammar has not seen that step's token yet: the
+                # row's bitmask is filled after the read, and the step's sampler dispatched then.
+                requests.append(step_request(seq, n, defer_bitmask=ahead))
+                if requests[-1].bitmask_pending:
+                    guided_rows.append((len(requests) - 1, seq))
         if len(requests) > len(scheduled.items):
             scheduled.verifying = [seq.num_draft > 0 for seq, _ in scheduled.items]
         steps = self.scheduler.multi_steps(
@@ -441,7 +448,7 @@ class Engine:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = time.monotonic()
         queue = (list(self.scheduler.running), list(self.scheduler.waiting))
-        return Plan(scheduled, steps, requests, context, queue=queue)
+        return Plan(scheduled, steps, requests, context, queue=queue, guided_rows=guided_rows)
 
     def _start(self, plan: Plan, after: Plan | None = None) -> bool:
         """Dispatch `plan` (its input tokens read from `after`'s samples where its rows say so);
@@ -476,6 +483,23 @@ class Engine:
                 seq.num_computed += k
                 seq.take_ahead(row, k, self.max_seq_len)
 
+    def _sample_guided(self, plan: Plan) -> None:
+        """Fill the pending bitmasks of `plan` (dispatched ahead of the step just read, whose tokens
+        its grammars have now taken) and dispatch its sampler: the host's grammar work runs while
+        the device computes the step's forward. A sequence that ended in the step just read keeps
+        every token allowed (its row is dropped when read)."""
+        for row, seq in plan.guided_rows:
+            r = plan.requests[row]
+            r.bitmask_pending = False
+            if not seq.finished and seq.guide is not None:
+                r.token_bitmask = seq.request.guided_decoder.bitmask(seq.guide)
+        plan.guided_rows = []
+        try:
+            self.runner.sample(plan.pending, plan.requests)
+        except Exception as e:
+            self._inflight = None
+            self._step_failed([plan], e)
+
     def _settle(self, plan: Plan) -> None:
         """Undo `_advance` on the read step's sequences still running: its results are taken in
         (postprocess.py) from where they were before it."""
@@ -487,7 +511,7 @@ class Engine:
     def _may_run_ahead(self, plan: Plan) -> bool:
         """Whether the next step may be scheduled before `plan` (dispatched, advanced) is read: no
         row of it needs the host between the two (logits processors, banned multi-token words, a
-        grammar, logits or prompt log-probabilities returned, beam search, adapters, drafts to make
+        logits or prompt log-probabilities returned, beam search, adapters, drafts to make
         while speculative decoding is on: jaxllm/speculative.py), and the last
         step scheduled ahead left no sequence out (then this one preempts as it must)."""
         if self._no_run_ahead:
@@ -502,8 +526,7 @@ class Engine:
             if spec_on and eligible(seq, False):  # its next drafts need this step's tokens
                 return False
             request, params = seq.request, seq.request.params
-            if (params.wants_logits or request.bad_word_ids or seq.guide is not None or request.needs_prompt_logits
-                    or request.beam is not None):  # fmt: skip
+            if params.wants_logits or request.bad_word_ids or request.needs_prompt_logits or request.beam is not None:
                 return False
         return True
 

@@ -35,7 +35,7 @@ from jaxllm.engine import programs as programs_lib
 from jaxllm.engine.buckets import ForwardShape, compiler_options, engine_buckets, shape_from_json
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.engine.step_inputs import (StepPlan, StepRequest, abstract_host_inputs, plan_step, resample_inputs,
-                                       sampling_flavor)  # fmt: skip
+                                       sampler_arrays, sampling_flavor)  # fmt: skip
 from jaxllm.models.params import abstract_of, is_spec, kv_cache_specs, zeros_of
 from jaxllm.models.step import NEXT_TOKENS
 
@@ -105,6 +105,7 @@ class ModelRunner:
         # The last sampling dispatch's samples, [max_rows] (programs.merge_tokens reads them), and its number.
         self._prev = self._replicate(np.zeros((self.buckets.max_rows,), np.int32))
         self._prev_index = 0
+        self._deferred_logits = None  # a step's logits while its sampler waits (ModelRunner.sample)
         self._write_bias_row = jax.jit(lambda table, row, slot: table.at[slot].set(row), donate_argnums=(0,))
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
@@ -173,6 +174,7 @@ class ModelRunner:
 
     def _reset_state(self) -> None:
         self.kv_cache, self.token_pages = self._new_state()
+        self._deferred_logits = None
 
     def close(self) -> None:
         """Leader of a multi-process run: release the followers."""
@@ -295,16 +297,38 @@ class ModelRunner:
             r.lora_slot or (r.prompt_adapter_slot and r.token_ids[0] >= self.cfg.vocab_size) for r in requests
         )
         token_ids = [self._device_token_ids(r) for r in requests]
-        plan, arrays = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids, uses_adapters,
-                                 self.uses_lora, self.bitmask_words)  # fmt: skip
+        plan, arrays, batch = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids,
+                                        uses_adapters, self.uses_lora, self.bitmask_words)  # fmt: skip
         with self._lock:  # the followers replay it: the same inputs, the same samples read
             self._flush_copies()
             out = self._replica.call("_dispatch", plan.to_json(), arrays, after.index if after is not None else None)
+        pending = PendingStep(out, len(requests), decode_steps, self.num_dispatches, None, self.cfg.vocab_size,
+                              plan.forward, sum(map(len, token_ids)))  # fmt: skip
+        if plan.deferred:
+            pending.deferred = (plan, batch)
+        else:
+            pending.fetch = self._fetch(plan, out)
+        return pending
+
+    def sample(self, pending: PendingStep, requests: list[StepRequest]) -> None:
+        """Dispatch the sampler of `pending`, a step whose rows' bitmasks were pending at its
+        dispatch (guided rows of a step dispatched ahead of the last one's read: engine.py), with
+        `requests` (its rows) now filled in. Nothing may be dispatched between the two."""
+        plan, batch = pending.deferred
+        arrays = sampler_arrays(plan, requests, batch, self.bitmask_words)
+        with self._lock:
+            out = self._replica.call("_sample", plan.to_json(), arrays, pending.index)
+        pending.out.update(out)
+        pending.deferred = None
+        pending.fetch = self._fetch(plan, pending.out)
+
+    @staticmethod
+    def _fetch(plan: StepPlan, out: dict) -> list[str]:
+        """The keys of a step's outputs its read takes to the host."""
         fetch = [k for k in out if k not in (NEXT_TOKENS, "logits", "hidden")]
         if plan.want_last_logits:
             fetch.append("logits")
-        return PendingStep(out, len(requests), decode_steps, self.num_dispatches, fetch, self.cfg.vocab_size,
-                           plan.forward, sum(map(len, token_ids)))  # fmt: skip
+        return fetch
 
     def _dispatch(self, plan: dict, arrays: list[np.ndarray], after: int | None) -> dict:
         """Run a step's programs (`plan`: a StepPlan's JSON) on its packed host inputs; with `after`,
@@ -319,6 +343,16 @@ class ModelRunner:
             self._prev, self._prev_index = out[NEXT_TOKENS], self.num_dispatches
         return out
 
+    def _sample(self, plan: dict, arrays: list[np.ndarray], index: int) -> dict:
+        """The deferred sampler of dispatch `index` (which must be this process's last) on its
+        logits, kept since; its samples become the ones the next step may read."""
+        if index != self.num_dispatches or self._deferred_logits is None:
+            raise RuntimeError(f"the deferred sampler of dispatch {index} runs after dispatch {self.num_dispatches}")
+        logits, self._deferred_logits = self._deferred_logits, None
+        out = self._sampler(StepPlan.from_json(plan), logits, arrays[0])
+        self._prev, self._prev_index = out[NEXT_TOKENS], index
+        return out
+
     def _run(self, plan: StepPlan, arrays: list[np.ndarray]) -> dict:
         """Dispatch a step's programs on its host inputs; returns the device outputs."""
         flat, token_ids = self._replicate(arrays[0]), self._replicate(arrays[1])
@@ -328,12 +362,19 @@ class ModelRunner:
                                                    self._prev, bank)  # fmt: skip
         if plan.sampler is None:
             return out
-        pages = self.token_pages if plan.sampler.flavor == "penalties" else None
-        sampled = self.programs.get(plan.sampler)(out["logits"], self._replicate(arrays[2]), self.bias_table, pages)
-        result = {**sampled, "logits": out["logits"]}
+        if plan.deferred:  # ModelRunner.sample runs the sampler later
+            self._deferred_logits = out["logits"]
+            return {"logits": out["logits"]}
+        result = self._sampler(plan, out["logits"], arrays[2])
         if plan.head is not None:
             result.update(self.programs.get(plan.head)(self.params, out["hidden"], self._replicate(arrays[3])))
         return result
+
+    def _sampler(self, plan: StepPlan, logits: jax.Array, packed: np.ndarray) -> dict:
+        """The step's sampler program on its logits ({samples..., "logits"})."""
+        pages = self.token_pages if plan.sampler.flavor == "penalties" else None
+        sampled = self.programs.get(plan.sampler)(logits, self._replicate(packed), self.bias_table, pages)
+        return {**sampled, "logits": logits}
 
     def resample(self, logits: np.ndarray, requests: list[StepRequest]) -> dict[str, np.ndarray]:
         """Sample rows of host logits ([n, V], edited by logits processors) with their requests'
@@ -437,6 +478,7 @@ class PendingStep:
     vocab_size: int = 0  # logits are cut to it (tensor parallelism pads the vocabulary)
     shape: ForwardShape | None = None  # its forward program's bucket
     num_tokens: int = 0  # the forward's tokens for the requests (per decode step): the rest is padding
+    deferred: tuple | None = None  # (StepPlan, host batch) while its sampler waits (ModelRunner.sample)
 
     def result(self) -> dict[str, np.ndarray]:
         """Host arrays with a row per request (waits for the step)."""

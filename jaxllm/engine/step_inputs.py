@@ -55,6 +55,9 @@ class StepRequest:
     lora_slot: int = 0  # device slot of the sequence's LoRA adapter (0: none)
     prompt_adapter_slot: int = 0  # device slot of its prompt adapter (0: none); maps its virtual tokens
     token_bitmask: np.ndarray | None = None  # guided decoding: [ceil(V / 32)] int32, the tokens it may sample
+    # Guided decoding in a step dispatched ahead of the last one's read: the bitmask is filled once
+    # that step's tokens have reached the grammar, and the step's sampler is dispatched then.
+    bitmask_pending: bool = False
 
     @property
     def penalized(self) -> bool:
@@ -82,15 +85,18 @@ class StepPlan:
     sampler: SamplerShape | None = None
     head: HeadShape | None = None
     want_last_logits: bool = False
+    # The sampler runs in a second dispatch (ModelRunner.sample), once the rows' bitmasks are known.
+    deferred: bool = False
 
     def to_json(self) -> dict:
         return {"forward": self.forward.to_json(), "sampler": self.sampler and self.sampler.to_json(),
-                "head": self.head and self.head.to_json(), "want_last_logits": self.want_last_logits}  # fmt: skip
+                "head": self.head and self.head.to_json(), "want_last_logits": self.want_last_logits,
+                "deferred": self.deferred}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> "StepPlan":
         return cls(shape_from_json(data["forward"]), data["sampler"] and shape_from_json(data["sampler"]),
-                   data["head"] and shape_from_json(data["head"]), data["want_last_logits"])  # fmt: skip
+                   data["head"] and shape_from_json(data["head"]), data["want_last_logits"], data["deferred"])  # fmt: skip
 
 
 # ---- the inputs of each program ---------------------------------------------------------------------
@@ -274,10 +280,13 @@ def abstract_host_inputs(shape, page_size: int, uses_lora: bool, bitmask_words: 
 # ---- one step ---------------------------------------------------------------------------------------
 def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, page_size: int,
               token_ids: list[list[int]], uses_adapters: bool, uses_lora: bool,
-              bitmask_words: int = 0) -> tuple[StepPlan, list]:  # fmt: skip
-    """The programs of a step and their packed host inputs: [forward's, its token ids[, sampler's
+              bitmask_words: int = 0) -> tuple[StepPlan, list, BatchMetadata]:  # fmt: skip
+    """The programs of a step, their packed host inputs: [forward's, its token ids[, sampler's
     [, head's]]] (`token_ids`: each request's, as the device reads them; `uses_lora`: the engine
-    serves LoRA adapters).
+    serves LoRA adapters), and the forward's host batch.
+
+    A row whose bitmask is pending (`StepRequest.bitmask_pending`) defers the sampler: the plan
+    says so and its inputs are packed later (`sampler_arrays`), once every bitmask is filled.
 
     `uses_adapters` (some token has a LoRA adapter or is a prompt adapter's virtual token): the
     step runs the `adapters` twin of its forward program, which also reads the adapter bank and a
@@ -286,8 +295,8 @@ def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, 
     flavor = sampling_flavor(requests)
     if decode_steps > 1:
         if flavor == "penalties" or any(r.bias_slot or r.banned_tokens or r.want_last_logits or r.token_bitmask is not None
-                                        or r.prompt_logprobs_next is not None or r.want_all_logits
-                                        for r in requests):  # fmt: skip
+                                        or r.bitmask_pending or r.prompt_logprobs_next is not None
+                                        or r.want_all_logits for r in requests):  # fmt: skip
             raise ValueError("decode_steps > 1 serves no penalties, bias, bans, grammars or logits")
     forward = buckets.forward_shape([len(r.token_ids) for r in requests], max(len(r.block_table) for r in requests),
                                     uses_adapters, decode_steps, flavor if decode_steps > 1 else "")  # fmt: skip
@@ -295,15 +304,30 @@ def plan_step(requests: list[StepRequest], decode_steps: int, buckets: Buckets, 
     batch = host[0]
     arrays = [pack_host_inputs(host), batch.token_ids]
     sampler = head = None
+    deferred = False
     if decode_steps == 1:
-        guided = any(r.token_bitmask is not None for r in requests)
+        deferred = any(r.bitmask_pending for r in requests)
+        guided = deferred or any(r.token_bitmask is not None for r in requests)
         sampler = buckets.sampler_shape(forward.num_seqs, flavor, forward.pages_per_seq, guided)
-        arrays.append(pack_host_inputs(sampler_inputs(sampler, requests, batch, bitmask_words)))
         want_all = any(r.want_all_logits for r in requests)
         if want_all or any(r.prompt_logprobs_next is not None for r in requests):
+            if deferred:
+                raise ValueError("a step whose sampler is deferred returns no prompt log-probabilities or logits")
             head = HeadShape(forward.num_tokens, want_all)
+        if not deferred:
+            arrays.append(pack_host_inputs(sampler_inputs(sampler, requests, batch, bitmask_words)))
+        if head is not None:
             arrays.append(pack_host_inputs(head_inputs(head, requests)))
-    return StepPlan(forward, sampler, head, any(r.want_last_logits for r in requests)), arrays
+    plan = StepPlan(forward, sampler, head, any(r.want_last_logits for r in requests), deferred)
+    return plan, arrays, batch
+
+
+def sampler_arrays(plan: StepPlan, requests: list[StepRequest], batch: BatchMetadata,
+                   bitmask_words: int) -> list[np.ndarray]:  # fmt: skip
+    """The packed inputs of a deferred sampler (plan_step), its rows' bitmasks filled by now."""
+    if any(r.bitmask_pending for r in requests):
+        raise ValueError("a row's bitmask is still pending")
+    return [pack_host_inputs(sampler_inputs(plan.sampler, requests, batch, bitmask_words))]
 
 
 # ---- packing ----------------------------------------------------------------------------------------

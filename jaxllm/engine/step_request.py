@@ -8,9 +8,11 @@ from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.sequence import Sequence
 
 
-def step_request(seq: Sequence, n: int, start: int | None = None, samples: bool | None = None) -> StepRequest:
+def step_request(seq: Sequence, n: int, start: int | None = None, samples: bool | None = None,
+                 defer_bitmask: bool = False) -> StepRequest:  # fmt: skip
     """The row of `seq` computing its next `n` tokens (a prefill chunk, or 1 for a decode); it
-    samples only when the chunk reaches the sequence's end. (`start`, `samples`: a verifying row's.)"""
+    samples only when the chunk reaches the sequence's end. (`start`, `samples`: a verifying row's;
+    `defer_bitmask`: a guided row's bitmask is filled later, `StepRequest.bitmask_pending`.)"""
     request, params = seq.request, seq.request.params
     if start is None:
         start = seq.num_computed
@@ -41,7 +43,9 @@ def step_request(seq: Sequence, n: int, start: int | None = None, samples: bool 
             r.presence_penalty = params.presence_penalty or 0.0
             r.frequency_penalty = params.frequency_penalty or 0.0
         r.want_last_logits = params.wants_logits
-        if seq.guide is not None:
+        if seq.guide is not None and defer_bitmask:
+            r.bitmask_pending = True
+        elif seq.guide is not None:
             r.token_bitmask = request.guided_decoder.bitmask(seq.guide)
     # Prompt log-probabilities and context logits cover the user's prompt: positions from
     # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
