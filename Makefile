@@ -31,7 +31,7 @@ generate: $(VENV)/.installed
 	$(VENV)/bin/jaxllm generate "$(PROMPT)"
 
 test: $(TEST_VENV)/.installed-test
-	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV)

@@ -20,6 +20,22 @@ os.environ.setdefault("JAXLLM_PRECOMPILE", "0")
 import pytest  # noqa: E402
 
 
+# The files that take the most worker time (--durations on two cores), longest first: the Makefile
+# hands files to the workers in collection order (--dist loadfile --no-loadscope-reorder), so the
+# long ones start first and the short ones fill the end.
+LONGEST_FIRST = ("test_startup", "test_tensor_parallel", "test_notebooks", "test_real_models", "test_multistep",
+                 "test_speculative", "test_engine", "test_serve", "test_beam_search", "test_models_parity",
+                 "test_faults", "test_batch", "test_lora", "test_converters_cli", "test_disaggregated")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def program_cache(tmp_path_factory):
     """One persistent program cache for the session (never the user's): engines of the same model

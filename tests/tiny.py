@@ -72,13 +72,41 @@ def hf_tokenizer_from_gguf(path: Path):
 
 
 def hf_from_gguf(path: Path):
-    """(transformers float32 model, tokenizer) loaded from a GGUF file, as the reference."""
+    """(transformers float32 model, tokenizer) loaded from a GGUF file, as the reference.
+
+    transformers' conversion (dequantizing the file in Python, ~15-35 s a model on two busy cores)
+    runs once: its result is saved under the user cache, keyed by the file and transformers'
+    version, and loaded from there by every later test worker and run (a lock keeps two workers
+    from converting it at once). The GGUF tokenizer test converts the tokenizer itself each time."""
+    import os
+    import shutil
+
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxllm.checkpoints.builtin import cache_root
 
     path = Path(path)
-    tok = hf_tokenizer_from_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    entry = cache_root() / "test-references" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        if not (entry / "config.json").is_file():
+            staging = entry.with_name(entry.name + f".staging-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            # Its weights are plain float32 tensors by now: saved as an ordinary checkpoint.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(staging)
+            hf_tokenizer_from_gguf(path).save_pretrained(staging)
+            staging.rename(entry)
+    tok = AutoTokenizer.from_pretrained(str(entry))
+    model = AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32).eval()
     return model, tok
 
 
