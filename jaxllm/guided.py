@@ -149,6 +149,7 @@ class GuidedDecoder:
         self.words = bitmask_words(vocab_size)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         self._llg = llg
+        self._executor = llg.LLExecutor()  # llguidance's threads: a step's bitmasks filled in parallel
 
     def compile(self, params: GuidedDecodingParams) -> str:
         """`params`' grammar, checked against this tokenizer (ValueError naming what is wrong)."""
@@ -170,6 +171,18 @@ class GuidedDecoder:
         if not matcher.is_error():
             llg_np.fill_next_token_bitmask(matcher, row, 0)
         return row[0]
+
+
+    def bitmasks(self, matchers: list) -> np.ndarray:
+        """[len(matchers), words] int32: each matcher's `bitmask`, filled on llguidance's threads in
+        parallel (a step's guided rows at once)."""
+        import llguidance.numpy as llg_np
+
+        rows = np.full((len(matchers), self.words), -1, np.int32)
+        live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
+        if live:
+            llg_np.fill_next_token_bitmask_par(self._executor, live, rows)
+        return rows
 
 
 def consume(matcher, token: int) -> str | None:

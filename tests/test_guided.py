@@ -101,6 +101,28 @@ def test_guided_steps_run_ahead_with_the_outputs_of_steps_that_wait(llm):
     assert bm.num_free_blocks == bm.num_usable_blocks
 
 
+def test_a_steps_bitmasks_filled_at_once_equal_each_rows(llm):
+    """GuidedDecoder.bitmasks (a step's rows on llguidance's threads) gives each row's bitmask,
+    every token allowed for a matcher that failed."""
+    from jaxllm.guided import GuidedDecoder, consume
+
+    decoder = GuidedDecoder("llguidance", llm.tokenizer, llm.config.vocab_size)
+    grammars = [GuidedDecodingParams(json=PERSON), GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"),
+                GuidedDecodingParams(choice=["yes", "no"]), GuidedDecodingParams(json=ITEMS)]  # fmt: skip
+    matchers = [decoder.matcher(decoder.compile(g)) for g in grammars]
+    for text, m in zip(['{"name": "A', "555-", "", '{"items": ["apple"'], matchers):
+        for token in llm.tokenizer.encode(text):
+            assert consume(m, token) is None
+    bad = decoder.matcher(decoder.compile(GuidedDecodingParams(regex="[0-9]+")))
+    assert consume(bad, llm.tokenizer.encode("x")[0]) is not None  # failed
+    matchers.append(bad)
+    rows = decoder.bitmasks(matchers)
+    assert rows.shape == (5, decoder.words) and (rows[-1] == -1).all()
+    for m, row in zip(matchers, rows):
+        assert (row == decoder.bitmask(m)).all()
+    assert len({row.tobytes() for row in rows}) == 5
+
+
 def test_sampled_guided_samples_each_follow_the_schema(llm):
     out = llm.generate("Describe a person as JSON.",
                        SamplingParams(max_tokens=48, temperature=0.9, n=2, seed=3, guided_decoding=GuidedDecodingParams(json=PERSON)))  # fmt: skip

@@ -488,11 +488,13 @@ class Engine:
         its grammars have now taken) and dispatch its sampler: the host's grammar work runs while
         the device computes the step's forward. A sequence that ended in the step just read keeps
         every token allowed (its row is dropped when read)."""
-        for row, seq in plan.guided_rows:
-            r = plan.requests[row]
-            r.bitmask_pending = False
-            if not seq.finished and seq.guide is not None:
-                r.token_bitmask = seq.request.guided_decoder.bitmask(seq.guide)
+        live = [(row, seq) for row, seq in plan.guided_rows if not seq.finished and seq.guide is not None]
+        if live:  # (one GuidedDecoder an LLM: every row's)
+            masks = live[0][1].request.guided_decoder.bitmasks([seq.guide for _, seq in live])
+            for (row, _), mask in zip(live, masks):
+                plan.requests[row].token_bitmask = mask
+        for row, _ in plan.guided_rows:
+            plan.requests[row].bitmask_pending = False
         plan.guided_rows = []
         try:
             self.runner.sample(plan.pending, plan.requests)
