@@ -6,7 +6,9 @@ regex or grammar is a ValueError then, naming it); each of its sequences gets a 
 step that samples a guided row, the host fills the row's token bitmask ([ceil(V / 32)] int32, bit
 t of word t // 32 set where token t may follow) from its matcher; the bitmask travels with the
 step's sampling inputs and the sampler program masks the logits on the device (layers/sampling.py),
-so a grammar is data, not a compiled variant. Each sampled token is then fed to the matcher; a
+so a grammar is data, not a compiled variant. A step dispatched ahead of the last one's read fills
+its rows' bitmasks after that read, all at once on llguidance's threads, while the device computes
+its forward (engine/engine.py, `Engine._sample_guided`). Each sampled token is then fed to the matcher; a
 matcher that has stopped (its grammar is complete and no more tokens may follow) ends its sequence.
 
 `LLM(guided_decoding_backend=...)` turns it on: 'llguidance', or 'xgrammar' (TensorRT-LLM's
