@@ -29,6 +29,7 @@ from jaxllm.inputs import PreprocessedInputs  # noqa: E402
 from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutput  # noqa: E402
 from jaxllm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: E402
 from jaxllm.speculative import DraftTargetDecodingConfig, NGramDecodingConfig  # noqa: E402
+from jaxllm.quantization import QuantAlgo, QuantConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,8 @@ __all__ = [
     "TorchCompileConfig",
     "PeftCacheConfig",
     "BuildConfig",
+    "QuantConfig",
+    "QuantAlgo",
     "NGramDecodingConfig",
     "DraftTargetDecodingConfig",
 ]

@@ -50,6 +50,43 @@ def resolve_dtype(name: Any, checkpoint_dtype: str | None = None) -> jnp.dtype:
     return DTYPES[key]
 
 
+# The KV cache may also be float8 E4M3 (TensorRT-LLM's KvCacheConfig(dtype="fp8"), vLLM's
+# kv_cache_dtype "fp8" / "fp8_e4m3"): half the bytes of bf16 per K/V element, about twice the
+# tokens in the same memory. Writes saturate to +-448 (layers/attention.py:to_kv_dtype); reads
+# upcast. It is a KV cache dtype only: the model's dtype stays one of DTYPES.
+KV_FP8_DTYPE = jnp.float8_e4m3fn
+KV_FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")
+KV_DTYPE_CHOICES = f"'auto', {', '.join(map(repr, DTYPES))}, 'fp8' (float8 E4M3; also 'fp8_e4m3', 'float8_e4m3fn')"
+
+
+def resolve_kv_dtype(name: Any, model_dtype: Any = None) -> Any:
+    """kv_cache_config.dtype -> the KV cache's dtype.
+
+    Args:
+      name: "auto" (the model's: `model_dtype`), a name `resolve_dtype` takes, or "fp8" (aliases
+        "fp8_e4m3", "float8_e4m3fn", or the jnp dtype itself): float8 E4M3.
+      model_dtype: the weights' dtype, what "auto" gives.
+    Raises:
+      ValueError: for any other name, listing the allowed ones.
+    """
+    if isinstance(name, str):
+        key = name.lower()
+        if key == "auto":
+            return model_dtype
+        if key in KV_FP8_NAMES:
+            return KV_FP8_DTYPE
+    else:
+        try:
+            if jnp.dtype(name) == jnp.dtype(KV_FP8_DTYPE):
+                return KV_FP8_DTYPE
+        except TypeError:
+            pass
+    try:
+        return resolve_dtype(name)
+    except ValueError:
+        raise ValueError(f"KV cache dtype={name!r} is not supported; allowed: {KV_DTYPE_CHOICES}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding of one attention kind (Gemma 3 has one for sliding and one for global layers)."""
@@ -121,6 +158,10 @@ class ModelConfig:
     # Tensor parallelism pads the vocabulary to a multiple of the device count (jaxllm/sharding.py);
     # 0 means no padding. Logits are cut back to vocab_size before sampling.
     padded_vocab_size: int = 0
+    # How the layer projections are stored: None (the model's dtype) or "FP8" (float8 E4M3 with
+    # per-output-channel scales; jaxllm/quantization.py). Part of the engine's static config: the
+    # params' description (models/params.py) and the forward pass (layers/linear.py) follow it.
+    quant_algo: str | None = None
 
     def __post_init__(self):
         if not self.layer_types:
@@ -134,6 +175,8 @@ class ModelConfig:
             raise ValueError("sliding layers need a sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.quant_algo not in (None, "FP8"):
+            raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, 'FP8'")
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 import jax
 
-from jaxllm import speculative, trtllm_args
+from jaxllm import quantization, speculative, trtllm_args
 from jaxllm.adapters import LoraConfig
 from jaxllm.sampling_params import MAX_LOGPROBS
 
@@ -72,7 +72,8 @@ class KvCacheConfig:
     tokens_per_block: the page size.
     enable_block_reuse: keep full pages cached after their requests finish, and share them between
         requests with the same prefix (and the same cache_salt and adapters); see engine/prefix_cache.py.
-    dtype: KV cache dtype: 'auto' (the model's), 'float32', 'bfloat16', 'float16'.
+    dtype: KV cache dtype: 'auto' (the model's), 'float32', 'bfloat16', 'float16', or 'fp8' (aliases
+        'fp8_e4m3', 'float8_e4m3fn'): float8 E4M3, half the bytes of bf16, writes saturated to +-448.
     max_attention_window: per-layer attention windows (a list repeated over the layers; None: each
         layer's own). A window >= max_seq_len is no limit; a smaller one must be the model's own
         window for that layer (its sliding layers'): jaxllm does not narrow attention further.
@@ -117,6 +118,12 @@ class KvCacheConfig:
             raise ValueError(f"tokens_per_block={tpb} is invalid; allowed: a power of two up to 1024")
         if not isinstance(self.enable_block_reuse, bool):
             raise TypeError(f"enable_block_reuse must be a bool, got {self.enable_block_reuse!r}")
+        from jaxllm.config import KV_DTYPE_CHOICES, resolve_kv_dtype
+
+        try:
+            resolve_kv_dtype(self.dtype)
+        except ValueError:
+            raise ValueError(f"dtype={self.dtype!r} is invalid; allowed: {KV_DTYPE_CHOICES}") from None
         self._check_reuse_fields()
 
     def _check_reuse_fields(self) -> None:
@@ -354,6 +361,9 @@ class EngineArgs:
     # vLLM's: the most log-probabilities per token a request may ask for (logprobs, prompt_logprobs);
     # at most MAX_LOGPROBS, the top-k every step computes.
     max_logprobs: int = MAX_LOGPROBS
+    # Quantization (TensorRT-LLM's QuantConfig, jaxllm/quantization.py): FP8 weights quantized as
+    # they load, and an FP8 KV cache (kv_cache_quant_algo FP8 is kv_cache_config.dtype='fp8').
+    quant_config: Any = None
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -396,6 +406,7 @@ class EngineArgs:
             raise ValueError(f"max_beam_width={self.max_beam_width} is out of range; allowed: 1 to "
                              f"{MAX_LOGPROBS // 2}")  # fmt: skip
         self._check_adapters()
+        self._check_quant_config()
         self.speculative_config = speculative.as_speculative_config(self.speculative_config)
         trtllm_args.check_engine_fields(self)
 
@@ -407,6 +418,18 @@ class EngineArgs:
         for name in ("enable_iter_perf_stats", "enable_iter_req_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: True, False")
+
+    def _check_quant_config(self) -> None:
+        self.quant_config = quantization.as_quant_config(self.quant_config)
+        kv = self.quant_config.kv_cache_dtype if self.quant_config is not None else None
+        if kv is None:
+            return
+        current = self.kv_cache_config.dtype
+        if current == "auto":
+            self.kv_cache_config = dataclasses.replace(self.kv_cache_config, dtype=kv)
+        elif str(current).lower() not in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+            raise ValueError(f"quant_config.kv_cache_quant_algo='FP8' conflicts with kv_cache_config.dtype={current!r}; "
+                             "give one of them, or the same (kv_cache_config.dtype='fp8')")  # fmt: skip
 
     def _check_adapters(self) -> None:
         if not isinstance(self.enable_lora, bool):

@@ -134,15 +134,15 @@ class TPPlan:
         """A checkpoint-layout tensor (numpy, or jnp with xp=jnp) in the engine's layout."""
         if self.is_identity:
             return w
-        name = path.rsplit(".", 1)[-1]
+        name = _scale_like(path.rsplit(".", 1)[-1])
         if name in ("wq", "bq"):
             return self._q_heads(w, 1 if name == "wq" else 0, xp)
         if name == "wo":
             return self._q_heads(w, 0, xp)
         if name in ("wk", "wv", "bk", "bv"):
             return self._kv_heads(w, 1 if name in ("wk", "wv") else 0, xp)
-        if name in ("w_gate", "w_up", "w_down"):
-            axis = 0 if name == "w_down" else 1
+        if name in ("w_gate", "w_up", "w_down", "ffw_scale"):
+            axis = 0 if name in ("w_down", "ffw_scale") else 1
             pad = [(0, 0)] * w.ndim
             pad[axis] = (0, self.padded_intermediate_size - self.intermediate_size)
             return xp.pad(w, pad)
@@ -157,7 +157,7 @@ class TPPlan:
         """Inverse of `transform` (for saving a sharded engine in the checkpoint's layout)."""
         if self.is_identity:
             return w
-        name = path.rsplit(".", 1)[-1]
+        name = _scale_like(path.rsplit(".", 1)[-1])
         K, G, Kp, Gp, r = self.num_kv_heads, self.group, self.padded_kv_heads, self.padded_group, self.kv_replicas
         if name in ("wq", "bq", "wo"):
             axis = 0 if name in ("bq", "wo") else 1
@@ -172,6 +172,7 @@ class TPPlan:
             index[axis] = slice(0, K * r, r)
             return w[tuple(index)]
         sizes = {"w_gate": (1, self.intermediate_size), "w_up": (1, self.intermediate_size),
+                 "ffw_scale": (0, self.intermediate_size),
                  "w_down": (0, self.intermediate_size), "embed": (0, self.vocab_size), "lm_head": (1, self.vocab_size)}  # fmt: skip
         if name in sizes:
             axis, size = sizes[name]
@@ -179,6 +180,15 @@ class TPPlan:
             index[axis] = slice(0, size)
             return w[tuple(index)]
         return w
+
+
+# An FP8 projection's scales lie over its output axes: laid out as the tensor of the same axes.
+_SCALE_LIKE = {"wq_scale": "bq", "wk_scale": "bk", "wv_scale": "bv", "w_gate_scale": "ffw_scale",
+               "w_up_scale": "ffw_scale"}  # fmt: skip
+
+
+def _scale_like(name: str) -> str:
+    return _SCALE_LIKE.get(name, name)
 
 
 def _round_up(x: int, n: int) -> int:

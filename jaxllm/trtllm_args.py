@@ -423,21 +423,21 @@ def _set_once(out: dict, name: str, value, source: str) -> None:
 
 
 def _kv_cache_dtype(out: dict, value) -> None:
-    """kv_cache_dtype (TensorRT-LLM's older name) is kv_cache_config.dtype."""
-    from jaxllm.config import resolve_dtype
+    """kv_cache_dtype (TensorRT-LLM's older name) is kv_cache_config.dtype ('fp8': float8 E4M3)."""
+    from jaxllm.config import KV_DTYPE_CHOICES, resolve_kv_dtype
 
     if not isinstance(value, str):
         raise TypeError(f"kv_cache_dtype must be a str, got {value!r}")
     if value == "auto":
         return
     try:
-        resolve_dtype(value)
+        resolve_kv_dtype(value)
     except ValueError:
-        raise ValueError(f"kv_cache_dtype={value!r} is not supported; allowed: 'auto', 'float32', 'bfloat16', "
-                         "'float16' (jaxllm has no fp8 / nvfp4 KV cache)") from None  # fmt: skip
+        raise ValueError(f"kv_cache_dtype={value!r} is not supported; allowed: {KV_DTYPE_CHOICES} "
+                         "(jaxllm has no nvfp4 / int8 KV cache)") from None  # fmt: skip
     config = out.get("kv_cache_config")
     current = config.get("dtype", "auto") if isinstance(config, dict) else getattr(config, "dtype", "auto")
-    if current != "auto" and resolve_dtype(current) != resolve_dtype(value):
+    if current != "auto" and resolve_kv_dtype(current) != resolve_kv_dtype(value):
         raise ValueError(f"kv_cache_dtype={value!r} conflicts with kv_cache_config.dtype={current!r}; give one of them")
     if config is None:
         out["kv_cache_config"] = {"dtype": value}

@@ -5,8 +5,10 @@
   write_kv_kernel           a step's keys and values into both caches, in place (kv_write.py)
 
 Each entry validates its inputs (ValueError) and takes `interpret=` to run in the Pallas
-interpreter on the CPU. This package does not import jaxllm: `jaxllm.layers.attention` chooses
-the kernel for a step (`paged_attention_pallas`) from its batch metadata.
+interpreter on the CPU. The pages may be float8 E4M3 (an fp8 KV cache) under float32 / bfloat16 /
+float16 queries: the attention kernels upcast each K/V tile, the write saturates into it. This
+package does not import jaxllm: `jaxllm.layers.attention` chooses the kernel for a step
+(`paged_attention_pallas`) from its batch metadata.
 """
 
 from __future__ import annotations

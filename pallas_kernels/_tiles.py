@@ -3,6 +3,11 @@
 Private to pallas_kernels: each kernel file imports what it needs from here, never from another
 kernel's file. Triton tiles have power-of-two dimensions of at least MIN_DOT_DIM; softmax runs in
 float32 in log2 units (exp2), starting from MASK_VALUE.
+
+KV pages may be float8 E4M3 (KV_ONLY_DTYPES) under queries of any SUPPORTED_DTYPES: the attention
+kernels load each K/V tile in its stored dtype (half of bf16's memory traffic and shared memory)
+and upcast it to q's dtype before the dots; the K/V write saturates into it (`to_cache_dtype`).
+Triton converts float8 E4M3 on compute capability 8.9+ (Ada, Hopper) only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from jax.experimental.pallas import triton as plgpu
 MASK_VALUE = -1e30
 LOG2_E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Page dtypes the kernels read under queries of another dtype (upcast per tile): float8 E4M3, whose
+# largest finite value is 448 and which has no infinity.
+KV_ONLY_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
 # tl.dot needs every tile dimension to be at least 16.
 MIN_DOT_DIM = 16
 # Shared memory the default tiling may plan for: the H100 allows 227 KiB per program; the rest is
@@ -31,6 +39,16 @@ def dot_precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def to_cache_dtype(x, dtype):
+    """x cast to a KV cache dtype; into float8 E4M3 with saturation (clipped to +-448 first: an
+    overflowing cast would be NaN, E4M3FN having no infinity)."""
+    dtype = jnp.dtype(dtype)
+    if dtype in KV_ONLY_DTYPES:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.minimum(jnp.maximum(x, -limit), limit)
+    return x.astype(dtype)
+
+
 def load_rows(ref, rows, dims, mask):
     """ref[rows, dims] as a [len(rows), len(dims)] tile; masked-off elements read as 0 (and are
     not fetched). Integer indices on both axes: the Pallas interpreter can gather only those."""
@@ -38,12 +56,20 @@ def load_rows(ref, rows, dims, mask):
     return plgpu.load(at) if mask is None else plgpu.load(at, mask=mask, other=0.0)
 
 
-def fit_block_keys(block_keys: int, *, num_stages: int, query_rows: int, head_dim: int, itemsize: int) -> int:
+def fit_block_keys(block_keys: int, *, num_stages: int, query_rows: int, head_dim: int, itemsize: int,
+                   compute_itemsize: int | None = None) -> int:  # fmt: skip
     """Halve block_keys until the pipelined K and V tiles (num_stages deep) and the query tile fit
-    SHARED_MEMORY_BUDGET: a float32 or d = 256 cache gets shorter steps than a bfloat16 d = 128 one."""
+    SHARED_MEMORY_BUDGET: a float32 or d = 256 cache gets shorter steps than a bfloat16 d = 128 one.
+
+    itemsize: the pages' (what the pipelined tiles hold); compute_itemsize: q's, when it differs (a
+    float8 cache): the query tile is that wide, and the upcast K and V tiles are counted once more
+    at that width, as Triton may stage a dot operand through shared memory."""
     head_block = max(MIN_DOT_DIM, pl.next_power_of_2(head_dim))
+    compute_itemsize = compute_itemsize or itemsize
+    upcast = 2 * compute_itemsize if compute_itemsize != itemsize else 0
+
     def planned_bytes(keys):
-        return (2 * num_stages * keys + query_rows) * head_block * itemsize
+        return (2 * num_stages * keys * itemsize + keys * upcast + query_rows * compute_itemsize) * head_block
 
     while block_keys > MIN_DOT_DIM and planned_bytes(block_keys) > SHARED_MEMORY_BUDGET:
         block_keys //= 2
@@ -72,11 +98,16 @@ def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, *, window
         raise ValueError(f"q head_dim {q.shape[2]} must equal the pages' head_dim {head_dim}")
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
-    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} is not supported; allowed: float32, bfloat16, float16")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not supported; allowed: float32, bfloat16, float16")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES + KV_ONLY_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not supported; allowed: float32, bfloat16, float16, "
+                             "float8_e4m3fn")  # fmt: skip
+    mixed = k_pages.dtype != q.dtype and jnp.dtype(k_pages.dtype) not in KV_ONLY_DTYPES
+    if k_pages.dtype != v_pages.dtype or mixed:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype, or the pages be float8_e4m3fn; got {q.dtype}, "
+                         f"{k_pages.dtype}, {v_pages.dtype}")  # fmt: skip
     if not is_power_of_2(page_size):
         raise ValueError(f"page_size {page_size} must be a power of two (Triton tiles are powers of two)")
     if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:

@@ -8,7 +8,9 @@ given (`input_output_aliases`), so under a jit that donates them nothing is copi
 
 One program handles a block of tokens for one KV head: it reads their [tokens, d] rows of k and v
 and stores them at the rows `head * P * S + slot` of the flattened page pools. Padding tokens all
-write the null page's slot 0 (batch.py), which nothing reads.
+write the null page's slot 0 (batch.py), which nothing reads. Into a float8 E4M3 cache the values
+are clipped to +-448 before the cast (`to_cache_dtype`): E4M3FN has no infinity, so an overflowing
+cast would store NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._tiles import pow2_divisor
+from pallas_kernels._tiles import pow2_divisor, to_cache_dtype
 
 # At most this many tokens per program: a decode step's few rows take one program per KV head; a
 # prefill chunk of thousands of tokens takes T / 16 of them.
@@ -45,7 +47,7 @@ def _write_kv_kernel(slot_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_out, *, toke
     for start in range(0, head_dim, dim_block):
         dims = (start + jnp.arange(dim_block))[None, :]
         for new_ref, out_ref in ((k_ref, k_out), (v_ref, v_out)):
-            plgpu.store(out_ref.at[dst, dims], plgpu.load(new_ref.at[src, dims]).astype(out_ref.dtype))
+            plgpu.store(out_ref.at[dst, dims], to_cache_dtype(plgpu.load(new_ref.at[src, dims]), out_ref.dtype))
 
 
 def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
@@ -95,6 +97,6 @@ def write_kv_reference(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: 
     """
     page_size = k_pages.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[:, pages, offsets].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    v_pages = v_pages.at[:, pages, offsets].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    k_pages = k_pages.at[:, pages, offsets].set(to_cache_dtype(k.swapaxes(0, 1), k_pages.dtype))
+    v_pages = v_pages.at[:, pages, offsets].set(to_cache_dtype(v.swapaxes(0, 1), v_pages.dtype))
     return k_pages, v_pages

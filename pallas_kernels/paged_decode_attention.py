@@ -60,7 +60,9 @@ def _decode_kernel(
 ):
     group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
-    precision = dot_precision(k_ref.dtype)
+    precision = dot_precision(q_ref.dtype)
+    # A float8 cache: each loaded K/V tile is upcast to q's dtype before the dots (static choice).
+    upcast = (lambda x: x.astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
     split = pl.program_id(2)
 
     head_ok = jnp.arange(group_block) < group
@@ -92,14 +94,14 @@ def _decode_kernel(
         key_ok = row_ok & (key_pos < seq_len) & (key_pos >= first_key)
         kv_mask = row_ok[:, None] if dim_ok is None else row_ok[:, None] & dim_ok
 
-        k = load_rows(k_ref, rows, dims, kv_mask)  # [Bk, d]
+        k = upcast(load_rows(k_ref, rows, dims, kv_mask))  # [Bk, d]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2_E)  # [G, Bk]
         s = jnp.where(key_ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(axis=-1))
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_new = alpha * l_prev + p.sum(axis=-1)
-        v = load_rows(v_ref, rows, dims, kv_mask)
+        v = upcast(load_rows(v_ref, rows, dims, kv_mask))
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l_new
 
@@ -279,9 +281,12 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     return acc_all / jnp.where(l_all > 0.0, l_all, 1.0)[..., None]
 
 
-def default_pages_per_block(page_size: int, *, num_stages: int, head_dim: int, itemsize: int) -> int:
+def default_pages_per_block(page_size: int, *, num_stages: int, head_dim: int, itemsize: int,
+                            compute_itemsize: int | None = None) -> int:  # fmt: skip
+    """itemsize: the pages'; compute_itemsize: q's where it differs (a float8 cache)."""
     block_keys = fit_block_keys(
-        DEFAULT_BLOCK_KEYS, num_stages=num_stages, query_rows=MIN_DOT_DIM, head_dim=head_dim, itemsize=itemsize
+        DEFAULT_BLOCK_KEYS, num_stages=num_stages, query_rows=MIN_DOT_DIM, head_dim=head_dim, itemsize=itemsize,
+        compute_itemsize=compute_itemsize,
     )
     return max(1, block_keys // page_size, pl.cdiv(MIN_DOT_DIM, page_size))
 
@@ -315,7 +320,8 @@ def paged_decode_attention(
 
     Args:
       q: [B, H, d] the query token of each sequence (float32, bfloat16 or float16).
-      k_pages, v_pages: [K, P, S, d] in q's dtype; H a multiple of K, S a power of two.
+      k_pages, v_pages: [K, P, S, d] in q's dtype, or float8_e4m3fn (each tile upcast to q's dtype
+        in the kernel); H a multiple of K, S a power of two.
       block_tables: [B, max_pages] int32 page ids, each in [0, P) (pad with the null page 0).
       seq_lens: [B] int32 context lengths including this token, at most max_pages * S; 0 marks a
         padding slot, whose output is zeros.
@@ -336,7 +342,8 @@ def paged_decode_attention(
     num_kv_heads, _, page_size, head_dim = k_pages.shape
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(
-            page_size, num_stages=num_stages, head_dim=head_dim, itemsize=k_pages.dtype.itemsize
+            page_size, num_stages=num_stages, head_dim=head_dim, itemsize=k_pages.dtype.itemsize,
+            compute_itemsize=q.dtype.itemsize,
         )
     num_warps = 4 if num_warps is None else num_warps
     validate_tiling(page_size, pages_per_block, num_warps, num_stages)

@@ -85,7 +85,9 @@ def _ragged_block(
     _, group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
     tile_rows = block_q * group_block
-    precision = dot_precision(k_ref.dtype)
+    precision = dot_precision(q_ref.dtype)
+    # A float8 cache: each loaded K/V tile is upcast to q's dtype before the dots (static choice).
+    upcast = (lambda x: x.astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
 
     q_start = query_start_ref[seq]
     q_len = query_start_ref[seq + 1] - q_start
@@ -141,7 +143,7 @@ def _ragged_block(
             kv_mask = dim_ok
         rows = (page_ids[:, None] * page_size + slot_in_page[None, :]).reshape(block_keys)
 
-        k = load_rows(k_ref, rows, dims, kv_mask)  # [Bk, d]
+        k = upcast(load_rows(k_ref, rows, dims, kv_mask))  # [Bk, d]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2_E)  # [rows, Bk]
         if masked:
             key_pos = (table_pos[:, None] * page_size + slot_in_page[None, :]).reshape(block_keys)
@@ -153,7 +155,7 @@ def _ragged_block(
         alpha = jnp.exp2(m_prev - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_new = alpha * l_prev + p.sum(axis=-1)
-        v = load_rows(v_ref, rows, dims, kv_mask)
+        v = upcast(load_rows(v_ref, rows, dims, kv_mask))
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l_new
 
@@ -316,8 +318,8 @@ def ragged_paged_attention(
 
     Args:
       q: [T, H, d] query rows of all sequences, packed (float32, bfloat16 or float16).
-      k_pages, v_pages: [K, P, S, d] in q's dtype, already holding this step's keys/values; H a
-        multiple of K, S a power of two.
+      k_pages, v_pages: [K, P, S, d] in q's dtype or float8_e4m3fn (each tile upcast to q's dtype
+        in the kernel), already holding this step's keys/values; H a multiple of K, S a power of two.
       query_start: [B + 1] int32, non-decreasing: sequence b owns rows query_start[b] :
         query_start[b + 1] (padding slots own none).
       seq_lens: [B] int32 context lengths including this step's rows (>= the row count).
@@ -352,7 +354,7 @@ def ragged_paged_attention(
     if pages_per_block is None:
         block_keys = fit_block_keys(
             DEFAULT_BLOCK_KEYS, num_stages=num_stages, query_rows=block_q * pl.next_power_of_2(group),
-            head_dim=head_dim, itemsize=k_pages.dtype.itemsize,
+            head_dim=head_dim, itemsize=k_pages.dtype.itemsize, compute_itemsize=q.dtype.itemsize,
         )
         pages_per_block = max(1, block_keys // page_size, pl.cdiv(MIN_DOT_DIM, page_size))
     if num_warps is None:

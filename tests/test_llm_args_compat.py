@@ -84,7 +84,7 @@ def test_every_torch_llm_args_name_is_accepted_at_its_default():
     (dict(guided_decoding_backend="outlines"), ValueError, r"guided_decoding_backend='outlines' is not supported; allowed: 'xgrammar', 'llguidance'"),
     (dict(checkpoint_format="mistral"), ValueError, r"checkpoint_format='mistral' .*allowed: None, 'HF'"),
     (dict(checkpoint_loader=object()), ValueError, "checkpoint_loader="),
-    (dict(kv_cache_dtype="fp8"), ValueError, r"kv_cache_dtype='fp8' is not supported; allowed: 'auto', 'float32'"),
+    (dict(kv_cache_dtype="nvfp4"), ValueError, r"kv_cache_dtype='nvfp4' is not supported; allowed: 'auto', 'float32'"),
     (dict(kv_cache_dtype="float16", kv_cache_config=KvCacheConfig(dtype="bfloat16")), ValueError,
      "conflicts with kv_cache_config.dtype='bfloat16'"),
     (dict(max_model_len=100, max_seq_len=200), ValueError, "max_model_len=100 conflicts with max_seq_len=200"),

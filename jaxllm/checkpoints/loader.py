@@ -3,12 +3,15 @@
 `LLM(model=...)` accepts a built-in name, a local Hugging Face directory (single or sharded
 safetensors), a `.gguf` file, a directory jaxllm saved, or a Hugging Face Hub id. Weights are read
 one tensor at a time and placed on the device(s) by a caller-given function, so that a sharded
-engine puts each tensor straight into its shards.
+engine puts each tensor straight into its shards. A quantized engine (ModelConfig.quant_algo) reads
+a float checkpoint and quantizes each layer projection on its device(s) as it is placed
+(jaxllm/quantization.py), so the float model is never whole in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,6 +25,7 @@ from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import abstract_params, flatten_paths, unflatten_paths
+from jaxllm.quantization import QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, is_quantized, quantize_fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +105,32 @@ Placer = Callable[[str, np.ndarray], jax.Array]
 def _bar(resolved: ResolvedModel, cfg: ModelConfig, dtype, progress: bool):
     """A progress bar over the weights' bytes (a count of tensors misleads: the first ones are the
     largest), shown only if loading takes over a second."""
-    leaves = flatten_paths(abstract_params(cfg, dtype)).values()
+    leaves = flatten_paths(abstract_params(base_config(cfg), dtype)).values()
     total = sum(int(np.prod(a.shape)) * jnp.dtype(dtype).itemsize for a in leaves)
     return tqdm(total=total, desc=f"loading {resolved.path.name}", unit="B", unit_scale=True, disable=None if progress else True,
                 leave=False, delay=1.0)  # fmt: skip
+
+
+def quantizer(cfg: ModelConfig, shardings: dict | None = None) -> Callable[[str, jax.Array], dict]:
+    """(path, a placed float tensor) -> {path: tensor, ...}: under cfg.quant_algo a layer projection
+    becomes its FP8 weight and its scales, computed on the tensor's device(s) (laid out by the flat
+    `shardings` when given); anything else is kept as it is."""
+    programs = {}
+
+    def quantize(path: str, w: jax.Array) -> dict:
+        if not is_quantized(path, cfg.quant_algo):
+            return {path: w}
+        name = path.rsplit(".", 1)[-1]
+        out = None if shardings is None else (shardings[path], shardings[path + SCALE_SUFFIX])
+        fn = programs.get((name, out))
+        if fn is None:
+            fn = programs[(name, out)] = jax.jit(functools.partial(quantize_fp8, num_input_axes=QUANTIZED_PARAMS[name]),
+                                                 out_shardings=out)  # fmt: skip
+        q, scale = fn(w)
+        w.delete()
+        return {path: q, path + SCALE_SUFFIX: scale}
+
+    return quantize
 
 
 def default_placer(dtype) -> Placer:
@@ -132,16 +158,19 @@ def load_params(
     """
     if resolved.kind == "saved":
         abstract = abstract_params(cfg, dtype)
-        if shardings is not None:
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        if shardings is None:  # the default device (not the layout it was saved from: a TP engine's)
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         params = saved.restore_params(resolved.path, abstract)
-        return jax.tree.map(lambda x: x.astype(dtype), params)
+        return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
     place = place or default_placer(dtype)
+    quantize = quantizer(cfg)
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, cfg):
-            flat[path] = place(path, array)
-            bar.update(flat[path].nbytes)
+        for path, array in iter_tensors(resolved, base_config(cfg)):
+            placed = place(path, array)
+            bar.update(placed.nbytes)
+            flat.update(quantize(path, placed))
     return unflatten_paths(flat, cfg)
 
 
@@ -153,24 +182,32 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     (`cache_dir`, engine/executables.py) like the engine's."""
     from jaxllm.engine.executables import CompileCache, compile_cached
     from jaxllm.models.params import init_param, param_keys, param_specs
+    from jaxllm.quantization import quantize_path
 
-    keys = param_keys(cfg, jax.random.key(seed))
+    base = base_config(cfg)  # a quantized model's are the float model's weights, quantized
+    keys = param_keys(base, jax.random.key(seed))
     cache = CompileCache(cache_dir) if cache_dir is not None else None
     flat_shardings = flatten_paths(shardings) if shardings is not None else {}
     programs, flat = {}, {}
-    for path, spec in flatten_paths(param_specs(cfg)).items():
-        name, sharding = path.rsplit(".", 1)[-1], flat_shardings.get(path)
-        make = programs.get((name, spec, sharding))
+    for path, spec in flatten_paths(param_specs(base)).items():
+        name, quantized = path.rsplit(".", 1)[-1], is_quantized(path, cfg.quant_algo)
+        sharding = flat_shardings.get(path)
+        if quantized and sharding is not None:
+            sharding = {path: sharding, path + SCALE_SUFFIX: flat_shardings[path + SCALE_SUFFIX]}
+        make = programs.get((name, spec, str(sharding)))
         if make is None:
 
-            def one(key, spec=spec, path=path):
+            def one(key, spec=spec, path=path, quantized=quantized):
                 w = init_param(spec, key, dtype)
-                return w if plan is None else plan.transform(path, w, xp=jnp)
+                w = w if plan is None else plan.transform(path, w, xp=jnp)
+                return tuple(quantize_path(path, w).values()) if quantized else w
 
-            lowered = jax.jit(one, out_shardings=sharding).lower(keys[path])
+            out = tuple(sharding.values()) if isinstance(sharding, dict) else sharding
+            lowered = jax.jit(one, out_shardings=out).lower(keys[path])
             # (Under a mesh they compile each time: a cached program would load for the default device.)
-            make = programs[(name, spec, sharding)] = compile_cached(lowered, cache if sharding is None else None)
-        flat[path] = make(keys[path])
+            make = programs[(name, spec, str(sharding))] = compile_cached(lowered, cache if out is None else None)
+        made = make(keys[path])
+        flat.update({path: made[0], path + SCALE_SUFFIX: made[1]} if quantized else {path: made})
     return unflatten_paths(flat, engine_cfg)
 
 
@@ -197,19 +234,22 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat_shardings = flatten_paths(shardings)
 
-    def place(path: str, array: np.ndarray) -> jax.Array:
-        array = plan.transform(path, np.asarray(array).astype(np_dtype, copy=False))
+    def place(path: str, array: np.ndarray, keep_dtype: bool = False) -> jax.Array:
+        array = np.asarray(array)
+        array = plan.transform(path, array if keep_dtype else array.astype(np_dtype, copy=False))
         return sharding_lib.place_global(array, flat_shardings[path])
 
-    if resolved.kind == "saved":  # restore on the host, then lay out for the mesh
+    if resolved.kind == "saved":  # restore on the host, then lay out for the mesh (quantized leaves as they are)
         host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         params = load_params(resolved, cfg, dtype, shardings=jax.tree.map(lambda _: host, abstract_params(cfg, dtype)))
-        flat = {path: place(path, np.asarray(x)) for path, x in flatten_paths(params).items()}
+        flat = {path: place(path, np.asarray(x), keep_dtype=x.dtype != dtype)
+                for path, x in flatten_paths(params).items()}  # fmt: skip
         return unflatten_paths(flat, engine_cfg)
+    quantize = quantizer(engine_cfg, flat_shardings)
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, cfg):
-            flat[path] = place(path, array)
+        for path, array in iter_tensors(resolved, base_config(cfg)):
+            flat.update(quantize(path, place(path, array)))
             bar.update(array.size * np.dtype(np_dtype).itemsize)
     return unflatten_paths(flat, engine_cfg)
 

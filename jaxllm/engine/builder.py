@@ -31,7 +31,7 @@ from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.checkpoints import loader, saved
-from jaxllm.config import ModelConfig, resolve_dtype
+from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.engine.block_manager import BlockManager
@@ -97,6 +97,9 @@ class EngineBuilder:
         self.backend_name = backend
         self.backend = resolve_backend(backend, platform)
         self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
+        quant = self.args.quant_config.weight_format if self.args.quant_config is not None else None
+        if quant is not None and cfg.quant_algo != quant:  # weights quantized as they load
+            cfg = dataclasses.replace(cfg, quant_algo=quant)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if mesh is not None else None
@@ -238,7 +241,8 @@ class EngineBuilder:
         cfg, args = self.engine_config, self.args
         self.adapter_bank = self._build_adapters()  # before sizing the KV cache
         kv_cfg = args.kv_cache_config
-        self.kv_dtype = self.dtype if kv_cfg.dtype == "auto" else resolve_dtype(kv_cfg.dtype)
+        self.kv_dtype = resolve_kv_dtype(kv_cfg.dtype, self.dtype)
+        self._check_kv_dtype_backend()
         page_size = kv_cfg.tokens_per_block
         abstract = self._abstract_params()
         num_pages = self._plan_pages(abstract)
@@ -278,6 +282,25 @@ class EngineBuilder:
                                             cache_dir=self.compile_cache_dir)  # fmt: skip
         return ModelRunner(cfg, abstract, runner_config, mesh=self.mesh, channel=self.channel,
                            adapters=self.adapter_bank, cache_dir=self.compile_cache_dir)  # fmt: skip
+
+    def _check_kv_dtype_backend(self) -> None:
+        """A float8 KV cache on the Pallas kernels needs a GPU that converts float8 E4M3 (compute
+        capability 8.9+: Ada, Hopper and later; Triton refuses the cast below that). The 'xla'
+        backend reads such a cache on any device."""
+        if jax.numpy.dtype(self.kv_dtype).itemsize != 1 or self.backend != "pallas":
+            return
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.local_devices()[:1]
+        for device in devices:
+            capability = getattr(device, "compute_capability", None)
+            try:
+                major, minor = (int(x) for x in str(capability).split(".")[:2])
+            except ValueError:
+                continue  # not reported: let the kernels' compilation decide
+            if (major, minor) < (8, 9):
+                raise ValueError(f"kv_cache_config.dtype={self.args.kv_cache_config.dtype!r} is not supported by the "
+                                 f"Pallas kernels on {device.device_kind} (compute capability {capability}; float8 "
+                                 "E4M3 needs 8.9 or later); allowed: backend='xla' with an fp8 KV cache, or "
+                                 "kv_cache_config.dtype 'auto', 'bfloat16', 'float16', 'float32'")  # fmt: skip
 
     def _check_kv_cache_extras(self, cfg, kv_cfg, max_seq_len: int) -> None:
         """KvCacheConfig fields that depend on the model or the run: max_attention_window (each

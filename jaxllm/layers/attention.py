@@ -1,7 +1,10 @@
 """Paged attention: the KV cache layout, writes into it, and the plain-XLA attention over it.
 
 Layout (shared by every backend, so `'xla'` is always the reference for `'pallas'`):
-  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim] per layer.
+  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim] per layer, in the KV cache's
+  dtype: the model's, another float dtype, or float8 E4M3 (kv_cache_config.dtype='fp8'), which
+  writes saturate into (`to_kv_dtype`) and every reader upcasts (float32 here, q's dtype in the
+  Pallas kernels).
 One (KV head, page) is a contiguous `page_size x head_dim` tile, so a kernel reads each page once
 per KV head for all the query heads that share it (GQA). Page 0 is the null page (see batch.py).
 
@@ -31,17 +34,29 @@ MASK_VALUE = -1e30
 XLA_CHUNK_KEYS = 256
 
 
+def to_kv_dtype(x: jax.Array, dtype) -> jax.Array:
+    """x in the KV cache's dtype. Into a float8 cache (E4M3: kv_cache_config.dtype='fp8') the cast
+    saturates: values are clipped to the format's largest finite value (448) first, since E4M3FN
+    has no infinity and an overflowing cast gives NaN, which would poison every later softmax
+    over the page. The scale is 1 (no calibrated per-layer K/V scales)."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.minimum(jnp.maximum(x, -limit), limit)
+    return x.astype(dtype)
+
+
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter this step's keys/values into their slots.
+    """Scatter this step's keys/values into their slots, cast to the pages' dtype (`to_kv_dtype`).
 
     k_pages, v_pages: [K, P, S, d]; k, v: [T, K, d]; slot_mapping: [T] (page * S + offset).
     """
     page_size = k_pages.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[:, pages, offsets].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    v_pages = v_pages.at[:, pages, offsets].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    k_pages = k_pages.at[:, pages, offsets].set(to_kv_dtype(k.swapaxes(0, 1), k_pages.dtype))
+    v_pages = v_pages.at[:, pages, offsets].set(to_kv_dtype(v.swapaxes(0, 1), v_pages.dtype))
     return k_pages, v_pages
 
 

@@ -3,7 +3,8 @@
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
+
+from jaxllm.layers.linear import project
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -11,14 +12,15 @@ ACTIVATIONS = {
 }
 
 
-def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act: str,
+def gated_mlp(x: jax.Array, lp: dict, act: str,
               adapt: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:  # fmt: skip
-    """x: [T, D]; w_gate, w_up: [D, F]; w_down: [F, D] -> [T, D].
+    """x: [T, D] -> [T, D] through the layer params' w_gate, w_up [D, F] and w_down [F, D] (each a
+    float or an FP8 projection: layers/linear.py).
 
     adapt(name, input, output) -> output adds a LoRA delta to the w_gate / w_up / w_down outputs.
     """
     adapt = adapt or (lambda name, h, y: y)
-    gate = adapt("w_gate", x, jnp.dot(x, w_gate))
-    up = adapt("w_up", x, jnp.dot(x, w_up))
+    gate = adapt("w_gate", x, project(lp, "w_gate", x))
+    up = adapt("w_up", x, project(lp, "w_up", x))
     hidden = ACTIVATIONS[act](gate) * up
-    return adapt("w_down", hidden, jnp.dot(hidden, w_down))
+    return adapt("w_down", hidden, project(lp, "w_down", hidden))

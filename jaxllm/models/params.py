@@ -19,6 +19,9 @@ Pytree layout (all families):
     post_attn_norm, post_mlp_norm [embed]                                (sandwich_norm)
     mlp_norm [embed]
     w_gate, w_up [embed, ffw]   w_down [ffw, embed]
+    <projection>_scale [its output axes] float32                        (quant_algo "FP8")
+With quant_algo "FP8" the seven projections are float8 E4M3 and each has a scale per output channel
+(jaxllm/quantization.py); the rest keeps the model's dtype.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
 """
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.quantization import FP8_DTYPE, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, quantize_flat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,11 @@ def layer_specs(cfg: ModelConfig) -> dict:
     if cfg.sandwich_norm:
         layer["post_attn_norm"] = _norm_spec(cfg, D)
         layer["post_mlp_norm"] = _norm_spec(cfg, D)
+    if cfg.quant_algo == "FP8":
+        for name, n_in in QUANTIZED_PARAMS.items():
+            spec = layer[name]
+            layer[name] = dataclasses.replace(spec, dtype=FP8_DTYPE)
+            layer[name + SCALE_SUFFIX] = ParamSpec(spec.shape[n_in:], spec.axes[n_in:], "ones", jnp.float32)
     return layer
 
 
@@ -119,9 +128,9 @@ def param_bytes(cfg: ModelConfig, dtype) -> int:
     (LLM() checks it against the device's memory before building anything per layer)."""
 
     def total(specs: dict) -> int:
-        return sum(math.prod(s.shape) for s in specs.values())
+        return sum(math.prod(s.shape) * jnp.dtype(s.dtype or dtype).itemsize for s in specs.values())
 
-    return (total(_global_specs(cfg)) + cfg.num_layers * total(layer_specs(cfg))) * jnp.dtype(dtype).itemsize
+    return total(_global_specs(cfg)) + cfg.num_layers * total(layer_specs(cfg))
 
 
 def is_spec(x) -> bool:
@@ -148,10 +157,12 @@ def param_keys(cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
 
 
 def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> dict:
-    """Random weights with the right shapes (dummy loading for benchmarks; tests)."""
-    keys = param_keys(cfg, key)
-    flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(cfg)).items()}
-    return unflatten_paths(flat, cfg)
+    """Random weights with the right shapes (dummy loading for benchmarks; tests). A quantized
+    config's are the float model's weights (the same key gives the same values), quantized."""
+    base = base_config(cfg)
+    keys = param_keys(base, key)
+    flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
+    return unflatten_paths(quantize_flat(flat, cfg.quant_algo), cfg)
 
 
 def flatten_paths(tree) -> dict[str, object]:

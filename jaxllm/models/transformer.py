@@ -23,6 +23,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import (AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_delta_single,
                                     lora_onehot)
 from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
+from jaxllm.layers.linear import project
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
@@ -57,9 +58,9 @@ def decoder_layer(
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    q = adapt("wq", h, jnp.einsum("...d,dhk->...hk", h, lp["wq"]))
-    k = adapt("wk", h, jnp.einsum("...d,dhk->...hk", h, lp["wk"]))
-    v = adapt("wv", h, jnp.einsum("...d,dhk->...hk", h, lp["wv"]))
+    q = adapt("wq", h, project(lp, "wq", h))
+    k = adapt("wk", h, project(lp, "wk", h))
+    v = adapt("wv", h, project(lp, "wv", h))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -68,14 +69,14 @@ def decoder_layer(
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     attn = attend(q, k, v, layer)
-    out = adapt("wo", attn, jnp.einsum("...hk,hkd->...d", attn, lp["wo"]))
+    out = adapt("wo", attn, project(lp, "wo", attn))
     if cfg.attention_out_bias:
         out = out + lp["bo"]
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_attn_norm"], eps, offset)
     x = x + out
     h = rms_norm(x, lp["mlp_norm"], eps, offset)
-    out = gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"], cfg.hidden_act, adapt if lora else None)
+    out = gated_mlp(h, lp, cfg.hidden_act, adapt if lora else None)
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
     return x + out

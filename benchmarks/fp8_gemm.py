@@ -1,0 +1,168 @@
+"""FP8 GEMM formulations for the Llama-3.1-8B layer shapes, against bf16, on the GPU.
+
+Which form of an FP8 projection XLA turns into fast code decides how jaxllm's quantized linear is
+written (jaxllm/layers/quant.py). Per layer: the fused QKV [4096 -> 6144], wo [4096 -> 4096],
+the fused gate/up [4096 -> 28672] and down [14336 -> 4096], over `LAYERS` layers of distinct
+weights (more than the L2 holds), for token counts M from batch-1 decode to a prefill chunk.
+
+Variants:
+  bf16        x @ w in bf16 (today's path).
+  w8-convert  fp8 E4M3 weights, converted to bf16 inside the jitted step and scaled per output
+              channel after the dot: what XLA makes of a weight-only dequantization.
+  fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
+              convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
+  fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
+
+Prints one table (us per layer, TB/s of weight bytes, TFLOP/s, rel. error against a float32 dot of
+the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
+
+    python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+
+
+def quantize_weight(w):
+    """bf16 [K, N] -> (fp8 [K, N], float32 [N] per-output-channel scale)."""
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0)
+    scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
+    return (w.astype(jnp.float32) / scale).astype(E4M3), scale
+
+
+def quantize_weight_tensor(w):
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)))
+    scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
+    return (w.astype(jnp.float32) / scale).astype(E4M3), scale
+
+
+def q_act(x):
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    sx = jnp.maximum(amax, 1e-12) / E4M3_MAX
+    return (x.astype(jnp.float32) / sx).astype(E4M3), sx
+
+
+def v_bf16(x, w):
+    return x @ w
+
+
+def v_w8_convert(x, wq):
+    w8, s = wq
+    return (x @ w8.astype(jnp.bfloat16)) * s.astype(jnp.bfloat16)
+
+
+def v_fp8_dot(x, wq):
+    w8, sw = wq  # per-tensor weight scale
+    x8, sx = q_act(x)
+    a = x8.astype(jnp.bfloat16) * sx.astype(jnp.bfloat16)
+    b = w8.astype(jnp.bfloat16) * sw.astype(jnp.bfloat16)
+    return jnp.dot(a, b, preferred_element_type=jnp.bfloat16)
+
+
+def v_fp8_native(x, wq):
+    w8, sw = wq
+    x8, sx = q_act(x)
+    y = jax.lax.dot_general(x8, w8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16)
+    return y * (sx * sw).astype(jnp.bfloat16)
+
+
+VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
+            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
+
+
+def chain(fn):
+    """All layers' four projections, each fed from the last (so none is dead code)."""
+
+    def run(x, weights):
+        acc = jnp.zeros((), jnp.float32)
+        for layer in weights:
+            for (k, n), w in zip(SHAPES, layer):
+                xin = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
+                y = fn(xin, w)
+                acc = acc + y[0, 0].astype(jnp.float32)
+        return acc
+
+    return jax.jit(run)
+
+
+def time_fn(f, *args, repeats=30):
+    f(*args).block_until_ready()
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ms", default="1,8,32,128,512,2048,8192")
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    key = jax.random.PRNGKey(0)
+    weights = []
+    for layer in range(args.layers):
+        row = []
+        for k, n in SHAPES:
+            key, sub = jax.random.split(key)
+            row.append((jax.random.normal(sub, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
+        weights.append(row)
+    quantized = {name: ([[q(w) for w in row] for row in weights] if q else weights)
+                 for name, (_, q) in VARIANTS.items()}
+    params = sum(k * n for k, n in SHAPES)
+    results = []
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M")
+    for m in ms:
+        key, sub = jax.random.split(key)
+        x = jax.random.normal(sub, (m, 4096), jnp.float32).astype(jnp.bfloat16)
+        # accuracy on the first projection alone
+        ref = np.asarray(x, np.float32) @ np.asarray(weights[0][0], np.float32)
+        for name, (fn, _) in VARIANTS.items():
+            wq = quantized[name]
+            try:
+                t0 = time.perf_counter()
+                f = chain(fn)
+                f(x, wq).block_until_ready()
+                compile_s = time.perf_counter() - t0
+                sec = time_fn(f, x, wq)
+                y = np.asarray(jax.jit(fn)(x, wq[0][0]), np.float32)
+                err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+            except Exception as e:  # a variant XLA cannot compile: say so and go on
+                results.append({"m": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            per_layer = sec / args.layers
+            wbytes = params * (2 if name == "bf16" else 1)
+            results.append({"m": m, "variant": name, "us_per_layer": per_layer * 1e6, "compile_s": compile_s,
+                            "weight_TBps": wbytes / per_layer / 1e12, "TFLOPs": 2 * m * params / per_layer / 1e12,
+                            "rel_err": err})
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "fp8_gemm.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"{'M':>6} {'variant':<11} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['m']:>6} {r['variant']:<11} FAILED {r['error'][:90]}")
+        else:
+            print(f"{r['m']:>6} {r['variant']:<11} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
+                  f"{r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} {r['compile_s']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

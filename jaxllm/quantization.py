@@ -1,0 +1,183 @@
+"""Quantized weights: TensorRT-LLM's `QuantConfig` / `QuantAlgo`, and FP8 weights made and laid out.
+
+`LLM(..., quant_config=QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8))`
+takes TensorRT-LLM's names. What jaxllm does with them:
+
+  quant_algo FP8 (and FP8_PER_CHANNEL_PER_TOKEN, the same here): the seven projections of every
+    layer (wq, wk, wv, wo, w_gate, w_up, w_down) are stored as float8 E4M3 with one float32 scale
+    per output channel (`<name>_scale`, the projection's output axes), made from a bf16 / fp16 /
+    fp32 checkpoint as each tensor loads (per channel: amax over the input axes / 448). The
+    embeddings, the norms and the LM head stay in the model's dtype, as TensorRT-LLM keeps them.
+    In the forward pass each projection's input is quantized per token (amax over its features /
+    448, a scale per row, so a request's numbers do not depend on the rest of its batch) and the
+    product of the two fp8 operands is accumulated in float32 (jaxllm/layers/linear.py).
+  kv_cache_quant_algo FP8: the KV cache in float8 E4M3 (the same as kv_cache_config.dtype='fp8').
+
+Other algorithms (int8/int4 weight-only, SmoothQuant, NVFP4, ...) are refused by name, listing
+what is supported. The quantized parameters are described in models/params.py like any other
+(their dtype and their scales' shapes and axes), so loading, sharding, saving and the abstract
+pytree of a quantized model come from the same description as a float one's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, List, Optional
+
+import jax
+import jax.numpy as jnp
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # E4M3's largest finite value (E4M3FN has no infinity: an overflowing cast is NaN)
+# The layer projections a weight quantization applies to (models/params.py names), each with the
+# number of its leading input axes (wo [H, hd, D]: two); the rest are output axes.
+QUANTIZED_PARAMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+SCALE_SUFFIX = "_scale"
+
+
+class QuantAlgo(enum.StrEnum):
+    """TensorRT-LLM's quantization algorithms (tensorrt_llm.quantization.QuantAlgo), by name."""
+
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A8_AWQ = "W4A8_AWQ"
+    W8A16_GPTQ = "W8A16_GPTQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    W8A8_SQ_PER_TENSOR_PLUGIN = "W8A8_SQ_PER_TENSOR_PLUGIN"
+    W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN"
+    W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN = "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN"
+    W4A8_QSERVE_PER_GROUP = "W4A8_QSERVE_PER_GROUP"
+    W4A8_QSERVE_PER_CHANNEL = "W4A8_QSERVE_PER_CHANNEL"
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    FP8_BLOCK_SCALES = "FP8_BLOCK_SCALES"
+    INT8 = "INT8"
+    MIXED_PRECISION = "MIXED_PRECISION"
+    NVFP4 = "NVFP4"
+    W4A8_NVFP4_FP8 = "W4A8_NVFP4_FP8"
+    W4A8_MXFP4_FP8 = "W4A8_MXFP4_FP8"
+    W4A8_MXFP4_MXFP8 = "W4A8_MXFP4_MXFP8"
+    W4A16_MXFP4 = "W4A16_MXFP4"
+    NO_QUANT = "NO_QUANT"
+
+
+# What jaxllm runs: weight algorithms -> the engine's weight format (ModelConfig.quant_algo).
+WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8"}
+KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
+
+
+def _algo(value, name: str, supported) -> Optional[QuantAlgo]:
+    if value is None:
+        return None
+    try:
+        algo = QuantAlgo(value.value if isinstance(value, enum.Enum) else str(value).upper())
+    except ValueError:
+        algo = None
+    if algo == QuantAlgo.NO_QUANT:
+        return None
+    if algo not in supported:
+        allowed = ", ".join(repr(a.value) for a in supported)
+        raise ValueError(f"QuantConfig.{name}={value!r} is not supported by jaxllm; allowed: None, 'NO_QUANT', {allowed}")
+    return algo
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """TensorRT-LLM's `QuantConfig` (the LLM API's fields). jaxllm honours `quant_algo` (FP8,
+    FP8_PER_CHANNEL_PER_TOKEN) and `kv_cache_quant_algo` (FP8); the fields that tune other
+    algorithms (group_size, smoothquant_val, ...) are accepted and must keep their defaults."""
+
+    quant_algo: Optional[Any] = None
+    kv_cache_quant_algo: Optional[Any] = None
+    group_size: int = 128
+    smoothquant_val: float = 0.5
+    clamp_val: Optional[List[float]] = None
+    use_meta_recipe: bool = False
+    has_zero_point: bool = False
+    pre_quant_scale: bool = False
+    exclude_modules: Optional[List[str]] = None
+
+    def __post_init__(self):
+        self.quant_algo = _algo(self.quant_algo, "quant_algo", tuple(WEIGHT_ALGOS))
+        self.kv_cache_quant_algo = _algo(self.kv_cache_quant_algo, "kv_cache_quant_algo", tuple(KV_CACHE_ALGOS))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("group_size", "smoothquant_val", "clamp_val", "use_meta_recipe", "has_zero_point",
+                     "pre_quant_scale", "exclude_modules"):  # fmt: skip
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r} is not supported: it tunes algorithms "
+                                 f"jaxllm does not run; allowed: {defaults[name]!r}")  # fmt: skip
+
+    @property
+    def weight_format(self) -> Optional[str]:
+        """ModelConfig.quant_algo for these weights ('FP8'), or None (the model's dtype)."""
+        return WEIGHT_ALGOS.get(self.quant_algo) if self.quant_algo is not None else None
+
+    @property
+    def kv_cache_dtype(self) -> Optional[str]:
+        """kv_cache_config.dtype this config asks for ('fp8'), or None."""
+        return KV_CACHE_ALGOS.get(self.kv_cache_quant_algo) if self.kv_cache_quant_algo is not None else None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for name in ("quant_algo", "kv_cache_quant_algo"):
+            data[name] = data[name].value if data[name] is not None else None
+        return data
+
+
+def as_quant_config(value) -> Optional[QuantConfig]:
+    """LLM(quant_config=...): a QuantConfig, its fields as a dict, or None."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(QuantConfig)})
+        if unknown:
+            raise TypeError(f"QuantConfig got unknown field(s) {unknown}; allowed: "
+                            f"{', '.join(f.name for f in dataclasses.fields(QuantConfig))}")  # fmt: skip
+        return QuantConfig(**value)
+    raise TypeError(f"quant_config must be a QuantConfig, a dict or None, got {type(value).__name__}")
+
+
+def base_config(cfg):
+    """A ModelConfig's float twin (quant_algo None): what a quantized model is made from."""
+    return dataclasses.replace(cfg, quant_algo=None) if cfg.quant_algo is not None else cfg
+
+
+# ---- FP8 weights -------------------------------------------------------------------------------
+def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
+    """Whether the parameter at `path` ("layers.3.wq") is stored quantized under `quant_algo`."""
+    return quant_algo is not None and path.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
+
+
+def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
+    """A projection weight [*in, *out] -> (float8 E4M3 [*in, *out], float32 scale [*out]) with
+    w ~= q * scale: one scale per output channel, amax over the input axes / 448 (1 for an all-zero
+    channel, such as tensor parallelism's padding). Jittable; under a mesh the amax is reduced
+    across the shards of the input axes, so a channel's scale is the same at every TP size."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_input_axes)))
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
+
+
+def quantize_path(path: str, w: jax.Array) -> dict[str, jax.Array]:
+    """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable)."""
+    q, scale = quantize_fp8(w, QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]])
+    return {path: q, path + SCALE_SUFFIX: scale}
+
+
+def quantize_flat(flat: dict, quant_algo: Optional[str]) -> dict:
+    """A flat params dict ("layers.3.wq" -> array, models/params.py:flatten_paths) with its layer
+    projections quantized under `quant_algo` (None: unchanged)."""
+    out = {}
+    for path, w in flat.items():
+        out.update(quantize_path(path, w) if is_quantized(path, quant_algo) else {path: w})
+    return out
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """q * scale (scale over q's trailing axes) in `dtype`."""
+    return (q.astype(jnp.float32) * scale).astype(dtype)

@@ -1,0 +1,135 @@
+"""FP8 weights (QuantConfig(quant_algo='FP8')): the arithmetic against a float32 reference, TensorRT-LLM's
+names and refusals, and an FP8 engine's tokens the same at every tensor-parallel size, after a save and
+reload, and with dummy weights. Agreement with bf16 on real models: tests/test_real_models.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import LLM, QuantAlgo, QuantConfig, SamplingParams
+from jaxllm.layers.linear import PROJECTIONS, fp8_linear, fp8_linear_reference, quantize_rows
+from jaxllm.models.params import flatten_paths, init_params, param_bytes
+from jaxllm.quantization import FP8_DTYPE, FP8_MAX, QUANTIZED_PARAMS, base_config, quantize_fp8
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+FP8 = QuantConfig(quant_algo=QuantAlgo.FP8)
+
+
+def _tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def test_quant_config_takes_tensorrt_llms_names_and_refuses_what_jaxllm_does_not_run():
+    assert QuantConfig(quant_algo="FP8").quant_algo is QuantAlgo.FP8
+    assert QuantConfig(quant_algo="fp8_per_channel_per_token").weight_format == "FP8"
+    assert QuantConfig(quant_algo="NO_QUANT").quant_algo is None
+    assert QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8).kv_cache_dtype == "fp8"
+    with pytest.raises(ValueError, match=r"quant_algo='W4A16_AWQ' is not supported.*allowed: None, 'NO_QUANT', 'FP8'"):
+        QuantConfig(quant_algo="W4A16_AWQ")
+    with pytest.raises(ValueError, match="kv_cache_quant_algo='INT8'"):
+        QuantConfig(kv_cache_quant_algo="INT8")
+    with pytest.raises(ValueError, match="group_size=64 is not supported"):
+        QuantConfig(quant_algo="FP8", group_size=64)
+    from jaxllm.llm_args import EngineArgs
+
+    args = EngineArgs(quant_config={"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"})
+    assert isinstance(args.quant_config, QuantConfig)
+    assert args.kv_cache_config.dtype == "fp8"  # kv_cache_quant_algo FP8 is an fp8 KV cache
+    with pytest.raises(ValueError, match="conflicts with kv_cache_config.dtype='bfloat16'"):
+        EngineArgs(quant_config=QuantConfig(kv_cache_quant_algo="FP8"), kv_cache_config={"dtype": "bfloat16"})
+    with pytest.raises(TypeError, match="unknown field"):
+        EngineArgs(quant_config={"quant_algorithm": "FP8"})
+    with pytest.raises(TypeError, match="quant_config must be a QuantConfig"):
+        EngineArgs(quant_config="FP8")
+
+
+def test_fp8_weights_round_to_e4m3_with_a_scale_per_output_channel():
+    w = jax.random.normal(jax.random.key(0), (64, 4, 8)) * jnp.logspace(-3, 1, 32).reshape(4, 8)
+    w = w.at[:, 1, 3].set(0.0)  # an all-zero channel (tensor parallelism's padding) gets scale 1
+    q, scale = quantize_fp8(w, num_input_axes=1)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape and scale.shape == (4, 8)
+    np.testing.assert_allclose(np.abs(np.asarray(q, np.float32)).max(axis=0)[scale != 1], FP8_MAX)
+    assert float(scale[1, 3]) == 1.0 and not np.asarray(q, np.float32)[:, 1, 3].any()
+    back = np.asarray(q, np.float32) * np.asarray(scale)
+    # E4M3 keeps 3 mantissa bits: within half a step (2^-4 relative) of each value, or of the
+    # smallest subnormal step (2^-9 of the scale) near zero.
+    bound = np.maximum(np.abs(np.asarray(w)) * 2.0**-4, np.asarray(scale) * 2.0**-10) * 1.0001
+    assert (np.abs(back - np.asarray(w)) <= bound).all()
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED_PARAMS))
+def test_fp8_projection_is_its_float32_reference(name):
+    """Every projection's einsum with per-token activation scales: the fp8 product accumulated in
+    float32 equals plain float32 arithmetic on the dequantized operands."""
+    n_in = QUANTIZED_PARAMS[name]
+    shapes = {1: ((6, 48), (48, 4, 8) if name in ("wq", "wk", "wv") else (48, 40)), 2: ((6, 4, 12), (4, 12, 48))}
+    x_shape, w_shape = shapes[n_in]
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, x_shape) * jnp.linspace(0.01, 30, x_shape[0]).reshape((-1,) + (1,) * (len(x_shape) - 1))
+    w8, scale = quantize_fp8(jax.random.normal(kw, w_shape) * 0.05, n_in)
+    got = fp8_linear(x, w8, scale, PROJECTIONS[name], n_in)
+    want = fp8_linear_reference(x, w8, scale, PROJECTIONS[name], n_in)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # and within FP8's rounding of the unquantized float product
+    exact = jnp.einsum(PROJECTIONS[name], x, w8.astype(jnp.float32) * scale, precision="highest")
+    assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 0.06
+    x8, sx = quantize_rows(x, n_in)
+    assert sx.shape == x_shape[:1] and x8.dtype == FP8_DTYPE  # one scale per token: batch-invariant
+
+
+def test_fp8_params_are_described_once(tiny_dir):
+    """The quantized model's description: projections in fp8 with float32 scales over their output
+    axes, the rest in the model's dtype; init_params quantizes the float model's random weights."""
+    from jaxllm.checkpoints import loader
+
+    cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
+    qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": "FP8"})
+    params = jax.jit(lambda: init_params(qcfg, jnp.bfloat16, jax.random.key(0)))()
+    layer = params["layers"][0]
+    assert layer["wq"].dtype == FP8_DTYPE and layer["wq_scale"].shape == (cfg.num_heads, cfg.head_dim)
+    assert layer["wo_scale"].shape == (cfg.hidden_size,) and layer["attn_norm"].dtype == jnp.bfloat16
+    float_params = jax.jit(lambda: init_params(base_config(qcfg), jnp.bfloat16, jax.random.key(0)))()
+    np.testing.assert_array_equal(np.asarray(quantize_fp8(float_params["layers"][0]["wq"], 1)[0], np.float32),
+                                  np.asarray(layer["wq"], np.float32))  # fmt: skip
+    projections = sum(int(np.prod(float_params["layers"][0][n].shape)) for n in QUANTIZED_PARAMS) * cfg.num_layers
+    assert param_bytes(cfg, jnp.bfloat16) - param_bytes(qcfg, jnp.bfloat16) == projections - 4 * sum(
+        int(np.prod(layer[n + "_scale"].shape)) for n in QUANTIZED_PARAMS) * cfg.num_layers  # fmt: skip
+    with pytest.raises(ValueError, match="quant_algo='INT4' is not supported"):
+        cfg.__class__(**{**cfg.__dict__, "quant_algo": "INT4"})
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_dir, tmp_path):
+    """llama-odd (padded heads and MLP under TP): the FP8 engine at TP=1 and TP=8 (KV heads
+    replicated, groups and MLP padded), reloaded on one device from TP=8's LLM.save (the scales
+    restored to the checkpoint's layout), and with dummy weights at TP=1 and TP=2."""
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64, quant_config=FP8)
+    path = str(tiny_dir("llama-odd"))
+    with LLM(model=path, **args) as llm:
+        tokens = _tokens(llm)
+        assert llm._engine.runner.params["layers"][0]["w_up"].dtype == FP8_DTYPE
+    with LLM(model=path, tensor_parallel_size=8, **args) as llm:
+        assert not llm.tp_plan.is_identity
+        assert _tokens(llm) == tokens
+        flat = flatten_paths(llm._engine.runner.params)
+        for p, spec in {"layers.0.wq_scale": P("tp", None), "layers.0.w_up_scale": P("tp"),
+                        "layers.0.wo_scale": P(None), "layers.0.wq": P(None, "tp", None)}.items():  # fmt: skip
+            assert flat[p].sharding.spec == spec, p
+        llm.save(tmp_path / "fp8")
+    with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert llm.config.quant_algo == "FP8"
+        assert llm._engine.runner.params["layers"][1]["wk"].dtype == FP8_DTYPE
+        assert _tokens(llm) == tokens
+    dummy = dict(args, load_format="dummy")
+    with LLM(model=path, **dummy) as llm:
+        expected = flatten_paths(jax.jit(lambda: init_params(llm.config, jnp.float32, jax.random.key(0)))())
+        got = flatten_paths(llm._engine.runner.params)
+        assert got.keys() == expected.keys()
+        for p, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(got[p], np.float32), np.asarray(value, np.float32), err_msg=p)
+        dummy_tokens = _tokens(llm)
+    with LLM(model=path, tensor_parallel_size=2, **dummy) as llm:
+        assert _tokens(llm) == dummy_tokens
