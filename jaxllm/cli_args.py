@@ -77,6 +77,11 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                         "or TensorRT-LLM's '{\"decoding_type\": \"NGram\", \"max_draft_len\": 4}'")
     g.add_argument("--kv-cache-free-gpu-memory-fraction", type=fraction, default=None,
                    help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
+    g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16", "fp8"),
+                   help="KvCacheConfig.dtype (fp8: float8 E4M3, about twice the tokens of bf16)")
+    g.add_argument("--quantization", default=None, choices=("fp8",),
+                   help="quantize the weights as they load: QuantConfig(quant_algo='FP8') (vLLM's flag; a ModelOpt "
+                        "FP8 checkpoint is read as it is without it)")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
 
@@ -124,12 +129,21 @@ def llm_kwargs(args, **defaults) -> dict:
         if getattr(args, name):
             kwargs[name] = True
     if args.kv_cache_free_gpu_memory_fraction is not None:
-        kv = kwargs.get("kv_cache_config") or {}
-        if isinstance(kv, dict):
-            kv = dict(kv, free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
-        else:  # a KvCacheConfig given by a caller's defaults
-            import dataclasses
-
-            kv = dataclasses.replace(kv, free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
-        kwargs["kv_cache_config"] = kv
+        _set_field(kwargs, "kv_cache_config", free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+    if args.kv_cache_dtype is not None:
+        _set_field(kwargs, "kv_cache_config", dtype=args.kv_cache_dtype)
+    if args.quantization is not None:
+        _set_field(kwargs, "quant_config", quant_algo=args.quantization.upper())
     return kwargs
+
+
+def _set_field(kwargs: dict, name: str, **fields) -> None:
+    """kwargs[name] (a config, its fields as a dict, or absent) with `fields` set: a flag wins over
+    the --extra-llm-api-options file and the command's defaults."""
+    config = kwargs.get(name) or {}
+    if isinstance(config, dict):
+        kwargs[name] = dict(config, **fields)
+    else:  # a config object given by a caller's defaults
+        import dataclasses
+
+        kwargs[name] = dataclasses.replace(config, **fields)

@@ -34,6 +34,7 @@ FP8_MAX = 448.0  # E4M3's largest finite value (E4M3FN has no infinity: an overf
 # number of its leading input axes (wo [H, hd, D]: two); the rest are output axes.
 QUANTIZED_PARAMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 SCALE_SUFFIX = "_scale"
+INPUT_SCALE_SUFFIX = "_input_scale"
 
 
 class QuantAlgo(enum.StrEnum):
@@ -65,8 +66,13 @@ class QuantAlgo(enum.StrEnum):
     NO_QUANT = "NO_QUANT"
 
 
-# What jaxllm runs: weight algorithms -> the engine's weight format (ModelConfig.quant_algo).
-WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8"}
+# What jaxllm runs: weight algorithms -> the weight format a float checkpoint is quantized to as it
+# loads (ModelConfig.quant_algo). With no calibration data, activations are scaled per token; a
+# ModelOpt checkpoint brings FP8's calibrated static input scales itself (checkpoints/hf.py).
+WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8_PER_CHANNEL_PER_TOKEN"}
+# ModelConfig.quant_algo's values: per-channel weight scales and per-token activation scales, or
+# (a ModelOpt FP8 checkpoint's) per-tensor weight scales and a static per-tensor input scale.
+WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8")
 KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
 
 
@@ -113,7 +119,7 @@ class QuantConfig:
 
     @property
     def weight_format(self) -> Optional[str]:
-        """ModelConfig.quant_algo for these weights ('FP8'), or None (the model's dtype)."""
+        """ModelConfig.quant_algo a float checkpoint is quantized to ('FP8_PER_CHANNEL_PER_TOKEN'), or None."""
         return WEIGHT_ALGOS.get(self.quant_algo) if self.quant_algo is not None else None
 
     @property
@@ -163,10 +169,19 @@ def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Arra
     return jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
 
 
-def quantize_path(path: str, w: jax.Array) -> dict[str, jax.Array]:
-    """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable)."""
+def quantized_paths(path: str, quant_algo: str) -> list[str]:
+    """The params one layer projection becomes under `quant_algo` (what `quantize_path` returns)."""
+    return [path, path + SCALE_SUFFIX] + ([path + INPUT_SCALE_SUFFIX] if quant_algo == "FP8" else [])
+
+
+def quantize_path(path: str, w: jax.Array, quant_algo: str) -> dict[str, jax.Array]:
+    """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable); under
+    "FP8" also path + "_input_scale" = 1 (no calibration data: dummy weights' activations are O(1))."""
     q, scale = quantize_fp8(w, QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]])
-    return {path: q, path + SCALE_SUFFIX: scale}
+    out = {path: q, path + SCALE_SUFFIX: scale}
+    if quant_algo == "FP8":
+        out[path + INPUT_SCALE_SUFFIX] = jnp.ones((), jnp.float32)
+    return out
 
 
 def quantize_flat(flat: dict, quant_algo: Optional[str]) -> dict:
@@ -174,7 +189,7 @@ def quantize_flat(flat: dict, quant_algo: Optional[str]) -> dict:
     projections quantized under `quant_algo` (None: unchanged)."""
     out = {}
     for path, w in flat.items():
-        out.update(quantize_path(path, w) if is_quantized(path, quant_algo) else {path: w})
+        out.update(quantize_path(path, w, quant_algo) if is_quantized(path, quant_algo) else {path: w})
     return out
 
 

@@ -63,3 +63,21 @@ def test_speculative_config_from_the_flag_or_the_yaml_file(tmp_path, capsys):
                        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "model not supported")):
         with pytest.raises(ValueError, match=match):
             as_speculative_config(bad)
+
+
+def test_quantization_and_kv_cache_dtype_flags_win_over_the_yaml_file(tmp_path, capsys):
+    from jaxllm.llm_args import EngineArgs
+
+    extra = tmp_path / "extra.yaml"  # TensorRT-LLM's way: quant_config and kv_cache_config in the file
+    extra.write_text("quant_config:\n  kv_cache_quant_algo: FP8\nkv_cache_config:\n  dtype: bfloat16\n")
+    args = _parse(["serve", "m", "--extra-llm-api-options", str(extra), "--quantization", "fp8",
+                   "--kv-cache-dtype", "fp8"])  # fmt: skip
+    kwargs = cli.llm_kwargs(args)
+    assert kwargs["quant_config"] == {"kv_cache_quant_algo": "FP8", "quant_algo": "FP8"}
+    assert kwargs["kv_cache_config"] == {"dtype": "fp8"}
+    engine = EngineArgs(**{k: v for k, v in kwargs.items() if k not in ("model", "dtype")})
+    assert engine.quant_config.weight_format == "FP8_PER_CHANNEL_PER_TOKEN" and engine.kv_cache_config.dtype == "fp8"
+    for bad in (["--quantization", "awq"], ["--kv-cache-dtype", "nvfp4"]):
+        with pytest.raises(SystemExit):
+            _parse(["serve", "m"] + bad)
+        assert "invalid choice" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def _tokens(llm):
 
 def test_quant_config_takes_tensorrt_llms_names_and_refuses_what_jaxllm_does_not_run():
     assert QuantConfig(quant_algo="FP8").quant_algo is QuantAlgo.FP8
-    assert QuantConfig(quant_algo="fp8_per_channel_per_token").weight_format == "FP8"
+    assert QuantConfig(quant_algo="fp8_per_channel_per_token").weight_format == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert QuantConfig(quant_algo="FP8").weight_format == "FP8_PER_CHANNEL_PER_TOKEN"  # no calibration data
     assert QuantConfig(quant_algo="NO_QUANT").quant_algo is None
     assert QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8).kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match=r"quant_algo='W4A16_AWQ' is not supported.*allowed: None, 'NO_QUANT', 'FP8'"):
@@ -86,7 +87,7 @@ def test_fp8_params_are_described_once(tiny_dir):
     from jaxllm.checkpoints import loader
 
     cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
-    qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": "FP8"})
+    qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"})
     params = jax.jit(lambda: init_params(qcfg, jnp.bfloat16, jax.random.key(0)))()
     layer = params["layers"][0]
     assert layer["wq"].dtype == FP8_DTYPE and layer["wq_scale"].shape == (cfg.num_heads, cfg.head_dim)
@@ -120,7 +121,7 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
             assert flat[p].sharding.spec == spec, p
         llm.save(tmp_path / "fp8")
     with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:
-        assert llm.config.quant_algo == "FP8"
+        assert llm.config.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
         assert llm._engine.runner.params["layers"][1]["wk"].dtype == FP8_DTYPE
         assert _tokens(llm) == tokens
     dummy = dict(args, load_format="dummy")
@@ -133,3 +134,72 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
         dummy_tokens = _tokens(llm)
     with LLM(model=path, tensor_parallel_size=2, **dummy) as llm:
         assert _tokens(llm) == dummy_tokens
+
+
+CALIBRATION = [[1, 7, 42, 99, 5, 250, 31, 8], list(range(60, 100)), [3, 3, 3, 200, 201, 17]]
+
+
+@pytest.mark.parametrize("quant_algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN"])
+def test_modelopt_fp8_checkpoint_gives_transformers_fake_quantized_tokens(quant_algo, tmp_path):
+    """A ModelOpt FP8 checkpoint (float8 weights, per-tensor or per-channel weight scales, FP8's
+    calibrated static input scales, k/v scales, hf_quant_config.json) read as it is: the engine's
+    greedy tokens and logits are transformers' with every projection fake-quantized the same way in
+    float32; its KV cache is fp8 as the checkpoint asks (kv_cache_quant_algo FP8), and TP=2 gives
+    the same tokens."""
+    import torch
+
+    from jaxllm.checkpoints import loader
+    from jaxllm.models.transformer import forward_dense
+    from tests import tiny
+
+    model = tiny.build_tiny("llama")
+    quantized = tiny.save_modelopt_fp8(model, tmp_path / "fp8", quant_algo, CALIBRATION, kv_fp8=False)
+    tiny.fake_quantize(model, quantized)
+    resolved = loader.resolve(str(tmp_path / "fp8"))
+    cfg = loader.read_config(resolved)
+    assert cfg.quant_algo == quant_algo
+    params = loader.load_params(resolved, cfg, jnp.float32, progress=False)
+    assert params["layers"][0]["wq"].dtype == FP8_DTYPE
+    assert ("wq_input_scale" in params["layers"][0]) == (quant_algo == "FP8")
+    ids = CALIBRATION[1]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = np.asarray(forward_dense(params, jnp.asarray([ids]), cfg))[0]
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    with LLM(model=str(tmp_path / "fp8"), **args) as llm:
+        tokens = _tokens(llm)
+        assert llm._engine.runner.kv_cache[0][0].dtype == jnp.float32  # the checkpoint's KV is not FP8
+    for prompt, out in zip(PROMPTS, tokens):
+        assert out == tiny.hf_greedy(model, prompt, 8)
+    with LLM(model=str(tmp_path / "fp8"), tensor_parallel_size=2, **args) as llm:
+        assert _tokens(llm) == tokens
+
+
+def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
+    """kv_cache_quant_algo FP8 in hf_quant_config.json gives an fp8 cache unless kv_cache_config
+    says otherwise; other tools' quantized checkpoints and other ModelOpt algorithms are refused."""
+    import json
+
+    from jaxllm.checkpoints import loader
+    from jaxllm.checkpoints.names import CheckpointError
+    from tests import tiny
+
+    model = tiny.build_tiny("llama")
+    tiny.save_modelopt_fp8(model, tmp_path / "fp8", "FP8", CALIBRATION, kv_fp8=True)
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    with LLM(model=str(tmp_path / "fp8"), **args) as llm:
+        assert llm._engine.runner.kv_cache[0][0].dtype == jnp.float8_e4m3fn
+        assert all(len(t) == 8 for t in _tokens(llm))
+    quant = json.loads((tmp_path / "fp8" / "hf_quant_config.json").read_text())
+    quant["quantization"]["quant_algo"] = "NVFP4"
+    (tmp_path / "fp8" / "hf_quant_config.json").write_text(json.dumps(quant))
+    with pytest.raises(CheckpointError, match=r"quant_algo='NVFP4' is not supported; allowed: 'FP8', "
+                                              r"'FP8_PER_CHANNEL_PER_TOKEN'"):  # fmt: skip
+        loader.read_config(loader.resolve(str(tmp_path / "fp8")))
+    tiny.save_tiny("llama", tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quant_method='gptq' is not supported"):
+        LLM(model=str(tmp_path / "gptq"), **args)

@@ -104,8 +104,8 @@ def test_fp8_weights_agree_with_bfloat16(name):
     for i, x in enumerate(ids):
         tokens[i, : len(x)], valid[i, : len(x)] = x, True
     params = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
-    fp8_cfg = dataclasses.replace(cfg, quant_algo="FP8")
-    fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), "FP8"), fp8_cfg)
+    fp8_cfg = dataclasses.replace(cfg, quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
+    fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), fp8_cfg.quant_algo), fp8_cfg)
     run = jax.jit(forward_dense, static_argnums=2)
     ref = jax.nn.log_softmax(run(params, jnp.asarray(tokens), cfg, jnp.asarray(valid)), -1)
     got = jax.nn.log_softmax(run(fp8_params, jnp.asarray(tokens), fp8_cfg, jnp.asarray(valid)), -1)

@@ -63,6 +63,82 @@ def save_tiny(name: str, path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+# ---- NVIDIA ModelOpt FP8 checkpoints, as its HF export writes them --------------------------------
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fp8_linears(model):
+    return {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in FP8_PROJECTIONS}
+
+
+def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list[int]], kv_fp8: bool = True) -> dict:
+    """Write `model` (a float32 transformers model) as a ModelOpt FP8 checkpoint: each projection's
+    weight float8 E4M3 with `weight_scale` (FP8: per tensor []; FP8_PER_CHANNEL_PER_TOKEN: per
+    output channel [out, 1]) and, for FP8, `input_scale` [] calibrated as amax / 448 of the
+    projection's inputs over `calibration`; k_proj.k_scale / v_proj.v_scale tensors; hf_quant_config.json.
+    Returns {module name: (float8 weight, weight scale, input scale or None)} for `fake_quantize`."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    linears = _fp8_linears(model)
+    amax = {name: torch.zeros(()) for name in linears}
+    def observe(name, x):  # (a hook that returns a value would replace the module's output)
+        amax[name] = torch.maximum(amax[name], x.detach().abs().max())
+
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: observe(name, args[0]))
+             for name, m in linears.items()]  # fmt: skip
+    with torch.no_grad():
+        for ids in calibration:
+            model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    quantized, state = {}, {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, module in linears.items():
+        w = module.weight.detach().float()
+        if quant_algo == "FP8":
+            scale = w.abs().max() / 448.0
+        else:
+            scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+        w8 = (w / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        input_scale = amax[name] / 448.0 if quant_algo == "FP8" else None
+        quantized[name] = (w8, scale, input_scale)
+        state[name + ".weight"] = w8
+        state[name + ".weight_scale"] = scale.reshape(()) if quant_algo == "FP8" else scale
+        if input_scale is not None:
+            state[name + ".input_scale"] = input_scale.reshape(())
+        if name.endswith("k_proj") or name.endswith("v_proj"):
+            state[f"{name}.{name[-6]}_scale"] = torch.tensor(1.0)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(path))
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": ["lm_head"]}
+    (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt", "version": "0.31.0"},
+                                                           "quantization": quant}))  # fmt: skip
+    return quantized
+
+
+def fake_quantize(model, quantized: dict) -> None:
+    """Make `model`'s projections compute what a ModelOpt FP8 checkpoint means, in float32: the
+    dequantized float8 weight times the input rounded to float8 by its static scale (FP8) or by
+    its own per-token amax / 448 (FP8_PER_CHANNEL_PER_TOKEN). The reference of an FP8 engine."""
+    import torch
+
+    def forward(x, w8, scale, input_scale, bias):
+        s = input_scale if input_scale is not None else (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-30)
+        xq = (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s
+        y = xq @ (w8.float() * scale).T
+        return y if bias is None else y + bias
+
+    for name, module in _fp8_linears(model).items():
+        w8, scale, input_scale = quantized[name]
+        module.forward = lambda x, w8=w8, scale=scale, s=input_scale, b=module.bias: forward(x, w8, scale, s, b)
+
+
 def hf_tokenizer_from_gguf(path: Path):
     """transformers' tokenizer of a GGUF file (AutoTokenizer.from_pretrained(gguf_file=...))."""
     from transformers import AutoTokenizer

@@ -2,6 +2,12 @@
 
 Pickled weights (`pytorch_model.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: unpickling can run
 arbitrary code. The error says how to convert them to safetensors first.
+
+NVIDIA ModelOpt FP8 checkpoints (`hf_quant_config.json`, or config.json's `quantization_config`
+with quant_method 'modelopt'; nvidia/Llama-3.1-8B-Instruct-FP8's layout) are read as they are: the
+projections' float8 E4M3 `weight`s, their `weight_scale`s and (FP8) static `input_scale`s become
+the params of ModelConfig.quant_algo 'FP8' / 'FP8_PER_CHANNEL_PER_TOKEN' (jaxllm/quantization.py).
+Checkpoints quantized by other tools (GPTQ, AWQ, compressed-tensors, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can return it)
+import dataclasses
+import ml_dtypes  # (registers bfloat16 with numpy so safetensors can return it; float8 types below)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -43,7 +50,48 @@ def read_config_dict(path: Path) -> dict:
 
 
 def read_config(path: Path) -> ModelConfig:
-    return config_from_hf_dict(read_config_dict(path))
+    cfg = config_from_hf_dict(read_config_dict(path))
+    quant = quantization_of(path)
+    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"]) if quant is not None else cfg
+
+
+MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+
+
+def quantization_of(path: Path) -> dict | None:
+    """A pre-quantized checkpoint's quantization: {"quant_algo": 'FP8' | 'FP8_PER_CHANNEL_PER_TOKEN',
+    "kv_cache_quant_algo": 'FP8' | None} from ModelOpt's hf_quant_config.json or config.json's
+    quantization_config; None for a float checkpoint. Raises CheckpointError for any other
+    quantization, naming what jaxllm reads."""
+    quant_file = path / "hf_quant_config.json"
+    if quant_file.is_file():
+        try:
+            data = json.loads(quant_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{quant_file}: not valid JSON ({e})") from None
+        quant, source = data.get("quantization", data), str(quant_file)
+    else:
+        quant = read_config_dict(path).get("quantization_config")
+        if not quant:
+            return None
+        source = f"{path / 'config.json'} quantization_config"
+        method = str(quant.get("quant_method", "")).lower()
+        if method != "modelopt":
+            raise CheckpointError(f"{source}: quant_method={quant.get('quant_method')!r} is not supported; jaxllm "
+                                  "reads float checkpoints (quantized as they load with quant_config=QuantConfig("
+                                  "quant_algo='FP8')) and NVIDIA ModelOpt FP8 checkpoints (quant_method 'modelopt')")  # fmt: skip
+    algo = str(quant.get("quant_algo") or "").upper()
+    if algo not in MODELOPT_ALGOS:
+        raise CheckpointError(f"{source}: quant_algo={quant.get('quant_algo')!r} is not supported; allowed: "
+                              f"{', '.join(map(repr, MODELOPT_ALGOS))}")  # fmt: skip
+    excluded = [m for m in quant.get("exclude_modules") or quant.get("ignore") or [] if "lm_head" not in m]
+    if excluded:
+        raise CheckpointError(f"{source}: exclude_modules {excluded} leaves layer projections unquantized; jaxllm "
+                              "reads checkpoints whose every layer projection is FP8 (only lm_head excluded)")  # fmt: skip
+    kv = quant.get("kv_cache_quant_algo")
+    if kv is not None and str(kv).upper() != "FP8":
+        raise CheckpointError(f"{source}: kv_cache_quant_algo={kv!r} is not supported; allowed: None, 'FP8'")
+    return {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv is not None else None}
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -80,11 +128,29 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, object]]:
 
                 def load(f=f, name=name, file=file):
                     try:
+                        if f.get_slice(name).get_dtype() in RAW_DTYPES:
+                            return _read_raw(file, name)
                         return f.get_tensor(name)
                     except (SafetensorError, OSError) as e:
                         raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
 
                 yield name, load
+
+
+# safetensors dtypes numpy has no type for (safetensors' numpy reader refuses them): read raw.
+RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+def _read_raw(file: Path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file by its header's offsets (an 8-byte header length, a JSON
+    header, then the data)."""
+    with open(file, "rb") as handle:
+        (header_len,) = np.frombuffer(handle.read(8), "<u8")
+        info = json.loads(handle.read(int(header_len)))[name]
+        start, end = info["data_offsets"]
+        handle.seek(8 + int(header_len) + start)
+        data = handle.read(end - start)
+    return np.frombuffer(data, RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def load_hf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:

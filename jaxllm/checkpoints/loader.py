@@ -24,8 +24,8 @@ from jaxllm.checkpoints import builtin, gguf, hf, hub, saved
 from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
-from jaxllm.models.params import abstract_params, flatten_paths, unflatten_paths
-from jaxllm.quantization import QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, is_quantized, quantize_fp8
+from jaxllm.models.params import abstract_params, flatten_paths, param_specs, unflatten_paths
+from jaxllm.quantization import base_config, is_quantized, quantize_path, quantized_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +120,39 @@ def quantizer(cfg: ModelConfig, shardings: dict | None = None) -> Callable[[str,
     def quantize(path: str, w: jax.Array) -> dict:
         if not is_quantized(path, cfg.quant_algo):
             return {path: w}
-        name = path.rsplit(".", 1)[-1]
-        out = None if shardings is None else (shardings[path], shardings[path + SCALE_SUFFIX])
+        name, made = path.rsplit(".", 1)[-1], quantized_paths(path, cfg.quant_algo)
+        out = None if shardings is None else tuple(shardings[p] for p in made)
         fn = programs.get((name, out))
         if fn is None:
-            fn = programs[(name, out)] = jax.jit(functools.partial(quantize_fp8, num_input_axes=QUANTIZED_PARAMS[name]),
-                                                 out_shardings=out)  # fmt: skip
-        q, scale = fn(w)
+            quantize_one = functools.partial(quantize_path, path, quant_algo=cfg.quant_algo)
+            fn = programs[(name, out)] = jax.jit(lambda w: tuple(quantize_one(w).values()), out_shardings=out)
+        arrays = fn(w)
         w.delete()
-        return {path: q, path + SCALE_SUFFIX: scale}
+        return dict(zip(made, arrays))
 
     return quantize
 
 
-def default_placer(dtype) -> Placer:
-    np_dtype = np.dtype(jnp.dtype(dtype))
+def stored_dtypes(cfg: ModelConfig, dtype) -> Callable[[str], np.dtype]:
+    """path -> the numpy dtype a tensor of `cfg` is placed in: `dtype`, or the one its spec names (a
+    pre-quantized checkpoint's float8 weights and float32 scales)."""
+    own = {p: np.dtype(s.dtype) for p, s in flatten_paths(param_specs(cfg)).items() if s.dtype is not None}
+    default = np.dtype(jnp.dtype(dtype))
+    return lambda path: own.get(path, default)
+
+
+def checkpoint_config(resolved: ResolvedModel, cfg: ModelConfig) -> ModelConfig:
+    """The config the checkpoint's tensors are read with: `cfg` for a pre-quantized (ModelOpt)
+    checkpoint, else its float twin (an engine's quantized weights are made as they load)."""
+    return cfg if resolved.kind == "hf" and hf.quantization_of(resolved.path) is not None else base_config(cfg)
+
+
+def default_placer(dtype, cfg: ModelConfig | None = None) -> Placer:
+    """Puts a tensor on the default device in `dtype` (or, with `cfg`, the dtype its spec names)."""
+    dtype_of = stored_dtypes(cfg, dtype) if cfg is not None else (lambda path, d=np.dtype(jnp.dtype(dtype)): d)
 
     def place(path: str, array: np.ndarray) -> jax.Array:
-        return jax.device_put(np.asarray(array).astype(np_dtype, copy=False))
+        return jax.device_put(np.asarray(array).astype(dtype_of(path), copy=False))
 
     return place
 
@@ -163,11 +178,12 @@ def load_params(
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         params = saved.restore_params(resolved.path, abstract)
         return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
-    place = place or default_placer(dtype)
-    quantize = quantizer(cfg)
+    read_cfg = checkpoint_config(resolved, cfg)
+    place = place or default_placer(dtype, read_cfg)
+    quantize = quantizer(cfg if read_cfg is not cfg else base_config(cfg))
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, base_config(cfg)):
+        for path, array in iter_tensors(resolved, read_cfg):
             placed = place(path, array)
             bar.update(placed.nbytes)
             flat.update(quantize(path, placed))
@@ -182,7 +198,6 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     (`cache_dir`, engine/executables.py) like the engine's."""
     from jaxllm.engine.executables import CompileCache, compile_cached
     from jaxllm.models.params import init_param, param_keys, param_specs
-    from jaxllm.quantization import quantize_path
 
     base = base_config(cfg)  # a quantized model's are the float model's weights, quantized
     keys = param_keys(base, jax.random.key(seed))
@@ -191,23 +206,21 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     programs, flat = {}, {}
     for path, spec in flatten_paths(param_specs(base)).items():
         name, quantized = path.rsplit(".", 1)[-1], is_quantized(path, cfg.quant_algo)
-        sharding = flat_shardings.get(path)
-        if quantized and sharding is not None:
-            sharding = {path: sharding, path + SCALE_SUFFIX: flat_shardings[path + SCALE_SUFFIX]}
-        make = programs.get((name, spec, str(sharding)))
+        # what the program makes: the parameter, or a quantized one's weight and scales
+        made_paths = quantized_paths(path, cfg.quant_algo) if quantized else [path]
+        out = tuple(flat_shardings[p] for p in made_paths) if flat_shardings else None
+        make = programs.get((name, spec, str(out)))
         if make is None:
 
             def one(key, spec=spec, path=path, quantized=quantized):
                 w = init_param(spec, key, dtype)
                 w = w if plan is None else plan.transform(path, w, xp=jnp)
-                return tuple(quantize_path(path, w).values()) if quantized else w
+                return tuple(quantize_path(path, w, cfg.quant_algo).values()) if quantized else (w,)
 
-            out = tuple(sharding.values()) if isinstance(sharding, dict) else sharding
             lowered = jax.jit(one, out_shardings=out).lower(keys[path])
             # (Under a mesh they compile each time: a cached program would load for the default device.)
-            make = programs[(name, spec, str(sharding))] = compile_cached(lowered, cache if out is None else None)
-        made = make(keys[path])
-        flat.update({path: made[0], path + SCALE_SUFFIX: made[1]} if quantized else {path: made})
+            make = programs[(name, spec, str(out))] = compile_cached(lowered, cache if out is None else None)
+        flat.update(zip(made_paths, make(keys[path])))
     return unflatten_paths(flat, engine_cfg)
 
 
@@ -233,22 +246,23 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
         return load_params(resolved, cfg, dtype, shardings=shardings, progress=progress)
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat_shardings = flatten_paths(shardings)
+    read_cfg = cfg if resolved.kind == "saved" else checkpoint_config(resolved, cfg)
+    dtype_of = stored_dtypes(read_cfg, dtype)
 
-    def place(path: str, array: np.ndarray, keep_dtype: bool = False) -> jax.Array:
-        array = np.asarray(array)
-        array = plan.transform(path, array if keep_dtype else array.astype(np_dtype, copy=False))
+    def place(path: str, array: np.ndarray) -> jax.Array:
+        array = plan.transform(path, np.asarray(array).astype(dtype_of(path), copy=False))
         return sharding_lib.place_global(array, flat_shardings[path])
 
-    if resolved.kind == "saved":  # restore on the host, then lay out for the mesh (quantized leaves as they are)
+    if resolved.kind == "saved":  # restore on the host, then lay out for the mesh
         host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         params = load_params(resolved, cfg, dtype, shardings=jax.tree.map(lambda _: host, abstract_params(cfg, dtype)))
-        flat = {path: place(path, np.asarray(x), keep_dtype=x.dtype != dtype)
-                for path, x in flatten_paths(params).items()}  # fmt: skip
+        flat = {path: place(path, np.asarray(x)) for path, x in flatten_paths(params).items()}
         return unflatten_paths(flat, engine_cfg)
-    quantize = quantizer(engine_cfg, flat_shardings)
+    # a float checkpoint's projections are quantized in their shards as they load
+    quantize = quantizer(engine_cfg if read_cfg is not cfg else base_config(engine_cfg), flat_shardings)
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, base_config(cfg)):
+        for path, array in iter_tensors(resolved, read_cfg):
             flat.update(quantize(path, place(path, array)))
             bar.update(array.size * np.dtype(np_dtype).itemsize)
     return unflatten_paths(flat, engine_cfg)

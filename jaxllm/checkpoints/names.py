@@ -104,10 +104,35 @@ def _file_names(cfg: ModelConfig, top: dict, layer_prefix: str, column: int, nor
 
 
 def hf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
-    """{HF tensor name: (param path, transform)} for every parameter of `cfg`."""
+    """{HF tensor name: (param path, transform)} for every parameter of `cfg`; with cfg.quant_algo,
+    a ModelOpt checkpoint's (`quantized_hf_names`)."""
     top = {"model.embed_tokens.weight": ("embed", "identity"), "model.norm.weight": ("final_norm", "identity"),
            "lm_head.weight": ("lm_head", "linear")}  # fmt: skip
-    return _file_names(cfg, top, "model.layers.{}.", 1, family.hf_layer_norms)
+    return {**_file_names(cfg, top, "model.layers.{}.", 1, family.hf_layer_norms), **quantized_hf_names(cfg)}
+
+
+# A ModelOpt FP8 checkpoint's scale tensors beside each projection's float8 `weight`: `weight_scale`
+# (per tensor [], or per output channel [out] / [out, 1]) and, for FP8, the calibrated static
+# `input_scale` []. Its KV cache scales (k_scale / v_scale) are read past: jaxllm's fp8 cache has a
+# scale of 1 (layers/attention.py).
+MODELOPT_KV_SCALES = re.compile(r".*\.(k_proj\.k_scale|v_proj\.v_scale|k_scale|v_scale)$")
+
+
+def quantized_hf_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """{HF tensor name: (param path, transform)} of a ModelOpt checkpoint's scales (none without
+    cfg.quant_algo)."""
+    if cfg.quant_algo is None:
+        return {}
+    names = {}
+    for i in range(cfg.num_layers):
+        for param, hf_name, _, transform in _LAYER_TENSORS:
+            if transform not in INPUT_AXES:
+                continue
+            module = f"model.layers.{i}." + hf_name.removesuffix(".weight")
+            names[module + ".weight_scale"] = (f"layers.{i}.{param}_scale", "weight_scale")
+            if cfg.quant_algo == "FP8":
+                names[module + ".input_scale"] = (f"layers.{i}.{param}_input_scale", "input_scale")
+    return names
 
 
 def gguf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
@@ -192,7 +217,8 @@ class TensorMapper:
         """True if the tensor maps to a parameter; False if it may be skipped; raises if unmapped."""
         if file_name in self.names:
             return True
-        if file_name in self.ignore or HF_IGNORED.match(file_name):
+        if file_name in self.ignore or HF_IGNORED.match(file_name) or (
+                self.cfg.quant_algo is not None and MODELOPT_KV_SCALES.match(file_name)):  # fmt: skip
             return False
         raise CheckpointError(f"{self.source}: tensor {file_name!r} does not map to any parameter of this model")
 
@@ -203,6 +229,9 @@ class TensorMapper:
             raise CheckpointError(
                 f"{self.source}: parameter {path} is given twice ({self.done[path]!r} and {file_name!r})"
             )
+        if transform in ("weight_scale", "input_scale"):
+            self.done[path] = file_name
+            return path, self._scale(file_name, path, transform, array)
         expected_in = self._expected_file_shape(path, transform)
         if tuple(array.shape) != expected_in:
             raise CheckpointError(
@@ -211,6 +240,17 @@ class TensorMapper:
             )
         self.done[path] = file_name
         return path, TRANSFORMS[transform](array, self.cfg)
+
+    def _scale(self, file_name: str, path: str, transform: str, array: np.ndarray) -> np.ndarray:
+        """A scale tensor in params layout (float32): a weight scale per tensor broadcast to the
+        projection's output axes, or one per output channel reshaped to them; an input scale []."""
+        shape = self.shapes[path]
+        sizes = (1,) if transform == "input_scale" else (1, math.prod(shape))
+        if array.size not in sizes:
+            raise CheckpointError(f"{self.source}: tensor {file_name!r} has shape {tuple(array.shape)}; a "
+                                  f"{transform} of this projection holds {' or '.join(map(str, sizes))} values")  # fmt: skip
+        array = np.asarray(array, np.float32)
+        return np.broadcast_to(array.reshape(()) if array.size == 1 else array.reshape(shape), shape).copy()
 
     def finish(self) -> None:
         missing = sorted(set(self.shapes) - set(self.done))

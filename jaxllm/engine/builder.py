@@ -30,6 +30,7 @@ from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
+from jaxllm.checkpoints import hf as hf_checkpoint
 from jaxllm.checkpoints import loader, saved
 from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
@@ -97,9 +98,7 @@ class EngineBuilder:
         self.backend_name = backend
         self.backend = resolve_backend(backend, platform)
         self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
-        quant = self.args.quant_config.weight_format if self.args.quant_config is not None else None
-        if quant is not None and cfg.quant_algo != quant:  # weights quantized as they load
-            cfg = dataclasses.replace(cfg, quant_algo=quant)
+        cfg = self._quantization(cfg)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if mesh is not None else None
@@ -111,6 +110,19 @@ class EngineBuilder:
         self.lora_cache = self.prompt_cache = None
         self.draft = self._resolve_draft()  # DraftTargetDecodingConfig's model: (resolved, config), or None
         self.draft_runner: ModelRunner | None = None
+
+    def _quantization(self, cfg: ModelConfig) -> ModelConfig:
+        """The engine's weight format: a pre-quantized (ModelOpt) checkpoint's or a saved engine's own,
+        or quant_config's, made as a float checkpoint loads. A ModelOpt checkpoint whose KV cache
+        was calibrated for FP8 gets an fp8 cache unless kv_cache_config.dtype says otherwise, as in
+        TensorRT-LLM."""
+        quant = self.args.quant_config.weight_format if self.args.quant_config is not None else None
+        if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
+            if self.resolved.kind == "hf" and self.args.kv_cache_config.dtype == "auto":
+                if (hf_checkpoint.quantization_of(self.resolved.path) or {}).get("kv_cache_quant_algo") == "FP8":
+                    self.args.kv_cache_config = dataclasses.replace(self.args.kv_cache_config, dtype="fp8")
+            return cfg
+        return dataclasses.replace(cfg, quant_algo=quant) if quant is not None else cfg
 
     def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
               skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip

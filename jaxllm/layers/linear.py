@@ -2,14 +2,15 @@
 
 A projection whose params hold `<name>_scale` beside the weight is an FP8 one (jaxllm/quantization.py
 makes them): the weight is float8 E4M3 [*in, *out] with a float32 scale per output channel. Its
-input is quantized per row (per token: amax over the input axes / 448), the two fp8 operands are
-multiplied with float32 accumulation, and the product is scaled by the row's scale times the
-channel's and cast back to the input's dtype:
+input is quantized per row (per token: amax over the input axes / 448), or, when the params also
+hold `<name>_input_scale` (a ModelOpt FP8 checkpoint's calibrated scale), by that one static scale
+(saturating at +-448); the two fp8 operands are multiplied with float32 accumulation, and the
+product is scaled by the row's scale times the channel's and cast back to the input's dtype:
 
     y[t, n] = (sum_k x8[t, k] w8[k, n]) * sx[t] * sw[n]
 
-A row's quantization depends on that row alone, so a request's numbers do not depend on the rest of
-its batch. On the CPU the fp8 product is emulated by XLA (the same numbers, slower than bf16); on
+A row's quantization depends on that row alone (or on nothing, with a static scale), so a
+request's numbers do not depend on the rest of its batch. On the CPU the fp8 product is emulated by XLA (the same numbers, slower than bf16); on
 Hopper XLA lowers an fp8 x fp8 dot to cuBLASLt's FP8 GEMM (benchmarks/fp8_gemm.py measures it).
 `fp8_linear_reference` is the same arithmetic in plain float32, for tests.
 """
@@ -19,32 +20,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.quantization import FP8_DTYPE, FP8_MAX, QUANTIZED_PARAMS, SCALE_SUFFIX
+from jaxllm.quantization import FP8_DTYPE, FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX
 
 
-def quantize_rows(x: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
-    """x [..., *in] -> (float8 E4M3 [..., *in], float32 scale [...]): one scale per row."""
+def quantize_rows(x: jax.Array, num_input_axes: int, input_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [..., *in] -> (float8 E4M3 [..., *in], float32 scale [...]): one scale per row (amax / 448),
+    or the static `input_scale` for every row."""
     axes = tuple(range(x.ndim - num_input_axes, x.ndim))
     xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    if input_scale is None:
+        amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+        scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    else:
+        scale = jnp.full(xf.shape[: x.ndim - num_input_axes] + (1,) * num_input_axes, input_scale, jnp.float32)
     x8 = jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
     return x8, scale.reshape(x.shape[: x.ndim - num_input_axes])
 
 
-def fp8_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int) -> jax.Array:
+def fp8_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int,
+               input_scale: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """`jnp.einsum(equation, x, w)` for an FP8 weight w ~= w8 * w_scale (w_scale over w's output
-    axes), x quantized per row. Returns x's dtype."""
-    x8, sx = quantize_rows(x, num_input_axes)
+    axes), x quantized per row (or by the static `input_scale`). Returns x's dtype."""
+    x8, sx = quantize_rows(x, num_input_axes, input_scale)
     y = jnp.einsum(equation, x8, w8, preferred_element_type=jnp.float32)
     rows = sx.reshape(sx.shape + (1,) * (y.ndim - sx.ndim))
     return (y * rows * w_scale).astype(x.dtype)
 
 
 def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str,
-                         num_input_axes: int) -> jax.Array:  # fmt: skip
+                         num_input_axes: int, input_scale: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """`fp8_linear` in float32 arithmetic on the dequantized operands (tests' reference)."""
-    x8, sx = quantize_rows(x, num_input_axes)
+    x8, sx = quantize_rows(x, num_input_axes, input_scale)
     xd = x8.astype(jnp.float32) * sx.reshape(sx.shape + (1,) * num_input_axes)
     wd = w8.astype(jnp.float32) * w_scale
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
@@ -61,4 +67,4 @@ def project(lp: dict, name: str, x: jax.Array) -> jax.Array:
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
-    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], QUANTIZED_PARAMS[name])
+    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], QUANTIZED_PARAMS[name], lp.get(name + INPUT_SCALE_SUFFIX))
