@@ -3,6 +3,7 @@ shape in bf16 (decode latency against the weight-streaming floor, time to first 
 throughput, KV capacity), HF transformers on the same card as the peer, and cold start.
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_e2e.py [--parts perf,correctness,hf,coldstart] [--out DIR]
+        [--quantization fp8] [--kv-cache-dtype fp8]       # the perf part with FP8 weights / KV cache
     python benchmarks/gpu_e2e.py --smoke        # tiny sizes on the CPU, to check the script runs
 
 Weights are random (load_format="dummy") from the config.json files in benchmarks/configs/: real
@@ -71,8 +72,11 @@ def part_perf(args) -> dict:
     cfg_dir = CONFIGS / args.model
     max_batch, max_tokens = args.max_batch, args.max_num_tokens
     t0 = time.perf_counter()
+    quant = {"quant_config": {"quant_algo": args.quantization.upper()}} if args.quantization else {}
+    if args.kv_cache_dtype:
+        quant["kv_cache_config"] = {"dtype": args.kv_cache_dtype}
     llm = LLM(model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len)  # fmt: skip
+              max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len, **quant)  # fmt: skip
     engine = llm._engine
     runner = engine.runner
     build_s = time.perf_counter() - t0
@@ -84,6 +88,7 @@ def part_perf(args) -> dict:
     tbs = hbm_tbs(jax.devices()[0].device_kind)
     floor_ms = weight_bytes / (tbs * 1e12) * 1e3
     result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
+              "quantization": args.quantization, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
               "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size}  # fmt: skip
@@ -226,6 +231,8 @@ def main() -> None:
     parser.add_argument("--out", default=default_out())
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--quantization", choices=("fp8",), default=None, help="FP8 weights (QuantConfig)")
+    parser.add_argument("--kv-cache-dtype", choices=("fp8",), default=None, help="an FP8 KV cache")
     args = parser.parse_args()
     args.tokens, args.decode_tokens = 16, 128
     args.max_batch, args.max_num_tokens, args.max_seq_len = 256, 8192, 4224

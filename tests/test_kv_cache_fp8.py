@@ -185,7 +185,9 @@ def test_greedy_tokens_and_logits_follow_the_bf16_cache(engines):
     (measured: <= 5%), the first token equal for at least 3 of 4 prompts, and at least half of all
     generated positions equal (measured: 87%)."""
     fp8, bf16 = engines
-    assert fp8._engine.runner.kv_cache[0][0].dtype == FP8 and bf16._engine.runner.kv_cache[0][0].dtype == jnp.bfloat16
+    assert fp8._engine.runner.kv_dtype == FP8 and bf16._engine.runner.kv_cache[0][0].dtype == jnp.bfloat16
+    # under 'xla' the float8 cache holds its bytes (layers/attention.py:kv_storage_dtype): written in place
+    assert fp8._engine.runner.kv_cache[0][0].dtype == jnp.uint8
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, 320, size=n)] for n in (5, 11, 17, 23)]
     params = SamplingParams(max_tokens=8, ignore_eos=True, return_generation_logits=True)
@@ -233,3 +235,23 @@ def test_the_log_line_names_the_fp8_cache(tiny_dir, caplog):
     with caplog.at_level(logging.INFO, logger="jaxllm"):
         _make(tiny_dir, "fp8_e4m3").shutdown()
     assert "KV cache: 9 pages of 8 tokens" in caplog.text and "float8_e4m3fn" in caplog.text
+
+
+def test_xla_writes_a_float8_cache_as_bytes_in_place():
+    """Under 'xla' a float8 cache is held as uint8 (kv_storage_dtype): write_kv stores the same bytes a
+    float8 scatter would (saturated), in place of the donated pages, and gather_pages reads the values
+    back; a bf16 cache is held as it is, and the Pallas backends keep float8 pages."""
+    from jaxllm.layers.attention import gather_pages, kv_storage_dtype, write_kv
+
+    assert kv_storage_dtype(FP8, "xla") == jnp.uint8 and kv_storage_dtype(FP8, "pallas") == FP8
+    assert kv_storage_dtype(jnp.bfloat16, "xla") == jnp.bfloat16
+    k = jax.random.normal(jax.random.key(0), (5, 2, 16)) * 100.0  # some beyond 448
+    slots = jnp.asarray([3, 9, 17, 30, 31], jnp.int32)
+    want, _ = write_kv(jnp.zeros((2, 4, 8, 16), FP8), jnp.zeros((2, 4, 8, 16), FP8), k, k, slots)
+    got, _ = jax.jit(write_kv, donate_argnums=(0, 1))(jnp.zeros((2, 4, 8, 16), jnp.uint8),
+                                                       jnp.zeros((2, 4, 8, 16), jnp.uint8), k, k, slots)  # fmt: skip
+    assert got.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, FP8), np.float32),
+                                  np.asarray(want, np.float32))  # fmt: skip
+    pages = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(gather_pages(got, pages)), np.asarray(want[:, pages], np.float32))

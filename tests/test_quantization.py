@@ -169,7 +169,7 @@ def test_modelopt_fp8_checkpoint_gives_transformers_fake_quantized_tokens(quant_
     args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
     with LLM(model=str(tmp_path / "fp8"), **args) as llm:
         tokens = _tokens(llm)
-        assert llm._engine.runner.kv_cache[0][0].dtype == jnp.float32  # the checkpoint's KV is not FP8
+        assert llm._engine.runner.kv_dtype == jnp.float32  # the checkpoint's KV is not FP8
     for prompt, out in zip(PROMPTS, tokens):
         assert out == tiny.hf_greedy(model, prompt, 8)
     with LLM(model=str(tmp_path / "fp8"), tensor_parallel_size=2, **args) as llm:
@@ -189,7 +189,7 @@ def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
     tiny.save_modelopt_fp8(model, tmp_path / "fp8", "FP8", CALIBRATION, kv_fp8=True)
     args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
     with LLM(model=str(tmp_path / "fp8"), **args) as llm:
-        assert llm._engine.runner.kv_cache[0][0].dtype == jnp.float8_e4m3fn
+        assert llm._engine.runner.kv_dtype == jnp.float8_e4m3fn
         assert all(len(t) == 8 for t in _tokens(llm))
     quant = json.loads((tmp_path / "fp8" / "hf_quant_config.json").read_text())
     quant["quantization"]["quant_algo"] = "NVFP4"

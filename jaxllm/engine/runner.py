@@ -36,6 +36,7 @@ from jaxllm.engine.buckets import ForwardShape, compiler_options, engine_buckets
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.engine.step_inputs import (StepPlan, StepRequest, abstract_host_inputs, plan_step, resample_inputs,
                                        sampler_arrays, sampling_flavor)  # fmt: skip
+from jaxllm.layers.attention import as_kv_storage, as_kv_values, kv_storage_dtype
 from jaxllm.models.params import abstract_of, is_spec, kv_cache_specs, zeros_of
 from jaxllm.models.step import NEXT_TOKENS
 
@@ -93,6 +94,7 @@ class ModelRunner:
         self.config = config
         self.dtype = params["embed"].dtype
         self.kv_dtype = config.kv_dtype or self.dtype
+        self.kv_storage_dtype = kv_storage_dtype(self.kv_dtype, config.backend)  # what the cache arrays hold
         self.mesh = mesh
         self._replica = Replica(self, channel)
         self.num_dispatches = 0  # steps dispatched (a follower counts the leader's), numbering PendingStep
@@ -150,8 +152,8 @@ class ModelRunner:
         else:
             shardings = sharding_lib.shardings_of(specs, self.mesh)
         if abstract:
-            return abstract_of(specs, self.kv_dtype, shardings)
-        return jax.jit(lambda: zeros_of(specs, self.kv_dtype), out_shardings=shardings)()
+            return abstract_of(specs, self.kv_storage_dtype, shardings)
+        return jax.jit(lambda: zeros_of(specs, self.kv_storage_dtype), out_shardings=shardings)()
 
     def allocate(self) -> None:
         """Put the KV cache and token pages on the devices (once the programs are made)."""
@@ -441,7 +443,7 @@ class ModelRunner:
         with self._lock:
             self._flush_copies()
             out = self._gather(self.kv_cache, self._replicate(self._page_ids(pages)))
-        return [a[:, : len(pages)] for a in out]
+        return [as_kv_values(a[:, : len(pages)]) for a in out]
 
     def scatter_pages(self, pages: list[int], values: list, token_ids: list[int] | None = None) -> None:
         """Write `values` ([k0, v0, ...], each [num_kv_heads, len(pages), page_size, head_dim], numpy
@@ -454,7 +456,7 @@ class ModelRunner:
         sharding = self.kv_cache[0][0].sharding  # every layer's K and V pages: split by KV head under TP
         placed = []
         for v in values:
-            v = jax.device_put(v, sharding).astype(self.kv_dtype)
+            v = as_kv_storage(jax.device_put(v, sharding).astype(self.kv_dtype), self.kv_storage_dtype)
             placed.append(jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else v)
         rows = np.zeros((len(ids), self.config.page_size), np.int32)
         if token_ids is not None:

@@ -55,9 +55,41 @@ def write_kv(
     """
     page_size = k_pages.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[:, pages, offsets].set(to_kv_dtype(k.swapaxes(0, 1), k_pages.dtype))
-    v_pages = v_pages.at[:, pages, offsets].set(to_kv_dtype(v.swapaxes(0, 1), v_pages.dtype))
-    return k_pages, v_pages
+
+    def scatter(cache, new):
+        if cache.dtype == FP8_BYTES:  # a float8 cache held as its bytes (kv_storage_dtype)
+            new = jax.lax.bitcast_convert_type(to_kv_dtype(new, FP8_KV), FP8_BYTES)
+        return cache.at[:, pages, offsets].set(to_kv_dtype(new.swapaxes(0, 1), cache.dtype))
+
+    return scatter(k_pages, k), scatter(v_pages, v)
+
+
+# A float8 KV cache under the 'xla' backend holds its bytes: uint8 pages are float8 E4M3 values.
+FP8_KV, FP8_BYTES = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)
+
+
+def kv_storage_dtype(kv_dtype, backend: str):
+    """The dtype a KV cache's arrays hold: the KV dtype, except that a float8 cache under the 'xla'
+    backend holds its bytes (uint8). XLA scatters and copies float8 arrays by widening them whole
+    (on the CPU, a copy of every layer's pages at each step's write: decode 6x slower than bf16)
+    where it updates uint8 ones in place; readers reinterpret what they gather (`as_kv_values`).
+    The Pallas kernels read and write float8 pages themselves."""
+    return FP8_BYTES if jnp.dtype(kv_dtype) == FP8_KV and backend == "xla" else kv_dtype
+
+
+def as_kv_values(x: jax.Array) -> jax.Array:
+    """Pages (or a gathered part of them) as their KV dtype's values: uint8 bytes as float8 E4M3."""
+    return jax.lax.bitcast_convert_type(x, FP8_KV) if x.dtype == FP8_BYTES else x
+
+
+def as_kv_storage(x: jax.Array, storage_dtype) -> jax.Array:
+    """KV values as a cache of `storage_dtype` holds them (float8 as uint8 bytes)."""
+    return jax.lax.bitcast_convert_type(x, FP8_BYTES) if jnp.dtype(storage_dtype) == FP8_BYTES else x
+
+
+def gather_pages(pages_array: jax.Array, pages: jax.Array) -> jax.Array:
+    """pages_array[:, pages] as float32 values."""
+    return as_kv_values(pages_array[:, pages]).astype(jnp.float32)
 
 
 def _online_softmax(chunk_scores: Callable, num_chunks: jax.Array, shape: tuple) -> jax.Array:
@@ -114,8 +146,8 @@ def paged_attention_xla(
 
     def chunk_scores(c):
         pages = jax.lax.dynamic_slice_in_dim(token_tables, c * chunk_pages, chunk_pages, axis=1)  # [T, C]
-        k = k_pages[:, pages].astype(jnp.float32)  # [K, T, C, S, d]
-        v = v_pages[:, pages].astype(jnp.float32)
+        k = gather_pages(k_pages, pages)  # [K, T, C, S, d] float32
+        v = gather_pages(v_pages, pages)
         k = k.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
         v = v.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
         k_pos = c * chunk_pages * page_size + jnp.arange(chunk_pages * page_size)[None, :]  # [1, C*S]
