@@ -12,6 +12,9 @@ Variants:
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
+  pallas-w8   x quantized per token, then pallas_kernels/fp8_matmul.py (the weight streamed once,
+              its tiles upcast in registers), scaled per token and channel: jaxllm's fp8_linear
+              for M <= 16 (decode), per-channel weight scales.
 
 Prints one table (us per layer, TB/s of weight bytes, TFLOP/s, rel. error against a float32 dot of
 the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
@@ -79,8 +82,20 @@ def v_fp8_native(x, wq):
     return y * (sx * sw).astype(jnp.bfloat16)
 
 
+def v_pallas_w8(x, wq):
+    from pallas_kernels.fp8_matmul import fp8_matmul
+
+    w8, sw = wq  # per output channel
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
+    sx = jnp.maximum(amax, 1e-12) / E4M3_MAX
+    x8 = (x.astype(jnp.float32) / sx).astype(E4M3)
+    return (fp8_matmul(x8, w8, interpret=jax.default_backend() == "cpu") * sx * sw).astype(jnp.bfloat16)
+
+
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
-            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
+            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
+            "pallas-w8": (v_pallas_w8, quantize_weight)}
+ROWS_LIMIT = {"pallas-w8": 16}  # the kernel takes decode-sized products only
 
 
 def chain(fn):
@@ -130,10 +145,12 @@ def main():
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M")
     for m in ms:
         key, sub = jax.random.split(key)
-        x = jax.random.normal(sub, (m, 4096), jnp.float32).astype(jnp.bfloat16)
+        x = jax.random.normal(sub, (m, SHAPES[0][0]), jnp.float32).astype(jnp.bfloat16)
         # accuracy on the first projection alone
         ref = np.asarray(x, np.float32) @ np.asarray(weights[0][0], np.float32)
         for name, (fn, _) in VARIANTS.items():
+            if m > ROWS_LIMIT.get(name, m):
+                continue
             wq = quantized[name]
             try:
                 t0 = time.perf_counter()
