@@ -4,16 +4,19 @@ Private to pallas_kernels: each kernel file imports what it needs from here, nev
 kernel's file. Triton tiles have power-of-two dimensions of at least MIN_DOT_DIM; softmax runs in
 float32 in log2 units (exp2), starting from MASK_VALUE.
 
-KV pages may be float8 E4M3 (KV_ONLY_DTYPES) under queries of any SUPPORTED_DTYPES: the attention
-kernels load each K/V tile in its stored dtype (half of bf16's memory traffic and shared memory)
-and upcast it to q's dtype before the dots; the K/V write saturates into it (`to_cache_dtype`).
-Triton converts float8 E4M3 on compute capability 8.9+ (Ada, Hopper) only.
+KV pages may be float8 E4M3 (KV_ONLY_DTYPES), as float8 arrays or as their bytes (uint8: how
+jaxllm holds a float8 cache, so that XLA copies and scatters its pages in place), under queries of
+any SUPPORTED_DTYPES: the attention kernels load each K/V tile in its stored dtype (half of bf16's
+memory traffic and shared memory) and upcast it to q's dtype before the dots (`kv_values`); the K/V
+write saturates into it (`to_cache_dtype`). Triton converts float8 E4M3 on compute capability 8.9+
+(Ada, Hopper) only.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -26,7 +29,8 @@ LOG2_E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Page dtypes the kernels read under queries of another dtype (upcast per tile): float8 E4M3, whose
 # largest finite value is 448 and which has no infinity.
-KV_ONLY_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
+FP8, FP8_BYTES = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)
+KV_ONLY_DTYPES = (FP8, FP8_BYTES)
 # tl.dot needs every tile dimension to be at least 16.
 MIN_DOT_DIM = 16
 # Shared memory the default tiling may plan for: the H100 allows 227 KiB per program; the rest is
@@ -44,16 +48,24 @@ def to_cache_dtype(x, dtype):
     overflowing cast would be NaN, E4M3FN having no infinity)."""
     dtype = jnp.dtype(dtype)
     if dtype in KV_ONLY_DTYPES:
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.minimum(jnp.maximum(x, -limit), limit)
+        limit = float(jnp.finfo(FP8).max)
+        x = jnp.minimum(jnp.maximum(x, -limit), limit).astype(FP8)
+        return jax.lax.bitcast_convert_type(x, FP8_BYTES) if dtype == FP8_BYTES else x
     return x.astype(dtype)
+
+
+def kv_values(x):
+    """A loaded K/V tile as values: float8 bytes (uint8) reinterpreted as float8 E4M3."""
+    return jax.lax.bitcast_convert_type(x, FP8) if x.dtype == FP8_BYTES else x
 
 
 def load_rows(ref, rows, dims, mask):
     """ref[rows, dims] as a [len(rows), len(dims)] tile; masked-off elements read as 0 (and are
     not fetched). Integer indices on both axes: the Pallas interpreter can gather only those."""
     at = ref.at[rows[:, None], dims[None, :]]
-    return plgpu.load(at) if mask is None else plgpu.load(at, mask=mask, other=0.0)
+    if mask is None:
+        return plgpu.load(at)
+    return plgpu.load(at, mask=mask, other=0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0)
 
 
 def fit_block_keys(block_keys: int, *, num_stages: int, query_rows: int, head_dim: int, itemsize: int,
@@ -103,7 +115,7 @@ def validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, *, window
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
         if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES + KV_ONLY_DTYPES:
             raise ValueError(f"{name} dtype {x.dtype} is not supported; allowed: float32, bfloat16, float16, "
-                             "float8_e4m3fn")  # fmt: skip
+                             "float8_e4m3fn (or its bytes, uint8)")  # fmt: skip
     mixed = k_pages.dtype != q.dtype and jnp.dtype(k_pages.dtype) not in KV_ONLY_DTYPES
     if k_pages.dtype != v_pages.dtype or mixed:
         raise ValueError(f"q, k_pages, v_pages must share a dtype, or the pages be float8_e4m3fn; got {q.dtype}, "

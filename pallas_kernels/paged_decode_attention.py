@@ -30,6 +30,7 @@ from pallas_kernels._tiles import (
     MIN_DOT_DIM,
     dot_precision,
     fit_block_keys,
+    kv_values,
     load_rows,
     pow2_divisor,
     validate_paged_inputs,
@@ -61,8 +62,8 @@ def _decode_kernel(
     group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
     precision = dot_precision(q_ref.dtype)
-    # A float8 cache: each loaded K/V tile is upcast to q's dtype before the dots (static choice).
-    upcast = (lambda x: x.astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
+    # A float8 cache (or its bytes): each loaded K/V tile is upcast to q's dtype before the dots.
+    upcast = (lambda x: kv_values(x).astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
     split = pl.program_id(2)
 
     head_ok = jnp.arange(group_block) < group

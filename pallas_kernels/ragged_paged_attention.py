@@ -38,6 +38,7 @@ from pallas_kernels._tiles import (
     dot_precision,
     fit_block_keys,
     is_power_of_2,
+    kv_values,
     load_rows,
     validate_paged_inputs,
     validate_tiling,
@@ -86,8 +87,8 @@ def _ragged_block(
     block_keys = pages_per_block * page_size
     tile_rows = block_q * group_block
     precision = dot_precision(q_ref.dtype)
-    # A float8 cache: each loaded K/V tile is upcast to q's dtype before the dots (static choice).
-    upcast = (lambda x: x.astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
+    # A float8 cache (or its bytes): each loaded K/V tile is upcast to q's dtype before the dots.
+    upcast = (lambda x: kv_values(x).astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
 
     q_start = query_start_ref[seq]
     q_len = query_start_ref[seq + 1] - q_start

@@ -116,10 +116,36 @@ def test_ragged_kernel_reads_fp8_pages_under_float32_queries():
                  rows=slice(0, num_real))  # fmt: skip
 
 
-def test_kernels_over_fp8_pages_lower_to_triton_for_h100():
-    """The compiled path (not the interpreter) of all three kernels, bf16 queries over fp8 pages."""
+def test_kernels_read_and_write_fp8_bytes_as_fp8_pages():
+    """How jaxllm holds a float8 cache (uint8 bytes, layers/attention.py:kv_storage_dtype): the three
+    kernels give over the bytes exactly what they give over float8 pages."""
+    as_bytes = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint8)
+    q, k_pages, v_pages, batch, _ = decode_inputs(16, 8, 2, 64, jnp.float32)
+    q, k_pages, v_pages = _fp8_pages(q, k_pages, v_pages, jnp.bfloat16)
+    decode = functools.partial(paged_decode_attention, block_tables=batch.block_tables, seq_lens=batch.seq_lens,
+                               scale=0.125, num_splits=2, interpret=INTERPRET)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(decode(q, as_bytes(k_pages), as_bytes(v_pages)), np.float32),
+                                  np.asarray(decode(q, k_pages, v_pages), np.float32))  # fmt: skip
+    q, k_pages, v_pages, batch, _ = ragged_inputs(16, 8, 2, 64, jnp.float32)
+    q, k_pages, v_pages = _fp8_pages(q, k_pages, v_pages, jnp.float32)
+    ragged = functools.partial(ragged_paged_attention, query_start=batch.query_start, seq_lens=batch.seq_lens,
+                               block_tables=batch.block_tables, max_query_len=40, scale=0.125, interpret=INTERPRET)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(ragged(q, as_bytes(k_pages), as_bytes(v_pages))),
+                                  np.asarray(ragged(q, k_pages, v_pages)))  # fmt: skip
+    case = _write_case(np.random.default_rng(2), 1000.0)
+    want = write_kv_kernel(*case, interpret=INTERPRET)
+    got = write_kv_kernel(as_bytes(case[0]), as_bytes(case[1]), *case[2:], interpret=INTERPRET)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(as_bytes(w)))
+
+
+@pytest.mark.parametrize("page_dtype", [FP8, jnp.uint8])
+def test_kernels_over_fp8_pages_lower_to_triton_for_h100(page_dtype):
+    """The compiled path (not the interpreter) of all three kernels, bf16 queries over fp8 pages
+    (float8, or its bytes)."""
     q = jax.ShapeDtypeStruct((4, 32, 128), jnp.bfloat16)
-    pages = jax.ShapeDtypeStruct((8, 64, 16, 128), FP8)
+    pages = jax.ShapeDtypeStruct((8, 64, 16, 128), page_dtype)
     tables, lens = jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
     decode = functools.partial(paged_decode_attention, scale=0.1, num_splits=2)
     assert lower_for_h100(decode, q, pages, pages, tables, lens).count("__gpu$xla.gpu.triton") == 2
@@ -186,7 +212,7 @@ def test_greedy_tokens_and_logits_follow_the_bf16_cache(engines):
     generated positions equal (measured: 87%)."""
     fp8, bf16 = engines
     assert fp8._engine.runner.kv_dtype == FP8 and bf16._engine.runner.kv_cache[0][0].dtype == jnp.bfloat16
-    # under 'xla' the float8 cache holds its bytes (layers/attention.py:kv_storage_dtype): written in place
+    # the float8 cache holds its bytes (layers/attention.py:kv_storage_dtype): written in place
     assert fp8._engine.runner.kv_cache[0][0].dtype == jnp.uint8
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, 320, size=n)] for n in (5, 11, 17, 23)]
@@ -238,13 +264,12 @@ def test_the_log_line_names_the_fp8_cache(tiny_dir, caplog):
 
 
 def test_xla_writes_a_float8_cache_as_bytes_in_place():
-    """Under 'xla' a float8 cache is held as uint8 (kv_storage_dtype): write_kv stores the same bytes a
-    float8 scatter would (saturated), in place of the donated pages, and gather_pages reads the values
-    back; a bf16 cache is held as it is, and the Pallas backends keep float8 pages."""
+    """A float8 cache is held as uint8 (kv_storage_dtype): write_kv stores the same bytes a float8
+    scatter would (saturated), in place of the donated pages, and gather_pages reads the values back;
+    a bf16 cache is held as it is."""
     from jaxllm.layers.attention import gather_pages, kv_storage_dtype, write_kv
 
-    assert kv_storage_dtype(FP8, "xla") == jnp.uint8 and kv_storage_dtype(FP8, "pallas") == FP8
-    assert kv_storage_dtype(jnp.bfloat16, "xla") == jnp.bfloat16
+    assert kv_storage_dtype(FP8) == jnp.uint8 and kv_storage_dtype(jnp.bfloat16) == jnp.bfloat16
     k = jax.random.normal(jax.random.key(0), (5, 2, 16)) * 100.0  # some beyond 448
     slots = jnp.asarray([3, 9, 17, 30, 31], jnp.int32)
     want, _ = write_kv(jnp.zeros((2, 4, 8, 16), FP8), jnp.zeros((2, 4, 8, 16), FP8), k, k, slots)

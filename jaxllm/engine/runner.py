@@ -94,7 +94,7 @@ class ModelRunner:
         self.config = config
         self.dtype = params["embed"].dtype
         self.kv_dtype = config.kv_dtype or self.dtype
-        self.kv_storage_dtype = kv_storage_dtype(self.kv_dtype, config.backend)  # what the cache arrays hold
+        self.kv_storage_dtype = kv_storage_dtype(self.kv_dtype)  # what the cache arrays hold
         self.mesh = mesh
         self._replica = Replica(self, channel)
         self.num_dispatches = 0  # steps dispatched (a follower counts the leader's), numbering PendingStep

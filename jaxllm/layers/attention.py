@@ -64,17 +64,17 @@ def write_kv(
     return scatter(k_pages, k), scatter(v_pages, v)
 
 
-# A float8 KV cache under the 'xla' backend holds its bytes: uint8 pages are float8 E4M3 values.
+# A float8 KV cache holds its bytes: uint8 pages are float8 E4M3 values.
 FP8_KV, FP8_BYTES = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)
 
 
-def kv_storage_dtype(kv_dtype, backend: str):
-    """The dtype a KV cache's arrays hold: the KV dtype, except that a float8 cache under the 'xla'
-    backend holds its bytes (uint8). XLA scatters and copies float8 arrays by widening them whole
-    (on the CPU, a copy of every layer's pages at each step's write: decode 6x slower than bf16)
-    where it updates uint8 ones in place; readers reinterpret what they gather (`as_kv_values`).
-    The Pallas kernels read and write float8 pages themselves."""
-    return FP8_BYTES if jnp.dtype(kv_dtype) == FP8_KV and backend == "xla" else kv_dtype
+def kv_storage_dtype(kv_dtype):
+    """The dtype a KV cache's arrays hold: the KV dtype, except that a float8 cache holds its bytes
+    (uint8). XLA scatters and copies float8 arrays by widening them whole (on the CPU, a copy of
+    every layer's pages at each step's write: decode 6x slower than bf16) where it updates uint8
+    ones in place; the XLA attention and the runner reinterpret what they gather
+    (`as_kv_values`), the Pallas kernels each tile they load (pallas_kernels/_tiles.py)."""
+    return FP8_BYTES if jnp.dtype(kv_dtype) == FP8_KV else kv_dtype
 
 
 def as_kv_values(x: jax.Array) -> jax.Array:
