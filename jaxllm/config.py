@@ -161,7 +161,8 @@ class ModelConfig:
     # How the layer projections are stored (jaxllm/quantization.py): None (the model's dtype), or
     # float8 E4M3 with a scale per output channel and activations quantized per token
     # ("FP8_PER_CHANNEL_PER_TOKEN") or with a calibrated static scale per projection ("FP8", a
-    # ModelOpt checkpoint's). Part of the engine's static config: the params' description
+    # ModelOpt checkpoint's), or int8 weights with float activations ("W8A16"). Part of the
+    # engine's static config: the params' description
     # (models/params.py) and the forward pass (layers/linear.py) follow it.
     quant_algo: str | None = None
 
@@ -177,9 +178,9 @@ class ModelConfig:
             raise ValueError("sliding layers need a sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.quant_algo not in (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        if self.quant_algo not in (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16"):
             raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, 'FP8', "
-                             "'FP8_PER_CHANNEL_PER_TOKEN'")  # fmt: skip
+                             "'FP8_PER_CHANNEL_PER_TOKEN', 'W8A16'")  # fmt: skip
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 

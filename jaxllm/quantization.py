@@ -11,10 +11,13 @@ takes TensorRT-LLM's names. What jaxllm does with them:
     In the forward pass each projection's input is quantized per token (amax over its features /
     448, a scale per row, so a request's numbers do not depend on the rest of its batch) and the
     product of the two fp8 operands is accumulated in float32 (jaxllm/layers/linear.py).
+  quant_algo W8A16: the same seven projections as int8 with a float32 scale per output channel
+    (amax / 127), activations left in the model's dtype: the weight is widened to it inside the
+    product (weight-only: a quarter of a float32 model's weight memory, half of a bf16 one's).
   kv_cache_quant_algo FP8: the KV cache in float8 E4M3 (the same as kv_cache_config.dtype='fp8').
 
-Other algorithms (int8/int4 weight-only, SmoothQuant, NVFP4, ...) are refused by name, listing
-what is supported. The quantized parameters are described in models/params.py like any other
+Other algorithms (int4 weight-only, AWQ, GPTQ, SmoothQuant, NVFP4, ...) are refused by name,
+listing what is supported. The quantized parameters are described in models/params.py like any other
 (their dtype and their scales' shapes and axes), so loading, sharding, saving and the abstract
 pytree of a quantized model come from the same description as a float one's.
 """
@@ -69,10 +72,18 @@ class QuantAlgo(enum.StrEnum):
 # What jaxllm runs: weight algorithms -> the weight format a float checkpoint is quantized to as it
 # loads (ModelConfig.quant_algo). With no calibration data, activations are scaled per token; a
 # ModelOpt checkpoint brings FP8's calibrated static input scales itself (checkpoints/hf.py).
-WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8_PER_CHANNEL_PER_TOKEN"}
-# ModelConfig.quant_algo's values: per-channel weight scales and per-token activation scales, or
-# (a ModelOpt FP8 checkpoint's) per-tensor weight scales and a static per-tensor input scale.
-WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8")
+WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8_PER_CHANNEL_PER_TOKEN",
+                QuantAlgo.W8A16: "W8A16"}  # fmt: skip
+# ModelConfig.quant_algo's values: FP8 with per-channel weight scales and per-token activation
+# scales; (a ModelOpt FP8 checkpoint's) per-tensor weight scales and a static per-tensor input
+# scale; int8 weights with per-channel scales and float activations.
+WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", "W8A16")
+INT8_MAX = 127.0
+
+
+def weight_dtype(quant_algo: str):
+    """The dtype a quantized projection is stored in under `quant_algo`."""
+    return jnp.int8 if quant_algo == "W8A16" else FP8_DTYPE
 KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
 
 
@@ -158,6 +169,15 @@ def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
     return quant_algo is not None and path.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
 
 
+def quantize_int8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
+    """A projection weight [*in, *out] -> (int8 [*in, *out], float32 scale [*out]), w ~= q * scale:
+    per output channel, amax over the input axes / 127, rounded to nearest (1 for a zero channel)."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_input_axes)))
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    return jnp.clip(jnp.round(wf / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+
+
 def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
     """A projection weight [*in, *out] -> (float8 E4M3 [*in, *out], float32 scale [*out]) with
     w ~= q * scale: one scale per output channel, amax over the input axes / 448 (1 for an all-zero
@@ -177,7 +197,8 @@ def quantized_paths(path: str, quant_algo: str) -> list[str]:
 def quantize_path(path: str, w: jax.Array, quant_algo: str) -> dict[str, jax.Array]:
     """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable); under
     "FP8" also path + "_input_scale" = 1 (no calibration data: dummy weights' activations are O(1))."""
-    q, scale = quantize_fp8(w, QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]])
+    quantize = quantize_int8 if quant_algo == "W8A16" else quantize_fp8
+    q, scale = quantize(w, QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]])
     out = {path: q, path + SCALE_SUFFIX: scale}
     if quant_algo == "FP8":
         out[path + INPUT_SCALE_SUFFIX] = jnp.ones((), jnp.float32)

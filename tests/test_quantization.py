@@ -203,3 +203,32 @@ def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
     (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="quant_method='gptq' is not supported"):
         LLM(model=str(tmp_path / "gptq"), **args)
+
+
+def test_w8a16_is_int8_weights_per_channel_and_float_activations(tiny_dir, tmp_path):
+    """QuantConfig(quant_algo='W8A16'): int8 projections (round to nearest, amax / 127 per output
+    channel), the product the float32 einsum of the input and the dequantized weight; an engine's
+    tokens the same at TP=1 and TP=2 (padded heads and MLP) and after LLM.save."""
+    from jaxllm.layers.linear import int8_linear
+    from jaxllm.quantization import quantize_int8
+
+    w = jax.random.normal(jax.random.key(3), (48, 4, 8)) * jnp.logspace(-3, 1, 32).reshape(4, 8)
+    q, scale = quantize_int8(w, 1)
+    assert q.dtype == jnp.int8 and scale.shape == (4, 8) and int(jnp.abs(q).max()) == 127
+    assert float(jnp.max(jnp.abs(q.astype(jnp.float32) * scale - w) / scale)) <= 0.5 + 1e-5  # half a step
+    x = jax.random.normal(jax.random.key(4), (5, 48))
+    want = jnp.einsum("td,dhk->thk", x, q.astype(jnp.float32) * scale, precision="highest")
+    np.testing.assert_allclose(np.asarray(int8_linear(x, q, scale, "...d,dhk->...hk")), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64,
+                quant_config=QuantConfig(quant_algo="W8A16"))  # fmt: skip
+    path = str(tiny_dir("llama-odd"))
+    with LLM(model=path, **args) as llm:
+        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == jnp.int8
+        tokens = _tokens(llm)
+        llm.save(tmp_path / "w8")
+    if len(jax.devices()) >= 2:
+        with LLM(model=path, tensor_parallel_size=2, **args) as llm:
+            assert _tokens(llm) == tokens
+    with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert llm.config.quant_algo == "W8A16" and _tokens(llm) == tokens

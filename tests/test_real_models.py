@@ -78,18 +78,20 @@ FP8_TEXTS = [
     "Machine learning is a field of study in artificial intelligence concerned with the development of",
     "Once upon a time, in a small village at the edge of a great forest, there lived an old woodcutter and his",
 ]
-# Measured on the CPU (FP8 emulated; benchmarks/RESULTS.md "FP8 weights"): top-1 agreement with bf16
-# 0.90 (SmolLM2) and 0.87 (Gemma 3), mean |d logprob| of bf16's top token 0.13 and 0.08; bf16 itself
-# agrees with float32 at 0.98 / 0.99. E4M3 keeps 3 mantissa bits (about 2.7% error per product
+# Measured on the CPU (FP8 emulated; benchmarks/RESULTS.md "FP8"): top-1 agreement with bf16 0.90
+# (SmolLM2) and 0.87 (Gemma 3), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
+# 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. E4M3 keeps 3 mantissa bits (about 2.7% error per product
 # against bf16's 0.2%), which these 135M / 270M models feel more than an 8B one.
-FP8_BOUNDS = {"smollm2": (0.85, 0.2), "gemma3-270m": (0.82, 0.15)}
+FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.82, 0.15),
+              ("smollm2", "W8A16"): (0.97, 0.1)}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(FP8_BOUNDS))
-def test_fp8_weights_agree_with_bfloat16(name):
-    """QuantConfig(quant_algo='FP8'): FP8 projections (per-channel weights, per-token activations)
-    against the bf16 model on the same text, teacher-forced: top-1 agreement and the mean change of
-    the bf16 top token's log-probability, over every position."""
+@pytest.mark.parametrize("name,quant_algo", sorted(FP8_BOUNDS))
+def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
+    """QuantConfig(quant_algo='FP8'): FP8 projections (per-channel weights, per-token activations),
+    and W8A16 (int8 per-channel weights, bf16 activations), against the bf16 model on the same text,
+    teacher-forced: top-1 agreement and the mean change of the bf16 top token's log-probability,
+    over every position."""
     from jaxllm.checkpoints.builtin import fetch
     from jaxllm.models.params import flatten_paths, unflatten_paths
     from jaxllm.quantization import quantize_flat
@@ -104,7 +106,7 @@ def test_fp8_weights_agree_with_bfloat16(name):
     for i, x in enumerate(ids):
         tokens[i, : len(x)], valid[i, : len(x)] = x, True
     params = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
-    fp8_cfg = dataclasses.replace(cfg, quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
+    fp8_cfg = dataclasses.replace(cfg, quant_algo=quant_algo)
     fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), fp8_cfg.quant_algo), fp8_cfg)
     run = jax.jit(forward_dense, static_argnums=2)
     ref = jax.nn.log_softmax(run(params, jnp.asarray(tokens), cfg, jnp.asarray(valid)), -1)
@@ -112,6 +114,7 @@ def test_fp8_weights_agree_with_bfloat16(name):
     top = jnp.argmax(ref, -1)
     agree = float((top == jnp.argmax(got, -1))[valid].mean())
     delta = float(jnp.abs(jnp.take_along_axis(ref - got, top[..., None], -1))[..., 0][valid].mean())
-    print(f"{name}: FP8 top-1 agreement with bf16 {agree:.3f} over {valid.sum()} positions, mean |d logprob| {delta:.3f}")
-    min_agree, max_delta = FP8_BOUNDS[name]
+    print(f"{name} {quant_algo}: top-1 agreement with bf16 {agree:.3f} over {valid.sum()} positions, "
+          f"mean |d logprob| {delta:.3f}")
+    min_agree, max_delta = FP8_BOUNDS[(name, quant_algo)]
     assert agree >= min_agree and delta <= max_delta, (agree, delta)

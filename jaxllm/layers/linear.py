@@ -1,18 +1,23 @@
-"""The layer projections: a float einsum, or an FP8 product when the weight is stored quantized.
+"""The layer projections: a float einsum, or a quantized product when the weight is stored quantized.
 
-A projection whose params hold `<name>_scale` beside the weight is an FP8 one (jaxllm/quantization.py
-makes them): the weight is float8 E4M3 [*in, *out] with a float32 scale per output channel. Its
-input is quantized per row (per token: amax over the input axes / 448), or, when the params also
-hold `<name>_input_scale` (a ModelOpt FP8 checkpoint's calibrated scale), by that one static scale
-(saturating at +-448); the two fp8 operands are multiplied with float32 accumulation, and the
-product is scaled by the row's scale times the channel's and cast back to the input's dtype:
+A projection whose params hold `<name>_scale` beside the weight is a quantized one
+(jaxllm/quantization.py makes them), with a float32 scale per output channel:
 
-    y[t, n] = (sum_k x8[t, k] w8[k, n]) * sx[t] * sw[n]
+- float8 E4M3 weight [*in, *out] (FP8): its input is quantized per row (per token: amax over the
+  input axes / 448), or, when the params also hold `<name>_input_scale` (a ModelOpt FP8
+  checkpoint's calibrated scale), by that one static scale (saturating at +-448); the two fp8
+  operands are multiplied with float32 accumulation, and the product is scaled by the row's scale
+  times the channel's and cast back to the input's dtype:
 
-A row's quantization depends on that row alone (or on nothing, with a static scale), so a
-request's numbers do not depend on the rest of its batch. On the CPU the fp8 product is emulated by XLA (the same numbers, slower than bf16); on
-Hopper XLA lowers an fp8 x fp8 dot to cuBLASLt's FP8 GEMM (benchmarks/fp8_gemm.py measures it).
-`fp8_linear_reference` is the same arithmetic in plain float32, for tests.
+      y[t, n] = (sum_k x8[t, k] w8[k, n]) * sx[t] * sw[n]
+
+  A row's quantization depends on that row alone (or on nothing, with a static scale), so a
+  request's numbers do not depend on the rest of its batch. On the CPU XLA emulates the fp8
+  product (the same numbers); on Hopper it runs fp8 x fp8 dots on the tensor cores, faster than
+  bf16 only for large products (benchmarks/fp8_gemm.py). `fp8_linear_reference` is the same
+  arithmetic in plain float32, for tests.
+- int8 weight (W8A16, weight-only): the weight widened to the input's dtype inside the product,
+  accumulated in float32 and scaled per channel (`int8_linear`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equati
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
+def int8_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` for an int8 weight w ~= w8 * w_scale (per output channel),
+    weight-only (W8A16): the weight widened to x's dtype inside the product, accumulated in float32,
+    then scaled per channel. Returns x's dtype."""
+    y = jnp.einsum(equation, x, w8.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * w_scale).astype(x.dtype)
+
+
 # name -> the einsum of the projection (its input axes: quantization.QUANTIZED_PARAMS)
 PROJECTIONS = {"wq": "...d,dhk->...hk", "wk": "...d,dhk->...hk", "wv": "...d,dhk->...hk", "wo": "...hk,hkd->...d",
                "w_gate": "...d,df->...f", "w_up": "...d,df->...f", "w_down": "...f,fd->...d"}  # fmt: skip
@@ -67,4 +80,6 @@ def project(lp: dict, name: str, x: jax.Array) -> jax.Array:
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
+    if lp[name].dtype == jnp.int8:  # W8A16: weight-only
+        return int8_linear(x, lp[name], scale, PROJECTIONS[name])
     return fp8_linear(x, lp[name], scale, PROJECTIONS[name], QUANTIZED_PARAMS[name], lp.get(name + INPUT_SCALE_SUFFIX))

@@ -21,9 +21,9 @@ Pytree layout (all families):
     w_gate, w_up [embed, ffw]   w_down [ffw, embed]
     <projection>_scale [its output axes] float32                        (quant_algo set)
     <projection>_input_scale [] float32                                  (quant_algo "FP8")
-With a quant_algo the seven projections are float8 E4M3, each with a scale per output channel, and
-with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the rest keeps the
-model's dtype.
+With a quant_algo the seven projections are float8 E4M3 (int8 under "W8A16"), each with a scale per
+output channel, and with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the
+rest keeps the model's dtype.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
 """
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.quantization import (FP8_DTYPE, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config,
-                                 quantize_flat)  # fmt: skip
+from jaxllm.quantization import (INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, quantize_flat,
+                                 weight_dtype)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ def layer_specs(cfg: ModelConfig) -> dict:
     if cfg.quant_algo is not None:
         for name, n_in in QUANTIZED_PARAMS.items():
             spec = layer[name]
-            layer[name] = dataclasses.replace(spec, dtype=FP8_DTYPE)
+            layer[name] = dataclasses.replace(spec, dtype=weight_dtype(cfg.quant_algo))
             layer[name + SCALE_SUFFIX] = ParamSpec(spec.shape[n_in:], spec.axes[n_in:], "ones", jnp.float32)
             if cfg.quant_algo == "FP8":
                 layer[name + INPUT_SCALE_SUFFIX] = ParamSpec((), (), "ones", jnp.float32)
