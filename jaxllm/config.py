@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxllm.quantization import WEIGHT_FORMATS
+
 DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -178,9 +180,9 @@ class ModelConfig:
             raise ValueError("sliding layers need a sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.quant_algo not in (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16"):
-            raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, 'FP8', "
-                             "'FP8_PER_CHANNEL_PER_TOKEN', 'W8A16'")  # fmt: skip
+        if self.quant_algo is not None and self.quant_algo not in WEIGHT_FORMATS:
+            raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, "
+                             f"{', '.join(map(repr, WEIGHT_FORMATS))}")  # fmt: skip
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 

@@ -79,11 +79,6 @@ WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CH
 # scale; int8 weights with per-channel scales and float activations.
 WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", "W8A16")
 INT8_MAX = 127.0
-
-
-def weight_dtype(quant_algo: str):
-    """The dtype a quantized projection is stored in under `quant_algo`."""
-    return jnp.int8 if quant_algo == "W8A16" else FP8_DTYPE
 KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
 
 
@@ -105,7 +100,7 @@ def _algo(value, name: str, supported) -> Optional[QuantAlgo]:
 @dataclasses.dataclass
 class QuantConfig:
     """TensorRT-LLM's `QuantConfig` (the LLM API's fields). jaxllm honours `quant_algo` (FP8,
-    FP8_PER_CHANNEL_PER_TOKEN) and `kv_cache_quant_algo` (FP8); the fields that tune other
+    FP8_PER_CHANNEL_PER_TOKEN, W8A16) and `kv_cache_quant_algo` (FP8); the fields that tune other
     algorithms (group_size, smoothquant_val, ...) are accepted and must keep their defaults."""
 
     quant_algo: Optional[Any] = None
@@ -163,7 +158,19 @@ def base_config(cfg):
     return dataclasses.replace(cfg, quant_algo=None) if cfg.quant_algo is not None else cfg
 
 
-# ---- FP8 weights -------------------------------------------------------------------------------
+# ---- quantized weights -------------------------------------------------------------------------
+def weight_dtype(quant_algo: str):
+    """The dtype a quantized projection is stored in under `quant_algo`."""
+    return jnp.int8 if quant_algo == "W8A16" else FP8_DTYPE
+
+
+def absmax_scale(x: jax.Array, axes: tuple[int, ...], qmax: float, keepdims: bool = False) -> jax.Array:
+    """float32 amax of |x| over `axes` / qmax: the scale that maps those values onto [-qmax, qmax]
+    (1 where they are all zero, such as tensor parallelism's padding channels)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=keepdims)
+    return jnp.where(amax > 0, amax / qmax, 1.0)
+
+
 def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
     """Whether the parameter at `path` ("layers.3.wq") is stored quantized under `quant_algo`."""
     return quant_algo is not None and path.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
@@ -172,10 +179,8 @@ def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
 def quantize_int8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
     """A projection weight [*in, *out] -> (int8 [*in, *out], float32 scale [*out]), w ~= q * scale:
     per output channel, amax over the input axes / 127, rounded to nearest (1 for a zero channel)."""
-    wf = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_input_axes)))
-    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-    return jnp.clip(jnp.round(wf / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+    scale = absmax_scale(w, tuple(range(num_input_axes)), INT8_MAX)
+    return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
 
 
 def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
@@ -183,10 +188,8 @@ def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Arra
     w ~= q * scale: one scale per output channel, amax over the input axes / 448 (1 for an all-zero
     channel, such as tensor parallelism's padding). Jittable; under a mesh the amax is reduced
     across the shards of the input axes, so a channel's scale is the same at every TP size."""
-    wf = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_input_axes)))
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-    return jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
+    scale = absmax_scale(w, tuple(range(num_input_axes)), FP8_MAX)
+    return jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
 
 
 def quantized_paths(path: str, quant_algo: str) -> list[str]:
@@ -212,8 +215,3 @@ def quantize_flat(flat: dict, quant_algo: Optional[str]) -> dict:
     for path, w in flat.items():
         out.update(quantize_path(path, w, quant_algo) if is_quantized(path, quant_algo) else {path: w})
     return out
-
-
-def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """q * scale (scale over q's trailing axes) in `dtype`."""
-    return (q.astype(jnp.float32) * scale).astype(dtype)

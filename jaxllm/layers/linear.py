@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.quantization import FP8_DTYPE, FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX
+from jaxllm.quantization import FP8_DTYPE, FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, absmax_scale
 
 
 def quantize_rows(x: jax.Array, num_input_axes: int, input_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -34,8 +34,7 @@ def quantize_rows(x: jax.Array, num_input_axes: int, input_scale: jax.Array | No
     axes = tuple(range(x.ndim - num_input_axes, x.ndim))
     xf = x.astype(jnp.float32)
     if input_scale is None:
-        amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-        scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+        scale = absmax_scale(xf, axes, FP8_MAX, keepdims=True)
     else:
         scale = jnp.full(xf.shape[: x.ndim - num_input_axes] + (1,) * num_input_axes, input_scale, jnp.float32)
     x8 = jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
