@@ -424,10 +424,12 @@ class EngineArgs:
         kv = self.quant_config.kv_cache_dtype if self.quant_config is not None else None
         if kv is None:
             return
+        from jaxllm.config import resolve_kv_dtype
+
         current = self.kv_cache_config.dtype
         if current == "auto":
             self.kv_cache_config = dataclasses.replace(self.kv_cache_config, dtype=kv)
-        elif str(current).lower() not in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+        elif resolve_kv_dtype(current) != resolve_kv_dtype(kv):
             raise ValueError(f"quant_config.kv_cache_quant_algo='FP8' conflicts with kv_cache_config.dtype={current!r}; "
                              "give one of them, or the same (kv_cache_config.dtype='fp8')")  # fmt: skip
 

@@ -36,7 +36,7 @@ from jaxllm.engine.buckets import ForwardShape, compiler_options, engine_buckets
 from jaxllm.engine.executables import CompileCache, Programs
 from jaxllm.engine.step_inputs import (StepPlan, StepRequest, abstract_host_inputs, plan_step, resample_inputs,
                                        sampler_arrays, sampling_flavor)  # fmt: skip
-from jaxllm.layers.attention import as_kv_storage, as_kv_values, kv_storage_dtype
+from jaxllm.layers.attention import as_kv_values, kv_storage_dtype, to_kv_dtype
 from jaxllm.models.params import abstract_of, is_spec, kv_cache_specs, zeros_of
 from jaxllm.models.step import NEXT_TOKENS
 
@@ -456,7 +456,7 @@ class ModelRunner:
         sharding = self.kv_cache[0][0].sharding  # every layer's K and V pages: split by KV head under TP
         placed = []
         for v in values:
-            v = as_kv_storage(jax.device_put(v, sharding).astype(self.kv_dtype), self.kv_storage_dtype)
+            v = to_kv_dtype(jax.device_put(v, sharding), self.kv_storage_dtype)
             placed.append(jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else v)
         rows = np.zeros((len(ids), self.config.page_size), np.int32)
         if token_ids is not None:

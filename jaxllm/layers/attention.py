@@ -26,23 +26,28 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxllm.config import KV_FP8_DTYPE
 from jaxllm.layers.batch import BatchMetadata
 
 MASK_VALUE = -1e30
 # Keys per chunk of the XLA path's online softmax: small enough that a short context gathers
 # little beyond what it needs, large enough that long contexts take few loop iterations.
 XLA_CHUNK_KEYS = 256
+# A float8 KV cache holds its bytes: uint8 pages are float8 E4M3 values (`kv_storage_dtype`).
+FP8_KV, FP8_BYTES = jnp.dtype(KV_FP8_DTYPE), jnp.dtype(jnp.uint8)
 
 
 def to_kv_dtype(x: jax.Array, dtype) -> jax.Array:
-    """x in the KV cache's dtype. Into a float8 cache (E4M3: kv_cache_config.dtype='fp8') the cast
-    saturates: values are clipped to the format's largest finite value (448) first, since E4M3FN
-    has no infinity and an overflowing cast gives NaN, which would poison every later softmax
-    over the page. The scale is 1 (no calibrated per-layer K/V scales)."""
+    """x in a KV cache's dtype, or its storage dtype (`kv_storage_dtype`). Into a float8 cache
+    (E4M3: kv_cache_config.dtype='fp8') the cast saturates: values are clipped to the format's
+    largest finite value (448) first, since E4M3FN has no infinity and an overflowing cast gives
+    NaN, which would poison every later softmax over the page; into its bytes (uint8) the float8
+    values are then reinterpreted. The scale is 1 (no calibrated per-layer K/V scales)."""
     dtype = jnp.dtype(dtype)
-    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.minimum(jnp.maximum(x, -limit), limit)
+    if dtype in (FP8_KV, FP8_BYTES):
+        limit = float(jnp.finfo(FP8_KV).max)
+        x = jnp.minimum(jnp.maximum(x, -limit), limit).astype(FP8_KV)
+        return jax.lax.bitcast_convert_type(x, FP8_BYTES) if dtype == FP8_BYTES else x
     return x.astype(dtype)
 
 
@@ -55,17 +60,9 @@ def write_kv(
     """
     page_size = k_pages.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-
-    def scatter(cache, new):
-        if cache.dtype == FP8_BYTES:  # a float8 cache held as its bytes (kv_storage_dtype)
-            new = jax.lax.bitcast_convert_type(to_kv_dtype(new, FP8_KV), FP8_BYTES)
-        return cache.at[:, pages, offsets].set(to_kv_dtype(new.swapaxes(0, 1), cache.dtype))
-
-    return scatter(k_pages, k), scatter(v_pages, v)
-
-
-# A float8 KV cache holds its bytes: uint8 pages are float8 E4M3 values.
-FP8_KV, FP8_BYTES = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)
+    k_pages = k_pages.at[:, pages, offsets].set(to_kv_dtype(k.swapaxes(0, 1), k_pages.dtype))
+    v_pages = v_pages.at[:, pages, offsets].set(to_kv_dtype(v.swapaxes(0, 1), v_pages.dtype))
+    return k_pages, v_pages
 
 
 def kv_storage_dtype(kv_dtype):
@@ -80,11 +77,6 @@ def kv_storage_dtype(kv_dtype):
 def as_kv_values(x: jax.Array) -> jax.Array:
     """Pages (or a gathered part of them) as their KV dtype's values: uint8 bytes as float8 E4M3."""
     return jax.lax.bitcast_convert_type(x, FP8_KV) if x.dtype == FP8_BYTES else x
-
-
-def as_kv_storage(x: jax.Array, storage_dtype) -> jax.Array:
-    """KV values as a cache of `storage_dtype` holds them (float8 as uint8 bytes)."""
-    return jax.lax.bitcast_convert_type(x, FP8_BYTES) if jnp.dtype(storage_dtype) == FP8_BYTES else x
 
 
 def gather_pages(pages_array: jax.Array, pages: jax.Array) -> jax.Array:
