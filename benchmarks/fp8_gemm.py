@@ -19,7 +19,8 @@ Variants:
 Prints one table (us per layer, TB/s of weight bytes, TFLOP/s, rel. error against a float32 dot of
 the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
 
-    python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192]
+    python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192] [--variants bf16,pallas-w8]
+                                  [--sweep]
 """
 
 from __future__ import annotations
@@ -82,20 +83,44 @@ def v_fp8_native(x, wq):
     return y * (sx * sw).astype(jnp.bfloat16)
 
 
-def v_pallas_w8(x, wq):
+def v_pallas_w8(x, wq, tiling=None, quantize_input=True):
     from pallas_kernels.fp8_matmul import fp8_matmul
 
     w8, sw = wq  # per output channel
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
-    sx = jnp.maximum(amax, 1e-12) / E4M3_MAX
-    x8 = (x.astype(jnp.float32) / sx).astype(E4M3)
-    return (fp8_matmul(x8, w8, interpret=jax.default_backend() == "cpu") * sx * sw).astype(jnp.bfloat16)
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+    sx = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return fp8_matmul(x, sx, w8, sw, quantize_input=quantize_input, tiling=tiling,
+                      interpret=jax.default_backend() == "cpu")  # fmt: skip
 
 
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
             "pallas-w8": (v_pallas_w8, quantize_weight)}
-ROWS_LIMIT = {"pallas-w8": 16}  # the kernel takes decode-sized products only
+ROWS_LIMIT = {"pallas-w8": 16, "pw8:dot": 16, "pw8:fma": 2}  # the kernel takes decode-sized products only
+
+
+# --sweep: the kernel's tilings measured beside its default (Fp8MatmulTiling labels). Round 1 (the
+# 'dot' form's block sizes, warps, stages, programs; results/fp8_gemm_sweep1_h200_2026-12-04.json)
+# put float16 tiles and fewer, longer programs ahead; round 2 adds the 'fma' form for a row or two.
+SWEEP = ["dot:n128k256w4s3p132:float16", "dot:n256k128w4s4p264:float16", "dot:n256k128w4s4p132:float16",
+         "dot:n128k128w4s5p132:float16", "dot:n256k256w8s3p132:float16", "dot:n128k256w8s4p132:float16",
+         "fma:n256k32w4s3p264:float16", "fma:n512k16w4s3p264:float16", "fma:n256k64w8s3p264:float16",
+         "fma:n512k32w8s3p264:float16", "fma:n128k64w4s4p264:float16", "fma:n256k32w4s4p528:float16",
+         "fma:n1024k16w8s3p264:float16", "fma:n256k32w4s3p132:float16"]  # fmt: skip
+
+
+def sweep_variants() -> dict:
+    from pallas_kernels.fp8_matmul import Fp8MatmulTiling
+
+    out = {}
+    for label in SWEEP:
+        tiling = Fp8MatmulTiling.from_label(label)
+
+        def fn(x, wq, tiling=tiling):
+            return v_pallas_w8(x, wq, tiling)
+
+        out["pw8:" + label] = (fn, quantize_weight)
+    return out
 
 
 def chain(fn):
@@ -128,7 +153,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ms", default="1,8,32,128,512,2048,8192")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--sweep", action="store_true", help="also the Pallas kernel's tilings (rows up to 16)")
     args = ap.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    if args.sweep:
+        variants.update(sweep_variants())
     ms = [int(m) for m in args.ms.split(",")]
     key = jax.random.PRNGKey(0)
     weights = []
@@ -138,8 +168,8 @@ def main():
             key, sub = jax.random.split(key)
             row.append((jax.random.normal(sub, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
         weights.append(row)
-    quantized = {name: ([[q(w) for w in row] for row in weights] if q else weights)
-                 for name, (_, q) in VARIANTS.items()}
+    by_quantizer = {q: ([[q(w) for w in row] for row in weights] if q else weights) for _, q in variants.values()}
+    quantized = {name: by_quantizer[q] for name, (_, q) in variants.items()}
     params = sum(k * n for k, n in SHAPES)
     results = []
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M")
@@ -148,8 +178,8 @@ def main():
         x = jax.random.normal(sub, (m, SHAPES[0][0]), jnp.float32).astype(jnp.bfloat16)
         # accuracy on the first projection alone
         ref = np.asarray(x, np.float32) @ np.asarray(weights[0][0], np.float32)
-        for name, (fn, _) in VARIANTS.items():
-            if m > ROWS_LIMIT.get(name, m):
+        for name, (fn, _) in variants.items():
+            if m > ROWS_LIMIT.get(name[:7] if name.startswith("pw8:") else name, m):
                 continue
             wq = quantized[name]
             try:
@@ -165,19 +195,30 @@ def main():
                 continue
             per_layer = sec / args.layers
             wbytes = params * (2 if name == "bf16" else 1)
+            print(f"  M={m} {name}: {per_layer * 1e6:.1f} us/layer", flush=True)
             results.append({"m": m, "variant": name, "us_per_layer": per_layer * 1e6, "compile_s": compile_s,
                             "weight_TBps": wbytes / per_layer / 1e12, "TFLOPs": 2 * m * params / per_layer / 1e12,
                             "rel_err": err})
+    # the fastest tiling of the kernel at each M: gpu_e2e.py --fp8-tilings takes this line
+    best = {}
+    for r in results:
+        if r["variant"].startswith("pw8:") and "error" not in r:
+            if r["m"] not in best or r["us_per_layer"] < best[r["m"]]["us_per_layer"]:
+                best[r["m"]] = r
+    tilings = ",".join(f"{m}={r['variant'][4:]}" for m, r in sorted(best.items()))
+    print(f"fastest tilings: {tilings or '-'}")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "fp8_gemm.json"), "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{'M':>6} {'variant':<11} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
+        with open(os.path.join(out, "fp8_tilings.txt"), "w") as f:
+            f.write(tilings)
+    print(f"{'M':>6} {'variant':<34} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['m']:>6} {r['variant']:<11} FAILED {r['error'][:90]}")
+            print(f"{r['m']:>6} {r['variant']:<34} FAILED {r['error'][:90]}")
         else:
-            print(f"{r['m']:>6} {r['variant']:<11} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
+            print(f"{r['m']:>6} {r['variant']:<34} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
                   f"{r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} {r['compile_s']:>9.2f}")
 
 

@@ -112,6 +112,19 @@ def part_perf(args) -> dict:
     step = decode_ms_per_token(stats)
     result["batch1"] = {"decode_ms_per_token": step, "tokens_per_s": 1e3 / step, "fraction_of_floor": floor_ms / step,
                         "wall_s": wall, "compile_s_during": compiled}  # fmt: skip
+    if args.profile:  # the same decode once more under the JAX profiler: where a token's time goes
+        import glob
+        import tempfile
+
+        import trace_summary
+
+        trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        timed(prompt, SamplingParams(max_tokens=33, ignore_eos=True))
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+        print("batch-1 decode of 32 tokens under the profiler:\n" + trace_summary.format_summary(path, top=24),
+              flush=True)  # fmt: skip
     # Time to first token.
     for length in (args.short, args.long):
         p = synthetic(1, length, vocab, 2)
@@ -199,7 +212,8 @@ def part_coldstart(args) -> dict:
 def report(results: dict) -> None:
     p = results.get("perf")
     if p:
-        print(f"\n== {p['model']} bf16 random weights, {p['device']}, backend {p['backend']} ==")
+        weights = p.get("quantization") or "bf16"
+        print(f"\n== {p['model']} {weights} random weights, KV {p['kv_dtype']}, {p['device']}, backend {p['backend']} ==")
         print(f"weights {p['weight_bytes'] / 1e9:.2f} GB -> floor {p['floor_ms']:.2f} ms/token at {p['hbm_tbs']} TB/s")
         b = p["batch1"]
         print(f"batch-1 decode: {b['decode_ms_per_token']:.2f} ms/token ({b['tokens_per_s']:.0f} tok/s), "
@@ -210,7 +224,8 @@ def report(results: dict) -> None:
               f"{p.get('compilations_total')}")
         for o in p.get("offline", []):
             print(f"offline {o['isl']}/{o['osl']} x{o['requests']}: {o['output_tok_s']:.0f} output tok/s "
-                  f"(decode step {o['median_decode_step_ms']:.1f} ms, compile during {o['compile_s_during']:.1f} s)")
+                  f"(wall {o['wall_s']:.1f} s; decode step {o['median_decode_step_ms']:.1f} ms, compile during "
+                  f"{o['compile_s_during']:.1f} s)")
     if "hf" in results:
         for r in results["hf"].get("transformers_eager", []):
             print(f"HF transformers eager batch {r['batch']} {r['isl']}/{r['osl']}: {r['ms_per_step']:.1f} ms/step, "
@@ -233,7 +248,33 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--quantization", choices=("fp8",), default=None, help="FP8 weights (QuantConfig)")
     parser.add_argument("--kv-cache-dtype", choices=("fp8",), default=None, help="an FP8 KV cache")
+    parser.add_argument("--offline", default=None,
+                        help="offline runs as ISL/OSLxREQUESTS,... (default 128/128x1024,128/2048x128,2048/128x128; "
+                             "'none': no offline run)")  # fmt: skip
+    parser.add_argument("--fp8-tilings", default="",
+                        help="ROWS=LABEL,...: the FP8 kernel's tiling for steps of up to ROWS rows "
+                             "(pallas_kernels/fp8_matmul.py TILINGS; fp8_gemm.py --sweep prints the fastest)")  # fmt: skip
+    parser.add_argument("--fp8-decode", choices=("kernel", "xla", "weight-only"), default=None,
+                        help="how FP8 projections of steps of up to 16 rows run on the Pallas backend: the "
+                             "Pallas kernel, XLA's fp8 x fp8 dot, or the fp8 weight widened in XLA's GEMM")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     args = parser.parse_args()
+    offline = args.offline
+    if args.fp8_decode:
+        from jaxllm.models import transformer
+
+        transformer.FP8_KERNEL_OF_BACKEND["pallas"] = {"kernel": "gpu", "xla": None,
+                                                       "weight-only": "weight_only"}[args.fp8_decode]  # fmt: skip
+    if args.fp8_tilings:
+        import importlib
+
+        kernel = importlib.import_module("pallas_kernels.fp8_matmul")
+        chosen = sorted((int(rows), kernel.Fp8MatmulTiling.from_label(label))
+                        for rows, label in (item.split("=", 1) for item in args.fp8_tilings.split(",")))  # fmt: skip
+        if chosen[-1][0] < kernel.MAX_ROWS:
+            chosen.append((kernel.MAX_ROWS, kernel.DEFAULT_TILING))
+        kernel.TILINGS[:] = chosen
+        print("fp8 kernel tilings:", [(rows, t.label) for rows, t in chosen])
     args.tokens, args.decode_tokens = 16, 128
     args.max_batch, args.max_num_tokens, args.max_seq_len = 256, 8192, 4224
     args.short, args.long = 128, 2048
@@ -245,6 +286,9 @@ def main() -> None:
         args.short, args.long = 16, 128
         args.offline = [(16, 8, 8), (128, 8, 4)]
         args.compile_threads = 2
+    if offline is not None:
+        args.offline = [] if offline == "none" else [
+            tuple(int(v) for v in run.replace("x", "/").split("/")) for run in offline.split(",")]  # fmt: skip
     results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     file = Path(args.out) / "gpu_e2e.json"
     for part in args.parts.split(","):

@@ -16,11 +16,17 @@ A projection whose params hold `<name>_scale` beside the weight is a quantized o
   product (the same numbers); on Hopper it runs fp8 x fp8 dots on the tensor cores, faster than
   bf16 only for large products (benchmarks/fp8_gemm.py). `fp8_linear_reference` is the same
   arithmetic in plain float32, for tests.
+  On the GPU a decode-sized product (at most 16 rows) of an fp8 weight runs instead in one Pallas
+  kernel that streams the weight once and quantizes the rows in registers
+  (pallas_kernels/fp8_matmul.py; `project(..., fp8_kernel=...)`): the same arithmetic, up to the
+  order of the float32 sums.
 - int8 weight (W8A16, weight-only): the weight widened to the input's dtype inside the product,
-  accumulated in float32 and scaled per channel (`int8_linear`).
+  accumulated in float32 and scaled per channel (`weight_only_linear`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +66,8 @@ def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equati
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def int8_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str) -> jax.Array:
-    """`jnp.einsum(equation, x, w)` for an int8 weight w ~= w8 * w_scale (per output channel),
+def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` for an int8 or fp8 weight w ~= w8 * w_scale (per output channel),
     weight-only (W8A16): the weight widened to x's dtype inside the product, accumulated in float32,
     then scaled per channel. Returns x's dtype."""
     y = jnp.einsum(equation, x, w8.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -73,12 +79,47 @@ PROJECTIONS = {"wq": "...d,dhk->...hk", "wk": "...d,dhk->...hk", "wv": "...d,dhk
                "w_gate": "...d,df->...f", "w_up": "...d,df->...f", "w_down": "...f,fd->...d"}  # fmt: skip
 
 
-def project(lp: dict, name: str, x: jax.Array) -> jax.Array:
+def fp8_linear_rows(x: jax.Array, w8: jax.Array, w_scale: jax.Array, num_input_axes: int,
+                    input_scale: jax.Array | None = None, interpret: bool = False) -> jax.Array:  # fmt: skip
+    """`fp8_linear` of a few rows (at most fp8_matmul.MAX_ROWS) through the Pallas kernel: x [..., *in]
+    and w8 [*in, *out] flattened to a matrix product, the rows' scales computed here."""
+    from pallas_kernels.fp8_matmul import fp8_matmul  # imported when used, as layers/attention.py does
+
+    lead, k = x.shape[: x.ndim - num_input_axes], math.prod(x.shape[x.ndim - num_input_axes :])
+    out = w8.shape[num_input_axes:]
+    rows = x.reshape(-1, k)
+    if input_scale is None:
+        sx = absmax_scale(rows, (1,), FP8_MAX)
+    else:
+        sx = jnp.full((rows.shape[0],), input_scale, jnp.float32)
+    y = fp8_matmul(rows, sx, w8.reshape(k, -1), w_scale.reshape(-1), interpret=interpret)
+    return y.reshape(lead + out)
+
+
+FP8_KERNEL_MAX_ROWS = 16  # pallas_kernels/fp8_matmul.py's MAX_ROWS
+
+
+def fp8_kernel_fits(x: jax.Array, w8: jax.Array, num_input_axes: int) -> bool:
+    """Whether `fp8_linear_rows` takes this product: at most MAX_ROWS rows, K and N multiples of 16."""
+    rows = math.prod(x.shape[: x.ndim - num_input_axes])
+    k = math.prod(w8.shape[:num_input_axes])
+    return 1 <= rows <= FP8_KERNEL_MAX_ROWS and k % 16 == 0 and (w8.size // k) % 16 == 0
+
+
+def project(lp: dict, name: str, x: jax.Array, fp8_kernel: str | None = None) -> jax.Array:
     """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down) of x with this layer's params
-    `lp`: the float einsum, or `fp8_linear` when lp holds the weight quantized."""
+    `lp`: the float einsum, or `fp8_linear` / `int8_linear` when lp holds the weight quantized.
+
+    fp8_kernel: 'gpu' or 'interpret' runs an fp8 product of at most 16 rows through the Pallas kernel
+    (`fp8_linear_rows`; the engine's steps on the Pallas backend without tensor parallelism)."""
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
     if lp[name].dtype == jnp.int8:  # W8A16: weight-only
-        return int8_linear(x, lp[name], scale, PROJECTIONS[name])
-    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], QUANTIZED_PARAMS[name], lp.get(name + INPUT_SCALE_SUFFIX))
+        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name])
+    num_input_axes, input_scale = QUANTIZED_PARAMS[name], lp.get(name + INPUT_SCALE_SUFFIX)
+    if fp8_kernel == "weight_only" and math.prod(x.shape[: x.ndim - num_input_axes]) <= FP8_KERNEL_MAX_ROWS:
+        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name])
+    if fp8_kernel in ("gpu", "interpret") and fp8_kernel_fits(x, lp[name], num_input_axes):
+        return fp8_linear_rows(x, lp[name], scale, num_input_axes, input_scale, interpret=fp8_kernel == "interpret")
+    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, input_scale)
