@@ -1,26 +1,23 @@
 """FP8 GEMM formulations for the Llama-3.1-8B layer shapes, against bf16, on the GPU.
 
 Which form of an FP8 projection XLA turns into fast code decides how jaxllm's quantized linear is
-written (jaxllm/layers/quant.py). Per layer: the fused QKV [4096 -> 6144], wo [4096 -> 4096],
+written (jaxllm/layers/linear.py). Per layer: the fused QKV [4096 -> 6144], wo [4096 -> 4096],
 the fused gate/up [4096 -> 28672] and down [14336 -> 4096], over `LAYERS` layers of distinct
 weights (more than the L2 holds), for token counts M from batch-1 decode to a prefill chunk.
 
 Variants:
   bf16        x @ w in bf16 (today's path).
   w8-convert  fp8 E4M3 weights, converted to bf16 inside the jitted step and scaled per output
-              channel after the dot: what XLA makes of a weight-only dequantization.
+              channel after the dot: what XLA makes of a weight-only dequantization (jaxllm's
+              form for decode-sized FP8 products on GPUs: linear.py weight_only_linear).
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
-  pallas-w8   x quantized per token, then pallas_kernels/fp8_matmul.py (the weight streamed once,
-              its tiles upcast in registers), scaled per token and channel: jaxllm's fp8_linear
-              for M <= 16 (decode), per-channel weight scales.
 
 Prints one table (us per layer, TB/s of weight bytes, TFLOP/s, rel. error against a float32 dot of
 the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
 
-    python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192] [--variants bf16,pallas-w8]
-                                  [--sweep]
+    python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192] [--variants bf16,w8-convert]
 """
 
 from __future__ import annotations
@@ -83,44 +80,8 @@ def v_fp8_native(x, wq):
     return y * (sx * sw).astype(jnp.bfloat16)
 
 
-def v_pallas_w8(x, wq, tiling=None, quantize_input=True):
-    from pallas_kernels.fp8_matmul import fp8_matmul
-
-    w8, sw = wq  # per output channel
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
-    sx = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-    return fp8_matmul(x, sx, w8, sw, quantize_input=quantize_input, tiling=tiling,
-                      interpret=jax.default_backend() == "cpu")  # fmt: skip
-
-
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
-            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
-            "pallas-w8": (v_pallas_w8, quantize_weight)}
-ROWS_LIMIT = {"pallas-w8": 16, "pw8:dot": 16, "pw8:fma": 2}  # the kernel takes decode-sized products only
-
-
-# --sweep: the kernel's tilings measured beside its default (Fp8MatmulTiling labels). Round 1 (the
-# 'dot' form's block sizes, warps, stages, programs; results/fp8_gemm_sweep1_h200_2026-12-04.json)
-# put float16 tiles and fewer, longer programs ahead; round 2 adds the 'fma' form for a row or two.
-SWEEP = ["dot:n128k256w4s3p132:float16", "dot:n256k128w4s4p264:float16", "dot:n256k128w4s4p132:float16",
-         "dot:n128k128w4s5p132:float16", "dot:n256k256w8s3p132:float16", "dot:n128k256w8s4p132:float16",
-         "fma:n256k32w4s3p264:float16", "fma:n512k16w4s3p264:float16", "fma:n256k64w8s3p264:float16",
-         "fma:n512k32w8s3p264:float16", "fma:n128k64w4s4p264:float16", "fma:n256k32w4s4p528:float16",
-         "fma:n1024k16w8s3p264:float16", "fma:n256k32w4s3p132:float16"]  # fmt: skip
-
-
-def sweep_variants() -> dict:
-    from pallas_kernels.fp8_matmul import Fp8MatmulTiling
-
-    out = {}
-    for label in SWEEP:
-        tiling = Fp8MatmulTiling.from_label(label)
-
-        def fn(x, wq, tiling=tiling):
-            return v_pallas_w8(x, wq, tiling)
-
-        out["pw8:" + label] = (fn, quantize_weight)
-    return out
+            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
 
 
 def chain(fn):
@@ -154,11 +115,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ms", default="1,8,32,128,512,2048,8192")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
-    ap.add_argument("--sweep", action="store_true", help="also the Pallas kernel's tilings (rows up to 16)")
     args = ap.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
-    if args.sweep:
-        variants.update(sweep_variants())
     ms = [int(m) for m in args.ms.split(",")]
     key = jax.random.PRNGKey(0)
     weights = []
@@ -179,8 +137,6 @@ def main():
         # accuracy on the first projection alone
         ref = np.asarray(x, np.float32) @ np.asarray(weights[0][0], np.float32)
         for name, (fn, _) in variants.items():
-            if m > ROWS_LIMIT.get(name[:7] if name.startswith("pw8:") else name, m):
-                continue
             wq = quantized[name]
             try:
                 t0 = time.perf_counter()
@@ -199,26 +155,16 @@ def main():
             results.append({"m": m, "variant": name, "us_per_layer": per_layer * 1e6, "compile_s": compile_s,
                             "weight_TBps": wbytes / per_layer / 1e12, "TFLOPs": 2 * m * params / per_layer / 1e12,
                             "rel_err": err})
-    # the fastest tiling of the kernel at each M: gpu_e2e.py --fp8-tilings takes this line
-    best = {}
-    for r in results:
-        if r["variant"].startswith("pw8:") and "error" not in r:
-            if r["m"] not in best or r["us_per_layer"] < best[r["m"]]["us_per_layer"]:
-                best[r["m"]] = r
-    tilings = ",".join(f"{m}={r['variant'][4:]}" for m, r in sorted(best.items()))
-    print(f"fastest tilings: {tilings or '-'}")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "fp8_gemm.json"), "w") as f:
             json.dump(results, f, indent=1)
-        with open(os.path.join(out, "fp8_tilings.txt"), "w") as f:
-            f.write(tilings)
-    print(f"{'M':>6} {'variant':<34} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
+    print(f"{'M':>6} {'variant':<11} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['m']:>6} {r['variant']:<34} FAILED {r['error'][:90]}")
+            print(f"{r['m']:>6} {r['variant']:<11} FAILED {r['error'][:90]}")
         else:
-            print(f"{r['m']:>6} {r['variant']:<34} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
+            print(f"{r['m']:>6} {r['variant']:<11} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
                   f"{r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} {r['compile_s']:>9.2f}")
 
 

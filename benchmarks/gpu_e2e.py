@@ -251,30 +251,16 @@ def main() -> None:
     parser.add_argument("--offline", default=None,
                         help="offline runs as ISL/OSLxREQUESTS,... (default 128/128x1024,128/2048x128,2048/128x128; "
                              "'none': no offline run)")  # fmt: skip
-    parser.add_argument("--fp8-tilings", default="",
-                        help="ROWS=LABEL,...: the FP8 kernel's tiling for steps of up to ROWS rows "
-                             "(pallas_kernels/fp8_matmul.py TILINGS; fp8_gemm.py --sweep prints the fastest)")  # fmt: skip
-    parser.add_argument("--fp8-decode", choices=("kernel", "xla", "weight-only"), default=None,
-                        help="how FP8 projections of steps of up to 16 rows run on the Pallas backend: the "
-                             "Pallas kernel, XLA's fp8 x fp8 dot, or the fp8 weight widened in XLA's GEMM")  # fmt: skip
+    parser.add_argument("--fp8-weight-only-rows", type=int, default=None,
+                        help="FP8 projections of at most this many rows are weight-only on GPUs "
+                             "(jaxllm/layers/linear.py WEIGHT_ONLY_MAX_ROWS; 0: none)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     args = parser.parse_args()
     offline = args.offline
-    if args.fp8_decode:
+    if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 
-        transformer.FP8_KERNEL_OF_BACKEND["pallas"] = {"kernel": "gpu", "xla": None,
-                                                       "weight-only": "weight_only"}[args.fp8_decode]  # fmt: skip
-    if args.fp8_tilings:
-        import importlib
-
-        kernel = importlib.import_module("pallas_kernels.fp8_matmul")
-        chosen = sorted((int(rows), kernel.Fp8MatmulTiling.from_label(label))
-                        for rows, label in (item.split("=", 1) for item in args.fp8_tilings.split(",")))  # fmt: skip
-        if chosen[-1][0] < kernel.MAX_ROWS:
-            chosen.append((kernel.MAX_ROWS, kernel.DEFAULT_TILING))
-        kernel.TILINGS[:] = chosen
-        print("fp8 kernel tilings:", [(rows, t.label) for rows, t in chosen])
+        transformer.WEIGHT_ONLY_MAX_ROWS = args.fp8_weight_only_rows
     args.tokens, args.decode_tokens = 16, 128
     args.max_batch, args.max_num_tokens, args.max_seq_len = 256, 8192, 4224
     args.short, args.long = 128, 2048

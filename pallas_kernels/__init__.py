@@ -3,8 +3,6 @@
   paged_decode_attention    one query token per sequence, split-K (flash-decoding)
   ragged_paged_attention    prefill and mixed steps: many query tokens per sequence, packed
   write_kv_kernel           a step's keys and values into both caches, in place (kv_write.py)
-  fp8_matmul                a few rows times an FP8 weight, the weight streamed once (fp8_matmul.py;
-                            measured by benchmarks/fp8_gemm.py, not yet used by the engine)
 
 Each entry validates its inputs (ValueError) and takes `interpret=` to run in the Pallas
 interpreter on the CPU. The pages may be float8 E4M3 (an fp8 KV cache) under float32 / bfloat16 /
@@ -15,14 +13,11 @@ package does not import jaxllm: `jaxllm.layers.attention` chooses the kernel for
 
 from __future__ import annotations
 
-from pallas_kernels.fp8_matmul import fp8_matmul, fp8_matmul_reference
 from pallas_kernels.kv_write import write_kv_kernel, write_kv_reference
 from pallas_kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
 __all__ = [
-    "fp8_matmul",
-    "fp8_matmul_reference",
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "ragged_paged_attention",

@@ -16,10 +16,12 @@ A projection whose params hold `<name>_scale` beside the weight is a quantized o
   product (the same numbers); on Hopper it runs fp8 x fp8 dots on the tensor cores, faster than
   bf16 only for large products (benchmarks/fp8_gemm.py). `fp8_linear_reference` is the same
   arithmetic in plain float32, for tests.
-  On the GPU a decode-sized product (at most 16 rows) of an fp8 weight runs instead in one Pallas
-  kernel that streams the weight once and quantizes the rows in registers
-  (pallas_kernels/fp8_matmul.py; `project(..., fp8_kernel=...)`): the same arithmetic, up to the
-  order of the float32 sums.
+  On GPUs a decode-sized product (at most WEIGHT_ONLY_MAX_ROWS rows) of an fp8 weight is computed
+  weight-only instead (`project(..., weight_only_rows=...)`): the rows stay in their dtype and the
+  fp8 weight is widened inside XLA's GEMM, which then reads half of bf16's bytes (H200, Llama-3.1-8B
+  shape, batch 1: 3.61 ms a token against bf16's 4.21; XLA's fp8 x fp8 dot at those sizes, and a
+  Pallas kernel streaming the fp8 weight, took 7.2: benchmarks/RESULTS.md "FP8 decode"). Those
+  rows' activations are then not rounded to fp8, so their numbers are closer to bf16's.
 - int8 weight (W8A16, weight-only): the weight widened to the input's dtype inside the product,
   accumulated in float32 and scaled per channel (`weight_only_linear`).
 """
@@ -79,47 +81,21 @@ PROJECTIONS = {"wq": "...d,dhk->...hk", "wk": "...d,dhk->...hk", "wv": "...d,dhk
                "w_gate": "...d,df->...f", "w_up": "...d,df->...f", "w_down": "...f,fd->...d"}  # fmt: skip
 
 
-def fp8_linear_rows(x: jax.Array, w8: jax.Array, w_scale: jax.Array, num_input_axes: int,
-                    input_scale: jax.Array | None = None, interpret: bool = False) -> jax.Array:  # fmt: skip
-    """`fp8_linear` of a few rows (at most fp8_matmul.MAX_ROWS) through the Pallas kernel: x [..., *in]
-    and w8 [*in, *out] flattened to a matrix product, the rows' scales computed here."""
-    from pallas_kernels.fp8_matmul import fp8_matmul  # imported when used, as layers/attention.py does
-
-    lead, k = x.shape[: x.ndim - num_input_axes], math.prod(x.shape[x.ndim - num_input_axes :])
-    out = w8.shape[num_input_axes:]
-    rows = x.reshape(-1, k)
-    if input_scale is None:
-        sx = absmax_scale(rows, (1,), FP8_MAX)
-    else:
-        sx = jnp.full((rows.shape[0],), input_scale, jnp.float32)
-    y = fp8_matmul(rows, sx, w8.reshape(k, -1), w_scale.reshape(-1), interpret=interpret)
-    return y.reshape(lead + out)
+# The most rows an FP8 product computes weight-only on GPUs (`project`'s weight_only_rows): decode steps.
+WEIGHT_ONLY_MAX_ROWS = 16
 
 
-FP8_KERNEL_MAX_ROWS = 16  # pallas_kernels/fp8_matmul.py's MAX_ROWS
-
-
-def fp8_kernel_fits(x: jax.Array, w8: jax.Array, num_input_axes: int) -> bool:
-    """Whether `fp8_linear_rows` takes this product: at most MAX_ROWS rows, K and N multiples of 16."""
-    rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    k = math.prod(w8.shape[:num_input_axes])
-    return 1 <= rows <= FP8_KERNEL_MAX_ROWS and k % 16 == 0 and (w8.size // k) % 16 == 0
-
-
-def project(lp: dict, name: str, x: jax.Array, fp8_kernel: str | None = None) -> jax.Array:
+def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax.Array:
     """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down) of x with this layer's params
-    `lp`: the float einsum, or `fp8_linear` / `int8_linear` when lp holds the weight quantized.
+    `lp`: the float einsum, or `fp8_linear` / `weight_only_linear` when lp holds the weight quantized.
 
-    fp8_kernel: 'gpu' or 'interpret' runs an fp8 product of at most 16 rows through the Pallas kernel
-    (`fp8_linear_rows`; the engine's steps on the Pallas backend without tensor parallelism)."""
+    weight_only_rows: an fp8 product of at most this many rows is computed weight-only (the engine's
+    steps on GPUs pass WEIGHT_ONLY_MAX_ROWS; 0: never)."""
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
-    if lp[name].dtype == jnp.int8:  # W8A16: weight-only
+    num_input_axes = QUANTIZED_PARAMS[name]
+    rows = math.prod(x.shape[: x.ndim - num_input_axes])
+    if lp[name].dtype == jnp.int8 or rows <= weight_only_rows:  # W8A16, or a decode-sized FP8 product
         return weight_only_linear(x, lp[name], scale, PROJECTIONS[name])
-    num_input_axes, input_scale = QUANTIZED_PARAMS[name], lp.get(name + INPUT_SCALE_SUFFIX)
-    if fp8_kernel == "weight_only" and math.prod(x.shape[: x.ndim - num_input_axes]) <= FP8_KERNEL_MAX_ROWS:
-        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name])
-    if fp8_kernel in ("gpu", "interpret") and fp8_kernel_fits(x, lp[name], num_input_axes):
-        return fp8_linear_rows(x, lp[name], scale, num_input_axes, input_scale, interpret=fp8_kernel == "interpret")
-    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, input_scale)
+    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))

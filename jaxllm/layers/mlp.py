@@ -14,15 +14,15 @@ ACTIVATIONS = {
 
 def gated_mlp(x: jax.Array, lp: dict, act: str,
               adapt: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-              fp8_kernel: str | None = None) -> jax.Array:  # fmt: skip
+              weight_only_rows: int = 0) -> jax.Array:  # fmt: skip
     """x: [T, D] -> [T, D] through the layer params' w_gate, w_up [D, F] and w_down [F, D] (each a
     float or an FP8 projection: layers/linear.py).
 
     adapt(name, input, output) -> output adds a LoRA delta to the w_gate / w_up / w_down outputs;
-    fp8_kernel: as layers/linear.py:project's.
+    weight_only_rows: as layers/linear.py:project's.
     """
     adapt = adapt or (lambda name, h, y: y)
-    gate = adapt("w_gate", x, project(lp, "w_gate", x, fp8_kernel))
-    up = adapt("w_up", x, project(lp, "w_up", x, fp8_kernel))
+    gate = adapt("w_gate", x, project(lp, "w_gate", x, weight_only_rows))
+    up = adapt("w_up", x, project(lp, "w_up", x, weight_only_rows))
     hidden = ACTIVATIONS[act](gate) * up
-    return adapt("w_down", hidden, project(lp, "w_down", hidden, fp8_kernel))
+    return adapt("w_down", hidden, project(lp, "w_down", hidden, weight_only_rows))

@@ -23,17 +23,13 @@ from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import (AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_delta_single,
                                     lora_onehot)
 from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
-from jaxllm.layers.linear import project
+from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS, project
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
 from jaxllm.models.params import kv_cache_specs, zeros_of
 from jaxllm.layers.batch import BatchMetadata
 from jaxllm.sharding import TP_AXIS
-
-# The attention backends whose steps also run FP8 projections of a few rows through the Pallas
-# kernel (layers/linear.py:project's fp8_kernel)
-FP8_KERNEL_OF_BACKEND = {"pallas": "gpu", "pallas_interpret": "interpret"}
 
 KVCache = list  # per layer: (k_pages, v_pages), each [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -54,19 +50,19 @@ def decoder_layer(
     cfg: ModelConfig,
     attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
     lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
-    fp8_kernel: str | None = None,
+    weight_only_rows: int = 0,
 ) -> jax.Array:
     """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
 
     lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward);
-    fp8_kernel: where FP8 projections of a few rows run through the Pallas kernel (layers/linear.py).
+    weight_only_rows: FP8 projections of at most this many rows are weight-only (layers/linear.py).
     """
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    q = adapt("wq", h, project(lp, "wq", h, fp8_kernel))
-    k = adapt("wk", h, project(lp, "wk", h, fp8_kernel))
-    v = adapt("wv", h, project(lp, "wv", h, fp8_kernel))
+    q = adapt("wq", h, project(lp, "wq", h, weight_only_rows))
+    k = adapt("wk", h, project(lp, "wk", h, weight_only_rows))
+    v = adapt("wv", h, project(lp, "wv", h, weight_only_rows))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -75,14 +71,14 @@ def decoder_layer(
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     attn = attend(q, k, v, layer)
-    out = adapt("wo", attn, project(lp, "wo", attn, fp8_kernel))
+    out = adapt("wo", attn, project(lp, "wo", attn, weight_only_rows))
     if cfg.attention_out_bias:
         out = out + lp["bo"]
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_attn_norm"], eps, offset)
     x = x + out
     h = rms_norm(x, lp["mlp_norm"], eps, offset)
-    out = gated_mlp(h, lp, cfg.hidden_act, adapt if lora else None, fp8_kernel)
+    out = gated_mlp(h, lp, cfg.hidden_act, adapt if lora else None, weight_only_rows)
     if cfg.sandwich_norm:
         out = rms_norm(out, lp["post_mlp_norm"], eps, offset)
     return x + out
@@ -138,10 +134,10 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     def add_lora(name, h, y):
         return y + lora_delta(h, lora_layer[name]["a"], lora_layer[name]["b"], onehot) if name in lora_layer else y
 
-    # FP8 projections of decode-sized steps through the weight-streaming kernel (one device only)
-    fp8_kernel = FP8_KERNEL_OF_BACKEND.get(backend) if mesh is None else None
+    # On GPUs FP8 projections of decode-sized steps read the fp8 weight widened in XLA's GEMM
+    weight_only_rows = WEIGHT_ONLY_MAX_ROWS if jax.default_backend() == "gpu" else 0
     x = decoder_layer(lp, x, batch.positions, layer, cfg, attend, add_lora if lora_layer is not None else None,
-                      fp8_kernel)  # fmt: skip
+                      weight_only_rows)  # fmt: skip
     if mesh is not None:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
     return x, pages[0], pages[1]
