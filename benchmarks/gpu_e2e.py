@@ -84,7 +84,7 @@ def part_perf(args) -> dict:
     shapes = runner.bucket_shapes()
     precompile_s = runner.compile_seconds
     vocab = llm.config.vocab_size
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(llm.params))
+    weight_bytes = sum(x.on_device_size_in_bytes() for x in jax.tree.leaves(llm.params))  # int4: two a byte
     tbs = hbm_tbs(jax.devices()[0].device_kind)
     floor_ms = weight_bytes / (tbs * 1e12) * 1e3
     result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
@@ -246,7 +246,8 @@ def main() -> None:
     parser.add_argument("--out", default=default_out())
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-    parser.add_argument("--quantization", choices=("fp8",), default=None, help="FP8 weights (QuantConfig)")
+    parser.add_argument("--quantization", choices=("fp8", "w8a16", "w4a16"), default=None,
+                        help="quantized weights (QuantConfig's quant_algo)")
     parser.add_argument("--kv-cache-dtype", choices=("fp8",), default=None, help="an FP8 KV cache")
     parser.add_argument("--offline", default=None,
                         help="offline runs as ISL/OSLxREQUESTS,... (default 128/128x1024,128/2048x128,2048/128x128; "

@@ -79,8 +79,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                    help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
     g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16", "fp8"),
                    help="KvCacheConfig.dtype (fp8: float8 E4M3, about twice the tokens of bf16)")
-    g.add_argument("--quantization", default=None, choices=("fp8", "w8a16"),
-                   help="quantize the weights as they load: QuantConfig(quant_algo='FP8' or 'W8A16') (vLLM's flag; "
+    g.add_argument("--quantization", default=None, choices=("fp8", "w8a16", "w4a16"),
+                   help="quantize the weights as they load: QuantConfig(quant_algo='FP8', 'W8A16' or 'W4A16') (vLLM's flag; "
                         "a ModelOpt FP8 checkpoint is read as it is without it)")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")

@@ -163,10 +163,15 @@ class ModelConfig:
     # How the layer projections are stored (jaxllm/quantization.py): None (the model's dtype), or
     # float8 E4M3 with a scale per output channel and activations quantized per token
     # ("FP8_PER_CHANNEL_PER_TOKEN") or with a calibrated static scale per projection ("FP8", a
-    # ModelOpt checkpoint's), or int8 weights with float activations ("W8A16"). Part of the
+    # ModelOpt checkpoint's), or int8 / int4 weights with float activations ("W8A16", "W4A16"). Part of the
     # engine's static config: the params' description
     # (models/params.py) and the forward pass (layers/linear.py) follow it.
     quant_algo: str | None = None
+    # W4A16's input channels a scale covers (gcd with each projection's last input axis), or 0: a
+    # scale per output channel.
+    quant_group_size: int = 0
+    # W4A16's groups asymmetric (uint4 with an offset per group, `<name>_zero`)
+    quant_zero_point: bool = False
 
     def __post_init__(self):
         if not self.layer_types:
@@ -183,6 +188,11 @@ class ModelConfig:
         if self.quant_algo is not None and self.quant_algo not in WEIGHT_FORMATS:
             raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, "
                              f"{', '.join(map(repr, WEIGHT_FORMATS))}")  # fmt: skip
+        if self.quant_group_size and self.quant_algo != "W4A16":
+            raise ValueError(f"quant_group_size={self.quant_group_size} applies to quant_algo 'W4A16' only; got "
+                             f"quant_algo={self.quant_algo!r}")  # fmt: skip
+        if self.quant_zero_point and not self.quant_group_size:
+            raise ValueError("quant_zero_point needs W4A16's quant_group_size")
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 

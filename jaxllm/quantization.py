@@ -14,9 +14,19 @@ takes TensorRT-LLM's names. What jaxllm does with them:
   quant_algo W8A16: the same seven projections as int8 with a float32 scale per output channel
     (amax / 127), activations left in the model's dtype: the weight is widened to it inside the
     product (weight-only: a quarter of a float32 model's weight memory, half of a bf16 one's).
+  quant_algo W4A16: the same as int4 (two weights a byte on the device: an eighth of float32's
+    memory), with a scale per output channel and per group of `group_size` input channels (amax /
+    7; round to nearest, no calibration), grouped along the projection's last input axis in groups
+    of gcd(group_size, its size) (SmolLM2's 576 features: 64). Per output channel alone (TensorRT-
+    LLM's W4A16) an int4 weight is too coarse for small models: top-1 agreement with bf16 0.56 on
+    SmolLM2 (benchmarks/RESULTS.md); group-wise is how vLLM's and torchao's int4 weight-only work.
+    With has_zero_point the groups are asymmetric, 16 levels from the group's minimum to its maximum
+    (scale = (max - min) / 15), as GGUF's Q4_1 and AWQ store them, so a Q4_1 file's blocks are
+    re-encoded exactly at group_size=32; kept as int4 q = level - 8 with w ~= q * scale + zero
+    (zero = min + 8 * scale, `<name>_zero`).
   kv_cache_quant_algo FP8: the KV cache in float8 E4M3 (the same as kv_cache_config.dtype='fp8').
 
-Other algorithms (int4 weight-only, AWQ, GPTQ, SmoothQuant, NVFP4, ...) are refused by name,
+Other algorithms (group-wise AWQ / GPTQ, SmoothQuant, NVFP4, ...) are refused by name,
 listing what is supported. The quantized parameters are described in models/params.py like any other
 (their dtype and their scales' shapes and axes), so loading, sharding, saving and the abstract
 pytree of a quantized model come from the same description as a float one's.
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any, List, Optional
 
 import jax
@@ -38,6 +49,7 @@ FP8_MAX = 448.0  # E4M3's largest finite value (E4M3FN has no infinity: an overf
 QUANTIZED_PARAMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 SCALE_SUFFIX = "_scale"
 INPUT_SCALE_SUFFIX = "_input_scale"
+ZERO_SUFFIX = "_zero"  # an asymmetric W4A16 group's offset
 
 
 class QuantAlgo(enum.StrEnum):
@@ -73,12 +85,15 @@ class QuantAlgo(enum.StrEnum):
 # loads (ModelConfig.quant_algo). With no calibration data, activations are scaled per token; a
 # ModelOpt checkpoint brings FP8's calibrated static input scales itself (checkpoints/hf.py).
 WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8_PER_CHANNEL_PER_TOKEN",
-                QuantAlgo.W8A16: "W8A16"}  # fmt: skip
+                QuantAlgo.W8A16: "W8A16", QuantAlgo.W4A16: "W4A16"}  # fmt: skip
 # ModelConfig.quant_algo's values: FP8 with per-channel weight scales and per-token activation
 # scales; (a ModelOpt FP8 checkpoint's) per-tensor weight scales and a static per-tensor input
-# scale; int8 weights with per-channel scales and float activations.
-WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", "W8A16")
-INT8_MAX = 127.0
+# scale; int8 or int4 weights with per-channel scales and float activations (weight-only).
+WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", "W8A16", "W4A16")
+# weight-only formats -> (stored dtype, largest magnitude a scale maps to); int4's -8 is never made
+WEIGHT_ONLY_FORMATS = {"W8A16": (jnp.int8, 127.0), "W4A16": (jnp.int4, 7.0)}
+INT4_LEVELS = 16  # asymmetric W4A16's levels, stored as int4 from -8
+WEIGHT_ONLY_DTYPES = tuple(jnp.dtype(dtype) for dtype, _ in WEIGHT_ONLY_FORMATS.values())
 KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
 
 
@@ -100,8 +115,9 @@ def _algo(value, name: str, supported) -> Optional[QuantAlgo]:
 @dataclasses.dataclass
 class QuantConfig:
     """TensorRT-LLM's `QuantConfig` (the LLM API's fields). jaxllm honours `quant_algo` (FP8,
-    FP8_PER_CHANNEL_PER_TOKEN, W8A16) and `kv_cache_quant_algo` (FP8); the fields that tune other
-    algorithms (group_size, smoothquant_val, ...) are accepted and must keep their defaults."""
+    FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16), `kv_cache_quant_algo` (FP8) and, for W4A16,
+    `group_size` (a power of two, 16 to 1024) and `has_zero_point`; the fields that tune other algorithms
+    (smoothquant_val, ...) are accepted and must keep their defaults."""
 
     quant_algo: Optional[Any] = None
     kv_cache_quant_algo: Optional[Any] = None
@@ -117,8 +133,15 @@ class QuantConfig:
         self.quant_algo = _algo(self.quant_algo, "quant_algo", tuple(WEIGHT_ALGOS))
         self.kv_cache_quant_algo = _algo(self.kv_cache_quant_algo, "kv_cache_quant_algo", tuple(KV_CACHE_ALGOS))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.quant_algo == QuantAlgo.W4A16:
+            g = self.group_size
+            if not isinstance(g, int) or g < 16 or g > 1024 or g & (g - 1):
+                raise ValueError(f"QuantConfig.group_size={g!r} is not supported for W4A16; allowed: a power of "
+                                 "two from 16 to 1024")  # fmt: skip
         for name in ("group_size", "smoothquant_val", "clamp_val", "use_meta_recipe", "has_zero_point",
                      "pre_quant_scale", "exclude_modules"):  # fmt: skip
+            if name in ("group_size", "has_zero_point") and self.quant_algo == QuantAlgo.W4A16:
+                continue
             if getattr(self, name) != defaults[name]:
                 raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r} is not supported: it tunes algorithms "
                                  f"jaxllm does not run; allowed: {defaults[name]!r}")  # fmt: skip
@@ -127,6 +150,16 @@ class QuantConfig:
     def weight_format(self) -> Optional[str]:
         """ModelConfig.quant_algo a float checkpoint is quantized to ('FP8_PER_CHANNEL_PER_TOKEN'), or None."""
         return WEIGHT_ALGOS.get(self.quant_algo) if self.quant_algo is not None else None
+
+    @property
+    def weight_group_size(self) -> int:
+        """ModelConfig.quant_group_size: group_size under W4A16, else 0 (a scale per output channel)."""
+        return self.group_size if self.quant_algo == QuantAlgo.W4A16 else 0
+
+    @property
+    def weight_zero_point(self) -> bool:
+        """ModelConfig.quant_zero_point: has_zero_point under W4A16 (asymmetric groups)."""
+        return bool(self.has_zero_point) and self.quant_algo == QuantAlgo.W4A16
 
     @property
     def kv_cache_dtype(self) -> Optional[str]:
@@ -155,13 +188,15 @@ def as_quant_config(value) -> Optional[QuantConfig]:
 
 def base_config(cfg):
     """A ModelConfig's float twin (quant_algo None): what a quantized model is made from."""
-    return dataclasses.replace(cfg, quant_algo=None) if cfg.quant_algo is not None else cfg
+    if cfg.quant_algo is None:
+        return cfg
+    return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False)
 
 
 # ---- quantized weights -------------------------------------------------------------------------
 def weight_dtype(quant_algo: str):
     """The dtype a quantized projection is stored in under `quant_algo`."""
-    return jnp.int8 if quant_algo == "W8A16" else FP8_DTYPE
+    return WEIGHT_ONLY_FORMATS[quant_algo][0] if quant_algo in WEIGHT_ONLY_FORMATS else FP8_DTYPE
 
 
 def absmax_scale(x: jax.Array, axes: tuple[int, ...], qmax: float, keepdims: bool = False) -> jax.Array:
@@ -176,11 +211,56 @@ def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
     return quant_algo is not None and path.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
 
 
-def quantize_int8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
-    """A projection weight [*in, *out] -> (int8 [*in, *out], float32 scale [*out]), w ~= q * scale:
-    per output channel, amax over the input axes / 127, rounded to nearest (1 for a zero channel)."""
-    scale = absmax_scale(w, tuple(range(num_input_axes)), INT8_MAX)
-    return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+def quantize_int(w: jax.Array, num_input_axes: int, quant_algo: str = "W8A16",
+                 group_size: int = 0) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """A projection weight [*in, *out] -> (int8 or int4 [*in, *out], float32 scale) under the
+    weight-only `quant_algo` (W8A16, W4A16), w ~= q * scale: round to nearest, one scale per output
+    channel (amax over the input axes / 127 or / 7; scale [*out]) or, with group_size, per output
+    channel and group of the last input axis (scale_shape)."""
+    dtype, qmax = WEIGHT_ONLY_FORMATS[quant_algo]
+    if group_size:
+        grouped = w.reshape(grouped_shape(w.shape, num_input_axes, group_size))
+        scale = absmax_scale(grouped, (num_input_axes,), qmax, keepdims=True)
+        q = jnp.clip(jnp.round(grouped.astype(jnp.float32) / scale), -qmax, qmax).astype(dtype)
+        return q.reshape(w.shape), jnp.squeeze(scale, num_input_axes)
+    scale = absmax_scale(w, tuple(range(num_input_axes)), qmax)
+    return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -qmax, qmax).astype(dtype), scale
+
+
+def quantize_int4_asymmetric(w: jax.Array, num_input_axes: int, group_size: int) -> tuple[jax.Array, ...]:
+    """A projection weight [*in, *out] -> (int4 q [*in, *out], float32 scale, float32 zero), each
+    scale / zero of `scale_shape`, w ~= q * scale + zero: per output channel and group of the last
+    input axis, 16 levels from the group's minimum (level 0, q = -8) to its maximum, scale
+    (max - min) / 15 (1 for a constant group), zero = min + 8 * scale."""
+    grouped = w.reshape(grouped_shape(w.shape, num_input_axes, group_size)).astype(jnp.float32)
+    lo = jnp.min(grouped, axis=num_input_axes, keepdims=True)
+    hi = jnp.max(grouped, axis=num_input_axes, keepdims=True)
+    scale = jnp.where(hi > lo, (hi - lo) / (INT4_LEVELS - 1), 1.0)
+    levels = jnp.clip(jnp.round((grouped - lo) / scale), 0, INT4_LEVELS - 1)
+    q = (levels - INT4_LEVELS // 2).astype(jnp.int4)
+    zero = lo + (INT4_LEVELS // 2) * scale
+    return q.reshape(w.shape), jnp.squeeze(scale, num_input_axes), jnp.squeeze(zero, num_input_axes)
+
+
+def group_of(extent: int, group_size: int) -> int:
+    """The input channels a scale covers along an axis of `extent` under `group_size`."""
+    return math.gcd(extent, group_size)
+
+
+def grouped_shape(shape: tuple, num_input_axes: int, group_size: int) -> tuple:
+    """A weight's shape [*in, *out] with its last input axis split into (groups, group)."""
+    n = num_input_axes - 1
+    g = group_of(shape[n], group_size)
+    return tuple(shape[:n]) + (shape[n] // g, g) + tuple(shape[n + 1 :])
+
+
+def scale_shape(shape: tuple, num_input_axes: int, group_size: int) -> tuple:
+    """The scale of a weight of `shape` [*in, *out]: [*out] per output channel (group_size 0), or
+    [*in[:-1], groups, *out] per group along the last input axis."""
+    if not group_size:
+        return tuple(shape[num_input_axes:])
+    grouped = grouped_shape(shape, num_input_axes, group_size)
+    return grouped[:num_input_axes] + grouped[num_input_axes + 1 :]
 
 
 def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Array]:
@@ -192,26 +272,35 @@ def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Arra
     return jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
 
 
-def quantized_paths(path: str, quant_algo: str) -> list[str]:
+def quantized_paths(path: str, quant_algo: str, zero_point: bool = False) -> list[str]:
     """The params one layer projection becomes under `quant_algo` (what `quantize_path` returns)."""
-    return [path, path + SCALE_SUFFIX] + ([path + INPUT_SCALE_SUFFIX] if quant_algo == "FP8" else [])
+    extra = [path + INPUT_SCALE_SUFFIX] if quant_algo == "FP8" else [path + ZERO_SUFFIX] if zero_point else []
+    return [path, path + SCALE_SUFFIX] + extra
 
 
-def quantize_path(path: str, w: jax.Array, quant_algo: str) -> dict[str, jax.Array]:
+def quantize_path(path: str, w: jax.Array, quant_algo: str, group_size: int = 0,
+                  zero_point: bool = False) -> dict[str, jax.Array]:  # fmt: skip
     """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable); under
     "FP8" also path + "_input_scale" = 1 (no calibration data: dummy weights' activations are O(1))."""
-    quantize = quantize_int8 if quant_algo == "W8A16" else quantize_fp8
-    q, scale = quantize(w, QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]])
+    num_input_axes = QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]]
+    if zero_point:
+        q, scale, zero = quantize_int4_asymmetric(w, num_input_axes, group_size)
+        return {path: q, path + SCALE_SUFFIX: scale, path + ZERO_SUFFIX: zero}
+    if quant_algo in WEIGHT_ONLY_FORMATS:
+        q, scale = quantize_int(w, num_input_axes, quant_algo, group_size)
+    else:
+        q, scale = quantize_fp8(w, num_input_axes)
     out = {path: q, path + SCALE_SUFFIX: scale}
     if quant_algo == "FP8":
         out[path + INPUT_SCALE_SUFFIX] = jnp.ones((), jnp.float32)
     return out
 
 
-def quantize_flat(flat: dict, quant_algo: Optional[str]) -> dict:
+def quantize_flat(flat: dict, quant_algo: Optional[str], group_size: int = 0, zero_point: bool = False) -> dict:
     """A flat params dict ("layers.3.wq" -> array, models/params.py:flatten_paths) with its layer
-    projections quantized under `quant_algo` (None: unchanged)."""
+    projections quantized under `quant_algo` (None: unchanged), `group_size` and `zero_point` (W4A16)."""
     out = {}
     for path, w in flat.items():
-        out.update(quantize_path(path, w, quant_algo) if is_quantized(path, quant_algo) else {path: w})
+        quantized = is_quantized(path, quant_algo)
+        out.update(quantize_path(path, w, quant_algo, group_size, zero_point) if quantized else {path: w})
     return out

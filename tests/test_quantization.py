@@ -228,30 +228,91 @@ def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
         LLM(model=str(tmp_path / "gptq"), **args)
 
 
-def test_w8a16_is_int8_weights_per_channel_and_float_activations(tiny_dir, tmp_path):
-    """QuantConfig(quant_algo='W8A16'): int8 projections (round to nearest, amax / 127 per output
-    channel), the product the float32 einsum of the input and the dequantized weight; an engine's
-    tokens the same at TP=1 and TP=2 (padded heads and MLP) and after LLM.save."""
+def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
+    """QuantConfig(quant_algo='W4A16', group_size=g[, has_zero_point=True]): int4 (with an offset
+    per group) projections with a scale per output channel and group of the last input axis
+    (gcd(g, its size) channels; wo's groups inside each head); the product is the float32 einsum
+    with the dequantized weight; an engine's tokens survive LLM.save; tensor parallelism and other
+    group sizes are refused by name."""
+    from jaxllm.layers.linear import dequantize_groups, weight_only_linear
+    from jaxllm.quantization import quantize_int, scale_shape
+
+    w = jax.random.normal(jax.random.key(5), (4, 48, 40)) * jnp.logspace(-2, 1, 48).reshape(1, 48, 1)
+    q, scale = quantize_int(w, 2, "W4A16", group_size=32)  # wo-like [H, hd, D]: groups of gcd(32, 48) = 16
+    assert q.dtype == jnp.int4 and scale.shape == (4, 3, 40) == scale_shape(w.shape, 2, 32)
+    back = dequantize_groups(q, scale, 2, jnp.float32)
+    steps = jnp.repeat(scale, 16, axis=1)  # each weight's own group scale
+    assert float(jnp.max(jnp.abs(back - w) / steps)) <= 0.5 + 1e-5  # within half a step of its group's scale
+    x = jax.random.normal(jax.random.key(6), (5, 4, 48))
+    np.testing.assert_allclose(np.asarray(weight_only_linear(x, q, scale, "...hk,hkd->...d", 2)),
+                               np.asarray(jnp.einsum("thk,hkd->td", x, back, precision="highest")), rtol=1e-5, atol=1e-5)  # fmt: skip
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64,
+                quant_config=QuantConfig(quant_algo="W4A16", group_size=32))  # fmt: skip
+    path = str(tiny_dir("llama"))  # hidden 64, head_dim 16, MLP 128
+    with LLM(model=path, **args) as llm:
+        layer = llm._engine.runner.params["layers"][0]
+        assert layer["w_down"].dtype == jnp.int4 and layer["w_down_scale"].shape == (4, 64)
+        assert layer["wo_scale"].shape == (4, 1, 64) and layer["wq_scale"].shape == (2, 4, 16)
+        assert llm.config.quant_group_size == 32
+        tokens = _tokens(llm)
+        llm.save(tmp_path / "w4")
+    with LLM(model=str(tmp_path / "w4"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert (llm.config.quant_algo, llm.config.quant_group_size) == ("W4A16", 32) and _tokens(llm) == tokens
+    if len(jax.devices()) >= 2:
+        with pytest.raises(ValueError, match="W4A16 .* runs on one device; got tensor_parallel_size=2"):
+            LLM(model=path, tensor_parallel_size=2, **args)
+    # asymmetric groups (has_zero_point): int4 with an offset per group, weights on a 4-bit grid
+    # per group (as a GGUF Q4_1 file's are) come back exactly
+    from jaxllm.quantization import quantize_int4_asymmetric
+
+    levels = jax.random.randint(jax.random.key(7), (64, 24), 0, 16).at[0].set(0).at[1].set(15)  # min and max used
+    grid = levels * jnp.linspace(0.01, 0.2, 24) - jnp.linspace(0.5, 1.5, 24)  # [64 in, 24 out]: one group each
+    q, scale, zero = quantize_int4_asymmetric(grid, 1, 64)
+    assert q.dtype == jnp.int4 and scale.shape == zero.shape == (1, 24)
+    np.testing.assert_allclose(np.asarray(dequantize_groups(q, scale, 1, jnp.float32, zero)), np.asarray(grid),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    zp = dict(args, quant_config=QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))
+    with LLM(model=path, **zp) as llm:
+        layer = llm._engine.runner.params["layers"][1]
+        assert layer["w_up"].dtype == jnp.int4 and layer["w_up_zero"].shape == layer["w_up_scale"].shape == (2, 128)
+        assert llm.config.quant_zero_point and len(_tokens(llm)) == len(PROMPTS)
+        llm.save(tmp_path / "w4z")
+        zp_tokens = _tokens(llm)
+    with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert llm.config.quant_zero_point and _tokens(llm) == zp_tokens
+    with pytest.raises(ValueError, match="group_size=100 is not supported for W4A16"):
+        QuantConfig(quant_algo="W4A16", group_size=100)
+    with pytest.raises(ValueError, match="group_size=64 is not supported: it tunes"):
+        QuantConfig(quant_algo="W8A16", group_size=64)
+    with pytest.raises(ValueError, match="has_zero_point=True is not supported: it tunes"):
+        QuantConfig(quant_algo="FP8", has_zero_point=True)
+
+
+@pytest.mark.parametrize("algo,dtype,qmax", [("W8A16", jnp.int8, 127)])
+def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtype, qmax, tiny_dir, tmp_path):
+    """QuantConfig(quant_algo='W8A16' / 'W4A16'): int8 / int4 projections (round to nearest, amax /
+    127 or / 7 per output channel), the product the float32 einsum of the input and the dequantized
+    weight; an engine's tokens the same at TP=1 and TP=2 (padded heads and MLP) and after LLM.save."""
     from jaxllm.layers.linear import weight_only_linear
-    from jaxllm.quantization import quantize_int8
+    from jaxllm.quantization import quantize_int
 
     w = jax.random.normal(jax.random.key(3), (48, 4, 8)) * jnp.logspace(-3, 1, 32).reshape(4, 8)
-    q, scale = quantize_int8(w, 1)
-    assert q.dtype == jnp.int8 and scale.shape == (4, 8) and int(jnp.abs(q).max()) == 127
+    q, scale = quantize_int(w, 1, algo)
+    assert q.dtype == dtype and scale.shape == (4, 8) and int(jnp.abs(q.astype(jnp.int32)).max()) == qmax
     assert float(jnp.max(jnp.abs(q.astype(jnp.float32) * scale - w) / scale)) <= 0.5 + 1e-5  # half a step
     x = jax.random.normal(jax.random.key(4), (5, 48))
     want = jnp.einsum("td,dhk->thk", x, q.astype(jnp.float32) * scale, precision="highest")
     np.testing.assert_allclose(np.asarray(weight_only_linear(x, q, scale, "...d,dhk->...hk")), np.asarray(want),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64,
-                quant_config=QuantConfig(quant_algo="W8A16"))  # fmt: skip
+                quant_config=QuantConfig(quant_algo=algo))  # fmt: skip
     path = str(tiny_dir("llama-odd"))
     with LLM(model=path, **args) as llm:
-        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == jnp.int8
+        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == dtype
         tokens = _tokens(llm)
         llm.save(tmp_path / "w8")
     if len(jax.devices()) >= 2:
         with LLM(model=path, tensor_parallel_size=2, **args) as llm:
             assert _tokens(llm) == tokens
     with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True) as llm:
-        assert llm.config.quant_algo == "W8A16" and _tokens(llm) == tokens
+        assert llm.config.quant_algo == algo and _tokens(llm) == tokens

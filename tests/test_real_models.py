@@ -81,15 +81,21 @@ FP8_TEXTS = [
 # Measured on the CPU (FP8 emulated; benchmarks/RESULTS.md "FP8"): top-1 agreement with bf16 0.90
 # (SmolLM2) and 0.87 (Gemma 3), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
 # 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. E4M3 keeps 3 mantissa bits (about 2.7% error per product
-# against bf16's 0.2%), which these 135M / 270M models feel more than an 8B one.
+# against bf16's 0.2%), which these 135M / 270M models feel more than an 8B one. Int4 (W4A16) is
+# coarser still for them: per output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric
+# groups of 128 0.61 / 0.71, of 16 0.75 / 0.72; asymmetric groups of 32 (has_zero_point, the layout
+# of SmolLM2's Q4_1 file, re-encoded exactly) 1.00 / 0.86, mean |d logprob| 0.029 / 0.29.
 FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.82, 0.15),
-              ("smollm2", "W8A16"): (0.97, 0.1)}  # fmt: skip
+              ("smollm2", "W8A16"): (0.97, 0.1), ("smollm2", "W4A16/g32z"): (0.98, 0.06),
+              ("gemma3-270m", "W4A16/g32z"): (0.8, 0.4)}  # fmt: skip
+W4A16_GROUPS = {"W4A16/g32z": (32, True)}  # (group_size, has_zero_point)
 
 
 @pytest.mark.parametrize("name,quant_algo", sorted(FP8_BOUNDS))
 def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
     """QuantConfig(quant_algo='FP8'): FP8 projections (per-channel weights, per-token activations),
-    and W8A16 (int8 per-channel weights, bf16 activations), against the bf16 model on the same text,
+    W8A16 (int8 per-channel weights, bf16 activations) and W4A16 (int4, asymmetric groups of 32),
+    against the bf16 model on the same text,
     teacher-forced: top-1 agreement and the mean change of the bf16 top token's log-probability,
     over every position."""
     from jaxllm.checkpoints.builtin import fetch
@@ -106,8 +112,10 @@ def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
     for i, x in enumerate(ids):
         tokens[i, : len(x)], valid[i, : len(x)] = x, True
     params = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
-    fp8_cfg = dataclasses.replace(cfg, quant_algo=quant_algo)
-    fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), fp8_cfg.quant_algo), fp8_cfg)
+    group_size, zero_point = W4A16_GROUPS.get(quant_algo, (0, False))
+    algo = quant_algo.split("/")[0]
+    fp8_cfg = dataclasses.replace(cfg, quant_algo=algo, quant_group_size=group_size, quant_zero_point=zero_point)
+    fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), algo, group_size, zero_point), fp8_cfg)
     run = jax.jit(forward_dense, static_argnums=2)
     ref = jax.nn.log_softmax(run(params, jnp.asarray(tokens), cfg, jnp.asarray(valid)), -1)
     got = jax.nn.log_softmax(run(fp8_params, jnp.asarray(tokens), fp8_cfg, jnp.asarray(valid)), -1)

@@ -101,6 +101,10 @@ class EngineBuilder:
         cfg = self._quantization(cfg)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
+        if cfg.quant_group_size and tensor_parallel_size > 1:
+            raise ValueError(f"W4A16 (int4 weights with a scale per group of {cfg.quant_group_size} input channels) "
+                             f"runs on one device; got tensor_parallel_size={tensor_parallel_size}; allowed: 1 "
+                             "(or quant_algo 'W8A16' / 'FP8' under tensor parallelism)")  # fmt: skip
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if mesh is not None else None
         self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
         # Refuse weights that cannot fit before anything is built per layer or allocated.
@@ -116,13 +120,17 @@ class EngineBuilder:
         or quant_config's, made as a float checkpoint loads. A ModelOpt checkpoint whose KV cache
         was calibrated for FP8 gets an fp8 cache unless kv_cache_config.dtype says otherwise, as in
         TensorRT-LLM."""
-        quant = self.args.quant_config.weight_format if self.args.quant_config is not None else None
+        qc = self.args.quant_config
+        quant = qc.weight_format if qc is not None else None
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
             if self.resolved.kind == "hf" and self.args.kv_cache_config.dtype == "auto":
                 if (hf_checkpoint.quantization_of(self.resolved.path) or {}).get("kv_cache_quant_algo") == "FP8":
                     self.args.kv_cache_config = dataclasses.replace(self.args.kv_cache_config, dtype="fp8")
             return cfg
-        return dataclasses.replace(cfg, quant_algo=quant) if quant is not None else cfg
+        if quant is None:
+            return cfg
+        return dataclasses.replace(cfg, quant_algo=quant, quant_group_size=qc.weight_group_size,
+                                   quant_zero_point=qc.weight_zero_point)  # fmt: skip
 
     def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
               skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip

@@ -22,7 +22,7 @@ A projection whose params hold `<name>_scale` beside the weight is a quantized o
   shape, batch 1: 3.61 ms a token against bf16's 4.21; XLA's fp8 x fp8 dot at those sizes, and a
   Pallas kernel streaming the fp8 weight, took 7.2: benchmarks/RESULTS.md "FP8 decode"). Those
   rows' activations are then not rounded to fp8, so their numbers are closer to bf16's.
-- int8 weight (W8A16, weight-only): the weight widened to the input's dtype inside the product,
+- int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside the product,
   accumulated in float32 and scaled per channel (`weight_only_linear`).
 """
 
@@ -33,7 +33,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxllm.quantization import FP8_DTYPE, FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, absmax_scale
+from jaxllm.quantization import (FP8_DTYPE, FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX,
+                                 WEIGHT_ONLY_DTYPES, ZERO_SUFFIX, absmax_scale)
 
 
 def quantize_rows(x: jax.Array, num_input_axes: int, input_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -68,10 +69,28 @@ def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equati
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str) -> jax.Array:
-    """`jnp.einsum(equation, x, w)` for an int8 or fp8 weight w ~= w8 * w_scale (per output channel),
-    weight-only (W8A16): the weight widened to x's dtype inside the product, accumulated in float32,
-    then scaled per channel. Returns x's dtype."""
+def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dtype,
+                      zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """An int weight [*in, *out] times its group scales [*in[:-1], groups, *out] (quantization.py:
+    scale_shape), plus the groups' offsets `zero` (asymmetric W4A16), in `dtype`."""
+    n = num_input_axes - 1
+    groups = w_scale.shape[n]
+    shape = w8.shape[:n] + (groups, w8.shape[n] // groups) + w8.shape[n + 1 :]
+    w = w8.reshape(shape).astype(jnp.float32) * jnp.expand_dims(w_scale, n + 1)
+    if zero is not None:
+        w = w + jnp.expand_dims(zero, n + 1)
+    return w.reshape(w8.shape).astype(dtype)
+
+
+def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
+                       zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """`jnp.einsum(equation, x, w)` for an int8, int4 or fp8 weight w ~= w8 * w_scale (per output
+    channel), weight-only (W8A16, W4A16): the weight widened to x's dtype inside the product,
+    accumulated in float32, then scaled per channel; with a scale per group of the last input axis
+    (W4A16's: w_scale has w8's rank) the weight is dequantized before the product. Returns x's dtype."""
+    if w_scale.ndim == w8.ndim:  # a scale per group of the last input axis (W4A16): dequantized first
+        w = dequantize_groups(w8, w_scale, num_input_axes, x.dtype, zero)
+        return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.einsum(equation, x, w8.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * w_scale).astype(x.dtype)
 
@@ -96,6 +115,6 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
     num_input_axes = QUANTIZED_PARAMS[name]
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    if lp[name].dtype == jnp.int8 or rows <= weight_only_rows:  # W8A16, or a decode-sized FP8 product
-        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name])
+    if lp[name].dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
+        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + ZERO_SUFFIX))
     return fp8_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))

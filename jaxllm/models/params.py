@@ -21,7 +21,7 @@ Pytree layout (all families):
     w_gate, w_up [embed, ffw]   w_down [ffw, embed]
     <projection>_scale [its output axes] float32                        (quant_algo set)
     <projection>_input_scale [] float32                                  (quant_algo "FP8")
-With a quant_algo the seven projections are float8 E4M3 (int8 under "W8A16"), each with a scale per
+With a quant_algo the seven projections are float8 E4M3 (int8 / int4 under "W8A16" / "W4A16"), each with a scale per
 output channel, and with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the
 rest keeps the model's dtype.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.quantization import (INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, quantize_flat,
+                                 ZERO_SUFFIX, scale_shape,
                                  weight_dtype)  # fmt: skip
 
 
@@ -85,7 +86,13 @@ def layer_specs(cfg: ModelConfig) -> dict:
         for name, n_in in QUANTIZED_PARAMS.items():
             spec = layer[name]
             layer[name] = dataclasses.replace(spec, dtype=weight_dtype(cfg.quant_algo))
-            layer[name + SCALE_SUFFIX] = ParamSpec(spec.shape[n_in:], spec.axes[n_in:], "ones", jnp.float32)
+            # per output channel: the output axes; per group (W4A16): the weight's axes, the last
+            # input axis counting groups
+            axes = spec.axes[n_in:] if not cfg.quant_group_size else spec.axes
+            shape = scale_shape(spec.shape, n_in, cfg.quant_group_size)
+            layer[name + SCALE_SUFFIX] = ParamSpec(shape, axes, "ones", jnp.float32)
+            if cfg.quant_zero_point:
+                layer[name + ZERO_SUFFIX] = ParamSpec(shape, axes, "zeros", jnp.float32)
             if cfg.quant_algo == "FP8":
                 layer[name + INPUT_SCALE_SUFFIX] = ParamSpec((), (), "ones", jnp.float32)
     return layer
@@ -167,7 +174,7 @@ def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> d
     base = base_config(cfg)
     keys = param_keys(base, key)
     flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
-    return unflatten_paths(quantize_flat(flat, cfg.quant_algo), cfg)
+    return unflatten_paths(quantize_flat(flat, cfg.quant_algo, cfg.quant_group_size, cfg.quant_zero_point), cfg)
 
 
 def flatten_paths(tree) -> dict[str, object]:
