@@ -172,6 +172,9 @@ class ModelConfig:
     quant_group_size: int = 0
     # W4A16's groups asymmetric (uint4 with an offset per group, `<name>_zero`)
     quant_zero_point: bool = False
+    # Each layer holds calibrated FP8 KV cache scales (`k_scale`, `v_scale`: a ModelOpt checkpoint
+    # calibrated for an fp8 cache): an fp8 cache stores K / k_scale and V / v_scale.
+    kv_cache_scales: bool = False
 
     def __post_init__(self):
         if not self.layer_types:

@@ -190,7 +190,7 @@ def base_config(cfg):
     """A ModelConfig's float twin (quant_algo None): what a quantized model is made from."""
     if cfg.quant_algo is None:
         return cfg
-    return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False)
+    return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False, kv_cache_scales=False)
 
 
 # ---- quantized weights -------------------------------------------------------------------------

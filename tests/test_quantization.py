@@ -199,6 +199,46 @@ def test_modelopt_fp8_checkpoint_gives_transformers_fake_quantized_tokens(quant_
         assert _tokens(llm) == tokens
 
 
+def test_modelopt_kv_cache_scales_divide_what_the_fp8_cache_stores(tmp_path):
+    """A ModelOpt checkpoint calibrated for an fp8 KV cache: each layer's k_scale / v_scale are
+    read, K / k_scale and V / v_scale stored. A model whose keys are ~1000 (k_proj x 1024, q_proj /
+    1024: the same function), with scales (1024, 0.5), computes what the same checkpoint with the
+    scales folded into its weights (k_proj / 1024 and q_proj x 1024, v_proj x 2 and o_proj / 2: the
+    same cached bytes and products) computes with scales 1; read past, its keys saturate at 448."""
+    import torch
+
+    from tests import tiny
+
+    model = tiny.build_tiny("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(1024.0)
+            layer.self_attn.q_proj.weight.div_(1024.0)
+    algo = "FP8_PER_CHANNEL_PER_TOKEN"  # activations scaled per token: folding a factor changes no rounding
+    tiny.save_modelopt_fp8(model, tmp_path / "scaled", algo, CALIBRATION, kv_scales=(1024.0, 0.5))
+    tiny.save_modelopt_fp8(model, tmp_path / "folded", algo, CALIBRATION,
+                           fold={"k_proj": 1 / 1024, "q_proj": 1024.0, "v_proj": 2.0, "o_proj": 0.5})  # fmt: skip
+    tiny.save_modelopt_fp8(model, tmp_path / "unscaled", algo, CALIBRATION)  # scales 1: keys saturate
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=1)
+    outs = {}
+    for name in ("scaled", "folded", "unscaled"):
+        with LLM(model=str(tmp_path / name), **args) as llm:
+            assert llm._engine.runner.kv_dtype == jnp.float8_e4m3fn and llm.config.kv_cache_scales
+            assert float(llm._engine.runner.params["layers"][1]["k_scale"]) == (1024.0 if name == "scaled" else 1.0)
+            outs[name] = llm.generate(PROMPTS, params, use_tqdm=False)
+
+    def logprob_gap(a, b):
+        return max(abs(x[next(iter(x))].logprob - y[next(iter(x))].logprob) if next(iter(x)) in y else 99.0
+                   for p, q in zip(a, b) for x, y in zip(p.outputs[0].logprobs, q.outputs[0].logprobs))  # fmt: skip
+
+    assert [o.outputs[0].token_ids for o in outs["scaled"]] == [o.outputs[0].token_ids for o in outs["folded"]]
+    assert logprob_gap(outs["scaled"], outs["folded"]) < 1e-3
+    assert logprob_gap(outs["unscaled"], outs["folded"]) > 1e-2  # saturated keys: another model
+    with LLM(model=str(tmp_path / "scaled"), kv_cache_config={"dtype": "bfloat16"}, **args) as llm:
+        assert "k_scale" in llm._engine.runner.params["layers"][0]  # kept, unused by a bf16 cache
+
+
 def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
     """kv_cache_quant_algo FP8 in hf_quant_config.json gives an fp8 cache unless kv_cache_config
     says otherwise; other tools' quantized checkpoints and other ModelOpt algorithms are refused."""

@@ -71,12 +71,15 @@ def _fp8_linears(model):
     return {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in FP8_PROJECTIONS}
 
 
-def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list[int]], kv_fp8: bool = True) -> dict:
+def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list[int]], kv_fp8: bool = True,
+                      kv_scales: tuple[float, float] = (1.0, 1.0), fold: dict | None = None) -> dict:  # fmt: skip
     """Write `model` (a float32 transformers model) as a ModelOpt FP8 checkpoint: each projection's
     weight float8 E4M3 with `weight_scale` (FP8: per tensor []; FP8_PER_CHANNEL_PER_TOKEN: per
     output channel [out, 1]) and, for FP8, `input_scale` [] calibrated as amax / 448 of the
-    projection's inputs over `calibration`; k_proj.k_scale / v_proj.v_scale tensors; hf_quant_config.json.
-    Returns {module name: (float8 weight, weight scale, input scale or None)} for `fake_quantize`."""
+    projection's inputs over `calibration`; k_proj.k_scale / v_proj.v_scale tensors (`kv_scales`);
+    hf_quant_config.json. `fold` {projection suffix ('q_proj', ...): factor} multiplies those weight
+    scales (the same fp8 weights meaning factor x the weight). Returns {module name: (float8 weight,
+    weight scale, input scale or None)} for `fake_quantize`."""
     import json
 
     import torch
@@ -105,11 +108,12 @@ def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list
         input_scale = amax[name] / 448.0 if quant_algo == "FP8" else None
         quantized[name] = (w8, scale, input_scale)
         state[name + ".weight"] = w8
+        scale = scale * (fold or {}).get(name.rsplit(".", 1)[-1], 1.0)
         state[name + ".weight_scale"] = scale.reshape(()) if quant_algo == "FP8" else scale
         if input_scale is not None:
             state[name + ".input_scale"] = input_scale.reshape(())
         if name.endswith("k_proj") or name.endswith("v_proj"):
-            state[f"{name}.{name[-6]}_scale"] = torch.tensor(1.0)
+            state[f"{name}.{name[-6]}_scale"] = torch.tensor(kv_scales[0 if name.endswith("k_proj") else 1])
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     path = Path(path)

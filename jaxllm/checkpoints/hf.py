@@ -52,7 +52,10 @@ def read_config_dict(path: Path) -> dict:
 def read_config(path: Path) -> ModelConfig:
     cfg = config_from_hf_dict(read_config_dict(path))
     quant = quantization_of(path)
-    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"]) if quant is not None else cfg
+    if quant is None:
+        return cfg
+    # a KV cache calibrated for FP8 comes with each layer's k_scale / v_scale
+    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"], kv_cache_scales=quant["kv_cache_quant_algo"] == "FP8")
 
 
 MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")

@@ -113,8 +113,9 @@ def hf_names(cfg: ModelConfig, family: Family) -> dict[str, tuple[str, str]]:
 
 # A ModelOpt FP8 checkpoint's scale tensors beside each projection's float8 `weight`: `weight_scale`
 # (per tensor [], or per output channel [out] / [out, 1]) and, for FP8, the calibrated static
-# `input_scale` []. Its KV cache scales (k_scale / v_scale) are read past: jaxllm's fp8 cache has a
-# scale of 1 (layers/attention.py).
+# `input_scale` []; a checkpoint calibrated for an FP8 KV cache, each layer's `k_scale` / `v_scale`
+# [] (beside k_proj / v_proj, or on self_attn), which the fp8 cache divides K and V by
+# (models/transformer.py); without that calibration they are read past (scale 1).
 MODELOPT_KV_SCALES = re.compile(r".*\.(k_proj\.k_scale|v_proj\.v_scale|k_scale|v_scale)$")
 
 
@@ -132,6 +133,10 @@ def quantized_hf_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
             names[module + ".weight_scale"] = (f"layers.{i}.{param}_scale", "weight_scale")
             if cfg.quant_algo == "FP8":
                 names[module + ".input_scale"] = (f"layers.{i}.{param}_input_scale", "input_scale")
+        if cfg.kv_cache_scales:  # either name a ModelOpt export uses
+            for kv in "kv":
+                for name in (f"self_attn.{kv}_proj.{kv}_scale", f"self_attn.{kv}_scale"):
+                    names[f"model.layers.{i}.{name}"] = (f"layers.{i}.{kv}_scale", "input_scale")
     return names
 
 
@@ -218,7 +223,7 @@ class TensorMapper:
         if file_name in self.names:
             return True
         if file_name in self.ignore or HF_IGNORED.match(file_name) or (
-                self.cfg.quant_algo is not None and MODELOPT_KV_SCALES.match(file_name)):  # fmt: skip
+                self.cfg.quant_algo is not None and not self.cfg.kv_cache_scales and MODELOPT_KV_SCALES.match(file_name)):  # fmt: skip
             return False
         raise CheckpointError(f"{self.source}: tensor {file_name!r} does not map to any parameter of this model")
 
@@ -243,7 +248,8 @@ class TensorMapper:
 
     def _scale(self, file_name: str, path: str, transform: str, array: np.ndarray) -> np.ndarray:
         """A scale tensor in params layout (float32): a weight scale per tensor broadcast to the
-        projection's output axes, or one per output channel reshaped to them; an input scale []."""
+        projection's output axes, or one per output channel reshaped to them; an input (or KV
+        cache) scale []."""
         shape = self.shapes[path]
         sizes = (1,) if transform == "input_scale" else (1, math.prod(shape))
         if array.size not in sizes:

@@ -95,6 +95,9 @@ def layer_specs(cfg: ModelConfig) -> dict:
                 layer[name + ZERO_SUFFIX] = ParamSpec(shape, axes, "zeros", jnp.float32)
             if cfg.quant_algo == "FP8":
                 layer[name + INPUT_SCALE_SUFFIX] = ParamSpec((), (), "ones", jnp.float32)
+    if cfg.kv_cache_scales:
+        layer["k_scale"] = ParamSpec((), (), "ones", jnp.float32)
+        layer["v_scale"] = ParamSpec((), (), "ones", jnp.float32)
     return layer
 
 

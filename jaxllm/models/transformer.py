@@ -121,7 +121,13 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
 
     pages = []
 
+    # An fp8 cache with calibrated scales stores K / k_scale and V / v_scale; attention then reads
+    # q * k_scale against the stored K and scales its output by v_scale (the same products).
+    kv_scales = "k_scale" in lp and jnp.dtype(k_pages.dtype).itemsize == 1
+
     def attend(q, k, v, layer):
+        if kv_scales:
+            q, k, v = q * lp["k_scale"].astype(q.dtype), k / lp["k_scale"], v / lp["v_scale"]
         fn = functools.partial(attend_local, window=cfg.layer_window(layer))
         if mesh is not None:
             heads, kv_spec = P(None, TP_AXIS, None), P(TP_AXIS)
@@ -129,7 +135,7 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
                                out_specs=(heads, kv_spec, kv_spec), check_vma=False)  # fmt: skip
         out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch)
         pages.extend((new_k, new_v))
-        return out
+        return out * lp["v_scale"].astype(out.dtype) if kv_scales else out
 
     def add_lora(name, h, y):
         return y + lora_delta(h, lora_layer[name]["a"], lora_layer[name]["b"], onehot) if name in lora_layer else y
