@@ -30,7 +30,6 @@ from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
-from jaxllm.checkpoints import hf as hf_checkpoint
 from jaxllm.checkpoints import loader, saved
 from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
@@ -123,9 +122,9 @@ class EngineBuilder:
         qc = self.args.quant_config
         quant = qc.weight_format if qc is not None else None
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
-            if self.resolved.kind == "hf" and self.args.kv_cache_config.dtype == "auto":
-                if (hf_checkpoint.quantization_of(self.resolved.path) or {}).get("kv_cache_quant_algo") == "FP8":
-                    self.args.kv_cache_config = dataclasses.replace(self.args.kv_cache_config, dtype="fp8")
+            # (kv_cache_scales: hf.read_config found the checkpoint calibrated for an fp8 KV cache)
+            if cfg.kv_cache_scales and self.args.kv_cache_config.dtype == "auto":
+                self.args.kv_cache_config = dataclasses.replace(self.args.kv_cache_config, dtype="fp8")
             return cfg
         if quant is None:
             return cfg
