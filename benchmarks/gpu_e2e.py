@@ -73,6 +73,8 @@ def part_perf(args) -> dict:
     max_batch, max_tokens = args.max_batch, args.max_num_tokens
     t0 = time.perf_counter()
     quant = {"quant_config": {"quant_algo": args.quantization.upper()}} if args.quantization else {}
+    if args.quantization == "w4a16":
+        quant["quant_config"].update(group_size=args.group_size, has_zero_point=args.zero_point)
     if args.kv_cache_dtype:
         quant["kv_cache_config"] = {"dtype": args.kv_cache_dtype}
     llm = LLM(model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--fp8-weight-only-rows", type=int, default=None,
                         help="FP8 projections of at most this many rows are weight-only on GPUs "
                              "(jaxllm/layers/linear.py WEIGHT_ONLY_MAX_ROWS; 0: none)")  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
+    parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     args = parser.parse_args()
     offline = args.offline
