@@ -1,7 +1,8 @@
 """The layer projections: a float einsum, or a quantized product when the weight is stored quantized.
 
 A projection whose params hold `<name>_scale` beside the weight is a quantized one
-(jaxllm/quantization.py makes them), with a float32 scale per output channel:
+(jaxllm/quantization.py makes them), with a float32 scale per output channel (W4A16: per output
+channel and group of input channels):
 
 - float8 E4M3 weight [*in, *out] (FP8): its input is quantized per row (per token: amax over the
   input axes / 448), or, when the params also hold `<name>_input_scale` (a ModelOpt FP8
@@ -22,8 +23,10 @@ A projection whose params hold `<name>_scale` beside the weight is a quantized o
   shape, batch 1: 3.61 ms a token against bf16's 4.21; XLA's fp8 x fp8 dot at those sizes, and a
   Pallas kernel streaming the fp8 weight, took 7.2: benchmarks/RESULTS.md "FP8 decode"). Those
   rows' activations are then not rounded to fp8, so their numbers are closer to bf16's.
-- int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside the product,
-  accumulated in float32 and scaled per channel (`weight_only_linear`).
+- int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside
+  the product, accumulated in float32 and scaled per channel (`weight_only_linear`); W4A16's group
+  scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
+  (`dequantize_groups`).
 """
 
 from __future__ import annotations
