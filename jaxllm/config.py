@@ -170,7 +170,7 @@ class ModelConfig:
     # W4A16's input channels a scale covers (gcd with each projection's last input axis), or 0: a
     # scale per output channel.
     quant_group_size: int = 0
-    # W4A16's groups asymmetric (uint4 with an offset per group, `<name>_zero`)
+    # W4A16's groups asymmetric (an offset per group beside its scale, `<name>_zero`)
     quant_zero_point: bool = False
     # Each layer holds calibrated FP8 KV cache scales (`k_scale`, `v_scale`: a ModelOpt checkpoint
     # calibrated for an fp8 cache): an fp8 cache stores K / k_scale and V / v_scale.

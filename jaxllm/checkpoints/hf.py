@@ -55,7 +55,8 @@ def read_config(path: Path) -> ModelConfig:
     if quant is None:
         return cfg
     # a KV cache calibrated for FP8 comes with each layer's k_scale / v_scale
-    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"], kv_cache_scales=quant["kv_cache_quant_algo"] == "FP8")
+    kv_scales = quant["kv_cache_quant_algo"] == "FP8"
+    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"], kv_cache_scales=kv_scales)
 
 
 MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")

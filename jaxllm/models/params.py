@@ -20,7 +20,10 @@ Pytree layout (all families):
     mlp_norm [embed]
     w_gate, w_up [embed, ffw]   w_down [ffw, embed]
     <projection>_scale [its output axes] float32                        (quant_algo set)
+      (W4A16: [its input axes, the last in groups, its output axes])
+    <projection>_zero [as its scale] float32                             (W4A16 with has_zero_point)
     <projection>_input_scale [] float32                                  (quant_algo "FP8")
+    k_scale, v_scale [] float32                                          (kv_cache_scales: ModelOpt)
 With a quant_algo the seven projections are float8 E4M3 (int8 / int4 under "W8A16" / "W4A16"), each with a scale per
 output channel, and with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the
 rest keeps the model's dtype.
