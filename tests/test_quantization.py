@@ -293,11 +293,7 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         layer = llm._engine.runner.params["layers"][0]
         assert layer["w_down"].dtype == jnp.int4 and layer["w_down_scale"].shape == (4, 64)
         assert layer["wo_scale"].shape == (4, 1, 64) and layer["wq_scale"].shape == (2, 4, 16)
-        assert llm.config.quant_group_size == 32
-        tokens = _tokens(llm)
-        llm.save(tmp_path / "w4")
-    with LLM(model=str(tmp_path / "w4"), dtype="float32", skip_tokenizer_init=True) as llm:
-        assert (llm.config.quant_algo, llm.config.quant_group_size) == ("W4A16", 32) and _tokens(llm) == tokens
+        assert llm.config.quant_group_size == 32 and len(_tokens(llm)) == len(PROMPTS)
     if len(jax.devices()) >= 2:
         with pytest.raises(ValueError, match="W4A16 .* runs on one device; got tensor_parallel_size=2"):
             LLM(model=path, tensor_parallel_size=2, **args)
@@ -318,8 +314,9 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         assert llm.config.quant_zero_point and len(_tokens(llm)) == len(PROMPTS)
         llm.save(tmp_path / "w4z")
         zp_tokens = _tokens(llm)
-    with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True) as llm:
-        assert llm.config.quant_zero_point and _tokens(llm) == zp_tokens
+    with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True) as llm:  # int4 saved as is
+        assert (llm.config.quant_algo, llm.config.quant_group_size, llm.config.quant_zero_point) == ("W4A16", 32, True)
+        assert _tokens(llm) == zp_tokens
     with pytest.raises(ValueError, match="group_size=100 is not supported for W4A16"):
         QuantConfig(quant_algo="W4A16", group_size=100)
     with pytest.raises(ValueError, match="group_size=64 is not supported: it tunes"):
