@@ -7,7 +7,7 @@ TEST_VENV  ?= .venv-test
 PROMPT     ?= What is machine learning?
 PYTEST_ARGS ?=
 # The suite runs on this many workers (pytest-xdist), each test file on one of them, so that a
-# file's shared engines are built once: about 17 minutes on 2 cores instead of about 30.
+# file's shared engines are built once: about 18 minutes on 2 cores instead of about 30.
 TEST_WORKERS ?= 2
 
 .PHONY: generate test venv clean
