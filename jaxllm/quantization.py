@@ -272,35 +272,37 @@ def quantize_fp8(w: jax.Array, num_input_axes: int) -> tuple[jax.Array, jax.Arra
     return jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale
 
 
-def quantized_paths(path: str, quant_algo: str, zero_point: bool = False) -> list[str]:
-    """The params one layer projection becomes under `quant_algo` (what `quantize_path` returns)."""
-    extra = [path + INPUT_SCALE_SUFFIX] if quant_algo == "FP8" else [path + ZERO_SUFFIX] if zero_point else []
+# The functions below take the model's config `cfg` (a config.ModelConfig; not imported here, since
+# config imports this module) for its weight format: quant_algo, quant_group_size, quant_zero_point.
+def quantized_paths(path: str, cfg) -> list[str]:
+    """The params one layer projection becomes under cfg's weight format (what `quantize_path` returns)."""
+    extra = [path + INPUT_SCALE_SUFFIX] if cfg.quant_algo == "FP8" else [path + ZERO_SUFFIX] if cfg.quant_zero_point else []
     return [path, path + SCALE_SUFFIX] + extra
 
 
-def quantize_path(path: str, w: jax.Array, quant_algo: str, group_size: int = 0,
-                  zero_point: bool = False) -> dict[str, jax.Array]:  # fmt: skip
-    """{path: fp8 weight, path + "_scale": its scales} for one layer projection (jittable); under
-    "FP8" also path + "_input_scale" = 1 (no calibration data: dummy weights' activations are O(1))."""
+def quantize_path(path: str, w: jax.Array, cfg) -> dict[str, jax.Array]:
+    """{path: the quantized weight, path + "_scale": its scales} for one layer projection under
+    cfg's weight format (jittable); with asymmetric W4A16 groups also path + "_zero", their offsets;
+    under "FP8" also path + "_input_scale" = 1 (no calibration data: dummy weights' activations are
+    O(1))."""
     num_input_axes = QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]]
-    if zero_point:
-        q, scale, zero = quantize_int4_asymmetric(w, num_input_axes, group_size)
+    if cfg.quant_zero_point:
+        q, scale, zero = quantize_int4_asymmetric(w, num_input_axes, cfg.quant_group_size)
         return {path: q, path + SCALE_SUFFIX: scale, path + ZERO_SUFFIX: zero}
-    if quant_algo in WEIGHT_ONLY_FORMATS:
-        q, scale = quantize_int(w, num_input_axes, quant_algo, group_size)
+    if cfg.quant_algo in WEIGHT_ONLY_FORMATS:
+        q, scale = quantize_int(w, num_input_axes, cfg.quant_algo, cfg.quant_group_size)
     else:
         q, scale = quantize_fp8(w, num_input_axes)
     out = {path: q, path + SCALE_SUFFIX: scale}
-    if quant_algo == "FP8":
+    if cfg.quant_algo == "FP8":
         out[path + INPUT_SCALE_SUFFIX] = jnp.ones((), jnp.float32)
     return out
 
 
-def quantize_flat(flat: dict, quant_algo: Optional[str], group_size: int = 0, zero_point: bool = False) -> dict:
+def quantize_flat(flat: dict, cfg) -> dict:
     """A flat params dict ("layers.3.wq" -> array, models/params.py:flatten_paths) with its layer
-    projections quantized under `quant_algo` (None: unchanged), `group_size` and `zero_point` (W4A16)."""
+    projections quantized under cfg's weight format (none: unchanged)."""
     out = {}
     for path, w in flat.items():
-        quantized = is_quantized(path, quant_algo)
-        out.update(quantize_path(path, w, quant_algo, group_size, zero_point) if quantized else {path: w})
+        out.update(quantize_path(path, w, cfg) if is_quantized(path, cfg.quant_algo) else {path: w})
     return out

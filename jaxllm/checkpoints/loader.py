@@ -120,12 +120,11 @@ def quantizer(cfg: ModelConfig, shardings: dict | None = None) -> Callable[[str,
     def quantize(path: str, w: jax.Array) -> dict:
         if not is_quantized(path, cfg.quant_algo):
             return {path: w}
-        name, made = path.rsplit(".", 1)[-1], quantized_paths(path, cfg.quant_algo, cfg.quant_zero_point)
+        name, made = path.rsplit(".", 1)[-1], quantized_paths(path, cfg)
         out = None if shardings is None else tuple(shardings[p] for p in made)
         fn = programs.get((name, out))
         if fn is None:
-            quantize_one = functools.partial(quantize_path, path, quant_algo=cfg.quant_algo,
-                                             group_size=cfg.quant_group_size, zero_point=cfg.quant_zero_point)  # fmt: skip
+            quantize_one = functools.partial(quantize_path, path, cfg=cfg)
             fn = programs[(name, out)] = jax.jit(lambda w: tuple(quantize_one(w).values()), out_shardings=out)
         arrays = fn(w)
         w.delete()
@@ -208,7 +207,7 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     for path, spec in flatten_paths(param_specs(base)).items():
         name, quantized = path.rsplit(".", 1)[-1], is_quantized(path, cfg.quant_algo)
         # what the program makes: the parameter, or a quantized one's weight and scales
-        made_paths = quantized_paths(path, cfg.quant_algo, cfg.quant_zero_point) if quantized else [path]
+        made_paths = quantized_paths(path, cfg) if quantized else [path]
         out = tuple(flat_shardings[p] for p in made_paths) if flat_shardings else None
         make = programs.get((name, spec, str(out)))
         if make is None:
@@ -216,9 +215,7 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
             def one(key, spec=spec, path=path, quantized=quantized):
                 w = init_param(spec, key, dtype)
                 w = w if plan is None else plan.transform(path, w, xp=jnp)
-                if not quantized:
-                    return (w,)
-                return tuple(quantize_path(path, w, cfg.quant_algo, cfg.quant_group_size, cfg.quant_zero_point).values())
+                return tuple(quantize_path(path, w, cfg).values()) if quantized else (w,)
 
             lowered = jax.jit(one, out_shardings=out).lower(keys[path])
             # (Under a mesh they compile each time: a cached program would load for the default device.)

@@ -180,7 +180,7 @@ def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> d
     base = base_config(cfg)
     keys = param_keys(base, key)
     flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
-    return unflatten_paths(quantize_flat(flat, cfg.quant_algo, cfg.quant_group_size, cfg.quant_zero_point), cfg)
+    return unflatten_paths(quantize_flat(flat, cfg), cfg)
 
 
 def flatten_paths(tree) -> dict[str, object]:
