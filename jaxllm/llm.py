@@ -38,7 +38,7 @@ from jaxllm.engine.engine import Engine, EngineShutdown
 from jaxllm.engine.sequence import Request
 from jaxllm.inputs import PreprocessedInputs, RequestFactory, request_extras
 from jaxllm.llm_args import EngineArgs, resolve_backend
-from jaxllm.models.params import flatten_paths, unflatten_paths
+from jaxllm.models.params import flatten_paths, is_fused, unflatten_paths, unfuse_params
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -389,6 +389,8 @@ class LLM:
         path.mkdir(parents=True, exist_ok=True)
         engine = self._check_open()
         params = engine.runner.params
+        if is_fused(params):  # the checkpoint's separate projections (models/params.py)
+            params = unfuse_params(params, self.engine_config)
         if self.tp_plan is not None and not self.tp_plan.is_identity:  # back to the checkpoint's layout
             flat = {p: self.tp_plan.restore(p, x) for p, x in flatten_paths(params).items()}
             params = unflatten_paths(flat, self.config)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm.checkpoints import hf
 from jaxllm.engine.step_inputs import build_batch
-from jaxllm.models.params import unflatten_paths
+from jaxllm.models.params import fuse_params, unflatten_paths, unfuse_params
 from jaxllm.models.transformer import forward, forward_dense, init_kv_cache
 from jaxllm import SamplingParams
 from tests import tiny
@@ -45,6 +45,31 @@ def test_logprobs_match_transformers_dense_and_paged(name, tiny_dir, reference):
         got.append(np.asarray(jax.nn.log_softmax(logits[: len(chunk)], -1)))
         start += len(chunk)
     np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2"])
+def test_fused_projections_compute_what_separate_ones_do(name, tiny_dir):
+    """The engine's fused layout (one q/k/v product, one gate/up product a layer) unfuses to the
+    checkpoint's exactly, and the dense and the paged forward give the same logits over it."""
+    cfg, params = _load(tiny_dir(name))
+    fused = fuse_params(params, cfg)
+    layer = fused["layers"][0]
+    G = cfg.num_heads // cfg.num_kv_heads
+    assert layer["wqkv"].shape == (cfg.hidden_size, cfg.num_kv_heads, G + 2, cfg.head_dim)
+    assert layer["w_gate_up"].shape == (cfg.hidden_size, 2, cfg.intermediate_size)
+    assert not {"wq", "wk", "wv", "w_gate", "w_up"} & set(layer)
+    # each KV head's group: its query heads, then its k and v
+    np.testing.assert_array_equal(np.asarray(layer["wqkv"][:, 1, G]), np.asarray(params["layers"][0]["wk"][:, 1]))
+    np.testing.assert_array_equal(np.asarray(layer["wqkv"][:, 1, 0]), np.asarray(params["layers"][0]["wq"][:, G]))
+    jax.tree.map(np.testing.assert_array_equal, unfuse_params(fused, cfg), params)
+    ids = jnp.asarray([PROMPTS[2] + PROMPTS[0]])
+    np.testing.assert_allclose(np.asarray(forward_dense(fused, ids, cfg)), np.asarray(forward_dense(params, ids, cfg)),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    batch = build_batch([PROMPTS[0], PROMPTS[3]], [0, 0], [[1, 2, 3], [4, 5, 6]], 4, num_tokens=32, num_seqs=2,
+                        pages_per_seq=3)  # fmt: skip
+    got, _ = forward(fused, batch, init_kv_cache(cfg, 8, 4, jnp.float32), cfg, all_logits=True)
+    want, _ = forward(params, batch, init_kv_cache(cfg, 8, 4, jnp.float32), cfg, all_logits=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_paged_attention_online_softmax_chunks(tiny_dir, reference, monkeypatch):

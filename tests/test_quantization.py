@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import LLM, QuantAlgo, QuantConfig, SamplingParams
 from jaxllm.layers.linear import PROJECTIONS, fp8_linear, fp8_linear_reference, quantize_rows
-from jaxllm.models.params import flatten_paths, init_params, param_bytes
+from jaxllm.models.params import flatten_paths, init_params, param_bytes, unfuse_params
 from jaxllm.quantization import FP8_DTYPE, FP8_MAX, QUANTIZED_PARAMS, base_config, quantize_fp8
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
@@ -125,6 +125,33 @@ def test_fp8_params_are_described_once(tiny_dir):
         cfg.__class__(**{**cfg.__dict__, "quant_algo": "INT4"})
 
 
+@pytest.mark.parametrize("algo,group_size,zero_point", [("FP8", 0, False), ("W8A16", 0, False), ("W4A16", 32, True)])
+def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zero_point, tiny_dir):
+    """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
+    scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
+    the fused input scale is the largest of its projections'."""
+    from jaxllm.checkpoints import loader
+    from jaxllm.models.params import fuse_params
+    from jaxllm.models.transformer import forward_dense
+
+    cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
+    qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": algo, "quant_group_size": group_size,
+                            "quant_zero_point": zero_point})  # fmt: skip
+    params = init_params(qcfg, jnp.float32, jax.random.key(0), std=0.2)
+    fused = fuse_params(params, qcfg)
+    layer = fused["layers"][0]
+    assert layer["wqkv"].dtype == params["layers"][0]["wq"].dtype and ("wqkv_zero" in layer) == zero_point
+    assert layer["wqkv_scale"].shape[-3:] == (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    jax.tree.map(np.testing.assert_array_equal, unfuse_params(fused, qcfg), params)
+    ids = jnp.asarray([PROMPTS[2]])
+    np.testing.assert_allclose(np.asarray(forward_dense(fused, ids, qcfg)), np.asarray(forward_dense(params, ids, qcfg)),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    if algo == "FP8":
+        lp = dict(params["layers"][0], wq_input_scale=jnp.float32(0.5), wk_input_scale=jnp.float32(2.0))
+        fused = fuse_params({**params, "layers": [lp]}, qcfg)["layers"][0]
+        assert float(fused["wqkv_input_scale"]) == 2.0 and float(fused["w_gate_up_input_scale"]) == 1.0
+
+
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_dir, tmp_path):
     """llama-odd (padded heads and MLP under TP): the FP8 engine at TP=1 and TP=8 (KV heads
@@ -134,7 +161,7 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
     path = str(tiny_dir("llama-odd"))
     with LLM(model=path, **args) as llm:
         tokens = _tokens(llm)
-        assert llm._engine.runner.params["layers"][0]["w_up"].dtype == FP8_DTYPE
+        assert llm._engine.runner.params["layers"][0]["w_gate_up"].dtype == FP8_DTYPE
     with LLM(model=path, tensor_parallel_size=8, **args) as llm:
         assert not llm.tp_plan.is_identity
         assert _tokens(llm) == tokens
@@ -145,12 +172,12 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
         llm.save(tmp_path / "fp8")
     with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:
         assert llm.config.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
-        assert llm._engine.runner.params["layers"][1]["wk"].dtype == FP8_DTYPE
+        assert llm._engine.runner.params["layers"][1]["wqkv"].dtype == FP8_DTYPE
         assert _tokens(llm) == tokens
     dummy = dict(args, load_format="dummy")
     with LLM(model=path, **dummy) as llm:
         expected = flatten_paths(jax.jit(lambda: init_params(llm.config, jnp.float32, jax.random.key(0)))())
-        got = flatten_paths(llm._engine.runner.params)
+        got = flatten_paths(unfuse_params(llm._engine.runner.params, llm.config))
         assert got.keys() == expected.keys()
         for p, value in expected.items():
             np.testing.assert_array_equal(np.asarray(got[p], np.float32), np.asarray(value, np.float32), err_msg=p)
@@ -292,7 +319,7 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
     with LLM(model=path, **args) as llm:
         layer = llm._engine.runner.params["layers"][0]
         assert layer["w_down"].dtype == jnp.int4 and layer["w_down_scale"].shape == (4, 64)
-        assert layer["wo_scale"].shape == (4, 1, 64) and layer["wq_scale"].shape == (2, 4, 16)
+        assert layer["wo_scale"].shape == (4, 1, 64) and layer["wqkv_scale"].shape == (2, 2, 4, 16)
         assert llm.config.quant_group_size == 32 and len(_tokens(llm)) == len(PROMPTS)
     if len(jax.devices()) >= 2:
         with pytest.raises(ValueError, match="W4A16 .* runs on one device; got tensor_parallel_size=2"):
@@ -310,7 +337,8 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
     zp = dict(args, quant_config=QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))
     with LLM(model=path, **zp) as llm:
         layer = llm._engine.runner.params["layers"][1]
-        assert layer["w_up"].dtype == jnp.int4 and layer["w_up_zero"].shape == layer["w_up_scale"].shape == (2, 128)
+        assert layer["w_gate_up"].dtype == jnp.int4
+        assert layer["w_gate_up_zero"].shape == layer["w_gate_up_scale"].shape == (2, 2, 128)
         assert llm.config.quant_zero_point and len(_tokens(llm)) == len(PROMPTS)
         llm.save(tmp_path / "w4z")
         zp_tokens = _tokens(llm)

@@ -107,12 +107,12 @@ def test_vocabulary_parallel_embedding_lookup_is_exact(ids):
 def test_dummy_weights_are_init_params_at_every_tp_size(tiny_dir):
     """load_format='dummy' draws the checkpoint's random weights (init_params, seed 0, compiled) whatever
     the layout: TP=1 holds exactly those arrays, and TP=4 (padded heads, MLP and vocabulary) the same model."""
-    from jaxllm.models.params import init_params
+    from jaxllm.models.params import init_params, unfuse_params
 
     args = dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
     with LLM(model=str(tiny_dir("llama-odd")), **args) as llm:
         expected = flatten_paths(jax.jit(lambda: init_params(llm.config, jax.numpy.float32, jax.random.key(0)))())
-        got = flatten_paths(llm._engine.runner.params)
+        got = flatten_paths(unfuse_params(llm._engine.runner.params, llm.config))  # (one device: fused)
         assert got.keys() == expected.keys()
         for path, value in expected.items():
             np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)

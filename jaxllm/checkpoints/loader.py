@@ -24,7 +24,7 @@ from jaxllm.checkpoints import builtin, gguf, hf, hub, saved
 from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
-from jaxllm.models.params import abstract_params, flatten_paths, param_specs, unflatten_paths
+from jaxllm.models.params import abstract_params, flatten_paths, fuse_params, param_specs, unflatten_paths
 from jaxllm.quantization import base_config, is_quantized, quantize_path, quantized_paths
 
 
@@ -227,7 +227,8 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
 def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=None, mesh=None,
                        load_format: str = "auto", seed: int = 0, progress: bool = True,
                        cache_dir=None) -> dict:  # fmt: skip
-    """Weights in the engine's layout: placed straight into their shards when a mesh is given.
+    """Weights in the engine's layout: placed straight into their shards when a mesh is given; on
+    one device with fused projections (models/params.py: fuse_params; engine_abstract_params).
 
     Args:
       cfg: the checkpoint's config.
@@ -238,10 +239,12 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     from jaxllm import sharding as sharding_lib
     engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
     shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
+    if mesh is None:
+        params = (_dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir) if load_format == "dummy"
+                  else load_params(resolved, cfg, dtype, progress=progress))  # fmt: skip
+        return fuse_params(params, engine_cfg, consume=True)
     if load_format == "dummy":
         return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir)
-    if mesh is None:
-        return load_params(resolved, cfg, dtype, progress=progress)
     if resolved.kind == "saved" and plan.is_identity:
         return load_params(resolved, cfg, dtype, shardings=shardings, progress=progress)
     np_dtype = np.dtype(jnp.dtype(dtype))

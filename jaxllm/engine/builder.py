@@ -44,7 +44,7 @@ from jaxllm.engine.runner import BIAS_SLOTS, ModelRunner, RunnerConfig
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.stats import IterationStats
 from jaxllm.llm_args import EngineArgs, resolve_backend
-from jaxllm.models.params import abstract_params, param_bytes
+from jaxllm.models.params import engine_abstract_params, param_bytes
 from jaxllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("jaxllm")
@@ -222,7 +222,7 @@ class EngineBuilder:
 
     def _abstract_params(self):
         """The weights as ShapeDtypeStructs with the shardings they load into."""
-        abstract = abstract_params(self.engine_config, self.dtype)
+        abstract = engine_abstract_params(self.engine_config, self.dtype, self.mesh)
         if self.mesh is not None:
             shardings = sharding_lib.param_shardings(self.engine_config, self.mesh)
         else:
@@ -493,7 +493,8 @@ class EngineBuilder:
 def _abstract_on_one_device(cfg: ModelConfig, dtype):
     """A model's weights as ShapeDtypeStructs on the first device (a draft model's)."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(cfg, dtype))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        engine_abstract_params(cfg, dtype))  # fmt: skip
 
 
 def dismantle(engine: Engine) -> None:

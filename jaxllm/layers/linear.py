@@ -98,9 +98,12 @@ def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation
     return (y * w_scale).astype(x.dtype)
 
 
-# name -> the einsum of the projection (its input axes: quantization.QUANTIZED_PARAMS)
+# name -> the einsum of the projection (its input axes: quantization.QUANTIZED_PARAMS), and the
+# engine's fused ones (models/params.py: FUSED_PROJECTIONS; one input axis each)
 PROJECTIONS = {"wq": "...d,dhk->...hk", "wk": "...d,dhk->...hk", "wv": "...d,dhk->...hk", "wo": "...hk,hkd->...d",
-               "w_gate": "...d,df->...f", "w_up": "...d,df->...f", "w_down": "...f,fd->...d"}  # fmt: skip
+               "w_gate": "...d,df->...f", "w_up": "...d,df->...f", "w_down": "...f,fd->...d",
+               "wqkv": "...d,dkgh->...kgh", "w_gate_up": "...d,dsf->...sf"}  # fmt: skip
+INPUT_AXES = {**QUANTIZED_PARAMS, "wqkv": 1, "w_gate_up": 1}
 
 
 # The most rows an FP8 product computes weight-only on GPUs (`project`'s weight_only_rows): decode steps.
@@ -108,7 +111,7 @@ WEIGHT_ONLY_MAX_ROWS = 16
 
 
 def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax.Array:
-    """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down) of x with this layer's params
+    """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down, or fused wqkv, w_gate_up) of x with this layer's params
     `lp`: the float einsum, or `fp8_linear` / `weight_only_linear` when lp holds the weight quantized.
 
     weight_only_rows: an fp8 product of at most this many rows is computed weight-only (the engine's
@@ -116,7 +119,7 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(PROJECTIONS[name], x, lp[name])
-    num_input_axes = QUANTIZED_PARAMS[name]
+    num_input_axes = INPUT_AXES[name]
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
     if lp[name].dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
         return weight_only_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + ZERO_SUFFIX))

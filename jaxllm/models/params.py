@@ -27,6 +27,12 @@ Pytree layout (all families):
 With a quant_algo the seven projections are float8 E4M3 (int8 / int4 under "W8A16" / "W4A16"), each with a scale per
 output channel, and with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the
 rest keeps the model's dtype.
+The engine on one device serves the fused layout (`fuse_params`): per layer
+    wqkv [embed, kv_heads, q_per_kv + 2, head_dim]   (each KV head's query heads, then its k and v)
+    w_gate_up [embed, 2, ffw]                        (gate, then up)
+in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike), so a
+layer runs two products where it ran five (benchmarks/RESULTS.md "Fused projections"); the model
+code takes either layout (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
 """
@@ -34,6 +40,7 @@ layer's KV pages in place (a scan over stacked layers copies them; see ../shared
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -181,6 +188,100 @@ def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> d
     keys = param_keys(base, key)
     flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
     return unflatten_paths(quantize_flat(flat, cfg), cfg)
+
+
+# The fused projections (the engine's layout on one device) -> the projections each one holds.
+FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+_FUSED_SUFFIXES = ("", SCALE_SUFFIX, ZERO_SUFFIX)  # a weight and what lies along its output axes
+
+
+def _fused_groups(cfg: ModelConfig, fused: str) -> tuple[tuple[int, ...], int]:
+    """How many output features of the fused axis each projection takes, and how many trailing axes
+    of one projection's tensors the fused axis replaces (wq's [..., H, d]: two, as [..., K, G, d])."""
+    if fused == "wqkv":
+        return (cfg.num_heads // cfg.num_kv_heads, 1, 1), 2
+    return (1, 1), 1
+
+
+def _fuse_tensors(cfg: ModelConfig, fused: str, parts: list):
+    """Tensors of the projections in FUSED_PROJECTIONS[fused] (weights, or their scales or offsets:
+    the projection's output axes last) -> one, with the fused axis second to last."""
+    sizes, n = _fused_groups(cfg, fused)
+    if fused == "wqkv":  # [..., X, d] -> [..., K, X / K, d]
+        K = cfg.num_kv_heads
+        parts = [p.reshape(p.shape[:-n] + (K, size) + p.shape[-1:]) for p, size in zip(parts, sizes)]
+    else:  # [..., F] -> [..., 1, F]
+        parts = [p.reshape(p.shape[:-1] + (1,) + p.shape[-1:]) for p in parts]
+    return jnp.concatenate(parts, axis=-2)
+
+
+def _split_tensor(cfg: ModelConfig, fused: str, x) -> list:
+    """Inverse of _fuse_tensors."""
+    sizes, n = _fused_groups(cfg, fused)
+    bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    parts = jnp.split(x, bounds, axis=-2)
+    if fused == "wqkv":
+        return [p.reshape(p.shape[:-3] + (p.shape[-3] * p.shape[-2], p.shape[-1])) for p in parts]
+    return [p.reshape(p.shape[:-2] + p.shape[-1:]) for p in parts]
+
+
+def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
+    """One layer's params in the fused layout (see the module docstring). FP8's calibrated input
+    scales of the fused projections become their largest (the product's input is one tensor)."""
+    out = dict(lp)
+    for fused, names in FUSED_PROJECTIONS.items():
+        for suffix in _FUSED_SUFFIXES:
+            if names[0] + suffix in lp:
+                out[fused + suffix] = _fuse_tensors(cfg, fused, [out.pop(name + suffix) for name in names])
+        if names[0] + INPUT_SCALE_SUFFIX in lp:
+            out[fused + INPUT_SCALE_SUFFIX] = functools.reduce(
+                jnp.maximum, [out.pop(name + INPUT_SCALE_SUFFIX) for name in names])  # fmt: skip
+    return out
+
+
+def unfuse_layer(lp: dict, cfg: ModelConfig) -> dict:
+    """One layer's params in the checkpoint's layout (inverse of fuse_layer; a fused input scale is
+    given to each of its projections)."""
+    out = dict(lp)
+    for fused, names in FUSED_PROJECTIONS.items():
+        for suffix in _FUSED_SUFFIXES:
+            if fused + suffix in lp:
+                out.update(zip([name + suffix for name in names], _split_tensor(cfg, fused, out.pop(fused + suffix))))
+        if fused + INPUT_SCALE_SUFFIX in lp:
+            scale = out.pop(fused + INPUT_SCALE_SUFFIX)
+            out.update({name + INPUT_SCALE_SUFFIX: scale for name in names})
+    return out
+
+
+def fuse_params(params: dict, cfg: ModelConfig, consume: bool = False) -> dict:
+    """The params pytree with every layer fused (fuse_layer); the rest as it is. With `consume`,
+    `params["layers"]` is emptied as its layers are fused, so that the model is in memory once plus
+    one layer (the engine's load)."""
+    layers = params["layers"]
+    if not consume:
+        return {**params, "layers": [fuse_layer(lp, cfg) for lp in layers]}
+    fused = []
+    for i in range(len(layers)):
+        fused.append(fuse_layer(layers[i], cfg))
+        layers[i] = None
+    layers.clear()
+    return {**params, "layers": fused}
+
+
+def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
+    """The params pytree in the checkpoint's layout (each layer: unfuse_layer)."""
+    return {**params, "layers": [unfuse_layer(lp, cfg) for lp in params["layers"]]}
+
+
+def is_fused(params: dict) -> bool:
+    return bool(params["layers"]) and "wqkv" in params["layers"][0]
+
+
+def engine_abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
+    """The params pytree the engine serves, as jax.ShapeDtypeStruct leaves (no shardings): fused on
+    one device (checkpoints/loader.py:load_engine_params), the checkpoint's layout under a mesh."""
+    abstract = abstract_params(cfg, dtype)
+    return abstract if mesh is not None else jax.eval_shape(functools.partial(fuse_params, cfg=cfg), abstract)
 
 
 def flatten_paths(tree) -> dict[str, object]:

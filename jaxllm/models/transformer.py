@@ -53,6 +53,7 @@ def decoder_layer(
     weight_only_rows: int = 0,
 ) -> jax.Array:
     """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
+    `lp` is one layer's params in either layout (models/params.py: separate or fused projections).
 
     lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward);
     weight_only_rows: FP8 projections of at most this many rows are weight-only (layers/linear.py).
@@ -60,9 +61,14 @@ def decoder_layer(
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    q = adapt("wq", h, project(lp, "wq", h, weight_only_rows))
-    k = adapt("wk", h, project(lp, "wk", h, weight_only_rows))
-    v = adapt("wv", h, project(lp, "wv", h, weight_only_rows))
+    if "wqkv" in lp:  # the fused layout (models/params.py): [..., K, G + 2, d], each KV head's q, k, v
+        qkv = project(lp, "wqkv", h, weight_only_rows)
+        G = cfg.num_heads // cfg.num_kv_heads
+        q = qkv[..., :G, :].reshape(qkv.shape[:-3] + (cfg.num_heads, cfg.head_dim))
+        k, v = qkv[..., G, :], qkv[..., G + 1, :]
+    else:
+        q, k, v = (project(lp, name, h, weight_only_rows) for name in ("wq", "wk", "wv"))
+    q, k, v = adapt("wq", h, q), adapt("wk", h, k), adapt("wv", h, v)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
