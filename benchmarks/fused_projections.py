@@ -5,15 +5,15 @@ The mix of issue 21 is device-bound, and ~13 kernels run a layer, most of them G
 Llama-3.1-8B shape (distinct random weights a layer: more than the L2 holds) without attention
 (a stand-in reads q, k and v elementwise), for token counts from a decode batch to a prefill chunk:
 
-  separate    wq, wk, wv, w_gate, w_up each its own product (today's params), q and k rotated apart
+  separate    wq, wk, wv, w_gate, w_up each its own product (the checkpoint's layout, which the engine
+              served until a5093d0), q and k rotated apart
   fused       one [D, K, G+2, d] product for q, k and v (grouped by KV head, so a split of the KV
               heads keeps its own q, k and v) and one [D, 2, F] product for gate and up
-  fused-rot   fused, q and k rotated as one array
-  halves      fused, each half rotated apart (x1 c - x2 s, x2 c + x1 s) with half-width tables
-              (no rotate-half concatenation before the products, no duplicated table columns)
-  table       halves, the cos / sin rows gathered from a table made once (no sin / cos a step)
 (q, k and v pass an optimization barrier before the stand-in attention, as they reach the engine's
-attention kernels unfused.)
+attention kernels unfused.) Three forms of the rotation after the fused product (q and k as one
+array; each half apart with half-width tables; the tables gathered from one made outside the step)
+were timed with it and moved nothing beyond 3% (benchmarks/RESULTS.md "Fused projections"; the
+script that timed them is in git history, 7ea4c76).
 
 Each variant is checked against `separate` (same weights, rel. error) and timed: median of 20
 calls after two warm-ups (ms for the stack), compile time beside. Prints one table; the figures
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.layers.norms import rms_norm
-from jaxllm.layers.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
 from jaxllm.config import RopeConfig
 
 
@@ -68,14 +68,6 @@ def stand_in_attention(q, k, v, G):
     return q + jnp.repeat(k * v, G, axis=1)
 
 
-def rotate_halves(x, cos, sin):
-    """x [T, n, d] by half-width cos / sin [T, d / 2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
 def layer_separate(lp, x, cos, sin, G):
     h = rms_norm(x, lp["attn_norm"], 1e-5, 0.0)
     q = jnp.einsum("td,dhk->thk", h, lp["wq"])
@@ -90,20 +82,13 @@ def layer_separate(lp, x, cos, sin, G):
     return x + jnp.einsum("tf,fd->td", jax.nn.silu(g) * u, lp["w_down"])
 
 
-def layer_fused(lp, x, cos, sin, G, joint_rotary, halves=False):
+def layer_fused(lp, x, cos, sin, G):
     T = x.shape[0]
     h = rms_norm(x, lp["attn_norm"], 1e-5, 0.0)
     qkv = jnp.einsum("td,dkgh->tkgh", h, lp["wqkv"])  # [T, K, G+2, d]
     K, d = qkv.shape[1], qkv.shape[3]
-    if halves:
-        q = rotate_halves(qkv[:, :, :G].reshape(T, K * G, d), cos, sin)
-        k = rotate_halves(qkv[:, :, G], cos, sin)
-    elif joint_rotary:
-        qk = apply_rotary(qkv[:, :, : G + 1].reshape(T, K * (G + 1), d), cos, sin).reshape(T, K, G + 1, d)
-        q, k = qk[:, :, :G].reshape(T, K * G, d), qk[:, :, G]
-    else:
-        q = apply_rotary(qkv[:, :, :G].reshape(T, K * G, d), cos, sin)
-        k = apply_rotary(qkv[:, :, G], cos, sin)
+    q = apply_rotary(qkv[:, :, :G].reshape(T, K * G, d), cos, sin)
+    k = apply_rotary(qkv[:, :, G], cos, sin)
     v = qkv[:, :, G + 1]
     a = stand_in_attention(q, k, v, G)
     x = x + jnp.einsum("thk,hkd->td", a, lp["wo"])
@@ -112,30 +97,15 @@ def layer_fused(lp, x, cos, sin, G, joint_rotary, halves=False):
     return x + jnp.einsum("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
 
 
-def make_stack(variant, G, rope, d, max_pos=4096):
-    # (table) cos / sin of every position, half width, made once outside the step
-    inv = jnp.asarray(inverse_frequencies(rope, d))
-    angles = jnp.arange(max_pos, dtype=jnp.float32)[:, None] * inv
-    table = (jnp.cos(angles), jnp.sin(angles))
-
+def make_stack(variant, G, rope, d):
     @jax.jit
-    def stack(layers, x, positions, table):
-        if variant in ("halves", "table"):
-            if variant == "table":
-                cos, sin = table[0][positions].astype(x.dtype), table[1][positions].astype(x.dtype)
-            else:
-                angles = positions.astype(jnp.float32)[:, None] * inv
-                cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-        else:
-            cos, sin = rotary_cos_sin(positions, rope, d, x.dtype)
+    def stack(layers, x, positions):
+        cos, sin = rotary_cos_sin(positions, rope, d, x.dtype)
         for lp in layers:
-            if variant == "separate":
-                x = layer_separate(lp, x, cos, sin, G)
-            else:
-                x = layer_fused(lp, x, cos, sin, G, variant == "fused-rot", variant in ("halves", "table"))
+            x = layer_separate(lp, x, cos, sin, G) if variant == "separate" else layer_fused(lp, x, cos, sin, G)
         return x
 
-    return lambda layers, x, positions: stack(layers, x, positions, table)
+    return stack
 
 
 def main():
@@ -152,7 +122,7 @@ def main():
     layers = make_layers(jax.random.key(0), args.layers, D, H, K, d, F, dtype)
     fused = [fuse(lp, K) for lp in layers]
     jax.block_until_ready(fused)
-    variants = {"separate": layers, "fused": fused, "fused-rot": fused, "halves": fused, "table": fused}
+    variants = {"separate": layers, "fused": fused}
     rows = []
     for m in [int(s) for s in args.ms.split(",")]:
         xs = [jax.random.normal(jax.random.key(100 + i), (m, D), jnp.float32).astype(dtype) for i in range(2)]
