@@ -10,7 +10,9 @@ against what the card can do: prefill attention (the ragged Pallas kernel agains
     PYTHONPATH=$PWD python benchmarks/realistic_load.py --card cpu                       # SmolLM2, small mix
 
 --requests / --prompt-mean / --output-mean / --sigma / --max-prompt / --max-output / --seed change
-the mix (defaults: the card's, common.CARDS); --skip-kernels leaves out the kernel section.
+the mix (defaults: the card's, common.CARDS); --decode-batch-sizes the decode buckets (finer ones
+pad a decode of the mix's tail less, and compile more programs); --skip-kernels leaves out the
+kernel section.
 Prints tables, and one JSON line (RESULT ...) that is also written to --out.
 """
 
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then a third pass of the mix's first N requests under the JAX profiler: its GPU "
                              "kernels, grouped (benchmarks/trace_summary.py)")
+    parser.add_argument("--decode-batch-sizes", default=None, metavar="B1,B2,...",
+                        help="the decode buckets (cuda_graph_config.batch_sizes; default: powers of two)")
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
     from jaxllm.bench.datasets import sharegpt_like_requests
 
     card = CARDS[args.card]
+    llm_args = dict(card["llm"])
+    if args.decode_batch_sizes:
+        llm_args["cuda_graph_config"] = {"batch_sizes": [int(b) for b in args.decode_batch_sizes.split(",")]}
     mix = dict(card["mix"])
     for key in ("requests", "prompt_mean", "output_mean", "sigma", "max_prompt", "max_output"):
         if getattr(args, key) is not None:
@@ -150,10 +157,10 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
-              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
     started = time.perf_counter()
-    with LLM(model=card["model"], **card["llm"]) as llm:
+    with LLM(model=card["model"], **llm_args) as llm:
         result["llm_s"] = time.perf_counter() - started
         requests = sharegpt_like_requests(mix["n"], llm.config.vocab_size, args.seed, mix["prompt_mean"],
                                           mix["output_mean"], mix["sigma"], mix["max_prompt"], mix["max_output"])  # fmt: skip
