@@ -195,21 +195,17 @@ FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")
 _FUSED_SUFFIXES = ("", SCALE_SUFFIX, ZERO_SUFFIX)  # a weight and what lies along its output axes
 
 
-def _fused_groups(cfg: ModelConfig, fused: str) -> tuple[tuple[int, ...], int]:
-    """How many output features of the fused axis each projection takes, and how many trailing axes
-    of one projection's tensors the fused axis replaces (wq's [..., H, d]: two, as [..., K, G, d])."""
-    if fused == "wqkv":
-        return (cfg.num_heads // cfg.num_kv_heads, 1, 1), 2
-    return (1, 1), 1
+def _fused_sizes(cfg: ModelConfig, fused: str) -> tuple[int, ...]:
+    """How many places of the fused axis each of its projections takes (q, k, v: G, 1, 1 per KV head)."""
+    return (cfg.num_heads // cfg.num_kv_heads, 1, 1) if fused == "wqkv" else (1, 1)
 
 
 def _fuse_tensors(cfg: ModelConfig, fused: str, parts: list):
     """Tensors of the projections in FUSED_PROJECTIONS[fused] (weights, or their scales or offsets:
     the projection's output axes last) -> one, with the fused axis second to last."""
-    sizes, n = _fused_groups(cfg, fused)
     if fused == "wqkv":  # [..., X, d] -> [..., K, X / K, d]
         K = cfg.num_kv_heads
-        parts = [p.reshape(p.shape[:-n] + (K, size) + p.shape[-1:]) for p, size in zip(parts, sizes)]
+        parts = [p.reshape(p.shape[:-2] + (K, size) + p.shape[-1:]) for p, size in zip(parts, _fused_sizes(cfg, fused))]
     else:  # [..., F] -> [..., 1, F]
         parts = [p.reshape(p.shape[:-1] + (1,) + p.shape[-1:]) for p in parts]
     return jnp.concatenate(parts, axis=-2)
@@ -217,9 +213,8 @@ def _fuse_tensors(cfg: ModelConfig, fused: str, parts: list):
 
 def _split_tensor(cfg: ModelConfig, fused: str, x) -> list:
     """Inverse of _fuse_tensors."""
-    sizes, n = _fused_groups(cfg, fused)
-    bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
-    parts = jnp.split(x, bounds, axis=-2)
+    sizes = _fused_sizes(cfg, fused)
+    parts = jnp.split(x, [sum(sizes[:i]) for i in range(1, len(sizes))], axis=-2)
     if fused == "wqkv":
         return [p.reshape(p.shape[:-3] + (p.shape[-3] * p.shape[-2], p.shape[-1])) for p in parts]
     return [p.reshape(p.shape[:-2] + p.shape[-1:]) for p in parts]
@@ -274,6 +269,7 @@ def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 
 def is_fused(params: dict) -> bool:
+    """Whether a params pytree is in the fused layout."""
     return bool(params["layers"]) and "wqkv" in params["layers"][0]
 
 
