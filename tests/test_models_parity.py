@@ -54,7 +54,7 @@ def test_fused_projections_compute_what_separate_ones_do(name, tiny_dir):
     cfg, params = _load(tiny_dir(name))
     fused = fuse_params(params, cfg)
     layer = fused["layers"][0]
-    G = cfg.num_heads // cfg.num_kv_heads
+    G = cfg.q_per_kv
     assert layer["wqkv"].shape == (cfg.hidden_size, cfg.num_kv_heads, G + 2, cfg.head_dim)
     assert layer["w_gate_up"].shape == (cfg.hidden_size, 2, cfg.intermediate_size)
     assert not {"wq", "wk", "wv", "w_gate", "w_up"} & set(layer)

@@ -141,7 +141,7 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
     fused = fuse_params(params, qcfg)
     layer = fused["layers"][0]
     assert layer["wqkv"].dtype == params["layers"][0]["wq"].dtype and ("wqkv_zero" in layer) == zero_point
-    assert layer["wqkv_scale"].shape[-3:] == (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    assert layer["wqkv_scale"].shape[-3:] == (cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim)
     jax.tree.map(np.testing.assert_array_equal, unfuse_params(fused, qcfg), params)
     ids = jnp.asarray([PROMPTS[2]])
     np.testing.assert_allclose(np.asarray(forward_dense(fused, ids, qcfg)), np.asarray(forward_dense(params, ids, qcfg)),

@@ -111,8 +111,9 @@ WEIGHT_ONLY_MAX_ROWS = 16
 
 
 def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax.Array:
-    """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down, or fused wqkv, w_gate_up) of x with this layer's params
-    `lp`: the float einsum, or `fp8_linear` / `weight_only_linear` when lp holds the weight quantized.
+    """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down, or fused wqkv, w_gate_up) of x
+    with this layer's params `lp`: the float einsum, or `fp8_linear` / `weight_only_linear` when lp
+    holds the weight quantized.
 
     weight_only_rows: an fp8 product of at most this many rows is computed weight-only (the engine's
     steps on GPUs pass WEIGHT_ONLY_MAX_ROWS; 0: never)."""

@@ -197,7 +197,7 @@ _FUSED_SUFFIXES = ("", SCALE_SUFFIX, ZERO_SUFFIX)  # a weight and what lies alon
 
 def _fused_sizes(cfg: ModelConfig, fused: str) -> tuple[int, ...]:
     """How many places of the fused axis each of its projections takes (q, k, v: G, 1, 1 per KV head)."""
-    return (cfg.num_heads // cfg.num_kv_heads, 1, 1) if fused == "wqkv" else (1, 1)
+    return (cfg.q_per_kv, 1, 1) if fused == "wqkv" else (1, 1)
 
 
 def _fuse_tensors(cfg: ModelConfig, fused: str, parts: list):
@@ -211,8 +211,9 @@ def _fuse_tensors(cfg: ModelConfig, fused: str, parts: list):
     return jnp.concatenate(parts, axis=-2)
 
 
-def _split_tensor(cfg: ModelConfig, fused: str, x) -> list:
-    """Inverse of _fuse_tensors."""
+def split_fused(cfg: ModelConfig, fused: str, x) -> list:
+    """Inverse of _fuse_tensors: a fused weight's tensors, or a fused product's output ([..., K,
+    G + 2, d] -> q [..., H, d], k, v [..., K, d]), split into its projections'."""
     sizes = _fused_sizes(cfg, fused)
     parts = jnp.split(x, [sum(sizes[:i]) for i in range(1, len(sizes))], axis=-2)
     if fused == "wqkv":
@@ -241,7 +242,7 @@ def unfuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     for fused, names in FUSED_PROJECTIONS.items():
         for suffix in _FUSED_SUFFIXES:
             if fused + suffix in lp:
-                out.update(zip([name + suffix for name in names], _split_tensor(cfg, fused, out.pop(fused + suffix))))
+                out.update(zip([name + suffix for name in names], split_fused(cfg, fused, out.pop(fused + suffix))))
         if fused + INPUT_SCALE_SUFFIX in lp:
             scale = out.pop(fused + INPUT_SCALE_SUFFIX)
             out.update({name + INPUT_SCALE_SUFFIX: scale for name in names})

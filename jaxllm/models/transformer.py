@@ -27,7 +27,7 @@ from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS, project
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
-from jaxllm.models.params import kv_cache_specs, zeros_of
+from jaxllm.models.params import kv_cache_specs, split_fused, zeros_of
 from jaxllm.layers.batch import BatchMetadata
 from jaxllm.sharding import TP_AXIS
 
@@ -62,10 +62,7 @@ def decoder_layer(
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
     if "wqkv" in lp:  # the fused layout (models/params.py): [..., K, G + 2, d], each KV head's q, k, v
-        qkv = project(lp, "wqkv", h, weight_only_rows)
-        G = cfg.num_heads // cfg.num_kv_heads
-        q = qkv[..., :G, :].reshape(qkv.shape[:-3] + (cfg.num_heads, cfg.head_dim))
-        k, v = qkv[..., G, :], qkv[..., G + 1, :]
+        q, k, v = split_fused(cfg, "wqkv", project(lp, "wqkv", h, weight_only_rows))
     else:
         q, k, v = (project(lp, name, h, weight_only_rows) for name in ("wq", "wk", "wv"))
     q, k, v = adapt("wq", h, q), adapt("wk", h, k), adapt("wv", h, v)
