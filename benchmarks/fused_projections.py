@@ -36,7 +36,8 @@ import numpy as np
 
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
-from jaxllm.config import RopeConfig
+from jaxllm.config import ModelConfig, RopeConfig
+from jaxllm.models.params import fuse_layer, split_fused
 
 
 def make_layers(key, L, D, H, K, d, F, dtype):
@@ -49,16 +50,6 @@ def make_layers(key, L, D, H, K, d, F, dtype):
                        "w_down": n(jax.random.fold_in(ks[5], 1), (F, D)),
                        "attn_norm": jnp.ones((D,), dtype), "mlp_norm": jnp.ones((D,), dtype)})  # fmt: skip
     return layers
-
-
-def fuse(lp, K):
-    D, H, d = lp["wq"].shape
-    G = H // K
-    wqkv = jnp.concatenate([lp["wq"].reshape(D, K, G, d), lp["wk"][:, :, None], lp["wv"][:, :, None]], axis=2)
-    out = {k: v for k, v in lp.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
-    out["wqkv"] = wqkv
-    out["w_gate_up"] = jnp.stack([lp["w_gate"], lp["w_up"]], axis=1)
-    return out
 
 
 def stand_in_attention(q, k, v, G):
@@ -82,14 +73,10 @@ def layer_separate(lp, x, cos, sin, G):
     return x + jnp.einsum("tf,fd->td", jax.nn.silu(g) * u, lp["w_down"])
 
 
-def layer_fused(lp, x, cos, sin, G):
-    T = x.shape[0]
+def layer_fused(lp, x, cos, sin, G, cfg):
     h = rms_norm(x, lp["attn_norm"], 1e-5, 0.0)
-    qkv = jnp.einsum("td,dkgh->tkgh", h, lp["wqkv"])  # [T, K, G+2, d]
-    K, d = qkv.shape[1], qkv.shape[3]
-    q = apply_rotary(qkv[:, :, :G].reshape(T, K * G, d), cos, sin)
-    k = apply_rotary(qkv[:, :, G], cos, sin)
-    v = qkv[:, :, G + 1]
+    q, k, v = split_fused(cfg, "wqkv", jnp.einsum("td,dkgh->tkgh", h, lp["wqkv"]))  # from [T, K, G+2, d]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     a = stand_in_attention(q, k, v, G)
     x = x + jnp.einsum("thk,hkd->td", a, lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], 1e-5, 0.0)
@@ -97,12 +84,14 @@ def layer_fused(lp, x, cos, sin, G):
     return x + jnp.einsum("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp["w_down"])
 
 
-def make_stack(variant, G, rope, d):
+def make_stack(variant, cfg):
+    G, rope, d = cfg.q_per_kv, cfg.rope, cfg.head_dim
+
     @jax.jit
     def stack(layers, x, positions):
         cos, sin = rotary_cos_sin(positions, rope, d, x.dtype)
         for lp in layers:
-            x = layer_separate(lp, x, cos, sin, G) if variant == "separate" else layer_fused(lp, x, cos, sin, G)
+            x = layer_separate(lp, x, cos, sin, G) if variant == "separate" else layer_fused(lp, x, cos, sin, G, cfg)
         return x
 
     return stack
@@ -116,11 +105,13 @@ def main():
     ap.add_argument("--small", action="store_true", help="a tiny shape (a check on the CPU)")
     args = ap.parse_args()
     D, H, K, d, F = (64, 4, 2, 16, 128) if args.small else (4096, 32, 8, 128, 14336)
-    G = H // K
     dtype = jnp.bfloat16
-    rope = RopeConfig(theta=500000.0)
+    # the model's shape, for the engine's fused layout (models/params.py fuse_layer)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=1, hidden_size=D,
+                      intermediate_size=F, num_layers=args.layers, num_heads=H, num_kv_heads=K, head_dim=d,
+                      rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0))  # fmt: skip
     layers = make_layers(jax.random.key(0), args.layers, D, H, K, d, F, dtype)
-    fused = [fuse(lp, K) for lp in layers]
+    fused = [fuse_layer(lp, cfg) for lp in layers]
     jax.block_until_ready(fused)
     variants = {"separate": layers, "fused": fused}
     rows = []
@@ -129,7 +120,7 @@ def main():
         positions = jnp.asarray(np.random.default_rng(m).integers(0, 4096, m), jnp.int32)
         ref = None
         for name, params in variants.items():
-            fn = make_stack(name, G, rope, d)
+            fn = make_stack(name, cfg)
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn(params, xs[0], positions))
             first = time.perf_counter() - t0
