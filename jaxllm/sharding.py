@@ -11,7 +11,9 @@ LM head are split over the vocabulary, norms are replicated. The KV cache is spl
     times, and each replica serves a slice of its query-head group (groups are padded with empty
     query heads so that r divides them). Empty heads have zero weights and contribute nothing.
   * The MLP width and the vocabulary are padded with zeros to multiples of N; padded logits are cut
-    off before sampling.
+    off before sampling. Under W4A16 (int4 weights with a scale per group of input channels) the
+    MLP width is padded to a multiple of N groups, so each device holds whole groups of `w_down`'s
+    and every group is the one it is on one device.
 With N = 1, or a model that divides evenly, the plan changes nothing.
 """
 
@@ -26,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import ParamSpec, is_spec, param_specs
+from jaxllm.quantization import QUANTIZED_PARAMS, SCALE_SUFFIX, ZERO_SUFFIX, group_of
 
 TP_AXIS = "tp"
 
@@ -94,6 +97,7 @@ class TPPlan:
     padded_intermediate_size: int
     vocab_size: int
     padded_vocab_size: int
+    grouped_scales: bool = False  # W4A16's scales: per group of input channels, with the weight's axes
 
     @property
     def is_identity(self) -> bool:
@@ -134,7 +138,7 @@ class TPPlan:
         """A checkpoint-layout tensor (numpy, or jnp with xp=jnp) in the engine's layout."""
         if self.is_identity:
             return w
-        name = _scale_like(path.rsplit(".", 1)[-1])
+        name = self._layout_of(path)
         if name in ("wq", "bq"):
             return self._q_heads(w, 1 if name == "wq" else 0, xp)
         if name == "wo":
@@ -143,8 +147,8 @@ class TPPlan:
             return self._kv_heads(w, 1 if name in ("wk", "wv") else 0, xp)
         if name in ("w_gate", "w_up", "w_down", "ffw_scale"):
             axis = 0 if name in ("w_down", "ffw_scale") else 1
-            pad = [(0, 0)] * w.ndim
-            pad[axis] = (0, self.padded_intermediate_size - self.intermediate_size)
+            pad = [(0, 0)] * w.ndim  # (w_down's group scales pad by groups: the same share of the axis)
+            pad[axis] = (0, w.shape[axis] * self.padded_intermediate_size // self.intermediate_size - w.shape[axis])
             return xp.pad(w, pad)
         if name in ("embed", "lm_head"):
             axis = 0 if name == "embed" else 1
@@ -157,7 +161,7 @@ class TPPlan:
         """Inverse of `transform` (for saving a sharded engine in the checkpoint's layout)."""
         if self.is_identity:
             return w
-        name = _scale_like(path.rsplit(".", 1)[-1])
+        name = self._layout_of(path)
         K, G, Kp, Gp, r = self.num_kv_heads, self.group, self.padded_kv_heads, self.padded_group, self.kv_replicas
         if name in ("wq", "bq", "wo"):
             axis = 0 if name in ("bq", "wo") else 1
@@ -171,31 +175,67 @@ class TPPlan:
             index = [slice(None)] * w.ndim
             index[axis] = slice(0, K * r, r)
             return w[tuple(index)]
-        sizes = {"w_gate": (1, self.intermediate_size), "w_up": (1, self.intermediate_size),
-                 "ffw_scale": (0, self.intermediate_size),
-                 "w_down": (0, self.intermediate_size), "embed": (0, self.vocab_size), "lm_head": (1, self.vocab_size)}  # fmt: skip
+        F, Fp = self.intermediate_size, self.padded_intermediate_size
+        sizes = {"w_gate": (1, F, Fp), "w_up": (1, F, Fp), "ffw_scale": (0, F, Fp), "w_down": (0, F, Fp),
+                 "embed": (0, self.vocab_size, self.padded_vocab_size),
+                 "lm_head": (1, self.vocab_size, self.padded_vocab_size)}  # fmt: skip
         if name in sizes:
-            axis, size = sizes[name]
+            axis, size, padded = sizes[name]
             index = [slice(None)] * w.ndim
-            index[axis] = slice(0, size)
+            index[axis] = slice(0, w.shape[axis] * size // padded)
             return w[tuple(index)]
         return w
 
+    def _layout_of(self, path: str) -> str:
+        """The tensor whose layout change a parameter takes: itself, or for a quantized projection's
+        scales (and offsets) the tensor of the same axes (per output channel: its bias's; per group
+        of input channels: its weight's)."""
+        name = path.rsplit(".", 1)[-1]
+        if self.grouped_scales:
+            for suffix in (SCALE_SUFFIX, ZERO_SUFFIX):
+                if name.endswith(suffix) and name[: -len(suffix)] in QUANTIZED_PARAMS:
+                    return name[: -len(suffix)]
+        return _SCALE_LIKE.get(name, name)
 
-# An FP8 projection's scales lie over its output axes: laid out as the tensor of the same axes.
+
+# A projection's scales per output channel lie over its output axes: laid out as the tensor of the
+# same axes (wo's and w_down's, over the model width, are replicated).
 _SCALE_LIKE = {"wq_scale": "bq", "wk_scale": "bk", "wv_scale": "bv", "w_gate_scale": "ffw_scale",
                "w_up_scale": "ffw_scale"}  # fmt: skip
-
-
-def _scale_like(name: str) -> str:
-    return _SCALE_LIKE.get(name, name)
 
 
 def _round_up(x: int, n: int) -> int:
     return -(-x // n) * n
 
 
+def _padded_width(cfg: ModelConfig, size: int) -> int:
+    """The MLP width over `size` devices: a multiple of `size`, and under W4A16 of `size` groups of
+    w_down's input channels, each group the one it is on one device.
+
+    Raises:
+      ValueError: padding would change W4A16's groups (a width that is not a multiple of group_size).
+    """
+    F, G = cfg.intermediate_size, cfg.quant_group_size
+    if not G:
+        return _round_up(F, size)
+    group = group_of(F, G)
+    padded = _round_up(F, size * group)
+    if group_of(padded, G) != group:
+        raise ValueError(
+            f"W4A16 groups of {group} input channels along the MLP width {F} (its gcd with group_size={G}) "
+            f"cannot be laid out over tensor_parallel_size={size}: the width would be padded to {padded}, "
+            f"whose groups are of {group_of(padded, G)}; allowed: tensor_parallel_size 1, a size that divides "
+            f"the {F // group} groups, or a group_size that divides the width"
+        )
+    return padded
+
+
 def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TPPlan:
+    """How `cfg` (the checkpoint's config, with its quantization) is laid out over `size` devices.
+
+    Raises:
+      ValueError: W4A16 groups that cannot be kept over `size` devices (`_padded_width`).
+    """
     K, H = cfg.num_kv_heads, cfg.num_heads
     G = H // K
     Kp = next(k for k in range(K, K + size + 1) if k % size == 0 or size % k == 0)
@@ -209,9 +249,10 @@ def plan_tensor_parallel(cfg: ModelConfig, size: int) -> TPPlan:
         kv_replicas=r,
         padded_group=Gp,
         intermediate_size=cfg.intermediate_size,
-        padded_intermediate_size=_round_up(cfg.intermediate_size, size),
+        padded_intermediate_size=_padded_width(cfg, size),
         vocab_size=cfg.vocab_size,
         padded_vocab_size=_round_up(cfg.vocab_size, size),
+        grouped_scales=bool(cfg.quant_group_size),
     )
 
 

@@ -299,8 +299,9 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
     """QuantConfig(quant_algo='W4A16', group_size=g[, has_zero_point=True]): int4 (with an offset
     per group) projections with a scale per output channel and group of the last input axis
     (gcd(g, its size) channels; wo's groups inside each head); the product is the float32 einsum
-    with the dequantized weight; an engine's tokens survive LLM.save; tensor parallelism and other
-    group sizes are refused by name."""
+    with the dequantized weight; an engine's tokens survive LLM.save and are the same under tensor
+    parallelism (whole groups on each device); widths whose groups cannot be kept and other group
+    sizes are refused by name."""
     from jaxllm.layers.linear import dequantize_groups, weight_only_linear
     from jaxllm.quantization import quantize_int, scale_shape
 
@@ -321,9 +322,6 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         assert layer["w_down"].dtype == jnp.int4 and layer["w_down_scale"].shape == (4, 64)
         assert layer["wo_scale"].shape == (4, 1, 64) and layer["wqkv_scale"].shape == (2, 2, 4, 16)
         assert llm.config.quant_group_size == 32 and len(_tokens(llm)) == len(PROMPTS)
-    if len(jax.devices()) >= 2:
-        with pytest.raises(ValueError, match="W4A16 .* runs on one device; got tensor_parallel_size=2"):
-            LLM(model=path, tensor_parallel_size=2, **args)
     # asymmetric groups (has_zero_point): int4 with an offset per group, weights on a 4-bit grid
     # per group (as a GGUF Q4_1 file's are) come back exactly
     from jaxllm.quantization import quantize_int4_asymmetric
@@ -345,6 +343,21 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
     with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True) as llm:  # int4 saved as is
         assert (llm.config.quant_algo, llm.config.quant_group_size, llm.config.quant_zero_point) == ("W4A16", 32, True)
         assert _tokens(llm) == zp_tokens
+    if len(jax.devices()) >= 8:
+        # under tensor parallelism: TP=8 replicates each KV head 4 times, pads the query groups and
+        # pads the MLP width 128 to 256 (8 devices x one group of 32), so every device holds whole
+        # groups; the same tokens as on one device, and saved at TP=8, the same again on one
+        with LLM(model=path, tensor_parallel_size=8, **zp) as llm:
+            layer = llm._engine.runner.params["layers"][0]
+            assert layer["w_down_scale"].shape == (8, 64) and layer["w_down_scale"].sharding.spec[0] == "tp"
+            assert layer["wq_zero"].sharding.spec[1] == "tp"
+            assert _tokens(llm) == zp_tokens
+            llm.save(tmp_path / "w4z-tp8")
+        with LLM(model=str(tmp_path / "w4z-tp8"), dtype="float32", skip_tokenizer_init=True) as llm:
+            assert _tokens(llm) == zp_tokens
+        with pytest.raises(ValueError, match=r"W4A16 groups of 4 input channels along the MLP width 100 .* "
+                                             r"tensor_parallel_size=2: the width would be padded to 104"):  # fmt: skip
+            LLM(model=str(tiny_dir("llama-odd")), tensor_parallel_size=2, **args)
     with pytest.raises(ValueError, match="group_size=100 is not supported for W4A16"):
         QuantConfig(quant_algo="W4A16", group_size=100)
     with pytest.raises(ValueError, match="group_size=64 is not supported: it tunes"):

@@ -100,10 +100,6 @@ class EngineBuilder:
         cfg = self._quantization(cfg)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
-        if cfg.quant_group_size and tensor_parallel_size > 1:
-            raise ValueError(f"W4A16 (int4 weights with a scale per group of {cfg.quant_group_size} input channels) "
-                             f"runs on one device; got tensor_parallel_size={tensor_parallel_size}; allowed: 1 "
-                             "(or quant_algo 'W8A16' / 'FP8' under tensor parallelism)")  # fmt: skip
         self.tp_plan = sharding_lib.plan_tensor_parallel(cfg, tensor_parallel_size) if mesh is not None else None
         self.engine_config = self.tp_plan.engine_config(cfg) if self.tp_plan is not None else cfg
         # Refuse weights that cannot fit before anything is built per layer or allocated.
