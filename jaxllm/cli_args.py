@@ -13,6 +13,11 @@ import math
 
 from jaxllm.guided import BACKENDS as GUIDED_BACKENDS
 
+# --quantization (vLLM's flag) -> QuantConfig fields; 'gguf' is the W4A16 layout of a GGUF file's
+# 4-bit blocks, which jaxllm/checkpoints/gguf.py reads as they are.
+QUANTIZATION_FLAGS = {"fp8": {"quant_algo": "FP8"}, "w8a16": {"quant_algo": "W8A16"}, "w4a16": {"quant_algo": "W4A16"},
+                      "gguf": {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}}  # fmt: skip
+
 
 def _number(kind: type, what: str, ok):
     """An argparse type: `kind(text)` when `ok(value)`, else an error saying `what` was expected."""
@@ -79,9 +84,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                    help="KvCacheConfig.free_gpu_memory_fraction (GPU only)")
     g.add_argument("--kv-cache-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16", "fp8"),
                    help="KvCacheConfig.dtype (fp8: float8 E4M3, about twice the tokens of bf16)")
-    g.add_argument("--quantization", default=None, choices=("fp8", "w8a16", "w4a16"),
+    g.add_argument("--quantization", default=None, choices=tuple(QUANTIZATION_FLAGS),
                    help="quantize the weights as they load: QuantConfig(quant_algo='FP8', 'W8A16' or 'W4A16') (vLLM's flag; "
-                        "a ModelOpt FP8 checkpoint is read as it is without it)")
+                        "a ModelOpt FP8 checkpoint is read as it is without it); gguf: a GGUF file's 4-bit blocks "
+                        "(Q4_0, Q4_1, Q4_K) kept as they are, W4A16 in asymmetric groups of 32")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
 
@@ -133,7 +139,7 @@ def llm_kwargs(args, **defaults) -> dict:
     if args.kv_cache_dtype is not None:
         _set_field(kwargs, "kv_cache_config", dtype=args.kv_cache_dtype)
     if args.quantization is not None:
-        _set_field(kwargs, "quant_config", quant_algo=args.quantization.upper())
+        _set_field(kwargs, "quant_config", **QUANTIZATION_FLAGS[args.quantization])
     return kwargs
 
 

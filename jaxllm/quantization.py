@@ -299,6 +299,26 @@ def quantize_path(path: str, w: jax.Array, cfg) -> dict[str, jax.Array]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Int4Groups:
+    """A layer projection read already in W4A16's layout, asymmetric groups of the last input axis
+    (a GGUF file's 4-bit blocks as they are: jaxllm/checkpoints/gguf.py), in params layout: q
+    [*in, *out] with values in [-8, 7] (int8 on the host), scale and zero float32 of `scale_shape`,
+    w = q * scale + zero. A checkpoint form of what `quantize_path` makes from a float weight."""
+
+    q: Any
+    scale: Any
+    zero: Any
+
+    def params(self, path: str, cfg) -> dict:
+        """{path: int4 q, path + "_scale": scale[, path + "_zero": zero]} under cfg's W4A16 config (a
+        symmetric one, quant_zero_point False, takes only blocks whose offsets are all zero)."""
+        out = {path: self.q.astype(jnp.int4), path + SCALE_SUFFIX: self.scale}
+        if cfg.quant_zero_point:
+            out[path + ZERO_SUFFIX] = self.zero
+        return out
+
+
 def quantize_flat(flat: dict, cfg) -> dict:
     """A flat params dict ("layers.3.wq" -> array, models/params.py:flatten_paths) with its layer
     projections quantized under cfg's weight format (none: unchanged)."""

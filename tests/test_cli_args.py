@@ -78,6 +78,8 @@ def test_quantization_and_kv_cache_dtype_flags_win_over_the_yaml_file(tmp_path, 
     engine = EngineArgs(**{k: v for k, v in kwargs.items() if k not in ("model", "dtype")})
     assert engine.quant_config.weight_format == "FP8_PER_CHANNEL_PER_TOKEN" and engine.kv_cache_config.dtype == "fp8"
     assert cli.llm_kwargs(_parse(["serve", "m", "--quantization", "w8a16"]))["quant_config"] == {"quant_algo": "W8A16"}
+    assert cli.llm_kwargs(_parse(["serve", "m", "--quantization", "gguf"]))["quant_config"] == {
+        "quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}
     for bad in (["--quantization", "awq"], ["--kv-cache-dtype", "nvfp4"]):
         with pytest.raises(SystemExit):
             _parse(["serve", "m"] + bad)

@@ -1,5 +1,6 @@
 """GGUF loading: metadata to config, every tensor type, llama.cpp's layout changes undone."""
 
+import dataclasses
 import os
 
 import jax
@@ -59,6 +60,50 @@ def test_tensor_types_dequantize_exactly(tensor_type, tmp_path):
     params = loader.load_params(resolved, cfg, jnp.float32, progress=False)
     logits = forward_dense(params, jnp.asarray([[1, 2, 3]]), cfg)
     assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("tensor_type", ["Q4_0", "Q4_1", "Q4_K", "Q5_0"])
+def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
+    """Under W4A16 in asymmetric groups of 32 (`--quantization gguf`) a projection stored in 4-bit
+    blocks (Q4_0, Q4_1, Q4_K) is read as its blocks: int4 levels, each group's scale and offset from
+    the block, dequantizing to the file's floats (q/k rows un-interleaved with their groups), never
+    quantized again; other types (Q5_0) are quantized from their floats as they load. Symmetric
+    groups take only Q4_0's blocks (no offsets). The engine's greedy tokens are the float32 one's."""
+    from jaxllm import LLM, QuantConfig, SamplingParams
+    from jaxllm.layers.linear import dequantize_groups
+    from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups
+
+    path = tmp_path / f"m-{tensor_type}.gguf"
+    tiny.write_gguf("llama", _model("llama"), path, tensor_type)
+    resolved = loader.resolve(str(path))
+    cfg = loader.read_config(resolved)
+    kept = {}
+    for zero_point in (True, False):
+        qcfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=zero_point)
+        kept[zero_point] = sum(isinstance(a, Int4Groups) for _, a in gguf.load_gguf_tensors(path, cfg, qcfg))
+    projections = cfg.num_layers * len(QUANTIZED_PARAMS)
+    assert kept == {True: 0 if tensor_type == "Q5_0" else projections, False: projections if tensor_type == "Q4_0" else 0}
+    floats = loader.load_params(resolved, cfg, jnp.float32, progress=False)
+    qcfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True)
+    params = loader.load_params(resolved, qcfg, jnp.float32, progress=False)
+    for i, layer in enumerate(params["layers"]):
+        for name, n_in in QUANTIZED_PARAMS.items():
+            assert layer[name].dtype == jnp.int4
+            w = dequantize_groups(layer[name], layer[name + "_scale"], n_in, jnp.float32, layer[name + "_zero"])
+            want = np.asarray(floats["layers"][i][name])
+            if tensor_type == "Q5_0":  # 32 levels quantized to 16
+                assert np.abs(np.asarray(w) - want).max() > 1e-3
+            else:
+                np.testing.assert_allclose(np.asarray(w), want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    if tensor_type == "Q4_K":
+        prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
+        greedy = SamplingParams(max_tokens=8, temperature=0.0)
+        args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
+        tokens = {}
+        for mode, quant in (("float32", None), ("kept", QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))):
+            with LLM(model=str(path), quant_config=quant, **args) as llm:
+                tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert tokens["kept"] == tokens["float32"]
 
 
 def test_unsupported_tensor_type_is_refused(tmp_path):

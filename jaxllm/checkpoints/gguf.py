@@ -11,6 +11,12 @@ its Hugging Face twin give the same `ModelConfig`. Tensors are dequantized with 
 (numpy), one at a time, and put in Hugging Face layout: llama.cpp's q/k row interleave for "llama"
 files is undone, Gemma norms are shifted back by one. Llama 3.1 files carry their RoPE scaling as
 a `rope_freqs` tensor; it becomes the config's per-frequency factors.
+
+An engine quantized to W4A16 with asymmetric groups of 32 (`QuantConfig(quant_algo='W4A16',
+group_size=32, has_zero_point=True)`: the CLI's `--quantization gguf`) reads the layer projections
+stored in 4-bit blocks (Q4_0, Q4_1, Q4_K) as they are: each block's levels become int4 values and
+its scale and offset the group's, never a float weight (`int4_blocks`); tensors of other types
+(Q5_0, Q6_K, Q8_0, F16, ...) are dequantized and quantized to the same groups as they load.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ import dataclasses
 import functools
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from jaxllm.checkpoints.names import CheckpointError, TensorMapper, gguf_names
 from jaxllm.config import ModelConfig, RopeConfig
 from jaxllm.models import config_from_hf_dict, family_of
+from jaxllm.models.params import flatten_paths, param_specs
+from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups, group_of, is_quantized
 
 # Tensor types jaxllm loads (what gguf.quants.dequantize handles and llama.cpp writes for these models).
 SUPPORTED_TYPES = (
@@ -355,32 +363,100 @@ def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
 
 
+# Block types whose blocks are W4A16's asymmetric int4 groups of 32 as they are (w = d * level + m,
+# 16 levels): Q4_0 (m = -8 d), Q4_1 (d, m per block), Q4_K (d * sub-scale, -dmin * sub-min per 32).
+INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT4_BLOCK = 32  # values per group
+
+
+def keeps_blocks(kind: str, input_extent: int, cfg: ModelConfig) -> bool:
+    """Whether a projection stored as `kind` is read as its int4 groups under cfg (the engine's
+    config): W4A16 whose groups along the projection's last input axis (of `input_extent`) are the
+    file's blocks of 32, with offsets unless the blocks have none (Q4_0)."""
+    return (cfg.quant_algo == "W4A16" and kind in INT4_BLOCK_TYPES and group_of(input_extent, cfg.quant_group_size) == INT4_BLOCK
+            and (cfg.quant_zero_point or kind == "Q4_0"))  # fmt: skip
+
+
+def _f16(column: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float32 (a block's float16 field)."""
+    return np.ascontiguousarray(column).view(np.float16)[..., 0].astype(np.float32)
+
+
+def int4_blocks(tensor: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0 / Q4_1 / Q4_K tensor's blocks, not dequantized: (q int8 [rows, cols] in [-8, 7], scale and
+    zero float32 [rows, cols / 32]) with w = q * scale + zero per group of 32 along a row, the
+    numbers gguf.quants.dequantize computes (to float32 rounding of the zero)."""
+    from gguf.quants import Q4_K
+
+    data, kind = tensor.data, tensor.tensor_type.name
+    rows = data.shape[0]
+    if kind == "Q4_K":  # super-blocks of 256: d, dmin, 8 packed 6-bit (scale, min) pairs, 128 bytes of levels
+        blocks = data.reshape(rows, -1, 144)
+        d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
+        sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+        qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 x 32 bytes: low nibbles group 2j, high 2j + 1
+        levels = qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        scale = (d * sub_scale).reshape(rows, -1)
+        offset = -(dmin * sub_min).reshape(rows, -1)
+    elif kind in ("Q4_0", "Q4_1"):  # blocks of 32: d (and m), 16 bytes of levels, low nibbles first
+        blocks = data.reshape(rows, -1, 18 if kind == "Q4_0" else 20)
+        scale = _f16(blocks[..., 0:2])
+        offset = -8.0 * scale if kind == "Q4_0" else _f16(blocks[..., 2:4])
+        levels = blocks[..., None, -16:] >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    else:
+        raise ValueError(f"GGUF tensor {tensor.name!r} has type {kind}; int4 blocks are {', '.join(INT4_BLOCK_TYPES)}")
+    q = (levels & np.uint8(0x0F)).reshape(rows, -1).astype(np.int8) - np.int8(8)
+    zero = (offset + np.float32(8.0) * scale).astype(np.float32)  # w = d * level + m = d * (level - 8) + (m + 8 d)
+    return q, scale.astype(np.float32), zero
+
+
 def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's per-head interleave of q/k rows ([heads * hd, D])."""
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_file_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (GGUF tensor name, float32 array in Hugging Face layout), metadata-only tensors skipped."""
+def iter_gguf_file_tensors(path: Path, cfg: ModelConfig,
+                           blocks: Callable[[GGUFTensor], bool] | None = None) -> Iterator[tuple[str, Any]]:  # fmt: skip
+    """Yield (GGUF tensor name, float32 array in Hugging Face layout), metadata-only tensors skipped;
+    a tensor that `blocks` picks comes as its int4 blocks instead, (q, scale, zero) of `int4_blocks`."""
     family = family_of(cfg.architecture)
     for tensor in _open(path).tensors:
         if tensor.name == "rope_freqs.weight":  # folded into the config (read_config)
             continue
-        array = _dequantize(tensor)
-        if family.gguf_permuted_qk and tensor.name.endswith("attn_q.weight"):
-            array = _unpermute_qk(array, cfg.num_heads)
+        arrays = int4_blocks(tensor) if blocks is not None and blocks(tensor) else (_dequantize(tensor),)
+        if family.gguf_permuted_qk and tensor.name.endswith("attn_q.weight"):  # rows permuted: each group with its row
+            arrays = tuple(_unpermute_qk(a, cfg.num_heads) for a in arrays)
         elif family.gguf_permuted_qk and tensor.name.endswith("attn_k.weight"):
-            array = _unpermute_qk(array, cfg.num_kv_heads)
+            arrays = tuple(_unpermute_qk(a, cfg.num_kv_heads) for a in arrays)
         if family.gguf_norm_plus_one and tensor.name.endswith("norm.weight"):
-            array = array - 1.0
-        yield tensor.name, array
+            arrays = (arrays[0] - 1.0,)
+        yield tensor.name, arrays if len(arrays) > 1 else arrays[0]
 
 
-def load_gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (param path, array in params layout) for every parameter, checking the whole set."""
+def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (param path, array in params layout) for every parameter, checking the whole set.
+
+    quantized: the engine's config; under W4A16 with groups of 32 a layer projection stored in 4-bit
+    blocks (`keeps_blocks`) comes as its groups as they are, an `Int4Groups`, instead of floats."""
     mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path))
-    for name, array in iter_gguf_file_tensors(path, cfg):
-        if mapper.wants(name):
+    specs = flatten_paths(param_specs(cfg))
+
+    def blocks(tensor: GGUFTensor) -> bool:
+        if quantized is None or tensor.name not in mapper.names:
+            return False
+        param = mapper.names[tensor.name][0]
+        if not is_quantized(param, quantized.quant_algo):  # not a layer projection (the LM head, a norm)
+            return False
+        last_input_axis = QUANTIZED_PARAMS[param.rsplit(".", 1)[-1]] - 1
+        return keeps_blocks(tensor.tensor_type.name, specs[param].shape[last_input_axis], quantized)
+
+    for name, array in iter_gguf_file_tensors(path, cfg, blocks):
+        if not mapper.wants(name):
+            continue
+        if isinstance(array, tuple):  # (q, scale, zero) in the file's [out, in] rows, laid out like the weight
+            param, q = mapper.convert(name, array[0])
+            yield param, Int4Groups(q, *(mapper.transform(name, a) for a in array[1:]))
+        else:
             yield mapper.convert(name, array)
     mapper.finish()

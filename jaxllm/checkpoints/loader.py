@@ -25,7 +25,7 @@ from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import abstract_params, flatten_paths, fuse_params, param_specs, unflatten_paths
-from jaxllm.quantization import base_config, is_quantized, quantize_path, quantized_paths
+from jaxllm.quantization import Int4Groups, base_config, is_quantized, quantize_path, quantized_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +90,13 @@ def read_config(resolved: ResolvedModel) -> ModelConfig:
     return hf.read_config(resolved.path)
 
 
-def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint."""
+def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig,
+                 quantized: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray | Int4Groups]]:  # fmt: skip
+    """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint; with
+    `quantized` (the engine's config), a GGUF projection whose 4-bit blocks are its W4A16 groups comes
+    as an Int4Groups (checkpoints/gguf.py)."""
     if resolved.kind == "gguf":
-        return gguf.load_gguf_tensors(resolved.path, cfg)
+        return gguf.load_gguf_tensors(resolved.path, cfg, quantized)
     if resolved.kind == "hf":
         return hf.load_hf_tensors(resolved.path, cfg)
     raise ValueError(f"iter_tensors reads hf and gguf checkpoints, not {resolved.kind!r}")
@@ -183,7 +186,11 @@ def load_params(
     quantize = quantizer(cfg if read_cfg is not cfg else base_config(cfg))
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, read_cfg):
+        for path, array in iter_tensors(resolved, read_cfg, cfg):
+            if isinstance(array, Int4Groups):  # already quantized: placed as it is
+                flat.update({p: jax.device_put(a) for p, a in array.params(path, cfg).items()})
+                bar.update(array.q.size * np.dtype(jnp.dtype(dtype)).itemsize)
+                continue
             placed = place(path, array)
             bar.update(placed.nbytes)
             flat.update(quantize(path, placed))
@@ -252,9 +259,9 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     read_cfg = cfg if resolved.kind == "saved" else checkpoint_config(resolved, cfg)
     dtype_of = stored_dtypes(read_cfg, dtype)
 
-    def place(path: str, array: np.ndarray) -> jax.Array:
-        array = plan.transform(path, np.asarray(array).astype(dtype_of(path), copy=False))
-        return sharding_lib.place_global(array, flat_shardings[path])
+    def place(path: str, array: np.ndarray, cast: bool = True) -> jax.Array:
+        array = np.asarray(array).astype(dtype_of(path), copy=False) if cast else array
+        return sharding_lib.place_global(plan.transform(path, array), flat_shardings[path])
 
     if resolved.kind == "saved":  # restore on the host, then lay out for the mesh
         host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -265,7 +272,11 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     quantize = quantizer(engine_cfg if read_cfg is not cfg else base_config(engine_cfg), flat_shardings)
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
-        for path, array in iter_tensors(resolved, read_cfg):
+        for path, array in iter_tensors(resolved, read_cfg, cfg):
+            if isinstance(array, Int4Groups):  # already quantized: laid out and placed as it is
+                flat.update({p: place(p, a, cast=False) for p, a in array.params(path, cfg).items()})
+                bar.update(array.q.size * np.dtype(np_dtype).itemsize)
+                continue
             flat.update(quantize(path, place(path, array)))
             bar.update(array.size * np.dtype(np_dtype).itemsize)
     return unflatten_paths(flat, engine_cfg)

@@ -39,8 +39,8 @@ def _kv_in(w, cfg):  # [K*hd, D] -> [D, K, hd]
     return w.T.reshape(w.shape[1], cfg.num_kv_heads, cfg.head_dim)
 
 
-def _o_out(w, cfg):  # [D, H*hd] -> [H, hd, D]
-    return w.T.reshape(cfg.num_heads, cfg.head_dim, w.shape[0])
+def _o_out(w, cfg):  # [D, H*hd] -> [H, hd, D] (a group scale [D, H*hd/g] -> [H, hd/g, D])
+    return w.T.reshape(cfg.num_heads, -1, w.shape[0])
 
 
 def _q_bias(b, cfg):
@@ -245,6 +245,11 @@ class TensorMapper:
             )
         self.done[path] = file_name
         return path, TRANSFORMS[transform](array, self.cfg)
+
+    def transform(self, file_name: str, array: np.ndarray) -> np.ndarray:
+        """A file tensor that lies along a mapped one's rows (a block-quantized weight's group scales,
+        [out, in / group]) in params layout, as that tensor's transform lays it out."""
+        return TRANSFORMS[self.names[file_name][1]](array, self.cfg)
 
     def _scale(self, file_name: str, path: str, transform: str, array: np.ndarray) -> np.ndarray:
         """A scale tensor in params layout (float32): a weight scale per tensor broadcast to the

@@ -1,0 +1,110 @@
+"""A 4-bit GGUF file on the CPU: kept at 4 bits (W4A16 groups of 32) against dequantized to float32.
+
+    python benchmarks/gguf_load.py [--models smollm2,gemma3-270m] [--trees .,/path/to/old/tree]
+                                   [--out benchmarks/results]
+
+Each (tree, model, mode) runs in its own process (so peak RSS is that load's alone), with
+JAXLLM_PRECOMPILE=0 (programs compile on first use, as on the first request): the weights' load
+alone (`load_engine_params`: seconds, the process's peak RSS after it, the bytes the params take),
+then `LLM()` on the same file and 32 greedy tokens at batch 1 (ms a token over the decode, the
+first request's programs compiled in it). Modes: `float32` (the default: every tensor dequantized),
+`w4a16` (`QuantConfig(quant_algo='W4A16', group_size=32, has_zero_point=True)`, the CLI's
+`--quantization gguf`). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
+for a change measured beside its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import cpu_machine, default_out, write_json
+
+PROMPT = "What is the capital of France?"
+MODES = {"float32": None, "w4a16": {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}}
+
+
+def child(model: str, mode: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm import LLM, QuantConfig, SamplingParams
+    from jaxllm.checkpoints import loader
+    from jaxllm.checkpoints.builtin import fetch
+
+    path = str(fetch(model))
+    quant = MODES[mode]
+    resolved = loader.resolve(path)
+    cfg = loader.read_config(resolved)
+    if quant is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    t0 = time.perf_counter()
+    params = loader.load_engine_params(resolved, cfg, "float32", progress=False)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    # the weights' own bytes: int4 at half a byte (jax counts a byte an element)
+    param_mb = sum(x.size * (0.5 if x.dtype == jnp.int4 else x.dtype.itemsize) for x in jax.tree.leaves(params)) / 1e6
+    del params
+    t0 = time.perf_counter()
+    kwargs = {} if quant is None else {"quant_config": QuantConfig(**quant)}
+    with LLM(model=path, dtype="float32", max_batch_size=1, max_num_tokens=256, **kwargs) as llm:
+        ready_s = time.perf_counter() - t0
+        params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        first = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+        total = time.perf_counter() - t0
+    del first
+    return {"model": model, "mode": mode, "load_s": load_s, "rss_before_mb": rss0, "rss_after_load_mb": rss1,
+            "param_mb": param_mb, "llm_ready_s": ready_s, "first_token_s": ttft,
+            "ms_per_token": 1000 * total / len(out.token_ids), "text": out.text,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,gemma3-270m")
+    parser.add_argument("--modes", default="float32,w4a16")
+    parser.add_argument("--trees", default=".", help="checkouts whose jaxllm runs, comma-separated")
+    parser.add_argument("--out", default=default_out())
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    rows = []
+    here = Path(__file__).resolve().parent
+    for model in args.models.split(","):
+        for mode in args.modes.split(","):
+            for tree in args.trees.split(","):
+                env = dict(os.environ, JAXLLM_PRECOMPILE="0", JAX_PLATFORMS="cpu",
+                           PYTHONPATH=f"{Path(tree).resolve()}{os.pathsep}{here}")  # fmt: skip
+                run = subprocess.run([sys.executable, __file__, "--child", model, mode], env=env, capture_output=True,
+                                     text=True, check=False)  # fmt: skip
+                if run.returncode != 0:
+                    print(run.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{tree} {model} {mode}: exit {run.returncode}")
+                row = dict(json.loads(run.stdout.strip().splitlines()[-1]), tree=tree)
+                rows.append(row)
+                print(f"{tree:>12} {model:>12} {mode:>8}: load {row['load_s']:5.1f} s, RSS after load "
+                      f"{row['rss_after_load_mb']:6.0f} MB (before {row['rss_before_mb']:4.0f}), params "
+                      f"{row['param_mb']:5.0f} MB | LLM() {row['llm_ready_s']:5.1f} s, first token "
+                      f"{row['first_token_s']:5.1f} s, {row['ms_per_token']:6.1f} ms/token, peak RSS "
+                      f"{row['peak_rss_mb']:6.0f} MB | {row['text'][:40]!r}", flush=True)  # fmt: skip
+    write_json(Path(args.out) / "gguf_load.json", {"machine": cpu_machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
