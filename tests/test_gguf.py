@@ -68,7 +68,8 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
     blocks (Q4_0, Q4_1, Q4_K) is read as its blocks: int4 levels, each group's scale and offset from
     the block, dequantizing to the file's floats (q/k rows un-interleaved with their groups), never
     quantized again; other types (Q5_0) are quantized from their floats as they load. Symmetric
-    groups take only Q4_0's blocks (no offsets). The engine's greedy tokens are the float32 one's."""
+    groups take only Q4_0's blocks (no offsets). The engine's greedy tokens are the float32 one's, at
+    TP=1 and TP=4."""
     from jaxllm import LLM, QuantConfig, SamplingParams
     from jaxllm.layers.linear import dequantize_groups
     from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups
@@ -99,11 +100,13 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
         prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
         greedy = SamplingParams(max_tokens=8, temperature=0.0)
         args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
+        kept = QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True)
+        runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
         tokens = {}
-        for mode, quant in (("float32", None), ("kept", QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))):
-            with LLM(model=str(path), quant_config=quant, **args) as llm:
+        for mode, quant, tp in runs:  # (TP=4 holds each KV head twice: the blocks laid out as their weights)
+            with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
                 tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-        assert tokens["kept"] == tokens["float32"]
+        assert all(t == tokens["float32"] for t in tokens.values()), tokens
 
 
 def test_unsupported_tensor_type_is_refused(tmp_path):
