@@ -6,8 +6,8 @@
 Each (tree, model, mode) runs in its own process (so peak RSS is that load's alone), with
 JAXLLM_PRECOMPILE=0 (programs compile on first use, as on the first request): the weights' load
 alone (`load_engine_params`: seconds, the process's peak RSS after it, the bytes the params take),
-then `LLM()` on the same file and 32 greedy tokens at batch 1 (ms a token over the decode, the
-first request's programs compiled in it). Modes: `float32` (the default: every tensor dequantized),
+then `LLM()` on the same file (an empty program cache) and 32 greedy tokens at batch 1, three times: ms
+a token of the first request (its programs compiled in it) and of the third (warm). Modes: `float32` (the default: every tensor dequantized),
 `w4a16` (`QuantConfig(quant_algo='W4A16', group_size=32, has_zero_point=True)`, the CLI's
 `--quantization gguf`). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
 for a change measured beside its baseline.
@@ -21,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def child(model: str, mode: str) -> dict:
         t0 = time.perf_counter()
         first = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
-        total = time.perf_counter() - t0
+        timed = []
+        for _ in range(3):  # the first request of 32 tokens (its programs compiled in it), ..., warm (the
+            # second one hits the prefix cache, a step of another shape: one more program)
+            t0 = time.perf_counter()
+            out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+            timed.append(1000 * (time.perf_counter() - t0) / len(out.token_ids))
     del first
     return {"model": model, "mode": mode, "load_s": load_s, "rss_before_mb": rss0, "rss_after_load_mb": rss1,
             "param_mb": param_mb, "llm_ready_s": ready_s, "first_token_s": ttft,
-            "ms_per_token": 1000 * total / len(out.token_ids), "text": out.text,
+            "first_ms_per_token": timed[0], "ms_per_token": timed[-1], "text": out.text,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}  # fmt: skip
 
 
@@ -89,10 +93,11 @@ def main() -> None:
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             for tree in args.trees.split(","):
-                env = dict(os.environ, JAXLLM_PRECOMPILE="0", JAX_PLATFORMS="cpu",
-                           PYTHONPATH=f"{Path(tree).resolve()}{os.pathsep}{here}")  # fmt: skip
-                run = subprocess.run([sys.executable, __file__, "--child", model, mode], env=env, capture_output=True,
-                                     text=True, check=False)  # fmt: skip
+                with tempfile.TemporaryDirectory() as cache:  # every run compiles its programs
+                    env = dict(os.environ, JAXLLM_PRECOMPILE="0", JAX_PLATFORMS="cpu", JAXLLM_COMPILE_CACHE=cache,
+                               PYTHONPATH=f"{Path(tree).resolve()}{os.pathsep}{here}")  # fmt: skip
+                    run = subprocess.run([sys.executable, __file__, "--child", model, mode], env=env,
+                                         capture_output=True, text=True, check=False)  # fmt: skip
                 if run.returncode != 0:
                     print(run.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"{tree} {model} {mode}: exit {run.returncode}")
@@ -101,7 +106,8 @@ def main() -> None:
                 print(f"{tree:>12} {model:>12} {mode:>8}: load {row['load_s']:5.1f} s, RSS after load "
                       f"{row['rss_after_load_mb']:6.0f} MB (before {row['rss_before_mb']:4.0f}), params "
                       f"{row['param_mb']:5.0f} MB | LLM() {row['llm_ready_s']:5.1f} s, first token "
-                      f"{row['first_token_s']:5.1f} s, {row['ms_per_token']:6.1f} ms/token, peak RSS "
+                      f"{row['first_token_s']:5.1f} s, 32 tokens {row['first_ms_per_token']:6.1f} ms/token first, "
+                      f"{row['ms_per_token']:6.1f} warm, peak RSS "
                       f"{row['peak_rss_mb']:6.0f} MB | {row['text'][:40]!r}", flush=True)  # fmt: skip
     write_json(Path(args.out) / "gguf_load.json", {"machine": cpu_machine(), "rows": rows})
 
