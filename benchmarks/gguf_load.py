@@ -4,12 +4,14 @@
                                    [--out benchmarks/results]
 
 Each (tree, model, mode) runs in two processes of its own, with JAXLLM_PRECOMPILE=0 (programs
-compile on first use, as on the first request): the weights' load alone (`load_engine_params`:
-seconds, the process's peak RSS before and after it, the bytes the params take), then `LLM()` on
-the same file (its process's peak RSS at the end) (an empty program cache) and 32 greedy tokens at batch 1, three times: ms
-a token of the first request (its programs compiled in it) and of the third (warm). Modes: `float32` (the default: every tensor dequantized),
-`w4a16` (`QuantConfig(quant_algo='W4A16', group_size=32, has_zero_point=True)`, the CLI's
-`--quantization gguf`). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
+compile on first use, as on the first request) and an empty program cache: the weights' load alone
+(`load_engine_params`: seconds, the process's peak RSS before and after it, the bytes the params
+take), then `LLM()` on the same file and 32 greedy tokens at batch 1, three times (ms a token of the
+first request, its programs compiled in it, and of the third, warm; the process's peak RSS at the
+end). Modes: `float32` (the default: every tensor dequantized), `w4a16`
+(`QuantConfig(quant_algo='W4A16', group_size=32, has_zero_point=True)`: every projection int4),
+`gguf` (the CLI's `--quantization gguf`: the same with the projections that are not stored in 4-bit
+blocks excluded, float). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
 for a change measured beside its baseline.
 """
 
@@ -28,7 +30,16 @@ from pathlib import Path
 from common import cpu_machine, default_out, write_json
 
 PROMPT = "What is the capital of France?"
-MODES = {"float32": None, "w4a16": {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}}
+MODES = {"float32": None, "w4a16": {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}, "gguf": "file"}
+
+
+def _quant(mode: str, path) -> dict | None:
+    """QuantConfig's fields of a mode ('gguf': the file's, checkpoints/gguf.py: blocks_quant_config)."""
+    if MODES[mode] != "file":
+        return MODES[mode]
+    from jaxllm.checkpoints.gguf import blocks_quant_config
+
+    return blocks_quant_config(path)
 
 
 def _peak_mb() -> float:
@@ -45,10 +56,14 @@ def load_child(model: str, mode: str) -> dict:
     from jaxllm.checkpoints import loader
     from jaxllm.checkpoints.builtin import fetch
 
+    from jaxllm.checkpoints.names import excluded_projections
+
     resolved = loader.resolve(str(fetch(model)))
     cfg = loader.read_config(resolved)
-    if MODES[mode] is not None:
-        cfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True)
+    quant = _quant(mode, resolved.path)
+    if quant is not None:
+        cfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True,
+                                  quant_exclude=excluded_projections(cfg, quant.get("exclude_modules")))  # fmt: skip
     before = _peak_mb()
     t0 = time.perf_counter()
     params = jax.block_until_ready(loader.load_engine_params(resolved, cfg, "float32", progress=False))
@@ -63,10 +78,11 @@ def llm_child(model: str, mode: str) -> dict:
     from jaxllm import LLM, QuantConfig, SamplingParams
     from jaxllm.checkpoints.builtin import fetch
 
-    quant = MODES[mode]
+    path = fetch(model)
+    quant = _quant(mode, path)
     t0 = time.perf_counter()
     kwargs = {} if quant is None else {"quant_config": QuantConfig(**quant)}
-    with LLM(model=str(fetch(model)), dtype="float32", max_batch_size=1, max_num_tokens=256, **kwargs) as llm:
+    with LLM(model=str(path), dtype="float32", max_batch_size=1, max_num_tokens=256, **kwargs) as llm:
         ready_s = time.perf_counter() - t0
         params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
@@ -85,7 +101,7 @@ def llm_child(model: str, mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,gemma3-270m")
-    parser.add_argument("--modes", default="float32,w4a16")
+    parser.add_argument("--modes", default="float32,w4a16,gguf")
     parser.add_argument("--trees", default=".", help="checkouts whose jaxllm runs, comma-separated")
     parser.add_argument("--out", default=default_out())
     parser.add_argument("--child", nargs=3, metavar=("PART", "MODEL", "MODE"))

@@ -13,10 +13,10 @@ import math
 
 from jaxllm.guided import BACKENDS as GUIDED_BACKENDS
 
-# --quantization (vLLM's flag) -> QuantConfig fields; 'gguf' is the W4A16 layout of a GGUF file's
-# 4-bit blocks, which jaxllm/checkpoints/gguf.py reads as they are.
+# --quantization (vLLM's flag) -> QuantConfig fields; 'gguf' (a GGUF file's 4-bit blocks as they are,
+# its other projections float) is read from the file: jaxllm/checkpoints/gguf.py, blocks_quant_config.
 QUANTIZATION_FLAGS = {"fp8": {"quant_algo": "FP8"}, "w8a16": {"quant_algo": "W8A16"}, "w4a16": {"quant_algo": "W4A16"},
-                      "gguf": {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}}  # fmt: skip
+                      "gguf": None}  # fmt: skip
 
 
 def _number(kind: type, what: str, ok):
@@ -86,8 +86,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                    help="KvCacheConfig.dtype (fp8: float8 E4M3, about twice the tokens of bf16)")
     g.add_argument("--quantization", default=None, choices=tuple(QUANTIZATION_FLAGS),
                    help="quantize the weights as they load: QuantConfig(quant_algo='FP8', 'W8A16' or 'W4A16') (vLLM's flag; "
-                        "a ModelOpt FP8 checkpoint is read as it is without it); gguf: a GGUF file's 4-bit blocks "
-                        "(Q4_0, Q4_1, Q4_K) kept as they are, W4A16 in asymmetric groups of 32")
+                        "a ModelOpt FP8 checkpoint is read as it is without it); gguf: a .gguf file's numbers as stored, its "
+                        "4-bit blocks (Q4_0, Q4_1, Q4_K) kept as int4 (W4A16 in asymmetric groups of 32), other "
+                        "projections in --dtype")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
 
@@ -138,7 +139,15 @@ def llm_kwargs(args, **defaults) -> dict:
         _set_field(kwargs, "kv_cache_config", free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
     if args.kv_cache_dtype is not None:
         _set_field(kwargs, "kv_cache_config", dtype=args.kv_cache_dtype)
-    if args.quantization is not None:
+    if args.quantization == "gguf":  # the file's numbers as stored: 4-bit blocks as int4, other projections float
+        from jaxllm.checkpoints import gguf, loader
+
+        resolved = loader.resolve(kwargs["model"])
+        if resolved.kind != "gguf":
+            raise ValueError(f"--quantization gguf serves a .gguf file's 4-bit blocks; {kwargs['model']!r} is a "
+                             f"{resolved.kind} checkpoint; allowed there: --quantization fp8, w8a16 or w4a16")  # fmt: skip
+        _set_field(kwargs, "quant_config", **gguf.blocks_quant_config(resolved.path))
+    elif args.quantization is not None:
         _set_field(kwargs, "quant_config", **QUANTIZATION_FLAGS[args.quantization])
     return kwargs
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxllm.quantization import WEIGHT_FORMATS
+from jaxllm.quantization import QUANTIZED_PARAMS, WEIGHT_FORMATS
 
 DTYPES = {
     "float32": jnp.float32,
@@ -172,6 +172,9 @@ class ModelConfig:
     quant_group_size: int = 0
     # W4A16's groups asymmetric (an offset per group beside its scale, `<name>_zero`)
     quant_zero_point: bool = False
+    # Layer projections left in the model's dtype under quant_algo ("layers.3.wv", ...): QuantConfig's
+    # exclude_modules, or a GGUF file's tensors that are not 4-bit blocks (checkpoints/gguf.py).
+    quant_exclude: tuple[str, ...] = ()
     # Each layer holds calibrated FP8 KV cache scales (`k_scale`, `v_scale`: a ModelOpt checkpoint
     # calibrated for an fp8 cache): an fp8 cache stores K / k_scale and V / v_scale.
     kv_cache_scales: bool = False
@@ -196,6 +199,13 @@ class ModelConfig:
                              f"quant_algo={self.quant_algo!r}")  # fmt: skip
         if self.quant_zero_point and not self.quant_group_size:
             raise ValueError("quant_zero_point needs W4A16's quant_group_size")
+        if self.quant_exclude and self.quant_algo is None:
+            raise ValueError("quant_exclude names projections left unquantized; it needs a quant_algo")
+        projections = {f"layers.{i}.{name}" for i in range(self.num_layers) for name in QUANTIZED_PARAMS}
+        unknown = sorted(set(self.quant_exclude) - projections)
+        if unknown:
+            raise ValueError(f"quant_exclude names {unknown[:4]}, which are not layer projections of this model; "
+                             f"allowed: 'layers.<0..{self.num_layers - 1}>.<{'|'.join(QUANTIZED_PARAMS)}>'")  # fmt: skip
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 
@@ -235,4 +245,5 @@ class ModelConfig:
                 data[key] = RopeConfig(**rope)
         data["layer_types"] = tuple(data["layer_types"])
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        data["quant_exclude"] = tuple(data.get("quant_exclude", ()))
         return cls(**data)

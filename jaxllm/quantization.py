@@ -115,9 +115,12 @@ def _algo(value, name: str, supported) -> Optional[QuantAlgo]:
 @dataclasses.dataclass
 class QuantConfig:
     """TensorRT-LLM's `QuantConfig` (the LLM API's fields). jaxllm honours `quant_algo` (FP8,
-    FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16), `kv_cache_quant_algo` (FP8) and, for W4A16,
-    `group_size` (a power of two, 16 to 1024) and `has_zero_point`; the fields that tune other algorithms
-    (smoothquant_val, ...) are accepted and must keep their defaults."""
+    FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16), `kv_cache_quant_algo` (FP8), `exclude_modules`
+    (fnmatch patterns over the Hugging Face module names of the layer projections left in the
+    model's dtype: 'model.layers.0.self_attn.q_proj', '*.mlp.down_proj'; the LM head is never
+    quantized) and, for W4A16, `group_size` (a power of two, 16 to 1024) and `has_zero_point`; the
+    fields that tune other algorithms (smoothquant_val, ...) are accepted and must keep their
+    defaults."""
 
     quant_algo: Optional[Any] = None
     kv_cache_quant_algo: Optional[Any] = None
@@ -138,8 +141,14 @@ class QuantConfig:
             if not isinstance(g, int) or g < 16 or g > 1024 or g & (g - 1):
                 raise ValueError(f"QuantConfig.group_size={g!r} is not supported for W4A16; allowed: a power of "
                                  "two from 16 to 1024")  # fmt: skip
+        excluded = self.exclude_modules
+        if excluded is not None and (isinstance(excluded, str) or not all(isinstance(m, str) for m in excluded)):
+            raise ValueError(f"QuantConfig.exclude_modules={excluded!r} is invalid; allowed: None or a list of module "
+                             "name patterns ('model.layers.0.self_attn.q_proj', '*.mlp.down_proj', 'lm_head')")  # fmt: skip
+        if excluded and self.quant_algo is None:
+            raise ValueError(f"QuantConfig.exclude_modules={excluded!r} needs a quant_algo to exclude modules from")
         for name in ("group_size", "smoothquant_val", "clamp_val", "use_meta_recipe", "has_zero_point",
-                     "pre_quant_scale", "exclude_modules"):  # fmt: skip
+                     "pre_quant_scale"):  # fmt: skip
             if name in ("group_size", "has_zero_point") and self.quant_algo == QuantAlgo.W4A16:
                 continue
             if getattr(self, name) != defaults[name]:
@@ -190,7 +199,8 @@ def base_config(cfg):
     """A ModelConfig's float twin (quant_algo None): what a quantized model is made from."""
     if cfg.quant_algo is None:
         return cfg
-    return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False, kv_cache_scales=False)
+    return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False, kv_cache_scales=False,
+                               quant_exclude=())  # fmt: skip
 
 
 # ---- quantized weights -------------------------------------------------------------------------
@@ -209,6 +219,12 @@ def absmax_scale(x: jax.Array, axes: tuple[int, ...], qmax: float, keepdims: boo
 def is_quantized(path: str, quant_algo: Optional[str]) -> bool:
     """Whether the parameter at `path` ("layers.3.wq") is stored quantized under `quant_algo`."""
     return quant_algo is not None and path.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
+
+
+def quantizes(path: str, cfg) -> bool:
+    """Whether cfg stores the parameter at `path` quantized: a layer projection under its quant_algo,
+    unless cfg.quant_exclude leaves it in the model's dtype."""
+    return is_quantized(path, cfg.quant_algo) and path not in cfg.quant_exclude
 
 
 def quantize_int(w: jax.Array, num_input_axes: int, quant_algo: str = "W8A16",
@@ -324,5 +340,5 @@ def quantize_flat(flat: dict, cfg) -> dict:
     projections quantized under cfg's weight format (none: unchanged)."""
     out = {}
     for path, w in flat.items():
-        out.update(quantize_path(path, w, cfg) if is_quantized(path, cfg.quant_algo) else {path: w})
+        out.update(quantize_path(path, w, cfg) if quantizes(path, cfg) else {path: w})
     return out

@@ -78,9 +78,28 @@ def test_quantization_and_kv_cache_dtype_flags_win_over_the_yaml_file(tmp_path, 
     engine = EngineArgs(**{k: v for k, v in kwargs.items() if k not in ("model", "dtype")})
     assert engine.quant_config.weight_format == "FP8_PER_CHANNEL_PER_TOKEN" and engine.kv_cache_config.dtype == "fp8"
     assert cli.llm_kwargs(_parse(["serve", "m", "--quantization", "w8a16"]))["quant_config"] == {"quant_algo": "W8A16"}
-    assert cli.llm_kwargs(_parse(["serve", "m", "--quantization", "gguf"]))["quant_config"] == {
-        "quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}
     for bad in (["--quantization", "awq"], ["--kv-cache-dtype", "nvfp4"]):
         with pytest.raises(SystemExit):
             _parse(["serve", "m"] + bad)
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_quantization_gguf_serves_the_files_numbers(tmp_path, tiny_dir):
+    """--quantization gguf: W4A16 in asymmetric groups of 32 with the projections that are not
+    stored in 4-bit blocks excluded (left float), read from the file; refused for other checkpoints."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests import tiny
+
+    model = AutoModelForCausalLM.from_config(tiny.gguf_config("llama"), dtype=torch.float32).eval()
+    kept = {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}
+    for kind, excluded in (("Q4_K", None), ("Q8_0", 14)):  # 2 layers x 7 projections
+        path = tmp_path / f"m-{kind}.gguf"
+        tiny.write_gguf("llama", model, path, kind)
+        quant = cli.llm_kwargs(_parse(["serve", str(path), "--quantization", "gguf"]))["quant_config"]
+        assert {k: v for k, v in quant.items() if k != "exclude_modules"} == kept
+        assert quant["exclude_modules"] == excluded if excluded is None else len(quant["exclude_modules"]) == excluded
+    assert "model.layers.1.mlp.down_proj" in quant["exclude_modules"]
+    with pytest.raises(ValueError, match="--quantization gguf serves a .gguf file's 4-bit blocks; .* is a hf checkpoint"):
+        cli.llm_kwargs(_parse(["serve", str(tiny_dir("llama")), "--quantization", "gguf"]))

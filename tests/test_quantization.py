@@ -366,6 +366,38 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         QuantConfig(quant_algo="FP8", has_zero_point=True)
 
 
+def test_exclude_modules_leaves_projections_in_the_models_dtype(tiny_dir, tmp_path):
+    """QuantConfig.exclude_modules (fnmatch patterns over the HF module names): the projections it
+    matches stay float (and out of the fused q/k/v when their neighbours are quantized); every
+    module excluded is the float engine; the same tokens at TP=8 and after LLM.save (the exclusions
+    saved with the config); a pattern matching nothing, or a string, is refused by name."""
+    path = str(tiny_dir("llama"))
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    with LLM(model=path, **args) as llm:
+        float_tokens = _tokens(llm)
+    with LLM(model=path, quant_config=QuantConfig(quant_algo="W8A16", exclude_modules=["*"]), **args) as llm:
+        assert len(llm.config.quant_exclude) == 21 and _tokens(llm) == float_tokens
+    quant = QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True,
+                        exclude_modules=["model.layers.0.self_attn.v_proj", "*.mlp.down_proj", "lm_head"])  # fmt: skip
+    with LLM(model=path, quant_config=quant, **args) as llm:
+        assert llm.config.quant_exclude == ("layers.0.wv", "layers.0.w_down", "layers.1.w_down", "layers.2.w_down")
+        first, second = llm._engine.runner.params["layers"][:2]
+        assert first["wq"].dtype == jnp.int4 and first["wv"].dtype == jnp.float32 and "wv_scale" not in first
+        assert "wqkv" not in first and second["wqkv"].dtype == jnp.int4  # layer 0's q/k/v stored two ways: apart
+        assert first["w_down"].dtype == jnp.float32 and first["w_gate_up"].dtype == jnp.int4
+        tokens = _tokens(llm)
+        llm.save(tmp_path / "excluded")
+    with LLM(model=str(tmp_path / "excluded"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert llm.config.quant_exclude[0] == "layers.0.wv" and _tokens(llm) == tokens
+    if len(jax.devices()) >= 8:
+        with LLM(model=path, quant_config=quant, tensor_parallel_size=8, **args) as llm:
+            assert _tokens(llm) == tokens
+    with pytest.raises(ValueError, match=r"pattern '\*.q_prj' matches no layer projection of this model; allowed"):
+        LLM(model=path, quant_config=QuantConfig(quant_algo="W8A16", exclude_modules=["*.q_prj"]), **args)
+    with pytest.raises(ValueError, match="exclude_modules='lm_head' is invalid; allowed: None or a list"):
+        QuantConfig(quant_algo="FP8", exclude_modules="lm_head")
+
+
 @pytest.mark.parametrize("algo,dtype,qmax", [("W8A16", jnp.int8, 127)])
 def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtype, qmax, tiny_dir, tmp_path):
     """QuantConfig(quant_algo='W8A16' / 'W4A16'): int8 / int4 projections (round to nearest, amax /

@@ -13,10 +13,12 @@ files is undone, Gemma norms are shifted back by one. Llama 3.1 files carry thei
 a `rope_freqs` tensor; it becomes the config's per-frequency factors.
 
 An engine quantized to W4A16 with asymmetric groups of 32 (`QuantConfig(quant_algo='W4A16',
-group_size=32, has_zero_point=True)`: the CLI's `--quantization gguf`) reads the layer projections
-stored in 4-bit blocks (Q4_0, Q4_1, Q4_K) as they are: each block's levels become int4 values and
-its scale and offset the group's, never a float weight (`int4_blocks`); tensors of other types
-(Q5_0, Q6_K, Q8_0, F16, ...) are dequantized and quantized to the same groups as they load.
+group_size=32, has_zero_point=True)`) reads the layer projections stored in 4-bit blocks (Q4_0,
+Q4_1, Q4_K) as they are: each block's levels become int4 values and its scale and offset the
+group's, never a float weight (`int4_blocks`); tensors of other types (Q5_0, Q6_K, Q8_0, F16, ...)
+are dequantized and quantized to the same groups as they load, unless `exclude_modules` leaves them
+in the model's dtype, as `blocks_quant_config` (the CLI's `--quantization gguf`) does: the file's
+numbers as it stores them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from jaxllm.checkpoints.names import CheckpointError, TensorMapper, gguf_names
 from jaxllm.config import ModelConfig, RopeConfig
 from jaxllm.models import config_from_hf_dict, family_of
 from jaxllm.models.params import flatten_paths, param_specs
-from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups, group_of, is_quantized
+from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups, group_of, quantizes
 
 # Tensor types jaxllm loads (what gguf.quants.dequantize handles and llama.cpp writes for these models).
 SUPPORTED_TYPES = (
@@ -388,6 +390,28 @@ def keeps_blocks(kind: str, input_extent: int, cfg: ModelConfig) -> bool:
             and (cfg.quant_zero_point or kind == "Q4_0"))  # fmt: skip
 
 
+def blocks_quant_config(path: Path) -> dict:
+    """QuantConfig's fields that serve a GGUF file's numbers as it stores them: W4A16 in asymmetric
+    groups of 32, its projections in 4-bit blocks read as they are (`keeps_blocks`), and every other
+    projection (Q5_0, Q6_K, Q8_0, F16, ...) excluded (`exclude_modules`: dequantized to the model's
+    dtype, not quantized again). The CLI's `--quantization gguf`."""
+    from jaxllm.checkpoints.names import hf_module
+
+    cfg = read_config(path)
+    quantized = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=INT4_BLOCK, quant_zero_point=True)
+    mapper_names = gguf_names(cfg, family_of(cfg.architecture))
+    specs = flatten_paths(param_specs(cfg))
+    excluded = []
+    for tensor in _open(path).tensors:
+        param = mapper_names.get(tensor.name, ("",))[0]
+        if not quantizes(param, quantized):
+            continue
+        name = param.rsplit(".", 1)[-1]
+        if not keeps_blocks(tensor.tensor_type.name, specs[param].shape[QUANTIZED_PARAMS[name] - 1], quantized):
+            excluded.append(f"model.layers.{param.split('.')[1]}.{'.'.join(hf_module(name))}")
+    return {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True, "exclude_modules": excluded or None}
+
+
 def _f16(column: np.ndarray) -> np.ndarray:
     """[..., 2] uint8 -> [...] float32 (a block's float16 field)."""
     return np.ascontiguousarray(column).view(np.float16)[..., 0].astype(np.float32)
@@ -457,7 +481,7 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
         if quantized is None or tensor.name not in mapper.names:
             return False
         param = mapper.names[tensor.name][0]
-        if not is_quantized(param, quantized.quant_algo):  # not a layer projection (the LM head, a norm)
+        if not quantizes(param, quantized):  # not a quantized layer projection (the LM head, a norm, excluded)
             return False
         last_input_axis = QUANTIZED_PARAMS[param.rsplit(".", 1)[-1]] - 1
         return keeps_blocks(tensor.tensor_type.name, specs[param].shape[last_input_axis], quantized)

@@ -25,7 +25,7 @@ from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import abstract_params, flatten_paths, fuse_params, param_specs, unflatten_paths
-from jaxllm.quantization import Int4Groups, base_config, is_quantized, quantize_path, quantized_paths
+from jaxllm.quantization import Int4Groups, base_config, quantize_path, quantized_paths, quantizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ def quantizer(cfg: ModelConfig, shardings: dict | None = None) -> Callable[[str,
     programs = {}
 
     def quantize(path: str, w: jax.Array) -> dict:
-        if not is_quantized(path, cfg.quant_algo):
+        if not quantizes(path, cfg):
             return {path: w}
         name, made = path.rsplit(".", 1)[-1], quantized_paths(path, cfg)
         out = None if shardings is None else tuple(shardings[p] for p in made)
@@ -212,11 +212,11 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     flat_shardings = flatten_paths(shardings) if shardings is not None else {}
     programs, flat = {}, {}
     for path, spec in flatten_paths(param_specs(base)).items():
-        name, quantized = path.rsplit(".", 1)[-1], is_quantized(path, cfg.quant_algo)
+        name, quantized = path.rsplit(".", 1)[-1], quantizes(path, cfg)
         # what the program makes: the parameter, or a quantized one's weight and scales
         made_paths = quantized_paths(path, cfg) if quantized else [path]
         out = tuple(flat_shardings[p] for p in made_paths) if flat_shardings else None
-        make = programs.get((name, spec, str(out)))
+        make = programs.get((name, spec, str(out), quantized))
         if make is None:
 
             def one(key, spec=spec, path=path, quantized=quantized):
@@ -226,7 +226,7 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
 
             lowered = jax.jit(one, out_shardings=out).lower(keys[path])
             # (Under a mesh they compile each time: a cached program would load for the default device.)
-            make = programs[(name, spec, str(out))] = compile_cached(lowered, cache if out is None else None)
+            make = programs[(name, spec, str(out), quantized)] = compile_cached(lowered, cache if out is None else None)
         flat.update(zip(made_paths, make(keys[path])))
     return unflatten_paths(flat, engine_cfg)
 

@@ -154,6 +154,29 @@ def hf_module(param: str) -> tuple[str, str]:
     return parent, module
 
 
+def excluded_projections(cfg: ModelConfig, patterns) -> tuple[str, ...]:
+    """QuantConfig.exclude_modules -> ModelConfig.quant_exclude: the param paths ("layers.3.wv") of
+    the layer projections whose Hugging Face module name ("model.layers.3.self_attn.v_proj") one of
+    the fnmatch `patterns` matches.
+
+    Raises:
+      ValueError: a pattern that matches no layer projection (nor the LM head, never quantized).
+    """
+    import fnmatch
+
+    modules = {f"model.layers.{i}.{'.'.join(hf_module(param))}": f"layers.{i}.{param}"
+               for i in range(cfg.num_layers) for param in PROJECTIONS}  # fmt: skip
+    excluded = set()
+    for pattern in patterns or ():
+        matched = fnmatch.filter(modules, pattern)
+        if not matched and not fnmatch.fnmatch("lm_head", pattern):
+            raise ValueError(f"QuantConfig.exclude_modules pattern {pattern!r} matches no layer projection of this "
+                             f"model; allowed: patterns over names like 'model.layers.0.self_attn.q_proj', "
+                             f"'model.layers.0.mlp.down_proj' (0..{cfg.num_layers - 1}), or 'lm_head'")  # fmt: skip
+        excluded.update(modules[m] for m in matched)
+    return tuple(sorted(excluded, key=lambda p: (int(p.split(".")[1]), PROJECTIONS.index(p.split(".")[2]))))
+
+
 def num_input_axes(param: str) -> int:
     """How many of a layer projection's axes in params layout are input axes (wo [H, hd, D]: two)."""
     return INPUT_AXES[_PROJECTION_TRANSFORMS[param]]

@@ -31,6 +31,7 @@ from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.checkpoints import loader, saved
+from jaxllm.checkpoints.names import excluded_projections
 from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
@@ -125,7 +126,8 @@ class EngineBuilder:
         if quant is None:
             return cfg
         return dataclasses.replace(cfg, quant_algo=quant, quant_group_size=qc.weight_group_size,
-                                   quant_zero_point=qc.weight_zero_point)  # fmt: skip
+                                   quant_zero_point=qc.weight_zero_point,
+                                   quant_exclude=excluded_projections(cfg, qc.exclude_modules))  # fmt: skip
 
     def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
               skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip

@@ -26,13 +26,14 @@ Pytree layout (all families):
     k_scale, v_scale [] float32                                          (kv_cache_scales: ModelOpt)
 With a quant_algo the seven projections are float8 E4M3 (int8 / int4 under "W8A16" / "W4A16"), each with a scale per
 output channel, and with "FP8" a calibrated static scale of its input (jaxllm/quantization.py); the
-rest keeps the model's dtype.
+rest keeps the model's dtype, as do the projections cfg.quant_exclude names ("layers.3.wv").
 The engine on one device serves the fused layout (`fuse_params`): per layer
     wqkv [embed, kv_heads, q_per_kv + 2, head_dim]   (each KV head's query heads, then its k and v)
     w_gate_up [embed, 2, ffw]                        (gate, then up)
-in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike), so a
-layer runs two products where it ran five (benchmarks/RESULTS.md "Fused projections"); the model
-code takes either layout (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
+in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
+stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
+ran five (benchmarks/RESULTS.md "Fused projections"); the model code takes either layout
+(models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
 """
@@ -65,8 +66,9 @@ def _norm_spec(cfg: ModelConfig, size: int, axis: str = "norm") -> ParamSpec:
     return ParamSpec((size,), (axis,), "zeros" if cfg.norm_offset else "ones")
 
 
-def layer_specs(cfg: ModelConfig) -> dict:
-    """The parameters of one decoder layer (every layer has the same)."""
+def layer_specs(cfg: ModelConfig, index: int | None = None) -> dict:
+    """The parameters of decoder layer `index` (every layer has the same, but for projections that
+    cfg.quant_exclude leaves unquantized; None: a layer with none left out)."""
     D, F = cfg.hidden_size, cfg.intermediate_size
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     layer = {
@@ -94,6 +96,8 @@ def layer_specs(cfg: ModelConfig) -> dict:
         layer["post_mlp_norm"] = _norm_spec(cfg, D)
     if cfg.quant_algo is not None:
         for name, n_in in QUANTIZED_PARAMS.items():
+            if index is not None and f"layers.{index}.{name}" in cfg.quant_exclude:
+                continue
             spec = layer[name]
             layer[name] = dataclasses.replace(spec, dtype=weight_dtype(cfg.quant_algo))
             # per output channel: the output axes; per group (W4A16): the weight's axes, the last
@@ -121,7 +125,7 @@ def _global_specs(cfg: ModelConfig) -> dict:
 
 
 def param_specs(cfg: ModelConfig) -> dict:
-    return {**_global_specs(cfg), "layers": [layer_specs(cfg) for _ in range(cfg.num_layers)]}
+    return {**_global_specs(cfg), "layers": [layer_specs(cfg, i) for i in range(cfg.num_layers)]}
 
 
 def kv_cache_specs(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[list, ParamSpec]:
@@ -150,12 +154,15 @@ def zeros_of(specs, dtype):
 
 def param_bytes(cfg: ModelConfig, dtype) -> int:
     """The bytes of every parameter in `dtype`, from the config alone: O(1) in the number of layers
-    (LLM() checks it against the device's memory before building anything per layer)."""
+    but for the layers cfg.quant_exclude names (LLM() checks it against the device's memory before
+    building anything per layer)."""
 
     def total(specs: dict) -> int:
         return sum(math.prod(s.shape) * jnp.dtype(s.dtype or dtype).itemsize for s in specs.values())
 
-    return total(_global_specs(cfg)) + cfg.num_layers * total(layer_specs(cfg))
+    apart = sorted({int(path.split(".")[1]) for path in cfg.quant_exclude})
+    return (total(_global_specs(cfg)) + (cfg.num_layers - len(apart)) * total(layer_specs(cfg))
+            + sum(total(layer_specs(cfg, i)) for i in apart))  # fmt: skip
 
 
 def is_spec(x) -> bool:
@@ -221,11 +228,19 @@ def split_fused(cfg: ModelConfig, fused: str, x) -> list:
     return [p.reshape(p.shape[:-2] + p.shape[-1:]) for p in parts]
 
 
+def _format(lp: dict, name: str) -> tuple:
+    """How a layer's projection is stored: its weight's dtype and which scale tensors it has."""
+    return (lp[name].dtype,) + tuple(name + suffix in lp for suffix in (SCALE_SUFFIX, ZERO_SUFFIX, INPUT_SCALE_SUFFIX))
+
+
 def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     """One layer's params in the fused layout (see the module docstring). FP8's calibrated input
-    scales of the fused projections become their largest (the product's input is one tensor)."""
+    scales of the fused projections become their largest (the product's input is one tensor).
+    Projections stored differently (one of them left unquantized by cfg.quant_exclude) stay apart."""
     out = dict(lp)
     for fused, names in FUSED_PROJECTIONS.items():
+        if len({_format(lp, name) for name in names}) > 1:  # stored differently (quant_exclude): kept apart
+            continue
         for suffix in _FUSED_SUFFIXES:
             if names[0] + suffix in lp:
                 out[fused + suffix] = _fuse_tensors(cfg, fused, [out.pop(name + suffix) for name in names])
@@ -270,8 +285,8 @@ def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 
 def is_fused(params: dict) -> bool:
-    """Whether a params pytree is in the fused layout."""
-    return bool(params["layers"]) and "wqkv" in params["layers"][0]
+    """Whether a params pytree is in the fused layout (some layer holds a fused projection)."""
+    return any(fused in lp for lp in params["layers"] for fused in FUSED_PROJECTIONS)
 
 
 def engine_abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
