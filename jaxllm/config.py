@@ -199,13 +199,14 @@ class ModelConfig:
                              f"quant_algo={self.quant_algo!r}")  # fmt: skip
         if self.quant_zero_point and not self.quant_group_size:
             raise ValueError("quant_zero_point needs W4A16's quant_group_size")
-        if self.quant_exclude and self.quant_algo is None:
-            raise ValueError("quant_exclude names projections left unquantized; it needs a quant_algo")
-        projections = {f"layers.{i}.{name}" for i in range(self.num_layers) for name in QUANTIZED_PARAMS}
-        unknown = sorted(set(self.quant_exclude) - projections)
-        if unknown:
-            raise ValueError(f"quant_exclude names {unknown[:4]}, which are not layer projections of this model; "
-                             f"allowed: 'layers.<0..{self.num_layers - 1}>.<{'|'.join(QUANTIZED_PARAMS)}>'")  # fmt: skip
+        if self.quant_exclude:
+            if self.quant_algo is None:
+                raise ValueError("quant_exclude names projections left unquantized; it needs a quant_algo")
+            projections = {f"layers.{i}.{name}" for i in range(self.num_layers) for name in QUANTIZED_PARAMS}
+            unknown = sorted(set(self.quant_exclude) - projections)
+            if unknown:
+                raise ValueError(f"quant_exclude names {unknown[:4]}, which are not layer projections of this model; "
+                                 f"allowed: 'layers.<0..{self.num_layers - 1}>.<{'|'.join(QUANTIZED_PARAMS)}>'")  # fmt: skip
         if self.attn_scale == 0.0:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 
