@@ -226,6 +226,48 @@ def test_modelopt_fp8_checkpoint_gives_transformers_fake_quantized_tokens(quant_
         assert _tokens(llm) == tokens
 
 
+def test_modelopt_checkpoint_with_excluded_projections(tmp_path):
+    """A ModelOpt export whose exclude_modules leave layer projections in bf16 / float beside the
+    FP8 ones: they are read float (ModelConfig.quant_exclude), the rest as before; the engine's
+    tokens are transformers' fake-quantized the same way. A pattern that names no module of the
+    model is refused naming the file."""
+    import json
+
+    import torch
+
+    from jaxllm.checkpoints import loader
+    from jaxllm.checkpoints.names import CheckpointError
+    from jaxllm.models.transformer import forward_dense
+    from tests import tiny
+
+    model = tiny.build_tiny("llama")
+    exclude = ("model.layers.0.self_attn.v_proj", "model.layers.2.mlp.down_proj")
+    quantized = tiny.save_modelopt_fp8(model, tmp_path / "fp8", "FP8", CALIBRATION, kv_fp8=False, exclude=exclude)
+    tiny.fake_quantize(model, quantized)
+    resolved = loader.resolve(str(tmp_path / "fp8"))
+    cfg = loader.read_config(resolved)
+    assert cfg.quant_exclude == ("layers.0.wv", "layers.2.w_down")
+    params = loader.load_params(resolved, cfg, jnp.float32, progress=False)
+    first = params["layers"][0]
+    assert first["wv"].dtype == jnp.float32 and "wv_scale" not in first and first["wk"].dtype == FP8_DTYPE
+    ids = CALIBRATION[1]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = np.asarray(forward_dense(params, jnp.asarray([ids]), cfg))[0]
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+             max_num_tokens=64) as llm:  # fmt: skip
+        for prompt, out in zip(PROMPTS, _tokens(llm)):
+            assert out == tiny.hf_greedy(model, prompt, 8)
+    quant_file = tmp_path / "fp8" / "hf_quant_config.json"
+    data = json.loads(quant_file.read_text())
+    data["quantization"]["exclude_modules"].append("model.layers.*.mlp.router")
+    quant_file.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config.json: QuantConfig.exclude_modules pattern "
+                                              r"'model.layers.\*.mlp.router' matches no layer projection"):  # fmt: skip
+        loader.read_config(loader.resolve(str(tmp_path / "fp8")))
+
+
 def test_modelopt_kv_cache_scales_divide_what_the_fp8_cache_stores(tmp_path):
     """A ModelOpt checkpoint calibrated for an fp8 KV cache: each layer's k_scale / v_scale are
     read, K / k_scale and V / v_scale stored. A model whose keys are ~1000 (k_proj x 1024, q_proj /

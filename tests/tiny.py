@@ -72,20 +72,22 @@ def _fp8_linears(model):
 
 
 def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list[int]], kv_fp8: bool = True,
-                      kv_scales: tuple[float, float] = (1.0, 1.0), fold: dict | None = None) -> dict:  # fmt: skip
+                      kv_scales: tuple[float, float] = (1.0, 1.0), fold: dict | None = None,
+                      exclude: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Write `model` (a float32 transformers model) as a ModelOpt FP8 checkpoint: each projection's
     weight float8 E4M3 with `weight_scale` (FP8: per tensor []; FP8_PER_CHANNEL_PER_TOKEN: per
     output channel [out, 1]) and, for FP8, `input_scale` [] calibrated as amax / 448 of the
     projection's inputs over `calibration`; k_proj.k_scale / v_proj.v_scale tensors (`kv_scales`);
     hf_quant_config.json. `fold` {projection suffix ('q_proj', ...): factor} multiplies those weight
-    scales (the same fp8 weights meaning factor x the weight). Returns {module name: (float8 weight,
-    weight scale, input scale or None)} for `fake_quantize`."""
+    scales (the same fp8 weights meaning factor x the weight). `exclude`: module names left float
+    (listed in exclude_modules beside lm_head). Returns {module name: (float8 weight, weight scale,
+    input scale or None)} for `fake_quantize`."""
     import json
 
     import torch
     from safetensors.torch import save_file
 
-    linears = _fp8_linears(model)
+    linears = {name: m for name, m in _fp8_linears(model).items() if name not in exclude}
     amax = {name: torch.zeros(()) for name in linears}
     def observe(name, x):  # (a hook that returns a value would replace the module's output)
         amax[name] = torch.maximum(amax[name], x.detach().abs().max())
@@ -120,7 +122,7 @@ def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(path))
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": ["lm_head"]}
+    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": ["lm_head", *exclude]}
     (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt", "version": "0.31.0"},
                                                            "quantization": quant}))  # fmt: skip
     return quantized
@@ -139,6 +141,8 @@ def fake_quantize(model, quantized: dict) -> None:
         return y if bias is None else y + bias
 
     for name, module in _fp8_linears(model).items():
+        if name not in quantized:  # left float (exclude_modules)
+            continue
         w8, scale, input_scale = quantized[name]
         module.forward = lambda x, w8=w8, scale=scale, s=input_scale, b=module.bias: forward(x, w8, scale, s, b)
 

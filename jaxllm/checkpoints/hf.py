@@ -21,7 +21,7 @@ import ml_dtypes  # (registers bfloat16 with numpy so safetensors can return it;
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jaxllm.checkpoints.names import CheckpointError, TensorMapper, hf_names
+from jaxllm.checkpoints.names import CheckpointError, TensorMapper, excluded_projections, hf_names
 from jaxllm.config import ModelConfig
 from jaxllm.models import config_from_hf_dict, family_of
 
@@ -56,7 +56,11 @@ def read_config(path: Path) -> ModelConfig:
         return cfg
     # a KV cache calibrated for FP8 comes with each layer's k_scale / v_scale
     kv_scales = quant["kv_cache_quant_algo"] == "FP8"
-    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"], kv_cache_scales=kv_scales)
+    try:  # projections the export left in the checkpoint's dtype (exclude_modules)
+        excluded = excluded_projections(cfg, quant["exclude_modules"])
+    except ValueError as e:
+        raise CheckpointError(f"{quant['source']}: {e}") from None
+    return dataclasses.replace(cfg, quant_algo=quant["quant_algo"], kv_cache_scales=kv_scales, quant_exclude=excluded)
 
 
 MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
@@ -64,8 +68,9 @@ MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
 
 def quantization_of(path: Path) -> dict | None:
     """A pre-quantized checkpoint's quantization: {"quant_algo": 'FP8' | 'FP8_PER_CHANNEL_PER_TOKEN',
-    "kv_cache_quant_algo": 'FP8' | None} from ModelOpt's hf_quant_config.json or config.json's
-    quantization_config; None for a float checkpoint. Raises CheckpointError for any other
+    "kv_cache_quant_algo": 'FP8' | None, "exclude_modules": the module patterns left unquantized
+    (lm_head's dropped: never quantized), "source": the file it says so in} from ModelOpt's
+    hf_quant_config.json or config.json's quantization_config; None for a float checkpoint. Raises CheckpointError for any other
     quantization, naming what jaxllm reads."""
     quant_file = path / "hf_quant_config.json"
     if quant_file.is_file():
@@ -89,13 +94,11 @@ def quantization_of(path: Path) -> dict | None:
         raise CheckpointError(f"{source}: quant_algo={quant.get('quant_algo')!r} is not supported; allowed: "
                               f"{', '.join(map(repr, MODELOPT_ALGOS))}")  # fmt: skip
     excluded = [m for m in quant.get("exclude_modules") or quant.get("ignore") or [] if "lm_head" not in m]
-    if excluded:
-        raise CheckpointError(f"{source}: exclude_modules {excluded} leaves layer projections unquantized; jaxllm "
-                              "reads checkpoints whose every layer projection is FP8 (only lm_head excluded)")  # fmt: skip
     kv = quant.get("kv_cache_quant_algo")
     if kv is not None and str(kv).upper() != "FP8":
         raise CheckpointError(f"{source}: kv_cache_quant_algo={kv!r} is not supported; allowed: None, 'FP8'")
-    return {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv is not None else None}
+    return {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv is not None else None,
+            "exclude_modules": excluded, "source": source}  # fmt: skip
 
 
 def safetensors_files(path: Path) -> list[Path]:

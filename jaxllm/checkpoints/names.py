@@ -127,7 +127,7 @@ def quantized_hf_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     names = {}
     for i in range(cfg.num_layers):
         for param, hf_name, _, transform in _LAYER_TENSORS:
-            if transform not in INPUT_AXES:
+            if transform not in INPUT_AXES or f"layers.{i}.{param}" in cfg.quant_exclude:  # (excluded: float)
                 continue
             module = f"model.layers.{i}." + hf_name.removesuffix(".weight")
             names[module + ".weight_scale"] = (f"layers.{i}.{param}_scale", "weight_scale")
