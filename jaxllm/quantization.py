@@ -329,10 +329,7 @@ class Int4Groups:
     def params(self, path: str, cfg) -> dict:
         """{path: int4 q, path + "_scale": scale[, path + "_zero": zero]} under cfg's W4A16 config (a
         symmetric one, quant_zero_point False, takes only blocks whose offsets are all zero)."""
-        out = {path: self.q.astype(jnp.int4), path + SCALE_SUFFIX: self.scale}
-        if cfg.quant_zero_point:
-            out[path + ZERO_SUFFIX] = self.zero
-        return out
+        return dict(zip(quantized_paths(path, cfg), (self.q.astype(jnp.int4), self.scale, self.zero)))
 
 
 def quantize_flat(flat: dict, cfg) -> dict:

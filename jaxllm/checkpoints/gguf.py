@@ -390,25 +390,33 @@ def keeps_blocks(kind: str, input_extent: int, cfg: ModelConfig) -> bool:
             and (cfg.quant_zero_point or kind == "Q4_0"))  # fmt: skip
 
 
+def _kept_blocks(cfg: ModelConfig, quantized: ModelConfig) -> Callable[[str, str], bool]:
+    """(param path, GGUF tensor type) -> whether that tensor is read as its int4 groups under the
+    engine's config `quantized`: a projection it quantizes whose blocks are its groups (`keeps_blocks`)."""
+    specs = flatten_paths(param_specs(cfg))
+
+    def kept(param: str, kind: str) -> bool:
+        if not quantizes(param, quantized):  # not a quantized layer projection (the LM head, a norm, excluded)
+            return False
+        last_input_axis = QUANTIZED_PARAMS[param.rsplit(".", 1)[-1]] - 1
+        return keeps_blocks(kind, specs[param].shape[last_input_axis], quantized)
+
+    return kept
+
+
 def blocks_quant_config(path: Path) -> dict:
     """QuantConfig's fields that serve a GGUF file's numbers as it stores them: W4A16 in asymmetric
     groups of 32, its projections in 4-bit blocks read as they are (`keeps_blocks`), and every other
     projection (Q5_0, Q6_K, Q8_0, F16, ...) excluded (`exclude_modules`: dequantized to the model's
     dtype, not quantized again). The CLI's `--quantization gguf`."""
-    from jaxllm.checkpoints.names import hf_module
+    from jaxllm.checkpoints.names import hf_module_name
 
     cfg = read_config(path)
     quantized = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=INT4_BLOCK, quant_zero_point=True)
-    mapper_names = gguf_names(cfg, family_of(cfg.architecture))
-    specs = flatten_paths(param_specs(cfg))
-    excluded = []
-    for tensor in _open(path).tensors:
-        param = mapper_names.get(tensor.name, ("",))[0]
-        if not quantizes(param, quantized):
-            continue
-        name = param.rsplit(".", 1)[-1]
-        if not keeps_blocks(tensor.tensor_type.name, specs[param].shape[QUANTIZED_PARAMS[name] - 1], quantized):
-            excluded.append(f"model.layers.{param.split('.')[1]}.{'.'.join(hf_module(name))}")
+    kept = _kept_blocks(cfg, quantized)
+    params = {name: param for name, (param, _) in gguf_names(cfg, family_of(cfg.architecture)).items()}
+    excluded = [hf_module_name(params[t.name]) for t in _open(path).tensors
+                if quantizes(params.get(t.name, ""), quantized) and not kept(params[t.name], t.tensor_type.name)]  # fmt: skip
     return {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True, "exclude_modules": excluded or None}
 
 
@@ -475,16 +483,11 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
     quantized: the engine's config; under W4A16 with groups of 32 a layer projection stored in 4-bit
     blocks (`keeps_blocks`) comes as its groups as they are, an `Int4Groups`, instead of floats."""
     mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path))
-    specs = flatten_paths(param_specs(cfg))
+    kept = _kept_blocks(cfg, quantized) if quantized is not None else None
 
     def blocks(tensor: GGUFTensor) -> bool:
-        if quantized is None or tensor.name not in mapper.names:
-            return False
-        param = mapper.names[tensor.name][0]
-        if not quantizes(param, quantized):  # not a quantized layer projection (the LM head, a norm, excluded)
-            return False
-        last_input_axis = QUANTIZED_PARAMS[param.rsplit(".", 1)[-1]] - 1
-        return keeps_blocks(tensor.tensor_type.name, specs[param].shape[last_input_axis], quantized)
+        return kept is not None and tensor.name in mapper.names and kept(mapper.names[tensor.name][0],
+                                                                          tensor.tensor_type.name)  # fmt: skip
 
     for name, array in iter_gguf_file_tensors(path, cfg, blocks):
         if not mapper.wants(name):

@@ -70,8 +70,8 @@ def quantization_of(path: Path) -> dict | None:
     """A pre-quantized checkpoint's quantization: {"quant_algo": 'FP8' | 'FP8_PER_CHANNEL_PER_TOKEN',
     "kv_cache_quant_algo": 'FP8' | None, "exclude_modules": the module patterns left unquantized
     (lm_head's dropped: never quantized), "source": the file it says so in} from ModelOpt's
-    hf_quant_config.json or config.json's quantization_config; None for a float checkpoint. Raises CheckpointError for any other
-    quantization, naming what jaxllm reads."""
+    hf_quant_config.json or config.json's quantization_config; None for a float checkpoint.
+    Raises CheckpointError for any other quantization, naming what jaxllm reads."""
     quant_file = path / "hf_quant_config.json"
     if quant_file.is_file():
         try:

@@ -154,6 +154,12 @@ def hf_module(param: str) -> tuple[str, str]:
     return parent, module
 
 
+def hf_module_name(param_path: str) -> str:
+    """A layer projection's Hugging Face module name: "layers.3.wv" -> "model.layers.3.self_attn.v_proj"."""
+    _, layer, param = param_path.split(".")
+    return f"model.layers.{layer}.{'.'.join(hf_module(param))}"
+
+
 def excluded_projections(cfg: ModelConfig, patterns) -> tuple[str, ...]:
     """QuantConfig.exclude_modules -> ModelConfig.quant_exclude: the param paths ("layers.3.wv") of
     the layer projections whose Hugging Face module name ("model.layers.3.self_attn.v_proj") one of
@@ -164,8 +170,8 @@ def excluded_projections(cfg: ModelConfig, patterns) -> tuple[str, ...]:
     """
     import fnmatch
 
-    modules = {f"model.layers.{i}.{'.'.join(hf_module(param))}": f"layers.{i}.{param}"
-               for i in range(cfg.num_layers) for param in PROJECTIONS}  # fmt: skip
+    paths = (f"layers.{i}.{param}" for i in range(cfg.num_layers) for param in PROJECTIONS)
+    modules = {hf_module_name(path): path for path in paths}
     excluded = set()
     for pattern in patterns or ():
         matched = fnmatch.filter(modules, pattern)
