@@ -93,7 +93,8 @@ def part_perf(args) -> dict:
               "quantization": args.quantization, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
-              "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size}  # fmt: skip
+              "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size,
+              "max_batch_size": max_batch, "max_num_tokens": max_tokens}  # fmt: skip
     result["kv_capacity_tokens"] = (runner.config.num_pages - 1) * runner.config.page_size
     result["kv_capacity_2k_sequences"] = result["kv_capacity_tokens"] // 2048
 
@@ -260,6 +261,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
+    parser.add_argument("--max-batch-size", type=int, default=256, help="the engine's max_batch_size (default 256)")
     args = parser.parse_args()
     offline = args.offline
     if args.fp8_weight_only_rows is not None:
@@ -267,7 +269,7 @@ def main() -> None:
 
         transformer.WEIGHT_ONLY_MAX_ROWS = args.fp8_weight_only_rows
     args.tokens, args.decode_tokens = 16, 128
-    args.max_batch, args.max_num_tokens, args.max_seq_len = 256, 8192, 4224
+    args.max_batch, args.max_num_tokens, args.max_seq_len = args.max_batch_size, 8192, 4224
     args.short, args.long = 128, 2048
     args.offline = [(128, 128, 1024), (128, 2048, 128), (2048, 128, 128)]
     args.compile_threads, args.hf_timeout = 8, 170

@@ -11,8 +11,8 @@ against what the card can do: prefill attention (the ragged Pallas kernel agains
 
 --requests / --prompt-mean / --output-mean / --sigma / --max-prompt / --max-output / --seed change
 the mix (defaults: the card's, common.CARDS); --decode-batch-sizes the decode buckets (finer ones
-pad a decode of the mix's tail less, and compile more programs); --skip-kernels leaves out the
-kernel section.
+pad a decode of the mix's tail less, and compile more programs); --max-batch-size / --max-num-tokens
+the engine's limits (default: the card's); --skip-kernels leaves out the kernel section.
 Prints tables, and one JSON line (RESULT ...) that is also written to --out.
 """
 
@@ -41,8 +41,12 @@ def run_mix(llm, requests, log, passes: int = 2) -> dict:
     for name, salt in (("first_pass", "realistic-load-first"), ("second_pass", None))[:passes]:
         engine.trace_steps(True)
         summary = throughput_pass(llm, requests, salt)
-        figures = step_trace.breakdown(engine.trace_steps(False))
-        result[name] = {"summary": summary, "breakdown": figures}
+        records = engine.trace_steps(False)
+        figures = step_trace.breakdown(records)
+        # every step, in order: kind, sequences, the bucket's tokens a forward, decodes, wall ms
+        steps = [[r.kind, r.seqs, r.padded_tokens // r.decode_steps, r.decode_steps, round(1e3 * r.wall_s, 2)]
+                 for r in records]  # fmt: skip
+        result[name] = {"summary": summary, "breakdown": figures, "steps": steps}
         log(f"\n{name}: {summary['total_output_throughput_tok_s']:,.0f} output tok/s, "
             f"TTFT p50/p99 {summary['ttft_ms']['p50']:.0f}/{summary['ttft_ms']['p99']:.0f} ms, "
             f"TPOT p50/p99 {summary['tpot_ms']['p50']:.1f}/{summary['tpot_ms']['p99']:.1f} ms, "
@@ -136,6 +140,8 @@ def main(argv=None) -> int:
                              "kernels, grouped (benchmarks/trace_summary.py)")
     parser.add_argument("--decode-batch-sizes", default=None, metavar="B1,B2,...",
                         help="the decode buckets (cuda_graph_config.batch_sizes; default: powers of two)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="the engine's (default: the card's)")
+    parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's (default: the card's)")
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
@@ -145,6 +151,9 @@ def main(argv=None) -> int:
 
     card = CARDS[args.card]
     llm_args = dict(card["llm"])
+    for key in ("max_batch_size", "max_num_tokens"):
+        if getattr(args, key) is not None:
+            llm_args[key] = getattr(args, key)
     if args.decode_batch_sizes:
         llm_args["cuda_graph_config"] = {"batch_sizes": [int(b) for b in args.decode_batch_sizes.split(",")]}
     mix = dict(card["mix"])
@@ -157,7 +166,8 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
-              "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
+              "llm_args": {k: v for k, v in llm_args.items() if isinstance(v, (int, str, dict))}}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
     started = time.perf_counter()
     with LLM(model=card["model"], **llm_args) as llm:

@@ -63,6 +63,10 @@ def test_throughput_fixed_lengths(tiny_dir, tmp_path, capsys):
         assert b["steps"] == sum(k["steps"] for k in b["kinds"].values())
         assert sum(k["share_of_time"] for k in b["kinds"].values()) == pytest.approx(1)
         assert set(b["kinds"]) <= {"prefill", "mixed", "decode", "multi-step", "follow-on"}
+        # per bucket: the same steps and time, split by the tokens a forward computes
+        assert sum(x["steps"] for x in b["buckets"]) == b["steps"]
+        assert sum(x["share_of_time"] for x in b["buckets"]) == pytest.approx(1)
+        assert all(x["kind"] in b["kinds"] and x["ms_per_forward"] > 0 for x in b["buckets"])
 
 
 def test_throughput_jsonl(tiny_dir, tmp_path):

@@ -65,8 +65,10 @@ class StepTrace:
 
 
 def breakdown(records: list[StepRecord]) -> dict:
-    """The figures of a trace: per kind, its steps, time, tokens and padding; and overall, the
-    share of computed tokens that were useful and the host time per step."""
+    """The figures of a trace: per kind, its steps, time, tokens and padding; per kind and bucket
+    (the tokens a forward of the step computes), its steps, share of the time and ms a forward (a
+    multi-step decode's wall time over its decodes); and overall, the share of computed tokens that
+    were useful and the host time per step."""
     by_kind: dict[str, dict] = defaultdict(lambda: Counter())
     for r in records:
         k = by_kind[r.kind]
@@ -101,6 +103,19 @@ def breakdown(records: list[StepRecord]) -> dict:
         }
     tokens = sum(r.tokens for r in records)
     padded = sum(r.padded_tokens for r in records)
+    by_bucket: dict[tuple, Counter] = defaultdict(lambda: Counter())
+    for r in records:
+        b = by_bucket[(r.kind, r.padded_tokens // r.decode_steps)]
+        b["steps"] += 1
+        b["decodes"] += r.decode_steps
+        b["wall_s"] += r.wall_s
+        b["seqs"] += r.seqs
+        b["tokens"] += r.tokens
+        b["padded_tokens"] += r.padded_tokens
+    buckets = [{"kind": kind, "bucket_tokens": size, "steps": b["steps"], "share_of_time": b["wall_s"] / total_wall,
+                "ms_per_forward": 1e3 * b["wall_s"] / b["decodes"], "mean_seqs": b["seqs"] / b["steps"],
+                "useful_token_share": b["tokens"] / max(b["padded_tokens"], 1)}
+               for (kind, size), b in sorted(by_bucket.items())]  # fmt: skip
     return {
         "steps": len(records),
         "wall_s": sum(r.wall_s for r in records),
@@ -113,6 +128,7 @@ def breakdown(records: list[StepRecord]) -> dict:
         "host_share": sum(r.wall_s - r.wait_s for r in records) / total_wall,
         "ahead_share": sum(r.ahead for r in records) / steps,
         "kinds": kinds,
+        "buckets": buckets,
     }
 
 
@@ -131,4 +147,9 @@ def table(figures: dict) -> str:
         lines.append(f"{name:<11}{k['steps']:>7}{100 * k['share_of_steps']:>9.1f}{100 * k['share_of_time']:>8.1f}"
                      f"{k['mean_step_ms']:>9.2f}{k['mean_host_ms']:>9.2f}{k['mean_seqs']:>7.1f}"
                      f"{100 * k['useful_token_share']:>14.1f}{100 * k['useful_row_share']:>15.1f}")  # fmt: skip
+    if figures.get("buckets"):
+        lines.append(f"{'kind':<11}{'bucket':>7}{'steps':>7}{'% time':>8}{'ms a forward':>14}{'seqs':>7}{'% useful tok':>14}")
+        for b in figures["buckets"]:
+            lines.append(f"{b['kind']:<11}{b['bucket_tokens']:>7}{b['steps']:>7}{100 * b['share_of_time']:>8.1f}"
+                         f"{b['ms_per_forward']:>14.2f}{b['mean_seqs']:>7.1f}{100 * b['useful_token_share']:>14.1f}")  # fmt: skip
     return "\n".join(lines)
