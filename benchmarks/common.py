@@ -165,8 +165,9 @@ def sharegpt_like(n: int, prompt_mean: float, output_mean: float, sigma: float, 
 CARDS = {
     "h200": {
         "model": str(CONFIGS / "llama-3.1-8b"),
-        "llm": dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_batch_size=512,
-                    max_num_tokens=8192, max_seq_len=4096),  # fmt: skip
+        # max_batch_size and max_num_tokens: the engine's GPU defaults, TensorRT-LLM's (2,048 and 8,192):
+        # the mix ran at 9,824 output tok/s with 512 sequences, 10,798 with 2,048 (RESULTS.md, 2026-12-05)
+        "llm": dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_seq_len=4096),
         "fixed": (1024, 128, 128),
         "mix": dict(n=1000, prompt_mean=280, output_mean=220, sigma=0.9, max_prompt=2048, max_output=1024),
     },

@@ -94,7 +94,7 @@ def part_perf(args) -> dict:
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
               "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size,
-              "max_batch_size": max_batch, "max_num_tokens": max_tokens}  # fmt: skip
+              "max_batch_size": runner.config.max_batch_size, "max_num_tokens": runner.config.max_num_tokens}  # fmt: skip
     result["kv_capacity_tokens"] = (runner.config.num_pages - 1) * runner.config.page_size
     result["kv_capacity_2k_sequences"] = result["kv_capacity_tokens"] // 2048
 
@@ -261,7 +261,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
-    parser.add_argument("--max-batch-size", type=int, default=256, help="the engine's max_batch_size (default 256)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the engine's max_batch_size (default: the engine's, 2048 on GPUs; 256 until 2026-12-05)")
     args = parser.parse_args()
     offline = args.offline
     if args.fp8_weight_only_rows is not None:

@@ -225,6 +225,33 @@ def test_two_row_decode_buckets_give_the_same_tokens(tiny_llm):
         assert {t: round(x.logprob, 4) for t, x in a.items()} == {t: round(x.logprob, 4) for t, x in b.items()}
 
 
+def test_few_sequences_in_a_wide_mixed_step_take_the_narrow_program(tiny_llm, monkeypatch):
+    """A mixed step of many tokens and few sequences runs the program of B = FEW_SEQS slots
+    (engine/buckets.py), not min(T, max_batch_size): same tokens and log-probabilities."""
+    from jaxllm.engine import buckets as buckets_lib
+    from jaxllm.engine.buckets import Buckets, ForwardShape
+
+    wide = Buckets(max_num_tokens=8192, max_batch_size=2048, max_seq_len=4096, page_size=16, backend="pallas")
+    assert wide.forward_shape([2048], 128) == ForwardShape(2048, 256, 256, 2048)  # a lone long prompt
+    assert wide.forward_shape([1] * 300 + [1700], 128).num_seqs == 2048  # many sequences: the full width
+    assert wide.forward_shape([100] * 5, 128).num_seqs == 512  # under FEW_SEQS_MIN_TOKENS: one width
+    assert ForwardShape(8192, 256, 256, 8192) in wide.all_shapes() and 256 in wide.sampler_rows
+
+    llm = tiny_llm("llama")
+    runner = llm._engine.runner
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    prompts = [list(range(20, 60)), list(range(30, 75)), list(range(5, 40))]
+    full = llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(buckets_lib, "FEW_SEQS", 4)  # this engine's mixed steps of >= 32 tokens: B = 4
+    monkeypatch.setattr(buckets_lib, "FEW_SEQS_MIN_TOKENS", 32)
+    few = llm.generate(prompts, params, use_tqdm=False)
+    assert any(isinstance(s, ForwardShape) and s.num_tokens >= 32 and s.num_seqs == 4 for s in runner.executables)
+    for a, b in zip(few, full):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert {t: round(v.logprob, 4) for t, v in x.items()} == {t: round(v.logprob, 4) for t, v in y.items()}
+
+
 def test_host_inputs_travel_as_one_buffer_and_come_back_bit_exact():
     """A step's host inputs are packed into one uint32 buffer (one transfer per device) and split on
     the device: every leaf comes back with its shape, dtype and bits (NaN payloads and the high bit

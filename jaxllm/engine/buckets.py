@@ -13,7 +13,9 @@ returns (engine/executables.py), so serving never waits for a compilation:
 Bucket lists (`Buckets`), chosen so that the whole set stays small (tens of programs):
   decode-only steps: B = T, powers of two up to max_batch_size, from GPU_MIN_DECODE_ROWS on GPUs;
   mixed steps:       T, powers of two up to max_num_tokens, B = min(T, max_batch_size) (a mixed
-                     step's cost is its tokens, not its slots), Q = T (the kernels take the real
+                     step's cost is mostly its tokens; from FEW_SEQS_MIN_TOKENS tokens also
+                     B = FEW_SEQS, so a few long prompts do not pay for thousands of rows of
+                     logits), Q = T (the kernels take the real
                      query lengths as data: the ragged kernel's work list, the XLA path's masks);
                      with the 'xla' backend a decode-only step of B sequences is the mixed bucket
                      T = B, so both kinds share programs;
@@ -81,6 +83,16 @@ ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the t
 # programs of at most TRITON_GEMM_MAX_ROWS tokens keep them.
 NO_TRITON_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 TRITON_GEMM_MAX_ROWS = 8
+
+# A mixed step's sequence slots are B = min(T, max_batch_size), and every slot's last token goes
+# through the LM head and the sampler. With TensorRT-LLM's max_batch_size of 2048 a lone 2,048-token
+# prompt (T = 2048) paid for 2,048 rows of logits: time to first token 60.8 ms against 53.9 at
+# max_batch_size 256 (H200, Llama-3.1-8B shape; benchmarks/RESULTS.md, "The ShareGPT-like mix at
+# TensorRT-LLM's max_batch_size"). So a mixed token bucket of at least FEW_SEQS_MIN_TOKENS whose full
+# width is wider than FEW_SEQS also has a program of B = FEW_SEQS, for steps of that many sequences
+# or fewer (a long prompt, or the first prompts of a batch).
+FEW_SEQS = 256
+FEW_SEQS_MIN_TOKENS = 1024
 
 SAMPLING_FLAVORS = ("plain", "full", "penalties")
 # A multi-step decode serves no bias, bans or penalties. On the CPU only "plain" ones are compiled:
@@ -245,12 +257,19 @@ class Buckets:
         return [b for b in self.multi_step_buckets if cap is None or b <= max(cap, self.seq_buckets[0])]
 
     def mixed_seqs(self, num_tokens: int) -> int:
+        """The full width B of the mixed token bucket T = `num_tokens`."""
         return min(num_tokens, self.max_batch_size)
+
+    def mixed_seq_buckets(self, num_tokens: int) -> list[int]:
+        """The widths B the mixed token bucket T = `num_tokens` is compiled at: its full width, and
+        FEW_SEQS below it for T >= FEW_SEQS_MIN_TOKENS."""
+        full = self.mixed_seqs(num_tokens)
+        return [FEW_SEQS, full] if num_tokens >= FEW_SEQS_MIN_TOKENS and FEW_SEQS < full else [full]
 
     @property
     def sampler_rows(self) -> list[int]:
         """Every B a forward program produces logits for."""
-        rows = {self.mixed_seqs(t) for t in self.token_buckets}
+        rows = {b for t in self.token_buckets for b in self.mixed_seq_buckets(t)}
         if self.backend != "xla":
             rows |= set(self.seq_buckets)
         return sorted(rows)
@@ -275,7 +294,7 @@ class Buckets:
             B = bucket_for(len(token_counts), self.seq_buckets)
             return ForwardShape(B, B, P, 1, adapters)
         T = bucket_for(max(sum(token_counts), len(token_counts)), self.token_buckets)
-        return ForwardShape(T, self.mixed_seqs(T), P, T, adapters)
+        return ForwardShape(T, bucket_for(len(token_counts), self.mixed_seq_buckets(T)), P, T, adapters)
 
     def sampler_shape(self, num_seqs: int, flavor: str, pages: int = 0, guided: bool = False) -> SamplerShape:
         B = bucket_for(num_seqs, self.sampler_rows)
@@ -291,7 +310,8 @@ class Buckets:
             for P in self.page_buckets:
                 if self.backend != "xla":
                     shapes += [ForwardShape(B, B, P, 1, adapters) for B in self.seq_buckets]
-                shapes += [ForwardShape(T, self.mixed_seqs(T), P, T, adapters) for T in self.token_buckets]
+                shapes += [ForwardShape(T, B, P, T, adapters) for T in self.token_buckets
+                           for B in self.mixed_seq_buckets(T)]  # fmt: skip
                 for flavor in self.multi_step_flavors:
                     shapes += [ForwardShape(B, B, P, 1, adapters, self.decode_steps, flavor)
                                for B in self.multi_step_rows(flavor)]  # fmt: skip
