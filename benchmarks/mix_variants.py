@@ -6,7 +6,7 @@ requests', each step kind's ms a step and padding, host time a step, LLM() ready
     PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 python benchmarks/mix_variants.py \\
         --variant card '' --variant rows1024 '--max-batch-size 1024' [--passes 2]    # JSON to $OUT
 
-A variant's ARGS are realistic_load.py's options (its card, mix and engine limits); with
+A variant's ARGS are realistic_load.py's options (its card, mix, engine limits, --passes); with
 `--tree NAME DIR` that variant imports jaxllm from DIR (an older tree unpacked there) instead.
 """
 
@@ -76,6 +76,8 @@ def table(results: list[dict]) -> str:
                                                f"{100 * k['useful_token_share']:.0f}%")),
         ("prefill: steps, ms a step", lambda r: kind(r, "prefill", lambda k: f"{k['steps']}, {k['mean_step_ms']:.1f}")),
         ("host ms a step", lambda r: f"{r['first_pass']['breakdown']['mean_host_ms']:.1f}"),
+        ("steps dispatched ahead of the last one's read",
+         lambda r: f"{100 * r['first_pass']['breakdown']['ahead_share']:.1f}%"),
         ("TTFT p50 / p99 ms", lambda r: f"{r['first_pass']['summary']['ttft_ms']['p50']:.0f} / "
                                         f"{r['first_pass']['summary']['ttft_ms']['p99']:.0f}"),
         ("TPOT p50 / p99 ms", lambda r: f"{r['first_pass']['summary']['tpot_ms']['p50']:.1f} / "
