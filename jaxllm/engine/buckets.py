@@ -15,8 +15,8 @@ Bucket lists (`Buckets`), chosen so that the whole set stays small (tens of prog
   mixed steps:       T, powers of two up to max_num_tokens, B = min(T, max_batch_size) (a mixed
                      step's cost is mostly its tokens; from FEW_SEQS_MIN_TOKENS tokens also
                      B = FEW_SEQS, so a few long prompts do not pay for thousands of rows of
-                     logits), Q = T (the kernels take the real
-                     query lengths as data: the ragged kernel's work list, the XLA path's masks);
+                     logits), Q = T (the kernels take the real query lengths as data: the ragged
+                     kernel's work list, the XLA path's masks);
                      with the 'xla' backend a decode-only step of B sequences is the mixed bucket
                      T = B, so both kinds share programs;
   block tables:      P, one bucket up to MIN_PAGE_BUCKET pages, powers of two above (attention
