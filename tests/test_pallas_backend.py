@@ -19,3 +19,28 @@ def test_pallas_backend_matches_xla(name, tiny_dir, tiny_llm):
         for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
             t = next(iter(a))
             assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_pallas_backend_with_few_sequences_in_a_wide_mixed_step(tiny_dir, monkeypatch):
+    """The ragged kernel over a mixed step's narrow program (B = FEW_SEQS slots for T tokens,
+    engine/buckets.py): the same tokens as the full-width program."""
+    from jaxllm.engine import buckets as buckets_lib
+
+    prompts = [p * 3 for p in PROMPTS]  # 33, 6 and 27 tokens: one mixed step of T = 128
+    params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
+    got, shapes = [], []
+    for few in (False, True):
+        if few:
+            monkeypatch.setattr(buckets_lib, "FEW_SEQS", 4)
+            monkeypatch.setattr(buckets_lib, "FEW_SEQS_MIN_TOKENS", 32)
+        with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, backend="pallas_interpret",
+                 max_batch_size=16, max_num_tokens=128, kv_cache_config={"tokens_per_block": 8}) as llm:  # fmt: skip
+            got.append(llm.generate(prompts, params, use_tqdm=False))
+            shapes.append({(s.num_tokens, s.num_seqs) for s in llm._engine.runner.executables
+                           if getattr(s, "max_query_len", 1) > 1})  # fmt: skip
+    assert shapes == [{(128, 16)}, {(128, 4)}]
+    for e, g in zip(*got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
+            t = next(iter(a))
+            assert abs(a[t].logprob - b[t].logprob) < 1e-5
