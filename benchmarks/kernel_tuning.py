@@ -6,6 +6,8 @@ num_warps x num_stages. Each line: the setting, median time per call, and TB/s o
 best per configuration is marked, and the defaults' time is printed beside it.
 
   PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/kernel_tuning.py [--decode-only | --prefill-only]
+      [--decode-configs mix]      # the ShareGPT-like mix's decodes instead (MIX_DECODE_CONFIGS)
+      [--decode-configs 1024:512:32,32:1536:32]      # batch:context:page_size, any
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from pallas_kernels import paged_decode_attention, ragged_paged_attention
 DECODE_CONFIGS = [  # (batch, context, page_size)
     (1, 32768, 16), (1, 8192, 64), (8, 8192, 16), (64, 2048, 16), (64, 32768, 64), (256, 2048, 64),
 ]
+# The 1,000-request ShareGPT-like mix's decodes at the engine's default 2,048 sequences (page 32 on
+# the H200): wide batches of short contexts early, a narrow tail of long ones (RESULTS.md, 2026-12-05).
+MIX_DECODE_CONFIGS = [(1024, 512, 32), (512, 768, 32), (128, 1024, 32), (32, 1536, 32)]
 PREFILL_CONFIGS = [(2048, 64), (8192, 64), (2048, 16)]  # (tokens, page_size)
 CALLS, REPEATS = 4, 5
 
 
-def tune_decode(log):
+def tune_decode(log, configs=DECODE_CONFIGS):
     setup = Heads()
     rng = np.random.default_rng(0)
-    for batch, context, page_size in DECODE_CONFIGS:
+    for batch, context, page_size in configs:
         k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
         qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
         arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
@@ -108,14 +113,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-only", action="store_true")
     parser.add_argument("--prefill-only", action="store_true")
+    parser.add_argument("--decode-configs", default=None, metavar="mix | B:CTX:PAGE,...",
+                        help="the decode shapes to sweep (default: DECODE_CONFIGS)")
     args = parser.parse_args(argv)
+    decode_configs = DECODE_CONFIGS
+    if args.decode_configs == "mix":
+        decode_configs = MIX_DECODE_CONFIGS
+    elif args.decode_configs:
+        decode_configs = [tuple(int(v) for v in c.split(":")) for c in args.decode_configs.split(",")]
 
     def log(line):
         print(line, flush=True)
 
     log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     if not args.prefill_only:
-        tune_decode(log)
+        tune_decode(log, decode_configs)
     if not args.decode_only:
         tune_prefill(log)
     return 0
