@@ -64,23 +64,24 @@ class StepTrace:
         return records
 
 
+# The StepRecord fields a breakdown sums over a kind's (or a bucket's) steps.
+_SUMMED = ("wall_s", "wait_s", "tokens", "row_tokens", "padded_tokens", "prompt_tokens", "seqs", "padded_seqs")
+
+
 def breakdown(records: list[StepRecord]) -> dict:
     """The figures of a trace: per kind, its steps, time, tokens and padding; per kind and bucket
     (the tokens a forward of the step computes), its steps, share of the time and ms a forward (a
     multi-step decode's wall time over its decodes); and overall, the share of computed tokens that
     were useful and the host time per step."""
-    by_kind: dict[str, dict] = defaultdict(lambda: Counter())
+    # per kind, and per kind and bucket (the tokens one forward of the step computes)
+    by_kind: dict[str, Counter] = defaultdict(Counter)
+    by_bucket: dict[tuple, Counter] = defaultdict(Counter)
     for r in records:
-        k = by_kind[r.kind]
-        k["steps"] += 1
-        k["wall_s"] += r.wall_s
-        k["wait_s"] += r.wait_s
-        k["tokens"] += r.tokens
-        k["row_tokens"] += r.row_tokens
-        k["padded_tokens"] += r.padded_tokens
-        k["prompt_tokens"] += r.prompt_tokens
-        k["seqs"] += r.seqs
-        k["padded_seqs"] += r.padded_seqs
+        for sums in (by_kind[r.kind], by_bucket[(r.kind, r.padded_tokens // r.decode_steps)]):
+            sums["steps"] += 1
+            sums["decodes"] += r.decode_steps
+            for field in _SUMMED:
+                sums[field] += getattr(r, field)
     total_wall = sum(r.wall_s for r in records) or 1e-12
     steps = len(records) or 1
     kinds = {}
@@ -103,15 +104,6 @@ def breakdown(records: list[StepRecord]) -> dict:
         }
     tokens = sum(r.tokens for r in records)
     padded = sum(r.padded_tokens for r in records)
-    by_bucket: dict[tuple, Counter] = defaultdict(lambda: Counter())
-    for r in records:
-        b = by_bucket[(r.kind, r.padded_tokens // r.decode_steps)]
-        b["steps"] += 1
-        b["decodes"] += r.decode_steps
-        b["wall_s"] += r.wall_s
-        b["seqs"] += r.seqs
-        b["tokens"] += r.tokens
-        b["padded_tokens"] += r.padded_tokens
     buckets = [{"kind": kind, "bucket_tokens": size, "steps": b["steps"], "share_of_time": b["wall_s"] / total_wall,
                 "ms_per_forward": 1e3 * b["wall_s"] / b["decodes"], "mean_seqs": b["seqs"] / b["steps"],
                 "useful_token_share": b["tokens"] / max(b["padded_tokens"], 1)}
