@@ -22,6 +22,31 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
 
 
+# Log-probability gap (nats) under which two candidates are a near tie. FP8's per-token activation
+# scales round each row to 8 bits, so another reduction order (another TP size) moves log-
+# probabilities by ~0.01 on the tiny models and may flip a choice that close.
+NEAR_TIE = 0.05
+
+
+def _greedy(llm):
+    """[(tokens, the top-2 log-probabilities of each step)] of PROMPTS' greedy outputs."""
+    params = SamplingParams(max_tokens=PARAMS.max_tokens, ignore_eos=True, logprobs=2)
+    return [(o.outputs[0].token_ids, [sorted((v.logprob for v in lp.values()), reverse=True)[:2]
+                                      for lp in o.outputs[0].logprobs])
+            for o in llm.generate(PROMPTS, params, use_tqdm=False)]  # fmt: skip
+
+
+def _assert_same_greedy_tokens(got, want):
+    """got's tokens are want's, except that a sequence may leave want's at a step where want's top
+    two candidates were a near tie (NEAR_TIE); the rest of that sequence is then not compared."""
+    for (tokens, _), (want_tokens, top2) in zip(got, want):
+        assert len(tokens) == len(want_tokens)
+        for i, (a, b) in enumerate(zip(tokens, want_tokens)):
+            if a != b:
+                assert top2[i][0] - top2[i][1] < NEAR_TIE, f"step {i}: {tokens} against {want_tokens}, top2 {top2[i]}"
+                break
+
+
 def test_quant_config_takes_tensorrt_llms_names_and_refuses_what_jaxllm_does_not_run():
     assert QuantConfig(quant_algo="FP8").quant_algo is QuantAlgo.FP8
     assert QuantConfig(quant_algo="fp8_per_channel_per_token").weight_format == "FP8_PER_CHANNEL_PER_TOKEN"
@@ -156,15 +181,17 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
 def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_dir, tmp_path):
     """llama-odd (padded heads and MLP under TP): the FP8 engine at TP=1 and TP=8 (KV heads
     replicated, groups and MLP padded), reloaded on one device from TP=8's LLM.save (the scales
-    restored to the checkpoint's layout), and with dummy weights at TP=1 and TP=2."""
+    restored to the checkpoint's layout), and with dummy weights at TP=1 and TP=2. Across TP sizes
+    the tokens are the same but at near ties (`_assert_same_greedy_tokens`)."""
     args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64, quant_config=FP8)
     path = str(tiny_dir("llama-odd"))
     with LLM(model=path, **args) as llm:
-        tokens = _tokens(llm)
+        greedy = _greedy(llm)
+        tokens = [t for t, _ in greedy]
         assert llm._engine.runner.params["layers"][0]["w_gate_up"].dtype == FP8_DTYPE
     with LLM(model=path, tensor_parallel_size=8, **args) as llm:
         assert not llm.tp_plan.is_identity
-        assert _tokens(llm) == tokens
+        _assert_same_greedy_tokens(_greedy(llm), greedy)
         flat = flatten_paths(llm._engine.runner.params)
         for p, spec in {"layers.0.wq_scale": P("tp", None), "layers.0.w_up_scale": P("tp"),
                         "layers.0.wo_scale": P(None), "layers.0.wq": P(None, "tp", None)}.items():  # fmt: skip
@@ -181,9 +208,9 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
         assert got.keys() == expected.keys()
         for p, value in expected.items():
             np.testing.assert_array_equal(np.asarray(got[p], np.float32), np.asarray(value, np.float32), err_msg=p)
-        dummy_tokens = _tokens(llm)
+        dummy_greedy = _greedy(llm)
     with LLM(model=path, tensor_parallel_size=2, **dummy) as llm:
-        assert _tokens(llm) == dummy_tokens
+        _assert_same_greedy_tokens(_greedy(llm), dummy_greedy)
 
 
 CALIBRATION = [[1, 7, 42, 99, 5, 250, 31, 8], list(range(60, 100)), [3, 3, 3, 200, 201, 17]]
