@@ -8,6 +8,8 @@ best per configuration is marked, and the defaults' time is printed beside it.
   PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python benchmarks/kernel_tuning.py [--decode-only | --prefill-only]
       [--decode-configs mix]      # the ShareGPT-like mix's decodes instead (MIX_DECODE_CONFIGS)
       [--decode-configs 1024:512:32,32:1536:32]      # batch:context:page_size, any
+      [--prefill-configs 2048:32]  # tokens:page_size of one causal prompt, any
+      [--split-targets 264,1056]  # only the automatic split count under each TARGET_PROGRAMS
 """
 
 from __future__ import annotations
@@ -73,11 +75,34 @@ def tune_decode(log, configs=DECODE_CONFIGS):
         free_device()  # every array of this configuration, the closures' included
 
 
-def tune_prefill(log):
+def compare_split_targets(log, configs, targets):
+    """The automatic split count (`default_num_splits`) under each TARGET_PROGRAMS of `targets`, at
+    the default tiling: the choice that sets how many splits a narrow batch of long contexts gets."""
+    from pallas_kernels import paged_decode_attention as decode_module
+
+    setup = Heads()
+    rng = np.random.default_rng(0)
+    for batch, context, page_size in configs:
+        k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
+        qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
+        arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
+        kv_bytes = 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
+        ppb = decode_module.default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=2)
+        line = f"decode batch {batch:5} context {context:6} page {page_size:3}:"
+        for target in targets:
+            splits = max(1, min(pl.cdiv(target, batch * setup.num_kv_heads), pl.cdiv(context // page_size, ppb)))
+            fn = lambda q, kp, vp, t, lens, s=splits: paged_decode_attention(q, kp, vp, t, lens, scale=SCALE, num_splits=s)  # noqa: E731
+            t = time_calls(fn, arg_sets, REPEATS)[0]
+            line += f"  target {target}: {splits:3} splits {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s"
+        log(line)
+        free_device()
+
+
+def tune_prefill(log, configs=PREFILL_CONFIGS):
     setup = Heads()
     rng = np.random.default_rng(1)
     group = setup.num_heads // setup.num_kv_heads
-    for num_tokens, page_size in PREFILL_CONFIGS:
+    for num_tokens, page_size in configs:
         pages_per_seq = num_tokens // page_size
         k_pages, v_pages = make_pages(rng, 1 + pages_per_seq, page_size, setup, jnp.bfloat16)
         tables = jnp.asarray(rng.permutation(np.arange(1, 1 + pages_per_seq)).astype(np.int32))[None, :]
@@ -115,6 +140,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-only", action="store_true")
     parser.add_argument("--decode-configs", default=None, metavar="mix | B:CTX:PAGE,...",
                         help="the decode shapes to sweep (default: DECODE_CONFIGS)")
+    parser.add_argument("--prefill-configs", default=None, metavar="TOKENS:PAGE,...",
+                        help="the prefill shapes to sweep (default: PREFILL_CONFIGS)")
+    parser.add_argument("--split-targets", default=None, metavar="264,1056",
+                        help="only compare the automatic split count under these TARGET_PROGRAMS")
     args = parser.parse_args(argv)
     decode_configs = DECODE_CONFIGS
     if args.decode_configs == "mix":
@@ -126,10 +155,16 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if args.split_targets:
+        compare_split_targets(log, decode_configs, [int(t) for t in args.split_targets.split(",")])
+        return 0
     if not args.prefill_only:
         tune_decode(log, decode_configs)
     if not args.decode_only:
-        tune_prefill(log)
+        prefill_configs = PREFILL_CONFIGS
+        if args.prefill_configs:
+            prefill_configs = [tuple(int(v) for v in c.split(":")) for c in args.prefill_configs.split(",")]
+        tune_prefill(log, prefill_configs)
     return 0
 
 

@@ -142,11 +142,18 @@ def main(argv=None) -> int:
                         help="the decode buckets (cuda_graph_config.batch_sizes; default: powers of two)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="the engine's (default: the card's)")
     parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's (default: the card's)")
+    parser.add_argument("--rope-in-kv-write", action="store_true",
+                        help="the compiled 'pallas' backend rotates q and k in its K/V write kernel "
+                             "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; off by default until timed)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
 
     from jaxllm import LLM
+    from jaxllm.layers import attention
+
+    if args.rope_in_kv_write:
+        attention.ROPE_IN_KV_WRITE["pallas"] = True
     from jaxllm.bench.datasets import sharegpt_like_requests
 
     card = CARDS[args.card]
@@ -167,6 +174,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
               "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
+              "rope_in_kv_write": getattr(attention, "ROPE_IN_KV_WRITE", {}).get("pallas", False),  # (older trees: none)
               "llm_args": {k: v for k, v in llm_args.items() if isinstance(v, (int, str, dict))}}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
     started = time.perf_counter()

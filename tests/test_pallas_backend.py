@@ -7,12 +7,15 @@ from jaxllm import LLM, SamplingParams
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [11, 12], [300, 12, 13, 14, 15, 16, 17, 18, 19]]
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
-def test_pallas_backend_matches_xla(name, tiny_dir, tiny_llm):
+@pytest.mark.parametrize("name,tp", [("llama", 1), ("gemma3", 1), ("llama", 2)])
+def test_pallas_backend_matches_xla(name, tp, tiny_dir, tiny_llm):
+    """The backend rotates q and k in its K/V write (pallas_kernels/kv_write.py), under tensor
+    parallelism too (each device's heads, the tables replicated)."""
     params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
     expected = tiny_llm(name).generate(PROMPTS, params, use_tqdm=False)
     with LLM(model=str(tiny_dir(name)), dtype="float32", skip_tokenizer_init=True, backend="pallas_interpret",
-             max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8}) as llm:  # fmt: skip
+             max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8},
+             tensor_parallel_size=tp) as llm:  # fmt: skip
         got = llm.generate(PROMPTS, params, use_tqdm=False)
     for e, g in zip(expected, got):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
@@ -44,3 +47,15 @@ def test_pallas_backend_with_few_sequences_in_a_wide_mixed_step(tiny_dir, monkey
         for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
             t = next(iter(a))
             assert abs(a[t].logprob - b[t].logprob) < 1e-5
+
+
+def test_the_rotating_write_is_off_on_the_compiled_backend_until_switched_on(monkeypatch):
+    """'pallas_interpret' rotates q and k in its K/V write; the compiled 'pallas' does so only when
+    ROPE_IN_KV_WRITE says (not yet timed on a GPU); 'xla' rotates in the model."""
+    from jaxllm.layers import attention
+
+    assert attention.get_rope_kv_writer("xla") is None
+    assert attention.get_rope_kv_writer("pallas_interpret") is not None
+    assert attention.get_rope_kv_writer("pallas") is None
+    monkeypatch.setitem(attention.ROPE_IN_KV_WRITE, "pallas", True)
+    assert attention.get_rope_kv_writer("pallas") is not None

@@ -162,14 +162,27 @@ def paged_attention_xla(
 AttentionFn = Callable[..., jax.Array]
 KVWriteFn = Callable[..., tuple[jax.Array, jax.Array]]
 
+RopeKVWriteFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
 BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
 # How each backend writes a step's K/V into the cache (same signature and result as `write_kv`).
 KV_WRITERS: dict[str, KVWriteFn] = {"xla": write_kv}
+# Backends that also apply the rotary embedding in their write (pallas_kernels.rope_write_kv_kernel's
+# signature and result): the model hands them q and k unrotated and the step's cos / sin tables.
+ROPE_KV_WRITERS: dict[str, RopeKVWriteFn] = {}
+# Whether a backend's rotating write is used (backends not named here: yes). The compiled 'pallas'
+# one is off until it has been timed on a GPU side by side with the XLA rotation it replaces
+# (benchmarks: gpu_e2e.py / realistic_load.py --rope-in-kv-write): its kernel is checked in the
+# interpreter here and lowers to Triton for an H100 (tests/test_pallas_kv_write.py), and
+# 'pallas_interpret' runs it inside the whole model (tests/test_pallas_backend.py).
+ROPE_IN_KV_WRITE: dict[str, bool] = {"pallas": False}
 
 
-def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv) -> None:
+def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv, rope_write: RopeKVWriteFn | None = None) -> None:
     BACKENDS[name] = fn
     KV_WRITERS[name] = write
+    if rope_write is not None:
+        ROPE_KV_WRITERS[name] = rope_write
 
 
 def paged_attention_pallas(
@@ -222,9 +235,17 @@ def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
     return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
 
 
-register_backend("pallas", paged_attention_pallas, _pallas_write_kv)
+def _pallas_rope_write_kv(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, interpret=False):
+    """q and k rotated and both caches written by one Pallas kernel (pallas_kernels/kv_write.py)."""
+    from pallas_kernels.kv_write import rope_write_kv_kernel
+
+    return rope_write_kv_kernel(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, interpret=interpret)
+
+
+register_backend("pallas", paged_attention_pallas, _pallas_write_kv, _pallas_rope_write_kv)
 register_backend("pallas_interpret", functools.partial(paged_attention_pallas, interpret=True),
-                 functools.partial(_pallas_write_kv, interpret=True))  # fmt: skip
+                 functools.partial(_pallas_write_kv, interpret=True),
+                 functools.partial(_pallas_rope_write_kv, interpret=True))  # fmt: skip
 
 
 def get_backend(name: str) -> AttentionFn:
@@ -237,3 +258,10 @@ def get_kv_writer(name: str) -> KVWriteFn:
     """The K/V cache write of backend `name` (checked by get_backend)."""
     get_backend(name)
     return KV_WRITERS[name]
+
+
+def get_rope_kv_writer(name: str) -> RopeKVWriteFn | None:
+    """Backend `name`'s K/V write that also rotates q and k, or None where it has none or it is
+    switched off (ROPE_IN_KV_WRITE)."""
+    get_backend(name)
+    return ROPE_KV_WRITERS.get(name) if ROPE_IN_KV_WRITE.get(name, True) else None

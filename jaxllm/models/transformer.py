@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import (AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_delta_single,
                                     lora_onehot)
-from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer
+from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer, get_rope_kv_writer
 from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS, project
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
@@ -51,9 +51,12 @@ def decoder_layer(
     attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
     lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
     weight_only_rows: int = 0,
+    rope_in_attend: bool = False,
 ) -> jax.Array:
     """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
     `lp` is one layer's params in either layout (models/params.py: separate or fused projections).
+    rope_in_attend: q and k go to attend unrotated, with the rotary tables' first halves:
+    attend(q, k, v, layer, cos, sin), cos and sin [..., d/2] (a backend that rotates in its K/V write).
 
     lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward);
     weight_only_rows: FP8 projections of at most this many rows are weight-only (layers/linear.py).
@@ -72,8 +75,12 @@ def decoder_layer(
         q = rms_norm(q, lp["q_norm"], eps, offset)
         k = rms_norm(k, lp["k_norm"], eps, offset)
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    attn = attend(q, k, v, layer)
+    if rope_in_attend:
+        half = cfg.head_dim // 2
+        attn = attend(q, k, v, layer, cos[..., :half], sin[..., :half])
+    else:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attn = attend(q, k, v, layer)
     out = adapt("wo", attn, project(lp, "wo", attn, weight_only_rows))
     if cfg.attention_out_bias:
         out = out + lp["bo"]
@@ -116,10 +123,13 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     layer, and XLA inlines the calls, so the compiled step is the same as one traced unrolled.
     lora_layer: this layer's LoRA bank {name: {"a", "b"}} with onehot [T, S] (None: no adapters).
     """
-    attention, write_kv = get_backend(backend), get_kv_writer(backend)
+    attention, write_kv, rope_write_kv = get_backend(backend), get_kv_writer(backend), get_rope_kv_writer(backend)
 
-    def attend_local(q, k, v, k_pages, v_pages, batch, *, window):
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+    def attend_local(q, k, v, k_pages, v_pages, batch, rope, *, window):
+        if rope is None:
+            k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+        else:  # q and k rotated in the write (rope: the step's cos, sin [T, d/2])
+            q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, q, k, v, *rope, batch.slot_mapping)
         return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
 
     pages = []
@@ -128,15 +138,15 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     # q * k_scale against the stored K and scales its output by v_scale (the same products).
     kv_scales = "k_scale" in lp and jnp.dtype(k_pages.dtype).itemsize == 1
 
-    def attend(q, k, v, layer):
-        if kv_scales:
+    def attend(q, k, v, layer, *rope):
+        if kv_scales:  # (a scale commutes with the rotation: it may come first)
             q, k, v = q * lp["k_scale"].astype(q.dtype), k / lp["k_scale"], v / lp["v_scale"]
         fn = functools.partial(attend_local, window=cfg.layer_window(layer))
         if mesh is not None:
             heads, kv_spec = P(None, TP_AXIS, None), P(TP_AXIS)
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, kv_spec, kv_spec, P()),
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, kv_spec, kv_spec, P(), P()),
                                out_specs=(heads, kv_spec, kv_spec), check_vma=False)  # fmt: skip
-        out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch)
+        out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch, rope or None)
         pages.extend((new_k, new_v))
         return out * lp["v_scale"].astype(out.dtype) if kv_scales else out
 
@@ -146,7 +156,7 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     # On GPUs FP8 projections of decode-sized steps read the fp8 weight widened in XLA's GEMM
     weight_only_rows = WEIGHT_ONLY_MAX_ROWS if jax.default_backend() == "gpu" else 0
     x = decoder_layer(lp, x, batch.positions, layer, cfg, attend, add_lora if lora_layer is not None else None,
-                      weight_only_rows)  # fmt: skip
+                      weight_only_rows, rope_in_attend=rope_write_kv is not None)  # fmt: skip
     if mesh is not None:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
     return x, pages[0], pages[1]

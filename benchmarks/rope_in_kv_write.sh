@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The rotary embedding inside the Pallas K/V write (pallas_kernels/kv_write.py rope_write_kv_kernel,
+# switched by jaxllm/layers/attention.py ROPE_IN_KV_WRITE) against XLA's rotation fusions, on one
+# GPU, in one call each; every engine a new process, nothing subtracted, JSON under $OUT:
+#
+#   PYTHONUNBUFFERED=1 bash benchmarks/rope_in_kv_write.sh checks   # ~450 s on an H200
+#       the kernel's tests compiled; 'pallas' with the rotating write against 'xla' (tokens of two
+#       float32 models); batch-1 decode and TTFT of the SmolLM2-135M and Llama-3.1-8B shapes and
+#       128/128 x 1,024 of the 8B, without and with the rotating write
+#   PYTHONUNBUFFERED=1 bash benchmarks/rope_in_kv_write.sh mix      # ~250 s
+#       the 1,000-request ShareGPT-like mix without and with it (mix_variants.py's table)
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+B=$repo/benchmarks
+export PYTHONPATH=$repo:$B
+out=${OUT:-$B/results}
+case "${1:-checks}" in
+checks)
+  echo "=== the kernels' tests, compiled"
+  (cd "$repo" && timeout 150 python -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_kv_write.py 2>&1 | tail -3)
+  echo "=== 'pallas' (rotating write) against 'xla'"
+  timeout 150 python "$B/gpu_e2e.py" --parts correctness --rope-in-kv-write --out "$out/rope_correctness" 2>&1 | grep -v Warn | tail -6
+  for model in smollm2-135m llama-3.1-8b; do
+    offline=none; [ $model = llama-3.1-8b ] && offline=128/128x1024
+    for variant in xla_rotation rope_in_kv_write; do
+      flag=; [ $variant = rope_in_kv_write ] && flag=--rope-in-kv-write
+      echo "=== $model, $variant"
+      timeout 160 python "$B/gpu_e2e.py" --model $model --parts perf --offline $offline $flag \
+        --out "$out/rope_${model}_$variant" 2>&1 | grep -v Warn | grep -E 'batch|TTFT|offline|precompiled|error' | head -12
+    done
+  done
+  ;;
+mix)
+  timeout 560 python "$B/mix_variants.py" --variant xla_rotation '' --variant rope_in_kv_write '--rope-in-kv-write' \
+    --timeout 250 2>&1 | grep -v Warn | tail -30
+  ;;
+*) echo "usage: $0 checks|mix" >&2; exit 2 ;;
+esac
