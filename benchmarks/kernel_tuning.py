@@ -15,6 +15,7 @@ best per configuration is marked, and the defaults' time is printed beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 
@@ -91,7 +92,7 @@ def compare_split_targets(log, configs, targets):
         line = f"decode batch {batch:5} context {context:6} page {page_size:3}:"
         for target in targets:
             splits = max(1, min(pl.cdiv(target, batch * setup.num_kv_heads), pl.cdiv(context // page_size, ppb)))
-            fn = lambda q, kp, vp, t, lens, s=splits: paged_decode_attention(q, kp, vp, t, lens, scale=SCALE, num_splits=s)  # noqa: E731
+            fn = functools.partial(paged_decode_attention, scale=SCALE, num_splits=splits)
             t = time_calls(fn, arg_sets, REPEATS)[0]
             line += f"  target {target}: {splits:3} splits {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s"
         log(line)

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
               "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
-              "rope_in_kv_write": getattr(attention, "ROPE_IN_KV_WRITE", {}).get("pallas", False),  # (older trees: none)
+              "rope_in_kv_write": getattr(attention, "ROPE_IN_KV_WRITE", {}).get("pallas", False),  # older trees: none
               "llm_args": {k: v for k, v in llm_args.items() if isinstance(v, (int, str, dict))}}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
     started = time.perf_counter()

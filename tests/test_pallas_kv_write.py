@@ -77,13 +77,15 @@ def _assert_rope_write_equal(got, want):
     "num_heads,num_kv_heads,page_size,head_dim,num_tokens,dtype,cache_dtype",
     [(8, 2, 16, 128, 2, jnp.bfloat16, None), (6, 3, 4, 64, 37, jnp.float32, None),
      (4, 1, 8, 80, 5, jnp.bfloat16, None), (4, 2, 16, 256, 48, jnp.bfloat16, None),
-     (4, 2, 8, 64, 9, jnp.bfloat16, jnp.float8_e4m3fn), (2, 2, 4, 32, 1, jnp.float32, None)],  # fmt: skip
+     (4, 2, 8, 64, 9, jnp.bfloat16, jnp.float8_e4m3fn), (2, 2, 4, 32, 1, jnp.float32, None),
+     (9, 3, 8, 64, 3, jnp.bfloat16, None)],  # fmt: skip
 )
 def test_rope_write_matches_the_engine_rotation_and_write(num_heads, num_kv_heads, page_size, head_dim, num_tokens,
                                                           dtype, cache_dtype):  # fmt: skip
     """The rotated queries and the caches equal the engine's XLA path (layers/rope.apply_rotary, then
-    write_kv) bit for bit: GQA groups, MHA, a head_dim whose half is not a power of two, a float8
-    cache, one token, token counts that are not a power of two, padding tokens on the null slot."""
+    write_kv) bit for bit: GQA groups (SmolLM2's 3 a KV head too), MHA, a head_dim whose half is not
+    a power of two, a float8 cache, one token, token counts that are not a power of two, padding
+    tokens on the null slot."""
     k_pages, v_pages, q, k, v, cos, sin, slots = _rope_case(
         np.random.default_rng(num_tokens), num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=page_size,
         head_dim=head_dim, num_tokens=num_tokens, dtype=dtype, cache_dtype=cache_dtype)  # fmt: skip

@@ -161,7 +161,6 @@ def paged_attention_xla(
 
 AttentionFn = Callable[..., jax.Array]
 KVWriteFn = Callable[..., tuple[jax.Array, jax.Array]]
-
 RopeKVWriteFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
@@ -178,7 +177,8 @@ ROPE_KV_WRITERS: dict[str, RopeKVWriteFn] = {}
 ROPE_IN_KV_WRITE: dict[str, bool] = {"pallas": False}
 
 
-def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv, rope_write: RopeKVWriteFn | None = None) -> None:
+def register_backend(name: str, fn: AttentionFn, write: KVWriteFn = write_kv,
+                     rope_write: RopeKVWriteFn | None = None) -> None:  # fmt: skip
     BACKENDS[name] = fn
     KV_WRITERS[name] = write
     if rope_write is not None:

@@ -48,7 +48,7 @@ def decoder_layer(
     positions: jax.Array,
     layer: int,
     cfg: ModelConfig,
-    attend: Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array],
+    attend: Callable[..., jax.Array],
     lora: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
     weight_only_rows: int = 0,
     rope_in_attend: bool = False,
