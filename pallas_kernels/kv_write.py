@@ -19,10 +19,10 @@ program also rotates its KV head's G query heads (written to a new [T, H, d] arr
 before the store, so a layer's attention preparation is this one kernel rather than XLA's two
 rotation fusions and the write (the rotation fusions were 8.2% of a mixed pass's GPU time in a
 2026-12-04 H200 profile, and 2 of the ~14 kernels a layer of a small model's batch-1 step:
-benchmarks/RESULTS.md). The rotation is the
-"rotate half" layout: out[:d/2] = x[:d/2] cos - x[d/2:] sin, out[d/2:] = x[d/2:] cos + x[:d/2] sin,
-in x's dtype with each product and sum rounded to it, as the reference (and Hugging Face's
-bfloat16 models) compute it; the rotated key is then cast to the cache's dtype.
+benchmarks/RESULTS.md). The rotation is the "rotate half" layout: out[:d/2] = x[:d/2] cos -
+x[d/2:] sin, out[d/2:] = x[d/2:] cos + x[:d/2] sin, in x's dtype with each product and sum rounded
+to it, as the reference (and Hugging Face's bfloat16 models) compute it; the rotated key is then
+cast to the cache's dtype.
 """
 
 from __future__ import annotations
