@@ -59,3 +59,19 @@ def test_the_rotating_write_is_off_on_the_compiled_backend_until_switched_on(mon
     assert attention.get_rope_kv_writer("pallas") is None
     monkeypatch.setitem(attention.ROPE_IN_KV_WRITE, "pallas", True)
     assert attention.get_rope_kv_writer("pallas") is not None
+
+
+def test_the_rotating_write_switch_is_part_of_the_program_cache_key(tiny_dir, monkeypatch):
+    """Flipping ROPE_IN_KV_WRITE changes the engine's description, so the program cache never
+    serves programs traced with the other setting."""
+    from jaxllm.engine import programs
+    from jaxllm.layers import attention
+
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, backend="pallas_interpret",
+             max_batch_size=4, max_num_tokens=32) as llm:  # fmt: skip
+        runner = llm._engine.runner
+        on = programs.engine_description(runner)
+        monkeypatch.setitem(attention.ROPE_IN_KV_WRITE, "pallas_interpret", False)
+        off = programs.engine_description(runner)
+    assert on.pop("rope_in_kv_write") and not off.pop("rope_in_kv_write")
+    assert on == off

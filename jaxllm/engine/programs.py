@@ -26,6 +26,7 @@ from jaxllm.engine.buckets import ForwardShape, HeadShape, SamplerShape
 from jaxllm.engine.step_inputs import host_layout
 from jaxllm.layers import sampling as sampling_lib
 from jaxllm.layers.adapters import AdapterInputs
+from jaxllm.layers.attention import get_rope_kv_writer
 from jaxllm.models.step import NEXT_TOKENS, StepConfig, decode_n, forward_step, head_step, sample_step
 from jaxllm.sampling_params import MAX_LOGPROBS
 
@@ -136,7 +137,9 @@ def engine_description(runner) -> dict:
             "token_pages": describe(runner.token_pages), "bias_table": describe(runner.bias_table),
             "adapters": describe(bank), "mesh": None if mesh is None else dict(mesh.shape),
             "one_graph": runner.one_graph_decode(), "max_logprobs": MAX_LOGPROBS,
-            "ban_width": sampling_lib.BAN_WIDTH, "prev_rows": runner.buckets.max_rows}  # fmt: skip
+            "ban_width": sampling_lib.BAN_WIDTH, "prev_rows": runner.buckets.max_rows,
+            # whether the backend rotates q and k in its K/V write (attention.ROPE_IN_KV_WRITE, a switch)
+            "rope_in_kv_write": get_rope_kv_writer(runner.config.backend) is not None}  # fmt: skip
 
 
 def lower(runner, shape):
