@@ -75,3 +75,19 @@ def test_the_rotating_write_switch_is_part_of_the_program_cache_key(tiny_dir, mo
         off = programs.engine_description(runner)
     assert on.pop("rope_in_kv_write") and not off.pop("rope_in_kv_write")
     assert on == off
+
+
+def test_pallas_backend_matches_xla_into_an_fp8_cache_with_an_odd_head_dim(tiny_dir):
+    """Mistral's tiny variant (head_dim 24: the rotating write takes 4 columns of each half at a
+    time; a sliding window) writing a float8 cache: 'pallas_interpret' gives 'xla''s tokens."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
+    got = []
+    for backend in ("xla", "pallas_interpret"):
+        with LLM(model=str(tiny_dir("mistral")), dtype="float32", skip_tokenizer_init=True, backend=backend,
+                 max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8, "dtype": "fp8"}) as llm:  # fmt: skip
+            got.append(llm.generate(PROMPTS, params, use_tqdm=False))
+    for e, g in zip(*got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
+            t = next(iter(a))
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4
