@@ -84,7 +84,8 @@ def test_pallas_backend_matches_xla_into_an_fp8_cache_with_an_odd_head_dim(tiny_
     got = []
     for backend in ("xla", "pallas_interpret"):
         with LLM(model=str(tiny_dir("mistral")), dtype="float32", skip_tokenizer_init=True, backend=backend,
-                 max_batch_size=4, max_num_tokens=32, kv_cache_config={"tokens_per_block": 8, "dtype": "fp8"}) as llm:  # fmt: skip
+                 max_batch_size=4, max_num_tokens=32,
+                 kv_cache_config={"tokens_per_block": 8, "dtype": "fp8"}) as llm:  # fmt: skip
             got.append(llm.generate(PROMPTS, params, use_tqdm=False))
     for e, g in zip(*got):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
