@@ -5,9 +5,12 @@ pages block_tables[b, :], its query token sits at position seq_lens[b] - 1.
 
 One program handles one (KV head, sequence, split): all H // K query heads that share the KV head
 (GQA), so every K/V page is read from memory once per KV head. A split is a contiguous run of the
-block table (flash-decoding); each split writes a partial (max, sum, unnormalised output) and a
-second small kernel (`combine_splits_kernel`) merges them, so a single long sequence still spreads
-over all the GPU's SMs. With one split the kernel normalises and writes the final output itself.
+sequence's own visible pages, an equal share of them in whole blocks (flash-decoding; the number
+of splits is static, the share is computed from the sequence's length, so a sequence far shorter
+than the block table's width still uses every split); each split writes a partial (max, sum,
+unnormalised output) and a second small kernel (`combine_splits_kernel`) merges them, so a single
+long sequence still spreads over all the GPU's SMs. With one split the kernel normalises and writes
+the final output itself.
 
 The kernel lowers with Pallas's Triton backend: every loaded tile has power-of-two dimensions
 (query heads padded to at least 16 rows for tl.dot, head_dim padded with masks), pages are
@@ -52,7 +55,7 @@ def _decode_kernel(
     *out_refs,  # final: o [G, d]; partial: acc [G, d] f32, max [G] f32 (log2 units), sum [G] f32
     page_size: int,
     pages_per_block: int,
-    pages_per_split: int,
+    num_splits: int,
     group_block: int,
     head_block: int,
     scale: float,
@@ -72,12 +75,19 @@ def _decode_kernel(
     q_mask = head_ok[:, None] if dim_ok is None else head_ok[:, None] & dim_ok
     q = plgpu.load(q_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], mask=q_mask, other=0.0)
 
-    # The visible keys are [first_key, seq_len); this split owns pages [split_lo, split_hi).
+    # The visible keys are [first_key, seq_len), on pages [first_page, end_page). The splits share
+    # those pages, not the block table's width: split s owns pages [lo_page, hi_page), the s-th run
+    # of `split_pages` (a whole number of blocks), so a sequence much shorter than the table still
+    # spreads over every split rather than filling the first one alone.
     seq_len = seq_len_ref[0]
     first_key = 0 if window is None else jnp.maximum(seq_len - window, 0)
-    split_lo = split * pages_per_split
-    lo_page = jnp.maximum(split_lo, lax.div(first_key, page_size))
-    hi_page = jnp.minimum(split_lo + pages_per_split, lax.div(seq_len + page_size - 1, page_size))
+    first_page = lax.div(first_key, page_size)
+    end_page = lax.div(seq_len + page_size - 1, page_size)
+    span = jnp.maximum(end_page - first_page, 0)
+    blocks_per_split = lax.div(lax.div(span + num_splits - 1, num_splits) + pages_per_block - 1, pages_per_block)
+    split_pages = blocks_per_split * pages_per_block
+    lo_page = first_page + split * split_pages
+    hi_page = jnp.minimum(lo_page + split_pages, end_page)
     num_blocks = lax.div(jnp.maximum(hi_page - lo_page, 0) + pages_per_block - 1, pages_per_block)
 
     slot_in_page = jnp.arange(page_size)
@@ -133,8 +143,8 @@ def _decode_call(
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     pages_per_seq = block_tables.shape[1]
-    pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, num_splits), pages_per_block) * pages_per_block
-    num_splits = pl.cdiv(pages_per_seq, pages_per_split)  # drop splits that would own no pages
+    # Drop splits that a sequence as long as the table would leave empty.
+    num_splits = pl.cdiv(pages_per_seq, pl.cdiv(pl.cdiv(pages_per_seq, num_splits), pages_per_block) * pages_per_block)
     final = num_splits == 1
 
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # head h = kv_head * G + g
@@ -145,7 +155,7 @@ def _decode_call(
         _decode_kernel,
         page_size=page_size,
         pages_per_block=pages_per_block,
-        pages_per_split=pages_per_split,
+        num_splits=num_splits,
         group_block=max(MIN_DOT_DIM, pl.next_power_of_2(group)),
         head_block=max(MIN_DOT_DIM, pl.next_power_of_2(head_dim)),
         scale=scale,

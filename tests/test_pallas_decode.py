@@ -4,6 +4,7 @@ Interpret mode on the CPU; on a GPU the same tests run the compiled Triton kerne
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +185,29 @@ def test_combine_kernel_lowers_to_triton_for_h100(splits, group, head_dim):
     stats = jax.ShapeDtypeStruct((2, 4, splits, group), jnp.float32)
     text = lower_for_h100(functools.partial(combine_splits_kernel, out_dtype=jnp.bfloat16), acc, stats, stats)
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_a_short_sequence_in_a_wide_table_uses_every_split(monkeypatch):
+    """The splits share a sequence's own pages, not the block table's width: 10 pages of keys in a
+    table of 64 pages, over 4 splits of 1-page blocks, give every split a share (each split's
+    softmax denominator is positive), and the output is the reference's. A sliding window's
+    visible pages are shared the same way."""
+    decode = importlib.import_module("pallas_kernels.paged_decode_attention")  # (the package exports the function)
+
+    page_size, context = 16, 160  # 10 pages
+    rng = np.random.default_rng(3)
+    k_pages, v_pages, tables = make_cache(rng, [context], num_kv_heads=2, page_size=page_size, head_dim=64,
+                                          pages_per_seq=64, dtype=jnp.float32)  # fmt: skip
+    q = jnp.asarray(rng.normal(size=(1, 4, 64)), jnp.float32)
+    lens, tables = jnp.array([context], jnp.int32), jnp.asarray(tables)
+    combine = decode.combine_splits_kernel
+    for window in (None, 100):  # a window of 100 keys: pages 3-9 visible
+        seen = []
+        monkeypatch.setattr(decode, "combine_splits_kernel",
+                            lambda acc, m, l, **kw: seen.append(l) or combine(acc, m, l, **kw))  # fmt: skip
+        out = decode._decode_call(q, k_pages, v_pages, tables, lens, scale=0.125, window=window, pages_per_block=1,
+                                  num_splits=4, num_warps=4, num_stages=1, interpret=INTERPRET)  # fmt: skip
+        [l] = seen
+        assert l.shape[2] == 4 and bool((l > 0).all()), l[0, :, :, 0]
+        reference = paged_decode_attention_reference(q, k_pages, v_pages, tables, lens, scale=0.125, window=window)
+        assert_close(out, reference, jnp.float32)
