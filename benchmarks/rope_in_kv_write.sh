@@ -9,6 +9,10 @@
 #       128/128 x 1,024 of the 8B, without and with the rotating write
 #   PYTHONUNBUFFERED=1 bash benchmarks/rope_in_kv_write.sh mix      # ~250 s
 #       the 1,000-request ShareGPT-like mix without and with it (mix_variants.py's table)
+#
+# OLD=DIR (an older tree's jaxllm and pallas_kernels unpacked there: `git archive <commit> jaxllm
+# pallas_kernels | tar -x -C DIR`) adds that tree as a third variant, first; MODELS="..." picks the
+# models of `checks` (default: smollm2-135m llama-3.1-8b), to stay within a call's time.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 B=$repo/benchmarks
@@ -20,19 +24,20 @@ checks)
   (cd "$repo" && timeout 150 python -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_kv_write.py 2>&1 | tail -3)
   echo "=== 'pallas' (rotating write) against 'xla'"
   timeout 150 python "$B/gpu_e2e.py" --parts correctness --rope-in-kv-write --out "$out/rope_correctness" 2>&1 | grep -v Warn | tail -6
-  for model in smollm2-135m llama-3.1-8b; do
+  for model in ${MODELS:-smollm2-135m llama-3.1-8b}; do
     offline=none; [ $model = llama-3.1-8b ] && offline=128/128x1024
-    for variant in xla_rotation rope_in_kv_write; do
+    for variant in ${OLD:+old_tree} xla_rotation rope_in_kv_write; do
       flag=; [ $variant = rope_in_kv_write ] && flag=--rope-in-kv-write
+      path=$PYTHONPATH; [ $variant = old_tree ] && path=$(cd "$OLD" && pwd):$B
       echo "=== $model, $variant"
-      timeout 160 python "$B/gpu_e2e.py" --model $model --parts perf --offline $offline $flag \
+      timeout 160 env PYTHONPATH="$path" python "$B/gpu_e2e.py" --model $model --parts perf --offline $offline $flag \
         --out "$out/rope_${model}_$variant" 2>&1 | grep -v Warn | grep -E 'batch|TTFT|offline|precompiled|error' | head -12
     done
   done
   ;;
 mix)
-  timeout 560 python "$B/mix_variants.py" --variant xla_rotation '' --variant rope_in_kv_write '--rope-in-kv-write' \
-    --timeout 250 2>&1 | grep -v Warn | tail -30
+  timeout 560 python "$B/mix_variants.py" ${OLD:+--tree old_tree "$OLD" --variant old_tree ''} \
+    --variant xla_rotation '' --variant rope_in_kv_write '--rope-in-kv-write' --timeout 250 2>&1 | grep -v Warn | tail -30
   ;;
 *) echo "usage: $0 checks|mix" >&2; exit 2 ;;
 esac
