@@ -340,8 +340,8 @@ def paged_decode_attention(
       window: sliding window or None: keys at positions > seq_len - 1 - window are visible.
       pages_per_block: pages per inner-loop step (power of two, times S at least 16); default
         128 keys' worth, fewer where float32 or a wide head would overflow shared memory.
-      num_splits: splits of the block table (flash-decoding); default fills about two waves of an
-        H100 from B * K programs.
+      num_splits: splits of each sequence's visible pages (flash-decoding), at most one a block of
+        the table's width; default fills about two waves of an H100 from B * K programs.
       num_warps, num_stages: Triton launch parameters (default num_warps: 4).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
