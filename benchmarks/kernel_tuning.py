@@ -22,10 +22,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 from common import SCALE, Heads, decode_case, free_device, make_pages, prefill_batch_metadata, time_calls
 from pallas_kernels import paged_decode_attention, ragged_paged_attention
+from pallas_kernels.paged_decode_attention import default_num_splits, default_pages_per_block
 
 DECODE_CONFIGS = [  # (batch, context, page_size)
     (1, 32768, 16), (1, 8192, 64), (8, 8192, 16), (64, 2048, 16), (64, 32768, 64), (256, 2048, 64),
@@ -37,14 +37,22 @@ PREFILL_CONFIGS = [(2048, 64), (8192, 64), (2048, 16)]  # (tokens, page_size)
 CALLS, REPEATS = 4, 5
 
 
-def tune_decode(log, configs=DECODE_CONFIGS):
+def decode_cases(configs):
+    """For each (batch, context, page_size): (it, the heads, CALLS argument sets of
+    paged_decode_attention over one bf16 cache, the K/V bytes a call reads); the device is freed
+    after each."""
     setup = Heads()
     rng = np.random.default_rng(0)
     for batch, context, page_size in configs:
         k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
         qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
         arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
-        kv_bytes = 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
+        yield (batch, context, page_size), setup, arg_sets, 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
+        free_device()  # every array of this configuration, the callers' closures' included
+
+
+def tune_decode(log, configs=DECODE_CONFIGS):
+    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs):
         pages_per_seq = context // page_size
 
         def measure(**kw):
@@ -61,7 +69,7 @@ def tune_decode(log, configs=DECODE_CONFIGS):
         results = {}
         for keys, programs in itertools.product((64, 128, 256), (264, 528, 1056, 2112)):
             ppb = max(1, keys // page_size)
-            splits = max(1, min(pl.cdiv(programs, batch * setup.num_kv_heads), pl.cdiv(pages_per_seq, ppb)))
+            splits = default_num_splits(batch, setup.num_kv_heads, pages_per_seq, ppb, target_programs=programs)
             key = (ppb, splits)
             if key not in results:
                 results[key] = measure(pages_per_block=ppb, num_splits=splits)
@@ -73,30 +81,20 @@ def tune_decode(log, configs=DECODE_CONFIGS):
             log(f"    pages/block {ppb:3} splits {splits:4} warps {warps} stages {stages}  {t * 1e6:9.1f} us "
                 f"{kv_bytes / t / 1e12:5.2f} TB/s{'  <- best' if t < best else ''}")
             best = min(best, t)
-        free_device()  # every array of this configuration, the closures' included
 
 
 def compare_split_targets(log, configs, targets):
     """The automatic split count (`default_num_splits`) under each TARGET_PROGRAMS of `targets`, at
     the default tiling: the choice that sets how many splits a narrow batch of long contexts gets."""
-    from pallas_kernels import paged_decode_attention as decode_module
-
-    setup = Heads()
-    rng = np.random.default_rng(0)
-    for batch, context, page_size in configs:
-        k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
-        qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
-        arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
-        kv_bytes = 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
-        ppb = decode_module.default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=2)
+    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs):
+        ppb = default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=2)
         line = f"decode batch {batch:5} context {context:6} page {page_size:3}:"
         for target in targets:
-            splits = max(1, min(pl.cdiv(target, batch * setup.num_kv_heads), pl.cdiv(context // page_size, ppb)))
+            splits = default_num_splits(batch, setup.num_kv_heads, context // page_size, ppb, target_programs=target)
             fn = functools.partial(paged_decode_attention, scale=SCALE, num_splits=splits)
             t = time_calls(fn, arg_sets, REPEATS)[0]
             line += f"  target {target}: {splits:3} splits {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s"
         log(line)
-        free_device()
 
 
 def tune_prefill(log, configs=PREFILL_CONFIGS):

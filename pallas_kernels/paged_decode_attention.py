@@ -302,9 +302,11 @@ def default_pages_per_block(page_size: int, *, num_stages: int, head_dim: int, i
     return max(1, block_keys // page_size, pl.cdiv(MIN_DOT_DIM, page_size))
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, pages_per_block: int) -> int:
-    """Enough splits that the grid fills the GPU, never more than there are page blocks."""
-    wanted = pl.cdiv(TARGET_PROGRAMS, num_seqs * num_kv_heads)
+def default_num_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, pages_per_block: int,
+                       target_programs: int = TARGET_PROGRAMS) -> int:  # fmt: skip
+    """Enough splits that the grid fills the GPU (about `target_programs` programs), never more than
+    there are page blocks."""
+    wanted = pl.cdiv(target_programs, num_seqs * num_kv_heads)
     return max(1, min(wanted, pl.cdiv(pages_per_seq, pages_per_block)))
 
 
