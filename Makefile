@@ -7,7 +7,9 @@ TEST_VENV  ?= .venv-test
 PROMPT     ?= What is machine learning?
 PYTEST_ARGS ?=
 # The suite runs on this many workers (pytest-xdist), each test file on one of them, so that a
-# file's shared engines are built once: about 18 minutes on 2 cores instead of about 30.
+# file's shared engines are built once: about 18 minutes on 2 cores instead of about 30. A worker
+# that dies ends the run at once, naming the test it died in (--max-worker-restart=0): with
+# --dist loadfile, pytest-xdist's replacement of a crashed worker can wait forever for work.
 TEST_WORKERS ?= 2
 
 .PHONY: generate test venv clean
@@ -31,7 +33,7 @@ generate: $(VENV)/.installed
 	$(VENV)/bin/jaxllm generate "$(PROMPT)"
 
 test: $(TEST_VENV)/.installed-test
-	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
+	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV)

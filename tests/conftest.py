@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
-# Eight virtual CPU devices for the tensor-parallel tests; harmless for the rest.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight virtual CPU devices for the tensor-parallel tests; harmless for the rest. XLA's CPU collectives
+# abort the process when a participant is 40 s late to a rendezvous; on 2 cores shared by two test
+# workers, each device a thread, a late participant is load, not a deadlock: 10 minutes here.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Engines compile each program at its first use: most tests visit a few of an engine's programs, and

@@ -98,8 +98,13 @@ def test_requests_in_flight_at_exit_resolve_with_engine_shutdown(tiny_dir):
 def test_ctrl_c_during_generate_exits_as_an_interrupt(tiny_dir):
     """SIGINT while `generate` waits: a KeyboardInterrupt exit (status 130 / killed by SIGINT),
     never an abort. The batch takes far longer than the wait before the signal (4 requests of 1000
-    tokens take about a second on 2 cores with warm programs: the signal used to race their end)."""
-    script = TINY_ENGINE.format(path=str(tiny_dir("llama"))) + textwrap.dedent("""
+    tokens take about a second on 2 cores with warm programs: the signal used to race their end).
+
+    The script first sets SIGINT to Python's handler, as a terminal's shell starts it: a suite run
+    as a background job of a non-interactive shell ignores SIGINT, its children inherit that, and
+    Python then installs no KeyboardInterrupt handler at all (the batch would simply finish)."""
+    script = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    script += TINY_ENGINE.format(path=str(tiny_dir("llama"))) + textwrap.dedent("""
         import sys
         llm.generate([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
         print("ready", flush=True)
