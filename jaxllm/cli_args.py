@@ -13,8 +13,8 @@ import math
 
 from jaxllm.guided import BACKENDS as GUIDED_BACKENDS
 
-# --quantization (vLLM's flag) -> QuantConfig fields; 'gguf' (a GGUF file's 4-bit blocks as they are,
-# its other projections float) is read from the file: jaxllm/checkpoints/gguf.py, blocks_quant_config.
+# --quantization (vLLM's flag) -> QuantConfig fields; 'gguf' (a GGUF file's quantized blocks as they
+# are) is read from the file: jaxllm/checkpoints/gguf.py, blocks_quant_config.
 QUANTIZATION_FLAGS = {"fp8": {"quant_algo": "FP8"}, "w8a16": {"quant_algo": "W8A16"}, "w4a16": {"quant_algo": "W4A16"},
                       "gguf": None}  # fmt: skip
 
@@ -86,9 +86,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                    help="KvCacheConfig.dtype (fp8: float8 E4M3, about twice the tokens of bf16)")
     g.add_argument("--quantization", default=None, choices=tuple(QUANTIZATION_FLAGS),
                    help="quantize the weights as they load: QuantConfig(quant_algo='FP8', 'W8A16' or 'W4A16') (vLLM's flag; "
-                        "a ModelOpt FP8 checkpoint is read as it is without it); gguf: a .gguf file's numbers as stored, its "
+                        "a ModelOpt FP8 checkpoint is read as it is without it); gguf: a .gguf file's numbers as stored: mostly "
                         "4-bit blocks (Q4_0, Q4_1, Q4_K) kept as int4 (W4A16 in asymmetric groups of 32), other "
-                        "projections in --dtype")
+                        "projections in --dtype; else its blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 and 4-bit) kept as "
+                        "int8 (W8A16_GPTQ in groups of 16 or 32)")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
 
@@ -139,12 +140,12 @@ def llm_kwargs(args, **defaults) -> dict:
         _set_field(kwargs, "kv_cache_config", free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
     if args.kv_cache_dtype is not None:
         _set_field(kwargs, "kv_cache_config", dtype=args.kv_cache_dtype)
-    if args.quantization == "gguf":  # the file's numbers as stored: 4-bit blocks as int4, other projections float
+    if args.quantization == "gguf":  # the file's numbers as stored: its blocks kept as int4 or int8
         from jaxllm.checkpoints import gguf, loader
 
         resolved = loader.resolve(kwargs["model"])
         if resolved.kind != "gguf":
-            raise ValueError(f"--quantization gguf serves a .gguf file's 4-bit blocks; {kwargs['model']!r} is a "
+            raise ValueError(f"--quantization gguf serves a .gguf file's quantized blocks; {kwargs['model']!r} is a "
                              f"{resolved.kind} checkpoint; allowed there: --quantization fp8, w8a16 or w4a16")  # fmt: skip
         _set_field(kwargs, "quant_config", **gguf.blocks_quant_config(resolved.path))
     elif args.quantization is not None:

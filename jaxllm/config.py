@@ -167,13 +167,13 @@ class ModelConfig:
     # engine's static config: the params' description
     # (models/params.py) and the forward pass (layers/linear.py) follow it.
     quant_algo: str | None = None
-    # W4A16's input channels a scale covers (gcd with each projection's last input axis), or 0: a
-    # scale per output channel.
+    # The input channels a W4A16 / W8A16 scale covers (gcd with each projection's last input axis),
+    # or 0: a scale per output channel.
     quant_group_size: int = 0
-    # W4A16's groups asymmetric (an offset per group beside its scale, `<name>_zero`)
+    # The groups asymmetric (an offset per group beside its scale, `<name>_zero`)
     quant_zero_point: bool = False
     # Layer projections left in the model's dtype under quant_algo ("layers.3.wv", ...): QuantConfig's
-    # exclude_modules, or a GGUF file's tensors that are not 4-bit blocks (checkpoints/gguf.py).
+    # exclude_modules, or a GGUF file's tensors whose blocks are not kept (checkpoints/gguf.py).
     quant_exclude: tuple[str, ...] = ()
     # Each layer holds calibrated FP8 KV cache scales (`k_scale`, `v_scale`: a ModelOpt checkpoint
     # calibrated for an fp8 cache): an fp8 cache stores K / k_scale and V / v_scale.
@@ -194,11 +194,11 @@ class ModelConfig:
         if self.quant_algo is not None and self.quant_algo not in WEIGHT_FORMATS:
             raise ValueError(f"quant_algo={self.quant_algo!r} is not supported; allowed: None, "
                              f"{', '.join(map(repr, WEIGHT_FORMATS))}")  # fmt: skip
-        if self.quant_group_size and self.quant_algo != "W4A16":
-            raise ValueError(f"quant_group_size={self.quant_group_size} applies to quant_algo 'W4A16' only; got "
-                             f"quant_algo={self.quant_algo!r}")  # fmt: skip
+        if self.quant_group_size and self.quant_algo not in ("W4A16", "W8A16"):
+            raise ValueError(f"quant_group_size={self.quant_group_size} applies to quant_algo 'W4A16' and 'W8A16' "
+                             f"only; got quant_algo={self.quant_algo!r}")  # fmt: skip
         if self.quant_zero_point and not self.quant_group_size:
-            raise ValueError("quant_zero_point needs W4A16's quant_group_size")
+            raise ValueError("quant_zero_point needs a quant_group_size")
         if self.quant_exclude:
             if self.quant_algo is None:
                 raise ValueError("quant_exclude names projections left unquantized; it needs a quant_algo")

@@ -24,6 +24,11 @@ takes TensorRT-LLM's names. What jaxllm does with them:
     (scale = (max - min) / 15), as GGUF's Q4_1 and AWQ store them, so a Q4_1 file's blocks are
     re-encoded exactly at group_size=32; kept as int4 q = level - 8 with w ~= q * scale + zero
     (zero = min + 8 * scale, `<name>_zero`).
+  quant_algo W8A16_GPTQ: int8 weights in groups of `group_size` input channels, with offsets when
+    has_zero_point (256 levels from the group's minimum), activations in the model's dtype: the
+    layout of GPTQ's int8 checkpoints, and how a GGUF file's 5- to 8-bit blocks (Q5_0, Q5_1, Q5_K,
+    Q6_K, Q8_0) are kept as they are (checkpoints/gguf.py). A float checkpoint is rounded to nearest
+    per group: the format, not GPTQ's calibration.
   kv_cache_quant_algo FP8: the KV cache in float8 E4M3 (the same as kv_cache_config.dtype='fp8').
 
 Other algorithms (group-wise AWQ / GPTQ, SmoothQuant, NVFP4, ...) are refused by name,
@@ -85,14 +90,17 @@ class QuantAlgo(enum.StrEnum):
 # loads (ModelConfig.quant_algo). With no calibration data, activations are scaled per token; a
 # ModelOpt checkpoint brings FP8's calibrated static input scales itself (checkpoints/hf.py).
 WEIGHT_ALGOS = {QuantAlgo.FP8: "FP8_PER_CHANNEL_PER_TOKEN", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "FP8_PER_CHANNEL_PER_TOKEN",
-                QuantAlgo.W8A16: "W8A16", QuantAlgo.W4A16: "W4A16"}  # fmt: skip
+                QuantAlgo.W8A16: "W8A16", QuantAlgo.W4A16: "W4A16", QuantAlgo.W8A16_GPTQ: "W8A16"}  # fmt: skip
+# The algorithms whose scales are per group of `group_size` input channels (with has_zero_point: offsets too).
+GROUPED_ALGOS = (QuantAlgo.W4A16, QuantAlgo.W8A16_GPTQ)
 # ModelConfig.quant_algo's values: FP8 with per-channel weight scales and per-token activation
 # scales; (a ModelOpt FP8 checkpoint's) per-tensor weight scales and a static per-tensor input
 # scale; int8 or int4 weights with per-channel scales and float activations (weight-only).
 WEIGHT_FORMATS = ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", "W8A16", "W4A16")
 # weight-only formats -> (stored dtype, largest magnitude a scale maps to); int4's -8 is never made
 WEIGHT_ONLY_FORMATS = {"W8A16": (jnp.int8, 127.0), "W4A16": (jnp.int4, 7.0)}
-INT4_LEVELS = 16  # asymmetric W4A16's levels, stored as int4 from -8
+# asymmetric groups' levels, stored from -levels / 2 (int4: -8 to 7; int8: -128 to 127)
+ASYMMETRIC_LEVELS = {"W8A16": 256, "W4A16": 16}
 WEIGHT_ONLY_DTYPES = tuple(jnp.dtype(dtype) for dtype, _ in WEIGHT_ONLY_FORMATS.values())
 KV_CACHE_ALGOS = {QuantAlgo.FP8: "fp8"}  # -> kv_cache_config.dtype
 
@@ -115,12 +123,12 @@ def _algo(value, name: str, supported) -> Optional[QuantAlgo]:
 @dataclasses.dataclass
 class QuantConfig:
     """TensorRT-LLM's `QuantConfig` (the LLM API's fields). jaxllm honours `quant_algo` (FP8,
-    FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16), `kv_cache_quant_algo` (FP8), `exclude_modules`
-    (fnmatch patterns over the Hugging Face module names of the layer projections left in the
-    model's dtype: 'model.layers.0.self_attn.q_proj', '*.mlp.down_proj'; the LM head is never
-    quantized) and, for W4A16, `group_size` (a power of two, 16 to 1024) and `has_zero_point`; the
-    fields that tune other algorithms (smoothquant_val, ...) are accepted and must keep their
-    defaults."""
+    FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W8A16_GPTQ), `kv_cache_quant_algo` (FP8),
+    `exclude_modules` (fnmatch patterns over the Hugging Face module names of the layer projections
+    left in the model's dtype: 'model.layers.0.self_attn.q_proj', '*.mlp.down_proj'; the LM head is
+    never quantized) and, for W4A16 and W8A16_GPTQ, `group_size` (a power of two, 16 to 1024) and
+    `has_zero_point`; the fields that tune other algorithms (smoothquant_val, ...) are accepted and
+    must keep their defaults."""
 
     quant_algo: Optional[Any] = None
     kv_cache_quant_algo: Optional[Any] = None
@@ -136,11 +144,11 @@ class QuantConfig:
         self.quant_algo = _algo(self.quant_algo, "quant_algo", tuple(WEIGHT_ALGOS))
         self.kv_cache_quant_algo = _algo(self.kv_cache_quant_algo, "kv_cache_quant_algo", tuple(KV_CACHE_ALGOS))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if self.quant_algo == QuantAlgo.W4A16:
+        if self.quant_algo in GROUPED_ALGOS:
             g = self.group_size
             if not isinstance(g, int) or g < 16 or g > 1024 or g & (g - 1):
-                raise ValueError(f"QuantConfig.group_size={g!r} is not supported for W4A16; allowed: a power of "
-                                 "two from 16 to 1024")  # fmt: skip
+                raise ValueError(f"QuantConfig.group_size={g!r} is not supported for {self.quant_algo.value}; allowed: "
+                                 "a power of two from 16 to 1024")  # fmt: skip
         excluded = self.exclude_modules
         if excluded is not None and (isinstance(excluded, str) or not all(isinstance(m, str) for m in excluded)):
             raise ValueError(f"QuantConfig.exclude_modules={excluded!r} is invalid; allowed: None or a list of module "
@@ -149,7 +157,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.exclude_modules={excluded!r} needs a quant_algo to exclude modules from")
         for name in ("group_size", "smoothquant_val", "clamp_val", "use_meta_recipe", "has_zero_point",
                      "pre_quant_scale"):  # fmt: skip
-            if name in ("group_size", "has_zero_point") and self.quant_algo == QuantAlgo.W4A16:
+            if name in ("group_size", "has_zero_point") and self.quant_algo in GROUPED_ALGOS:
                 continue
             if getattr(self, name) != defaults[name]:
                 raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r} is not supported: it tunes algorithms "
@@ -162,13 +170,14 @@ class QuantConfig:
 
     @property
     def weight_group_size(self) -> int:
-        """ModelConfig.quant_group_size: group_size under W4A16, else 0 (a scale per output channel)."""
-        return self.group_size if self.quant_algo == QuantAlgo.W4A16 else 0
+        """ModelConfig.quant_group_size: group_size under W4A16 and W8A16_GPTQ, else 0 (a scale per
+        output channel)."""
+        return self.group_size if self.quant_algo in GROUPED_ALGOS else 0
 
     @property
     def weight_zero_point(self) -> bool:
-        """ModelConfig.quant_zero_point: has_zero_point under W4A16 (asymmetric groups)."""
-        return bool(self.has_zero_point) and self.quant_algo == QuantAlgo.W4A16
+        """ModelConfig.quant_zero_point: has_zero_point under W4A16 and W8A16_GPTQ (asymmetric groups)."""
+        return bool(self.has_zero_point) and self.quant_algo in GROUPED_ALGOS
 
     @property
     def kv_cache_dtype(self) -> Optional[str]:
@@ -243,18 +252,21 @@ def quantize_int(w: jax.Array, num_input_axes: int, quant_algo: str = "W8A16",
     return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -qmax, qmax).astype(dtype), scale
 
 
-def quantize_int4_asymmetric(w: jax.Array, num_input_axes: int, group_size: int) -> tuple[jax.Array, ...]:
-    """A projection weight [*in, *out] -> (int4 q [*in, *out], float32 scale, float32 zero), each
-    scale / zero of `scale_shape`, w ~= q * scale + zero: per output channel and group of the last
-    input axis, 16 levels from the group's minimum (level 0, q = -8) to its maximum, scale
-    (max - min) / 15 (1 for a constant group), zero = min + 8 * scale."""
+def quantize_int_asymmetric(w: jax.Array, num_input_axes: int, group_size: int,
+                            quant_algo: str = "W4A16") -> tuple[jax.Array, ...]:  # fmt: skip
+    """A projection weight [*in, *out] -> (int4 or int8 q [*in, *out], float32 scale, float32 zero),
+    each scale / zero of `scale_shape`, w ~= q * scale + zero: per output channel and group of the
+    last input axis, L levels (W4A16: 16, W8A16: 256) from the group's minimum (level 0,
+    q = -L / 2) to its maximum, scale (max - min) / (L - 1) (1 for a constant group),
+    zero = min + L / 2 * scale."""
+    levels_n = ASYMMETRIC_LEVELS[quant_algo]
     grouped = w.reshape(grouped_shape(w.shape, num_input_axes, group_size)).astype(jnp.float32)
     lo = jnp.min(grouped, axis=num_input_axes, keepdims=True)
     hi = jnp.max(grouped, axis=num_input_axes, keepdims=True)
-    scale = jnp.where(hi > lo, (hi - lo) / (INT4_LEVELS - 1), 1.0)
-    levels = jnp.clip(jnp.round((grouped - lo) / scale), 0, INT4_LEVELS - 1)
-    q = (levels - INT4_LEVELS // 2).astype(jnp.int4)
-    zero = lo + (INT4_LEVELS // 2) * scale
+    scale = jnp.where(hi > lo, (hi - lo) / (levels_n - 1), 1.0)
+    levels = jnp.clip(jnp.round((grouped - lo) / scale), 0, levels_n - 1)
+    q = (levels - levels_n // 2).astype(weight_dtype(quant_algo))
+    zero = lo + (levels_n // 2) * scale
     return q.reshape(w.shape), jnp.squeeze(scale, num_input_axes), jnp.squeeze(zero, num_input_axes)
 
 
@@ -303,7 +315,7 @@ def quantize_path(path: str, w: jax.Array, cfg) -> dict[str, jax.Array]:
     O(1))."""
     num_input_axes = QUANTIZED_PARAMS[path.rsplit(".", 1)[-1]]
     if cfg.quant_zero_point:
-        q, scale, zero = quantize_int4_asymmetric(w, num_input_axes, cfg.quant_group_size)
+        q, scale, zero = quantize_int_asymmetric(w, num_input_axes, cfg.quant_group_size, cfg.quant_algo)
         return {path: q, path + SCALE_SUFFIX: scale, path + ZERO_SUFFIX: zero}
     if cfg.quant_algo in WEIGHT_ONLY_FORMATS:
         q, scale = quantize_int(w, num_input_axes, cfg.quant_algo, cfg.quant_group_size)
@@ -316,10 +328,10 @@ def quantize_path(path: str, w: jax.Array, cfg) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int4Groups:
-    """A layer projection read already in W4A16's layout, asymmetric groups of the last input axis
-    (a GGUF file's 4-bit blocks as they are: jaxllm/checkpoints/gguf.py), in params layout: q
-    [*in, *out] with values in [-8, 7] (int8 on the host), scale and zero float32 of `scale_shape`,
+class IntGroups:
+    """A layer projection read already in a grouped weight-only layout, asymmetric groups of the last
+    input axis (a GGUF file's blocks as they are: jaxllm/checkpoints/gguf.py), in params layout: q
+    [*in, *out] int8 on the host (in [-8, 7] for W4A16), scale and zero float32 of `scale_shape`,
     w = q * scale + zero. A checkpoint form of what `quantize_path` makes from a float weight."""
 
     q: Any
@@ -327,9 +339,11 @@ class Int4Groups:
     zero: Any
 
     def params(self, path: str, cfg) -> dict:
-        """{path: int4 q, path + "_scale": scale[, path + "_zero": zero]} under cfg's W4A16 config (a
-        symmetric one, quant_zero_point False, takes only blocks whose offsets are all zero)."""
-        return dict(zip(quantized_paths(path, cfg), (self.q.astype(jnp.int4), self.scale, self.zero)))
+        """{path: q as cfg stores it (int4 / int8), path + "_scale": scale[, path + "_zero": zero]}
+        under cfg's grouped config (a symmetric one, quant_zero_point False, takes only blocks whose
+        offsets are all zero)."""
+        q = self.q.astype(weight_dtype(cfg.quant_algo))
+        return dict(zip(quantized_paths(path, cfg), (q, self.scale, self.zero)))
 
 
 def quantize_flat(flat: dict, cfg) -> dict:

@@ -209,11 +209,11 @@ def _round_up(x: int, n: int) -> int:
 
 
 def _padded_width(cfg: ModelConfig, size: int) -> int:
-    """The MLP width over `size` devices: a multiple of `size`, and under W4A16 of `size` groups of
-    w_down's input channels, each group the one it is on one device.
+    """The MLP width over `size` devices: a multiple of `size`, and under grouped scales (W4A16, W8A16
+    in groups) of `size` groups of w_down's input channels, each group the one it is on one device.
 
     Raises:
-      ValueError: padding would change W4A16's groups (a width that is not a multiple of group_size).
+      ValueError: padding would change the groups (a width that is not a multiple of group_size).
     """
     F, G = cfg.intermediate_size, cfg.quant_group_size
     if not G:
@@ -222,7 +222,7 @@ def _padded_width(cfg: ModelConfig, size: int) -> int:
     padded = _round_up(F, size * group)
     if group_of(padded, G) != group:
         raise ValueError(
-            f"W4A16 groups of {group} input channels along the MLP width {F} (its gcd with group_size={G}) "
+            f"{cfg.quant_algo} groups of {group} input channels along the MLP width {F} (its gcd with group_size={G}) "
             f"cannot be laid out over tensor_parallel_size={size}: the width would be padded to {padded}, "
             f"whose groups are of {group_of(padded, G)}; allowed: tensor_parallel_size 1, a size that divides "
             f"the {F // group} groups, or a group_size that divides the width"

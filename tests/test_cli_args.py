@@ -85,21 +85,25 @@ def test_quantization_and_kv_cache_dtype_flags_win_over_the_yaml_file(tmp_path, 
 
 
 def test_quantization_gguf_serves_the_files_numbers(tmp_path, tiny_dir):
-    """--quantization gguf: W4A16 in asymmetric groups of 32 with the projections that are not
-    stored in 4-bit blocks excluded (left float), read from the file; refused for other checkpoints."""
+    """--quantization gguf, read from the file: a file of 4-bit blocks is W4A16 in asymmetric groups
+    of 32 (projections stored otherwise excluded, left float); one of 5- to 8-bit blocks is int8
+    groups (W8A16_GPTQ) of its blocks' size, with offsets only where they need them, nothing
+    excluded; refused for other checkpoints."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tests import tiny
 
     model = AutoModelForCausalLM.from_config(tiny.gguf_config("llama"), dtype=torch.float32).eval()
-    kept = {"quant_algo": "W4A16", "group_size": 32, "has_zero_point": True}
-    for kind, excluded in (("Q4_K", None), ("Q8_0", 14)):  # 2 layers x 7 projections
+    expected = {"Q4_K": ("W4A16", 32, True), "Q8_0": ("W8A16_GPTQ", 32, False), "Q6_K": ("W8A16_GPTQ", 16, False),
+                "Q5_K": ("W8A16_GPTQ", 32, True), "F16": ("W4A16", 32, True)}  # fmt: skip
+    for kind, (algo, group, zero_point) in expected.items():
         path = tmp_path / f"m-{kind}.gguf"
         tiny.write_gguf("llama", model, path, kind)
         quant = cli.llm_kwargs(_parse(["serve", str(path), "--quantization", "gguf"]))["quant_config"]
-        assert {k: v for k, v in quant.items() if k != "exclude_modules"} == kept
-        assert quant["exclude_modules"] == excluded if excluded is None else len(quant["exclude_modules"]) == excluded
-    assert "model.layers.1.mlp.down_proj" in quant["exclude_modules"]
-    with pytest.raises(ValueError, match="--quantization gguf serves a .gguf file's 4-bit blocks; .* is a hf checkpoint"):
+        assert (quant["quant_algo"], quant["group_size"], quant["has_zero_point"]) == (algo, group, zero_point), kind
+        excluded = quant["exclude_modules"]
+        assert excluded is None if kind != "F16" else len(excluded) == 14, kind  # 2 layers x 7 projections
+    assert "model.layers.1.mlp.down_proj" in excluded
+    with pytest.raises(ValueError, match="--quantization gguf serves a .gguf file's quantized blocks; .* is a hf checkpoint"):
         cli.llm_kwargs(_parse(["serve", str(tiny_dir("llama")), "--quantization", "gguf"]))

@@ -72,7 +72,7 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
     TP=1 and TP=4."""
     from jaxllm import LLM, QuantConfig, SamplingParams
     from jaxllm.layers.linear import dequantize_groups
-    from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups
+    from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups
 
     path = tmp_path / f"m-{tensor_type}.gguf"
     tiny.write_gguf("llama", _model("llama"), path, tensor_type)
@@ -81,7 +81,7 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
     kept = {}
     for zero_point in (True, False):
         qcfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=zero_point)
-        kept[zero_point] = sum(isinstance(a, Int4Groups) for _, a in gguf.load_gguf_tensors(path, cfg, qcfg))
+        kept[zero_point] = sum(isinstance(a, IntGroups) for _, a in gguf.load_gguf_tensors(path, cfg, qcfg))
     projections = cfg.num_layers * len(QUANTIZED_PARAMS)
     assert kept == {True: 0 if tensor_type == "Q5_0" else projections, False: projections if tensor_type == "Q4_0" else 0}
     floats = loader.load_params(resolved, cfg, jnp.float32, progress=False)
@@ -104,6 +104,50 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
         runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
         tokens = {}
         for mode, quant, tp in runs:  # (TP=4 holds each KV head twice: the blocks laid out as their weights)
+            with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
+                tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert all(t == tokens["float32"] for t in tokens.values()), tokens
+
+
+@pytest.mark.parametrize("tensor_type", ["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_K"])
+def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path):
+    """Under W8A16_GPTQ (int8 groups) a projection in any block type is read as its blocks: the
+    levels centred on zero as int8, each group's scale and offset from the block (groups of 16
+    take Q6_K's sub-blocks, and each 32-value block's twice), dequantizing to the file's floats;
+    symmetric groups take only the types without offsets (Q5_0, Q6_K, Q8_0), groups of 32 not
+    Q6_K's 16. The engine's greedy tokens are the float32 one's, at TP=1 and TP=4."""
+    from jaxllm import LLM, QuantConfig, SamplingParams
+    from jaxllm.layers.linear import dequantize_groups
+    from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups
+
+    path = tmp_path / f"m-{tensor_type}.gguf"
+    tiny.write_gguf("llama", _model("llama"), path, tensor_type)
+    resolved = loader.resolve(str(path))
+    cfg = loader.read_config(resolved)
+    projections = cfg.num_layers * len(QUANTIZED_PARAMS)
+    symmetric = tensor_type in gguf.SYMMETRIC_BLOCK_TYPES
+    for group, zero_point in ((16, True), (16, False), (32, True)):
+        qcfg = dataclasses.replace(cfg, quant_algo="W8A16", quant_group_size=group, quant_zero_point=zero_point)
+        kept = sum(isinstance(a, IntGroups) for _, a in gguf.load_gguf_tensors(path, cfg, qcfg))
+        fits = (zero_point or symmetric) and not (group == 32 and tensor_type == "Q6_K")
+        assert kept == (projections if fits else 0), (group, zero_point)
+    floats = loader.load_params(resolved, cfg, jnp.float32, progress=False)
+    qcfg = dataclasses.replace(cfg, quant_algo="W8A16", quant_group_size=16, quant_zero_point=True)
+    params = loader.load_params(resolved, qcfg, jnp.float32, progress=False)
+    for i, layer in enumerate(params["layers"]):
+        for name, n_in in QUANTIZED_PARAMS.items():
+            assert layer[name].dtype == jnp.int8
+            w = dequantize_groups(layer[name], layer[name + "_scale"], n_in, jnp.float32, layer[name + "_zero"])
+            want = np.asarray(floats["layers"][i][name])
+            np.testing.assert_allclose(np.asarray(w), want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    if tensor_type in ("Q6_K", "Q5_1"):
+        prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
+        greedy = SamplingParams(max_tokens=8, temperature=0.0)
+        args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
+        kept = QuantConfig(quant_algo="W8A16_GPTQ", group_size=16, has_zero_point=not symmetric)
+        runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
+        tokens = {}
+        for mode, quant, tp in runs:
             with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
                 tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         assert all(t == tokens["float32"] for t in tokens.values()), tokens

@@ -150,7 +150,8 @@ def test_fp8_params_are_described_once(tiny_dir):
         cfg.__class__(**{**cfg.__dict__, "quant_algo": "INT4"})
 
 
-@pytest.mark.parametrize("algo,group_size,zero_point", [("FP8", 0, False), ("W8A16", 0, False), ("W4A16", 32, True)])
+@pytest.mark.parametrize("algo,group_size,zero_point", [("FP8", 0, False), ("W8A16", 0, False), ("W4A16", 32, True),
+                                                        ("W8A16", 16, True)])
 def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zero_point, tiny_dir):
     """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
     scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
@@ -393,11 +394,11 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         assert llm.config.quant_group_size == 32 and len(_tokens(llm)) == len(PROMPTS)
     # asymmetric groups (has_zero_point): int4 with an offset per group, weights on a 4-bit grid
     # per group (as a GGUF Q4_1 file's are) come back exactly
-    from jaxllm.quantization import quantize_int4_asymmetric
+    from jaxllm.quantization import quantize_int_asymmetric
 
     levels = jax.random.randint(jax.random.key(7), (64, 24), 0, 16).at[0].set(0).at[1].set(15)  # min and max used
     grid = levels * jnp.linspace(0.01, 0.2, 24) - jnp.linspace(0.5, 1.5, 24)  # [64 in, 24 out]: one group each
-    q, scale, zero = quantize_int4_asymmetric(grid, 1, 64)
+    q, scale, zero = quantize_int_asymmetric(grid, 1, 64)
     assert q.dtype == jnp.int4 and scale.shape == zero.shape == (1, 24)
     np.testing.assert_allclose(np.asarray(dequantize_groups(q, scale, 1, jnp.float32, zero)), np.asarray(grid),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
@@ -431,6 +432,40 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         QuantConfig(quant_algo="W4A16", group_size=100)
     with pytest.raises(ValueError, match="group_size=64 is not supported: it tunes"):
         QuantConfig(quant_algo="W8A16", group_size=64)
+    with pytest.raises(ValueError, match="group_size=24 is not supported for W8A16_GPTQ; allowed: a power of two"):
+        QuantConfig(quant_algo="W8A16_GPTQ", group_size=24)
+
+
+def test_w8a16_gptq_is_int8_weights_per_group_with_offsets(tiny_dir, tmp_path):
+    """QuantConfig(quant_algo='W8A16_GPTQ', group_size=g, has_zero_point=True): int8 projections
+    with a scale and an offset per group (256 levels from the group's minimum: weights on such a
+    grid come back exactly, as a GGUF file's 5- to 8-bit blocks do), made from a float checkpoint
+    by rounding to nearest; the engine's tokens survive LLM.save and tensor parallelism."""
+    from jaxllm.layers.linear import dequantize_groups
+    from jaxllm.quantization import quantize_int_asymmetric
+
+    levels = jax.random.randint(jax.random.key(8), (64, 24), 0, 256)
+    levels = levels.at[0].set(0).at[1].set(255).at[32].set(0).at[33].set(255)  # each group's min and max used
+    grid = levels * jnp.linspace(0.001, 0.02, 24) - jnp.linspace(0.5, 1.5, 24)  # [64 in, 24 out]: groups of 32
+    q, scale, zero = quantize_int_asymmetric(grid, 1, 32, "W8A16")
+    assert q.dtype == jnp.int8 and scale.shape == zero.shape == (2, 24)
+    np.testing.assert_allclose(np.asarray(dequantize_groups(q, scale, 1, jnp.float32, zero)), np.asarray(grid),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64)
+    path = str(tiny_dir("llama"))
+    quant = QuantConfig(quant_algo="W8A16_GPTQ", group_size=16, has_zero_point=True)
+    with LLM(model=path, quant_config=quant, **args) as llm:
+        layer = llm._engine.runner.params["layers"][0]
+        assert layer["w_down"].dtype == jnp.int8 and layer["w_down_zero"].shape == layer["w_down_scale"].shape == (8, 64)
+        assert (llm.config.quant_algo, llm.config.quant_group_size, llm.config.quant_zero_point) == ("W8A16", 16, True)
+        tokens = _tokens(llm)
+        llm.save(tmp_path / "w8g")
+    with LLM(model=str(tmp_path / "w8g"), dtype="float32", skip_tokenizer_init=True) as llm:
+        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == jnp.int8
+        assert _tokens(llm) == tokens
+    if len(jax.devices()) >= 4:
+        with LLM(model=path, quant_config=quant, tensor_parallel_size=4, **args) as llm:
+            assert _tokens(llm) == tokens
     with pytest.raises(ValueError, match="has_zero_point=True is not supported: it tunes"):
         QuantConfig(quant_algo="FP8", has_zero_point=True)
 

@@ -85,12 +85,15 @@ FP8_TEXTS = [
 # coarser still for them: per output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric
 # groups of 128 0.61 / 0.71, of 16 0.75 / 0.72; asymmetric groups of 32 (has_zero_point, the layout
 # of SmolLM2's Q4_1 file, re-encoded exactly) 1.00 / 0.86, mean |d logprob| 0.029 / 0.29; with the
-# 4-bit blocks read as they are 1.000 / 0.829, 0.000 / 0.272, and with Gemma's other (5- to 8-bit)
-# projections left float as --quantization gguf leaves them 1.000 / 0.000 (the file's own numbers).
+# 4-bit blocks read as they are 1.000 / 0.829, 0.000 / 0.272; Gemma's file is mostly 5- to 8-bit
+# blocks (Q5_0 63 M weights, Q4_K 24 M, Q6_K 12 M, Q8_0 1.5 M), which --quantization gguf reads as
+# they are with the 4-bit ones into int8 groups of 16 (W8A16_GPTQ): 1.000 / 0.000, the file's own
+# numbers (so did the 4-bit blocks as int4 with the other projections left float).
 FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.82, 0.15),
               ("smollm2", "W8A16"): (0.97, 0.1), ("smollm2", "W4A16/g32z"): (0.98, 0.06),
-              ("gemma3-270m", "W4A16/g32z"): (0.8, 0.4), ("gemma3-270m", "W4A16/gguf"): (0.98, 0.02)}  # fmt: skip
-W4A16_GROUPS = {"W4A16/g32z": (32, True), "W4A16/gguf": (32, True)}  # (group_size, has_zero_point)
+              ("gemma3-270m", "W4A16/g32z"): (0.8, 0.4), ("gemma3-270m", "gguf"): (0.98, 0.02)}  # fmt: skip
+# (group_size, has_zero_point) of the grouped formats, loaded as the engine loads them (a GGUF block read as it is)
+GROUPS = {"W4A16/g32z": (32, True)}
 
 
 @pytest.mark.parametrize("name,quant_algo", sorted(FP8_BOUNDS))
@@ -114,16 +117,22 @@ def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
     for i, x in enumerate(ids):
         tokens[i, : len(x)], valid[i, : len(x)] = x, True
     params = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
-    group_size, zero_point = W4A16_GROUPS.get(quant_algo, (0, False))
-    algo = quant_algo.split("/")[0]
-    fp8_cfg = dataclasses.replace(cfg, quant_algo=algo, quant_group_size=group_size, quant_zero_point=zero_point)
-    if quant_algo == "W4A16/gguf":  # the file's numbers: its 4-bit blocks int4, its other projections float
+    if quant_algo != "gguf":
+        group_size, zero_point = GROUPS.get(quant_algo, (0, False))
+        algo = quant_algo.split("/")[0]
+        fp8_cfg = dataclasses.replace(cfg, quant_algo=algo, quant_group_size=group_size, quant_zero_point=zero_point)
+    else:  # --quantization gguf: the file's numbers, its blocks read as they are
+        from jaxllm import QuantConfig
         from jaxllm.checkpoints.gguf import blocks_quant_config
         from jaxllm.checkpoints.names import excluded_projections
 
-        excluded = excluded_projections(cfg, blocks_quant_config(resolved.path)["exclude_modules"])
-        fp8_cfg = dataclasses.replace(fp8_cfg, quant_exclude=excluded)
-    if group_size:  # W4A16 groups as the engine loads them: a 4-bit GGUF block read as it is
+        fields = blocks_quant_config(resolved.path)
+        quant = QuantConfig(**fields)
+        group_size = quant.weight_group_size
+        fp8_cfg = dataclasses.replace(cfg, quant_algo=quant.weight_format, quant_group_size=group_size,
+                                      quant_zero_point=quant.weight_zero_point,
+                                      quant_exclude=excluded_projections(cfg, fields["exclude_modules"] or ()))  # fmt: skip
+    if group_size:  # groups as the engine loads them: a GGUF block read as it is
         fp8_params = loader.load_params(resolved, fp8_cfg, jnp.bfloat16, progress=False)
     else:
         fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), fp8_cfg), fp8_cfg)

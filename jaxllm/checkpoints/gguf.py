@@ -15,10 +15,11 @@ a `rope_freqs` tensor; it becomes the config's per-frequency factors.
 An engine quantized to W4A16 with asymmetric groups of 32 (`QuantConfig(quant_algo='W4A16',
 group_size=32, has_zero_point=True)`) reads the layer projections stored in 4-bit blocks (Q4_0,
 Q4_1, Q4_K) as they are: each block's levels become int4 values and its scale and offset the
-group's, never a float weight (`int4_blocks`); tensors of other types (Q5_0, Q6_K, Q8_0, F16, ...)
-are dequantized and quantized to the same groups as they load, unless `exclude_modules` leaves them
-in the model's dtype, as `blocks_quant_config` (the CLI's `--quantization gguf`) does: the file's
-numbers as it stores them.
+group's, never a float weight (`int_blocks`); under W8A16_GPTQ (int8 groups of 16 or 32) the 5- to
+8-bit blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are kept the same way, as int8, and the 4-bit ones too.
+Tensors of other types are dequantized and quantized to the engine's groups as they load, unless
+`exclude_modules` leaves them in the model's dtype, as `blocks_quant_config` (the CLI's
+`--quantization gguf`) does: the file's numbers as it stores them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jaxllm.checkpoints.names import CheckpointError, TensorMapper, gguf_names
 from jaxllm.config import ModelConfig, RopeConfig
 from jaxllm.models import config_from_hf_dict, family_of
 from jaxllm.models.params import flatten_paths, param_specs
-from jaxllm.quantization import QUANTIZED_PARAMS, Int4Groups, group_of, quantizes
+from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups, group_of, quantizes
 
 # Tensor types jaxllm loads (what gguf.quants.dequantize handles and llama.cpp writes for these models).
 SUPPORTED_TYPES = (
@@ -376,48 +377,83 @@ def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     return out
 
 
-# Block types whose blocks are W4A16's asymmetric int4 groups of 32 as they are (w = d * level + m,
-# 16 levels): Q4_0 (m = -8 d), Q4_1 (d, m per block), Q4_K (d * sub-scale, -dmin * sub-min per 32).
+# Block types whose blocks are weight-only groups as they are, w = d * level + m along a row: the
+# values a group spans (a K-quant's sub-block), and the engine formats that hold their levels.
+# 4-bit: Q4_0 (m = -8 d), Q4_1 (d, m per block), Q4_K (d * sub-scale, -dmin * sub-min per 32);
+# 5-bit: Q5_0 (m = -16 d), Q5_1, Q5_K (as Q4_K); 6-bit: Q6_K (d * an int8 sub-scale per 16, m = -32
+# times that); 8-bit: Q8_0 (d, signed levels). W4A16 holds the 4-bit ones, W8A16 (int8) all of them.
+BLOCK_GROUP = {"Q4_0": 32, "Q4_1": 32, "Q4_K": 32, "Q5_0": 32, "Q5_1": 32, "Q5_K": 32, "Q6_K": 16, "Q8_0": 32}
 INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-INT4_BLOCK = 32  # values per group
+FORMAT_BLOCK_TYPES = {"W4A16": INT4_BLOCK_TYPES, "W8A16": tuple(BLOCK_GROUP)}
+# Types whose offsets are a fixed multiple of the scale: their centred levels need no offset.
+SYMMETRIC_BLOCK_TYPES = ("Q4_0", "Q5_0", "Q6_K", "Q8_0")
+INT4_BLOCK = 32  # values per group of the 4-bit types
+
+
+def kept_group(kind: str, input_extent: int, cfg: ModelConfig) -> int:
+    """The group (input channels a scale covers) in which a projection stored as `kind` is read as
+    its blocks under cfg (the engine's config), or 0 when it is not: a grouped weight-only format
+    that holds `kind`'s levels, whose groups along the projection's last input axis (of
+    `input_extent`) divide the file's (each block's scale then serves its groups), with offsets
+    unless the blocks need none."""
+    if cfg.quant_algo not in FORMAT_BLOCK_TYPES or kind not in FORMAT_BLOCK_TYPES[cfg.quant_algo] or not cfg.quant_group_size:
+        return 0
+    group = group_of(input_extent, cfg.quant_group_size)
+    symmetric_ok = cfg.quant_zero_point or kind in SYMMETRIC_BLOCK_TYPES
+    return group if BLOCK_GROUP[kind] % group == 0 and symmetric_ok else 0
 
 
 def keeps_blocks(kind: str, input_extent: int, cfg: ModelConfig) -> bool:
-    """Whether a projection stored as `kind` is read as its int4 groups under cfg (the engine's
-    config): W4A16 whose groups along the projection's last input axis (of `input_extent`) are the
-    file's blocks of 32, with offsets unless the blocks have none (Q4_0)."""
-    return (cfg.quant_algo == "W4A16" and kind in INT4_BLOCK_TYPES and group_of(input_extent, cfg.quant_group_size) == INT4_BLOCK
-            and (cfg.quant_zero_point or kind == "Q4_0"))  # fmt: skip
+    """Whether a projection stored as `kind` is read as its blocks under cfg (`kept_group`)."""
+    return kept_group(kind, input_extent, cfg) > 0
 
 
-def _kept_blocks(cfg: ModelConfig, quantized: ModelConfig) -> Callable[[str, str], bool]:
-    """(param path, GGUF tensor type) -> whether that tensor is read as its int4 groups under the
-    engine's config `quantized`: a projection it quantizes whose blocks are its groups (`keeps_blocks`)."""
+def _kept_blocks(cfg: ModelConfig, quantized: ModelConfig) -> Callable[[str, str], int]:
+    """(param path, GGUF tensor type) -> the group in which that tensor is read as its blocks under
+    the engine's config `quantized`, or 0: a projection it quantizes whose blocks serve its groups
+    (`kept_group`)."""
     specs = flatten_paths(param_specs(cfg))
 
-    def kept(param: str, kind: str) -> bool:
+    def kept(param: str, kind: str) -> int:
         if not quantizes(param, quantized):  # not a quantized layer projection (the LM head, a norm, excluded)
-            return False
+            return 0
         last_input_axis = QUANTIZED_PARAMS[param.rsplit(".", 1)[-1]] - 1
-        return keeps_blocks(kind, specs[param].shape[last_input_axis], quantized)
+        return kept_group(kind, specs[param].shape[last_input_axis], quantized)
 
     return kept
 
 
 def blocks_quant_config(path: Path) -> dict:
-    """QuantConfig's fields that serve a GGUF file's numbers as it stores them: W4A16 in asymmetric
-    groups of 32, its projections in 4-bit blocks read as they are (`keeps_blocks`), and every other
-    projection (Q5_0, Q6_K, Q8_0, F16, ...) excluded (`exclude_modules`: dequantized to the model's
-    dtype, not quantized again). The CLI's `--quantization gguf`."""
+    """QuantConfig's fields that serve a GGUF file's numbers as it stores them (the CLI's
+    `--quantization gguf`), the projections' blocks read as they are (`kept_group`):
+
+    - at least as many of the projections' weights in 4-bit blocks as in 5- to 8-bit ones: W4A16
+      in asymmetric groups of 32, every projection of another type (Q5_K, Q6_K, Q8_0, F16, ...)
+      excluded (`exclude_modules`: dequantized to the model's dtype, not quantized again);
+    - otherwise W8A16_GPTQ, int8 in groups of 16 when a projection is Q6_K (else 32), asymmetric
+      when a type needs offsets: every projection in blocks kept, those in float types excluded.
+    """
     from jaxllm.checkpoints.names import hf_module_name
 
     cfg = read_config(path)
-    quantized = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=INT4_BLOCK, quant_zero_point=True)
-    kept = _kept_blocks(cfg, quantized)
     params = {name: param for name, (param, _) in gguf_names(cfg, family_of(cfg.architecture)).items()}
-    excluded = [hf_module_name(params[t.name]) for t in _open(path).tensors
-                if quantizes(params.get(t.name, ""), quantized) and not kept(params[t.name], t.tensor_type.name)]  # fmt: skip
-    return {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True, "exclude_modules": excluded or None}
+    probe = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=INT4_BLOCK, quant_zero_point=True)
+    projections = [(params[t.name], t.tensor_type.name, int(np.prod(t.shape))) for t in _open(path).tensors
+                   if quantizes(params.get(t.name, ""), probe)]  # fmt: skip
+    four_bit = sum(n for _, kind, n in projections if kind in INT4_BLOCK_TYPES)
+    wider = sum(n for _, kind, n in projections if kind in BLOCK_GROUP and kind not in INT4_BLOCK_TYPES)
+    if four_bit >= wider:
+        fields = {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True}
+        quantized = probe
+    else:
+        kinds = {kind for _, kind, _ in projections if kind in BLOCK_GROUP}
+        group = min((BLOCK_GROUP[k] for k in kinds), default=INT4_BLOCK)
+        zero_point = bool(kinds - set(SYMMETRIC_BLOCK_TYPES))
+        fields = {"quant_algo": "W8A16_GPTQ", "group_size": group, "has_zero_point": zero_point}
+        quantized = dataclasses.replace(cfg, quant_algo="W8A16", quant_group_size=group, quant_zero_point=zero_point)
+    kept = _kept_blocks(cfg, quantized)
+    excluded = [hf_module_name(param) for param, kind, _ in projections if not kept(param, kind)]
+    return fields | {"exclude_modules": excluded or None}
 
 
 def _f16(column: np.ndarray) -> np.ndarray:
@@ -425,32 +461,60 @@ def _f16(column: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(column).view(np.float16)[..., 0].astype(np.float32)
 
 
-def int4_blocks(tensor: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Q4_0 / Q4_1 / Q4_K tensor's blocks, not dequantized: (q int8 [rows, cols] in [-8, 7], scale and
-    zero float32 [rows, cols / 32]) with w = q * scale + zero per group of 32 along a row, the
-    numbers gguf.quants.dequantize computes (to float32 rounding of the zero)."""
+def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tensor's blocks (a type of BLOCK_GROUP), not dequantized: (q int8 [rows, cols], scale and
+    zero float32 [rows, cols / group]) with w = q * scale + zero per group of `group` values along a
+    row (default: the type's own; a smaller one that divides it repeats each block's scale and
+    zero), the numbers gguf.quants.dequantize computes (to float32 rounding). q is the level centred
+    on zero: in [-8, 7] for the 4-bit types, [-16, 15] for the 5-bit, [-32, 31] for Q6_K, Q8_0's own."""
     from gguf.quants import Q4_K
 
     data, kind = tensor.data, tensor.tensor_type.name
+    if kind not in BLOCK_GROUP:
+        raise ValueError(f"GGUF tensor {tensor.name!r} has type {kind}; blocks are read for {', '.join(BLOCK_GROUP)}")
     rows = data.shape[0]
-    if kind == "Q4_K":  # super-blocks of 256: d, dmin, 8 packed 6-bit (scale, min) pairs, 128 bytes of levels
-        blocks = data.reshape(rows, -1, 144)
-        d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
-        sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
-        qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 x 32 bytes: low nibbles group 2j, high 2j + 1
-        levels = qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-        scale = (d * sub_scale).reshape(rows, -1)
-        offset = -(dmin * sub_min).reshape(rows, -1)
-    elif kind in ("Q4_0", "Q4_1"):  # blocks of 32: d (and m), 16 bytes of levels, low nibbles first
-        blocks = data.reshape(rows, -1, 18 if kind == "Q4_0" else 20)
-        scale = _f16(blocks[..., 0:2])
-        offset = -8.0 * scale if kind == "Q4_0" else _f16(blocks[..., 2:4])
-        levels = blocks[..., None, -16:] >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    else:
-        raise ValueError(f"GGUF tensor {tensor.name!r} has type {kind}; int4 blocks are {', '.join(INT4_BLOCK_TYPES)}")
-    q = (levels & np.uint8(0x0F)).reshape(rows, -1).astype(np.int8) - np.int8(8)
-    zero = (offset + np.float32(8.0) * scale).astype(np.float32)  # w = d * level + m = d * (level - 8) + (m + 8 d)
-    return q, scale.astype(np.float32), zero
+    if kind in INT4_BLOCK_TYPES:  # the levels unpacked from their nibbles
+        if kind == "Q4_K":  # super-blocks of 256: d, dmin, 8 packed 6-bit (scale, min) pairs, 128 bytes of levels
+            blocks = data.reshape(rows, -1, 144)
+            d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
+            sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+            qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 x 32 bytes: low nibbles group 2j, high 2j + 1
+            levels = qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+            scale = (d * sub_scale).reshape(rows, -1)
+            offset = -(dmin * sub_min).reshape(rows, -1)
+        else:  # Q4_0 / Q4_1, blocks of 32: d (and m), 16 bytes of levels, low nibbles first
+            blocks = data.reshape(rows, -1, 18 if kind == "Q4_0" else 20)
+            scale = _f16(blocks[..., 0:2])
+            offset = -8.0 * scale if kind == "Q4_0" else _f16(blocks[..., 2:4])
+            levels = blocks[..., None, -16:] >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        q = (levels & np.uint8(0x0F)).reshape(rows, -1).astype(np.int8) - np.int8(8)
+        zero = (offset + np.float32(8.0) * scale).astype(np.float32)  # w = d * level + m = d * (level - 8) + (m + 8 d)
+    else:  # the levels recovered from the file's floats, given each group's scale and offset
+        size = {"Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q5_K": 176, "Q6_K": 210}[kind]
+        blocks = data.reshape(rows, -1, size)
+        if kind == "Q5_K":  # as Q4_K, and 32 bytes of fifth bits
+            d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
+            sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+            scale, offset = (d * sub_scale).reshape(rows, -1), -(dmin * sub_min).reshape(rows, -1)
+        elif kind == "Q6_K":  # 128 bytes of low nibbles, 64 of high pairs, 16 int8 sub-scales, d
+            d = _f16(blocks[..., 208:210])[..., None]
+            scale = (d * blocks[..., 192:208].view(np.int8).astype(np.float32)).reshape(rows, -1)
+            offset = np.zeros_like(scale)
+        else:  # Q5_0 / Q5_1 / Q8_0, blocks of 32: d (and Q5_1's m)
+            scale = _f16(blocks[..., 0:2])
+            offset = _f16(blocks[..., 2:4]) if kind == "Q5_1" else np.zeros_like(scale)
+        center = {"Q5_0": 0, "Q5_1": 16, "Q5_K": 16, "Q6_K": 0, "Q8_0": 0}[kind]  # w = d * (level - center) + (m + center d)
+        w = _dequantize(tensor).reshape(rows, scale.shape[1], -1)
+        safe = np.where(scale == 0, np.float32(1), scale)[..., None]
+        q = np.where(scale[..., None] == 0, 0, np.rint((w - offset[..., None]) / safe) - center).astype(np.int8)
+        q = q.reshape(rows, -1)
+        zero = (offset + np.float32(center) * scale).astype(np.float32)
+    native = BLOCK_GROUP[kind]
+    group = group or native
+    if native % group:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: groups of {group} do not divide {kind}'s blocks of {native}")
+    repeat = native // group
+    return q, np.repeat(scale.astype(np.float32), repeat, axis=-1), np.repeat(zero, repeat, axis=-1)
 
 
 def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -460,14 +524,16 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iter_gguf_file_tensors(path: Path, cfg: ModelConfig,
-                           blocks: Callable[[GGUFTensor], bool] | None = None) -> Iterator[tuple[str, Any]]:  # fmt: skip
+                           blocks: Callable[[GGUFTensor], int] | None = None) -> Iterator[tuple[str, Any]]:  # fmt: skip
     """Yield (GGUF tensor name, float32 array in Hugging Face layout), metadata-only tensors skipped;
-    a tensor that `blocks` picks comes as its int4 blocks instead, (q, scale, zero) of `int4_blocks`."""
+    a tensor for which `blocks` gives a group comes as its blocks instead, (q, scale, zero) of
+    `int_blocks` in that group."""
     family = family_of(cfg.architecture)
     for tensor in _open(path).tensors:
         if tensor.name == "rope_freqs.weight":  # folded into the config (read_config)
             continue
-        arrays = int4_blocks(tensor) if blocks is not None and blocks(tensor) else (_dequantize(tensor),)
+        group = blocks(tensor) if blocks is not None else 0
+        arrays = int_blocks(tensor, group) if group else (_dequantize(tensor),)
         if family.gguf_permuted_qk and tensor.name.endswith("attn_q.weight"):  # rows permuted: each group with its row
             arrays = tuple(_unpermute_qk(a, cfg.num_heads) for a in arrays)
         elif family.gguf_permuted_qk and tensor.name.endswith("attn_k.weight"):
@@ -480,21 +546,23 @@ def iter_gguf_file_tensors(path: Path, cfg: ModelConfig,
 def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | None = None) -> Iterator[tuple[str, Any]]:
     """Yield (param path, array in params layout) for every parameter, checking the whole set.
 
-    quantized: the engine's config; under W4A16 with groups of 32 a layer projection stored in 4-bit
-    blocks (`keeps_blocks`) comes as its groups as they are, an `Int4Groups`, instead of floats."""
+    quantized: the engine's config; under a grouped weight-only format a layer projection whose
+    blocks serve its groups (`kept_group`) comes as its groups as they are, an `IntGroups`, instead
+    of floats."""
     mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path))
     kept = _kept_blocks(cfg, quantized) if quantized is not None else None
 
-    def blocks(tensor: GGUFTensor) -> bool:
-        return kept is not None and tensor.name in mapper.names and kept(mapper.names[tensor.name][0],
-                                                                          tensor.tensor_type.name)  # fmt: skip
+    def blocks(tensor: GGUFTensor) -> int:
+        if kept is None or tensor.name not in mapper.names:
+            return 0
+        return kept(mapper.names[tensor.name][0], tensor.tensor_type.name)
 
     for name, array in iter_gguf_file_tensors(path, cfg, blocks):
         if not mapper.wants(name):
             continue
         if isinstance(array, tuple):  # (q, scale, zero) in the file's [out, in] rows, laid out like the weight
             param, q = mapper.convert(name, array[0])
-            yield param, Int4Groups(q, *(mapper.transform(name, a) for a in array[1:]))
+            yield param, IntGroups(q, *(mapper.transform(name, a) for a in array[1:]))
         else:
             yield mapper.convert(name, array)
     mapper.finish()

@@ -25,7 +25,7 @@ from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import abstract_params, flatten_paths, fuse_params, param_specs, unflatten_paths
-from jaxllm.quantization import Int4Groups, base_config, quantize_path, quantized_paths, quantizes
+from jaxllm.quantization import IntGroups, base_config, quantize_path, quantized_paths, quantizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,10 @@ def read_config(resolved: ResolvedModel) -> ModelConfig:
 
 
 def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig,
-                 quantized: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray | Int4Groups]]:  # fmt: skip
+                 quantized: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray | IntGroups]]:  # fmt: skip
     """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint; with
-    `quantized` (the engine's config), a GGUF projection whose 4-bit blocks are its W4A16 groups comes
-    as an Int4Groups (checkpoints/gguf.py)."""
+    `quantized` (the engine's config), a GGUF projection whose blocks serve its groups comes as an
+    IntGroups (checkpoints/gguf.py)."""
     if resolved.kind == "gguf":
         return gguf.load_gguf_tensors(resolved.path, cfg, quantized)
     if resolved.kind == "hf":
@@ -187,7 +187,7 @@ def load_params(
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
         for path, array in iter_tensors(resolved, read_cfg, cfg):
-            if isinstance(array, Int4Groups):  # already quantized: placed as it is
+            if isinstance(array, IntGroups):  # already quantized: placed as it is
                 flat.update({p: jax.device_put(a) for p, a in array.params(path, cfg).items()})
                 bar.update(array.q.size * np.dtype(jnp.dtype(dtype)).itemsize)
                 continue
@@ -273,7 +273,7 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
     flat = {}
     with _bar(resolved, cfg, dtype, progress) as bar:
         for path, array in iter_tensors(resolved, read_cfg, cfg):
-            if isinstance(array, Int4Groups):  # already quantized: laid out and placed as it is
+            if isinstance(array, IntGroups):  # already quantized: laid out and placed as it is
                 flat.update({p: place(p, a, cast=False) for p, a in array.params(path, cfg).items()})
                 bar.update(array.q.size * np.dtype(np_dtype).itemsize)
                 continue
