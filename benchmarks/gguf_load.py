@@ -1,4 +1,4 @@
-"""A 4-bit GGUF file on the CPU: kept at 4 bits (W4A16 groups of 32) against dequantized to float32.
+"""A GGUF file on the CPU: its blocks kept (int4 / int8 groups) against dequantized to float32.
 
     python benchmarks/gguf_load.py [--models smollm2,gemma3-270m] [--trees .,/path/to/old/tree]
                                    [--out benchmarks/results]
@@ -10,8 +10,8 @@ take), then `LLM()` on the same file and 32 greedy tokens at batch 1, three time
 first request, its programs compiled in it, and of the third, warm; the process's peak RSS at the
 end). Modes: `float32` (the default: every tensor dequantized), `w4a16`
 (`QuantConfig(quant_algo='W4A16', group_size=32, has_zero_point=True)`: every projection int4),
-`gguf` (the CLI's `--quantization gguf`: the same with the projections that are not stored in 4-bit
-blocks excluded, float). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
+`gguf` (the CLI's `--quantization gguf`: a file mostly of 4-bit blocks as w4a16 with its projections
+of other types excluded, float; any other file's blocks as int8 groups, W8A16_GPTQ). `--trees` runs the same in other checkouts (their package on PYTHONPATH),
 for a change measured beside its baseline.
 """
 
