@@ -403,11 +403,6 @@ def kept_group(kind: str, input_extent: int, cfg: ModelConfig) -> int:
     return group if BLOCK_GROUP[kind] % group == 0 and symmetric_ok else 0
 
 
-def keeps_blocks(kind: str, input_extent: int, cfg: ModelConfig) -> bool:
-    """Whether a projection stored as `kind` is read as its blocks under cfg (`kept_group`)."""
-    return kept_group(kind, input_extent, cfg) > 0
-
-
 def _kept_blocks(cfg: ModelConfig, quantized: ModelConfig) -> Callable[[str, str], int]:
     """(param path, GGUF tensor type) -> the group in which that tensor is read as its blocks under
     the engine's config `quantized`, or 0: a projection it quantizes whose blocks serve its groups
@@ -461,14 +456,23 @@ def _f16(column: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(column).view(np.float16)[..., 0].astype(np.float32)
 
 
+def _k_scale_offset(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K super-blocks [rows, n, bytes] (d, dmin, 8 packed 6-bit (scale, min) pairs first)
+    -> each group of 32's scale d * sub-scale and offset -dmin * sub-min, [rows, n * 8]."""
+    from gguf.quants import Q4_K
+
+    rows = blocks.shape[0]
+    d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
+    sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+    return (d * sub_scale).reshape(rows, -1), -(dmin * sub_min).reshape(rows, -1)
+
+
 def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A tensor's blocks (a type of BLOCK_GROUP), not dequantized: (q int8 [rows, cols], scale and
     zero float32 [rows, cols / group]) with w = q * scale + zero per group of `group` values along a
     row (default: the type's own; a smaller one that divides it repeats each block's scale and
     zero), the numbers gguf.quants.dequantize computes (to float32 rounding). q is the level centred
     on zero: in [-8, 7] for the 4-bit types, [-16, 15] for the 5-bit, [-32, 31] for Q6_K, Q8_0's own."""
-    from gguf.quants import Q4_K
-
     data, kind = tensor.data, tensor.tensor_type.name
     if kind not in BLOCK_GROUP:
         raise ValueError(f"GGUF tensor {tensor.name!r} has type {kind}; blocks are read for {', '.join(BLOCK_GROUP)}")
@@ -476,12 +480,9 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
     if kind in INT4_BLOCK_TYPES:  # the levels unpacked from their nibbles
         if kind == "Q4_K":  # super-blocks of 256: d, dmin, 8 packed 6-bit (scale, min) pairs, 128 bytes of levels
             blocks = data.reshape(rows, -1, 144)
-            d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
-            sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+            scale, offset = _k_scale_offset(blocks)
             qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 x 32 bytes: low nibbles group 2j, high 2j + 1
             levels = qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-            scale = (d * sub_scale).reshape(rows, -1)
-            offset = -(dmin * sub_min).reshape(rows, -1)
         else:  # Q4_0 / Q4_1, blocks of 32: d (and m), 16 bytes of levels, low nibbles first
             blocks = data.reshape(rows, -1, 18 if kind == "Q4_0" else 20)
             scale = _f16(blocks[..., 0:2])
@@ -493,9 +494,7 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
         size = {"Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q5_K": 176, "Q6_K": 210}[kind]
         blocks = data.reshape(rows, -1, size)
         if kind == "Q5_K":  # as Q4_K, and 32 bytes of fifth bits
-            d, dmin = _f16(blocks[..., 0:2])[..., None], _f16(blocks[..., 2:4])[..., None]
-            sub_scale, sub_min = (x.reshape(rows, -1, 8) for x in Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
-            scale, offset = (d * sub_scale).reshape(rows, -1), -(dmin * sub_min).reshape(rows, -1)
+            scale, offset = _k_scale_offset(blocks)
         elif kind == "Q6_K":  # 128 bytes of low nibbles, 64 of high pairs, 16 int8 sub-scales, d
             d = _f16(blocks[..., 208:210])[..., None]
             scale = (d * blocks[..., 192:208].view(np.int8).astype(np.float32)).reshape(rows, -1)
