@@ -110,7 +110,7 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
 
 
 @pytest.mark.parametrize("tensor_type", ["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_K"])
-def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path):
+def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path, monkeypatch):
     """Under W8A16_GPTQ (int8 groups) a projection in any block type is read as its blocks: the
     levels centred on zero as int8, each group's scale and offset from the block (groups of 16
     take Q6_K's sub-blocks, and each 32-value block's twice), dequantizing to the file's floats;
@@ -126,6 +126,11 @@ def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path):
     cfg = loader.read_config(resolved)
     projections = cfg.num_layers * len(QUANTIZED_PARAMS)
     symmetric = tensor_type in gguf.SYMMETRIC_BLOCK_TYPES
+    tensor = next(t for t in gguf._open(path).tensors if t.name == "blk.0.ffn_down.weight")
+    whole = gguf.int_blocks(tensor, 16)
+    monkeypatch.setattr(gguf, "_DEQUANTIZE_ELEMENTS", 3 * 256)  # read in slices of 3 rows: the same
+    for a, b in zip(whole, gguf.int_blocks(tensor, 16)):
+        np.testing.assert_array_equal(a, b)
     for group, zero_point in ((16, True), (16, False), (32, True)):
         qcfg = dataclasses.replace(cfg, quant_algo="W8A16", quant_group_size=group, quant_zero_point=zero_point)
         kept = sum(isinstance(a, IntGroups) for _, a in gguf.load_gguf_tensors(path, cfg, qcfg))

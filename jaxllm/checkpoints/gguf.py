@@ -491,6 +491,8 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
         q = (levels & np.uint8(0x0F)).reshape(rows, -1).astype(np.int8) - np.int8(8)
         zero = (offset + np.float32(8.0) * scale).astype(np.float32)  # w = d * level + m = d * (level - 8) + (m + 8 d)
     else:  # the levels recovered from the file's floats, given each group's scale and offset
+        from gguf.quants import dequantize
+
         size = {"Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q5_K": 176, "Q6_K": 210}[kind]
         blocks = data.reshape(rows, -1, size)
         if kind == "Q5_K":  # as Q4_K, and 32 bytes of fifth bits
@@ -503,10 +505,13 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
             scale = _f16(blocks[..., 0:2])
             offset = _f16(blocks[..., 2:4]) if kind == "Q5_1" else np.zeros_like(scale)
         center = {"Q5_0": 0, "Q5_1": 16, "Q5_K": 16, "Q6_K": 0, "Q8_0": 0}[kind]  # w = d * (level - center) + (m + center d)
-        w = _dequantize(tensor).reshape(rows, scale.shape[1], -1)
         safe = np.where(scale == 0, np.float32(1), scale)[..., None]
-        q = np.where(scale[..., None] == 0, 0, np.rint((w - offset[..., None]) / safe) - center).astype(np.int8)
-        q = q.reshape(rows, -1)
+        q = np.empty((rows, scale.shape[1] * BLOCK_GROUP[kind]), np.int8)
+        step = max(1, _DEQUANTIZE_ELEMENTS // q.shape[1])  # in slices of rows: float temporaries of a slice
+        for a in range(0, rows, step):
+            w = dequantize(data[a : a + step], tensor.tensor_type).reshape(-1, scale.shape[1], BLOCK_GROUP[kind])
+            levels = np.rint((w - offset[a : a + step, :, None]) / safe[a : a + step]) - center
+            q[a : a + step] = np.where(scale[a : a + step, :, None] == 0, 0, levels).reshape(len(w), -1)
         zero = (offset + np.float32(center) * scale).astype(np.float32)
     native = BLOCK_GROUP[kind]
     group = group or native
