@@ -179,6 +179,15 @@ class QuantConfig:
         """ModelConfig.quant_zero_point: has_zero_point under W4A16 and W8A16_GPTQ (asymmetric groups)."""
         return bool(self.has_zero_point) and self.quant_algo in GROUPED_ALGOS
 
+    def applied_to(self, cfg):
+        """A float checkpoint's ModelConfig `cfg` with this config's weight format: quant_algo (the
+        weight format), its groups and offsets, and the projections exclude_modules leaves float."""
+        from jaxllm.checkpoints.names import excluded_projections
+
+        return dataclasses.replace(cfg, quant_algo=self.weight_format, quant_group_size=self.weight_group_size,
+                                   quant_zero_point=self.weight_zero_point,
+                                   quant_exclude=excluded_projections(cfg, self.exclude_modules))  # fmt: skip
+
     @property
     def kv_cache_dtype(self) -> Optional[str]:
         """kv_cache_config.dtype this config asks for ('fp8'), or None."""

@@ -124,14 +124,9 @@ def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
     else:  # --quantization gguf: the file's numbers, its blocks read as they are
         from jaxllm import QuantConfig
         from jaxllm.checkpoints.gguf import blocks_quant_config
-        from jaxllm.checkpoints.names import excluded_projections
 
-        fields = blocks_quant_config(resolved.path)
-        quant = QuantConfig(**fields)
-        group_size = quant.weight_group_size
-        fp8_cfg = dataclasses.replace(cfg, quant_algo=quant.weight_format, quant_group_size=group_size,
-                                      quant_zero_point=quant.weight_zero_point,
-                                      quant_exclude=excluded_projections(cfg, fields["exclude_modules"] or ()))  # fmt: skip
+        fp8_cfg = QuantConfig(**blocks_quant_config(resolved.path)).applied_to(cfg)
+        group_size = fp8_cfg.quant_group_size
     if group_size:  # groups as the engine loads them: a GGUF block read as it is
         fp8_params = loader.load_params(resolved, fp8_cfg, jnp.bfloat16, progress=False)
     else:

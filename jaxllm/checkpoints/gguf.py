@@ -36,7 +36,7 @@ from jaxllm.checkpoints.names import CheckpointError, TensorMapper, gguf_names
 from jaxllm.config import ModelConfig, RopeConfig
 from jaxllm.models import config_from_hf_dict, family_of
 from jaxllm.models.params import flatten_paths, param_specs
-from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups, group_of, quantizes
+from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups, QuantConfig, group_of, quantizes
 
 # Tensor types jaxllm loads (what gguf.quants.dequantize handles and llama.cpp writes for these models).
 SUPPORTED_TYPES = (
@@ -432,21 +432,19 @@ def blocks_quant_config(path: Path) -> dict:
 
     cfg = read_config(path)
     params = {name: param for name, (param, _) in gguf_names(cfg, family_of(cfg.architecture)).items()}
-    probe = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=INT4_BLOCK, quant_zero_point=True)
+    int4_fields = {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True}
+    probe = QuantConfig(**int4_fields).applied_to(cfg)
     projections = [(params[t.name], t.tensor_type.name, int(np.prod(t.shape))) for t in _open(path).tensors
                    if quantizes(params.get(t.name, ""), probe)]  # fmt: skip
     four_bit = sum(n for _, kind, n in projections if kind in INT4_BLOCK_TYPES)
     wider = sum(n for _, kind, n in projections if kind in BLOCK_GROUP and kind not in INT4_BLOCK_TYPES)
     if four_bit >= wider:
-        fields = {"quant_algo": "W4A16", "group_size": INT4_BLOCK, "has_zero_point": True}
-        quantized = probe
+        fields = int4_fields
     else:
         kinds = {kind for _, kind, _ in projections if kind in BLOCK_GROUP}
         group = min((BLOCK_GROUP[k] for k in kinds), default=INT4_BLOCK)
-        zero_point = bool(kinds - set(SYMMETRIC_BLOCK_TYPES))
-        fields = {"quant_algo": "W8A16_GPTQ", "group_size": group, "has_zero_point": zero_point}
-        quantized = dataclasses.replace(cfg, quant_algo="W8A16", quant_group_size=group, quant_zero_point=zero_point)
-    kept = _kept_blocks(cfg, quantized)
+        fields = {"quant_algo": "W8A16_GPTQ", "group_size": group, "has_zero_point": bool(kinds - set(SYMMETRIC_BLOCK_TYPES))}
+    kept = _kept_blocks(cfg, QuantConfig(**fields).applied_to(cfg))
     excluded = [hf_module_name(param) for param, kind, _ in projections if not kept(param, kind)]
     return fields | {"exclude_modules": excluded or None}
 

@@ -31,7 +31,6 @@ from jaxllm.adapters.cache import AdapterCache
 from jaxllm.adapters.lora import LORA_PARAMS, load_lora_adapter
 from jaxllm.adapters.prompt import load_prompt_adapter
 from jaxllm.checkpoints import loader, saved
-from jaxllm.checkpoints.names import excluded_projections
 from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
@@ -117,17 +116,14 @@ class EngineBuilder:
         was calibrated for FP8 gets an fp8 cache unless kv_cache_config.dtype says otherwise, as in
         TensorRT-LLM."""
         qc = self.args.quant_config
-        quant = qc.weight_format if qc is not None else None
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
             # (kv_cache_scales: hf.read_config found the checkpoint calibrated for an fp8 KV cache)
             if cfg.kv_cache_scales and self.args.kv_cache_config.dtype == "auto":
                 self.args.kv_cache_config = dataclasses.replace(self.args.kv_cache_config, dtype="fp8")
             return cfg
-        if quant is None:
+        if qc is None or qc.weight_format is None:
             return cfg
-        return dataclasses.replace(cfg, quant_algo=quant, quant_group_size=qc.weight_group_size,
-                                   quant_zero_point=qc.weight_zero_point,
-                                   quant_exclude=excluded_projections(cfg, qc.exclude_modules))  # fmt: skip
+        return qc.applied_to(cfg)
 
     def build(self, tokenizer: Any, tokenizer_revision: Optional[str], trust_remote_code: bool, tokenizer_mode: str,
               skip_tokenizer_init: bool) -> Engine | None:  # fmt: skip
