@@ -62,6 +62,23 @@ def test_tensor_types_dequantize_exactly(tensor_type, tmp_path):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def _assert_kept_engine_gives_float32_tokens(path, kept):
+    """An engine on the GGUF file at `path` under `kept` (a QuantConfig whose groups keep its blocks)
+    gives the float32 engine's greedy tokens at TP=1 and TP=4 (which holds each KV head twice: the
+    blocks laid out as their weights)."""
+    from jaxllm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
+    runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
+    tokens = {}
+    for mode, quant, tp in runs:
+        with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
+            tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert all(t == tokens["float32"] for t in tokens.values()), tokens
+
+
 @pytest.mark.parametrize("tensor_type", ["Q4_0", "Q4_1", "Q4_K", "Q5_0"])
 def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
     """Under W4A16 in asymmetric groups of 32 (`--quantization gguf`) a projection stored in 4-bit
@@ -70,7 +87,7 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
     quantized again; other types (Q5_0) are quantized from their floats as they load. Symmetric
     groups take only Q4_0's blocks (no offsets). The engine's greedy tokens are the float32 one's, at
     TP=1 and TP=4."""
-    from jaxllm import LLM, QuantConfig, SamplingParams
+    from jaxllm import QuantConfig
     from jaxllm.layers.linear import dequantize_groups
     from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups
 
@@ -97,16 +114,7 @@ def test_4bit_blocks_are_read_as_int4_groups(tensor_type, tmp_path):
             else:
                 np.testing.assert_allclose(np.asarray(w), want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
     if tensor_type == "Q4_K":
-        prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
-        greedy = SamplingParams(max_tokens=8, temperature=0.0)
-        args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
-        kept = QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True)
-        runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
-        tokens = {}
-        for mode, quant, tp in runs:  # (TP=4 holds each KV head twice: the blocks laid out as their weights)
-            with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
-                tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-        assert all(t == tokens["float32"] for t in tokens.values()), tokens
+        _assert_kept_engine_gives_float32_tokens(path, QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))
 
 
 @pytest.mark.parametrize("tensor_type", ["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_K"])
@@ -116,7 +124,7 @@ def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path, monkeypatch):
     take Q6_K's sub-blocks, and each 32-value block's twice), dequantizing to the file's floats;
     symmetric groups take only the types without offsets (Q5_0, Q6_K, Q8_0), groups of 32 not
     Q6_K's 16. The engine's greedy tokens are the float32 one's, at TP=1 and TP=4."""
-    from jaxllm import LLM, QuantConfig, SamplingParams
+    from jaxllm import QuantConfig
     from jaxllm.layers.linear import dequantize_groups
     from jaxllm.quantization import QUANTIZED_PARAMS, IntGroups
 
@@ -146,16 +154,8 @@ def test_blocks_are_read_as_int8_groups(tensor_type, tmp_path, monkeypatch):
             want = np.asarray(floats["layers"][i][name])
             np.testing.assert_allclose(np.asarray(w), want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
     if tensor_type in ("Q6_K", "Q5_1"):
-        prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35]}, {"prompt_token_ids": [7, 8, 9]}]
-        greedy = SamplingParams(max_tokens=8, temperature=0.0)
-        args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=2, max_num_tokens=64)
         kept = QuantConfig(quant_algo="W8A16_GPTQ", group_size=16, has_zero_point=not symmetric)
-        runs = [("float32", None, 1), ("kept", kept, 1)] + ([("kept, TP=4", kept, 4)] if len(jax.devices()) >= 4 else [])
-        tokens = {}
-        for mode, quant, tp in runs:
-            with LLM(model=str(path), quant_config=quant, tensor_parallel_size=tp, **args) as llm:
-                tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-        assert all(t == tokens["float32"] for t in tokens.values()), tokens
+        _assert_kept_engine_gives_float32_tokens(path, kept)
 
 
 def test_unsupported_tensor_type_is_refused(tmp_path):
