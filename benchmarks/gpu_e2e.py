@@ -77,6 +77,10 @@ def part_perf(args) -> dict:
         quant["quant_config"].update(group_size=args.group_size, has_zero_point=args.zero_point)
     if args.kv_cache_dtype:
         quant["kv_cache_config"] = {"dtype": args.kv_cache_dtype}
+    if args.capacity_policy:
+        from jaxllm import SchedulerConfig
+
+        quant["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy=args.capacity_policy)
     llm = LLM(model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
               max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len, **quant)  # fmt: skip
     engine = llm._engine
@@ -90,6 +94,7 @@ def part_perf(args) -> dict:
     tbs = hbm_tbs(jax.devices()[0].device_kind)
     floor_ms = weight_bytes / (tbs * 1e12) * 1e3
     result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
+              "capacity_policy": args.capacity_policy or "MAX_UTILIZATION (the engine's default)",
               "quantization": args.quantization, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
@@ -264,6 +269,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
+    parser.add_argument("--capacity-policy", choices=("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"), default=None,
+                        help="the scheduler's capacity policy (default: the engine's, MAX_UTILIZATION)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: the engine's, 2048 on GPUs; 256 until 2026-12-05)")
     args = parser.parse_args()

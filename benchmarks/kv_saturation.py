@@ -1,0 +1,88 @@
+"""Offline requests that outgrow the KV cache: the two capacity policies side by side, one process.
+
+    PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/kv_saturation.py                    # CPU, small
+    PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 python benchmarks/kv_saturation.py \\
+        --model llama-3.1-8b --requests 1000 --isl 128 --osl 2048 --kv-tokens 0            # a GPU
+
+Every request has a fixed prompt and output length (ignore_eos), all queued at once, into a KV cache
+that holds only part of them at full length (--kv-tokens: the cache's bound; 0: the device's
+default). MAX_UTILIZATION (jaxllm's default) admits whatever this step's pages fit and preempts the
+newest sequence when a page runs out (it is recomputed later: its prompt and its output so far);
+GUARANTEED_NO_EVICT (TensorRT-LLM's default) admits a sequence only when its whole length fits
+beside what the running ones may still take. For each, an engine of its own (dummy weights of
+benchmarks/configs/MODEL), a warm-up of two requests, then the run: output tok/s, steps, forwards
+(a multi-step decode counts its decodes), the tokens computed against the requests' own (the
+excess is recomputation after preemption), the step kinds. Nothing is subtracted. JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import CONFIGS, default_out, synthetic, write_json
+
+POLICIES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT")
+
+
+def run(policy: str, args) -> dict:
+    from jaxllm import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
+    from jaxllm.engine import step_trace
+
+    kv = KvCacheConfig(enable_block_reuse=False, **({"max_tokens": args.kv_tokens} if args.kv_tokens else {}))
+    started = time.perf_counter()
+    llm = LLM(model=str(CONFIGS / args.model), load_format="dummy", dtype=args.dtype, skip_tokenizer_init=True,
+              max_batch_size=args.max_batch_size, max_seq_len=args.isl + args.osl + 32, kv_cache_config=kv,
+              scheduler_config=SchedulerConfig(capacity_scheduler_policy=policy))  # fmt: skip
+    ready_s = time.perf_counter() - started
+    engine = llm._engine
+    prompts = synthetic(args.requests, args.isl, llm.config.vocab_size, 1)
+    params = SamplingParams(max_tokens=args.osl, ignore_eos=True)
+    llm.generate(synthetic(2, args.isl, llm.config.vocab_size, 2), params, use_tqdm=False)
+    engine.trace_steps(True)
+    started = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - started
+    records = engine.trace_steps(False)
+    capacity = (engine.runner.config.num_pages - 1) * engine.runner.config.page_size
+    llm.shutdown()
+    figures = step_trace.breakdown(records)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    computed = sum(r.tokens for r in records)
+    needed = args.requests * (args.isl + args.osl)
+    return {"policy": policy, "ready_s": ready_s, "wall_s": wall, "output_tok_s": output_tokens / wall,
+            "kv_capacity_tokens": capacity, "full_length_sequences_that_fit": capacity // (args.isl + args.osl),
+            "steps": len(records), "forwards": sum(r.decode_steps for r in records),
+            "tokens_computed": computed, "tokens_of_the_requests": needed,
+            "recomputed_share": max(0, computed - needed) / needed,
+            "kinds": {k: {"steps": v["steps"], "mean_seqs": v["mean_seqs"], "share_of_time": v["share_of_time"]}
+                      for k, v in figures["kinds"].items()}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a shape in benchmarks/configs (dummy weights)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--isl", type=int, default=16)
+    parser.add_argument("--osl", type=int, default=240)
+    parser.add_argument("--kv-tokens", type=int, default=4096, help="the KV cache's bound in tokens (0: the default)")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--out", default=os.path.join(default_out(), "kv_saturation.json"))
+    args = parser.parse_args()
+
+    rows = [run(policy, args) for policy in POLICIES]
+    print(f"{args.model}, {args.requests} x {args.isl}/{args.osl}, KV {rows[0]['kv_capacity_tokens']:,} tokens "
+          f"({rows[0]['full_length_sequences_that_fit']} sequences at full length)")  # fmt: skip
+    print("| policy | output tok/s | steps | forwards | tokens computed / the requests' | recomputed | step kinds (steps, mean sequences) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        kinds = ", ".join(f"{k} {v['steps']} x {v['mean_seqs']:.0f}" for k, v in r["kinds"].items())
+        print(f"| {r['policy']} | {r['output_tok_s']:,.0f} | {r['steps']} | {r['forwards']} | "
+              f"{r['tokens_computed']:,} / {r['tokens_of_the_requests']:,} | {100 * r['recomputed_share']:.0f}% | {kinds} |")  # fmt: skip
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
