@@ -9,7 +9,9 @@ that holds only part of them at full length (--kv-tokens: the cache's bound; 0: 
 default). MAX_UTILIZATION (jaxllm's default) admits whatever this step's pages fit and preempts the
 newest sequence when a page runs out (it is recomputed later: its prompt and its output so far);
 GUARANTEED_NO_EVICT (TensorRT-LLM's default) admits a sequence only when its whole length fits
-beside what the running ones may still take. For each, an engine of its own (dummy weights of
+beside what the running ones may still take. Block reuse is on, as by default (a preempted
+sequence's full pages stay cached until evicted, and its return reuses what is left of them);
+--no-block-reuse turns it off. For each, an engine of its own (dummy weights of
 benchmarks/configs/MODEL), a warm-up of two requests, then the run: output tok/s, steps, forwards
 (a multi-step decode counts its decodes), the tokens computed against the requests' own (the
 excess is recomputation after preemption), the step kinds. Nothing is subtracted. JSON to --out.
@@ -30,7 +32,8 @@ def run(policy: str, args) -> dict:
     from jaxllm import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
     from jaxllm.engine import step_trace
 
-    kv = KvCacheConfig(enable_block_reuse=False, **({"max_tokens": args.kv_tokens} if args.kv_tokens else {}))
+    bound = {"max_tokens": args.kv_tokens} if args.kv_tokens else {}
+    kv = KvCacheConfig(enable_block_reuse=not args.no_block_reuse, **bound)
     started = time.perf_counter()
     llm = LLM(model=str(CONFIGS / args.model), load_format="dummy", dtype=args.dtype, skip_tokenizer_init=True,
               max_batch_size=args.max_batch_size, max_seq_len=args.isl + args.osl + 32, kv_cache_config=kv,
@@ -69,18 +72,22 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=240)
     parser.add_argument("--kv-tokens", type=int, default=4096, help="the KV cache's bound in tokens (0: the default)")
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--no-block-reuse", action="store_true",
+                        help="no prefix cache (by default a preempted sequence's full pages stay cached until evicted)")
     parser.add_argument("--out", default=os.path.join(default_out(), "kv_saturation.json"))
     args = parser.parse_args()
 
     rows = [run(policy, args) for policy in POLICIES]
     print(f"{args.model}, {args.requests} x {args.isl}/{args.osl}, KV {rows[0]['kv_capacity_tokens']:,} tokens "
           f"({rows[0]['full_length_sequences_that_fit']} sequences at full length)")  # fmt: skip
-    print("| policy | output tok/s | steps | forwards | tokens computed / the requests' | recomputed | step kinds (steps, mean sequences) |")
+    print("| policy | output tok/s | steps | forwards | tokens computed / the requests' | recomputed "
+          "| step kinds (steps x mean sequences) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         kinds = ", ".join(f"{k} {v['steps']} x {v['mean_seqs']:.0f}" for k, v in r["kinds"].items())
-        print(f"| {r['policy']} | {r['output_tok_s']:,.0f} | {r['steps']} | {r['forwards']} | "
-              f"{r['tokens_computed']:,} / {r['tokens_of_the_requests']:,} | {100 * r['recomputed_share']:.0f}% | {kinds} |")  # fmt: skip
+        print(f"| {r['policy']} | {r['output_tok_s']:,.0f} | {r['steps']} | {r['forwards']} "
+              f"| {r['tokens_computed']:,} / {r['tokens_of_the_requests']:,} | {100 * r['recomputed_share']:.0f}% "
+              f"| {kinds} |")  # fmt: skip
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows})
 
 
