@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/kv_saturation.py                    # CPU, small
     PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 python benchmarks/kv_saturation.py \\
-        --model llama-3.1-8b --requests 1000 --isl 128 --osl 2048 --kv-tokens 0            # a GPU
+        --model llama-3.1-8b --requests 1000 --isl 128 --osl 2048 --kv-tokens 0 --max-batch-size 2048  # a GPU
 
 Every request has a fixed prompt and output length (ignore_eos), all queued at once, into a KV cache
 that holds only part of them at full length (--kv-tokens: the cache's bound; 0: the device's
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=16)
     parser.add_argument("--osl", type=int, default=240)
     parser.add_argument("--kv-tokens", type=int, default=4096, help="the KV cache's bound in tokens (0: the default)")
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's (2048 is its GPU default)")
     parser.add_argument("--no-block-reuse", action="store_true",
                         help="no prefix cache (by default a preempted sequence's full pages stay cached until evicted)")
     parser.add_argument("--out", default=os.path.join(default_out(), "kv_saturation.json"))

@@ -297,7 +297,7 @@ def test_real_gguf_tensors_equal_gguf_readers(fixture, request, monkeypatch):
     print(f"\n{path.name}: header parsed in {time.perf_counter() - started:.3f} s")
     reference = gg.GGUFReader(str(path))
     assert [t.name for t in header.tensors] == [t.name for t in reference.tensors]
-    smallest = {}  # type -> the smallest tensor of that type with rows to slice
+    smallest = {}  # type -> its smallest tensor, a 2-D one where the type has one (rows to slice)
     for ours, theirs in zip(header.tensors, reference.tensors):
         assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(theirs.shape.tolist())
         assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape, ours.name
