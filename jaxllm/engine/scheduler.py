@@ -225,8 +225,6 @@ class Scheduler:
             n = min(want, budget, unit or want)
             if not bm.can_allocate(bm.blocks_needed(seq, n, cached, partial)):
                 break
-            if seq.num_preemptions and self.running and not self._room_to_return(seq, want, cached, partial):
-                break
             if cfg.capacity_policy == "GUARANTEED_NO_EVICT" and not self._fits_to_the_end(seq, want, cached):
                 break
             if self.admission is not None and not self.admission.admit(seq):
@@ -260,14 +258,6 @@ class Scheduler:
                 items[i] = (seq, n + more)
                 budget -= more
                 grew = True
-
-    def _room_to_return(self, seq: Sequence, want: int, cached: list[int], partial) -> bool:
-        """Whether a preempted sequence may come back while others run: the pages of all its
-        uncomputed tokens fit beside a page more for every running sequence. Without that room it
-        would be preempted again as soon as the running ones grow, its recomputation lost."""
-        bm = self.block_manager
-        growth = sum(bm.blocks_needed(s, s.num_uncomputed + bm.block_size) for s in self.running)
-        return bm.can_allocate(bm.blocks_needed(seq, want, cached, partial) + growth)
 
     def _in_one_step(self, num_tokens: int) -> bool:
         """Whether `num_tokens` uncomputed tokens of a sequence must run in one step: without chunked
