@@ -365,16 +365,24 @@ def _dequantize(tensor: GGUFTensor) -> np.ndarray:
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
     shape = tuple(reversed(tensor.shape))
-    data = tensor.data
     if len(shape) < 2:
-        return np.asarray(dequantize(data, tensor.tensor_type), np.float32).reshape(shape)
-    # In slices of rows into one float32 array: gguf's dequantize makes float temporaries the size
-    # of its result (a 262k-token Q8_0 embedding peaked at 2.3x its 671 MB of floats, 1x so).
+        return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
     out = np.empty(shape, np.float32)
-    step = max(1, _DEQUANTIZE_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
-    for start in range(0, shape[0], step):
-        out[start : start + step] = dequantize(data[start : start + step], tensor.tensor_type)
+    for rows, floats in _float_slices(tensor):
+        out[rows] = floats
     return out
+
+
+def _float_slices(tensor: GGUFTensor) -> Iterator[tuple[slice, np.ndarray]]:
+    """A tensor of two or more axes dequantized in slices of rows: (the rows, their floats). gguf's
+    dequantize makes float temporaries the size of its result (a 262k-token Q8_0 embedding peaked
+    at 2.3x its 671 MB of floats whole); a slice bounds them."""
+    from gguf.quants import dequantize
+
+    data = tensor.data
+    step = max(1, _DEQUANTIZE_ELEMENTS // max(1, int(np.prod(tensor.shape[:-1], dtype=np.int64))))
+    for start in range(0, data.shape[0], step):
+        yield slice(start, start + step), dequantize(data[start : start + step], tensor.tensor_type)
 
 
 # Block types whose blocks are weight-only groups as they are, w = d * level + m along a row: the
@@ -443,7 +451,8 @@ def blocks_quant_config(path: Path) -> dict:
     else:
         kinds = {kind for _, kind, _ in projections if kind in BLOCK_GROUP}
         group = min((BLOCK_GROUP[k] for k in kinds), default=INT4_BLOCK)
-        fields = {"quant_algo": "W8A16_GPTQ", "group_size": group, "has_zero_point": bool(kinds - set(SYMMETRIC_BLOCK_TYPES))}
+        zero_point = bool(kinds - set(SYMMETRIC_BLOCK_TYPES))
+        fields = {"quant_algo": "W8A16_GPTQ", "group_size": group, "has_zero_point": zero_point}
     kept = _kept_blocks(cfg, QuantConfig(**fields).applied_to(cfg))
     excluded = [hf_module_name(param) for param, kind, _ in projections if not kept(param, kind)]
     return fields | {"exclude_modules": excluded or None}
@@ -489,8 +498,6 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
         q = (levels & np.uint8(0x0F)).reshape(rows, -1).astype(np.int8) - np.int8(8)
         zero = (offset + np.float32(8.0) * scale).astype(np.float32)  # w = d * level + m = d * (level - 8) + (m + 8 d)
     else:  # the levels recovered from the file's floats, given each group's scale and offset
-        from gguf.quants import dequantize
-
         size = {"Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q5_K": 176, "Q6_K": 210}[kind]
         blocks = data.reshape(rows, -1, size)
         if kind == "Q5_K":  # as Q4_K, and 32 bytes of fifth bits
@@ -505,11 +512,10 @@ def int_blocks(tensor: GGUFTensor, group: int = 0) -> tuple[np.ndarray, np.ndarr
         center = {"Q5_0": 0, "Q5_1": 16, "Q5_K": 16, "Q6_K": 0, "Q8_0": 0}[kind]  # w = d * (level - center) + (m + center d)
         safe = np.where(scale == 0, np.float32(1), scale)[..., None]
         q = np.empty((rows, scale.shape[1] * BLOCK_GROUP[kind]), np.int8)
-        step = max(1, _DEQUANTIZE_ELEMENTS // q.shape[1])  # in slices of rows: float temporaries of a slice
-        for a in range(0, rows, step):
-            w = dequantize(data[a : a + step], tensor.tensor_type).reshape(-1, scale.shape[1], BLOCK_GROUP[kind])
-            levels = np.rint((w - offset[a : a + step, :, None]) / safe[a : a + step]) - center
-            q[a : a + step] = np.where(scale[a : a + step, :, None] == 0, 0, levels).reshape(len(w), -1)
+        for part, floats in _float_slices(tensor):  # float temporaries of a slice of rows
+            w = floats.reshape(-1, scale.shape[1], BLOCK_GROUP[kind])
+            levels = np.rint((w - offset[part, :, None]) / safe[part]) - center
+            q[part] = np.where(scale[part, :, None] == 0, 0, levels).reshape(len(w), -1)
         zero = (offset + np.float32(center) * scale).astype(np.float32)
     native = BLOCK_GROUP[kind]
     group = group or native
