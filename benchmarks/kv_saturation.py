@@ -63,6 +63,12 @@ def run(policy: str, args) -> dict:
                       for k, v in figures["kinds"].items()}}  # fmt: skip
 
 
+def device_name() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a shape in benchmarks/configs (dummy weights)")
@@ -74,10 +80,23 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's (2048 is its GPU default)")
     parser.add_argument("--no-block-reuse", action="store_true",
                         help="no prefix cache (by default a preempted sequence's full pages stay cached until evicted)")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help=f"comma-separated, run in this order (default: {','.join(POLICIES)})")
     parser.add_argument("--out", default=os.path.join(default_out(), "kv_saturation.json"))
     args = parser.parse_args()
+    policies = args.policies.split(",")
+    for policy in policies:
+        if policy not in POLICIES:
+            parser.error(f"--policies: {policy!r} is not one of {', '.join(POLICIES)}")
 
-    rows = [run(policy, args) for policy in POLICIES]
+    rows = []
+    for policy in policies:  # the JSON is written after each, so a run cut short keeps what finished
+        rows.append(run(policy, args))
+        r = rows[-1]
+        print(f"{policy}: engine ready in {r['ready_s']:.0f} s, the run {r['wall_s']:.0f} s, "
+              f"{r['output_tok_s']:,.0f} output tok/s", flush=True)  # fmt: skip
+        write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "args": vars(args),
+                              "rows": rows})  # fmt: skip
     print(f"{args.model}, {args.requests} x {args.isl}/{args.osl}, KV {rows[0]['kv_capacity_tokens']:,} tokens "
           f"({rows[0]['full_length_sequences_that_fit']} sequences at full length)")  # fmt: skip
     print("| policy | output tok/s | steps | forwards | tokens computed / the requests' | recomputed "
@@ -88,7 +107,6 @@ def main() -> None:
         print(f"| {r['policy']} | {r['output_tok_s']:,.0f} | {r['steps']} | {r['forwards']} "
               f"| {r['tokens_computed']:,} / {r['tokens_of_the_requests']:,} | {100 * r['recomputed_share']:.0f}% "
               f"| {kinds} |")  # fmt: skip
-    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

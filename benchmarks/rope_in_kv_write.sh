@@ -21,7 +21,7 @@ out=${OUT:-$B/results}
 case "${1:-checks}" in
 checks)
   echo "=== the kernels' tests, compiled"
-  (cd "$repo" && timeout 150 python -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_kv_write.py 2>&1 | tail -3)
+  (cd "$repo" && timeout 150 python -m pytest -q -p no:cacheprovider -W ignore tests/test_pallas_kv_write.py tests/test_pallas_decode.py tests/test_pallas_ragged.py 2>&1 | tail -3)
   echo "=== 'pallas' (rotating write) against 'xla'"
   timeout 150 python "$B/gpu_e2e.py" --parts correctness --rope-in-kv-write --out "$out/rope_correctness" 2>&1 | grep -v Warn | tail -6
   for model in ${MODELS:-smollm2-135m llama-3.1-8b}; do
