@@ -263,9 +263,10 @@ def main() -> None:
     parser.add_argument("--fp8-weight-only-rows", type=int, default=None,
                         help="FP8 projections of at most this many rows are weight-only on GPUs "
                              "(jaxllm/layers/linear.py WEIGHT_ONLY_MAX_ROWS; 0: none)")  # fmt: skip
-    parser.add_argument("--rope-in-kv-write", action="store_true",
-                        help="the compiled 'pallas' backend rotates q and k in its K/V write kernel "
-                             "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; off by default until timed)")  # fmt: skip
+    parser.add_argument("--rope-in-kv-write", choices=("on", "off"), default=None,
+                        help="whether the compiled 'pallas' backend rotates q and k in its K/V write kernel "
+                             "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; default: the engine's, on since "
+                             "2026-12-05)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
@@ -275,10 +276,10 @@ def main() -> None:
                         help="the engine's max_batch_size (default: the engine's, 2048 on GPUs; 256 until 2026-12-05)")
     args = parser.parse_args()
     offline = args.offline
-    if args.rope_in_kv_write:
+    if args.rope_in_kv_write is not None:
         from jaxllm.layers import attention
 
-        attention.ROPE_IN_KV_WRITE["pallas"] = True
+        attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

@@ -142,9 +142,10 @@ def main(argv=None) -> int:
                         help="the decode buckets (cuda_graph_config.batch_sizes; default: powers of two)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="the engine's (default: the card's)")
     parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's (default: the card's)")
-    parser.add_argument("--rope-in-kv-write", action="store_true",
-                        help="the compiled 'pallas' backend rotates q and k in its K/V write kernel "
-                             "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; off by default until timed)")  # fmt: skip
+    parser.add_argument("--rope-in-kv-write", choices=("on", "off"), default=None,
+                        help="whether the compiled 'pallas' backend rotates q and k in its K/V write kernel "
+                             "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; default: the engine's, on since "
+                             "2026-12-05)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
@@ -152,8 +153,8 @@ def main(argv=None) -> int:
     from jaxllm import LLM
     from jaxllm.layers import attention
 
-    if args.rope_in_kv_write:
-        attention.ROPE_IN_KV_WRITE["pallas"] = True
+    if args.rope_in_kv_write is not None:
+        attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
     from jaxllm.bench.datasets import sharegpt_like_requests
 
     card = CARDS[args.card]

@@ -49,16 +49,16 @@ def test_pallas_backend_with_few_sequences_in_a_wide_mixed_step(tiny_dir, monkey
             assert abs(a[t].logprob - b[t].logprob) < 1e-5
 
 
-def test_the_rotating_write_is_off_on_the_compiled_backend_until_switched_on(monkeypatch):
-    """'pallas_interpret' rotates q and k in its K/V write; the compiled 'pallas' does so only when
-    ROPE_IN_KV_WRITE says (not yet timed on a GPU); 'xla' rotates in the model."""
+def test_the_pallas_backends_rotate_in_their_write_unless_switched_off(monkeypatch):
+    """Both Pallas backends rotate q and k in their K/V write while ROPE_IN_KV_WRITE says so (the
+    default); switched off, the model rotates them, as it does for 'xla'."""
     from jaxllm.layers import attention
 
     assert attention.get_rope_kv_writer("xla") is None
     assert attention.get_rope_kv_writer("pallas_interpret") is not None
-    assert attention.get_rope_kv_writer("pallas") is None
-    monkeypatch.setitem(attention.ROPE_IN_KV_WRITE, "pallas", True)
     assert attention.get_rope_kv_writer("pallas") is not None
+    monkeypatch.setitem(attention.ROPE_IN_KV_WRITE, "pallas", False)
+    assert attention.get_rope_kv_writer("pallas") is None
 
 
 def test_the_rotating_write_switch_is_part_of_the_program_cache_key(tiny_dir, monkeypatch):
