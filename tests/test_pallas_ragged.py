@@ -6,6 +6,7 @@ Interpret mode on the CPU; on a GPU the same tests run the compiled Triton kerne
 import functools
 
 import jax
+import jax.extend  # jax.extend.core below: a submodule that `import jax` does not load on every backend
 import jax.numpy as jnp
 import numpy as np
 import pytest
