@@ -80,7 +80,9 @@ def as_config(cls, value, name: str):
 class CapacitySchedulerPolicy(enum.StrEnum):
     """Which requests the scheduler admits (TensorRT-LLM's names; see engine/scheduler.py)."""
 
-    MAX_UTILIZATION = "MAX_UTILIZATION"  # admit while this step's pages fit; preempt when pages run out
+    # admit while this step's pages fit and the projected growth of requests of known length does;
+    # preempt when pages run out
+    MAX_UTILIZATION = "MAX_UTILIZATION"
     GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"  # admit only what can run to its end beside the others
     STATIC_BATCH = "STATIC_BATCH"  # admit only when nothing runs: batches start and end together
 
@@ -100,7 +102,9 @@ class WaitingQueuePolicy(enum.StrEnum):
 class SchedulerConfig:
     """TensorRT-LLM's scheduler config.
 
-    capacity_scheduler_policy: MAX_UTILIZATION (jaxllm's default when no scheduler_config is given),
+    capacity_scheduler_policy: MAX_UTILIZATION (jaxllm's default when no scheduler_config is given:
+        admit while this step's pages fit and, for requests that surely run to max_tokens, while the
+        peak of their projected growth does; preempt when pages run out),
         GUARANTEED_NO_EVICT (TensorRT-LLM's default: a request is admitted only when the KV pages
         of its whole length, max_tokens included, fit beside those every running request may
         still need, so nothing is ever preempted) or STATIC_BATCH (new requests wait until every

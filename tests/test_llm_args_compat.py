@@ -201,9 +201,13 @@ def _scheduler(policy: str, num_pages: int, max_batch_size: int = 8, priorities:
     return Scheduler(config, BlockManager(num_pages, PAGE, enable_reuse=False))
 
 
-def _submit(scheduler: Scheduler, seq_id: int, prompt_len: int, max_tokens: int, priority: float = 0.5) -> Sequence:
+def _submit(scheduler: Scheduler, seq_id: int, prompt_len: int, max_tokens: int, priority: float = 0.5,
+            known_length: bool = False) -> Sequence:  # fmt: skip
+    """A request that may end at an end token (its length unknown to the scheduler), or with
+    `known_length` one that surely runs to max_tokens (ignore_eos without stops)."""
     request = Request(request_id=seq_id, prompt=None, prompt_token_ids=list(range(3, 3 + prompt_len)),
-                      params=SamplingParams(max_tokens=max_tokens), output=None, priority=priority)  # fmt: skip
+                      params=SamplingParams(max_tokens=max_tokens), output=None, priority=priority,
+                      stop_token_ids=frozenset() if known_length else frozenset({2}))  # fmt: skip
     seq = Sequence(seq_id=seq_id, request=request, index=0, token_ids=list(request.prompt_token_ids),
                    num_prompt_tokens=prompt_len, seed=0)  # fmt: skip
     request.sequences.append(seq)
@@ -241,6 +245,41 @@ def test_guaranteed_no_evict_admits_only_what_runs_to_its_end():
     assert results["MAX_UTILIZATION"][0][0] == [0, 1, 2] and results["MAX_UTILIZATION"][1] > 0
     steps, preemptions = results["GUARANTEED_NO_EVICT"]
     assert steps[0] == [0, 1] and preemptions == 0 and 2 in steps[-1]
+
+
+def test_max_utilization_admits_requests_of_known_length_only_as_their_growth_fits():
+    # The requests above, each surely running to max_tokens: MAX_UTILIZATION sees that the third
+    # would run the cache out of pages, so it waits instead of being preempted and recomputed.
+    scheduler = _scheduler("MAX_UTILIZATION", num_pages=10)
+    for i in range(3):
+        _submit(scheduler, i, prompt_len=8, max_tokens=8, known_length=True)
+    steps, preemptions = _run(scheduler)
+    assert steps[0] == [0, 1] and preemptions == 0 and 2 in steps[-1]
+
+
+def test_max_utilization_projects_the_peak_where_guaranteed_no_evict_sums_whole_lengths():
+    # 10 usable pages of 4 tokens. A (8 + 4 tokens, 3 pages) ends after 4 steps; B and C (4 + 16
+    # tokens, 5 pages each) grow past it. Their whole lengths sum to 13 pages, but at no step do they
+    # hold more than 10: MAX_UTILIZATION admits all three at once and never preempts;
+    # GUARANTEED_NO_EVICT holds C back until A has ended.
+    results = {}
+    for policy in ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"):
+        scheduler = _scheduler(policy, num_pages=11)
+        _submit(scheduler, 0, prompt_len=8, max_tokens=4, known_length=True)
+        _submit(scheduler, 1, prompt_len=4, max_tokens=16, known_length=True)
+        _submit(scheduler, 2, prompt_len=4, max_tokens=16, known_length=True)
+        results[policy] = _run(scheduler)
+    steps, preemptions = results["MAX_UTILIZATION"]
+    assert steps[0] == [0, 1, 2] and preemptions == 0
+    steps, preemptions = results["GUARANTEED_NO_EVICT"]
+    assert steps[0] == [0, 1] and preemptions == 0 and len(steps) > len(results["MAX_UTILIZATION"][0])
+    # A page more each for B and C (4 + 20 tokens) passes the cache at the peak (12 pages): C waits.
+    scheduler = _scheduler("MAX_UTILIZATION", num_pages=11)
+    _submit(scheduler, 0, prompt_len=8, max_tokens=4, known_length=True)
+    _submit(scheduler, 1, prompt_len=4, max_tokens=20, known_length=True)
+    _submit(scheduler, 2, prompt_len=4, max_tokens=20, known_length=True)
+    steps, preemptions = _run(scheduler)
+    assert steps[0] == [0, 1] and preemptions == 0
 
 
 def test_static_batch_admits_only_when_nothing_runs():

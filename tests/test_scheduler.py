@@ -19,10 +19,13 @@ class Sim:
         self.first_scheduled: list[int] = []
         self.steps = []
 
-    def submit(self, tokens, priority=0.5, seq_id=None) -> Sequence:
+    def submit(self, tokens, priority=0.5, seq_id=None, params=None, stop_token_ids=frozenset({2})) -> Sequence:
+        """A request that may end at an end token (2) by default, so its length is unknown to the
+        scheduler; `stop_token_ids=frozenset()` with `params` of its max_tokens: one of known length."""
         seq_id = len(self.steps) * 1000 + len(self.scheduler.waiting) if seq_id is None else seq_id
-        request = Request(request_id=seq_id, prompt=None, prompt_token_ids=list(tokens), params=SamplingParams(),
-                          output=None, priority=priority)  # fmt: skip
+        request = Request(request_id=seq_id, prompt=None, prompt_token_ids=list(tokens),
+                          params=params or SamplingParams(), output=None, priority=priority,
+                          stop_token_ids=stop_token_ids)  # fmt: skip
         seq = Sequence(seq_id=seq_id, request=request, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens),
                        seed=0)  # fmt: skip
         request.sequences.append(seq)
@@ -216,3 +219,31 @@ def test_an_imported_context_gets_its_pages_only_when_one_more_token_fits():
     assert sim.scheduler.prompt_pages(seq, 7) == seq.block_table
     sim.scheduler.remove(seq)
     assert sim.bm.num_free_blocks == sim.bm.num_usable_blocks
+
+
+def test_the_sure_growth_peak_equals_a_step_by_step_count():
+    """SureGrowth's peak (the need at each sequence's end, from a table of their page offsets), and
+    the same with sequences folded in one by one as they are admitted, against counting every step
+    of random projections one by one."""
+    import random
+
+    from jaxllm.engine.scheduler import SureGrowth
+
+    def counted(ending, open_pages, page):
+        return open_pages + max(
+            sum(base + (t + u) // page if steps >= t else -held for steps, base, held, u in ending)
+            for t in range(0, max([e[0] for e in ending], default=0) + 2)
+        )
+
+    rng = random.Random(0)
+    for page in (1, 4, 16):
+        for _ in range(60):
+            ending = [(rng.randrange(0, 80), rng.randrange(0, 4), rng.randrange(0, 9), rng.randrange(0, page))
+                      for _ in range(rng.randrange(0, 12))]  # fmt: skip
+            open_pages = rng.randrange(0, 5)
+            growth = SureGrowth.of(page, ending[:len(ending) // 2], open_pages)
+            for entry in ending[len(ending) // 2:]:
+                needs, own, all_ended = growth._with(entry)  # what admits() weighs, then add() folds in
+                growth.needs, growth.all_ended = growth._fold_one(entry, needs, own, all_ended)
+            assert growth.peak() == counted(ending, open_pages, page), (page, ending)
+            assert SureGrowth.of(page, ending, open_pages).peak() == counted(ending, open_pages, page)

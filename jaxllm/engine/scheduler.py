@@ -19,7 +19,10 @@ place among its priority, to be recomputed from its tokens later (its generated 
 so its output is unchanged). A step that preempts admits nothing.
 
 The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (jaxllm's default) admits
-while this step's pages fit, as above; GUARANTEED_NO_EVICT admits a sequence only when the pages of
+while this step's pages fit, as above, and while the pages every sequence will surely still take fit
+(`SureGrowth`: a request nothing can end before max_tokens, ignore_eos without stops, takes pages up to
+its end and then frees them; any other, up to its min_tokens), so that requests of known length are
+not admitted only to be preempted and recomputed when the cache fills; GUARANTEED_NO_EVICT admits a sequence only when the pages of
 its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those every running
 sequence may still take, so running sequences never run out of pages (fewer run at once);
 STATIC_BATCH admits only when nothing runs, so a batch starts and finishes together (parallel
@@ -40,11 +43,19 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import sys
 
 from typing import Callable
 
+import numpy as np
+
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.sequence import Sequence, SequenceStatus
+
+
+# Whether MAX_UTILIZATION admits only what the pages of every sequence's sure growth leave room for
+# (SureGrowth); tests that need preemption with requests of known length switch it off.
+PROJECT_SURE_GROWTH = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +96,7 @@ class Scheduler:
         self.admission = admission
         self.waiting: list[Sequence] = []  # admission order: by queue_key
         self.running: list[Sequence] = []  # scheduling order: priority, then admission; victims from the end
+        self.num_growing = 0  # running sequences that may grow surely (SureGrowth is gathered only then)
         self._arrivals = itertools.count()
 
     def priority(self, seq: Sequence) -> float:
@@ -116,7 +128,7 @@ class Scheduler:
         """Drop a sequence (finished or aborted) and free its pages."""
         seq.drop_drafts()
         if seq in self.running:
-            self.running.remove(seq)
+            self._stop_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -125,7 +137,7 @@ class Scheduler:
 
     def detach(self, seq: Sequence) -> None:
         """Drop a finished sequence from the running set but leave it its pages (a parked context)."""
-        self.running.remove(seq)
+        self._stop_running(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """Run a sequence that already holds pages for all its computed tokens (an imported context)."""
@@ -135,7 +147,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and requeue it, to be recomputed."""
         seq.drop_drafts()
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.block_manager.free(seq)
         if self.admission is not None:
             self.admission.release(seq)
@@ -159,6 +171,11 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         at = bisect.bisect_right(self.running, -self.priority(seq), key=lambda s: -self.priority(s))
         self.running.insert(at, seq)
+        self.num_growing += self.may_grow(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.num_growing -= self.may_grow(seq)
 
     def schedule(self, ahead: bool = False) -> ScheduledStep:
         """The next step. `ahead` (the overlap scheduler, before the step in flight is read): a
@@ -212,6 +229,7 @@ class Scheduler:
             index += 1
 
         static = cfg.capacity_policy == "STATIC_BATCH" and bool(self.running)
+        growth = None  # (MAX_UTILIZATION) the running sequences' sure growth, gathered at the first admission
         while self.waiting and budget > 0 and rows < cfg.max_batch_size and not preempted and not starved:
             seq = self.waiting[0]
             if static and not seq.block_table:  # (a parallel sample of a running request holds pages)
@@ -227,11 +245,18 @@ class Scheduler:
                 break
             if cfg.capacity_policy == "GUARANTEED_NO_EVICT" and not self._fits_to_the_end(seq, want, cached):
                 break
+            if (cfg.capacity_policy == "MAX_UTILIZATION" and PROJECT_SURE_GROWTH
+                    and (self.num_growing or self.may_grow(seq))):  # fmt: skip
+                growth = growth or SureGrowth(self)
+                if not growth.admits(seq, want, cached, partial):
+                    break
             if self.admission is not None and not self.admission.admit(seq):
                 break
             self.waiting.pop(0)
             bm.allocate(seq, n, cached, partial)
             self._start_running(seq)
+            if growth is not None:
+                growth.add(seq)
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -275,6 +300,11 @@ class Scheduler:
 
         reserved = sum(bm.blocks_needed(s, s.num_uncomputed + rest(s)) for s in self.running)
         return bm.can_allocate(reserved + bm.blocks_needed(seq, want + rest(seq), cached))
+
+    @staticmethod
+    def may_grow(seq: Sequence) -> bool:
+        """Whether `seq` may grow surely (SureGrowth): its request runs to max_tokens or has min_tokens."""
+        return seq.request.runs_to_max_tokens or bool(seq.request.params.min_tokens)
 
     # ---- the engine's other page moves -------------------------------------------------------
     @property
@@ -367,3 +397,122 @@ class Scheduler:
         for seq, n in needs:
             bm.allocate(seq, n)
         return True
+
+
+class SureGrowth:
+    """(MAX_UTILIZATION) The pages the running sequences will surely still take, projected step by
+    step: each computes its uncomputed tokens now, then samples a token a step
+    (`_entry`); a sequence whose end is sure gives its pages back then, one whose end
+    is unknown keeps them, with its sure growth (min_tokens). A waiting sequence is admitted when
+    the peak of that projection with it added fits in the free pages. A projection, not a guarantee
+    (a sequence left out of a step, or verifying drafts, grows at another rate; pages shared with
+    another sequence are not given back at its end): a page that runs out still preempts.
+
+    A sequence of sure end is (steps to its end, pages its uncomputed tokens still need, pages held,
+    u): t tokens later it needs floor((t + u) / page) pages more, u = page - 1 - the free slots of its
+    last page (0..page-1). The projection's need at each end (`needs`, sorted by step) is counted
+    exactly from a table of how many sequences have each u; a candidate is checked against it in
+    O(running) and, once admitted, folded in."""
+
+    def __init__(self, scheduler: Scheduler | None, block_size: int | None = None):
+        self.scheduler = scheduler
+        self.page = block_size or scheduler.block_manager.block_size
+        self.max_seq_len = (scheduler.config.max_seq_len if scheduler is not None else None) or sys.maxsize
+        self.open_pages = 0  # pages of the uncomputed tokens and sure growth of sequences of unknown end
+        self.any_growth = False
+        entries = []
+        for seq in scheduler.running if scheduler is not None else ():
+            entry, open_pages, grows = self._entry(seq, len(seq.block_table), seq.num_tokens)
+            if entry is not None:
+                entries.append(entry)
+            self.open_pages += open_pages
+            self.any_growth |= grows
+        self._fold(entries)
+
+    @classmethod
+    def of(cls, block_size: int, ending: list[tuple[int, int, int, int]], open_pages: int = 0) -> "SureGrowth":
+        """A projection of given sequences of sure end (steps, base, held, u) and `open_pages` (tests)."""
+        growth = cls(None, block_size)
+        growth.open_pages = open_pages
+        growth._fold(ending)
+        return growth
+
+    def _entry(self, seq: Sequence, held: int, tokens: int, base: int | None = None):
+        """(its entry if its end is sure, else None; its pages if not; whether it surely grows) for
+        `seq` holding `held` pages and to hold `tokens` tokens (`base` more pages for them). A
+        request nothing can end sooner (Request.runs_to_max_tokens) samples up to max_tokens or
+        max_seq_len, then ends; any other at least up to its min_tokens, its end unknown."""
+        page, request = self.page, seq.request
+        if base is None:
+            base = max(0, -(-tokens // page) - held)
+        u = page - 1 - min(page - 1, (held + base) * page - tokens)
+        outputs = seq.num_output_tokens
+        steps = max(0, min(request.params.max_tokens - outputs, self.max_seq_len - seq.num_tokens))
+        if request.runs_to_max_tokens:
+            return (steps, base, held, u), 0, steps > 0
+        steps = min(steps, max(0, (request.params.min_tokens or 0) - outputs))
+        return None, base + (steps + u) // page, steps > 0
+
+    def _fold(self, entries: list[tuple[int, int, int, int]]) -> None:
+        """Set the projection to sequences of sure end `entries`: per sequence its arrays, and the
+        need at each one's end, sorted by step (at step t = steps[k] those with steps >= t run, each t
+        tokens longer; the rest have ended and given their pages back)."""
+        page = self.page
+        table = np.asarray(entries, dtype=np.int64).reshape(-1, 4)
+        self.steps, self.base, self.held, self.u = table[np.argsort(table[:, 0], kind="stable")].T.copy()
+        n = len(self.steps)
+        first_alive = np.searchsorted(self.steps, self.steps, side="left")
+        base_alive = np.concatenate([np.cumsum(self.base[::-1])[::-1], [0]])[first_alive]
+        held_ended = np.concatenate([[0], np.cumsum(self.held)])[first_alive]
+        # at_least[k, r]: how many sequences from k on have u >= r; floor((t + u) / page) is t // page,
+        # plus one where u >= page - t % page.
+        counts = np.zeros((n + 1, page + 1), dtype=np.int64)
+        counts[np.arange(n), self.u] = 1
+        at_least = np.cumsum(np.cumsum(counts[::-1], axis=0)[::-1][:, ::-1], axis=1)[:, ::-1]
+        grown = (n - first_alive) * (self.steps // page) + at_least[first_alive, page - self.steps % page]
+        self.needs = base_alive + grown - held_ended
+        self.all_ended = -int(self.held.sum())
+
+    def _need_at(self, t: int) -> int:
+        """The projection's need at step `t` (sequences of sure end only)."""
+        alive = self.steps >= t
+        return int((self.base + (t + self.u) // self.page)[alive].sum() - self.held[~alive].sum())
+
+    def _with(self, entry: tuple[int, int, int, int]):
+        """(needs at the existing ends, need at the entry's end, all ended) with sequence `entry` added."""
+        steps, base, held, u = entry
+        grown = np.where(self.steps <= steps, base + (self.steps + u) // self.page, -held)
+        return self.needs + grown, self._need_at(steps) + base + (steps + u) // self.page, self.all_ended - held
+
+    def peak(self) -> int:
+        """The most pages the projection needs beyond those free now, at any step."""
+        return max(int(self.needs.max(initial=0)), self.all_ended) + self.open_pages
+
+    def admits(self, seq: Sequence, want: int, cached: list[int], partial) -> bool:
+        """Whether waiting `seq` (its `want` uncomputed tokens after its `cached` prefix pages and
+        `partial` page) fits beside the running sequences' sure growth at every step to come."""
+        bm = self.scheduler.block_manager
+        reused = len(cached) * bm.block_size + (partial[1] if partial else 0)
+        entry, open_pages, grows = self._entry(seq, len(seq.block_table) + len(cached), seq.num_computed + reused + want,
+                                               bm.blocks_needed(seq, want, cached, partial))  # fmt: skip
+        if not (grows or self.any_growth):
+            return True  # nothing surely grows: this step's pages decide, as they did
+        if entry is None:
+            return self.peak() + open_pages <= bm.num_free_blocks
+        needs, own, all_ended = self._with(entry)
+        return max(int(needs.max(initial=0)), own, all_ended) + self.open_pages <= bm.num_free_blocks
+
+    def add(self, seq: Sequence) -> None:
+        """Fold in a sequence just admitted, with the pages it now holds."""
+        entry, open_pages, grows = self._entry(seq, len(seq.block_table), seq.num_tokens)
+        self.open_pages += open_pages
+        self.any_growth |= grows
+        if entry is not None:
+            self.needs, self.all_ended = self._fold_one(entry, *self._with(entry))
+
+    def _fold_one(self, entry: tuple[int, int, int, int], needs, own: int, all_ended: int):
+        """Insert sequence `entry` in the arrays at its end's place; (needs with its own, all_ended)."""
+        at = int(np.searchsorted(self.steps, entry[0], side="right"))
+        for name, value in zip(("steps", "base", "held", "u"), entry):
+            setattr(self, name, np.insert(getattr(self, name), at, value))
+        return np.insert(needs, at, own), all_ended

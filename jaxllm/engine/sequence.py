@@ -192,6 +192,14 @@ class Request:
         return all(s.finished for s in sequences)
 
     @property
+    def runs_to_max_tokens(self) -> bool:
+        """Whether its sequences surely sample until max_tokens (or max_seq_len): no end or stop
+        token, stop string or grammar can end them sooner, and it is neither beam search nor a
+        context-only request (ignore_eos, or end_id=-1, without stops)."""
+        return not (self.stop_token_ids or self.params.stop or self.guide_grammar is not None
+                    or self.beam is not None or self.is_context_only)  # fmt: skip
+
+    @property
     def is_context_only(self) -> bool:
         """A disaggregated context request: it ends at its first token, its pages parked for another LLM."""
         params = self.disaggregated_params
