@@ -18,13 +18,14 @@ cached, so its return may reuse them) and it goes back to the queue, where it ke
 place among its priority, to be recomputed from its tokens later (its generated tokens are kept,
 so its output is unchanged). A step that preempts admits nothing.
 
-The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (jaxllm's default) admits
-while this step's pages fit, as above, and while the pages every sequence will surely still take fit
-(`SureGrowth`: a request nothing can end before max_tokens, ignore_eos without stops, takes pages up to
-its end and then frees them; any other, up to its min_tokens), so that requests of known length are
-not admitted only to be preempted and recomputed when the cache fills; GUARANTEED_NO_EVICT admits a sequence only when the pages of
-its whole length (prompt plus max_tokens, up to max_seq_len) fit beside those every running
-sequence may still take, so running sequences never run out of pages (fewer run at once);
+The capacity policy (TensorRT-LLM's names) decides admission: MAX_UTILIZATION (jaxllm's default)
+admits while this step's pages fit, as above, and while the pages every sequence will surely still
+take fit (`SureGrowth`: a request nothing can end before max_tokens, ignore_eos without stops, takes
+pages up to its end and then gives them back; any other, up to its min_tokens), so that requests of
+known length are not admitted only to be preempted and recomputed when the cache fills;
+GUARANTEED_NO_EVICT admits a sequence only when the pages of its whole length (prompt plus
+max_tokens, up to max_seq_len) fit beside those every running sequence may still take, so running
+sequences never run out of pages (fewer run at once);
 STATIC_BATCH admits only when nothing runs, so a batch starts and finishes together (parallel
 samples of a running request still join it).
 The waiting-queue policy 'fcfs' (TensorRT-LLM's default) ignores request priorities: every
@@ -401,9 +402,9 @@ class Scheduler:
 
 class SureGrowth:
     """(MAX_UTILIZATION) The pages the running sequences will surely still take, projected step by
-    step: each computes its uncomputed tokens now, then samples a token a step
-    (`_entry`); a sequence whose end is sure gives its pages back then, one whose end
-    is unknown keeps them, with its sure growth (min_tokens). A waiting sequence is admitted when
+    step: each computes its uncomputed tokens now, then samples a token a step (`_entry`); a
+    sequence whose end is sure gives its pages back then, one whose end is unknown keeps them, with
+    its sure growth (min_tokens). A waiting sequence is admitted when
     the peak of that projection with it added fits in the free pages. A projection, not a guarantee
     (a sequence left out of a step, or verifying drafts, grows at another rate; pages shared with
     another sequence are not given back at its end): a page that runs out still preempts.
@@ -493,7 +494,8 @@ class SureGrowth:
         `partial` page) fits beside the running sequences' sure growth at every step to come."""
         bm = self.scheduler.block_manager
         reused = len(cached) * bm.block_size + (partial[1] if partial else 0)
-        entry, open_pages, grows = self._entry(seq, len(seq.block_table) + len(cached), seq.num_computed + reused + want,
+        entry, open_pages, grows = self._entry(seq, len(seq.block_table) + len(cached),
+                                               seq.num_computed + reused + want,
                                                bm.blocks_needed(seq, want, cached, partial))  # fmt: skip
         if not (grows or self.any_growth):
             return True  # nothing surely grows: this step's pages decide, as they did
