@@ -104,6 +104,8 @@ def main() -> None:
                         help=f"comma-separated, run in this order (default: {','.join(POLICIES)})")
     parser.add_argument("--out", default=os.path.join(default_out(), "kv_saturation.json"))
     args = parser.parse_args()
+    if args.osl_min is not None and not 1 <= args.osl_min <= args.osl:
+        parser.error(f"--osl-min {args.osl_min}: allowed 1..--osl ({args.osl})")
     policies = args.policies.split(",")
     for policy in policies:
         if policy not in POLICIES:
