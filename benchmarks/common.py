@@ -30,6 +30,14 @@ def hbm_tbs(device_kind: str) -> float:
     return next((tbs for name, tbs in HBM_TBS.items() if name in device_kind), HBM_TBS["H100"])
 
 
+def device_name() -> str:
+    """The first JAX device's kind and platform, e.g. 'NVIDIA H100 80GB HBM3 (gpu)'."""
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({d.platform})"
+
+
 def cpu_machine() -> str:
     """This machine's processor and core count, as the CPU results name it."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

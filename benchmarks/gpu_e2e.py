@@ -22,14 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CONFIGS, decode_ms_per_token, default_out, hbm_tbs, synthetic, write_json
-
-
-def device_name() -> str:
-    import jax
-
-    d = jax.devices()[0]
-    return f"{d.device_kind} ({d.platform})"
+from common import CONFIGS, decode_ms_per_token, default_out, device_name, hbm_tbs, synthetic, write_json
 
 
 # ---- correctness: 'pallas' against 'xla' in the whole model ---------------------------------------

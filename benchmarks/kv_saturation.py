@@ -26,7 +26,7 @@ import os
 import random
 import time
 
-from common import CONFIGS, default_out, synthetic, write_json
+from common import CONFIGS, default_out, device_name, synthetic, write_json
 
 POLICIES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT")
 
@@ -76,12 +76,6 @@ def output_lengths(args) -> list[int]:
         return [args.osl] * args.requests
     rng = random.Random(0)
     return [rng.randint(args.osl_min, args.osl) for _ in range(args.requests)]
-
-
-def device_name() -> str:
-    import jax
-
-    return jax.devices()[0].device_kind
 
 
 def main() -> None:
