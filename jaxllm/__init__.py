@@ -11,6 +11,13 @@ import os as _os
 # would print that "models won't be available" at its import.
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+# JAX's GPU allocator takes 75% of the device unless told otherwise, and the paged KV cache is sized
+# from what it holds (engine/kv_planner.py): on an 80 GB card that would leave a quarter of the memory
+# to nobody. Like TensorRT-LLM's free_gpu_memory_fraction (applied to the whole card), jaxllm lets the
+# allocator take 92% unless the user set it (the rest: the CUDA context, cuBLAS and cuDNN workspaces).
+# It acts only if no JAX backend has started yet in this process.
+_os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
 from jaxllm import distributed as _distributed  # noqa: E402
 
 # Under `python -m jaxllm.launch` (or SLURM with JAXLLM_SLURM=1) join the distributed runtime now,

@@ -66,7 +66,9 @@ def _positive_int(name: str, value, allow_none: bool = True) -> None:
 class KvCacheConfig:
     """How much of the device the paged KV cache takes (TensorRT-LLM's KvCacheConfig).
 
-    free_gpu_memory_fraction: share of the device memory left free after the weights (GPU only).
+    free_gpu_memory_fraction: share of the device memory left free after the weights (GPU only); the
+        device memory is what JAX's allocator may hold, 92% of the card unless the environment's
+        XLA_PYTHON_CLIENT_MEM_FRACTION (read when JAX's GPU backend starts) says otherwise.
     max_tokens: an upper bound on the tokens the cache holds (on the CPU, the default bound is
         what fits in min(1 GiB, 10% of RAM)).
     tokens_per_block: the page size.

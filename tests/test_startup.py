@@ -321,6 +321,17 @@ def test_cache_is_kept_under_its_size_bound(tmp_path):
     assert left == ["a", "c"] and cache.size() <= 2500
 
 
+def test_import_lets_the_gpu_allocator_take_92_percent_unless_the_user_chose():
+    """JAX's allocator would hold 75% of a GPU, and the KV cache is sized from what it holds."""
+    body = "import os, jaxllm; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.split() == ["0.92"], proc.stderr[-2000:]
+    proc = _run_script(body, env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.4"}, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["0.4"], proc.stderr[-2000:]
+
+
 def test_pallas_backend_without_a_gpu_names_the_cpu_backend(tiny_dir):
     import jax
 

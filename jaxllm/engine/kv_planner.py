@@ -1,7 +1,8 @@
 """Sizing the paged KV cache from the memory the device has left after the weights.
 
 On a GPU: pages = free_gpu_memory_fraction x (memory left after the weights, less the step's
-activation estimate) / bytes per page. On the CPU, which shares memory with everything else, the
+activation estimate) / bytes per page, where the memory is what JAX's allocator may hold: 92% of the
+card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (set by `import jaxllm`; JAX alone takes 75%). On the CPU, which shares memory with everything else, the
 caches of all the process's devices together take at most min(1 GiB, 10% of RAM), and never more
 than the engine can fill at once (max_batch_size sequences of max_seq_len tokens). `max_tokens`
 caps both.
