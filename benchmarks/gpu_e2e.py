@@ -95,6 +95,9 @@ def part_perf(args) -> dict:
               "max_batch_size": runner.config.max_batch_size, "max_num_tokens": runner.config.max_num_tokens}  # fmt: skip
     result["kv_capacity_tokens"] = (runner.config.num_pages - 1) * runner.config.page_size
     result["kv_capacity_2k_sequences"] = result["kv_capacity_tokens"] // 2048
+    # Each figure is printed as it is measured, so a run cut short by a time limit still reports.
+    print(f"LLM() ready in {build_s:.0f} s ({len(shapes)} programs, {precompile_s:.0f} s compiling); "
+          f"KV {result['kv_capacity_tokens']:,} tokens", flush=True)  # fmt: skip
 
     def timed(prompts, params):
         llm.get_stats()
@@ -113,6 +116,7 @@ def part_perf(args) -> dict:
     step = decode_ms_per_token(stats)
     result["batch1"] = {"decode_ms_per_token": step, "tokens_per_s": 1e3 / step, "fraction_of_floor": floor_ms / step,
                         "wall_s": wall, "compile_s_during": compiled}  # fmt: skip
+    print(f"batch-1 decode: {step:.2f} ms/token", flush=True)
     if args.profile:  # the same decode once more under the JAX profiler: where a token's time goes
         import glob
         import tempfile
@@ -133,6 +137,7 @@ def part_perf(args) -> dict:
         samples = [timed(synthetic(1, length, vocab, 3 + i), SamplingParams(max_tokens=1, ignore_eos=True))[0]
                    for i in range(3)]  # fmt: skip
         result[f"ttft_{length}_ms"] = statistics.median(samples) * 1e3
+        print(f"TTFT {length}: {result[f'ttft_{length}_ms']:.1f} ms", flush=True)
     result["ttft_lengths"] = [args.short, args.long]
     # Offline throughput, all requests queued at once.
     offline = []
