@@ -2,10 +2,10 @@
 
 On a GPU: pages = free_gpu_memory_fraction x (memory left after the weights, less the step's
 activation estimate) / bytes per page, where the memory is what JAX's allocator may hold: 92% of the
-card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (set by `import jaxllm`; JAX alone takes 75%). On the CPU, which shares memory with everything else, the
-caches of all the process's devices together take at most min(1 GiB, 10% of RAM), and never more
-than the engine can fill at once (max_batch_size sequences of max_seq_len tokens). `max_tokens`
-caps both.
+card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (set by `import jaxllm`; JAX alone takes
+75%). On the CPU, which shares memory with everything else, the caches of all the process's devices
+together take at most min(1 GiB, 10% of RAM), and never more than the engine can fill at once
+(max_batch_size sequences of max_seq_len tokens). `max_tokens` caps both.
 
 Before any of that, `check_weights_fit` refuses a model whose weights alone (estimated from the
 config) exceed the memory the devices have: a config with ten million layers fails at once with
