@@ -76,6 +76,31 @@ def test_weights_fit_check_on_a_gpu_compares_each_devices_share():
         kv_planner.check_weights_fit(95 << 30, [Gpu()])
 
 
+def test_a_gpu_without_memory_statistics_takes_max_tokens_or_a_warned_default(caplog):
+    """XLA_PYTHON_CLIENT_ALLOCATOR=platform keeps no statistics: the cache cannot be sized from the free
+    memory, so max_tokens sizes it (it used to be capped by the CPU's 1 GiB budget) or a warning says why not."""
+    from pathlib import Path
+
+    from jaxllm.checkpoints import loader
+    from jaxllm.llm_args import KvCacheConfig
+
+    class Gpu:
+        platform, process_index, device_kind = "gpu", 0, "H200"
+
+        def memory_stats(self):
+            return None
+
+    configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    cfg = loader.read_config(loader.resolve(str(configs / "llama-3.1-8b")))
+    per_token = kv_planner.bytes_per_token(cfg, "bfloat16")
+    big = KvCacheConfig(max_tokens=200_000)
+    assert kv_planner.plan_num_pages(cfg, "bfloat16", 32, big, 8192, 2048, devices=[Gpu()]) == 200_000 // 32 + 1
+    with caplog.at_level("WARNING", logger="jaxllm.engine.kv_planner"):
+        pages = kv_planner.plan_num_pages(cfg, "bfloat16", 32, KvCacheConfig(), 8192, 2048, devices=[Gpu()])
+    assert pages == (1 << 30) // per_token // 32 + 1
+    assert "reports no memory statistics" in caplog.text and "kv_cache_config.max_tokens" in caplog.text
+
+
 def test_a_dict_prompt_whose_text_and_token_ids_disagree_is_refused(llm):
     text = "hello"
     tok = CharTokenizer()

@@ -5,7 +5,8 @@ activation estimate) / bytes per page, where the memory is what JAX's allocator 
 card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (set by `import jaxllm`; JAX alone takes
 75%). On the CPU, which shares memory with everything else, the caches of all the process's devices
 together take at most min(1 GiB, 10% of RAM), and never more than the engine can fill at once
-(max_batch_size sequences of max_seq_len tokens). `max_tokens` caps both.
+(max_batch_size sequences of max_seq_len tokens). `max_tokens` caps both; on a GPU whose allocator
+keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=platform) it is the size, else 1 GiB with a warning.
 
 Before any of that, `check_weights_fit` refuses a model whose weights alone (estimated from the
 config) exceed the memory the devices have: a config with ten million layers fails at once with
@@ -14,6 +15,7 @@ both figures instead of allocating until the process runs out of memory.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -23,6 +25,10 @@ from jaxllm.config import ModelConfig
 
 CPU_BUDGET_BYTES = 1 << 30
 CPU_RAM_SHARE = 0.10
+# The cache of a GPU whose allocator reports no memory statistics, unless max_tokens sizes it.
+UNKNOWN_DEVICE_BUDGET_BYTES = 1 << 30
+
+logger = logging.getLogger(__name__)
 
 
 def bytes_per_token(cfg: ModelConfig, kv_dtype, tp_kv_shards: int = 1) -> int:
@@ -123,6 +129,16 @@ def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_nu
     free = [None if f is None else f - pending_bytes for f in (device_free_bytes(d) for d in devices)]
     if devices[0].platform != "cpu" and all(f is not None for f in free):
         budget = (min(free) - activation_reserve(cfg, max_num_tokens, max_batch_size)) * kv_config.free_gpu_memory_fraction
+    elif devices[0].platform != "cpu":
+        # An accelerator whose allocator keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=platform):
+        # its free memory is unknown, so the cache takes max_tokens when given, else a small default.
+        if kv_config.max_tokens is not None:
+            return kv_config.max_tokens // page_size + 1
+        budget = UNKNOWN_DEVICE_BUDGET_BYTES
+        logger.warning(
+            "the %s device reports no memory statistics (is XLA_PYTHON_CLIENT_ALLOCATOR=platform set?): the KV "
+            "cache gets %d GiB; set kv_cache_config.max_tokens to size it, or use JAX's default allocator",
+            devices[0].platform, UNKNOWN_DEVICE_BUDGET_BYTES >> 30)  # fmt: skip
     else:
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
