@@ -151,8 +151,32 @@ def part_perf(args) -> dict:
         print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
     result["offline"] = offline
     result["compilations_total"] = runner.num_compilations
+    result["memory"] = memory_report(llm, runner, weight_bytes, max_batch, max_tokens)
     llm.shutdown()
     return {"perf": result}
+
+
+def memory_report(llm, runner, weight_bytes: int, max_batch: int, max_tokens: int) -> dict | None:
+    """The device's allocator limit and peak against the weights, the KV cache and the planner's
+    activation estimate: how much of the estimate the programs (every part run so far) used."""
+    import jax
+
+    from jaxllm.engine import kv_planner
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return None
+    kv = runner.config.num_pages * runner.config.page_size * kv_planner.bytes_per_token(llm.config, runner.kv_dtype)
+    reserve = kv_planner.activation_reserve(llm.config, max_tokens, max_batch)
+    report = {"bytes_limit": stats.get("bytes_limit"), "peak_bytes_in_use": stats["peak_bytes_in_use"],
+              "weights": weight_bytes, "kv_cache": kv, "activation_reserve": reserve,
+              "peak_beyond_weights_and_kv": stats["peak_bytes_in_use"] - weight_bytes - kv}  # fmt: skip
+    gb = 1e9
+    print(f"memory: allocator limit {report['bytes_limit'] / gb:.1f} GB, "
+          f"peak {report['peak_bytes_in_use'] / gb:.1f} GB = weights {weight_bytes / gb:.1f} + KV {kv / gb:.1f} "
+          f"+ {report['peak_beyond_weights_and_kv'] / gb:.2f} (the planner's activation estimate: {reserve / gb:.2f})",
+          flush=True)  # fmt: skip
+    return report
 
 
 # ---- HF transformers on the same card ---------------------------------------------------------------
