@@ -131,14 +131,16 @@ def plan_num_pages(cfg: ModelConfig, kv_dtype, page_size: int, kv_config, max_nu
         budget = (min(free) - activation_reserve(cfg, max_num_tokens, max_batch_size)) * kv_config.free_gpu_memory_fraction
     elif devices[0].platform != "cpu":
         # An accelerator whose allocator keeps no statistics (XLA_PYTHON_CLIENT_ALLOCATOR=platform):
-        # its free memory is unknown, so the cache takes max_tokens when given, else a small default.
+        # its free memory is unknown, so the cache takes max_tokens when given (the cap below), else a
+        # small default.
         if kv_config.max_tokens is not None:
-            return kv_config.max_tokens // page_size + 1
-        budget = UNKNOWN_DEVICE_BUDGET_BYTES
-        logger.warning(
-            "the %s device reports no memory statistics (is XLA_PYTHON_CLIENT_ALLOCATOR=platform set?): the KV "
-            "cache gets %d GiB; set kv_cache_config.max_tokens to size it, or use JAX's default allocator",
-            devices[0].platform, UNKNOWN_DEVICE_BUDGET_BYTES >> 30)  # fmt: skip
+            budget = kv_config.max_tokens * per_token
+        else:
+            budget = UNKNOWN_DEVICE_BUDGET_BYTES
+            logger.warning(
+                "the %s device reports no memory statistics (is XLA_PYTHON_CLIENT_ALLOCATOR=platform set?): the KV "
+                "cache gets %d GiB; set kv_cache_config.max_tokens to size it, or use JAX's default allocator",
+                devices[0].platform, UNKNOWN_DEVICE_BUDGET_BYTES >> 30)  # fmt: skip
     else:
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
