@@ -44,9 +44,9 @@ def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_pat
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
 def test_two_processes_one_gpu_each_give_one_gpus_tokens(tiny_dir, tiny_llm, tmp_path):
     """One process per GPU (`--one-gpu-per-process`): hung until each process autotuned alone."""
-    # This process holds GPU 0 too (its share: 0.92 since `import jaxllm`, unless set): the child on GPU 0
-    # gets what is left of it, less ~3% for the CUDA contexts, and at most 0.2.
-    held = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"))
+    # This process holds GPU 0 too (its share: what `import jaxllm` set, unless the user had): the child
+    # on GPU 0 gets what is left of it, less ~3% for the CUDA contexts, and at most 0.2.
+    held = float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])
     child = max(0.02, min(0.2, 1.0 - held - 0.03))
     result, expected = _launch_script(tiny_dir, tiny_llm, tmp_path, ["--one-gpu-per-process"],
                                       {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{child:.2f}"})  # fmt: skip
