@@ -284,10 +284,9 @@ class EngineBuilder:
             command_buffers=args.cuda_graph_config is not None,
             guided=args.guided_decoding_backend is not None,
         )
-        kv_bytes = num_pages * page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-        kv_type = jax.numpy.dtype(self.kv_dtype)
+        kv_bytes = num_pages * page_size * bytes_per_token(cfg, self.kv_dtype)
         logger.info("KV cache: %d pages of %d tokens (%.2f GB, %s), max_seq_len %d", num_pages, page_size,
-                    kv_bytes * kv_type.itemsize / 1e9, kv_type.name, max_seq_len)
+                    kv_bytes / 1e9, jax.numpy.dtype(self.kv_dtype).name, max_seq_len)
         if self.draft is not None:  # greedy drafts of max_draft_len tokens: a multi-step decode of that many
             k = args.speculative_config.max_draft_len
             draft_config = dataclasses.replace(runner_config, decode_steps=k, guided=False)
