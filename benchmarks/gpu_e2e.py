@@ -151,12 +151,12 @@ def part_perf(args) -> dict:
         print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
     result["offline"] = offline
     result["compilations_total"] = runner.num_compilations
-    result["memory"] = memory_report(llm, runner, weight_bytes, max_batch, max_tokens)
+    result["memory"] = memory_report(llm, runner, weight_bytes)
     llm.shutdown()
     return {"perf": result}
 
 
-def memory_report(llm, runner, weight_bytes: int, max_batch: int, max_tokens: int) -> dict | None:
+def memory_report(llm, runner, weight_bytes: int) -> dict | None:
     """The device's allocator limit and peak against the weights, the KV cache and the planner's
     activation estimate: how much of the estimate the programs (every part run so far) used."""
     import jax
@@ -167,7 +167,7 @@ def memory_report(llm, runner, weight_bytes: int, max_batch: int, max_tokens: in
     if "peak_bytes_in_use" not in stats:
         return None
     kv = runner.config.num_pages * runner.config.page_size * kv_planner.bytes_per_token(llm.config, runner.kv_dtype)
-    reserve = kv_planner.activation_reserve(llm.config, max_tokens, max_batch)
+    reserve = kv_planner.activation_reserve(llm.config, runner.config.max_num_tokens, runner.config.max_batch_size)
     report = {"bytes_limit": stats.get("bytes_limit"), "peak_bytes_in_use": stats["peak_bytes_in_use"],
               "weights": weight_bytes, "kv_cache": kv, "activation_reserve": reserve,
               "peak_beyond_weights_and_kv": stats["peak_bytes_in_use"] - weight_bytes - kv}  # fmt: skip
