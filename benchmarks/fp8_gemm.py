@@ -10,6 +10,7 @@ Variants:
   w8-convert  fp8 E4M3 weights, converted to bf16 inside the jitted step and scaled per output
               channel after the dot: what XLA makes of a weight-only dequantization (jaxllm's
               form for decode-sized FP8 products on GPUs: linear.py weight_only_linear).
+  w8t-convert the same with the fp8 weight stored transposed, [N, K] (the input axis contiguous).
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
@@ -65,6 +66,16 @@ def v_w8_convert(x, wq):
     return (x @ w8.astype(jnp.bfloat16)) * s.astype(jnp.bfloat16)
 
 
+def quantize_weight_t(w):
+    w8, s = quantize_weight(w)
+    return w8.T, s
+
+
+def v_w8t_convert(x, wq):
+    w8t, s = wq
+    return jnp.einsum("mk,nk->mn", x, w8t.astype(jnp.bfloat16)) * s.astype(jnp.bfloat16)
+
+
 def v_fp8_dot(x, wq):
     w8, sw = wq  # per-tensor weight scale
     x8, sx = q_act(x)
@@ -81,6 +92,7 @@ def v_fp8_native(x, wq):
 
 
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
+            "w8t-convert": (v_w8t_convert, quantize_weight_t),
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
 
 
@@ -115,6 +127,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ms", default="1,8,32,128,512,2048,8192")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--json", default="fp8_gemm.json", help="the file under $OUT the figures go to")
     args = ap.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     ms = [int(m) for m in args.ms.split(",")]
@@ -130,7 +143,8 @@ def main():
     quantized = {name: by_quantizer[q] for name, (_, q) in variants.items()}
     params = sum(k * n for k, n in SHAPES)
     results = []
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M")
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     for m in ms:
         key, sub = jax.random.split(key)
         x = jax.random.normal(sub, (m, SHAPES[0][0]), jnp.float32).astype(jnp.bfloat16)
@@ -157,7 +171,7 @@ def main():
                             "rel_err": err})
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "fp8_gemm.json"), "w") as f:
+        with open(os.path.join(out, args.json), "w") as f:
             json.dump(results, f, indent=1)
     print(f"{'M':>6} {'variant':<11} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
     for r in results:
