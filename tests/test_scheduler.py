@@ -223,7 +223,8 @@ def test_an_imported_context_gets_its_pages_only_when_one_more_token_fits():
 
 def test_the_sure_growth_peak_equals_a_step_by_step_count():
     """SureGrowth's peak (the need at each sequence's end, from a table of their page offsets), and
-    the same with sequences folded in one by one as they are admitted, against counting every step
+    the same with sequences folded in one by one as they are admitted (at once, or later as add() does),
+    and the bound that admits without the check, against counting every step
     of random projections one by one."""
     import random
 
@@ -247,3 +248,10 @@ def test_the_sure_growth_peak_equals_a_step_by_step_count():
                 growth.needs, growth.all_ended = growth._fold_one(entry, needs, own, all_ended)
             assert growth.peak() == counted(ending, open_pages, page), (page, ending)
             assert SureGrowth.of(page, ending, open_pages).peak() == counted(ending, open_pages, page)
+            # as add() does: counted in the bound at once, folded in at the next exact check (peak)
+            lazy = SureGrowth.of(page, ending[:len(ending) // 2], open_pages)
+            for entry in ending[len(ending) // 2:]:
+                lazy._add_entry(entry)
+            # the bound that admits without the exact check is never below the exact peak
+            assert lazy.bound + open_pages >= counted(ending, open_pages, page), (page, ending)
+            assert lazy.peak() == counted(ending, open_pages, page), (page, ending)

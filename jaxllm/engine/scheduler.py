@@ -210,19 +210,20 @@ class Scheduler:
             n = min(want, budget, unit or want)
             if seq.num_draft >= n:  # (EQUAL_PROGRESS's unit): verify the drafts of its n rows only
                 seq.drop_drafts(seq.num_draft - (n - 1))
-            if ahead and not bm.can_allocate(bm.blocks_needed(seq, n)):
-                starved = True
-                index += 1
-                continue
-            while not bm.can_allocate(bm.blocks_needed(seq, n)):
-                victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
-                self.preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted itself; the next running sequence now sits at `index`
-            bm.allocate(seq, n)
+            if seq.num_computed + n > len(seq.block_table) * bm.block_size:  # it needs pages (most decodes don't)
+                if ahead and not bm.can_allocate(bm.blocks_needed(seq, n)):
+                    starved = True
+                    index += 1
+                    continue
+                while not bm.can_allocate(bm.blocks_needed(seq, n)):
+                    victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+                    self.preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue  # preempted itself; the next running sequence now sits at `index`
+                bm.allocate(seq, n)
             items.append((seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -413,7 +414,9 @@ class SureGrowth:
     u): t tokens later it needs floor((t + u) / page) pages more, u = page - 1 - the free slots of its
     last page (0..page-1). The projection's need at each end (`needs`, sorted by step) is counted
     exactly from a table of how many sequences have each u; a candidate is checked against it in
-    O(running) and, once admitted, folded in."""
+    O(running) and, once admitted, folded in. Where the free pages hold every sequence's growth to
+    its end even if none ended (`bound`, kept in O(1)), a candidate is admitted without that check
+    (the exact peak is never above it) and folded in only before the next exact check."""
 
     def __init__(self, scheduler: Scheduler | None, block_size: int | None = None):
         self.scheduler = scheduler
@@ -421,6 +424,7 @@ class SureGrowth:
         self.max_seq_len = (scheduler.config.max_seq_len if scheduler is not None else None) or sys.maxsize
         self.open_pages = 0  # pages of the uncomputed tokens and sure growth of sequences of unknown end
         self.any_growth = False
+        self.pending: list[tuple[int, int, int, int]] = []  # admitted entries not yet folded in
         entries = []
         for seq in scheduler.running if scheduler is not None else ():
             entry, open_pages, grows = self._entry(seq, len(seq.block_table), seq.num_tokens)
@@ -473,6 +477,9 @@ class SureGrowth:
         grown = (n - first_alive) * (self.steps // page) + at_least[first_alive, page - self.steps % page]
         self.needs = base_alive + grown - held_ended
         self.all_ended = -int(self.held.sum())
+        # Every sequence's pages at its end beyond those it holds: no step needs more (ended ones
+        # only give pages back).
+        self.bound = int((self.base + (self.steps + self.u) // page).sum())
 
     def _need_at(self, t: int) -> int:
         """The projection's need at step `t` (sequences of sure end only)."""
@@ -487,7 +494,13 @@ class SureGrowth:
 
     def peak(self) -> int:
         """The most pages the projection needs beyond those free now, at any step."""
+        self._fold_pending()
         return max(int(self.needs.max(initial=0)), self.all_ended) + self.open_pages
+
+    def _fold_pending(self) -> None:
+        for entry in self.pending:
+            self.needs, self.all_ended = self._fold_one(entry, *self._with(entry))
+        self.pending = []
 
     def admits(self, seq: Sequence, want: int, cached: list[int], partial) -> bool:
         """Whether waiting `seq` (its `want` uncomputed tokens after its `cached` prefix pages and
@@ -499,6 +512,10 @@ class SureGrowth:
                                                bm.blocks_needed(seq, want, cached, partial))  # fmt: skip
         if not (grows or self.any_growth):
             return True  # nothing surely grows: this step's pages decide, as they did
+        own = open_pages if entry is None else entry[1] + (entry[0] + entry[3]) // self.page
+        if self.bound + own + self.open_pages <= bm.num_free_blocks:
+            return True  # every sequence's whole growth fits: the exact peak does too
+        self._fold_pending()
         if entry is None:
             return self.peak() + open_pages <= bm.num_free_blocks
         needs, own, all_ended = self._with(entry)
@@ -510,7 +527,12 @@ class SureGrowth:
         self.open_pages += open_pages
         self.any_growth |= grows
         if entry is not None:
-            self.needs, self.all_ended = self._fold_one(entry, *self._with(entry))
+            self._add_entry(entry)
+
+    def _add_entry(self, entry: tuple[int, int, int, int]) -> None:
+        """Count a sequence of sure end in `bound` now; fold it into the projection later."""
+        self.bound += entry[1] + (entry[0] + entry[3]) // self.page
+        self.pending.append(entry)
 
     def _fold_one(self, entry: tuple[int, int, int, int], needs, own: int, all_ended: int):
         """Insert sequence `entry` in the arrays at its end's place; (needs with its own, all_ended)."""
