@@ -11,6 +11,9 @@ Variants:
               channel after the dot: what XLA makes of a weight-only dequantization (jaxllm's
               form for decode-sized FP8 products on GPUs: linear.py weight_only_linear).
   w8t-convert the same with the fp8 weight stored transposed, [N, K] (the input axis contiguous).
+  engine-fp8  jaxllm's own FP8 product (layers/linear.py fp8_linear: rows quantized per token,
+              fp8 x fp8 dot accumulated in float32, scaled per row and channel after).
+  engine-w8   jaxllm's own weight-only product of an fp8 weight (linear.py weight_only_linear).
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
@@ -32,6 +35,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxllm.layers import linear
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -91,8 +96,17 @@ def v_fp8_native(x, wq):
     return y * (sx * sw).astype(jnp.bfloat16)
 
 
+def v_engine_fp8(x, wq):
+    return linear.fp8_linear(x, wq[0], wq[1], "mk,kn->mn", 1)
+
+
+def v_engine_w8(x, wq):
+    return linear.weight_only_linear(x, wq[0], wq[1], "mk,kn->mn", 1)
+
+
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
             "w8t-convert": (v_w8t_convert, quantize_weight_t),
+            "engine-fp8": (v_engine_fp8, quantize_weight), "engine-w8": (v_engine_w8, quantize_weight),
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
 
 
