@@ -157,8 +157,8 @@ def main():
     quantized = {name: by_quantizer[q] for name, (_, q) in variants.items()}
     params = sum(k * n for k, n in SHAPES)
     results = []
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of {params / 1e6:.0f}M; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of "
+          f"{params / 1e6:.0f}M; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     for m in ms:
         key, sub = jax.random.split(key)
         x = jax.random.normal(sub, (m, SHAPES[0][0]), jnp.float32).astype(jnp.bfloat16)

@@ -48,7 +48,8 @@ def main():
         tokens = prompts[i % args.distinct]
         request = Request(request_id=i, prompt=None, prompt_token_ids=list(tokens), params=params, output=None,
                           priority=0.5, stop_token_ids=frozenset())  # fmt: skip
-        seq = Sequence(seq_id=i, request=request, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens), seed=0)
+        seq = Sequence(seq_id=i, request=request, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens),
+                       seed=0)  # fmt: skip
         request.sequences.append(seq)
         scheduler.add(seq)
 
