@@ -157,6 +157,11 @@ class BlockManager:
             taken += 1
         return max(0, total - held) + taken
 
+    def holds(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether `seq`'s pages already hold its computed tokens and `num_new_tokens` more (then
+        `blocks_needed` is 0 and `allocate` adds nothing)."""
+        return seq.num_computed + num_new_tokens <= len(seq.block_table) * self.block_size
+
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
 

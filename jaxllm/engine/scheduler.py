@@ -210,7 +210,7 @@ class Scheduler:
             n = min(want, budget, unit or want)
             if seq.num_draft >= n:  # (EQUAL_PROGRESS's unit): verify the drafts of its n rows only
                 seq.drop_drafts(seq.num_draft - (n - 1))
-            if seq.num_computed + n > len(seq.block_table) * bm.block_size:  # it needs pages (most decodes don't)
+            if not bm.holds(seq, n):  # it needs pages this step (most decodes don't)
                 if ahead and not bm.can_allocate(bm.blocks_needed(seq, n)):
                     starved = True
                     index += 1
@@ -490,7 +490,12 @@ class SureGrowth:
         """(needs at the existing ends, need at the entry's end, all ended) with sequence `entry` added."""
         steps, base, held, u = entry
         grown = np.where(self.steps <= steps, base + (self.steps + u) // self.page, -held)
-        return self.needs + grown, self._need_at(steps) + base + (steps + u) // self.page, self.all_ended - held
+        return self.needs + grown, self._need_at(steps) + self._end_growth(entry), self.all_ended - held
+
+    def _end_growth(self, entry: tuple[int, int, int, int]) -> int:
+        """The pages sequence `entry` takes by its end beyond those it holds."""
+        steps, base, _, u = entry
+        return base + (steps + u) // self.page
 
     def peak(self) -> int:
         """The most pages the projection needs beyond those free now, at any step."""
@@ -512,8 +517,8 @@ class SureGrowth:
                                                bm.blocks_needed(seq, want, cached, partial))  # fmt: skip
         if not (grows or self.any_growth):
             return True  # nothing surely grows: this step's pages decide, as they did
-        own = open_pages if entry is None else entry[1] + (entry[0] + entry[3]) // self.page
-        if self.bound + own + self.open_pages <= bm.num_free_blocks:
+        growth = open_pages if entry is None else self._end_growth(entry)
+        if self.bound + growth + self.open_pages <= bm.num_free_blocks:
             return True  # every sequence's whole growth fits: the exact peak does too
         self._fold_pending()
         if entry is None:
@@ -531,7 +536,7 @@ class SureGrowth:
 
     def _add_entry(self, entry: tuple[int, int, int, int]) -> None:
         """Count a sequence of sure end in `bound` now; fold it into the projection later."""
-        self.bound += entry[1] + (entry[0] + entry[3]) // self.page
+        self.bound += self._end_growth(entry)
         self.pending.append(entry)
 
     def _fold_one(self, entry: tuple[int, int, int, int], needs, own: int, all_ended: int):
