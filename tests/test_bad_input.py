@@ -60,13 +60,23 @@ def test_weights_that_cannot_fit_are_refused_before_anything_is_built(llm, tmp_p
     assert_serving(llm)
 
 
+class Gpu:
+    """A GPU as the KV planner sees it: 100 GiB its allocator may hold, 10 GiB in use."""
+
+    platform, process_index, device_kind = "gpu", 0, "H200"
+    stats = {"bytes_limit": 100 << 30, "bytes_in_use": 10 << 30}
+
+    def memory_stats(self):
+        return self.stats
+
+
+class GpuWithoutStats(Gpu):
+    """XLA_PYTHON_CLIENT_ALLOCATOR=platform: the allocator keeps no statistics."""
+
+    stats = None
+
+
 def test_weights_fit_check_on_a_gpu_compares_each_devices_share():
-    class Gpu:
-        platform, process_index, device_kind = "gpu", 0, "H200"
-
-        def memory_stats(self):
-            return {"bytes_limit": 100 << 30, "bytes_in_use": 10 << 30}
-
     kv_planner.check_weights_fit(80 << 30, [Gpu()])
     kv_planner.check_weights_fit(160 << 30, [Gpu(), Gpu()], tensor_parallel_size=2)
     share = r"107,374,182,400 bytes \(100.00 GiB\) per device \(2-way tensor parallel\), more than the "
@@ -84,19 +94,13 @@ def test_a_gpu_without_memory_statistics_takes_max_tokens_or_a_warned_default(ca
     from jaxllm.checkpoints import loader
     from jaxllm.llm_args import KvCacheConfig
 
-    class Gpu:
-        platform, process_index, device_kind = "gpu", 0, "H200"
-
-        def memory_stats(self):
-            return None
-
     configs = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
     cfg = loader.read_config(loader.resolve(str(configs / "llama-3.1-8b")))
     per_token = kv_planner.bytes_per_token(cfg, "bfloat16")
-    big = KvCacheConfig(max_tokens=200_000)
-    assert kv_planner.plan_num_pages(cfg, "bfloat16", 32, big, 8192, 2048, devices=[Gpu()]) == 200_000 // 32 + 1
+    big, gpu = KvCacheConfig(max_tokens=200_000), GpuWithoutStats()
+    assert kv_planner.plan_num_pages(cfg, "bfloat16", 32, big, 8192, 2048, devices=[gpu]) == 200_000 // 32 + 1
     with caplog.at_level("WARNING", logger="jaxllm.engine.kv_planner"):
-        pages = kv_planner.plan_num_pages(cfg, "bfloat16", 32, KvCacheConfig(), 8192, 2048, devices=[Gpu()])
+        pages = kv_planner.plan_num_pages(cfg, "bfloat16", 32, KvCacheConfig(), 8192, 2048, devices=[gpu])
     assert pages == (1 << 30) // per_token // 32 + 1
     assert "reports no memory statistics" in caplog.text and "kv_cache_config.max_tokens" in caplog.text
 
