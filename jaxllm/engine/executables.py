@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -164,7 +165,9 @@ class CompileCache:
             pass
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.is_dir() else 0
+        if not self.root.is_dir():
+            return 0
+        return sum(s.st_size for d in self.root.iterdir() if d.is_dir() for s in _file_stats(d))
 
     def evict(self, keep: str | None = None) -> None:
         """Remove the least recently used engine directories (never `keep`'s) until the cache fits."""
@@ -175,7 +178,7 @@ class CompileCache:
             for directory in self.root.iterdir():
                 if not directory.is_dir():
                     continue
-                files = [p.stat() for p in directory.iterdir() if p.is_file()]
+                files = _file_stats(directory)
                 last_used = max((s.st_mtime for s in files), default=0.0)
                 entries.append((last_used, sum(s.st_size for s in files), directory))
             total = sum(size for _, size, _ in entries)
@@ -187,6 +190,24 @@ class CompileCache:
                 shutil.rmtree(directory, ignore_errors=True)
                 total -= size
                 logger.info("program cache over %.1f GB: removed %s", self.max_bytes / (1 << 30), directory)
+
+
+def _file_stats(directory: Path) -> list[os.stat_result]:
+    """The stats of the files in `directory`, leaving out any that another process renamed or
+    removed meanwhile (processes share the cache: a temporary file is renamed into place, a
+    directory evicted)."""
+    stats = []
+    try:
+        for path in directory.iterdir():
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(status.st_mode):
+                stats.append(status)
+    except FileNotFoundError:
+        pass
+    return stats
 
 
 def compile_cached(lowered, cache: CompileCache | None, devices: list | None = None):
