@@ -109,7 +109,31 @@ def part_perf(args) -> dict:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return wall, compiled, tokens, llm.get_stats()
 
-    # Batch-1 decode latency.
+    if not args.skip_latency:
+        latency(args, result, timed, vocab, floor_ms)
+    # Offline throughput, all requests queued at once.
+    offline = []
+    for isl, osl, n in args.offline:
+        prompts = synthetic(n, isl, vocab, 10 + isl + osl)
+        wall, compiled, tokens, stats = timed(prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
+        offline.append({"isl": isl, "osl": osl, "requests": n, "output_tokens": tokens, "wall_s": wall,
+                        "compile_s_during": compiled, "output_tok_s": tokens / wall,
+                        "median_decode_step_ms": decode_ms_per_token(stats),
+                        "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
+        print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
+    result["offline"] = offline
+    result["compilations_total"] = runner.num_compilations
+    result["memory"] = memory_report(llm, runner, weight_bytes)
+    llm.shutdown()
+    return {"perf": result}
+
+
+def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
+    """Batch-1 decode (and its profile, with --profile) and the time to a first token."""
+    import jax
+
+    from jaxllm import SamplingParams
+
     prompt = synthetic(1, 128, vocab, 1)
     timed(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     wall, compiled, tokens, stats = timed(prompt, SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True))
@@ -139,21 +163,6 @@ def part_perf(args) -> dict:
         result[f"ttft_{length}_ms"] = statistics.median(samples) * 1e3
         print(f"TTFT {length}: {result[f'ttft_{length}_ms']:.1f} ms", flush=True)
     result["ttft_lengths"] = [args.short, args.long]
-    # Offline throughput, all requests queued at once.
-    offline = []
-    for isl, osl, n in args.offline:
-        prompts = synthetic(n, isl, vocab, 10 + isl + osl)
-        wall, compiled, tokens, stats = timed(prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
-        offline.append({"isl": isl, "osl": osl, "requests": n, "output_tokens": tokens, "wall_s": wall,
-                        "compile_s_during": compiled, "output_tok_s": tokens / wall,
-                        "median_decode_step_ms": decode_ms_per_token(stats),
-                        "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
-        print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
-    result["offline"] = offline
-    result["compilations_total"] = runner.num_compilations
-    result["memory"] = memory_report(llm, runner, weight_bytes)
-    llm.shutdown()
-    return {"perf": result}
 
 
 def memory_report(llm, runner, weight_bytes: int) -> dict | None:
@@ -245,10 +254,12 @@ def report(results: dict) -> None:
         weights = p.get("quantization") or "bf16"
         print(f"\n== {p['model']} {weights} random weights, KV {p['kv_dtype']}, {p['device']}, backend {p['backend']} ==")
         print(f"weights {p['weight_bytes'] / 1e9:.2f} GB -> floor {p['floor_ms']:.2f} ms/token at {p['hbm_tbs']} TB/s")
-        b = p["batch1"]
-        print(f"batch-1 decode: {b['decode_ms_per_token']:.2f} ms/token ({b['tokens_per_s']:.0f} tok/s), "
-              f"{b['fraction_of_floor'] * 100:.0f}% of floor, {b['decode_ms_per_token'] / p['floor_ms']:.2f}x floor")
-        print("   ".join(f"TTFT {n}: {p[f'ttft_{n}_ms']:.1f} ms" for n in p["ttft_lengths"]))
+        b = p.get("batch1")
+        if b:
+            print(f"batch-1 decode: {b['decode_ms_per_token']:.2f} ms/token ({b['tokens_per_s']:.0f} tok/s), "
+                  f"{b['fraction_of_floor'] * 100:.0f}% of floor, "
+                  f"{b['decode_ms_per_token'] / p['floor_ms']:.2f}x floor")
+            print("   ".join(f"TTFT {n}: {p[f'ttft_{n}_ms']:.1f} ms" for n in p["ttft_lengths"]))
         print(f"KV capacity: {p['kv_capacity_tokens']} tokens = {p['kv_capacity_2k_sequences']} sequences of 2k")
         print(f"precompiled {p['precompiled_shapes']} shapes in {p['precompile_s']:.0f} s; total compilations "
               f"{p.get('compilations_total')}")
@@ -291,6 +302,8 @@ def main() -> None:
                              "2026-12-05)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="no batch-1 decode or time-to-first-token runs: the offline runs alone")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     parser.add_argument("--capacity-policy", choices=("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"), default=None,
                         help="the scheduler's capacity policy (default: the engine's, MAX_UTILIZATION)")
