@@ -1,6 +1,6 @@
-"""FP8 GEMM formulations for the Llama-3.1-8B layer shapes, against bf16, on the GPU.
+"""FP8 and int4 GEMM formulations for the Llama-3.1-8B layer shapes, against bf16, on the GPU.
 
-Which form of an FP8 projection XLA turns into fast code decides how jaxllm's quantized linear is
+Which form of a quantized projection XLA turns into fast code decides how jaxllm's quantized linear is
 written (jaxllm/layers/linear.py). Per layer: the fused QKV [4096 -> 6144], wo [4096 -> 4096],
 the fused gate/up [4096 -> 28672] and down [14336 -> 4096], over `LAYERS` layers of distinct
 weights (more than the L2 holds), for token counts M from batch-1 decode to a prefill chunk.
@@ -17,9 +17,15 @@ Variants:
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
+  engine-w4g128, engine-w4g32, engine-w4g32z
+              jaxllm's W4A16 (int4 weights, a scale per group of 128 or 32 input channels; z: and an
+              offset, asymmetric groups) through linear.weight_only_linear: dequantized in float32
+              before the dot.
+  w4g32-bf16, w4g32z-bf16
+              the same groups of 32 dequantized in bf16 (x's dtype) before the dot.
 
-Prints one table (us per layer, TB/s of weight bytes, TFLOP/s, rel. error against a float32 dot of
-the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
+Prints one table (us per layer, TB/s of the weights' bytes with their scales and offsets, TFLOP/s,
+rel. error against a float32 dot of the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
 
     python benchmarks/fp8_gemm.py [--layers 4] [--ms 1,8,32,128,512,2048,8192] [--variants bf16,w8-convert]
 """
@@ -36,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import quantization
 from jaxllm.layers import linear
 
 E4M3 = jnp.float8_e4m3fn
@@ -104,10 +111,39 @@ def v_engine_w8(x, wq):
     return linear.weight_only_linear(x, wq[0], wq[1], "mk,kn->mn", 1)
 
 
+def quantize_w4g128(w):
+    return quantization.quantize_int(w, 1, "W4A16", 128)
+
+
+def quantize_w4g32(w):
+    return quantization.quantize_int(w, 1, "W4A16", 32)
+
+
+def quantize_w4g32z(w):
+    return quantization.quantize_int_asymmetric(w, 1, 32)
+
+
+def v_engine_w4(x, wq):
+    return linear.weight_only_linear(x, wq[0], wq[1], "mk,kn->mn", 1, *wq[2:])
+
+
+def v_w4_bf16(x, wq):
+    """int4 groups dequantized in x's dtype (bf16 products and sums, no float32 step) before the dot."""
+    q, s, *zero = wq
+    groups = s.shape[0]
+    w = q.reshape(groups, -1, q.shape[1]).astype(x.dtype) * s[:, None].astype(x.dtype)
+    if zero:
+        w = w + zero[0][:, None].astype(x.dtype)
+    return jnp.einsum("mk,kn->mn", x, w.reshape(q.shape), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
             "w8t-convert": (v_w8t_convert, quantize_weight_t),
             "engine-fp8": (v_engine_fp8, quantize_weight), "engine-w8": (v_engine_w8, quantize_weight),
-            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor)}
+            "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
+            "engine-w4g128": (v_engine_w4, quantize_w4g128), "engine-w4g32": (v_engine_w4, quantize_w4g32),
+            "engine-w4g32z": (v_engine_w4, quantize_w4g32z), "w4g32-bf16": (v_w4_bf16, quantize_w4g32),
+            "w4g32z-bf16": (v_w4_bf16, quantize_w4g32z)}
 
 
 def chain(fn):
@@ -178,7 +214,7 @@ def main():
                 results.append({"m": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
             per_layer = sec / args.layers
-            wbytes = params * (2 if name == "bf16" else 1)
+            wbytes = sum(a.on_device_size_in_bytes() for a in jax.tree.leaves(wq)) / args.layers
             print(f"  M={m} {name}: {per_layer * 1e6:.1f} us/layer", flush=True)
             results.append({"m": m, "variant": name, "us_per_layer": per_layer * 1e6, "compile_s": compile_s,
                             "weight_TBps": wbytes / per_layer / 1e12, "TFLOPs": 2 * m * params / per_layer / 1e12,
@@ -187,12 +223,12 @@ def main():
     if out:
         with open(os.path.join(out, args.json), "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{'M':>6} {'variant':<11} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
+    print(f"{'M':>6} {'variant':<13} {'us/layer':>9} {'w TB/s':>7} {'TFLOP/s':>8} {'rel err':>8} {'compile s':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['m']:>6} {r['variant']:<11} FAILED {r['error'][:90]}")
+            print(f"{r['m']:>6} {r['variant']:<13} FAILED {r['error'][:90]}")
         else:
-            print(f"{r['m']:>6} {r['variant']:<11} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
+            print(f"{r['m']:>6} {r['variant']:<13} {r['us_per_layer']:>9.1f} {r['weight_TBps']:>7.2f} "
                   f"{r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e} {r['compile_s']:>9.2f}")
 
 
