@@ -15,6 +15,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The references' torch runs OpenMP threads that spin while they wait for work: with as many threads
+# as cores in each of two workers on two cores, each spins on a core the other needs (a Gemma 3
+# reference test took 107 s beside a copy of itself, 40 s with one thread each). The cores are shared
+# out among the workers instead (pytest-xdist sets the count in each worker before this file is read;
+# subprocesses inherit it). A run without workers keeps torch's default.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Engines compile each program at its first use: most tests visit a few of an engine's programs, and
 # compiling all of them for each of the suite's engines would take most of its time. The tests of
