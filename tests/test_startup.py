@@ -321,12 +321,9 @@ def test_cache_is_kept_under_its_size_bound(tmp_path):
     assert left == ["a", "c"] and cache.size() <= 2500
 
 
-
 def test_eviction_passes_over_files_another_process_renames_meanwhile(tmp_path, monkeypatch):
     """Processes share the cache: a temporary file listed by one can be renamed into place (or its
     directory evicted) by another before its size is read. Such files are left out, never raised."""
-    from pathlib import Path
-
     from jaxllm.engine.buckets import HeadShape
     from jaxllm.engine.executables import CompileCache
 
@@ -346,6 +343,7 @@ def test_eviction_passes_over_files_another_process_renames_meanwhile(tmp_path, 
     assert cache.size() > 2000
     cache.evict(keep="b" * 64)
     assert [d.name[0] for d in tmp_path.iterdir()] == ["b"] and cache.size() <= 1500
+
 
 def test_import_lets_the_gpu_allocator_take_92_percent_unless_the_user_chose():
     """JAX's allocator would hold 75% of a GPU, and the KV cache is sized from what it holds."""
