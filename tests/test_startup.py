@@ -306,15 +306,24 @@ def test_cache_directory_comes_from_the_argument_the_variable_or_xdg(monkeypatch
     assert resolve_cache_dir(None) is None
 
 
-def test_cache_is_kept_under_its_size_bound(tmp_path):
-    """Least recently used engines' directories go first; the engine being written stays."""
+def _cache_of_engines(path, max_bytes: int, keys: str):
+    """A program cache holding a 1,000-byte program for each engine key "a" * 64, ..., used in
+    the order of `keys` (the first least recently)."""
     from jaxllm.engine.buckets import HeadShape
     from jaxllm.engine.executables import CompileCache
 
-    cache = CompileCache(tmp_path, max_bytes=2500)
-    for i, key in enumerate(["a" * 64, "b" * 64, "c" * 64]):
+    cache = CompileCache(path, max_bytes=max_bytes)
+    for i, key in enumerate(k * 64 for k in keys):
         cache.store(key, HeadShape(16), None, {"out_keys": []}, b"x" * 1000)
         os.utime(cache.directory(key) / cache.file_name(HeadShape(16), None), (1000 + i, 1000 + i))
+    return cache
+
+
+def test_cache_is_kept_under_its_size_bound(tmp_path):
+    """Least recently used engines' directories go first; the engine being written stays."""
+    from jaxllm.engine.buckets import HeadShape
+
+    cache = _cache_of_engines(tmp_path, 2500, "abc")
     assert cache.load("a" * 64, HeadShape(16)) is not None  # now the most recently used
     cache.evict(keep="c" * 64)
     left = sorted(d.name[0] for d in tmp_path.iterdir())
@@ -324,13 +333,8 @@ def test_cache_is_kept_under_its_size_bound(tmp_path):
 def test_eviction_passes_over_files_another_process_renames_meanwhile(tmp_path, monkeypatch):
     """Processes share the cache: a temporary file listed by one can be renamed into place (or its
     directory evicted) by another before its size is read. Such files are left out, never raised."""
-    from jaxllm.engine.buckets import HeadShape
-    from jaxllm.engine.executables import CompileCache
-
-    cache = CompileCache(tmp_path, max_bytes=1500)
-    for i, key in enumerate(["a" * 64, "b" * 64]):
-        cache.store(key, HeadShape(16), None, {"out_keys": []}, b"x" * 1000)
-        os.utime(cache.directory(key) / cache.file_name(HeadShape(16), None), (1000 + i, 1000 + i))
+    cache = _cache_of_engines(tmp_path, 1500, "ab")
+    for key in ("a" * 64, "b" * 64):
         (cache.directory(key) / ".tmp-renamed").write_bytes(b"y")
     stat = Path.stat
 
