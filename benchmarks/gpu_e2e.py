@@ -83,7 +83,7 @@ def part_perf(args) -> dict:
     shapes = runner.bucket_shapes()
     precompile_s = runner.compile_seconds
     vocab = llm.config.vocab_size
-    weight_bytes = sum(x.on_device_size_in_bytes() for x in jax.tree.leaves(llm.params))  # int4: two a byte
+    weight_bytes = sum(x.on_device_size_in_bytes() for x in jax.tree.leaves(llm.params))  # as stored (int4: 1 B each)
     tbs = hbm_tbs(jax.devices()[0].device_kind)
     floor_ms = weight_bytes / (tbs * 1e12) * 1e3
     result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
