@@ -29,13 +29,14 @@ PROBES = {
 }
 
 
-def run_notebook(name: str, model_path) -> dict:
-    """Execute notebooks/name in a fresh kernel; the probe's values."""
+def run_notebook(name: str, model_path, tmp_path) -> dict:
+    """Execute notebooks/name in a fresh kernel; the probe's values. The kernel's temporary files
+    (the notebooks' working directories) go under tmp_path, so a run leaves nothing in /tmp."""
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(f"import json\nprint('PROBE', json.dumps({PROBES[name]}))"))
-    env = {**os.environ, "JAXLLM_NOTEBOOK_MODEL": str(model_path),
+    env = {**os.environ, "JAXLLM_NOTEBOOK_MODEL": str(model_path), "TMPDIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute(
         env=env
@@ -56,8 +57,8 @@ def test_every_notebook_is_tested_and_saved_with_its_outputs():
 
 
 @pytest.mark.slow
-def test_quickstart(smollm2_path):
-    got = run_notebook("quickstart.ipynb", smollm2_path)
+def test_quickstart(smollm2_path, tmp_path):
+    got = run_notebook("quickstart.ipynb", smollm2_path, tmp_path)
     assert all(got["texts"]) and got["stream"] and got["reply"]
     assert "Paris" in got["texts"][0]
     # the engine's logprobs=10 and the pure forward: the same top-10 tokens and probabilities
@@ -66,16 +67,16 @@ def test_quickstart(smollm2_path):
 
 
 @pytest.mark.slow
-def test_sharding(smollm2_path):
-    got = run_notebook("sharding.ipynb", smollm2_path)
+def test_sharding(smollm2_path, tmp_path):
+    got = run_notebook("sharding.ipynb", smollm2_path, tmp_path)
     assert got["devices"] == 8  # the first cell's XLA_FLAGS (or the suite's) before JAX started
     assert got["same"] and all(got["single"])  # TP=2 gives the TP=1 tokens
     assert got["kv_heads"] == 4 and [shape[0] for shape in got["per_device"]] == [2, 2]  # 3 KV heads -> 4, halved
 
 
 @pytest.mark.slow
-def test_finetune_then_serve(smollm2_path):
-    got = run_notebook("finetune_then_serve.ipynb", smollm2_path)
+def test_finetune_then_serve(smollm2_path, tmp_path):
+    got = run_notebook("finetune_then_serve.ipynb", smollm2_path, tmp_path)
     assert got["files"] == ["adapter_config.json", "adapter_model.safetensors"]
     assert got["losses"][-1] < got["losses"][0] / 2
     # the served adapter answers in the trained format; the base model, on the same batch, does not
@@ -84,8 +85,8 @@ def test_finetune_then_serve(smollm2_path):
 
 
 @pytest.mark.slow
-def test_batch_job(smollm2_path):
-    got = run_notebook("batch_job.ipynb", smollm2_path)
+def test_batch_job(smollm2_path, tmp_path):
+    got = run_notebook("batch_job.ipynb", smollm2_path, tmp_path)
     ids, summary = got["input_ids"], got["summary"]
     assert got["status"] == -9 and 3 <= got["killed"] < len(ids)  # SIGKILL'ed with results on disk
     # after the rerun: each custom_id of the input exactly once in the file, and in input order from run_batch
