@@ -155,7 +155,8 @@ def test_fp8_params_are_described_once(tiny_dir):
 def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zero_point, tiny_dir):
     """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
     scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
-    the fused input scale is the largest of its projections'."""
+    the fused input scale is the largest of its projections'. fp8 weights are stored input axes
+    last (`<name>_t`), the others as they are."""
     from jaxllm.checkpoints import loader
     from jaxllm.models.params import fuse_params
     from jaxllm.models.transformer import forward_dense
@@ -166,6 +167,11 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
     params = init_params(qcfg, jnp.float32, jax.random.key(0), std=0.2)
     fused = fuse_params(params, qcfg)
     layer = fused["layers"][0]
+    if algo == "FP8":  # [kv_heads, q_per_kv + 2, head_dim, embed], wo_t [embed, q_heads, head_dim]
+        assert "wqkv" not in layer and "wo" not in layer
+        layer = {name.removesuffix("_t"): w for name, w in layer.items()}
+        assert layer["wqkv"].shape == (cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim, cfg.hidden_size)
+        assert layer["wo"].shape == (cfg.hidden_size, cfg.num_heads, cfg.head_dim)
     assert layer["wqkv"].dtype == params["layers"][0]["wq"].dtype and ("wqkv_zero" in layer) == zero_point
     assert layer["wqkv_scale"].shape[-3:] == (cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim)
     jax.tree.map(np.testing.assert_array_equal, unfuse_params(fused, qcfg), params)
@@ -189,7 +195,7 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
     with LLM(model=path, **args) as llm:
         greedy = _greedy(llm)
         tokens = [t for t, _ in greedy]
-        assert llm._engine.runner.params["layers"][0]["w_gate_up"].dtype == FP8_DTYPE
+        assert llm._engine.runner.params["layers"][0]["w_gate_up_t"].dtype == FP8_DTYPE  # input axes last
     with LLM(model=path, tensor_parallel_size=8, **args) as llm:
         assert not llm.tp_plan.is_identity
         _assert_same_greedy_tokens(_greedy(llm), greedy)
@@ -200,7 +206,7 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
         llm.save(tmp_path / "fp8")
     with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:
         assert llm.config.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
-        assert llm._engine.runner.params["layers"][1]["wqkv"].dtype == FP8_DTYPE
+        assert llm._engine.runner.params["layers"][1]["wqkv_t"].dtype == FP8_DTYPE
         assert _tokens(llm) == tokens
     dummy = dict(args, load_format="dummy")
     with LLM(model=path, **dummy) as llm:

@@ -23,6 +23,9 @@ channel and group of input channels):
   shape, batch 1: 3.61 ms a token against bf16's 4.21; XLA's fp8 x fp8 dot at those sizes, and a
   Pallas kernel streaming the fp8 weight, took 7.2: benchmarks/RESULTS.md "FP8 decode"). Those
   rows' activations are then not rounded to fp8, so their numbers are closer to bf16's.
+  The engine stores fp8 weights with their input axes last (TRANSPOSED_SUFFIX below), which both
+  products read faster on GPUs (H100: batch 1 3.48 ms a token against 3.82, TTFT of 2,048 tokens
+  44 ms against 50; benchmarks/RESULTS.md "FP8 weights stored input axes last").
 - int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside
   the product, accumulated in float32 and scaled per channel (`weight_only_linear`); W4A16's group
   scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
@@ -109,6 +112,36 @@ INPUT_AXES = {**QUANTIZED_PARAMS, "wqkv": 1, "w_gate_up": 1}
 # The most rows an FP8 product computes weight-only on GPUs (`project`'s weight_only_rows): decode steps.
 WEIGHT_ONLY_MAX_ROWS = 16
 
+# A projection weight stored with its input axes last ([*out, *in]) is held as `<name>_t` (the
+# engine's layout of fp8 weights on one device: models/params.py fuse_layer). XLA's GPU GEMMs read an
+# fp8 weight faster that way, the input axis contiguous: the Llama-3.1-8B layer's weight-only product
+# at one row 128 us against 163, and cuBLASLt's FP8 GEMM, which takes both operands K-major, 739 us
+# against 883 at 2,048 rows (H100; benchmarks/RESULTS.md, "FP8 weights stored input axes last").
+TRANSPOSED_SUFFIX = "_t"
+
+
+def holds(lp: dict, name: str) -> bool:
+    """Whether a layer's params hold projection `name`, in either layout."""
+    return name in lp or name + TRANSPOSED_SUFFIX in lp
+
+
+def _input_last(equation: str, num_input_axes: int) -> str:
+    """A projection's einsum for its weight stored input axes last: "...d,dhk->...hk" -> "...d,hkd->...hk"."""
+    x, rest = equation.split(",")
+    w, out = rest.split("->")
+    return f"{x},{w[num_input_axes:] + w[:num_input_axes]}->{out}"
+
+
+def transpose_input_last(w: jax.Array, num_input_axes: int) -> jax.Array:
+    """A weight [*in, *out] -> [*out, *in]."""
+    return jnp.transpose(w, tuple(range(num_input_axes, w.ndim)) + tuple(range(num_input_axes)))
+
+
+def transpose_input_first(w: jax.Array, num_input_axes: int) -> jax.Array:
+    """Inverse of transpose_input_last: [*out, *in] -> [*in, *out]."""
+    n = w.ndim - num_input_axes
+    return jnp.transpose(w, tuple(range(n, w.ndim)) + tuple(range(n)))
+
 
 def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax.Array:
     """Layer projection `name` (wq, wk, wv, wo, w_gate, w_up, w_down, or fused wqkv, w_gate_up) of x
@@ -117,11 +150,14 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
 
     weight_only_rows: an fp8 product of at most this many rows is computed weight-only (the engine's
     steps on GPUs pass WEIGHT_ONLY_MAX_ROWS; 0: never)."""
+    num_input_axes = INPUT_AXES[name]
+    w, equation = lp.get(name), PROJECTIONS[name]
+    if w is None:  # stored input axes last (TRANSPOSED_SUFFIX)
+        w, equation = lp[name + TRANSPOSED_SUFFIX], _input_last(equation, num_input_axes)
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
-        return jnp.einsum(PROJECTIONS[name], x, lp[name])
-    num_input_axes = INPUT_AXES[name]
+        return jnp.einsum(equation, x, w)
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    if lp[name].dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
-        return weight_only_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + ZERO_SUFFIX))
-    return fp8_linear(x, lp[name], scale, PROJECTIONS[name], num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))
+    if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
+        return weight_only_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
+    return fp8_linear(x, w, scale, equation, num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))

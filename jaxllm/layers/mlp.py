@@ -4,7 +4,7 @@ from typing import Callable
 
 import jax
 
-from jaxllm.layers.linear import project
+from jaxllm.layers.linear import holds, project
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -23,7 +23,7 @@ def gated_mlp(x: jax.Array, lp: dict, act: str,
     weight_only_rows: as layers/linear.py:project's.
     """
     adapt = adapt or (lambda name, h, y: y)
-    if "w_gate_up" in lp:
+    if holds(lp, "w_gate_up"):
         gate_up = project(lp, "w_gate_up", x, weight_only_rows)  # [T, 2, F]
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
     else:

@@ -32,7 +32,9 @@ The engine on one device serves the fused layout (`fuse_params`): per layer
     w_gate_up [embed, 2, ffw]                        (gate, then up)
 in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
-ran five (benchmarks/RESULTS.md "Fused projections"); the model code takes either layout
+ran five (benchmarks/RESULTS.md "Fused projections"); and each float8 weight there is stored with its
+input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim]; the layout the GPU's
+GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
@@ -49,8 +51,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.quantization import (INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config, quantize_flat,
-                                 ZERO_SUFFIX, scale_shape,
+from jaxllm.layers.linear import INPUT_AXES, TRANSPOSED_SUFFIX, transpose_input_first, transpose_input_last
+from jaxllm.quantization import (FP8_DTYPE, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config,
+                                 quantize_flat, ZERO_SUFFIX, scale_shape,
                                  weight_dtype)  # fmt: skip
 
 
@@ -236,7 +239,8 @@ def _format(lp: dict, name: str) -> tuple:
 def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     """One layer's params in the fused layout (see the module docstring). FP8's calibrated input
     scales of the fused projections become their largest (the product's input is one tensor).
-    Projections stored differently (one of them left unquantized by cfg.quant_exclude) stay apart."""
+    Projections stored differently (one of them left unquantized by cfg.quant_exclude) stay apart.
+    fp8 weights are then stored input axes last (layers/linear.py: TRANSPOSED_SUFFIX)."""
     out = dict(lp)
     for fused, names in FUSED_PROJECTIONS.items():
         if len({_format(lp, name) for name in names}) > 1:  # stored differently (quant_exclude): kept apart
@@ -247,12 +251,19 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
         if names[0] + INPUT_SCALE_SUFFIX in lp:
             out[fused + INPUT_SCALE_SUFFIX] = functools.reduce(
                 jnp.maximum, [out.pop(name + INPUT_SCALE_SUFFIX) for name in names])  # fmt: skip
+    for name, num_input_axes in INPUT_AXES.items():
+        if name in out and out[name].dtype == FP8_DTYPE:
+            out[name + TRANSPOSED_SUFFIX] = transpose_input_last(out.pop(name), num_input_axes)
     return out
 
 
 def unfuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     """One layer's params in the checkpoint's layout (inverse of fuse_layer; a fused input scale is
     given to each of its projections)."""
+    lp = dict(lp)
+    for name, num_input_axes in INPUT_AXES.items():
+        if name + TRANSPOSED_SUFFIX in lp:
+            lp[name] = transpose_input_first(lp.pop(name + TRANSPOSED_SUFFIX), num_input_axes)
     out = dict(lp)
     for fused, names in FUSED_PROJECTIONS.items():
         for suffix in _FUSED_SUFFIXES:
@@ -285,8 +296,10 @@ def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
 
 
 def is_fused(params: dict) -> bool:
-    """Whether a params pytree is in the fused layout (some layer holds a fused projection)."""
-    return any(fused in lp for lp in params["layers"] for fused in FUSED_PROJECTIONS)
+    """Whether a params pytree is in the fused layout (some layer holds a fused projection, or a
+    weight stored input axes last)."""
+    return any(name in lp for lp in params["layers"]
+               for name in [*FUSED_PROJECTIONS, *(p + TRANSPOSED_SUFFIX for p in INPUT_AXES)])  # fmt: skip
 
 
 def engine_abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:

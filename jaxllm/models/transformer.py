@@ -23,7 +23,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.layers.adapters import (AdapterInputs, embed_with_virtual_tokens, lora_delta, lora_delta_single,
                                     lora_onehot)
 from jaxllm.layers.attention import MASK_VALUE, get_backend, get_kv_writer, get_rope_kv_writer
-from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS, project
+from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS, holds, project
 from jaxllm.layers.mlp import gated_mlp
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
@@ -64,7 +64,7 @@ def decoder_layer(
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
-    if "wqkv" in lp:  # the fused layout (models/params.py): [..., K, G + 2, d], each KV head's q, k, v
+    if holds(lp, "wqkv"):  # the fused layout (models/params.py): [..., K, G + 2, d], each KV head's q, k, v
         q, k, v = split_fused(cfg, "wqkv", project(lp, "wqkv", h, weight_only_rows))
     else:
         q, k, v = (project(lp, name, h, weight_only_rows) for name in ("wq", "wk", "wv"))
