@@ -38,6 +38,15 @@ def device_name() -> str:
     return f"{d.device_kind} ({d.platform})"
 
 
+def software_versions() -> dict:
+    """The versions of the JAX packages installed (jax, jaxlib, the CUDA plugin and PJRT): what
+    decides how XLA compiles, recorded beside each GPU figure."""
+    from importlib import metadata
+
+    return {d.metadata["Name"]: d.version for d in metadata.distributions()
+            if d.metadata["Name"] and d.metadata["Name"].lower().startswith(("jax", "nvidia-cublas"))}  # fmt: skip
+
+
 def cpu_machine() -> str:
     """This machine's processor and core count, as the CPU results name it."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -11,6 +11,10 @@ Variants:
               channel after the dot: what XLA makes of a weight-only dequantization (jaxllm's
               form for decode-sized FP8 products on GPUs: linear.py weight_only_linear).
   w8t-convert the same with the fp8 weight stored transposed, [N, K] (the input axis contiguous).
+  w8t-f32scale the same, its bf16 product scaled in float32 (per output channel) before the cast back.
+  engine-w8t  jaxllm's weight-only product (float32 accumulation) of the fp8 weight stored [N, K].
+  engine-fp8t jaxllm's FP8 product of the fp8 weight stored [N, K] (cuBLASLt's FP8 GEMM reads both
+              operands K-major).
   engine-fp8  jaxllm's own FP8 product (layers/linear.py fp8_linear: rows quantized per token,
               fp8 x fp8 dot accumulated in float32, scaled per row and channel after).
   engine-w8   jaxllm's own weight-only product of an fp8 weight (linear.py weight_only_linear).
@@ -88,6 +92,19 @@ def v_w8t_convert(x, wq):
     return jnp.einsum("mk,nk->mn", x, w8t.astype(jnp.bfloat16)) * s.astype(jnp.bfloat16)
 
 
+def v_w8t_f32scale(x, wq):
+    w8t, s = wq
+    return (jnp.einsum("mk,nk->mn", x, w8t.astype(x.dtype)).astype(jnp.float32) * s).astype(x.dtype)
+
+
+def v_engine_w8t(x, wq):
+    return linear.weight_only_linear(x, wq[0], wq[1], "mk,nk->mn", 1)
+
+
+def v_engine_fp8t(x, wq):
+    return linear.fp8_linear(x, wq[0], wq[1], "mk,nk->mn", 1)
+
+
 def v_fp8_dot(x, wq):
     w8, sw = wq  # per-tensor weight scale
     x8, sx = q_act(x)
@@ -138,7 +155,8 @@ def v_w4_bf16(x, wq):
 
 
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
-            "w8t-convert": (v_w8t_convert, quantize_weight_t),
+            "w8t-convert": (v_w8t_convert, quantize_weight_t), "w8t-f32scale": (v_w8t_f32scale, quantize_weight_t),
+            "engine-w8t": (v_engine_w8t, quantize_weight_t), "engine-fp8t": (v_engine_fp8t, quantize_weight_t),
             "engine-fp8": (v_engine_fp8, quantize_weight), "engine-w8": (v_engine_w8, quantize_weight),
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
             "engine-w4g128": (v_engine_w4, quantize_w4g128), "engine-w4g32": (v_engine_w4, quantize_w4g32),

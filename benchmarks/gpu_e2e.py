@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import CONFIGS, decode_ms_per_token, default_out, device_name, hbm_tbs, synthetic, write_json
+from common import (CONFIGS, decode_ms_per_token, default_out, device_name, hbm_tbs, software_versions, synthetic,
+                    write_json)  # fmt: skip
 
 
 # ---- correctness: 'pallas' against 'xla' in the whole model ---------------------------------------
@@ -57,6 +58,7 @@ def part_correctness(args) -> dict:
 
 
 # ---- the 8B shape -------------------------------------------------------------------------------------
+STATS_KEPT = 200_000  # iterations: more than any offline run here makes (2,048 decodes a wave of 128/2048)
 def part_perf(args) -> dict:
     import jax
 
@@ -74,8 +76,11 @@ def part_perf(args) -> dict:
         from jaxllm import SchedulerConfig
 
         quant["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy=args.capacity_policy)
+    # Every iteration's stats kept (the default keeps the last 1,000), so an offline run's median
+    # decode step and most active sequences are the whole run's, not its tail's.
     llm = LLM(model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len, **quant)  # fmt: skip
+              max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=args.max_seq_len,
+              iter_stats_max_iterations=STATS_KEPT, **quant)  # fmt: skip
     engine = llm._engine
     runner = engine.runner
     build_s = time.perf_counter() - t0
@@ -83,10 +88,12 @@ def part_perf(args) -> dict:
     shapes = runner.bucket_shapes()
     precompile_s = runner.compile_seconds
     vocab = llm.config.vocab_size
-    weight_bytes = sum(x.on_device_size_in_bytes() for x in jax.tree.leaves(llm.params))  # as stored (int4: 1 B each)
+    # as stored: int4 packed two a byte or not, as the machine's XLA decides (benchmarks/RESULTS.md, 2026-12-06)
+    weight_bytes = sum(x.on_device_size_in_bytes() for x in jax.tree.leaves(llm.params))
     tbs = hbm_tbs(jax.devices()[0].device_kind)
     floor_ms = weight_bytes / (tbs * 1e12) * 1e3
-    result = {"device": device_name(), "model": args.model, "backend": runner.config.backend,
+    result = {"device": device_name(), "versions": software_versions(), "model": args.model,
+              "backend": runner.config.backend,
               "capacity_policy": args.capacity_policy or "MAX_UTILIZATION (the engine's default)",
               "quantization": args.quantization, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
@@ -122,6 +129,11 @@ def part_perf(args) -> dict:
                         "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
         print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
     result["offline"] = offline
+    if args.profile_batch:  # a wide batch's steps under the profiler: where a large decode's time goes
+        prompts = synthetic(args.profile_batch, 128, vocab, 7)
+        params = SamplingParams(max_tokens=16, ignore_eos=True)
+        timed(prompts, params)  # its shapes' first run outside the trace
+        profiled(f"{args.profile_batch} requests of 128/16", timed, prompts, params)
     result["compilations_total"] = runner.num_compilations
     result["memory"] = memory_report(llm, runner, weight_bytes)
     llm.shutdown()
@@ -142,18 +154,7 @@ def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
                         "wall_s": wall, "compile_s_during": compiled}  # fmt: skip
     print(f"batch-1 decode: {step:.2f} ms/token", flush=True)
     if args.profile:  # the same decode once more under the JAX profiler: where a token's time goes
-        import glob
-        import tempfile
-
-        import trace_summary
-
-        trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
-        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        timed(prompt, SamplingParams(max_tokens=33, ignore_eos=True))
-        jax.profiler.stop_trace()
-        path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
-        print("batch-1 decode of 32 tokens under the profiler:\n" + trace_summary.format_summary(path, top=24),
-              flush=True)  # fmt: skip
+        profiled("batch-1 decode of 32 tokens", timed, prompt, SamplingParams(max_tokens=33, ignore_eos=True))
     # Time to first token.
     for length in (args.short, args.long):
         p = synthetic(1, length, vocab, 2)
@@ -163,6 +164,22 @@ def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
         result[f"ttft_{length}_ms"] = statistics.median(samples) * 1e3
         print(f"TTFT {length}: {result[f'ttft_{length}_ms']:.1f} ms", flush=True)
     result["ttft_lengths"] = [args.short, args.long]
+
+
+def profiled(what: str, timed, prompts, params) -> None:
+    """Generate `prompts` under the JAX profiler and print the trace's top kernels."""
+    import glob
+    import tempfile
+
+    import jax
+    import trace_summary
+
+    trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    timed(prompts, params)
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    print(f"{what} under the profiler:\n" + trace_summary.format_summary(path, top=24), flush=True)
 
 
 def memory_report(llm, runner, weight_bytes: int) -> dict | None:
@@ -305,6 +322,8 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true",
                         help="no batch-1 decode or time-to-first-token runs: the offline runs alone")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
+    parser.add_argument("--profile-batch", type=int, default=0, metavar="N",
+                        help="after the offline runs, profile N requests of 128/16 at once and print the top kernels")
     parser.add_argument("--capacity-policy", choices=("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"), default=None,
                         help="the scheduler's capacity policy (default: the engine's, MAX_UTILIZATION)")
     parser.add_argument("--max-batch-size", type=int, default=None,
