@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.params import ParamSpec, is_spec, param_specs
+from jaxllm.models.params import ParamSpec, abstract_params, is_spec, param_specs, transpose_layer, transposed
 from jaxllm.quantization import QUANTIZED_PARAMS, SCALE_SUFFIX, ZERO_SUFFIX, group_of
 
 TP_AXIS = "tp"
@@ -77,6 +78,20 @@ def shardings_of(specs, mesh: Mesh, rules: dict[str, str | None] = RULES):
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES):
     """A pytree of NamedShardings shaped like the params of `cfg`."""
     return shardings_of(param_specs(cfg), mesh, rules)
+
+
+def engine_param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES):
+    """param_shardings in the engine's layout under a mesh: each float8 weight stored input axes last
+    (models/params.py transpose_params), its PartitionSpec permuted alike."""
+    shardings = param_shardings(cfg, mesh, rules)
+    abstract = abstract_params(cfg, jnp.float32)
+
+    def permuted(sharding: NamedSharding, num_input_axes: int) -> NamedSharding:
+        spec = tuple(sharding.spec)  # one entry per axis (spec_for)
+        return NamedSharding(mesh, P(*spec[num_input_axes:], *spec[:num_input_axes]))
+
+    layers = [transpose_layer(sh, transposed(lp), permuted) for sh, lp in zip(shardings["layers"], abstract["layers"])]
+    return {**shardings, "layers": layers}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

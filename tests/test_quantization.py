@@ -200,8 +200,10 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
         assert not llm.tp_plan.is_identity
         _assert_same_greedy_tokens(_greedy(llm), greedy)
         flat = flatten_paths(llm._engine.runner.params)
+        # the fp8 weights stored input axes last, their specs permuted alike: wq [D, H, d] -> wq_t [H, d, D]
         for p, spec in {"layers.0.wq_scale": P("tp", None), "layers.0.w_up_scale": P("tp"),
-                        "layers.0.wo_scale": P(None), "layers.0.wq": P(None, "tp", None)}.items():  # fmt: skip
+                        "layers.0.wo_scale": P(None), "layers.0.wq_t": P("tp", None, None),
+                        "layers.0.w_down_t": P(None, "tp")}.items():  # fmt: skip
             assert flat[p].sharding.spec == spec, p
         llm.save(tmp_path / "fp8")
     with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:

@@ -24,7 +24,8 @@ from jaxllm.checkpoints import builtin, gguf, hf, hub, saved
 from jaxllm.checkpoints.hf import PICKLE_ERROR, PICKLE_SUFFIXES
 from jaxllm.checkpoints.names import CheckpointError
 from jaxllm.config import ModelConfig
-from jaxllm.models.params import abstract_params, flatten_paths, fuse_params, param_specs, unflatten_paths
+from jaxllm.models.params import (abstract_params, flatten_paths, fuse_params, param_specs, transpose_params,
+                                 unflatten_paths)  # fmt: skip
 from jaxllm.quantization import IntGroups, base_config, quantize_path, quantized_paths, quantizes
 
 
@@ -235,7 +236,8 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
                        load_format: str = "auto", seed: int = 0, progress: bool = True,
                        cache_dir=None) -> dict:  # fmt: skip
     """Weights in the engine's layout: placed straight into their shards when a mesh is given; on
-    one device with fused projections (models/params.py: fuse_params; engine_abstract_params).
+    one device with fused projections (models/params.py: fuse_params; engine_abstract_params); float8
+    weights stored input axes last in both (transpose_params).
 
     Args:
       cfg: the checkpoint's config.
@@ -250,6 +252,15 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
         params = (_dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir) if load_format == "dummy"
                   else load_params(resolved, cfg, dtype, progress=progress))  # fmt: skip
         return fuse_params(params, engine_cfg, consume=True)
+    params = _load_on_mesh(resolved, cfg, engine_cfg, dtype, plan, shardings, load_format, seed, progress, cache_dir)
+    return transpose_params(params, sharding_lib.engine_param_shardings(engine_cfg, mesh))
+
+
+def _load_on_mesh(resolved: ResolvedModel, cfg: ModelConfig, engine_cfg: ModelConfig, dtype, plan, shardings,
+                  load_format: str, seed: int, progress: bool, cache_dir) -> dict:  # fmt: skip
+    """load_engine_params under a mesh, in the checkpoint's layout laid out by `plan`: each tensor
+    placed into its shards (`shardings`) as it is read."""
+    from jaxllm import sharding as sharding_lib
     if load_format == "dummy":
         return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir)
     if resolved.kind == "saved" and plan.is_identity:

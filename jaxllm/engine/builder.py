@@ -218,7 +218,7 @@ class EngineBuilder:
         """The weights as ShapeDtypeStructs with the shardings they load into."""
         abstract = engine_abstract_params(self.engine_config, self.dtype, self.mesh)
         if self.mesh is not None:
-            shardings = sharding_lib.param_shardings(self.engine_config, self.mesh)
+            shardings = sharding_lib.engine_param_shardings(self.engine_config, self.mesh)
         else:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, abstract)

@@ -32,9 +32,10 @@ The engine on one device serves the fused layout (`fuse_params`): per layer
     w_gate_up [embed, 2, ffw]                        (gate, then up)
 in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
-ran five (benchmarks/RESULTS.md "Fused projections"); and each float8 weight there is stored with its
-input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim]; the layout the GPU's
-GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX). The model code takes either layout
+ran five (benchmarks/RESULTS.md "Fused projections"). On one device and under a mesh (where the
+projections stay apart) each float8 weight is stored with its input axes last, `<projection>_t`
+[*out, *in] (wo_t [embed, q_heads, head_dim]; the layout the GPU's GEMMs read fastest:
+layers/linear.py TRANSPOSED_SUFFIX; `transpose_params`). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
@@ -251,10 +252,35 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
         if names[0] + INPUT_SCALE_SUFFIX in lp:
             out[fused + INPUT_SCALE_SUFFIX] = functools.reduce(
                 jnp.maximum, [out.pop(name + INPUT_SCALE_SUFFIX) for name in names])  # fmt: skip
-    for name, num_input_axes in INPUT_AXES.items():
-        if name in out and out[name].dtype == FP8_DTYPE:
-            out[name + TRANSPOSED_SUFFIX] = transpose_input_last(out.pop(name), num_input_axes)
+    return transpose_layer(out)
+
+
+def transposed(lp: dict) -> dict[str, int]:
+    """The projections a layer's params store input axes last in the engine's layout (its float8
+    weights; layers/linear.py TRANSPOSED_SUFFIX) -> their input axes."""
+    return {name: n for name, n in INPUT_AXES.items() if name in lp and lp[name].dtype == FP8_DTYPE}
+
+
+def transpose_layer(lp: dict, names: dict[str, int] | None = None, transpose=transpose_input_last) -> dict:
+    """One layer's params with its float8 weights stored input axes last (`<name>_t`). `names` and
+    `transpose` (default: `transposed(lp)`, the weights') let a layer's shardings follow its weights."""
+    out = dict(lp)
+    for name, num_input_axes in (transposed(lp) if names is None else names).items():
+        out[name + TRANSPOSED_SUFFIX] = transpose(out.pop(name), num_input_axes)
     return out
+
+
+def transpose_params(params: dict, shardings=None) -> dict:
+    """The params pytree with every layer's float8 weights stored input axes last (transpose_layer):
+    the engine's layout under a mesh, where the projections are not fused. `shardings` (the
+    transposed layout's, jaxllm/sharding.py engine_param_shardings) place each layer's; its old
+    arrays are let go layer by layer."""
+    layers = list(params["layers"])
+    for i, lp in enumerate(layers):
+        if transposed(lp):
+            out = None if shardings is None else shardings["layers"][i]
+            layers[i] = transpose_layer(lp) if out is None else jax.jit(transpose_layer, out_shardings=out)(lp)
+    return {**params, "layers": layers}
 
 
 def unfuse_layer(lp: dict, cfg: ModelConfig) -> dict:
@@ -304,9 +330,12 @@ def is_fused(params: dict) -> bool:
 
 def engine_abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
     """The params pytree the engine serves, as jax.ShapeDtypeStruct leaves (no shardings): fused on
-    one device (checkpoints/loader.py:load_engine_params), the checkpoint's layout under a mesh."""
+    one device (checkpoints/loader.py:load_engine_params), the checkpoint's layout under a mesh; in
+    both, float8 weights stored input axes last."""
     abstract = abstract_params(cfg, dtype)
-    return abstract if mesh is not None else jax.eval_shape(functools.partial(fuse_params, cfg=cfg), abstract)
+    if mesh is not None:
+        return jax.eval_shape(transpose_params, abstract)
+    return jax.eval_shape(functools.partial(fuse_params, cfg=cfg), abstract)
 
 
 def flatten_paths(tree) -> dict[str, object]:
