@@ -131,9 +131,9 @@ def part_perf(args) -> dict:
     result["offline"] = offline
     if args.profile_batch:  # a wide batch's steps under the profiler: where a large decode's time goes
         prompts = synthetic(args.profile_batch, 128, vocab, 7)
-        params = SamplingParams(max_tokens=16, ignore_eos=True)
+        params = SamplingParams(max_tokens=64, ignore_eos=True)
         timed(prompts, params)  # its shapes' first run outside the trace
-        profiled(f"{args.profile_batch} requests of 128/16", timed, prompts, params)
+        profiled(f"{args.profile_batch} requests of 128/64", timed, prompts, params)
     result["compilations_total"] = runner.num_compilations
     result["memory"] = memory_report(llm, runner, weight_bytes)
     llm.shutdown()
@@ -142,8 +142,6 @@ def part_perf(args) -> dict:
 
 def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
     """Batch-1 decode (and its profile, with --profile) and the time to a first token."""
-    import jax
-
     from jaxllm import SamplingParams
 
     prompt = synthetic(1, 128, vocab, 1)
@@ -323,7 +321,7 @@ def main() -> None:
                         help="no batch-1 decode or time-to-first-token runs: the offline runs alone")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     parser.add_argument("--profile-batch", type=int, default=0, metavar="N",
-                        help="after the offline runs, profile N requests of 128/16 at once and print the top kernels")
+                        help="after the offline runs, profile N requests of 128/64 at once and print the top kernels")
     parser.add_argument("--capacity-policy", choices=("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"), default=None,
                         help="the scheduler's capacity policy (default: the engine's, MAX_UTILIZATION)")
     parser.add_argument("--max-batch-size", type=int, default=None,
