@@ -113,7 +113,7 @@ INPUT_AXES = {**QUANTIZED_PARAMS, "wqkv": 1, "w_gate_up": 1}
 WEIGHT_ONLY_MAX_ROWS = 16
 
 # A projection weight stored with its input axes last ([*out, *in]) is held as `<name>_t` (the
-# engine's layout of fp8 weights on one device: models/params.py fuse_layer). XLA's GPU GEMMs read an
+# engine's layout of fp8 weights: models/params.py transpose_layer). XLA's GPU GEMMs read an
 # fp8 weight faster that way, the input axis contiguous: the Llama-3.1-8B layer's weight-only product
 # at one row 128 us against 163, and cuBLASLt's FP8 GEMM, which takes both operands K-major, 739 us
 # against 883 at 2,048 rows (H100; benchmarks/RESULTS.md, "FP8 weights stored input axes last").

@@ -284,8 +284,8 @@ def transpose_params(params: dict, shardings=None) -> dict:
 
 
 def unfuse_layer(lp: dict, cfg: ModelConfig) -> dict:
-    """One layer's params in the checkpoint's layout (inverse of fuse_layer; a fused input scale is
-    given to each of its projections)."""
+    """One layer's params in the checkpoint's layout (inverse of fuse_layer and transpose_layer; a
+    fused input scale is given to each of its projections)."""
     lp = dict(lp)
     for name, num_input_axes in INPUT_AXES.items():
         if name + TRANSPOSED_SUFFIX in lp:
