@@ -39,8 +39,9 @@ def device_name() -> str:
 
 
 def software_versions() -> dict:
-    """The versions of the JAX packages installed (jax, jaxlib, the CUDA plugin and PJRT): what
-    decides how XLA compiles, recorded beside each GPU figure."""
+    """The versions of the installed packages whose names start with "jax" (jax, jaxlib, the CUDA
+    plugin and PJRT, jaxllm) and of cuBLAS: what decides how XLA compiles, recorded beside each GPU
+    figure."""
     from importlib import metadata
 
     return {d.metadata["Name"]: d.version for d in metadata.distributions()

@@ -59,6 +59,8 @@ def part_correctness(args) -> dict:
 
 # ---- the 8B shape -------------------------------------------------------------------------------------
 STATS_KEPT = 200_000  # iterations: more than any offline run here makes (2,048 decodes a wave of 128/2048)
+
+
 def part_perf(args) -> dict:
     import jax
 
