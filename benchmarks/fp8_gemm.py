@@ -15,6 +15,10 @@ Variants:
   engine-w8t  jaxllm's weight-only product (float32 accumulation) of the fp8 weight stored [N, K].
   engine-fp8t jaxllm's FP8 product of the fp8 weight stored [N, K] (cuBLASLt's FP8 GEMM reads both
               operands K-major).
+  engine-fp8ts engine-fp8t with a static input scale (1: a ModelOpt checkpoint's calibrated one, or the
+              engine's for dummy weights): no per-row amax pass.
+  fp8ts-bf16out the same fp8 x fp8 dot with a bf16 result (cuBLASLt writes half the bytes of float32),
+              scaled per output channel after, in float32, and cast back.
   engine-fp8  jaxllm's own FP8 product (layers/linear.py fp8_linear: rows quantized per token,
               fp8 x fp8 dot accumulated in float32, scaled per row and channel after).
   engine-w8   jaxllm's own weight-only product of an fp8 weight (linear.py weight_only_linear).
@@ -105,6 +109,20 @@ def v_engine_fp8t(x, wq):
     return linear.fp8_linear(x, wq[0], wq[1], "mk,nk->mn", 1)
 
 
+STATIC_SCALE = jnp.ones((), jnp.float32)
+
+
+def v_engine_fp8ts(x, wq):
+    return linear.fp8_linear(x, wq[0], wq[1], "mk,nk->mn", 1, STATIC_SCALE)
+
+
+def v_fp8ts_bf16out(x, wq):
+    w8t, s = wq
+    x8, sx = linear.quantize_rows(x, 1, STATIC_SCALE)
+    y = jnp.einsum("mk,nk->mn", x8, w8t, preferred_element_type=jnp.bfloat16)
+    return (y.astype(jnp.float32) * sx[:, None] * s).astype(x.dtype)
+
+
 def v_fp8_dot(x, wq):
     w8, sw = wq  # per-tensor weight scale
     x8, sx = q_act(x)
@@ -157,6 +175,7 @@ def v_w4_bf16(x, wq):
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
             "w8t-convert": (v_w8t_convert, quantize_weight_t), "w8t-f32scale": (v_w8t_f32scale, quantize_weight_t),
             "engine-w8t": (v_engine_w8t, quantize_weight_t), "engine-fp8t": (v_engine_fp8t, quantize_weight_t),
+            "engine-fp8ts": (v_engine_fp8ts, quantize_weight_t), "fp8ts-bf16out": (v_fp8ts_bf16out, quantize_weight_t),
             "engine-fp8": (v_engine_fp8, quantize_weight), "engine-w8": (v_engine_w8, quantize_weight),
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
             "engine-w4g128": (v_engine_w4, quantize_w4g128), "engine-w4g32": (v_engine_w4, quantize_w4g32),
@@ -164,8 +183,10 @@ VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight
             "w4g32z-bf16": (v_w4_bf16, quantize_w4g32z)}
 
 
-def chain(fn):
-    """All layers' four projections, each fed from the last (so none is dead code)."""
+def chain(fn, consume=False):
+    """All layers' four projections, each fed from the last (so none is dead code). consume: each
+    product's whole output is summed (read once, as the layer's next operation reads it), not one
+    element of it, so what the product writes and any pass over it after the dot are timed too."""
 
     def run(x, weights):
         acc = jnp.zeros((), jnp.float32)
@@ -173,7 +194,7 @@ def chain(fn):
             for (k, n), w in zip(SHAPES, layer):
                 xin = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
                 y = fn(xin, w)
-                acc = acc + y[0, 0].astype(jnp.float32)
+                acc = acc + (jnp.sum(y, dtype=jnp.float32) if consume else y[0, 0].astype(jnp.float32))
         return acc
 
     return jax.jit(run)
@@ -195,6 +216,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ms", default="1,8,32,128,512,2048,8192")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--consume", action="store_true",
+                    help="sum each product's whole output (its bytes and any scaling pass timed), not one element")
     ap.add_argument("--json", default="fp8_gemm.json", help="the file under $OUT the figures go to")
     args = ap.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
@@ -211,8 +234,9 @@ def main():
     quantized = {name: by_quantizer[q] for name, (_, q) in variants.items()}
     params = sum(k * n for k, n in SHAPES)
     results = []
+    outputs = "summed whole" if args.consume else "one element read"
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.layers} layers of "
-          f"{params / 1e6:.0f}M; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{params / 1e6:.0f}M; outputs {outputs}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     for m in ms:
         key, sub = jax.random.split(key)
         x = jax.random.normal(sub, (m, SHAPES[0][0]), jnp.float32).astype(jnp.bfloat16)
@@ -222,7 +246,7 @@ def main():
             wq = quantized[name]
             try:
                 t0 = time.perf_counter()
-                f = chain(fn)
+                f = chain(fn, args.consume)
                 f(x, wq).block_until_ready()
                 compile_s = time.perf_counter() - t0
                 sec = time_fn(f, x, wq)

@@ -10,6 +10,8 @@ best per configuration is marked, and the defaults' time is printed beside it.
       [--decode-configs 1024:512:32,32:1536:32]      # batch:context:page_size, any
       [--prefill-configs 2048:32]  # tokens:page_size of one causal prompt, any
       [--split-targets 264,1056]  # only the automatic split count under each TARGET_PROGRAMS
+      [--kv-dtype fp8]            # decode over a float8 cache (its bytes, as the engine stores it)
+      [--settings 1:2:2,2:2:3]    # decode: only these pages_per_block:num_warps:num_stages, one split
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import SCALE, Heads, decode_case, free_device, make_pages, prefill_batch_metadata, time_calls
-from pallas_kernels import paged_decode_attention, ragged_paged_attention
+from jaxllm.layers.attention import FP8_KV, as_kv_values, kv_storage_dtype, to_kv_dtype
+from pallas_kernels import paged_decode_attention, paged_decode_attention_reference, ragged_paged_attention
 from pallas_kernels.paged_decode_attention import default_num_splits, default_pages_per_block
 
 DECODE_CONFIGS = [  # (batch, context, page_size)
@@ -37,22 +40,30 @@ PREFILL_CONFIGS = [(2048, 64), (8192, 64), (2048, 16)]  # (tokens, page_size)
 CALLS, REPEATS = 4, 5
 
 
-def decode_cases(configs):
+def decode_cases(configs, kv_dtype="bfloat16"):
     """For each (batch, context, page_size): (it, the heads, CALLS argument sets of
-    paged_decode_attention over one bf16 cache, the K/V bytes a call reads); the device is freed
-    after each."""
+    paged_decode_attention over one cache of `kv_dtype` (bfloat16, or fp8 held as its bytes, as
+    the engine holds it: layers/attention.py kv_storage_dtype), the K/V bytes a call reads); the
+    device is freed after each."""
     setup = Heads()
     rng = np.random.default_rng(0)
     for batch, context, page_size in configs:
         k_pages, v_pages, tables, seq_lens = decode_case(rng, setup, batch, context, page_size, jnp.bfloat16, copies=2)
+        if kv_dtype == "fp8":
+            storage = kv_storage_dtype(FP8_KV)
+            k_pages, v_pages = to_kv_dtype(k_pages, storage), to_kv_dtype(v_pages, storage)
+        itemsize = k_pages.dtype.itemsize
         qs = jax.random.normal(jax.random.key(0), (CALLS, batch, setup.num_heads, setup.head_dim), jnp.bfloat16)
         arg_sets = [(qs[i], k_pages, v_pages, tables[i % 2], seq_lens) for i in range(CALLS)]
-        yield (batch, context, page_size), setup, arg_sets, 2 * batch * context * setup.num_kv_heads * setup.head_dim * 2
+        kv_bytes = 2 * batch * context * setup.num_kv_heads * setup.head_dim * itemsize
+        yield (batch, context, page_size), setup, arg_sets, kv_bytes
         free_device()  # every array of this configuration, the callers' closures' included
 
 
-def tune_decode(log, configs=DECODE_CONFIGS):
-    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs):
+def tune_decode(log, configs=DECODE_CONFIGS, kv_dtype="bfloat16", settings=None):
+    """The sweep below for each configuration; with `settings` ([(pages_per_block, num_warps,
+    num_stages)], one split) only those beside the default."""
+    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs, kv_dtype):
         pages_per_seq = context // page_size
 
         def measure(**kw):
@@ -63,11 +74,17 @@ def tune_decode(log, configs=DECODE_CONFIGS):
                 log(f"    {kw} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 return float("inf")
 
-        log(f"decode batch {batch} context {context} page {page_size}")
+        log(f"decode batch {batch} context {context} page {page_size} cache {kv_dtype}")
         default = measure()
         log(f"    default {default * 1e6:9.1f} us {kv_bytes / default / 1e12:5.2f} TB/s")
+        for ppb, warps, stages in settings or ():
+            t = measure(pages_per_block=ppb, num_splits=1, num_warps=warps, num_stages=stages)
+            log(f"    pages/block {ppb:3} splits    1 warps {warps} stages {stages}  {t * 1e6:9.1f} us "
+                f"{kv_bytes / t / 1e12:5.2f} TB/s{'  <- faster than the default' if t < default else ''}")
+        if settings:
+            continue
         results = {}
-        for keys, programs in itertools.product((64, 128, 256), (264, 528, 1056, 2112)):
+        for keys, programs in itertools.product((32, 64, 128, 256), (264, 528, 1056, 2112)):
             ppb = max(1, keys // page_size)
             splits = default_num_splits(batch, setup.num_kv_heads, pages_per_seq, ppb, target_programs=programs)
             key = (ppb, splits)
@@ -83,17 +100,24 @@ def tune_decode(log, configs=DECODE_CONFIGS):
             best = min(best, t)
 
 
-def compare_split_targets(log, configs, targets):
+def compare_split_targets(log, configs, targets, kv_dtype="bfloat16"):
     """The automatic split count (`default_num_splits`) under each TARGET_PROGRAMS of `targets`, at
     the default tiling: the choice that sets how many splits a narrow batch of long contexts gets."""
-    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs):
-        ppb = default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=2)
+    for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs, kv_dtype):
+        itemsize = kv_bytes // (2 * batch * context * setup.num_kv_heads * setup.head_dim)
+        ppb = default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=itemsize,
+                                      compute_itemsize=2)
         line = f"decode batch {batch:5} context {context:6} page {page_size:3}:"
         for target in targets:
             splits = default_num_splits(batch, setup.num_kv_heads, context // page_size, ppb, target_programs=target)
             fn = functools.partial(paged_decode_attention, scale=SCALE, num_splits=splits)
-            t = time_calls(fn, arg_sets, REPEATS)[0]
+            t, out = time_calls(fn, arg_sets, REPEATS)
             line += f"  target {target}: {splits:3} splits {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s"
+        # The first call's output against the float32 reference (a float8 cache read as its values).
+        q, k_pages, v_pages, tables, seq_lens = arg_sets[0]
+        ref = paged_decode_attention_reference(q, as_kv_values(k_pages), as_kv_values(v_pages), tables, seq_lens,
+                                               scale=SCALE)  # fmt: skip
+        line += f"  max |error| {float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))):.2e}"
         log(line)
 
 
@@ -143,6 +167,10 @@ def main(argv=None) -> int:
                         help="the prefill shapes to sweep (default: PREFILL_CONFIGS)")
     parser.add_argument("--split-targets", default=None, metavar="264,1056",
                         help="only compare the automatic split count under these TARGET_PROGRAMS")
+    parser.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                        help="the decode sweeps' cache (fp8: float8 E4M3 held as its bytes, as in the engine)")
+    parser.add_argument("--settings", default=None, metavar="PPB:WARPS:STAGES,...",
+                        help="decode: only these tilings (one split) beside the default, not the sweep")
     args = parser.parse_args(argv)
     decode_configs = DECODE_CONFIGS
     if args.decode_configs == "mix":
@@ -155,10 +183,11 @@ def main(argv=None) -> int:
 
     log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     if args.split_targets:
-        compare_split_targets(log, decode_configs, [int(t) for t in args.split_targets.split(",")])
+        compare_split_targets(log, decode_configs, [int(t) for t in args.split_targets.split(",")], args.kv_dtype)
         return 0
     if not args.prefill_only:
-        tune_decode(log, decode_configs)
+        settings = [tuple(int(v) for v in c.split(":")) for c in args.settings.split(",")] if args.settings else None
+        tune_decode(log, decode_configs, args.kv_dtype, settings)
     if not args.decode_only:
         prefill_configs = PREFILL_CONFIGS
         if args.prefill_configs:
