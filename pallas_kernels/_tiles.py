@@ -7,8 +7,9 @@ float32 in log2 units (exp2), starting from MASK_VALUE.
 KV pages may be float8 E4M3 (KV_ONLY_DTYPES), as float8 arrays or as their bytes (uint8: how
 jaxllm holds a float8 cache, so that XLA copies and scatters its pages in place), under queries of
 any SUPPORTED_DTYPES: the attention kernels load each K/V tile in its stored dtype (half of bf16's
-memory traffic and shared memory) and upcast it to q's dtype before the dots (`kv_values`); the K/V
-write saturates into it (`to_cache_dtype`). Triton converts float8 E4M3 on compute capability 8.9+
+memory traffic and shared memory) and upcast it before the dots (`kv_values`), to float16 under a
+bfloat16 query (`kv_compute_dtype`), else to q's dtype; the K/V write saturates into it
+(`to_cache_dtype`). Triton converts float8 E4M3 on compute capability 8.9+
 (Ada, Hopper) only.
 """
 
@@ -52,6 +53,30 @@ def to_cache_dtype(x, dtype):
         x = jnp.minimum(jnp.maximum(x, -limit), limit).astype(FP8)
         return jax.lax.bitcast_convert_type(x, FP8_BYTES) if dtype == FP8_BYTES else x
     return x.astype(dtype)
+
+
+def kv_compute_dtype(q_dtype, kv_dtype):
+    """The dtype an attention kernel's dots run in: q's, except over a float8 cache under a bfloat16
+    query: float16. Hopper widens a pair of E4M3 values to float16 in one instruction, to bfloat16
+    only through more (the decode kernel over an fp8 cache took as long as over a bf16 one, reading
+    half the bytes: benchmarks/RESULTS.md, "Decode attention over an FP8 cache"); float16 also
+    holds the probabilities and E4M3's values more exactly than bfloat16. The query is clipped into
+    float16's range (`to_compute`)."""
+    q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+    if kv_dtype in KV_ONLY_DTYPES and q_dtype == jnp.dtype(jnp.bfloat16):
+        return jnp.dtype(jnp.float16)
+    return q_dtype
+
+
+def to_compute(q, dtype):
+    """A loaded query tile in the kernel's compute dtype (`kv_compute_dtype`); into float16
+    saturating at its largest finite value, where bfloat16's range is wider."""
+    if q.dtype == dtype:
+        return q
+    if dtype == jnp.dtype(jnp.float16):  # clipped in float32: bfloat16 rounds float16's largest value up, to 65536
+        limit = float(jnp.finfo(jnp.float16).max)
+        q = jnp.minimum(jnp.maximum(q.astype(jnp.float32), -limit), limit)
+    return q.astype(dtype)
 
 
 def kv_values(x):

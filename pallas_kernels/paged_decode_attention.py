@@ -30,12 +30,15 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._tiles import (
     LOG2_E,
     MASK_VALUE,
+    KV_ONLY_DTYPES,
     MIN_DOT_DIM,
     dot_precision,
     fit_block_keys,
+    kv_compute_dtype,
     kv_values,
     load_rows,
     pow2_divisor,
+    to_compute,
     validate_paged_inputs,
     validate_tiling,
 )
@@ -44,6 +47,14 @@ from pallas_kernels._tiles import (
 TARGET_PROGRAMS = 264
 # Keys per inner-loop step when pages_per_block is not given, before the shared-memory fit.
 DEFAULT_BLOCK_KEYS = 128
+# A float8 cache under a wide batch (at least WIDE_PROGRAMS (sequence, KV head) programs: 1,024
+# sequences of 8 KV heads) gets shorter steps and fewer warps: each program's few keys (a wide
+# batch's contexts are short, the cache holding batch x context) are then spread over more programs
+# at once. H100, Llama-3.1-8B heads, page 32: 2,048 x 160 452 -> 337 us, 1,024 x 192 253 -> 204,
+# 1,024 x 768 675 -> 630; 512 x 1,152 lost with it, and a bf16 cache gained nothing
+# (benchmarks/RESULTS.md, "Decode attention over an FP8 cache").
+WIDE_PROGRAMS = 8192
+WIDE_FP8_BLOCK_KEYS, WIDE_FP8_WARPS, WIDE_FP8_STAGES = 64, 2, 3
 
 
 def _decode_kernel(
@@ -61,12 +72,14 @@ def _decode_kernel(
     scale: float,
     window: int | None,
     final: bool,
+    compute_dtype,
 ):
     group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
-    precision = dot_precision(q_ref.dtype)
-    # A float8 cache (or its bytes): each loaded K/V tile is upcast to q's dtype before the dots.
-    upcast = (lambda x: kv_values(x).astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
+    # A float8 cache (or its bytes): each loaded K/V tile is upcast to `compute` before the dots.
+    compute = jnp.dtype(compute_dtype)
+    precision = dot_precision(compute)
+    upcast = (lambda x: kv_values(x).astype(compute)) if k_ref.dtype != compute else (lambda x: x)
     split = pl.program_id(2)
 
     head_ok = jnp.arange(group_block) < group
@@ -74,6 +87,7 @@ def _decode_kernel(
     dim_ok = (jnp.arange(head_block) < head_dim)[None, :] if head_block != head_dim else None
     q_mask = head_ok[:, None] if dim_ok is None else head_ok[:, None] & dim_ok
     q = plgpu.load(q_ref.at[pl.ds(0, group_block), pl.ds(0, head_block)], mask=q_mask, other=0.0)
+    q = to_compute(q, compute)
 
     # The visible keys are [first_key, seq_len), on pages [first_page, end_page). The splits share
     # those pages, not the block table's width: split s owns pages [lo_page, hi_page), the s-th run
@@ -146,6 +160,10 @@ def _decode_call(
     # Drop splits that a sequence as long as the table would leave empty.
     num_splits = pl.cdiv(pages_per_seq, pl.cdiv(pl.cdiv(pages_per_seq, num_splits), pages_per_block) * pages_per_block)
     final = num_splits == 1
+    # Over a float8 cache the dots run in float16 (_tiles.kv_compute_dtype) once the batch alone
+    # fills the GPU; a narrower one keeps q's dtype (H100, 1 x 2,048 tokens: 39 us a layer in bf16,
+    # 54 in float16; benchmarks/RESULTS.md, "Decode attention over an FP8 cache").
+    compute_dtype = kv_compute_dtype(q.dtype, k_pages.dtype) if num_seqs * num_kv_heads > TARGET_PROGRAMS else q.dtype
 
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # head h = kv_head * G + g
     k_rows = k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
@@ -161,6 +179,7 @@ def _decode_call(
         scale=scale,
         window=window,
         final=final,
+        compute_dtype=jnp.dtype(compute_dtype).name,
     )
     grid = (num_kv_heads, num_seqs, num_splits)
     in_specs = [
@@ -293,13 +312,30 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def default_pages_per_block(page_size: int, *, num_stages: int, head_dim: int, itemsize: int,
-                            compute_itemsize: int | None = None) -> int:  # fmt: skip
-    """itemsize: the pages'; compute_itemsize: q's where it differs (a float8 cache)."""
+                            compute_itemsize: int | None = None,
+                            block_keys: int = DEFAULT_BLOCK_KEYS) -> int:  # fmt: skip
+    """itemsize: the pages'; compute_itemsize: q's where it differs (a float8 cache); block_keys:
+    the keys a step aimed for, before the shared-memory fit."""
     block_keys = fit_block_keys(
-        DEFAULT_BLOCK_KEYS, num_stages=num_stages, query_rows=MIN_DOT_DIM, head_dim=head_dim, itemsize=itemsize,
+        block_keys, num_stages=num_stages, query_rows=MIN_DOT_DIM, head_dim=head_dim, itemsize=itemsize,
         compute_itemsize=compute_itemsize,
     )
     return max(1, block_keys // page_size, pl.cdiv(MIN_DOT_DIM, page_size))
+
+
+def default_launch(num_seqs: int, num_kv_heads: int, page_size: int, head_dim: int, kv_dtype, q_dtype):
+    """(pages_per_block, num_warps, num_stages, keys a step aimed for) where the caller gives none:
+    128 keys a step (fewer where shared memory would overflow), 4 warps, 2 stages; a float8 cache
+    under at least WIDE_PROGRAMS (sequence, KV head) programs: 64 keys, 2 warps, 3 stages."""
+    kv_dtype = jnp.dtype(kv_dtype)
+    wide_fp8 = kv_dtype in KV_ONLY_DTYPES and num_seqs * num_kv_heads >= WIDE_PROGRAMS
+    block_keys, num_warps, num_stages = ((WIDE_FP8_BLOCK_KEYS, WIDE_FP8_WARPS, WIDE_FP8_STAGES) if wide_fp8
+                                         else (DEFAULT_BLOCK_KEYS, 4, 2))  # fmt: skip
+    pages_per_block = default_pages_per_block(
+        page_size, num_stages=num_stages, head_dim=head_dim, itemsize=kv_dtype.itemsize,
+        compute_itemsize=jnp.dtype(q_dtype).itemsize, block_keys=block_keys,
+    )
+    return pages_per_block, num_warps, num_stages, block_keys
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, pages_per_seq: int, pages_per_block: int,
@@ -326,25 +362,28 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention: one query token per sequence over its KV pages (GQA-aware, split-K).
 
     Args:
       q: [B, H, d] the query token of each sequence (float32, bfloat16 or float16).
-      k_pages, v_pages: [K, P, S, d] in q's dtype, or float8_e4m3fn (each tile upcast to q's dtype
-        in the kernel); H a multiple of K, S a power of two.
+      k_pages, v_pages: [K, P, S, d] in q's dtype, or float8_e4m3fn (each tile upcast in the
+        kernel: to float16 under a bf16 q once B * K exceeds TARGET_PROGRAMS, else to q's dtype);
+        H a multiple of K, S a power of two.
       block_tables: [B, max_pages] int32 page ids, each in [0, P) (pad with the null page 0).
       seq_lens: [B] int32 context lengths including this token, at most max_pages * S; 0 marks a
         padding slot, whose output is zeros.
       scale: softmax scale (static).
       window: sliding window or None: keys at positions > seq_len - 1 - window are visible.
       pages_per_block: pages per inner-loop step (power of two, times S at least 16); default
-        128 keys' worth, fewer where float32 or a wide head would overflow shared memory.
+        (`default_launch`) 128 keys' worth, fewer where float32 or a wide head would overflow
+        shared memory, 64 for a float8 cache under a wide batch.
       num_splits: splits of each sequence's visible pages (flash-decoding), at most one a block of
         the table's width; default fills about two waves of an H100 from B * K programs.
-      num_warps, num_stages: Triton launch parameters (default num_warps: 4).
+      num_warps, num_stages: Triton launch parameters (default 4 warps, 2 stages; a float8 cache
+        under a wide batch: 2 warps, 3 stages; `default_launch`).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
       [B, H, d] in q's dtype.
@@ -353,12 +392,15 @@ def paged_decode_attention(
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(f"q has {q.shape[0]} sequences but block_tables has {block_tables.shape[0]} rows")
     num_kv_heads, _, page_size, head_dim = k_pages.shape
+    default = default_launch(q.shape[0], num_kv_heads, page_size, head_dim, k_pages.dtype, q.dtype)
+    if num_stages is None:
+        num_stages = default[2]
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(
+        pages_per_block = default[0] if num_stages == default[2] else default_pages_per_block(
             page_size, num_stages=num_stages, head_dim=head_dim, itemsize=k_pages.dtype.itemsize,
-            compute_itemsize=q.dtype.itemsize,
-        )
-    num_warps = 4 if num_warps is None else num_warps
+            compute_itemsize=q.dtype.itemsize, block_keys=default[3],
+        )  # fmt: skip
+    num_warps = default[1] if num_warps is None else num_warps
     validate_tiling(page_size, pages_per_block, num_warps, num_stages)
     if num_splits is None:
         num_splits = default_num_splits(q.shape[0], num_kv_heads, block_tables.shape[1], pages_per_block)

@@ -38,8 +38,10 @@ from pallas_kernels._tiles import (
     dot_precision,
     fit_block_keys,
     is_power_of_2,
+    kv_compute_dtype,
     kv_values,
     load_rows,
+    to_compute,
     validate_paged_inputs,
     validate_tiling,
 )
@@ -86,9 +88,11 @@ def _ragged_block(
     _, group, head_dim = q_ref.shape
     block_keys = pages_per_block * page_size
     tile_rows = block_q * group_block
-    precision = dot_precision(q_ref.dtype)
-    # A float8 cache (or its bytes): each loaded K/V tile is upcast to q's dtype before the dots.
-    upcast = (lambda x: kv_values(x).astype(q_ref.dtype)) if k_ref.dtype != q_ref.dtype else (lambda x: x)
+    # A float8 cache (or its bytes): each loaded K/V tile is upcast before the dots, which run in
+    # float16 under a bfloat16 query (_tiles.kv_compute_dtype), else in q's dtype.
+    compute = kv_compute_dtype(q_ref.dtype, k_ref.dtype)
+    precision = dot_precision(compute)
+    upcast = (lambda x: kv_values(x).astype(compute)) if k_ref.dtype != compute else (lambda x: x)
 
     q_start = query_start_ref[seq]
     q_len = query_start_ref[seq + 1] - q_start
@@ -105,6 +109,7 @@ def _ragged_block(
         tile_mask &= dim_ok[None]
     tile_at = (pl.ds(q_start + first_row, block_q), pl.ds(0, group_block), pl.ds(0, head_block))
     q = plgpu.load(q_ref.at[tile_at], mask=tile_mask, other=0.0).reshape(tile_rows, head_block)
+    q = to_compute(q, compute)
     # Tile row r is query row first_row + r // group_block, head r % group_block.
     q_pos = first_row_pos + lax.div(jnp.arange(tile_rows), group_block)  # [tile_rows]
 
@@ -319,8 +324,9 @@ def ragged_paged_attention(
 
     Args:
       q: [T, H, d] query rows of all sequences, packed (float32, bfloat16 or float16).
-      k_pages, v_pages: [K, P, S, d] in q's dtype or float8_e4m3fn (each tile upcast to q's dtype
-        in the kernel), already holding this step's keys/values; H a multiple of K, S a power of two.
+      k_pages, v_pages: [K, P, S, d] in q's dtype or float8_e4m3fn (each tile upcast in the kernel:
+        to float16 under a bf16 q, else to q's dtype), already holding this step's keys/values; H a
+        multiple of K, S a power of two.
       query_start: [B + 1] int32, non-decreasing: sequence b owns rows query_start[b] :
         query_start[b + 1] (padding slots own none).
       seq_lens: [B] int32 context lengths including this step's rows (>= the row count).

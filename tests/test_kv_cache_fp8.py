@@ -116,6 +116,19 @@ def test_ragged_kernel_reads_fp8_pages_under_float32_queries():
                  rows=slice(0, num_real))  # fmt: skip
 
 
+def test_ragged_kernel_reads_fp8_pages_under_bf16_queries_in_float16():
+    """Under bf16 queries the fp8 tiles are widened to float16 (_tiles.kv_compute_dtype), the query
+    clipped into float16's range: finite, and the reference's within bf16's tolerance."""
+    q, k_pages, v_pages, batch, num_real = ragged_inputs(16, 8, 2, 64, jnp.float32)
+    q, k_pages, v_pages = _fp8_pages(q, k_pages, v_pages, jnp.bfloat16)
+    q = q.at[0, 0, 0].set(1e6)  # beyond float16's range
+    args = (q, k_pages, v_pages, batch.query_start, batch.seq_lens, batch.block_tables)
+    out = ragged_paged_attention(*args, max_query_len=40, scale=0.125, interpret=INTERPRET)
+    assert out.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out, np.float32)).all()
+    reference = ragged_paged_attention_reference(*args, max_query_len=40, scale=0.125)
+    assert_close(out[1:], reference[1:], jnp.bfloat16)
+
+
 def test_kernels_read_and_write_fp8_bytes_as_fp8_pages():
     """How jaxllm holds a float8 cache (uint8 bytes, layers/attention.py:kv_storage_dtype): the three
     kernels give over the bytes exactly what they give over float8 pages."""

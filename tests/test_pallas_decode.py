@@ -5,6 +5,7 @@ Interpret mode on the CPU; on a GPU the same tests run the compiled Triton kerne
 
 import functools
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +212,44 @@ def test_a_short_sequence_in_a_wide_table_uses_every_split(monkeypatch):
         assert l.shape[2] == 4 and bool((l > 0).all()), l[0, :, :, 0]
         reference = paged_decode_attention_reference(q, k_pages, v_pages, tables, lens, scale=0.125, window=window)
         assert_close(out, reference, jnp.float32)
+
+
+def test_default_launch_gives_a_float8_cache_under_a_wide_batch_shorter_steps():
+    """64 keys a step, 2 warps and 3 stages for an fp8 cache (or its bytes) under at least
+    WIDE_PROGRAMS (sequence, KV head) programs; the usual 128 keys, 4 warps, 2 stages otherwise."""
+    decode = importlib.import_module("pallas_kernels.paged_decode_attention")
+    wide = decode.WIDE_PROGRAMS // 8
+    for kv_dtype in (jnp.float8_e4m3fn, jnp.uint8):
+        assert decode.default_launch(wide, 8, 32, 128, kv_dtype, jnp.bfloat16)[:3] == (2, 2, 3)
+        assert decode.default_launch(wide // 2, 8, 32, 128, kv_dtype, jnp.bfloat16)[:3] == (4, 4, 2)
+    assert decode.default_launch(wide, 8, 32, 128, jnp.bfloat16, jnp.bfloat16)[:3] == (4, 4, 2)
+    assert decode.default_launch(wide, 8, 16, 128, jnp.uint8, jnp.bfloat16)[:3] == (4, 2, 3)
+
+
+def test_a_wide_batch_over_fp8_pages_runs_its_dots_in_float16():
+    """Once the batch fills the GPU (B * K > TARGET_PROGRAMS), K/V tiles of an fp8 cache under bf16
+    queries are widened to float16 (the query clipped into its range), not bfloat16; the result
+    is the reference's within bf16's tolerance. A narrow batch keeps q's dtype."""
+    decode = importlib.import_module("pallas_kernels.paged_decode_attention")
+    to_fp8 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint8)
+    rng = np.random.default_rng(4)
+    num_kv_heads = 4
+    lens = [int(n) for n in rng.integers(1, 40, decode.TARGET_PROGRAMS // num_kv_heads + 1)]
+    k_pages, v_pages, tables = make_cache(rng, lens, num_kv_heads=num_kv_heads, page_size=16, head_dim=64,
+                                          pages_per_seq=3, dtype=jnp.float32)  # fmt: skip
+    from jaxllm.layers.attention import FP8_KV, to_kv_dtype
+
+    k8, v8 = to_kv_dtype(k_pages, FP8_KV), to_kv_dtype(v_pages, FP8_KV)
+    q = jnp.asarray(rng.normal(size=(len(lens), 8, 64)), jnp.bfloat16)
+    q = q.at[0, 0, 0].set(1e6)  # beyond float16's range: clipped, not inf
+    tables, seq_lens = jnp.asarray(tables), jnp.asarray(lens, jnp.int32)
+    call = functools.partial(decode._decode_call, scale=0.125, window=None, pages_per_block=1, num_splits=1,
+                             num_warps=4, num_stages=2, interpret=INTERPRET)  # fmt: skip
+    wide = jax.make_jaxpr(call)(q, to_fp8(k8), to_fp8(v8), tables, seq_lens)
+    narrow = jax.make_jaxpr(call)(q[:2], to_fp8(k8), to_fp8(v8), tables[:2], seq_lens[:2])
+    float16 = re.compile(r"(?<!b)f16\[")  # not bf16
+    assert float16.search(str(wide)) and not float16.search(str(narrow))
+    out = call(q, to_fp8(k8), to_fp8(v8), tables, seq_lens)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    reference = paged_decode_attention_reference(q, k8, v8, tables, seq_lens, scale=0.125)
+    assert_close(out[1:], reference[1:], jnp.bfloat16)
