@@ -7,8 +7,8 @@ channel and group of input channels):
 - float8 E4M3 weight [*in, *out] (FP8): its input is quantized per row (per token: amax over the
   input axes / 448), or, when the params also hold `<name>_input_scale` (a ModelOpt FP8
   checkpoint's calibrated scale), by that one static scale (saturating at +-448); the two fp8
-  operands are multiplied with float32 accumulation, and the product is scaled by the row's scale
-  times the channel's and cast back to the input's dtype:
+  operands are multiplied with float32 accumulation into the input's dtype, and the product is
+  scaled (in float32) by the row's scale times the channel's and cast back to the input's dtype:
 
       y[t, n] = (sum_k x8[t, k] w8[k, n]) * sx[t] * sw[n]
 
@@ -61,7 +61,11 @@ def fp8_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, n
     """`jnp.einsum(equation, x, w)` for an FP8 weight w ~= w8 * w_scale (w_scale over w's output
     axes), x quantized per row (or by the static `input_scale`). Returns x's dtype."""
     x8, sx = quantize_rows(x, num_input_axes, input_scale)
-    y = jnp.einsum(equation, x8, w8, preferred_element_type=jnp.float32)
+    # The dot accumulates in float32 and writes x's dtype (cuBLASLt's FP8 GEMM writes a bf16
+    # product: half the bytes of a float32 one, for the pass that scales it to read; H100, 2,048
+    # rows, the layer's four products 975 -> 849 us: benchmarks/RESULTS.md, "... FP8 products
+    # written in bf16"); the scales apply in float32 after.
+    y = jnp.einsum(equation, x8, w8, preferred_element_type=x.dtype).astype(jnp.float32)
     rows = sx.reshape(sx.shape + (1,) * (y.ndim - sx.ndim))
     return (y * rows * w_scale).astype(x.dtype)
 
