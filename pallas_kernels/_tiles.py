@@ -61,7 +61,8 @@ def kv_compute_dtype(q_dtype, kv_dtype):
     only through more (the decode kernel over an fp8 cache took as long as over a bf16 one, reading
     half the bytes: benchmarks/RESULTS.md, "Decode attention over an FP8 cache"); float16 also
     holds the probabilities and E4M3's values more exactly than bfloat16. The query is clipped into
-    float16's range (`to_compute`)."""
+    float16's range (`to_compute`). The decode kernel takes it only for batches that fill the GPU
+    (at batch 1 it lost: paged_decode_attention.py `_decode_call`)."""
     q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
     if kv_dtype in KV_ONLY_DTYPES and q_dtype == jnp.dtype(jnp.bfloat16):
         return jnp.dtype(jnp.float16)

@@ -28,9 +28,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._tiles import (
+    KV_ONLY_DTYPES,
     LOG2_E,
     MASK_VALUE,
-    KV_ONLY_DTYPES,
     MIN_DOT_DIM,
     dot_precision,
     fit_block_keys,
