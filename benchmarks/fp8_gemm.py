@@ -18,9 +18,11 @@ Variants:
   engine-fp8ts engine-fp8t with a static input scale (1: a ModelOpt checkpoint's calibrated one, or the
               engine's for dummy weights): no per-row amax pass.
   fp8ts-bf16out the same fp8 x fp8 dot with a bf16 result (cuBLASLt writes half the bytes of float32),
-              scaled per output channel after, in float32, and cast back.
+              scaled per output channel after, in float32, and cast back: the form fp8_linear took
+              in 2435bfe, spelled out (engine-fp8ts is the same since; before, its dot wrote float32).
   engine-fp8  jaxllm's own FP8 product (layers/linear.py fp8_linear: rows quantized per token,
-              fp8 x fp8 dot accumulated in float32, scaled per row and channel after).
+              fp8 x fp8 dot accumulated in float32 and written in x's dtype, scaled per row and
+              channel after).
   engine-w8   jaxllm's own weight-only product of an fp8 weight (linear.py weight_only_linear).
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
