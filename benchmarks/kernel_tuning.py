@@ -28,7 +28,7 @@ import numpy as np
 from common import SCALE, Heads, decode_case, free_device, make_pages, prefill_batch_metadata, time_calls
 from jaxllm.layers.attention import FP8_KV, as_kv_values, kv_storage_dtype, to_kv_dtype
 from pallas_kernels import paged_decode_attention, paged_decode_attention_reference, ragged_paged_attention
-from pallas_kernels.paged_decode_attention import default_num_splits, default_pages_per_block
+from pallas_kernels.paged_decode_attention import default_launch, default_num_splits
 
 DECODE_CONFIGS = [  # (batch, context, page_size)
     (1, 32768, 16), (1, 8192, 64), (8, 8192, 16), (64, 2048, 16), (64, 32768, 64), (256, 2048, 64),
@@ -104,9 +104,8 @@ def compare_split_targets(log, configs, targets, kv_dtype="bfloat16"):
     """The automatic split count (`default_num_splits`) under each TARGET_PROGRAMS of `targets`, at
     the default tiling: the choice that sets how many splits a narrow batch of long contexts gets."""
     for (batch, context, page_size), setup, arg_sets, kv_bytes in decode_cases(configs, kv_dtype):
-        itemsize = kv_bytes // (2 * batch * context * setup.num_kv_heads * setup.head_dim)
-        ppb = default_pages_per_block(page_size, num_stages=2, head_dim=setup.head_dim, itemsize=itemsize,
-                                      compute_itemsize=2)
+        q, k_pages = arg_sets[0][:2]
+        ppb = default_launch(batch, setup.num_kv_heads, page_size, setup.head_dim, k_pages.dtype, q.dtype)[0]
         line = f"decode batch {batch:5} context {context:6} page {page_size:3}:"
         for target in targets:
             splits = default_num_splits(batch, setup.num_kv_heads, context // page_size, ppb, target_programs=target)
@@ -114,7 +113,7 @@ def compare_split_targets(log, configs, targets, kv_dtype="bfloat16"):
             t, out = time_calls(fn, arg_sets, REPEATS)
             line += f"  target {target}: {splits:3} splits {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s"
         # The first call's output against the float32 reference (a float8 cache read as its values).
-        q, k_pages, v_pages, tables, seq_lens = arg_sets[0]
+        _, _, v_pages, tables, seq_lens = arg_sets[0]
         ref = paged_decode_attention_reference(q, as_kv_values(k_pages), as_kv_values(v_pages), tables, seq_lens,
                                                scale=SCALE)  # fmt: skip
         line += f"  max |error| {float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))):.2e}"
