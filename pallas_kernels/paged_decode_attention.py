@@ -392,15 +392,15 @@ def paged_decode_attention(
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(f"q has {q.shape[0]} sequences but block_tables has {block_tables.shape[0]} rows")
     num_kv_heads, _, page_size, head_dim = k_pages.shape
-    default = default_launch(q.shape[0], num_kv_heads, page_size, head_dim, k_pages.dtype, q.dtype)
-    if num_stages is None:
-        num_stages = default[2]
-    if pages_per_block is None:
-        pages_per_block = default[0] if num_stages == default[2] else default_pages_per_block(
+    ppb, warps, stages, block_keys = default_launch(q.shape[0], num_kv_heads, page_size, head_dim, k_pages.dtype,
+                                                    q.dtype)  # fmt: skip
+    num_stages = stages if num_stages is None else num_stages
+    num_warps = warps if num_warps is None else num_warps
+    if pages_per_block is None:  # refitted to shared memory when the caller's stages differ
+        pages_per_block = ppb if num_stages == stages else default_pages_per_block(
             page_size, num_stages=num_stages, head_dim=head_dim, itemsize=k_pages.dtype.itemsize,
-            compute_itemsize=q.dtype.itemsize, block_keys=default[3],
+            compute_itemsize=q.dtype.itemsize, block_keys=block_keys,
         )  # fmt: skip
-    num_warps = default[1] if num_warps is None else num_warps
     validate_tiling(page_size, pages_per_block, num_warps, num_stages)
     if num_splits is None:
         num_splits = default_num_splits(q.shape[0], num_kv_heads, block_tables.shape[1], pages_per_block)
