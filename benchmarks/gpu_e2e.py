@@ -65,6 +65,7 @@ def part_perf(args) -> dict:
     import jax
 
     from jaxllm import LLM, SamplingParams
+    from jaxllm.engine import step_trace
 
     cfg_dir = CONFIGS / args.model
     max_batch, max_tokens = args.max_batch, args.max_num_tokens
@@ -124,12 +125,18 @@ def part_perf(args) -> dict:
     offline = []
     for isl, osl, n in args.offline:
         prompts = synthetic(n, isl, vocab, 10 + isl + osl)
+        if args.breakdown:
+            engine.trace_steps(True)
         wall, compiled, tokens, stats = timed(prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
         offline.append({"isl": isl, "osl": osl, "requests": n, "output_tokens": tokens, "wall_s": wall,
                         "compile_s_during": compiled, "output_tok_s": tokens / wall,
                         "median_decode_step_ms": decode_ms_per_token(stats),
                         "max_active": max(s["numActiveRequests"] for s in stats)})  # fmt: skip
         print(f"offline {isl}/{osl} x{n}: {tokens / wall:.0f} tok/s (compiling {compiled:.1f} s of it)", flush=True)
+        if args.breakdown:  # where the run's time went: step kinds, padding, host time (engine/step_trace.py)
+            figures = step_trace.breakdown(engine.trace_steps(False))
+            offline[-1]["breakdown"] = figures
+            print(step_trace.table(figures), flush=True)
     result["offline"] = offline
     if args.profile_batch:  # a wide batch's steps under the profiler: where a large decode's time goes
         prompts = synthetic(args.profile_batch, 128, vocab, 7)
@@ -321,6 +328,8 @@ def main() -> None:
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
                         help="no batch-1 decode or time-to-first-token runs: the offline runs alone")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="trace each offline run's steps and print where its time went (step kinds, padding)")
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     parser.add_argument("--profile-batch", type=int, default=0, metavar="N",
                         help="after the offline runs, profile N requests of 128/64 at once and print the top kernels")
