@@ -359,6 +359,15 @@ def test_modelopt_kv_cache_and_other_quantizations(tmp_path):
     with LLM(model=str(tmp_path / "fp8"), **args) as llm:
         assert llm._engine.runner.kv_dtype == jnp.float8_e4m3fn
         assert all(len(t) == 8 for t in _tokens(llm))
+    # Random weights in the checkpoint's format (load_format='dummy', as benchmarks load the 8B
+    # shape): its static input scales and K/V cache scales too, none of them read from the files.
+    resolved = loader.resolve(str(tmp_path / "fp8"))
+    cfg = loader.read_config(resolved)
+    for params in (loader.load_engine_params(resolved, cfg, jnp.float32, load_format="dummy", progress=False),
+                   init_params(cfg, jnp.float32, jax.random.key(0))):  # fmt: skip
+        layer = params["layers"][0]
+        assert {"k_scale", "v_scale"} <= set(layer) and float(layer["k_scale"]) == 1.0
+        assert any(name.endswith("_input_scale") for name in layer)
     quant = json.loads((tmp_path / "fp8" / "hf_quant_config.json").read_text())
     quant["quantization"]["quant_algo"] = "NVFP4"
     (tmp_path / "fp8" / "hf_quant_config.json").write_text(json.dumps(quant))

@@ -205,7 +205,7 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
     program for the whole model takes minutes to compile on the GPU), kept in the program cache
     (`cache_dir`, engine/executables.py) like the engine's."""
     from jaxllm.engine.executables import CompileCache, compile_cached
-    from jaxllm.models.params import init_param, param_keys, param_specs
+    from jaxllm.models.params import checkpoint_only_specs, init_param, param_keys, param_specs
 
     base = base_config(cfg)  # a quantized model's are the float model's weights, quantized
     keys = param_keys(base, jax.random.key(seed))
@@ -229,6 +229,8 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
             # (Under a mesh they compile each time: a cached program would load for the default device.)
             make = programs[(name, spec, str(out), quantized)] = compile_cached(lowered, cache if out is None else None)
         flat.update(zip(made_paths, make(keys[path])))
+    for path, spec in checkpoint_only_specs(cfg).items():  # a ModelOpt checkpoint's K/V scales
+        flat[path] = jax.device_put(init_param(spec, None, spec.dtype or dtype), flat_shardings.get(path))
     return unflatten_paths(flat, engine_cfg)
 
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.layers.linear import INPUT_AXES, TRANSPOSED_SUFFIX, transpose_input_first, transpose_input_last
 from jaxllm.quantization import (FP8_DTYPE, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config,
-                                 quantize_flat, ZERO_SUFFIX, scale_shape,
+                                 quantize_flat, quantized_paths, quantizes, ZERO_SUFFIX, scale_shape,
                                  weight_dtype)  # fmt: skip
 
 
@@ -186,6 +186,15 @@ def init_param(spec: ParamSpec, key: jax.Array, dtype, std: float = 0.02) -> jax
     return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
 
 
+def checkpoint_only_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The parameters a quantized checkpoint has beyond its float weights and what quantizing them
+    makes (a ModelOpt FP8 checkpoint's per-layer K/V cache scales): path -> spec, each of fixed
+    value (ones). Random weights (`init_params`, load_format='dummy') take them as their specs say."""
+    made = set(flatten_paths(param_specs(base_config(cfg))))
+    made |= {q for path in made if quantizes(path, cfg) for q in quantized_paths(path, cfg)}
+    return {path: spec for path, spec in flatten_paths(param_specs(cfg)).items() if path not in made}
+
+
 def param_keys(cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
     """One random key per parameter path (what init_params draws each parameter from)."""
     paths = list(flatten_paths(param_specs(cfg)))
@@ -198,7 +207,9 @@ def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> d
     base = base_config(cfg)
     keys = param_keys(base, key)
     flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
-    return unflatten_paths(quantize_flat(flat, cfg), cfg)
+    flat = quantize_flat(flat, cfg)
+    flat.update({path: init_param(spec, None, spec.dtype or dtype) for path, spec in checkpoint_only_specs(cfg).items()})
+    return unflatten_paths(flat, cfg)
 
 
 # The fused projections (the engine's layout on one device) -> the projections each one holds.
