@@ -38,22 +38,25 @@ def kernel_group(name: str) -> str:
     return re.sub(r"([._-])\d+", r"\1N", name)
 
 
-def _top(events: list[dict], top: int) -> list[dict]:
-    """The event names (numbered instances folded) that take the most time, with their counts."""
-    groups = collections.defaultdict(lambda: [0, 0.0])
+def _top(events: list[dict], top: int, exact: bool = False) -> list[dict]:
+    """The event names (numbered instances folded, unless `exact`) that take the most time, with
+    their counts."""
+    groups = collections.defaultdict(lambda: [0, 0.0, None])
     for e in events:
-        g = groups[kernel_group(e["name"])]
+        g = groups[e["name"] if exact else kernel_group(e["name"])]
         g[0] += 1
         g[1] += e.get("dur", 0)
+        g[2] = g[2] or e.get("args", {}).get("hlo_module")
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
-    return [{"name": n, "count": c, "total_ms": t / 1e3} for n, (c, t) in rows]
+    return [{"name": n, "count": c, "total_ms": t / 1e3, "module": m} for n, (c, t, m) in rows]
 
 
 def _span(events: list[dict]) -> tuple[float, float]:
     return min(e["ts"] for e in events), max(e["ts"] + e.get("dur", 0) for e in events)
 
 
-def summarize(events: list[dict], processes: dict[int, str], top: int = 20, window: str | None = None) -> dict:
+def summarize(events: list[dict], processes: dict[int, str], top: int = 20, window: str | None = None,
+              exact: bool = False) -> dict:  # fmt: skip
     """Per GPU: span, busy time and the top kernel groups; with `window`, only the kernels from the
     first to the last one whose name starts with it (e.g. the decode attention kernel, to leave
     out a prefill or a compilation caught in the trace)."""
@@ -70,7 +73,7 @@ def summarize(events: list[dict], processes: dict[int, str], top: int = 20, wind
         intervals = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in evs]
         start, end = _span(evs)
         out[device] = {"span_ms": (end - start) / 1e3, "busy_ms": busy_us(intervals) / 1e3, "kernels": len(evs),
-                       "window_marks": len(marks), "top": _top(evs, top)}  # fmt: skip
+                       "window_marks": len(marks), "top": _top(evs, top, exact)}  # fmt: skip
     return out
 
 
@@ -87,14 +90,17 @@ def summarize_host(events: list[dict], processes: dict[int, str], top: int = 25,
     return {proc: _top(evs, top) for proc, evs in per_process.items()}
 
 
-def format_summary(path: str, top: int = 20, window: str | None = None, host: bool = False) -> str:
-    """The GPU summary of the trace at `path` as text (and, with `host`, the host threads')."""
+def format_summary(path: str, top: int = 20, window: str | None = None, host: bool = False,
+                   exact: bool = False) -> str:  # fmt: skip
+    """The GPU summary of the trace at `path` as text (and, with `host`, the host threads'); with
+    `exact`, each kernel name its own row (the HLO instruction a fusion kernel is named after)."""
     events, processes = load_events(path)
-    summary = summarize(events, processes, top, window)
+    summary = summarize(events, processes, top, window, exact)
     lines = [] if summary else [f"no GPU events in {path}"]
 
     def rows(top_rows):
-        return [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}" for row in top_rows]
+        return [f"  {row['total_ms']:8.3f} ms  {row['count']:6d}x  {row['name'][:100]}"
+                + (f"  [{row['module']}]" if exact and row.get("module") else "") for row in top_rows]
 
     for device, s in summary.items():
         marks = f" ({s['window_marks']} x {window})" if window else ""
@@ -113,8 +119,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--window", help="only from the first to the last kernel whose name starts with this")
     parser.add_argument("--host", action="store_true", help="also the host threads' events (traces that kept them)")
+    parser.add_argument("--exact", action="store_true", help="each kernel name its own row (no folding of numbers)")
     args = parser.parse_args()
-    print(format_summary(args.trace, args.top, args.window, args.host))
+    print(format_summary(args.trace, args.top, args.window, args.host, args.exact))
 
 
 if __name__ == "__main__":
