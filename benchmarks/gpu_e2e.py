@@ -4,10 +4,16 @@ throughput, KV capacity), HF transformers on the same card as the peer, and cold
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_e2e.py [--parts perf,correctness,hf,coldstart] [--out DIR]
         [--quantization fp8] [--kv-cache-dtype fp8]       # the perf part with FP8 weights / KV cache
+        [--model llama-3.1-8b-fp8]     # a ModelOpt FP8 checkpoint's format: static input scales, FP8 KV
+        [--breakdown] [--profile-batch N] [--profile-prefill N] [--profile-exact]   # where the time goes
     python benchmarks/gpu_e2e.py --smoke        # tiny sizes on the CPU, to check the script runs
 
 Weights are random (load_format="dummy") from the config.json files in benchmarks/configs/: real
-checkpoints cannot travel to the GPU machine (over the 64 MiB a call may carry). Each part writes
+checkpoints cannot travel to the GPU machine (over the 64 MiB a call may carry). `llama-3.1-8b-fp8`
+is the 8B config with the hf_quant_config.json of nvidia/Llama-3.1-8B-Instruct-FP8 (the checkpoint
+TensorRT-LLM's FP8 figures run): its random weights come in that format, float8 with a static input
+scale per projection, where `--quantization fp8` quantizes as it loads and scales activations per
+token (no calibration data). Each part writes
 its JSON as soon as it finishes, so a partial run keeps what it measured.
 """
 
@@ -98,7 +104,7 @@ def part_perf(args) -> dict:
     result = {"device": device_name(), "versions": software_versions(), "model": args.model,
               "backend": runner.config.backend,
               "capacity_policy": args.capacity_policy or "MAX_UTILIZATION (the engine's default)",
-              "quantization": args.quantization, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
+              "quantization": args.quantization or llm.config.quant_algo, "kv_dtype": jax.numpy.dtype(runner.config.kv_dtype).name,
               "weight_bytes": weight_bytes, "hbm_tbs": tbs, "floor_ms": floor_ms, "build_s": build_s,
               "precompiled_shapes": len(shapes), "precompile_s": precompile_s,
               "kv_pages": runner.config.num_pages, "page_size": runner.config.page_size,
@@ -142,7 +148,19 @@ def part_perf(args) -> dict:
         prompts = synthetic(args.profile_batch, 128, vocab, 7)
         params = SamplingParams(max_tokens=64, ignore_eos=True)
         timed(prompts, params)  # its shapes' first run outside the trace
-        profiled(f"{args.profile_batch} requests of 128/64", timed, prompts, params)
+        profiled(f"{args.profile_batch} requests of 128/64", timed, prompts, params, args.profile_exact)
+    if args.profile_prefill:  # prompts no earlier run cached: prefill and mixed steps of max_num_tokens
+        prompts = synthetic(args.profile_prefill, 128, vocab, 8)
+        profiled(f"{args.profile_prefill} new requests of 128/8", timed, prompts,
+                 SamplingParams(max_tokens=8, ignore_eos=True), args.profile_exact)  # fmt: skip
+    if args.profile_mixed:  # a window of a 128/128 run's steady state: mixed steps (prompts beside decodes)
+        prompts = synthetic(args.profile_mixed, 128, vocab, 9)
+        params = SamplingParams(max_tokens=128, ignore_eos=True)
+        engine.trace_steps(True)
+        profiled_window(f"{args.profile_mixed} new requests of 128/128, seconds 8-10", llm, prompts, params,
+                        8.0, 2.0, args.profile_exact)  # fmt: skip
+        kinds = step_trace.breakdown(engine.trace_steps(False))["kinds"]
+        print("its steps: " + ", ".join(f"{k} {v['steps']} ({v['mean_step_ms']:.1f} ms)" for k, v in kinds.items()))
     result["compilations_total"] = runner.num_compilations
     result["memory"] = memory_report(llm, runner, weight_bytes)
     llm.shutdown()
@@ -173,8 +191,9 @@ def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
     result["ttft_lengths"] = [args.short, args.long]
 
 
-def profiled(what: str, timed, prompts, params) -> None:
-    """Generate `prompts` under the JAX profiler and print the trace's top kernels."""
+def profiled(what: str, timed, prompts, params, exact: bool = False) -> None:
+    """Generate `prompts` under the JAX profiler and print the trace's top kernels (and with
+    `exact`, the top kernels each under its own name, for benchmarks/hlo_fusions.py)."""
     import glob
     import tempfile
 
@@ -187,6 +206,31 @@ def profiled(what: str, timed, prompts, params) -> None:
     jax.profiler.stop_trace()
     path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     print(f"{what} under the profiler:\n" + trace_summary.format_summary(path, top=24), flush=True)
+    if exact:
+        print(f"{what}, kernels by name:\n" + trace_summary.format_summary(path, top=48, exact=True), flush=True)
+
+
+def profiled_window(what: str, llm, prompts, params, start_s: float, seconds: float, exact: bool) -> None:
+    """Submit `prompts` at once, trace `seconds` of the run from `start_s` after the submission under
+    the JAX profiler, print the window's top kernels, and wait for the run to end."""
+    import glob
+    import tempfile
+
+    import jax
+    import trace_summary
+
+    futures = [llm.generate_async(p, params) for p in prompts]
+    time.sleep(start_s)
+    trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    time.sleep(seconds)
+    jax.profiler.stop_trace()
+    for f in futures:
+        f.result()
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    print(f"{what} under the profiler:\n" + trace_summary.format_summary(path, top=24), flush=True)
+    if exact:
+        print(f"{what}, kernels by name:\n" + trace_summary.format_summary(path, top=48, exact=True), flush=True)
 
 
 def memory_report(llm, runner, weight_bytes: int) -> dict | None:
@@ -324,6 +368,9 @@ def main() -> None:
                         help="whether the compiled 'pallas' backend rotates q and k in its K/V write kernel "
                              "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; default: the engine's, on since "
                              "2026-12-05)")  # fmt: skip
+    parser.add_argument("--decodes-apart", choices=("on", "off"), default=None,
+                        help="whether a mixed step's decodes go to the decode kernel (jaxllm/layers/attention.py "
+                             "DECODES_APART; default: the engine's, off)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -333,16 +380,25 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile a batch-1 decode and print its top kernels")
     parser.add_argument("--profile-batch", type=int, default=0, metavar="N",
                         help="after the offline runs, profile N requests of 128/64 at once and print the top kernels")
+    parser.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                        help="then profile N new requests of 128/8 at once (prefill and mixed steps)")
+    parser.add_argument("--profile-mixed", type=int, default=0, metavar="N",
+                        help="then profile 2 s of N new requests of 128/128 at once, from 8 s in (mixed steps)")
+    parser.add_argument("--profile-exact", action="store_true",
+                        help="the profiles' top kernels also each under its own name (benchmarks/hlo_fusions.py)")
     parser.add_argument("--capacity-policy", choices=("MAX_UTILIZATION", "GUARANTEED_NO_EVICT"), default=None,
                         help="the scheduler's capacity policy (default: the engine's, MAX_UTILIZATION)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: the engine's, 2048 on GPUs; 256 until 2026-12-05)")
     args = parser.parse_args()
     offline = args.offline
-    if args.rope_in_kv_write is not None:
+    if args.rope_in_kv_write is not None or args.decodes_apart is not None:
         from jaxllm.layers import attention
 
-        attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
+        if args.rope_in_kv_write is not None:
+            attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
+        if args.decodes_apart is not None:
+            attention.DECODES_APART[0] = args.decodes_apart == "on"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 
