@@ -204,9 +204,11 @@ def num_work_items(num_tokens: int, num_seqs: int, max_query_len: int, block_q: 
 
 
 def ragged_work_list(
-    query_start: jax.Array, seq_lens: jax.Array, *, num_items: int, block_q: int, window: int | None
+    query_start: jax.Array, seq_lens: jax.Array, *, num_items: int, block_q: int, window: int | None,
+    skip_single_rows: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The step's work items, one per (sequence, block of block_q query rows), most keys first.
+    """The step's work items, one per (sequence, block of block_q query rows), most keys first;
+    with `skip_single_rows`, none for a sequence of one row (a decode, computed elsewhere).
 
     Returns (work_seq, work_block), both [num_items] int32: item w is query block work_block[w] of
     sequence work_seq[w]; items past the real count have work_seq -1 and come last. Longest-first
@@ -216,6 +218,8 @@ def ragged_work_list(
     num_seqs = seq_lens.shape[0]
     q_lens = query_start[1:] - query_start[:-1]  # [B]
     blocks = (q_lens + block_q - 1) // block_q  # [B]
+    if skip_single_rows:
+        blocks = jnp.where(q_lens > 1, blocks, 0)
     ends = jnp.cumsum(blocks)  # [B]: items of sequences 0..b
     item = jnp.arange(num_items, dtype=jnp.int32)
     seq = jnp.searchsorted(ends, item, side="right", method="compare_all")  # [W]; B past the end
@@ -236,7 +240,7 @@ def ragged_work_list(
 
 def _ragged_call(
     q, k_pages, v_pages, query_start, seq_lens, block_tables, *, max_query_len, scale, window,
-    block_q, pages_per_block, num_warps, num_stages, interpret,
+    block_q, pages_per_block, num_warps, num_stages, interpret, skip_single_rows=False,
 ):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
@@ -258,7 +262,8 @@ def _ragged_call(
     )
     num_items = num_work_items(num_tokens, num_seqs, max_query_len, block_q)
     work_seq, work_block = ragged_work_list(
-        query_start, seq_lens, num_items=num_items, block_q=block_q, window=window
+        query_start, seq_lens, num_items=num_items, block_q=block_q, window=window,
+        skip_single_rows=skip_single_rows,
     )
     grid = (num_kv_heads, num_items)
     token_heads_spec = pl.BlockSpec((num_tokens, None, group, head_dim), lambda h, w: (0, h, 0, 0))
@@ -301,6 +306,7 @@ def _ragged_call(
     jax.jit,
     static_argnames=[
         "max_query_len", "scale", "window", "block_q", "pages_per_block", "num_warps", "num_stages", "interpret",
+        "skip_single_rows",
     ],
 )
 def ragged_paged_attention(
@@ -319,6 +325,7 @@ def ragged_paged_attention(
     num_warps: int | None = None,
     num_stages: int = DEFAULT_NUM_STAGES,
     interpret: bool = False,
+    skip_single_rows: bool = False,
 ) -> jax.Array:
     """Causal attention of packed query rows over their sequences' KV pages.
 
@@ -341,8 +348,10 @@ def ragged_paged_attention(
         128 keys' worth, fewer where float32 or a wide head would overflow shared memory.
       num_warps, num_stages: Triton launch parameters (default num_warps: 4 for d <= 64, else 8).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
+      skip_single_rows: leave the rows of one-row sequences (a mixed step's decodes, which the
+        split-K decode kernel computes faster) zero, as if no sequence owned them.
     Returns:
-      [T, H, d] in q's dtype; rows owned by no sequence are zeros.
+      [T, H, d] in q's dtype; rows owned by no sequence (or skipped) are zeros.
     """
     validate_paged_inputs(q, k_pages, v_pages, block_tables, seq_lens, window=window)
     num_seqs = block_tables.shape[0]
@@ -370,7 +379,7 @@ def ragged_paged_attention(
     return _ragged_call(
         q, k_pages, v_pages, query_start, seq_lens, block_tables, max_query_len=max_query_len,
         scale=float(scale), window=window, block_q=block_q, pages_per_block=pages_per_block,
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret, skip_single_rows=skip_single_rows,
     )
 
 

@@ -80,11 +80,28 @@ def test_matches_reference_and_xla(
     assert_close(out, xla, dtype, rows=slice(0, num_real))
 
 
-def test_backend_entry_dispatches_mixed_steps():
+@pytest.mark.parametrize("decodes_apart", [True, False])
+def test_backend_entry_dispatches_mixed_steps(decodes_apart, monkeypatch):
+    """A mixed step through the backend's entry: its decodes with the prompt chunks in the ragged
+    kernel or by the decode kernel (DECODES_APART), the same attention either way."""
+    from jaxllm.layers import attention
+
+    monkeypatch.setattr(attention, "DECODES_APART", [decodes_apart])
     q, k_pages, v_pages, batch, num_real = ragged_inputs(16, 8, 2, 64, jnp.float32, seed=1)
     out = paged_attention(q, k_pages, v_pages, batch, scale=0.125, window=64, interpret=INTERPRET)
     xla = xla_reference(q, k_pages, v_pages, batch, scale=0.125, window=64)
     assert_close(out, xla, jnp.float32, rows=slice(0, num_real))
+    np.testing.assert_array_equal(np.asarray(out[num_real:]), 0.0)
+    # skip_single_rows: the ragged kernel leaves exactly the decodes' rows zero
+    metadata = (batch.query_start, batch.seq_lens, batch.block_tables)
+    rest = ragged_paged_attention(q, k_pages, v_pages, *metadata, max_query_len=batch.max_query_len, scale=0.125,
+                                  window=64, interpret=INTERPRET, skip_single_rows=True)  # fmt: skip
+    lens = np.diff(np.asarray(batch.query_start))
+    decode_rows = np.asarray(batch.query_start[:-1])[lens == 1]
+    assert len(decode_rows) == 2
+    np.testing.assert_array_equal(np.asarray(rest[decode_rows]), 0.0)
+    others = np.setdiff1d(np.arange(num_real), decode_rows)
+    np.testing.assert_array_equal(np.asarray(rest[others]), np.asarray(out[others]))
 
 
 def pallas_grids(fn, *args) -> list[tuple[int, ...]]:

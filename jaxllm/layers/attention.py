@@ -196,8 +196,9 @@ def paged_attention_pallas(
     interpret: bool = False,
 ) -> jax.Array:
     """`paged_attention_xla` through the Pallas kernels (pallas_kernels/): a decode-only step
-    (batch.max_query_len == 1) goes to the split-K decode kernel, anything else to the ragged
-    prefill/mixed kernel.
+    (batch.max_query_len == 1) goes to the split-K decode kernel; in any other step the sequences
+    of several rows (prompt chunks) go to the ragged kernel, and those of one row (decodes) with
+    them or, with DECODES_APART, to the decode kernel.
 
     Args:
       q: [T, H, d] queries, H a multiple of the KV heads K.
@@ -222,10 +223,32 @@ def paged_attention_pallas(
             q, k_pages, v_pages, batch.block_tables, batch.seq_lens, scale=scale, window=window,
             interpret=interpret,
         )
-    return ragged_paged_attention(
+    out = ragged_paged_attention(
         q, k_pages, v_pages, batch.query_start, batch.seq_lens, batch.block_tables,
         max_query_len=batch.max_query_len, scale=scale, window=window, interpret=interpret,
+        skip_single_rows=DECODES_APART[0],
     )
+    if not DECODES_APART[0]:
+        return out
+    # The one-row sequences' rows, gathered one per sequence slot (another slot's zero length
+    # makes the decode kernel write zeros for it), attended to and added into their rows (which
+    # the ragged kernel left zero; the other slots add zeros).
+    q_lens = batch.query_start[1:] - batch.query_start[:-1]
+    rows = jnp.minimum(batch.query_start[:-1], q.shape[0] - 1)
+    single = q_lens == 1
+    decoded = paged_decode_attention(
+        q[rows], k_pages, v_pages, batch.block_tables, jnp.where(single, batch.seq_lens, 0), scale=scale,
+        window=window, interpret=interpret,
+    )  # fmt: skip
+    return out.at[rows].add(jnp.where(single[:, None, None], decoded, 0).astype(out.dtype))
+
+
+# Whether the Pallas backend computes a mixed step's decodes with the decode kernel (True) or in
+# the ragged kernel with the prompt chunks (False); a one-element list, set before programs are made.
+# Off until timed on a GPU: benchmarks/mixed_attention.py times both side by side, gpu_e2e.py
+# --decodes-apart end to end (in a 128/128 mixed step of 8,192 tokens the ragged kernel took 1.48 ms
+# a layer, the decode kernel 0.41 ms over 2,048 decodes alone: H100, FP8 cache; RESULTS.md, 2026-12-06).
+DECODES_APART = [False]
 
 
 def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
