@@ -378,10 +378,11 @@ class Scheduler:
             return 1
         wants = []
         for seq, _ in scheduled.items:
-            params, request = seq.request.params, seq.request
-            if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
-                    or seq.guide is not None or request.beam is not None
-                    or seq.num_output_tokens < max(1, params.min_tokens or 0) or request.is_context_only):  # fmt: skip
+            request = seq.request
+            first = request.multi_step_from
+            if first is None:
+                first = request.multi_step_from = multi_step_from(request)
+            if first < 0 or seq.guide is not None or len(seq.token_ids) - seq.num_prompt_tokens < first:
                 return 1
             wants.append(min(decode_steps, seq.tokens_left(max_seq_len)))
         if max(wants) < 2 or not serves():
@@ -399,6 +400,18 @@ class Scheduler:
         for seq, n in needs:
             bm.allocate(seq, n)
         return True
+
+
+def multi_step_from(request) -> int:
+    """The output tokens a sequence of `request` must have before a multi-step decode may run it
+    (its first token, and min_tokens), or -1 if it never may: it needs the host between decodes
+    (logits, penalties, banned words or tokens, beam search, a context-only request's stop).
+    Fixed for its life: the scheduler asks once (`Request.multi_step_from`)."""
+    params = request.params
+    if (params.wants_logits or params.uses_penalties or request.bad_word_ids or request.bias_row is not None
+            or request.beam is not None or request.is_context_only):  # fmt: skip
+        return -1
+    return max(1, params.min_tokens or 0)
 
 
 class SureGrowth:

@@ -183,6 +183,10 @@ class Request:
     guided_decoder: Any = None  # and the LLM's GuidedDecoder, which makes its sequences' matchers
     prompt_logprobs: Any = None  # computed on the prefill that reaches the prompt's end
     context_logits_rows: list = dataclasses.field(default_factory=list)
+    # The sampling settings its rows carry, read from params once (engine/step_request.py sampling_fields).
+    row_fields: Optional[tuple] = None
+    # The output tokens its sequences need before a multi-step decode (-1: never; scheduler.py multi_step_from).
+    multi_step_from: Optional[int] = None
 
     @property
     def finished(self) -> bool:

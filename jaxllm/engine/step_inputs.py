@@ -28,7 +28,7 @@ from jaxllm.layers.batch import NULL_PAGE, BatchMetadata
 from jaxllm.sampling_params import MAX_LOGPROBS
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class StepRequest:
     """One scheduled sequence, as the runner needs it."""
 

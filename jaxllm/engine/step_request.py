@@ -8,52 +8,64 @@ from jaxllm.engine.step_inputs import StepRequest
 from jaxllm.engine.sequence import Sequence
 
 
+def sampling_fields(request) -> tuple:
+    """The sampling settings every sampled row of `request` carries, fixed for its life: temperature,
+    top_k, top_p, min_p, the log-probabilities it returns, its three penalties, whether it wants its
+    logits; then whether a row may have tokens banned (`banned_tokens`) and whether a prompt chunk
+    returns prompt log-probabilities or context logits. Made at its first row (`Request.row_fields`)."""
+    params = request.params
+    penalties = ((params.repetition_penalty or 1.0, params.presence_penalty or 0.0, params.frequency_penalty or 0.0)
+                 if params.uses_penalties else (1.0, 0.0, 0.0))  # fmt: skip
+    return (params.effective_temperature, params.top_k or 0, 1.0 if params.top_p is None else float(params.top_p),
+            params.min_p or 0.0, params.logprobs or 0, *penalties, params.wants_logits,
+            bool(params.min_tokens) or bool(request.bad_word_ids),
+            params.prompt_logprobs is not None or bool(params.return_context_logits))  # fmt: skip
+
+
 def step_request(seq: Sequence, n: int, start: int | None = None, samples: bool | None = None,
                  defer_bitmask: bool = False) -> StepRequest:  # fmt: skip
     """The row of `seq` computing its next `n` tokens (a prefill chunk, or 1 for a decode); it
     samples only when the chunk reaches the sequence's end. (`start`, `samples`: a verifying row's;
-    `defer_bitmask`: a guided row's bitmask is filled later, `StepRequest.bitmask_pending`.)"""
-    request, params = seq.request, seq.request.params
+    `defer_bitmask`: a guided row's bitmask is filled later, `StepRequest.bitmask_pending`.) Made for
+    every running sequence at every step: its request's fixed settings are read once
+    (`sampling_fields`)."""
+    request = seq.request
+    tokens = seq.token_ids
     if start is None:
         start = seq.num_computed
     if samples is None:
-        samples = start + n == seq.num_tokens
+        samples = start + n == len(tokens)
+    fields = request.row_fields
+    if fields is None:
+        fields = request.row_fields = sampling_fields(request)
     # The block table is the sequence's own list, not a copy: pages given after this (a multi-step
     # decode's) are in it when the step is packed, and nothing edits it before then.
-    r = StepRequest(token_ids=seq.token_ids[start : start + n], start=start, block_table=seq.block_table,
-                    lora_slot=seq.lora_slot, prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
-    num_virtual, num_prompt = seq.num_virtual_tokens, seq.num_prompt_tokens
     if not samples:
-        r.temperature = 0.0
+        r = StepRequest(tokens[start : start + n], start, seq.block_table, lora_slot=seq.lora_slot,
+                        prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
     else:
-        r.temperature = params.effective_temperature
-        r.top_k = params.top_k or 0
-        r.top_p = 1.0 if params.top_p is None else float(params.top_p)
-        r.min_p = params.min_p or 0.0
-        r.seed = seq.seed
-        r.counter = seq.num_output_tokens
-        r.num_logprobs = params.logprobs or 0
+        temperature, top_k, top_p, min_p, num_logprobs, repetition, presence, frequency, logits, bans, _ = fields
         if request.beam is not None:  # the candidates of the beam step (engine/beam_search.py)
-            r.num_logprobs = max(r.num_logprobs, 2 * request.beam.width)
-        r.bias_slot = seq.bias_slot
-        r.banned_tokens = banned_tokens(seq) or None
-        r.prompt_len, r.first_position = num_prompt, num_virtual
-        if params.uses_penalties:
-            r.repetition_penalty = params.repetition_penalty or 1.0
-            r.presence_penalty = params.presence_penalty or 0.0
-            r.frequency_penalty = params.frequency_penalty or 0.0
-        r.want_last_logits = params.wants_logits
+            num_logprobs = max(num_logprobs, 2 * request.beam.width)
+        r = StepRequest(tokens[start : start + n], start, seq.block_table, temperature, top_k, top_p, min_p, seq.seed,
+                        len(tokens) - seq.num_prompt_tokens, num_logprobs, seq.bias_slot,
+                        (banned_tokens(seq) or None) if bans else None, repetition, presence, frequency,
+                        seq.num_prompt_tokens, seq.num_virtual_tokens, want_last_logits=logits, lora_slot=seq.lora_slot,
+                        prompt_adapter_slot=seq.prompt_adapter_slot)  # fmt: skip
         if seq.guide is not None and defer_bitmask:
             r.bitmask_pending = True
         elif seq.guide is not None:
             r.token_bitmask = request.guided_decoder.bitmask(seq.guide)
+    if not fields[-1]:
+        return r
     # Prompt log-probabilities and context logits cover the user's prompt: positions from
     # num_virtual on (a virtual position's row is computed and skipped; its next token is 0).
+    params, num_virtual, num_prompt = request.params, seq.num_virtual_tokens, seq.num_prompt_tokens
     first = max(start, num_virtual)
     end = min(start + n, num_prompt - 1)
     if (params.prompt_logprobs is not None and seq.index == 0 and first < end
             and len(request.prompt_logprobs) == first - num_virtual):  # fmt: skip
-        r.prompt_logprobs_next = [0] * (first - start) + seq.token_ids[first + 1 : end + 1]
+        r.prompt_logprobs_next = [0] * (first - start) + tokens[first + 1 : end + 1]
         r.num_logprobs = max(r.num_logprobs, params.prompt_logprobs)
     if params.return_context_logits and seq.index == 0 and first < min(start + n, num_prompt):
         # Only chunks that extend the rows gathered so far (a recompute after preemption doesn't).
