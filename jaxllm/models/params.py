@@ -208,7 +208,8 @@ def init_params(cfg: ModelConfig, dtype, key: jax.Array, std: float = 0.02) -> d
     keys = param_keys(base, key)
     flat = {path: init_param(spec, keys[path], dtype, std) for path, spec in flatten_paths(param_specs(base)).items()}
     flat = quantize_flat(flat, cfg)
-    flat.update({path: init_param(spec, None, spec.dtype or dtype) for path, spec in checkpoint_only_specs(cfg).items()})
+    flat.update({path: init_param(spec, None, spec.dtype or dtype)
+                 for path, spec in checkpoint_only_specs(cfg).items()})  # fmt: skip
     return unflatten_paths(flat, cfg)
 
 
