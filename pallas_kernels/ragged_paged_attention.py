@@ -348,8 +348,8 @@ def ragged_paged_attention(
         128 keys' worth, fewer where float32 or a wide head would overflow shared memory.
       num_warps, num_stages: Triton launch parameters (default num_warps: 4 for d <= 64, else 8).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
-      skip_single_rows: leave the rows of one-row sequences (a mixed step's decodes, which the
-        split-K decode kernel computes faster) zero, as if no sequence owned them.
+      skip_single_rows: leave the rows of one-row sequences (a mixed step's decodes, for the
+        split-K decode kernel to compute instead) zero, as if no sequence owned them.
     Returns:
       [T, H, d] in q's dtype; rows owned by no sequence (or skipped) are zeros.
     """
