@@ -80,10 +80,11 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] =
     return shardings_of(param_specs(cfg), mesh, rules)
 
 
-def engine_param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES):
+def engine_param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES, base=None):
     """param_shardings in the engine's layout under a mesh: each float8 weight stored input axes last
-    (models/params.py transpose_params), its PartitionSpec permuted alike."""
-    shardings = param_shardings(cfg, mesh, rules)
+    (models/params.py transpose_params), its PartitionSpec permuted alike. `base`: param_shardings
+    of (cfg, mesh, rules) when the caller has them already."""
+    shardings = base if base is not None else param_shardings(cfg, mesh, rules)
     abstract = abstract_params(cfg, jnp.float32)
 
     def permuted(sharding: NamedSharding, num_input_axes: int) -> NamedSharding:

@@ -255,7 +255,7 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
                   else load_params(resolved, cfg, dtype, progress=progress))  # fmt: skip
         return fuse_params(params, engine_cfg, consume=True)
     params = _load_on_mesh(resolved, cfg, engine_cfg, dtype, plan, shardings, load_format, seed, progress, cache_dir)
-    return transpose_params(params, sharding_lib.engine_param_shardings(engine_cfg, mesh))
+    return transpose_params(params, sharding_lib.engine_param_shardings(engine_cfg, mesh, base=shardings))
 
 
 def _load_on_mesh(resolved: ResolvedModel, cfg: ModelConfig, engine_cfg: ModelConfig, dtype, plan, shardings,
