@@ -12,6 +12,7 @@ own key.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import datetime
 import resource
@@ -106,35 +107,52 @@ class IterationStats:
             "kvCacheStats": kv_cache_stats(scheduler.block_manager),
         }
         in_context = {seq for seq, _ in context}
+        # Iteration k's rows are those that took more than k tokens of a multi-step dispatch (each
+        # one token in it), or every row of a one-step one (each what it took). Counted once, not
+        # row by row for each of a multi-step dispatch's iterations: `span`, the iterations each
+        # scheduled request is in; `took`, the tokens of each row (generation rows apart).
+        span: dict[Request, int] = {}
+        for (seq, _), t in zip(items, taken):
+            span[seq.request] = max(span.get(seq.request, 0), t if multi else 1)
+        took = sorted(taken)
+        took_gen = sorted(t for (seq, _), t in zip(items, taken) if seq not in in_context)
+        first = self.iteration + 1
+        new_requests = 0
+        for request, its in span.items():
+            if its:
+                if request.first_iter is None:  # (a request in any iteration is in the first)
+                    request.first_iter = first
+                    new_requests += 1
+                request.last_iter = first + its - 1
+        completed_at = sorted(completed.values())
+        later_completed = sorted(at for request, at in completed.items() if request not in running)
         entries = []
         for k in range(num_iters):
             self.iteration += 1
-            # The rows of this iteration and the tokens each took in it.
-            rows = [(seq, n, min(t, 1) if multi else t) for (seq, n), t in zip(items, taken) if not multi or t > k]
-            gen = [t for seq, _, t in rows if seq not in in_context]
-            scheduled_requests = {seq.request for seq, _, _ in rows}
-            new = 0
-            for request in scheduled_requests:
-                if request.first_iter is None:
-                    request.first_iter = self.iteration
-                    new += 1
-                request.last_iter = self.iteration
+            if multi:
+                num_rows = len(took) - bisect.bisect_right(took, k)
+                num_gen = len(took_gen) - bisect.bisect_right(took_gen, k)
+                sum_gen = num_gen
+            else:
+                num_rows, num_gen, sum_gen = len(items), len(took_gen), sum(took_gen)
+            active = len(running) + len(later_completed) - bisect.bisect_left(later_completed, k)
+            completed_here = bisect.bisect_right(completed_at, k) - bisect.bisect_left(completed_at, k)
             entry = {
                 "timestamp": datetime.datetime.now().strftime("%m-%d-%Y %H:%M:%S.%f"),
                 "iter": self.iteration,
                 "iterLatencyMS": elapsed_ms / num_iters,
                 **common,
-                "numNewActiveRequests": new,
-                "numActiveRequests": len(running | {r for r, at in completed.items() if at >= k}),
-                "numCompletedRequests": sum(1 for at in completed.values() if at == k),
+                "numNewActiveRequests": new_requests if k == 0 else 0,
+                "numActiveRequests": active,
+                "numCompletedRequests": completed_here,
                 "inflightBatchingStats": {
-                    "numScheduledRequests": len(rows),
+                    "numScheduledRequests": num_rows,
                     "numContextRequests": len(context),
-                    "numGenRequests": len(gen),
+                    "numGenRequests": num_gen,
                     "numCtxTokens": sum(n for _, n in context),
                     "numPausedRequests": len(scheduled.preempted) if k == 0 else 0,
                     "microBatchId": 0,
-                    "avgNumDecodedTokensPerIter": sum(gen) / len(gen) if gen else 0.0,
+                    "avgNumDecodedTokensPerIter": sum_gen / num_gen if num_gen else 0.0,
                 },
                 "dispatch": {"id": self.num_dispatches, "numSteps": steps, "latencyMS": elapsed_ms},
             }
@@ -144,6 +162,7 @@ class IterationStats:
                     "acceptanceLength": 0.0, "iterLatencyMS": elapsed_ms / num_iters}  # fmt: skip
             requests = None
             if self.request_stats:
+                scheduled_requests = {request for request, its in span.items() if its > k}
                 requests = _request_stats(k, multi, items, taken, scheduled, scheduled_requests, running, queued,
                                           completed)  # fmt: skip
             entries.append((entry, requests))
