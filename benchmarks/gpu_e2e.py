@@ -195,39 +195,46 @@ def latency(args, result: dict, timed, vocab: int, floor_ms: float) -> None:
 def profiled(what: str, timed, prompts, params, exact: bool = False) -> None:
     """Generate `prompts` under the JAX profiler and print the trace's top kernels (and with
     `exact`, the top kernels each under its own name, for benchmarks/hlo_fusions.py)."""
-    import glob
-    import tempfile
-
     import jax
-    import trace_summary
 
-    trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    trace_dir = _start_trace()
     timed(prompts, params)
     jax.profiler.stop_trace()
-    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
-    print(f"{what} under the profiler:\n" + trace_summary.format_summary(path, top=24), flush=True)
-    if exact:
-        print(f"{what}, kernels by name:\n" + trace_summary.format_summary(path, top=48, exact=True), flush=True)
+    _print_trace(what, trace_dir, exact)
 
 
 def profiled_window(what: str, llm, prompts, params, start_s: float, seconds: float, exact: bool) -> None:
     """Submit `prompts` at once, trace `seconds` of the run from `start_s` after the submission under
-    the JAX profiler, print the window's top kernels, and wait for the run to end."""
-    import glob
-    import tempfile
-
+    the JAX profiler, print the window's top kernels (as `profiled`), and wait for the run to end."""
     import jax
-    import trace_summary
 
     futures = [llm.generate_async(p, params) for p in prompts]
     time.sleep(start_s)
-    trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    trace_dir = _start_trace()
     time.sleep(seconds)
     jax.profiler.stop_trace()
     for f in futures:
         f.result()
+    _print_trace(what, trace_dir, exact)
+
+
+def _start_trace() -> str:
+    """Start the JAX profiler into a new temporary directory (a perfetto trace); returns it."""
+    import tempfile
+
+    import jax
+
+    trace_dir = tempfile.mkdtemp(prefix="jaxllm-e2e-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    return trace_dir
+
+
+def _print_trace(what: str, trace_dir: str, exact: bool) -> None:
+    """The top kernels of the trace under `trace_dir` (and with `exact`, each under its own name)."""
+    import glob
+
+    import trace_summary
+
     path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     print(f"{what} under the profiler:\n" + trace_summary.format_summary(path, top=24), flush=True)
     if exact:
