@@ -276,3 +276,38 @@ def test_overlap_scheduler_runs_every_kind_of_step_ahead_with_the_same_outputs(t
 def test_disable_overlap_scheduler_must_be_a_bool(tiny_dir):
     with pytest.raises(TypeError, match="disable_overlap_scheduler must be a bool, got 'yes'"):
         LLM(model=str(tiny_dir("llama")), skip_tokenizer_init=True, disable_overlap_scheduler="yes")
+
+
+def test_multi_step_rows_taken_at_once_match_token_by_token(tiny_dir, monkeypatch):
+    """A multi-step row with no per-token work (no log-probabilities, grammar or stop strings) is
+    taken in at once (postprocess.py `_take_row`): the same tokens, text, finish and stop reasons
+    and cumulative log-probabilities as appended token by token, through stop tokens below and past
+    min_tokens, max_tokens and max_seq_len, with the text decoded (special tokens kept or skipped).
+    No prefix reuse: the second run's prefills compute what the first one's did."""
+    from jaxllm.engine.postprocess import Postprocessor
+    from tests.test_faults import char_tokenizer
+
+    with LLM(model=str(tiny_dir("llama")), tokenizer=char_tokenizer(), dtype="float32", max_batch_size=8,
+             max_num_tokens=64, max_seq_len=64, kv_cache_config={"enable_block_reuse": False}) as llm:  # fmt: skip
+        prompts = ["hello world", "abc", "x" * 40, "the quick brown fox", "zz"]
+        greedy = llm.generate(prompts[3], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
+        tokens = greedy.outputs[0].token_ids
+        stop = tokens[next(i for i in range(9, 30) if tokens[i] not in tokens[:i])]  # first seen past 9
+        early = tokens[2]  # seen early, and maybe again after min_tokens
+        params = [
+            SamplingParams(max_tokens=21, ignore_eos=True, skip_special_tokens=False),
+            SamplingParams(max_tokens=30, temperature=0.8, seed=4, stop_token_ids=[early]),
+            SamplingParams(max_tokens=40, ignore_eos=True),  # the long prompt ends at max_seq_len
+            SamplingParams(max_tokens=30, stop_token_ids=[stop]),
+            SamplingParams(max_tokens=30, min_tokens=12, stop_token_ids=[early], temperature=0.8, seed=7),
+        ]
+        taken = []
+        take_row = Postprocessor._take_row
+        monkeypatch.setattr(Postprocessor, "_take_row", lambda self, *a: taken.append(1) or take_row(self, *a))
+        run = [[(o.token_ids, o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in out.outputs]
+               for out in llm.generate(prompts, params, use_tqdm=False)]  # fmt: skip
+        assert taken and run[3][0][2] == "stop" and run[2][0][2] == "length"
+        monkeypatch.setattr(Postprocessor, "takes_at_once", lambda self, seq: False)
+        one_by_one = [[(o.token_ids, o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in out.outputs]
+                      for out in llm.generate(prompts, params, use_tqdm=False)]  # fmt: skip
+        assert run == one_by_one

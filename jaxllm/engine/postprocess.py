@@ -142,10 +142,16 @@ class Postprocessor:
         until it stops; the rest of its row was computed past its end and is dropped."""
         touched = set()
         tokens, logprobs, ranks = out["tokens"].tolist(), out["logprob"].tolist(), out["rank"].tolist()  # [steps][rows]
+        columns = None  # [rows][steps]: a row's tokens, log-probabilities and ranks in order
         for i, (seq, _) in enumerate(scheduled.items):
             if seq.finished:  # stopped before this dispatch was read (it ran on from the last one)
                 continue
             touched.add(seq.request)
+            if self.takes_at_once(seq):
+                if columns is None:
+                    columns = [out[key].T.tolist() for key in ("tokens", "logprob", "rank")]
+                self._take_row(seq, columns[0][i], columns[1][i], columns[2][i])
+                continue
             k_logprobs = seq.request.params.logprobs
             for k in range(steps):
                 if seq.finished:
@@ -154,6 +160,46 @@ class Postprocessor:
                 top = zip(out["top_ids"][k][i][:k_logprobs], out["top_logprobs"][k][i][:k_logprobs]) if k_logprobs else None
                 self.append_token(seq, tokens[k][i], logprobs[k][i], ranks[k][i], top)
         return touched
+
+    def takes_at_once(self, seq: Sequence) -> bool:
+        """Whether a multi-step row of `seq` may be taken in at once (`_take_row`): no per-token work
+        but the stop checks (no log-probabilities, grammar or stop strings to follow token by token;
+        not a context_only request, which ends at its first token)."""
+        request, params = seq.request, seq.request.params
+        if params.logprobs is not None or seq.guide is not None or request.is_context_only:
+            return False
+        return not (params.stop_strings and self.detokenizer is not None and params.detokenize)
+
+    def _take_row(self, seq: Sequence, tokens: list[int], logprobs: list[float], ranks: list[int]) -> None:
+        """A multi-step row's tokens for `seq`, in order, up to where it stops, as `append_token`
+        token by token would leave them: the tokens before the last it keeps cannot stop it (found
+        here: no stop token, within max_tokens and max_seq_len), so they are appended at once (their
+        text decoded together) and the last goes through `append_token` with the stop checks."""
+        request, params = seq.request, seq.request.params
+        n_out = seq.num_output_tokens
+        count = max(1, min(len(tokens), params.max_tokens - n_out, self.max_seq_len - seq.num_tokens))
+        stop_ids = request.stop_token_ids
+        if stop_ids:
+            min_tokens = params.min_tokens or 0
+            for j in range(count - 1):
+                if tokens[j] in stop_ids and n_out + j + 1 >= min_tokens:
+                    count = j + 1
+                    break
+        head = count - 1
+        if head:
+            seq.token_ids.extend(tokens[:head])
+            total = seq.cumulative_logprob
+            for logprob in logprobs[:head]:  # (one by one: the same float sums as token by token)
+                total += logprob
+            seq.cumulative_logprob = total
+            request.last_token_time = time.monotonic()
+            if request.first_token_time is None:
+                request.first_token_time = request.last_token_time
+                request.first_token_rank = ranks[0]
+            if self.detokenizer is not None and params.detokenize:
+                self.detokenizer.step(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
+        self.scheduler.mark_computed(seq, count)  # (the last one's input is the head's last token) before a finish
+        self.append_token(seq, tokens[head], logprobs[head], ranks[head])
 
     def append_token(self, seq: Sequence, token: int, logprob: float, rank: int, top=None, logits_row=None) -> None:
         """Add a sampled token to `seq`: log-probabilities, logits, timing, then the stop checks."""
