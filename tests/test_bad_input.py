@@ -223,3 +223,23 @@ def test_cpu_kv_cache_holds_whole_pages_of_every_sequence():
                                       max_seq_len=64)  # fmt: skip
     assert pages == 1 + 3 * 2
 
+
+
+def test_a_shut_down_engine_still_refuses_submits_and_takes_aborts(tiny_dir):
+    """Shutdown takes the engine apart (its attributes emptied, breaking its reference cycles), all
+    but what a caller racing it may touch: a submit through an engine reference taken before the
+    shutdown raises EngineShutdown, an abort is a no-op, and the engine is freed at once."""
+    from jaxllm.engine.postprocess import EngineShutdown
+
+    llm = LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
+              max_num_tokens=64)  # fmt: skip
+    out = llm.generate(PROMPT, OK, use_tqdm=False)
+    engine = llm._engine
+    gone = weakref.ref(engine.runner)
+    llm.shutdown()
+    assert gone() is None  # freed by reference counting, before any collection
+    with pytest.raises(EngineShutdown, match="shut down"):
+        engine.submit()
+    engine.abort(out.request_id)
+    with pytest.raises(EngineShutdown, match="shut down"):
+        llm.generate(PROMPT, OK, use_tqdm=False)

@@ -395,14 +395,15 @@ def test_shutdown_answers_every_fetch_from_a_stalled_peer(tiny_dir):
         while len(peer.connections) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(peer.connections) == 4
-        engine, started = llm._engine, time.monotonic()
+        # (what the engine held, taken before shutdown takes the engine apart)
+        requests, disaggregated, started = llm._engine.requests, llm._engine.disaggregated, time.monotonic()
         llm.shutdown()
         for out in outs:
             with pytest.raises(RequestError) as failed:
                 out.result(timeout=2.0)
             assert isinstance(failed.value.__cause__, EngineShutdown)
         assert time.monotonic() - started < 5
-        assert bm.num_free_blocks == free and not engine.requests and not engine._pending_imports
+        assert bm.num_free_blocks == free and not requests and not disaggregated.pending_imports
     finally:
         llm.shutdown()
         peer.close()

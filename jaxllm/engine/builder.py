@@ -509,8 +509,11 @@ def dismantle(engine: Engine) -> None:
         if runner.adapters is not None:
             runner.adapters.delete()
         runner.params = runner.kv_cache = None
-    for part in (*runners, engine):
+    for part in runners:
         vars(part).clear()
+    intake = {name: getattr(engine, name) for name in engine.SURVIVES_SHUTDOWN}
+    vars(engine).clear()
+    vars(engine).update(intake)
 
 
 def release_host_memory() -> None:

@@ -115,6 +115,10 @@ class Engine:
         engine's many short-lived objects.
     """
 
+    # What a caller racing the LLM's shutdown may still touch once builder.dismantle has emptied the
+    # rest: a submit raises EngineShutdown, an abort is a no-op.
+    SURVIVES_SHUTDOWN = ("_intake_lock", "_stop", "_inbox", "_wake", "_aborts")
+
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
                  transfer: kv_state.TransferSettings | None = None, overlap: bool = True,
                  stats: IterationStats | None = None, stream_interval: int = 1, print_iter_log: bool = False,
@@ -230,6 +234,8 @@ class Engine:
         for request in list(self.requests.values()):
             self.post.fail(request, EngineShutdown("the LLM was shut down before this request finished"))
         self.requests.clear()
+        if self.transfer is not None:
+            kv_transfer.unregister_local(self.transfer.llm_id, self)
         self.disaggregated.close()
         self.runner.close()
 

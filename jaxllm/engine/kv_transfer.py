@@ -230,6 +230,12 @@ def register_local(llm_id: str, engine) -> None:
     _LOCAL_ENGINES[llm_id] = engine
 
 
+def unregister_local(llm_id: str, engine) -> None:
+    """`engine` shut down: fetches of its contexts go to its (closed) endpoint and fail there."""
+    if _LOCAL_ENGINES.get(llm_id) is engine:
+        del _LOCAL_ENGINES[llm_id]
+
+
 def fetch(state: dict, layout: KVLayout, *, key: bytes | None = None, io_timeout_s: float = 30.0,
           on_connect: Callable[[socket.socket], None] | None = None) -> tuple[dict, list]:  # fmt: skip
     """The context's portable pages: (meta, [k0, v0, k1, v1, ...]), from this process if the context
