@@ -3,7 +3,7 @@ kernel with the prompt chunks, or by the split-K decode kernel beside it (the Pa
 DECODES_APART, jaxllm/layers/attention.py), with the largest difference between the two.
 
     PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 python benchmarks/mixed_attention.py [--kv-dtype fp8]
-        [--steps 8192:2048:1892x192:49x128:0,8192:2048:342x2048:4x2048:0]
+        [--steps 8192:2048:1892x192:49x128:0,8192:2048:342x2048:4x1960:0]
 
 A step is T:B:DxC:PxL:S: T tokens and B sequence slots (the engine's bucket), D decodes of C
 tokens of context, P prompt chunks of L tokens after S cached ones; the Llama-3.1-8B heads
@@ -72,7 +72,7 @@ def make_step(rng, step: dict, kv_dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="8192:2048:1892x192:49x128:0,8192:2048:342x2048:4x2048:0")
+    parser.add_argument("--steps", default="8192:2048:1892x192:49x128:0,8192:2048:342x2048:4x1960:0")
     parser.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), default="fp8")
     parser.add_argument("--interpret", action="store_true", help="the Pallas interpreter (a CPU check of the script)")
     args = parser.parse_args()
