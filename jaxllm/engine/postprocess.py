@@ -141,16 +141,14 @@ class Postprocessor:
         """A multi-step decode's results ([steps, rows]): each sequence takes its tokens in order
         until it stops; the rest of its row was computed past its end and is dropped."""
         touched = set()
-        tokens, logprobs, ranks = out["tokens"].tolist(), out["logprob"].tolist(), out["rank"].tolist()  # [steps][rows]
-        columns = None  # [rows][steps]: a row's tokens, log-probabilities and ranks in order
+        # [rows][steps]: each row's tokens, log-probabilities and ranks in order
+        tokens, logprobs, ranks = (out[key].T.tolist() for key in ("tokens", "logprob", "rank"))
         for i, (seq, _) in enumerate(scheduled.items):
             if seq.finished:  # stopped before this dispatch was read (it ran on from the last one)
                 continue
             touched.add(seq.request)
             if self.takes_at_once(seq):
-                if columns is None:
-                    columns = [out[key].T.tolist() for key in ("tokens", "logprob", "rank")]
-                self._take_row(seq, columns[0][i], columns[1][i], columns[2][i])
+                self._take_row(seq, tokens[i], logprobs[i], ranks[i])
                 continue
             k_logprobs = seq.request.params.logprobs
             for k in range(steps):
@@ -158,7 +156,7 @@ class Postprocessor:
                     break
                 self.scheduler.mark_computed(seq, 1)  # before a finish frees its pages
                 top = zip(out["top_ids"][k][i][:k_logprobs], out["top_logprobs"][k][i][:k_logprobs]) if k_logprobs else None
-                self.append_token(seq, tokens[k][i], logprobs[k][i], ranks[k][i], top)
+                self.append_token(seq, tokens[i][k], logprobs[i][k], ranks[i][k], top)
         return touched
 
     def takes_at_once(self, seq: Sequence) -> bool:
@@ -177,7 +175,7 @@ class Postprocessor:
         text decoded together) and the last goes through `append_token` with the stop checks."""
         request, params = seq.request, seq.request.params
         n_out = seq.num_output_tokens
-        count = max(1, min(len(tokens), params.max_tokens - n_out, self.max_seq_len - seq.num_tokens))
+        count = max(1, min(len(tokens), seq.tokens_left(self.max_seq_len)))
         stop_ids = request.stop_token_ids
         if stop_ids:
             min_tokens = params.min_tokens or 0
