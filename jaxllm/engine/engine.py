@@ -163,6 +163,7 @@ class Engine:
         self._stats = stats if stats is not None else IterationStats()
         self._trace: StepTrace | None = None  # trace_steps(): a record of every step (engine/step_trace.py)
         self._waited = 0.0  # seconds the current step waited for the devices' results
+        self._dispatching = 0.0  # seconds the current step spent in the runner's dispatch calls
         self._next_seq_id = 0
         self._seed_rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         # Disaggregated serving: contexts parked for other LLMs, and imports awaiting pages.
@@ -349,7 +350,7 @@ class Engine:
         read -> postprocess -> (stats) -> publish."""
         started = time.perf_counter()
         plan, self._inflight = self._inflight, None
-        self._waited = 0.0
+        self._waited = self._dispatching = 0.0
         if plan is None:
             plan = self._schedule()
             if plan is None:
@@ -407,7 +408,7 @@ class Engine:
             decode_steps=steps, seqs=pending.num_requests, padded_seqs=shape.num_seqs if shape else 0,
             tokens=prompt + decoded, row_tokens=steps * pending.num_tokens,
             padded_tokens=steps * shape.num_tokens if shape else 0, prompt_tokens=prompt,
-            wall_s=time.perf_counter() - started, wait_s=self._waited,
+            wall_s=time.perf_counter() - started, wait_s=self._waited, dispatch_s=self._dispatching,
         )  # fmt: skip
 
     def _log_iteration(self, plan: Plan, started: float, num_decoding: int) -> None:
@@ -459,8 +460,10 @@ class Engine:
     def _start(self, plan: Plan, after: Plan | None = None) -> bool:
         """Dispatch `plan` (its input tokens read from `after`'s samples where its rows say so);
         False: it failed, and its requests (and `after`'s) with it."""
+        dispatching = time.perf_counter()
         try:
             plan.pending = self.runner.dispatch(plan.requests, plan.steps, after.pending if after else None)
+            self._dispatching += time.perf_counter() - dispatching
             if self.spec is not None and self.spec.model is not None:
                 self.spec.model.follow(plan.requests, plan.steps)
         except Exception as e:

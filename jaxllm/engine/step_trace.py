@@ -11,7 +11,11 @@ tokens, the rows it computed for requests (a multi-step decode computes every st
 row, also past a request's last token); its padded tokens, what the compiled bucket computed
 (engine/buckets.py). useful / padded is the share of the work that counted. Host time is the step's
 wall time less the time the engine thread waited for the devices' results; with the overlap
-scheduler the device runs the next dispatch during the host time of this one.
+scheduler the device runs the next dispatch during the host time of this one. Its dispatch time is
+the part of the host time spent in the runner's dispatch calls: on a GPU a call returns once its
+kernels are queued, and a program of more kernels than the launch queue holds (a multi-step decode)
+can keep the call until the device has run all but the queue's last ones, and then dispatch time is
+mostly the device's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class StepRecord:
     prompt_tokens: int  # of `tokens`, prompt tokens (prefill chunks)
     wall_s: float  # the whole step
     wait_s: float  # the engine thread blocked on the devices' results
+    dispatch_s: float = 0.0  # of the rest, in the runner's dispatch calls (the step dispatched ahead's too)
     ahead: bool = False  # dispatched before the previous step was read (the overlap scheduler)
 
 
@@ -65,7 +70,7 @@ class StepTrace:
 
 
 # The StepRecord fields a breakdown sums over a kind's (or a bucket's) steps.
-_SUMMED = ("wall_s", "wait_s", "tokens", "row_tokens", "padded_tokens", "prompt_tokens", "seqs", "padded_seqs")
+_SUMMED = ("wall_s", "wait_s", "dispatch_s", "tokens", "row_tokens", "padded_tokens", "prompt_tokens", "seqs", "padded_seqs")
 
 
 def breakdown(records: list[StepRecord]) -> dict:
@@ -95,6 +100,7 @@ def breakdown(records: list[StepRecord]) -> dict:
             "share_of_time": k["wall_s"] / total_wall,
             "mean_step_ms": 1e3 * k["wall_s"] / k["steps"],
             "mean_host_ms": 1e3 * (k["wall_s"] - k["wait_s"]) / k["steps"],
+            "mean_dispatch_ms": 1e3 * k["dispatch_s"] / k["steps"],
             "mean_seqs": k["seqs"] / k["steps"],
             "useful_token_share": k["tokens"] / max(k["padded_tokens"], 1),
             "useful_row_share": k["seqs"] / max(k["padded_seqs"], 1),
@@ -118,6 +124,7 @@ def breakdown(records: list[StepRecord]) -> dict:
         "prompt_tokens": sum(r.prompt_tokens for r in records),
         "mean_host_ms": 1e3 * sum(r.wall_s - r.wait_s for r in records) / steps,
         "host_share": sum(r.wall_s - r.wait_s for r in records) / total_wall,
+        "mean_dispatch_ms": 1e3 * sum(r.dispatch_s for r in records) / steps,
         "ahead_share": sum(r.ahead for r in records) / steps,
         "kinds": kinds,
         "buckets": buckets,
@@ -130,14 +137,15 @@ def table(figures: dict) -> str:
         f"steps {figures['steps']}, {figures['wall_s']:.2f} s; tokens computed {figures['padded_tokens']:,}, "
         f"in requests' rows {figures['row_tokens']:,}, useful {figures['tokens']:,} "
         f"({100 * figures['useful_token_share']:.1f}%); host time "
-        f"{figures['mean_host_ms']:.2f} ms/step ({100 * figures['host_share']:.1f}% of the wall time); "
+        f"{figures['mean_host_ms']:.2f} ms/step ({100 * figures['host_share']:.1f}% of the wall time; of it "
+        f"{figures['mean_dispatch_ms']:.2f} ms in dispatch calls); "
         f"{100 * figures['ahead_share']:.1f}% of steps dispatched ahead of the last one's read",
-        f"{'kind':<11}{'steps':>7}{'% steps':>9}{'% time':>8}{'ms/step':>9}{'host ms':>9}{'seqs':>7}"
+        f"{'kind':<11}{'steps':>7}{'% steps':>9}{'% time':>8}{'ms/step':>9}{'host ms':>9}{'dispatch':>9}{'seqs':>7}"
         f"{'% useful tok':>14}{'% useful rows':>15}",
     ]
     for name, k in figures["kinds"].items():
         lines.append(f"{name:<11}{k['steps']:>7}{100 * k['share_of_steps']:>9.1f}{100 * k['share_of_time']:>8.1f}"
-                     f"{k['mean_step_ms']:>9.2f}{k['mean_host_ms']:>9.2f}{k['mean_seqs']:>7.1f}"
+                     f"{k['mean_step_ms']:>9.2f}{k['mean_host_ms']:>9.2f}{k['mean_dispatch_ms']:>9.2f}{k['mean_seqs']:>7.1f}"
                      f"{100 * k['useful_token_share']:>14.1f}{100 * k['useful_row_share']:>15.1f}")  # fmt: skip
     if figures.get("buckets"):
         lines.append(f"{'kind':<11}{'bucket':>7}{'steps':>7}{'% time':>8}{'ms a forward':>14}{'seqs':>7}{'% useful tok':>14}")
