@@ -70,7 +70,8 @@ class StepTrace:
 
 
 # The StepRecord fields a breakdown sums over a kind's (or a bucket's) steps.
-_SUMMED = ("wall_s", "wait_s", "dispatch_s", "tokens", "row_tokens", "padded_tokens", "prompt_tokens", "seqs", "padded_seqs")
+_SUMMED = ("wall_s", "wait_s", "dispatch_s", "tokens", "row_tokens", "padded_tokens", "prompt_tokens", "seqs",
+           "padded_seqs")
 
 
 def breakdown(records: list[StepRecord]) -> dict:
@@ -145,7 +146,8 @@ def table(figures: dict) -> str:
     ]
     for name, k in figures["kinds"].items():
         lines.append(f"{name:<11}{k['steps']:>7}{100 * k['share_of_steps']:>9.1f}{100 * k['share_of_time']:>8.1f}"
-                     f"{k['mean_step_ms']:>9.2f}{k['mean_host_ms']:>9.2f}{k['mean_dispatch_ms']:>9.2f}{k['mean_seqs']:>7.1f}"
+                     f"{k['mean_step_ms']:>9.2f}{k['mean_host_ms']:>9.2f}{k['mean_dispatch_ms']:>9.2f}"
+                     f"{k['mean_seqs']:>7.1f}"
                      f"{100 * k['useful_token_share']:>14.1f}{100 * k['useful_row_share']:>15.1f}")  # fmt: skip
     if figures.get("buckets"):
         lines.append(f"{'kind':<11}{'bucket':>7}{'steps':>7}{'% time':>8}{'ms a forward':>14}{'seqs':>7}{'% useful tok':>14}")
