@@ -17,8 +17,8 @@ def test_gguf_to_hf_to_jaxllm_gives_the_gguf_tokens(smollm2_path, smollm2_llm, t
     assert gguf_to_hf.main([str(smollm2_path), str(hf_dir)]) == 0
     assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
     assert hf_to_jaxllm.main([str(hf_dir), str(jax_dir), "--dtype", "float32"]) == 0
-    for source in (hf_dir, jax_dir):
-        with LLM(model=str(source), dtype="float32", max_batch_size=4, max_num_tokens=128) as llm:
+    for source in (hf_dir, jax_dir):  # smollm2_llm's engine settings: its programs, from the program cache
+        with LLM(model=str(source), dtype="float32", max_batch_size=16, max_num_tokens=512, max_beam_width=4) as llm:
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
             assert got == expected, source
             assert llm.tokenizer.chat_template  # the chat template travelled with the tokenizer

@@ -18,6 +18,11 @@ PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 FP8 = QuantConfig(quant_algo=QuantAlgo.FP8)
 
 
+# The engine sizes of the tests' tiny engines: a checkpoint saved by one reloads as the same engine, its
+# programs loaded from the program cache.
+SIZES = dict(max_batch_size=4, max_num_tokens=64)
+
+
 def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
 
@@ -206,7 +211,7 @@ def test_fp8_engine_gives_the_same_tokens_at_every_tp_size_and_after_save(tiny_d
                         "layers.0.w_down_t": P(None, "tp")}.items():  # fmt: skip
             assert flat[p].sharding.spec == spec, p
         llm.save(tmp_path / "fp8")
-    with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True) as llm:
+    with LLM(model=str(tmp_path / "fp8"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
         assert llm.config.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
         assert llm._engine.runner.params["layers"][1]["wqkv_t"].dtype == FP8_DTYPE
         assert _tokens(llm) == tokens
@@ -427,7 +432,7 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
         assert llm.config.quant_zero_point and len(_tokens(llm)) == len(PROMPTS)
         llm.save(tmp_path / "w4z")
         zp_tokens = _tokens(llm)
-    with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True) as llm:  # int4 saved as is
+    with LLM(model=str(tmp_path / "w4z"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:  # int4 as is
         assert (llm.config.quant_algo, llm.config.quant_group_size, llm.config.quant_zero_point) == ("W4A16", 32, True)
         assert _tokens(llm) == zp_tokens
     if len(jax.devices()) >= 8:
@@ -440,7 +445,7 @@ def test_w4a16_is_int4_weights_per_group_of_input_channels(tiny_dir, tmp_path):
             assert layer["wq_zero"].sharding.spec[1] == "tp"
             assert _tokens(llm) == zp_tokens
             llm.save(tmp_path / "w4z-tp8")
-        with LLM(model=str(tmp_path / "w4z-tp8"), dtype="float32", skip_tokenizer_init=True) as llm:
+        with LLM(model=str(tmp_path / "w4z-tp8"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
             assert _tokens(llm) == zp_tokens
         with pytest.raises(ValueError, match=r"W4A16 groups of 4 input channels along the MLP width 100 .* "
                                              r"tensor_parallel_size=2: the width would be padded to 104"):  # fmt: skip
@@ -477,7 +482,7 @@ def test_w8a16_gptq_is_int8_weights_per_group_with_offsets(tiny_dir, tmp_path):
         assert (llm.config.quant_algo, llm.config.quant_group_size, llm.config.quant_zero_point) == ("W8A16", 16, True)
         tokens = _tokens(llm)
         llm.save(tmp_path / "w8g")
-    with LLM(model=str(tmp_path / "w8g"), dtype="float32", skip_tokenizer_init=True) as llm:
+    with LLM(model=str(tmp_path / "w8g"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
         assert llm._engine.runner.params["layers"][0]["w_down"].dtype == jnp.int8
         assert _tokens(llm) == tokens
     if len(jax.devices()) >= 4:
@@ -508,7 +513,7 @@ def test_exclude_modules_leaves_projections_in_the_models_dtype(tiny_dir, tmp_pa
         assert first["w_down"].dtype == jnp.float32 and first["w_gate_up"].dtype == jnp.int4
         tokens = _tokens(llm)
         llm.save(tmp_path / "excluded")
-    with LLM(model=str(tmp_path / "excluded"), dtype="float32", skip_tokenizer_init=True) as llm:
+    with LLM(model=str(tmp_path / "excluded"), **args) as llm:  # the same engine: its programs from the cache
         assert llm.config.quant_exclude[0] == "layers.0.wv" and _tokens(llm) == tokens
     if len(jax.devices()) >= 8:
         with LLM(model=path, quant_config=quant, tensor_parallel_size=8, **args) as llm:
@@ -545,5 +550,5 @@ def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtyp
     if len(jax.devices()) >= 2:
         with LLM(model=path, tensor_parallel_size=2, **args) as llm:
             assert _tokens(llm) == tokens
-    with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True) as llm:
+    with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
         assert llm.config.quant_algo == algo and _tokens(llm) == tokens
