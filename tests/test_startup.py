@@ -291,6 +291,24 @@ def test_a_second_process_loads_every_program_from_the_cache_and_recompiles_dama
     assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
 
 
+def test_the_cache_key_holds_the_module_switches_programs_are_traced_under(monkeypatch):
+    """A program made under one setting of a module switch (benchmarks flip them) is never loaded
+    under another: each is part of the key of an engine's directory in the program cache."""
+    from jaxllm.engine.executables import environment_description
+    from jaxllm.layers import attention
+    from jaxllm.models import transformer
+
+    base = environment_description()
+    flips = [(attention, "DECODES_APART", [not attention.DECODES_APART[0]]),
+             (attention, "ROPE_IN_KV_WRITE", {"pallas": not attention.ROPE_IN_KV_WRITE["pallas"]}),
+             (transformer, "WEIGHT_ONLY_MAX_ROWS", transformer.WEIGHT_ONLY_MAX_ROWS + 1)]  # fmt: skip
+    for module, name, value in flips:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, value)
+            assert environment_description() != base, name
+    assert environment_description() == base
+
+
 def test_cache_directory_comes_from_the_argument_the_variable_or_xdg(monkeypatch, tmp_path):
     from jaxllm.engine.executables import resolve_cache_dir
 

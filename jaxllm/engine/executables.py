@@ -89,12 +89,19 @@ def source_digest() -> str:
 
 
 def environment_description() -> dict:
-    """What a compiled program depends on besides the engine itself."""
+    """What a compiled program depends on besides the engine itself: the code, JAX, XLA's flags,
+    and the module switches a program is traced under (benchmarks flip them, a process at a time:
+    a program made under one setting must not be loaded under another)."""
     import jaxlib
 
+    from jaxllm.layers import attention
+    from jaxllm.models import transformer
+
+    switches = {"decodes_apart": attention.DECODES_APART[0], "rope_in_kv_write": dict(attention.ROPE_IN_KV_WRITE),
+                "weight_only_max_rows": transformer.WEIGHT_ONLY_MAX_ROWS}  # fmt: skip
     return {"format": FILE_FORMAT, "source": source_digest(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "x64": bool(jax.config.jax_enable_x64),
+            "x64": bool(jax.config.jax_enable_x64), "switches": switches,
             "processes": [jax.process_index(), jax.process_count()]}  # fmt: skip
 
 

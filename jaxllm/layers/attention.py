@@ -244,11 +244,12 @@ def paged_attention_pallas(
 
 
 # Whether the Pallas backend computes a mixed step's decodes with the decode kernel (True) or in
-# the ragged kernel with the prompt chunks (False); a one-element list, set before programs are made.
-# Off until timed on a GPU: benchmarks/mixed_attention.py times both side by side, gpu_e2e.py
-# --decodes-apart end to end (in a 128/128 mixed step of 8,192 tokens the ragged kernel took 1.48 ms
-# a layer, the decode kernel 0.41 ms over 2,048 decodes alone: H100, FP8 cache; RESULTS.md, 2026-12-06).
-DECODES_APART = [False]
+# the ragged kernel with the prompt chunks (False); a one-element list, set before programs are made
+# (the program cache's key holds it: engine/executables.py). On since timed (H100, FP8 Llama-3.1-8B
+# shape, RESULTS.md 2026-12-06): one layer of a 128/128 mixed step 2,032 -> 855 us (FP8 cache),
+# 1,847 -> 1,159 us (bf16); end to end 128/128 x 16,384 22,760 -> 24,605 tok/s. Side by side:
+# benchmarks/mixed_attention.py, gpu_e2e.py --decodes-apart on|off.
+DECODES_APART = [True]
 
 
 def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
