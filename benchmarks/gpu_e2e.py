@@ -6,7 +6,6 @@ throughput, KV capacity), HF transformers on the same card as the peer, and cold
         [--quantization fp8] [--kv-cache-dtype fp8]       # the perf part with FP8 weights / KV cache
         [--model llama-3.1-8b-fp8]     # a ModelOpt FP8 checkpoint's format: static input scales, FP8 KV
         [--breakdown] [--profile-batch N] [--profile-prefill N] [--profile-exact]   # where the time goes
-        [--decodes-apart on|off] [--launch-apart on|off] [--rope-in-kv-write on|off]  # engine switches
     python benchmarks/gpu_e2e.py --smoke        # tiny sizes on the CPU, to check the script runs
 
 Weights are random (load_format="dummy") from the config.json files in benchmarks/configs/: real
@@ -379,10 +378,7 @@ def main() -> None:
                              "2026-12-05)")  # fmt: skip
     parser.add_argument("--decodes-apart", choices=("on", "off"), default=None,
                         help="whether a mixed step's decodes go to the decode kernel (jaxllm/layers/attention.py "
-                             "DECODES_APART; default: the engine's, on since 2026-12-06)")  # fmt: skip
-    parser.add_argument("--launch-apart", choices=("on", "off"), default=None,
-                        help="whether a step run ahead is launched on the runner's launch thread "
-                             "(jaxllm/engine/runner.py LAUNCH_APART; default: the engine's, off)")  # fmt: skip
+                             "DECODES_APART; default: the engine's, off)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -411,10 +407,6 @@ def main() -> None:
             attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
         if args.decodes_apart is not None:
             attention.DECODES_APART[0] = args.decodes_apart == "on"
-    if args.launch_apart is not None:
-        from jaxllm.engine import runner
-
-        runner.LAUNCH_APART[0] = args.launch_apart == "on"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

@@ -146,9 +146,6 @@ def main(argv=None) -> int:
                         help="whether the compiled 'pallas' backend rotates q and k in its K/V write kernel "
                              "(jaxllm/layers/attention.py ROPE_IN_KV_WRITE; default: the engine's, on since "
                              "2026-12-05)")  # fmt: skip
-    parser.add_argument("--launch-apart", choices=("on", "off"), default=None,
-                        help="whether a step run ahead is launched on the runner's launch thread "
-                             "(jaxllm/engine/runner.py LAUNCH_APART; default: the engine's, off)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
     import jax
@@ -158,10 +155,6 @@ def main(argv=None) -> int:
 
     if args.rope_in_kv_write is not None:
         attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
-    if args.launch_apart is not None:
-        from jaxllm.engine import runner
-
-        runner.LAUNCH_APART[0] = args.launch_apart == "on"
     from jaxllm.bench.datasets import sharegpt_like_requests
 
     card = CARDS[args.card]
@@ -183,7 +176,6 @@ def main(argv=None) -> int:
     result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
               "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
               "rope_in_kv_write": getattr(attention, "ROPE_IN_KV_WRITE", {}).get("pallas", False),  # older trees: none
-              "launch_apart": args.launch_apart,
               "llm_args": {k: v for k, v in llm_args.items() if isinstance(v, (int, str, dict))}}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
     started = time.perf_counter()

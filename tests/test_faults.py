@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from jaxllm import KvCacheConfig, LLM, RequestError, SamplingParams
-from jaxllm.engine import runner as runner_lib
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11], [300, 12, 13, 14, 15, 16, 17, 18], [8, 9, 10, 60, 61, 62], [77] * 40,
            [1, 2, 3], list(range(100, 133)), [45, 46], [200, 201, 202, 203, 204], [9] * 3, [150, 151, 152],
@@ -66,14 +65,12 @@ def test_a_raising_logits_processor_fails_only_its_request(tiny_llm):
     assert _all_pages_returned(llm)
 
 
-@pytest.mark.parametrize("fail_at", ["dispatch", "read", "launch"])
-def test_a_failing_model_step_fails_its_requests_and_the_engine_goes_on(tiny_dir, fail_at, monkeypatch):
-    """A model step that raises, at its dispatch, when its outputs are read or on the launch thread
-    (runner.LAUNCH_APART), with the overlap scheduler's next step dispatched ahead of that read: the
-    requests of the failed step (and of the one in flight) fail with the error, the rest finish
-    with the tokens they would have had (recomputed), every page comes back, and the engine serves
-    what comes next."""
-    monkeypatch.setattr(runner_lib, "LAUNCH_APART", [fail_at == "launch"])
+@pytest.mark.parametrize("fail_at", ["dispatch", "read"])
+def test_a_failing_model_step_fails_its_requests_and_the_engine_goes_on(tiny_dir, fail_at):
+    """A model step that raises, at its dispatch or when its outputs are read, with the overlap
+    scheduler's next step dispatched ahead of that read: the requests of the failed step (and of
+    the one in flight) fail with the error, the rest finish with the tokens they would have had
+    (recomputed), every page comes back, and the engine serves what comes next."""
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=4,
              max_num_tokens=24, num_scheduler_steps=1) as llm:  # fmt: skip
@@ -102,18 +99,7 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_goes_on(tiny_dir
             pending = dispatch(requests, decode_steps, after)
             return Failing(pending) if calls["n"] == 6 else pending
 
-        def flaky_launch(plan, arrays, after):
-            if threading.current_thread().name.startswith("jaxllm-launch"):  # a step run ahead
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    raise Boom("the device step failed")
-            return launch(plan, arrays, after)
-
-        launch = runner._dispatch
-        if fail_at == "launch":
-            runner._dispatch = flaky_launch
-        else:
-            runner.dispatch = flaky
+        runner.dispatch = flaky
         futures = [llm.generate_async(p, params) for p in PROMPTS]
         failed = 0
         for ref, future in zip(reference, futures):
@@ -124,9 +110,8 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_goes_on(tiny_dir
                 failed += 1
                 continue
             assert out.outputs[0].token_ids == ref
-        runner.dispatch, runner._dispatch = dispatch, launch
+        runner.dispatch = dispatch
         assert 1 <= failed < len(PROMPTS)
-        assert (runner._launcher is not None) == (fail_at == "launch")
         assert _all_pages_returned(llm)
         after = llm.generate(PROMPTS[:3], params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in after] == reference[:3]

@@ -5,7 +5,6 @@ import jax
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.engine import runner as runner_lib
 from jaxllm.engine import scheduler
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(100, 133)), [45, 46, 47, 48], [9] * 20]
@@ -232,14 +231,11 @@ def test_overlap_scheduler_gives_the_same_outputs_and_runs_ahead(tiny_llm):
     assert bm.num_free_blocks == bm.num_usable_blocks
 
 
-@pytest.mark.parametrize("launch_apart", [False, True])
-def test_overlap_scheduler_runs_every_kind_of_step_ahead_with_the_same_outputs(tiny_dir, monkeypatch, launch_apart):
+def test_overlap_scheduler_runs_every_kind_of_step_ahead_with_the_same_outputs(tiny_dir, monkeypatch):
     """The overlap scheduler schedules every step while the last one runs, prefill chunks and mixed
     steps too: under chunked prefill, a KV budget that preempts, parallel samples, penalties,
     min_tokens and stops inside a step already followed, the same outputs as without it, and every
-    page comes back; also with the steps run ahead launched on the runner's launch thread
-    (runner.LAUNCH_APART)."""
-    monkeypatch.setattr(runner_lib, "LAUNCH_APART", [launch_apart])
+    page comes back."""
     # Most requests are of known length (ignore_eos) and must preempt: MAX_UTILIZATION's projection
     # of their growth (scheduler.SureGrowth) would hold them back instead, so it is off here.
     monkeypatch.setattr(scheduler, "PROJECT_SURE_GROWTH", False)
@@ -272,7 +268,6 @@ def test_overlap_scheduler_runs_every_kind_of_step_ahead_with_the_same_outputs(t
         assert {"mixed", "decode", "multi-step"} <= ahead, ahead
         assert sum(s["inflightBatchingStats"]["numPausedRequests"] for s in stats) > 0, "nothing was preempted"
         assert off._engine.num_follow_ons == 0
-        assert (on._engine.runner._launcher is not None) == launch_apart and off._engine.runner._launcher is None
         for llm in (on, off):
             bm = llm._engine.block_manager
             assert bm.num_free_blocks == bm.num_usable_blocks

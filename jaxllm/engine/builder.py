@@ -503,7 +503,6 @@ def dismantle(engine: Engine) -> None:
     engine.shutdown()
     runners = [engine.runner] + ([engine.spec.model.runner] if engine.spec is not None and engine.spec.model else [])
     for runner in runners:  # the model's, and a draft model's
-        runner.close_launcher()
         for array in jax.tree.leaves((runner.params, runner.kv_cache)):
             if isinstance(array, jax.Array) and not array.is_deleted():
                 array.delete()

@@ -14,18 +14,10 @@ Every call that touches the devices goes through a `Replica` (jaxllm/distributed
 several processes the followers replay it by name, with the same arguments, so the runner has no
 leader or follower branches. A step that uses adapters runs the `adapters` twin of its forward
 program (engine/step_inputs.py:plan_step).
-
-With `LAUNCH_APART` on, a step dispatched ahead of the last one's read (the overlap scheduler) is
-launched on a thread of its own: on a GPU the call that enqueues a program's kernels returns only
-when they fit the launch queue, and a multi-step decode holds more of them than it does, so the
-engine thread would sit in the call while the device runs, instead of reading and postprocessing
-the step before. The runner's lock is taken before the launch is handed over and released when it
-is done, so every other call that touches the devices runs after it, in order.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import threading
 from typing import Any
@@ -54,11 +46,6 @@ __all__ = ["BIAS_SLOTS", "ModelRunner", "PendingStep", "RunnerConfig", "StepRequ
 # Distinct bias rows (embedding bias plus banned single tokens) the device holds at once; requests
 # with the same row share its slot, and a request whose row finds no free slot waits to be admitted.
 BIAS_SLOTS = 16
-
-# Launch a step dispatched ahead of the last one's read on the launch thread (module docstring).
-# Off until timed on a GPU (`benchmarks/gpu_e2e.py --launch-apart on|off`); a list, so a benchmark
-# can flip it before an engine is built.
-LAUNCH_APART = [False]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +116,6 @@ class ModelRunner:
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0, 1))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0, 1))
         self._copies: list[tuple[int, int]] = []  # (source, target) page copies not yet enqueued
-        self._launcher: concurrent.futures.ThreadPoolExecutor | None = None  # LAUNCH_APART's thread
 
     def reset_programs(self) -> None:
         """Drop every program (after a change of `config` or `buckets`: their cache key changes too)."""
@@ -186,7 +172,6 @@ class ModelRunner:
 
     def reset_cache(self) -> None:
         """Drop and rebuild the KV cache (after a failed step left the donated buffers invalid)."""
-        self.wait_for_launches()
         self._replica.call("_reset_state")
 
     def _reset_state(self) -> None:
@@ -316,12 +301,9 @@ class ModelRunner:
         token_ids = [self._device_token_ids(r) for r in requests]
         plan, arrays, batch = plan_step(requests, decode_steps, self.buckets, self.config.page_size, token_ids,
                                         uses_adapters, self.uses_lora, self.bitmask_words)  # fmt: skip
-        after_index = after.index if after is not None else None
-        if after is not None and LAUNCH_APART[0] and not plan.deferred and not self._replica.multi_process:
-            return self._launch_apart(plan, arrays, after_index, len(requests), decode_steps, token_ids)
         with self._lock:  # the followers replay it: the same inputs, the same samples read
             self._flush_copies()
-            out = self._replica.call("_dispatch", plan.to_json(), arrays, after_index)
+            out = self._replica.call("_dispatch", plan.to_json(), arrays, after.index if after is not None else None)
         pending = PendingStep(out, len(requests), decode_steps, self.num_dispatches, None, self.cfg.vocab_size,
                               plan.forward, sum(map(len, token_ids)))  # fmt: skip
         if plan.deferred:
@@ -329,43 +311,6 @@ class ModelRunner:
         else:
             pending.fetch = self._fetch(plan, out)
         return pending
-
-    def _launch_apart(self, plan: StepPlan, arrays: list[np.ndarray], after: int, num_requests: int,
-                      decode_steps: int, token_ids: list[list[int]]) -> PendingStep:  # fmt: skip
-        """`dispatch` on the launch thread (LAUNCH_APART): the lock taken here, released there once
-        the step's programs are enqueued; its outputs, and a failure to launch, reach the caller
-        through `PendingStep.result()`."""
-        if self._launcher is None:
-            self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch")
-        self._lock.acquire()  # (held until the launches before this one are done)
-        try:
-            self._flush_copies()
-            index = self.num_dispatches + 1  # (before the hand-over: the launch thread counts it)
-            launch = self._launcher.submit(self._launch, plan.to_json(), arrays, after)
-        except BaseException:
-            self._lock.release()
-            raise
-        pending = PendingStep({}, num_requests, decode_steps, index, None, self.cfg.vocab_size, plan.forward,
-                              sum(map(len, token_ids)))  # fmt: skip
-        pending.launch, pending.fetch_plan = launch, plan
-        return pending
-
-    def _launch(self, plan: dict, arrays: list[np.ndarray], after: int) -> dict:
-        try:
-            return self._replica.call("_dispatch", plan, arrays, after)
-        finally:
-            self._lock.release()
-
-    def wait_for_launches(self) -> None:
-        """Return once every step handed to the launch thread is on the devices (or failed)."""
-        with self._lock:
-            pass
-
-    def close_launcher(self) -> None:
-        """Stop the launch thread (after the launches handed to it)."""
-        if self._launcher is not None:
-            self._launcher.shutdown(wait=True)
-            self._launcher = None
 
     def sample(self, pending: PendingStep, requests: list[StepRequest]) -> None:
         """Dispatch the sampler of `pending`, a step whose rows' bitmasks were pending at its
@@ -536,14 +481,9 @@ class PendingStep:
     shape: ForwardShape | None = None  # its forward program's bucket
     num_tokens: int = 0  # the forward's tokens for the requests (per decode step): the rest is padding
     deferred: tuple | None = None  # (StepPlan, host batch) while its sampler waits (ModelRunner.sample)
-    launch: concurrent.futures.Future | None = None  # its launch on the launch thread (LAUNCH_APART): `out`
-    fetch_plan: StepPlan | None = None  # with `launch`: the plan whose outputs `fetch` names
 
     def result(self) -> dict[str, np.ndarray]:
         """Host arrays with a row per request (waits for the step)."""
-        if self.launch is not None:  # (raises the launch's error)
-            self.out, self.launch = self.launch.result(), None
-            self.fetch = ModelRunner._fetch(self.fetch_plan, self.out)
         n = self.num_requests
         keys = self.fetch if self.fetch is not None else [k for k in self.out if k != NEXT_TOKENS]
         host = jax.device_get({k: self.out[k] for k in keys})
