@@ -378,7 +378,7 @@ def main() -> None:
                              "2026-12-05)")  # fmt: skip
     parser.add_argument("--decodes-apart", choices=("on", "off"), default=None,
                         help="whether a mixed step's decodes go to the decode kernel (jaxllm/layers/attention.py "
-                             "DECODES_APART; default: the engine's, off)")  # fmt: skip
+                             "DECODES_APART; default: the engine's, on since 2026-12-06)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
