@@ -10,8 +10,10 @@ The persistent cache (`CompileCache`) lives in the user's cache directory: `$JAX
 else `$XDG_CACHE_HOME/jaxllm/programs`, else `~/.cache/jaxllm/programs`; `LLM(compilation_cache_dir=
 ...)` chooses another, and the value "off" (argument or variable) turns it off. An engine's programs
 sit in a directory named by a digest of everything they depend on: jaxllm's own source, the JAX
-and jaxlib versions, XLA_FLAGS, the devices, and the engine's description (model config, weight and
-cache shapes, dtypes and shardings, buckets, backend). Any change of these misses cleanly. Files are
+and jaxlib versions, XLA_FLAGS, the module switches programs are traced under (DECODES_APART,
+ROPE_IN_KV_WRITE, WEIGHT_ONLY_MAX_ROWS, which benchmarks flip), the devices, and the engine's
+description (model config, weight and cache shapes, dtypes and shardings, buckets, backend). Any
+change of these misses cleanly. Files are
 written to a temporary name and renamed into place, so processes sharing the cache see whole files
 or none; a file that fails to load is compiled again and replaced. The cache is kept under
 `$JAXLLM_COMPILE_CACHE_GB` (default 8) gigabytes: after a write, the least recently used engines'
