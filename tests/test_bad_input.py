@@ -224,7 +224,6 @@ def test_cpu_kv_cache_holds_whole_pages_of_every_sequence():
     assert pages == 1 + 3 * 2
 
 
-
 def test_a_shut_down_engine_still_refuses_submits_and_takes_aborts(tiny_dir):
     """Shutdown takes the engine apart (its attributes emptied, breaking its reference cycles), all
     but what a caller racing it may touch: a submit through an engine reference taken before the

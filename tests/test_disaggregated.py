@@ -146,6 +146,22 @@ def test_unfetched_contexts_are_released(tiny_dir):
             generation_only(llm, PROMPTS[0], GREEDY, dp)
 
 
+def test_a_shut_down_context_llm_leaves_the_in_process_registry(tiny_dir, tiny_llm):
+    """A context parked by an LLM that has since shut down: its continuation in this process fails
+    at the context LLM's closed endpoint (the shut-down engine is no longer handed out, though a
+    reference to it is still held), and the generation LLM goes on serving."""
+    prompt = PROMPTS[1]
+    ctx = _llm(tiny_dir("llama"), [jax.devices()[1]])
+    dp = context_only(ctx, prompt, GREEDY)
+    engine = ctx._engine  # (held: the registry's weak reference alone would not keep it)
+    ctx.shutdown()
+    gen = tiny_llm("llama")
+    with pytest.raises(RequestError, match="cannot reach the context LLM at"):
+        generation_only(gen, prompt, GREEDY, dp)
+    del engine
+    assert gen.generate(prompt, GREEDY, use_tqdm=False).outputs[0].token_ids
+
+
 def test_bad_disaggregated_requests(pair, tiny_llm):
     ctx, gen = pair
     prompt = PROMPTS[1]
