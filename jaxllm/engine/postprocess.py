@@ -10,7 +10,6 @@ dropped (`left`).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -190,10 +189,7 @@ class Postprocessor:
             for logprob in logprobs[:head]:  # (one by one: the same float sums as token by token)
                 total += logprob
             seq.cumulative_logprob = total
-            request.last_token_time = time.monotonic()
-            if request.first_token_time is None:
-                request.first_token_time = request.last_token_time
-                request.first_token_rank = ranks[0]
+            request.token_arrived(ranks[0])
             if self.detokenizer is not None and params.detokenize:
                 self.detokenizer.step(seq, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.scheduler.mark_computed(seq, count)  # (the last one's input is the head's last token) before a finish
@@ -204,10 +200,7 @@ class Postprocessor:
         request, params = seq.request, seq.request.params
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
-        request.last_token_time = time.monotonic()
-        if request.first_token_time is None:
-            request.first_token_time = request.last_token_time
-            request.first_token_rank = rank
+        request.token_arrived(rank)
         if params.logprobs is not None:
             entry = {token: Logprob(logprob, rank)}
             for r, (tid, lp) in enumerate(top or ()):
@@ -234,10 +227,7 @@ class Postprocessor:
         beams = request.sequences
         params = request.params
         nexts = request.beam.step([(seq.output_token_ids, seq.beam_candidates) for seq in beams])
-        now = time.monotonic()
-        request.last_token_time = now
-        if request.first_token_time is None:
-            request.first_token_time, request.first_token_rank = now, 1
+        request.token_arrived(1)
         new = []
         for index, c in enumerate(nexts):
             parent = beams[c.parent]

@@ -188,6 +188,12 @@ class Request:
     # The output tokens its sequences need before a multi-step decode (-1: never; scheduler.py multi_step_from).
     multi_step_from: Optional[int] = None
 
+    def token_arrived(self, rank: Optional[int]) -> None:
+        """Stamp a sampled token's time (and, for its first, the first token's time and rank)."""
+        self.last_token_time = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time, self.first_token_rank = self.last_token_time, rank
+
     @property
     def finished(self) -> bool:
         sequences = self.sequences
