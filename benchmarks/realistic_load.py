@@ -30,15 +30,26 @@ from common import CARDS, default_out, print_result, time_calls, write_json
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
-def run_mix(llm, requests, log, passes: int = 2) -> dict:
-    """The mix `passes` times (1 or 2) through the same engine: the first pass (whatever it compiles
-    counts) and the second, each with its summary and step breakdown."""
+PASSES = (("first_pass", "realistic-load-first"), ("second_pass", None), ("third_pass", "realistic-load-third"),
+          ("fourth_pass", "realistic-load-fourth"))
+
+
+def run_mix(llm, requests, log, passes: int = 2, decode_cap: str = "default") -> dict:
+    """The mix `passes` times (1 to 4) through the same engine: the first pass (whatever it compiles
+    counts), then the others, each with its summary and step breakdown. `decode_cap` ("on", "off",
+    or "alternate": on in odd passes, off in even ones) sets the engine's decode cap
+    (jaxllm/engine/decode_cap.py) for each pass; "default" leaves it."""
     from jaxllm.bench.offline import throughput_pass
     from jaxllm.engine import step_trace
+    from jaxllm.engine.decode_cap import DecodeCap
 
     engine = llm._check_open()
+    cap = engine.decode_cap or DecodeCap(engine.runner.buckets.seq_buckets, engine.decode_steps)
     result = {}
-    for name, salt in (("first_pass", "realistic-load-first"), ("second_pass", None))[:passes]:
+    for number, (name, salt) in enumerate(PASSES[:passes]):
+        if decode_cap != "default":
+            engine.decode_cap = cap if decode_cap == "on" or (decode_cap == "alternate" and number % 2 == 0) else None
+        capped_before = cap.num_capped
         engine.trace_steps(True)
         summary = throughput_pass(llm, requests, salt)
         records = engine.trace_steps(False)
@@ -46,8 +57,11 @@ def run_mix(llm, requests, log, passes: int = 2) -> dict:
         # every step, in order: kind, sequences, the bucket's tokens a forward, decodes, wall ms
         steps = [[r.kind, r.seqs, r.padded_tokens // r.decode_steps, r.decode_steps, round(1e3 * r.wall_s, 2)]
                  for r in records]  # fmt: skip
-        result[name] = {"summary": summary, "breakdown": figures, "steps": steps}
-        log(f"\n{name}: {summary['total_output_throughput_tok_s']:,.0f} output tok/s, "
+        result[name] = {"summary": summary, "breakdown": figures, "steps": steps,
+                        "decode_cap": engine.decode_cap is not None, "capped_steps": cap.num_capped - capped_before}
+        log(f"\n{name} (decode cap {'on' if engine.decode_cap is not None else 'off'}, "
+            f"{cap.num_capped - capped_before} steps capped): "
+            f"{summary['total_output_throughput_tok_s']:,.0f} output tok/s, "
             f"TTFT p50/p99 {summary['ttft_ms']['p50']:.0f}/{summary['ttft_ms']['p99']:.0f} ms, "
             f"TPOT p50/p99 {summary['tpot_ms']['p50']:.1f}/{summary['tpot_ms']['p99']:.1f} ms, "
             f"{summary['total_latency_s']:.1f} s")  # fmt: skip
@@ -133,7 +147,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt", type=int, default=None)
     parser.add_argument("--max-output", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="passes of the mix (default 2)")
+    parser.add_argument("--passes", type=int, choices=(1, 2, 3, 4), default=2, help="passes of the mix (default 2)")
+    parser.add_argument("--decode-cap", choices=("default", "on", "off", "alternate"), default="default",
+                        help="the engine's decode cap (jaxllm/engine/decode_cap.py) in each pass; alternate: on "
+                             "in the first and third, off in the second and fourth (default: the engine's)")
     parser.add_argument("--skip-kernels", action="store_true", help="only the mix")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then a third pass of the mix's first N requests under the JAX profiler: its GPU "
@@ -186,7 +203,7 @@ def main(argv=None) -> int:
         lens = sorted(len(r.prompt) for r in requests)
         result["prompt_tokens_p50_p90_p99"] = [lens[len(lens) * q // 100] for q in (50, 90, 99)]
         log(f"LLM() ready in {result['llm_s']:.1f} s; prompt tokens p50/p90/p99 {result['prompt_tokens_p50_p90_p99']}")
-        result.update(run_mix(llm, requests, log, args.passes))
+        result.update(run_mix(llm, requests, log, args.passes, args.decode_cap))
         if args.profile:
             result["profile"] = profile_pass(llm, requests[: args.profile], log)
         config = llm.config

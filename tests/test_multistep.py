@@ -311,3 +311,43 @@ def test_multi_step_rows_taken_at_once_match_token_by_token(tiny_dir, monkeypatc
         one_by_one = [[(o.token_ids, o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in out.outputs]
                       for out in llm.generate(prompts, params, use_tqdm=False)]  # fmt: skip
         assert run == one_by_one
+
+
+class _LinearCosts:
+    """A DecodeCap whose buckets cost their rows (compute-bound), whatever the CPU's timings."""
+
+    def __new__(cls, buckets, decode_steps):
+        from jaxllm.engine.decode_cap import DecodeCap
+
+        cap = DecodeCap(buckets, decode_steps)
+        cap.cost = lambda bucket: float(bucket)
+        cap.observe = lambda *args: None
+        return cap
+
+
+def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_outputs(tiny_llm):
+    """A draining engine with a decode cap (engine/decode_cap.py) runs 5 decoding sequences as
+    multi-step decodes of 4 rows, each sequence in its turn (the overlap scheduler scheduling them
+    ahead): the same tokens, log-probabilities and finish reasons as the whole batch a step, and
+    every page comes back."""
+    llm = tiny_llm("llama")
+    engine = llm._engine
+    params = [SamplingParams(max_tokens=37, ignore_eos=True),
+              SamplingParams(max_tokens=29, temperature=0.9, seed=5, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=26, ignore_eos=True),
+              SamplingParams(max_tokens=33, temperature=0.7, seed=3, ignore_eos=True)]  # fmt: skip
+    expected = _outputs(llm.generate(PROMPTS, params, use_tqdm=False))
+    engine.decode_cap = cap = _LinearCosts(engine.runner.buckets.seq_buckets, engine.decode_steps)
+    engine.trace_steps(True)
+    try:
+        got = _outputs(llm.generate(PROMPTS, params, use_tqdm=False))
+    finally:
+        records = engine.trace_steps(False)
+        engine.decode_cap = None
+    _assert_same_outputs(got, expected)
+    assert cap.num_capped > 0
+    capped = [r for r in records if r.kind == "multi-step" and r.padded_seqs == 4]
+    assert capped and all(r.seqs == 4 for r in capped)
+    assert not any(r.padded_seqs == 8 for r in records)  # 5 decodes never ran as 8 rows
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks

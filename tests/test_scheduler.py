@@ -255,3 +255,49 @@ def test_the_sure_growth_peak_equals_a_step_by_step_count():
             # the bound that admits without the exact check is never below the exact peak
             assert lazy.bound + open_pages >= counted(ending, open_pages, page), (page, ending)
             assert lazy.peak() == counted(ending, open_pages, page), (page, ending)
+
+
+def test_a_decode_cap_runs_the_least_recently_run_sequences_when_nothing_waits():
+    """With a cap (engine/decode_cap.py) a step of decodes runs cap(n) of its n sequences, those run
+    least recently first, so each takes its turn; a step with a waiting request or a prompt being
+    computed is not capped."""
+    sim = Sim(max_tokens=9)
+    seqs = [sim.submit([1, 2, 3], seq_id=i, stop_token_ids=frozenset()) for i in range(3)]
+    sim.step()  # the three prompts
+    ran = []
+    for _ in range(6):
+        out = sim.scheduler.schedule(cap=lambda n: 2)
+        ran.append(sorted(s.seq_id for s, _ in out.items))
+        for seq, n in out.items:
+            seq.num_computed += n
+            seq.token_ids.append(7)
+    assert ran == [[0, 1], [0, 2], [1, 2]] * 2
+    late = sim.submit([4, 5, 6, 7, 8], seq_id=9, stop_token_ids=frozenset())
+    out = sim.scheduler.schedule(cap=lambda n: 2)  # a request waits: every decode runs, and it is admitted
+    assert sorted(s.seq_id for s, _ in out.items) == [0, 1, 2, 9]
+    for seq, n in out.items:
+        seq.num_computed += n
+        seq.token_ids.append(7)
+    late.num_computed, late.token_ids = 2, late.token_ids[:5]  # its prompt not all computed: no cap
+    out = sim.scheduler.schedule(cap=lambda n: 2)
+    assert len(out.items) == 4 and seqs[0].last_step == sim.scheduler.num_steps
+
+
+def test_decode_cap_takes_the_bucket_below_when_its_timed_cost_makes_tokens_faster():
+    from jaxllm.engine.decode_cap import DecodeCap
+
+    cap = DecodeCap([2, 4, 8, 16], decode_steps=8)
+    assert cap.rows(6) == 6  # nothing timed
+    cap.observe(8, 8, 8 * 2.0)  # 2 s a forward of 8 rows
+    cap.observe(8, 1, 0.1)  # (single decodes are not what a draining engine runs)
+    assert cap.cost(8) == 2.0 and cap.cost(4) is None
+    assert cap.rows(6) == 4  # the bucket below not timed yet: tried
+    cap.observe(4, 8, 8 * 1.9)  # as slow as 8 rows: 6 decodes at 8 rows make tokens faster
+    assert cap.rows(6) == 6
+    for _ in range(5):
+        cap.observe(4, 8, 8 * 1.0)  # the window's median moves to 1.0 s
+    assert cap.cost(4) == 1.0
+    assert cap.rows(6) == 4 and cap.rows(7) == 4  # 4 / 1.0 > 1.05 * 7 / 2.0
+    assert cap.rows(8) == 8 and cap.rows(2) == 2 and cap.rows(40) == 40  # a full bucket; none below; none above
+    cap.observe(16, 8, 8 * 3.0)
+    assert cap.rows(9) == 8 and cap.rows(15) == 15  # 8 / 2.0 > 1.05 * 9 / 3.0; 15 / 3.0 beats it

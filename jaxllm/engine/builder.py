@@ -35,6 +35,7 @@ from jaxllm.config import ModelConfig, resolve_dtype, resolve_kv_dtype
 from jaxllm.engine import kv_state
 from jaxllm.engine.adapter_slots import AdapterAdmission, SlotTable
 from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.decode_cap import DecodeCap
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.executables import resolve_cache_dir
 from jaxllm.engine.host_cache import HostPageCache
@@ -79,6 +80,7 @@ class EngineBuilder:
                  mesh, tensor_parallel_size: int, platform: str, channel: Any = None, llm_id: str = "",
                  precompile_only=None):  # fmt: skip
         self.mesh, self.tensor_parallel_size, self.channel, self.llm_id = mesh, tensor_parallel_size, channel, llm_id
+        self.platform = platform
         # A buckets.ProgramNeeds: only the programs it keeps are made before serving (a batch job's).
         self.precompile_only = precompile_only
         self.revision = revision
@@ -473,7 +475,9 @@ class EngineBuilder:
                       gc_gen0_threshold=args.garbage_collection_gen0_threshold,
                       speculation=speculative.Speculation(args.speculative_config, runner.adapters is not None,
                                                           self.draft_runner)
-                      if args.speculative_config is not None else None)  # fmt: skip
+                      if args.speculative_config is not None else None,
+                      decode_cap=DecodeCap(runner.buckets.seq_buckets, runner.config.decode_steps)
+                      if self.platform == "gpu" else None)  # fmt: skip
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():

@@ -32,6 +32,7 @@ from typing import Any
 
 from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.engine.beam_search import BeamSearch
+from jaxllm.engine.decode_cap import DecodeCap
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Detokenizer
 from jaxllm.engine.disaggregated import Disaggregation
@@ -122,7 +123,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, max_seq_len: int, vocab_size: int,
                  transfer: kv_state.TransferSettings | None = None, overlap: bool = True,
                  stats: IterationStats | None = None, stream_interval: int = 1, print_iter_log: bool = False,
-                 gc_gen0_threshold: int | None = None, speculation: Speculation | None = None):  # fmt: skip
+                 gc_gen0_threshold: int | None = None, speculation: Speculation | None = None,
+                 decode_cap: DecodeCap | None = None):  # fmt: skip
         self.runner = runner
         # Speculative decoding (jaxllm/speculative.py): drafts given before each step scheduled after a read.
         # A draft model runs every step the target runs, on its tokens: one decode a dispatch, each
@@ -136,6 +138,8 @@ class Engine:
         # The overlap scheduler: each step is scheduled and dispatched while the last one runs
         # (`_run_ahead`); the step in flight, not yet advanced or read, is the next one's.
         self.overlap = overlap
+        # Decodes at the bucket below when the engine drains (engine/decode_cap.py; None: off).
+        self.decode_cap = decode_cap
         self._inflight: Plan | None = None
         self._no_run_ahead = False  # the last step scheduled ahead left a sequence out: the next one waits
         self.num_follow_ons = 0  # steps the overlap scheduler dispatched ahead of the last one's read
@@ -376,6 +380,9 @@ class Engine:
             apply_logits_processors(plan.scheduled, plan.requests, out, self.runner.resample, self.post.left,
                                     self.post.fail, self.batched_logits_processor)  # fmt: skip
         touched = self.post.postprocess(plan.scheduled, plan.requests, out, plan.steps)
+        shape = plan.pending.shape
+        if self.decode_cap is not None and shape is not None and not plan.context and plan.scheduled.verifying is None:
+            self.decode_cap.observe(shape.num_seqs, plan.steps, time.perf_counter() - started)
         if self._inflight is not None and self._inflight.guided_rows:
             self._sample_guided(self._inflight)
         # Before the outputs: a caller woken by them sees them (and their perf metrics' iterations).
@@ -425,7 +432,8 @@ class Engine:
         in flight, not read (the overlap scheduler)."""
         if self.spec is not None and not ahead:
             self.spec.propose(self.scheduler.running, self.max_seq_len, self.scheduler.reserve)
-        scheduled = self.scheduler.schedule(ahead)
+        cap = self.decode_cap.rows if self.decode_cap is not None and not self._arrived() else None
+        scheduled = self.scheduler.schedule(ahead, cap)
         if scheduled.starved:
             self._no_run_ahead = True
         if not scheduled.items:

@@ -98,6 +98,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # admission order: by queue_key
         self.running: list[Sequence] = []  # scheduling order: priority, then admission; victims from the end
         self.num_growing = 0  # running sequences that may grow surely (SureGrowth is gathered only then)
+        self.num_steps = 0  # steps scheduled (Sequence.last_step's clock)
         self._arrivals = itertools.count()
 
     def priority(self, seq: Sequence) -> float:
@@ -178,17 +179,20 @@ class Scheduler:
         self.running.remove(seq)
         self.num_growing -= self.may_grow(seq)
 
-    def schedule(self, ahead: bool = False) -> ScheduledStep:
+    def schedule(self, ahead: bool = False, cap: Callable[[int], int] | None = None) -> ScheduledStep:
         """The next step. `ahead` (the overlap scheduler, before the step in flight is read): a
         running sequence whose last token surely ends it is left out, and one whose pages do not
         fit is left out too (`starved`: nothing is admitted then) instead of preempting another,
-        whose tokens in flight are not read yet."""
+        whose tokens in flight are not read yet. `cap` (engine/decode_cap.py): when nothing waits
+        and every running sequence decodes, cap(n) of the n run, those least recently run first."""
         cfg, bm = self.config, self.block_manager
         budget = cfg.max_num_tokens
         items: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
         starved = False
+        self.num_steps += 1
+        chosen = self._capped(cap) if cap is not None and not self.waiting else None
 
         # EQUAL_PROGRESS: a page of each prompt first, the rest of the budget in rounds (`_share_rest`).
         unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
@@ -204,7 +208,8 @@ class Scheduler:
                 seq.drop_drafts(seq.num_draft - keep)
             want = seq.num_uncomputed
             # (want 0: a beam holding its candidates until its request's other beams have theirs)
-            if want == 0 or seq.ends_ahead or (want > budget and self._in_one_step(want)):
+            if (want == 0 or seq.ends_ahead or (want > budget and self._in_one_step(want))
+                    or (chosen is not None and seq.seq_id not in chosen)):  # fmt: skip
                 index += 1
                 continue
             n = min(want, budget, unit or want)
@@ -226,6 +231,7 @@ class Scheduler:
                 bm.allocate(seq, n)
             items.append((seq, n))
             scheduled.add(seq.seq_id)
+            seq.last_step = self.num_steps
             budget -= n
             rows += n if seq.num_draft else 1
             index += 1
@@ -257,6 +263,7 @@ class Scheduler:
             self.waiting.pop(0)
             bm.allocate(seq, n, cached, partial)
             self._start_running(seq)
+            seq.last_step = self.num_steps
             if growth is not None:
                 growth.add(seq)
             items.append((seq, n))
@@ -269,6 +276,24 @@ class Scheduler:
             if seq.num_draft and seq.seq_id not in scheduled:
                 seq.drop_drafts()
         return ScheduledStep(items, preempted, starved)
+
+    def _capped(self, cap: Callable[[int], int]) -> set[int] | None:
+        """The seq_ids a capped decode step runs: when every running sequence decodes (one token to
+        compute, no drafts, no beams) and cap(n) < n of them would run, the cap(n) least recently
+        run (among equals, those with fewer tokens, then earlier in the running order); else None."""
+        decoding = []
+        for seq in self.running:
+            if seq.ends_ahead:
+                continue
+            if seq.num_uncomputed != 1 or seq.num_draft or seq.request.beam is not None:
+                return None
+            decoding.append(seq)
+        n = min(len(decoding), self.config.max_batch_size, self.config.max_num_tokens)
+        keep = cap(n) if n else n
+        if keep >= n:
+            return None
+        order = sorted(range(len(decoding)), key=lambda i: (decoding[i].last_step, decoding[i].num_output_tokens, i))
+        return {decoding[i].seq_id for i in order[:keep]}
 
     def _share_rest(self, items: list[tuple[Sequence, int]], budget: int, unit: int) -> None:
         """(EQUAL_PROGRESS) Give the scheduled prompts the rest of the step's `budget`, `unit` tokens
