@@ -10,8 +10,9 @@ waits, every running sequence decodes: the tail of an offline batch, in which a 
 spends most of its decode time), `DecodeCap.rows(n)` answers the bucket below, lo, if that makes
 tokens faster, lo / cost(lo) > MARGIN * n / cost(bucket(n)), and n otherwise. Each sequence still
 gets a token a step on average at a shorter interval than the wide step's (n / lo * cost(lo) <
-cost(bucket(n))), and the scheduler takes the rows least recently scheduled first (round robin:
-engine/scheduler.py), so none waits more than a step or two for its turn.
+cost(bucket(n))). The scheduler picks the rows (engine/scheduler.py `_capped`): a sequence left out
+of a step runs in the next one, and the others by the most tokens still to come, so that the
+longest requests, whose decodes end the batch, are not held back.
 
 The costs are the engine's own: the wall time of each decode-only step (between the reads of two
 steps: the device's time for the step when the host keeps ahead of it), by bucket and decodes a
