@@ -118,6 +118,10 @@ class SchedulerConfig:
         priorities first, then arrival: jaxllm's order when no scheduler_config is given).
     use_python_scheduler, enable_prefix_aware_scheduling: accepted; jaxllm's scheduler is plain
         Python and always counts the cached pages of a prompt's prefix at admission.
+    decode_cap (jaxllm's): when nothing waits and every running request decodes, run a decode step
+        at the bucket below its rows when the engine's timings say that makes tokens faster, the
+        requests left out taking the next step (jaxllm/engine/decode_cap.py): more tokens a second
+        for a draining batch, the longer requests' tokens first. None: on with GPUs, off on the CPU.
     """
 
     capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
@@ -126,6 +130,7 @@ class SchedulerConfig:
     waiting_queue_policy: WaitingQueuePolicy = WaitingQueuePolicy.FCFS
     use_python_scheduler: bool = False
     enable_prefix_aware_scheduling: bool = True
+    decode_cap: Optional[bool] = None
 
     def __post_init__(self):
         self.capacity_scheduler_policy = _enum(CapacitySchedulerPolicy, self.capacity_scheduler_policy,
@@ -143,6 +148,8 @@ class SchedulerConfig:
         self.waiting_queue_policy = _enum(WaitingQueuePolicy, self.waiting_queue_policy, "waiting_queue_policy")
         _check_bool("SchedulerConfig", use_python_scheduler=self.use_python_scheduler,
                     enable_prefix_aware_scheduling=self.enable_prefix_aware_scheduling)  # fmt: skip
+        if self.decode_cap is not None:
+            _check_bool("SchedulerConfig", decode_cap=self.decode_cap)
 
 
 @_config

@@ -124,6 +124,8 @@ def test_config_classes_validate_their_fields():
         TorchCompileConfig(max_num_streams=0)
     with pytest.raises(ValueError, match="device_cache_percent=2 is invalid"):
         PeftCacheConfig(device_cache_percent=2)
+    with pytest.raises(TypeError, match="SchedulerConfig.decode_cap must be a bool, got 'yes'"):
+        SchedulerConfig(decode_cap="yes")
     with pytest.raises(ValueError, match="dynamic_batch_config applies to TensorRT-LLM's TensorRT backend only"):
         SchedulerConfig(dynamic_batch_config={"enable_batch_size_tuning": True})
     assert CudaGraphConfig(batch_sizes=[4, 1, 2]).max_batch_size == 4 and CudaGraphConfig().max_batch_size == 128
@@ -141,12 +143,13 @@ def test_names_are_mapped_onto_jaxllm_arguments():
     assert (kv.dtype, kv.max_tokens) == ("float16", 512)
     assert _args(kv_cache_dtype="bf16", kv_cache_config={"dtype": "bfloat16"}).kv_cache_config.dtype == "bf16"
     # What the engine honours survives a saved engine's JSON round trip.
-    saved = _args(scheduler_config=SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT"),
+    saved = _args(scheduler_config=SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT", decode_cap=False),
                   cuda_graph_config=CudaGraphConfig(batch_sizes=[1, 3]), stream_interval=4).to_dict()  # fmt: skip
     import json
 
     again = EngineArgs.from_kwargs(json.loads(json.dumps(saved)))
     assert again.scheduler_config.capacity_scheduler_policy is CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+    assert again.scheduler_config.decode_cap is False
     assert again.cuda_graph_config.batch_sizes == [1, 3] and again.stream_interval == 4
     # attn_backend: TensorRT-LLM's names select jaxllm's attention backends.
     assert attention_backend(None, "TRTLLM") is None and attention_backend(None, "VANILLA") == "xla"

@@ -325,7 +325,7 @@ class _LinearCosts:
         return cap
 
 
-def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_outputs(tiny_llm):
+def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_outputs(tiny_llm, tiny_dir):
     """A draining engine with a decode cap (engine/decode_cap.py) runs 5 decoding sequences as
     multi-step decodes of 4 rows, each sequence in its turn (the overlap scheduler scheduling them
     ahead): the same tokens, log-probabilities and finish reasons as the whole batch a step, and
@@ -337,6 +337,7 @@ def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_ou
               SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=26, ignore_eos=True),
               SamplingParams(max_tokens=33, temperature=0.7, seed=3, ignore_eos=True)]  # fmt: skip
     expected = _outputs(llm.generate(PROMPTS, params, use_tqdm=False))
+    assert engine.decode_cap is None  # off on the CPU by default (SchedulerConfig(decode_cap=True) below)
     engine.decode_cap = cap = _LinearCosts(engine.runner.buckets.seq_buckets, engine.decode_steps)
     engine.trace_steps(True)
     try:
@@ -346,6 +347,10 @@ def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_ou
         engine.decode_cap = None
     _assert_same_outputs(got, expected)
     assert cap.num_capped > 0
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=16, max_num_tokens=256,
+             scheduler_config={"decode_cap": True}) as capped:  # fmt: skip
+        assert capped._engine.decode_cap is not None
+        _assert_same_outputs(_outputs(capped.generate(PROMPTS[:2], params[:2], use_tqdm=False)), expected[:2])
     capped = [r for r in records if r.kind == "multi-step" and r.padded_seqs == 4]
     assert capped and all(r.seqs == 4 for r in capped)
     assert not any(r.padded_seqs == 8 for r in records)  # 5 decodes never ran as 8 rows

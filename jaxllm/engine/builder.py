@@ -477,7 +477,12 @@ class EngineBuilder:
                                                           self.draft_runner)
                       if args.speculative_config is not None else None,
                       decode_cap=DecodeCap(runner.buckets.seq_buckets, runner.config.decode_steps)
-                      if self.platform == "gpu" else None)  # fmt: skip
+                      if self._decode_cap() else None)  # fmt: skip
+
+    def _decode_cap(self) -> bool:
+        """SchedulerConfig.decode_cap, or by default whether the engine runs on GPUs (engine/decode_cap.py)."""
+        chosen = self.args.scheduler_config.decode_cap if self.args.scheduler_config is not None else None
+        return self.platform == "gpu" if chosen is None else chosen
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():

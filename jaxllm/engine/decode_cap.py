@@ -20,8 +20,8 @@ dispatch, the median of the last WINDOW. A bucket not timed yet is tried once (a
 below, when the wide one has been timed) and judged from then on. Steps the engine has not timed
 at all are left alone: no cap until the wide bucket ran.
 
-On by default on GPUs (`Engine.decode_cap`, made by the builder); on the CPU a step's time moves
-with the host's load, and the buckets are small.
+On by default on GPUs (`Engine.decode_cap`, made by the builder; `SchedulerConfig(decode_cap=...)`
+chooses); off by default on the CPU, where a step's time moves with the host's load.
 """
 
 from __future__ import annotations
