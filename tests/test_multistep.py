@@ -347,8 +347,8 @@ def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_ou
         engine.decode_cap = None
     _assert_same_outputs(got, expected)
     assert cap.num_capped > 0
-    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=16, max_num_tokens=256,
-             scheduler_config={"decode_cap": True}) as capped:  # fmt: skip
+    with LLM(model=str(tiny_dir("llama")), dtype="float32", skip_tokenizer_init=True, max_batch_size=16,
+             max_num_tokens=256, scheduler_config={"decode_cap": True}) as capped:  # fmt: skip
         assert capped._engine.decode_cap is not None
         _assert_same_outputs(_outputs(capped.generate(PROMPTS[:2], params[:2], use_tqdm=False)), expected[:2])
     capped = [r for r in records if r.kind == "multi-step" and r.padded_seqs == 4]
