@@ -257,39 +257,34 @@ def test_the_sure_growth_peak_equals_a_step_by_step_count():
             assert lazy.peak() == counted(ending, open_pages, page), (page, ending)
 
 
-def test_a_decode_cap_runs_the_least_recently_run_sequences_when_nothing_waits():
+def _capped_steps(sim: Sim, steps: int, keep: int = 2) -> list[list[int]]:
+    """The seq_ids of `steps` decode steps each capped at `keep` sequences, each step computed."""
+    ran = []
+    for _ in range(steps):
+        out = sim.scheduler.schedule(cap=lambda n: keep)
+        ran.append(sorted(s.seq_id for s, _ in out.items))
+        for seq, n in out.items:
+            seq.num_computed += n
+            seq.token_ids.append(7)
+    return ran
+
+
+def test_a_decode_cap_runs_the_sequences_left_out_then_the_longest_when_nothing_waits():
     """With a cap (engine/decode_cap.py) a step of decodes runs cap(n) of its n sequences: one left
     out of the last step first, then those with the most tokens to come; a step with a waiting
     request or a prompt being computed is not capped."""
     sim = Sim(max_tokens=9)
     seqs = [sim.submit([1, 2, 3], seq_id=i, stop_token_ids=frozenset()) for i in range(3)]
     sim.step()  # the three prompts
-    ran = []
-    for _ in range(6):
-        out = sim.scheduler.schedule(cap=lambda n: 2)
-        ran.append(sorted(s.seq_id for s, _ in out.items))
-        for seq, n in out.items:
-            seq.num_computed += n
-            seq.token_ids.append(7)
-    assert ran == [[0, 1], [0, 2], [1, 2]] * 2
-    sim2 = Sim(max_tokens=30)
+    assert _capped_steps(sim, 6) == [[0, 1], [0, 2], [1, 2]] * 2
+    longest = Sim(max_tokens=30)
     for i, max_tokens in enumerate([20, 9, 9]):
-        sim2.submit([1, 2, 3], seq_id=i, params=SamplingParams(max_tokens=max_tokens), stop_token_ids=frozenset())
-    sim2.step()
-    ran = []
-    for _ in range(4):
-        out = sim2.scheduler.schedule(cap=lambda n: 2)
-        ran.append(sorted(s.seq_id for s, _ in out.items))
-        for seq, n in out.items:
-            seq.num_computed += n
-            seq.token_ids.append(7)
-    assert ran == [[0, 1], [0, 2]] * 2  # the longest runs every step; the others take turns
+        longest.submit([1, 2, 3], seq_id=i, params=SamplingParams(max_tokens=max_tokens), stop_token_ids=frozenset())
+    longest.step()
+    assert _capped_steps(longest, 4) == [[0, 1], [0, 2]] * 2  # the longest runs every step; the others take turns
     late = sim.submit([4, 5, 6, 7, 8], seq_id=9, stop_token_ids=frozenset())
-    out = sim.scheduler.schedule(cap=lambda n: 2)  # a request waits: every decode runs, and it is admitted
-    assert sorted(s.seq_id for s, _ in out.items) == [0, 1, 2, 9]
-    for seq, n in out.items:
-        seq.num_computed += n
-        seq.token_ids.append(7)
+    # A request waits: every decode runs, and it is admitted.
+    assert _capped_steps(sim, 1) == [[0, 1, 2, 9]]
     late.num_computed, late.token_ids = 2, late.token_ids[:5]  # its prompt not all computed: no cap
     out = sim.scheduler.schedule(cap=lambda n: 2)
     assert len(out.items) == 4 and seqs[0].last_step == sim.scheduler.num_steps
