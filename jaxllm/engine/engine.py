@@ -32,8 +32,8 @@ from typing import Any
 
 from jaxllm.engine import kv_state, kv_transfer
 from jaxllm.engine.beam_search import BeamSearch
-from jaxllm.engine.decode_cap import DecodeCap
 from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.decode_cap import DecodeCap
 from jaxllm.engine.detokenizer import Detokenizer
 from jaxllm.engine.disaggregated import Disaggregation
 from jaxllm.engine.logits_processors import apply_logits_processors

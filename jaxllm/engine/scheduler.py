@@ -300,6 +300,7 @@ class Scheduler:
         keep = cap(n) if n else n
         if keep >= n:
             return None
+
         def turn(i: int) -> tuple:
             seq = decoding[i]
             skipped = self.num_steps - 1 - seq.last_step  # steps since it last ran
