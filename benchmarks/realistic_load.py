@@ -12,7 +12,9 @@ against what the card can do: prefill attention (the ragged Pallas kernel agains
 --requests / --prompt-mean / --output-mean / --sigma / --max-prompt / --max-output / --seed change
 the mix (defaults: the card's, common.CARDS); --decode-batch-sizes the decode buckets (finer ones
 pad a decode of the mix's tail less, and compile more programs); --max-batch-size / --max-num-tokens
-the engine's limits (default: the card's); --skip-kernels leaves out the kernel section.
+the engine's limits (default: the card's); --skip-kernels leaves out the kernel section;
+--fixed IN/OUT runs --requests fixed-length requests instead of the mix; --passes 1-4 with
+--decode-cap on|off|alternate sets the engine's decode cap in each pass (jaxllm/engine/decode_cap.py).
 Prints tables, and one JSON line (RESULT ...) that is also written to --out.
 """
 
@@ -147,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt", type=int, default=None)
     parser.add_argument("--max-output", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fixed", default=None, metavar="IN/OUT",
+                        help="fixed-length requests instead of the mix: --requests of IN prompt tokens and OUT "
+                             "output tokens each (e.g. 128/2048)")
     parser.add_argument("--passes", type=int, choices=(1, 2, 3, 4), default=2, help="passes of the mix (default 2)")
     parser.add_argument("--decode-cap", choices=("default", "on", "off", "alternate"), default="default",
                         help="the engine's decode cap (jaxllm/engine/decode_cap.py) in each pass; alternate: on "
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
 
     if args.rope_in_kv_write is not None:
         attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
-    from jaxllm.bench.datasets import sharegpt_like_requests
+    from jaxllm.bench.datasets import fixed_requests, sharegpt_like_requests
 
     card = CARDS[args.card]
     llm_args = dict(card["llm"])
@@ -198,8 +203,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with LLM(model=card["model"], **llm_args) as llm:
         result["llm_s"] = time.perf_counter() - started
-        requests = sharegpt_like_requests(mix["n"], llm.config.vocab_size, args.seed, mix["prompt_mean"],
-                                          mix["output_mean"], mix["sigma"], mix["max_prompt"], mix["max_output"])  # fmt: skip
+        if args.fixed:
+            prompt_len, output_len = (int(x) for x in args.fixed.split("/"))
+            requests = fixed_requests(mix["n"], prompt_len, output_len, llm.config.vocab_size, args.seed)
+            result["fixed"] = args.fixed
+        else:
+            requests = sharegpt_like_requests(mix["n"], llm.config.vocab_size, args.seed, mix["prompt_mean"],
+                                              mix["output_mean"], mix["sigma"], mix["max_prompt"],
+                                              mix["max_output"])  # fmt: skip
         lens = sorted(len(r.prompt) for r in requests)
         result["prompt_tokens_p50_p90_p99"] = [lens[len(lens) * q // 100] for q in (50, 90, 99)]
         log(f"LLM() ready in {result['llm_s']:.1f} s; prompt tokens p50/p90/p99 {result['prompt_tokens_p50_p90_p99']}")

@@ -288,6 +288,16 @@ def test_a_decode_cap_runs_the_sequences_left_out_then_the_longest_when_nothing_
     late.num_computed, late.token_ids = 2, late.token_ids[:5]  # its prompt not all computed: no cap
     out = sim.scheduler.schedule(cap=lambda n: 2)
     assert len(out.items) == 4 and seqs[0].last_step == sim.scheduler.num_steps
+    # KV-bound: a request waits that the free pages cannot hold, so nothing is admitted: capped.
+    full = Sim(num_pages=10, max_tokens=30)
+    for i in range(3):
+        full.submit([1, 2, 3], seq_id=i, params=SamplingParams(max_tokens=30))
+    full.step()  # three sequences of a page each
+    big = full.submit(list(range(10, 43)), seq_id=5)  # 33 tokens: 9 pages, 6 free
+    assert full.scheduler.waiting and _capped_steps(full, 2) == [[0, 1], [0, 2]]
+    full.scheduler.remove(big)
+    full.submit([10, 11], seq_id=6)  # a prompt the free pages hold: no cap, and it is admitted
+    assert _capped_steps(full, 1) == [[0, 1, 2, 6]]
 
 
 def test_decode_cap_takes_the_bucket_below_when_its_timed_cost_makes_tokens_faster():

@@ -1,14 +1,16 @@
-"""Decodes at the bucket below: when nothing waits, a decode-only step of n sequences may run only as
-many as the next smaller bucket holds, the rest taking their turn in the next steps.
+"""Decodes at the bucket below: when no waiting request can be admitted, a decode-only step of n
+sequences may run only as many as the next smaller bucket holds, the rest taking their turn next.
 
 A decode step's program is compiled for a bucket of rows (engine/buckets.py), and n decodes run in
 the smallest bucket that holds them: 600 sequences compute 1,024 rows. Where a step's cost grows with
 its bucket (the projections compute-bound: hundreds of rows on a GPU), the padding is paid for: on
 an H200 a forward of 1,024 rows of the Llama-3.1-8B shape took 32.7 ms, one of 512 rows 18.6 ms, so
-600 decodes give 18 tokens a millisecond where 512 give 27.5. When the engine drains (nothing
-waits, every running sequence decodes: the tail of an offline batch, in which a ShareGPT-like mix
-spends most of its decode time), `DecodeCap.rows(n)` answers the bucket below, lo, if that makes
-tokens faster, lo / cost(lo) > MARGIN * n / cost(bucket(n)), and n otherwise. Each sequence still
+600 decodes give 18 tokens a millisecond where 512 give 27.5. When every running sequence decodes
+and no waiting one can be admitted (none waits: the tail of an offline batch, in which a
+ShareGPT-like mix spends most of its decode time; or the KV cache has no room for the next: long
+outputs, 280 sequences of 128/2048 filling an H200's bf16 cache and running 512 rows),
+`DecodeCap.rows(n)` answers the bucket below, lo, if that makes tokens faster, lo / cost(lo) >
+MARGIN * n / cost(bucket(n)), and n otherwise. Each sequence still
 gets a token a step on average at a shorter interval than the wide step's (n / lo * cost(lo) <
 cost(bucket(n))). The scheduler picks the rows (engine/scheduler.py `_capped`): a sequence left out
 of a step runs in the next one, and the others by the most tokens still to come, so that the
@@ -40,7 +42,7 @@ class DecodeCap:
 
     Args:
       buckets: the decode-only steps' row buckets (engine/buckets.py Buckets.seq_buckets).
-      decode_steps: the decodes a dispatch of a draining engine runs (its multi-step K, or 1): the
+      decode_steps: the decodes a dispatch of a capped step runs (the engine's multi-step K, or 1): the
         costs compared are those of steps of that many decodes.
     """
 

@@ -138,7 +138,7 @@ class Engine:
         # The overlap scheduler: each step is scheduled and dispatched while the last one runs
         # (`_run_ahead`); the step in flight, not yet advanced or read, is the next one's.
         self.overlap = overlap
-        # Decodes at the bucket below when the engine drains (engine/decode_cap.py; None: off).
+        # Decodes at the bucket below when no waiting request can be admitted (engine/decode_cap.py; None: off).
         self.decode_cap = decode_cap
         self._inflight: Plan | None = None
         self._no_run_ahead = False  # the last step scheduled ahead left a sequence out: the next one waits

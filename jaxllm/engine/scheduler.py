@@ -190,8 +190,9 @@ class Scheduler:
         """The next step. `ahead` (the overlap scheduler, before the step in flight is read): a
         running sequence whose last token surely ends it is left out, and one whose pages do not
         fit is left out too (`starved`: nothing is admitted then) instead of preempting another,
-        whose tokens in flight are not read yet. `cap` (engine/decode_cap.py): when nothing waits
-        and every running sequence decodes, cap(n) of the n run (`_capped`)."""
+        whose tokens in flight are not read yet. `cap` (engine/decode_cap.py): when no waiting
+        sequence can be admitted (`_admits_none`) and every running sequence decodes, cap(n) of the
+        n run (`_capped`)."""
         cfg, bm = self.config, self.block_manager
         budget = cfg.max_num_tokens
         items: list[tuple[Sequence, int]] = []
@@ -199,7 +200,7 @@ class Scheduler:
         scheduled: set[int] = set()
         starved = False
         self.num_steps += 1
-        chosen = self._capped(cap) if cap is not None and not self.waiting else None
+        chosen = self._capped(cap) if cap is not None and self._admits_none() else None
 
         # EQUAL_PROGRESS: a page of each prompt first, the rest of the budget in rounds (`_share_rest`).
         unit = bm.block_size if cfg.equal_progress and cfg.enable_chunked_prefill else None
@@ -283,6 +284,16 @@ class Scheduler:
             if seq.num_draft and seq.seq_id not in scheduled:
                 seq.drop_drafts()
         return ScheduledStep(items, preempted, starved)
+
+    def _admits_none(self) -> bool:
+        """Whether no waiting sequence can be admitted this step: none waits, or the first in the
+        queue (which holds back those behind it) needs more pages than are free for its uncomputed
+        tokens, its cached prefix aside (a prefix hit may still admit it: the step is then capped
+        and mixed, which is correct, only not what the cap is for)."""
+        if not self.waiting:
+            return True
+        bm, head = self.block_manager, self.waiting[0]
+        return not bm.can_allocate(bm.blocks_needed(head, min(head.num_uncomputed, self.config.max_num_tokens)))
 
     def _capped(self, cap: Callable[[int], int]) -> set[int] | None:
         """The seq_ids a capped decode step runs: when every running sequence decodes (one token to
