@@ -13,7 +13,8 @@ against what the card can do: prefill attention (the ragged Pallas kernel agains
 the mix (defaults: the card's, common.CARDS); --decode-batch-sizes the decode buckets (finer ones
 pad a decode of the mix's tail less, and compile more programs); --max-batch-size / --max-num-tokens
 the engine's limits (default: the card's); --skip-kernels leaves out the kernel section;
---fixed IN/OUT runs --requests fixed-length requests instead of the mix; --passes 1-4 with
+--model / --kv-cache-dtype another config of benchmarks/configs and an FP8 KV cache; --fixed IN/OUT
+runs --requests fixed-length requests instead of the mix; --passes 1-4 with
 --decode-cap on|off|alternate sets the engine's decode cap in each pass (jaxllm/engine/decode_cap.py).
 Prints tables, and one JSON line (RESULT ...) that is also written to --out.
 """
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CARDS, default_out, print_result, time_calls, write_json
+from common import CARDS, CONFIGS, default_out, print_result, time_calls, write_json
 
 # Datasheet dense bf16 tensor-core rates, TFLOP/s (no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -149,6 +150,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt", type=int, default=None)
     parser.add_argument("--max-output", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None,
+                        help="a config of benchmarks/configs with random weights instead of the card's (e.g. "
+                             "llama-3.1-8b-fp8: a ModelOpt FP8 checkpoint's format)")
+    parser.add_argument("--kv-cache-dtype", choices=("fp8",), default=None, help="an FP8 KV cache")
     parser.add_argument("--fixed", default=None, metavar="IN/OUT",
                         help="fixed-length requests instead of the mix: --requests of IN prompt tokens and OUT "
                              "output tokens each (e.g. 128/2048)")
@@ -179,8 +184,12 @@ def main(argv=None) -> int:
         attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
     from jaxllm.bench.datasets import fixed_requests, sharegpt_like_requests
 
-    card = CARDS[args.card]
+    card = dict(CARDS[args.card])
+    if args.model:
+        card["model"] = str(CONFIGS / args.model)
     llm_args = dict(card["llm"])
+    if args.kv_cache_dtype:
+        llm_args["kv_cache_config"] = {**llm_args.get("kv_cache_config", {}), "dtype": args.kv_cache_dtype}
     for key in ("max_batch_size", "max_num_tokens"):
         if getattr(args, key) is not None:
             llm_args[key] = getattr(args, key)
@@ -195,8 +204,8 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     device = jax.devices()[0]
-    result = {"card": args.card, "device": device.device_kind, "jax": jax.__version__, "mix": mix,
-              "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
+    result = {"card": args.card, "model": card["model"], "device": device.device_kind, "jax": jax.__version__,
+              "mix": mix, "date": time.strftime("%Y-%m-%d"), "decode_batch_sizes": args.decode_batch_sizes,
               "rope_in_kv_write": getattr(attention, "ROPE_IN_KV_WRITE", {}).get("pallas", False),  # older trees: none
               "llm_args": {k: v for k, v in llm_args.items() if isinstance(v, (int, str, dict))}}  # fmt: skip
     log(f"device: {device.device_kind}; mix: {mix}")
