@@ -119,11 +119,10 @@ class SchedulerConfig:
     use_python_scheduler, enable_prefix_aware_scheduling: accepted; jaxllm's scheduler is plain
         Python and always counts the cached pages of a prompt's prefix at admission.
     decode_cap (jaxllm's): when every running request decodes and no waiting one can be admitted
-        (none waits, or the KV cache has no room for the next), run a decode step
-        at the bucket below its rows when the engine's timings say that makes tokens faster, the
-        requests left out taking the next step (jaxllm/engine/decode_cap.py): more tokens a second
-        for a draining or KV-bound batch, the longer requests' tokens first. None: on with GPUs, off on
-        the CPU.
+        (none waits, or the KV cache has no room for the next), run a decode step at the bucket
+        below its rows when the engine's timings say that makes tokens faster, the requests left out
+        taking the next step (jaxllm/engine/decode_cap.py): more tokens a second for a draining or
+        KV-bound batch, the longer requests' tokens first. None: on with GPUs, off on the CPU.
     """
 
     capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT

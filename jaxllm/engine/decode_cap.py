@@ -10,11 +10,11 @@ and no waiting one can be admitted (none waits: the tail of an offline batch, in
 ShareGPT-like mix spends most of its decode time; or the KV cache has no room for the next: long
 outputs, 280 sequences of 128/2048 filling an H200's bf16 cache and running 512 rows),
 `DecodeCap.rows(n)` answers the bucket below, lo, if that makes tokens faster, lo / cost(lo) >
-MARGIN * n / cost(bucket(n)), and n otherwise. Each sequence still
-gets a token a step on average at a shorter interval than the wide step's (n / lo * cost(lo) <
-cost(bucket(n))). The scheduler picks the rows (engine/scheduler.py `_capped`): a sequence left out
-of a step runs in the next one, and the others by the most tokens still to come, so that the
-longest requests, whose decodes end the batch, are not held back.
+MARGIN * n / cost(bucket(n)), and n otherwise. Each sequence still gets a token a step on average
+at a shorter interval than the wide step's (n / lo * cost(lo) < cost(bucket(n))). The scheduler
+picks the rows (engine/scheduler.py `_capped`): a sequence left out of a step runs in the next one,
+and the others by the most tokens still to come, so that the longest requests, whose decodes end
+the batch, are not held back.
 
 The costs are the engine's own: the wall time of each decode-only step (between the reads of two
 steps: the device's time for the step when the host keeps ahead of it), by bucket and decodes a

@@ -47,7 +47,7 @@ class Sequence:
     # unless include_stop_str_in_output (TensorRT-LLM trims them from token_ids as from the text).
     num_stop_tokens: int = 0
     num_preemptions: int = 0
-    last_step: int = -1  # the scheduler's count of the last step that ran it (its round robin under a decode cap)
+    last_step: int = -1  # the scheduler's count of the last step that ran it (read by a decode cap: scheduler.py)
     lora_slot: int = 0  # device slot of its LoRA adapter while running (0: none; engine/adapter_slots.py)
     bias_slot: int = 0  # device slot of its request's bias row while running (0: none)
     prompt_adapter_slot: int = 0  # device slot of its prompt adapter while running (0: none)
