@@ -175,6 +175,10 @@ def main(argv=None) -> int:
                              "2026-12-05)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.fixed is not None:
+        parts = args.fixed.split("/")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            parser.error(f"--fixed must be IN/OUT in tokens, e.g. 128/2048; got {args.fixed!r}")
     import jax
 
     from jaxllm import LLM
