@@ -4,12 +4,13 @@
 an uncapped pass's multi-step decodes this script recovers how many more dispatches each sequence
 ran when the decodes began (a sequence ends where the count of sequences drops), takes each bucket's
 median cost a forward, and replays the decodes with no cap and with the decode cap
-(jaxllm/engine/decode_cap.py: a step at the bucket below when lo / cost(lo) > MARGIN * n / cost(bucket(n)))
+(jaxllm/engine/decode_cap.py's rule, DecodeCap.rows, over the measured costs)
 choosing its rows by least recently run, or as the scheduler does (`Scheduler._capped`: a sequence
 left out of a step runs in the next, the others by the most dispatches still to come). The bucket
 costs are taken as fixed (the engine times them as it goes and tries a bucket once before judging it).
 
-    python benchmarks/decode_cap_replay.py results/mix_decode_cap_lru_ab_h100_2026-12-06.json [--pass second_pass]
+    PYTHONPATH=$PWD python benchmarks/decode_cap_replay.py \
+        benchmarks/results/mix_decode_cap_lru_ab_h100_2026-12-06.json [--pass second_pass]
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import collections
 import json
 import statistics
 
-MARGIN = 1.05
+from jaxllm.engine.decode_cap import DecodeCap
+from jaxllm.engine.scheduler import CAP_MAX_SKIPS
 
 
 def replay(lengths: list[int], cost: dict[int, float], policy: str, decode_steps: int = 8) -> tuple[float, int]:
     """(seconds, dispatches) of decoding sequences that need `lengths` more dispatches each."""
     buckets = sorted(cost)
+    cap = DecodeCap(buckets, decode_steps)  # the engine's rule, over these fixed costs
+    cap.cost = cost.get
     left, last = list(lengths), [0] * len(lengths)
     seconds, dispatch = 0.0, 0
     while True:
@@ -32,15 +36,13 @@ def replay(lengths: list[int], cost: dict[int, float], policy: str, decode_steps
         if not alive:
             return seconds, dispatch
         n = len(alive)
-        above = next(b for b in buckets if b >= n)
-        below = [b for b in buckets if b < n]
-        run, bucket = alive, above
-        if policy != "off" and below and below[-1] / cost[below[-1]] > MARGIN * n / cost[above]:
-            bucket = below[-1]
+        run, bucket = alive, next(b for b in buckets if b >= n)
+        if policy != "off" and cap.rows(n) < n:
+            bucket = cap.rows(n)
             if policy == "least-recent":
                 key = lambda i: (last[i], i)  # noqa: E731
-            else:  # the scheduler's: left out of the last dispatch first, then the most to come
-                key = lambda i: (dispatch - last[i] <= 1, -left[i], last[i], i)  # noqa: E731
+            else:  # the scheduler's (Scheduler._capped): left out too long first, then the most to come
+                key = lambda i: (dispatch - last[i] < CAP_MAX_SKIPS, -left[i], last[i], i)  # noqa: E731
             run = sorted(alive, key=key)[:bucket]
         for i in run:
             left[i] -= 1

@@ -313,16 +313,14 @@ def test_multi_step_rows_taken_at_once_match_token_by_token(tiny_dir, monkeypatc
         assert run == one_by_one
 
 
-class _LinearCosts:
+def _linear_costs(buckets, decode_steps):
     """A DecodeCap whose buckets cost their rows (compute-bound), whatever the CPU's timings."""
+    from jaxllm.engine.decode_cap import DecodeCap
 
-    def __new__(cls, buckets, decode_steps):
-        from jaxllm.engine.decode_cap import DecodeCap
-
-        cap = DecodeCap(buckets, decode_steps)
-        cap.cost = lambda bucket: float(bucket)
-        cap.observe = lambda *args: None
-        return cap
+    cap = DecodeCap(buckets, decode_steps)
+    cap.cost = lambda bucket: float(bucket)
+    cap.observe = lambda *args: None
+    return cap
 
 
 def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_outputs(tiny_llm, tiny_dir):
@@ -338,7 +336,7 @@ def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_ou
               SamplingParams(max_tokens=33, temperature=0.7, seed=3, ignore_eos=True)]  # fmt: skip
     expected = _outputs(llm.generate(PROMPTS, params, use_tqdm=False))
     assert engine.decode_cap is None  # off on the CPU by default (SchedulerConfig(decode_cap=True) below)
-    engine.decode_cap = cap = _LinearCosts(engine.runner.buckets.seq_buckets, engine.decode_steps)
+    engine.decode_cap = cap = _linear_costs(engine.runner.buckets.seq_buckets, engine.decode_steps)
     engine.trace_steps(True)
     try:
         got = _outputs(llm.generate(PROMPTS, params, use_tqdm=False))

@@ -58,7 +58,7 @@ from jaxllm.engine.sequence import Sequence, SequenceStatus
 # next one. Otherwise those with the most tokens still to come run first: the longest requests of a
 # draining batch end it, and holding them back lengthens its tail (the 1,000-request ShareGPT-like
 # mix on an H100, the decodes replayed with the measured costs of each bucket: 14.4 s without a cap,
-# 13.9 s capped by least recently run, 12.6 s by most tokens to come; benchmarks/RESULTS.md).
+# 13.9 s capped by least recently run, 12.5 s by most tokens to come; benchmarks/RESULTS.md).
 CAP_MAX_SKIPS = 1
 
 # Whether MAX_UTILIZATION admits only what the pages of every sequence's sure growth leave room for
