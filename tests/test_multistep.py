@@ -349,6 +349,7 @@ def test_a_decode_cap_runs_decodes_at_the_bucket_below_in_turns_with_the_same_ou
              max_num_tokens=256, scheduler_config={"decode_cap": True}) as capped:  # fmt: skip
         assert capped._engine.decode_cap is not None
         _assert_same_outputs(_outputs(capped.generate(PROMPTS[:2], params[:2], use_tqdm=False)), expected[:2])
+        assert capped._engine.decode_cap._times  # the engine timed its decode steps for the cap
     capped = [r for r in records if r.kind == "multi-step" and r.padded_seqs == 4]
     assert capped and all(r.seqs == 4 for r in capped)
     assert not any(r.padded_seqs == 8 for r in records)  # 5 decodes never ran as 8 rows
