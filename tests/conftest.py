@@ -7,6 +7,7 @@ is built once per session and shared.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Eight virtual CPU devices for the tensor-parallel tests; harmless for the rest. XLA's CPU collectives
 # abort the process when a participant is 40 s late to a rendezvous; on 2 cores shared by two test
@@ -56,11 +57,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: each file's tests keep their order
 
 
+def _run_directory(config) -> Path | None:
+    """A directory every test worker of this run shares (under the run's pytest base directory, which
+    pytest removes with the old runs'), or None outside pytest-xdist workers."""
+    basetemp = getattr(config.option, "basetemp", None)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not basetemp:
+        return None
+    return Path(basetemp).resolve().parent
+
+
 @pytest.fixture(scope="session", autouse=True)
-def program_cache(tmp_path_factory):
-    """One persistent program cache for the session (never the user's): engines of the same model
-    and arguments in different tests load each other's programs."""
-    path = tmp_path_factory.mktemp("programs")
+def program_cache(tmp_path_factory, pytestconfig):
+    """One persistent program cache for the session (never the user's), shared by the run's workers:
+    engines of the same model and arguments in different tests load each other's programs."""
+    shared = _run_directory(pytestconfig)
+    path = shared / "programs" if shared is not None else tmp_path_factory.mktemp("programs")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["JAXLLM_COMPILE_CACHE"] = str(path)
     yield path
 

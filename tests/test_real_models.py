@@ -1,6 +1,7 @@
 """Real trained models (GGUF files from PyPI): token-identical to transformers in float32."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -96,16 +97,13 @@ FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-27
 GROUPS = {"W4A16/g32z": (32, True)}
 
 
-@pytest.mark.parametrize("name,quant_algo", sorted(FP8_BOUNDS))
-def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
-    """QuantConfig(quant_algo='FP8'): FP8 projections (per-channel weights, per-token activations),
-    W8A16 (int8 per-channel weights, bf16 activations) and W4A16 (int4, asymmetric groups of 32),
-    against the bf16 model on the same text,
-    teacher-forced: top-1 agreement and the mean change of the bf16 top token's log-probability,
-    over every position."""
+_FORWARD = jax.jit(forward_dense, static_argnums=2)
+
+
+@functools.lru_cache(maxsize=1)  # the cases come model by model (sorted): one model's reference at a time
+def _bf16_reference(name: str):
+    """(resolved checkpoint, config, tokens, valid, bf16 params, bf16 log-probabilities) of FP8_TEXTS."""
     from jaxllm.checkpoints.builtin import fetch
-    from jaxllm.models.params import flatten_paths, unflatten_paths
-    from jaxllm.quantization import quantize_flat
     from jaxllm.tokenizer import load_tokenizer
 
     resolved = loader.resolve(str(fetch(name)))
@@ -117,6 +115,21 @@ def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
     for i, x in enumerate(ids):
         tokens[i, : len(x)], valid[i, : len(x)] = x, True
     params = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
+    ref = jax.nn.log_softmax(_FORWARD(params, jnp.asarray(tokens), cfg, jnp.asarray(valid)), -1)
+    return resolved, cfg, tokens, valid, params, ref
+
+
+@pytest.mark.parametrize("name,quant_algo", sorted(FP8_BOUNDS))
+def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
+    """QuantConfig(quant_algo='FP8'): FP8 projections (per-channel weights, per-token activations),
+    W8A16 (int8 per-channel weights, bf16 activations) and W4A16 (int4, asymmetric groups of 32),
+    against the bf16 model on the same text,
+    teacher-forced: top-1 agreement and the mean change of the bf16 top token's log-probability,
+    over every position."""
+    from jaxllm.models.params import flatten_paths, unflatten_paths
+    from jaxllm.quantization import quantize_flat
+
+    resolved, cfg, tokens, valid, params, ref = _bf16_reference(name)
     if quant_algo != "gguf":
         group_size, zero_point = GROUPS.get(quant_algo, (0, False))
         algo = quant_algo.split("/")[0]
@@ -131,9 +144,7 @@ def test_quantized_weights_agree_with_bfloat16(name, quant_algo):
         fp8_params = loader.load_params(resolved, fp8_cfg, jnp.bfloat16, progress=False)
     else:
         fp8_params = unflatten_paths(quantize_flat(flatten_paths(params), fp8_cfg), fp8_cfg)
-    run = jax.jit(forward_dense, static_argnums=2)
-    ref = jax.nn.log_softmax(run(params, jnp.asarray(tokens), cfg, jnp.asarray(valid)), -1)
-    got = jax.nn.log_softmax(run(fp8_params, jnp.asarray(tokens), fp8_cfg, jnp.asarray(valid)), -1)
+    got = jax.nn.log_softmax(_FORWARD(fp8_params, jnp.asarray(tokens), fp8_cfg, jnp.asarray(valid)), -1)
     top = jnp.argmax(ref, -1)
     agree = float((top == jnp.argmax(got, -1))[valid].mean())
     delta = float(jnp.abs(jnp.take_along_axis(ref - got, top[..., None], -1))[..., 0][valid].mean())

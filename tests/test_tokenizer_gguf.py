@@ -86,7 +86,7 @@ def test_gguf_tokenizer_equals_transformers(fixture, request, tmp_path, monkeypa
 
     path = request.getfixturevalue(fixture)
     assert tokenizer.gguf_tokenizer_inputs(gguf.read_metadata(path)) == get_gguf_tokenizer(str(path))
-    # AutoTokenizer.from_pretrained(gguf_file=...) alone: the real-model fixtures' float32 model is not needed.
+    # AutoTokenizer.from_pretrained(gguf_file=...) alone (its conversion kept in the user cache after the first).
     reference = tiny.hf_tokenizer_from_gguf(path)
     monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
     cold = tokenizer.gguf_tokenizer(path)

@@ -147,36 +147,63 @@ def fake_quantize(model, quantized: dict) -> None:
         module.forward = lambda x, w8=w8, scale=scale, s=input_scale, b=module.bias: forward(x, w8, scale, s, b)
 
 
+def _reference_entry(path: Path) -> Path:
+    """Where a GGUF file's transformers references are kept: under the user cache, keyed by the file
+    and transformers' version."""
+    import transformers
+
+    from jaxllm.checkpoints.builtin import cache_root
+
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    entry = cache_root() / "test-references" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    return entry
+
+
 def hf_tokenizer_from_gguf(path: Path):
-    """transformers' tokenizer of a GGUF file (AutoTokenizer.from_pretrained(gguf_file=...))."""
+    """transformers' tokenizer of a GGUF file (AutoTokenizer.from_pretrained(gguf_file=...)).
+
+    Its conversion reads the file's metadata with gguf's Python reader (~30 s for Gemma 3's 262k
+    tokens on two busy cores): the tokenizer is pickled under the user cache (_reference_entry) and
+    unpickled by later workers and runs, the same object (a save_pretrained round trip is not: it
+    changes add_bos_token)."""
+    import os
+    import pickle
+
+    from filelock import FileLock
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    entry = _reference_entry(path)
+    entry = entry.with_name(entry.name + ".tokenizer.pickle")
+    with FileLock(str(entry) + ".lock"):
+        try:
+            return pickle.loads(entry.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            pass
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        staging = entry.with_name(entry.name + f".staging-{os.getpid()}")
+        staging.write_bytes(pickle.dumps(tok))
+        staging.rename(entry)
+    return tok
 
 
 def hf_from_gguf(path: Path):
     """(transformers float32 model, tokenizer) loaded from a GGUF file, as the reference.
 
     transformers' conversion (dequantizing the file in Python, ~15-35 s a model on two busy cores)
-    runs once: its result is saved under the user cache, keyed by the file and transformers'
-    version, and loaded from there by every later test worker and run (a lock keeps two workers
-    from converting it at once). The GGUF tokenizer test converts the tokenizer itself each time."""
+    runs once: its result is saved under the user cache (_reference_entry) and loaded from there by
+    every later test worker and run (a lock keeps two workers from converting it at once)."""
     import os
     import shutil
 
     import torch
-    import transformers
     from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jaxllm.checkpoints.builtin import cache_root
-
     path = Path(path)
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
-    entry = cache_root() / "test-references" / key
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry = _reference_entry(path)
     with FileLock(str(entry) + ".lock"):
         if not (entry / "config.json").is_file():
             staging = entry.with_name(entry.name + f".staging-{os.getpid()}")
