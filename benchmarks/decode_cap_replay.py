@@ -37,8 +37,9 @@ def replay(lengths: list[int], cost: dict[int, float], policy: str, decode_steps
             return seconds, dispatch
         n = len(alive)
         run, bucket = alive, next(b for b in buckets if b >= n)
-        if policy != "off" and cap.rows(n) < n:
-            bucket = cap.rows(n)
+        rows = cap.rows(n) if policy != "off" else n
+        if rows < n:
+            bucket = rows
             if policy == "least-recent":
                 key = lambda i: (last[i], i)  # noqa: E731
             else:  # the scheduler's (Scheduler._capped): left out too long first, then the most to come
