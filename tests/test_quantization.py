@@ -134,6 +134,28 @@ def test_fp8_projections_of_a_few_rows_are_weight_only_on_request():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_forward_dense_computes_fp8_products_weight_only_on_request(tiny_dir):
+    """forward_dense(..., weight_only_rows=n) (benchmarks/fp8_agreement.py: an engine's decode steps'
+    arithmetic on GPUs): a model of FP8 weights gives the logits of its dequantized weights with the
+    activations left unquantized; without it, the per-token fp8 activations move them."""
+    from jaxllm.checkpoints import loader
+    from jaxllm.models.params import unflatten_paths
+    from jaxllm.models.transformer import forward_dense
+
+    cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
+    qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"})
+    params = init_params(qcfg, jnp.float32, jax.random.key(0))
+    flat = flatten_paths(params)
+    dequantized = {p: (w.astype(jnp.float32) * flat[p + "_scale"] if w.dtype == FP8_DTYPE else w)
+                   for p, w in flat.items() if not p.endswith(("_scale", "_input_scale"))}  # fmt: skip
+    tokens = jnp.asarray([[5, 17, 42, 99, 3, 250, 7, 11]])
+    want = forward_dense(unflatten_paths(dequantized, cfg), tokens, cfg)
+    got = forward_dense(params, tokens, qcfg, weight_only_rows=tokens.size)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    fp8 = forward_dense(params, tokens, qcfg)
+    assert float(jnp.abs(fp8 - want).max()) > 1e-3
+
+
 def test_fp8_params_are_described_once(tiny_dir):
     """The quantized model's description: projections in fp8 with float32 scales over their output
     axes, the rest in the model's dtype; init_params quantizes the float model's random weights."""

@@ -261,13 +261,15 @@ def dense_causal_attention(q, k, v, *, scale: float, window: int | None, valid: 
 
 
 def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.Array | None = None,
-                  lora: list | None = None) -> jax.Array:  # fmt: skip
+                  lora: list | None = None, weight_only_rows: int = 0) -> jax.Array:  # fmt: skip
     """Full-sequence causal forward without a KV cache, for training and analysis.
 
     tokens: [B, L] int; valid: optional [B, L] bool (right padding). Returns float32 logits [B, L, V].
     lora: one LoRA adapter, per layer {param name: (A [*in, r], B [r, *out])}, scaling folded into B
     (`LoraAdapter.layers`' layout; `save_lora_adapter` writes it as a PEFT directory); each adapted
     projection adds (h A) B, as the engine adds a served adapter's delta.
+    weight_only_rows: FP8 projections of at most this many rows are weight-only (layers/linear.py:
+    an engine's decode steps on GPUs; 0: none).
     Differentiable with respect to `params` and `lora`.
     """
     if lora is not None and len(lora) != cfg.num_layers:
@@ -287,7 +289,7 @@ def forward_dense(params: dict, tokens: jax.Array, cfg: ModelConfig, valid: jax.
 
     for layer, lp in enumerate(params["layers"]):
         adapt = adapter_of(lora[layer]) if lora is not None and lora[layer] else None
-        x = decoder_layer(lp, x, positions, layer, cfg, attend, adapt)
+        x = decoder_layer(lp, x, positions, layer, cfg, attend, adapt, weight_only_rows)
     return final_hidden_to_logits(params, x, cfg)
 
 
