@@ -33,6 +33,11 @@ Variants:
               before the dot.
   w4g32-bf16, w4g32z-bf16
               the same groups of 32 dequantized in bf16 (x's dtype) before the dot.
+  w8t-reduce, w8t-reduce-bf16
+              the fp8 weight [N, K] times the rows as a multiply and a reduction over K, no dot
+              (float32 or bf16 products): a decode's few rows streamed by XLA's reduction emitter.
+  bf16-reduce, bf16t-reduce
+              the same for bf16 weights stored [K, N] (the engine's) or [N, K].
 
 Prints one table (us per layer, TB/s of the weights' bytes with their scales and offsets, TFLOP/s,
 rel. error against a float32 dot of the same bf16 inputs); the full figures go to $OUT/fp8_gemm.json.
@@ -114,6 +119,31 @@ def v_engine_fp8t(x, wq):
 STATIC_SCALE = jnp.ones((), jnp.float32)
 
 
+def v_w8t_reduce(x, wq):
+    """The product as a multiply and a row reduction over the weight's contiguous input axis (no dot:
+    XLA's reduction emitter streams the weight), float32 products."""
+    w8t, s = wq
+    y = jnp.sum(x.astype(jnp.float32)[:, None, :] * w8t.astype(jnp.float32)[None], axis=-1)
+    return (y * s).astype(x.dtype)
+
+
+def v_w8t_reduce_bf16(x, wq):
+    """v_w8t_reduce with bf16 products, summed in float32."""
+    w8t, s = wq
+    y = jnp.sum(x[:, None, :] * w8t.astype(x.dtype)[None], axis=-1, dtype=jnp.float32)
+    return (y * s).astype(x.dtype)
+
+
+def v_bf16_reduce(x, w):
+    """bf16 weights [K, N] as the engine stores them, the product as a multiply and a column reduction."""
+    return jnp.sum(x[:, :, None] * w[None], axis=1, dtype=jnp.float32).astype(x.dtype)
+
+
+def v_bf16t_reduce(x, wt):
+    """bf16 weights stored [N, K], the product as a multiply and a row reduction."""
+    return jnp.sum(x[:, None, :] * wt[None], axis=-1, dtype=jnp.float32).astype(x.dtype)
+
+
 def v_engine_fp8ts(x, wq):
     return linear.fp8_linear(x, wq[0], wq[1], "mk,nk->mn", 1, STATIC_SCALE)
 
@@ -182,7 +212,9 @@ VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight
             "fp8-dot": (v_fp8_dot, quantize_weight_tensor), "fp8-native": (v_fp8_native, quantize_weight_tensor),
             "engine-w4g128": (v_engine_w4, quantize_w4g128), "engine-w4g32": (v_engine_w4, quantize_w4g32),
             "engine-w4g32z": (v_engine_w4, quantize_w4g32z), "w4g32-bf16": (v_w4_bf16, quantize_w4g32),
-            "w4g32z-bf16": (v_w4_bf16, quantize_w4g32z)}
+            "w4g32z-bf16": (v_w4_bf16, quantize_w4g32z), "w8t-reduce": (v_w8t_reduce, quantize_weight_t),
+            "w8t-reduce-bf16": (v_w8t_reduce_bf16, quantize_weight_t), "bf16-reduce": (v_bf16_reduce, None),
+            "bf16t-reduce": (v_bf16t_reduce, jnp.transpose)}
 
 
 def chain(fn, consume=False):
