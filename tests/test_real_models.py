@@ -79,8 +79,9 @@ FP8_TEXTS = [
     "Machine learning is a field of study in artificial intelligence concerned with the development of",
     "Once upon a time, in a small village at the edge of a great forest, there lived an old woodcutter and his",
 ]
-# Measured on the CPU (FP8 emulated; benchmarks/RESULTS.md "FP8"): top-1 agreement with bf16 0.90
-# (SmolLM2) and 0.87 (Gemma 3), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
+# Measured on the CPU (FP8 emulated, the GPU's arithmetic: benchmarks/RESULTS.md "FP8", and 2026-12-07
+# for the GPU): top-1 agreement with bf16 0.91 (SmolLM2) and 0.92 (Gemma 3; 0.88 when first measured,
+# 2026-12-04), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
 # 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. E4M3 keeps 3 mantissa bits (about 2.7% error per product
 # against bf16's 0.2%), which these 135M / 270M models feel more than an 8B one. Int4 (W4A16) is
 # coarser still for them: per output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric
@@ -90,7 +91,7 @@ FP8_TEXTS = [
 # blocks (Q5_0 63 M weights, Q4_K 24 M, Q6_K 12 M, Q8_0 1.5 M), which --quantization gguf reads as
 # they are with the 4-bit ones into int8 groups of 16 (W8A16_GPTQ): 1.000 / 0.000, the file's own
 # numbers (so did the 4-bit blocks as int4 with the other projections left float).
-FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.82, 0.15),
+FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.87, 0.15),
               ("smollm2", "W8A16"): (0.97, 0.1), ("smollm2", "W4A16/g32z"): (0.98, 0.06),
               ("gemma3-270m", "W4A16/g32z"): (0.8, 0.4), ("gemma3-270m", "gguf"): (0.98, 0.02)}  # fmt: skip
 # (group_size, has_zero_point) of the grouped formats, loaded as the engine loads them (a GGUF block read as it is)
