@@ -1,7 +1,7 @@
 """FP8 against bf16 on a model shape with random weights (issue 26's "on the 8B shape"), on the GPU.
 
-The same text, teacher-forced through the whole model (`forward_dense`): the bf16 model, and the
-same weights quantized as `QuantConfig(quant_algo='FP8')` makes them on load (per output channel
+The same random tokens, teacher-forced through the whole model (`forward_dense`): the bf16 model,
+and the same weights quantized as `QuantConfig(quant_algo='FP8')` makes them on load (per output channel
 E4M3 weights, per-token E4M3 activations, the fp8 x fp8 product: the engine's path for steps of
 more than 16 rows) and weight-only (the fp8 weight widened into a bf16 product: its decode steps'
 path on GPUs). Reports top-1 agreement with bf16 over every position, the mean change of bf16's top
