@@ -75,6 +75,7 @@ def main() -> None:
     top2 = jax.lax.top_k(ref, 2)[0]
     margin = np.asarray(top2[..., 0] - top2[..., 1]).ravel()
     top = jnp.argmax(ref, -1)
+    centered = ref - ref.mean(-1, keepdims=True)  # the logits' spread, the relative error's measure
     result = {"device": device_name(), "versions": software_versions(), "model": args.model, "layers": cfg.num_layers,
               "positions": int(top.size),
               "bf16_margin_p10_p50": [float(np.percentile(margin, q)) for q in (10, 50)]}  # fmt: skip
@@ -86,7 +87,6 @@ def main() -> None:
         agree = float((top == jnp.argmax(got, -1)).mean())
         delta = float(jnp.abs(jnp.take_along_axis(ref - got, top[..., None], -1)).mean())
         # the logits' error relative to their spread: comparable across models, flat or peaked
-        centered = ref - ref.mean(-1, keepdims=True)
         error = (got - got.mean(-1, keepdims=True)) - centered
         relative = float(jnp.sqrt(jnp.mean(error**2) / jnp.mean(centered**2)))
         result["weight_only" if weight_only else "fp8"] = {"top1_agreement": agree, "mean_abs_delta_logprob": delta,
