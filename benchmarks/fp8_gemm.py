@@ -33,6 +33,10 @@ Variants:
               before the dot.
   w4g32-bf16, w4g32z-bf16
               the same groups of 32 dequantized in bf16 (x's dtype) before the dot.
+  w4g128-grouped, w4g32z-grouped, w4tg128-grouped, w4tg32z-grouped
+              the int4 groups as a batch of dots, one a group, the int4 weight widened inside each dot
+              (no dequantized copy), the products scaled per group and channel and summed over the
+              groups (offsets: the groups' input sums times them); t: the weight stored [N, K].
   w8t-reduce, w8t-reduce-bf16
               the fp8 weight [N, K] times the rows as a multiply and a reduction over K, no dot
               (float32 or bf16 products): a decode's few rows streamed by XLA's reduction emitter.
@@ -204,6 +208,47 @@ def v_w4_bf16(x, wq):
     return jnp.einsum("mk,kn->mn", x, w.reshape(q.shape), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _group_sums(x, groups):
+    return x.reshape(x.shape[0], groups, -1).astype(jnp.float32).sum(-1)
+
+
+def v_w4_grouped(x, wq):
+    """int4 groups as a batch of dots, one a group (its int4 weight widened to x's dtype, float32
+    products), each group's product scaled by its scales and summed over the groups; offsets as the
+    groups' input sums times them. No dequantized copy of the weight."""
+    q, s, *zero = wq
+    groups = s.shape[0]
+    xg = x.reshape(x.shape[0], groups, -1)
+    y = jnp.einsum("mgk,gkn->mgn", xg, q.reshape(groups, -1, q.shape[1]).astype(x.dtype),
+                   preferred_element_type=jnp.float32)  # fmt: skip
+    y = jnp.einsum("mgn,gn->mn", y, s)
+    if zero:
+        y = y + _group_sums(x, groups) @ zero[0]
+    return y.astype(x.dtype)
+
+
+def quantize_w4t_grouped(quantize):
+    def transposed(w):
+        q, s, *zero = quantize(w)
+        return (q.T, s, *zero)
+
+    return transposed
+
+
+def v_w4t_grouped(x, wq):
+    """v_w4_grouped with the int4 weight stored [N, K] (the input axis contiguous)."""
+    qt, s, *zero = wq
+    groups = s.shape[0]
+    xg = x.reshape(x.shape[0], groups, -1)
+    y = jnp.einsum("mgk,ngk->mgn", xg, qt.reshape(qt.shape[0], groups, -1).astype(x.dtype),
+                   preferred_element_type=jnp.float32)  # fmt: skip
+    y = jnp.einsum("mgn,gn->mn", y, s)
+    if zero:
+        y = y + _group_sums(x, groups) @ zero[0]
+    return y.astype(x.dtype)
+
+
+W4T_G128, W4T_G32Z = quantize_w4t_grouped(quantize_w4g128), quantize_w4t_grouped(quantize_w4g32z)
 VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight),
             "w8t-convert": (v_w8t_convert, quantize_weight_t), "w8t-f32scale": (v_w8t_f32scale, quantize_weight_t),
             "engine-w8t": (v_engine_w8t, quantize_weight_t), "engine-fp8t": (v_engine_fp8t, quantize_weight_t),
@@ -214,7 +259,9 @@ VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight
             "engine-w4g32z": (v_engine_w4, quantize_w4g32z), "w4g32-bf16": (v_w4_bf16, quantize_w4g32),
             "w4g32z-bf16": (v_w4_bf16, quantize_w4g32z), "w8t-reduce": (v_w8t_reduce, quantize_weight_t),
             "w8t-reduce-bf16": (v_w8t_reduce_bf16, quantize_weight_t), "bf16-reduce": (v_bf16_reduce, None),
-            "bf16t-reduce": (v_bf16t_reduce, jnp.transpose)}
+            "bf16t-reduce": (v_bf16t_reduce, jnp.transpose), "w4g128-grouped": (v_w4_grouped, quantize_w4g128),
+            "w4g32z-grouped": (v_w4_grouped, quantize_w4g32z), "w4tg128-grouped": (v_w4t_grouped, W4T_G128),
+            "w4tg32z-grouped": (v_w4t_grouped, W4T_G32Z)}
 
 
 def chain(fn, consume=False):
