@@ -379,6 +379,9 @@ def main() -> None:
     parser.add_argument("--decodes-apart", choices=("on", "off"), default=None,
                         help="whether a mixed step's decodes go to the decode kernel (jaxllm/layers/attention.py "
                              "DECODES_APART; default: the engine's, on since 2026-12-06)")  # fmt: skip
+    parser.add_argument("--w4-grouped", choices=("on", "off"), default=None,
+                        help="whether decode-sized W4A16 products are a batch of dots, one a group "
+                             "(jaxllm/layers/linear.py GROUPED_DOTS; default: the engine's, off)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -407,6 +410,10 @@ def main() -> None:
             attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
         if args.decodes_apart is not None:
             attention.DECODES_APART[0] = args.decodes_apart == "on"
+    if args.w4_grouped is not None:
+        from jaxllm.layers import linear
+
+        linear.GROUPED_DOTS[0] = args.w4_grouped == "on"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

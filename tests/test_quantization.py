@@ -134,6 +134,37 @@ def test_fp8_projections_of_a_few_rows_are_weight_only_on_request():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
+    """linear.GROUPED_DOTS on: a W4A16 product of at most weight_only_rows rows (a GPU decode) is
+    grouped_linear's batch of dots, one a group (offsets too), the dequantized weight's product; more
+    rows, and the switch off, dequantize the weight first, as before."""
+    from jaxllm.layers import linear
+    from jaxllm.quantization import quantize_int, quantize_int_asymmetric
+
+    shapes = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
+    kx, kw = jax.random.split(jax.random.key(9))
+    for name, w_shape in shapes.items():
+        n_in = linear.INPUT_AXES[name]
+        w = jax.random.normal(kw, w_shape)
+        for zero_point in (False, True):
+            if zero_point:
+                q, scale, zero = quantize_int_asymmetric(w, n_in, 16)
+                lp = {name: q, name + "_scale": scale, name + "_zero": zero}
+            else:
+                q, scale = quantize_int(w, n_in, "W4A16", group_size=16)
+                lp = {name: q, name + "_scale": scale}
+            deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, lp.get(name + "_zero"))
+            for rows in (2, 17):
+                x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
+                want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
+                with monkeypatch.context() as patch:
+                    patch.setattr(linear, "GROUPED_DOTS", [True])
+                    got = linear.project(lp, name, x, weight_only_rows=16)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+                if rows > 16:  # past weight_only_rows: the dequantized form, exactly
+                    np.testing.assert_array_equal(np.asarray(got), np.asarray(linear.project(lp, name, x)))
+
+
 def test_forward_dense_computes_fp8_products_weight_only_on_request(tiny_dir):
     """forward_dense(..., weight_only_rows=n) (benchmarks/fp8_agreement.py: an engine's decode steps'
     arithmetic on GPUs): a model of FP8 weights gives the logits of its dequantized weights with the

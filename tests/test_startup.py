@@ -295,13 +295,14 @@ def test_the_cache_key_holds_the_module_switches_programs_are_traced_under(monke
     """A program made under one setting of a module switch (benchmarks flip them) is never loaded
     under another: each is part of the key of an engine's directory in the program cache."""
     from jaxllm.engine.executables import environment_description
-    from jaxllm.layers import attention
+    from jaxllm.layers import attention, linear
     from jaxllm.models import transformer
 
     base = environment_description()
     flips = [(attention, "DECODES_APART", [not attention.DECODES_APART[0]]),
              (attention, "ROPE_IN_KV_WRITE", {"pallas": not attention.ROPE_IN_KV_WRITE["pallas"]}),
-             (transformer, "WEIGHT_ONLY_MAX_ROWS", transformer.WEIGHT_ONLY_MAX_ROWS + 1)]  # fmt: skip
+             (transformer, "WEIGHT_ONLY_MAX_ROWS", transformer.WEIGHT_ONLY_MAX_ROWS + 1),
+             (linear, "GROUPED_DOTS", [not linear.GROUPED_DOTS[0]])]  # fmt: skip
     for module, name, value in flips:
         with monkeypatch.context() as patch:
             patch.setattr(module, name, value)

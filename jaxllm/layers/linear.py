@@ -92,6 +92,41 @@ def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dt
     return w.reshape(w8.shape).astype(dtype)
 
 
+def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int,
+                   zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """`weight_only_linear` of a weight with a scale per group of its last input axis (W4A16), as a
+    batch of dots, one a group: the int weight widened to x's dtype inside each group's dot (no
+    dequantized copy of it), the float32 products scaled by their groups' scales and summed over the
+    groups; the offsets `zero` add each group's sum of x times them. The products hold a row's value
+    for every group and output channel, so this is for decode-sized steps (`project`'s
+    weight_only_rows). The weight is stored [*in, *out] (`equation` as PROJECTIONS has it)."""
+    xs, rest = equation.split(",")
+    ws, out = rest.split("->")
+    head, last = ws[: num_input_axes - 1], ws[num_input_axes - 1]  # the input axes before the grouped one
+    outer = ws[num_input_axes:]
+    groups = w_scale.shape[num_input_axes - 1]
+    xg = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    wg = w8.reshape(_split_groups(w8.shape, num_input_axes, groups))
+    products = jnp.einsum(f"{xs[:-1]}Z{last},{head}Z{last}{outer}->{xs[:-num_input_axes]}{head}Z{outer}", xg,
+                          wg.astype(x.dtype), preferred_element_type=jnp.float32)  # fmt: skip
+    y = jnp.einsum(f"{xs[:-num_input_axes]}{head}Z{outer},{head}Z{outer}->{out}", products, w_scale)
+    if zero is not None:
+        sums = jnp.sum(xg.astype(jnp.float32), axis=-1)  # [..., *in[:-1], groups]
+        y = y + jnp.einsum(f"{xs[:-1]}Z,{head}Z{outer}->{out}", sums, zero)
+    return y.astype(x.dtype)
+
+
+def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
+    """A weight's shape [*in, *out] with its last input axis split into (groups, its size / groups)."""
+    n = num_input_axes - 1
+    return tuple(shape[:n]) + (groups, shape[n] // groups) + tuple(shape[n + 1 :])
+
+
+# Whether decode-sized W4A16 products on GPUs are `grouped_linear`'s batch of dots (True) or dequantize
+# the weight first (False, the form before; benchmarks/RESULTS.md, "W4A16 groups as a batch of dots").
+GROUPED_DOTS = [False]
+
+
 def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
                        zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """`jnp.einsum(equation, x, w)` for an int8, int4 or fp8 weight w ~= w8 * w_scale (per output
@@ -162,6 +197,8 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     if scale is None:
         return jnp.einsum(equation, x, w)
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
+    if GROUPED_DOTS[0] and scale.ndim == w.ndim and rows <= weight_only_rows and name in lp:  # a W4A16 decode
+        return grouped_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
     if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
         return weight_only_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
     return fp8_linear(x, w, scale, equation, num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))
