@@ -27,13 +27,13 @@ Variants:
   fp8-dot     x quantized per tensor on the fly (amax / 448), dot(convert(x8) * sx,
               convert(w8) * sw): the pattern XLA's GEMM rewriter turns into cuBLASLt's FP8 GEMM.
   fp8-native  jax.lax.dot_general on the fp8 operands with a bf16 result, scaled after.
-  engine-w4g128, engine-w4g32, engine-w4g32z
+  engine-w4g128, engine-w4g32, engine-w4g32z, engine-w4g128z
               jaxllm's W4A16 (int4 weights, a scale per group of 128 or 32 input channels; z: and an
               offset, asymmetric groups) through linear.weight_only_linear: dequantized in float32
               before the dot.
   w4g32-bf16, w4g32z-bf16
               the same groups of 32 dequantized in bf16 (x's dtype) before the dot.
-  w4g128-grouped, w4g32z-grouped, w4tg128-grouped, w4tg32z-grouped
+  w4g128-grouped, w4g32-grouped, w4g128z-grouped, w4g32z-grouped, w4tg128-grouped, w4tg32z-grouped
               the int4 groups as a batch of dots, one a group, the int4 weight widened inside each dot
               (no dequantized copy), the products scaled per group and channel and summed over the
               groups (offsets: the groups' input sums times them); t: the weight stored [N, K].
@@ -194,6 +194,10 @@ def quantize_w4g32z(w):
     return quantization.quantize_int_asymmetric(w, 1, 32)
 
 
+def quantize_w4g128z(w):
+    return quantization.quantize_int_asymmetric(w, 1, 128)
+
+
 def v_engine_w4(x, wq):
     return linear.weight_only_linear(x, wq[0], wq[1], "mk,kn->mn", 1, *wq[2:])
 
@@ -261,7 +265,8 @@ VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight
             "w8t-reduce-bf16": (v_w8t_reduce_bf16, quantize_weight_t), "bf16-reduce": (v_bf16_reduce, None),
             "bf16t-reduce": (v_bf16t_reduce, jnp.transpose), "w4g128-grouped": (v_w4_grouped, quantize_w4g128),
             "w4g32z-grouped": (v_w4_grouped, quantize_w4g32z), "w4tg128-grouped": (v_w4t_grouped, W4T_G128),
-            "w4tg32z-grouped": (v_w4t_grouped, W4T_G32Z)}
+            "w4tg32z-grouped": (v_w4t_grouped, W4T_G32Z), "engine-w4g128z": (v_engine_w4, quantize_w4g128z),
+            "w4g128z-grouped": (v_w4_grouped, quantize_w4g128z), "w4g32-grouped": (v_w4_grouped, quantize_w4g32)}
 
 
 def chain(fn, consume=False):
