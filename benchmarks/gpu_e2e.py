@@ -381,7 +381,8 @@ def main() -> None:
                              "DECODES_APART; default: the engine's, on since 2026-12-06)")  # fmt: skip
     parser.add_argument("--w4-grouped", choices=("on", "off"), default=None,
                         help="whether decode-sized W4A16 products are a batch of dots, one a group "
-                             "(jaxllm/layers/linear.py GROUPED_DOTS; default: the engine's, off)")  # fmt: skip
+                             "(jaxllm/layers/linear.py GROUPED_DOTS; default: the engine's, on since "
+                             "2026-12-07)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",

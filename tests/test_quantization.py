@@ -135,9 +135,10 @@ def test_fp8_projections_of_a_few_rows_are_weight_only_on_request():
 
 
 def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
-    """linear.GROUPED_DOTS on: a W4A16 product of at most weight_only_rows rows (a GPU decode) is
-    grouped_linear's batch of dots, one a group (offsets too), the dequantized weight's product; more
-    rows, and the switch off, dequantize the weight first, as before."""
+    """A W4A16 product of at most weight_only_rows rows (a GPU decode) with groups of at least
+    linear.GROUPED_MIN_GROUP channels is grouped_linear's batch of dots, one a group (offsets too):
+    the dequantized weight's product; more rows dequantize the weight first, exactly as before; so do
+    smaller groups and the switch (GROUPED_DOTS) off."""
     from jaxllm.layers import linear
     from jaxllm.quantization import quantize_int, quantize_int_asymmetric
 
@@ -158,11 +159,29 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
                 x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
                 want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
                 with monkeypatch.context() as patch:
-                    patch.setattr(linear, "GROUPED_DOTS", [True])
+                    patch.setattr(linear, "GROUPED_MIN_GROUP", 16)
                     got = linear.project(lp, name, x, weight_only_rows=16)
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-                if rows > 16:  # past weight_only_rows: the dequantized form, exactly
-                    np.testing.assert_array_equal(np.asarray(got), np.asarray(linear.project(lp, name, x)))
+                    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+                    dequantized = linear.project(lp, name, x)  # weight_only_rows 0: the CPU's steps
+                    if rows > 16:  # past weight_only_rows: the dequantized form, exactly
+                        np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantized))
+                    patch.setattr(linear, "GROUPED_DOTS", [False])
+                    off = linear.project(lp, name, x, weight_only_rows=16)
+                    np.testing.assert_array_equal(np.asarray(off), np.asarray(dequantized))
+                np.testing.assert_array_equal(np.asarray(linear.project(lp, name, x, weight_only_rows=16)),
+                                              np.asarray(dequantized))  # groups of 16 < GROUPED_MIN_GROUP  # fmt: skip
+    # Under tensor parallelism: a row-parallel weight's groups split over the devices, the products
+    # summed across them (2 of the suite's virtual CPU devices).
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    q, scale, zero = quantize_int_asymmetric(jax.random.normal(kw, (64, 24)), 1, 16)
+    x = jax.random.normal(kx, (2, 64))
+    want = linear.grouped_linear(x, q, scale, PROJECTIONS["w_down"], 1, zero)
+    put = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in
+           ((x, P(None, "tp")), (q, P("tp", None)), (scale, P("tp", None)), (zero, P("tp", None)))]  # fmt: skip
+    got = jax.jit(lambda *a: linear.grouped_linear(*a[:3], PROJECTIONS["w_down"], 1, a[3]))(*put)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_forward_dense_computes_fp8_products_weight_only_on_request(tiny_dir):

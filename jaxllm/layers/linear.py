@@ -29,7 +29,9 @@ channel and group of input channels):
 - int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside
   the product, accumulated in float32 and scaled per channel (`weight_only_linear`); W4A16's group
   scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
-  (`dequantize_groups`).
+  (`dequantize_groups`), except in GPU decode steps, where groups of 128 channels and more are a
+  batch of dots, one a group, scaled after (`grouped_linear`, GROUPED_DOTS): XLA would otherwise
+  write a dequantized copy of the weight in every step.
 """
 
 from __future__ import annotations
@@ -122,9 +124,16 @@ def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
     return tuple(shape[:n]) + (groups, shape[n] // groups) + tuple(shape[n + 1 :])
 
 
-# Whether decode-sized W4A16 products on GPUs are `grouped_linear`'s batch of dots (True) or dequantize
-# the weight first (False, the form before; benchmarks/RESULTS.md, "W4A16 groups as a batch of dots").
-GROUPED_DOTS = [False]
+# Whether decode-sized W4A16 products (GPU steps of at most WEIGHT_ONLY_MAX_ROWS rows) with groups of
+# at least GROUPED_MIN_GROUP input channels are `grouped_linear`'s batch of dots (True), or dequantize
+# the weight first, as other W4A16 products do (False). XLA copies a dequantized bf16 weight in every
+# step: on an H100, the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of 128) took 4.13 ms a
+# token with the batch of dots against 14.87 without, its layer's products 170.9 us against 412.0 at
+# one row; with groups of 32 (and offsets) the dots lost (456.4 against 434.1 us): a group's dot of
+# 32 channels is too short, and its products too many (benchmarks/RESULTS.md, "W4A16 decode
+# products as a batch of dots").
+GROUPED_DOTS = [True]
+GROUPED_MIN_GROUP = 128
 
 
 def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
@@ -197,8 +206,10 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     if scale is None:
         return jnp.einsum(equation, x, w)
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    if GROUPED_DOTS[0] and scale.ndim == w.ndim and rows <= weight_only_rows and name in lp:  # a W4A16 decode
-        return grouped_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
+    if scale.ndim == w.ndim and rows <= weight_only_rows and name in lp and GROUPED_DOTS[0]:  # a W4A16 decode
+        group = w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1]
+        if group >= GROUPED_MIN_GROUP:
+            return grouped_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
     if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
         return weight_only_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
     return fp8_linear(x, w, scale, equation, num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))
