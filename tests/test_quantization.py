@@ -138,7 +138,7 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
     """A W4A16 product of at most weight_only_rows rows (a GPU decode) with groups of at least
     linear.GROUPED_MIN_GROUP channels is grouped_linear's batch of dots, one a group (offsets too):
     the dequantized weight's product; more rows dequantize the weight first, exactly as before; so do
-    smaller groups and the switch (GROUPED_DOTS) off."""
+    smaller groups, int8 groups and the switch (GROUPED_DOTS) off."""
     from jaxllm.layers import linear
     from jaxllm.quantization import quantize_int, quantize_int_asymmetric
 
@@ -170,6 +170,13 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
                     np.testing.assert_array_equal(np.asarray(off), np.asarray(dequantized))
                 np.testing.assert_array_equal(np.asarray(linear.project(lp, name, x, weight_only_rows=16)),
                                               np.asarray(dequantized))  # groups of 16 < GROUPED_MIN_GROUP  # fmt: skip
+    # int8 groups (W8A16_GPTQ's) keep the dequantized form (not measured as group dots).
+    q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
+    lp8, x = {"w_down": q8, "w_down_scale": scale8}, jax.random.normal(kx, (2, 64))
+    with monkeypatch.context() as patch:
+        patch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+        np.testing.assert_array_equal(np.asarray(linear.project(lp8, "w_down", x, weight_only_rows=16)),
+                                      np.asarray(linear.project(lp8, "w_down", x)))  # fmt: skip
     # Under tensor parallelism: a row-parallel weight's groups split over the devices, the products
     # summed across them (2 of the suite's virtual CPU devices).
     from jax.sharding import Mesh, NamedSharding

@@ -126,7 +126,8 @@ def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
 
 # Whether decode-sized W4A16 products (GPU steps of at most WEIGHT_ONLY_MAX_ROWS rows) with groups of
 # at least GROUPED_MIN_GROUP input channels are `grouped_linear`'s batch of dots (True), or dequantize
-# the weight first, as other W4A16 products do (False). XLA copies a dequantized bf16 weight in every
+# the weight first, as other W4A16 products do (False). int8 groups (W8A16_GPTQ) are not measured
+# in this form and keep the dequantized one. XLA copies a dequantized bf16 weight in every
 # step: on an H100, the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of 128) took 4.13 ms a
 # token with the batch of dots against 14.87 without, its layer's products 170.9 us against 412.0 at
 # one row; with groups of 32 (and offsets) the dots lost (456.4 against 434.1 us): a group's dot of
@@ -206,7 +207,7 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     if scale is None:
         return jnp.einsum(equation, x, w)
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    if scale.ndim == w.ndim and rows <= weight_only_rows and name in lp and GROUPED_DOTS[0]:  # a W4A16 decode
+    if w.dtype == jnp.int4 and scale.ndim == w.ndim and rows <= weight_only_rows and name in lp and GROUPED_DOTS[0]:
         group = w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1]
         if group >= GROUPED_MIN_GROUP:
             return grouped_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
