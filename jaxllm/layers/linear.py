@@ -97,8 +97,8 @@ def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dt
 def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int,
                    zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """`weight_only_linear` of a weight with a scale per group of its last input axis (W4A16), as a
-    batch of dots, one a group: the int weight widened to x's dtype inside each group's dot (no
-    dequantized copy of it), the float32 products scaled by their groups' scales and summed over the
+    batch of dots, one a group: the int weight widened to x's dtype for each group's dot (no scaled
+    copy of the weight is made), the float32 products scaled by their groups' scales and summed over the
     groups; the offsets `zero` add each group's sum of x times them. The products hold a row's value
     for every group and output channel, so this is for decode-sized steps (`project`'s
     weight_only_rows). The weight is stored [*in, *out] (`equation` as PROJECTIONS has it)."""
@@ -126,13 +126,14 @@ def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
 
 # Whether decode-sized W4A16 products (GPU steps of at most WEIGHT_ONLY_MAX_ROWS rows) with groups of
 # at least GROUPED_MIN_GROUP input channels are `grouped_linear`'s batch of dots (True), or dequantize
-# the weight first, as other W4A16 products do (False). int8 groups (W8A16_GPTQ) are not measured
-# in this form and keep the dequantized one. XLA copies a dequantized bf16 weight in every
-# step: on an H100, the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of 128) took 4.13 ms a
-# token with the batch of dots against 14.87 without, its layer's products 170.9 us against 412.0 at
-# one row; with groups of 32 (and offsets) the dots lost (456.4 against 434.1 us): a group's dot of
-# 32 channels is too short, and its products too many (benchmarks/RESULTS.md, "W4A16 decode
-# products as a batch of dots").
+# the weight first, as other W4A16 products do (False). Dequantized first, XLA writes a bf16 copy of
+# the weight in every step: on an H100 the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of
+# 128) took 4.13 ms a token with the batch of dots against 14.87 without, a layer's products 170.9 us
+# against 412.0 at one row. Groups of 32 with offsets lost as dots (456.4 against 434.1 us) and keep
+# the dequantized form; whether the group size or the offsets decided that is not measured yet, so
+# groups of 128 with offsets (GPTQ's usual) take the dots unmeasured. int8 groups (W8A16_GPTQ) were
+# not measured either and keep the dequantized form (benchmarks/RESULTS.md, "W4A16 decode products
+# as a batch of dots").
 GROUPED_DOTS = [True]
 GROUPED_MIN_GROUP = 128
 
