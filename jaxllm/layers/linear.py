@@ -81,14 +81,19 @@ def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equati
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
+def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
+    """A weight's shape [*in, *out] with its last input axis split into (groups, its size / groups)."""
+    n = num_input_axes - 1
+    return tuple(shape[:n]) + (groups, shape[n] // groups) + tuple(shape[n + 1 :])
+
+
 def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dtype,
                       zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """An int weight [*in, *out] times its group scales [*in[:-1], groups, *out] (quantization.py:
     scale_shape), plus the groups' offsets `zero` (asymmetric W4A16), in `dtype`."""
     n = num_input_axes - 1
-    groups = w_scale.shape[n]
-    shape = w8.shape[:n] + (groups, w8.shape[n] // groups) + w8.shape[n + 1 :]
-    w = w8.reshape(shape).astype(jnp.float32) * jnp.expand_dims(w_scale, n + 1)
+    w = w8.reshape(_split_groups(w8.shape, num_input_axes, w_scale.shape[n])).astype(jnp.float32)
+    w = w * jnp.expand_dims(w_scale, n + 1)
     if zero is not None:
         w = w + jnp.expand_dims(zero, n + 1)
     return w.reshape(w8.shape).astype(dtype)
@@ -116,12 +121,6 @@ def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: st
         sums = jnp.sum(xg.astype(jnp.float32), axis=-1)  # [..., *in[:-1], groups]
         y = y + jnp.einsum(f"{xs[:-1]}Z,{head}Z{outer}->{out}", sums, zero)
     return y.astype(x.dtype)
-
-
-def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
-    """A weight's shape [*in, *out] with its last input axis split into (groups, its size / groups)."""
-    n = num_input_axes - 1
-    return tuple(shape[:n]) + (groups, shape[n] // groups) + tuple(shape[n + 1 :])
 
 
 # Whether decode-sized W4A16 products (GPU steps of at most WEIGHT_ONLY_MAX_ROWS rows) with groups of
