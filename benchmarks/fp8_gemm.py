@@ -217,18 +217,9 @@ def _group_sums(x, groups):
 
 
 def v_w4_grouped(x, wq):
-    """int4 groups as a batch of dots, one a group (its int4 weight widened to x's dtype, float32
-    products), each group's product scaled by its scales and summed over the groups; offsets as the
-    groups' input sums times them. No dequantized copy of the weight."""
-    q, s, *zero = wq
-    groups = s.shape[0]
-    xg = x.reshape(x.shape[0], groups, -1)
-    y = jnp.einsum("mgk,gkn->mgn", xg, q.reshape(groups, -1, q.shape[1]).astype(x.dtype),
-                   preferred_element_type=jnp.float32)  # fmt: skip
-    y = jnp.einsum("mgn,gn->mn", y, s)
-    if zero:
-        y = y + _group_sums(x, groups) @ zero[0]
-    return y.astype(x.dtype)
+    """int4 groups as a batch of dots, one a group: jaxllm's form for GPU decode steps
+    (linear.grouped_linear)."""
+    return linear.grouped_linear(x, wq[0], wq[1], "mk,kn->mn", 1, *wq[2:])
 
 
 def quantize_w4t_grouped(quantize):
@@ -240,7 +231,8 @@ def quantize_w4t_grouped(quantize):
 
 
 def v_w4t_grouped(x, wq):
-    """v_w4_grouped with the int4 weight stored [N, K] (the input axis contiguous)."""
+    """linear.grouped_linear's batch of group dots with the int4 weight stored [N, K] (the input axis
+    contiguous; the engine stores it [K, N])."""
     qt, s, *zero = wq
     groups = s.shape[0]
     xg = x.reshape(x.shape[0], groups, -1)
