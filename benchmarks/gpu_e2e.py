@@ -383,6 +383,10 @@ def main() -> None:
                         help="whether decode-sized W4A16 products are a batch of dots, one a group "
                              "(jaxllm/layers/linear.py GROUPED_DOTS; default: the engine's, on since "
                              "2026-12-07)")  # fmt: skip
+    parser.add_argument("--weight-only-layout", choices=("input-last", "input-first"), default=None,
+                        help="how W8A16's int8 weights and W4A16's int4 ones in groups of 128 and more are stored "
+                             "(jaxllm/layers/linear.py WEIGHT_ONLY_INPUT_LAST; default: the engine's, input axes "
+                             "last since 2026-12-07)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -415,6 +419,11 @@ def main() -> None:
         from jaxllm.layers import linear
 
         linear.GROUPED_DOTS[0] = args.w4_grouped == "on"
+    if args.weight_only_layout is not None:
+        from jaxllm.layers import linear
+
+        for name in linear.WEIGHT_ONLY_INPUT_LAST:
+            linear.WEIGHT_ONLY_INPUT_LAST[name] = args.weight_only_layout == "input-last"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

@@ -191,6 +191,66 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
+    """The engine stores W4A16's int4 weights with groups of at least linear.GROUPED_MIN_GROUP
+    channels input axes last (`<name>_t`; linear.stores_input_last, WEIGHT_ONLY_INPUT_LAST), their scales
+    and offsets as they are: a decode-sized product (the batch of group dots) and a larger one (the
+    weight dequantized first, in that layout) are the dequantized weight's product in either layout;
+    smaller groups, int8 groups and the switch off keep the checkpoint's layout. Sharded under tensor
+    parallelism (the transposed weight's input axis split) the group dots are the same."""
+    from jaxllm.layers import linear
+    from jaxllm.models.params import transpose_layer, transposed
+    from jaxllm.quantization import quantize_int, quantize_int_asymmetric
+
+    monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+    shapes = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
+    kx, kw = jax.random.split(jax.random.key(11))
+    for name, w_shape in shapes.items():
+        n_in = linear.INPUT_AXES[name]
+        w = jax.random.normal(kw, w_shape)
+        for zero_point in (False, True):
+            if zero_point:
+                q, scale, zero = quantize_int_asymmetric(w, n_in, 16)
+                lp = {name: q, name + "_scale": scale, name + "_zero": zero}
+            else:
+                q, scale = quantize_int(w, n_in, "W4A16", group_size=16)
+                lp = {name: q, name + "_scale": scale}
+            assert transposed(lp) == {name: n_in}
+            lp_t = transpose_layer(lp)
+            assert name not in lp_t and lp_t[name + "_t"].shape == w_shape[n_in:] + w_shape[:n_in]
+            assert lp_t[name + "_scale"] is scale  # scales and offsets keep the checkpoint's layout
+            deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, lp.get(name + "_zero"))
+            np.testing.assert_array_equal(
+                np.asarray(linear.dequantize_groups(lp_t[name + "_t"], scale, n_in, jnp.float32, lp.get(name + "_zero"),
+                                                    input_last=True)),
+                np.asarray(linear.transpose_input_last(deq, n_in)))  # fmt: skip
+            for rows in (2, 17):  # the group dots, then the dequantized form
+                x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
+                want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
+                got = linear.project(lp_t, name, x, weight_only_rows=16)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+            monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", False)
+            assert transposed(lp) == {}
+            monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
+        q, scale = quantize_int(w, n_in, "W4A16", group_size=8)  # groups of 8 < GROUPED_MIN_GROUP
+        assert transposed({name: q, name + "_scale": scale}) == {}
+    q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
+    assert transposed({"w_down": q8, "w_down_scale": scale8}) == {}  # int8 groups: as they are
+    # Under tensor parallelism: w_down_t [out, in] split along its input axis, the groups' products
+    # summed across 2 of the suite's virtual CPU devices.
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    q, scale, zero = quantize_int_asymmetric(jax.random.normal(kw, (64, 24)), 1, 16)
+    x, qt, equation = jax.random.normal(kx, (2, 64)), linear.transpose_input_last(q, 1), linear._input_last(
+        PROJECTIONS["w_down"], 1)  # fmt: skip
+    want = linear.grouped_linear(x, q, scale, PROJECTIONS["w_down"], 1, zero)
+    put = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in
+           ((x, P(None, "tp")), (qt, P(None, "tp")), (scale, P("tp", None)), (zero, P("tp", None)))]  # fmt: skip
+    got = jax.jit(lambda *a: linear.grouped_linear(*a[:3], equation, 1, a[3], input_last=True))(*put)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_forward_dense_computes_fp8_products_weight_only_on_request(tiny_dir):
     """forward_dense(..., weight_only_rows=n) (benchmarks/fp8_agreement.py: an engine's decode steps'
     arithmetic on GPUs): a model of FP8 weights gives the logits of its dequantized weights with the
@@ -234,25 +294,32 @@ def test_fp8_params_are_described_once(tiny_dir):
         cfg.__class__(**{**cfg.__dict__, "quant_algo": "INT4"})
 
 
-@pytest.mark.parametrize("algo,group_size,zero_point", [("FP8", 0, False), ("W8A16", 0, False), ("W4A16", 32, True),
-                                                        ("W8A16", 16, True)])
-def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zero_point, tiny_dir):
+@pytest.mark.parametrize("algo,group_size,zero_point,min_group", [
+    ("FP8", 0, False, None), ("W8A16", 0, False, None), ("W4A16", 32, True, None), ("W4A16", 32, True, 16),
+    ("W8A16", 16, True, None)])  # fmt: skip
+def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zero_point, min_group, tiny_dir,
+                                                           monkeypatch):  # fmt: skip
     """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
     scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
-    the fused input scale is the largest of its projections'. fp8 weights are stored input axes
-    last (`<name>_t`), the others as they are."""
+    the fused input scale is the largest of its projections'. fp8 and int8 weights with a scale per
+    output channel are stored input axes last (`<name>_t`), and so are int4 ones in groups of at least
+    linear.GROUPED_MIN_GROUP channels (min_group: this tiny model's groups of 16 and 32 taken as
+    128's are); grouped ones otherwise as they are."""
     from jaxllm.checkpoints import loader
+    from jaxllm.layers import linear
     from jaxllm.models.params import fuse_params
     from jaxllm.models.transformer import forward_dense
 
+    if min_group is not None:
+        monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", min_group)
     cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
     qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": algo, "quant_group_size": group_size,
                             "quant_zero_point": zero_point})  # fmt: skip
     params = init_params(qcfg, jnp.float32, jax.random.key(0), std=0.2)
     fused = fuse_params(params, qcfg)
     layer = fused["layers"][0]
-    if algo == "FP8":  # [kv_heads, q_per_kv + 2, head_dim, embed], wo_t [embed, q_heads, head_dim]
-        assert "wqkv" not in layer and "wo" not in layer
+    if algo == "FP8" or min_group or not group_size:  # [kv_heads, q_per_kv + 2, head_dim, embed], wo_t [embed, ...]
+        assert "wqkv" not in layer and "wo" not in layer and "w_down" not in layer
         layer = {name.removesuffix("_t"): w for name, w in layer.items()}
         assert layer["wqkv"].shape == (cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim, cfg.hidden_size)
         assert layer["wo"].shape == (cfg.hidden_size, cfg.num_heads, cfg.head_dim)
@@ -262,6 +329,9 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
     ids = jnp.asarray([PROMPTS[2]])
     np.testing.assert_allclose(np.asarray(forward_dense(fused, ids, qcfg)), np.asarray(forward_dense(params, ids, qcfg)),
                                atol=1e-5, rtol=0)  # fmt: skip
+    if min_group:  # a GPU decode's products (the batch of group dots, summed in another order) input axes last
+        np.testing.assert_allclose(np.asarray(forward_dense(fused, ids, qcfg, weight_only_rows=ids.size)),
+                                   np.asarray(forward_dense(params, ids, qcfg)), atol=1e-4, rtol=0)  # fmt: skip
     if algo == "FP8":
         lp = dict(params["layers"][0], wq_input_scale=jnp.float32(0.5), wk_input_scale=jnp.float32(2.0))
         fused = fuse_params({**params, "layers": [lp]}, qcfg)["layers"][0]
@@ -571,6 +641,36 @@ def test_w8a16_gptq_is_int8_weights_per_group_with_offsets(tiny_dir, tmp_path):
         QuantConfig(quant_algo="FP8", has_zero_point=True)
 
 
+def test_w4a16_engine_with_int4_weights_stored_input_axes_last(tiny_dir, monkeypatch):
+    """An engine whose W4A16 groups are at least linear.GROUPED_MIN_GROUP channels (here this tiny
+    model's groups of 16 and 32 are taken as 128's are) stores its int4 weights input axes last and
+    gives the tokens of the checkpoint's layout (WEIGHT_ONLY_INPUT_LAST off), also at TP=2, where each
+    transposed weight's sharding is permuted alike."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxllm.layers import linear
+
+    monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+    args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64,
+                quant_config=QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))  # fmt: skip
+    path = str(tiny_dir("llama"))
+    with LLM(model=path, **args) as llm:
+        layer = llm._engine.runner.params["layers"][0]
+        assert {"wqkv_t", "wo_t", "w_gate_up_t", "w_down_t"} <= set(layer) and layer["w_down_t"].dtype == jnp.int4
+        assert layer["w_down_t"].shape == (64, 128) and layer["w_down_scale"].shape == (4, 64)
+        tokens = _tokens(llm)
+    monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", False)
+    with LLM(model=path, **args) as llm:
+        assert "w_down" in llm._engine.runner.params["layers"][0]
+        assert _tokens(llm) == tokens
+    monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
+    if len(jax.devices()) >= 2:
+        with LLM(model=path, tensor_parallel_size=2, **args) as llm:
+            layer = llm._engine.runner.params["layers"][0]
+            assert layer["w_down_t"].sharding.spec == P(None, "tp") and layer["wq_t"].sharding.spec[0] == "tp"
+            assert _tokens(llm) == tokens
+
+
 def test_exclude_modules_leaves_projections_in_the_models_dtype(tiny_dir, tmp_path):
     """QuantConfig.exclude_modules (fnmatch patterns over the HF module names): the projections it
     matches stay float (and out of the fused q/k/v when their neighbours are quantized); every
@@ -607,7 +707,9 @@ def test_exclude_modules_leaves_projections_in_the_models_dtype(tiny_dir, tmp_pa
 def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtype, qmax, tiny_dir, tmp_path):
     """QuantConfig(quant_algo='W8A16' / 'W4A16'): int8 / int4 projections (round to nearest, amax /
     127 or / 7 per output channel), the product the float32 einsum of the input and the dequantized
-    weight; an engine's tokens the same at TP=1 and TP=2 (padded heads and MLP) and after LLM.save."""
+    weight; the engine stores the weights input axes last (linear.stores_input_last); its tokens the
+    same at TP=1 and TP=2 (padded heads and MLP), after LLM.save, and in the checkpoint's layout."""
+    from jaxllm.layers import linear
     from jaxllm.layers.linear import weight_only_linear
     from jaxllm.quantization import quantize_int
 
@@ -623,7 +725,7 @@ def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtyp
                 quant_config=QuantConfig(quant_algo=algo))  # fmt: skip
     path = str(tiny_dir("llama-odd"))
     with LLM(model=path, **args) as llm:
-        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == dtype
+        assert llm._engine.runner.params["layers"][0]["w_down_t"].dtype == dtype  # stored input axes last
         tokens = _tokens(llm)
         llm.save(tmp_path / "w8")
     if len(jax.devices()) >= 2:
@@ -631,3 +733,8 @@ def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtyp
             assert _tokens(llm) == tokens
     with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
         assert llm.config.quant_algo == algo and _tokens(llm) == tokens
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int8", False)
+        with LLM(model=path, **args) as llm:
+            assert llm._engine.runner.params["layers"][0]["w_down"].dtype == dtype
+            assert _tokens(llm) == tokens

@@ -31,7 +31,8 @@ channel and group of input channels):
   scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
   (`dequantize_groups`), except in GPU decode steps, where groups of 128 channels and more are a
   batch of dots, one a group, scaled after (`grouped_linear`, GROUPED_DOTS): XLA would otherwise
-  write a dequantized copy of the weight in every step.
+  write a dequantized copy of the weight in every step. W8A16's weights and such int4 ones are stored
+  input axes last too (`stores_input_last`, WEIGHT_ONLY_INPUT_LAST), as fp8 ones are.
 """
 
 from __future__ import annotations
@@ -81,40 +82,53 @@ def fp8_linear_reference(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equati
     return jnp.einsum(equation, xd, wd, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def _split_groups(shape: tuple, num_input_axes: int, groups: int) -> tuple:
-    """A weight's shape [*in, *out] with its last input axis split into (groups, its size / groups)."""
-    n = num_input_axes - 1
-    return tuple(shape[:n]) + (groups, shape[n] // groups) + tuple(shape[n + 1 :])
+def _split_groups(shape: tuple, axis: int, groups: int) -> tuple:
+    """A weight's shape with its axis `axis` (the last input axis) split into (groups, its size / groups)."""
+    return tuple(shape[:axis]) + (groups, shape[axis] // groups) + tuple(shape[axis + 1 :])
+
+
+def _grouped_axis(w: jax.Array, num_input_axes: int, input_last: bool) -> int:
+    """The axis of a weight [*in, *out] (input_last: [*out, *in]) its groups split: the last input axis."""
+    return w.ndim - 1 if input_last else num_input_axes - 1
 
 
 def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dtype,
-                      zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                      zero: jax.Array | None = None, input_last: bool = False) -> jax.Array:  # fmt: skip
     """An int weight [*in, *out] times its group scales [*in[:-1], groups, *out] (quantization.py:
-    scale_shape), plus the groups' offsets `zero` (asymmetric W4A16), in `dtype`."""
-    n = num_input_axes - 1
-    w = w8.reshape(_split_groups(w8.shape, num_input_axes, w_scale.shape[n])).astype(jnp.float32)
-    w = w * jnp.expand_dims(w_scale, n + 1)
+    scale_shape), plus the groups' offsets `zero` (asymmetric W4A16), in `dtype`. With `input_last`
+    the weight is stored [*out, *in] (TRANSPOSED_SUFFIX; the scales and offsets are not) and the
+    result is too."""
+    if input_last:
+        w_scale = transpose_input_last(w_scale, num_input_axes)
+        zero = None if zero is None else transpose_input_last(zero, num_input_axes)
+    axis = _grouped_axis(w8, num_input_axes, input_last)
+    w = w8.reshape(_split_groups(w8.shape, axis, w_scale.shape[axis])).astype(jnp.float32)
+    w = w * jnp.expand_dims(w_scale, axis + 1)
     if zero is not None:
-        w = w + jnp.expand_dims(zero, n + 1)
+        w = w + jnp.expand_dims(zero, axis + 1)
     return w.reshape(w8.shape).astype(dtype)
 
 
 def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int,
-                   zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                   zero: jax.Array | None = None, input_last: bool = False) -> jax.Array:  # fmt: skip
     """`weight_only_linear` of a weight with a scale per group of its last input axis (W4A16), as a
     batch of dots, one a group: the int weight widened to x's dtype for each group's dot (no scaled
     copy of the weight is made), the float32 products scaled by their groups' scales and summed over the
     groups; the offsets `zero` add each group's sum of x times them. The products hold a row's value
     for every group and output channel, so this is for decode-sized steps (`project`'s
-    weight_only_rows). The weight is stored [*in, *out] (`equation` as PROJECTIONS has it)."""
+    weight_only_rows). The weight is stored [*in, *out] (`equation` as PROJECTIONS has it), or with
+    `input_last` [*out, *in] (`equation` as `_input_last` makes it); the scales [*in[:-1], groups, *out]."""
     xs, rest = equation.split(",")
     ws, out = rest.split("->")
-    head, last = ws[: num_input_axes - 1], ws[num_input_axes - 1]  # the input axes before the grouped one
-    outer = ws[num_input_axes:]
+    if input_last:
+        outer, head, last = ws[:-num_input_axes], ws[-num_input_axes:-1], ws[-1]
+    else:
+        head, last, outer = ws[: num_input_axes - 1], ws[num_input_axes - 1], ws[num_input_axes:]
     groups = w_scale.shape[num_input_axes - 1]
     xg = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
-    wg = w8.reshape(_split_groups(w8.shape, num_input_axes, groups))
-    products = jnp.einsum(f"{xs[:-1]}Z{last},{head}Z{last}{outer}->{xs[:-num_input_axes]}{head}Z{outer}", xg,
+    wg = w8.reshape(_split_groups(w8.shape, _grouped_axis(w8, num_input_axes, input_last), groups))
+    wsub = f"{outer}{head}Z{last}" if input_last else f"{head}Z{last}{outer}"
+    products = jnp.einsum(f"{xs[:-1]}Z{last},{wsub}->{xs[:-num_input_axes]}{head}Z{outer}", xg,
                           wg.astype(x.dtype), preferred_element_type=jnp.float32)  # fmt: skip
     y = jnp.einsum(f"{xs[:-num_input_axes]}{head}Z{outer},{head}Z{outer}->{out}", products, w_scale)
     if zero is not None:
@@ -138,13 +152,14 @@ GROUPED_MIN_GROUP = 128
 
 
 def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
-                       zero: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                       zero: jax.Array | None = None, input_last: bool = False) -> jax.Array:  # fmt: skip
     """`jnp.einsum(equation, x, w)` for an int8, int4 or fp8 weight w ~= w8 * w_scale (per output
     channel), weight-only (W8A16, W4A16): the weight widened to x's dtype inside the product,
     accumulated in float32, then scaled per channel; with a scale per group of the last input axis
-    (W4A16's: w_scale has w8's rank) the weight is dequantized before the product. Returns x's dtype."""
+    (W4A16's: w_scale has w8's rank) the weight is dequantized before the product (`input_last`: it
+    is stored [*out, *in], see dequantize_groups). Returns x's dtype."""
     if w_scale.ndim == w8.ndim:  # a scale per group of the last input axis (W4A16): dequantized first
-        w = dequantize_groups(w8, w_scale, num_input_axes, x.dtype, zero)
+        w = dequantize_groups(w8, w_scale, num_input_axes, x.dtype, zero, input_last)
         return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.einsum(equation, x, w8.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * w_scale).astype(x.dtype)
@@ -167,6 +182,29 @@ WEIGHT_ONLY_MAX_ROWS = 16
 # at one row 128 us against 163, and cuBLASLt's FP8 GEMM, which takes both operands K-major, 739 us
 # against 883 at 2,048 rows (H100; benchmarks/RESULTS.md, "FP8 weights stored input axes last").
 TRANSPOSED_SUFFIX = "_t"
+
+# Which weight-only formats the engine stores input axes last too (their scales and offsets keep the
+# checkpoint's layout): W8A16's int8 weights with a scale per output channel, as fp8 ones, and W4A16's
+# int4 weights in groups of at least GROUPED_MIN_GROUP channels, whose batch of group dots a decode
+# step computes (`grouped_linear`) then reads each group's channels contiguous. On an H100 XLA's GEMMs
+# took a Llama-3.1-8B layer's fp8 weight-only products at one row from 143 to 108 us that way, and
+# int4's group dots from 170.9 to 119.3 (benchmarks/RESULTS.md, "FP8 weights stored input axes last",
+# "W4A16 decode products as a batch of dots").
+WEIGHT_ONLY_INPUT_LAST = {"int8": True, "int4": True}
+
+
+def stores_input_last(w, scale, num_input_axes: int) -> bool:
+    """Whether the engine stores a projection weight `w` (with its scale, or None) input axes last:
+    every float8 weight, W8A16's int8 ones (a scale per output channel) and W4A16's int4 ones in
+    groups of at least GROUPED_MIN_GROUP channels (WEIGHT_ONLY_INPUT_LAST). `w` and `scale` may be
+    arrays or jax.ShapeDtypeStructs."""
+    if w.dtype == FP8_DTYPE:
+        return True
+    if scale is None or not WEIGHT_ONLY_INPUT_LAST.get(jnp.dtype(w.dtype).name, False):
+        return False
+    if len(scale.shape) < len(w.shape):  # a scale per output channel (W8A16)
+        return w.dtype == jnp.int8
+    return w.dtype == jnp.int4 and w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1] >= GROUPED_MIN_GROUP
 
 
 def holds(lp: dict, name: str) -> bool:
@@ -200,17 +238,18 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     weight_only_rows: an fp8 product of at most this many rows is computed weight-only (the engine's
     steps on GPUs pass WEIGHT_ONLY_MAX_ROWS; 0: never)."""
     num_input_axes = INPUT_AXES[name]
-    w, equation = lp.get(name), PROJECTIONS[name]
-    if w is None:  # stored input axes last (TRANSPOSED_SUFFIX)
+    w, equation, input_last = lp.get(name), PROJECTIONS[name], name not in lp
+    if input_last:  # stored input axes last (TRANSPOSED_SUFFIX)
         w, equation = lp[name + TRANSPOSED_SUFFIX], _input_last(equation, num_input_axes)
     scale = lp.get(name + SCALE_SUFFIX)
     if scale is None:
         return jnp.einsum(equation, x, w)
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
-    if w.dtype == jnp.int4 and scale.ndim == w.ndim and rows <= weight_only_rows and name in lp and GROUPED_DOTS[0]:
-        group = w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1]
+    zero = lp.get(name + ZERO_SUFFIX)
+    if w.dtype == jnp.int4 and scale.ndim == w.ndim and rows <= weight_only_rows and GROUPED_DOTS[0]:
+        group = w.shape[_grouped_axis(w, num_input_axes, input_last)] // scale.shape[num_input_axes - 1]
         if group >= GROUPED_MIN_GROUP:
-            return grouped_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
+            return grouped_linear(x, w, scale, equation, num_input_axes, zero, input_last)
     if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
-        return weight_only_linear(x, w, scale, equation, num_input_axes, lp.get(name + ZERO_SUFFIX))
+        return weight_only_linear(x, w, scale, equation, num_input_axes, zero, input_last)
     return fp8_linear(x, w, scale, equation, num_input_axes, lp.get(name + INPUT_SCALE_SUFFIX))

@@ -33,9 +33,10 @@ The engine on one device serves the fused layout (`fuse_params`): per layer
 in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
 ran five (benchmarks/RESULTS.md "Fused projections"). On one device and under a mesh (where the
-projections stay apart) each float8 weight is stored with its input axes last, `<projection>_t`
-[*out, *in] (wo_t [embed, q_heads, head_dim]; the layout the GPU's GEMMs read fastest:
-layers/linear.py TRANSPOSED_SUFFIX; `transpose_params`). The model code takes either layout
+projections stay apart) each float8 weight, and W4A16's int4 ones in groups of 128 channels and more,
+is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim];
+the layout the GPU's GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX, stores_input_last;
+`transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
@@ -52,8 +53,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.layers.linear import INPUT_AXES, TRANSPOSED_SUFFIX, transpose_input_first, transpose_input_last
-from jaxllm.quantization import (FP8_DTYPE, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config,
+from jaxllm.layers.linear import (INPUT_AXES, TRANSPOSED_SUFFIX, stores_input_last, transpose_input_first,
+                                  transpose_input_last)  # fmt: skip
+from jaxllm.quantization import (INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, SCALE_SUFFIX, base_config,
                                  quantize_flat, quantized_paths, quantizes, ZERO_SUFFIX, scale_shape,
                                  weight_dtype)  # fmt: skip
 
@@ -253,7 +255,7 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     """One layer's params in the fused layout (see the module docstring). FP8's calibrated input
     scales of the fused projections become their largest (the product's input is one tensor).
     Projections stored differently (one of them left unquantized by cfg.quant_exclude) stay apart.
-    fp8 weights are then stored input axes last (layers/linear.py: TRANSPOSED_SUFFIX)."""
+    fp8 weights (and grouped int4 ones) are then stored input axes last (transpose_layer)."""
     out = dict(lp)
     for fused, names in FUSED_PROJECTIONS.items():
         if len({_format(lp, name) for name in names}) > 1:  # stored differently (quant_exclude): kept apart
@@ -269,12 +271,14 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
 
 def transposed(lp: dict) -> dict[str, int]:
     """The projections a layer's params store input axes last in the engine's layout (its float8
-    weights; layers/linear.py TRANSPOSED_SUFFIX) -> their input axes."""
-    return {name: n for name, n in INPUT_AXES.items() if name in lp and lp[name].dtype == FP8_DTYPE}
+    weights and W4A16's int4 ones in groups of 128 channels and more: layers/linear.py
+    stores_input_last, TRANSPOSED_SUFFIX) -> their input axes."""
+    return {name: n for name, n in INPUT_AXES.items()
+            if name in lp and stores_input_last(lp[name], lp.get(name + SCALE_SUFFIX), n)}  # fmt: skip
 
 
 def transpose_layer(lp: dict, names: dict[str, int] | None = None, transpose=transpose_input_last) -> dict:
-    """One layer's params with its float8 weights stored input axes last (`<name>_t`). `names` and
+    """One layer's params with the weights `transposed` names stored input axes last (`<name>_t`). `names` and
     `transpose` (default: `transposed(lp)`, the weights') let a layer's shardings follow its weights."""
     out = dict(lp)
     for name, num_input_axes in (transposed(lp) if names is None else names).items():
@@ -283,7 +287,7 @@ def transpose_layer(lp: dict, names: dict[str, int] | None = None, transpose=tra
 
 
 def transpose_params(params: dict, shardings=None) -> dict:
-    """The params pytree with every layer's float8 weights stored input axes last (transpose_layer):
+    """The params pytree with every layer's `transposed` weights stored input axes last (transpose_layer):
     the engine's layout under a mesh, where the projections are not fused. `shardings` (the
     transposed layout's, jaxllm/sharding.py engine_param_shardings) place each layer's; its old
     arrays are let go layer by layer."""
@@ -343,7 +347,7 @@ def is_fused(params: dict) -> bool:
 def engine_abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
     """The params pytree the engine serves, as jax.ShapeDtypeStruct leaves (no shardings): fused on
     one device (checkpoints/loader.py:load_engine_params), the checkpoint's layout under a mesh; in
-    both, float8 weights stored input axes last."""
+    both, the `transposed` weights stored input axes last."""
     abstract = abstract_params(cfg, dtype)
     if mesh is not None:
         return jax.eval_shape(transpose_params, abstract)
