@@ -11,8 +11,9 @@ else `$XDG_CACHE_HOME/jaxllm/programs`, else `~/.cache/jaxllm/programs`; `LLM(co
 ...)` chooses another, and the value "off" (argument or variable) turns it off. An engine's programs
 sit in a directory named by a digest of everything they depend on: jaxllm's own source, the JAX
 and jaxlib versions, XLA_FLAGS, the module switches programs are traced under (DECODES_APART,
-ROPE_IN_KV_WRITE, WEIGHT_ONLY_MAX_ROWS, GROUPED_DOTS, WEIGHT_ONLY_INPUT_LAST, which benchmarks flip), the devices, and the engine's
-description (model config, weight and cache shapes, dtypes and shardings, buckets, backend). Any
+ROPE_IN_KV_WRITE, WEIGHT_ONLY_MAX_ROWS, GROUPED_DOTS, WEIGHT_ONLY_INPUT_LAST, which benchmarks
+flip), the devices, and the engine's description (model config, weight and cache shapes, dtypes and
+shardings, buckets, backend). Any
 change of these misses cleanly. Files are written to a temporary name and renamed into place, so
 processes sharing the cache see whole files or none; a file that fails to load is compiled again
 and replaced. The cache is kept under `$JAXLLM_COMPILE_CACHE_GB` (default 8) gigabytes: after a
@@ -100,7 +101,8 @@ def environment_description() -> dict:
 
     switches = {"decodes_apart": attention.DECODES_APART[0], "rope_in_kv_write": dict(attention.ROPE_IN_KV_WRITE),
                 "weight_only_max_rows": transformer.WEIGHT_ONLY_MAX_ROWS,
-                "grouped_dots": linear.GROUPED_DOTS[0], "weight_only_input_last": dict(linear.WEIGHT_ONLY_INPUT_LAST)}  # fmt: skip
+                "grouped_dots": linear.GROUPED_DOTS[0],
+                "weight_only_input_last": dict(linear.WEIGHT_ONLY_INPUT_LAST)}  # fmt: skip
     return {"format": FILE_FORMAT, "source": source_digest(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "x64": bool(jax.config.jax_enable_x64), "switches": switches,
