@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--weight-only-layout", choices=("input-last", "input-first"), default=None,
                         help="how W8A16's int8 weights and W4A16's int4 ones in groups of 128 and more are stored "
                              "(jaxllm/layers/linear.py WEIGHT_ONLY_INPUT_LAST; default: the engine's, input axes "
-                             "last since 2026-12-07)")  # fmt: skip
+                             "last on GPUs since 2026-12-07)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",

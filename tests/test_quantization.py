@@ -192,7 +192,7 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
 
 
 def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
-    """The engine stores W4A16's int4 weights with groups of at least linear.GROUPED_MIN_GROUP
+    """On GPUs the engine stores W4A16's int4 weights with groups of at least linear.GROUPED_MIN_GROUP
     channels input axes last (`<name>_t`; linear.stores_input_last, WEIGHT_ONLY_INPUT_LAST), their scales
     and offsets as they are: a decode-sized product (the batch of group dots) and a larger one (the
     weight dequantized first, in that layout) are the dequantized weight's product in either layout;
@@ -203,6 +203,7 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
     from jaxllm.quantization import quantize_int, quantize_int_asymmetric
 
     monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+    monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": True, "int4": True})  # the GPU's layout (None)
     shapes = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
     kx, kw = jax.random.split(jax.random.key(11))
     for name, w_shape in shapes.items():
@@ -236,6 +237,8 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
         assert transposed({name: q, name + "_scale": scale}) == {}
     q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
     assert transposed({"w_down": q8, "w_down_scale": scale8}) == {}  # int8 groups: as they are
+    monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": None, "int4": None})  # the default: GPUs only
+    assert transposed(lp) == ({name: n_in} if jax.default_backend() == "gpu" else {})
     # Under tensor parallelism: w_down_t [out, in] split along its input axis, the groups' products
     # summed across 2 of the suite's virtual CPU devices.
     from jax.sharding import Mesh, NamedSharding
@@ -301,8 +304,8 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
                                                            monkeypatch):  # fmt: skip
     """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
     scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
-    the fused input scale is the largest of its projections'. fp8 and int8 weights with a scale per
-    output channel are stored input axes last (`<name>_t`), and so are int4 ones in groups of at least
+    the fused input scale is the largest of its projections'. fp8 and (on GPUs) int8 weights with a scale
+    per output channel are stored input axes last (`<name>_t`), and so are int4 ones in groups of at least
     linear.GROUPED_MIN_GROUP channels (min_group: this tiny model's groups of 16 and 32 taken as
     128's are); grouped ones otherwise as they are."""
     from jaxllm.checkpoints import loader
@@ -312,6 +315,7 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
 
     if min_group is not None:
         monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", min_group)
+    monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": True, "int4": True})  # the GPU's layout (None)
     cfg = loader.read_config(loader.resolve(str(tiny_dir("llama"))))
     qcfg = cfg.__class__(**{**cfg.__dict__, "quant_algo": algo, "quant_group_size": group_size,
                             "quant_zero_point": zero_point})  # fmt: skip
@@ -643,14 +647,14 @@ def test_w8a16_gptq_is_int8_weights_per_group_with_offsets(tiny_dir, tmp_path):
 
 def test_w4a16_engine_with_int4_weights_stored_input_axes_last(tiny_dir, monkeypatch):
     """An engine whose W4A16 groups are at least linear.GROUPED_MIN_GROUP channels (here this tiny
-    model's groups of 16 and 32 are taken as 128's are) stores its int4 weights input axes last and
+    model's groups of 16 and 32 are taken as 128's are) stores its int4 weights input axes last (on
+    GPUs; here the switch is set as on GPUs) and
     gives the tokens of the checkpoint's layout (WEIGHT_ONLY_INPUT_LAST off), also at TP=2, where each
     transposed weight's sharding is permuted alike."""
-    from jax.sharding import PartitionSpec as P
-
     from jaxllm.layers import linear
 
     monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+    monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)  # the GPU's layout (None: GPUs only)
     args = dict(dtype="float32", skip_tokenizer_init=True, max_batch_size=4, max_num_tokens=64,
                 quant_config=QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))  # fmt: skip
     path = str(tiny_dir("llama"))
@@ -707,8 +711,8 @@ def test_exclude_modules_leaves_projections_in_the_models_dtype(tiny_dir, tmp_pa
 def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtype, qmax, tiny_dir, tmp_path):
     """QuantConfig(quant_algo='W8A16' / 'W4A16'): int8 / int4 projections (round to nearest, amax /
     127 or / 7 per output channel), the product the float32 einsum of the input and the dequantized
-    weight; the engine stores the weights input axes last (linear.stores_input_last); its tokens the
-    same at TP=1 and TP=2 (padded heads and MLP), after LLM.save, and in the checkpoint's layout."""
+    weight; an engine's tokens the same with the weights stored input axes last (the GPU's layout:
+    linear.stores_input_last), at TP=1 and TP=2 (padded heads and MLP) and after LLM.save."""
     from jaxllm.layers import linear
     from jaxllm.layers.linear import weight_only_linear
     from jaxllm.quantization import quantize_int
@@ -725,16 +729,17 @@ def test_weight_only_is_int_weights_per_channel_and_float_activations(algo, dtyp
                 quant_config=QuantConfig(quant_algo=algo))  # fmt: skip
     path = str(tiny_dir("llama-odd"))
     with LLM(model=path, **args) as llm:
-        assert llm._engine.runner.params["layers"][0]["w_down_t"].dtype == dtype  # stored input axes last
+        assert llm._engine.runner.params["layers"][0]["w_down"].dtype == dtype  # the CPU's layout
         tokens = _tokens(llm)
-        llm.save(tmp_path / "w8")
-    if len(jax.devices()) >= 2:
-        with LLM(model=path, tensor_parallel_size=2, **args) as llm:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int8", True)  # the GPU's layout: input axes last
+        with LLM(model=path, **args) as llm:
+            assert llm._engine.runner.params["layers"][0]["w_down_t"].dtype == dtype
             assert _tokens(llm) == tokens
+            llm.save(tmp_path / "w8")
+        if len(jax.devices()) >= 2:
+            with LLM(model=path, tensor_parallel_size=2, **args) as llm:
+                assert llm._engine.runner.params["layers"][0]["w_down_t"].sharding.spec == P(None, "tp")
+                assert _tokens(llm) == tokens
     with LLM(model=str(tmp_path / "w8"), dtype="float32", skip_tokenizer_init=True, **SIZES) as llm:
         assert llm.config.quant_algo == algo and _tokens(llm) == tokens
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int8", False)
-        with LLM(model=path, **args) as llm:
-            assert llm._engine.runner.params["layers"][0]["w_down"].dtype == dtype
-            assert _tokens(llm) == tokens

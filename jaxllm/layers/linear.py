@@ -31,8 +31,8 @@ channel and group of input channels):
   scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
   (`dequantize_groups`), except in GPU decode steps, where groups of 128 channels and more are a
   batch of dots, one a group, scaled after (`grouped_linear`, GROUPED_DOTS): XLA would otherwise
-  write a dequantized copy of the weight in every step. W8A16's weights and such int4 ones are stored
-  input axes last too (`stores_input_last`, WEIGHT_ONLY_INPUT_LAST), as fp8 ones are.
+  write a dequantized copy of the weight in every step. On GPUs W8A16's weights and such int4 ones
+  are stored input axes last too (`stores_input_last`, WEIGHT_ONLY_INPUT_LAST), as fp8 ones are.
 """
 
 from __future__ import annotations
@@ -189,18 +189,22 @@ TRANSPOSED_SUFFIX = "_t"
 # step computes (`grouped_linear`) then reads each group's channels contiguous. On an H100 XLA's GEMMs
 # took a Llama-3.1-8B layer's fp8 weight-only products at one row from 143 to 108 us that way, and
 # int4's group dots from 170.9 to 119.3 (benchmarks/RESULTS.md, "FP8 weights stored input axes last",
-# "W4A16 decode products as a batch of dots").
-WEIGHT_ONLY_INPUT_LAST = {"int8": True, "int4": True}
+# "W4A16 decode products as a batch of dots"). None: on GPUs only (jax.default_backend()), since the
+# CPU's XLA widens an int8 weight stored so into a transposed copy: SmolLM2 in W8A16 decoded at 86
+# ms a token that way against 39 (this machine, 2 cores, float32; RESULTS.md "Weight-only weights
+# stored input axes last").
+WEIGHT_ONLY_INPUT_LAST: dict[str, bool | None] = {"int8": None, "int4": None}
 
 
 def stores_input_last(w, scale, num_input_axes: int) -> bool:
     """Whether the engine stores a projection weight `w` (with its scale, or None) input axes last:
-    every float8 weight, W8A16's int8 ones (a scale per output channel) and W4A16's int4 ones in
-    groups of at least GROUPED_MIN_GROUP channels (WEIGHT_ONLY_INPUT_LAST). `w` and `scale` may be
+    every float8 weight, and (WEIGHT_ONLY_INPUT_LAST) W8A16's int8 ones (a scale per output channel)
+    and W4A16's int4 ones in groups of at least GROUPED_MIN_GROUP channels. `w` and `scale` may be
     arrays or jax.ShapeDtypeStructs."""
     if w.dtype == FP8_DTYPE:
         return True
-    if scale is None or not WEIGHT_ONLY_INPUT_LAST.get(jnp.dtype(w.dtype).name, False):
+    switch = WEIGHT_ONLY_INPUT_LAST.get(jnp.dtype(w.dtype).name, False)
+    if scale is None or not (jax.default_backend() == "gpu" if switch is None else switch):
         return False
     if len(scale.shape) < len(w.shape):  # a scale per output channel (W8A16)
         return w.dtype == jnp.int8

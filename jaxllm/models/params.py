@@ -33,8 +33,8 @@ The engine on one device serves the fused layout (`fuse_params`): per layer
 in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
 ran five (benchmarks/RESULTS.md "Fused projections"). On one device and under a mesh (where the
-projections stay apart) each float8 weight, and W4A16's int4 ones in groups of 128 channels and more,
-is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim];
+projections stay apart) each float8 weight, and on GPUs W8A16's int8 and W4A16's int4 ones in groups
+of 128 channels and more, is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim];
 the layout the GPU's GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX, stores_input_last;
 `transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
@@ -255,7 +255,7 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
     """One layer's params in the fused layout (see the module docstring). FP8's calibrated input
     scales of the fused projections become their largest (the product's input is one tensor).
     Projections stored differently (one of them left unquantized by cfg.quant_exclude) stay apart.
-    fp8 weights (and grouped int4 ones) are then stored input axes last (transpose_layer)."""
+    fp8 weights (on GPUs weight-only ones too) are then stored input axes last (transpose_layer)."""
     out = dict(lp)
     for fused, names in FUSED_PROJECTIONS.items():
         if len({_format(lp, name) for name in names}) > 1:  # stored differently (quant_exclude): kept apart
@@ -271,8 +271,8 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
 
 def transposed(lp: dict) -> dict[str, int]:
     """The projections a layer's params store input axes last in the engine's layout (its float8
-    weights and W4A16's int4 ones in groups of 128 channels and more: layers/linear.py
-    stores_input_last, TRANSPOSED_SUFFIX) -> their input axes."""
+    weights, and on GPUs its int8 ones and int4 ones in groups of 128 channels and more:
+    layers/linear.py stores_input_last, TRANSPOSED_SUFFIX) -> their input axes."""
     return {name: n for name, n in INPUT_AXES.items()
             if name in lp and stores_input_last(lp[name], lp.get(name + SCALE_SUFFIX), n)}  # fmt: skip
 
