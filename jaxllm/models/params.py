@@ -34,9 +34,9 @@ in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input sc
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
 ran five (benchmarks/RESULTS.md "Fused projections"). On one device and under a mesh (where the
 projections stay apart) each float8 weight, and on GPUs W8A16's int8 and W4A16's int4 ones in groups
-of 128 channels and more, is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim];
-the layout the GPU's GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX, stores_input_last;
-`transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
+of 128 channels and more, is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t
+[embed, q_heads, head_dim]; the layout the GPU's GEMMs read fastest: layers/linear.py
+TRANSPOSED_SUFFIX, stores_input_last; `transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
