@@ -186,13 +186,12 @@ TRANSPOSED_SUFFIX = "_t"
 # Which weight-only formats the engine stores input axes last too (their scales and offsets keep the
 # checkpoint's layout): W8A16's int8 weights with a scale per output channel, as fp8 ones, and W4A16's
 # int4 weights in groups of at least GROUPED_MIN_GROUP channels, whose batch of group dots a decode
-# step computes (`grouped_linear`) then reads each group's channels contiguous. On an H100 XLA's GEMMs
-# took a Llama-3.1-8B layer's fp8 weight-only products at one row from 143 to 108 us that way, and
-# int4's group dots from 170.9 to 119.3 (benchmarks/RESULTS.md, "FP8 weights stored input axes last",
-# "W4A16 decode products as a batch of dots"). None: on GPUs only (jax.default_backend()), since the
-# CPU's XLA widens an int8 weight stored so into a transposed copy: SmolLM2 in W8A16 decoded at 86
-# ms a token that way against 39 (this machine, 2 cores, float32; RESULTS.md "Weight-only weights
-# stored input axes last").
+# step computes (`grouped_linear`) then reads each group's channels contiguous. H100, Llama-3.1-8B
+# shape, batch-1 decode: W4A16 (groups of 128) 4.10 -> 3.43 ms a token, with offsets 4.53 -> 3.96,
+# W8A16 3.81 -> 3.40; prefill 0.2-2.6 ms slower (benchmarks/RESULTS.md, "Weight-only weights stored
+# input axes last"). None: on GPUs only (jax.default_backend()), since the CPU's XLA reads an int8
+# weight stored so far slower: SmolLM2 in W8A16 decoded at 84-89 ms a token that way against 39-41
+# (2 cores, float32).
 WEIGHT_ONLY_INPUT_LAST: dict[str, bool | None] = {"int8": None, "int4": None}
 
 
