@@ -142,11 +142,11 @@ def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: st
 # the weight first, as other W4A16 products do (False). Dequantized first, XLA writes a bf16 copy of
 # the weight in every step: on an H100 the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of
 # 128) took 4.13 ms a token with the batch of dots against 14.87 without, a layer's products 170.9 us
-# against 412.0 at one row. Groups of 32 with offsets lost as dots (456.4 against 434.1 us) and keep
-# the dequantized form; whether the group size or the offsets decided that is not measured yet, so
-# groups of 128 with offsets (GPTQ's usual) take the dots unmeasured. int8 groups (W8A16_GPTQ) were
-# not measured either and keep the dequantized form (benchmarks/RESULTS.md, "W4A16 decode products
-# as a batch of dots").
+# against 412.0 at one row; groups of 128 with offsets (GPTQ's usual), weights stored input axes
+# last, 3.96 against 14.50. Groups of 32 with offsets lost as dots (456.4 against 434.1 us a layer)
+# and keep the dequantized form. int8 groups (W8A16_GPTQ) were not measured as dots and keep the
+# dequantized form (benchmarks/RESULTS.md, "W4A16 decode products as a batch of dots", "Weight-only
+# weights stored input axes last").
 GROUPED_DOTS = [True]
 GROUPED_MIN_GROUP = 128
 
