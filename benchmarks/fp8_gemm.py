@@ -37,6 +37,8 @@ Variants:
               the int4 groups as a batch of dots, one a group, the int4 weight widened inside each dot
               (no dequantized copy), the products scaled per group and channel and summed over the
               groups (offsets: the groups' input sums times them); t: the weight stored [N, K].
+  engine-w4tg32z
+              groups of 32 with offsets stored [N, K], dequantized before the dot.
   w8t-reduce, w8t-reduce-bf16
               the fp8 weight [N, K] times the rows as a multiply and a reduction over K, no dot
               (float32 or bf16 products): a decode's few rows streamed by XLA's reduction emitter.
@@ -212,10 +214,6 @@ def v_w4_bf16(x, wq):
     return jnp.einsum("mk,kn->mn", x, w.reshape(q.shape), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _group_sums(x, groups):
-    return x.reshape(x.shape[0], groups, -1).astype(jnp.float32).sum(-1)
-
-
 def v_w4_grouped(x, wq):
     """int4 groups as a batch of dots, one a group: jaxllm's form for GPU decode steps
     (linear.grouped_linear)."""
@@ -232,16 +230,13 @@ def quantize_w4t_grouped(quantize):
 
 def v_w4t_grouped(x, wq):
     """linear.grouped_linear's batch of group dots with the int4 weight stored [N, K] (the input axis
-    contiguous; the engine stores it [K, N])."""
-    qt, s, *zero = wq
-    groups = s.shape[0]
-    xg = x.reshape(x.shape[0], groups, -1)
-    y = jnp.einsum("mgk,ngk->mgn", xg, qt.reshape(qt.shape[0], groups, -1).astype(x.dtype),
-                   preferred_element_type=jnp.float32)  # fmt: skip
-    y = jnp.einsum("mgn,gn->mn", y, s)
-    if zero:
-        y = y + _group_sums(x, groups) @ zero[0]
-    return y.astype(x.dtype)
+    contiguous; the engine's layout on GPUs)."""
+    return linear.grouped_linear(x, wq[0], wq[1], "mk,nk->mn", 1, *wq[2:], input_last=True)
+
+
+def v_engine_w4t(x, wq):
+    """The int4 weight stored [N, K], dequantized before the product (linear.weight_only_linear)."""
+    return linear.weight_only_linear(x, wq[0], wq[1], "mk,nk->mn", 1, *wq[2:], input_last=True)
 
 
 W4T_G128, W4T_G32Z = quantize_w4t_grouped(quantize_w4g128), quantize_w4t_grouped(quantize_w4g32z)
@@ -258,7 +253,8 @@ VARIANTS = {"bf16": (v_bf16, None), "w8-convert": (v_w8_convert, quantize_weight
             "bf16t-reduce": (v_bf16t_reduce, jnp.transpose), "w4g128-grouped": (v_w4_grouped, quantize_w4g128),
             "w4g32z-grouped": (v_w4_grouped, quantize_w4g32z), "w4tg128-grouped": (v_w4t_grouped, W4T_G128),
             "w4tg32z-grouped": (v_w4t_grouped, W4T_G32Z), "engine-w4g128z": (v_engine_w4, quantize_w4g128z),
-            "w4g128z-grouped": (v_w4_grouped, quantize_w4g128z), "w4g32-grouped": (v_w4_grouped, quantize_w4g32)}
+            "w4g128z-grouped": (v_w4_grouped, quantize_w4g128z), "w4g32-grouped": (v_w4_grouped, quantize_w4g32),
+            "engine-w4tg32z": (v_engine_w4t, W4T_G32Z)}
 
 
 def chain(fn, consume=False):

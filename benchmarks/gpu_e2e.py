@@ -387,6 +387,10 @@ def main() -> None:
                         help="how W8A16's int8 weights and W4A16's int4 ones in groups of 128 and more are stored "
                              "(jaxllm/layers/linear.py WEIGHT_ONLY_INPUT_LAST; default: the engine's, input axes "
                              "last on GPUs since 2026-12-07)")  # fmt: skip
+    parser.add_argument("--small-group-rows", type=int, default=None,
+                        help="steps of at most this many rows compute int4 groups under 128 channels as group dots, "
+                             "the weights stored input axes last (jaxllm/layers/linear.py SMALL_GROUP_DOT_ROWS; 0: "
+                             "never, the checkpoint's layout)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -419,6 +423,10 @@ def main() -> None:
         from jaxllm.layers import linear
 
         linear.GROUPED_DOTS[0] = args.w4_grouped == "on"
+    if args.small_group_rows is not None:
+        from jaxllm.layers import linear
+
+        linear.SMALL_GROUP_DOT_ROWS = args.small_group_rows
     if args.weight_only_layout is not None:
         from jaxllm.layers import linear
 

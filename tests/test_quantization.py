@@ -196,7 +196,8 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
     channels input axes last (`<name>_t`; linear.stores_input_last, WEIGHT_ONLY_INPUT_LAST), their scales
     and offsets as they are: a decode-sized product (the batch of group dots) and a larger one (the
     weight dequantized first, in that layout) are the dequantized weight's product in either layout;
-    smaller groups, int8 groups and the switch off keep the checkpoint's layout. Sharded under tensor
+    int8 groups and the switch off keep the checkpoint's layout; smaller groups are stored so while
+    linear.SMALL_GROUP_DOT_ROWS lets a step's few rows take the group dots. Sharded under tensor
     parallelism (the transposed weight's input axis split) the group dots are the same."""
     from jaxllm.layers import linear
     from jaxllm.models.params import transpose_layer, transposed
@@ -233,8 +234,20 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
             monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", False)
             assert transposed(lp) == {}
             monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
-        q, scale = quantize_int(w, n_in, "W4A16", group_size=8)  # groups of 8 < GROUPED_MIN_GROUP
-        assert transposed({name: q, name + "_scale": scale}) == {}
+        # Groups of 8 < GROUPED_MIN_GROUP (as GGUF's 32 are under 128): stored so too, group dots in
+        # steps of at most SMALL_GROUP_DOT_ROWS rows, dequantized first in larger ones.
+        q, scale, zero = quantize_int_asymmetric(w, n_in, 8)
+        lp = {name: q, name + "_scale": scale, name + "_zero": zero}
+        assert transposed(lp) == {name: n_in}
+        deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, zero)
+        for rows in (1, 2):
+            x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
+            want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
+            got = linear.project(transpose_layer(lp), name, x, weight_only_rows=16)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+        monkeypatch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 0)  # never: the checkpoint's layout
+        assert transposed(lp) == {}
+        monkeypatch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 1)
     q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
     assert transposed({"w_down": q8, "w_down_scale": scale8}) == {}  # int8 groups: as they are
     monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": None, "int4": None})  # the default: GPUs only
@@ -305,9 +318,9 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
     """The engine's fused layout of a quantized model (models/params.py: fuse_params): the weights,
     scales, offsets and static input scales of q/k/v and of gate/up side by side, the same forward;
     the fused input scale is the largest of its projections'. fp8 and (on GPUs) int8 weights with a scale
-    per output channel are stored input axes last (`<name>_t`), and so are int4 ones in groups of at least
-    linear.GROUPED_MIN_GROUP channels (min_group: this tiny model's groups of 16 and 32 taken as
-    128's are); grouped ones otherwise as they are."""
+    per output channel are stored input axes last (`<name>_t`), and so are int4 ones (min_group: this
+    tiny model's groups of 16 and 32 taken as 128's are, for the group dots of any step's rows); int8
+    groups as they are."""
     from jaxllm.checkpoints import loader
     from jaxllm.layers import linear
     from jaxllm.models.params import fuse_params
@@ -322,7 +335,7 @@ def test_fused_quantized_projections_are_the_separate_ones(algo, group_size, zer
     params = init_params(qcfg, jnp.float32, jax.random.key(0), std=0.2)
     fused = fuse_params(params, qcfg)
     layer = fused["layers"][0]
-    if algo == "FP8" or min_group or not group_size:  # [kv_heads, q_per_kv + 2, head_dim, embed], wo_t [embed, ...]
+    if not (algo == "W8A16" and group_size):  # [kv_heads, q_per_kv + 2, head_dim, embed], wo_t [embed, ...]
         assert "wqkv" not in layer and "wo" not in layer and "w_down" not in layer
         layer = {name.removesuffix("_t"): w for name, w in layer.items()}
         assert layer["wqkv"].shape == (cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim, cfg.hidden_size)

@@ -102,7 +102,8 @@ def environment_description() -> dict:
     switches = {"decodes_apart": attention.DECODES_APART[0], "rope_in_kv_write": dict(attention.ROPE_IN_KV_WRITE),
                 "weight_only_max_rows": transformer.WEIGHT_ONLY_MAX_ROWS,
                 "grouped_dots": linear.GROUPED_DOTS[0],
-                "weight_only_input_last": dict(linear.WEIGHT_ONLY_INPUT_LAST)}  # fmt: skip
+                "weight_only_input_last": dict(linear.WEIGHT_ONLY_INPUT_LAST),
+                "small_group_dot_rows": linear.SMALL_GROUP_DOT_ROWS}  # fmt: skip
     return {"format": FILE_FORMAT, "source": source_digest(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "x64": bool(jax.config.jax_enable_x64), "switches": switches,

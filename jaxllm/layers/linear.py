@@ -149,6 +149,10 @@ def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: st
 # weights stored input axes last").
 GROUPED_DOTS = [True]
 GROUPED_MIN_GROUP = 128
+# Smaller int4 groups (GGUF's 4-bit blocks: 32 channels) are group dots too in steps of at most this
+# many rows, when stored input axes last (on GPUs: stores_input_last; 0: never, and such weights
+# keep the checkpoint's layout).
+SMALL_GROUP_DOT_ROWS = 1
 
 
 def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
@@ -207,7 +211,8 @@ def stores_input_last(w, scale, num_input_axes: int) -> bool:
         return False
     if len(scale.shape) < len(w.shape):  # a scale per output channel (W8A16)
         return w.dtype == jnp.int8
-    return w.dtype == jnp.int4 and w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1] >= GROUPED_MIN_GROUP
+    group = w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1]
+    return w.dtype == jnp.int4 and (group >= GROUPED_MIN_GROUP or SMALL_GROUP_DOT_ROWS > 0)
 
 
 def holds(lp: dict, name: str) -> bool:
@@ -251,7 +256,7 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     zero = lp.get(name + ZERO_SUFFIX)
     if w.dtype == jnp.int4 and scale.ndim == w.ndim and rows <= weight_only_rows and GROUPED_DOTS[0]:
         group = w.shape[_grouped_axis(w, num_input_axes, input_last)] // scale.shape[num_input_axes - 1]
-        if group >= GROUPED_MIN_GROUP:
+        if group >= GROUPED_MIN_GROUP or (input_last and rows <= SMALL_GROUP_DOT_ROWS):
             return grouped_linear(x, w, scale, equation, num_input_axes, zero, input_last)
     if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
         return weight_only_linear(x, w, scale, equation, num_input_axes, zero, input_last)
