@@ -7,7 +7,7 @@ TEST_VENV  ?= .venv-test
 PROMPT     ?= What is machine learning?
 PYTEST_ARGS ?=
 # The suite runs on this many workers (pytest-xdist), each test file on one of them, so that a
-# file's shared engines are built once (24-34 minutes on 2 cores in December 2026; 18 when it was
+# file's shared engines are built once (15-34 minutes on 2 cores in December 2026; 18 when it was
 # written, with fewer tests; one worker took about 30 then). A worker
 # that dies ends the run at once, naming the test it died in (--max-worker-restart=0): with
 # --dist loadfile, pytest-xdist's replacement of a crashed worker can wait forever for work.

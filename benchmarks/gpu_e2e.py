@@ -384,7 +384,7 @@ def main() -> None:
                              "(jaxllm/layers/linear.py GROUPED_DOTS; default: the engine's, on since "
                              "2026-12-07)")  # fmt: skip
     parser.add_argument("--weight-only-layout", choices=("input-last", "input-first"), default=None,
-                        help="how W8A16's int8 weights and W4A16's int4 ones in groups of 128 and more are stored "
+                        help="how W8A16's int8 weights and W4A16's int4 ones are stored "
                              "(jaxllm/layers/linear.py WEIGHT_ONLY_INPUT_LAST; default: the engine's, input axes "
                              "last on GPUs since 2026-12-07)")  # fmt: skip
     parser.add_argument("--small-group-rows", type=int, default=None,

@@ -240,14 +240,14 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
         lp = {name: q, name + "_scale": scale, name + "_zero": zero}
         assert transposed(lp) == {name: n_in}
         deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, zero)
-        for rows in (1, 2):
+        for rows in (2, linear.SMALL_GROUP_DOT_ROWS + 1):
             x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
             want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
             got = linear.project(transpose_layer(lp), name, x, weight_only_rows=16)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-        monkeypatch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 0)  # never: the checkpoint's layout
-        assert transposed(lp) == {}
-        monkeypatch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 1)
+        with monkeypatch.context() as patch:
+            patch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 0)  # never: the checkpoint's layout
+            assert transposed(lp) == {}
     q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
     assert transposed({"w_down": q8, "w_down_scale": scale8}) == {}  # int8 groups: as they are
     monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": None, "int4": None})  # the default: GPUs only

@@ -29,10 +29,11 @@ channel and group of input channels):
 - int8 or int4 weight (W8A16, W4A16: weight-only): the weight widened to the input's dtype inside
   the product, accumulated in float32 and scaled per channel (`weight_only_linear`); W4A16's group
   scales (and, with has_zero_point, offsets `<name>_zero`) dequantize the weight before the product
-  (`dequantize_groups`), except in GPU decode steps, where groups of 128 channels and more are a
-  batch of dots, one a group, scaled after (`grouped_linear`, GROUPED_DOTS): XLA would otherwise
-  write a dequantized copy of the weight in every step. On GPUs W8A16's weights and such int4 ones
-  are stored input axes last too (`stores_input_last`, WEIGHT_ONLY_INPUT_LAST), as fp8 ones are.
+  (`dequantize_groups`), except in GPU decode steps, where groups of 128 channels and more (smaller
+  ones in steps of at most SMALL_GROUP_DOT_ROWS rows) are a batch of dots, one a group, scaled after
+  (`grouped_linear`, GROUPED_DOTS): XLA would otherwise write a dequantized copy of the weight in
+  every step. On GPUs W8A16's and W4A16's weights are stored input axes last too
+  (`stores_input_last`, WEIGHT_ONLY_INPUT_LAST), as fp8 ones are.
 """
 
 from __future__ import annotations
@@ -151,8 +152,12 @@ GROUPED_DOTS = [True]
 GROUPED_MIN_GROUP = 128
 # Smaller int4 groups (GGUF's 4-bit blocks: 32 channels) are group dots too in steps of at most this
 # many rows, when stored input axes last (on GPUs: stores_input_last; 0: never, and such weights
-# keep the checkpoint's layout).
-SMALL_GROUP_DOT_ROWS = 1
+# keep the checkpoint's layout). H100, Llama-3.1-8B shape, groups of 32 with offsets: batch-1 decode
+# (a 2-row step) 15.07 -> 7.10 ms a token, TTFT 128 / 2,048 24.1 / 68.5 -> 25.1 / 71.8 ms; a layer's
+# products as dots against dequantized first, us: 249 / 478 at 2 rows, 351 / 474 at 8, 590 / 504 at
+# 16, and dequantized stored so 599 at 16 (benchmarks/RESULTS.md, "Weight-only weights stored input
+# axes last").
+SMALL_GROUP_DOT_ROWS = 8
 
 
 def weight_only_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: str, num_input_axes: int = 1,
@@ -189,8 +194,9 @@ TRANSPOSED_SUFFIX = "_t"
 
 # Which weight-only formats the engine stores input axes last too (their scales and offsets keep the
 # checkpoint's layout): W8A16's int8 weights with a scale per output channel, as fp8 ones, and W4A16's
-# int4 weights in groups of at least GROUPED_MIN_GROUP channels, whose batch of group dots a decode
-# step computes (`grouped_linear`) then reads each group's channels contiguous. H100, Llama-3.1-8B
+# int4 weights (groups under GROUPED_MIN_GROUP channels while SMALL_GROUP_DOT_ROWS > 0), whose batch
+# of group dots a decode step computes (`grouped_linear`) then reads each group's channels
+# contiguous. H100, Llama-3.1-8B
 # shape, batch-1 decode: W4A16 (groups of 128) 4.10 -> 3.43 ms a token, with offsets 4.53 -> 3.96,
 # W8A16 3.81 -> 3.40; prefill 0.2-2.6 ms slower (benchmarks/RESULTS.md, "Weight-only weights stored
 # input axes last"). None: on GPUs only (jax.default_backend()), since the CPU's XLA reads an int8
@@ -202,8 +208,8 @@ WEIGHT_ONLY_INPUT_LAST: dict[str, bool | None] = {"int8": None, "int4": None}
 def stores_input_last(w, scale, num_input_axes: int) -> bool:
     """Whether the engine stores a projection weight `w` (with its scale, or None) input axes last:
     every float8 weight, and (WEIGHT_ONLY_INPUT_LAST) W8A16's int8 ones (a scale per output channel)
-    and W4A16's int4 ones in groups of at least GROUPED_MIN_GROUP channels. `w` and `scale` may be
-    arrays or jax.ShapeDtypeStructs."""
+    and W4A16's int4 ones (groups under GROUPED_MIN_GROUP channels only while SMALL_GROUP_DOT_ROWS >
+    0). `w` and `scale` may be arrays or jax.ShapeDtypeStructs."""
     if w.dtype == FP8_DTYPE:
         return True
     switch = WEIGHT_ONLY_INPUT_LAST.get(jnp.dtype(w.dtype).name, False)

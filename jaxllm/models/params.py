@@ -33,10 +33,10 @@ The engine on one device serves the fused layout (`fuse_params`): per layer
 in place of wq, wk, wv and w_gate, w_up (with their scales, offsets and input scales alike; a group
 stored two ways in one layer by quant_exclude stays apart), so a layer runs two products where it
 ran five (benchmarks/RESULTS.md "Fused projections"). On one device and under a mesh (where the
-projections stay apart) each float8 weight, and on GPUs W8A16's int8 and W4A16's int4 ones in groups
-of 128 channels and more, is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t
-[embed, q_heads, head_dim]; the layout the GPU's GEMMs read fastest: layers/linear.py
-TRANSPOSED_SUFFIX, stores_input_last; `transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
+projections stay apart) each float8 weight, and on GPUs each of W8A16's int8 and W4A16's int4 ones,
+is stored with its input axes last, `<projection>_t` [*out, *in] (wo_t [embed, q_heads, head_dim];
+the layout the GPU's GEMMs read fastest: layers/linear.py TRANSPOSED_SUFFIX, stores_input_last;
+`transpose_params`; their scales keep the checkpoint's layout). The model code takes either layout
 (models/transformer.py) and `unfuse_params` gives the checkpoint's back.
 Layers are a list, not a stacked array: the jitted step unrolls them, which lets XLA update each
 layer's KV pages in place (a scan over stacked layers copies them; see ../shared/GPU.md).
@@ -271,8 +271,8 @@ def fuse_layer(lp: dict, cfg: ModelConfig) -> dict:
 
 def transposed(lp: dict) -> dict[str, int]:
     """The projections a layer's params store input axes last in the engine's layout (its float8
-    weights, and on GPUs its int8 ones and int4 ones in groups of 128 channels and more:
-    layers/linear.py stores_input_last, TRANSPOSED_SUFFIX) -> their input axes."""
+    weights, and on GPUs its int8 (a scale per channel) and int4 ones: layers/linear.py
+    stores_input_last, TRANSPOSED_SUFFIX) -> their input axes."""
     return {name: n for name, n in INPUT_AXES.items()
             if name in lp and stores_input_last(lp[name], lp.get(name + SCALE_SUFFIX), n)}  # fmt: skip
 
