@@ -134,17 +134,17 @@ def test_fp8_projections_of_a_few_rows_are_weight_only_on_request():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
-    """A W4A16 product of at most weight_only_rows rows (a GPU decode) with groups of at least
-    linear.GROUPED_MIN_GROUP channels is grouped_linear's batch of dots, one a group (offsets too):
-    the dequantized weight's product; more rows dequantize the weight first, exactly as before; so do
-    smaller groups, int8 groups and the switch (GROUPED_DOTS) off."""
+# Each projection form's weight shape: wo's two input axes, the fused QKV and gate/up.
+W4A16_SHAPES = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
+
+
+def _w4a16_layers(kw):
+    """(name, its input axes, weight shape, layer params, dequantized weight) of each projection form's
+    random weight as int4 in groups of 16, without and with offsets."""
     from jaxllm.layers import linear
     from jaxllm.quantization import quantize_int, quantize_int_asymmetric
 
-    shapes = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
-    kx, kw = jax.random.split(jax.random.key(9))
-    for name, w_shape in shapes.items():
+    for name, w_shape in W4A16_SHAPES.items():
         n_in = linear.INPUT_AXES[name]
         w = jax.random.normal(kw, w_shape)
         for zero_point in (False, True):
@@ -154,22 +154,34 @@ def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
             else:
                 q, scale = quantize_int(w, n_in, "W4A16", group_size=16)
                 lp = {name: q, name + "_scale": scale}
-            deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, lp.get(name + "_zero"))
-            for rows in (2, 17):
-                x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
-                want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
-                with monkeypatch.context() as patch:
-                    patch.setattr(linear, "GROUPED_MIN_GROUP", 16)
-                    got = linear.project(lp, name, x, weight_only_rows=16)
-                    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-                    dequantized = linear.project(lp, name, x)  # weight_only_rows 0: the CPU's steps
-                    if rows > 16:  # past weight_only_rows: the dequantized form, exactly
-                        np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantized))
-                    patch.setattr(linear, "GROUPED_DOTS", [False])
-                    off = linear.project(lp, name, x, weight_only_rows=16)
-                    np.testing.assert_array_equal(np.asarray(off), np.asarray(dequantized))
-                np.testing.assert_array_equal(np.asarray(linear.project(lp, name, x, weight_only_rows=16)),
-                                              np.asarray(dequantized))  # groups of 16 < GROUPED_MIN_GROUP  # fmt: skip
+            yield name, n_in, w_shape, lp, linear.dequantize_groups(q, scale, n_in, jnp.float32, lp.get(name + "_zero"))
+
+
+def test_w4a16_decode_products_as_a_batch_of_group_dots(monkeypatch):
+    """A W4A16 product of at most weight_only_rows rows (a GPU decode) with groups of at least
+    linear.GROUPED_MIN_GROUP channels is grouped_linear's batch of dots, one a group (offsets too):
+    the dequantized weight's product; more rows dequantize the weight first, exactly as before; so do
+    smaller groups, int8 groups and the switch (GROUPED_DOTS) off."""
+    from jaxllm.layers import linear
+    from jaxllm.quantization import quantize_int, quantize_int_asymmetric
+
+    kx, kw = jax.random.split(jax.random.key(9))
+    for name, n_in, w_shape, lp, deq in _w4a16_layers(kw):
+        for rows in (2, 17):
+            x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
+            want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
+            with monkeypatch.context() as patch:
+                patch.setattr(linear, "GROUPED_MIN_GROUP", 16)
+                got = linear.project(lp, name, x, weight_only_rows=16)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+                dequantized = linear.project(lp, name, x)  # weight_only_rows 0: the CPU's steps
+                if rows > 16:  # past weight_only_rows: the dequantized form, exactly
+                    np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantized))
+                patch.setattr(linear, "GROUPED_DOTS", [False])
+                off = linear.project(lp, name, x, weight_only_rows=16)
+                np.testing.assert_array_equal(np.asarray(off), np.asarray(dequantized))
+            np.testing.assert_array_equal(np.asarray(linear.project(lp, name, x, weight_only_rows=16)),
+                                          np.asarray(dequantized))  # groups of 16 < GROUPED_MIN_GROUP  # fmt: skip
     # int8 groups (W8A16_GPTQ's) keep the dequantized form (not measured as group dots).
     q8, scale8 = quantize_int(jax.random.normal(kw, (64, 24)), 1, "W8A16", group_size=16)
     lp8, x = {"w_down": q8, "w_down_scale": scale8}, jax.random.normal(kx, (2, 64))
@@ -205,38 +217,29 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
 
     monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)
     monkeypatch.setattr(linear, "WEIGHT_ONLY_INPUT_LAST", {"int8": True, "int4": True})  # the GPU's layout (None)
-    shapes = {"wq": (32, 4, 8), "wo": (4, 32, 24), "w_down": (48, 32), "wqkv": (32, 2, 3, 8), "w_gate_up": (32, 2, 40)}
     kx, kw = jax.random.split(jax.random.key(11))
-    for name, w_shape in shapes.items():
+    for name, n_in, w_shape, lp, deq in _w4a16_layers(kw):
+        assert transposed(lp) == {name: n_in}
+        lp_t = transpose_layer(lp)
+        assert name not in lp_t and lp_t[name + "_t"].shape == w_shape[n_in:] + w_shape[:n_in]
+        scale, zero = lp[name + "_scale"], lp.get(name + "_zero")
+        assert lp_t[name + "_scale"] is scale  # scales and offsets keep the checkpoint's layout
+        np.testing.assert_array_equal(
+            np.asarray(linear.dequantize_groups(lp_t[name + "_t"], scale, n_in, jnp.float32, zero, input_last=True)),
+            np.asarray(linear.transpose_input_last(deq, n_in)))  # fmt: skip
+        for rows in (2, 17):  # the group dots, then the dequantized form
+            x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
+            want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
+            got = linear.project(lp_t, name, x, weight_only_rows=16)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+        monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", False)
+        assert transposed(lp) == {}
+        monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
+    # Groups of 8 < GROUPED_MIN_GROUP (as GGUF's 32 are under 128): stored so too, group dots in
+    # steps of at most SMALL_GROUP_DOT_ROWS rows, dequantized first in larger ones.
+    for name, w_shape in W4A16_SHAPES.items():
         n_in = linear.INPUT_AXES[name]
-        w = jax.random.normal(kw, w_shape)
-        for zero_point in (False, True):
-            if zero_point:
-                q, scale, zero = quantize_int_asymmetric(w, n_in, 16)
-                lp = {name: q, name + "_scale": scale, name + "_zero": zero}
-            else:
-                q, scale = quantize_int(w, n_in, "W4A16", group_size=16)
-                lp = {name: q, name + "_scale": scale}
-            assert transposed(lp) == {name: n_in}
-            lp_t = transpose_layer(lp)
-            assert name not in lp_t and lp_t[name + "_t"].shape == w_shape[n_in:] + w_shape[:n_in]
-            assert lp_t[name + "_scale"] is scale  # scales and offsets keep the checkpoint's layout
-            deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, lp.get(name + "_zero"))
-            np.testing.assert_array_equal(
-                np.asarray(linear.dequantize_groups(lp_t[name + "_t"], scale, n_in, jnp.float32, lp.get(name + "_zero"),
-                                                    input_last=True)),
-                np.asarray(linear.transpose_input_last(deq, n_in)))  # fmt: skip
-            for rows in (2, 17):  # the group dots, then the dequantized form
-                x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
-                want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
-                got = linear.project(lp_t, name, x, weight_only_rows=16)
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-            monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", False)
-            assert transposed(lp) == {}
-            monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
-        # Groups of 8 < GROUPED_MIN_GROUP (as GGUF's 32 are under 128): stored so too, group dots in
-        # steps of at most SMALL_GROUP_DOT_ROWS rows, dequantized first in larger ones.
-        q, scale, zero = quantize_int_asymmetric(w, n_in, 8)
+        q, scale, zero = quantize_int_asymmetric(jax.random.normal(kw, w_shape), n_in, 8)
         lp = {name: q, name + "_scale": scale, name + "_zero": zero}
         assert transposed(lp) == {name: n_in}
         deq = linear.dequantize_groups(q, scale, n_in, jnp.float32, zero)
