@@ -82,9 +82,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] =
 
 def engine_param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, str | None] = RULES, base=None):
     """param_shardings in the engine's layout under a mesh: each weight models/params.py `transposed`
-    names (float8; on GPUs int8, grouped int4) stored input axes last (transpose_params), its PartitionSpec
-    permuted alike. `base`: param_shardings
-    of (cfg, mesh, rules) when the caller has them already."""
+    names (float8; on GPUs int8 and int4) stored input axes last (transpose_params), its
+    PartitionSpec permuted alike. `base`: param_shardings of (cfg, mesh, rules) when the caller has
+    them already."""
     shardings = base if base is not None else param_shardings(cfg, mesh, rules)
     abstract = abstract_params(cfg, jnp.float32)
 

@@ -303,7 +303,8 @@ def test_the_cache_key_holds_the_module_switches_programs_are_traced_under(monke
              (attention, "ROPE_IN_KV_WRITE", {"pallas": not attention.ROPE_IN_KV_WRITE["pallas"]}),
              (transformer, "WEIGHT_ONLY_MAX_ROWS", transformer.WEIGHT_ONLY_MAX_ROWS + 1),
              (linear, "GROUPED_DOTS", [not linear.GROUPED_DOTS[0]]),
-             (linear, "WEIGHT_ONLY_INPUT_LAST", {**linear.WEIGHT_ONLY_INPUT_LAST, "int8": False})]  # fmt: skip
+             (linear, "WEIGHT_ONLY_INPUT_LAST", {**linear.WEIGHT_ONLY_INPUT_LAST, "int8": False}),
+             (linear, "SMALL_GROUP_DOT_ROWS", linear.SMALL_GROUP_DOT_ROWS + 1)]  # fmt: skip
     for module, name, value in flips:
         with monkeypatch.context() as patch:
             patch.setattr(module, name, value)

@@ -11,13 +11,13 @@ else `$XDG_CACHE_HOME/jaxllm/programs`, else `~/.cache/jaxllm/programs`; `LLM(co
 ...)` chooses another, and the value "off" (argument or variable) turns it off. An engine's programs
 sit in a directory named by a digest of everything they depend on: jaxllm's own source, the JAX
 and jaxlib versions, XLA_FLAGS, the module switches programs are traced under (DECODES_APART,
-ROPE_IN_KV_WRITE, WEIGHT_ONLY_MAX_ROWS, GROUPED_DOTS, WEIGHT_ONLY_INPUT_LAST, which benchmarks
-flip), the devices, and the engine's description (model config, weight and cache shapes, dtypes and
-shardings, buckets, backend). Any
-change of these misses cleanly. Files are written to a temporary name and renamed into place, so
-processes sharing the cache see whole files or none; a file that fails to load is compiled again
-and replaced. The cache is kept under `$JAXLLM_COMPILE_CACHE_GB` (default 8) gigabytes: after a
-write, the least recently used engines' directories are removed until it fits.
+ROPE_IN_KV_WRITE, WEIGHT_ONLY_MAX_ROWS, GROUPED_DOTS, WEIGHT_ONLY_INPUT_LAST, SMALL_GROUP_DOT_ROWS,
+which benchmarks flip), the devices, and the engine's description (model config, weight and cache
+shapes, dtypes and shardings, buckets, backend). Any change of these misses cleanly. Files are
+written to a temporary name and renamed into place, so processes sharing the cache see whole files
+or none; a file that fails to load is compiled again and replaced. The cache is kept under
+`$JAXLLM_COMPILE_CACHE_GB` (default 8) gigabytes: after a write, the least recently used engines'
+directories are removed until it fits.
 """
 
 from __future__ import annotations

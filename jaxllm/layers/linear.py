@@ -144,10 +144,11 @@ def grouped_linear(x: jax.Array, w8: jax.Array, w_scale: jax.Array, equation: st
 # the weight in every step: on an H100 the Llama-3.1-8B shape's batch-1 decode in W4A16 (groups of
 # 128) took 4.13 ms a token with the batch of dots against 14.87 without, a layer's products 170.9 us
 # against 412.0 at one row; groups of 128 with offsets (GPTQ's usual), weights stored input axes
-# last, 3.96 against 14.50. Groups of 32 with offsets lost as dots (456.4 against 434.1 us a layer)
-# and keep the dequantized form. int8 groups (W8A16_GPTQ) were not measured as dots and keep the
-# dequantized form (benchmarks/RESULTS.md, "W4A16 decode products as a batch of dots", "Weight-only
-# weights stored input axes last").
+# last, 3.96 against 14.50. Smaller groups lost as dots in the checkpoint's layout (32 with offsets:
+# 456.4 against 434.1 us a layer) and take them only stored input axes last, in small steps
+# (SMALL_GROUP_DOT_ROWS). int8 groups (W8A16_GPTQ) were not measured as dots and keep the dequantized
+# form (benchmarks/RESULTS.md, "W4A16 decode products as a batch of dots", "Weight-only weights stored
+# input axes last").
 GROUPED_DOTS = [True]
 GROUPED_MIN_GROUP = 128
 # Smaller int4 groups (GGUF's 4-bit blocks: 32 channels) are group dots too in steps of at most this
@@ -196,12 +197,11 @@ TRANSPOSED_SUFFIX = "_t"
 # checkpoint's layout): W8A16's int8 weights with a scale per output channel, as fp8 ones, and W4A16's
 # int4 weights (groups under GROUPED_MIN_GROUP channels while SMALL_GROUP_DOT_ROWS > 0), whose batch
 # of group dots a decode step computes (`grouped_linear`) then reads each group's channels
-# contiguous. H100, Llama-3.1-8B
-# shape, batch-1 decode: W4A16 (groups of 128) 4.10 -> 3.43 ms a token, with offsets 4.53 -> 3.96,
-# W8A16 3.81 -> 3.40; prefill 0.2-2.6 ms slower (benchmarks/RESULTS.md, "Weight-only weights stored
-# input axes last"). None: on GPUs only (jax.default_backend()), since the CPU's XLA reads an int8
-# weight stored so far slower: SmolLM2 in W8A16 decoded at 84-89 ms a token that way against 39-41
-# (2 cores, float32).
+# contiguous. H100, Llama-3.1-8B shape, batch-1 decode: W4A16 (groups of 128) 4.10 -> 3.43 ms a
+# token, with offsets 4.53 -> 3.96, W8A16 3.81 -> 3.40; prefill 0.2-2.6 ms slower
+# (benchmarks/RESULTS.md, "Weight-only weights stored input axes last"). None: on GPUs only
+# (jax.default_backend()), since the CPU's XLA reads an int8 weight stored so far slower: SmolLM2 in
+# W8A16 decoded at 84-89 ms a token that way against 39-41 (2 cores, float32).
 WEIGHT_ONLY_INPUT_LAST: dict[str, bool | None] = {"int8": None, "int4": None}
 
 

@@ -278,8 +278,9 @@ def transposed(lp: dict) -> dict[str, int]:
 
 
 def transpose_layer(lp: dict, names: dict[str, int] | None = None, transpose=transpose_input_last) -> dict:
-    """One layer's params with the weights `transposed` names stored input axes last (`<name>_t`). `names` and
-    `transpose` (default: `transposed(lp)`, the weights') let a layer's shardings follow its weights."""
+    """One layer's params with the weights `transposed(lp)` names stored input axes last (`<name>_t`).
+    `names` and `transpose` (default: `transposed(lp)`, the weights') let a layer's shardings follow
+    its weights."""
     out = dict(lp)
     for name, num_input_axes in (transposed(lp) if names is None else names).items():
         out[name + TRANSPOSED_SUFFIX] = transpose(out.pop(name), num_input_axes)
