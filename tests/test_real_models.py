@@ -79,18 +79,20 @@ FP8_TEXTS = [
     "Machine learning is a field of study in artificial intelligence concerned with the development of",
     "Once upon a time, in a small village at the edge of a great forest, there lived an old woodcutter and his",
 ]
-# Measured on the CPU (FP8 emulated, the GPU's arithmetic: benchmarks/RESULTS.md "FP8", and 2026-12-07
-# for the GPU): top-1 agreement with bf16 0.91 (SmolLM2) and 0.92 (Gemma 3; 0.88 when first measured,
-# 2026-12-04), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
-# 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. E4M3 keeps 3 mantissa bits (about 2.7% error per product
-# against bf16's 0.2%), which these 135M / 270M models feel more than an 8B one. Int4 (W4A16) is
-# coarser still for them: per output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric
-# groups of 128 0.61 / 0.71, of 16 0.75 / 0.72; asymmetric groups of 32 (has_zero_point, the layout
-# of SmolLM2's Q4_1 file, re-encoded exactly) 1.00 / 0.86, mean |d logprob| 0.029 / 0.29; with the
-# 4-bit blocks read as they are 1.000 / 0.829, 0.000 / 0.272; Gemma's file is mostly 5- to 8-bit
-# blocks (Q5_0 63 M weights, Q4_K 24 M, Q6_K 12 M, Q8_0 1.5 M), which --quantization gguf reads as
-# they are with the 4-bit ones into int8 groups of 16 (W8A16_GPTQ): 1.000 / 0.000, the file's own
-# numbers (so did the 4-bit blocks as int4 with the other projections left float).
+# Measured on the CPU (FP8 emulated, the GPU's arithmetic: benchmarks/RESULTS.md "FP8", and
+# 2026-12-07 for the GPU): top-1 agreement with bf16 0.91 (SmolLM2) and 0.92 (Gemma 3; 0.88 when
+# first measured, 2026-12-04), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
+# 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. Over 4,096 positions of longer
+# texts (benchmarks/quant_agreement.py) FP8 agrees at 0.85-0.87 / 0.84-0.86 and float32 at 0.97 /
+# 0.96-0.97. E4M3 keeps 3 mantissa bits (about 2.7% error per product against bf16's 0.2%), which
+# these 135M / 270M models feel more than an 8B one. Int4 (W4A16) is coarser still for them: per
+# output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric groups of 128 0.61 / 0.71, of
+# 16 0.75 / 0.72; asymmetric groups of 32 (has_zero_point, the layout of SmolLM2's Q4_1 file,
+# re-encoded exactly) 1.00 / 0.86, mean |d logprob| 0.029 / 0.29; with the 4-bit blocks read as they
+# are 1.000 / 0.829, 0.000 / 0.272; Gemma's file is mostly 5- to 8-bit blocks (Q5_0 63 M weights,
+# Q4_K 24 M, Q6_K 12 M, Q8_0 1.5 M), which --quantization gguf reads as they are with the 4-bit ones
+# into int8 groups of 16 (W8A16_GPTQ): 1.000 / 0.000, the file's own numbers (so did the 4-bit
+# blocks as int4 with the other projections left float).
 FP8_BOUNDS = {("smollm2", "FP8_PER_CHANNEL_PER_TOKEN"): (0.85, 0.2), ("gemma3-270m", "FP8_PER_CHANNEL_PER_TOKEN"): (0.87, 0.15),
               ("smollm2", "W8A16"): (0.97, 0.1), ("smollm2", "W4A16/g32z"): (0.98, 0.06),
               ("gemma3-270m", "W4A16/g32z"): (0.8, 0.4), ("gemma3-270m", "gguf"): (0.98, 0.02)}  # fmt: skip
