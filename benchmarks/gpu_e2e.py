@@ -419,19 +419,16 @@ def main() -> None:
             attention.ROPE_IN_KV_WRITE["pallas"] = args.rope_in_kv_write == "on"
         if args.decodes_apart is not None:
             attention.DECODES_APART[0] = args.decodes_apart == "on"
-    if args.w4_grouped is not None:
+    if args.w4_grouped is not None or args.small_group_rows is not None or args.weight_only_layout is not None:
         from jaxllm.layers import linear
 
-        linear.GROUPED_DOTS[0] = args.w4_grouped == "on"
-    if args.small_group_rows is not None:
-        from jaxllm.layers import linear
-
-        linear.SMALL_GROUP_DOT_ROWS = args.small_group_rows
-    if args.weight_only_layout is not None:
-        from jaxllm.layers import linear
-
-        for name in linear.WEIGHT_ONLY_INPUT_LAST:
-            linear.WEIGHT_ONLY_INPUT_LAST[name] = args.weight_only_layout == "input-last"
+        if args.w4_grouped is not None:
+            linear.GROUPED_DOTS[0] = args.w4_grouped == "on"
+        if args.small_group_rows is not None:
+            linear.SMALL_GROUP_DOT_ROWS = args.small_group_rows
+        if args.weight_only_layout is not None:
+            for name in linear.WEIGHT_ONLY_INPUT_LAST:
+                linear.WEIGHT_ONLY_INPUT_LAST[name] = args.weight_only_layout == "input-last"
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

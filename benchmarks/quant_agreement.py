@@ -28,8 +28,8 @@ import dataclasses
 import inspect
 import json
 import os
-import time
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np

@@ -664,9 +664,9 @@ def test_w8a16_gptq_is_int8_weights_per_group_with_offsets(tiny_dir, tmp_path):
 def test_w4a16_engine_with_int4_weights_stored_input_axes_last(tiny_dir, monkeypatch):
     """An engine whose W4A16 groups are at least linear.GROUPED_MIN_GROUP channels (here this tiny
     model's groups of 16 and 32 are taken as 128's are) stores its int4 weights input axes last (on
-    GPUs; here the switch is set as on GPUs) and
-    gives the tokens of the checkpoint's layout (WEIGHT_ONLY_INPUT_LAST off), also at TP=2, where each
-    transposed weight's sharding is permuted alike."""
+    GPUs; here the switch is set as on GPUs) and gives the tokens of the checkpoint's layout
+    (WEIGHT_ONLY_INPUT_LAST off), also at TP=2, where each transposed weight's sharding is permuted
+    alike."""
     from jaxllm.layers import linear
 
     monkeypatch.setattr(linear, "GROUPED_MIN_GROUP", 16)

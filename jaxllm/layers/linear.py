@@ -93,6 +93,11 @@ def _grouped_axis(w: jax.Array, num_input_axes: int, input_last: bool) -> int:
     return w.ndim - 1 if input_last else num_input_axes - 1
 
 
+def _group_size(w, w_scale, num_input_axes: int, input_last: bool = False) -> int:
+    """The input channels of a group of weight `w` whose scales `w_scale` are [*in[:-1], groups, *out]."""
+    return w.shape[_grouped_axis(w, num_input_axes, input_last)] // w_scale.shape[num_input_axes - 1]
+
+
 def dequantize_groups(w8: jax.Array, w_scale: jax.Array, num_input_axes: int, dtype,
                       zero: jax.Array | None = None, input_last: bool = False) -> jax.Array:  # fmt: skip
     """An int weight [*in, *out] times its group scales [*in[:-1], groups, *out] (quantization.py:
@@ -217,8 +222,8 @@ def stores_input_last(w, scale, num_input_axes: int) -> bool:
         return False
     if len(scale.shape) < len(w.shape):  # a scale per output channel (W8A16)
         return w.dtype == jnp.int8
-    group = w.shape[num_input_axes - 1] // scale.shape[num_input_axes - 1]
-    return w.dtype == jnp.int4 and (group >= GROUPED_MIN_GROUP or SMALL_GROUP_DOT_ROWS > 0)
+    small_groups = SMALL_GROUP_DOT_ROWS > 0
+    return w.dtype == jnp.int4 and (small_groups or _group_size(w, scale, num_input_axes) >= GROUPED_MIN_GROUP)
 
 
 def holds(lp: dict, name: str) -> bool:
@@ -261,7 +266,7 @@ def project(lp: dict, name: str, x: jax.Array, weight_only_rows: int = 0) -> jax
     rows = math.prod(x.shape[: x.ndim - num_input_axes])
     zero = lp.get(name + ZERO_SUFFIX)
     if w.dtype == jnp.int4 and scale.ndim == w.ndim and rows <= weight_only_rows and GROUPED_DOTS[0]:
-        group = w.shape[_grouped_axis(w, num_input_axes, input_last)] // scale.shape[num_input_axes - 1]
+        group = _group_size(w, scale, num_input_axes, input_last)
         if group >= GROUPED_MIN_GROUP or (input_last and rows <= SMALL_GROUP_DOT_ROWS):
             return grouped_linear(x, w, scale, equation, num_input_axes, zero, input_last)
     if w.dtype in WEIGHT_ONLY_DTYPES or rows <= weight_only_rows:  # W8A16 / W4A16, or an FP8 decode
