@@ -237,6 +237,7 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
         monkeypatch.setitem(linear.WEIGHT_ONLY_INPUT_LAST, "int4", True)
     # Groups of 8 < GROUPED_MIN_GROUP (as GGUF's 32 are under 128): stored so too, group dots in
     # steps of at most SMALL_GROUP_DOT_ROWS rows, dequantized first in larger ones.
+    grouped = linear.grouped_linear
     for name, w_shape in W4A16_SHAPES.items():
         n_in = linear.INPUT_AXES[name]
         q, scale, zero = quantize_int_asymmetric(jax.random.normal(kw, w_shape), n_in, 8)
@@ -246,8 +247,12 @@ def test_w4a16_int4_weights_stored_input_axes_last(monkeypatch):
         for rows in (2, linear.SMALL_GROUP_DOT_ROWS + 1):
             x = jax.random.normal(kx, (rows,) + w_shape[:n_in])
             want = jnp.einsum(PROJECTIONS[name], x, deq, precision="highest")
-            got = linear.project(transpose_layer(lp), name, x, weight_only_rows=16)
+            calls = []
+            with monkeypatch.context() as patch:  # which form computed it
+                patch.setattr(linear, "grouped_linear", lambda *a, **k: calls.append(rows) or grouped(*a, **k))
+                got = linear.project(transpose_layer(lp), name, x, weight_only_rows=16)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+            assert calls == ([rows] if rows <= linear.SMALL_GROUP_DOT_ROWS else []), (name, rows)
         with monkeypatch.context() as patch:
             patch.setattr(linear, "SMALL_GROUP_DOT_ROWS", 0)  # never: the checkpoint's layout
             assert transposed(lp) == {}
