@@ -391,6 +391,10 @@ def main() -> None:
                         help="steps of at most this many rows compute int4 groups under 128 channels as group dots, "
                              "the weights stored input axes last (jaxllm/layers/linear.py SMALL_GROUP_DOT_ROWS; 0: "
                              "never, the checkpoint's layout)")  # fmt: skip
+    parser.add_argument("--quantized-triton-rows", type=int, default=None,
+                        help="a quantized model's forward programs of at most this many tokens keep Triton GEMMs "
+                             "(jaxllm/engine/buckets.py QUANTIZED_TRITON_GEMM_MAX_ROWS; 8: as a bf16 model's, "
+                             "TRITON_GEMM_MAX_ROWS)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -429,6 +433,10 @@ def main() -> None:
         if args.weight_only_layout is not None:
             for name in linear.WEIGHT_ONLY_INPUT_LAST:
                 linear.WEIGHT_ONLY_INPUT_LAST[name] = args.weight_only_layout == "input-last"
+    if args.quantized_triton_rows is not None:
+        from jaxllm.engine import buckets
+
+        buckets.QUANTIZED_TRITON_GEMM_MAX_ROWS = args.quantized_triton_rows
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

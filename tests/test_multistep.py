@@ -176,21 +176,28 @@ def test_full_multi_step_decodes_are_compiled_up_to_their_row_cap():
         buckets.forward_shape([1] * 17, 3, decode_steps=8, sampling="full")
 
 
-def test_triton_gemms_only_in_few_row_forward_programs_on_gpus(tiny_llm, monkeypatch):
+@pytest.mark.parametrize("quant_algo", [None, "FP8", "W4A16"])
+def test_triton_gemms_only_in_few_row_forward_programs_on_gpus(tiny_llm, monkeypatch, quant_algo):
     """XLA's defaults on the CPU; on a GPU every program but a forward of at most
-    TRITON_GEMM_MAX_ROWS tokens is compiled without Triton GEMMs (benchmarks/RESULTS.md)."""
+    TRITON_GEMM_MAX_ROWS tokens (a quantized model's: QUANTIZED_TRITON_GEMM_MAX_ROWS, its weight-only
+    decode steps) is compiled without Triton GEMMs (benchmarks/RESULTS.md)."""
+    import dataclasses
     import types
 
-    from jaxllm.engine.buckets import NO_TRITON_GEMM_OPTIONS, TRITON_GEMM_MAX_ROWS, ForwardShape
+    from jaxllm.engine.buckets import (NO_TRITON_GEMM_OPTIONS, QUANTIZED_TRITON_GEMM_MAX_ROWS, TRITON_GEMM_MAX_ROWS,
+                                       ForwardShape)  # fmt: skip
 
     runner = tiny_llm("llama")._engine.runner
+    monkeypatch.setattr(runner, "cfg", dataclasses.replace(runner.cfg, quant_algo=quant_algo))
     shapes = runner.bucket_shapes()
     assert all(runner.compiler_options(s) is None for s in shapes)
     monkeypatch.setattr(runner, "_devices", lambda: [types.SimpleNamespace(platform="gpu", device_kind="H200", id=0)])
+    rows = QUANTIZED_TRITON_GEMM_MAX_ROWS if quant_algo else TRITON_GEMM_MAX_ROWS
     for s in shapes:
-        few = isinstance(s, ForwardShape) and s.num_tokens <= TRITON_GEMM_MAX_ROWS
+        few = isinstance(s, ForwardShape) and s.num_tokens <= rows
         assert runner.compiler_options(s) == (None if few else NO_TRITON_GEMM_OPTIONS), s
-    assert any(isinstance(s, ForwardShape) and s.num_tokens <= TRITON_GEMM_MAX_ROWS for s in shapes)
+    assert any(isinstance(s, ForwardShape) and TRITON_GEMM_MAX_ROWS < s.num_tokens <= rows for s in shapes) == bool(
+        quant_algo)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])

@@ -83,6 +83,14 @@ ONE_GRAPH_MAX_ROWS = 2  # the batch sizes it was measured at (batch 1 runs the t
 # programs of at most TRITON_GEMM_MAX_ROWS tokens keep them.
 NO_TRITON_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 TRITON_GEMM_MAX_ROWS = 8
+# A quantized model's decode-sized products are weight-only (layers/linear.py `project`'s
+# weight_only_rows: the fp8 or int weight widened to bf16 inside the product). Triton's GEMM fusion
+# widens it in the GEMM's prologue and reads the quantized bytes; cuBLAS takes no fp8 or int operand
+# beside a bf16 one, so without Triton XLA first writes a widened copy of the weight. A quantized
+# model's forward programs therefore keep Triton GEMMs up to this many tokens (its weight-only rows):
+# a 16-row decode step of the Llama-3.1-8B shape took 15.1 -> 4.0 ms in FP8 and W8A16 and 17.4 ->
+# 5.7 ms in W4A16 (H100; benchmarks/RESULTS.md, "Quantized models' 16-row steps keep Triton GEMMs").
+QUANTIZED_TRITON_GEMM_MAX_ROWS = 16
 
 # A mixed step's sequence slots are B = min(T, max_batch_size), and every slot's last token goes
 # through the LM head and the sampler. With TensorRT-LLM's max_batch_size of 2048 a lone 2,048-token
@@ -384,15 +392,18 @@ def engine_buckets(config, on_gpu: bool, adapters: bool) -> Buckets:
 NO_COMMAND_BUFFER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
-def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool = True) -> dict | None:
+def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool = True,
+                     quantized: bool = False) -> dict | None:  # fmt: skip
     """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
-    NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens;
+    NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens
+    (QUANTIZED_TRITON_GEMM_MAX_ROWS for a `quantized` model's);
     ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph`
     (RunnerConfig.one_graph_decode; by default several GPUs); without `command_buffers`
     (RunnerConfig.command_buffers) NO_COMMAND_BUFFER_OPTIONS instead of ONE_GRAPH_OPTIONS."""
     options = {}
     forward = isinstance(shape, ForwardShape)
-    if on_gpu and not (forward and shape.num_tokens <= TRITON_GEMM_MAX_ROWS):
+    triton_rows = max(TRITON_GEMM_MAX_ROWS, QUANTIZED_TRITON_GEMM_MAX_ROWS if quantized else 0)
+    if on_gpu and not (forward and shape.num_tokens <= triton_rows):
         options.update(NO_TRITON_GEMM_OPTIONS)
     if on_gpu and not command_buffers:
         options.update(NO_COMMAND_BUFFER_OPTIONS)

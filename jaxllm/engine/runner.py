@@ -241,7 +241,7 @@ class ModelRunner:
     def compiler_options(self, shape) -> dict | None:
         """XLA options the program of `shape` is compiled with (engine/buckets.py:compiler_options)."""
         return compiler_options(shape, self._devices()[0].platform == "gpu", self.one_graph_decode(),
-                                self.config.command_buffers)  # fmt: skip
+                                self.config.command_buffers, self.cfg.quant_algo is not None)  # fmt: skip
 
     def one_graph_decode(self) -> bool:
         if self.config.one_graph_decode is not None:
