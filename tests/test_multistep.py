@@ -196,6 +196,7 @@ def test_triton_gemms_only_in_few_row_forward_programs_on_gpus(tiny_llm, monkeyp
     for s in shapes:
         few = isinstance(s, ForwardShape) and s.num_tokens <= rows
         assert runner.compiler_options(s) == (None if few else NO_TRITON_GEMM_OPTIONS), s
+    assert any(isinstance(s, ForwardShape) and s.num_tokens <= TRITON_GEMM_MAX_ROWS for s in shapes)
     assert any(isinstance(s, ForwardShape) and TRITON_GEMM_MAX_ROWS < s.num_tokens <= rows for s in shapes) == bool(
         quant_algo)
 

@@ -87,9 +87,10 @@ TRITON_GEMM_MAX_ROWS = 8
 # weight_only_rows: the fp8 or int weight widened to bf16 inside the product). Triton's GEMM fusion
 # widens it in the GEMM's prologue and reads the quantized bytes; cuBLAS takes no fp8 or int operand
 # beside a bf16 one, so without Triton XLA first writes a widened copy of the weight. A quantized
-# model's forward programs therefore keep Triton GEMMs up to this many tokens (its weight-only rows):
-# a 16-row decode step of the Llama-3.1-8B shape took 15.1 -> 4.0 ms in FP8 and W8A16 and 17.4 ->
-# 5.7 ms in W4A16 (H100; benchmarks/RESULTS.md, "Quantized models' 16-row steps keep Triton GEMMs").
+# model's forward programs therefore keep Triton GEMMs up to this many tokens (its weight-only rows,
+# linear.WEIGHT_ONLY_MAX_ROWS): a 16-row decode step of the Llama-3.1-8B shape took 15.1 -> 4.0 ms
+# in FP8 and W8A16 and 17.4 -> 5.7 ms in W4A16 (H100; benchmarks/RESULTS.md, "Quantized models'
+# 16-row steps keep Triton GEMMs").
 QUANTIZED_TRITON_GEMM_MAX_ROWS = 16
 
 # A mixed step's sequence slots are B = min(T, max_batch_size), and every slot's last token goes
