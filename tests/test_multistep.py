@@ -187,6 +187,10 @@ def test_triton_gemms_only_in_few_row_forward_programs_on_gpus(tiny_llm, monkeyp
     from jaxllm.engine.buckets import (NO_TRITON_GEMM_OPTIONS, QUANTIZED_TRITON_GEMM_MAX_ROWS, TRITON_GEMM_MAX_ROWS,
                                        ForwardShape)  # fmt: skip
 
+    from jaxllm.layers.linear import WEIGHT_ONLY_MAX_ROWS
+
+    # every weight-only decode step (its product widens the weight inside Triton's GEMM) keeps them
+    assert QUANTIZED_TRITON_GEMM_MAX_ROWS >= WEIGHT_ONLY_MAX_ROWS
     runner = tiny_llm("llama")._engine.runner
     monkeypatch.setattr(runner, "cfg", dataclasses.replace(runner.cfg, quant_algo=quant_algo))
     shapes = runner.bucket_shapes()
