@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import os
 import textwrap
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import default_out
+from common import default_out, write_json
 
 PROSE = Path("/usr/share/common-licenses/GPL-3")
 FORMATS = ("float32", "FP8", "FP8 weight-only", "W8A16", "W4A16 g128", "W4A16 g32z")
@@ -145,8 +144,7 @@ def main() -> None:
     for name in args.models.split(","):
         rows += measure(name, formats, args.chunks, args.length, args.margin)
     out = args.out or os.path.join(default_out(), "quant_agreement.json")
-    with open(out, "w") as f:
-        json.dump({"chunks": args.chunks, "length": args.length, "margin": args.margin, "rows": rows}, f, indent=1)
+    write_json(out, {"chunks": args.chunks, "length": args.length, "margin": args.margin, "rows": rows}, indent=1)
     print(f"wrote {out}")
 
 
