@@ -60,7 +60,7 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
     from jaxllm.checkpoints.builtin import fetch
     from jaxllm.models.params import flatten_paths, unflatten_paths
     from jaxllm.models.transformer import forward_dense
-    from jaxllm.quantization import quantize_flat
+    from jaxllm.quantization import QuantConfig, quantize_flat
     from jaxllm.tokenizer import load_tokenizer
 
     forward = jax.jit(forward_dense, static_argnums=(2, 5))
@@ -92,9 +92,9 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
         if fmt == "W4A16 g32z":  # GGUF's 4-bit blocks read as they are, the rest quantized on load
             qcfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True)
             return loader.load_params(resolved, qcfg, jnp.bfloat16, progress=False), qcfg, 0
-        algo, group = {"FP8": ("FP8", 0), "FP8 weight-only": ("FP8", 0), "W8A16": ("W8A16", 0),
-                       "W4A16 g128": ("W4A16", 128)}[fmt]  # fmt: skip
-        qcfg = dataclasses.replace(cfg, quant_algo=algo, quant_group_size=group, quant_zero_point=False)
+        # the weight format `LLM(quant_config=...)` quantizes a float checkpoint to
+        algo = {"FP8": "FP8", "FP8 weight-only": "FP8", "W8A16": "W8A16", "W4A16 g128": "W4A16"}[fmt]
+        qcfg = QuantConfig(quant_algo=algo, group_size=128).applied_to(cfg)
         params = unflatten_paths(quantize_flat(flatten_paths(bf16), qcfg), qcfg)
         return params, qcfg, (length if fmt == "FP8 weight-only" else 0)
 

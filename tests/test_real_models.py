@@ -83,7 +83,7 @@ FP8_TEXTS = [
 # 2026-12-07 for the GPU): top-1 agreement with bf16 0.91 (SmolLM2) and 0.92 (Gemma 3; 0.88 when
 # first measured, 2026-12-04), mean |d logprob| of bf16's top token 0.13 and 0.08; W8A16 on SmolLM2
 # 0.99 and 0.055; bf16 itself agrees with float32 at 0.98 / 0.99. Over 4,096 positions of longer
-# texts (benchmarks/quant_agreement.py) FP8 agrees at 0.85-0.87 / 0.84-0.86 and float32 at 0.97 /
+# texts (benchmarks/quant_agreement.py) FP8 agrees at 0.89-0.90 / 0.84-0.86 and float32 at 0.97 /
 # 0.96-0.97. E4M3 keeps 3 mantissa bits (about 2.7% error per product against bf16's 0.2%), which
 # these 135M / 270M models feel more than an 8B one. Int4 (W4A16) is coarser still for them: per
 # output channel 0.56 / 0.51 (mean |d logprob| 1.39 / 1.49), symmetric groups of 128 0.61 / 0.71, of
