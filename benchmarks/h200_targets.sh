@@ -14,7 +14,8 @@
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
 # unless ANY_CARD=1 (then they run as asked, on that card).
-# Each run is skipped once it could end past $DEADLINE seconds (default 590: a call's 600 s).
+# A run is skipped if it could end past $DEADLINE seconds (default 590: a call's 600 s), or cut to the
+# time left when that is at least 3/4 of its time limit.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo:$repo/benchmarks" PYTHONUNBUFFERED=1
@@ -27,8 +28,10 @@ case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
   { echo "not an H200: running 'wide' instead of $part"; part=wide; }
 filter='Warning\|warn(\|cuda_timer'
 e2e() {  # name, timeout seconds, gpu_e2e.py arguments
-  local name=$1 limit=$2; shift 2
-  if [ $((SECONDS + limit)) -gt "${DEADLINE:-590}" ]; then echo "skipped $name: the call's time"; return; fi
+  local name=$1 limit=$2 left=$((${DEADLINE:-590} - SECONDS)); shift 2
+  # a run that would end past the deadline is skipped, or cut to the time left when that is 3/4 of its limit
+  if [ $((4 * left)) -lt $((3 * limit)) ]; then echo "skipped $name: the call's time"; return; fi
+  [ "$left" -lt "$limit" ] && { echo "(cut to ${left} s by the call's time)"; limit=$left; }
   echo "== $name: gpu_e2e.py $*"
   timeout "$limit" python "$repo/benchmarks/gpu_e2e.py" --out "$runs/$name" "$@" 2>&1 | grep --line-buffered -v "$filter"
 }
