@@ -24,7 +24,6 @@ arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic on the CP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import os
 import textwrap
@@ -90,7 +89,7 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
         if fmt == "float32":
             return loader.load_params(resolved, cfg, jnp.float32, progress=False), cfg, 0
         if fmt == "W4A16 g32z":  # GGUF's 4-bit blocks read as they are, the rest quantized on load
-            qcfg = dataclasses.replace(cfg, quant_algo="W4A16", quant_group_size=32, quant_zero_point=True)
+            qcfg = QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True).applied_to(cfg)
             return loader.load_params(resolved, qcfg, jnp.bfloat16, progress=False), qcfg, 0
         # the weight format `LLM(quant_config=...)` quantizes a float checkpoint to
         algo = {"FP8": "FP8", "FP8 weight-only": "FP8", "W8A16": "W8A16", "W4A16 g128": "W4A16"}[fmt]
