@@ -212,12 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(os.environ.get("JAXLLM_LOG", "INFO").upper())
     log.propagate = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at the interpreter's exit
+        return code
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`jaxllm generate ... | head`): stop quietly with a Unix tool's
+        # status for SIGPIPE (128 + 13); stdout now points at devnull so the exit's flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

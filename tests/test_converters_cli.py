@@ -1,5 +1,7 @@
 """Converters (GGUF -> HF -> jaxllm round trip) and the `jaxllm` command."""
 
+import io
+import os
 import subprocess
 import sys
 
@@ -22,6 +24,35 @@ def test_gguf_to_hf_to_jaxllm_gives_the_gguf_tokens(smollm2_path, smollm2_llm, t
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
             assert got == expected, source
             assert llm.tokenizer.chat_template  # the chat template travelled with the tokenizer
+
+
+class ClosedPipe(io.TextIOBase):
+    """A stdout whose reader went away (`jaxllm generate ... | head`): every write raises EPIPE."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        return self.fd
+
+
+def test_cli_stops_quietly_when_stdouts_reader_goes_away(smollm2_path, tmp_path, capsys, monkeypatch):
+    # a process writing into a pipe whose read end is closed: the status of a tool stopped by SIGPIPE,
+    # no traceback, nothing "ignored" at the interpreter's exit
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run([sys.executable, "-m", "jaxllm.cli", "models"], stdout=write_end, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+    # a streamed generation (the engine of the test above, its programs from the program cache)
+    with open(tmp_path / "stdout", "w") as f:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(f.fileno()))
+        code = main(["generate", "What is the capital of France?", "--model", str(smollm2_path), "--max-tokens", "12"])
+    assert code == 141 and "Traceback" not in capsys.readouterr().err
 
 
 def test_converter_fails_loudly(tmp_path, capsys):
