@@ -95,12 +95,12 @@ def cmd_generate(args) -> int:
         with open(args.input_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
         if not prompts:
-            print(f"{args.input_file}: no prompts", file=sys.stderr)
+            print(f"jaxllm: error: --input-file {args.input_file} holds no prompts (one a line)", file=sys.stderr)
             return 2
     elif args.prompt:
         prompts = [args.prompt]
     else:
-        print("give a PROMPT or --input-file", file=sys.stderr)
+        print("jaxllm: error: generate needs a PROMPT or --input-file FILE", file=sys.stderr)
         return 2
     params = _sampling_params(args)
     with _load(args, len(prompts) * params.best_of) as llm:

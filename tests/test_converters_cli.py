@@ -71,8 +71,13 @@ def test_cli_generate_streams_and_batches(smollm2_path, tmp_path, capsys):
     assert "### Name a color." in out and "### Name a fruit." in out
 
 
-def test_cli_errors_are_clear(capsys):
+def test_cli_errors_are_clear(capsys, tmp_path):
     assert main(["generate", "hi", "--model", "./no-such-model"]) == 2
     assert "not a local path" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert "jaxllm: error: generate needs a PROMPT or --input-file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["generate", "--input-file", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "jaxllm.cli", "models"], capture_output=True, text=True)
     assert result.returncode == 0 and "smollm2-135m-instruct (default)" in result.stdout
