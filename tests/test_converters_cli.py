@@ -26,6 +26,22 @@ def test_gguf_to_hf_to_jaxllm_gives_the_gguf_tokens(smollm2_path, smollm2_llm, t
             assert llm.tokenizer.chat_template  # the chat template travelled with the tokenizer
 
 
+def test_converter_fails_loudly(tmp_path, capsys):
+    assert gguf_to_hf.main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_generate_streams_and_batches(smollm2_path, tmp_path, capsys):
+    assert main(["generate", "What is the capital of France?", "--model", str(smollm2_path),
+                 "--max-tokens", "12"]) == 0  # fmt: skip
+    assert "Paris" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a color.\nName a fruit.\n")
+    assert main(["generate", "--input-file", str(prompts), "--model", str(smollm2_path), "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "### Name a color." in out and "### Name a fruit." in out
+
+
 class ClosedPipe(io.TextIOBase):
     """A stdout whose reader went away (`jaxllm generate ... | head`): every write raises EPIPE."""
 
@@ -48,27 +64,11 @@ def test_cli_stops_quietly_when_stdouts_reader_goes_away(smollm2_path, tmp_path,
                             text=True)  # fmt: skip
     os.close(write_end)
     assert result.returncode == 141 and result.stderr == "", result.stderr
-    # a streamed generation (the engine of the test above, its programs from the program cache)
+    # a streamed generation (test_cli_generate_streams_and_batches's engine: its programs from the program cache)
     with open(tmp_path / "stdout", "w") as f:
         monkeypatch.setattr(sys, "stdout", ClosedPipe(f.fileno()))
         code = main(["generate", "What is the capital of France?", "--model", str(smollm2_path), "--max-tokens", "12"])
     assert code == 141 and "Traceback" not in capsys.readouterr().err
-
-
-def test_converter_fails_loudly(tmp_path, capsys):
-    assert gguf_to_hf.main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_cli_generate_streams_and_batches(smollm2_path, tmp_path, capsys):
-    assert main(["generate", "What is the capital of France?", "--model", str(smollm2_path),
-                 "--max-tokens", "12"]) == 0  # fmt: skip
-    assert "Paris" in capsys.readouterr().out
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Name a color.\nName a fruit.\n")
-    assert main(["generate", "--input-file", str(prompts), "--model", str(smollm2_path), "--max-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "### Name a color." in out and "### Name a fruit." in out
 
 
 def test_cli_errors_are_clear(capsys, tmp_path):
