@@ -13,7 +13,8 @@
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
-# unless ANY_CARD=1 (then they run as asked, on that card).
+# or the part ELSE names (an H200 part then runs on that card), unless ANY_CARD=1 (then they run as
+# asked, on that card).
 # A run is skipped if it could end past $DEADLINE seconds (default 590: a call's 600 s), or cut to the
 # time left when that is at least 3/4 of its time limit.
 set -uo pipefail
@@ -25,7 +26,7 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
 [ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && [ "$part" != either ] && [ "$part" != wide ] && \
-  { echo "not an H200: running 'wide' instead of $part"; part=wide; }
+  { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; }
 filter='Warning\|warn(\|cuda_timer'
 e2e() {  # name, timeout seconds, gpu_e2e.py arguments
   local name=$1 limit=$2 left=$((${DEADLINE:-590} - SECONDS)); shift 2
