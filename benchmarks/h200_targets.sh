@@ -9,6 +9,8 @@
 #   bash benchmarks/h200_targets.sh either        # either card: quantized models' 16-row decode steps with Triton GEMMs
 #                                                 # up to 8 / 16 rows (FP8, W8A16, W4A16), then W4A16 groups of 32 with
 #                                                 # offsets at 128/128 x 1,024 with small-group rows 0 / 8, as time allows
+#   bash benchmarks/h200_targets.sh diagnose      # either card: Nsight Compute over the decode kernel (decode_ncu.sh),
+#                                                 # then the SmolLM2-135M shape's batch-1 decode under the profiler
 #   bash benchmarks/h200_targets.sh wide          # either card: W8A16 and W4A16 with Triton GEMMs up to 16 / 1,024
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
 #
@@ -25,7 +27,7 @@ part=$1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-[ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && [ "$part" != either ] && [ "$part" != wide ] && \
+[ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && [ "$part" != either ] && [ "$part" != wide ] && [ "$part" != diagnose ] && \
   { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; }
 filter='Warning\|warn(\|cuda_timer'
 e2e() {  # name, timeout seconds, gpu_e2e.py arguments
@@ -58,6 +60,9 @@ case "$part" in
       e2e "w4a16g32z_128x1024_rows$rows" 200 --parts perf --quantization w4a16 --group-size 32 --zero-point --skip-latency \
         --offline 128/128x1024 --small-group-rows "$rows"
     done ;;
+  diagnose)
+    OUT=$out timeout 300 bash "$repo/benchmarks/decode_ncu.sh"
+    e2e smollm2_batch1_profile 150 --model smollm2-135m --parts perf --offline none --profile ;;
   wide)
     for q in w8a16 w4a16; do
       for rows in 16 1024; do
