@@ -22,7 +22,8 @@ rotation fusions and the write (the rotation fusions were 8.2% of a mixed pass's
 benchmarks/RESULTS.md). The rotation is the "rotate half" layout: out[:d/2] = x[:d/2] cos -
 x[d/2:] sin, out[d/2:] = x[d/2:] cos + x[:d/2] sin, in x's dtype with each product and sum rounded
 to it, as the reference (and Hugging Face's bfloat16 models) compute it; the rotated key is then
-cast to the cache's dtype.
+cast to the cache's dtype. It reads q, k and v apart, or the fused QKV projection's output where it
+lies (`qkv`): a custom call's operands are not fused, so XLA would copy each slice out of it first.
 """
 
 from __future__ import annotations
@@ -103,18 +104,25 @@ def write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax
 
 def _rope_write_kv_kernel(slot_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, _k_in, _v_in, q_out, k_out, v_out, *,
                           token_block: int, half_block: int, dim_block: int, group: int, num_kv_heads: int,
-                          pool_slots: int):  # fmt: skip
+                          pool_slots: int, fused: bool):  # fmt: skip
     """slot_ref [T]; cos_ref, sin_ref [T, d/2]; q_ref, q_out [T * H, d] (token-major, head h = kv_head
-    * G + g); k_ref, v_ref [T * K, d]; k_out, v_out as in `_write_kv_kernel`. half_block divides d/2
-    and dim_block d: no load or store is masked (see `_write_kv_kernel`)."""
-    head_dim = k_ref.shape[1]
+    * G + g); k_ref, v_ref [T * K, d]; k_out, v_out as in `_write_kv_kernel`. fused: q_ref, k_ref and
+    v_ref are one array, the fused projection's output [T * K * (G + 2), d] (each (token, KV head)'s
+    G query rows, then its key and its value). half_block divides d/2 and dim_block d: no load or
+    store is masked (see `_write_kv_kernel`)."""
+    head_dim = k_out.shape[1]
     half = head_dim // 2
     head = pl.program_id(1)
     tokens = pl.program_id(0) * token_block + jnp.arange(token_block)
     slots = plgpu.load(slot_ref.at[tokens])
-    src = (tokens * num_kv_heads + head)[:, None]
+    pair = tokens * num_kv_heads + head  # (token, KV head)
     dst = (head * pool_slots + slots)[:, None]
-    q_rows = [(tokens * (num_kv_heads * group) + head * group + g)[:, None] for g in range(group)]
+    q_dst = [(pair * group + g)[:, None] for g in range(group)]
+    if fused:
+        q_src = [(pair * (group + 2) + g)[:, None] for g in range(group)]
+        k_src, v_src = (pair * (group + 2) + group)[:, None], (pair * (group + 2) + group + 1)[:, None]
+    else:
+        q_src, k_src, v_src = q_dst, pair[:, None], pair[:, None]
     for start in range(0, half, half_block):
         lo = (start + jnp.arange(half_block))[None, :]
         hi = lo + half
@@ -126,34 +134,54 @@ def _rope_write_kv_kernel(slot_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, _k_in
             c, s = cos.astype(ref.dtype), sin.astype(ref.dtype)
             return x_lo * c - x_hi * s, x_hi * c + x_lo * s
 
-        for rows in q_rows:
-            for dims, x in zip((lo, hi), rotate(q_ref, rows)):
+        for src, rows in zip(q_src, q_dst):
+            for dims, x in zip((lo, hi), rotate(q_ref, src)):
                 plgpu.store(q_out.at[rows, dims], x.astype(q_out.dtype))
-        for dims, x in zip((lo, hi), rotate(k_ref, src)):
+        for dims, x in zip((lo, hi), rotate(k_ref, k_src)):
             plgpu.store(k_out.at[dst, dims], to_cache_dtype(x, k_out.dtype))
     for start in range(0, head_dim, dim_block):
         dims = (start + jnp.arange(dim_block))[None, :]
-        plgpu.store(v_out.at[dst, dims], to_cache_dtype(plgpu.load(v_ref.at[src, dims]), v_out.dtype))
+        plgpu.store(v_out.at[dst, dims], to_cache_dtype(plgpu.load(v_ref.at[v_src, dims]), v_out.dtype))
 
 
-def rope_write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-                         cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array, *,
+def rope_write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, q: jax.Array | None, k: jax.Array | None,
+                         v: jax.Array | None, cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array, *,
+                         qkv: jax.Array | None = None,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """`rope_write_kv_reference` as one Pallas kernel: same arguments, same result.
 
     k_pages, v_pages: [K, P, S, d]; q: [T, H, d], H a multiple of K; k, v: [T, K, d], q and k before
     the rotary embedding; cos, sin: [T, d/2] (the first half of the "rotate half" tables, whose two
     halves are equal); slot_mapping: [T] int32 (page * S + offset).
+    qkv: instead of q, k and v (then None), a fused QKV projection's output [T, K, G + 2, d] (each
+    KV head's G queries, its key, its value: models/params.py's fused layout), read where it lies:
+    the three slices XLA would otherwise copy out of it for this kernel (one kernel each, ~1.1 us
+    at batch 1 on an H100) are not made.
     Returns (the rotated q [T, H, d] in q's dtype, k_pages, v_pages), the caches in place when the
     caller donates them.
     """
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    num_tokens, num_heads = q.shape[:2]
-    if (k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape or v_pages.shape != k_pages.shape
-            or q.shape != (num_tokens, num_heads, head_dim) or num_heads % num_kv_heads or head_dim % 2):
-        raise ValueError(f"rope_write_kv_kernel: q {q.shape} must be [T, H, {head_dim}] with H a multiple of "
-                         f"{num_kv_heads}, k {k.shape} and v {v.shape} [T, {num_kv_heads}, {head_dim}] for caches "
-                         f"{k_pages.shape} and {v_pages.shape}, head_dim even")  # fmt: skip
+    fused = qkv is not None
+    if fused:
+        if q is not None or k is not None or v is not None:
+            raise ValueError("rope_write_kv_kernel: give q, k and v, or qkv alone")
+        if qkv.ndim != 4 or qkv.shape[1] != num_kv_heads or qkv.shape[2] < 3 or qkv.shape[3] != head_dim:
+            raise ValueError(f"rope_write_kv_kernel: qkv {qkv.shape} must be [T, {num_kv_heads}, G + 2, {head_dim}] "
+                             f"for caches {k_pages.shape}")  # fmt: skip
+        num_tokens, group, dtype = qkv.shape[0], qkv.shape[2] - 2, qkv.dtype
+        num_heads = num_kv_heads * group
+    else:
+        if q is None or k is None or v is None:
+            raise ValueError("rope_write_kv_kernel: give q, k and v, or qkv alone")
+        num_tokens, num_heads = q.shape[:2]
+        group, dtype = num_heads // num_kv_heads, q.dtype
+        if (k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape
+                or q.shape != (num_tokens, num_heads, head_dim) or num_heads % num_kv_heads):
+            raise ValueError(f"rope_write_kv_kernel: q {q.shape} must be [T, H, {head_dim}] with H a multiple of "
+                             f"{num_kv_heads}, k {k.shape} and v {v.shape} [T, {num_kv_heads}, {head_dim}] for caches "
+                             f"{k_pages.shape} and {v_pages.shape}")  # fmt: skip
+    if v_pages.shape != k_pages.shape or head_dim % 2:
+        raise ValueError(f"rope_write_kv_kernel: caches {k_pages.shape} and {v_pages.shape} must match, head_dim even")
     if cos.shape != (num_tokens, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"rope_write_kv_kernel: cos {cos.shape} and sin {sin.shape} must be "
                          f"[{num_tokens}, {head_dim // 2}]")  # fmt: skip
@@ -161,21 +189,26 @@ def rope_write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, q: jax.Array, k
     token_block = pow2_divisor(num_tokens, MAX_TOKEN_BLOCK)
     kernel = functools.partial(
         _rope_write_kv_kernel, token_block=token_block, half_block=pow2_divisor(head_dim // 2, 128),
-        dim_block=pow2_divisor(head_dim, 256), group=num_heads // num_kv_heads, num_kv_heads=num_kv_heads,
-        pool_slots=pool_slots,
+        dim_block=pow2_divisor(head_dim, 256), group=group, num_kv_heads=num_kv_heads, pool_slots=pool_slots,
+        fused=fused,
     )
     flat_pool = (num_kv_heads * pool_slots, head_dim)
     q_rows = (num_tokens * num_heads, head_dim)
-    kv_rows = (num_tokens * num_kv_heads, head_dim)
     table = (num_tokens, head_dim // 2)
+    if fused:  # the one array three times: its q, k and v rows
+        rows = (num_tokens * num_kv_heads * (group + 2), head_dim)
+        sources, source_rows = (qkv.reshape(rows),) * 3, (rows,) * 3
+    else:
+        kv_rows = (num_tokens * num_kv_heads, head_dim)
+        sources, source_rows = (q.reshape(q_rows), k.reshape(kv_rows), v.reshape(kv_rows)), (q_rows, kv_rows, kv_rows)
     whole = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
     q_out, k_out, v_out = pl.pallas_call(
         kernel,
         grid=(num_tokens // token_block, num_kv_heads),
-        in_specs=[whole((num_tokens,)), whole(table), whole(table), whole(q_rows), whole(kv_rows), whole(kv_rows),
-                  whole(flat_pool), whole(flat_pool)],  # fmt: skip
+        in_specs=[whole((num_tokens,)), whole(table), whole(table), *map(whole, source_rows), whole(flat_pool),
+                  whole(flat_pool)],  # fmt: skip
         out_specs=[whole(q_rows), whole(flat_pool), whole(flat_pool)],
-        out_shape=[jax.ShapeDtypeStruct(q_rows, q.dtype), jax.ShapeDtypeStruct(flat_pool, k_pages.dtype),
+        out_shape=[jax.ShapeDtypeStruct(q_rows, dtype), jax.ShapeDtypeStruct(flat_pool, k_pages.dtype),
                    jax.ShapeDtypeStruct(flat_pool, v_pages.dtype)],  # fmt: skip
         input_output_aliases={6: 1, 7: 2},
         compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
@@ -185,13 +218,11 @@ def rope_write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, q: jax.Array, k
         slot_mapping.astype(jnp.int32),
         cos,
         sin,
-        q.reshape(q_rows),
-        k.reshape(kv_rows),
-        v.reshape(kv_rows),
+        *sources,
         k_pages.reshape(flat_pool),
         v_pages.reshape(flat_pool),
     )
-    return q_out.reshape(q.shape), k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)
+    return q_out.reshape(num_tokens, num_heads, head_dim), k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)
 
 
 def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -204,8 +235,13 @@ def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def rope_write_kv_reference(k_pages, v_pages, q, k, v, cos, sin, slot_mapping):
-    """Plain-jnp `rope_write_kv_kernel`: rotate q and k (`rotate_half`), then `write_kv_reference`."""
+def rope_write_kv_reference(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, *, qkv=None):
+    """Plain-jnp `rope_write_kv_kernel`: rotate q and k (`rotate_half`), then `write_kv_reference`;
+    from qkv [T, K, G + 2, d] split into them when given."""
+    if qkv is not None:
+        group = qkv.shape[2] - 2
+        q = qkv[:, :, :group].reshape(qkv.shape[0], -1, qkv.shape[3])
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]
     k_pages, v_pages = write_kv_reference(k_pages, v_pages, rotate_half(k, cos, sin), v, slot_mapping)
     return rotate_half(q, cos, sin), k_pages, v_pages
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.config import RopeConfig
+from jaxllm.config import ModelConfig, RopeConfig
 from jaxllm.layers.attention import write_kv
 from jaxllm.layers.rope import apply_rotary, rotary_cos_sin
+from jaxllm.models.params import split_fused
 from pallas_kernels.kv_write import rope_write_kv_kernel, rope_write_kv_reference, write_kv_kernel
 from tests.paged_kv import INTERPRET, lower_for_h100
 
@@ -96,6 +97,37 @@ def test_rope_write_matches_the_engine_rotation_and_write(num_heads, num_kv_head
     _assert_rope_write_equal(rope_write_kv_kernel(*args, interpret=INTERPRET), engine)
 
 
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,num_tokens,dtype,cache_dtype",
+    [(8, 2, 128, 2, jnp.bfloat16, None), (9, 3, 64, 37, jnp.float32, None), (4, 4, 80, 5, jnp.bfloat16, None),
+     (4, 2, 64, 9, jnp.bfloat16, jnp.float8_e4m3fn)],  # fmt: skip
+)
+def test_rope_write_reads_the_fused_projection_output(num_heads, num_kv_heads, head_dim, num_tokens, dtype,
+                                                      cache_dtype):  # fmt: skip
+    """Given the fused QKV projection's output [T, K, G + 2, d] (models/params.py's layout) instead
+    of q, k and v, the kernel gives exactly what it gives for their split (split_fused's)."""
+    rng = np.random.default_rng(num_tokens + 100)
+    k_pages, v_pages, _, _, _, cos, sin, slots = _rope_case(
+        rng, num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=8, head_dim=head_dim, num_tokens=num_tokens,
+        dtype=dtype, cache_dtype=cache_dtype)  # fmt: skip
+    group = num_heads // num_kv_heads
+    qkv = jnp.asarray(rng.normal(size=(num_tokens, num_kv_heads, group + 2, head_dim)), dtype)
+    cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=8, hidden_size=num_heads * head_dim, intermediate_size=8,
+                      num_layers=1, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                      rms_norm_eps=1e-5, rope=RopeConfig(theta=1e4))  # fmt: skip
+    q, k, v = split_fused(cfg, "wqkv", qkv)
+    half = head_dim // 2
+    tables = (cos[:, :half], sin[:, :half], slots)
+    want = rope_write_kv_kernel(k_pages, v_pages, q, k, v, *tables, interpret=INTERPRET)
+    _assert_rope_write_equal(rope_write_kv_kernel(k_pages, v_pages, None, None, None, *tables, qkv=qkv,
+                                                  interpret=INTERPRET), want)  # fmt: skip
+    _assert_rope_write_equal(rope_write_kv_reference(k_pages, v_pages, None, None, None, *tables, qkv=qkv), want)
+    with pytest.raises(ValueError, match="q, k and v, or qkv alone"):
+        rope_write_kv_kernel(k_pages, v_pages, q, None, None, *tables, qkv=qkv)
+    with pytest.raises(ValueError, match=r"qkv \(.*\) must be \[T, "):
+        rope_write_kv_kernel(k_pages, v_pages, None, None, None, *tables, qkv=qkv[:, :, :2])
+
+
 def test_rope_write_rejects_mismatched_shapes():
     args = list(_rope_case(np.random.default_rng(3), num_heads=4, num_kv_heads=2, page_size=4, head_dim=32,
                            num_tokens=4, dtype=jnp.float32))  # fmt: skip
@@ -136,5 +168,10 @@ def test_lowers_to_triton_for_h100(num_tokens, head_dim):
     q = jax.ShapeDtypeStruct((num_tokens, 16, head_dim), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((num_tokens, head_dim // 2), jnp.bfloat16)
     text = lower_for_h100(rope_write_kv_kernel, pages, pages, q, new, new, table, table, slots)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "output_operand_aliases" in text
+    qkv = jax.ShapeDtypeStruct((num_tokens, 4, 6, head_dim), jnp.bfloat16)
+    fused = lambda kp, vp, c, s, sl, x: rope_write_kv_kernel(kp, vp, None, None, None, c, s, sl, qkv=x)  # noqa: E731
+    text = lower_for_h100(fused, pages, pages, table, table, slots, qkv)
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "output_operand_aliases" in text

@@ -167,7 +167,8 @@ BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}
 # How each backend writes a step's K/V into the cache (same signature and result as `write_kv`).
 KV_WRITERS: dict[str, KVWriteFn] = {"xla": write_kv}
 # Backends that also apply the rotary embedding in their write (pallas_kernels.rope_write_kv_kernel's
-# signature and result): the model hands them q and k unrotated and the step's cos / sin tables.
+# signature and result): the model hands them q and k unrotated and the step's cos / sin tables, or
+# (keyword qkv, q, k and v None) a fused QKV projection's output to read them from.
 ROPE_KV_WRITERS: dict[str, RopeKVWriteFn] = {}
 # Whether a backend's rotating write is used (backends not named here: yes): a switch, so the
 # benchmarks can time it against the XLA rotation it replaces (gpu_e2e.py / realistic_load.py
@@ -259,11 +260,12 @@ def _pallas_write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=False):
     return write_kv_kernel(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
 
 
-def _pallas_rope_write_kv(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, interpret=False):
-    """q and k rotated and both caches written by one Pallas kernel (pallas_kernels/kv_write.py)."""
+def _pallas_rope_write_kv(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, qkv=None, interpret=False):
+    """q and k rotated and both caches written by one Pallas kernel (pallas_kernels/kv_write.py);
+    with `qkv` (the fused projection's output [T, K, G + 2, d]; q, k, v None) read from it."""
     from pallas_kernels.kv_write import rope_write_kv_kernel
 
-    return rope_write_kv_kernel(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, interpret=interpret)
+    return rope_write_kv_kernel(k_pages, v_pages, q, k, v, cos, sin, slot_mapping, qkv=qkv, interpret=interpret)
 
 
 register_backend("pallas", paged_attention_pallas, _pallas_write_kv, _pallas_rope_write_kv)

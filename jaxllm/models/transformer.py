@@ -56,7 +56,9 @@ def decoder_layer(
     """One transformer block. x: [..., D]; positions: [...]; attend(q, k, v, layer) -> [..., H, d].
     `lp` is one layer's params in either layout (models/params.py: separate or fused projections).
     rope_in_attend: q and k go to attend unrotated, with the rotary tables' first halves:
-    attend(q, k, v, layer, cos, sin), cos and sin [..., d/2] (a backend that rotates in its K/V write).
+    attend(q, k, v, layer, cos, sin, qkv=...), cos and sin [..., d/2] (a backend that rotates in its
+    K/V write); qkv is the fused projection's output [..., K, G + 2, d] when q, k and v are exactly
+    its split (None otherwise), for attend to read them from instead.
 
     lora(name, input, output) adds the LoRA delta of projection `name` to its output (see forward);
     weight_only_rows: FP8 projections of at most this many rows are weight-only (layers/linear.py).
@@ -64,10 +66,14 @@ def decoder_layer(
     eps, offset = cfg.rms_norm_eps, cfg.norm_offset
     adapt = lora or (lambda name, h, y: y)
     h = rms_norm(x, lp["attn_norm"], eps, offset)
+    qkv = None
     if holds(lp, "wqkv"):  # the fused layout (models/params.py): [..., K, G + 2, d], each KV head's q, k, v
-        q, k, v = split_fused(cfg, "wqkv", project(lp, "wqkv", h, weight_only_rows))
+        qkv = project(lp, "wqkv", h, weight_only_rows)
+        q, k, v = split_fused(cfg, "wqkv", qkv)
     else:
         q, k, v = (project(lp, name, h, weight_only_rows) for name in ("wq", "wk", "wv"))
+    if lora is not None or cfg.attention_bias or cfg.qk_norm:  # q, k, v are no longer its plain split
+        qkv = None
     q, k, v = adapt("wq", h, q), adapt("wk", h, k), adapt("wv", h, v)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
@@ -77,7 +83,7 @@ def decoder_layer(
     cos, sin = rotary_cos_sin(positions, cfg.layer_rope(layer), cfg.head_dim, x.dtype)
     if rope_in_attend:
         half = cfg.head_dim // 2
-        attn = attend(q, k, v, layer, cos[..., :half], sin[..., :half])
+        attn = attend(q, k, v, layer, cos[..., :half], sin[..., :half], qkv=qkv)
     else:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = attend(q, k, v, layer)
@@ -126,8 +132,11 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     attention, write_kv, rope_write_kv = get_backend(backend), get_kv_writer(backend), get_rope_kv_writer(backend)
 
     def attend_local(q, k, v, k_pages, v_pages, batch, rope, *, window):
+        # q [T, H, d], k and v [T, K, d]; or q the fused projection's output [T, K, G + 2, d], k and v None
         if rope is None:
             k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+        elif k is None:  # q, k, v read from the fused output where they lie (no copies of its slices)
+            q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, None, None, None, *rope, batch.slot_mapping, qkv=q)
         else:  # q and k rotated in the write (rope: the step's cos, sin [T, d/2])
             q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, q, k, v, *rope, batch.slot_mapping)
         return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
@@ -138,13 +147,16 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     # q * k_scale against the stored K and scales its output by v_scale (the same products).
     kv_scales = "k_scale" in lp and jnp.dtype(k_pages.dtype).itemsize == 1
 
-    def attend(q, k, v, layer, *rope):
+    def attend(q, k, v, layer, *rope, qkv=None):
         if kv_scales:  # (a scale commutes with the rotation: it may come first)
             q, k, v = q * lp["k_scale"].astype(q.dtype), k / lp["k_scale"], v / lp["v_scale"]
+        elif qkv is not None:
+            q, k, v = qkv, None, None
         fn = functools.partial(attend_local, window=cfg.layer_window(layer))
         if mesh is not None:
             heads, kv_spec = P(None, TP_AXIS, None), P(TP_AXIS)
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, kv_spec, kv_spec, P(), P()),
+            q_spec = heads if k is not None else P(None, TP_AXIS, None, None)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, heads, heads, kv_spec, kv_spec, P(), P()),
                                out_specs=(heads, kv_spec, kv_spec), check_vma=False)  # fmt: skip
         out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch, rope or None)
         pages.extend((new_k, new_v))
