@@ -9,8 +9,7 @@
 #   bash benchmarks/h200_targets.sh either        # either card: quantized models' 16-row decode steps with Triton GEMMs
 #                                                 # up to 8 / 16 rows (FP8, W8A16, W4A16), then W4A16 groups of 32 with
 #                                                 # offsets at 128/128 x 1,024 with small-group rows 0 / 8, as time allows
-#   bash benchmarks/h200_targets.sh diagnose      # either card: Nsight Compute over the decode kernel (decode_ncu.sh),
-#                                                 # then the SmolLM2-135M shape's batch-1 decode under the profiler
+#   bash benchmarks/h200_targets.sh diagnose      # either card: the SmolLM2-135M shape's batch-1 decode under the profiler
 #   bash benchmarks/h200_targets.sh wide          # either card: W8A16 and W4A16 with Triton GEMMs up to 16 / 1,024
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
 #
@@ -61,7 +60,6 @@ case "$part" in
         --offline 128/128x1024 --small-group-rows "$rows"
     done ;;
   diagnose)
-    OUT=$out timeout 300 bash "$repo/benchmarks/decode_ncu.sh"
     e2e smollm2_batch1_profile 150 --model smollm2-135m --parts perf --offline none --profile ;;
   wide)
     for q in w8a16 w4a16; do
