@@ -6,7 +6,7 @@
 # run's JSON under $OUT/fused_qkv_write_<card>.json.
 #
 #   git archive <commit> jaxllm pallas_kernels | tar -x -C .old      # here; carry .old to the device
-#   bash benchmarks/fused_qkv_write.sh .old
+#   [MODELS=smollm2-135m] bash benchmarks/fused_qkv_write.sh .old
 set -uo pipefail
 old=$(cd "$1" && pwd)
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,7 +17,7 @@ case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
 runs=$(mktemp -d)
 {
   echo "card: $gpu"
-  for model in smollm2-135m llama-3.1-8b; do
+  for model in ${MODELS:-smollm2-135m llama-3.1-8b}; do
     profile=$([ "$model" = smollm2-135m ] && echo --profile)
     for tree in old new; do
       src=$([ "$tree" = old ] && echo "$old" || echo "$repo")
