@@ -1,5 +1,7 @@
 """The 'pallas' attention backend inside the whole model: same tokens as 'xla' (interpret mode here)."""
 
+import functools
+
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -92,3 +94,42 @@ def test_pallas_backend_matches_xla_into_an_fp8_cache_with_an_odd_head_dim(tiny_
         for a, b in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
             t = next(iter(a))
             assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation of a jaxpr, nested jaxprs (jit, shard_map) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _pallas_calls(inner)
+
+
+def test_the_rotating_write_reads_the_fused_projection_where_it_lies():
+    """With fused projections (the engine's layout on one device), the rotating write is handed the
+    QKV product's output itself, [T * K * (G + 2), d] rows, not q, k and v sliced out of it: a custom
+    call's operands are not fused, so each slice would be a copy (one kernel each)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.config import ModelConfig, RopeConfig
+    from jaxllm.layers.batch import BatchMetadata
+    from jaxllm.models.params import fuse_layer, init_params
+    from jaxllm.models.transformer import paged_layer
+
+    cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope=RopeConfig(theta=1e4))  # fmt: skip
+    lp = fuse_layer(init_params(cfg, jnp.float32, jax.random.key(0))["layers"][0], cfg)
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    batch = BatchMetadata(token_ids=i32([3, 4]), positions=i32([3, 5]), slot_mapping=i32([11, 21]),
+                          token_seq=i32([0, 1]), query_start=i32([0, 1, 2]), seq_lens=i32([4, 6]),
+                          block_tables=i32([[1], [2]]), logits_indices=i32([0, 1]))  # fmt: skip
+    pages = jnp.zeros((2, 4, 8, 16), jnp.float32)
+    step = functools.partial(paged_layer, lp, cfg=cfg, layer=0, backend="pallas_interpret")
+    jaxpr = jax.make_jaxpr(lambda x, kp, vp, b: step(x, kp, vp, b, None, None))(jnp.ones((2, 64)), pages, pages, batch)
+    [write] = [e for e in _pallas_calls(jaxpr.jaxpr) if "rope_write_kv" in str(e.params.get("name"))]
+    shapes = [tuple(v.aval.shape) for v in write.invars]
+    assert shapes.count((2 * 2 * (2 + 2), 16)) == 3  # the fused rows, read as q, k and v
+    assert (2 * 4, 16) not in shapes and (2 * 2, 16) not in shapes
