@@ -120,7 +120,8 @@ def test_the_rotating_write_reads_the_fused_projection_where_it_lies():
     from jaxllm.models.transformer import paged_layer
 
     cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope=RopeConfig(theta=1e4))  # fmt: skip
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                      rope=RopeConfig(theta=1e4))  # fmt: skip
     lp = fuse_layer(init_params(cfg, jnp.float32, jax.random.key(0))["layers"][0], cfg)
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     batch = BatchMetadata(token_ids=i32([3, 4]), positions=i32([3, 5]), slot_mapping=i32([11, 21]),
