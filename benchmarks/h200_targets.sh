@@ -26,8 +26,10 @@ part=$1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-[ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && [ "$part" != either ] && [ "$part" != wide ] && [ "$part" != diagnose ] && \
-  { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; }
+case "$part" in either | wide | diagnose) ;; *)  # the H200 parts
+  [ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && \
+    { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; } ;;
+esac
 filter='Warning\|warn(\|cuda_timer'
 e2e() {  # name, timeout seconds, gpu_e2e.py arguments
   local name=$1 limit=$2 left=$((${DEADLINE:-590} - SECONDS)); shift 2
