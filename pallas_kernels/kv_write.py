@@ -162,17 +162,15 @@ def rope_write_kv_kernel(k_pages: jax.Array, v_pages: jax.Array, q: jax.Array | 
     """
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     fused = qkv is not None
+    if fused != (q is None) or fused != (k is None) or fused != (v is None):
+        raise ValueError("rope_write_kv_kernel: give q, k and v, or qkv alone")
     if fused:
-        if q is not None or k is not None or v is not None:
-            raise ValueError("rope_write_kv_kernel: give q, k and v, or qkv alone")
         if qkv.ndim != 4 or qkv.shape[1] != num_kv_heads or qkv.shape[2] < 3 or qkv.shape[3] != head_dim:
             raise ValueError(f"rope_write_kv_kernel: qkv {qkv.shape} must be [T, {num_kv_heads}, G + 2, {head_dim}] "
                              f"for caches {k_pages.shape}")  # fmt: skip
         num_tokens, group, dtype = qkv.shape[0], qkv.shape[2] - 2, qkv.dtype
         num_heads = num_kv_heads * group
     else:
-        if q is None or k is None or v is None:
-            raise ValueError("rope_write_kv_kernel: give q, k and v, or qkv alone")
         num_tokens, num_heads = q.shape[:2]
         group, dtype = num_heads // num_kv_heads, q.dtype
         if (k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape

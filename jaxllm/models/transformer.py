@@ -131,14 +131,13 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     """
     attention, write_kv, rope_write_kv = get_backend(backend), get_kv_writer(backend), get_rope_kv_writer(backend)
 
-    def attend_local(q, k, v, k_pages, v_pages, batch, rope, *, window):
-        # q [T, H, d], k and v [T, K, d]; or q the fused projection's output [T, K, G + 2, d], k and v None
+    def attend_local(q, k, v, qkv, k_pages, v_pages, batch, rope, *, window):
+        # qkv: None, or the fused projection's output [T, K, G + 2, d] that the rotating write reads q,
+        # k and v from (then None)
         if rope is None:
             k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
-        elif k is None:  # q, k, v read from the fused output where they lie (no copies of its slices)
-            q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, None, None, None, *rope, batch.slot_mapping, qkv=q)
         else:  # q and k rotated in the write (rope: the step's cos, sin [T, d/2])
-            q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, q, k, v, *rope, batch.slot_mapping)
+            q, k_pages, v_pages = rope_write_kv(k_pages, v_pages, q, k, v, *rope, batch.slot_mapping, qkv=qkv)
         return attention(q, k_pages, v_pages, batch, scale=cfg.attn_scale, window=window), k_pages, v_pages
 
     pages = []
@@ -149,16 +148,15 @@ def paged_layer(lp: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
 
     def attend(q, k, v, layer, *rope, qkv=None):
         if kv_scales:  # (a scale commutes with the rotation: it may come first)
-            q, k, v = q * lp["k_scale"].astype(q.dtype), k / lp["k_scale"], v / lp["v_scale"]
-        elif qkv is not None:
-            q, k, v = qkv, None, None
+            q, k, v, qkv = q * lp["k_scale"].astype(q.dtype), k / lp["k_scale"], v / lp["v_scale"], None
+        elif qkv is not None:  # read where they lie in it: no copies of its slices for the Pallas call
+            q = k = v = None
         fn = functools.partial(attend_local, window=cfg.layer_window(layer))
         if mesh is not None:
-            heads, kv_spec = P(None, TP_AXIS, None), P(TP_AXIS)
-            q_spec = heads if k is not None else P(None, TP_AXIS, None, None)
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, heads, heads, kv_spec, kv_spec, P(), P()),
+            heads, fused, kv_spec = P(None, TP_AXIS, None), P(None, TP_AXIS, None, None), P(TP_AXIS)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, fused, kv_spec, kv_spec, P(), P()),
                                out_specs=(heads, kv_spec, kv_spec), check_vma=False)  # fmt: skip
-        out, new_k, new_v = fn(q, k, v, k_pages, v_pages, batch, rope or None)
+        out, new_k, new_v = fn(q, k, v, qkv, k_pages, v_pages, batch, rope or None)
         pages.extend((new_k, new_v))
         return out * lp["v_scale"].astype(out.dtype) if kv_scales else out
 
