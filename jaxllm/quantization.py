@@ -214,8 +214,9 @@ def as_quant_config(value) -> Optional[QuantConfig]:
 
 
 def base_config(cfg):
-    """A ModelConfig's float twin (quant_algo None): what a quantized model is made from."""
-    if cfg.quant_algo is None:
+    """A ModelConfig's float twin (quant_algo None, no K/V cache scales): what a quantized model is
+    made from."""
+    if cfg.quant_algo is None and not cfg.kv_cache_scales:
         return cfg
     return dataclasses.replace(cfg, quant_algo=None, quant_group_size=0, quant_zero_point=False, kv_cache_scales=False,
                                quant_exclude=())  # fmt: skip

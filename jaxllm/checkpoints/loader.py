@@ -161,6 +161,15 @@ def default_placer(dtype, cfg: ModelConfig | None = None) -> Placer:
     return place
 
 
+def _with_scales(flat: dict, scales: dict | None, shardings: dict | None = None) -> dict:
+    """`flat` with calibrated static scales (jaxllm/calibration.py: path -> value) in place of the
+    quantizer's placeholder input scales (1), and as the K/V cache scales a float checkpoint lacks;
+    each a float32 scalar on the device(s) its `shardings` entry names (default: the default device)."""
+    for path, value in (scales or {}).items():
+        flat[path] = jax.device_put(np.float32(value), (shardings or {}).get(path))
+    return flat
+
+
 def load_params(
     resolved: ResolvedModel,
     cfg: ModelConfig,
@@ -168,12 +177,14 @@ def load_params(
     place: Placer | None = None,
     shardings=None,
     progress: bool = True,
+    scales: dict | None = None,
 ) -> dict:
     """Read every weight of the checkpoint into a params pytree on the device(s).
 
     Args:
       place: puts one converted numpy tensor on the device(s) (default: the default device).
       shardings: for saved (orbax) directories, a pytree of shardings like the params (or None).
+      scales: calibrated static scales of a float checkpoint (jaxllm/calibration.py), path -> value.
     """
     if resolved.kind == "saved":
         abstract = abstract_params(cfg, dtype)
@@ -195,11 +206,11 @@ def load_params(
             placed = place(path, array)
             bar.update(placed.nbytes)
             flat.update(quantize(path, placed))
-    return unflatten_paths(flat, cfg)
+    return unflatten_paths(_with_scales(flat, scales), cfg)
 
 
 def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, plan, shardings,
-                  cache_dir=None) -> dict:  # fmt: skip
+                  cache_dir=None, scales: dict | None = None) -> dict:  # fmt: skip
     """The checkpoint's random weights (load_format='dummy') in the engine's layout: the same values
     at every TP size. One small program per distinct parameter kind, reused by every layer (one
     program for the whole model takes minutes to compile on the GPU), kept in the program cache
@@ -231,12 +242,12 @@ def _dummy_params(cfg: ModelConfig, engine_cfg: ModelConfig, dtype, seed: int, p
         flat.update(zip(made_paths, make(keys[path])))
     for path, spec in checkpoint_only_specs(cfg).items():  # a ModelOpt checkpoint's K/V scales
         flat[path] = jax.device_put(init_param(spec, None, spec.dtype or dtype), flat_shardings.get(path))
-    return unflatten_paths(flat, engine_cfg)
+    return unflatten_paths(_with_scales(flat, scales, flat_shardings), engine_cfg)
 
 
 def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=None, mesh=None,
                        load_format: str = "auto", seed: int = 0, progress: bool = True,
-                       cache_dir=None) -> dict:  # fmt: skip
+                       cache_dir=None, scales: dict | None = None) -> dict:  # fmt: skip
     """Weights in the engine's layout: placed straight into their shards when a mesh is given; on
     one device with fused projections (models/params.py: fuse_params; engine_abstract_params); float8
     weights stored input axes last in both (transpose_params).
@@ -246,25 +257,29 @@ def load_engine_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, plan=No
       plan: a jaxllm.sharding.TPPlan (None: one device); tensors are padded/replicated by it.
       mesh: the tensor-parallel mesh (None: the default device).
       load_format: 'auto' reads the checkpoint; 'dummy' makes random weights on the device(s).
+      scales: calibrated static scales of a float checkpoint (jaxllm/calibration.py), path -> value:
+        FP8's input scales and the K/V cache scales, in place of the placeholders.
     """
     from jaxllm import sharding as sharding_lib
     engine_cfg = plan.engine_config(cfg) if plan is not None else cfg
     shardings = sharding_lib.param_shardings(engine_cfg, mesh) if mesh is not None else None
     if mesh is None:
-        params = (_dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir) if load_format == "dummy"
-                  else load_params(resolved, cfg, dtype, progress=progress))  # fmt: skip
+        params = (_dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir, scales)
+                  if load_format == "dummy" else load_params(resolved, cfg, dtype, progress=progress, scales=scales))
         return fuse_params(params, engine_cfg, consume=True)
-    params = _load_on_mesh(resolved, cfg, engine_cfg, dtype, plan, shardings, load_format, seed, progress, cache_dir)
+    params = _load_on_mesh(resolved, cfg, engine_cfg, dtype, plan, shardings, load_format, seed, progress, cache_dir,
+                           scales)  # fmt: skip
     return transpose_params(params, sharding_lib.engine_param_shardings(engine_cfg, mesh, base=shardings))
 
 
 def _load_on_mesh(resolved: ResolvedModel, cfg: ModelConfig, engine_cfg: ModelConfig, dtype, plan, shardings,
-                  load_format: str, seed: int, progress: bool, cache_dir) -> dict:  # fmt: skip
+                  load_format: str, seed: int, progress: bool, cache_dir,
+                  scales: dict | None = None) -> dict:  # fmt: skip
     """load_engine_params under a mesh, in the checkpoint's layout laid out by `plan`: each tensor
     placed into its shards (`shardings`) as it is read."""
     from jaxllm import sharding as sharding_lib
     if load_format == "dummy":
-        return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir)
+        return _dummy_params(cfg, engine_cfg, dtype, seed, plan, shardings, cache_dir, scales)
     if resolved.kind == "saved" and plan.is_identity:
         return load_params(resolved, cfg, dtype, shardings=shardings, progress=progress)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -292,7 +307,7 @@ def _load_on_mesh(resolved: ResolvedModel, cfg: ModelConfig, engine_cfg: ModelCo
                 continue
             flat.update(quantize(path, place(path, array)))
             bar.update(array.size * np.dtype(np_dtype).itemsize)
-    return unflatten_paths(flat, engine_cfg)
+    return unflatten_paths(_with_scales(flat, scales, flat_shardings), engine_cfg)
 
 
 __all__ = ["CheckpointError", "ResolvedModel", "resolve", "read_config", "iter_tensors", "load_params",
