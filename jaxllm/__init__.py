@@ -37,6 +37,7 @@ from jaxllm.outputs import CompletionOutput, Logprob, RequestError, RequestOutpu
 from jaxllm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: E402
 from jaxllm.speculative import DraftTargetDecodingConfig, NGramDecodingConfig  # noqa: E402
 from jaxllm.quantization import QuantAlgo, QuantConfig  # noqa: E402
+from jaxllm.calibration import CalibConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -68,6 +69,7 @@ __all__ = [
     "BuildConfig",
     "QuantConfig",
     "QuantAlgo",
+    "CalibConfig",
     "NGramDecodingConfig",
     "DraftTargetDecodingConfig",
 ]

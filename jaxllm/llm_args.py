@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 import jax
 
-from jaxllm import quantization, speculative, trtllm_args
+from jaxllm import calibration, quantization, speculative, trtllm_args
 from jaxllm.adapters import LoraConfig
 from jaxllm.sampling_params import MAX_LOGPROBS
 
@@ -366,6 +366,9 @@ class EngineArgs:
     # Quantization (TensorRT-LLM's QuantConfig, jaxllm/quantization.py): FP8 weights quantized as
     # they load, and an FP8 KV cache (kv_cache_quant_algo FP8 is kv_cache_config.dtype='fp8').
     quant_config: Any = None
+    # Calibration (TensorRT-LLM's CalibConfig, jaxllm/calibration.py): FP8's static input scales and the
+    # fp8 KV cache's per-layer scales measured on local text as a float checkpoint loads.
+    calib_config: Any = None
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -409,6 +412,7 @@ class EngineArgs:
                              f"{MAX_LOGPROBS // 2}")  # fmt: skip
         self._check_adapters()
         self._check_quant_config()
+        self.calib_config = calibration.as_calib_config(self.calib_config)
         self.speculative_config = speculative.as_speculative_config(self.speculative_config)
         trtllm_args.check_engine_fields(self)
 

@@ -45,8 +45,9 @@ import pytest  # noqa: E402
 LONGEST_FIRST = ("test_quantization", "test_startup", "test_real_models", "test_tensor_parallel", "test_notebooks",
                  "test_speculative", "test_multistep", "test_engine", "test_gguf", "test_serve",
                  "test_pallas_backend", "test_beam_search", "test_converters_cli", "test_batch", "test_faults",
-                 "test_guided", "test_disaggregated", "test_lora", "test_tokenizer_gguf", "test_prefix_cache",
-                 "test_models_parity", "test_kv_cache_fp8", "test_tp4_70b_shape", "test_bench")  # fmt: skip
+                 "test_guided", "test_calibration", "test_disaggregated", "test_lora", "test_tokenizer_gguf",
+                 "test_prefix_cache", "test_models_parity", "test_kv_cache_fp8", "test_tp4_70b_shape",
+                 "test_bench")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

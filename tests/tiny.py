@@ -88,17 +88,7 @@ def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list
     from safetensors.torch import save_file
 
     linears = {name: m for name, m in _fp8_linears(model).items() if name not in exclude}
-    amax = {name: torch.zeros(()) for name in linears}
-    def observe(name, x):  # (a hook that returns a value would replace the module's output)
-        amax[name] = torch.maximum(amax[name], x.detach().abs().max())
-
-    hooks = [m.register_forward_hook(lambda m, args, out, name=name: observe(name, args[0]))
-             for name, m in linears.items()]  # fmt: skip
-    with torch.no_grad():
-        for ids in calibration:
-            model(torch.tensor([ids]))
-    for hook in hooks:
-        hook.remove()
+    amax = input_amax(model, calibration)[0]
     quantized, state = {}, {k: v.contiguous() for k, v in model.state_dict().items()}
     for name, module in linears.items():
         w = module.weight.detach().float()
@@ -122,10 +112,76 @@ def save_modelopt_fp8(model, path: Path, quant_algo: str, calibration: list[list
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(path))
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": ["lm_head", *exclude]}
+    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
+             "exclude_modules": ["lm_head", *exclude]}
     (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt", "version": "0.31.0"},
                                                            "quantization": quant}))  # fmt: skip
     return quantized
+
+
+def _observing_attention(on_kv):
+    """An attention implementation for transformers that hands each layer's keys (rotated) and values
+    to on_kv(layer, k, v) -> (k, v), then attends as 'sdpa' does."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        key, value = on_kv(module.layer_idx, key, value)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    name = f"observing_{id(on_kv)}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def input_amax(model, calibration: list[list[int]]) -> tuple[dict, list, list]:
+    """What calibration measures of `model` over the `calibration` token ids, in float32 torch:
+    ({projection module name: amax of its input}, [each layer's amax of its rotated keys],
+    [... of its values])."""
+    import torch
+
+    linears = _fp8_linears(model)
+    amax = {name: torch.zeros(()) for name in linears}
+    layers = model.config.num_hidden_layers
+    k_amax, v_amax = [torch.zeros(())] * layers, [torch.zeros(())] * layers
+
+    def observe(name, x):  # (a hook that returns a value would replace the module's output)
+        amax[name] = torch.maximum(amax[name], x.detach().abs().max())
+
+    def on_kv(layer, k, v):
+        k_amax[layer] = torch.maximum(k_amax[layer], k.abs().max())
+        v_amax[layer] = torch.maximum(v_amax[layer], v.abs().max())
+        return k, v
+
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: observe(name, args[0]))
+             for name, m in linears.items()]  # fmt: skip
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = _observing_attention(on_kv)
+    try:
+        with torch.no_grad():
+            for ids in calibration:
+                model(torch.tensor([ids]))
+    finally:
+        model.config._attn_implementation = implementation
+        for hook in hooks:
+            hook.remove()
+    return amax, [float(a) for a in k_amax], [float(a) for a in v_amax]
+
+
+def fake_quantize_kv(model, k_scales: list[float], v_scales: list[float]) -> None:
+    """Make `model`'s attention read K and V as an fp8 KV cache with these per-layer scales holds
+    them: divided by the layer's scale, rounded to float8 E4M3 (saturating at +-448), multiplied back."""
+    import torch
+
+    def rounded(x, scale):
+        return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
+
+    def on_kv(layer, k, v):
+        return rounded(k, k_scales[layer]), rounded(v, v_scales[layer])
+
+    model.config._attn_implementation = _observing_attention(on_kv)
 
 
 def fake_quantize(model, quantized: dict) -> None:

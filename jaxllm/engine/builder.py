@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jaxllm import distributed, speculative
+from jaxllm import calibration, distributed, speculative
 from jaxllm import sharding as sharding_lib
 from jaxllm.adapters.bank import AdapterBank
 from jaxllm.adapters.cache import AdapterCache
@@ -91,6 +91,7 @@ class EngineBuilder:
             # A saved engine keeps its arguments (its compiled buckets depend on them) unless overridden.
             backend = backend if backend is not None else saved_args.pop("backend", None)
             saved_args.pop("backend", None)
+            saved_args.pop("calib_config", None)  # a calibrated engine saved its scales with its weights
             kwargs = {**saved_args, **kwargs}
             self.dtype = resolve_dtype(dtype, saved_dtype)
         else:
@@ -114,10 +115,18 @@ class EngineBuilder:
 
     def _quantization(self, cfg: ModelConfig) -> ModelConfig:
         """The engine's weight format: a pre-quantized (ModelOpt) checkpoint's or a saved engine's own,
-        or quant_config's, made as a float checkpoint loads. A ModelOpt checkpoint whose KV cache
-        was calibrated for FP8 gets an fp8 cache unless kv_cache_config.dtype says otherwise, as in
-        TensorRT-LLM."""
-        qc = self.args.quant_config
+        or quant_config's, made as a float checkpoint loads (with a calib_config, FP8's static input
+        scales and the fp8 cache's K/V scales too: calibration.calibrated_config). A ModelOpt
+        checkpoint whose KV cache was calibrated for FP8 gets an fp8 cache unless
+        kv_cache_config.dtype says otherwise, as in TensorRT-LLM."""
+        qc, calib = self.args.quant_config, self.args.calib_config
+        if calib is not None:
+            if cfg.quant_algo is not None or cfg.kv_cache_scales or self.resolved.kind == "saved":
+                raise ValueError(f"calib_config is given, but {self.resolved.path} is quantized or saved already (its "
+                                 "scales stand); calibration measures a float Hugging Face or GGUF checkpoint's FP8 "
+                                 "scales as it loads: allowed: calib_config=None")  # fmt: skip
+            kv_fp8 = resolve_kv_dtype(self.args.kv_cache_config.dtype, self.dtype) == resolve_kv_dtype("fp8")
+            return calibration.calibrated_config(cfg, qc, kv_fp8)
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
             # (kv_cache_scales: hf.read_config found the checkpoint calibrated for an fp8 KV cache)
             if cfg.kv_cache_scales and self.args.kv_cache_config.dtype == "auto":
@@ -142,11 +151,17 @@ class EngineBuilder:
                 self.tokenizer = load_tokenizer(source, tokenizer_revision or self.revision, trust_remote_code,
                                                 tokenizer_mode)  # fmt: skip
         args = self.args
+        scales = None
+        if args.calib_config is not None:
+            with _phase("calibration (%s)", args.calib_config.calib_dataset):
+                scales = calibration.calibrate(self.resolved, self.config, self.dtype, args.calib_config,
+                                               self.tokenizer, args.load_format, args.seed or 0,
+                                               self.compile_cache_dir)  # fmt: skip
         with _phase("weights (%s, %s)", "random" if args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, self.config, self.dtype, self.tp_plan, self.mesh,
                                                     args.load_format, args.seed or 0,
-                                                    cache_dir=self.compile_cache_dir)  # fmt: skip
+                                                    cache_dir=self.compile_cache_dir, scales=scales)  # fmt: skip
         runner.params = self.params
         if self.draft_runner is not None:
             with _phase("draft model's weights (%s)", "random" if args.load_format == "dummy" else self.draft[0].kind):
