@@ -90,6 +90,12 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch_size_help: str | None 
                         "4-bit blocks (Q4_0, Q4_1, Q4_K) kept as int4 (W4A16 in asymmetric groups of 32), other "
                         "projections in --dtype; else its blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 and 4-bit) kept as "
                         "int8 (W8A16_GPTQ in groups of 16 or 32)")
+    g.add_argument("--calib-dataset", default=None, metavar="PATH",
+                   help="calibrate FP8's static input scales and the fp8 KV cache's K/V scales on this local text "
+                        "as a float checkpoint loads (CalibConfig.calib_dataset: a .txt, .jsonl or .json file, or a "
+                        "directory of them; with --quantization fp8 and/or --kv-cache-dtype fp8)")
+    g.add_argument("--calib-batches", type=int, default=None, metavar="N",
+                   help="CalibConfig.calib_batches: the most samples calibration runs (default 512)")
     g.add_argument("--extra-llm-api-options", default=None, metavar="FILE.yaml",
                    help="a YAML mapping of further LLM() arguments (TensorRT-LLM's flag); the flags above win")
 
@@ -150,6 +156,10 @@ def llm_kwargs(args, **defaults) -> dict:
         _set_field(kwargs, "quant_config", **gguf.blocks_quant_config(resolved.path))
     elif args.quantization is not None:
         _set_field(kwargs, "quant_config", **QUANTIZATION_FLAGS[args.quantization])
+    if args.calib_dataset is not None:
+        _set_field(kwargs, "calib_config", calib_dataset=args.calib_dataset)
+    if args.calib_batches is not None:
+        _set_field(kwargs, "calib_config", calib_batches=args.calib_batches)
     return kwargs
 
 

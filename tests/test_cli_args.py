@@ -78,6 +78,13 @@ def test_quantization_and_kv_cache_dtype_flags_win_over_the_yaml_file(tmp_path, 
     engine = EngineArgs(**{k: v for k, v in kwargs.items() if k not in ("model", "dtype")})
     assert engine.quant_config.weight_format == "FP8_PER_CHANNEL_PER_TOKEN" and engine.kv_cache_config.dtype == "fp8"
     assert cli.llm_kwargs(_parse(["serve", "m", "--quantization", "w8a16"]))["quant_config"] == {"quant_algo": "W8A16"}
+    # calibration (CalibConfig): the flags over the file's calib_config
+    extra.write_text("calib_config:\n  calib_batches: 8\n  calib_batch_size: 2\n")
+    kwargs = cli.llm_kwargs(_parse(["serve", "m", "--extra-llm-api-options", str(extra), "--quantization", "fp8",
+                                    "--calib-dataset", "texts.jsonl", "--calib-batches", "4"]))  # fmt: skip
+    assert kwargs["calib_config"] == {"calib_batches": 4, "calib_batch_size": 2, "calib_dataset": "texts.jsonl"}
+    engine = EngineArgs(**{k: v for k, v in kwargs.items() if k not in ("model", "dtype")})
+    assert engine.calib_config.calib_dataset == "texts.jsonl" and engine.calib_config.num_samples == 8
     for bad in (["--quantization", "awq"], ["--kv-cache-dtype", "nvfp4"]):
         with pytest.raises(SystemExit):
             _parse(["serve", "m"] + bad)
