@@ -23,12 +23,14 @@ it always does, the measured scales in place of the quantizer's placeholders
 (checkpoints/loader.py, `scales`). The scales are the same at every tensor-parallel size, and
 `LLM.save` keeps them.
 
-The dataset is read from local files (nothing is downloaded): a .txt file (each paragraph, blank-line
-separated, a sample), a .jsonl file (each line a string, or an object with a 'text' or 'article'
-field, or 'input_ids': token ids used as they are), a .json file (a list of those), or a directory of
-such files (in name order). Each sample is tokenized as a prompt is (special tokens added) and cut at
-min(calib_max_seq_length, tokenizer_max_seq_length) tokens; calib_batches x calib_batch_size samples
-are used, a subset drawn with random_seed (in file order) when the dataset holds more.
+The dataset is read from local files (nothing is downloaded): a text file (each paragraph, blank-line
+separated, a sample; any suffix but .json, .jsonl and the tables' .csv, .tsv, .parquet, .arrow), a
+.jsonl file (each line a string, or an object with a 'text' or 'article' field, or 'input_ids':
+token ids used as they are), a .json file (a list of those), or a directory of .txt, .jsonl and
+.json files (in name order). It is read, and a bad one refused, before anything is built. Each
+sample is tokenized as a prompt is (special tokens added) and cut at min(calib_max_seq_length,
+tokenizer_max_seq_length) tokens; calib_batches x calib_batch_size samples are used, a subset
+drawn with random_seed (in file order) when the dataset holds more.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ from jaxllm.quantization import FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, Q
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_SUFFIXES = (".txt", ".jsonl", ".json")
+SAMPLE_SUFFIXES = (".txt", ".jsonl", ".json")  # what a directory's files are read by
+# Dataset files jaxllm does not read (the `datasets` library's other formats)
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow")
 TEXT_FIELDS = ("text", "article")  # cnn_dailymail's samples are 'article's
 # Padded lengths of a batch are powers of two from this (fewer programs to compile).
 MIN_PADDED_LENGTH = 16
@@ -81,7 +85,7 @@ class CalibConfig:
             raise ValueError(f"CalibConfig.random_seed={self.random_seed!r} is invalid; allowed: an int")
         if not isinstance(self.calib_dataset, (str, Path)):
             raise ValueError(f"CalibConfig.calib_dataset={self.calib_dataset!r} is invalid; allowed: the path of a "
-                             f"local {', '.join(SAMPLE_SUFFIXES)} file or of a directory of them")  # fmt: skip
+                             "local file or directory (str or Path)")  # fmt: skip
         self.calib_dataset = str(self.calib_dataset)
 
     @property
@@ -158,8 +162,12 @@ def _samples_of_record(record, where: str) -> str | list[int]:
 
 
 def _read_file(path: Path) -> list[str | list[int]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"calib_dataset {path} is not UTF-8 text; allowed: text (each paragraph a sample), "
+                         ".jsonl or .json samples") from None  # fmt: skip
+    if path.suffix not in (".jsonl", ".json"):  # text, whatever its suffix (a licence's 'Apache-2.0')
         return [p.strip() for p in text.split("\n\n") if p.strip()]
     if path.suffix == ".jsonl":
         lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -180,14 +188,15 @@ def read_samples(calib: CalibConfig) -> list[str | list[int]]:
     """The calibration samples (strings, or token ids) of `calib.calib_dataset`: all of them, or
     calib.num_samples of them drawn with calib.random_seed (kept in file order)."""
     path = Path(calib.calib_dataset).expanduser()
-    allowed = f"allowed: the path of a local {', '.join(SAMPLE_SUFFIXES)} file or of a directory of them"
+    allowed = ("allowed: the path of a local text file (paragraphs), a .jsonl or .json file of samples, or a "
+               f"directory of {', '.join(SAMPLE_SUFFIXES)} files")  # fmt: skip
     if not path.exists():
         raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r} is not a local file or directory "
                          f"(jaxllm downloads no datasets); {allowed}")  # fmt: skip
     files = sorted(p for p in path.iterdir() if p.suffix in SAMPLE_SUFFIXES) if path.is_dir() else [path]
-    if path.is_file() and path.suffix not in SAMPLE_SUFFIXES:
-        raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r} is a {path.suffix or 'suffix-less'} "
-                         f"file; {allowed}")  # fmt: skip
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r} is a {path.suffix} table, which jaxllm "
+                         f"does not read; {allowed}")  # fmt: skip
     samples = [s for f in files for s in _read_file(f) if len(s)]
     if not samples:
         raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r} holds no samples; {allowed}")
@@ -301,14 +310,16 @@ def scales_from_amax(amax: list[dict[str, float]], cfg: ModelConfig) -> dict[str
 
 
 def calibrate(resolved, cfg: ModelConfig, dtype, calib: CalibConfig, tokenizer, load_format: str = "auto",
-              seed: int = 0, cache_dir=None) -> dict[str, float]:  # fmt: skip
+              seed: int = 0, cache_dir=None, samples: list | None = None) -> dict[str, float]:  # fmt: skip
     """The calibrated scales (scale_paths(cfg) -> value) of checkpoint `resolved` under `cfg`
-    (calibrated_config's), measured with its float weights in `dtype` on calib.device."""
+    (calibrated_config's), measured with its float weights in `dtype` on calib.device over
+    `samples` (default: read_samples(calib))."""
     from jaxllm.checkpoints import loader
     from jaxllm.quantization import base_config
 
     base = base_config(cfg)
-    ids = tokenize_samples(read_samples(calib), tokenizer, calib.max_length, cfg.vocab_size)
+    samples = read_samples(calib) if samples is None else samples
+    ids = tokenize_samples(samples, tokenizer, calib.max_length, cfg.vocab_size)
     if not ids:
         raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r}: no sample has a token")
     device = jax.local_devices(backend="cpu")[0] if calib.device == "cpu" else jax.local_devices()[0]

@@ -51,13 +51,19 @@ def test_calib_config_takes_tensorrt_llms_fields_and_reads_local_datasets(tmp_pa
     drawn = read_samples(CalibConfig(calib_dataset=str(tmp_path), calib_batches=2, calib_batch_size=2, random_seed=7))
     assert len(drawn) == 4 and drawn == [s for s in want if s in drawn]  # a subset, in file order
     assert drawn == read_samples(CalibConfig(calib_dataset=str(tmp_path), calib_batches=4, random_seed=7))
+    (tmp_path / "licence" / "Apache-2.0").parent.mkdir()
+    (tmp_path / "licence" / "Apache-2.0").write_text("Terms.\n\nConditions.")  # text, whatever its suffix
+    licence = CalibConfig(calib_dataset=str(tmp_path / "licence" / "Apache-2.0"))
+    assert read_samples(licence) == ["Terms.", "Conditions."]
     for name, text, match in [("bad.jsonl", '{"text": 1}\n', r"bad.jsonl:1: a sample is .*allowed: a string"),
                               ("bad.json", "{}", r"holds a list of samples, got dict"),
                               ("broken.jsonl", "{oops\n", r"is not JSON"),
                               ("ids.jsonl", '{"input_ids": [1, "x"]}', r"'input_ids' must be a list of token ids"),
-                              ("data.csv", "a,b", r"is a .csv file; allowed: the path of a local .txt")]:  # fmt: skip
+                              ("data.csv", "a,b", r"is a .csv table, which jaxllm does not read; allowed: the "
+                                                  r"path of a local text file"),
+                              ("binary.bin", b"\xff\xfe\x00", r"is not UTF-8 text")]:  # fmt: skip
         (tmp_path / "bad").mkdir(exist_ok=True)
-        (tmp_path / "bad" / name).write_text(text)
+        (tmp_path / "bad" / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(ValueError, match=match):
             read_samples(CalibConfig(calib_dataset=str(tmp_path / "bad" / name)))
     with pytest.raises(ValueError, match=r"holds text, and this LLM has no tokenizer"):
@@ -141,6 +147,8 @@ def test_calibrated_fp8_engine_gives_transformers_fake_quantized_tokens_at_tp_1_
                                                              use_tqdm=False)] == tokens  # fmt: skip
     with pytest.raises(ValueError, match=r"quantized or saved already \(its scales stand\)"):
         LLM(model=str(tmp_path / "saved"), calib_config=calib, **ARGS)
+    with pytest.raises(ValueError, match=r"calib_dataset='cnn_dailymail' is not a local file"):  # before building
+        LLM(model=path, quant_config=FP8_AND_KV, calib_config=CalibConfig(), **ARGS)
     with pytest.raises(ValueError, match=r"nothing is calibrated \(quant_algo='W8A16', the KV cache not fp8\)"):
         LLM(model=path, quant_config=QuantConfig(quant_algo="W8A16"), calib_config=calib, **ARGS)
     # FP8_PER_CHANNEL_PER_TOKEN keeps scaling activations per token; only the KV cache is calibrated

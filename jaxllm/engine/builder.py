@@ -100,6 +100,7 @@ class EngineBuilder:
         self.backend_name = backend
         self.backend = resolve_backend(backend, platform)
         self.args = EngineArgs.from_kwargs(kwargs).platform_defaults(platform)
+        self.calib_samples = None  # calib_config's dataset, read (and checked) by _quantization
         cfg = self._quantization(cfg)
         self.compile_cache_dir = resolve_cache_dir(self.args.compilation_cache_dir)
         self.config: ModelConfig = cfg
@@ -126,7 +127,9 @@ class EngineBuilder:
                                  "scales stand); calibration measures a float Hugging Face or GGUF checkpoint's FP8 "
                                  "scales as it loads: allowed: calib_config=None")  # fmt: skip
             kv_fp8 = resolve_kv_dtype(self.args.kv_cache_config.dtype, self.dtype) == resolve_kv_dtype("fp8")
-            return calibration.calibrated_config(cfg, qc, kv_fp8)
+            calibrated = calibration.calibrated_config(cfg, qc, kv_fp8)
+            self.calib_samples = calibration.read_samples(calib)  # a bad dataset fails before anything is built
+            return calibrated
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
             # (kv_cache_scales: hf.read_config found the checkpoint calibrated for an fp8 KV cache)
             if cfg.kv_cache_scales and self.args.kv_cache_config.dtype == "auto":
@@ -156,7 +159,7 @@ class EngineBuilder:
             with _phase("calibration (%s)", args.calib_config.calib_dataset):
                 scales = calibration.calibrate(self.resolved, self.config, self.dtype, args.calib_config,
                                                self.tokenizer, args.load_format, args.seed or 0,
-                                               self.compile_cache_dir)  # fmt: skip
+                                               self.compile_cache_dir, self.calib_samples)  # fmt: skip
         with _phase("weights (%s, %s)", "random" if args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, self.config, self.dtype, self.tp_plan, self.mesh,
