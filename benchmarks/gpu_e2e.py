@@ -81,6 +81,16 @@ def part_perf(args) -> dict:
         quant["quant_config"].update(group_size=args.group_size, has_zero_point=args.zero_point)
     if args.kv_cache_dtype:
         quant["kv_cache_config"] = {"dtype": args.kv_cache_dtype}
+    if args.calibrate:  # calib_config over random token ids (timing; random weights have nothing to learn)
+        import tempfile
+
+        import numpy as np
+
+        vocab = json.loads((cfg_dir / "config.json").read_text())["vocab_size"]
+        rows = np.random.default_rng(0).integers(0, vocab, (args.calibrate, 512)).tolist()
+        dataset = Path(tempfile.mkdtemp()) / "calibration.jsonl"
+        dataset.write_text("\n".join(json.dumps({"input_ids": row}) for row in rows))
+        quant["calib_config"] = {"calib_dataset": str(dataset), "calib_batches": args.calibrate}
     if args.capacity_policy:
         from jaxllm import SchedulerConfig
 
@@ -366,6 +376,9 @@ def main() -> None:
     parser.add_argument("--quantization", choices=("fp8", "w8a16", "w4a16"), default=None,
                         help="quantized weights (QuantConfig's quant_algo)")
     parser.add_argument("--kv-cache-dtype", choices=("fp8",), default=None, help="an FP8 KV cache")
+    parser.add_argument("--calibrate", type=int, default=0, metavar="N",
+                        help="calib_config over N samples of 512 random token ids: FP8's static input scales and the "
+                             "fp8 cache's K/V scales measured as the weights load (LLM()'s time includes it)")
     parser.add_argument("--offline", default=None,
                         help="offline runs as ISL/OSLxREQUESTS,... (default 128/128x1024,128/2048x128,2048/128x128; "
                              "'none': no offline run)")  # fmt: skip

@@ -12,6 +12,8 @@
 #   bash benchmarks/h200_targets.sh diagnose      # either card: the SmolLM2-135M shape's batch-1 decode under the profiler
 #   bash benchmarks/h200_targets.sh wide          # either card: W8A16 and W4A16 with Triton GEMMs up to 16 / 1,024
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
+#   bash benchmarks/h200_targets.sh fp8-formats   # either card: a float checkpoint in FP8 + FP8 KV, activations per
+#                                                 # token against calibrated static scales (calib_config, 64 samples)
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
 # or the part ELSE names (an H200 part then runs on that card), unless ANY_CARD=1 (then they run as
@@ -26,7 +28,7 @@ part=$1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-case "$part" in either | wide | diagnose) ;; *)  # the H200 parts
+case "$part" in either | wide | diagnose | fp8-formats) ;; *)  # the H200 parts
   [ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && \
     { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; } ;;
 esac
@@ -63,6 +65,11 @@ case "$part" in
     done ;;
   diagnose)
     e2e smollm2_batch1_profile 150 --model smollm2-135m --parts perf --offline none --profile ;;
+  fp8-formats)  # each a new process that compiles its programs: the same 95, the calibrated one's scales static
+    for calibrate in 0 64; do
+      e2e "fp8_calibrate$calibrate" 280 --quantization fp8 --kv-cache-dtype fp8 --calibrate "$calibrate" --parts perf \
+        --offline 128/128x8192,2048/128x1024
+    done ;;
   wide)
     for q in w8a16 w4a16; do
       for rows in 16 1024; do

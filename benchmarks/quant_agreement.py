@@ -15,8 +15,13 @@ read from the GGUF blocks as the engine loads them), against the bf16 model on t
 
 `float32` is the float32 model against bf16 (how far bf16 itself is from the checkpoint's numbers);
 `FP8 weight-only` is FP8's weights with the activations left in bf16, as a GPU's decode steps
-compute FP8 (layers/linear.py WEIGHT_ONLY_MAX_ROWS). On the CPU XLA emulates FP8 with the GPU's
-arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic on the CPU and the GPU").
+compute FP8 (layers/linear.py WEIGHT_ONLY_MAX_ROWS). `FP8 calibrated` is FP8 with static input
+scales measured on other text (`CalibConfig`, jaxllm/calibration.py: the Apache-2.0 licence and the
+standard library's argparse module, CALIBRATION_CHUNKS chunks of --length tokens), as
+`LLM(quant_config=QuantConfig(quant_algo="FP8"), calib_config=...)` loads it. `KV fp8` and `KV fp8
+calibrated` are the bf16 model with its keys and values rounded as an fp8 KV cache stores them, with
+scales of 1 (kv_cache_config.dtype='fp8' alone) or with calibrated per-layer scales. On the CPU XLA
+emulates FP8 with the GPU's arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic on the CPU and the GPU").
 
     python benchmarks/quant_agreement.py [--models smollm2,gemma3-270m] [--chunks 8] [--length 256]
 """
@@ -24,6 +29,7 @@ arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic on the CP
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import textwrap
@@ -35,7 +41,10 @@ import numpy as np
 from common import default_out, write_json
 
 PROSE = Path("/usr/share/common-licenses/GPL-3")
-FORMATS = ("float32", "FP8", "FP8 weight-only", "W8A16", "W4A16 g128", "W4A16 g32z")
+CALIBRATION_PROSE = Path("/usr/share/common-licenses/Apache-2.0")
+CALIBRATION_CHUNKS = 16
+FORMATS = ("float32", "FP8", "FP8 calibrated", "FP8 weight-only", "W8A16", "W4A16 g128", "W4A16 g32z", "KV fp8",
+           "KV fp8 calibrated")  # fmt: skip
 
 
 def texts() -> dict[str, str]:
@@ -43,6 +52,13 @@ def texts() -> dict[str, str]:
     if PROSE.exists():
         out["prose"] = PROSE.read_text()
     return out
+
+
+def calibration_text() -> str:
+    """Text for calibration, none of it in texts()."""
+    import argparse as module
+
+    return (CALIBRATION_PROSE.read_text() if CALIBRATION_PROSE.exists() else "") + inspect.getsource(module)
 
 
 def chunks(tokenizer, text: str, count: int, length: int) -> np.ndarray:
@@ -62,12 +78,39 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
     from jaxllm.quantization import QuantConfig, quantize_flat
     from jaxllm.tokenizer import load_tokenizer
 
+    from jaxllm.calibration import activation_amax, calibrated_config, scales_from_amax
+    from jaxllm.models.transformer import decoder_layer, dense_causal_attention, embed, final_hidden_to_logits
+    from jaxllm.quantization import FP8_DTYPE, FP8_MAX
+
     forward = jax.jit(forward_dense, static_argnums=(2, 5))
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def forward_fp8_kv(params, tokens, cfg, kv_scales):
+        """forward_dense with each layer's keys (rotated) and values rounded as an fp8 cache holds
+        them: divided by the layer's scale, cast to E4M3 (saturating), multiplied back."""
+        def rounded(t, scale):
+            return (jnp.clip(t.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+                    .astype(jnp.float32) * scale).astype(t.dtype)  # fmt: skip
+
+        def attend(q, k, v, layer):
+            k, v = rounded(k, kv_scales[layer][0]), rounded(v, kv_scales[layer][1])
+            return dense_causal_attention(q, k, v, scale=cfg.attn_scale, window=cfg.layer_window(layer))
+
+        x = embed(params, tokens, cfg, params["embed"].dtype)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        for layer, lp in enumerate(params["layers"]):
+            x = decoder_layer(lp, x, positions, layer, cfg, attend)
+        return final_hidden_to_logits(params, x, cfg)
+
     resolved = loader.resolve(str(fetch(name)))
     cfg = loader.read_config(resolved)
     tokenizer = load_tokenizer(resolved, None, False, "auto")
     data = {kind: chunks(tokenizer, text, count, length) for kind, text in texts().items()}
     bf16 = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
+    calibration = chunks(tokenizer, calibration_text(), CALIBRATION_CHUNKS, length)
+    t0 = time.perf_counter()
+    amax = activation_amax(bf16, cfg, [(row[None], np.ones((1, row.size), bool)) for row in calibration])
+    print(f"{name}: calibrated on {calibration.size} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
 
     @jax.jit
     def summary(logits):  # bf16's top token, its margin and its log-probability
@@ -85,7 +128,17 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
         reference[kind] = [summary(forward(bf16, jnp.asarray(row[None]), cfg, None, None, 0)) for row in tokens]
 
     def variant(fmt: str):
-        """(params, config, weight_only_rows) of one format."""
+        """(params, config, weight_only_rows or the K/V scales of the fp8 cache's rounding) of one format."""
+        if fmt.startswith("KV fp8"):
+            kv = calibrated_config(cfg, None, kv_fp8=True)
+            scales = scales_from_amax(amax, kv) if fmt.endswith("calibrated") else None
+            return bf16, cfg, tuple((scales[f"layers.{i}.k_scale"], scales[f"layers.{i}.v_scale"]) if scales
+                                    else (1.0, 1.0) for i in range(cfg.num_layers))  # fmt: skip
+        if fmt == "FP8 calibrated":  # static input scales, as LLM(..., calib_config=...) loads them
+            qcfg = calibrated_config(cfg, QuantConfig(quant_algo="FP8"), kv_fp8=False)
+            flat = quantize_flat(flatten_paths(bf16), qcfg)
+            flat.update({p: jnp.float32(v) for p, v in scales_from_amax(amax, qcfg).items()})
+            return unflatten_paths(flat, qcfg), qcfg, 0
         if fmt == "float32":
             return loader.load_params(resolved, cfg, jnp.float32, progress=False), cfg, 0
         if fmt == "W4A16 g32z":  # GGUF's 4-bit blocks read as they are, the rest quantized on load
@@ -104,7 +157,10 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
         for kind, tokens in data.items():
             agree, sure, sure_agree, delta = 0, 0, 0, []
             for row, (top, gap, top_logp) in zip(tokens, reference[kind]):
-                logits = forward(params, jnp.asarray(row[None]), qcfg, None, None, weight_only_rows)
+                if isinstance(weight_only_rows, tuple):  # the K/V scales of an fp8 cache
+                    logits = forward_fp8_kv(params, jnp.asarray(row[None]), qcfg, weight_only_rows)
+                else:
+                    logits = forward(params, jnp.asarray(row[None]), qcfg, None, None, weight_only_rows)
                 got, got_logp = against(logits, top)
                 same = np.asarray(got == top)
                 agree += int(same.sum())
@@ -121,7 +177,8 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
             print(f"{name:14s} {fmt:16s} {kind:5s} {positions:5d} positions: agreement {r['agreement']:.3f}, "
                   f"past a {margin} margin {r['agreement_past_margin']:.3f} ({sure}), "
                   f"mean |d logprob| {r['mean_abs_delta_top_logprob']:.3f}", flush=True)  # fmt: skip
-        del params
+        if params is not bf16:
+            del params
     return rows
 
 
