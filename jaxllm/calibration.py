@@ -170,18 +170,20 @@ def _read_file(path: Path) -> list[str | list[int]]:
     if path.suffix not in (".jsonl", ".json"):  # text, whatever its suffix (a licence's 'Apache-2.0')
         return [p.strip() for p in text.split("\n\n") if p.strip()]
     if path.suffix == ".jsonl":
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        try:
-            return [_samples_of_record(json.loads(line), f"{path}:{n}") for n, line in lines]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"calib_dataset {path}: line {e.doc!r:.60} is not JSON ({e.msg})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"calib_dataset {path} is not JSON ({e.msg}, line {e.lineno})") from None
+        lines = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [_samples_of_record(_json(line, where), where) for where, line in lines]
+    data = _json(text, str(path))
     if not isinstance(data, list):
         raise ValueError(f"calib_dataset {path}: a .json file holds a list of samples, got {type(data).__name__}")
     return [_samples_of_record(record, f"{path}[{i}]") for i, record in enumerate(data)]
+
+
+def _json(text: str, where: str):
+    """The JSON value of `text`, or a ValueError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calib_dataset {where} is not JSON ({e.msg}, column {e.colno})") from None
 
 
 def read_samples(calib: CalibConfig) -> list[str | list[int]]:
