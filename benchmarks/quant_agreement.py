@@ -109,7 +109,8 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
     bf16 = loader.load_params(resolved, cfg, jnp.bfloat16, progress=False)
     calibration = chunks(tokenizer, calibration_text(), CALIBRATION_CHUNKS, length)
     t0 = time.perf_counter()
-    amax = activation_amax(bf16, cfg, [(row[None], np.ones((1, row.size), bool)) for row in calibration])
+    amax = activation_amax(bf16["embed"], bf16["layers"], cfg,
+                           [(row[None], np.ones((1, row.size), bool)) for row in calibration])  # fmt: skip
     print(f"{name}: calibrated on {calibration.size} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
 
     @jax.jit

@@ -15,11 +15,12 @@ agree with bf16 as per-token ones do (benchmarks/RESULTS.md, "Calibration") and 
 passes over each quantized input, its amax and its division (an H100 profile of the Llama-3.1-8B
 shape: 6.1 ms of a 45 ms decode forward of 2,048 rows; "FP8 in a ModelOpt checkpoint's format").
 
-How: the float model is read onto one device (`device` 'cuda': this process's first device; 'cpu':
-the host's) and the samples run through its layers, each `decoder_layer` (the model's own code) with an
-observer in its adapter hook (every projection's input) and its attention (the rotated keys and the
-values), padding masked out; the float weights are then dropped and the checkpoint loads quantized as
-it always does, the measured scales in place of the quantizer's placeholders
+How: the samples run through the float model on one device (`device` 'cuda': this process's first
+device; 'cpu': the host's), one layer at a time (each read from the checkpoint as it is reached and
+dropped after it, every sample's hidden states kept: a model need not fit the device whole), each
+`decoder_layer` (the model's own code) with an observer in its adapter hook (every projection's
+input) and its attention (the rotated keys and the values), padding masked out; then the checkpoint
+loads quantized as it always does, the measured scales in place of the quantizer's placeholders
 (checkpoints/loader.py, `scales`). The scales are the same at every tensor-parallel size, and
 `LLM.save` keeps them.
 
@@ -40,7 +41,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -273,26 +274,29 @@ def _observed_layer(lp: dict, x: jax.Array, valid: jax.Array, cfg: ModelConfig, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _embedded(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _embedded(table: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     from jaxllm.models.transformer import embed
 
-    return embed(params, tokens, cfg, params["embed"].dtype)
+    return embed({"embed": table}, tokens, cfg, table.dtype)
 
 
-def activation_amax(params: dict, cfg: ModelConfig, batches) -> list[dict[str, float]]:
+def activation_amax(embed_table: jax.Array, layers: Iterable[dict], cfg: ModelConfig,
+                    batches) -> list[dict[str, float]]:  # fmt: skip
     """Per layer {projection name: amax of its input, 'k' / 'v': of the rotated keys / the values}
-    of a float model (`params` in either layout, `cfg` its float config) over `batches` of (tokens,
-    valid). Layers that differ only in their index share one program (their RoPE and window)."""
+    of a float model (`cfg` its float config; `layers` each layer's params in either layout, in
+    order: an iterator may read each as it is asked for and drop the last) over `batches` of
+    (tokens, valid). Every batch's hidden states are kept between layers, so one layer's weights are
+    held at a time. Layers that differ only in their index share one program (their RoPE and window)."""
     first_of = {}
     for i in range(cfg.num_layers):
         first_of.setdefault((repr(cfg.layer_rope(i)), cfg.layer_window(i)), i)
     kinds = [first_of[(repr(cfg.layer_rope(i)), cfg.layer_window(i))] for i in range(cfg.num_layers)]
+    batches = [(jnp.asarray(tokens), jnp.asarray(valid)) for tokens, valid in batches]
+    hidden = [_embedded(embed_table, tokens, cfg) for tokens, _ in batches]
     totals: list[dict[str, jax.Array]] = [{} for _ in range(cfg.num_layers)]
-    for tokens, valid in batches:
-        tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
-        x = _embedded(params, tokens, cfg)
-        for i, lp in enumerate(params["layers"]):
-            x, seen = _observed_layer(lp, x, valid, cfg, kinds[i])
+    for i, lp in enumerate(layers):
+        for b, (_, valid) in enumerate(batches):
+            hidden[b], seen = _observed_layer(lp, hidden[b], valid, cfg, kinds[i])
             for name, a in seen.items():
                 totals[i][name] = a if name not in totals[i] else jnp.maximum(totals[i][name], a)
     return [{name: float(a) for name, a in jax.device_get(t).items()} for t in totals]
@@ -312,10 +316,11 @@ def scales_from_amax(amax: list[dict[str, float]], cfg: ModelConfig) -> dict[str
 
 
 def calibrate(resolved, cfg: ModelConfig, dtype, calib: CalibConfig, tokenizer, load_format: str = "auto",
-              seed: int = 0, cache_dir=None, samples: list | None = None) -> dict[str, float]:  # fmt: skip
+              seed: int = 0, samples: list | None = None) -> dict[str, float]:  # fmt: skip
     """The calibrated scales (scale_paths(cfg) -> value) of checkpoint `resolved` under `cfg`
     (calibrated_config's), measured with its float weights in `dtype` on calib.device over
-    `samples` (default: read_samples(calib))."""
+    `samples` (default: read_samples(calib)): the embedding, then one layer at a time, read from
+    the checkpoint as it is needed (a model need not fit the device whole)."""
     from jaxllm.checkpoints import loader
     from jaxllm.quantization import base_config
 
@@ -325,10 +330,21 @@ def calibrate(resolved, cfg: ModelConfig, dtype, calib: CalibConfig, tokenizer, 
     if not ids:
         raise ValueError(f"CalibConfig.calib_dataset={calib.calib_dataset!r}: no sample has a token")
     device = jax.local_devices(backend="cpu")[0] if calib.device == "cpu" else jax.local_devices()[0]
+
+    def read(prefix: str) -> dict:  # the float params under `prefix` ("embed", "layers.3"), by their names in it
+        flat = loader.read_float_params(resolved, base, dtype, lambda p: p == prefix or p.startswith(prefix + "."),
+                                        load_format, seed)  # fmt: skip
+        return {path.removeprefix(prefix + "."): array for path, array in flat.items()}
+
+    def layers():
+        for i in range(base.num_layers):
+            lp = read(f"layers.{i}")
+            yield lp
+            for array in lp.values():
+                array.delete()
+
     with jax.default_device(device):
-        params = loader.load_engine_params(resolved, base, dtype, load_format=load_format, seed=seed, progress=False,
-                                           cache_dir=cache_dir if calib.device != "cpu" else None)  # fmt: skip
-        amax = activation_amax(params, base, _batches(ids, calib.calib_batch_size, calib.max_length))
-    jax.tree.map(lambda a: a.delete(), params)
+        amax = activation_amax(read("embed")["embed"], layers(), base,
+                               _batches(ids, calib.calib_batch_size, calib.max_length))  # fmt: skip
     logger.info("calibration: %d samples (%d tokens) on %s", len(ids), sum(map(len, ids)), device)
     return scales_from_amax(amax, cfg)

@@ -76,17 +76,40 @@ def test_calib_config_takes_tensorrt_llms_fields_and_reads_local_datasets(tmp_pa
     assert tokens.shape == (2, 24) and valid.sum(axis=1).tolist() == [3, 20]
 
 
-def test_calibration_measures_what_transformers_computes(tiny_dir, tiny_hf):
+def test_calibration_measures_what_transformers_computes(tiny_dir, tiny_hf, tmp_path):
     """Each projection's input amax and each layer's rotated-key and value amax, over batches with
-    padding, are transformers' (float32; llama, and gemma3: local and global layers, q/k norms)."""
+    padding, are transformers' (float32; llama, and gemma3: local and global layers, q/k norms).
+    Calibration reads a layer at a time: a hf or GGUF checkpoint's tensors of one layer alone, or
+    the dummy weights' own values, are what the whole model's load gives."""
+    import jax
+
     from jaxllm.checkpoints import loader
+    from jaxllm.models.params import flatten_paths as flat_of
+    from jaxllm.models.params import init_params
     from tests import tiny
+
+    def of_layer(i):
+        return lambda p: p.startswith(f"layers.{i}.")
+
+    tiny.write_gguf("llama", tiny_hf("llama"), tmp_path / "llama.gguf")
+    for source in (str(tiny_dir("llama")), str(tmp_path / "llama.gguf")):
+        resolved = loader.resolve(source)
+        cfg = loader.read_config(resolved)
+        whole = flat_of(loader.load_params(resolved, cfg, jnp.float32, progress=False))
+        part = loader.read_float_params(resolved, cfg, jnp.float32, of_layer(1))
+        assert sorted(part) == sorted(p for p in whole if p.startswith("layers.1."))
+        for p, a in part.items():
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(whole[p]), err_msg=f"{source} {p}")
+    dummy = loader.read_float_params(None, cfg, jnp.float32, of_layer(0), load_format="dummy", seed=3)
+    expected = flat_of(init_params(cfg, jnp.float32, jax.random.key(3)))
+    for p, a in dummy.items():
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(expected[p]), err_msg=p)
 
     for name in ("llama", "gemma3"):
         resolved = loader.resolve(str(tiny_dir(name)))
         cfg = loader.read_config(resolved)
         params = loader.load_params(resolved, cfg, jnp.float32, progress=False)
-        amax = activation_amax(params, cfg, _batches(CALIBRATION, 2, 64))
+        amax = activation_amax(params["embed"], params["layers"], cfg, _batches(CALIBRATION, 2, 64))
         inputs, k_amax, v_amax = tiny.input_amax(tiny_hf(name), CALIBRATION)
         names = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
                  "up_proj": "w_up", "down_proj": "w_down"}  # fmt: skip

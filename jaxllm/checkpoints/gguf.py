@@ -531,15 +531,15 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_file_tensors(path: Path, cfg: ModelConfig,
-                           blocks: Callable[[GGUFTensor], int] | None = None) -> Iterator[tuple[str, Any]]:  # fmt: skip
+def iter_gguf_file_tensors(path: Path, cfg: ModelConfig, blocks: Callable[[GGUFTensor], int] | None = None,
+                           wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Any]]:  # fmt: skip
     """Yield (GGUF tensor name, float32 array in Hugging Face layout), metadata-only tensors skipped;
     a tensor for which `blocks` gives a group comes as its blocks instead, (q, scale, zero) of
-    `int_blocks` in that group."""
+    `int_blocks` in that group. With `wanted` (a predicate on tensor names), only those are read."""
     family = family_of(cfg.architecture)
     for tensor in _open(path).tensors:
-        if tensor.name == "rope_freqs.weight":  # folded into the config (read_config)
-            continue
+        if tensor.name == "rope_freqs.weight" or (wanted is not None and not wanted(tensor.name)):
+            continue  # (rope_freqs: folded into the config, read_config)
         group = blocks(tensor) if blocks is not None else 0
         arrays = int_blocks(tensor, group) if group else (_dequantize(tensor),)
         if family.gguf_permuted_qk and tensor.name.endswith("attn_q.weight"):  # rows permuted: each group with its row
@@ -551,13 +551,17 @@ def iter_gguf_file_tensors(path: Path, cfg: ModelConfig,
         yield tensor.name, arrays if len(arrays) > 1 else arrays[0]
 
 
-def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | None = None) -> Iterator[tuple[str, Any]]:
+def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | None = None,
+                      only=None) -> Iterator[tuple[str, Any]]:  # fmt: skip
     """Yield (param path, array in params layout) for every parameter, checking the whole set.
 
     quantized: the engine's config; under a grouped weight-only format a layer projection whose
     blocks serve its groups (`kept_group`) comes as its groups as they are, an `IntGroups`, instead
-    of floats."""
+    of floats.
+    only: a predicate on param paths: those alone are read (no others dequantized), nothing missing
+    checked."""
     mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path))
+    wanted = None if only is None else (lambda name: name in mapper.names and only(mapper.names[name][0]))
     kept = _kept_blocks(cfg, quantized) if quantized is not None else None
 
     def blocks(tensor: GGUFTensor) -> int:
@@ -565,7 +569,7 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
             return 0
         return kept(mapper.names[tensor.name][0], tensor.tensor_type.name)
 
-    for name, array in iter_gguf_file_tensors(path, cfg, blocks):
+    for name, array in iter_gguf_file_tensors(path, cfg, blocks, wanted):
         if not mapper.wants(name):
             continue
         if isinstance(array, tuple):  # (q, scale, zero) in the file's [out, in] rows, laid out like the weight
@@ -573,4 +577,5 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
             yield param, IntGroups(q, *(mapper.transform(name, a) for a in array[1:]))
         else:
             yield mapper.convert(name, array)
-    mapper.finish()
+    if only is None:
+        mapper.finish()

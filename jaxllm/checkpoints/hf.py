@@ -160,12 +160,16 @@ def _read_raw(file: Path, name: str) -> np.ndarray:
     return np.frombuffer(data, RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def load_hf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (param path, array in params layout) for every parameter, checking the whole set."""
+def load_hf_tensors(path: Path, cfg: ModelConfig, only=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (param path, array in params layout) for every parameter, checking the whole set; with
+    `only` (a predicate on param paths), for those alone, read no others and check nothing missing."""
     family = family_of(cfg.architecture)
     ignore = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     mapper = TensorMapper(cfg, hf_names(cfg, family), str(path), ignore=ignore)
     for name, load in iter_safetensors(safetensors_files(path)):
+        if only is not None and not (name in mapper.names and only(mapper.names[name][0])):
+            continue
         if mapper.wants(name):
             yield mapper.convert(name, load())
-    mapper.finish()
+    if only is None:
+        mapper.finish()

@@ -91,15 +91,16 @@ def read_config(resolved: ResolvedModel) -> ModelConfig:
     return hf.read_config(resolved.path)
 
 
-def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig,
-                 quantized: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray | IntGroups]]:  # fmt: skip
-    """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint; with
-    `quantized` (the engine's config), a GGUF projection whose blocks serve its groups comes as an
-    IntGroups (checkpoints/gguf.py)."""
+def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig, quantized: ModelConfig | None = None,
+                 only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray | IntGroups]]:  # fmt: skip
+    """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint (with
+    `only`, a predicate on param paths, for those alone: no other tensor is read); with `quantized`
+    (the engine's config), a GGUF projection whose blocks serve its groups comes as an IntGroups
+    (checkpoints/gguf.py)."""
     if resolved.kind == "gguf":
-        return gguf.load_gguf_tensors(resolved.path, cfg, quantized)
+        return gguf.load_gguf_tensors(resolved.path, cfg, quantized, only)
     if resolved.kind == "hf":
-        return hf.load_hf_tensors(resolved.path, cfg)
+        return hf.load_hf_tensors(resolved.path, cfg, only)
     raise ValueError(f"iter_tensors reads hf and gguf checkpoints, not {resolved.kind!r}")
 
 
@@ -159,6 +160,21 @@ def default_placer(dtype, cfg: ModelConfig | None = None) -> Placer:
         return jax.device_put(np.asarray(array).astype(dtype_of(path), copy=False))
 
     return place
+
+
+def read_float_params(resolved: ResolvedModel, cfg: ModelConfig, dtype, only: Callable[[str], bool],
+                      load_format: str = "auto", seed: int = 0) -> dict[str, jax.Array]:  # fmt: skip
+    """{path: array on the default device} of the float model `cfg`'s params whose paths `only`
+    accepts ("layers.3.wq"): read from a hf or gguf checkpoint (no other tensor is read), or with
+    load_format 'dummy' the random weights load_engine_params makes (the same keys)."""
+    from jaxllm.models.params import init_param, param_keys
+
+    if load_format == "dummy":
+        keys = param_keys(cfg, jax.random.key(seed))
+        return {path: init_param(spec, keys[path], dtype) for path, spec in flatten_paths(param_specs(cfg)).items()
+                if only(path)}  # fmt: skip
+    place = default_placer(dtype, cfg)
+    return {path: place(path, array) for path, array in iter_tensors(resolved, cfg, only=only)}
 
 
 def _with_scales(flat: dict, scales: dict | None, shardings: dict | None = None) -> dict:

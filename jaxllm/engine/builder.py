@@ -159,7 +159,7 @@ class EngineBuilder:
             with _phase("calibration (%s)", args.calib_config.calib_dataset):
                 scales = calibration.calibrate(self.resolved, self.config, self.dtype, args.calib_config,
                                                self.tokenizer, args.load_format, args.seed or 0,
-                                               self.compile_cache_dir, self.calib_samples)  # fmt: skip
+                                               self.calib_samples)  # fmt: skip
         with _phase("weights (%s, %s)", "random" if args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, self.config, self.dtype, self.tp_plan, self.mesh,
