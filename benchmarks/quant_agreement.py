@@ -21,7 +21,8 @@ standard library's argparse module, CALIBRATION_CHUNKS chunks of --length tokens
 `LLM(quant_config=QuantConfig(quant_algo="FP8"), calib_config=...)` loads it. `KV fp8` and `KV fp8
 calibrated` are the bf16 model with its keys and values rounded as an fp8 KV cache stores them, with
 scales of 1 (kv_cache_config.dtype='fp8' alone) or with calibrated per-layer scales. On the CPU XLA
-emulates FP8 with the GPU's arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic on the CPU and the GPU").
+emulates FP8 with the GPU's arithmetic (benchmarks/RESULTS.md, "FP8's error is the same arithmetic
+on the CPU and the GPU").
 
     python benchmarks/quant_agreement.py [--models smollm2,gemma3-270m] [--chunks 8] [--length 256]
 """

@@ -92,7 +92,8 @@ def read_config(resolved: ResolvedModel) -> ModelConfig:
 
 
 def iter_tensors(resolved: ResolvedModel, cfg: ModelConfig, quantized: ModelConfig | None = None,
-                 only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray | IntGroups]]:  # fmt: skip
+                 only: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray | IntGroups]]:  # fmt: skip
     """(param path, numpy array in params layout) for every parameter of a hf or gguf checkpoint (with
     `only`, a predicate on param paths, for those alone: no other tensor is read); with `quantized`
     (the engine's config), a GGUF projection whose blocks serve its groups comes as an IntGroups
