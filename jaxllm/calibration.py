@@ -21,7 +21,8 @@ dropped after it, every sample's hidden states kept: a model need not fit the de
 `decoder_layer` (the model's own code) with an observer in its adapter hook (every projection's
 input) and its attention (the rotated keys and the values), padding masked out; then the checkpoint
 loads quantized as it always does, the measured scales in place of the quantizer's placeholders
-(checkpoints/loader.py, `scales`). The scales are the same at every tensor-parallel size, and
+(checkpoints/loader.py, `scales`). The scales are the same at every tensor-parallel size (in a
+multi-process run the leader measures them and sends them to the others: engine/builder.py), and
 `LLM.save` keeps them.
 
 The dataset is read from local files (nothing is downloaded): a text file (each paragraph, blank-line

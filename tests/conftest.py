@@ -43,7 +43,7 @@ import pytest  # noqa: E402
 # (--dist loadfile --no-loadscope-reorder), so the long ones start first and the short ones fill the
 # end. Keep it roughly in this order when a file grows.
 LONGEST_FIRST = ("test_quantization", "test_startup", "test_real_models", "test_tensor_parallel", "test_notebooks",
-                 "test_speculative", "test_multistep", "test_engine", "test_gguf", "test_serve",
+                 "test_speculative", "test_multistep", "test_engine", "test_gguf", "test_serve", "test_multiprocess",
                  "test_pallas_backend", "test_beam_search", "test_converters_cli", "test_batch", "test_faults",
                  "test_guided", "test_calibration", "test_disaggregated", "test_lora", "test_tokenizer_gguf",
                  "test_prefix_cache", "test_models_parity", "test_kv_cache_fp8", "test_tp4_70b_shape",

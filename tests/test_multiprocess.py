@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxllm import SamplingParams
@@ -17,17 +18,19 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
 MAX_TOKENS = 24  # as tests/multiprocess_script.py: several dispatches a request
 
 
-def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None) -> tuple:
+def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None,
+                   script_args: tuple = ()) -> tuple:  # fmt: skip
     """tests/multiprocess_script.py over two processes started by the launcher with `launcher_args`:
-    (its result, the tokens of one device in this process)."""
+    (its result, the tokens of one device in this process; None with `script_args`)."""
     model = str(tiny_dir("llama-odd"))
-    expected = [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
+    expected = None if script_args else [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
         PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]  # fmt: skip
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("multiprocess_script.py")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", *launcher_args,
-                           str(script), str(out), model], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+                           str(script), str(out), model, *script_args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), expected
 
@@ -39,6 +42,24 @@ def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_pat
     assert result["streamed"] == expected[0] and result["async"] == expected[2]
     assert result["stats"] > 0
     assert result["follow_ons"] > 0  # the overlap scheduler ran ahead, the followers replaying it
+
+
+def test_two_processes_calibrate_once(tiny_dir, tiny_llm, tmp_path):
+    """calib_config over two processes: the leader calibrates and sends its scales to the follower;
+    they are what one process measures."""
+    from jaxllm.calibration import CalibConfig, calibrate, calibrated_config
+    from jaxllm.checkpoints import loader
+    from jaxllm.quantization import QuantConfig
+
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in PROMPTS))
+    result, _ = _launch_script(tiny_dir, tiny_llm, tmp_path, ["--cpu-devices-per-process", "4"],
+                               script_args=(str(dataset),))  # fmt: skip
+    assert result["processes"] == 2 and all(len(t) == MAX_TOKENS for t in result["tokens"])
+    resolved = loader.resolve(str(tiny_dir("llama-odd")))
+    cfg = calibrated_config(loader.read_config(resolved), QuantConfig(quant_algo="FP8"), kv_fp8=True)
+    scales = calibrate(resolved, cfg, jnp.float32, CalibConfig(calib_dataset=str(dataset)), None)
+    assert result["k_scale"] == float(jnp.float32(scales["layers.1.k_scale"]))  # (held as float32)
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")

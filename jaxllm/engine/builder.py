@@ -128,7 +128,8 @@ class EngineBuilder:
                                  "scales as it loads: allowed: calib_config=None")  # fmt: skip
             kv_fp8 = resolve_kv_dtype(self.args.kv_cache_config.dtype, self.dtype) == resolve_kv_dtype("fp8")
             calibrated = calibration.calibrated_config(cfg, qc, kv_fp8)
-            self.calib_samples = calibration.read_samples(calib)  # a bad dataset fails before anything is built
+            if self.channel is None or distributed.is_leader():  # (followers get the leader's scales)
+                self.calib_samples = calibration.read_samples(calib)  # a bad dataset fails before anything is built
             return calibrated
         if cfg.quant_algo is not None:  # the checkpoint is quantized already: its format stands
             # (kv_cache_scales: hf.read_config found the checkpoint calibrated for an fp8 KV cache)
@@ -157,9 +158,7 @@ class EngineBuilder:
         scales = None
         if args.calib_config is not None:
             with _phase("calibration (%s)", args.calib_config.calib_dataset):
-                scales = calibration.calibrate(self.resolved, self.config, self.dtype, args.calib_config,
-                                               self.tokenizer, args.load_format, args.seed or 0,
-                                               self.calib_samples)  # fmt: skip
+                scales = self._calibrated_scales()
         with _phase("weights (%s, %s)", "random" if args.load_format == "dummy" else self.resolved.kind,
                     jax.numpy.dtype(self.dtype).name):  # fmt: skip
             self.params = loader.load_engine_params(self.resolved, self.config, self.dtype, self.tp_plan, self.mesh,
@@ -501,6 +500,26 @@ class EngineBuilder:
         """SchedulerConfig.decode_cap, or by default whether the engine runs on GPUs (engine/decode_cap.py)."""
         chosen = self.args.scheduler_config.decode_cap if self.args.scheduler_config is not None else None
         return self.platform == "gpu" if chosen is None else chosen
+
+    def _calibrated_scales(self) -> dict[str, float]:
+        """calib_config's scales; in a multi-process run the leader's, sent to every process (each
+        must hold the same replicated scales), and a failure of the leader's ends each follower's build."""
+        args = self.args
+        if self.channel is not None and not distributed.is_leader():
+            header, _ = self.channel.recv()
+            if "error" in header:
+                raise RuntimeError(f"calibration failed in the leader process: {header['error']}")
+            return header["scales"]
+        try:
+            scales = calibration.calibrate(self.resolved, self.config, self.dtype, args.calib_config, self.tokenizer,
+                                           args.load_format, args.seed or 0, self.calib_samples)  # fmt: skip
+        except Exception as e:
+            if self.channel is not None:
+                self.channel.send({"kind": "calibration", "error": f"{type(e).__name__}: {e}"})
+            raise
+        if self.channel is not None:
+            self.channel.send({"kind": "calibration", "scales": scales})
+        return scales
 
     def _agree_on(self, name: str, value: int) -> int:
         if distributed.is_leader():
