@@ -560,8 +560,7 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
     of floats.
     only: a predicate on param paths: those alone are read (no others dequantized), nothing missing
     checked."""
-    mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path))
-    wanted = None if only is None else (lambda name: name in mapper.names and only(mapper.names[name][0]))
+    mapper = TensorMapper(cfg, gguf_names(cfg, family_of(cfg.architecture)), str(path), only=only)
     kept = _kept_blocks(cfg, quantized) if quantized is not None else None
 
     def blocks(tensor: GGUFTensor) -> int:
@@ -569,7 +568,7 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
             return 0
         return kept(mapper.names[tensor.name][0], tensor.tensor_type.name)
 
-    for name, array in iter_gguf_file_tensors(path, cfg, blocks, wanted):
+    for name, array in iter_gguf_file_tensors(path, cfg, blocks, mapper.selects):
         if not mapper.wants(name):
             continue
         if isinstance(array, tuple):  # (q, scale, zero) in the file's [out, in] rows, laid out like the weight
@@ -577,5 +576,4 @@ def load_gguf_tensors(path: Path, cfg: ModelConfig, quantized: ModelConfig | Non
             yield param, IntGroups(q, *(mapper.transform(name, a) for a in array[1:]))
         else:
             yield mapper.convert(name, array)
-    if only is None:
-        mapper.finish()
+    mapper.finish()

@@ -165,11 +165,8 @@ def load_hf_tensors(path: Path, cfg: ModelConfig, only=None) -> Iterator[tuple[s
     `only` (a predicate on param paths), for those alone, read no others and check nothing missing."""
     family = family_of(cfg.architecture)
     ignore = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    mapper = TensorMapper(cfg, hf_names(cfg, family), str(path), ignore=ignore)
+    mapper = TensorMapper(cfg, hf_names(cfg, family), str(path), ignore=ignore, only=only)
     for name, load in iter_safetensors(safetensors_files(path)):
-        if only is not None and not (name in mapper.names and only(mapper.names[name][0])):
-            continue
-        if mapper.wants(name):
+        if mapper.selects(name) and mapper.wants(name):
             yield mapper.convert(name, load())
-    if only is None:
-        mapper.finish()
+    mapper.finish()

@@ -237,15 +237,22 @@ class TensorMapper:
       names: {file tensor name: (param path, transform)}.
       source: what is being read, for error messages.
       ignore: file tensor names that may be present and are skipped (for instance a tied lm_head).
+      only: a predicate on param paths: a partial read of those alone (`selects`), whose `finish`
+        checks nothing missing.
     """
 
-    def __init__(self, cfg: ModelConfig, names: dict[str, tuple[str, str]], source: str, ignore=()):
+    def __init__(self, cfg: ModelConfig, names: dict[str, tuple[str, str]], source: str, ignore=(), only=None):
         self.cfg = cfg
         self.names = names
         self.source = source
         self.ignore = set(ignore)
+        self.only = only
         self.shapes = {p: s.shape for p, s in flatten_paths(param_specs(cfg)).items()}
         self.done: dict[str, str] = {}
+
+    def selects(self, file_name: str) -> bool:
+        """Whether a file tensor is read at all: every one, or under `only` those of the params it names."""
+        return self.only is None or (file_name in self.names and self.only(self.names[file_name][0]))
 
     def wants(self, file_name: str) -> bool:
         """True if the tensor maps to a parameter; False if it may be skipped; raises if unmapped."""
@@ -293,6 +300,8 @@ class TensorMapper:
         return np.broadcast_to(array.reshape(()) if array.size == 1 else array.reshape(shape), shape).copy()
 
     def finish(self) -> None:
+        if self.only is not None:  # a partial read
+            return
         missing = sorted(set(self.shapes) - set(self.done))
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
