@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.quantization import FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, QuantAlgo, quantizes
+from jaxllm.quantization import FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, QuantAlgo, absmax_scale, quantizes
 
 logger = logging.getLogger(__name__)
 
@@ -304,16 +304,15 @@ def activation_amax(embed_table: jax.Array, layers: Iterable[dict], cfg: ModelCo
 
 
 def scales_from_amax(amax: list[dict[str, float]], cfg: ModelConfig) -> dict[str, float]:
-    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros)."""
-    def scale(a: float) -> float:
-        return a / FP8_MAX if a > 0 else 1.0
-
-    out = {}
-    for path in scale_paths(cfg):
+    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros: `absmax_scale`, as
+    a weight's scales are made)."""
+    paths, values = scale_paths(cfg), []
+    for path in paths:
         _, i, leaf = path.split(".")
-        name = leaf.removesuffix(INPUT_SCALE_SUFFIX) if leaf.endswith(INPUT_SCALE_SUFFIX) else leaf[0]
-        out[path] = scale(amax[int(i)][name])
-    return out
+        values.append(amax[int(i)][leaf.removesuffix(INPUT_SCALE_SUFFIX) if leaf.endswith(INPUT_SCALE_SUFFIX)
+                                   else leaf[0]])  # fmt: skip
+    scales = absmax_scale(jnp.asarray(values, jnp.float32)[:, None], (1,), FP8_MAX)
+    return dict(zip(paths, map(float, np.asarray(scales))))
 
 
 def calibrate(resolved, cfg: ModelConfig, dtype, calib: CalibConfig, tokenizer, load_format: str = "auto",
