@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.quantization import FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, QuantAlgo, absmax_scale, quantizes
+from jaxllm.quantization import FP8_MAX, INPUT_SCALE_SUFFIX, QUANTIZED_PARAMS, QuantAlgo, quantizes
 
 logger = logging.getLogger(__name__)
 
@@ -304,15 +304,19 @@ def activation_amax(embed_table: jax.Array, layers: Iterable[dict], cfg: ModelCo
 
 
 def scales_from_amax(amax: list[dict[str, float]], cfg: ModelConfig) -> dict[str, float]:
-    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros: `absmax_scale`, as
-    a weight's scales are made)."""
-    paths, values = scale_paths(cfg), []
-    for path in paths:
+    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros). Divided on the host,
+    correctly rounded as ModelOpt's torch division is: `quantization.absmax_scale`'s rule, but XLA
+    divides by the constant through its reciprocal, an ulp off in about half the cases, and an ulp
+    moves which E4M3 value a bf16 ratio rounds to (agreement on real text moved by a position in 256)."""
+    def scale(a: float) -> float:
+        return a / FP8_MAX if a > 0 else 1.0
+
+    out = {}
+    for path in scale_paths(cfg):
         _, i, leaf = path.split(".")
-        values.append(amax[int(i)][leaf.removesuffix(INPUT_SCALE_SUFFIX) if leaf.endswith(INPUT_SCALE_SUFFIX)
-                                   else leaf[0]])  # fmt: skip
-    scales = absmax_scale(jnp.asarray(values, jnp.float32)[:, None], (1,), FP8_MAX)
-    return dict(zip(paths, map(float, np.asarray(scales))))
+        name = leaf.removesuffix(INPUT_SCALE_SUFFIX) if leaf.endswith(INPUT_SCALE_SUFFIX) else leaf[0]
+        out[path] = scale(amax[int(i)][name])
+    return out
 
 
 def calibrate(resolved, cfg: ModelConfig, dtype, calib: CalibConfig, tokenizer, load_format: str = "auto",
