@@ -304,10 +304,10 @@ def activation_amax(embed_table: jax.Array, layers: Iterable[dict], cfg: ModelCo
 
 
 def scales_from_amax(amax: list[dict[str, float]], cfg: ModelConfig) -> dict[str, float]:
-    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros). Divided on the host,
-    correctly rounded as ModelOpt's torch division is: `quantization.absmax_scale`'s rule, but XLA
-    divides by the constant through its reciprocal, an ulp off in about half the cases, and an ulp
-    moves which E4M3 value a bf16 ratio rounds to (agreement on real text moved by a position in 256)."""
+    """{scale_paths(cfg) path: amax / 448} (1 for an input that was all zeros): the rule of
+    `quantization.absmax_scale`, divided on the host (IEEE division): XLA divides by the constant
+    through its reciprocal, an ulp off in about half the cases on the CPU, and an ulp moves which
+    E4M3 value a bf16 ratio rounds to (agreement on real text moved by a position in 256)."""
     def scale(a: float) -> float:
         return a / FP8_MAX if a > 0 else 1.0
 
