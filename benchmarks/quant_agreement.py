@@ -81,17 +81,17 @@ def measure(name: str, formats: list[str], count: int, length: int, margin: floa
 
     from jaxllm.calibration import activation_amax, calibrated_config, scales_from_amax
     from jaxllm.models.transformer import decoder_layer, dense_causal_attention, embed, final_hidden_to_logits
-    from jaxllm.quantization import FP8_DTYPE, FP8_MAX
+    from jaxllm.layers.attention import FP8_KV, to_kv_dtype
 
     forward = jax.jit(forward_dense, static_argnums=(2, 5))
 
     @functools.partial(jax.jit, static_argnums=(2,))
     def forward_fp8_kv(params, tokens, cfg, kv_scales):
         """forward_dense with each layer's keys (rotated) and values rounded as an fp8 cache holds
-        them: divided by the layer's scale, cast to E4M3 (saturating), multiplied back."""
+        them: divided by the layer's scale, cast to E4M3 as the cache's writes cast (`to_kv_dtype`,
+        saturating), multiplied back."""
         def rounded(t, scale):
-            return (jnp.clip(t.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
-                    .astype(jnp.float32) * scale).astype(t.dtype)  # fmt: skip
+            return (to_kv_dtype(t.astype(jnp.float32) / scale, FP8_KV).astype(jnp.float32) * scale).astype(t.dtype)
 
         def attend(q, k, v, layer):
             k, v = rounded(k, kv_scales[layer][0]), rounded(v, kv_scales[layer][1])
