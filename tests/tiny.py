@@ -170,16 +170,18 @@ def input_amax(model, calibration: list[list[int]]) -> tuple[dict, list, list]:
     return amax, [float(a) for a in k_amax], [float(a) for a in v_amax]
 
 
+def _fp8_rounded(x, scale):
+    """x / scale rounded to float8 E4M3 (saturating at +-448), times scale, in float32 torch."""
+    import torch
+
+    return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
+
+
 def fake_quantize_kv(model, k_scales: list[float], v_scales: list[float]) -> None:
     """Make `model`'s attention read K and V as an fp8 KV cache with these per-layer scales holds
     them: divided by the layer's scale, rounded to float8 E4M3 (saturating at +-448), multiplied back."""
-    import torch
-
-    def rounded(x, scale):
-        return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
-
     def on_kv(layer, k, v):
-        return rounded(k, k_scales[layer]), rounded(v, v_scales[layer])
+        return _fp8_rounded(k, k_scales[layer]), _fp8_rounded(v, v_scales[layer])
 
     model.config._attn_implementation = _observing_attention(on_kv)
 
@@ -188,12 +190,10 @@ def fake_quantize(model, quantized: dict) -> None:
     """Make `model`'s projections compute what a ModelOpt FP8 checkpoint means, in float32: the
     dequantized float8 weight times the input rounded to float8 by its static scale (FP8) or by
     its own per-token amax / 448 (FP8_PER_CHANNEL_PER_TOKEN). The reference of an FP8 engine."""
-    import torch
 
     def forward(x, w8, scale, input_scale, bias):
         s = input_scale if input_scale is not None else (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-30)
-        xq = (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s
-        y = xq @ (w8.float() * scale).T
+        y = _fp8_rounded(x, s) @ (w8.float() * scale).T
         return y if bias is None else y + bias
 
     for name, module in _fp8_linears(model).items():
