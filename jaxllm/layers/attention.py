@@ -42,7 +42,8 @@ def to_kv_dtype(x: jax.Array, dtype) -> jax.Array:
     (E4M3: kv_cache_config.dtype='fp8') the cast saturates: values are clipped to the format's
     largest finite value (448) first, since E4M3FN has no infinity and an overflowing cast gives
     NaN, which would poison every later softmax over the page; into its bytes (uint8) the float8
-    values are then reinterpreted. The scale is 1 (no calibrated per-layer K/V scales)."""
+    values are then reinterpreted. No scale is applied here: a model with calibrated per-layer K/V
+    scales has K and V divided by them before the write (models/transformer.py `paged_layer`)."""
     dtype = jnp.dtype(dtype)
     if dtype in (FP8_KV, FP8_BYTES):
         limit = float(jnp.finfo(FP8_KV).max)
