@@ -18,21 +18,26 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(30, 70))]
 MAX_TOKENS = 24  # as tests/multiprocess_script.py: several dispatches a request
 
 
-def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None,
-                   script_args: tuple = ()) -> tuple:  # fmt: skip
-    """tests/multiprocess_script.py over two processes started by the launcher with `launcher_args`:
-    (its result, the tokens of one device in this process; None with `script_args`)."""
-    model = str(tiny_dir("llama-odd"))
-    expected = None if script_args else [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
-        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]  # fmt: skip
-    out = tmp_path / "result.json"
+def _launch(tiny_dir, tmp_path, launcher_args: list[str], env_extra: dict | None = None,
+            script_args: tuple = ()) -> subprocess.CompletedProcess:  # fmt: skip
+    """tests/multiprocess_script.py over two processes started by the launcher with `launcher_args`,
+    on llama-odd, its result written to tmp_path / "result.json"."""
     script = Path(__file__).with_name("multiprocess_script.py")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", *launcher_args,
-                           str(script), str(out), model, *script_args], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "jaxllm.launch", "--nproc-per-node", "2", *launcher_args,
+                           str(script), str(tmp_path / "result.json"), str(tiny_dir("llama-odd")), *script_args],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _launch_script(tiny_dir, tiny_llm, tmp_path, launcher_args: list[str], env_extra: dict | None = None,
+                   script_args: tuple = ()) -> tuple:  # fmt: skip
+    """`_launch`, which must succeed: (its result, the tokens of one device in this process; None with
+    `script_args`)."""
+    expected = None if script_args else [o.outputs[0].token_ids for o in tiny_llm("llama-odd").generate(
+        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]  # fmt: skip
+    proc = _launch(tiny_dir, tmp_path, launcher_args, env_extra, script_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), expected
+    return json.loads((tmp_path / "result.json").read_text()), expected
 
 
 def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_path):
@@ -46,7 +51,7 @@ def test_two_processes_give_the_single_device_tokens(tiny_dir, tiny_llm, tmp_pat
 
 def test_two_processes_calibrate_once(tiny_dir, tiny_llm, tmp_path):
     """calib_config over two processes: the leader calibrates and sends its scales to the follower;
-    they are what one process measures."""
+    they are what one process measures. A failed calibration ends the follower too, naming why."""
     from jaxllm.calibration import CalibConfig, calibrate, calibrated_config
     from jaxllm.checkpoints import loader
     from jaxllm.quantization import QuantConfig
@@ -60,6 +65,12 @@ def test_two_processes_calibrate_once(tiny_dir, tiny_llm, tmp_path):
     cfg = calibrated_config(loader.read_config(resolved), QuantConfig(quant_algo="FP8"), kv_fp8=True)
     scales = calibrate(resolved, cfg, jnp.float32, CalibConfig(calib_dataset=str(dataset)), None)
     assert result["k_scale"] == float(jnp.float32(scales["layers.1.k_scale"]))  # (held as float32)
+    # The leader's calibration fails (text, and no tokenizer): the follower's build ends with its error.
+    (tmp_path / "text.txt").write_text("Some text to calibrate on.")
+    proc = _launch(tiny_dir, tmp_path, ["--cpu-devices-per-process", "4"], script_args=(str(tmp_path / "text.txt"),))
+    assert proc.returncode != 0
+    assert "calibration failed in the leader process: ValueError: calib_dataset holds text" in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
