@@ -3,6 +3,7 @@ dataset formats, the measured scales against transformers' own activations, and 
 engine (static input scales, an fp8 KV cache with per-layer scales) against transformers
 fake-quantized the same way, at TP=1 and TP=2 and after a save."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, CalibConfig, QuantConfig, SamplingParams
-from jaxllm.calibration import (_batches, activation_amax, as_calib_config, calibrated_config, read_samples,
-                                scales_from_amax, tokenize_samples)
+from jaxllm.calibration import (_batches, activation_amax, as_calib_config, calibrate, calibrated_config,
+                                read_samples, scales_from_amax, tokenize_samples)
 from jaxllm.models.params import flatten_paths
 
 CALIBRATION = [[1, 7, 42, 99, 5, 250, 31, 8], list(range(60, 100)), [3, 3, 3, 200, 201, 17]]
@@ -178,6 +179,10 @@ def test_calibrated_fp8_engine_gives_transformers_fake_quantized_tokens_at_tp_1_
     from jaxllm.checkpoints import loader
 
     cfg = loader.read_config(loader.resolve(path))
+    # device='cpu' calibrates on the host's CPU (here the engine's device too): the same scales
+    on_cpu = calibrate(loader.resolve(path), calibrated_config(cfg, FP8_AND_KV, kv_fp8=True), jnp.float32,
+                       dataclasses.replace(calib, device="cpu"), None)  # fmt: skip
+    assert on_cpu["layers.1.k_scale"] == pytest.approx(k_scale, rel=1e-6)
     per_token = calibrated_config(cfg, QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN"), kv_fp8=True)
     assert per_token.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN" and per_token.kv_cache_scales
     assert sorted(scales_from_amax([{"k": 448.0, "v": 0.0}] * cfg.num_layers, per_token).items())[:2] == [
