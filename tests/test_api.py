@@ -72,6 +72,39 @@ def test_sampler_draws_the_intended_distribution(temperature, top_k, top_p, min_
     assert p_value > 1e-3, f"p={p_value}"
 
 
+def test_sampler_draws_across_chunk_boundaries_and_never_an_excluded_token():
+    """The sampler inverts the cumulative distribution a chunk of SAMPLE_CHUNK tokens at a time: a
+    support split over chunks (the first token of one, the last of another, the padded last chunk)
+    is drawn as its softmax, excluded tokens (-inf) never, a row of one allowed token always gives it
+    and a row with none gives 0 (as the greedy argmax does); under 4 vocabulary shards the same tokens."""
+    import jax
+    from jax.sharding import Mesh
+
+    C, V, n = sampling_lib.SAMPLE_CHUNK, 2 * sampling_lib.SAMPLE_CHUNK + 300, 20000
+    support = np.array([C - 1, C, 2 * C - 1, 2 * C + 1, V - 1])
+    logits = np.full(V, -np.inf, np.float32)
+    logits[support] = [0.3, -0.5, 1.0, 0.0, -1.2]
+    rows = np.tile(logits, (n, 1))
+    rows[1] = -np.inf
+    rows[1, 7] = 2.0
+    rows[2] = -np.inf
+    batch = sampling_lib.SamplingBatch(
+        temperature=np.full(n, 0.8, np.float32), counters=np.zeros(n, np.int32),
+        seeds=np.stack([np.full(n, 3, np.uint32), np.arange(n, dtype=np.uint32)], 1))  # fmt: skip
+    tokens = np.asarray(jax.jit(sampling_lib.sample)(rows, batch)["tokens"])
+    assert tokens[1] == 7 and tokens[2] == 0
+    counts = np.bincount(tokens[3:], minlength=V)
+    assert counts.sum() == counts[support].sum(), "sampled an excluded token"
+    p = np.exp(logits[support].astype(np.float64) / 0.8)
+    _, p_value = scipy.stats.chisquare(counts[support].astype(np.float64), p / p.sum() * (n - 3))
+    assert p_value > 1e-3, f"p={p_value}"
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+    padded = np.pad(rows[:512], ((0, 0), (0, -V % 4)), constant_values=-np.inf)
+    head = jax.tree.map(lambda x: x[:512], batch)
+    sharded = jax.jit(lambda x, s: sampling_lib.sample_sharded(x, s, mesh, "tp", V))(padded, head)
+    assert (np.asarray(sharded["tokens"]) == tokens[:512]).all()
+
+
 def test_greedy_defaults_and_temperature_zero(llama):
     a = llama.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
     b = llama.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), use_tqdm=False)

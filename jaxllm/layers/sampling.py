@@ -6,8 +6,8 @@ Logits are adjusted in this order: a guided row's grammar mask (its token bitmas
 the row's bias (embedding bias, banned single tokens and
 words), this step's bans (min_tokens' end tokens, multi-token bad words' last tokens), repetition /
 presence / frequency penalties; then temperature, then top-k, top-p and min-p
-truncation, then sampling (Gumbel-max over the kept tokens). Greedy rows (temperature 0) take the
-argmax of the adjusted logits. Log-probabilities reported to the user are those of the raw model
+truncation, then sampling (one uniform draw a row, inverted through the kept tokens' cumulative
+distribution, `_invert`). Greedy rows (temperature 0) take the argmax of the adjusted logits. Log-probabilities reported to the user are those of the raw model
 distribution.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -142,10 +143,55 @@ def _temperature(s: SamplingBatch) -> jax.Array:
     return jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
 
 
-def _gumbel(s: SamplingBatch, vocab_size: int) -> jax.Array:
-    """[B, vocab_size] Gumbel noise of each row's stream at its counter (Gumbel-max sampling)."""
+# Sampling inverts each row's cumulative distribution at one uniform draw, a chunk of this many
+# tokens at a time: the chunks' sums, their running sum (a few hundred a row), then the running sum of
+# the one chunk the draw falls in. It replaced Gumbel-max sampling, whose [B, V] random draws were
+# most of the sampler: 230 of 300 ms for 256 rows of a 49,152-token vocabulary on 2 CPU cores.
+SAMPLE_CHUNK = 256
+
+
+def _uniform(s: SamplingBatch) -> jax.Array:
+    """[B] uniform draws in [0, 1) of each row's stream at its counter."""
     keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.wrap_key_data(seed), c))(s.seeds, s.counters)
-    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
+def _first_positive_from(x: jax.Array, start: jax.Array) -> jax.Array:
+    """[B] index of each row's first positive entry of x [B, n] at or after start [B] (else its last
+    positive one; 0 in a row with none)."""
+    index = jnp.arange(x.shape[-1])[None, :]
+    after = (index >= start[:, None]) & (x > 0)
+    last = x.shape[-1] - 1 - jnp.argmax((x > 0)[:, ::-1], axis=-1)
+    return jnp.where(after.any(-1), jnp.argmax(after, axis=-1), jnp.where((x > 0).any(-1), last, 0))
+
+
+def _invert(sums: jax.Array, chunk_of: Callable[[jax.Array], jax.Array], u: jax.Array) -> jax.Array:
+    """Draw from each row's distribution, given as unnormalised probabilities in chunks: sums [B, n]
+    of the chunks, chunk_of(c) [B, SAMPLE_CHUNK] the probabilities of each row's chunk c [B], u [B]
+    uniform in [0, 1). Returns [B] int32 flat indices c * SAMPLE_CHUNK + j: the first whose running
+    sum exceeds u times the row's total, never one of probability 0."""
+    ends = jnp.cumsum(sums, axis=-1)
+    target = u * ends[:, -1]
+    c = _first_positive_from(sums, jnp.sum(ends <= target[:, None], axis=-1))
+    before = jnp.where(c > 0, jnp.take_along_axis(ends, jnp.maximum(c - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    chunk = chunk_of(c)
+    j = _first_positive_from(chunk, jnp.sum(jnp.cumsum(chunk, axis=-1) <= (target - before)[:, None], axis=-1))
+    return (c * SAMPLE_CHUNK + j).astype(jnp.int32)
+
+
+def _chunked(p: jax.Array) -> jax.Array:
+    """p [B, V] -> [B, ceil(V / SAMPLE_CHUNK), SAMPLE_CHUNK], zero padded."""
+    B, V = p.shape
+    pad = -V % SAMPLE_CHUNK
+    return jnp.pad(p, ((0, 0), (0, pad))).reshape(B, (V + pad) // SAMPLE_CHUNK, SAMPLE_CHUNK)
+
+
+def _draw(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
+    """[B] tokens drawn from softmax(scaled) ([B, V], -inf where a token may not be drawn)."""
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    chunks = _chunked(jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)))
+    chunk_of = lambda c: jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # noqa: E731
+    return _invert(chunks.sum(axis=-1), chunk_of, _uniform(s))
 
 
 def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = None,
@@ -162,7 +208,7 @@ def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = N
     scaled = adjusted / _temperature(s)
     if s.flavor != "plain":
         scaled = jnp.where(truncation_mask(scaled, s), scaled, -jnp.inf)
-    sampled = jnp.argmax(scaled + _gumbel(s, scaled.shape[-1]), axis=-1)
+    sampled = _draw(scaled, s)
     tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
@@ -187,8 +233,9 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
     """`sample` over logits split over the vocabulary on `mesh`'s `axis` ([B, V'], V' >= vocab_size
     padded so the devices divide it): each device works on its slice and the devices combine per
     row maxima, sums and top-k candidates by all-reduces of [B] and [B, n, k] values, so the [B, V]
-    logits are never gathered. The same tokens as `sample` (first index among equal maxima; the
-    Gumbel noise of the whole row is drawn on every device and each takes its slice); log-probs
+    logits are never gathered. The same tokens as `sample` (first index among equal maxima; a
+    sampled row's chunk sums are gathered, [B, V' / SAMPLE_CHUNK], and the device holding the chosen
+    chunk finds the token in it: the draw agrees with `sample`'s to the order of the sums); log-probs
     agree to the order of the log-sum-exp's sums. Only for `can_sample_sharded(s)` batches."""
     from jax.sharding import PartitionSpec as P
 
@@ -209,8 +256,19 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
             return jax.lax.pmin(jnp.where(top == best, here, jnp.iinfo(jnp.int32).max), axis), best
 
         greedy, peak = argmax(x)
-        gumbel = jnp.pad(_gumbel(s, vocab_size), ((0, 0), (0, Vp - vocab_size)))
-        sampled, _ = argmax(x / _temperature(s) + jax.lax.dynamic_slice_in_dim(gumbel, first, Vl, axis=1))
+        scaled = x / _temperature(s)
+        top = jax.lax.pmax(jnp.max(scaled, axis=-1, keepdims=True), axis)
+        chunks = _chunked(jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)))  # [B, nl, C]: this device's
+        nl = chunks.shape[1]
+        sums = jax.lax.all_gather(chunks.sum(axis=-1), axis, axis=1, tiled=True)  # [B, n * nl]
+
+        def chunk_of(c):  # the chosen chunk, from the device that holds it
+            here = jnp.take_along_axis(chunks, (c % nl)[:, None, None], axis=1)[:, 0]
+            return jax.lax.psum(jnp.where((c // nl == i)[:, None], here, 0.0), axis)
+
+        drawn = _invert(sums, chunk_of, _uniform(s))  # an index into the devices' chunks laid end to end
+        c = drawn // SAMPLE_CHUNK
+        sampled = (c // nl) * Vl + (c % nl) * SAMPLE_CHUNK + drawn % SAMPLE_CHUNK
         tokens = jnp.where(s.temperature > 0, sampled, greedy)
         lse = peak + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(x - peak[:, None]), axis=-1), axis))
         logp = x - lse[:, None]
