@@ -7,8 +7,8 @@ the row's bias (embedding bias, banned single tokens and
 words), this step's bans (min_tokens' end tokens, multi-token bad words' last tokens), repetition /
 presence / frequency penalties; then temperature, then top-k, top-p and min-p
 truncation, then sampling (one uniform draw a row, inverted through the kept tokens' cumulative
-distribution, `_invert`). Greedy rows (temperature 0) take the argmax of the adjusted logits. Log-probabilities reported to the user are those of the raw model
-distribution.
+distribution, `_invert`). Greedy rows (temperature 0) take the argmax of the adjusted logits.
+Log-probabilities reported to the user are those of the raw model distribution.
 """
 
 from __future__ import annotations
