@@ -95,7 +95,7 @@ QUANTIZED_TRITON_GEMM_MAX_ROWS = 16
 
 # XLA's autotuner times a short list of Triton GEMM tilings for each product; with this option it
 # times every tiling it can make. A few-row product's weight is small (SmolLM2-135M's are 0.7-3.5 MB,
-# ~0.2-0.7 us of an H200's bandwidth) and its GEMM took ~4 us, so the tiling is what a small
+# ~0.2-0.7 us of an H200's bandwidth) and its GEMM took ~4 us, so the tiling may be what a small
 # model's batch-1 token waits on. Forward programs of at most this many tokens (and at most
 # the Triton GEMM rows above) are compiled with it; 0: none (the default until measured:
 # benchmarks/gpu_e2e.py --exhaustive-tiling-rows).
