@@ -60,13 +60,14 @@ def test_multi_step_decoding_matches_single_steps(tiny_llm):
     expected = _outputs(single.generate(PROMPTS, params, use_tqdm=False))
     assert expected[3][0][1] == "stop" and len(expected[3][0][0]) < 30
     multi.get_stats()
-    assert _outputs(multi.generate(PROMPTS, params, use_tqdm=False)) == expected
+    _assert_same_outputs(_outputs(multi.generate(PROMPTS, params, use_tqdm=False)), expected)
     stats = multi.get_stats()
     assert max(s["dispatch"]["numSteps"] for s in stats) > 1
     assert len({s["dispatch"]["id"] for s in stats}) < len(stats)  # fewer dispatches than iterations
     # One request at a time too (the step count is then each sequence's own).
     for prompt, p, e in zip(PROMPTS, params, expected):
-        assert _outputs([multi.generate(prompt, p, use_tqdm=False)]) == [e]
+        # (a request alone runs other programs than the batch: log-probabilities to their rounding)
+        _assert_same_outputs(_outputs([multi.generate(prompt, p, use_tqdm=False)]), [e])
     bm = multi._engine.block_manager
     assert bm.num_free_blocks == bm.num_usable_blocks
 
