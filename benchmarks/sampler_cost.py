@@ -1,7 +1,8 @@
-"""The sampler's time on this machine: `sample` of the "plain" flavor over [B, V] float32 logits,
-the rows sampled at temperature 0.8 (the draw's cost does not depend on it), against another tree's.
+"""The sampler's time on this machine: `sample` over [B, V] float32 logits, the rows sampled at
+temperature 0.8 (the draw's cost does not depend on it), in the "plain" flavor or, with --top-p, the
+"full" one (top-p truncation, which sorts each row), against another tree's.
 
-  PYTHONPATH=$PWD python benchmarks/sampler_cost.py [--rows 256] [--vocab 49152] [--old DIR]
+  PYTHONPATH=$PWD python benchmarks/sampler_cost.py [--rows 256,64] [--vocab 49152] [--top-p 0.9] [--old DIR]
 
 DIR holds another tree's `jaxllm/` (`git archive <commit> jaxllm | tar -x -C DIR`); each tree runs in
 its own process, the two alternating, median of 10 calls after the first.
@@ -19,10 +20,16 @@ CHILD = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jaxllm.layers.sampling import SamplingBatch, sample
-B, V = int(sys.argv[1]), int(sys.argv[2])
-logits = jax.random.normal(jax.random.key(0), (B, V), jnp.float32)
-s = SamplingBatch(temperature=jnp.full(B, 0.8), seeds=jnp.zeros((B, 2), jnp.uint32), counters=jnp.zeros(B, jnp.int32))
-f = jax.jit(sample)
+from jaxllm.layers.sampling import BAN_WIDTH
+B, V, top_p = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+logits = 3 * jax.random.normal(jax.random.key(0), (B, V), jnp.float32)
+rows = dict(temperature=jnp.full(B, 0.8), seeds=jnp.zeros((B, 2), jnp.uint32), counters=jnp.zeros(B, jnp.int32))
+if top_p < 1:
+    rows.update(top_k=jnp.zeros(B, jnp.int32), top_p=jnp.full(B, top_p), min_p=jnp.zeros(B),
+                bias_slots=jnp.zeros(B, jnp.int32), banned_tokens=jnp.full((B, BAN_WIDTH), -1, jnp.int32))
+s = SamplingBatch(**rows, flavor="full" if top_p < 1 else "plain")
+bias = jnp.zeros((2, V), jnp.float32)
+f = jax.jit(lambda x, s: sample(x, s, bias))
 jax.block_until_ready(f(logits, s))
 times = []
 for _ in range(10):
@@ -33,7 +40,8 @@ print(json.dumps({"ms": 1e3 * float(np.median(times)), "device": str(jax.devices
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--rows", default="256", help="batch sizes, comma-separated")
+    parser.add_argument("--top-p", type=float, default=1.0, help="below 1: the 'full' flavor with this top_p")
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--old", default=None, help="a directory holding another tree's jaxllm/")
     parser.add_argument("--repeats", type=int, default=2)
@@ -41,16 +49,18 @@ def main():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = {"this tree": here, **({"old": os.path.abspath(args.old)} if args.old else {})}
     rows = []
-    for _ in range(args.repeats):
-        for name, root in trees.items():
-            env = {**os.environ, "PYTHONPATH": root}
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.rows), str(args.vocab)], env=env, cwd=root,
-                                 capture_output=True, text=True, check=True)  # fmt: skip
-            rows.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
-    print(f"sample(), plain flavor, {args.rows} rows x {args.vocab} tokens, {rows[0][1]['device']}")
-    print("| tree | ms a call (median of 10) |\n|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['ms']:.1f} |")
+    for batch in [int(b) for b in args.rows.split(",")]:
+        for _ in range(args.repeats):
+            for name, root in trees.items():
+                env = {**os.environ, "PYTHONPATH": root}
+                out = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(args.vocab), str(args.top_p)],
+                                     env=env, cwd=root, capture_output=True, text=True, check=True)  # fmt: skip
+                rows.append((batch, name, json.loads(out.stdout.strip().splitlines()[-1])))
+    flavor = "plain" if args.top_p >= 1 else f"full (top_p {args.top_p})"
+    print(f"sample(), {flavor} flavor, {args.vocab} tokens a row, {rows[0][2]['device']}")
+    print("| rows | tree | ms a call (median of 10) |\n|---|---|---|")
+    for batch, name, r in rows:
+        print(f"| {batch} | {name} | {r['ms']:.1f} |")
 
 
 if __name__ == "__main__":
