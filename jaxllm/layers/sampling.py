@@ -179,17 +179,17 @@ def _invert(sums: jax.Array, chunk_of: Callable[[jax.Array], jax.Array], u: jax.
     return (c * SAMPLE_CHUNK + j).astype(jnp.int32)
 
 
-def _chunked(p: jax.Array) -> jax.Array:
-    """p [B, V] -> [B, ceil(V / SAMPLE_CHUNK), SAMPLE_CHUNK], zero padded."""
-    B, V = p.shape
-    pad = -V % SAMPLE_CHUNK
-    return jnp.pad(p, ((0, 0), (0, pad))).reshape(B, (V + pad) // SAMPLE_CHUNK, SAMPLE_CHUNK)
+def _chunked_probs(scaled: jax.Array, top: jax.Array) -> jax.Array:
+    """exp(scaled - top) of scaled [B, V] as [B, ceil(V / SAMPLE_CHUNK), SAMPLE_CHUNK], zero padded;
+    top [B, 1]: the rows' maxima (taken as 0 where a row has no finite entry: all its probabilities 0)."""
+    B, V = scaled.shape
+    p = jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0))
+    return jnp.pad(p, ((0, 0), (0, -V % SAMPLE_CHUNK))).reshape(B, -1, SAMPLE_CHUNK)
 
 
 def _draw(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     """[B] tokens drawn from softmax(scaled) ([B, V], -inf where a token may not be drawn)."""
-    top = jnp.max(scaled, axis=-1, keepdims=True)
-    chunks = _chunked(jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)))
+    chunks = _chunked_probs(scaled, jnp.max(scaled, axis=-1, keepdims=True))
     chunk_of = lambda c: jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # noqa: E731
     return _invert(chunks.sum(axis=-1), chunk_of, _uniform(s))
 
@@ -257,8 +257,8 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
 
         greedy, peak = argmax(x)
         scaled = x / _temperature(s)
-        top = jax.lax.pmax(jnp.max(scaled, axis=-1, keepdims=True), axis)
-        chunks = _chunked(jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0)))  # [B, nl, C]: this device's
+        # [B, nl, C]: this device's chunks; the row maximum of x / T is the peak's (division by T > 0 is monotone)
+        chunks = _chunked_probs(scaled, peak[:, None] / _temperature(s))
         nl = chunks.shape[1]
         sums = jax.lax.all_gather(chunks.sum(axis=-1), axis, axis=1, tiled=True)  # [B, n * nl]
 
