@@ -408,10 +408,6 @@ def main() -> None:
                         help="a quantized model's forward programs of at most this many tokens keep Triton GEMMs "
                              "(jaxllm/engine/buckets.py QUANTIZED_TRITON_GEMM_MAX_ROWS; 8: as a bf16 model's, "
                              "TRITON_GEMM_MAX_ROWS)")  # fmt: skip
-    parser.add_argument("--exhaustive-tiling-rows", type=int, default=None,
-                        help="forward programs of at most this many tokens (that keep Triton GEMMs) search every "
-                             "GEMM tiling as they compile (jaxllm/engine/buckets.py EXHAUSTIVE_TILING_MAX_ROWS; "
-                             "default 0: none)")  # fmt: skip
     parser.add_argument("--group-size", type=int, default=128, help="W4A16's group_size")
     parser.add_argument("--zero-point", action="store_true", help="W4A16's has_zero_point (asymmetric groups)")
     parser.add_argument("--skip-latency", action="store_true",
@@ -454,10 +450,6 @@ def main() -> None:
         from jaxllm.engine import buckets
 
         buckets.QUANTIZED_TRITON_GEMM_MAX_ROWS = args.quantized_triton_rows
-    if args.exhaustive_tiling_rows is not None:
-        from jaxllm.engine import buckets
-
-        buckets.EXHAUSTIVE_TILING_MAX_ROWS = args.exhaustive_tiling_rows
     if args.fp8_weight_only_rows is not None:
         from jaxllm.models import transformer
 

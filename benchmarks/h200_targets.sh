@@ -14,9 +14,6 @@
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
 #   bash benchmarks/h200_targets.sh fp8-formats   # either card: a float checkpoint in FP8 + FP8 KV, activations per
 #                                                 # token against calibrated static scales (calib_config, 64 samples)
-#   [MODELS=smollm2-135m] bash benchmarks/h200_targets.sh tiling   # either card: batch 1 and TTFT with XLA's
-#                                                 # exhaustive GEMM tiling search in the programs of at most 8 tokens,
-#                                                 # off then on (SmolLM2-135M under the profiler, then Llama-3.1-8B)
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
 # or the part ELSE names (an H200 part then runs on that card), unless ANY_CARD=1 (then they run as
@@ -31,7 +28,7 @@ part=$1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-case "$part" in either | wide | diagnose | fp8-formats | tiling) ;; *)  # the H200 parts
+case "$part" in either | wide | diagnose | fp8-formats) ;; *)  # the H200 parts
   [ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && \
     { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; } ;;
 esac
@@ -72,13 +69,6 @@ case "$part" in
     for calibrate in 0 64; do
       e2e "fp8_calibrate$calibrate" 280 --quantization fp8 --kv-cache-dtype fp8 --calibrate "$calibrate" --parts perf \
         --offline 128/128x8192,2048/128x1024
-    done ;;
-  tiling)  # each a new process that compiles its programs
-    for model in ${MODELS:-smollm2-135m llama-3.1-8b}; do
-      for rows in 0 8; do
-        e2e "tiling_${model}_rows$rows" $([ "$model" = smollm2-135m ] && echo 100 || echo 180) --model "$model" \
-          --parts perf --offline none --exhaustive-tiling-rows "$rows" $([ "$model" = smollm2-135m ] && echo --profile)
-      done
     done ;;
   wide)
     for q in w8a16 w4a16; do

@@ -182,18 +182,6 @@ def test_cuda_graph_config_none_turns_command_buffers_off():
     assert compiler_options(decode, on_gpu=False, one_graph=False, command_buffers=False) is None
 
 
-def test_exhaustive_tiling_only_for_programs_of_few_tokens(monkeypatch):
-    from jaxllm.engine import buckets
-
-    decode, eight, wide = ForwardShape(2, 2, 1024, 1), ForwardShape(8, 8, 1024, 1), ForwardShape(64, 64, 1024, 64)
-    assert compiler_options(decode, on_gpu=True, one_graph=False) is None  # off by default
-    monkeypatch.setattr(buckets, "EXHAUSTIVE_TILING_MAX_ROWS", 4)
-    assert compiler_options(decode, on_gpu=True, one_graph=False) == buckets.EXHAUSTIVE_TILING_OPTIONS
-    assert compiler_options(eight, on_gpu=True, one_graph=False) is None
-    assert compiler_options(wide, on_gpu=True, one_graph=False) == NO_TRITON_GEMM_OPTIONS  # no Triton GEMMs to tile
-    assert compiler_options(decode, on_gpu=False, one_graph=False) is None
-
-
 def test_cuda_graph_batch_sizes_are_the_decode_buckets():
     pallas = Buckets(max_num_tokens=256, max_batch_size=64, max_seq_len=512, page_size=16, backend="pallas",
                      min_decode_rows=2, decode_batch_sizes=(1, 3, 12))  # fmt: skip

@@ -93,14 +93,6 @@ TRITON_GEMM_MAX_ROWS = 8
 # 16-row steps keep Triton GEMMs").
 QUANTIZED_TRITON_GEMM_MAX_ROWS = 16
 
-# XLA's autotuner times a short list of Triton GEMM tilings for each product; with this option it
-# times every tiling it can make. A few-row product's weight is small (SmolLM2-135M's are 0.7-3.5 MB,
-# ~0.2-0.7 us of an H200's bandwidth) and its GEMM took ~4 us, so the tiling may be what a small
-# model's batch-1 token waits on. Forward programs of at most this many tokens (and at most
-# the Triton GEMM rows above) are compiled with it; 0: none (the default until measured:
-# benchmarks/gpu_e2e.py --exhaustive-tiling-rows).
-EXHAUSTIVE_TILING_MAX_ROWS = 0
-EXHAUSTIVE_TILING_OPTIONS = {"xla_gpu_exhaustive_tiling_search": True}
 
 # A mixed step's sequence slots are B = min(T, max_batch_size), and every slot's last token goes
 # through the LM head and the sampler. With TensorRT-LLM's max_batch_size of 2048 a lone 2,048-token
@@ -406,8 +398,7 @@ def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool
                      quantized: bool = False) -> dict | None:  # fmt: skip
     """XLA options the program of `shape` is compiled with (None: XLA's defaults). On GPUs:
     NO_TRITON_GEMM_OPTIONS unless it is a forward program of at most TRITON_GEMM_MAX_ROWS tokens
-    (QUANTIZED_TRITON_GEMM_MAX_ROWS for a `quantized` model's), and then EXHAUSTIVE_TILING_OPTIONS
-    for one of at most EXHAUSTIVE_TILING_MAX_ROWS tokens;
+    (QUANTIZED_TRITON_GEMM_MAX_ROWS for a `quantized` model's);
     ONE_GRAPH_OPTIONS for a multi-step decode of at most ONE_GRAPH_MAX_ROWS rows where `one_graph`
     (RunnerConfig.one_graph_decode; by default several GPUs); without `command_buffers`
     (RunnerConfig.command_buffers) NO_COMMAND_BUFFER_OPTIONS instead of ONE_GRAPH_OPTIONS."""
@@ -416,8 +407,6 @@ def compiler_options(shape, on_gpu: bool, one_graph: bool, command_buffers: bool
     triton_rows = max(TRITON_GEMM_MAX_ROWS, QUANTIZED_TRITON_GEMM_MAX_ROWS if quantized else 0)
     if on_gpu and not (forward and shape.num_tokens <= triton_rows):
         options.update(NO_TRITON_GEMM_OPTIONS)
-    elif on_gpu and shape.num_tokens <= EXHAUSTIVE_TILING_MAX_ROWS:
-        options.update(EXHAUSTIVE_TILING_OPTIONS)
     if on_gpu and not command_buffers:
         options.update(NO_COMMAND_BUFFER_OPTIONS)
     elif forward and one_graph and shape.decode_steps > 1 and shape.num_seqs <= ONE_GRAPH_MAX_ROWS:
