@@ -72,6 +72,52 @@ def test_sampler_draws_the_intended_distribution(temperature, top_k, top_p, min_
     assert p_value > 1e-3, f"p={p_value}"
 
 
+def _sorted_truncation(x, top_k, top_p, min_p):
+    """The truncation's definition, by sorting (float64): the kept prefix of the descending order,
+    then every token tied with its last one."""
+    order = np.argsort(-x, kind="stable")
+    if not np.isfinite(x[order[0]]):
+        return np.ones(x.shape, bool)
+    p = np.exp(x[order] - x[order[0]])
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep = ((top_k <= 0) | (np.arange(len(x)) < top_k)) & ((top_p >= 1) | (before < top_p)) & (p >= min_p * p[0])
+    keep[0] = True
+    last = np.flatnonzero(keep)[-1] if keep.all() else np.argmin(keep) - 1
+    return x >= x[order[last]]
+
+
+def test_truncation_mask_matches_the_sorting_definition():
+    """`truncation_mask` finds its threshold by halving float32 order keys, without a sort: the same
+    mask as sorting each row, with ties at the threshold, -inf tokens, rows of one or no allowed
+    token, negative and positive logits, and every setting neutral or extreme."""
+    import jax
+
+    rng = np.random.default_rng(7)
+    B, V = 96, 700
+    x = rng.normal(0, 1, (B, V)) * rng.choice([0.1, 1.0, 2.5], (B, 1)) + rng.choice([-40.0, 0.0, 30.0], (B, 1))
+    x = x.astype(np.float32)
+    x[::5] = np.round(x[::5] * 2) / 2  # many ties
+    x[1::7, rng.integers(0, V, 300)] = -np.inf
+    x[3] = -np.inf
+    x[4] = -np.inf
+    x[4, 11] = 0.5
+    x[6] = 0.0  # one tie across the row
+    x[8, :] = np.where(rng.random(V) < 0.5, -0.0, 0.0)
+    top_k = rng.choice([0, 1, 2, 5, 50, V, V + 10], B).astype(np.int32)
+    top_p = rng.choice([1.0, 0.95, 0.9, 0.5, 0.1, 0.0], B).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.02, 0.3, 1.0], B).astype(np.float32)
+    batch = sampling_lib.SamplingBatch(
+        temperature=np.ones(B, np.float32), top_k=top_k, top_p=top_p, min_p=min_p,
+        seeds=np.zeros((B, 2), np.uint32), counters=np.zeros(B, np.int32),
+        bias_slots=np.zeros(B, np.int32), banned_tokens=np.full((B, sampling_lib.BAN_WIDTH), -1, np.int32),
+        flavor="full")  # fmt: skip
+    mask = np.asarray(jax.jit(sampling_lib.truncation_mask)(x, batch))
+    for row in range(B):
+        expected = _sorted_truncation(x[row].astype(np.float64), top_k[row], top_p[row], min_p[row])
+        assert (mask[row] == expected).all(), (row, top_k[row], top_p[row], min_p[row], mask[row].sum(), expected.sum())
+
+
 def test_sampler_draws_across_chunk_boundaries_and_never_an_excluded_token():
     """The sampler inverts the cumulative distribution a chunk of SAMPLE_CHUNK tokens at a time: a
     support split over chunks (the first token of one, the last of another, the padded last chunk)

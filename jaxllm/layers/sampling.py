@@ -122,20 +122,41 @@ def adjust_logits(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | N
 
 
 def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
-    """True where a token survives top-k, top-p and min-p (the most likely token always does)."""
-    V = scaled.shape[-1]
-    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(V)[None, :]
-    keep = jnp.ones_like(sorted_logits, jnp.bool_)
-    keep &= (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
-    exclusive_cumsum = jnp.cumsum(probs, axis=-1) - probs
-    keep &= exclusive_cumsum < s.top_p[:, None]
-    keep &= probs >= s.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    # The smallest kept logit per row is the threshold; ties at the threshold are kept.
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return scaled >= threshold
+    """True where a token of scaled [B, V] survives top-k, top-p and min-p: in each row's descending
+    order, the tokens with fewer than top_k before them, less than top_p of the probability before
+    them and at least min_p times the most likely token's probability; ties of the last one kept
+    (equal probabilities) are kept, and the most likely token always is.
+
+    No row is sorted (a sort of every row was most of a truncating batch's sampler). The kept tokens
+    are those at or above a threshold probability: the least p whose first place among its ties would
+    be kept. Whether p would be is monotone in p (fewer tokens and less probability lie above a
+    larger one), and non-negative float32s are ordered as their bits are as integers, so the
+    threshold is found by halving the range of those integers 30 times, each a pass over the row's
+    probabilities counting those above a probe and summing them. tests/test_api.py checks it against
+    the sorting definition."""
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    p = jnp.exp(scaled - top)  # the most likely token's is 1
+    total = jnp.sum(p, axis=-1)
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+
+    def kept(t):  # [B] probes (float32 bits) -> whether a token of that probability, first among its ties, is
+        above = bits > t[:, None]
+        count = jnp.sum(above, axis=-1)
+        mass = jnp.sum(jnp.where(above, p, 0.0), axis=-1)
+        return ((s.top_k <= 0) | (count < s.top_k)) & ((s.top_p >= 1) | (mass < s.top_p * total)) & (
+            jax.lax.bitcast_convert_type(t, jnp.float32) >= s.min_p)
+
+    def halve(_, bounds):  # the threshold lies in (lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        good = kept(mid)
+        return jnp.where(good, lo, mid), jnp.where(good, mid, hi)
+
+    one = jax.lax.bitcast_convert_type(jnp.float32(1), jnp.int32)
+    lo = jnp.full(scaled.shape[:1], -1, jnp.int32)  # (the probe 0 is kept where every token is)
+    _, threshold = jax.lax.fori_loop(0, 30, halve, (lo, jnp.full_like(lo, one)))
+    # A row with no finite logit keeps them all, as a row's maximum defines the threshold.
+    return (bits >= threshold[:, None]) | ~jnp.isfinite(top)
 
 
 def _temperature(s: SamplingBatch) -> jax.Array:
@@ -224,8 +245,8 @@ def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = N
 
 
 def can_sample_sharded(s: SamplingBatch) -> bool:
-    """Whether `sample_sharded` serves this batch: the "plain" flavor (truncation sorts the whole
-    vocabulary; penalties, bias and bans index it by token id)."""
+    """Whether `sample_sharded` serves this batch: the "plain" flavor (truncation counts over the
+    whole vocabulary; penalties, bias and bans index it by token id)."""
     return s.flavor == "plain" and s.token_bitmask is None
 
 
