@@ -106,14 +106,16 @@ FEW_SEQS_MIN_TOKENS = 1024
 
 SAMPLING_FLAVORS = ("plain", "full", "penalties")
 # A multi-step decode serves no bias, bans or penalties. On the CPU only "plain" ones are compiled:
-# truncation's sort of every row (~14 ms a row for a 49k vocabulary) outweighs the host round trips
-# a multi-step decode saves there, and each flavor is another program per bucket.
+# each flavor is another program per bucket, and the choice was made when truncation sorted every
+# row (5-10 ms a row for a 49k vocabulary, more than the host round trips a multi-step decode saves
+# there); its counting passes now take 0.6-2 ms a row (benchmarks/RESULTS.md, "Top-p without a sort"),
+# not yet measured against those round trips.
 MULTI_STEP_FLAVORS = ("plain", "full")
 CPU_MULTI_STEP_FLAVORS = ("plain",)
 # On GPUs "full" multi-step decodes are compiled up to this many rows (wider batches that truncate
 # run single-step decodes): each is another forward-sized program (~1/30 of an empty-cache start-up
 # on the H200), while the host round trip a multi-step decode saves is a shrinking share of a wide
-# step, which sorts every row's vocabulary at every decode.
+# step, whose truncation passes over every row's vocabulary 30 times at every decode.
 MULTI_STEP_FULL_MAX_ROWS = 64
 
 
