@@ -88,7 +88,7 @@ def _sorted_truncation(x, top_k, top_p, min_p):
 
 
 def test_truncation_mask_matches_the_sorting_definition():
-    """`truncation_mask` finds its threshold by halving float32 order keys, without a sort: the same
+    """`truncation_mask` finds its threshold by halving the probabilities' float32 bits, without a sort: the same
     mask as sorting each row, with ties at the threshold, -inf tokens, rows of one or no allowed
     token, negative and positive logits, and every setting neutral or extreme."""
     import jax

@@ -93,7 +93,6 @@ TRITON_GEMM_MAX_ROWS = 8
 # 16-row steps keep Triton GEMMs").
 QUANTIZED_TRITON_GEMM_MAX_ROWS = 16
 
-
 # A mixed step's sequence slots are B = min(T, max_batch_size), and every slot's last token goes
 # through the LM head and the sampler. With TensorRT-LLM's max_batch_size of 2048 a lone 2,048-token
 # prompt (T = 2048) paid for 2,048 rows of logits. So a mixed token bucket of at least

@@ -139,7 +139,7 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     total = jnp.sum(p, axis=-1)
     bits = jax.lax.bitcast_convert_type(p, jnp.int32)
 
-    def kept(t):  # [B] probes (float32 bits) -> whether a token of that probability, first among its ties, is
+    def kept(t):  # [B] probes (float32 bits): would a token of that probability, first of its ties, be kept?
         above = bits > t[:, None]
         count = jnp.sum(above, axis=-1)
         mass = jnp.sum(jnp.where(above, p, 0.0), axis=-1)
@@ -153,7 +153,7 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
         return jnp.where(good, lo, mid), jnp.where(good, mid, hi)
 
     one = jax.lax.bitcast_convert_type(jnp.float32(1), jnp.int32)
-    lo = jnp.full(scaled.shape[:1], -1, jnp.int32)  # (the probe 0 is kept where every token is)
+    lo = jnp.full(scaled.shape[:1], -1, jnp.int32)  # below every probability: a threshold of 0 keeps them all
     _, threshold = jax.lax.fori_loop(0, 30, halve, (lo, jnp.full_like(lo, one)))
     # A row with no finite logit keeps them all, as a row's maximum defines the threshold.
     return (bits >= threshold[:, None]) | ~jnp.isfinite(top)
