@@ -105,10 +105,9 @@ FEW_SEQS_MIN_TOKENS = 1024
 
 SAMPLING_FLAVORS = ("plain", "full", "penalties")
 # A multi-step decode serves no bias, bans or penalties. On the CPU only "plain" ones are compiled:
-# each flavor is another program per bucket, and the choice was made when truncation sorted every
-# row (5-10 ms a row for a 49k vocabulary, more than the host round trips a multi-step decode saves
-# there); its counting passes now take 0.6-2 ms a row (benchmarks/RESULTS.md, "Top-p without a sort"),
-# not yet measured against those round trips.
+# each flavor is another program per bucket, and "full" ones (truncating rows) gained 0-7% at 1-8
+# rows of top_p 0.9 for 15 s more of compiling in an empty cache's LLM() (64 against 50 s;
+# SmolLM2-135M, benchmarks/RESULTS.md, "Top-p without a sort").
 MULTI_STEP_FLAVORS = ("plain", "full")
 CPU_MULTI_STEP_FLAVORS = ("plain",)
 # On GPUs "full" multi-step decodes are compiled up to this many rows (wider batches that truncate
