@@ -14,6 +14,8 @@
 #                                                 # tokens a program: 128/128 x 1,024, as time allows
 #   bash benchmarks/h200_targets.sh fp8-formats   # either card: a float checkpoint in FP8 + FP8 KV, activations per
 #                                                 # token against calibrated static scales (calib_config, 64 samples)
+#   bash benchmarks/h200_targets.sh sampler       # either card: top-k / top-p truncation masks, the library's halving
+#                                                 # against a sort of every row and other searches (truncation_cost.py)
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
 # or the part ELSE names (an H200 part then runs on that card), unless ANY_CARD=1 (then they run as
@@ -28,7 +30,7 @@ part=$1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "card: $gpu"
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-case "$part" in either | wide | diagnose | fp8-formats) ;; *)  # the H200 parts
+case "$part" in either | wide | diagnose | fp8-formats | sampler) ;; *)  # the H200 parts
   [ -z "${ANY_CARD:-}" ] && [ "$card" != h200 ] && \
     { echo "not an H200: running '${ELSE:-wide}' instead of $part"; part=${ELSE:-wide}; } ;;
 esac
@@ -70,6 +72,9 @@ case "$part" in
       e2e "fp8_calibrate$calibrate" 280 --quantization fp8 --kv-cache-dtype fp8 --calibrate "$calibrate" --parts perf \
         --offline 128/128x8192,2048/128x1024
     done ;;
+  sampler)
+    timeout 300 python "$repo/benchmarks/truncation_cost.py" --rows 2048,256,1 --vocab 128256 2>&1 \
+      | grep --line-buffered -v "$filter" ;;
   wide)
     for q in w8a16 w4a16; do
       for rows in 16 1024; do
