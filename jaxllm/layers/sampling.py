@@ -127,13 +127,13 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     them and at least min_p times the most likely token's probability; ties of the last one kept
     (equal probabilities) are kept, and the most likely token always is.
 
-    No row is sorted (a sort of every row was most of a truncating batch's sampler). The kept tokens
-    are those at or above a threshold probability: the least p whose first place among its ties would
-    be kept. Whether p would be is monotone in p (fewer tokens and less probability lie above a
-    larger one), and non-negative float32s are ordered as their bits are as integers, so the
-    threshold is found by halving the range of those integers 30 times, each a pass over the row's
-    probabilities counting those above a probe and summing them. tests/test_api.py checks it against
-    the sorting definition."""
+    No row is sorted (on the CPU a sort of every row was most of a truncating batch's sampler; on a
+    GPU the two are yet to be timed: benchmarks/truncation_cost.py). The kept tokens are those at or
+    above a threshold probability: the least p whose first place among its ties would be kept.
+    Whether p would be is monotone in p (fewer tokens and less probability lie above a larger one),
+    and non-negative float32s are ordered as their bits are as integers, so the threshold is found by
+    halving the range of those integers 30 times, each a pass over the row's probabilities counting
+    those above a probe and summing them. tests/test_api.py checks it against the sorting definition."""
     top = jnp.max(scaled, axis=-1, keepdims=True)
     p = jnp.exp(scaled - top)  # the most likely token's is 1
     total = jnp.sum(p, axis=-1)
