@@ -15,7 +15,8 @@
 #   bash benchmarks/h200_targets.sh fp8-formats   # either card: a float checkpoint in FP8 + FP8 KV, activations per
 #                                                 # token against calibrated static scales (calib_config, 64 samples)
 #   bash benchmarks/h200_targets.sh sampler       # either card: top-k / top-p truncation masks, the library's halving
-#                                                 # against a sort of every row and other searches (truncation_cost.py)
+#                                                 # against a sort of every row and other searches (truncation_cost.py),
+#                                                 # then sample()'s plain and truncating flavors (sampler_cost.py)
 #
 # On a card other than an H200 the H200 parts run `wide` instead (`either` was measured on an H100),
 # or the part ELSE names (an H200 part then runs on that card), unless ANY_CARD=1 (then they run as
@@ -72,9 +73,13 @@ case "$part" in
       e2e "fp8_calibrate$calibrate" 280 --quantization fp8 --kv-cache-dtype fp8 --calibrate "$calibrate" --parts perf \
         --offline 128/128x8192,2048/128x1024
     done ;;
-  sampler)
+  sampler)  # the masks alone, then the whole sampler, plain and truncating (top_p 0.9)
     timeout 300 python "$repo/benchmarks/truncation_cost.py" --rows 2048,256,1 --vocab 128256 2>&1 \
-      | grep --line-buffered -v "$filter" ;;
+      | grep --line-buffered -v "$filter"
+    for top_p in 1.0 0.9; do
+      timeout 120 python "$repo/benchmarks/sampler_cost.py" --rows 2048,256,1 --vocab 128256 --repeats 1 \
+        --top-p $top_p 2>&1 | grep --line-buffered -v "$filter"
+    done ;;
   wide)
     for q in w8a16 w4a16; do
       for rows in 16 1024; do
