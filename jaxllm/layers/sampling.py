@@ -122,10 +122,24 @@ def adjust_logits(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | N
 
 
 def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
-    """True where a token of scaled [B, V] survives top-k, top-p and min-p: in each row's descending
-    order, the tokens with fewer than top_k before them, less than top_p of the probability before
-    them and at least min_p times the most likely token's probability; ties of the last one kept
-    (equal probabilities) are kept, and the most likely token always is.
+    """`_kept` of scaled [B, V]'s probabilities; a row with no finite logit keeps them all, as the
+    sorting definition's threshold is the row's maximum."""
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    return _kept(_probabilities(scaled, top), s) | ~jnp.isfinite(top)
+
+
+def _probabilities(scaled: jax.Array, top: jax.Array) -> jax.Array:
+    """exp(scaled - top) of scaled [B, V]; top [B, 1]: the rows' maxima (taken as 0 where a row has no
+    finite entry: all its probabilities 0)."""
+    return jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0))
+
+
+def _kept(p: jax.Array, s: SamplingBatch) -> jax.Array:
+    """True where a token of p [B, V] (`_probabilities`: 1 at each row's maximum) survives top-k,
+    top-p and min-p: in each row's descending order, the tokens with fewer than top_k before them,
+    less than top_p of the probability before them and at least min_p times the most likely token's
+    probability; ties of the last one kept (equal probabilities) are kept, and the most likely token
+    always is.
 
     No row is sorted (on the CPU a sort of every row was most of a truncating batch's sampler; on a
     GPU the two are yet to be timed: benchmarks/truncation_cost.py). The kept tokens are those at or
@@ -134,12 +148,10 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     and non-negative float32s are ordered as their bits are as integers, so the threshold is found by
     halving the range of those integers 30 times, each a pass over the row's probabilities counting
     those above a probe and summing them. tests/test_api.py checks it against the sorting definition."""
-    top = jnp.max(scaled, axis=-1, keepdims=True)
-    p = jnp.exp(scaled - top)  # the most likely token's is 1
     total = jnp.sum(p, axis=-1)
     bits = jax.lax.bitcast_convert_type(p, jnp.int32)
 
-    def kept(t):  # [B] probes (float32 bits): would a token of that probability, first of its ties, be kept?
+    def keeps(t):  # [B] probes (float32 bits): would a token of that probability, first of its ties, be kept?
         above = bits > t[:, None]
         count = jnp.sum(above, axis=-1)
         mass = jnp.sum(jnp.where(above, p, 0.0), axis=-1)
@@ -149,14 +161,13 @@ def truncation_mask(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
     def halve(_, bounds):  # the threshold lies in (lo, hi]
         lo, hi = bounds
         mid = lo + (hi - lo) // 2 + (hi - lo) % 2
-        good = kept(mid)
+        good = keeps(mid)
         return jnp.where(good, lo, mid), jnp.where(good, mid, hi)
 
     one = jax.lax.bitcast_convert_type(jnp.float32(1), jnp.int32)
-    lo = jnp.full(scaled.shape[:1], -1, jnp.int32)  # below every probability: a threshold of 0 keeps them all
+    lo = jnp.full(p.shape[:1], -1, jnp.int32)  # below every probability: a threshold of 0 keeps them all
     _, threshold = jax.lax.fori_loop(0, 30, halve, (lo, jnp.full_like(lo, one)))
-    # A row with no finite logit keeps them all, as a row's maximum defines the threshold.
-    return (bits >= threshold[:, None]) | ~jnp.isfinite(top)
+    return bits >= threshold[:, None]
 
 
 def _temperature(s: SamplingBatch) -> jax.Array:
@@ -200,17 +211,16 @@ def _invert(sums: jax.Array, chunk_of: Callable[[jax.Array], jax.Array], u: jax.
     return (c * SAMPLE_CHUNK + j).astype(jnp.int32)
 
 
-def _chunked_probs(scaled: jax.Array, top: jax.Array) -> jax.Array:
-    """exp(scaled - top) of scaled [B, V] as [B, ceil(V / SAMPLE_CHUNK), SAMPLE_CHUNK], zero padded;
-    top [B, 1]: the rows' maxima (taken as 0 where a row has no finite entry: all its probabilities 0)."""
-    B, V = scaled.shape
-    p = jnp.exp(scaled - jnp.where(jnp.isfinite(top), top, 0.0))
+def _chunked(p: jax.Array) -> jax.Array:
+    """p [B, V] as [B, ceil(V / SAMPLE_CHUNK), SAMPLE_CHUNK], zero padded."""
+    B, V = p.shape
     return jnp.pad(p, ((0, 0), (0, -V % SAMPLE_CHUNK))).reshape(B, -1, SAMPLE_CHUNK)
 
 
-def _draw(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
-    """[B] tokens drawn from softmax(scaled) ([B, V], -inf where a token may not be drawn)."""
-    chunks = _chunked_probs(scaled, jnp.max(scaled, axis=-1, keepdims=True))
+def _draw(p: jax.Array, s: SamplingBatch) -> jax.Array:
+    """[B] tokens drawn in proportion to p [B, V] (unnormalised probabilities, 0 where a token may not
+    be drawn)."""
+    chunks = _chunked(p)
     chunk_of = lambda c: jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # noqa: E731
     return _invert(chunks.sum(axis=-1), chunk_of, _uniform(s))
 
@@ -227,9 +237,10 @@ def sample(logits: jax.Array, s: SamplingBatch, bias_table: jax.Array | None = N
     adjusted = adjust_logits(logits, s, bias_table, token_pages)
     greedy = jnp.argmax(adjusted, axis=-1)
     scaled = adjusted / _temperature(s)
+    p = _probabilities(scaled, jnp.max(scaled, axis=-1, keepdims=True))
     if s.flavor != "plain":
-        scaled = jnp.where(truncation_mask(scaled, s), scaled, -jnp.inf)
-    sampled = _draw(scaled, s)
+        p = jnp.where(_kept(p, s), p, 0.0)
+    sampled = _draw(p, s)
     tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
@@ -279,7 +290,7 @@ def sample_sharded(logits: jax.Array, s: SamplingBatch, mesh, axis: str, vocab_s
         greedy, peak = argmax(x)
         scaled = x / _temperature(s)
         # [B, nl, C]: this device's chunks; the row maximum of x / T is the peak's (division by T > 0 is monotone)
-        chunks = _chunked_probs(scaled, peak[:, None] / _temperature(s))
+        chunks = _chunked(_probabilities(scaled, peak[:, None] / _temperature(s)))
         nl = chunks.shape[1]
         sums = jax.lax.all_gather(chunks.sum(axis=-1), axis, axis=1, tiled=True)  # [B, n * nl]
 
