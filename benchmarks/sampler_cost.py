@@ -1,6 +1,6 @@
 """The sampler's time on this machine: `sample` over [B, V] float32 logits, the rows sampled at
 temperature 0.8 (the draw's cost does not depend on it), in the "plain" flavor or, with --top-p, the
-"full" one (top-p truncation, which sorts each row), against another tree's.
+"full" one (top-p truncation), against another tree's.
 
   PYTHONPATH=$PWD python benchmarks/sampler_cost.py [--rows 256,64] [--vocab 49152] [--top-p 0.9] [--old DIR]
 
