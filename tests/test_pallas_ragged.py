@@ -80,6 +80,34 @@ def test_matches_reference_and_xla(
     assert_close(out, xla, dtype, rows=slice(0, num_real))
 
 
+@pytest.mark.parametrize("rows,block_rows", [(1, 256), (1, 8), (2, 8), (4, 256), (16, 32), (64, 256)])
+@pytest.mark.parametrize("page_size,num_heads,num_kv_heads,head_dim,dtype,window", [
+    (16, 8, 2, 64, jnp.float32, None), (8, 16, 2, 64, jnp.bfloat16, 20), (32, 2, 2, 64, jnp.float32, 48),
+])  # fmt: skip
+def test_xla_query_tiles_match_the_reference(rows, block_rows, page_size, num_heads, num_kv_heads, head_dim, dtype,
+                                             window, monkeypatch):  # fmt: skip
+    """paged_attention_xla's query tiles of every size (a token a tile up to tiles wider than any
+    sequence's chunk), in one block or several: the reference's attention on every token, 0 on
+    padding tokens, over poisoned pages; `query_tile_rows` gives a decode-only step a tile a token
+    and a long prompt alone the widest tiles."""
+    from jaxllm.layers import attention
+
+    q, k_pages, v_pages, batch, num_real = ragged_inputs(page_size, num_heads, num_kv_heads, head_dim, dtype, seed=2)
+    monkeypatch.setattr(attention, "query_tile_rows", lambda *args: rows)
+    monkeypatch.setattr(attention, "QUERY_BLOCK_ROWS", block_rows)
+    out = xla_reference(q, k_pages, v_pages, batch, scale=head_dim**-0.5, window=window)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    metadata = (batch.query_start, batch.seq_lens, batch.block_tables)
+    reference = ragged_paged_attention_reference(q, k_pages, v_pages, *metadata, max_query_len=batch.max_query_len,
+                                                 scale=head_dim**-0.5, window=window)  # fmt: skip
+    assert_close(out, reference, dtype, rows=slice(0, num_real))
+    np.testing.assert_array_equal(np.asarray(out[num_real:], np.float32), 0.0)
+    monkeypatch.undo()
+    assert attention.query_tile_rows(256, 256, 256, 3) == attention.query_tile_rows(2048, 256, 1, 3) == 1
+    assert attention.query_tile_rows(2048, 1, 2048, 3) == attention.QUERY_TILE_MAX_ROWS
+    assert 1 < attention.query_tile_rows(2048, 256, 2048, 3) < attention.QUERY_TILE_MAX_ROWS
+
+
 @pytest.mark.parametrize("decodes_apart", [True, False])
 def test_backend_entry_dispatches_mixed_steps(decodes_apart, monkeypatch):
     """A mixed step through the backend's entry: its decodes with the prompt chunks in the ragged

@@ -10,9 +10,11 @@ per KV head for all the query heads that share it (GQA). Page 0 is the null page
 
 `paged_attention_xla` handles ragged batches of prefill chunks and decodes alike: every query token
 attends to the pages of its own sequence, causally by position, within an optional sliding window.
-It walks the block table in chunks of pages with an online softmax, so memory stays bounded by
-T x chunk instead of T x context, and it stops after the chunk holding the batch's last position
-(a dynamic trip count), so a short batch costs little however large its block-table bucket.
+Its queries go in tiles of a sequence's consecutive tokens (one token a tile in a decode-only step),
+each tile gathering its sequence's keys once for all its rows. It walks the block table in chunks of
+pages with an online softmax, so memory stays bounded by tiles x chunk instead of tiles x context,
+and it stops after the chunk holding the batch's last position (a dynamic trip count), so a short
+batch costs little however large its block-table bucket.
 
 `paged_attention_pallas` is the same attention through the Pallas kernels (pallas_kernels/, which do
 not import jaxllm): this module picks the decode or the ragged kernel from the step's BatchMetadata.
@@ -21,6 +23,7 @@ not import jaxllm): this module picks the decode or the ragged kernel from the s
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -33,6 +36,13 @@ MASK_VALUE = -1e30
 # Keys per chunk of the XLA path's online softmax: small enough that a short context gathers
 # little beyond what it needs, large enough that long contexts take few loop iterations.
 XLA_CHUNK_KEYS = 256
+# Query tiles of the XLA path (`query_tile_rows`): a tile's gather of a chunk of keys costs about as
+# much as TILE_GATHER_ROWS / G query rows' dots with it (G query heads a KV head; fitted on this
+# machine's 2 CPU cores, SmolLM2's 3: benchmarks/RESULTS.md, "Prompts on the CPU"); tiles of at most
+# QUERY_TILE_MAX_ROWS rows, run in blocks of about QUERY_BLOCK_ROWS rows.
+TILE_GATHER_ROWS = 16
+QUERY_TILE_MAX_ROWS = 64
+QUERY_BLOCK_ROWS = 256
 # A float8 KV cache holds its bytes: uint8 pages are float8 E4M3 values (`kv_storage_dtype`).
 FP8_KV, FP8_BYTES = jnp.dtype(KV_FP8_DTYPE), jnp.dtype(jnp.uint8)
 
@@ -87,7 +97,7 @@ def gather_pages(pages_array: jax.Array, pages: jax.Array) -> jax.Array:
 
 def _online_softmax(chunk_scores: Callable, num_chunks: jax.Array, shape: tuple) -> jax.Array:
     """softmax(s) @ v over key chunks c < num_chunks, one at a time with running maxima and sums;
-    chunk_scores(c) -> (scores [T, K, G, C], values [K, T, C, d]); shape: (T, K, G, d)."""
+    chunk_scores(c) -> (scores [K, N, R, C], values [K, N, C, d]); shape: (K, N, R, d)."""
 
     def body(c, carry):
         m, l, acc = carry
@@ -96,13 +106,55 @@ def _online_softmax(chunk_scores: Callable, num_chunks: jax.Array, shape: tuple)
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v)
+        acc = alpha[..., None] * acc + jnp.einsum("knrc,kncd->knrd", p, v)
         return m_new, l, acc
 
     init = (jnp.full(shape[:3], MASK_VALUE, jnp.float32), jnp.zeros(shape[:3], jnp.float32),
             jnp.zeros(shape, jnp.float32))  # fmt: skip
     _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     return acc / l[..., None]
+
+
+def query_tile_rows(num_tokens: int, num_seqs: int, max_query_len: int, group: int) -> int:
+    """Query tokens a tile of `paged_attention_xla` in a step of T tokens over B sequence slots (a
+    power of two, at most QUERY_TILE_MAX_ROWS and max_query_len). A tile gathers its sequence's keys
+    once for all its R rows and dots them with every row, an empty one too, so a one-token sequence
+    (a decode) costs a gather and R rows, a prompt of n tokens n / R gathers and n rows. R is the best
+    for the worst batch of the bucket, B - 1 decodes beside one prompt of the other T - B + 1 tokens:
+    sqrt(TILE_GATHER_ROWS / G x (T - B) / (B - 1)) (G query heads a KV head). 1 where T <= B (with
+    'xla', decode-only steps run in the T = B programs)."""
+    if max_query_len <= 1 or num_tokens <= num_seqs:
+        return 1
+    best = math.sqrt(TILE_GATHER_ROWS / group * (num_tokens - num_seqs) / max(num_seqs - 1, 1))
+    rows = 2 ** round(math.log2(max(best, 1.0)))
+    return max(1, min(rows, QUERY_TILE_MAX_ROWS, 1 << (max_query_len.bit_length() - 1)))
+
+
+def _query_tiles(batch: BatchMetadata, rows: int, num_tiles: int):
+    """The step's query tiles of `rows` tokens, each from one sequence, `num_tiles` of them (enough
+    for any batch of the bucket; those past the last are empty): (seq [N], tokens [N, rows] (packed
+    indices; 0 where a tile has fewer), owned [N, rows] (whether a tile's row is a token), the number
+    of tiles the step uses, and each packed token's (tile, row) as one flat index [T] into
+    [N * rows]). A sequence's tokens fill ceil(its tokens / rows) tiles in order."""
+    num_tokens, num_seqs = batch.token_seq.shape[0], batch.block_tables.shape[0]
+    if rows == 1:  # a tile a token
+        used = batch.query_start[-1]
+        t = jnp.arange(num_tiles)
+        token = jnp.minimum(t, num_tokens - 1)
+        return batch.token_seq[token], token[:, None], (t < used)[:, None], used, jnp.arange(num_tokens)
+    starts = batch.query_start[:-1]
+    lens = batch.query_start[1:] - starts
+    ends = jnp.cumsum((lens + rows - 1) // rows)  # [B] each sequence's tiles end here
+    first_tile = ends - (lens + rows - 1) // rows
+    tile = jnp.arange(num_tiles)
+    seq = jnp.minimum(jnp.sum(ends[None, :] <= tile[:, None], axis=1), num_seqs - 1)
+    offset = (tile - first_tile[seq]) * rows  # the tile's first token within its sequence
+    row = jnp.arange(rows)[None, :]
+    owned = (tile[:, None] < ends[-1]) & (offset[:, None] + row < lens[seq][:, None])
+    tokens = jnp.where(owned, starts[seq][:, None] + offset[:, None] + row, 0)
+    within = jnp.arange(num_tokens) - starts[batch.token_seq]
+    flat = (first_tile[batch.token_seq] + within // rows) * rows + within % rows
+    return seq, tokens, owned, ends[-1], jnp.clip(flat, 0, num_tiles * rows - 1)
 
 
 def paged_attention_xla(
@@ -116,6 +168,13 @@ def paged_attention_xla(
 ) -> jax.Array:
     """Ragged paged attention in plain jnp.
 
+    The queries go in tiles of R consecutive tokens of one sequence (`query_tile_rows`; a tile a
+    token in a decode-only step), each tile gathering its sequence's keys and values once for all its
+    rows, a chunk of pages at a time (an online softmax). The tiles run in blocks of about
+    QUERY_BLOCK_ROWS rows, only as many blocks as the step has tiles (a dynamic trip count), and each
+    block walks the chunks up to its own last position, so an early block of a long prompt stops
+    early.
+
     Args:
       q: [T, H, d] queries, H a multiple of the KV heads K.
       k_pages, v_pages: [K, P, S, d], already holding this step's keys and values.
@@ -123,41 +182,54 @@ def paged_attention_xla(
       scale: softmax scale.
       window: sliding window (keys with position > query position - window), or None.
     Returns:
-      [T, H, d] in q's dtype.
+      [T, H, d] in q's dtype; 0 for padding tokens.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
-    pages_per_seq = batch.block_tables.shape[1]
+    num_seqs, pages_per_seq = batch.block_tables.shape
     chunk_pages = max(1, min(pages_per_seq, XLA_CHUNK_KEYS // page_size))
+    chunk_keys = chunk_pages * page_size
     num_chunks = -(-pages_per_seq // chunk_pages)
-    padded_pages = num_chunks * chunk_pages
-    tables = jnp.pad(batch.block_tables, ((0, 0), (0, padded_pages - pages_per_seq)))
-    token_tables = tables[batch.token_seq]  # [T, padded_pages]
-    qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
-    q_pos = batch.positions[:, None]  # [T, 1]
+    tables = jnp.pad(batch.block_tables, ((0, 0), (0, num_chunks * chunk_pages - pages_per_seq)))
+    rows = query_tile_rows(num_tokens, num_seqs, batch.max_query_len, group)
+    max_tiles = (num_tokens + num_seqs * (rows - 1)) // rows  # sum of ceil(n_b / R) over the sequences
+    block = max(1, min(max_tiles, QUERY_BLOCK_ROWS // rows))  # tiles a block
+    num_tiles = -(-max_tiles // block) * block
+    seq, tokens, owned, used, flat = _query_tiles(batch, rows, num_tiles)
+    q_pos = jnp.where(owned, batch.positions[tokens], -1)  # [N, R]: an empty row sees no key
+    # [K, N, R * G, d]: the KV head and the tile lead every operand, as they lead the gathered keys
+    # and values ([K, N, C, d]), so the dots read those as they are gathered.
+    qg = (q[tokens].astype(jnp.float32) * scale).reshape(num_tiles, rows, num_kv_heads, group, head_dim)
+    qg = qg.transpose(2, 0, 1, 3, 4).reshape(num_kv_heads, num_tiles, rows * group, head_dim)
+    row_pos = jnp.repeat(q_pos, group, axis=1)  # [N, R * G]
+    tile_tables = tables[seq]  # [N, chunks * chunk_pages]
 
-    def chunk_scores(c):
-        pages = jax.lax.dynamic_slice_in_dim(token_tables, c * chunk_pages, chunk_pages, axis=1)  # [T, C]
-        k = gather_pages(k_pages, pages)  # [K, T, C, S, d] float32
-        v = gather_pages(v_pages, pages)
-        k = k.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
-        v = v.reshape(num_kv_heads, num_tokens, chunk_pages * page_size, head_dim)
-        k_pos = c * chunk_pages * page_size + jnp.arange(chunk_pages * page_size)[None, :]  # [1, C*S]
-        valid = k_pos <= q_pos
-        if window is not None:
-            valid = valid & (k_pos > q_pos - window)
-        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k)
-        s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
-        return s, v
+    def one_block(b, out):
+        first = b * block
+        qb = jax.lax.dynamic_slice_in_dim(qg, first, block, axis=1)
+        pos = jax.lax.dynamic_slice_in_dim(row_pos, first, block)[:, :, None]  # [n, R * G, 1]
+        tables_b = jax.lax.dynamic_slice_in_dim(tile_tables, first, block)
 
-    if num_chunks == 1:
-        s, v = chunk_scores(0)
-        out = jnp.einsum("tkgc,ktcd->tkgd", jax.nn.softmax(s, axis=-1), v)
-    else:  # chunks past every query are all masked
-        last_chunk = jnp.max(batch.positions) // (chunk_pages * page_size)
-        out = _online_softmax(chunk_scores, jnp.minimum(last_chunk + 1, num_chunks), qg.shape)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+        def chunk_scores(c):
+            pages = jax.lax.dynamic_slice_in_dim(tables_b, c * chunk_pages, chunk_pages, axis=1)  # [n, C]
+            k = gather_pages(k_pages, pages).reshape(num_kv_heads, block, chunk_keys, head_dim)  # float32
+            v = gather_pages(v_pages, pages).reshape(num_kv_heads, block, chunk_keys, head_dim)
+            k_pos = c * chunk_keys + jnp.arange(chunk_keys)[None, None, :]  # [1, 1, C*S]
+            valid = k_pos <= pos
+            if window is not None:
+                valid = valid & (k_pos > pos - window)
+            s = jnp.einsum("knrd,kncd->knrc", qb, k)
+            return jnp.where(valid[None], s, MASK_VALUE), v
+
+        last_chunk = jnp.max(pos) // chunk_keys  # chunks past every query of the block are all masked
+        o = _online_softmax(chunk_scores, jnp.clip(last_chunk + 1, 1, num_chunks), qb.shape)
+        return jax.lax.dynamic_update_slice_in_dim(out, o, first, axis=1)
+
+    out = jax.lax.fori_loop(0, -(-used // block), one_block, jnp.zeros(qg.shape, jnp.float32))
+    out = out.reshape(num_kv_heads, num_tiles * rows, group, head_dim)[:, flat]  # back to the packed tokens
+    out = jnp.where((jnp.arange(num_tokens) < batch.query_start[-1])[None, :, None, None], out, 0.0)
+    return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
 AttentionFn = Callable[..., jax.Array]
