@@ -131,17 +131,12 @@ def query_tile_rows(num_tokens: int, num_seqs: int, max_query_len: int, group: i
 
 
 def _query_tiles(batch: BatchMetadata, rows: int, num_tiles: int):
-    """The step's query tiles of `rows` tokens, each from one sequence, `num_tiles` of them (enough
-    for any batch of the bucket; those past the last are empty): (seq [N], tokens [N, rows] (packed
-    indices; 0 where a tile has fewer), owned [N, rows] (whether a tile's row is a token), the number
-    of tiles the step uses, and each packed token's (tile, row) as one flat index [T] into
+    """The step's query tiles of `rows` > 1 tokens, each from one sequence, `num_tiles` of them
+    (enough for any batch of the bucket; those past the last are empty): (seq [N], tokens [N, rows]
+    (packed indices; 0 where a tile has fewer), owned [N, rows] (whether a tile's row is a token), the
+    number of tiles the step uses, and each packed token's (tile, row) as one flat index [T] into
     [N * rows]). A sequence's tokens fill ceil(its tokens / rows) tiles in order."""
     num_tokens, num_seqs = batch.token_seq.shape[0], batch.block_tables.shape[0]
-    if rows == 1:  # a tile a token
-        used = batch.query_start[-1]
-        t = jnp.arange(num_tiles)
-        token = jnp.minimum(t, num_tokens - 1)
-        return batch.token_seq[token], token[:, None], (t < used)[:, None], used, jnp.arange(num_tokens)
     starts = batch.query_start[:-1]
     lens = batch.query_start[1:] - starts
     ends = jnp.cumsum((lens + rows - 1) // rows)  # [B] each sequence's tiles end here
@@ -157,6 +152,36 @@ def _query_tiles(batch: BatchMetadata, rows: int, num_tiles: int):
     return seq, tokens, owned, ends[-1], jnp.clip(flat, 0, num_tiles * rows - 1)
 
 
+def _attend(qg: jax.Array, pos: jax.Array, tables: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+            chunk_pages: int, window: int | None) -> jax.Array:  # fmt: skip
+    """softmax(q k^T) v of query tiles qg [K, n, r, d] (scaled, float32), their rows at positions pos
+    [n, r or 1] (-1: sees no key), each tile over its sequence's block table, tables [n, chunks x
+    chunk_pages], a chunk of pages at a time up to the chunk of the last position. The KV head and
+    the tile lead every operand, as they lead the gathered keys and values ([K, n, C, d]), so the
+    dots read those as they are gathered."""
+    num_kv_heads, n, _, head_dim = qg.shape
+    chunk_keys = chunk_pages * k_pages.shape[2]
+    num_chunks = tables.shape[1] // chunk_pages
+    pos = pos[:, :, None]
+
+    def chunk_scores(c):
+        pages = jax.lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [n, C]
+        k = gather_pages(k_pages, pages).reshape(num_kv_heads, n, chunk_keys, head_dim)  # float32
+        v = gather_pages(v_pages, pages).reshape(num_kv_heads, n, chunk_keys, head_dim)
+        k_pos = c * chunk_keys + jnp.arange(chunk_keys)[None, None, :]  # [1, 1, C*S]
+        valid = k_pos <= pos
+        if window is not None:
+            valid = valid & (k_pos > pos - window)
+        s = jnp.einsum("knrd,kncd->knrc", qg, k)
+        return jnp.where(valid[None], s, MASK_VALUE), v
+
+    if num_chunks == 1:
+        s, v = chunk_scores(0)
+        return jnp.einsum("knrc,kncd->knrd", jax.nn.softmax(s, axis=-1), v)
+    last_chunk = jnp.max(pos) // chunk_keys  # chunks past every query are all masked
+    return _online_softmax(chunk_scores, jnp.clip(last_chunk + 1, 1, num_chunks), qg.shape)
+
+
 def paged_attention_xla(
     q: jax.Array,
     k_pages: jax.Array,
@@ -168,12 +193,12 @@ def paged_attention_xla(
 ) -> jax.Array:
     """Ragged paged attention in plain jnp.
 
-    The queries go in tiles of R consecutive tokens of one sequence (`query_tile_rows`; a tile a
-    token in a decode-only step), each tile gathering its sequence's keys and values once for all its
-    rows, a chunk of pages at a time (an online softmax). The tiles run in blocks of about
-    QUERY_BLOCK_ROWS rows, only as many blocks as the step has tiles (a dynamic trip count), and each
-    block walks the chunks up to its own last position, so an early block of a long prompt stops
-    early.
+    The queries go in tiles of R consecutive tokens of one sequence (`query_tile_rows`), each tile
+    gathering its sequence's keys and values once for all its rows. With R = 1 (a decode-only step,
+    or any step of no more tokens than sequence slots) every token is a tile and all run at once;
+    with R > 1 the tiles run in blocks of about QUERY_BLOCK_ROWS rows, only as many blocks as the
+    step has tiles (a dynamic trip count), each block walking the chunks up to its own last position,
+    so an early block of a long prompt stops early.
 
     Args:
       q: [T, H, d] queries, H a multiple of the KV heads K.
@@ -189,45 +214,31 @@ def paged_attention_xla(
     group = num_heads // num_kv_heads
     num_seqs, pages_per_seq = batch.block_tables.shape
     chunk_pages = max(1, min(pages_per_seq, XLA_CHUNK_KEYS // page_size))
-    chunk_keys = chunk_pages * page_size
     num_chunks = -(-pages_per_seq // chunk_pages)
     tables = jnp.pad(batch.block_tables, ((0, 0), (0, num_chunks * chunk_pages - pages_per_seq)))
+    qs = q.astype(jnp.float32) * scale
     rows = query_tile_rows(num_tokens, num_seqs, batch.max_query_len, group)
-    max_tiles = (num_tokens + num_seqs * (rows - 1)) // rows  # sum of ceil(n_b / R) over the sequences
-    block = max(1, min(max_tiles, QUERY_BLOCK_ROWS // rows))  # tiles a block
-    num_tiles = -(-max_tiles // block) * block
-    seq, tokens, owned, used, flat = _query_tiles(batch, rows, num_tiles)
-    q_pos = jnp.where(owned, batch.positions[tokens], -1)  # [N, R]: an empty row sees no key
-    # [K, N, R * G, d]: the KV head and the tile lead every operand, as they lead the gathered keys
-    # and values ([K, N, C, d]), so the dots read those as they are gathered.
-    qg = (q[tokens].astype(jnp.float32) * scale).reshape(num_tiles, rows, num_kv_heads, group, head_dim)
-    qg = qg.transpose(2, 0, 1, 3, 4).reshape(num_kv_heads, num_tiles, rows * group, head_dim)
-    row_pos = jnp.repeat(q_pos, group, axis=1)  # [N, R * G]
-    tile_tables = tables[seq]  # [N, chunks * chunk_pages]
+    if rows == 1:
+        qg = qs.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+        out = _attend(qg, batch.positions[:, None], tables[batch.token_seq], k_pages, v_pages, chunk_pages, window)
+    else:
+        max_tiles = (num_tokens + num_seqs * (rows - 1)) // rows  # sum of ceil(n_b / R) over the sequences
+        block = max(1, min(max_tiles, QUERY_BLOCK_ROWS // rows))  # tiles a block
+        num_tiles = -(-max_tiles // block) * block
+        seq, tokens, owned, used, flat = _query_tiles(batch, rows, num_tiles)
+        qg = qs[tokens].reshape(num_tiles, rows, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
+        qg = qg.reshape(num_kv_heads, num_tiles, rows * group, head_dim)
+        row_pos = jnp.repeat(jnp.where(owned, batch.positions[tokens], -1), group, axis=1)  # [N, R * G]
+        tile_tables = tables[seq]
 
-    def one_block(b, out):
-        first = b * block
-        qb = jax.lax.dynamic_slice_in_dim(qg, first, block, axis=1)
-        pos = jax.lax.dynamic_slice_in_dim(row_pos, first, block)[:, :, None]  # [n, R * G, 1]
-        tables_b = jax.lax.dynamic_slice_in_dim(tile_tables, first, block)
+        def one_block(b, out):
+            blocks = [jax.lax.dynamic_slice_in_dim(x, b * block, block, axis=axis)
+                      for x, axis in ((qg, 1), (row_pos, 0), (tile_tables, 0))]  # fmt: skip
+            o = _attend(*blocks, k_pages, v_pages, chunk_pages, window)
+            return jax.lax.dynamic_update_slice_in_dim(out, o, b * block, axis=1)
 
-        def chunk_scores(c):
-            pages = jax.lax.dynamic_slice_in_dim(tables_b, c * chunk_pages, chunk_pages, axis=1)  # [n, C]
-            k = gather_pages(k_pages, pages).reshape(num_kv_heads, block, chunk_keys, head_dim)  # float32
-            v = gather_pages(v_pages, pages).reshape(num_kv_heads, block, chunk_keys, head_dim)
-            k_pos = c * chunk_keys + jnp.arange(chunk_keys)[None, None, :]  # [1, 1, C*S]
-            valid = k_pos <= pos
-            if window is not None:
-                valid = valid & (k_pos > pos - window)
-            s = jnp.einsum("knrd,kncd->knrc", qb, k)
-            return jnp.where(valid[None], s, MASK_VALUE), v
-
-        last_chunk = jnp.max(pos) // chunk_keys  # chunks past every query of the block are all masked
-        o = _online_softmax(chunk_scores, jnp.clip(last_chunk + 1, 1, num_chunks), qb.shape)
-        return jax.lax.dynamic_update_slice_in_dim(out, o, first, axis=1)
-
-    out = jax.lax.fori_loop(0, -(-used // block), one_block, jnp.zeros(qg.shape, jnp.float32))
-    out = out.reshape(num_kv_heads, num_tiles * rows, group, head_dim)[:, flat]  # back to the packed tokens
+        out = jax.lax.fori_loop(0, -(-used // block), one_block, jnp.zeros(qg.shape, jnp.float32))
+        out = out.reshape(num_kv_heads, num_tiles * rows, group, head_dim)[:, flat]  # back to the packed tokens
     out = jnp.where((jnp.arange(num_tokens) < batch.query_start[-1])[None, :, None, None], out, 0.0)
     return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
