@@ -13,8 +13,9 @@ attends to the pages of its own sequence, causally by position, within an option
 Its queries go in tiles of a sequence's consecutive tokens (one token a tile in a decode-only step),
 each tile gathering its sequence's keys once for all its rows. It walks the block table in chunks of
 pages with an online softmax, so memory stays bounded by tiles x chunk instead of tiles x context,
-and it stops after the chunk holding the batch's last position (a dynamic trip count), so a short
-batch costs little however large its block-table bucket.
+and it stops after the chunk holding the last position of the tiles it runs together (the batch's,
+or a block's: a dynamic trip count), so a short batch costs little however large its block-table
+bucket.
 
 `paged_attention_pallas` is the same attention through the Pallas kernels (pallas_kernels/, which do
 not import jaxllm): this module picks the decode or the ragged kernel from the step's BatchMetadata.
